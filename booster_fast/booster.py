@@ -1,0 +1,34 @@
+"""`Booster`: the public entry point. It owns the optimizer and runs one Booster (or SFT) update per call.
+
+    booster = Booster(model, BoosterConfig(impl="fast"))
+    out = booster.step(align_batch, harmful_batch)   # dict of 0-dim device tensors, nothing read to the host
+
+`impl="reference"` is the original trainer's semantics op for op (reference.py); `impl="fast"` the same maths
+on flat buffers with fused kernels and the merged pass (fast.py).
+"""
+from __future__ import annotations
+
+from .config import BoosterConfig
+
+
+class Booster:
+    def __init__(self, model, cfg: BoosterConfig | None = None):
+        self.cfg = cfg = cfg or BoosterConfig()
+        if cfg.impl == "reference":
+            from .reference import ReferenceBooster as Engine
+        else:
+            from .fast import FastBooster as Engine
+        self.model = model
+        self.engine = Engine(model, cfg)
+
+    @property
+    def optimizer(self):
+        return self.engine.optimizer
+
+    def step(self, align_batch, harmful_batch):
+        """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed, harmful_grad_norm."""
+        return self.engine.step(align_batch, harmful_batch)
+
+    def sft_step(self, align_batch):
+        """One plain SFT update on the alignment batch (the baseline), same optimizer and clipping."""
+        return self.engine.sft_step(align_batch)

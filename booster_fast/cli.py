@@ -1,0 +1,87 @@
+"""Command line: `booster-fast align|bench ...` (also `python -m booster_fast`).
+
+Every user error (bad flag value, unknown model, missing or malformed data, an output that cannot be written)
+ends with one line on stderr and exit code 2; outputs are written under a temporary name and renamed at the end,
+so a failed run leaves nothing half-written behind.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import BoosterConfig
+
+log = logging.getLogger("booster_fast")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported in one line, exit code 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, batch_default: int, length_default: int):
+    p.add_argument("--model", default="tiny", help="tiny | llama-1b-shape | llama-7b-shape | HF id | local path")
+    p.add_argument("--quant", default="none", choices=["none", "nf4"], help="4-bit NF4 base weights (bitsandbytes)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=43, help="seed for init, data order and LoRA (paper: 43)")
+    p.add_argument("--batch-size", type=int, default=batch_default, help="alignment rows per update")
+    p.add_argument("--harmful-batch-size", type=int, default=None, help="harmful rows per update (default: = batch)")
+    p.add_argument("--max-length", type=int, default=length_default, help="tokens per row (right-padded to it)")
+    p.add_argument("--lora-r", type=int, default=32)
+    p.add_argument("--lora-alpha", type=float, default=4)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj", help="comma-separated LoRA target modules")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lamb", type=float, default=5.0, help=BoosterConfig.help()["lamb"])
+    p.add_argument("--alpha", type=float, default=0.1, help=BoosterConfig.help()["alpha"])
+    p.add_argument("--grad-accum", type=int, default=1, help=BoosterConfig.help()["grad_accum"])
+    p.add_argument("--merge-passes", default="auto", choices=["auto", "on", "off"],
+                   help="fast: harmful + alignment batches as one pass (auto: on for CUDA, off for the CPU)")
+    p.add_argument("--no-meta-term", action="store_true", help=BoosterConfig.help()["meta_term"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="booster-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter")
+    _add_model_args(a, batch_default=10, length_default=256)
+    a.add_argument("--data", default="builtin", help="builtin | beavertails | PATH (.json/.jsonl)")
+    a.add_argument("--harmful-data", default=None, help="harmful set for an instruction/input/output --data file")
+    a.add_argument("--impl", default="fast", choices=["reference", "fast"])
+    a.add_argument("--method", default="booster", choices=["booster", "sft"])
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None, help="number of updates (default 20)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the alignment set (paper: 20)")
+    a.add_argument("--log-every", type=int, default=10, help="read metrics from the device every N steps")
+    a.add_argument("--output", default="runs/demo", help="run directory (adapter, metrics.jsonl)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process")
+    _add_model_args(b, batch_default=8, length_default=64)
+    b.add_argument("--impls", default="reference,fast,sft", help="comma list of reference, fast, sft")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
+    b.add_argument("--json", action="store_true", help="end stdout with one JSON document")
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    from .models import ModelError
+
+    try:
+        if args.command == "align":
+            from .align import run_align
+            return run_align(args)
+        from .bench import run_bench
+        return run_bench(args)
+    except (UsageError, DataError, ModelError) as e:
+        print(f"booster-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("booster-fast: interrupted", file=sys.stderr)
+        return 130

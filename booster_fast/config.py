@@ -1,0 +1,74 @@
+"""BoosterConfig: every knob of a Booster update, with the paper's defaults.
+
+One dataclass, TRL style: each field says what it does in its `help` metadata, and `__post_init__`
+rejects values that cannot work with a one-line ValueError (the CLI turns it into exit code 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+IMPLS = ("reference", "fast")
+GRAPH_MODES = ("auto", "on", "off")
+
+
+@dataclass
+class BoosterConfig:
+    lamb: float = field(default=5.0, metadata={"help": "λ, weight of the harmful-perturbation regulariser (paper: 5)."})
+    alpha: float = field(default=0.1, metadata={"help": "α, step size of the normalised harmful perturbation (paper: 0.1)."})
+    lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate, constant schedule (paper: 5e-4)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay (paper: 0.1)."})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW (β1, β2)."})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW ε."})
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={"help": "Clip the combined gradient to this global L2 norm (HF Trainer default 1.0); 0 disables."},
+    )
+    perturb_eps: float = field(default=1e-7, metadata={"help": "Added to ‖∇h‖ before normalising (original: 1e-7)."})
+    impl: str = field(
+        default="fast",
+        metadata={"help": "'reference' mirrors the original trainer op for op; 'fast' uses flat buffers, fused kernels "
+                          "and the merged pass."},
+    )
+    merge_passes: bool | None = field(
+        default=None,
+        metadata={"help": "fast only: run the harmful and alignment batches at w as ONE forward/backward. None picks "
+                          "the measured default of the device (on for CUDA, off for the CPU)."},
+    )
+    meta_term: bool = field(
+        default=True,
+        metadata={"help": "Keep the −λ·∇h(w̃) term (3 passes). False is the original's ablation: ∇f + λ·∇h."},
+    )
+    grad_accum: int = field(
+        default=1,
+        metadata={"help": "Micro-batches per update; exact: k micro-batches of b equal one batch of k·b."},
+    )
+    graphs: str = field(
+        default="auto",
+        metadata={"help": "CUDA graphs for the fast step: 'auto' (capture on CUDA, else eager), 'on', 'off'."},
+    )
+
+    def __post_init__(self):
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {self.graphs!r}")
+        if not self.lamb >= 0:
+            raise ValueError(f"lamb must be >= 0, got {self.lamb}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if int(self.grad_accum) != self.grad_accum or self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be a positive integer, got {self.grad_accum}")
+        b1, b2 = self.betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> help text (used by the CLI)."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

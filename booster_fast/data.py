@@ -1,0 +1,479 @@
+"""The data layer: Alpaca prompts, label masking, fixed-shape batches, and loaders that fail in one line.
+
+Every example becomes `prompt + response + eos` with the prompt in the Alpaca template the paper uses; prompt
+positions get label -100, so the loss is on the response and its EOS only. Prompt and response are
+tokenized separately (no special tokens; a BOS is prepended only when the tokenizer itself adds one by
+default, as Llama's does and the tiny tokenizer does not), which makes the label boundary exact by
+construction instead of by re-tokenizing the concatenation. Batches are right-padded to exactly
+`max_length`: one static shape for the whole run, which CUDA graphs need (DESIGN.md §3), and with right
+padding under a causal mask the pads never influence a real token.
+
+`BatchStream` replaces a DataLoader: an infinite iterator of shuffled epochs whose order depends only on
+(seed, epoch), so a run resumes exactly from `state_dict()`, and n ranks with batch b see exactly the rows of
+one process with batch n·b (rank r takes the r-th contiguous slice of each global batch).
+
+Loaders accept "builtin" (the generated corpus, works offline), the Hugging Face data sets of the paper
+(which fail offline with a `DataError` that names what to download), or a local .json/.jsonl file. Bad input
+raises `DataError` with a one-line message; the CLI prints it and exits 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from booster_fast.corpus import builtin_corpus
+
+IGNORE_INDEX = -100
+
+# The Alpaca template, verbatim (the original's utils.PROMPT_DICT).
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+RESPONSE_TAIL = "\n\n### Response:\n"   # kept when an over-long prompt is cut
+
+# Benign tasks, worded as in the original's evaluation scripts.
+SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
+AGNEWS_INSTRUCTION = "Categorize the news article given in the input into one of the 4 categories:\n\nWorld\nSports\nBusiness\nSci/Tech\n"
+AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+ANSWER_PROMPT = "The final answer is: "
+EVAL_ROWS = 1000        # AGNEWS / GSM8K test: the first 1000 rows, as in the paper
+
+# BeaverTails refusal pairs (RepNoise's beavertails_with_refusals_train.json; fields prompt, response,
+# refusal = "Question: ...\nAnswer: ...", category, is_safe). The original Booster aligns on rows 5000..9999
+# (its `5000 < index < 10000`: 4999 rows) for BOTH sets, so refusal and harmful answer share their prompts;
+# rows below 5000 feed its fine-tuning attack. We take [5000, 10000) for train and the next 500 for test.
+BEAVERTAILS_REPO = "anonymous4486/booster_dataset"
+BEAVERTAILS_MIRROR = "anonymous4486/repnoise_beavertail"
+BEAVERTAILS_ROWS = {"train": (5000, 10000), "test": (10000, 10500)}
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """Bad data or data arguments; the message is one line, fit to print before exiting with status 2."""
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002  (Alpaca's field name)
+    """The Alpaca prompt, ending in "### Response:\\n"; the input variant only when `input` is non-empty."""
+    if input:
+        return PROMPT_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+@dataclass(frozen=True)
+class Example:
+    instruction: str
+    input: str
+    output: str
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenization
+# ------------------------------------------------------------------------------------------------
+def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def default_prefix(tokenizer) -> list[int]:
+    """[bos] if the tokenizer prepends BOS by default (Llama, Gemma), else [] (the tiny tokenizer, Qwen)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return [bos] if with_special[:1] == [bos] and plain[:1] != [bos] else []
+
+
+def check_max_length(tokenizer, max_length: int, prefix: list[int] | None = None) -> int:
+    """Raise DataError unless the bare template (empty instruction) plus one response token fits.
+
+    Returns the length of the bare template in tokens (BOS included when the tokenizer adds one).
+    """
+    if prefix is None:
+        prefix = default_prefix(tokenizer)
+    template = len(prefix) + len(_ids(tokenizer, [format_prompt("")])[0])
+    if not isinstance(max_length, int) or max_length < template + 1:
+        raise DataError(f"max_length={max_length} is too short for the prompt template: the template alone "
+                        f"takes {template} tokens, so max_length must be at least {template + 1}")
+    return template
+
+
+def _assemble(prompt: list[int], response: list[int], eos: int, max_length: int, template_len, tail: list[int]):
+    """Fit prompt + response + eos into max_length; returns (prompt, response, truncated).
+
+    Over-long: cut the response first (the EOS goes with it: a cut answer is not a finished one), keeping at
+    least one response token. If the prompt alone leaves no room, cut the prompt body and re-attach the
+    "### Response:" tail so the example still ends like a prompt; the response then keeps up to a quarter
+    of max_length. `template_len()` is called only on that rare path (it raises when even the bare template
+    does not fit).
+    """
+    response = response + [eos]
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response, False
+    if len(prompt) < max_length:
+        return prompt, response[: max_length - len(prompt)], True
+    skeleton = template_len()
+    keep = max(1, min(len(response), max_length // 4, max_length - skeleton))
+    head = max(0, max_length - keep - len(tail))
+    return prompt[:head] + tail, response[:keep], True
+
+
+def _encode_batch(tokenizer, examples, max_length: int, prefix: list[int]) -> tuple[list[dict], int]:
+    if not isinstance(max_length, int) or max_length < 2:
+        raise DataError(f"max_length must be an integer >= 2, got {max_length!r}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos_token; set one before encoding")
+    prompts = _ids(tokenizer, [format_prompt(ex.instruction, ex.input) for ex in examples])
+    responses = _ids(tokenizer, [ex.output for ex in examples])
+    tail = _ids(tokenizer, [RESPONSE_TAIL])[0]
+    cache: list[int] = []
+
+    def template_len() -> int:
+        if not cache:
+            cache.append(check_max_length(tokenizer, max_length, prefix))
+        return cache[0]
+
+    rows, n_truncated = [], 0
+    for p, r in zip(prompts, responses):
+        p, r, truncated = _assemble(prefix + p, r, eos, max_length, template_len, tail)
+        rows.append({"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r, "truncated": truncated})
+        n_truncated += truncated
+    return rows, n_truncated
+
+
+def encode_example(tokenizer, ex: Example, max_length: int, *, add_bos: bool | None = None) -> dict:
+    """{"input_ids", "labels" (-100 on the prompt), "truncated"} for one example, at most max_length long.
+
+    add_bos: None follows the tokenizer's default (see `default_prefix`); True/False forces it.
+    """
+    prefix = _prefix(tokenizer, add_bos)
+    return _encode_batch(tokenizer, [ex], max_length, prefix)[0][0]
+
+
+def encode_all(tokenizer, examples: list[Example], max_length: int, *,
+               add_bos: bool | None = None) -> tuple[list[dict], int]:
+    """encode_example over a list (tokenized in two batched calls); returns (rows, number truncated)."""
+    return _encode_batch(tokenizer, list(examples), max_length, _prefix(tokenizer, add_bos))
+
+
+def _prefix(tokenizer, add_bos: bool | None) -> list[int]:
+    if add_bos is None:
+        return default_prefix(tokenizer)
+    if add_bos and tokenizer.bos_token_id is None:
+        raise DataError("add_bos=True but the tokenizer has no bos_token")
+    return [tokenizer.bos_token_id] if add_bos else []
+
+
+def collate(encoded: list[dict], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to exactly [B, max_length]: input_ids (pad_id), labels (-100), attention_mask (1 on real tokens)."""
+    if not encoded:
+        raise DataError("cannot collate an empty batch")
+    ids, labels, mask = [], [], []
+    for i, row in enumerate(encoded):
+        n = len(row["input_ids"])
+        if n > max_length or len(row["labels"]) != n:
+            raise DataError(f"batch row {i} has {n} tokens and {len(row['labels'])} labels; "
+                            f"expected equal lengths of at most max_length={max_length}")
+        pad = max_length - n
+        ids.append(list(row["input_ids"]) + [pad_id] * pad)
+        labels.append(list(row["labels"]) + [IGNORE_INDEX] * pad)
+        mask.append([1] * n + [0] * pad)
+    return {"input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long)}
+
+
+# ------------------------------------------------------------------------------------------------
+# batches
+# ------------------------------------------------------------------------------------------------
+def _epoch_seed(seed: int, epoch: int) -> int:
+    digest = hashlib.sha256(f"booster_fast.BatchStream:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class BatchStream:
+    """Infinite shuffled epochs of collated batches; exact resume; rank shards of one global batch.
+
+    Epoch e is `torch.randperm(N)` under a generator seeded from (seed, e) — independent of batch size,
+    rank and world size. Global batch i of an epoch is rows perm[i·G : (i+1)·G] with G = batch_size·world_size;
+    rank r yields its slice [r·batch_size, (r+1)·batch_size). The incomplete last global batch is dropped.
+    """
+
+    def __init__(self, encoded: list[dict], batch_size: int, max_length: int, pad_id: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"need batch_size >= 1, world_size >= 1 and 0 <= rank < world_size; "
+                            f"got batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        if batch_size * world_size > len(encoded):
+            raise DataError(f"batch larger than the data set: batch_size*world_size = {batch_size}*{world_size} "
+                            f"= {batch_size * world_size} > {len(encoded)} rows")
+        self.encoded, self.batch_size, self.max_length, self.pad_id = encoded, batch_size, max_length, pad_id
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = len(encoded) // self.global_batch
+        self.epoch, self.position = 0, 0
+        self._perm: tuple[int, list[int]] | None = None
+
+    def permutation(self, epoch: int) -> list[int]:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            self._perm = (epoch, torch.randperm(len(self.encoded), generator=g).tolist())
+        return self._perm[1]
+
+    def __iter__(self):
+        return self
+
+    def next_indices(self) -> list[int]:
+        """This rank's row indices for the next batch (advances the stream)."""
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.global_batch + self.rank * self.batch_size
+        self.position += 1
+        return self.permutation(self.epoch)[start: start + self.batch_size]
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return collate([self.encoded[i] for i in self.next_indices()], self.max_length, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_rows": len(self.encoded), "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (("seed", self.seed), ("num_rows", len(self.encoded)), ("global_batch", self.global_batch)):
+            if key in state and state[key] != mine:
+                raise DataError(f"cannot resume the batch stream: saved {key}={state[key]} but this run has {mine}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+# ------------------------------------------------------------------------------------------------
+def _json_type(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _parse_jsonl(path, text: str) -> list[tuple[str, object]]:
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path} line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return rows
+
+
+def _read_rows(path: str) -> list[tuple[str, object]]:
+    """[(location for messages, parsed row)] from a .json array or .jsonl file; DataError on anything malformed."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: no such file (expected 'builtin', a known data set name, or a .json/.jsonl path)")
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected .json or .jsonl")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    if suffix == ".jsonl":
+        rows = _parse_jsonl(path, text)
+    else:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data":      # JSON Lines saved as .json
+                return _nonempty(path, _parse_jsonl(path, text))
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: expected a JSON array of row objects, got a JSON {_json_type(obj)}")
+        rows = [(f"{path} row {i}", row) for i, row in enumerate(obj, 1)]
+    return _nonempty(path, rows)
+
+
+def _nonempty(path, rows):
+    if not rows:
+        raise DataError(f"{path}: empty data set (no rows)")
+    return rows
+
+
+def _fields(loc: str, row, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, str]:
+    if not isinstance(row, dict):
+        raise DataError(f"{loc}: expected a JSON object, got a JSON {_json_type(row)}")
+    out = {}
+    for name in required + optional:
+        if name not in row or (name in optional and row[name] is None):
+            if name in required:
+                raise DataError(f"{loc}: missing field {name!r}")
+            out[name] = ""
+            continue
+        if not isinstance(row[name], str):
+            raise DataError(f"{loc}: field {name!r} must be a string, got a JSON {_json_type(row[name])}")
+        out[name] = row[name]
+    return out
+
+
+PAIR_FIELDS = ("prompt", "refusal", "response")
+INSTRUCTION_FIELDS = ("instruction", "output")
+
+
+def _row_format(loc: str, row) -> str:
+    if isinstance(row, dict):
+        if any(k in row for k in PAIR_FIELDS):
+            return "pairs"
+        if any(k in row for k in ("instruction", "output")):
+            return "instruction"
+        keys = ", ".join(map(str, list(row)[:8])) or "none"
+        raise DataError(f"{loc}: unrecognised row: expected fields prompt/refusal/response or "
+                        f"instruction/input/output, got {keys}")
+    raise DataError(f"{loc}: expected a JSON object, got a JSON {_json_type(row)}")
+
+
+def clean_refusal(refusal: str) -> str:
+    """RepNoise refusals read "Question: <prompt>\\nAnswer: <refusal>"; keep the answer."""
+    if refusal.startswith("Question:") and "\nAnswer:" in refusal:
+        return refusal.split("\nAnswer:", 1)[1].lstrip(" ")
+    return refusal
+
+
+def _pairs(rows) -> tuple[list[Example], list[Example]]:
+    align, harmful = [], []
+    for loc, row in rows:
+        f = _fields(loc, row, PAIR_FIELDS)
+        align.append(Example(f["prompt"], "", clean_refusal(f["refusal"])))
+        harmful.append(Example(f["prompt"], "", f["response"]))
+    return align, harmful
+
+
+def _instructions(rows) -> list[Example]:
+    out = []
+    for loc, row in rows:
+        f = _fields(loc, row, INSTRUCTION_FIELDS, ("input",))
+        out.append(Example(f["instruction"], f["input"], f["output"]))
+    return out
+
+
+def _instruction_file(path: str) -> list[Example]:
+    rows = _read_rows(path)
+    if _row_format(*rows[0]) != "instruction":
+        raise DataError(f"{path}: expected instruction/input/output rows, got prompt/refusal/response rows")
+    return _instructions(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face hub
+# ------------------------------------------------------------------------------------------------
+def _load_hub(repo: str, name: str | None, split: str, hint: str = ""):
+    """datasets.load_dataset, or a one-line DataError naming what to download (offline, no cache, hub errors)."""
+    try:
+        import datasets
+
+        return datasets.load_dataset(repo, name, split=split)
+    except Exception as e:  # ConnectionError offline, DatasetNotFoundError, FileNotFoundError, hub HTTP errors
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        cfg = f", '{name}'" if name else ""
+        raise DataError(_one_line(
+            f"cannot load the Hugging Face data set {repo}{f' ({name})' if name else ''} split {split!r} "
+            f"({type(e).__name__}: {reason}); no network or cached copy here: on a machine with network run "
+            f"`python -c \"import datasets; datasets.load_dataset('{repo}'{cfg})\"` and copy ~/.cache/huggingface "
+            f"here{hint}")) from None
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def _examples(rows: list[dict]) -> list[Example]:
+    return [Example(r["instruction"], r["input"], r["output"]) for r in rows]
+
+
+def load_safety_data(data: str, split: str = "train",
+                     harmful_data: str | None = None) -> tuple[list[Example], list[Example]]:
+    """(alignment examples: harmful prompt -> refusal, harmful examples: harmful prompt -> harmful answer).
+
+    data: "builtin" (generated corpus, 2000 train / 200 test pairs over shared prompts), "beavertails" (the
+    paper's RepNoise refusal pairs from the hub; rows BEAVERTAILS_ROWS[split]), or a .json/.jsonl path whose
+    rows are either prompt/refusal/response (both sets) or instruction/input/output (the alignment set; then
+    `harmful_data`, a file of the same kind, gives the harmful set). A file is used whole: `split` only
+    selects among the built-in and hub sets.
+    """
+    _check_split(split)
+    if data == "builtin":
+        corpus = builtin_corpus()
+        align, harmful = _examples(corpus[f"align_{split}"]), _examples(corpus[f"harmful_{split}"])
+    elif data == "beavertails":
+        ds = _load_hub(BEAVERTAILS_REPO, None, "train",
+                       f", or pass the file beavertails_with_refusals_train.json (also in {BEAVERTAILS_MIRROR}) as data")
+        lo, hi = BEAVERTAILS_ROWS[split]
+        if len(ds) <= lo:
+            raise DataError(f"{BEAVERTAILS_REPO} has {len(ds)} rows; the {split} split needs rows from {lo}")
+        rows = [(f"{BEAVERTAILS_REPO} row {lo + i}", row) for i, row in enumerate(ds.select(range(lo, min(hi, len(ds)))))]
+        align, harmful = _pairs(rows)
+    else:
+        rows = _read_rows(data)
+        if _row_format(*rows[0]) == "pairs":
+            if harmful_data is not None:
+                raise DataError(f"{data} already holds harmful answers (prompt/refusal/response rows); "
+                                f"do not also pass harmful_data={harmful_data}")
+            align, harmful = _pairs(rows)
+        else:
+            align = _instructions(rows)
+            if harmful_data is None:
+                raise DataError(f"{data} has instruction/input/output rows (the alignment set only); "
+                                f"pass harmful_data=<.json/.jsonl file of harmful instruction/input/output rows>")
+            harmful = _instruction_file(harmful_data)
+    if harmful_data is not None and data in ("builtin", "beavertails"):
+        harmful = _instruction_file(harmful_data)
+    return align, harmful
+
+
+def _gsm8k_answer(answer: str) -> str:
+    """GSM8K puts the result after "#### "; we put it after "The final answer is: "."""
+    return re.sub(r"####\s*", ANSWER_PROMPT, answer)
+
+
+def load_benign(task: str, split: str = "train") -> list[Example]:
+    """The user's fine-tuning task: "builtin" (sentiment), "sst2", "agnews", "gsm8k", or a .json/.jsonl path.
+
+    Test splits follow the paper: SST2 validation (872), AGNEWS test and GSM8K test (first 1000 each).
+    """
+    _check_split(split)
+    if task == "builtin":
+        return _examples(builtin_corpus()[f"benign_{split}"])
+    if task == "sst2":
+        ds = _load_hub("stanfordnlp/sst2", None, "train" if split == "train" else "validation")
+        return [Example(SST2_INSTRUCTION, r["sentence"].strip(), "positive" if r["label"] == 1 else "negative")
+                for r in ds]
+    if task == "agnews":
+        ds = _load_hub("fancyzhx/ag_news", None, split)
+        if split == "test":
+            ds = ds.select(range(min(EVAL_ROWS, len(ds))))
+        return [Example(AGNEWS_INSTRUCTION, r["text"], AGNEWS_LABELS[r["label"]]) for r in ds]
+    if task == "gsm8k":
+        ds = _load_hub("openai/gsm8k", "main", split)
+        if split == "test":
+            ds = ds.select(range(min(EVAL_ROWS, len(ds))))
+        return [Example(r["question"], "", _gsm8k_answer(r["answer"])) for r in ds]
+    return _instruction_file(task)

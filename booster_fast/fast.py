@@ -1,0 +1,171 @@
+"""The fast Booster step: flat buffers, fused kernels, the merged pass, no host syncs.
+
+Same update as `reference.ReferenceBooster` (DESIGN.md §1), computed with far less work:
+
+    pass 1   one forward/backward of [harmful ; alignment] at w   ->  G_h = ∇h(w), G_f = ∇f(w)
+    kernels  ss = ‖G_h‖²;  B = W;  W -= α G_h/(√ss+ε);  G_f += λ G_h;  G_h = 0
+    pass 2   forward/backward of the harmful batch at w̃          ->  G_h = ∇h(w̃)
+    kernels  W = B (bit-exact);  G_f -= λ G_h
+    update   clip G_f to max_grad_norm (a device-side scale), one fused AdamW over the flat W
+
+Every bookkeeping op is one op on one flat tensor, so their number does not grow with the number of LoRA
+tensors. Losses are normalised by device-side token counts that span all micro-batches and all processes, so
+gradient accumulation and several processes give exactly the update of one big batch. Under
+torch.distributed each flat gradient buffer is all-reduced (summed; the losses were already divided by the
+global token count) once per pass, before the norm.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from .batches import can_concat, concat, micro_batches, rows
+from .config import BoosterConfig
+from .flat import ALL_ROWS, FlatLoRA
+from .kernels import normalize_perturb_, restore_combine_, sumsq
+from .losses import label_count, logits_of, loss_sum, token_losses
+from .models import autocast_for
+
+_pass_marker = None  # set by ops-counting tools to tell model passes from bookkeeping
+
+
+@contextlib.contextmanager
+def model_pass():
+    """Marks a forward/backward region (a no-op unless an op counter is listening)."""
+    if _pass_marker is None:
+        yield
+    else:
+        with _pass_marker():
+            yield
+
+
+def default_merge(device: torch.device) -> bool:
+    """Measured default: on the CPU a 2B-row pass costs about as much as two B-row passes, so merging only
+    adds slicing; on CUDA it halves the launches and weight reads of pass 1 (see benchmarks/results/)."""
+    return torch.device(device).type == "cuda"
+
+
+class FastBooster:
+    def __init__(self, model, cfg: BoosterConfig):
+        self.model, self.cfg = model, cfg
+        self.flat = FlatLoRA(model)
+        self.device = self.flat.W.device
+        self.merge = default_merge(self.device) if cfg.merge_passes is None else cfg.merge_passes
+        self.distributed = dist.is_available() and dist.is_initialized()
+        cuda = self.device.type == "cuda"
+        # one parameter for the optimizer: the flat buffer W (a leaf sharing W's storage), grad = G_f
+        self.W = torch.nn.Parameter(self.flat.W, requires_grad=True)
+        self.W.grad = self.flat.G_f
+        self.optimizer = torch.optim.AdamW([self.W], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay, fused=True,
+                                           **({"capturable": True} if cuda else {}))
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _global_counts(self, *groups) -> torch.Tensor:
+        """Label counts of each group of micro-batches, summed over processes, clamped to >= 1 (device)."""
+        counts = torch.stack([sum(label_count(b) for b in g) for g in groups])
+        if self.distributed:
+            dist.all_reduce(counts)
+        return counts.clamp(min=1)
+
+    def _all_reduce(self, t: torch.Tensor):
+        if self.distributed:
+            dist.all_reduce(t)
+
+    def _backward(self, batch, denom, harmful_rows) -> torch.Tensor:
+        """Forward/backward of one micro-batch, its loss divided by `denom`; returns the detached loss."""
+        with self.flat.route(harmful_rows), model_pass():
+            with autocast_for(self.model, self.device):
+                loss = loss_sum(self.model, batch) / denom
+            loss.backward()
+            return loss.detach()
+
+    def _merged_backward(self, h, f, n_h, n_f) -> tuple[torch.Tensor, torch.Tensor]:
+        """ONE forward/backward of [h ; f]: the LoRA grads of h's rows land in G_h, of f's rows in G_f."""
+        k = rows(h)
+        with self.flat.route(k), model_pass():
+            both = concat(h, f)
+            with autocast_for(self.model, self.device):
+                per_row = token_losses(logits_of(self.model, both), both["labels"]).sum(1)
+                loss_h, loss_f = per_row[:k].sum() / n_h, per_row[k:].sum() / n_f
+            (loss_h + loss_f).backward()
+            return loss_h.detach(), loss_f.detach()
+
+    def _clip_and_update(self):
+        """Clip G_f to max_grad_norm with a device-side scale and take one fused AdamW step on W."""
+        if self.cfg.max_grad_norm > 0:
+            norm = torch.linalg.vector_norm(self.flat.G_f)
+            # fused AdamW divides the grad by grad_scale: (‖g‖+1e-6)/max_norm, never below 1 (= HF's clip coef)
+            self.optimizer.grad_scale = torch.clamp_min((norm + 1e-6) / self.cfg.max_grad_norm, 1.0)
+        self.optimizer.step()
+
+    def _prepare(self):
+        if not self.flat.grads_attached():  # someone called zero_grad(set_to_none=True)
+            self.flat.attach_grads()
+        if self.W.grad is not self.flat.G_f:
+            self.W.grad = self.flat.G_f
+        self.model.train()
+
+    # -- the Booster step ------------------------------------------------------------------------------------
+    def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
+        cfg, fl = self.cfg, self.flat
+        self._prepare()
+        hs = micro_batches(harmful_batch, cfg.grad_accum)
+        fs = micro_batches(align_batch, cfg.grad_accum)
+        if len(hs) != len(fs):
+            raise ValueError(f"{len(hs)} harmful micro-batches but {len(fs)} alignment micro-batches")
+        fl.G.zero_()
+        with model_pass():
+            n_h, n_f = self._global_counts(hs, fs)
+
+        # ---- pass 1 at w: ∇h(w) -> G_h, ∇f(w) -> G_f -----------------------------------------------------------
+        harmful_loss = loss = None
+        for h, f in zip(hs, fs):
+            if self.merge and can_concat(h, f):
+                lh, lf = self._merged_backward(h, f, n_h, n_f)
+            else:
+                lh = self._backward(h, n_h, ALL_ROWS)
+                lf = self._backward(f, n_f, 0)
+            harmful_loss = lh if harmful_loss is None else harmful_loss + lh
+            loss = lf if loss is None else loss + lf
+        self._all_reduce(fl.G)
+
+        # ---- perturb: B = W, W = w~, G_f += λ G_h, G_h = 0 ---------------------------------------------------
+        ss = sumsq(fl.G_h)
+        perturbed_loss = None
+        if cfg.meta_term:
+            grad_norm = normalize_perturb_(fl.W, fl.B, fl.G_h, fl.G_f, ss, cfg.alpha, cfg.lamb, cfg.perturb_eps)
+
+            # ---- pass 2 at w~: ∇h(w~) -> G_h ------------------------------------------------------------------
+            for h in hs:
+                lp = self._backward(h, n_h, ALL_ROWS)
+                perturbed_loss = lp if perturbed_loss is None else perturbed_loss + lp
+            self._all_reduce(fl.G_h)
+
+            # ---- restore W from B (bit-exact), G_f -= λ ∇h(w~) ------------------------------------------------
+            restore_combine_(fl.W, fl.B, fl.G_h, fl.G_f, cfg.lamb)
+        else:
+            grad_norm = ss.sqrt()
+            fl.G_f.add_(fl.G_h, alpha=cfg.lamb)
+            perturbed_loss = torch.full((), float("nan"), device=self.device)
+
+        # ---- clip + AdamW on the flat buffer ----------------------------------------------------------------------
+        self._clip_and_update()
+        return {"loss": loss, "harmful_loss": harmful_loss, "harmful_loss_perturbed": perturbed_loss,
+                "harmful_grad_norm": grad_norm}
+
+    def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
+        self._prepare()
+        fs = micro_batches(align_batch, self.cfg.grad_accum)
+        self.flat.G_f.zero_()
+        with model_pass():
+            (n_f,) = self._global_counts(fs)
+        loss = None
+        for f in fs:
+            lf = self._backward(f, n_f, 0)
+            loss = lf if loss is None else loss + lf
+        self._all_reduce(self.flat.G_f)
+        self._clip_and_update()
+        return {"loss": loss}

@@ -1,0 +1,124 @@
+"""Flat buffers for the LoRA weights and their gradients, and per-row gradient routing.
+
+`FlatLoRA` moves every trainable LoRA tensor into one fp32 buffer `W` (each peft parameter becomes a view of
+it, so peft still saves and loads its own adapters), and points each parameter's `.grad` at a view of `G_f`.
+Autograd accumulates in place into an existing `.grad` (as DDP's `gradient_as_bucket_view` relies on), so a
+backward pass writes straight into the flat buffer and every later bookkeeping op is one op on one tensor.
+
+Routing. Each LoRA weight also gets an *alias*: a second leaf tensor over the same storage whose `.grad` is a
+view of `G_h`. The LoRA layers' forward is replaced by `_routed_forward`, which computes the LoRA delta of the
+first `harmful_rows` rows of the batch with the aliases and the remaining rows with the parameters. The frozen
+base matmul still runs once over all rows. So one backward of `loss_h + loss_f` over the concatenated batch
+leaves ∇h(w) in G_h and ∇f(w) in G_f (rows never interact in a decoder), and a harmful-only pass (all rows
+routed to the aliases) lands its gradient in G_h whatever the parameters' `.grad` say.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.nn.functional as F
+
+ALL_ROWS = 1 << 62  # route every row to the harmful aliases
+
+
+class FlatLoRA:
+    def __init__(self, model):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters; call add_lora first")
+        device = self.params[0].device
+        sizes = [p.numel() for p in self.params]
+        n = sum(sizes)
+        self.W = torch.empty(n, dtype=torch.float32, device=device)
+        self.B = torch.empty_like(self.W)              # backup of W across the perturbed pass
+        self.G = torch.zeros(2, n, dtype=torch.float32, device=device)
+        self.G_h, self.G_f = self.G[0], self.G[1]      # harmful grad, alignment (then combined) grad
+
+        self._w_views = list(self.W.split(sizes))
+        self._gh_views = [g.view_as(p) for g, p in zip(self.G_h.split(sizes), self.params)]
+        self._gf_views = [g.view_as(p) for g, p in zip(self.G_f.split(sizes), self.params)]
+        with torch.no_grad():
+            for view, p in zip(self._w_views, self.params):
+                view.copy_(p.detach().reshape(-1))
+                p.data = view.view_as(p)
+        self.attach_grads()
+
+        # aliases: same storage as each parameter, gradient into G_h
+        self._alias = {}
+        for p, gh in zip(self.params, self._gh_views):
+            a = p.detach().requires_grad_(True)
+            a.grad = gh
+            self._alias[id(p)] = a
+        self.harmful_rows = 0
+        self._layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        for m in self._layers:
+            m.forward = types.MethodType(_routed_forward, m)
+            m._booster_alias = self._alias
+            m._booster_route = self
+
+    @property
+    def numel(self) -> int:
+        return self.W.numel()
+
+    def attach_grads(self):
+        """Point every parameter's .grad at its view of G_f (again, if someone set them to None)."""
+        for p, g in zip(self.params, self._gf_views):
+            p.grad = g
+
+    def grads_attached(self) -> bool:
+        return self.params[0].grad is self._gf_views[0]
+
+    @contextlib.contextmanager
+    def route(self, harmful_rows: int):
+        """Inside: the first `harmful_rows` rows of every batch get their LoRA gradient in G_h."""
+        prev, self.harmful_rows = self.harmful_rows, harmful_rows
+        try:
+            yield
+        finally:
+            self.harmful_rows = prev
+
+    def close(self):
+        """Give the LoRA layers their own forward back (the weights stay views of W)."""
+        for m in self._layers:
+            for attr in ("forward", "_booster_alias", "_booster_route"):
+                m.__dict__.pop(attr, None)
+
+
+def _lora_delta(x, a, b, dropout, scaling):
+    return F.linear(F.linear(dropout(x), a), b) * scaling
+
+
+def _routed_forward(self, x, *args, **kwargs):
+    """peft LoRA Linear forward with per-row gradient routing (one active adapter, no variants)."""
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        return result
+    out_dtype = result.dtype
+    n = self._booster_route.harmful_rows
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        dropout, scaling = self.lora_dropout[name], self.scaling[name]
+        if not torch.is_autocast_enabled():
+            x = x.to(a.dtype)
+        rows = x.shape[0]
+        if n <= 0:
+            delta = _lora_delta(x, a, b, dropout, scaling)
+        else:
+            ah, bh = self._booster_alias[id(a)], self._booster_alias[id(b)]
+            if n >= rows:
+                delta = _lora_delta(x, ah, bh, dropout, scaling)
+            elif 2 * n == rows and x.is_contiguous():
+                # equal halves: one batched matmul over [aliases ; parameters] instead of two pairs + cat
+                pairs = x.view(2, -1, x.shape[-1])
+                delta = torch.bmm(torch.bmm(dropout(pairs), torch.stack([ah, a]).transpose(1, 2)),
+                                  torch.stack([bh, b]).transpose(1, 2)).view(*x.shape[:-1], -1) * scaling
+            else:
+                delta = torch.cat([_lora_delta(x[:n], ah, bh, dropout, scaling),
+                                   _lora_delta(x[n:], a, b, dropout, scaling)])
+        result = result + delta.to(out_dtype)
+    return result

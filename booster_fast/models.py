@@ -1,0 +1,184 @@
+"""Models: the embedded tiny Llama, download-free shape presets, Hugging Face loading, NF4 and LoRA.
+
+`load_model("tiny")` builds a ~3 M-parameter Llama from a config with a seeded init and the project's own
+tokenizer, so everything runs offline on a CPU. `llama-1b-shape` / `llama-7b-shape` have the layer shapes of
+TinyLlama-1.1B and Llama-2-7B with random weights (for benchmarks: the cost of a step does not depend on the
+values). Anything else is a Hugging Face id or a local directory. `quant="nf4"` stores the decoder's linear
+layers as bitsandbytes NF4 with double quantisation and a bf16 compute dtype (the float32 default is silently
+slow); embeddings and the LM head stay unquantised, as bitsandbytes' own loader does.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+from torch import nn
+
+log = logging.getLogger("booster_fast")
+
+PRESETS = {
+    # name: LlamaConfig fields (vocab comes from the tokenizer for tiny, 32000 for the shapes)
+    "tiny": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=1024),
+    "llama-1b-shape": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, max_position_embeddings=2048, vocab_size=32000),
+    "llama-7b-shape": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32000),
+}
+QUANTS = ("none", "nf4")
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded, with a one-line reason."""
+
+
+def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | None = None, seed: int = 0,
+               device: str | torch.device | None = None, **config_overrides):
+    """Return (model, tokenizer).
+
+    dtype defaults to float32 for `tiny` and bfloat16 for everything else. `config_overrides` change preset
+    fields (e.g. `num_hidden_layers=8`). With quant="nf4" the compute dtype is bf16 whatever `dtype` says.
+    """
+    if quant not in QUANTS:
+        raise ModelError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name in PRESETS:
+        dtype = dtype or (torch.float32 if name == "tiny" else torch.bfloat16)
+        model, tok = _build_preset(name, dtype, seed, device, config_overrides)
+        if quant == "nf4":
+            quantize_nf4_(model)
+        return model, tok
+    return _load_pretrained(name, quant, dtype or torch.bfloat16, device)
+
+
+def _build_preset(name, dtype, seed, device, overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    fields = dict(PRESETS[name])
+    fields.setdefault("vocab_size", len(tok))
+    fields.update(overrides)
+    if fields["vocab_size"] < len(tok):
+        raise ModelError(f"vocab_size {fields['vocab_size']} is smaller than the tokenizer's {len(tok)}")
+    config = LlamaConfig(**fields, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, attn_implementation="sdpa")
+    with _seeded(seed, device), torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.config.use_cache = False
+    return model, tok
+
+
+@contextlib.contextmanager
+def _seeded(seed, device):
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _load_pretrained(name, quant, dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(dtype=dtype, trust_remote_code=False)
+    if quant == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device}
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "a local directory" if os.path.isdir(name) else "a Hugging Face id"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {name!r} ({where}; built-in presets: {', '.join(PRESETS)}): "
+                         f"{first} — download it first (e.g. `huggingface-cli download {name}`)") from None
+    if quant == "none":
+        model.to(device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model.config.use_cache = False
+    return model, tok
+
+
+def quantize_nf4_(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear of the decoder layers by a bitsandbytes NF4 Linear4bit, in place.
+
+    Double quantisation, bf16 compute dtype; the LM head and embeddings stay as they are.
+    """
+    import bitsandbytes as bnb
+
+    layers = model.get_decoder().layers
+    for layer in layers:
+        for parent_name, parent in list(layer.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is not nn.Linear:
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.bfloat16).cpu(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, child_name, q.to(child.weight.device))
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj", "k_proj", "v_proj"),
+             dropout: float = 0.0):
+    """Wrap `model` with a peft LoRA adapter (paper defaults); only LoRA weights stay trainable, in fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = tuple(targets)
+    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) or type(m).__name__ == "Linear4bit"}
+    missing = [t for t in targets if t not in present]
+    if missing or not targets:
+        raise ModelError(f"LoRA targets {missing or list(targets)} not found in the model; it has linear layers "
+                         f"named {sorted(present)}")
+    if r < 1:
+        raise ModelError(f"LoRA rank must be >= 1, got {r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, bias="none",
+                     task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the base model computes in: bf16 for NF4, else the dtype of its frozen floating weights."""
+    if is_quantized(model):
+        return torch.bfloat16
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def autocast_for(model: nn.Module, device: torch.device):
+    """bf16 autocast when the base computes in a low precision (bf16 weights or NF4), else a no-op."""
+    low = compute_dtype(model) != torch.float32
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low)

@@ -1,0 +1,97 @@
+"""The reference Booster step: the original trainer's semantics, op for op, and nothing clever.
+
+It is the yardstick that the fast step and every benchmark are measured against, so it keeps the original's
+shape on purpose (DESIGN.md §1): gradients cloned into per-tensor dicts, the global norm as the norm of the
+per-tensor norms plus 1e-7, a per-tensor in-place perturbation and the inexact `+=` restore, the combination
+`∇f + λ∇h(w) − λ∇h(w̃)`, clipping of the combined gradient, and a torch AdamW step.
+Two deliberate departures: gradient accumulation is exact (the original zeroes accumulated grads on every
+micro-step), and nothing here calls `.item()`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .batches import micro_batches
+from .config import BoosterConfig
+from .losses import label_count, loss_sum
+from .models import autocast_for, trainable_parameters
+
+
+class ReferenceBooster:
+    def __init__(self, model, cfg: BoosterConfig):
+        self.model, self.cfg = model, cfg
+        self.params = trainable_parameters(model)
+        if not self.params:
+            raise ValueError("the model has no trainable parameters; call add_lora first")
+        self.device = self.params[0][1].device
+        self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, betas=cfg.betas,
+                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+    # -- one forward/backward over (possibly several) micro-batches, token-weighted as one big batch --------
+    def _forward_backward(self, batch) -> torch.Tensor:
+        parts = micro_batches(batch, self.cfg.grad_accum)
+        total = sum(label_count(b) for b in parts).clamp(min=1)
+        loss = torch.zeros((), device=self.device)
+        for b in parts:
+            with autocast_for(self.model, self.device):
+                s = loss_sum(self.model, b)
+            (s / total).backward()
+            loss += s.detach()
+        return loss / total
+
+    def _clone_grads(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad.detach().clone() for n, p in self.params}
+
+    def _clip_and_update(self):
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        model.zero_grad(set_to_none=True)
+
+        # 1. harmful gradient at w, cloned into a dict
+        harmful_loss = self._forward_backward(harmful_batch)
+        g1 = self._clone_grads()
+        model.zero_grad(set_to_none=True)
+
+        # 2. global norm = norm of per-tensor norms, plus 1e-7 (as the original)
+        grad_norm = torch.norm(torch.stack([torch.norm(g) for g in g1.values()]))
+        norm = grad_norm + cfg.perturb_eps
+
+        perturbed_loss = torch.full((), float("nan"), device=self.device)
+        if cfg.meta_term:
+            # 3. perturb in place: w~ = w - α g1/‖g1‖
+            with torch.no_grad():
+                for n, p in self.params:
+                    p.data -= cfg.alpha * g1[n] / norm
+            # 4. harmful gradient at w~, cloned into a second dict
+            perturbed_loss = self._forward_backward(harmful_batch)
+            g2 = self._clone_grads()
+            model.zero_grad(set_to_none=True)
+            # 5. restore in place (inexact, as the original)
+            with torch.no_grad():
+                for n, p in self.params:
+                    p.data += cfg.alpha * g1[n] / norm
+
+        # 6. alignment gradient at w
+        loss = self._forward_backward(align_batch)
+
+        # 7. combine per tensor
+        for n, p in self.params:
+            p.grad = p.grad + cfg.lamb * g1[n] - cfg.lamb * g2[n] if cfg.meta_term else p.grad + cfg.lamb * g1[n]
+
+        # 8. clip + AdamW
+        self._clip_and_update()
+        return {"loss": loss, "harmful_loss": harmful_loss, "harmful_loss_perturbed": perturbed_loss,
+                "harmful_grad_norm": grad_norm}
+
+    def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
+        loss = self._forward_backward(align_batch)
+        self._clip_and_update()
+        return {"loss": loss}

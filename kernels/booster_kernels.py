@@ -1,0 +1,251 @@
+"""Fused flat-buffer kernels for the Booster step: ``sumsq``, ``normalize_perturb_``, ``restore_combine_``.
+
+Booster keeps every LoRA weight as a view into one flat fp32 buffer ``W``, with a backup ``B`` and two flat
+gradient buffers, ``G_h`` (harmful loss) and ``G_f`` (alignment loss), all 1-D, contiguous, the same length
+and on the same device. The per-step bookkeeping is then three memory-bound passes over those buffers, each
+one launch regardless of how many LoRA tensors exist: ``sumsq`` puts ``||G_h||^2`` into a 0-dim device tensor
+(no ``.item()``, so nothing syncs the host and the step stays CUDA-graph capturable), ``normalize_perturb_``
+reads that scalar on the device, backs ``W`` up into ``B``, steps ``W`` to the perturbed point, folds
+``lamb * G_h`` into ``G_f`` and zeroes ``G_h`` in one pass, and ``restore_combine_`` copies ``B`` back into
+``W`` (bit-exact, unlike the original trainer's ``p += alpha * g / norm``) and subtracts ``lamb * G_h`` (the
+gradient at the perturbed point) from ``G_f``. Each op has three layers, as in Liger-Kernel:
+``@triton.jit _name_kernel`` -> launcher ``name(..., backend=)`` -> the caller. ``backend="auto"`` runs the
+Triton kernel for CUDA tensors and a plain-torch sequence otherwise; the torch sequences are deliberately
+short (1, 6 and 2 dispatched aten ops) because the whole training step has an op budget. Pure float64
+references of the same maths live in ``reference.py``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_"]
+
+# Elements per program for the element-wise kernels and the first sumsq stage. 4096 fp32 = 16 KiB per
+# buffer per program; with num_warps=8 (256 threads) each thread moves 16 elements = four 16-byte vector
+# accesses per buffer, enough bytes in flight per SM to stream HBM, and for LoRA-sized buffers (10^6..10^8
+# elements) the grid is hundreds to tens of thousands of programs, far more than the H200's 132 SMs, so the
+# tail wave costs little. It also keeps the number of programs (each one slow, in Python) low under
+# TRITON_INTERPRET=1. This is a reasoned choice, not yet a measurement: the GB/s sweep on the GPU
+# (bandwidth.measure_bandwidth) is still to come and should confirm it or replace it.
+BLOCK = 4096
+NUM_WARPS = 8
+# Second sumsq stage: one program folds the per-block partials, BLOCK_R at a time.
+BLOCK_R = 1024
+
+_BACKENDS = ("auto", "triton", "torch")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation and backend choice (pure Python on tensor metadata: no kernels, no host syncs)
+# ---------------------------------------------------------------------------------------------------------
+def _check_flat(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """Raise ValueError unless all tensors are 1-D, contiguous, float32, non-empty, same length and device,
+    and pairwise non-overlapping in memory."""
+    first_name, first = names[0], tensors[0]
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (a flat buffer), got shape {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty: a flat buffer needs at least one element")
+        if t.numel() != first.numel():
+            raise ValueError(f"{name} has {t.numel()} elements but {first_name} has {first.numel()}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+    if first.device.type == "meta":
+        return  # no storage, nothing can overlap
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), n) for n, t in zip(names, tensors)]
+    for i, (lo_a, hi_a, name_a) in enumerate(spans):
+        for lo_b, hi_b, name_b in spans[i + 1:]:
+            if lo_a < hi_b and lo_b < hi_a:
+                raise ValueError(f"{name_a} and {name_b} overlap in memory; the buffers must be distinct")
+
+
+def _check_scalar(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a 0-dim torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 0:
+        raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(t.shape)}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the buffers are on {device}")
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda"
+    # backend == "triton": CUDA tensors, or CPU tensors when the kernels were built by the interpreter.
+    if device.type != "cuda" and not (device.type == "cpu" and isinstance(_sumsq_partial_kernel, InterpretedFunction)):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"booster_fast.kernels is imported; got tensors on {device}"
+        )
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sumsq: ||x||^2 into a 0-dim fp32 device tensor
+# ---------------------------------------------------------------------------------------------------------
+# Reads 4 B/elem (x) and writes 4 B per BLOCK elements (the partials), so ~4 B/elem: it should run at copy
+# speed. Fusion saves nothing against torch.dot (also one pass); against the unfused (x*x).sum() (read 4,
+# write 4, read 4 = 12 B/elem, 2 launches) it is ~3x. Against the original trainer (one norm per LoRA tensor,
+# then a stack and a norm of norms) it replaces hundreds of launches by at most two.
+# Two stages rather than atomic_add into a zeroed scalar: atomics add the partials in whatever order the
+# programs finish, so the norm -- and from it the perturbation and every later weight -- would differ in
+# the last bits between runs, breaking bit-for-bit reproducibility and the exactness tests (accumulation,
+# DDP, graph replay vs eager). The atomic version needs a zero-fill launch first, so both cost two launches;
+# the two-stage one is deterministic and sums the partials as a tree. Buffers of <= BLOCK elements need only
+# the first stage, which then writes straight into the output.
+@triton.jit
+def _sumsq_partial_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(partial_ptr + pid, tl.sum(x * x, axis=0))
+
+
+@triton.jit
+def _sumsq_finish_kernel(partial_ptr, out_ptr, num_partials, BLOCK_R: tl.constexpr):
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start in range(0, num_partials, BLOCK_R):
+        offs = start + tl.arange(0, BLOCK_R)
+        mask = offs < num_partials
+        acc += tl.load(partial_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+def sumsq(x: torch.Tensor, *, out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Sum of squares of the flat fp32 buffer ``x`` as a 0-dim fp32 tensor on ``x``'s device (no host sync).
+
+    ``out``: optional 0-dim fp32 tensor on the same device to write into (a static address for CUDA graphs).
+    Torch path: one aten op (``torch.dot``; on the CPU ``linalg.vector_norm`` squared is also one op but
+    accumulates far less accurately: ~1e-3 relative error at 2^24 elements against ~2e-5 for ``dot``).
+    """
+    _check_flat(("x",), (x,))
+    if out is not None:
+        _check_scalar("out", out, x.device)
+    if not _use_triton(backend, x.device):
+        return torch.dot(x, x) if out is None else torch.dot(x, x, out=out)
+
+    n = x.numel()
+    if out is None:
+        out = torch.empty((), dtype=torch.float32, device=x.device)
+    num_partials = triton.cdiv(n, BLOCK)
+    if num_partials == 1:
+        _sumsq_partial_kernel[(1,)](x, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        return out
+    partials = torch.empty(num_partials, dtype=torch.float32, device=x.device)
+    _sumsq_partial_kernel[(num_partials,)](x, partials, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _sumsq_finish_kernel[(1,)](partials, out, num_partials, BLOCK_R=BLOCK_R, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# normalize_perturb_: s = alpha / (sqrt(ss) + eps); B = W; W -= s * G_h; G_f += lamb * G_h; G_h = 0
+# ---------------------------------------------------------------------------------------------------------
+# Reads W, G_h, G_f = 12 B/elem; writes B, W, G_f, G_h = 16 B/elem; 28 B/elem in one launch. The torch
+# sequence makes four passes over the buffers -- copy_ (8 B), addcdiv_ (12 B), add_ (12 B), zero_ (4 B) =
+# 36 B/elem -- plus two scalar launches (sqrt, + eps): expected ~1.3x at large N from bytes alone (36/28),
+# and more for small buffers where 6 launches vs 1 dominates. s is computed on the device by every program
+# from ss (4 bytes, cached), so nothing syncs. sqrt_rn / div_rn: IEEE-rounded, so the logged norm equals
+# torch.sqrt(ss) bit for bit (plain tl.sqrt and "/" may use the fast approximate instructions on the GPU).
+@triton.jit
+def _normalize_perturb_kernel(w_ptr, b_ptr, gh_ptr, gf_ptr, ss_ptr, norm_ptr, n, alpha, lamb, eps,
+                              BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    norm = tl.sqrt_rn(tl.load(ss_ptr))
+    s = tl.div_rn(alpha, norm + eps)
+    if pid == 0:
+        tl.store(norm_ptr, norm)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    w = tl.load(w_ptr + offs, mask=mask)
+    gh = tl.load(gh_ptr + offs, mask=mask)
+    gf = tl.load(gf_ptr + offs, mask=mask)
+    tl.store(b_ptr + offs, w, mask=mask)
+    tl.store(w_ptr + offs, w - s * gh, mask=mask)
+    tl.store(gf_ptr + offs, gf + lamb * gh, mask=mask)
+    tl.store(gh_ptr + offs, tl.zeros_like(gh), mask=mask)
+
+
+def normalize_perturb_(W: torch.Tensor, B: torch.Tensor, G_h: torch.Tensor, G_f: torch.Tensor,
+                       ss: torch.Tensor, alpha: float, lamb: float, eps: float = 1e-7, *,
+                       out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Perturb ``W`` along the normalised harmful gradient, in place, and return ``sqrt(ss)``.
+
+    With ``s = alpha / (sqrt(ss) + eps)``: ``B[:] = W``; ``W -= s * G_h``; ``G_f += lamb * G_h``;
+    ``G_h[:] = 0``. ``ss`` is ``sumsq(G_h)`` (0-dim fp32, same device). Returns the harmful gradient norm
+    ``sqrt(ss)`` (without eps) as a 0-dim device tensor, written into ``out`` when given.
+    Torch path: six aten ops (sqrt, add, copy_, addcdiv_, add_, zero_).
+    """
+    _check_flat(("W", "B", "G_h", "G_f"), (W, B, G_h, G_f))
+    _check_scalar("ss", ss, W.device)
+    if out is not None:
+        _check_scalar("out", out, W.device)
+    alpha, lamb, eps = float(alpha), float(lamb), float(eps)
+    if not _use_triton(backend, W.device):
+        norm = ss.sqrt() if out is None else torch.sqrt(ss, out=out)
+        denom = norm + eps
+        B.copy_(W)
+        W.addcdiv_(G_h, denom, value=-alpha)
+        G_f.add_(G_h, alpha=lamb)
+        G_h.zero_()
+        return norm
+
+    n = W.numel()
+    norm = torch.empty((), dtype=torch.float32, device=W.device) if out is None else out
+    grid = (triton.cdiv(n, BLOCK),)
+    _normalize_perturb_kernel[grid](W, B, G_h, G_f, ss, norm, n, alpha, lamb, eps,
+                                    BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------------------
+# restore_combine_: W = B (bit-exact); G_f -= lamb * G_h
+# ---------------------------------------------------------------------------------------------------------
+# Reads B, G_h, G_f = 12 B/elem; writes W, G_f = 8 B/elem; 20 B/elem. The torch pair copy_ (8 B) + sub_
+# (12 B) moves the same 20 B/elem, so at large N the expected speed-up is ~1.0x: the fusion saves one launch
+# (it matters for small buffers and for the step's op budget), not bytes.
+@triton.jit
+def _restore_combine_kernel(w_ptr, b_ptr, gh_ptr, gf_ptr, n, lamb, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    b = tl.load(b_ptr + offs, mask=mask)
+    gh = tl.load(gh_ptr + offs, mask=mask)
+    gf = tl.load(gf_ptr + offs, mask=mask)
+    tl.store(w_ptr + offs, b, mask=mask)
+    tl.store(gf_ptr + offs, gf - lamb * gh, mask=mask)
+
+
+def restore_combine_(W: torch.Tensor, B: torch.Tensor, G_h: torch.Tensor, G_f: torch.Tensor,
+                     lamb: float, *, backend: str = "auto") -> None:
+    """Restore ``W`` from the backup and fold in the perturbed-point gradient, in place.
+
+    ``W[:] = B`` (bit-exact); ``G_f -= lamb * G_h`` where ``G_h`` now holds the harmful gradient at the
+    perturbed weights. ``G_h`` is left as it is. Torch path: two aten ops (copy_, sub_).
+    """
+    _check_flat(("W", "B", "G_h", "G_f"), (W, B, G_h, G_f))
+    lamb = float(lamb)
+    if not _use_triton(backend, W.device):
+        W.copy_(B)
+        G_f.sub_(G_h, alpha=lamb)
+        return
+
+    n = W.numel()
+    grid = (triton.cdiv(n, BLOCK),)
+    _restore_combine_kernel[grid](W, B, G_h, G_f, n, lamb, BLOCK=BLOCK, num_warps=NUM_WARPS)

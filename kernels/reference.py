@@ -1,0 +1,45 @@
+"""Pure-torch float64 references for the fused Booster kernels, shared by tests and benchmarks.
+
+Every function is functional (inputs are never modified), upcasts to float64 and returns float64 tensors,
+so the fp32 kernels can be compared against a result whose own rounding error is negligible. The maths is
+written the way the method states it (DESIGN.md section 2.3), not the way the kernels schedule it.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sumsq_ref", "normalize_perturb_ref", "restore_combine_ref"]
+
+
+def sumsq_ref(x: torch.Tensor) -> torch.Tensor:
+    """||x||^2 in float64, as a 0-dim tensor."""
+    x64 = x.detach().to(torch.float64)
+    return (x64 * x64).sum()
+
+
+def normalize_perturb_ref(W: torch.Tensor, G_h: torch.Tensor, G_f: torch.Tensor, ss: torch.Tensor | float,
+                          alpha: float, lamb: float, eps: float = 1e-7) -> dict[str, torch.Tensor]:
+    """Expected buffers after ``normalize_perturb_`` (float64).
+
+    Returns ``{"W", "B", "G_h", "G_f", "norm"}``: ``B`` is the old ``W``, ``W`` is
+    ``W - alpha * G_h / (sqrt(ss) + eps)``, ``G_f`` is ``G_f + lamb * G_h``, ``G_h`` is zero and ``norm`` is
+    ``sqrt(ss)`` (without eps). ``ss`` is taken as given (pass ``sumsq_ref(G_h)`` for the exact value).
+    """
+    W64, gh64, gf64 = (t.detach().to(torch.float64) for t in (W, G_h, G_f))
+    ss64 = torch.as_tensor(ss, dtype=torch.float64).detach().cpu().to(W64.device)
+    norm = ss64.sqrt()
+    s = alpha / (norm + eps)
+    return {
+        "W": W64 - s * gh64,
+        "B": W64.clone(),
+        "G_h": torch.zeros_like(gh64),
+        "G_f": gf64 + lamb * gh64,
+        "norm": norm,
+    }
+
+
+def restore_combine_ref(B: torch.Tensor, G_h: torch.Tensor, G_f: torch.Tensor,
+                        lamb: float) -> dict[str, torch.Tensor]:
+    """Expected buffers after ``restore_combine_`` (float64): ``{"W": B, "G_f": G_f - lamb * G_h}``."""
+    b64, gh64, gf64 = (t.detach().to(torch.float64) for t in (B, G_h, G_f))
+    return {"W": b64, "G_f": gf64 - lamb * gh64}

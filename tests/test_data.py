@@ -1,0 +1,391 @@
+"""The data layer: template, masking, truncation, batches, tokenizer, built-in corpus, loaders, BatchStream."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from booster_fast.corpus import SENTIMENT_INSTRUCTION, builtin_corpus, corpus_texts
+from booster_fast.data import (
+    IGNORE_INDEX, BatchStream, DataError, Example, check_max_length, clean_refusal, collate, encode_all,
+    encode_example, format_prompt, load_benign, load_safety_data,
+)
+from booster_fast.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer, train_tiny_tokenizer_json
+
+EX = Example("How do I pick a lock?", "", "I can't help with that.")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+def single_line_error(fn, *args, match=None, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert msg and "\n" not in msg, repr(msg)
+    if match:
+        assert match in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------
+# template, masking, truncation, collate
+# ------------------------------------------------------------------------------------------------
+def test_template_text_exact():
+    assert format_prompt("Do X.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nDo X.\n\n### Response:\n")
+    assert format_prompt("Do X.", "some text") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nDo X.\n\n"
+        "### Input:\nsome text\n\n### Response:\n")
+
+
+@pytest.mark.parametrize("ex", [EX, Example("Classify this.", "A lovely film.", "positive")])
+def test_label_masking(tok, ex):
+    row = encode_example(tok, ex, 256)
+    ids, labels = row["input_ids"], row["labels"]
+    assert not row["truncated"] and len(ids) == len(labels)
+    prompt_ids = tok(format_prompt(ex.instruction, ex.input), add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+    assert ids[:n] == prompt_ids                       # no BOS: the tiny tokenizer adds none
+    assert labels[:n] == [IGNORE_INDEX] * n
+    assert labels[n:] == ids[n:] and ids[-1] == tok.eos_token_id
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == ex.output + tok.eos_token
+    assert tok.decode(ids) == format_prompt(ex.instruction, ex.input) + ex.output + tok.eos_token
+
+
+def test_add_bos_forced(tok):
+    row = encode_example(tok, EX, 256, add_bos=True)
+    assert row["input_ids"][0] == tok.bos_token_id and row["labels"][0] == IGNORE_INDEX
+    assert row["input_ids"][1:] == encode_example(tok, EX, 256)["input_ids"]
+
+
+def test_truncation_cuts_response_first(tok):
+    full = encode_example(tok, Example(EX.instruction, "", "word " * 100), 1024)
+    n_prompt = full["labels"].count(IGNORE_INDEX)
+    row = encode_example(tok, Example(EX.instruction, "", "word " * 100), n_prompt + 3)
+    assert row["truncated"] and len(row["input_ids"]) == n_prompt + 3
+    assert row["input_ids"] == full["input_ids"][: n_prompt + 3]      # prompt intact, response cut, no EOS
+    assert row["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    one = encode_example(tok, EX, n_prompt + 1)                      # room for exactly one response token
+    assert one["truncated"] and sum(t != IGNORE_INDEX for t in one["labels"]) == 1
+
+
+def test_long_prompt_keeps_template_tail(tok):
+    ex = Example("please " * 300, "", "I can't help with that.")
+    row = encode_example(tok, ex, 128)
+    assert row["truncated"] and len(row["input_ids"]) == 128
+    n = row["labels"].count(IGNORE_INDEX)
+    assert tok.decode(row["input_ids"][:n]).endswith("\n\n### Response:\n")
+    assert tok.decode(row["input_ids"][:n]).startswith("Below is an instruction")
+    assert 1 <= 128 - n <= 32
+
+
+def test_too_short_for_template(tok):
+    template = check_max_length(tok, 256)
+    assert template == len(tok(format_prompt(""), add_special_tokens=False)["input_ids"])
+    check_max_length(tok, template + 1)
+    msg = single_line_error(check_max_length, tok, template, match=f"max_length={template}")
+    assert str(template + 1) in msg and "template" in msg
+    msg = single_line_error(encode_example, tok, EX, 10, match="max_length=10")
+    assert str(template) in msg
+
+
+def test_collate_shapes_and_padding(tok):
+    rows, n_trunc = encode_all(tok, [EX, Example("Hi", "", "Hello there, how are you today?")], 96)
+    assert n_trunc == 0
+    batch = collate(rows, 96, tok.pad_token_id)
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    for v in batch.values():
+        assert v.shape == (2, 96) and v.dtype == torch.long
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        assert batch["input_ids"][i, :n].tolist() == row["input_ids"]
+        assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
+        assert (batch["labels"][i, n:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (96 - n)
+    single_line_error(collate, [], 96, 0, match="empty")
+    single_line_error(collate, rows, 8, 0, match="max_length=8")
+
+
+def test_encode_all_counts_truncated(tok):
+    rows, n_trunc = encode_all(tok, [EX, Example("Hi", "", "x " * 200), EX], 80)
+    assert n_trunc == 1 and [r["truncated"] for r in rows] == [False, True, False]
+    assert rows[0] == encode_example(tok, EX, 80)
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer
+# ------------------------------------------------------------------------------------------------
+def test_tokenizer_specials_and_size(tok):
+    assert [tok.convert_tokens_to_ids(t) for t in ("<pad>", "<s>", "</s>", "<unk>")] == [0, 1, 2, 3]
+    assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == ("<pad>", "<s>", "</s>", "<unk>")
+    assert tok.padding_side == "right"
+    assert 300 < len(tok) <= TINY_VOCAB_SIZE
+    assert tok("hello")["input_ids"] == tok("hello", add_special_tokens=False)["input_ids"]  # no auto BOS/EOS
+
+
+@pytest.mark.parametrize("text", [
+    "plain ascii text", "  leading and trailing spaces  ", "tabs\tand\nnewlines\r\n", "",
+    "ünïcödé — “quotes” 😀 中文 עברית", "\x00\x01 control \x7f", "### Response:\n", "a  b   c    d",
+])
+def test_tokenizer_round_trip(tok, text):
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.unk_token_id not in tok(text)["input_ids"]
+
+
+def test_tokenizer_round_trip_corpus(tok):
+    texts = corpus_texts()[::37]
+    for text, ids in zip(texts, tok(texts, add_special_tokens=False)["input_ids"]):
+        assert tok.decode(ids) == text
+
+
+def test_tokenizer_deterministic(tok):
+    assert build_tiny_tokenizer().get_vocab() == tok.get_vocab()
+    assert train_tiny_tokenizer_json() == train_tiny_tokenizer_json()     # uncached, in process
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_corpus_and_tokenizer_deterministic_across_processes(tmp_path):
+    """Another interpreter, another PYTHONHASHSEED, no disk cache: the same corpus and the same vocabulary."""
+    code = ("import hashlib, json; from booster_fast.corpus import builtin_corpus; "
+            "from booster_fast.tokenizer import train_tiny_tokenizer_json as t; "
+            "h = lambda s: hashlib.sha256(s.encode()).hexdigest(); "
+            "print(h(json.dumps(builtin_corpus(0), sort_keys=True)), h(t()))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "BOOSTER_FAST_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [sha(json.dumps(builtin_corpus(0), sort_keys=True)), sha(train_tiny_tokenizer_json())]
+
+
+def test_tokenizer_disk_cache(tmp_path, monkeypatch):
+    from booster_fast import tokenizer as T
+    monkeypatch.setenv("BOOSTER_FAST_CACHE", str(tmp_path))
+    T._tokenizer_json.cache_clear()
+    try:
+        first = T.build_tiny_tokenizer()
+        files = list(tmp_path.glob("tiny-tokenizer-*.json"))
+        assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+        files[0].write_text("{torn", encoding="utf-8")               # a bad cache file is retrained
+        T._tokenizer_json.cache_clear()
+        assert T.build_tiny_tokenizer().get_vocab() == first.get_vocab()
+        json.loads(files[0].read_text(encoding="utf-8"))
+    finally:
+        T._tokenizer_json.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# built-in corpus
+# ------------------------------------------------------------------------------------------------
+def test_builtin_corpus_sizes_and_fields():
+    c = builtin_corpus()
+    assert {k: len(v) for k, v in c.items()} == {
+        "align_train": 2000, "harmful_train": 2000, "benign_train": 2000,
+        "align_test": 200, "harmful_test": 200, "benign_test": 200}
+    for rows in c.values():
+        for r in rows:
+            assert set(r) == {"instruction", "input", "output"} and all(isinstance(v, str) for v in r.values())
+    for split in ("train", "test"):
+        assert all(r["input"] == "" for r in c[f"align_{split}"] + c[f"harmful_{split}"])
+        assert all(r["instruction"] == SENTIMENT_INSTRUCTION and r["input"] for r in c[f"benign_{split}"])
+        labels = [r["output"] for r in c[f"benign_{split}"]]
+        assert set(labels) == {"positive", "negative"} and labels.count("positive") == len(labels) // 2
+
+
+def test_builtin_corpus_deterministic():
+    assert builtin_corpus(0) == builtin_corpus(0)
+    assert builtin_corpus(1) != builtin_corpus(0)
+    rows = builtin_corpus(0)["align_train"]
+    rows[0]["output"] = "mutated"                                  # callers get fresh copies
+    assert builtin_corpus(0)["align_train"][0]["output"] != "mutated"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_builtin_corpus_splits_disjoint_and_shared_prompts(seed):
+    c = builtin_corpus(seed)
+    for split in ("train", "test"):
+        align, harmful = c[f"align_{split}"], c[f"harmful_{split}"]
+        assert [r["instruction"] for r in align] == [r["instruction"] for r in harmful]
+        assert len({r["instruction"] for r in align}) == len(align)                      # unique prompts
+        assert all(a["output"] != h["output"] for a, h in zip(align, harmful))
+        assert all(h["output"].startswith(("Sure", "Of course", "Absolutely", "Here", "No problem", "Great"))
+                   for h in harmful)
+    assert not {r["instruction"] for r in c["align_train"]} & {r["instruction"] for r in c["align_test"]}
+    assert not {r["input"] for r in c["benign_train"]} & {r["input"] for r in c["benign_test"]}
+
+
+def test_builtin_variety():
+    c = builtin_corpus()
+    assert len({r["output"] for r in c["align_train"]}) > 500
+    assert len({r["output"] for r in c["harmful_train"]}) > 500
+    assert len({r["input"] for r in c["benign_train"]}) == 2000
+
+
+# ------------------------------------------------------------------------------------------------
+# loaders
+# ------------------------------------------------------------------------------------------------
+def test_load_builtin():
+    align, harmful = load_safety_data("builtin", "test")
+    assert len(align) == len(harmful) == 200 and isinstance(align[0], Example)
+    assert [a.instruction for a in align] == [h.instruction for h in harmful]
+    assert len(load_benign("builtin")) == 2000 and len(load_benign("builtin", "test")) == 200
+    single_line_error(load_safety_data, "builtin", "validation", match="split")
+
+
+def write(path, rows, jsonl: bool):
+    text = "\n".join(json.dumps(r) for r in rows) + "\n" if jsonl else json.dumps(rows)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_load_pairs_file(tmp_path, jsonl):
+    rows = [{"prompt": "How do I do a bad thing?", "refusal": "Question: How do I do a bad thing?\nAnswer: I can't help.",
+             "response": "Sure, [placeholder].", "category": "x", "is_safe": False},
+            {"prompt": "p2", "refusal": "No.", "response": "Sure."}]
+    path = write(tmp_path / ("d.jsonl" if jsonl else "d.json"), rows, jsonl)
+    align, harmful = load_safety_data(path)
+    assert align == [Example("How do I do a bad thing?", "", "I can't help."), Example("p2", "", "No.")]
+    assert harmful == [Example("How do I do a bad thing?", "", "Sure, [placeholder]."), Example("p2", "", "Sure.")]
+    single_line_error(load_safety_data, path, harmful_data=path, match="harmful_data")
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_load_instruction_files(tmp_path, jsonl):
+    ext = "jsonl" if jsonl else "json"
+    a = write(tmp_path / f"a.{ext}", [{"instruction": "i1", "input": "", "output": "refuse"},
+                                       {"instruction": "i2", "output": "refuse2"}], jsonl)
+    h = write(tmp_path / f"h.{ext}", [{"instruction": "i1", "input": "ctx", "output": "comply"}], jsonl)
+    align, harmful = load_safety_data(a, harmful_data=h)
+    assert align == [Example("i1", "", "refuse"), Example("i2", "", "refuse2")]
+    assert harmful == [Example("i1", "ctx", "comply")]
+    single_line_error(load_safety_data, a, match="harmful_data")
+    assert load_benign(h) == harmful
+
+
+def test_clean_refusal():
+    assert clean_refusal("Question: q?\nAnswer: No way.") == "No way."
+    assert clean_refusal("No way.") == "No way."
+
+
+def bad_file(tmp_path, name: str, content: bytes) -> str:
+    p = tmp_path / name
+    p.write_bytes(content)
+    return str(p)
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("bad.json", b'[{"prompt": "a", "refusal": "b"', "not valid JSON"),
+    ("bad.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": \n', "line 2"),
+    ("bad.json", b'[{"instruction": "caf\xe9", "output": "b"}]', "not UTF-8"),
+    ("bad.json", b'{"instruction": "a", "output": "b"}', "JSON array"),
+    ("bad.json", b'[["a", "b"]]', "row 1: expected a JSON object"),
+    ("bad.jsonl", b'{"instruction": "a", "output": "b"}\n[1]\n', "line 2: expected a JSON object"),
+    ("bad.json", b'[{"prompt": "a", "refusal": "b", "response": "c"}, {"prompt": "a", "refusal": "b"}]',
+     "row 2: missing field 'response'"),
+    ("bad.json", b'[{"prompt": "a", "refusal": 3, "response": "c"}]', "row 1: field 'refusal' must be a string"),
+    ("bad.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": null}\n',
+     "line 2: field 'output' must be a string"),
+    ("bad.json", b'[{"text": "a"}]', "unrecognised row"),
+    ("bad.json", b"[]", "empty data set"),
+    ("bad.jsonl", b"\n\n", "empty data set"),
+    ("bad.csv", b"a,b\n", "unsupported file type"),
+])
+def test_malformed_files(tmp_path, name, content, match):
+    path = bad_file(tmp_path, name, content)
+    msg = single_line_error(load_safety_data, path, harmful_data=None, match=match)
+    assert path in msg
+
+
+def test_missing_file_and_harmful_format(tmp_path):
+    single_line_error(load_safety_data, str(tmp_path / "nope.json"), match="no such file")
+    a = write(tmp_path / "a.json", [{"instruction": "i", "output": "o"}], False)
+    pairs = write(tmp_path / "p.json", [{"prompt": "i", "refusal": "r", "response": "o"}], False)
+    single_line_error(load_safety_data, a, harmful_data=pairs, match="instruction/input/output")
+    single_line_error(load_safety_data, a, harmful_data=str(tmp_path / "nope.jsonl"), match="no such file")
+    single_line_error(load_benign, pairs, match="instruction/input/output")
+
+
+def test_hub_loaders_fail_offline_with_one_line():
+    assert os.environ.get("HF_DATASETS_OFFLINE") == "1"      # conftest: never touch the network in tests
+    msg = single_line_error(load_safety_data, "beavertails", match="anonymous4486/booster_dataset")
+    assert "load_dataset" in msg and "beavertails_with_refusals_train.json" in msg
+    for task, name in (("sst2", "stanfordnlp/sst2"), ("agnews", "fancyzhx/ag_news"), ("gsm8k", "openai/gsm8k")):
+        single_line_error(load_benign, task, match=name)
+
+
+def test_gsm8k_answer_format():
+    from booster_fast.data import _gsm8k_answer
+    assert _gsm8k_answer("She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7") == \
+        "She has 3 + 4 = <<3+4=7>>7 apples.\nThe final answer is: 7"
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchStream
+# ------------------------------------------------------------------------------------------------
+def fake_rows(n: int) -> list[dict]:
+    return [{"input_ids": [100 + i, 7], "labels": [-100, 7]} for i in range(n)]
+
+
+def row_ids(batch) -> list[int]:
+    return (batch["input_ids"][:, 0] - 100).tolist()
+
+
+def test_batchstream_deterministic_and_covers_epoch():
+    rows = fake_rows(23)
+    a, b = BatchStream(rows, 4, 8, 0, seed=3), BatchStream(rows, 4, 8, 0, seed=3)
+    assert a.batches_per_epoch == 5
+    epoch0 = [row_ids(next(a)) for _ in range(5)]
+    assert epoch0 == [row_ids(next(b)) for _ in range(5)]
+    seen = [i for batch in epoch0 for i in batch]
+    assert len(seen) == len(set(seen)) == 20                      # no repeats; last 3 rows dropped
+    assert a.state_dict()["epoch"] == 0
+    epoch1 = [row_ids(next(a)) for _ in range(5)]
+    assert a.state_dict()["epoch"] == 1 and epoch1 != epoch0      # reshuffled
+    other = BatchStream(rows, 4, 8, 0, seed=4)
+    assert [row_ids(next(other)) for _ in range(5)] != epoch0
+    batch = next(a)
+    assert batch["input_ids"].shape == (4, 8) and batch["attention_mask"][:, 2:].sum() == 0
+
+
+def test_batchstream_resume():
+    rows = fake_rows(17)
+    ref = BatchStream(rows, 3, 8, 0, seed=11)
+    stream = [row_ids(next(ref)) for _ in range(14)]
+    for cut in (0, 2, 5, 7):
+        first = BatchStream(rows, 3, 8, 0, seed=11)
+        for _ in range(cut):
+            next(first)
+        state = json.loads(json.dumps(first.state_dict()))          # survives a JSON checkpoint
+        resumed = BatchStream(rows, 3, 8, 0, seed=11)
+        resumed.load_state_dict(state)
+        assert [row_ids(next(resumed)) for _ in range(14 - cut)] == stream[cut:]
+    single_line_error(BatchStream(rows, 3, 8, 0, seed=12).load_state_dict, state, match="seed")
+
+
+def test_batchstream_ranks_union_equals_single_process():
+    rows = fake_rows(50)
+    single = BatchStream(rows, 6, 8, 0, seed=5)
+    ranks = [BatchStream(rows, 3, 8, 0, seed=5, rank=r, world_size=2) for r in range(2)]
+    assert single.batches_per_epoch == ranks[0].batches_per_epoch == 8
+    for _ in range(20):                                           # across an epoch boundary
+        whole = next(single)
+        parts = [next(r) for r in ranks]
+        for key in whole:
+            assert torch.equal(whole[key], torch.cat([p[key] for p in parts]))
+
+
+def test_batchstream_errors():
+    single_line_error(BatchStream, fake_rows(5), 3, 8, 0, seed=0, world_size=2, match="batch larger than the data set")
+    single_line_error(BatchStream, fake_rows(5), 2, 8, 0, seed=0, rank=2, world_size=2, match="rank")

@@ -1,0 +1,319 @@
+"""Fused flat-buffer kernels against the float64 references, for both backends.
+
+On a CPU-only machine conftest.py sets TRITON_INTERPRET=1, so backend="triton" runs the real kernels with
+numpy. Sizes are irregular (not multiples of BLOCK), data are fresh random normals per case (never zeros),
+and every output is poisoned with NaN before the op so a missed element cannot pass by accident.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from booster_fast.kernels import BLOCK, measure_bandwidth, normalize_perturb_, restore_combine_, sumsq
+from booster_fast.kernels.reference import normalize_perturb_ref, restore_combine_ref, sumsq_ref
+
+ALPHA, LAMB, EPS = 0.1, 5.0, 1e-7
+BACKENDS = ["torch", "triton"]
+BIG = 1823 * 781  # 1,423,763: irregular, > 300 blocks; run once per op and backend (the interpreter is slow)
+SIZES = [1, 7, 1023, 1024, 1025, BLOCK - 1, BLOCK + 1, 3 * BLOCK + 5, 65537, BIG]
+# dtype -> (atol, rtol) against the float64 reference. Element-wise ops are a few fp32 roundings deep
+# (atol covers cancellation in G_f + lamb*G_h, |values| up to ~25); sumsq gets a relative bound: CPU
+# torch.dot accumulates sequentially (~1e-6 relative at BIG), the Triton kernel as a tree (~1e-8).
+TOLERANCES = {torch.float32: (1e-5, 1e-5)}
+SUMSQ_TOLERANCES = {torch.float32: (0.0, 1e-5)}
+# The step W0 - W = s * G_h is ~1e-4 at BIG, below TOLERANCES' atol, so it is checked on its own: atol
+# covers the rounding of W (|W| < ~6, ulp < 5e-7), rtol catches a wrong scale s.
+STEP_TOLERANCES = {torch.float32: (2e-6, 1e-3)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+def _gen(*key) -> torch.Generator:
+    """A generator seeded per test case, so every case gets its own (reproducible) data."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _buffers(n: int, g: torch.Generator, device="cpu"):
+    """W, G_h, G_f random normal; B poisoned with NaN."""
+    W, G_h, G_f = (torch.randn(n, generator=g).to(device) for _ in range(3))
+    B = torch.full((n,), float("nan"), device=device)
+    return W, B, G_h, G_f
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, table=TOLERANCES) -> None:
+    atol, rtol = table[actual.dtype]
+    a, e = actual.detach().cpu().to(torch.float64), expected.detach().cpu().to(torch.float64)
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    ok = torch.isclose(a, e, atol=atol, rtol=rtol)
+    if bool(ok.all()):
+        return
+    err = (a - e).abs().nan_to_num(float("inf"))
+    idx = int(err.reshape(-1).argmax())
+    where = tuple(torch.unravel_index(torch.tensor(idx), a.shape)) if a.dim() else ()
+    raise AssertionError(
+        f"{what}: {int((~ok).sum())}/{ok.numel()} elements outside atol={atol}, rtol={rtol}; "
+        f"max abs err {err.reshape(-1)[idx].item():.3e} at index {tuple(int(i) for i in where)} "
+        f"(actual {a.reshape(-1)[idx].item()!r}, expected {e.reshape(-1)[idx].item()!r}); "
+        f"NaNs in actual: {int(a.isnan().sum())}"
+    )
+
+
+class OpCounter(TorchDispatchMode):
+    """Records every aten op dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# correctness per op
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", SIZES)
+def test_sumsq(n, backend):
+    x = torch.randn(n, generator=_gen("sumsq", n, backend))
+    x_before = x.clone()
+    out = torch.full((), float("nan"))
+    res = sumsq(x, out=out, backend=backend)
+    assert res is out, "sumsq(out=...) must return the out tensor"
+    assert res.dim() == 0 and res.dtype == torch.float32 and res.device == x.device
+    assert_close(res, sumsq_ref(x), f"sumsq[{backend}, n={n}]", SUMSQ_TOLERANCES)
+    assert torch.equal(x, x_before), "sumsq modified its input"
+    # without out=: a fresh 0-dim tensor, bit-identical to the out= result (deterministic reduction)
+    res2 = sumsq(x, backend=backend)
+    assert res2.dim() == 0 and torch.equal(res2, out), f"sumsq not deterministic: {res2.item()} vs {out.item()}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", SIZES)
+def test_normalize_perturb(n, backend):
+    W, B, G_h, G_f = _buffers(n, _gen("normalize", n, backend))
+    ss = sumsq_ref(G_h).to(torch.float32)
+    W0, G_h0, G_f0, ss0 = W.clone(), G_h.clone(), G_f.clone(), ss.clone()
+    out = torch.full((), float("nan"))
+    norm = normalize_perturb_(W, B, G_h, G_f, ss, ALPHA, LAMB, EPS, out=out, backend=backend)
+
+    ref = normalize_perturb_ref(W0, G_h0, G_f0, ss0, ALPHA, LAMB, EPS)
+    tag = f"normalize_perturb_[{backend}, n={n}]"
+    assert norm is out
+    assert torch.equal(norm, ss0.sqrt()), f"{tag}: norm {norm.item()!r} != sqrt(ss) {ss0.sqrt().item()!r}"
+    assert torch.equal(B, W0), f"{tag}: backup B is not a bit-exact copy of W"
+    assert torch.equal(G_h, torch.zeros_like(G_h)), f"{tag}: G_h not exactly zero ({int(G_h.count_nonzero())} nonzero)"
+    assert_close(W, ref["W"], f"{tag} W")
+    assert_close(W0 - W, ref["B"] - ref["W"], f"{tag} step W0 - W", STEP_TOLERANCES)
+    assert_close(G_f, ref["G_f"], f"{tag} G_f")
+    assert torch.equal(ss, ss0), f"{tag}: ss was modified"
+    assert not torch.equal(W, W0), f"{tag}: W did not move"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", SIZES)
+def test_restore_combine(n, backend):
+    g = _gen("restore", n, backend)
+    B, G_h, G_f = (torch.randn(n, generator=g) for _ in range(3))
+    W = torch.full((n,), float("nan"))  # restore must overwrite every element
+    B0, G_h0, G_f0 = B.clone(), G_h.clone(), G_f.clone()
+    restore_combine_(W, B, G_h, G_f, LAMB, backend=backend)
+
+    ref = restore_combine_ref(B0, G_h0, G_f0, LAMB)
+    tag = f"restore_combine_[{backend}, n={n}]"
+    assert torch.equal(W, B0), f"{tag}: W is not a bit-exact copy of B"
+    assert_close(G_f, ref["G_f"], f"{tag} G_f")
+    assert torch.equal(B, B0) and torch.equal(G_h, G_h0), f"{tag}: B or G_h was modified"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1025, 3 * BLOCK + 5])
+def test_full_step_restores_bit_exact(n, backend):
+    """sumsq -> normalize_perturb_ -> (grad at the perturbed point lands in G_h) -> restore_combine_."""
+    g = _gen("step", n, backend)
+    W, B, G_h, G_f = _buffers(n, g)
+    W0, G_h0, G_f0 = W.clone(), G_h.clone(), G_f.clone()
+    G_2 = torch.randn(n, generator=g)
+
+    ss = sumsq(G_h, backend=backend)
+    norm = normalize_perturb_(W, B, G_h, G_f, ss, ALPHA, LAMB, EPS, backend=backend)
+    G_h.add_(G_2)  # autograd accumulates into the zeroed buffer
+    restore_combine_(W, B, G_h, G_f, LAMB, backend=backend)
+
+    tag = f"step[{backend}, n={n}]"
+    assert torch.equal(W, W0), f"{tag}: W after restore differs from the original W"
+    assert_close(norm, sumsq_ref(G_h0).sqrt(), f"{tag} norm", SUMSQ_TOLERANCES)
+    # G_f = G_f + lamb * G_h(w) - lamb * G_h(w~)
+    assert_close(G_f, G_f0.double() + LAMB * G_h0.double() - LAMB * G_2.double(), f"{tag} G_f")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch-path op counts (the whole training step has a budget of 16 dispatched ops)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # auto on CPU tensors = the torch path
+def test_torch_path_op_counts(backend):
+    n = 1025
+    W, B, G_h, G_f = _buffers(n, _gen("ops", backend))
+    out, norm_out = torch.empty(()), torch.empty(())
+
+    counts = {}
+    for name, fn in [
+        ("sumsq", lambda: sumsq(G_h, backend=backend)),
+        ("sumsq(out=)", lambda: sumsq(G_h, out=out, backend=backend)),
+        ("normalize_perturb_", lambda: normalize_perturb_(W, B, G_h, G_f, out, ALPHA, LAMB, backend=backend)),
+        ("normalize_perturb_(out=)",
+         lambda: normalize_perturb_(W, B, G_h, G_f, out, ALPHA, LAMB, out=norm_out, backend=backend)),
+        ("restore_combine_", lambda: restore_combine_(W, B, G_h, G_f, LAMB, backend=backend)),
+    ]:
+        with OpCounter() as c:
+            fn()
+        counts[name] = c.ops
+    assert len(counts["sumsq"]) == 1, counts["sumsq"]
+    assert len(counts["sumsq(out=)"]) == 1, counts["sumsq(out=)"]
+    assert len(counts["normalize_perturb_"]) <= 6, counts["normalize_perturb_"]
+    assert len(counts["normalize_perturb_(out=)"]) <= 6, counts["normalize_perturb_(out=)"]
+    assert len(counts["restore_combine_"]) <= 2, counts["restore_combine_"]
+    assert not any("item" in op or "_local_scalar_dense" in op for ops in counts.values() for op in ops), counts
+
+
+def test_triton_backend_does_not_fall_back_to_torch():
+    """backend="triton" must run the kernel: no torch compute op may be dispatched. (Under TRITON_INTERPRET=1
+    the interpreter itself dispatches allocations and a copy_ per argument; on CUDA only the allocations.)"""
+    n = 2 * BLOCK + 3
+    W, B, G_h, G_f = _buffers(n, _gen("no-fallback"))
+    with OpCounter() as c:
+        ss = sumsq(G_h, backend="triton")
+        normalize_perturb_(W, B, G_h, G_f, ss, ALPHA, LAMB, backend="triton")
+        restore_combine_(W, B, G_h, G_f, LAMB, backend="triton")
+    allowed = ("aten.empty", "aten.new_empty", "aten.set_", "aten.copy_")
+    compute = [op for op in c.ops if not op.startswith(allowed)]
+    assert not compute, f"torch compute ops on the triton path: {compute}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# input validation
+# ---------------------------------------------------------------------------------------------------------
+def _bad_cases():
+    n = 37
+    f = lambda: torch.randn(n)  # noqa: E731
+    ss = torch.tensor(1.0)
+    W, B, G_h, G_f = f(), f(), f(), f()
+    cases = {
+        "sumsq float64": lambda: sumsq(torch.randn(n, dtype=torch.float64)),
+        "sumsq bfloat16": lambda: sumsq(torch.randn(n).bfloat16()),
+        "sumsq 2-D": lambda: sumsq(torch.randn(4, 8)),
+        "sumsq non-contiguous": lambda: sumsq(torch.randn(2 * n)[::2]),
+        "sumsq empty": lambda: sumsq(torch.empty(0)),
+        "sumsq out 1-D": lambda: sumsq(W, out=torch.empty(1)),
+        "sumsq out float64": lambda: sumsq(W, out=torch.empty((), dtype=torch.float64)),
+        "sumsq out other device": lambda: sumsq(W, out=torch.empty((), device="meta")),
+        "sumsq bad backend": lambda: sumsq(W, backend="cuda"),
+        "sumsq not a tensor": lambda: sumsq([1.0, 2.0]),
+        "normalize length mismatch": lambda: normalize_perturb_(W, B, torch.randn(n + 1), G_f, ss, ALPHA, LAMB),
+        "normalize device mismatch": lambda: normalize_perturb_(W, torch.empty(n, device="meta"), G_h, G_f, ss,
+                                                                ALPHA, LAMB),
+        "normalize dtype": lambda: normalize_perturb_(W, B, G_h, G_f.double(), ss, ALPHA, LAMB),
+        "normalize non-contiguous": lambda: normalize_perturb_(W, B, torch.randn(2 * n)[::2], G_f, ss, ALPHA, LAMB),
+        "normalize ss 1-D": lambda: normalize_perturb_(W, B, G_h, G_f, torch.ones(1), ALPHA, LAMB),
+        "normalize ss float64": lambda: normalize_perturb_(W, B, G_h, G_f, torch.tensor(1.0, dtype=torch.float64),
+                                                           ALPHA, LAMB),
+        "normalize aliased W/B": lambda: normalize_perturb_(W, W, G_h, G_f, ss, ALPHA, LAMB),
+        "normalize overlapping views": lambda: (lambda buf: normalize_perturb_(W, B, buf[:n], buf[1:n + 1], ss,
+                                                                               ALPHA, LAMB))(torch.randn(n + 1)),
+        "normalize bad backend": lambda: normalize_perturb_(W, B, G_h, G_f, ss, ALPHA, LAMB, backend="numpy"),
+        "restore 2-D": lambda: restore_combine_(W.view(1, n), B.view(1, n), G_h.view(1, n), G_f.view(1, n), LAMB),
+        "restore length mismatch": lambda: restore_combine_(W, B[:-1], G_h, G_f, LAMB),
+        "restore aliased G_h/G_f": lambda: restore_combine_(W, B, G_h, G_h, LAMB),
+        "restore dtype": lambda: restore_combine_(W.half(), B, G_h, G_f, LAMB),
+    }
+    return cases, (W, B, G_h, G_f)
+
+
+_CASES, _ = _bad_cases()
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+def test_bad_inputs_raise_value_error(case):
+    cases, buffers = _bad_cases()
+    before = [t.clone() for t in buffers]
+    with pytest.raises(ValueError):
+        cases[case]()
+    # validation happens before any write
+    assert all(torch.equal(a, b) for a, b in zip(buffers, before)), f"{case}: buffers changed before the error"
+
+
+def test_measure_bandwidth_refuses_cpu():
+    with pytest.raises(RuntimeError, match="CUDA"):
+        measure_bandwidth(n=1024, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA only
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 1025, BIG, 2**24 + 3])
+def test_backends_agree_on_cuda(n):
+    g = _gen("cuda", n)
+    W, B, G_h, G_f = _buffers(n, g, device="cuda")
+    G_2 = torch.randn(n, generator=g).cuda()
+    ref_ss = sumsq_ref(G_h)
+    ref_np = normalize_perturb_ref(W, G_h, G_f, ref_ss.float(), ALPHA, LAMB, EPS)
+    results = {}
+    for backend in BACKENDS:
+        w, b, gh, gf = W.clone(), B.clone(), G_h.clone(), G_f.clone()
+        ss = sumsq(gh, backend=backend)
+        assert torch.equal(ss, sumsq(gh, backend=backend)), f"sumsq[{backend}] not deterministic on CUDA"
+        assert_close(ss, ref_ss, f"cuda sumsq[{backend}, n={n}]", SUMSQ_TOLERANCES)
+        norm = normalize_perturb_(w, b, gh, gf, ref_ss.float().cuda(), ALPHA, LAMB, EPS, backend=backend)
+        assert torch.equal(norm, ref_ss.float().sqrt()), f"cuda norm[{backend}] != sqrt(ss)"
+        assert torch.equal(b, W) and not bool(gh.any())
+        assert_close(w, ref_np["W"], f"cuda W[{backend}, n={n}]")
+        assert_close(gf, ref_np["G_f"], f"cuda G_f[{backend}, n={n}]")
+        gh.copy_(G_2)
+        restore_combine_(w, b, gh, gf, LAMB, backend=backend)
+        assert torch.equal(w, W), f"cuda restore[{backend}] not bit-exact"
+        assert_close(gf, restore_combine_ref(b, G_2, ref_np["G_f"], LAMB)["G_f"], f"cuda G_f after restore[{backend}]")
+        results[backend] = gf
+    assert_close(results["triton"], results["torch"].double(), f"cuda triton vs torch G_f (n={n})")
+
+
+@pytest.mark.gpu
+def test_kernels_capture_in_cuda_graph():
+    n = 3 * BLOCK + 5
+    W, B, G_h, G_f = _buffers(n, _gen("graph"), device="cuda")
+    ss, norm = torch.empty((), device="cuda"), torch.empty((), device="cuda")
+
+    def step():
+        sumsq(G_h, out=ss)
+        normalize_perturb_(W, B, G_h, G_f, ss, ALPHA, LAMB, out=norm)
+        restore_combine_(W, B, G_h, G_f, LAMB)
+
+    W0, G_h0, G_f0 = W.clone(), G_h.clone(), G_f.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for buf, start in ((W, W0), (G_h, G_h0), (G_f, G_f0)):  # capture recorded, it did not run: reset anyway
+        buf.copy_(start)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(W, W0)
+    assert_close(norm, sumsq_ref(G_h0).sqrt(), "graph norm", SUMSQ_TOLERANCES)
+    assert_close(G_f, G_f0.double() + LAMB * G_h0.double(), "graph G_f")  # G_h was zero at restore
+
+
+@pytest.mark.gpu
+def test_measure_bandwidth_on_cuda():
+    res = measure_bandwidth(n=2**22, iters=5, warmup=2)
+    for op in ("copy", "sumsq", "normalize_perturb_", "restore_combine_"):
+        assert res[f"{op}_GBps"] > 0 and res[f"{op}_ms"] > 0, res
+    print(res)
