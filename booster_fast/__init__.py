@@ -1,7 +1,15 @@
 """booster_fast: Booster (arXiv 2409.01586) alignment with a merged pass, flat buffers and fused kernels."""
-from .booster import Booster
-from .config import BoosterConfig
-from .models import ModelError, add_lora, load_model
+import logging as _logging
+import warnings as _warnings
+
+# Quiet two messages that every run would print and that say nothing about the run: bitsandbytes' CPU backend
+# looks for an optional kernel package at import, and peft reads a transformers attribute that is deprecated.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+_warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+from .booster import Booster  # noqa: E402
+from .config import BoosterConfig  # noqa: E402
+from .models import ModelError, add_lora, load_model  # noqa: E402
 
 __all__ = ["Booster", "BoosterConfig", "ModelError", "add_lora", "load_model"]
 __version__ = "0.1.0"

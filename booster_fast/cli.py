@@ -19,14 +19,16 @@ class UsageError(ValueError):
     """Bad input from the user: reported in one line, exit code 2."""
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, batch_default: int, length_default: int):
+def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default="tiny", help="tiny | llama-1b-shape | llama-7b-shape | HF id | local path")
     p.add_argument("--quant", default="none", choices=["none", "nf4"], help="4-bit NF4 base weights (bitsandbytes)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=43, help="seed for init, data order and LoRA (paper: 43)")
-    p.add_argument("--batch-size", type=int, default=batch_default, help="alignment rows per update")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="alignment rows per update (default: 8 for tiny, else 10 as in the paper)")
     p.add_argument("--harmful-batch-size", type=int, default=None, help="harmful rows per update (default: = batch)")
-    p.add_argument("--max-length", type=int, default=length_default, help="tokens per row (right-padded to it)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per row, right-padded to it (default: 128 for tiny, else 256 as in the paper)")
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=4)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj", help="comma-separated LoRA target modules")
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter")
-    _add_model_args(a, batch_default=10, length_default=256)
+    _add_model_args(a)
     a.add_argument("--data", default="builtin", help="builtin | beavertails | PATH (.json/.jsonl)")
     a.add_argument("--harmful-data", default=None, help="harmful set for an instruction/input/output --data file")
     a.add_argument("--impl", default="fast", choices=["reference", "fast"])
@@ -59,17 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
 
     b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process")
-    _add_model_args(b, batch_default=8, length_default=64)
-    b.add_argument("--impls", default="reference,fast,sft", help="comma list of reference, fast, sft")
+    _add_model_args(b)
+    b.add_argument("--impls", default="reference,fast,sft",
+                   help="comma list of reference, fast, fast-merged, fast-unmerged, fast-graphs (CUDA), sft")
     b.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
+    b.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (non-reentrant)")
     b.add_argument("--json", action="store_true", help="end stdout with one JSON document")
+    b.add_argument("--output", default=None, metavar="FILE.json", help="also write the JSON document here (atomically)")
+    b.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of ms/step (needs matplotlib)")
     return parser
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    tiny = args.model == "tiny"
+    if args.batch_size is None:
+        args.batch_size = 8 if tiny else 10
+    if args.max_length is None:
+        args.max_length = (64 if args.command == "bench" else 128) if tiny else 256
     from .data import DataError
     from .models import ModelError
 

@@ -45,7 +45,8 @@ RESPONSE_TAIL = "\n\n### Response:\n"   # kept when an over-long prompt is cut
 
 # Benign tasks, worded as in the original's evaluation scripts.
 SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
-AGNEWS_INSTRUCTION = "Categorize the news article given in the input into one of the 4 categories:\n\nWorld\nSports\nBusiness\nSci/Tech\n"
+AGNEWS_INSTRUCTION = ("Categorize the news article given in the input into one of the 4 categories:\n\n"
+                      "World\nSports\nBusiness\nSci/Tech\n")
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 ANSWER_PROMPT = "The final answer is: "
 EVAL_ROWS = 1000        # AGNEWS / GSM8K test: the first 1000 rows, as in the paper
@@ -424,12 +425,13 @@ def load_safety_data(data: str, split: str = "train",
         corpus = builtin_corpus()
         align, harmful = _examples(corpus[f"align_{split}"]), _examples(corpus[f"harmful_{split}"])
     elif data == "beavertails":
-        ds = _load_hub(BEAVERTAILS_REPO, None, "train",
-                       f", or pass the file beavertails_with_refusals_train.json (also in {BEAVERTAILS_MIRROR}) as data")
+        ds = _load_hub(BEAVERTAILS_REPO, None, "train", ", or pass the file beavertails_with_refusals_train.json "
+                       f"(also in {BEAVERTAILS_MIRROR}) as data")
         lo, hi = BEAVERTAILS_ROWS[split]
         if len(ds) <= lo:
             raise DataError(f"{BEAVERTAILS_REPO} has {len(ds)} rows; the {split} split needs rows from {lo}")
-        rows = [(f"{BEAVERTAILS_REPO} row {lo + i}", row) for i, row in enumerate(ds.select(range(lo, min(hi, len(ds)))))]
+        picked = ds.select(range(lo, min(hi, len(ds))))
+        rows = [(f"{BEAVERTAILS_REPO} row {lo + i}", row) for i, row in enumerate(picked)]
         align, harmful = _pairs(rows)
     else:
         rows = _read_rows(data)

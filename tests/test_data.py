@@ -12,8 +12,8 @@ import torch
 
 from booster_fast.corpus import SENTIMENT_INSTRUCTION, builtin_corpus, corpus_texts
 from booster_fast.data import (
-    IGNORE_INDEX, BatchStream, DataError, Example, check_max_length, clean_refusal, collate, encode_all,
-    encode_example, format_prompt, load_benign, load_safety_data,
+    IGNORE_INDEX, SST2_INSTRUCTION, BatchStream, DataError, Example, check_max_length, clean_refusal, collate,
+    encode_all, encode_example, format_prompt, load_benign, load_safety_data,
 )
 from booster_fast.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer, train_tiny_tokenizer_json
 
@@ -251,7 +251,8 @@ def write(path, rows, jsonl: bool):
 
 @pytest.mark.parametrize("jsonl", [False, True])
 def test_load_pairs_file(tmp_path, jsonl):
-    rows = [{"prompt": "How do I do a bad thing?", "refusal": "Question: How do I do a bad thing?\nAnswer: I can't help.",
+    rows = [{"prompt": "How do I do a bad thing?",
+             "refusal": "Question: How do I do a bad thing?\nAnswer: I can't help.",
              "response": "Sure, [placeholder].", "category": "x", "is_safe": False},
             {"prompt": "p2", "refusal": "No.", "response": "Sure."}]
     path = write(tmp_path / ("d.jsonl" if jsonl else "d.json"), rows, jsonl)
@@ -389,3 +390,29 @@ def test_batchstream_ranks_union_equals_single_process():
 def test_batchstream_errors():
     single_line_error(BatchStream, fake_rows(5), 3, 8, 0, seed=0, world_size=2, match="batch larger than the data set")
     single_line_error(BatchStream, fake_rows(5), 2, 8, 0, seed=0, rank=2, world_size=2, match="rank")
+
+
+def test_hub_rows_are_converted(monkeypatch):
+    """With load_dataset stubbed by in-memory data sets: row ranges, refusal cleaning, benign formats."""
+    import datasets
+
+    fake = {
+        "anonymous4486/booster_dataset": [{"prompt": f"p{i}", "refusal": f"Question: p{i}\nAnswer: no {i}",
+                                           "response": f"sure {i}", "category": "c", "is_safe": False}
+                                          for i in range(10_300)],
+        "stanfordnlp/sst2": [{"idx": 0, "sentence": "a fine film ", "label": 1},
+                             {"idx": 1, "sentence": "bad", "label": 0}],
+        "fancyzhx/ag_news": [{"text": f"news {i}", "label": i % 4} for i in range(1200)],
+        "openai/gsm8k": [{"question": "1+1?", "answer": "1+1=2\n#### 2"}],
+    }
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda repo, name=None, split=None: datasets.Dataset.from_list(fake[repo]))
+    align, harmful = load_safety_data("beavertails")
+    assert len(align) == len(harmful) == 5000
+    assert align[0] == Example("p5000", "", "no 5000") and harmful[-1] == Example("p9999", "", "sure 9999")
+    assert len(load_safety_data("beavertails", "test")[0]) == 300           # rows 10000.. as far as they go
+    assert load_benign("sst2") == [Example(SST2_INSTRUCTION, "a fine film", "positive"),
+                                   Example(SST2_INSTRUCTION, "bad", "negative")]
+    news = load_benign("agnews", "test")
+    assert len(news) == 1000 and [e.output for e in news[:4]] == ["World", "Sports", "Business", "Sci/Tech"]
+    assert load_benign("gsm8k") == [Example("1+1?", "", "1+1=2\nThe final answer is: 2")]

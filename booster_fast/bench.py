@@ -1,0 +1,433 @@
+"""`booster-fast bench`: reference vs fast Booster steps (and plain SFT), side by side in one process.
+
+Method. Every implementation gets its own copy of the model, built the same way (same preset or checkpoint,
+`load_model(..., seed)`, then `torch.manual_seed(seed)` + `add_lora`); the initial LoRA weights are checked
+equal across implementations before the first step. All of them are fed the SAME batches, generated once and
+already on the device: the built-in data set for `tiny`, random right-padded token batches otherwise. They run
+interleaved step by step (A B C, B C A, C A B, ...: one step each per round, the first one rotating), so that
+drift of the machine (clock boost, heat, other load) spreads over every implementation instead of biasing one.
+The first `--warmup` rounds are not timed. A step's time is host wall time (time.perf_counter) around one
+update; on CUDA a torch.cuda.synchronize() on both sides makes it the device time of the whole update.
+We report the median and the 20th/80th percentiles.
+
+Tokens. tokens_per_s counts the real (non-pad) tokens of the batches a step consumes: alignment + harmful rows
+for a Booster step (the harmful batch counted once, although the step runs it twice), the alignment rows for
+SFT. mfu (CUDA only) instead counts every computed position, pads included (see `model_flops`).
+
+Peak memory (peak_mem_mb) estimates what one implementation would need alone in a process: the bytes it holds
+between steps (model, LoRA weights, gradient buffers, optimizer state; counted tensor by tensor, storages
+deduplicated; bitsandbytes' quantisation statistics are not counted) plus the transient peak of one extra step,
+measured in a separate pass after the timing. On CUDA the transient is max_memory_allocated - memory_allocated
+around the step (exact at the allocator level). On the CPU there are no allocator statistics: a thread samples
+glibc's heap-in-use figure (mallinfo2) every 0.5 ms during the step and reports the rise. That misses peaks
+shorter than a sample and counts any other thread's allocations; without glibc it falls back to the RSS
+(psutil), which understates the transient of a step that reuses pages an earlier step freed.
+
+ops_per_step: aten ops dispatched by one more step (booster_fast.opcount): the kernel launches a GPU pays
+without CUDA graphs; for fast steps also the bookkeeping part (everything outside the model passes).
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from types import SimpleNamespace
+
+import torch
+
+from .align import build_streams, check_common_args, config_from_args, resolve_device
+from .cli import UsageError
+
+IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "sft")
+TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmful rows for Booster steps "
+                  "(harmful rows counted once), alignment rows for sft")
+MFU_FLOPS = ("6 * N * computed positions (pads included) of every pass of the step (2N forward + 4N backward, the "
+             "PaLM convention; a frozen base needs no weight gradient, so the hardware does ~4N and real use is ~2/3 "
+             "of this); N = base matmul parameters (LM head in, input embedding and LoRA out); attention-score "
+             "FLOPs ignored; divided by the bf16 8192^3 torch.matmul rate measured in the same run")
+GRAPHS_MISSING = "graph capture is not implemented in this build (graphs='on' runs eager)"
+
+
+# ---- implementations and batches -------------------------------------------------------------------------
+def parse_impls(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in IMPLS]
+    if not names or bad:
+        raise UsageError(f"--impls: unknown {', '.join(map(repr, bad)) or 'empty list'}; "
+                         f"choose from {', '.join(IMPLS)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--impls lists an implementation twice: {text}")
+    return names
+
+
+def impl_config(name: str, args):
+    """BoosterConfig of one entry. sft runs the reference engine's plain step (torch AdamW, per-tensor clipping);
+    fast-merged/-unmerged pin the merge and stay eager; fast follows --merge-passes and the default graphs mode."""
+    cfg = config_from_args(args, "reference" if name in ("reference", "sft") else "fast")
+    pinned = {"fast-merged": dict(merge_passes=True, graphs="off"),
+              "fast-unmerged": dict(merge_passes=False, graphs="off"), "fast-graphs": dict(graphs="on")}
+    return dataclasses.replace(cfg, **pinned.get(name, {}))
+
+
+def build_impl(name: str, args, device):
+    """(Booster, tokenizer, initial LoRA weights on the CPU), built from scratch with the bench seed."""
+    from . import Booster, add_lora, load_model
+    from .models import trainable_parameters
+
+    cfg = impl_config(name, args)
+    model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device)
+    if getattr(args, "gradient_checkpointing", False):
+        # non-reentrant checkpointing needs no enable_input_require_grads(): it recomputes under autograd anyway
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(args.seed)
+    model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha,
+                     targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
+    lora0 = {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)}
+    return Booster(model, cfg), tok, lora0
+
+
+def step_fn(name: str, booster):
+    """fn(align_batch, harmful_batch) running one update of this entry."""
+    return (lambda a, h: booster.sft_step(a)) if name == "sft" else booster.step
+
+
+def random_batch(rows: int, length: int, vocab: int, pad_id: int, g: torch.Generator) -> dict:
+    """Right-padded random tokens: 60-100% of each row real (80% on average), the first half of it a prompt."""
+    n = torch.randint(max(2, int(0.6 * length)), length + 1, (rows, 1), generator=g)
+    pos = torch.arange(length).expand(rows, length)
+    real = pos < n
+    ids = torch.randint(0, vocab, (rows, length), generator=g).masked_fill(~real, pad_id)
+    labels = ids.masked_fill(~real | (pos < n // 2), -100)
+    return {"input_ids": ids, "labels": labels, "attention_mask": real.long()}
+
+
+def make_batches(args, tok, model, device) -> list[tuple[dict, dict, int, int]]:
+    """warmup + steps + 2 (memory and op-count passes) of (align, harmful, align tokens, harmful tokens), on device.
+    tiny: the built-in data set, exactly as `align` streams it; anything else: random token batches."""
+    from .batches import to_device
+
+    n = args.warmup + args.steps + 2
+    if args.model == "tiny":
+        sa, sh = build_streams(SimpleNamespace(**vars(args), data="builtin", harmful_data=None), tok, 0, 1)
+        pairs = [(next(sa), next(sh)) for _ in range(n)]
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        vocab, pad = model.config.vocab_size, tok.pad_token_id if tok.pad_token_id is not None else 0
+        pairs = [tuple(random_batch(b, args.max_length, vocab, pad, g)
+                       for b in (args.batch_size, args.harmful_batch_size)) for _ in range(n)]
+    return [(to_device(a, device), to_device(h, device), int(a["attention_mask"].sum()),
+             int(h["attention_mask"].sum())) for a, h in pairs]
+
+
+# ---- measurements ----------------------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a host sync for timing only, outside the step
+
+
+def held_bytes(booster) -> int:
+    """Bytes of every tensor an implementation keeps between steps (storages counted once)."""
+    model, eng = booster.model, booster.engine
+    ts = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
+    ts += [v for st in booster.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    for obj in (eng, getattr(eng, "flat", None)):
+        ts += [v for v in vars(obj).values() if torch.is_tensor(v)] if obj is not None else []
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def cpu_gauge():
+    """(description, bytes()) of the best CPU memory gauge here: glibc's heap in use (freed blocks excluded, so a
+    step that reuses freed memory still shows its peak), else the RSS (psutil), else the RSS high-water mark."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+        mallinfo2.restype = _MallInfo2
+        return "heap in use (glibc mallinfo2)", lambda: (lambda m: m.uordblks + m.hblkhd)(mallinfo2())
+    except (OSError, AttributeError):
+        pass
+    try:
+        import psutil
+        return "process RSS (psutil)", lambda: psutil.Process().memory_info().rss
+    except ImportError:
+        return "RSS high-water mark (getrusage)", lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def transient_bytes(fn, device) -> int:
+    """Memory one call of fn needs above what is allocated before it (see the module docstring)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    gauge = cpu_gauge()[1]
+    samples, done = [gauge()], threading.Event()
+
+    def sample():  # torch ops release the GIL, so this thread samples while the step runs
+        while not done.is_set():
+            samples.append(gauge())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(max(samples), gauge()) - samples[0]
+
+
+def matmul_tflops(device) -> float:
+    """bf16 8192^3 torch.matmul rate in TFLOP/s (the denominator of mfu)."""
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * 8192**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def matmul_params(model) -> int:
+    """Parameters of the base model's matmuls: every nn.Linear (NF4 included) outside the LoRA adapters."""
+    return sum(m.in_features * m.out_features for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".lora_" not in n)
+
+
+def model_flops(name: str, args, n_params: int) -> float:
+    """Model FLOPs of one step (MFU_FLOPS): 6N x max_length x the rows of every pass."""
+    harmful_passes = 1 if args.no_meta_term else 2
+    rows = args.batch_size + (0 if name == "sft" else harmful_passes * args.harmful_batch_size)
+    return 6.0 * n_params * rows * args.max_length
+
+
+def _pct(xs: list[float], q: int) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def check_bench_args(args) -> list[str]:
+    check_common_args(args)
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    names = parse_impls(args.impls)
+    for name in names:
+        impl_config(name, args)  # bad knob values fail here, in one line
+    if getattr(args, "plot", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'booster-fast[plot]'") from None
+    if getattr(args, "output", None):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot write --output {args.output}: {e.strerror or e}") from None
+    return names
+
+
+def run_bench(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .opcount import count_ops
+
+    names = check_bench_args(args)
+    device = resolve_device(args.device)
+
+    # ---- build every implementation from identical initial weights ----
+    results, impls, first = {}, {}, None  # impls: name -> (booster, step function)
+    for name in names:
+        if name == "fast-graphs" and device.type != "cuda":
+            results[name] = {"skipped": "CUDA graphs need a CUDA device"}
+            continue
+        try:
+            booster, tok, lora0 = build_impl(name, args, device)
+        except (ValueError, NotImplementedError, RuntimeError) as e:
+            if name != "fast-graphs":
+                raise
+            results[name] = {"skipped": f"graph capture unavailable: {str(e).splitlines()[0]}"}
+            continue
+        if first is None:
+            first, first_name, batches = lora0, name, make_batches(args, tok, booster.model, device)
+            n_params, n_lora = matmul_params(booster.model), sum(v.numel() for v in lora0.values())
+        assert first.keys() == lora0.keys() and all(torch.equal(first[k], lora0[k]) for k in first), \
+            f"{name}: initial LoRA weights differ from {first_name}'s"
+        impls[name], results[name] = (booster, step_fn(name, booster)), {}
+    if not impls:
+        raise UsageError("nothing to run: " + "; ".join(f"{n}: {r['skipped']}" for n, r in results.items()))
+
+    # ---- interleaved timing: one step of each per round, the first one rotating ----
+    times, tps = {n: [] for n in impls}, {n: [] for n in impls}
+    bar = tqdm(total=(args.warmup + args.steps) * len(impls), desc="bench", file=sys.stderr, dynamic_ncols=True)
+    for i in range(args.warmup + args.steps):
+        # the graph feature is to set engine.graphs_active once it captures (lazily, so look after the warmup)
+        if i == args.warmup and "fast-graphs" in impls and not getattr(impls["fast-graphs"][0].engine,
+                                                                       "graphs_active", False):
+            del impls["fast-graphs"], times["fast-graphs"], tps["fast-graphs"]
+            results["fast-graphs"] = {"skipped": GRAPHS_MISSING}
+        a, h, na, nh = batches[i]
+        order = list(impls)[i % len(impls):] + list(impls)[:i % len(impls)]
+        for name in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            impls[name][1](a, h)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if i >= args.warmup:
+                times[name].append(dt)
+                tps[name].append((na if name == "sft" else na + nh) / dt)
+            bar.update(1)
+    bar.close()
+
+    # ---- separate passes: one step each for memory, one for the op count ----
+    rate = matmul_tflops(device) if device.type == "cuda" else None
+    for name, (booster, fn) in impls.items():
+        transient = transient_bytes(lambda: fn(*batches[-2][:2]), device)
+        ops = count_ops(fn, *batches[-1][:2])
+        ms = statistics.median(times[name]) * 1e3
+        results[name] = {
+            "step_ms": round(ms, 3), "step_ms_p20": round(_pct(times[name], 20) * 1e3, 3),
+            "step_ms_p80": round(_pct(times[name], 80) * 1e3, 3),
+            "tokens_per_s": round(statistics.median(tps[name]), 1),
+            "peak_mem_mb": round((held_bytes(booster) + max(transient, 0)) / 2**20, 1),
+            "ops_per_step": ops["total"], "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
+            "ratio_to_sft": None,
+            "mfu": round(model_flops(name, args, n_params) / (ms / 1e3) / (rate * 1e12), 4) if rate else None}
+    ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))
+    for r in results.values():
+        if "step_ms" in r and sft:
+            r["ratio_to_sft"] = round(r["step_ms"] / sft, 3)
+    speedup = {n: round(ref / r["step_ms"], 3) if ref and "step_ms" in r else None for n, r in results.items()}
+
+    doc = {"machine": machine_info(device), "config": run_config(args, names, device, n_params, n_lora, rate),
+           "results": results, "speedup": speedup}
+    print(format_table(doc))
+    if getattr(args, "plot", None):
+        plot(doc, args.plot)
+    if getattr(args, "output", None):
+        write_atomic(args.output, lambda f: f.write((json.dumps(doc, indent=2) + "\n").encode()))
+    if args.json:
+        print(json.dumps(doc))  # the last stdout line: one JSON document
+    return 0
+
+
+# ---- reporting -------------------------------------------------------------------------------------------
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def machine_info(device) -> dict:
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            **{k: _version(k) for k in ("torch", "transformers", "peft", "triton", "bitsandbytes")},
+            "python": platform.python_version(), "git_commit": _git_commit(),
+            "loadavg_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_config(args, names, device, n_params, n_lora, rate) -> dict:
+    knobs = ("model", "quant", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
+             "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum", "merge_passes",
+             "steps", "warmup")
+    peak = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
+    return {**{k: getattr(args, k) for k in knobs}, "device": str(device), "meta_term": not args.no_meta_term,
+            "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)), "impls": names,
+            "data": "builtin" if args.model == "tiny" else "random tokens, ~80% real, right-padded",
+            "order": "interleaved step by step, first impl rotating each round", "sft_engine": "reference",
+            "tokens_per_s_counts": TOKENS_COUNTED, "peak_mem_mb_means": f"held tensor bytes + step transient ({peak})",
+            "mfu_flops": MFU_FLOPS if rate else None, "matmul_bf16_tflops": round(rate, 1) if rate else None,
+            "matmul_params": n_params, "lora_params": n_lora}
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(doc: dict) -> str:
+    m, c = doc["machine"], doc["config"]
+    lines = [f"{c['model']} ({c['quant']}) on {m['gpu'] or m['cpu']} [{c['device']}], batch {c['batch_size']}+"
+             f"{c['harmful_batch_size']} x {c['max_length']}, {c['steps']} steps after {c['warmup']} warmup",
+             f"{'impl':<14}{'ms/step':>10}{'p20-p80':>18}{'speedup':>9}{'tokens/s':>11}{'peak MB':>10}"
+             f"{'ops/step':>10}{'xSFT':>7}{'MFU':>7}"]
+    lines.append("-" * len(lines[1]))
+    for name, r in doc["results"].items():
+        if "skipped" in r:
+            lines.append(f"{name:<14}skipped: {r['skipped']}")
+            continue
+        lines.append(f"{name:<14}{r['step_ms']:>10.2f}{r['step_ms_p20']:>9.2f}-{r['step_ms_p80']:<8.2f}"
+                     f"{_fmt(doc['speedup'][name], '.2f'):>9}{r['tokens_per_s']:>11.0f}{r['peak_mem_mb']:>10.1f}"
+                     f"{r['ops_per_step']:>10}{_fmt(r['ratio_to_sft'], '.2f'):>7}{_fmt(r['mfu'], '.1%'):>7}")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(n, r) for n, r in doc["results"].items() if "step_ms" in r]
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 3.5))
+    err = [[r["step_ms"] - r["step_ms_p20"] for _, r in rows], [r["step_ms_p80"] - r["step_ms"] for _, r in rows]]
+    ax.bar([n for n, _ in rows], [r["step_ms"] for _, r in rows], yerr=err, capsize=4, color="tab:blue")
+    ax.set_ylabel("ms / step (median, p20-p80)")
+    ax.set_title(f"{doc['config']['model']} ({doc['config']['quant']}), "
+                 f"{doc['machine']['gpu'] or doc['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_atomic(path: str, write):
+    """write(binary file) into a temporary file beside `path`, then os.replace it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

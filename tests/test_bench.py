@@ -1,0 +1,117 @@
+"""`booster-fast bench`: the JSON document's shape, one-line usage errors, and the README table builder."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from booster_fast.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT_KEYS = {"step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ops_per_step",
+               "bookkeeping_ops", "ratio_to_sft", "mfu"}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def test_bench_json_smoke(capsys, tmp_path):
+    out_file = tmp_path / "res" / "cpu.json"
+    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+               "--max-length", "40", "--lora-r", "4",
+               "--impls", "reference,fast,sft,fast-graphs", "--json", "--output", str(out_file)])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(doc) == {"machine", "config", "results", "speedup"}
+    assert doc == json.loads(out_file.read_text())  # --output holds the same document
+    assert doc["machine"]["gpu"] is None and doc["machine"]["torch"] == torch.__version__
+    assert doc["config"]["steps"] == 2 and doc["config"]["impls"] == ["reference", "fast", "sft", "fast-graphs"]
+    assert "tokens_per_s_counts" in doc["config"]
+
+    res = doc["results"]
+    assert set(res) == {"reference", "fast", "sft", "fast-graphs"}
+    assert set(res["fast-graphs"]) == {"skipped"} and "CUDA" in res["fast-graphs"]["skipped"]
+    for name in ("reference", "fast", "sft"):
+        r = res[name]
+        assert set(r) == RESULT_KEYS, name
+        for key in ("step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ratio_to_sft"):
+            assert _is_number(r[key]) and r[key] > 0, (name, key, r[key])
+        assert isinstance(r["ops_per_step"], int) and r["ops_per_step"] > 0
+        assert r["step_ms_p20"] <= r["step_ms"] <= r["step_ms_p80"]
+        assert r["mfu"] is None  # CPU
+    assert isinstance(res["fast"]["bookkeeping_ops"], int) and res["reference"]["bookkeeping_ops"] is None
+    assert res["sft"]["ratio_to_sft"] == 1.0
+    assert res["fast"]["ops_per_step"] < res["reference"]["ops_per_step"]
+
+    sp = doc["speedup"]
+    assert sp["reference"] == 1.0 and _is_number(sp["fast"]) and sp["fast-graphs"] is None
+    assert sp["fast"] == pytest.approx(res["reference"]["step_ms"] / res["fast"]["step_ms"], rel=1e-2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--impls", "reference,bogus"], "'bogus'"),
+    (["--impls", "fast,fast"], "twice"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+])
+def test_bad_flag_exits_2_with_one_line(capsys, flags, message):
+    assert main(["bench", "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("booster-fast: error:") and message in err[0], err
+
+
+def _make_table_module():
+    spec = importlib.util.spec_from_file_location("make_table", ROOT / "benchmarks" / "make_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SAMPLE = {
+    "machine": {"cpu": "Test CPU", "cores": 4, "gpu": None, "date": "2026-01-01T00:00:00+00:00"},
+    "config": {"model": "tiny", "quant": "none", "batch_size": 8, "harmful_batch_size": 8, "max_length": 64},
+    "results": {
+        "reference": {"step_ms": 150.0, "tokens_per_s": 3000.0, "peak_mem_mb": 50.0, "ops_per_step": 3858,
+                      "ratio_to_sft": 3.0},
+        "fast": {"step_ms": 120.0, "tokens_per_s": 3750.0, "peak_mem_mb": 51.0, "ops_per_step": 3201,
+                 "ratio_to_sft": 2.4},
+        "sft": {"step_ms": 50.0, "tokens_per_s": 4000.0, "peak_mem_mb": 49.0, "ops_per_step": 1314,
+                "ratio_to_sft": 1.0},
+        "fast-graphs": {"skipped": "CUDA graphs need a CUDA device"},
+    },
+    "speedup": {"reference": 1.0, "fast": 1.25, "sft": 3.0, "fast-graphs": None},
+}
+
+
+def test_make_table_rewrites_only_the_marked_block(tmp_path, capsys):
+    mt = _make_table_module()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "cpu_tiny.json").write_text(json.dumps(SAMPLE))
+    (results / "notes.json").write_text("[1, 2]")  # not a bench document: skipped
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n{mt.START}\nold table\n{mt.END}\nafter\n")
+
+    mt.make_table(results, readme)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n" + mt.START) and text.endswith(mt.END + "\nafter\n")
+    assert "old table" not in text
+    body = text.split(mt.START)[1].split(mt.END)[0]
+    rows = [line for line in body.splitlines() if line.startswith("| Test CPU")]
+    assert len(rows) == 4
+    fast = next(r for r in rows if "| fast |" in r)
+    assert "Test CPU (4 cores)" in fast and "| 120.0 |" in fast and "| 1.25× |" in fast and "| 3,201 |" in fast
+    assert "| 2.40× |" in fast
+    assert any("skipped: CUDA graphs" in r for r in rows)
+
+    # without markers: the table goes to stdout and the README stays as it was
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# no markers\n")
+    capsys.readouterr()
+    mt.make_table(results, plain)
+    captured = capsys.readouterr()
+    assert plain.read_text() == "# no markers\n"
+    assert "| Test CPU (4 cores) |" in captured.out and "README untouched" in captured.err

@@ -1,0 +1,214 @@
+"""The `booster-fast align` command line, end to end on the embedded tiny model (CPU, offline).
+
+Runs `booster_fast.cli.main([...])` in-process; one subprocess checks `python -m booster_fast` itself
+(entry point, exit code, and that the real stderr holds exactly one line on a user error).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from booster_fast import add_lora, load_model
+from booster_fast.cli import main
+
+SEED = 43                      # the CLI's default --seed
+E2E = ["--max-length", "96", "--batch-size", "4"]
+FAST = ["--max-length", "64", "--batch-size", "2"]     # the other runs: smaller still (2 CPU cores in CI)
+METRIC_KEYS = {"step", "loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "step_time_s"}
+
+
+def align(out, *extra, steps=3, shape=FAST):
+    return main(["align", "--output", str(out), "--steps", str(steps), *shape, *extra])
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    assert align(out, "--log-every", "2", shape=E2E) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def test_align_writes_metrics_and_adapter(run_dir):
+    assert (run_dir / "adapter_config.json").is_file()
+    assert (run_dir / "adapter_model.safetensors").is_file()
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert set(r) == METRIC_KEYS
+        for k in METRIC_KEYS - {"step"}:
+            assert isinstance(r[k], float) and math.isfinite(r[k]), (r["step"], k, r[k])
+        assert r["harmful_grad_norm"] > 0 and r["step_time_s"] > 0
+    # nothing but the run itself beside it (the temporary directory was renamed, not left behind)
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]
+
+
+def test_saved_adapter_loads_with_peft(run_dir):
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run_dir / "adapter_model.safetensors"))
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    assert cfg["r"] == 32 and cfg["lora_alpha"] == 4
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj"}
+
+    base, tok = load_model("tiny", seed=SEED, device="cpu")
+    ids = torch.tensor([tok.encode("### Instruction:\nHow do I pick a lock?\n\n### Response:\n")])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits.clone()
+    model = PeftModel.from_pretrained(base, str(run_dir))
+    loaded = get_peft_model_state_dict(model)
+    assert loaded.keys() == saved.keys() and len(saved) == 3 * 4 * 2   # 3 targets x 4 layers x (A, B)
+    for k, v in saved.items():
+        assert torch.equal(loaded[k].cpu(), v), k
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == base_logits.shape and torch.isfinite(logits).all()
+    assert not torch.allclose(logits, base_logits)          # the adapter is active (B is no longer 0)
+
+    # training happened: every tensor differs from the run's own init (same seed, fresh add_lora)
+    fresh_base, _ = load_model("tiny", seed=SEED, device="cpu")
+    torch.manual_seed(SEED)
+    fresh = get_peft_model_state_dict(add_lora(fresh_base, r=32, alpha=4, targets=("q_proj", "k_proj", "v_proj")))
+    assert fresh.keys() == saved.keys()
+    for k, v in saved.items():
+        assert not torch.equal(fresh[k], v), k
+    assert all(not fresh[k].any() for k in fresh if "lora_B" in k)         # peft's B init is 0...
+    assert all(saved[k].abs().max() > 0 for k in saved if "lora_B" in k)   # ...and training moved it
+
+
+def test_sft_method(tmp_path):
+    out = tmp_path / "sft"
+    assert align(out, "--method", "sft", steps=2) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss"])
+        # SFT has no harmful pass: those metrics are absent (null), not NaN (invalid JSON)
+        assert r["harmful_loss"] is None and r["harmful_grad_norm"] is None
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_reference_impl(tmp_path):
+    out = tmp_path / "ref"
+    assert align(out, "--impl", "reference", steps=2) == 0
+    rows = read_metrics(out)
+    assert len(rows) == 2 and all(math.isfinite(r["harmful_loss_perturbed"]) for r in rows)
+
+
+def test_nf4_on_cpu(tmp_path):
+    out = tmp_path / "nf4"
+    assert align(out, "--quant", "nf4", steps=2) == 0
+    rows = read_metrics(out)
+    assert len(rows) == 2
+    assert all(math.isfinite(r[k]) for r in rows for k in METRIC_KEYS)
+
+
+def test_overwrite_replaces_an_existing_run(tmp_path, run_dir, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert align(out, steps=1) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("booster-fast: error:") and "--overwrite" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before        # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    assert align(out, "--overwrite", steps=1) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1]                    # the new run replaced the old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]            # no .old / .tmp left over
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _bad_jsonl(tmp: Path) -> str:
+    p = tmp / "inputs" / "bad.jsonl"
+    p.parent.mkdir(exist_ok=True)
+    p.write_text('{"prompt": "How?", "refusal": "No.", "response": "Like so."}\n{"prompt": "broken", \n')
+    return str(p)
+
+
+def _regular_file(tmp: Path) -> Path:
+    f = tmp / "inputs" / "a_file"
+    f.parent.mkdir(exist_ok=True)
+    f.write_text("not a directory\n")
+    return f
+
+
+BAD = {
+    "unknown-model": lambda tmp: (["--model", "no/such-model-xyz"], None),
+    "missing-data": lambda tmp: (["--data", str(tmp / "inputs" / "missing.jsonl")], None),
+    "malformed-jsonl": lambda tmp: (["--data", _bad_jsonl(tmp)], None),
+    "negative-lamb": lambda tmp: (["--lamb", "-1"], None),
+    "zero-alpha": lambda tmp: (["--alpha", "0"], None),
+    "max-length-too-short": lambda tmp: (["--max-length", "8"], None),
+    "output-under-a-file": lambda tmp: ([], _regular_file(tmp) / "run"),
+    "output-is-a-file": lambda tmp: ([], _regular_file(tmp)),
+    "unknown-target": lambda tmp: (["--targets", "nonexistent_proj"], None),
+    "cuda-without-cuda": lambda tmp: (["--device", "cuda"], None),
+}
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
+    if case == "cuda-without-cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    extra, out = BAD[case](tmp_path)
+    out = out or tmp_path / "run"
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    code = main(["align", "--output", str(out), "--steps", "1", *FAST, *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("booster-fast: error:"), err
+    assert "Traceback" not in err
+    assert _snapshot(tmp_path) == before          # no temp dir, no half-written run, inputs unchanged
+
+
+def test_module_entry_point_exit_code_and_real_stderr(tmp_path):
+    """`python -m booster_fast`: exit code 2 and exactly one line on the real stderr (logging and progress
+    output included), on an error raised after the model is loaded and the temporary run dir exists."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "booster_fast", "align", "--output", str(out), "--steps", "1",
+                           "--max-length", "8", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("booster-fast: error:"), proc.stderr
+    assert "max_length" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- known defects (xfail)
+@pytest.mark.xfail(strict=True, reason="align.prepare_output makes the run dir with tempfile.mkdtemp (mode 0700) and "
+                                       "publish() renames it into place, so --output ends up 0700 whatever the umask")
+def test_run_dir_permissions_follow_umask(run_dir):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert run_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.xfail(strict=True, reason="align.run_align: steps = max(1, ceil(epochs * batches_per_epoch)) turns "
+                                       "--epochs 0 or a negative value into one step instead of a usage error")
+def test_non_positive_epochs_is_a_usage_error(tmp_path, capsys):
+    code = main(["align", "--output", str(tmp_path / "run"), "--epochs", "-1", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().startswith("booster-fast: error:")

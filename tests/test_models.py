@@ -1,0 +1,175 @@
+"""Models: the embedded tiny Llama, its tokenizer, LoRA wrapping, NF4 on the CPU, and offline failures."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from booster_fast import Booster, BoosterConfig, ModelError, add_lora, load_model
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", seed=0, device="cpu")
+
+
+def random_batch(vocab: int, rows: int = 2, length: int = 24, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    mask = torch.ones_like(ids)
+    ids[1, -5:], labels[1, -5:], mask[1, -5:] = 0, -100, 0
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------------------ tiny preset
+def test_tiny_is_a_small_llama(tiny):
+    from transformers import LlamaForCausalLM
+
+    model, tok = tiny
+    assert type(model) is LlamaForCausalLM
+    n = sum(p.numel() for p in model.parameters())
+    assert 2_000_000 <= n <= 5_000_000, n
+    assert model.config.vocab_size >= len(tok)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    out = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert out.shape == (1, 3, model.config.vocab_size) and torch.isfinite(out).all()
+
+
+def test_tiny_is_deterministic_per_seed(tiny):
+    a = tiny[0].state_dict()
+    b = load_model("tiny", seed=0, device="cpu")[0].state_dict()
+    c = load_model("tiny", seed=1, device="cpu")[0].state_dict()
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # another seed gives different random weights (norm weights are 1 in both, so ask for most tensors)
+    differ = [k for k in a if not torch.equal(a[k], c[k])]
+    weights = [k for k in a if a[k].dim() == 2]
+    assert set(weights) <= set(differ)
+
+
+def test_tiny_load_does_not_touch_global_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_model("tiny", seed=5, device="cpu", num_hidden_layers=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("text", [
+    "Below is an instruction that describes a task.\n\n### Response:\n",
+    "  leading spaces, tabs\tand trailing newline\n",
+    "Unicode: naïve café — 東京 🙂 Ω≈ç√",
+    "",
+])
+def test_tokenizer_round_trips(tiny, text):
+    tok = tiny[1]
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    assert tok.pad_token_id is not None and tok.eos_token_id is not None
+
+
+def test_config_override_num_hidden_layers():
+    model, _ = load_model("tiny", device="cpu", num_hidden_layers=2)
+    assert model.config.num_hidden_layers == 2
+    assert len(model.model.layers) == 2
+    assert model.config.hidden_size == 192   # the other preset fields stay
+
+
+# ------------------------------------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_lora_only_lora_trainable_fp32(dtype):
+    base, _ = load_model("tiny", seed=0, device="cpu", dtype=dtype, num_hidden_layers=2)
+    model = add_lora(base, r=4, alpha=8, targets=("q_proj", "v_proj"))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # 2 layers x 2 targets x (A, B)
+    assert len(trainable) == 8
+    for n, p in trainable:
+        assert "lora_A" in n or "lora_B" in n, n
+        assert p.dtype == torch.float32, (n, p.dtype)
+    frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+    assert all("lora_" not in n for n, p in model.named_parameters() if not p.requires_grad)
+    assert all(p.dtype == dtype for p in frozen)     # the base keeps its dtype
+    shapes = {n.split(".lora_")[1].split(".")[0]: tuple(p.shape) for n, p in trainable if "q_proj" in n}
+    assert shapes == {"A": (4, 192), "B": (192, 4)}
+
+
+@pytest.mark.parametrize("targets", [("nonexistent_proj",), ("q_proj", "nonexistent_proj")])
+def test_add_lora_unknown_target_raises_model_error(targets):
+    base, _ = load_model("tiny", device="cpu", num_hidden_layers=1)
+    with pytest.raises(ModelError) as e:
+        add_lora(base, targets=targets)
+    msg = str(e.value)
+    assert "\n" not in msg and "nonexistent_proj" in msg
+    # the failed call left the model as it was
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def test_unknown_model_fails_fast_offline():
+    t = time.perf_counter()
+    with pytest.raises(ModelError) as e:
+        load_model("no/such-model-xyz", device="cpu")
+    assert time.perf_counter() - t < 20
+    msg = str(e.value)
+    assert "\n" not in msg.strip()
+    assert "no/such-model-xyz" in msg
+
+
+def test_unknown_quant_raises_model_error():
+    with pytest.raises(ModelError):
+        load_model("tiny", quant="int3")
+
+
+# -------------------------------------------------------------------------------------------------- NF4
+def test_nf4_base_booster_steps():
+    import bitsandbytes as bnb
+
+    model, tok = load_model("tiny", quant="nf4", device="cpu", num_hidden_layers=2)
+    for layer in model.model.layers:
+        for name in DECODER_LINEARS:
+            mod = layer.get_submodule("self_attn." + name if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                                      else "mlp." + name)
+            assert isinstance(mod, bnb.nn.Linear4bit), (name, type(mod))
+            assert mod.weight.dtype == torch.uint8                      # packed 4-bit
+            assert mod.weight.numel() * 2 == mod.in_features * mod.out_features
+            assert mod.weight.quant_state.quant_type == "nf4"
+        assert not any(type(m) is nn.Linear for m in layer.modules())
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+
+    batch = random_batch(len(tok))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.isfinite(logits).all()
+
+    model = add_lora(model, r=4, alpha=4)
+    # peft may re-wrap the layers: collect the 4-bit weights from the wrapped model
+    q4 = {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone())
+          for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(q4) == 2 * len(DECODER_LINEARS)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+
+    booster = Booster(model, BoosterConfig(impl="reference", lr=1e-2))
+    harmful = random_batch(len(tok), seed=1)
+    for step in range(3):
+        out = booster.step(batch, harmful)
+        for k in ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"):
+            assert math.isfinite(float(out[k])), (step, k, out[k])
+        assert float(out["harmful_grad_norm"]) > 0
+
+    for n, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            data, absmax = q4[n]
+            assert m.weight.dtype == torch.uint8
+            assert torch.equal(m.weight.data, data), n
+            assert torch.equal(m.weight.quant_state.absmax, absmax), n
+    now = dict(model.named_parameters())
+    assert any(not torch.equal(now[n], v) for n, v in lora.items())
