@@ -113,7 +113,7 @@ def build_streams(args, tok, rank, world):
     align, harmful = load_safety_data(args.data, "train", harmful_data=args.harmful_data)
     enc_a, trunc_a = encode_all(tok, align, args.max_length)
     enc_h, trunc_h = encode_all(tok, harmful, args.max_length)
-    if trunc_a or trunc_h:
+    if (trunc_a or trunc_h) and rank == 0:
         log.info("truncated to --max-length %d: %d alignment and %d harmful rows", args.max_length, trunc_a, trunc_h)
     sa = BatchStream(enc_a, args.batch_size, args.max_length, tok.pad_token_id, args.seed, rank, world)
     sh = BatchStream(enc_h, args.harmful_batch_size, args.max_length, tok.pad_token_id, args.seed + 1, rank, world)

@@ -153,6 +153,10 @@ class FastBooster:
 
         # ---- clip + AdamW on the flat buffer ----------------------------------------------------------------------
         self._clip_and_update()
+        if self.distributed:  # each rank holds its share of the token mean: sum them for the log
+            losses = torch.stack([loss, harmful_loss, perturbed_loss])
+            dist.all_reduce(losses)
+            loss, harmful_loss, perturbed_loss = losses.unbind()
         return {"loss": loss, "harmful_loss": harmful_loss, "harmful_loss_perturbed": perturbed_loss,
                 "harmful_grad_norm": grad_norm}
 
@@ -168,4 +172,6 @@ class FastBooster:
             loss = lf if loss is None else loss + lf
         self._all_reduce(self.flat.G_f)
         self._clip_and_update()
+        if self.distributed:
+            dist.all_reduce(loss)
         return {"loss": loss}

@@ -91,9 +91,9 @@ def test_saved_adapter_loads_with_peft(run_dir):
 
 def test_sft_method(tmp_path):
     out = tmp_path / "sft"
-    assert align(out, "--method", "sft", steps=2) == 0
+    assert align(out, "--method", "sft", steps=1) == 0
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [1]
     for r in rows:
         assert math.isfinite(r["loss"])
         # SFT has no harmful pass: those metrics are absent (null), not NaN (invalid JSON)
@@ -103,9 +103,9 @@ def test_sft_method(tmp_path):
 
 def test_reference_impl(tmp_path):
     out = tmp_path / "ref"
-    assert align(out, "--impl", "reference", steps=2) == 0
+    assert align(out, "--impl", "reference", steps=1) == 0
     rows = read_metrics(out)
-    assert len(rows) == 2 and all(math.isfinite(r["harmful_loss_perturbed"]) for r in rows)
+    assert len(rows) == 1 and all(math.isfinite(r[k]) for r in rows for k in METRIC_KEYS)
 
 
 def test_nf4_on_cpu(tmp_path):
