@@ -66,18 +66,45 @@ def resolve_device(name: str | None, rank_local: int = 0) -> torch.device:
     return device
 
 
-def prepare_output(path: str, overwrite: bool) -> Path:
-    """Check that `path` can receive a run; return a fresh temporary directory beside it."""
+RUN_MARKERS = ("run_config.json", "metrics.jsonl", "adapter_config.json")
+
+
+def prepare_output(path: str, overwrite: bool) -> tuple[Path, list[Path]]:
+    """Check that `path` can receive a run; return a fresh temporary directory beside it and the parent
+    directories created for it (removed again if the run fails)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {path} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--output {path} already holds a run; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not any((out / m).exists() for m in RUN_MARKERS):
+            raise UsageError(f"--output {path} is a non-empty directory that holds no run; refusing to replace it")
+        if not overwrite:
+            raise UsageError(f"--output {path} already holds a run; pass --overwrite to replace it")
+    created, parent = [], out.absolute().parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write --output {path}: {parent} is not a directory")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        for d in reversed(created):
+            d.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
     except OSError as e:
+        remove_dirs(created)
         raise UsageError(f"cannot write --output {path}: {e.strerror or e}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a run directory follows the umask like any other
+    return tmp, created
+
+
+def remove_dirs(dirs: list[Path]):
+    for d in dirs:  # innermost first
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def publish(tmp: Path, out: Path):
@@ -134,7 +161,8 @@ def run_align(args) -> int:
     if world > 1 and cfg.impl == "reference":
         raise UsageError("the reference implementation runs in one process; use --impl fast under torchrun")
     out = Path(args.output)
-    tmp = prepare_output(args.output, args.overwrite) if rank == 0 else None
+    tmp, created = prepare_output(args.output, args.overwrite) if rank == 0 else (None, [])
+    ok = False
     try:
         model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device)
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -143,6 +171,8 @@ def run_align(args) -> int:
         align_stream, harmful_stream = build_streams(args, tok, rank, world)
         steps = args.steps
         if args.epochs is not None:
+            if not args.epochs > 0:
+                raise UsageError(f"--epochs must be > 0, got {args.epochs}")
             steps = max(1, math.ceil(args.epochs * align_stream.batches_per_epoch))
         steps = 20 if steps is None else steps
         if steps < 1:
@@ -184,7 +214,10 @@ def run_align(args) -> int:
             tok.save_pretrained(str(tmp))
             publish(tmp, out)
             log.info("saved adapter and metrics to %s", out)
+        ok = True
         return 0
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not ok:
+            remove_dirs(created)

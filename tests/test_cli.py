@@ -197,18 +197,29 @@ def test_module_entry_point_exit_code_and_real_stderr(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# ------------------------------------------------------------------------------------- known defects (xfail)
-@pytest.mark.xfail(strict=True, reason="align.prepare_output makes the run dir with tempfile.mkdtemp (mode 0700) and "
-                                       "publish() renames it into place, so --output ends up 0700 whatever the umask")
+# ------------------------------------------------------------------------------------- once-found defects
 def test_run_dir_permissions_follow_umask(run_dir):
     umask = os.umask(0)
     os.umask(umask)
     assert run_dir.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
-@pytest.mark.xfail(strict=True, reason="align.run_align: steps = max(1, ceil(epochs * batches_per_epoch)) turns "
-                                       "--epochs 0 or a negative value into one step instead of a usage error")
 def test_non_positive_epochs_is_a_usage_error(tmp_path, capsys):
     code = main(["align", "--output", str(tmp_path / "run"), "--epochs", "-1", *FAST])
     err = capsys.readouterr().err
     assert code == 2 and err.strip().startswith("booster-fast: error:")
+
+
+def test_failed_run_leaves_no_new_parent_dirs(tmp_path, capsys):
+    code = main(["align", "--output", str(tmp_path / "new" / "deeper" / "run"), "--model", "no/such-model-xyz"])
+    assert code == 2 and capsys.readouterr().err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_refuses_a_directory_that_holds_no_run(tmp_path, capsys):
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    code = main(["align", "--output", str(precious), "--overwrite", *FAST])
+    assert code == 2 and "holds no run" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"
