@@ -42,6 +42,11 @@ class BoosterConfig:
         default=1,
         metadata={"help": "Micro-batches per update; exact: k micro-batches of b equal one batch of k·b."},
     )
+    skip_nonfinite: bool = field(
+        default=True,
+        metadata={"help": "fast: skip the update (weights and optimizer state untouched) when the combined gradient "
+                          "is not finite; decided on the device, counted in the step's `skipped` output."},
+    )
     graphs: str = field(
         default="auto",
         metadata={"help": "CUDA graphs for the fast step: 'auto' (capture on CUDA, else eager), 'on', 'off'."},

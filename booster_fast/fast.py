@@ -61,6 +61,7 @@ class FastBooster:
         self.optimizer = torch.optim.AdamW([self.W], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay, fused=True,
                                            **({"capturable": True} if cuda else {}))
+        self._skipped = torch.zeros((), device=self.device)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _global_counts(self, *groups) -> torch.Tensor:
@@ -93,13 +94,21 @@ class FastBooster:
             (loss_h + loss_f).backward()
             return loss_h.detach(), loss_f.detach()
 
-    def _clip_and_update(self):
-        """Clip G_f to max_grad_norm with a device-side scale and take one fused AdamW step on W."""
-        if self.cfg.max_grad_norm > 0:
+    def _clip_and_update(self) -> torch.Tensor:
+        """Clip G_f to max_grad_norm with a device-side scale and take one fused AdamW step on W, skipped on the
+        device when the gradient is not finite. Returns the skip flag (0-dim float, 1.0 = skipped)."""
+        cfg = self.cfg
+        if cfg.max_grad_norm > 0 or cfg.skip_nonfinite:
             norm = torch.linalg.vector_norm(self.flat.G_f)
+        if cfg.max_grad_norm > 0:
             # fused AdamW divides the grad by grad_scale: (‖g‖+1e-6)/max_norm, never below 1 (= HF's clip coef)
-            self.optimizer.grad_scale = torch.clamp_min((norm + 1e-6) / self.cfg.max_grad_norm, 1.0)
+            self.optimizer.grad_scale = torch.clamp_min((norm + 1e-6) / cfg.max_grad_norm, 1.0)
+        if cfg.skip_nonfinite:
+            # ‖g‖ − ‖g‖ is NaN exactly when ‖g‖ is inf or NaN; fused AdamW leaves W, m, v and step alone then
+            torch.ne(norm - norm, 0, out=self._skipped)
+            self.optimizer.found_inf = self._skipped
         self.optimizer.step()
+        return self._skipped
 
     def _prepare(self):
         if not self.flat.grads_attached():  # someone called zero_grad(set_to_none=True)
@@ -152,13 +161,13 @@ class FastBooster:
             perturbed_loss = torch.full((), float("nan"), device=self.device)
 
         # ---- clip + AdamW on the flat buffer ----------------------------------------------------------------------
-        self._clip_and_update()
+        skipped = self._clip_and_update()
         if self.distributed:  # each rank holds its share of the token mean: sum them for the log
             losses = torch.stack([loss, harmful_loss, perturbed_loss])
             dist.all_reduce(losses)
             loss, harmful_loss, perturbed_loss = losses.unbind()
         return {"loss": loss, "harmful_loss": harmful_loss, "harmful_loss_perturbed": perturbed_loss,
-                "harmful_grad_norm": grad_norm}
+                "harmful_grad_norm": grad_norm, "skipped": skipped}
 
     def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
         self._prepare()
@@ -171,7 +180,7 @@ class FastBooster:
             lf = self._backward(f, n_f, 0)
             loss = lf if loss is None else loss + lf
         self._all_reduce(self.flat.G_f)
-        self._clip_and_update()
+        skipped = self._clip_and_update()
         if self.distributed:
             dist.all_reduce(loss)
-        return {"loss": loss}
+        return {"loss": loss, "skipped": skipped}

@@ -170,17 +170,56 @@ def test_op_count_does_not_grow_with_depth(batches):
     counts = {}
     for layers in (2, 8):
         ops = {}
-        for impl, merge in (("reference", None), ("fast", True)):
+        for name, impl, extra in (("reference", "reference", {}), ("fast", "fast", {"skip_nonfinite": False}),
+                                  ("fast+guard", "fast", {})):
             model, _ = make_model(num_hidden_layers=layers)
-            booster = bf.Booster(model, bf.BoosterConfig(impl=impl, merge_passes=merge))
+            booster = bf.Booster(model, bf.BoosterConfig(impl=impl, merge_passes=True, **extra))
             booster.step(a, h)  # warm-up (optimizer state)
-            ops[impl] = count_ops(booster.step, a, h)
+            ops[name] = count_ops(booster.step, a, h)
         counts[layers] = ops
         fast, ref = ops["fast"], ops["reference"]
         assert fast["bookkeeping"] <= 16, f"{layers} layers: {fast['bookkeeping_ops']}"
+        # the non-finite guard costs 3 ops: a subtraction, one comparison written into the skip flag, and fused
+        # AdamW's own `step -= found_inf`
+        assert ops["fast+guard"]["bookkeeping"] <= 19, f"{layers} layers: {ops['fast+guard']['bookkeeping_ops']}"
         assert fast["total"] <= 2 / 3 * ref["total"], f"{layers} layers: fast {fast['total']} vs ref {ref['total']}"
-    assert counts[2]["fast"]["bookkeeping"] == counts[8]["fast"]["bookkeeping"]
+    for name in ("fast", "fast+guard"):
+        assert counts[2][name]["bookkeeping"] == counts[8][name]["bookkeeping"]
     assert counts[8]["reference"]["total"] - counts[2]["reference"]["total"] > 0
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_nonfinite_update_is_skipped_on_device(batches, poison):
+    model, _ = make_model()
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast"))
+    booster.step(*batches[0])
+    engine = booster.engine
+    before_w, before_m = engine.flat.W.clone(), engine.optimizer.state[engine.W]["exp_avg"].clone()
+    step_before = engine.optimizer.state[engine.W]["step"].clone()
+    a, h = batches[1]
+    lm_head = model.get_output_embeddings().weight
+    saved = lm_head.detach().clone()
+    with torch.no_grad():
+        lm_head[0, 0] = float(poison)  # every logit row then holds a non-finite value
+    out = booster.step(a, h)
+    with torch.no_grad():
+        lm_head.copy_(saved)
+    assert out["skipped"].item() == 1.0
+    assert torch.equal(engine.flat.W, before_w), "weights changed on a non-finite step"
+    assert torch.equal(engine.optimizer.state[engine.W]["exp_avg"], before_m)
+    assert torch.equal(engine.optimizer.state[engine.W]["step"], step_before)
+    out = booster.step(a, h)  # and training goes on
+    assert out["skipped"].item() == 0.0 and not torch.equal(engine.flat.W, before_w)
+
+
+def test_zero_harmful_gradient_gives_no_nan(batches):
+    model, _ = make_model()  # peft starts lora_B at 0, so ∇h is zero for lora_A; make it zero everywhere
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", lamb=5.0))
+    a, h = batches[0]
+    h = {**h, "labels": torch.full_like(h["labels"], -100)}  # no labelled token: h = 0, ∇h = 0
+    out = booster.step(a, h)
+    assert out["harmful_grad_norm"].item() == 0.0 and out["harmful_loss"].item() == 0.0
+    assert torch.isfinite(booster.engine.flat.W).all() and out["skipped"].item() == 0.0
 
 
 def test_meta_term_off_uses_two_passes(batches):
