@@ -17,6 +17,7 @@ global token count) once per pass, before the norm.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from .kernels import normalize_perturb_, restore_combine_, sumsq
 from .losses import label_count, logits_of, loss_sum, token_losses
 from .models import autocast_for
 
+log = logging.getLogger("booster_fast")
 _pass_marker = None  # set by ops-counting tools to tell model passes from bookkeeping
 
 
@@ -62,6 +64,26 @@ class FastBooster:
                                            weight_decay=cfg.weight_decay, fused=True,
                                            **({"capturable": True} if cuda else {}))
         self._skipped = torch.zeros((), device=self.device)
+        self.graphs = self._graphs_for(cfg.graphs)
+
+    def _graphs_for(self, mode: str):
+        """A StepGraphs when the step should be captured, else None (with one log line saying why not)."""
+        if mode == "off":
+            return None
+        reason = None
+        if self.device.type != "cuda":
+            reason = "CUDA graphs need a CUDA device"
+        elif self.distributed:
+            reason = "CUDA graphs are not used with several processes"
+        if reason is None:
+            from .graphs import StepGraphs
+
+            return StepGraphs(mode)
+        if mode == "on":
+            raise ValueError(f"graphs='on': {reason}")
+        if self.device.type == "cuda":
+            log.info("CUDA graphs off: %s", reason)
+        return None
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _global_counts(self, *groups) -> torch.Tensor:
@@ -119,8 +141,21 @@ class FastBooster:
 
     # -- the Booster step ------------------------------------------------------------------------------------
     def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
-        cfg, fl = self.cfg, self.flat
+        """One Booster update (one CUDA-graph replay once captured)."""
         self._prepare()
+        if self.graphs is not None and not isinstance(align_batch, (list, tuple)):
+            return self.graphs.run("booster", self._step, (align_batch, harmful_batch))
+        return self._step(align_batch, harmful_batch)
+
+    def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
+        """One SFT update on the same flat buffers, optimizer and clipping."""
+        self._prepare()
+        if self.graphs is not None and not isinstance(align_batch, (list, tuple)):
+            return self.graphs.run("sft", self._sft_step, (align_batch,))
+        return self._sft_step(align_batch)
+
+    def _step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
+        cfg, fl = self.cfg, self.flat
         hs = micro_batches(harmful_batch, cfg.grad_accum)
         fs = micro_batches(align_batch, cfg.grad_accum)
         if len(hs) != len(fs):
@@ -169,8 +204,7 @@ class FastBooster:
         return {"loss": loss, "harmful_loss": harmful_loss, "harmful_loss_perturbed": perturbed_loss,
                 "harmful_grad_norm": grad_norm, "skipped": skipped}
 
-    def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
-        self._prepare()
+    def _sft_step(self, align_batch) -> dict[str, torch.Tensor]:
         fs = micro_batches(align_batch, self.cfg.grad_accum)
         self.flat.G_f.zero_()
         with model_pass():

@@ -66,10 +66,21 @@ def _build_preset(name, dtype, seed, device, overrides):
         raise ModelError(f"vocab_size {fields['vocab_size']} is smaller than the tokenizer's {len(tok)}")
     config = LlamaConfig(**fields, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, attn_implementation="sdpa")
-    with _seeded(seed, device), torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    with _seeded(seed, device), torch.device(device), _default_dtype(dtype):
+        model = LlamaForCausalLM(config)
     model.config.use_cache = False
     return model, tok
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    """Create parameters directly in `dtype` (a 7B model never exists in fp32 on the device)."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
 
 
 @contextlib.contextmanager
@@ -124,7 +135,8 @@ def quantize_nf4_(model: nn.Module) -> nn.Module:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
                                       device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.bfloat16).cpu(), requires_grad=False,
+                # Params4bit quantises when moved to a device, on that device (no trip through host memory)
+                q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.bfloat16), requires_grad=False,
                                              compress_statistics=True, quant_type="nf4")
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data, requires_grad=False)
@@ -181,4 +193,13 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
 def autocast_for(model: nn.Module, device: torch.device):
     """bf16 autocast when the base computes in a low precision (bf16 weights or NF4), else a no-op."""
     low = compute_dtype(model) != torch.float32
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low)
+    # no weight-cast cache: it must be off inside CUDA-graph capture, and LoRA weights are small
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low, cache_enabled=False)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each decoder layer's activations in the backward (non-reentrant: graph-capturable, and the
+    routed LoRA forward sees the same routing when it is replayed, since backward runs inside the route)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model

@@ -115,6 +115,21 @@ def test_fast_matches_reference_nf4(batches, nf4_reference, merge):
     assert err <= 3 * floor, f"nf4 merge={merge}, 3 steps: {name} differs by {err:.3g}; noise floor {floor:.3g}"
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_gradient_checkpointing_gives_the_same_update(batches, reference_runs, merge):
+    ref_w, _ = reference_runs[True]
+    model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+    bf.models.enable_gradient_checkpointing(model)
+    assert model.is_gradient_checkpointing
+    torch.manual_seed(SEED)
+    model = bf.add_lora(model, r=8, alpha=16)
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", merge_passes=merge))
+    for a, h in batches:
+        booster.step(a, h)
+    err, name = worst_relative_error(lora_state(model), ref_w)
+    assert err <= 1e-5, f"checkpointed fast step (merge={merge}) differs at {name} by {err:.3g}"
+
+
 def test_fast_restore_is_exact_and_base_untouched(batches):
     model, _ = make_model()
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
