@@ -1,0 +1,160 @@
+"""GPU checks that are not unit tests: kernel bandwidth, graph-vs-eager equivalence, a profiler table.
+
+    python benchmarks/gpu_checks.py bandwidth   --out DIR     # each kernel's GB/s against a d2d copy
+    python benchmarks/gpu_checks.py equivalence --out DIR     # 5 graph replays vs 5 eager steps
+    python benchmarks/gpu_checks.py profile     --out DIR     # top kernels and GPU idle share per step
+
+Each writes one JSON file into DIR (and `profile` a text table too); the last stdout line is the JSON
+document. `--device cpu` runs the equivalence check's code path on the CPU (graphs off there) as a smoke test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import booster_fast as bf
+
+
+def machine() -> dict:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"gpu": gpu, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d")}
+
+
+def write(out_dir: str, name: str, doc: dict):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(json.dumps(doc))
+
+
+def random_batch(rows, length, vocab, device, gen):
+    ids = torch.randint(4, vocab, (rows, length), generator=gen)
+    labels = ids.clone()
+    labels[:, : length // 4] = -100  # prompt
+    real = torch.randint(length * 3 // 4, length + 1, (rows,), generator=gen)
+    pad = torch.arange(length)[None] >= real[:, None]
+    ids[pad], labels[pad] = 0, -100
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": (~pad).long().to(device)}
+
+
+def cmd_bandwidth(args):
+    from booster_fast.kernels import measure_bandwidth
+
+    res = measure_bandwidth(n=args.numel)
+    ratios = {op: res[f"{op}_GBps"] / res["copy_GBps"] for op in ("sumsq", "normalize_perturb_", "restore_combine_")}
+    write(args.out, "kernel_bandwidth.json", {"machine": machine(), "numel": args.numel, "results": res,
+                                              "fraction_of_copy": ratios, "target": 0.70})
+
+
+def _booster(name, quant, device, graphs, seed=0):
+    model, tok = bf.load_model(name, quant=quant, seed=seed, device=device)
+    torch.manual_seed(seed)
+    model = bf.add_lora(model)
+    return model, bf.Booster(model, bf.BoosterConfig(impl="fast", graphs=graphs, merge_passes=True))
+
+
+def cmd_equivalence(args):
+    results = {}
+    for name in args.models.split(","):
+        gen = torch.Generator().manual_seed(0)
+        m_g, b_g = _booster(name, "none", args.device, "on" if args.device == "cuda" else "off")
+        m_e, b_e = _booster(name, "none", args.device, "off")
+        vocab = m_g.config.vocab_size if name != "tiny" else 2000
+        for _ in range(args.steps):
+            a = random_batch(args.batch, args.length, vocab, args.device, gen)
+            h = random_batch(args.batch, args.length, vocab, args.device, gen)
+            strip = [{k: v for k, v in b.items() if k != "attention_mask"} for b in (a, h)]
+            og, oe = b_g.step(*strip), b_e.step(*strip)
+        worst = 0.0
+        for (n, p), (_, q) in zip(m_g.named_parameters(), m_e.named_parameters()):
+            if p.requires_grad:
+                worst = max(worst, ((p - q).norm() / q.norm()).item())
+        graphs = b_g.engine.graphs
+        results[name] = {"steps": args.steps, "worst_relative_l2": worst,
+                         "loss_graph": og["loss"].item(), "loss_eager": oe["loss"].item(),
+                         "captured": bool(graphs and graphs._graphs), "fallback": graphs.disabled if graphs else None}
+        del m_g, m_e, b_g, b_e
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
+
+
+def cmd_profile(args):
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(0)
+    docs, tables = {}, []
+    for impl, graphs in (("reference", "off"), ("fast", "on")):
+        model, tok = bf.load_model(args.model, quant=args.quant, seed=0, device="cuda")
+        torch.manual_seed(0)
+        model = bf.add_lora(model)
+        booster = bf.Booster(model, bf.BoosterConfig(impl=impl, graphs=graphs, merge_passes=True))
+        vocab = model.config.vocab_size
+        batches = [tuple(random_batch(args.batch, args.length, vocab, "cuda", gen) for _ in range(2))
+                   for _ in range(args.steps + 3)]
+        batches = [tuple({k: v for k, v in b.items() if k != "attention_mask"} for b in p) for p in batches]
+        for a, h in batches[:3]:
+            booster.step(a, h)  # warm-up (and capture)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for a, h in batches[3:]:
+                booster.step(a, h)
+            torch.cuda.synchronize()  # host sync: timing only
+            wall_us = (time.perf_counter() - t0) * 1e6
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+        gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+        label = f"{impl}{'+graphs' if graphs == 'on' else ''}"
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+        tables.append(f"## {label} on {args.model} ({args.quant}), {args.steps} steps\n{table}\n")
+        top = sorted(prof.key_averages(), key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:15]
+        docs[label] = {"wall_ms_per_step": wall_us / 1e3 / args.steps,
+                       "gpu_busy_ms_per_step": gpu_us / 1e3 / args.steps,
+                       "gpu_idle_share": max(0.0, 1 - gpu_us / wall_us),
+                       "top_kernels": [{"name": e.key[:120], "ms_per_step": getattr(e, "self_device_time_total", 0)
+                                        / 1e3 / args.steps, "calls_per_step": e.count / args.steps} for e in top]}
+        del model, booster, events
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"profile_{args.model}.txt"), "w") as f:
+        f.write("\n".join(tables))
+    write(args.out, f"profile_{args.model}.json", {"machine": machine(), "model": args.model, "quant": args.quant,
+                                                   "batch": [args.batch, args.length], "results": docs})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    bw = sub.add_parser("bandwidth")
+    bw.add_argument("--numel", type=int, default=2**26)
+    eq = sub.add_parser("equivalence")
+    eq.add_argument("--models", default="tiny,llama-1b-shape")
+    eq.add_argument("--steps", type=int, default=5)
+    eq.add_argument("--batch", type=int, default=4)
+    eq.add_argument("--length", type=int, default=128)
+    eq.add_argument("--device", default="cuda")
+    pr = sub.add_parser("profile")
+    pr.add_argument("--model", default="llama-7b-shape")
+    pr.add_argument("--quant", default="none")
+    pr.add_argument("--batch", type=int, default=10)
+    pr.add_argument("--length", type=int, default=256)
+    pr.add_argument("--steps", type=int, default=3)
+    for s in (bw, eq, pr):
+        s.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = p.parse_args(argv)
+    if args.cmd != "equivalence" or args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit(f"gpu_checks {args.cmd}: needs a CUDA device")
+    {"bandwidth": cmd_bandwidth, "equivalence": cmd_equivalence, "profile": cmd_profile}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
