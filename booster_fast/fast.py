@@ -27,7 +27,7 @@ from .config import BoosterConfig
 from .flat import ALL_ROWS, FlatLoRA
 from .kernels import normalize_perturb_, restore_combine_, sumsq
 from .losses import label_count, logits_of, loss_sum, token_losses
-from .models import autocast_for
+from .models import Autocast
 
 log = logging.getLogger("booster_fast")
 _pass_marker = None  # set by ops-counting tools to tell model passes from bookkeeping
@@ -54,6 +54,7 @@ class FastBooster:
         self.model, self.cfg = model, cfg
         self.flat = FlatLoRA(model)
         self.device = self.flat.W.device
+        self.autocast = Autocast(model, self.device)
         self.merge = default_merge(self.device) if cfg.merge_passes is None else cfg.merge_passes
         self.distributed = dist.is_available() and dist.is_initialized()
         cuda = self.device.type == "cuda"
@@ -100,7 +101,7 @@ class FastBooster:
     def _backward(self, batch, denom, harmful_rows) -> torch.Tensor:
         """Forward/backward of one micro-batch, its loss divided by `denom`; returns the detached loss."""
         with self.flat.route(harmful_rows), model_pass():
-            with autocast_for(self.model, self.device):
+            with self.autocast():
                 loss = loss_sum(self.model, batch) / denom
             loss.backward()
             return loss.detach()
@@ -110,7 +111,7 @@ class FastBooster:
         k = rows(h)
         with self.flat.route(k), model_pass():
             both = concat(h, f)
-            with autocast_for(self.model, self.device):
+            with self.autocast():
                 per_row = token_losses(logits_of(self.model, both), both["labels"]).sum(1)
                 loss_h, loss_f = per_row[:k].sum() / n_h, per_row[k:].sum() / n_f
             (loss_h + loss_f).backward()
@@ -137,7 +138,8 @@ class FastBooster:
             self.flat.attach_grads()
         if self.W.grad is not self.flat.G_f:
             self.W.grad = self.flat.G_f
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
 
     # -- the Booster step ------------------------------------------------------------------------------------
     def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:

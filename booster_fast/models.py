@@ -190,11 +190,18 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def autocast_for(model: nn.Module, device: torch.device):
-    """bf16 autocast when the base computes in a low precision (bf16 weights or NF4), else a no-op."""
-    low = compute_dtype(model) != torch.float32
-    # no weight-cast cache: it must be off inside CUDA-graph capture, and LoRA weights are small
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low, cache_enabled=False)
+class Autocast:
+    """bf16 autocast when the base computes in a low precision (bf16 weights or NF4), else a no-op.
+
+    Decided once per model (walking a 7B model's modules every pass would cost milliseconds of Python)."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.device_type = torch.device(device).type
+        self.enabled = compute_dtype(model) != torch.float32
+
+    def __call__(self):
+        # no weight-cast cache: it must be off inside CUDA-graph capture, and LoRA weights are small
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled, cache_enabled=False)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ import torch
 from .batches import micro_batches
 from .config import BoosterConfig
 from .losses import label_count, loss_sum
-from .models import autocast_for, trainable_parameters
+from .models import Autocast, trainable_parameters
 
 
 class ReferenceBooster:
@@ -24,6 +24,7 @@ class ReferenceBooster:
         if not self.params:
             raise ValueError("the model has no trainable parameters; call add_lora first")
         self.device = self.params[0][1].device
+        self.autocast = Autocast(model, self.device)
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, betas=cfg.betas,
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
@@ -33,7 +34,7 @@ class ReferenceBooster:
         total = sum(label_count(b) for b in parts).clamp(min=1)
         loss = torch.zeros((), device=self.device)
         for b in parts:
-            with autocast_for(self.model, self.device):
+            with self.autocast():
                 s = loss_sum(self.model, b)
             (s / total).backward()
             loss += s.detach()
