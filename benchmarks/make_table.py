@@ -52,9 +52,11 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
     out = []
     for _, doc in docs:
         m, c = doc["machine"], doc["config"]
-        model = f"{c.get('model')} ({c.get('batch_size')}+{c.get('harmful_batch_size')} × {c.get('max_length')})"
+        model = f"{c.get('model')} ({c.get('batch_size')}+{c.get('harmful_batch_size')} × {c.get('max_length')}" \
+                + (", grad. checkpointing)" if c.get("gradient_checkpointing") else ")")
         for impl, r in doc["results"].items():
-            head = [hardware(m), model, str(c.get("quant")), impl]
+            label = impl + (" (CUDA graph)" if r.get("cuda_graphs") else "")
+            head = [hardware(m), model, str(c.get("quant")), label]
             if "skipped" in r:
                 out.append(head + [f"skipped: {r['skipped']}"] + ["—"] * 5)
                 continue

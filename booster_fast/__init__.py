@@ -11,5 +11,19 @@ from .booster import Booster  # noqa: E402
 from .config import BoosterConfig  # noqa: E402
 from .models import ModelError, add_lora, load_model  # noqa: E402
 
-__all__ = ["Booster", "BoosterConfig", "ModelError", "add_lora", "load_model"]
+__all__ = ["Booster", "BoosterConfig", "BoosterTrainer", "BoosterTrainingArguments", "ModelError", "add_lora",
+           "load_model"]
 __version__ = "0.1.0"
+
+_LAZY = {"BoosterTrainer": "hf_trainer", "BoosterTrainingArguments": "hf_trainer"}
+
+
+def __getattr__(name):
+    """The HF Trainer integration is imported on first use, so `import booster_fast` stays light."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

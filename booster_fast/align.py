@@ -1,9 +1,18 @@
 """`booster-fast align`: load a model, add LoRA, run Booster (or SFT) updates, save the adapter.
 
+Every input is checked before anything is written: flags, the output directory, the data file (parsed before
+the model is loaded), the model, the LoRA targets, the batch streams. A bad input ends with one line on
+stderr, exit code 2 and nothing on disk. Only then does the run directory appear, marked `.incomplete`
+until its final files are in place (layout and atomicity: checkpoint.py). Checkpoints are written every
+`--save-every` steps, at the end, and when SIGINT / SIGTERM arrives (the current step is finished first; exit
+130 / 143 with one line that says how to resume). `--resume RUN_DIR` continues from the newest checkpoint
+with the saved flags, so an interrupted run ends with the same adapter as an uninterrupted one.
+
 The loop never reads the device between log intervals: each step's metrics stay as device tensors and are
-stacked and copied to the host once every `--log-every` steps (the one labelled sync of the loop). The run is
-written into a temporary directory beside `--output` and renamed when complete; under torchrun every rank
-trains on its own shard and rank 0 alone writes.
+stacked and copied to the host once every `--log-every` steps (the one labelled sync of the loop; a
+checkpoint also reads them). Non-finite updates are skipped on the device by the fast engine; the count
+reaches the host with the metrics, and more than `--max-skipped` ends the run with exit code 3, keeping the
+last good checkpoint. Under torchrun every rank trains on its own shard and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -11,8 +20,10 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
+import shlex
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +33,18 @@ from .cli import UsageError
 from .config import BoosterConfig
 
 log = logging.getLogger("booster_fast")
-METRICS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm")
+METRICS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "skipped")
+SKIPPED = METRICS.index("skipped")
+DEFAULT_MAX_SKIPPED = 100   # see --max-skipped's help: a healthy fp32/bf16 run skips none
+EXIT_NONFINITE = 3
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# flags a resumed run may change: they do not touch the maths of an update
+RESUME_FREE = ("device", "log_every", "save_every", "keep_checkpoints", "max_skipped")
+RESUME_IGNORED = ("command", "output", "overwrite", "resume")
+
+
+class NonFiniteAbort(RuntimeError):
+    """More than --max-skipped updates were skipped as non-finite (exit code 3)."""
 
 
 def config_from_args(args, impl: str) -> BoosterConfig:
@@ -36,7 +58,7 @@ def config_from_args(args, impl: str) -> BoosterConfig:
 
 
 def check_common_args(args):
-    for flag in ("batch_size", "max_length", "lora_r"):
+    for flag in ("batch_size", "max_length", "lora_r", "grad_accum"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.harmful_batch_size is None:
@@ -47,6 +69,24 @@ def check_common_args(args):
         if getattr(args, flag) % args.grad_accum:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a multiple of "
                              f"--grad-accum {args.grad_accum}")
+
+
+def check_run_args(args, cfg: BoosterConfig) -> int | None:
+    """Checks of the flags of the run loop; returns the --max-skipped limit in force (None: not checked)."""
+    for flag, low in (("log_every", 1), ("save_every", 0), ("keep_checkpoints", 1), ("max_skipped", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    if args.epochs is not None and not args.epochs > 0:
+        raise UsageError(f"--epochs must be > 0, got {args.epochs}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if cfg.impl == "reference":
+        if args.max_skipped is not None:
+            raise UsageError("--max-skipped needs --impl fast: the reference implementation applies non-finite "
+                             "updates as the original trainer does")
+        return None
+    return DEFAULT_MAX_SKIPPED if args.max_skipped is None else args.max_skipped
 
 
 def resolve_device(name: str | None, rank_local: int = 0) -> torch.device:
@@ -66,12 +106,14 @@ def resolve_device(name: str | None, rank_local: int = 0) -> torch.device:
     return device
 
 
-RUN_MARKERS = ("run_config.json", "metrics.jsonl", "adapter_config.json")
+# ------------------------------------------------------------------------------------------------
+# the output directory and --resume
+# ------------------------------------------------------------------------------------------------
+RUN_MARKERS = ("run_config.json", "metrics.jsonl", "adapter_config.json", ".incomplete", "checkpoints")
 
 
-def prepare_output(path: str, overwrite: bool) -> tuple[Path, list[Path]]:
-    """Check that `path` can receive a run; return a fresh temporary directory beside it and the parent
-    directories created for it (removed again if the run fails)."""
+def check_output(path: str, overwrite: bool):
+    """Raise UsageError unless `path` can receive a new run (writes nothing)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {path} exists and is not a directory")
@@ -79,45 +121,70 @@ def prepare_output(path: str, overwrite: bool) -> tuple[Path, list[Path]]:
         if not any((out / m).exists() for m in RUN_MARKERS):
             raise UsageError(f"--output {path} is a non-empty directory that holds no run; refusing to replace it")
         if not overwrite:
+            if (out / ".incomplete").exists():
+                raise UsageError(f"--output {path} holds an unfinished run; continue it with --resume {path}, "
+                                 f"or pass --overwrite to replace it")
             raise UsageError(f"--output {path} already holds a run; pass --overwrite to replace it")
-    created, parent = [], out.absolute().parent
+    parent = out.absolute().parent
     while not parent.exists():
-        created.append(parent)
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"cannot write --output {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write --output {path}: {parent} is not writable")
+
+
+def _cli_defaults(model: str) -> dict:
+    from .cli import build_parser
+
+    d = vars(build_parser().parse_args(["align"]))
+    tiny = model == "tiny"          # cli.main() fills these two the same way
+    d["batch_size"], d["max_length"] = (8, 128) if tiny else (10, 256)
+    return d
+
+
+def apply_resume(args):
+    """Take the flags of the run in args.resume: a flag given with a value other than its default and the
+    saved one is a conflict (one-line UsageError), except the few in RESUME_FREE."""
+    from .checkpoint import CONFIG, MARKER
+
+    run = Path(args.resume)
+    if not run.is_dir():
+        raise UsageError(f"--resume {args.resume}: no such run directory")
     try:
-        for d in reversed(created):
-            d.mkdir()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
-    except OSError as e:
-        remove_dirs(created)
-        raise UsageError(f"cannot write --output {path}: {e.strerror or e}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a run directory follows the umask like any other
-    return tmp, created
+        saved = json.loads((run / CONFIG).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--resume {args.resume}: holds no run ({CONFIG} is missing)") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--resume {args.resume}: cannot read {CONFIG} ({e})") from None
+    if not (run / MARKER).exists():
+        raise UsageError(f"--resume {args.resume}: the run is finished, nothing to resume")
+    if args.overwrite:
+        raise UsageError("--resume continues a run; --overwrite would replace it: pass one of them")
+    defaults = _cli_defaults(args.model)
+    if args.output != defaults["output"] and Path(args.output).absolute() != run.absolute():
+        raise UsageError(f"--resume {args.resume} and --output {args.output} name different runs")
+    conflicts = []
+    for key, value in vars(args).items():
+        if key in RESUME_IGNORED or key not in saved:
+            continue
+        given = value != defaults.get(key)
+        if key in RESUME_FREE:
+            if not given:
+                setattr(args, key, saved[key])
+        elif given and value != saved[key]:
+            conflicts.append(f"--{key.replace('_', '-')} {value} (the run has {saved[key]})")
+        else:
+            setattr(args, key, saved[key])
+    if conflicts:
+        raise UsageError(f"--resume {args.resume}: flags that differ from the saved run: {', '.join(conflicts)}; "
+                         f"drop them or start a new run")
+    args.output, args.overwrite = str(run), False
 
 
-def remove_dirs(dirs: list[Path]):
-    for d in dirs:  # innermost first
-        try:
-            d.rmdir()
-        except OSError:
-            break
-
-
-def publish(tmp: Path, out: Path):
-    """Atomically move the finished run into place (replacing an old one only after the new one is complete)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
+# ------------------------------------------------------------------------------------------------
+# data, processes, signals
+# ------------------------------------------------------------------------------------------------
 def _dist_setup(device_flag):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -133,91 +200,222 @@ def _dist_setup(device_flag):
     return dist.get_rank(), world, device
 
 
-def build_streams(args, tok, rank, world):
-    from .data import BatchStream, check_max_length, encode_all, load_safety_data
+def load_data(args):
+    """Parse the data files (no tokenizer needed): bad data fails before a model is loaded."""
+    from .data import load_safety_data
+
+    return load_safety_data(args.data, "train", harmful_data=args.harmful_data)
+
+
+def build_streams(args, tok, rank, world, data=None):
+    from .data import BatchStream, check_max_length, encode_all
 
     check_max_length(tok, args.max_length)
-    align, harmful = load_safety_data(args.data, "train", harmful_data=args.harmful_data)
+    align, harmful = load_data(args) if data is None else data
     enc_a, trunc_a = encode_all(tok, align, args.max_length)
     enc_h, trunc_h = encode_all(tok, harmful, args.max_length)
-    if (trunc_a or trunc_h) and rank == 0:
-        log.info("truncated to --max-length %d: %d alignment and %d harmful rows", args.max_length, trunc_a, trunc_h)
     sa = BatchStream(enc_a, args.batch_size, args.max_length, tok.pad_token_id, args.seed, rank, world)
     sh = BatchStream(enc_h, args.harmful_batch_size, args.max_length, tok.pad_token_id, args.seed + 1, rank, world)
+    if (trunc_a or trunc_h) and rank == 0:  # logged once the streams exist: a failed check prints one line only
+        log.info("truncated to --max-length %d: %d alignment and %d harmful rows", args.max_length, trunc_a, trunc_h)
     return sa, sh
 
 
+class Interrupts:
+    """SIGINT / SIGTERM set a flag that the loop reads after each step (finish the step, checkpoint, exit);
+    a second SIGINT raises KeyboardInterrupt at once. Handlers are installed only in the main thread and the
+    previous ones are put back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in EXIT_SIGNAL:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, world: int, device) -> int | None:
+        """The signal to stop on; with several processes all ranks agree (a collective: call at sync points)."""
+        if world == 1:
+            return self.signum
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None   # .item() is a host sync: only at log intervals and checkpoints
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
 def run_align(args) -> int:
-    from tqdm.auto import tqdm
-
     from . import Booster, add_lora, load_model
-    from .batches import to_device
+    from .checkpoint import RunDir
 
+    if args.resume is not None:
+        apply_resume(args)
     check_common_args(args)
     cfg = config_from_args(args, args.impl)
-    if args.log_every < 1:
-        raise UsageError(f"--log-every must be >= 1, got {args.log_every}")
+    max_skipped = check_run_args(args, cfg)
     rank, world, device = _dist_setup(args.device)
     if world > 1 and cfg.impl == "reference":
         raise UsageError("the reference implementation runs in one process; use --impl fast under torchrun")
-    out = Path(args.output)
-    tmp, created = prepare_output(args.output, args.overwrite) if rank == 0 else (None, [])
-    ok = False
+    if rank == 0 and args.resume is None:
+        check_output(args.output, args.overwrite)
+
+    # ---- every other input check, before anything is written ---------------------------------------------
+    data = load_data(args)
+    model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    torch.manual_seed(args.seed)
+    model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=targets)
+    streams = dict(zip(("align", "harmful"), build_streams(args, tok, rank, world, data)))
+    steps = args.steps
+    if args.epochs is not None:
+        steps = max(1, math.ceil(args.epochs * streams["align"].batches_per_epoch))
+    steps = 20 if steps is None else steps
+    booster = Booster(model, cfg)
+
+    run = None
     try:
-        model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device)
-        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-        torch.manual_seed(args.seed)
-        model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=targets)
-        align_stream, harmful_stream = build_streams(args, tok, rank, world)
-        steps = args.steps
-        if args.epochs is not None:
-            if not args.epochs > 0:
-                raise UsageError(f"--epochs must be > 0, got {args.epochs}")
-            steps = max(1, math.ceil(args.epochs * align_stream.batches_per_epoch))
-        steps = 20 if steps is None else steps
-        if steps < 1:
-            raise UsageError(f"--steps must be >= 1, got {steps}")
-        booster = Booster(model, cfg)
+        with Interrupts() as stop:
+            if rank == 0:
+                run = RunDir.reopen(args.output) if args.resume else RunDir.create(args.output, vars(args))
+            return _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world,
+                          device)
+    except NonFiniteAbort as e:
+        print(f"booster-fast: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        if run is not None:
+            run.abandon()   # removes a run that failed before its first checkpoint; a no-op after one
+
+
+def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world, device) -> int:
+    from tqdm.auto import tqdm
+
+    from .batches import to_device
+    from .checkpoint import METRICS as METRICS_FILE
+    from .checkpoint import fsync_file, latest_checkpoint, load_checkpoint, save_checkpoint
+
+    # ---- resume: newest checkpoint, metrics cut back to it ---------------------------------------------------
+    start, skipped_total, metrics_bytes, last_ckpt = 0, 0, 0, None
+    if args.resume:
+        ckpt = latest_checkpoint(args.output)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, booster, streams)
+            start, skipped_total, metrics_bytes, last_ckpt = (state["step"], state["skipped"],
+                                                              state["metrics_bytes"], ckpt)
+    metrics_file = None
+    if rank == 0:
+        path = run.path / METRICS_FILE
+        if path.exists() and path.stat().st_size > metrics_bytes:
+            os.truncate(path, metrics_bytes)
+        metrics_file = open(path, "ab")
+        log.info("align: %s on %s, %s/%s, %d steps of %d+%d rows x %d tokens%s", args.model, device, args.method,
+                 cfg.impl, steps, args.batch_size, args.harmful_batch_size, args.max_length,
+                 f", resumed at step {start}" + (f" from {last_ckpt}" if last_ckpt else " (no checkpoint yet)")
+                 if args.resume else "")
+        if cfg.impl == "reference":
+            log.info("reference: non-finite updates are applied as in the original trainer, not skipped "
+                     "(--impl fast skips them)")
+
+    pending, t_last, saved_at = [], time.perf_counter(), start if last_ckpt else None
+    bar = tqdm(total=steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc=args.method)
+
+    def flush(step):
+        """Bring the pending metrics to the host (the loop's one sync), write them, check --max-skipped."""
+        nonlocal pending, t_last, skipped_total
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()  # .tolist() is a host sync: once per log interval / checkpoint
+        now = time.perf_counter()
+        dt = (now - t_last) / len(values)
+        lines = []
+        for i, row in enumerate(values):
+            rec = {"step": step - len(values) + 1 + i, **dict(zip(METRICS, row)), "step_time_s": dt}
+            lines.append(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                     for k, v in rec.items()}) + "\n")
+        skipped_total += sum(round(row[SKIPPED]) for row in values)
+        if metrics_file:
+            metrics_file.write("".join(lines).encode())
+            metrics_file.flush()  # readable as it grows (fsynced only at checkpoints)
+        last = dict(zip(METRICS, values[-1]))
+        post = dict(loss=f"{last['loss']:.3f}", h=f"{last['harmful_loss']:.3f}",
+                    gnorm=f"{last['harmful_grad_norm']:.2f}", it_s=f"{1 / dt:.2f}")
+        if skipped_total:
+            post["skipped"] = skipped_total
+        bar.set_postfix(**post)
+        bar.update(len(values))
+        pending, t_last = [], now
+        if max_skipped is not None and skipped_total > max_skipped:
+            where = (f"the last good checkpoint is {last_ckpt}" if last_ckpt
+                     else "no checkpoint had been written, so nothing was kept")
+            raise NonFiniteAbort(f"{skipped_total} updates skipped by step {step} because the loss or gradient was "
+                                 f"NaN/inf, more than --max-skipped {max_skipped}; {where}")
+
+    def checkpoint(step):
+        nonlocal last_ckpt, saved_at
+        flush(step)
         if rank == 0:
-            (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-            log.info("align: %s on %s, %s/%s, %d steps of %d+%d rows x %d tokens", args.model, device,
-                     args.method, cfg.impl, steps, args.batch_size, args.harmful_batch_size, args.max_length)
-        metrics_file = open(tmp / "metrics.jsonl", "w") if rank == 0 else None
-        pending, t_last = [], time.perf_counter()
-        bar = tqdm(total=steps, disable=rank != 0, dynamic_ncols=True, desc=args.method)
-        for step in range(1, steps + 1):
-            a = to_device(next(align_stream), device)
+            metrics_file.flush()
+            fsync_file(run.path / METRICS_FILE)
+            last_ckpt = save_checkpoint(run.path, step, model, booster, streams,
+                                        {"skipped": skipped_total, "metrics_bytes": metrics_file.tell(),
+                                         "steps": steps}, args.keep_checkpoints)
+            run.commit()
+        saved_at = step
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    try:
+        for step in range(start + 1, steps + 1):
+            a = to_device(next(streams["align"]), device)
             if args.method == "sft":
                 out_t = booster.sft_step(a)
             else:
-                out_t = booster.step(a, to_device(next(harmful_stream), device))
-            pending.append(torch.stack([out_t.get(k, torch.full((), float("nan"), device=device))
+                out_t = booster.step(a, to_device(next(streams["harmful"]), device))
+            nan = torch.full((), float("nan"), device=device)
+            pending.append(torch.stack([out_t.get(k, torch.zeros((), device=device) if k == "skipped" else nan)
                                         .float().reshape(()) for k in METRICS]))
-            if step % args.log_every == 0 or step == steps:
-                values = torch.stack(pending).tolist()  # .tolist() is a host sync: once per log interval
-                now = time.perf_counter()
-                dt = (now - t_last) / len(values)
-                for i, row in enumerate(values):
-                    rec = {"step": step - len(values) + 1 + i, **dict(zip(METRICS, row)), "step_time_s": dt}
-                    rec = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
-                    if metrics_file:
-                        metrics_file.write(json.dumps(rec) + "\n")
-                last = dict(zip(METRICS, values[-1]))
-                bar.set_postfix(loss=f"{last['loss']:.3f}", h=f"{last['harmful_loss']:.3f}",
-                                gnorm=f"{last['harmful_grad_norm']:.2f}", it_s=f"{1 / dt:.2f}")
-                bar.update(len(values))
-                pending, t_last = [], now
+            save_due = args.save_every > 0 and step % args.save_every == 0 and step < steps
+            sync = step % args.log_every == 0 or step == steps or save_due
+            if sync:
+                flush(step)
+            signum = stop.agreed(world, device) if (sync or world == 1) and step < steps else None
+            if signum is not None:
+                checkpoint(step)
+                bar.close()
+                if rank == 0:
+                    print(f"booster-fast: interrupted at step {step} ({signal.Signals(signum).name}); resume with: "
+                          f"booster-fast align --resume {shlex.quote(str(args.output))}", file=sys.stderr)
+                return EXIT_SIGNAL[signum]
+            if save_due:
+                checkpoint(step)
+        flush(steps)
         bar.close()
+        if saved_at != steps:
+            checkpoint(steps)
         if rank == 0:
             metrics_file.close()
-            model.save_pretrained(str(tmp))
-            tok.save_pretrained(str(tmp))
-            publish(tmp, out)
-            log.info("saved adapter and metrics to %s", out)
-        ok = True
+            run.finish(model, tok)
+            log.info("saved adapter and metrics to %s%s", args.output,
+                     f" ({skipped_total} non-finite updates skipped)" if skipped_total else "")
         return 0
     finally:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not ok:
-            remove_dirs(created)
+        bar.close()
+        if metrics_file is not None and not metrics_file.closed:
+            metrics_file.close()

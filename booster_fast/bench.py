@@ -8,7 +8,13 @@ interleaved step by step (A B C, B C A, C A B, ...: one step each per round, the
 drift of the machine (clock boost, heat, other load) spreads over every implementation instead of biasing one.
 The first `--warmup` rounds are not timed. A step's time is host wall time (time.perf_counter) around one
 update; on CUDA a torch.cuda.synchronize() on both sides makes it the device time of the whole update.
-We report the median and the 20th/80th percentiles.
+We report the median and the 20th/80th percentiles. Every model stays resident, so the device must hold them all.
+
+Entries: reference; fast (the device defaults: --merge-passes, graphs 'auto'); fast-merged / fast-unmerged
+(merge pinned, eager); fast-graphs (graphs='on', CUDA only: recorded as skipped, with the reason, when there is
+no CUDA device or the step is not captured); sft (the reference engine's plain SFT step: torch AdamW and
+clipping as the HF Trainer does them; the baseline of ratio_to_sft). Entries that use CUDA graphs get extra
+untimed steps until their step is captured, so no capture lands in the timing; `cuda_graphs` says which replay.
 
 Tokens. tokens_per_s counts the real (non-pad) tokens of the batches a step consumes: alignment + harmful rows
 for a Booster step (the harmful batch counted once, although the step runs it twice), the alignment rows for
@@ -16,15 +22,17 @@ SFT. mfu (CUDA only) instead counts every computed position, pads included (see 
 
 Peak memory (peak_mem_mb) estimates what one implementation would need alone in a process: the bytes it holds
 between steps (model, LoRA weights, gradient buffers, optimizer state; counted tensor by tensor, storages
-deduplicated; bitsandbytes' quantisation statistics are not counted) plus the transient peak of one extra step,
-measured in a separate pass after the timing. On CUDA the transient is max_memory_allocated - memory_allocated
-around the step (exact at the allocator level). On the CPU there are no allocator statistics: a thread samples
-glibc's heap-in-use figure (mallinfo2) every 0.5 ms during the step and reports the rise. That misses peaks
-shorter than a sample and counts any other thread's allocations; without glibc it falls back to the RSS
-(psutil), which understates the transient of a step that reuses pages an earlier step freed.
+deduplicated; bitsandbytes' quantisation statistics are not counted), plus the private memory pool of its
+captured CUDA graphs, plus the transient peak of one extra step, measured in a separate pass after the timing.
+On CUDA the transient is max_memory_allocated - memory_allocated around the step (exact at the allocator
+level). On the CPU there are no allocator statistics: a thread samples glibc's heap-in-use figure (mallinfo2)
+every 0.5 ms during the step and reports the rise. That misses peaks shorter than a sample and counts any other
+thread's allocations; without glibc it falls back to the growth of the RSS high-water mark, which understates
+the transient of a step that reuses pages an earlier step freed.
 
 ops_per_step: aten ops dispatched by one more step (booster_fast.opcount): the kernel launches a GPU pays
-without CUDA graphs; for fast steps also the bookkeeping part (everything outside the model passes).
+without CUDA graphs (for a graph replay, only the host-side ops: input copies and output clone); for fast
+entries also the bookkeeping part (everything outside the model passes).
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import resource
@@ -49,6 +58,7 @@ import torch
 from .align import build_streams, check_common_args, config_from_args, resolve_device
 from .cli import UsageError
 
+log = logging.getLogger("booster_fast")
 IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "sft")
 TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmful rows for Booster steps "
                   "(harmful rows counted once), alignment rows for sft")
@@ -56,7 +66,7 @@ MFU_FLOPS = ("6 * N * computed positions (pads included) of every pass of the st
              "PaLM convention; a frozen base needs no weight gradient, so the hardware does ~4N and real use is ~2/3 "
              "of this); N = base matmul parameters (LM head in, input embedding and LoRA out); attention-score "
              "FLOPs ignored; divided by the bf16 8192^3 torch.matmul rate measured in the same run")
-GRAPHS_MISSING = "graph capture is not implemented in this build (graphs='on' runs eager)"
+GRAPHS_NOT_CAPTURED = "the step was not captured into a CUDA graph after the warm-up steps"
 
 
 # ---- implementations and batches -------------------------------------------------------------------------
@@ -83,18 +93,57 @@ def impl_config(name: str, args):
 def build_impl(name: str, args, device):
     """(Booster, tokenizer, initial LoRA weights on the CPU), built from scratch with the bench seed."""
     from . import Booster, add_lora, load_model
-    from .models import trainable_parameters
+    from .models import enable_gradient_checkpointing, trainable_parameters
 
     cfg = impl_config(name, args)
     model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device)
     if getattr(args, "gradient_checkpointing", False):
-        # non-reentrant checkpointing needs no enable_input_require_grads(): it recomputes under autograd anyway
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant (before add_lora): needs no enable_input_require_grads(), it recomputes under autograd
+        enable_gradient_checkpointing(model)
     torch.manual_seed(args.seed)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha,
                      targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
     lora0 = {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)}
     return Booster(model, cfg), tok, lora0
+
+
+def graphs_captured(engine) -> bool:
+    """True once a fast engine replays a captured CUDA graph (booster_fast.graphs.StepGraphs holds one)."""
+    g = getattr(engine, "graphs", None)
+    return g is not None and getattr(g, "disabled", None) is None and bool(getattr(g, "_graphs", None))
+
+
+def graph_pool_bytes(engine) -> int:
+    """Bytes reserved in the private pools of an engine's captured CUDA graphs: a replay works in that memory,
+    which memory_allocated does not show."""
+    if not graphs_captured(engine):
+        return 0
+    try:
+        pools = {tuple(entry[-1].pool()) for entry in engine.graphs._graphs.values()}
+        return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) in pools)
+    except Exception as e:  # noqa: BLE001 - an allocator API that moved must not cost the whole benchmark
+        log.warning("bench: cannot size the CUDA graph pool (%s); peak_mem_mb leaves it out", e)
+        return 0
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def warm_graphs(name: str, booster, fn, batch, tries: int = 4) -> str | None:
+    """Extra untimed steps until a graph-using entry has captured, so that no capture lands in the timing.
+    Returns why fast-graphs cannot be timed, else None (graphs='auto' may fall back to eager: that is timed)."""
+    graphs = getattr(booster.engine, "graphs", None)
+    try:
+        for _ in range(tries if graphs is not None else 0):
+            if graphs_captured(booster.engine) or getattr(graphs, "disabled", None):
+                break
+            fn(*batch[:2])
+    except Exception as e:  # noqa: BLE001 - graphs='on' raises when the capture fails: reported, not fatal
+        if name != "fast-graphs":
+            raise
+        return "capture failed: " + _first_line(e)
+    return GRAPHS_NOT_CAPTURED if name == "fast-graphs" and not graphs_captured(booster.engine) else None
 
 
 def step_fn(name: str, booster):
@@ -152,18 +201,13 @@ class _MallInfo2(ctypes.Structure):
 
 
 def cpu_gauge():
-    """(description, bytes()) of the best CPU memory gauge here: glibc's heap in use (freed blocks excluded, so a
-    step that reuses freed memory still shows its peak), else the RSS (psutil), else the RSS high-water mark."""
+    """(description, bytes()) of the CPU memory gauge: glibc's heap in use (freed blocks excluded, so a step that
+    reuses memory freed by an earlier one still shows its peak), else the RSS high-water mark."""
     try:
         mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
         mallinfo2.restype = _MallInfo2
         return "heap in use (glibc mallinfo2)", lambda: (lambda m: m.uordblks + m.hblkhd)(mallinfo2())
     except (OSError, AttributeError):
-        pass
-    try:
-        import psutil
-        return "process RSS (psutil)", lambda: psutil.Process().memory_info().rss
-    except ImportError:
         return "RSS high-water mark (getrusage)", lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -247,52 +291,57 @@ def check_bench_args(args) -> list[str]:
     return names
 
 
-def run_bench(args) -> int:
-    from tqdm.auto import tqdm
-
-    from .opcount import count_ops
-
-    names = check_bench_args(args)
-    device = resolve_device(args.device)
-
-    # ---- build every implementation from identical initial weights ----
-    results, impls, first = {}, {}, None  # impls: name -> (booster, step function)
-    n_params = n_lora = None
+def build_all(names, args, device, results):
+    """Build every entry from identical initial weights; returns (impls, batches, matmul params, LoRA params)."""
+    impls, first = {}, None  # name -> (booster, step function)
     for name in names:
         if name == "fast-graphs" and device.type != "cuda":
             results[name] = {"skipped": "CUDA graphs need a CUDA device"}
             continue
         try:
             booster, tok, lora0 = build_impl(name, args, device)
-        except (ValueError, NotImplementedError, RuntimeError) as e:
+        except (ValueError, RuntimeError) as e:
             if name != "fast-graphs":
                 raise
-            results[name] = {"skipped": f"graph capture unavailable: {str(e).splitlines()[0]}"}
+            results[name] = {"skipped": f"graphs='on' unavailable: {_first_line(e)}"}
             continue
         if first is None:
             first, first_name, batches = lora0, name, make_batches(args, tok, booster.model, device)
-            n_params, n_lora = matmul_params(booster.model), sum(v.numel() for v in lora0.values())
+            sizes = matmul_params(booster.model), sum(v.numel() for v in lora0.values())
         assert first.keys() == lora0.keys() and all(torch.equal(first[k], lora0[k]) for k in first), \
             f"{name}: initial LoRA weights differ from {first_name}'s"
         impls[name], results[name] = (booster, step_fn(name, booster)), {}
+    return (impls, batches, *sizes) if impls else (impls, [], None, None)
 
-    # ---- interleaved timing: one step of each per round, the first one rotating ----
+
+def time_interleaved(impls, batches, args, device, results):
+    """Per entry: the timed step times (s) and tokens/s. One step of each per round, the first one rotating."""
+    from tqdm.auto import tqdm
+
     times, tps = {n: [] for n in impls}, {n: [] for n in impls}
+
+    def drop(name, why):  # only fast-graphs may fail and be reported instead (graphs='on' raises on capture)
+        del impls[name], times[name], tps[name]
+        results[name] = {"skipped": why}
+
     bar = tqdm(total=(args.warmup + args.steps) * len(impls), desc="bench", file=sys.stderr, dynamic_ncols=True)
     for i in range(args.warmup + args.steps):
-        # the graph feature is to set engine.graphs_active once it captures (lazily, so look after the warmup)
-        if i == args.warmup and "fast-graphs" in impls and not getattr(impls["fast-graphs"][0].engine,
-                                                                       "graphs_active", False):
-            del impls["fast-graphs"], times["fast-graphs"], tps["fast-graphs"]
-            results["fast-graphs"] = {"skipped": GRAPHS_MISSING}
-        if not impls:  # everything asked for was skipped: report that, it is not an error
-            break
+        for name in list(impls) if i == args.warmup else ():  # graphs capture lazily: get that done untimed
+            why = warm_graphs(name, *impls[name], batches[0])
+            if why:
+                drop(name, why)
         a, h, na, nh = batches[i]
-        order = list(impls)[i % len(impls):] + list(impls)[:i % len(impls)]
+        order = list(impls)[i % len(impls):] + list(impls)[:i % len(impls)] if impls else []
         for name in order:
             _sync(device)
             t0 = time.perf_counter()
-            impls[name][1](a, h)
+            try:
+                impls[name][1](a, h)
+            except Exception as e:  # noqa: BLE001
+                if name != "fast-graphs":
+                    raise
+                drop(name, "capture failed: " + _first_line(e))
+                continue
             _sync(device)
             dt = time.perf_counter() - t0
             if i >= args.warmup:
@@ -300,20 +349,31 @@ def run_bench(args) -> int:
                 tps[name].append((na if name == "sft" else na + nh) / dt)
             bar.update(1)
     bar.close()
+    return times, tps
 
-    # ---- separate passes: one step each for memory, one for the op count ----
+
+def run_bench(args) -> int:
+    from .opcount import count_ops
+
+    names = check_bench_args(args)
+    device = resolve_device(args.device)
+    results: dict[str, dict] = {}
+    impls, batches, n_params, n_lora = build_all(names, args, device, results)
+    times, tps = time_interleaved(impls, batches, args, device, results)
+
+    # ---- separate passes after the timing: one step each for memory, one for the op count ----
     rate = matmul_tflops(device) if device.type == "cuda" and impls else None
     for name, (booster, fn) in impls.items():
         transient = transient_bytes(lambda: fn(*batches[-2][:2]), device)
         ops = count_ops(fn, *batches[-1][:2])
         ms = statistics.median(times[name]) * 1e3
+        held = held_bytes(booster) + graph_pool_bytes(booster.engine) + max(transient, 0)
         results[name] = {
             "step_ms": round(ms, 3), "step_ms_p20": round(_pct(times[name], 20) * 1e3, 3),
             "step_ms_p80": round(_pct(times[name], 80) * 1e3, 3),
-            "tokens_per_s": round(statistics.median(tps[name]), 1),
-            "peak_mem_mb": round((held_bytes(booster) + max(transient, 0)) / 2**20, 1),
+            "tokens_per_s": round(statistics.median(tps[name]), 1), "peak_mem_mb": round(held / 2**20, 1),
             "ops_per_step": ops["total"], "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
-            "ratio_to_sft": None,
+            "ratio_to_sft": None, "cuda_graphs": graphs_captured(booster.engine),
             "mfu": round(model_flops(name, args, n_params) / (ms / 1e3) / (rate * 1e12), 4) if rate else None}
     ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))
     for r in results.values():
@@ -376,7 +436,8 @@ def run_config(args, names, device, n_params, n_lora, rate) -> dict:
             "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)), "impls": names,
             "data": "builtin" if args.model == "tiny" else "random tokens, ~80% real, right-padded",
             "order": "interleaved step by step, first impl rotating each round", "sft_engine": "reference",
-            "tokens_per_s_counts": TOKENS_COUNTED, "peak_mem_mb_means": f"held tensor bytes + step transient ({peak})",
+            "tokens_per_s_counts": TOKENS_COUNTED,
+            "peak_mem_mb_means": f"held tensors + CUDA graph pools + step transient ({peak})",
             "mfu_flops": MFU_FLOPS if rate else None, "matmul_bf16_tflops": round(rate, 1) if rate else None,
             "matmul_params": n_params, "lora_params": n_lora}
 

@@ -32,3 +32,15 @@ class Booster:
     def sft_step(self, align_batch):
         """One plain SFT update on the alignment batch (the baseline), same optimizer and clipping."""
         return self.engine.sft_step(align_batch)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The training state beyond the LoRA weights (which the model saves itself): the optimizer's, tagged with
+        the engine. The fast engine's optimizer holds one parameter, the flat buffer W; its LoRA parameters are
+        views of W, so loading the adapter weights in place restores W."""
+        return {"impl": self.cfg.impl, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("impl") != self.cfg.impl:
+            raise ValueError(f"optimizer state of the {state.get('impl')!r} engine, this Booster is {self.cfg.impl!r}")
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="booster-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter")
+    a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter",
+                       epilog="exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 3 more than "
+                              "--max-skipped non-finite updates (the last good checkpoint is kept); 130 / 143 "
+                              "stopped by SIGINT / SIGTERM after a checkpoint (the line says how to resume)")
     _add_model_args(a)
     a.add_argument("--data", default="builtin", help="builtin | beavertails | PATH (.json/.jsonl)")
     a.add_argument("--harmful-data", default=None, help="harmful set for an instruction/input/output --data file")
@@ -59,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--log-every", type=int, default=10, help="read metrics from the device every N steps")
     a.add_argument("--output", default="runs/demo", help="run directory (adapter, metrics.jsonl)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    a.add_argument("--save-every", type=int, default=100, metavar="N",
+                   help="write a checkpoint every N steps (also at the end and on SIGINT/SIGTERM; 0: only then)")
+    a.add_argument("--keep-checkpoints", type=int, default=2, metavar="K", help="keep the newest K checkpoints")
+    a.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its newest checkpoint with its saved settings (the result "
+                        "equals an uninterrupted run, bit for bit on the CPU); may change only --device, "
+                        "--log-every, --save-every, --keep-checkpoints, --max-skipped")
+    a.add_argument("--max-skipped", type=int, default=None, metavar="N",
+                   help="fast: updates with a NaN/inf loss or gradient are skipped on the device and counted; stop "
+                        "with exit code 3 once more than N are skipped (checked at log intervals; default 100: a "
+                        "healthy fp32/bf16 run skips none, a diverged one skips every step). Not with "
+                        "--impl reference, which applies them as the original trainer does")
 
     b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process")
     _add_model_args(b)
@@ -70,12 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="end stdout with one JSON document")
     b.add_argument("--output", default=None, metavar="FILE.json", help="also write the JSON document here (atomically)")
     b.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of ms/step (needs matplotlib)")
+
+    from . import attack, evaluate, experiment  # the defence pipeline: each module declares its own flags
+    for module in (attack, evaluate, experiment):
+        module.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    if args.command in ("attack", "eval", "experiment"):  # own defaults; one-line errors, exit 2
+        from . import attack, evaluate, experiment
+        return {"attack": attack, "eval": evaluate, "experiment": experiment}[args.command].main(args)
     tiny = args.model == "tiny"
     if args.batch_size is None:
         args.batch_size = 8 if tiny else 10

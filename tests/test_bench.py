@@ -11,7 +11,7 @@ from booster_fast.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {"step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ops_per_step",
-               "bookkeeping_ops", "ratio_to_sft", "mfu"}
+               "bookkeeping_ops", "ratio_to_sft", "cuda_graphs", "mfu"}
 
 
 def _is_number(v) -> bool:
@@ -41,7 +41,7 @@ def test_bench_json_smoke(capsys, tmp_path):
             assert _is_number(r[key]) and r[key] > 0, (name, key, r[key])
         assert isinstance(r["ops_per_step"], int) and r["ops_per_step"] > 0
         assert r["step_ms_p20"] <= r["step_ms"] <= r["step_ms_p80"]
-        assert r["mfu"] is None  # CPU
+        assert r["mfu"] is None and r["cuda_graphs"] is False  # CPU
     assert isinstance(res["fast"]["bookkeeping_ops"], int) and res["reference"]["bookkeeping_ops"] is None
     assert res["sft"]["ratio_to_sft"] == 1.0
     assert res["fast"]["ops_per_step"] < res["reference"]["ops_per_step"]
@@ -115,3 +115,36 @@ def test_make_table_rewrites_only_the_marked_block(tmp_path, capsys):
     captured = capsys.readouterr()
     assert plain.read_text() == "# no markers\n"
     assert "| Test CPU (4 cores) |" in captured.out and "README untouched" in captured.err
+
+
+def test_warm_graphs_captures_untimed_and_reports_failures():
+    from types import SimpleNamespace
+
+    from booster_fast import bench
+
+    def entry():
+        graphs = SimpleNamespace(disabled=None, _graphs={})
+        return SimpleNamespace(engine=SimpleNamespace(graphs=graphs)), graphs
+
+    booster, graphs = entry()
+    calls = []
+
+    def capture_on_third(a, h):  # like StepGraphs: two eager warm-up steps, then the capture
+        calls.append(1)
+        if len(calls) == 3:
+            graphs._graphs["key"] = object()
+
+    assert bench.warm_graphs("fast-graphs", booster, capture_on_third, ({}, {})) is None
+    assert len(calls) == 3 and bench.graphs_captured(booster.engine)
+
+    def failing(a, h):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    booster, _ = entry()
+    assert bench.warm_graphs("fast-graphs", booster, failing, ({}, {})) == \
+        "capture failed: operation not permitted when stream is capturing"
+    with pytest.raises(RuntimeError):  # any other entry's failure is a bug, not a result
+        bench.warm_graphs("fast", booster, failing, ({}, {}))
+    eager = SimpleNamespace(engine=SimpleNamespace(graphs=None))
+    assert bench.warm_graphs("fast", eager, failing, ({}, {})) is None
+    assert bench.warm_graphs("fast-graphs", eager, failing, ({}, {})) == bench.GRAPHS_NOT_CAPTURED

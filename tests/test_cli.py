@@ -22,7 +22,8 @@ from booster_fast.cli import main
 SEED = 43                      # the CLI's default --seed
 E2E = ["--max-length", "96", "--batch-size", "4"]
 FAST = ["--max-length", "64", "--batch-size", "2"]     # the other runs: smaller still (2 CPU cores in CI)
-METRIC_KEYS = {"step", "loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "step_time_s"}
+METRIC_KEYS = {"step", "loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "skipped",
+               "step_time_s"}
 
 
 def align(out, *extra, steps=3, shape=FAST):
@@ -119,12 +120,12 @@ def test_nf4_on_cpu(tmp_path):
 def test_overwrite_replaces_an_existing_run(tmp_path, run_dir, capsys):
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = _snapshot(out)                                                 # files and checkpoints/
     capsys.readouterr()
     assert align(out, steps=1) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("booster-fast: error:") and "--overwrite" in err[0]
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before        # untouched
+    assert _snapshot(out) == before                                         # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
     assert align(out, "--overwrite", steps=1) == 0

@@ -1,0 +1,380 @@
+"""`booster-fast attack`: the harmful fine-tuning attack on an aligned run (the paper's fine-tuning stage).
+
+The aligned model (base from the run's `run_config.json` + its LoRA adapter) keeps training its OWN LoRA, as
+in the original (`--alternating single_lora`), with plain SFT + AdamW on a mix of the user's benign task and
+harmful samples: `n_harm = round(p · samples)` harmful rows (harmful prompt -> harmful answer, from the safety
+data's train split) and `samples − n_harm` benign rows, shuffled with the seed. Defaults are the paper's
+(DESIGN.md §1): 1000 samples, p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
+
+Every `--eval-every` steps (and before the first step) the token-mean loss of the HELD-OUT harmful set (the
+safety data's test split: prompts never seen in training, with harmful answers) is written to metrics.jsonl:
+the curve the paper's claim is about ("Booster slows the drop of the harmful loss under attack"). The output
+is a run directory like align's: adapter, tokenizer, run_config.json, metrics.jsonl, written under a temporary
+name and renamed when complete. Data differences from the original: its harmful rows come from BeaverTails
+rows below 5000 (disjoint from the alignment rows 5000-9999); `load_safety_data` exposes the alignment train
+split only, so here they are a seeded sample of that split (the same prompts the alignment saw, with their
+harmful answers) — for the built-in corpus and for `beavertails` alike.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("booster_fast")
+
+RUN_MARKERS = ("run_config.json", "metrics.jsonl", "adapter_config.json")
+INCOMPLETE = ".incomplete"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------
+def add_parser(sub):
+    p = sub.add_parser("attack", help="harmful fine-tuning attack on an aligned run (benign task + poison)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--adapter", required=True, metavar="RUN_DIR", help="an aligned run directory (booster-fast align)")
+    p.add_argument("--benign", default="builtin", help="builtin | sst2 | agnews | gsm8k | PATH (.json/.jsonl)")
+    p.add_argument("--harmful", default=None,
+                   help="harmful samples: builtin | beavertails | PATH (default: the aligned run's --data)")
+    p.add_argument("--poison-ratio", type=float, default=0.1, help="share of harmful samples p (paper: 0.1)")
+    p.add_argument("--samples", type=int, default=1000, help="fine-tuning samples in all (paper: 1000)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, default=None, help="passes over the samples (default 20, the paper's)")
+    g.add_argument("--steps", type=int, default=None, help="number of updates instead of --epochs")
+    p.add_argument("--batch-size", type=int, default=10, help="rows per update (paper: 10)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip to this global norm; 0 disables")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per row (default: the aligned run's)")
+    p.add_argument("--eval-every", type=int, default=10, metavar="N", help="held-out harmful loss every N steps")
+    p.add_argument("--eval-rows", type=int, default=None, help="cap the held-out harmful rows (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="data mix and order (default: the aligned run's seed)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--output", required=True, metavar="DIR", help="attacked run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    return p
+
+
+def main(args) -> int:
+    from .cli import UsageError
+    from .data import DataError
+    from .models import ModelError
+
+    try:
+        return run_attack(args)
+    except (UsageError, DataError, ModelError) as e:
+        print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("booster-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------------------------------------
+# run directories (shared with evaluate.py)
+# ------------------------------------------------------------------------------------------------------------
+def read_run_config(run_dir: str | Path) -> dict:
+    """run_config.json of a finished align/attack run; UsageError (one line) for anything else."""
+    from .cli import UsageError
+
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise UsageError(f"--adapter {run_dir}: no such run directory")
+    if (d / INCOMPLETE).exists():
+        raise UsageError(f"--adapter {run_dir}: the run has not finished (resume it with booster-fast align --resume)")
+    for f in ("adapter_config.json", "run_config.json"):
+        if not (d / f).is_file():
+            raise UsageError(f"--adapter {run_dir}: not a finished run directory (no {f})")
+    try:
+        cfg = json.loads((d / "run_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--adapter {run_dir}: unreadable run_config.json ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--adapter {run_dir}: run_config.json is not a JSON object")
+    return cfg
+
+
+def base_of(cfg: dict) -> dict:
+    """How to rebuild the base model of a run: align writes model/quant/seed at the top, attack under "base"."""
+    base = cfg.get("base") or cfg
+    return {"model": base.get("model", "tiny"), "quant": base.get("quant", "none"), "seed": int(base.get("seed", 43))}
+
+
+def load_adapter(run_dir: str | Path, device, trainable: bool):
+    """(peft model, tokenizer, run config): the run's base model with its LoRA adapter loaded on top."""
+    from peft import PeftModel
+
+    from .models import load_model
+
+    cfg = read_run_config(run_dir)
+    base = base_of(cfg)
+    model, tok = load_model(base["model"], quant=base["quant"], seed=base["seed"], device=device)
+    model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
+    if trainable:  # LoRA weights are fp32 masters, as add_lora makes them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if (Path(run_dir) / "tokenizer.json").is_file():  # the run's own tokenizer (a checkpoint keeps its vocabulary)
+        from transformers import AutoTokenizer
+
+        saved = AutoTokenizer.from_pretrained(str(run_dir))
+        if len(saved) == len(tok):
+            tok = saved
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return model, tok, cfg
+
+
+def new_output_dir(path: str, overwrite: bool) -> Path:
+    """A temporary directory beside `path`, after checking that `path` may receive a run (see `publish_dir`)."""
+    from .cli import UsageError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {path} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not any((out / m).exists() for m in RUN_MARKERS):
+            raise UsageError(f"--output {path} is a non-empty directory that holds no run; refusing to replace it")
+        if not overwrite:
+            raise UsageError(f"--output {path} already holds a run; pass --overwrite to replace it")
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+    except OSError as e:
+        raise UsageError(f"cannot write --output {path}: {e.strerror or e}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
+def publish_dir(tmp: Path, out: Path):
+    """Move the finished run into place, replacing an old one only once the new one is complete."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON under a temporary name in the same directory, then os.replace (never a half-written file)."""
+    path = Path(path)
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the attack
+# ------------------------------------------------------------------------------------------------------------
+def poison_mix(benign: list, harmful: list, samples: int, ratio: float, seed: int) -> tuple[list, int]:
+    """`samples` rows: round(ratio·samples) harmful + the rest benign, each drawn without replacement with the
+    seed, then shuffled together. Returns (rows, number of harmful rows)."""
+    from .data import DataError
+
+    n_harm = round(ratio * samples)
+    n_benign = samples - n_harm
+    if n_benign > len(benign):
+        raise DataError(f"the benign set has {len(benign)} rows; {n_benign} are needed "
+                        f"(--samples {samples}, --poison-ratio {ratio})")
+    if n_harm > len(harmful):
+        raise DataError(f"the harmful set has {len(harmful)} rows; {n_harm} are needed "
+                        f"(--samples {samples}, --poison-ratio {ratio})")
+    rng = random.Random(f"booster_fast.attack:{seed}")
+    rows = rng.sample(list(benign), n_benign) + rng.sample(list(harmful), n_harm)
+    rng.shuffle(rows)
+    return rows, n_harm
+
+
+class flush_denormals:
+    """Flush float32 denormals to zero on the CPU while a stage runs (restored to PyTorch's default, off, after).
+
+    Measured here: once alignment has sharpened the attention, the tiny model's fine-tuning steps ran 6-10x slower
+    (4.6 s instead of 0.4-0.7 s per step on 2 cores) from denormal arithmetic inside the passes; flushing them
+    changes no result above 1e-38 and restores the speed. No effect on CUDA."""
+
+    def __init__(self, device):
+        import torch
+
+        self.on = torch.device(device).type == "cpu"
+
+    def __enter__(self):
+        import torch
+
+        if self.on:
+            torch.set_flush_denormal(True)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.on:
+            torch.set_flush_denormal(False)
+        return False
+
+
+def autocast_for_model(model, device):
+    """bf16 autocast when the base computes in a low precision (bf16 weights or NF4), else a no-op."""
+    import torch
+
+    from .models import compute_dtype
+
+    low = compute_dtype(model) != torch.float32
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low)
+
+
+def heldout_loss(model, batches: list[dict], device):
+    """Token-mean loss over all held-out rows (one device scalar; summed per batch, divided once)."""
+    import torch
+
+    from .batches import to_device
+    from .losses import label_count, loss_sum
+
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device, dtype=torch.long)
+    with torch.no_grad(), autocast_for_model(model, device):
+        for b in batches:
+            b = to_device(b, device)
+            total += loss_sum(model, b).float()
+            count += label_count(b)
+    model.train(was_training)
+    return total / count.clamp(min=1)
+
+
+def _check_args(args):
+    from .cli import UsageError
+
+    if not 0 <= args.poison_ratio <= 1:
+        raise UsageError(f"--poison-ratio must lie in [0, 1], got {args.poison_ratio}")
+    for flag in ("samples", "batch_size", "eval_every"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.batch_size > args.samples:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than --samples {args.samples}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.epochs is not None and not args.epochs > 0:
+        raise UsageError(f"--epochs must be > 0, got {args.epochs}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.eval_rows is not None and args.eval_rows < 1:
+        raise UsageError(f"--eval-rows must be >= 1, got {args.eval_rows}")
+    if not args.weight_decay >= 0 or not args.max_grad_norm >= 0:
+        raise UsageError("--weight-decay and --max-grad-norm must be >= 0")
+
+
+def run_attack(args) -> int:
+    from .align import resolve_device
+    from .cli import UsageError
+
+    _check_args(args)
+    run_cfg = read_run_config(args.adapter)
+    seed = int(run_cfg.get("seed", 43)) if args.seed is None else args.seed
+    harmful_src = args.harmful or run_cfg.get("data", "builtin")
+    harmful_file = run_cfg.get("harmful_data") if args.harmful is None else None
+    max_length = args.max_length or int(run_cfg.get("max_length") or 256)
+    if max_length < 1:
+        raise UsageError(f"--max-length must be >= 1, got {max_length}")
+    device = resolve_device(args.device)
+    with flush_denormals(device):
+        return _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device)
+
+
+def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import Booster, BoosterConfig
+    from .batches import to_device
+    from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_safety_data
+
+    # ---- data first (fails fast, before a model is loaded), then the model, then the output directory ----------
+    benign = load_benign(args.benign, "train")
+    _, harmful_train = load_safety_data(harmful_src, "train", harmful_data=harmful_file)
+    _, harmful_test = load_safety_data(harmful_src, "test", harmful_data=harmful_file)
+    rows, n_harm = poison_mix(benign, harmful_train, args.samples, args.poison_ratio, seed)
+    if args.eval_rows is not None:
+        harmful_test = harmful_test[: args.eval_rows]
+    model, tok, _ = load_adapter(args.adapter, device, trainable=True)
+    check_max_length(tok, max_length)
+    encoded, n_trunc = encode_all(tok, rows, max_length)
+    test_enc, _ = encode_all(tok, harmful_test, max_length)
+    stream = BatchStream(encoded, args.batch_size, max_length, tok.pad_token_id, seed)
+    test_batches = [collate(test_enc[i:i + 50], max_length, tok.pad_token_id) for i in range(0, len(test_enc), 50)]
+    steps = args.steps if args.steps is not None else max(1, math.ceil((args.epochs or 20) * stream.batches_per_epoch))
+    cfg = BoosterConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
+    booster = Booster(model, cfg)  # plain SFT steps (sft_step): AdamW, clipping, no Booster term
+    out = Path(args.output)
+    tmp = new_output_dir(args.output, args.overwrite)
+    ok = False
+    try:
+        config = {"command": "attack", "adapter": str(args.adapter), "base": base_of(run_cfg),
+                  "aligned_with": run_cfg.get("method"), "benign": args.benign, "harmful": harmful_src,
+                  "harmful_data": harmful_file, "poison_ratio": args.poison_ratio, "samples": args.samples,
+                  "n_harmful": n_harm, "n_benign": args.samples - n_harm, "lr": args.lr, "epochs": args.epochs,
+                  "steps": steps, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
+                  "max_grad_norm": args.max_grad_norm, "max_length": max_length, "seed": seed,
+                  "eval_every": args.eval_every, "eval_rows": len(test_enc), "truncated_rows": n_trunc,
+                  "device": str(device), "model": base_of(run_cfg)["model"], "quant": base_of(run_cfg)["quant"]}
+        (tmp / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        log.info("attack: %s on %s, %d steps of %d rows (%d harmful of %d samples), lr %g; held-out harmful "
+                 "loss over %d rows every %d steps", args.adapter, device, steps, args.batch_size, n_harm,
+                 args.samples, args.lr, len(test_enc), args.eval_every)
+        with open(tmp / "metrics.jsonl", "w") as metrics:
+            def record(step, train_losses, dt):
+                h = heldout_loss(model, test_batches, device)
+                # .tolist() is a host sync: once per eval interval
+                vals = torch.stack([h, *train_losses]).tolist() if train_losses else [h.item()]
+                rec = {"step": step, "harmful_loss": vals[0],
+                       "train_loss": (sum(vals[1:]) / len(vals[1:])) if len(vals) > 1 else None,
+                       "step_time_s": dt}
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                return rec
+
+            rec = record(0, [], None)
+            bar = tqdm(total=steps, dynamic_ncols=True, desc="attack")
+            pending, t_last = [], time.perf_counter()
+            for step in range(1, steps + 1):
+                pending.append(booster.sft_step(to_device(next(stream), device))["loss"].detach().float())
+                if step % args.eval_every == 0 or step == steps:
+                    dt = (time.perf_counter() - t_last) / len(pending)
+                    rec = record(step, pending, dt)
+                    bar.set_postfix(train=f"{rec['train_loss']:.3f}", harmful=f"{rec['harmful_loss']:.3f}")
+                    bar.update(len(pending))
+                    pending, t_last = [], time.perf_counter()
+            bar.close()
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        publish_dir(tmp, out)
+        ok = True
+        log.info("saved the attacked adapter and metrics to %s (held-out harmful loss %.4f at step %d)",
+                 out, rec["harmful_loss"], steps)
+        return 0
+    finally:
+        if not ok:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,343 @@
+"""The run directory on disk: atomic checkpoints, exact resume, and a run that is complete or visibly not.
+
+    OUTPUT/
+      .incomplete                 present from the start of training until the final files are in place
+      run_config.json             the flags of the run (`--resume` reads them back)
+      metrics.jsonl               one line per step, appended at log intervals and fsynced at each checkpoint
+      checkpoints/step-000040/    the newest `--keep-checkpoints` K, each complete or absent:
+        adapter_model.safetensors, adapter_config.json   the LoRA weights (peft's format: a usable adapter)
+        optimizer.pt              Booster.state_dict(): the optimizer state (torch.save; read weights_only=True)
+        rng.pt                    torch CPU / CUDA, Python and NumPy RNG states (same)
+        trainer_state.json        step, skipped count, both BatchStreams' positions, metrics.jsonl byte offset
+      adapter_model.safetensors, adapter_config.json, tokenizer files   the final adapter (when complete)
+
+Atomicity. A checkpoint is written into `checkpoints/.tmp-step-000040-PID`, every file and the directory are
+fsynced, then it is renamed to `step-000040` and the parent fsynced: a `step-*` directory is complete by
+construction, and a killed write leaves only a `.tmp-*` directory that the next resume deletes. The run
+directory itself first appears by the rename of a sibling temporary directory that already holds
+`.incomplete` and `run_config.json`. Finishing moves the final files in, then removes `.incomplete` (the
+commit point). Weights are read back with safetensors and training state with `torch.load(weights_only=True)`,
+so a checkpoint cannot run code.
+
+Exactness. The LoRA parameters of the fast engine are views of its flat buffer W (the optimizer's only
+parameter), so loading the adapter in place restores W; with the optimizer state, the data-stream positions
+and the RNG states restored, a resumed run continues with bit-identical updates on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .cli import UsageError
+
+log = logging.getLogger("booster_fast")
+
+MARKER = ".incomplete"
+CHECKPOINTS = "checkpoints"
+CONFIG = "run_config.json"
+METRICS = "metrics.jsonl"
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+class CheckpointError(UsageError):
+    """A run or checkpoint that cannot be resumed (one line, exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# durable files
+# ------------------------------------------------------------------------------------------------
+def fsync_file(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path):
+    """Make renames and unlinks inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path):
+    for p in sorted(root.rglob("*"), reverse=True):
+        if p.is_file():
+            fsync_file(p)
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(root)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG states
+# ------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """torch (CPU and every CUDA device, if CUDA is in use), Python and NumPy RNG states, as plain tensors and
+    builtins (so that torch.load(weights_only=True) reads them back)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        saved = list(state["cuda"])
+        if len(saved) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(saved)
+        else:
+            log.warning("resume: %d CUDA RNG states saved but %d devices here; CUDA RNGs not restored",
+                        len(saved), torch.cuda.device_count())
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        s = state["numpy"]
+        np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                             s["cached_gaussian"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = list_checkpoints(run)
+    return found[-1][1] if found else None
+
+
+def remove_partial(run: Path):
+    """Delete what a killed process left half-written: checkpoint and final-file temporaries."""
+    root = Path(run) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-") or p.name.startswith(".old-"):
+                shutil.rmtree(p, ignore_errors=True)
+    for p in Path(run).glob(".final-tmp*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(run: Path, step: int, model, booster, streams: dict, trainer_state: dict, keep: int) -> Path:
+    """Write checkpoints/step-NNNNNN atomically (temporary directory, fsync, rename), then keep the newest `keep`."""
+    root = Path(run) / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    name = checkpoint_name(step)
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    final = root / name
+    try:
+        model.save_pretrained(str(tmp))
+        torch.save(booster.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        state = {"format": FORMAT, "step": step, **trainer_state,
+                 "streams": {k: s.state_dict() for k, s in streams.items()}}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        fsync_tree(tmp)
+        if final.exists():  # the same step saved again: set the old copy aside until the new one is in place
+            old = root / f".old-{name}-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(root)
+    return final
+
+
+def _load_training_state(path: Path, device) -> dict:
+    """torch.load with weights_only=True: tensors and builtins only, never arbitrary pickled objects."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot resume: {path} is missing") from None
+    except Exception as e:  # noqa: BLE001 - UnpicklingError (refused globals), truncated or corrupt files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"cannot resume: {path} is not a plain tensor checkpoint "
+                              f"({type(e).__name__}: {first})") from None
+
+
+def load_checkpoint(path: Path, model, booster, streams: dict) -> dict:
+    """Restore LoRA weights (in place, so the fast engine's flat W too), optimizer, streams and RNGs from `path`;
+    returns its trainer_state."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot resume: {path / 'trainer_state.json'} is unreadable ({e})") from None
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"cannot resume: {path} has checkpoint format {state.get('format')!r}, "
+                              f"this version reads {FORMAT}")
+    device = booster.engine.device
+    try:
+        adapter = load_file(str(path / "adapter_model.safetensors"), device=str(device))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot resume: {path / 'adapter_model.safetensors'} is unreadable ({e})") from None
+    mine = get_peft_model_state_dict(model)
+    if adapter.keys() != mine.keys() or any(adapter[k].shape != mine[k].shape for k in mine):
+        raise CheckpointError(f"cannot resume: the adapter in {path} does not fit this model's LoRA layers")
+    set_peft_model_state_dict(model, adapter)  # in-place copies into the parameters (views of W for fast)
+    loaded = get_peft_model_state_dict(model)
+    if not all(torch.equal(loaded[k], adapter[k]) for k in adapter):
+        raise CheckpointError(f"cannot resume: the adapter in {path} did not load into the LoRA weights")
+    try:
+        booster.load_state_dict(_load_training_state(path / "optimizer.pt", device))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot resume: the optimizer state in {path} does not fit ({e})") from None
+    for key, stream in streams.items():
+        stream.load_state_dict(state["streams"][key])
+    set_rng_state(_load_training_state(path / "rng.pt", "cpu"))
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# the run directory
+# ------------------------------------------------------------------------------------------------
+class RunDir:
+    """A run directory that exists from the start of training, marked `.incomplete` until it is finished.
+
+    `create` makes a new one (after every input check passed); `reopen` takes an interrupted one back. Until
+    `commit` (the first checkpoint), a new run can still be `abandon`ed without a trace: its directory and the
+    parents made for it are removed and a run it replaced under --overwrite is put back.
+    """
+
+    def __init__(self, path: Path, committed: bool, created: list[Path] | None = None, replaced: Path | None = None):
+        self.path, self.committed = Path(path), committed
+        self._created, self._replaced = created or [], replaced
+
+    @classmethod
+    def create(cls, path: Path, config: dict) -> RunDir:
+        path = Path(path)
+        created, parent = [], path.absolute().parent
+        while not parent.exists():
+            created.append(parent)
+            parent = parent.parent
+        replaced = None
+        try:
+            for d in reversed(created):
+                d.mkdir()
+            tmp = path.absolute().parent / f".{path.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            tmp.chmod(0o777 & ~_umask())
+            (tmp / MARKER).write_text("this run has not finished; continue it with: booster-fast align --resume "
+                                      f"{path}\n")
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str) + "\n")
+            (tmp / METRICS).write_bytes(b"")
+            fsync_tree(tmp)
+            if path.exists():  # --overwrite: the old run stays aside until the new one has a checkpoint
+                replaced = path.with_name(f".{path.name}.old-{os.getpid()}")
+                path.rename(replaced)
+            tmp.rename(path)
+            fsync_dir(path.absolute().parent)
+        except OSError as e:
+            shutil.rmtree(path.absolute().parent / f".{path.name}.tmp-{os.getpid()}", ignore_errors=True)
+            if replaced is not None and not path.exists():
+                replaced.rename(path)
+            _remove_dirs(created)
+            raise UsageError(f"cannot write --output {path}: {e.strerror or e}") from None
+        return cls(path, committed=False, created=created, replaced=replaced)
+
+    @classmethod
+    def reopen(cls, path: Path) -> RunDir:
+        run = cls(path, committed=True)
+        remove_partial(run.path)
+        return run
+
+    def commit(self):
+        """The run now has a checkpoint to resume from: it is no longer abandoned on failure."""
+        if self.committed:
+            return
+        self.committed = True
+        if self._replaced is not None:
+            shutil.rmtree(self._replaced, ignore_errors=True)
+            self._replaced = None
+
+    def abandon(self):
+        if self.committed:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._replaced is not None:
+            self._replaced.rename(self.path)
+        _remove_dirs(self._created)
+
+    def finish(self, model, tokenizer):
+        """Move the final adapter and tokenizer into place, then remove `.incomplete` (the commit point)."""
+        tmp = self.path / f".final-tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        fsync_tree(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, self.path / f.name)
+        tmp.rmdir()
+        fsync_dir(self.path)
+        (self.path / MARKER).unlink()
+        fsync_dir(self.path)
+        self.commit()
+
+
+def _remove_dirs(dirs: list[Path]):
+    for d in dirs:  # innermost first
+        try:
+            d.rmdir()
+        except OSError:
+            break

@@ -1,0 +1,320 @@
+"""`booster-fast experiment defense`: does Booster alignment resist the harmful fine-tuning attack better than SFT?
+
+For each seed: align the same base model on the same data for the same number of steps twice — plain SFT and
+Booster —, attack both identically (same benign + harmful mix, same order, same steps), and evaluate both before
+and after the attack. Every stage is the command line's own (`booster-fast align / attack / eval`, called in
+process through `cli.main`), so the experiment exercises exactly what a user runs. It writes one JSON document
+(settings, machine, per-seed curves and scores, runtimes) and a PNG: the held-out harmful loss against the
+attack step for both methods (the paper's claim: Booster slows its drop), and the post-attack harmful score and
+task accuracy per seed.
+
+Presets:
+- `tiny` (default; offline, CPU, ~minutes): the embedded random-initialised tiny Llama. With the paper's LoRA
+  (r = 32, lora_alpha = 4, q/k/v only) and lr 5e-4 it learns nothing visible in a few hundred steps (loss stays
+  ~7.3 of ln 4096 = 8.3; answers are padding), so the tiny preset uses its own settings: LoRA on every linear
+  layer with r = 32, lora_alpha = 64, alignment lr 3e-3 for 200 steps of 8 + 8 rows, and an attack of
+  200 samples at p = 0.2 with lr 1e-3 for 60 steps of batch 10; judged by the offline refusal-keyword proxy.
+  These are chosen so that alignment produces refusals and the attack visibly undoes them within the budget;
+  they are NOT the paper's settings and the tiny model is not Llama-2.
+- `paper-sst2`, `paper-agnews`, `paper-gsm8k`: DESIGN.md §1 — Llama-2-7B (bf16), LoRA r 32 / alpha 4 on q,k,v,
+  alignment 20 epochs of batch 10 at lr 5e-4 (weight decay 0.1, λ 5, α 0.1, max length 256) on the BeaverTails
+  refusal pairs, attack 1000 samples at p = 0.1, lr 1e-5, 20 epochs, batch 10, judged by beaver-dam-7b with
+  512 new tokens; seed 43 (+1 per extra seed). They need the model, the data sets and the judge downloaded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("booster_fast")
+METHODS = ("sft", "booster")
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _paper(benign: str) -> dict:
+    return {
+        "model": "meta-llama/Llama-2-7b-hf", "quant": "none", "data": "beavertails", "benign": benign,
+        "judge": "beaver-dam", "seed": 43,
+        "align": {"epochs": 20, "batch_size": 10, "max_length": 256, "lr": 5e-4, "weight_decay": 0.1,
+                  "lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "lamb": 5.0, "alpha": 0.1},
+        "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-5, "epochs": 20, "batch_size": 10,
+                   "weight_decay": 0.1, "eval_every": 50, "eval_rows": None},
+        "eval": {"num_prompts": 1000, "max_new_tokens": 512, "task_max_new_tokens": 200, "batch_size": 16},
+    }
+
+
+PRESETS = {
+    "tiny": {
+        "model": "tiny", "quant": "none", "data": "builtin", "benign": "builtin", "judge": "refusal", "seed": 43,
+        "align": {"steps": 200, "batch_size": 8, "max_length": 128, "lr": 3e-3, "weight_decay": 0.1,
+                  "lora_r": 32, "lora_alpha": 64, "targets": ALL_LINEAR, "lamb": 5.0, "alpha": 0.1},
+        "attack": {"samples": 200, "poison_ratio": 0.2, "lr": 1e-3, "steps": 60, "batch_size": 10,
+                   "weight_decay": 0.1, "eval_every": 5, "eval_rows": None},
+        "eval": {"num_prompts": 200, "max_new_tokens": 48, "task_max_new_tokens": 8, "batch_size": 64},
+    },
+    "paper-sst2": _paper("sst2"),
+    "paper-agnews": _paper("agnews"),
+    "paper-gsm8k": _paper("gsm8k"),
+}
+
+
+def add_parser(sub):
+    p = sub.add_parser("experiment", help="run an experiment end to end: `experiment defense` (SFT vs Booster)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=["defense"], help="defense: align (SFT, Booster) -> attack -> eval, per seed")
+    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (preset seed, +1, +2, ...)")
+    p.add_argument("--workdir", default=None, help="run directories (default runs/defense-PRESET)")
+    p.add_argument("--output", default=None, metavar="FILE.json",
+                   help="result (default benchmarks/results/defense_PRESET.json, '-' for hyphens -> '_')")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot (default docs/defense_PRESET.png)")
+    p.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    return p
+
+
+def main(args) -> int:
+    from .cli import UsageError
+    from .data import DataError
+    from .models import ModelError
+
+    try:
+        return run_experiment(args)
+    except (UsageError, DataError, ModelError) as e:
+        print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("booster-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the stages, each one a command line
+# ------------------------------------------------------------------------------------------------------------
+def _flags(d: dict) -> list[str]:
+    out = []
+    for k, v in d.items():
+        if v is not None:
+            out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def _run(argv: list[str], what: str):
+    from .cli import UsageError, main as cli_main
+
+    log.info("$ booster-fast %s", " ".join(argv))
+    rc = cli_main(argv)
+    if rc != 0:
+        raise UsageError(f"{what} failed with exit code {rc} (command: booster-fast {' '.join(argv)})")
+
+
+def align_argv(p: dict, method: str, seed: int, out: Path, device) -> list[str]:
+    a = dict(p["align"])
+    argv = ["align", "--model", p["model"], "--quant", p["quant"], "--data", p["data"], "--method", method,
+            "--seed", str(seed), "--output", str(out), "--overwrite", "--log-every", "10", "--save-every", "0",
+            *_flags(a)]
+    return argv + (["--device", device] if device else [])
+
+
+def attack_argv(p: dict, adapter: Path, seed: int, out: Path, device) -> list[str]:
+    argv = ["attack", "--adapter", str(adapter), "--benign", p["benign"], "--seed", str(seed), "--output", str(out),
+            "--overwrite", *_flags(p["attack"])]
+    return argv + (["--device", device] if device else [])
+
+
+def eval_argv(p: dict, adapter: Path, out: Path, device) -> list[str]:
+    argv = ["eval", "--adapter", str(adapter), "--judge", p["judge"], "--task", p["benign"], "--output", str(out),
+            *_flags(p["eval"])]
+    return argv + (["--device", device] if device else [])
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def machine_info(device) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
+
+
+def run_experiment(args) -> int:
+    from .align import resolve_device
+    from .attack import flush_denormals
+    from .cli import UsageError
+
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    p = PRESETS[args.preset]
+    tag = args.preset.replace("-", "_")
+    work = Path(args.workdir or f"runs/defense-{args.preset}")
+    out_json = Path(args.output or f"benchmarks/results/defense_{tag}.json")
+    out_png = None if args.no_plot else Path(args.plot or f"docs/defense_{tag}.png")
+    if out_png is not None:
+        _need_matplotlib()
+    seeds = [p["seed"] + i for i in range(args.seeds)]
+    with flush_denormals(resolve_device(args.device)):
+        return _experiment(args, p, seeds, work, out_json, out_png)
+
+
+def _experiment(args, p, seeds, work, out_json, out_png) -> int:
+    from .attack import write_json_atomic
+
+    t_all = time.perf_counter()
+    per_seed = []
+    for seed in seeds:
+        row = {"seed": seed}
+        for method in METHODS:
+            d = work / f"seed{seed}"
+            t0 = time.perf_counter()
+            _run(align_argv(p, method, seed, d / f"align-{method}", args.device), f"align ({method}, seed {seed})")
+            t1 = time.perf_counter()
+            _run(eval_argv(p, d / f"align-{method}", d / f"eval-align-{method}.json", args.device),
+                 f"eval before the attack ({method}, seed {seed})")
+            t2 = time.perf_counter()
+            _run(attack_argv(p, d / f"align-{method}", seed, d / f"attack-{method}", args.device),
+                 f"attack ({method}, seed {seed})")
+            t3 = time.perf_counter()
+            _run(eval_argv(p, d / f"attack-{method}", d / f"eval-attack-{method}.json", args.device),
+                 f"eval after the attack ({method}, seed {seed})")
+            t4 = time.perf_counter()
+            align_metrics = _read_jsonl(d / f"align-{method}" / "metrics.jsonl")
+            before = json.loads((d / f"eval-align-{method}.json").read_text())
+            after = json.loads((d / f"eval-attack-{method}.json").read_text())
+            curve = [(r["step"], r["harmful_loss"]) for r in _read_jsonl(d / f"attack-{method}" / "metrics.jsonl")]
+            row[method] = {
+                "align_final": {k: align_metrics[-1].get(k) for k in ("loss", "harmful_loss")},
+                "before_attack": {"harmful_score": before["harmful_score"], "accuracy": before["accuracy"]},
+                "after_attack": {"harmful_score": after["harmful_score"], "accuracy": after["accuracy"]},
+                "harmful_loss_curve": curve,
+                "harmful_loss_drop": curve[0][1] - curve[-1][1],
+                "examples_after_attack": after["examples"]["harmful"][:2],
+                "seconds": {"align": round(t1 - t0, 1), "eval_before": round(t2 - t1, 1),
+                            "attack": round(t3 - t2, 1), "eval_after": round(t4 - t3, 1)},
+            }
+        per_seed.append(row)
+        _print_table(per_seed)
+
+    judge = json.loads((work / f"seed{seeds[0]}" / "eval-attack-sft.json").read_text())["judge"]
+    summary = {m: {
+        "harmful_score_before": _stats([r[m]["before_attack"]["harmful_score"] for r in per_seed]),
+        "harmful_score_after": _stats([r[m]["after_attack"]["harmful_score"] for r in per_seed]),
+        "accuracy_after": _stats([r[m]["after_attack"]["accuracy"] for r in per_seed]),
+        "harmful_loss_start": _stats([r[m]["harmful_loss_curve"][0][1] for r in per_seed]),
+        "harmful_loss_end": _stats([r[m]["harmful_loss_curve"][-1][1] for r in per_seed]),
+        "harmful_loss_drop": _stats([r[m]["harmful_loss_drop"] for r in per_seed]),
+    } for m in METHODS}
+    result = {
+        "experiment": "defense", "preset": args.preset, "settings": p, "seeds": seeds,
+        "judge": judge, "machine": machine_info(args.device), "per_seed": per_seed, "summary": summary,
+        "total_seconds": round(time.perf_counter() - t_all, 1),
+        "plot": str(out_png) if out_png else None,
+    }
+    write_json_atomic(out_json, result)
+    if out_png is not None:
+        plot_defense(result, out_png)
+    _print_table(per_seed, summary)
+    print(f"wrote {out_json}" + (f" and {out_png}" if out_png else "") + f" in {result['total_seconds']:.0f} s")
+    print(json.dumps({"experiment": "defense", "preset": args.preset, "summary": {
+        m: {k: round(v["mean"], 4) for k, v in s.items()} for m, s in summary.items()}}))
+    return 0
+
+
+def _print_table(per_seed: list[dict], summary: dict | None = None):
+    head = (f"{'seed':>6} | {'method':>7} | {'HS before':>9} | {'HS after':>8} | {'acc after':>9} | "
+            f"{'h-loss start':>12} | {'h-loss end':>10}")
+    lines = [head, "-" * len(head)]
+    for r in per_seed:
+        for m in METHODS:
+            x = r[m]
+            lines.append(f"{r['seed']:>6} | {m:>7} | {x['before_attack']['harmful_score']:>9.1f} | "
+                         f"{x['after_attack']['harmful_score']:>8.1f} | {x['after_attack']['accuracy']:>9.1f} | "
+                         f"{x['harmful_loss_curve'][0][1]:>12.3f} | {x['harmful_loss_curve'][-1][1]:>10.3f}")
+    if summary:
+        for m in METHODS:
+            s = summary[m]
+            lines.append(f"{'mean':>6} | {m:>7} | {s['harmful_score_before']['mean']:>9.1f} | "
+                         f"{s['harmful_score_after']['mean']:>8.1f} | {s['accuracy_after']['mean']:>9.1f} | "
+                         f"{s['harmful_loss_start']['mean']:>12.3f} | {s['harmful_loss_end']['mean']:>10.3f}")
+    print("\n".join(lines), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the plot
+# ------------------------------------------------------------------------------------------------------------
+def _need_matplotlib():
+    from .cli import UsageError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("the plot needs matplotlib: pip install 'booster-fast[plot]' (or pass --no-plot)") from None
+
+
+def plot_defense(result: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"sft": "tab:red", "booster": "tab:blue"}
+    names = {"sft": "SFT", "booster": "Booster"}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+    for m in METHODS:
+        curves = [r[m]["harmful_loss_curve"] for r in result["per_seed"]]
+        for c in curves:
+            ax.plot([s for s, _ in c], [v for _, v in c], color=colors[m], alpha=0.3, lw=1)
+        steps = [s for s, _ in curves[0]]
+        mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
+        ax.plot(steps, mean, color=colors[m], lw=2.2, label=f"{names[m]} (mean of {len(curves)} seeds)")
+    ax.set_xlabel("attack step")
+    ax.set_ylabel("held-out harmful loss (token mean)")
+    ax.set_title("Harmful loss under the fine-tuning attack")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+    seeds = result["seeds"]
+    width = 0.2
+    for j, m in enumerate(METHODS):
+        xs = [i + (j - 0.5) * 2 * width for i in range(len(seeds))]
+        hs = [r[m]["after_attack"]["harmful_score"] for r in result["per_seed"]]
+        acc = [r[m]["after_attack"]["accuracy"] for r in result["per_seed"]]
+        bx.bar([x - width / 2 for x in xs], hs, width, color=colors[m], label=f"{names[m]} harmful score")
+        bx.bar([x + width / 2 for x in xs], acc, width, color=colors[m], alpha=0.35, hatch="//",
+               label=f"{names[m]} task accuracy")
+    bx.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
+    bx.set_ylabel("% after the attack")
+    bx.set_ylim(0, 105)
+    bx.set_title(f"After the attack (judge: {result['judge']['name']})")
+    bx.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"booster-fast experiment defense --preset {result['preset']} "
+                 f"({result['machine'].get('gpu') or result['machine']['cpu']})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

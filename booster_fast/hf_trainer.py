@@ -1,0 +1,273 @@
+"""`BoosterTrainer`: a drop-in `transformers.Trainer` that aligns with Booster, on the same engine as `Booster`.
+
+    from booster_fast import BoosterTrainer, BoosterTrainingArguments
+    args = BoosterTrainingArguments(output_dir="out", learning_rate=5e-4, lamb=5.0, alpha=0.1, ...)
+    trainer = BoosterTrainer(model=peft_model, args=args, train_dataset=align, data_collator=collator,
+                             harmful_dataset=harmful)        # or, as the original: trainer.init(harmful)
+    trainer.train()
+
+How it fits into the Trainer. The Trainer's loop does, per update: `training_step` once per micro-batch, then
+(on the last one) clip `model.parameters()` grads to `max_grad_norm`, `optimizer.step()`, `lr_scheduler.step()`,
+`model.zero_grad()`. The original Booster trainer builds the combined gradient ∇f + λ∇h(w) − λ∇h(w̃) into
+`.grad` inside `training_step` and lets the Trainer clip and step. We keep exactly that division of labour:
+
+- `create_optimizer` builds the engine (the fast or reference step of `Booster`) on the model; the Trainer's
+  optimizer IS the engine's AdamW (for the fast engine: one fused AdamW over the flat LoRA buffer W, whose
+  `.grad` is the flat buffer G_f that every LoRA parameter's `.grad` is a view of). The engine's own
+  clip-and-update is switched off (`_GradientOnly` below), so clipping happens once, in the Trainer, on the
+  combined gradient (the same `max_grad_norm` semantics as the original; logged `grad_norm` is its norm), and
+  the Trainer's `optimizer.step()`, scheduler and `zero_grad()` drive the engine's optimizer unchanged.
+- Gradient accumulation: Booster's perturbation needs ∇h summed over ALL micro-batches of the update before
+  it can perturb (w̃ = w − α∇h/‖∇h‖), so the engine cannot run micro-batch by micro-batch. `training_step`
+  therefore stashes each alignment micro-batch (and one harmful micro-batch pulled from the harmful loader)
+  and returns 0; on the micro-batch that ends the update (`accelerator.sync_gradients`, which the Trainer
+  sets before calling `training_step`) it runs the engine once over the lists of micro-batches. The engine
+  normalises every loss by the token count of the whole update (and of all processes), so k micro-batches of
+  b rows give exactly the update of one batch of k·b rows. Activations are still those of one micro-batch at
+  a time; the stash holds token ids only. The returned loss is the update's alignment loss (0 on the other
+  micro-steps), so the Trainer's logged `loss` is the mean alignment loss per update, as usual.
+- Several processes (`torchrun` / `accelerate launch`, DDP): the engine calls the PEFT model directly, not the
+  DDP wrapper, so DDP's hooks stay idle; the engine all-reduces its flat gradient buffers itself, once per pass
+  and before the norm (summed; losses are divided by the global token count), so n ranks equal one process on
+  the union batch. The harmful loader is sharded across processes by `accelerator.prepare`, like the train
+  loader. FSDP, DeepSpeed, fp16 loss scaling, DataParallel and `torch_compile` are rejected with one line.
+- Logging: `harmful_loss`, `harmful_loss_perturbed` and `harmful_grad_norm` are accumulated on the device
+  and averaged into the Trainer's own log records (no host sync in the step; the Trainer syncs at log time).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .config import IMPLS, BoosterConfig
+
+BOOSTER_METRICS = ("harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm")
+MODEL_KEYS = ("input_ids", "labels", "attention_mask")
+
+
+@dataclass
+class BoosterTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus Booster's knobs. The optimizer is always the engine's AdamW (learning_rate,
+    weight_decay — applied to every LoRA tensor —, adam_beta1/2, adam_epsilon are honoured; `optim` is not)."""
+
+    lamb: float = field(default=5.0, metadata={"help": BoosterConfig.help()["lamb"]})
+    alpha: float = field(default=0.1, metadata={"help": BoosterConfig.help()["alpha"]})
+    harmful_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Harmful rows per device and per micro-batch (default: per_device_train_batch_size)."},
+    )
+    booster_impl: str = field(default="fast", metadata={"help": BoosterConfig.help()["impl"]})
+    merge_passes: bool | None = field(default=None, metadata={"help": BoosterConfig.help()["merge_passes"]})
+    meta_term: bool = field(default=True, metadata={"help": BoosterConfig.help()["meta_term"]})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.booster_impl not in IMPLS:
+            raise ValueError(f"booster_impl must be one of {IMPLS}, got {self.booster_impl!r}")
+        if not self.lamb >= 0:
+            raise ValueError(f"lamb must be >= 0, got {self.lamb}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.harmful_batch_size is not None and self.harmful_batch_size < 1:
+            raise ValueError(f"harmful_batch_size must be >= 1, got {self.harmful_batch_size}")
+
+
+def _gradient_only(engine_cls):
+    """The engine with its clip-and-update removed: a step leaves the combined gradient in `.grad` (for the fast
+    engine: in the flat buffer G_f, which the parameters' and W's `.grad` are views of) for the Trainer to clip
+    and apply with the engine's own optimizer. `_clip_and_update` is the one place where both engines update."""
+
+    class GradientOnly(engine_cls):
+        def __init__(self, model, cfg):
+            super().__init__(model, cfg)
+            self._not_skipped = torch.zeros((), device=self.device)
+
+        def _clip_and_update(self):
+            return self._not_skipped
+
+    GradientOnly.__name__ = GradientOnly.__qualname__ = f"GradientOnly{engine_cls.__name__}"
+    return GradientOnly
+
+
+def build_engine(model, cfg: BoosterConfig):
+    """The same engine `Booster` builds for `cfg.impl`, without its clip-and-update (see `_gradient_only`)."""
+    if cfg.impl == "reference":
+        from .reference import ReferenceBooster as Engine
+    else:
+        from .fast import FastBooster as Engine
+    return _gradient_only(Engine)(model, cfg)
+
+
+def _model_batch(inputs) -> dict:
+    return {k: inputs[k] for k in MODEL_KEYS if k in inputs}
+
+
+class FixedLengthCollator:
+    """Right-pads rows of `input_ids`/`labels` to exactly `max_length` (labels −100, attention mask 0 on pads):
+    one static shape for the whole run, as `booster_fast.data.collate` does for `Booster`."""
+
+    def __init__(self, pad_id: int, max_length: int):
+        self.pad_id, self.max_length = pad_id, max_length
+
+    def __call__(self, rows):
+        from .data import collate
+
+        rows = [{"input_ids": list(map(int, r["input_ids"])), "labels": list(map(int, r["labels"]))} for r in rows]
+        return collate(rows, self.max_length, self.pad_id)
+
+
+class BoosterTrainer(Trainer):
+    """`transformers.Trainer` whose `training_step` is a Booster update (see the module docstring)."""
+
+    def __init__(self, *args, harmful_dataset=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, BoosterTrainingArguments):
+            raise TypeError(f"BoosterTrainer needs BoosterTrainingArguments, got {type(self.args).__name__}")
+        if self.optimizer is not None:
+            raise ValueError("BoosterTrainer builds its own optimizer (the engine's AdamW over the flat LoRA "
+                             "buffer); do not pass `optimizers=`")
+        self._check_supported()
+        self.engine = None
+        self.harmful_dataloader = self.harmful_data_iter = None
+        self._align_micro: list[dict] = []
+        self._harmful_micro: list[dict] = []
+        self._metric_sum: torch.Tensor | None = None
+        self._metric_count = 0
+        self._zero = None
+        if harmful_dataset is not None:
+            self.init(harmful_dataset)
+
+    def _check_supported(self):
+        a = self.args
+        reasons = [
+            (getattr(self, "is_deepspeed_enabled", False), "DeepSpeed"),
+            (getattr(self, "is_fsdp_enabled", False), "FSDP"),
+            (a.fp16, "fp16 loss scaling (use bf16)"),
+            (a.n_gpu > 1, "DataParallel over several GPUs in one process (use torchrun / accelerate launch)"),
+            (a.torch_compile, "torch_compile"),
+        ]
+        bad = [what for on, what in reasons if on]
+        if bad:
+            raise ValueError(f"BoosterTrainer does not support {', '.join(bad)}: its engine owns flat LoRA "
+                             f"buffers and reduces them itself")
+
+    # -- the harmful data (the original's API: trainer.init(harmful_dataset)) ----------------------------------
+    def init(self, harmful_dataset):
+        """Attach the harmful dataset (as the original BoosterAlignmentTrainer.init); same collator as training."""
+        self.harmful_dataloader = self.get_harmful_dataloader(harmful_dataset)
+        self.harmful_data_iter = None
+        self.steps = 0
+
+    def get_harmful_dataloader(self, harmful_dataset):
+        """A training DataLoader over the harmful set: the train collator and sampling strategy, sharded across
+        processes by accelerate, `harmful_batch_size` rows per device and micro-batch."""
+        batch_size = self.args.harmful_batch_size or self.args.per_device_train_batch_size
+        if hasattr(self, "_get_dataloader"):  # transformers >= 4.52: the train loader's own recipe
+            return self._get_dataloader(dataset=harmful_dataset, description="Harmful", batch_size=batch_size,
+                                        sampler_fn=self._harmful_sampler, is_training=True)
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(harmful_dataset, batch_size=batch_size, collate_fn=self.data_collator,
+                            sampler=self._harmful_sampler(harmful_dataset), drop_last=self.args.dataloader_drop_last,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
+    def _harmful_sampler(self, dataset):
+        try:
+            return self._get_train_sampler(dataset)
+        except TypeError:  # older transformers: _get_train_sampler() takes no dataset
+            return torch.utils.data.RandomSampler(dataset)
+
+    def sample_from_harmful(self) -> dict:
+        """The next harmful micro-batch; a new pass over the harmful set when one ends (as the original)."""
+        if self.harmful_dataloader is None:
+            raise ValueError("BoosterTrainer has no harmful dataset: pass harmful_dataset= to the constructor or "
+                             "call trainer.init(harmful_dataset) before train()")
+        if self.harmful_data_iter is None:
+            self.harmful_data_iter = iter(self.harmful_dataloader)
+        try:
+            return next(self.harmful_data_iter)
+        except StopIteration:
+            self.harmful_data_iter = iter(self.harmful_dataloader)
+            return next(self.harmful_data_iter)
+
+    # -- the engine is the optimizer ---------------------------------------------------------------------------
+    def booster_config(self) -> BoosterConfig:
+        a = self.args
+        return BoosterConfig(lamb=a.lamb, alpha=a.alpha, lr=a.learning_rate, weight_decay=a.weight_decay,
+                             betas=(a.adam_beta1, a.adam_beta2), adam_eps=a.adam_epsilon,
+                             max_grad_norm=0.0,        # the Trainer clips, once, on the combined gradient
+                             impl=a.booster_impl, merge_passes=a.merge_passes, meta_term=a.meta_term,
+                             grad_accum=1,             # micro-batches arrive as lists (see training_step)
+                             skip_nonfinite=False, graphs="off")
+
+    def create_optimizer(self, model=None):
+        if self.engine is not None:
+            return self.optimizer
+        if model is not None and model is not self.model:
+            raise ValueError("BoosterTrainer cannot build its engine on a wrapped model (FSDP / SageMaker MP)")
+        self.engine = build_engine(self.model, self.booster_config())
+        self.optimizer = self.engine.optimizer
+        return self.optimizer
+
+    # -- one Booster update per optimizer step -------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Stash this micro-batch and a harmful one; on the last micro-batch of the update run the engine over all
+        of them (building the combined gradient in .grad) and return the update's alignment loss (detached)."""
+        if self.engine is None:
+            self.create_optimizer()
+        if self._zero is None:
+            self._rebind_flat_storage()
+            self._zero = torch.zeros((), device=self.args.device)
+        self._align_micro.append(_model_batch(self._prepare_inputs(inputs)))
+        self._harmful_micro.append(_model_batch(self._prepare_inputs(self.sample_from_harmful())))
+        if not self.accelerator.sync_gradients:  # not the last micro-batch of this update
+            return self._zero
+        align, harmful = self._align_micro, self._harmful_micro
+        self._align_micro, self._harmful_micro = [], []
+        with self.compute_loss_context_manager():
+            out = self.engine.step(align, harmful)
+        values = torch.stack([out[k].detach().float().reshape(()) for k in BOOSTER_METRICS])
+        self._metric_sum = values if self._metric_sum is None else self._metric_sum + values
+        self._metric_count += 1
+        self.steps = getattr(self, "steps", 0) + 1
+        return out["loss"].detach()
+
+    def _rebind_flat_storage(self):
+        """Once, at the first step: make the LoRA parameters (and their attached grads) views of the engine's flat
+        buffers again if a wrapper copied them after `create_optimizer`. accelerate's `model.to("cpu:0")` under a
+        multi-process CPU launch does: on the CPU `.to("cpu:0")` always copies, and `Module.to` re-points both
+        `param.data` and the attached `param.grad.data` (FlatLoRA's views of G_f) at the copies. Values are copied
+        back into W; a move to another device cannot be undone and raises."""
+        flat = getattr(self.engine, "flat", None)
+        if flat is None:  # the reference engine holds the Parameter objects themselves
+            return
+        sizes = [p.numel() for p in flat.params]
+        with torch.no_grad():
+            for p, w in zip(flat.params, flat.W.split(sizes)):
+                if p.data_ptr() == w.data_ptr():
+                    continue
+                if p.device != flat.W.device:
+                    raise RuntimeError(f"the model moved to {p.device} after BoosterTrainer built its engine on "
+                                       f"{flat.W.device}; place the model on its device before creating the trainer")
+                w.copy_(p.detach().reshape(-1))
+                p.data = w.view_as(p)
+            for v, g in zip(getattr(flat, "_gf_views", ()), flat.G_f.split(sizes)):
+                if v.data_ptr() != g.data_ptr():
+                    v.data = g.view_as(v)
+        flat.attach_grads()
+        lo, hi = flat.G_f.data_ptr(), flat.G_f.data_ptr() + flat.G_f.numel() * flat.G_f.element_size()
+        if not all(lo <= p.grad.data_ptr() < hi for p in flat.params):
+            raise RuntimeError("the LoRA gradients do not land in the engine's flat buffer after re-binding")
+
+    def log(self, logs, *args, **kwargs):
+        """Add the Booster metrics, averaged over the updates since the last log, to the Trainer's training logs."""
+        if self._metric_count and "loss" in logs:
+            means = (self._metric_sum / self._metric_count).tolist()  # host sync, at log time only
+            for k, v in zip(BOOSTER_METRICS, means):
+                if v == v:  # NaN: harmful_loss_perturbed without the meta term
+                    logs[k] = v
+            self._metric_sum, self._metric_count = None, 0
+        return super().log(logs, *args, **kwargs)

@@ -1,0 +1,273 @@
+"""BoosterTrainer (the drop-in transformers.Trainer) computes Booster's update: 5 trainer steps equal 5 `Booster`
+steps, the original's `trainer.init(harmful_dataset)` works, and gradient accumulation equals one big batch.
+
+Data order is made identical by construction: the Trainer samples sequentially (train_sampling_strategy=
+"sequential", which BoosterTrainer also uses for the harmful loader), so update i sees rows [i·b, (i+1)·b) of
+both sets, and the `Booster` side is fed the same rows collated the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import booster_fast as bf
+from booster_fast.data import collate, encode_all, load_safety_data
+from booster_fast.hf_trainer import FixedLengthCollator
+
+SEED = 7
+MAX_LEN = 64
+LR = 5e-4
+
+
+def make_model():
+    model, tok = bf.load_model("tiny", seed=SEED, device="cpu")
+    torch.manual_seed(SEED)
+    return bf.add_lora(model, r=8, alpha=16), tok
+
+
+def lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def worst_relative_error(a: dict, b: dict) -> tuple[float, str]:
+    errs = {n: ((a[n] - b[n]).norm() / b[n].norm().clamp(min=1e-30)).item() for n in b}
+    name = max(errs, key=errs.get)
+    return errs[name], name
+
+
+@pytest.fixture(scope="module")
+def data():
+    _, tok = bf.load_model("tiny", device="cpu")
+    align, harmful = load_safety_data("builtin", "train")
+    rows_a, _ = encode_all(tok, align[:48], MAX_LEN)
+    rows_h, _ = encode_all(tok, harmful[100:148], MAX_LEN)   # other prompts than the alignment rows
+    return rows_a, rows_h, tok.pad_token_id
+
+
+def trainer_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, harmful_batch_size=4,
+                gradient_accumulation_steps=1, max_steps=5, learning_rate=LR, weight_decay=0.1,
+                lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, train_sampling_strategy="sequential",
+                use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=SEED,
+                dataloader_num_workers=0)
+    base.update(kw)
+    return bf.BoosterTrainingArguments(**base)
+
+
+def make_trainer(tmp_path, data, harmful=True, callbacks=None, **kw):
+    rows_a, rows_h, pad = data
+    model, _ = make_model()
+    trainer = bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, **kw), train_dataset=rows_a,
+                                data_collator=FixedLengthCollator(pad, MAX_LEN), callbacks=callbacks,
+                                **({"harmful_dataset": rows_h} if harmful else {}))
+    return trainer, model
+
+
+def batch(rows, i, b, pad):
+    return collate(rows[i * b:(i + 1) * b], MAX_LEN, pad)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_trainer_equals_booster_5_steps(tmp_path, data, impl):
+    rows_a, rows_h, pad = data
+    trainer, model = make_trainer(tmp_path, data, booster_impl=impl)
+    w0 = lora_state(model)
+    trainer.train()
+    got = lora_state(model)
+
+    ref_model, _ = make_model()
+    booster = bf.Booster(ref_model, bf.BoosterConfig(impl=impl, lr=LR, weight_decay=0.1, max_grad_norm=1.0))
+    outs = [booster.step(batch(rows_a, i, 4, pad), batch(rows_h, i, 4, pad)) for i in range(5)]
+    want = lora_state(ref_model)
+
+    moved = max(((want[n] - w0[n]).norm() / want[n].norm()).item() for n in want)
+    assert moved > 1e-3, "the weights barely moved: the comparison would prove nothing"
+    err, name = worst_relative_error(got, want)
+    assert err <= 1e-5, f"{impl}: {name} differs from Booster by {err:.3g} (relative L2)"
+
+    logs = [r for r in trainer.state.log_history if "loss" in r and "harmful_loss" in r]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5]
+    for key in ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in logs]),
+                                   torch.stack([o[key] for o in outs]).float(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{key}: {m}")
+    assert all(r["grad_norm"] > 0 for r in logs)   # the Trainer clipped the combined gradient
+
+
+def test_init_path_and_missing_harmful(tmp_path, data):
+    # the original's API: construct without harmful data, then trainer.init(harmful_dataset)
+    trainer, _ = make_trainer(tmp_path, data, harmful=False, max_steps=2)
+    with pytest.raises(ValueError, match="harmful"):
+        trainer.train()
+    trainer, _ = make_trainer(tmp_path, data, harmful=False, max_steps=2)
+    trainer.init(data[1])
+    trainer.train()
+    assert [r["step"] for r in trainer.state.log_history if "harmful_loss" in r] == [1, 2]
+
+
+def test_bad_arguments(tmp_path, data):
+    with pytest.raises(ValueError, match="booster_impl"):
+        trainer_args(tmp_path, booster_impl="nope")
+    with pytest.raises(ValueError, match="alpha"):
+        trainer_args(tmp_path, alpha=0)
+    model, _ = make_model()
+    with pytest.raises(TypeError, match="BoosterTrainingArguments"):
+        from transformers import TrainingArguments
+        bf.BoosterTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                              report_to="none"))
+
+
+class GradCapture:
+    """Trainer callback: the combined gradient after the Trainer's clipping, before each optimizer step."""
+
+    def __init__(self):
+        self.trainer, self.grads = None, []
+
+    def __getattr__(self, name):          # every other TrainerCallback event is a no-op
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.grads.append(self.trainer.engine.flat.G_f.clone())
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, data):
+    """2 micro-batches of 2 rows (harmful: 2 + 2) per update == one batch of 4 (harmful 4).
+
+    Compared on the clipped combined gradient of the first update, not on the weights after it: Adam's first
+    step is lr·g/(|g|+ε), so a coordinate whose gradient is at the fp32 noise level of the sum (~1e-7·‖g‖) can flip
+    sign and move by 2·lr whatever the tolerance; the gradient itself carries only summation-order noise (the
+    micro-batches are summed in a different order than the rows of one batch), ~1e-7 relative, hence 1e-5.
+    The weights after 2 updates are then compared with `Booster` fed the same micro-batches as lists (the
+    engine's own accumulation: the same sums in the same order), at the fp32 tolerance of the 5-step test.
+    """
+    rows_a, rows_h, pad = data
+    cap = GradCapture()
+    trainer, model = make_trainer(tmp_path, data, callbacks=[cap], per_device_train_batch_size=2,
+                                  harmful_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    cap.trainer = trainer
+    trainer.train()
+    assert len(cap.grads) == 2
+
+    # one big batch: the same 4 + 4 rows, unclipped combined gradient from the engine, clipped as the Trainer does
+    ref_model, _ = make_model()
+    big = bf.Booster(ref_model, bf.BoosterConfig(lr=LR, weight_decay=0.1, max_grad_norm=0.0, skip_nonfinite=False))
+    big.step(batch(rows_a, 0, 4, pad), batch(rows_h, 0, 4, pad))
+    g = big.engine.flat.G_f.clone()
+    g *= (1.0 / (g.norm() + 1e-6)).clamp(max=1.0)
+    assert g.norm() > 0
+    err = ((cap.grads[0] - g).norm() / g.norm()).item()
+    assert err <= 1e-5, f"accumulated gradient differs from the big batch's by {err:.3g} (relative L2)"
+
+    # two updates == Booster with the same micro-batches as lists
+    lst_model, _ = make_model()
+    lst = bf.Booster(lst_model, bf.BoosterConfig(lr=LR, weight_decay=0.1, max_grad_norm=1.0))
+    for u in range(2):
+        lst.step([batch(rows_a, 2 * u, 2, pad), batch(rows_a, 2 * u + 1, 2, pad)],
+                 [batch(rows_h, 2 * u, 2, pad), batch(rows_h, 2 * u + 1, 2, pad)])
+    err, name = worst_relative_error(lora_state(model), lora_state(lst_model))
+    assert err <= 1e-5, f"{name} differs by {err:.3g} after 2 accumulated updates (relative L2)"
+    logs = [r for r in trainer.state.log_history if "harmful_loss" in r]
+    assert [r["step"] for r in logs] == [1, 2]
+
+
+DDP_WORKER = r'''
+import sys, torch, booster_fast as bf
+from booster_fast.data import encode_all, load_safety_data
+from booster_fast.hf_trainer import FixedLengthCollator
+out, seed, max_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model, tok = bf.load_model("tiny", seed=seed, device="cpu")
+torch.manual_seed(seed)
+model = bf.add_lora(model, r=8, alpha=16)
+align, harmful = load_safety_data("builtin", "train")
+rows_a, _ = encode_all(tok, align[:48], max_len)
+rows_h, _ = encode_all(tok, harmful[100:148], max_len)
+
+class Recording(bf.BoosterTrainer):
+    seen = []
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append(("align", {k: v.clone() for k, v in inputs.items()}))
+        return super().training_step(model, inputs, num_items_in_batch)
+    def sample_from_harmful(self):
+        b = super().sample_from_harmful()
+        self.seen.append(("harmful", {k: v.clone() for k, v in b.items()}))
+        return b
+
+args = bf.BoosterTrainingArguments(output_dir=out + "/hf", per_device_train_batch_size=2, harmful_batch_size=2,
+    max_steps=2, learning_rate=5e-4, weight_decay=0.1, lr_scheduler_type="constant", max_grad_norm=1.0,
+    train_sampling_strategy="sequential", use_cpu=True, ddp_backend="gloo", report_to="none", save_strategy="no",
+    logging_steps=1, disable_tqdm=True, seed=seed, dataloader_num_workers=0)
+trainer = Recording(model=model, args=args, train_dataset=rows_a, data_collator=FixedLengthCollator(tok.pad_token_id, max_len),
+                    harmful_dataset=rows_h)
+from transformers import TrainerCallback
+class Grads(TrainerCallback):   # the clipped combined gradient, before each optimizer step
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        Recording.seen.append(("grad", {"G_f": trainer.engine.flat.G_f.clone()}))
+trainer.add_callback(Grads())
+trainer.train()
+rank = torch.distributed.get_rank()
+state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+torch.save({"seen": trainer.seen, "state": state, "world": torch.distributed.get_world_size(),
+            "logs": trainer.state.log_history}, f"{out}/rank{rank}.pt")
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_on_the_union_batch(tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo, CPU), 2 rows per rank and update == one process on the union batch
+    (rank 0's rows then rank 1's, harmful likewise): the clipped combined gradient of the first update within
+    1e-5 (summation-order noise: per-rank sums all-reduced vs one sum), identical weights on both ranks, and
+    the weights after 2 updates within 1e-3. The looser weight tolerance is Adam's: its first step is
+    lr·g/(|g|+ε), so the ~1e-6 relative gradient noise moves near-zero coordinates by up to 2·lr (measured:
+    1.4e-4 after 2 updates); a missing or double all-reduce, or a lost clip, is off by O(1)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    root = str(Path(__file__).resolve().parents[1])        # this checkout, whatever the installed copy
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(worker), str(tmp_path), str(SEED), str(MAX_LEN)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)   # its own process group: a hang kills the workers too
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world"] == 2
+    for n in r0["state"]:
+        assert torch.equal(r0["state"][n], r1["state"][n]), f"ranks disagree on {n}"
+
+    def seen(rank, kind):
+        return [b for k, b in rank["seen"] if k == kind]
+
+    def union(u, kind):
+        b0, b1 = seen(r0, kind)[u], seen(r1, kind)[u]
+        return {k: torch.cat([b0[k], b1[k]]) for k in b0}
+
+    # first update's combined gradient: the engine unclipped on the union batch, clipped as the Trainer does
+    one_model, _ = make_model()
+    one = bf.Booster(one_model, bf.BoosterConfig(lr=LR, weight_decay=0.1, max_grad_norm=0.0, skip_nonfinite=False))
+    one.step(union(0, "align"), union(0, "harmful"))
+    g = one.engine.flat.G_f.clone()
+    g *= (1.0 / (g.norm() + 1e-6)).clamp(max=1.0)
+    err = ((seen(r0, "grad")[0]["G_f"] - g).norm() / g.norm()).item()
+    assert err <= 1e-5, f"2 ranks vs 1 process: first combined gradient differs by {err:.3g} (relative L2)"
+
+    ref_model, _ = make_model()
+    booster = bf.Booster(ref_model, bf.BoosterConfig(lr=LR, weight_decay=0.1, max_grad_norm=1.0))
+    for u in range(2):
+        booster.step(union(u, "align"), union(u, "harmful"))
+    err, name = worst_relative_error(r0["state"], lora_state(ref_model))
+    assert err <= 1e-3, f"2 ranks vs 1 process on the union batch: {name} differs by {err:.3g} (relative L2)"

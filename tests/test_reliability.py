@@ -1,0 +1,319 @@
+"""Checkpoints, exact resume, signals and non-finite updates of `booster-fast align` (CPU, tiny model).
+
+Three `python -m booster_fast align` subprocesses are started together and stopped mid-run, one by SIGKILL
+(after its step-4 checkpoint appears), one by SIGTERM and one by SIGINT; while they run, the same run goes
+uninterrupted in this process. Each interrupted run is then resumed in-process and must end with the same
+adapter and optimizer state, bit for bit, and the same metrics.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import booster_fast as bf
+from booster_fast.checkpoint import MARKER, list_checkpoints, load_checkpoint, save_checkpoint
+from booster_fast.cli import main
+
+STEPS = 16
+RUN = ["--steps", str(STEPS), "--max-length", "64", "--batch-size", "2", "--log-every", "1"]
+# one intra-op thread here and in the subprocesses: the same arithmetic in every process (bit-exact comparisons
+# need equal thread counts), and four processes on two cores do not oversubscribe them
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_time(rows):
+    return [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]
+
+
+def one_error_line(err: str, progress: bool = False) -> str:
+    """The one error line; with progress=True the run had started, so tqdm's bar may precede it."""
+    lines = err.strip().splitlines()
+    if progress:
+        lines = [line for line in lines if not line.startswith("booster:")]
+    assert len(lines) == 1 and lines[0].startswith("booster-fast: error:"), err
+    return lines[0]
+
+
+def assert_same_run(a: Path, b: Path):
+    """Final adapters and final optimizer states equal bit for bit; same metrics but for timings."""
+    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and len(wa) == 24
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    oa, ob = (torch.load(list_checkpoints(r)[-1][1] / "optimizer.pt", weights_only=True) for r in (a, b))
+    sa, sb = oa["optimizer"]["state"], ob["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    assert without_time(read_metrics(a)) == without_time(read_metrics(b))
+    assert [r["step"] for r in read_metrics(b)] == list(range(1, STEPS + 1))
+
+
+# ------------------------------------------------------------------------------ interrupted runs, resumed
+def _metric_lines(run: Path) -> int:
+    try:
+        return (run / "metrics.jsonl").read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start three subprocess runs, stop each mid-run by its signal, and meanwhile run the same training
+    uninterrupted in-process. Returns {name: (run dir, return code, stderr)} plus the reference dir."""
+    root = tmp_path_factory.mktemp("reliability")
+    plans = {  # name: (extra flags, trigger, signal)
+        "kill": (["--save-every", "2"], lambda d: (d / "checkpoints" / "step-000004").is_dir(), signal.SIGKILL),
+        "term": (["--save-every", "1000"], lambda d: _metric_lines(d) >= 2, signal.SIGTERM),
+        "int": (["--save-every", "1000"], lambda d: _metric_lines(d) >= 3, signal.SIGINT),
+    }
+    procs = {}
+    for name, (extra, _, _) in plans.items():
+        err = open(root / f"{name}.stderr", "w")
+        procs[name] = subprocess.Popen([sys.executable, "-m", "booster_fast", "align", "--output",
+                                        str(root / name), *RUN, *extra],
+                                       stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **ONE_THREAD})
+        err.close()
+
+    def drive():
+        pending, deadline = set(plans), time.monotonic() + 240
+        while pending and time.monotonic() < deadline:
+            for name in list(pending):
+                _, trigger, sig = plans[name]
+                if procs[name].poll() is not None:
+                    pending.discard(name)            # ended by itself: the test below reports it
+                elif trigger(root / name):
+                    procs[name].send_signal(sig)
+                    pending.discard(name)
+            time.sleep(0.003)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    reference = root / "reference"
+    code = main(["align", "--output", str(reference), *RUN, "--save-every", "2", "--keep-checkpoints", "2"])
+    driver.join()
+    out = {"reference": (reference, code, "")}
+    for name, p in procs.items():
+        rc = p.wait(timeout=240)
+        out[name] = (root / name, rc, (root / f"{name}.stderr").read_text())
+    return out
+
+
+def test_uninterrupted_run_keeps_the_last_k_checkpoints(runs):
+    run, code, _ = runs["reference"]
+    assert code == 0
+    assert [s for s, _ in list_checkpoints(run)] == [STEPS - 2, STEPS]
+    assert not (run / MARKER).exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000014", "step-000016"]  # no .tmp-*
+    assert all(r["skipped"] == 0.0 for r in read_metrics(run))
+
+
+def test_sigkill_then_resume_is_bit_exact(runs, capsys):
+    run, rc, err = runs["kill"]
+    assert rc == -signal.SIGKILL, err
+    assert (run / MARKER).exists() and not (run / "adapter_model.safetensors").exists()
+    saved = [s for s, _ in list_checkpoints(run)]
+    assert saved and 4 <= saved[-1] < STEPS and len(saved) <= 2
+    assert main(["align", "--resume", str(run)]) == 0, capsys.readouterr().err
+    assert not (run / MARKER).exists()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]   # killed writes cleaned
+    assert_same_run(runs["reference"][0], run)
+
+
+@pytest.mark.parametrize("name,sig,code", [("term", "SIGTERM", 143), ("int", "SIGINT", 130)])
+def test_signal_checkpoints_exits_and_resumes(runs, name, sig, code, capsys):
+    run, rc, err = runs[name]
+    assert rc == code, err
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(rf"booster-fast: interrupted at step (\d+) \({sig}\); resume with: "
+                     rf"booster-fast align --resume (\S+)", last)
+    assert m, last
+    step = int(m.group(1))
+    assert Path(m.group(2)) == run and 1 <= step < STEPS
+    assert [s for s, _ in list_checkpoints(run)] == [step]          # written on the signal (--save-every 1000)
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, step + 1))
+    assert (run / MARKER).exists()
+    assert main(["align", "--resume", str(run), "--log-every", "5"]) == 0, capsys.readouterr().err
+    assert_same_run(runs["reference"][0], run)
+
+
+# ------------------------------------------------------------------------------ checkpoint in, checkpoint out
+def _batches(tok):
+    from booster_fast.data import BatchStream, encode_all, load_safety_data
+
+    align, harmful = load_safety_data("builtin")
+    sa = BatchStream(encode_all(tok, align[:64], 64)[0], 2, 64, tok.pad_token_id, 1)
+    sh = BatchStream(encode_all(tok, harmful[:64], 64)[0], 2, 64, tok.pad_token_id, 2)
+    return {"align": sa, "harmful": sh}
+
+
+def _fresh(lora_seed=43):
+    model, tok = bf.load_model("tiny", seed=43, device="cpu")
+    torch.manual_seed(lora_seed)
+    model = bf.add_lora(model)
+    return model, tok, bf.Booster(model, bf.BoosterConfig(impl="fast"))
+
+
+def test_loading_the_adapter_restores_the_flat_buffer(tmp_path):
+    """The fast engine's optimizer has ONE parameter, W; the LoRA parameters are views of it, so loading the
+    peft adapter in place restores W, and the next update equals the uninterrupted one bit for bit."""
+    model, tok, booster = _fresh()
+    streams = _batches(tok)
+    for _ in range(2):
+        booster.step(next(streams["align"]), next(streams["harmful"]))
+    (tmp_path / "checkpoints").mkdir()
+    ckpt = save_checkpoint(tmp_path, 2, model, booster, streams, {"skipped": 0, "metrics_bytes": 0}, keep=1)
+
+    model2, tok2, booster2 = _fresh(lora_seed=7)     # another LoRA init: everything must come from the checkpoint
+    streams2 = _batches(tok2)
+    W, W2 = booster.engine.flat.W, booster2.engine.flat.W
+    assert not torch.equal(W, W2)
+    state = load_checkpoint(ckpt, model2, booster2, streams2)
+    assert state["step"] == 2
+    assert torch.equal(W, W2)
+    base, end = W2.untyped_storage().data_ptr(), W2.untyped_storage().data_ptr() + W2.untyped_storage().nbytes()
+    assert all(base <= p.data_ptr() < end for p in model2.parameters() if p.requires_grad)  # still views of W
+    s1, s2 = booster.optimizer.state[booster.engine.W], booster2.optimizer.state[booster2.engine.W]
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert streams2["align"].state_dict() == streams["align"].state_dict()
+    booster.step(next(streams["align"]), next(streams["harmful"]))
+    booster2.step(next(streams2["align"]), next(streams2["harmful"]))
+    assert torch.equal(W, W2)
+
+
+# ------------------------------------------------------------------------------ non-finite updates
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(steps): those Booster steps (1-based) see a NaN in the LM head, so their update is non-finite."""
+    bad: set[int] = set()
+    orig = bf.Booster.step
+
+    def step(self, a, h):
+        self._n = getattr(self, "_n", 0) + 1
+        if self._n not in bad:
+            return orig(self, a, h)
+        w = self.model.get_output_embeddings().weight
+        saved = w.detach().clone()
+        with torch.no_grad():
+            w[0, 0] = float("nan")
+        try:
+            return orig(self, a, h)
+        finally:
+            with torch.no_grad():
+                w.copy_(saved)
+
+    monkeypatch.setattr(bf.Booster, "step", step)
+    return bad.update
+
+
+SMALL = ["--max-length", "64", "--batch-size", "2"]
+
+
+def test_skipped_updates_are_counted_and_leave_weights_alone(tmp_path, poison):
+    poison({2})
+    out = tmp_path / "run"
+    assert main(["align", "--output", str(out), "--steps", "4", *SMALL, "--save-every", "1",
+                 "--keep-checkpoints", "4", "--max-skipped", "1", "--log-every", "3"]) == 0
+    assert [r["skipped"] for r in read_metrics(out)] == [0.0, 1.0, 0.0, 0.0]
+    c1, c2, c3 = (out / "checkpoints" / f"step-00000{i}" for i in (1, 2, 3))
+    w1, w2, w3 = (load_file(str(c / "adapter_model.safetensors")) for c in (c1, c2, c3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)                # step 2 changed nothing...
+    assert not all(torch.equal(w2[k], w3[k]) for k in w2)            # ...step 3 trained again
+    o1, o2 = (torch.load(c / "optimizer.pt", weights_only=True)["optimizer"]["state"][0] for c in (c1, c2))
+    assert all(torch.equal(o1[k], o2[k]) for k in o1)                # optimizer state (and its step) untouched
+    assert json.loads((c2 / "trainer_state.json").read_text())["skipped"] == 1
+
+
+def test_too_many_skipped_updates_exit_3_keeping_the_last_good_checkpoint(tmp_path, poison, capsys):
+    poison(set(range(3, 100)))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code = main(["align", "--output", str(out), "--steps", "12", *SMALL, "--save-every", "2", "--log-every", "1",
+                 "--max-skipped", "1"])
+    line = one_error_line(capsys.readouterr().err, progress=True)
+    assert code == 3
+    assert "--max-skipped 1" in line and "step-000002" in line, line
+    assert [s for s, _ in list_checkpoints(out)] == [2]             # nothing saved past the limit
+    assert (out / MARKER).exists()
+    # the kept run refuses conflicting flags, a second run into it, and resumes when asked
+    code = main(["align", "--resume", str(out), "--lr", "0.001", "--seed", "43"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and "--lr 0.001" in line and "--seed" not in line
+    assert main(["align", "--output", str(out), *SMALL]) == 2
+    assert "--resume" in one_error_line(capsys.readouterr().err)
+    assert main(["align", "--resume", str(out), "--overwrite"]) == 2
+    one_error_line(capsys.readouterr().err)
+
+
+def test_abort_before_any_checkpoint_leaves_nothing(tmp_path, poison, capsys):
+    poison(set(range(1, 100)))
+    capsys.readouterr()
+    assert main(["align", "--output", str(tmp_path / "a" / "run"), "--steps", "6", *SMALL,
+                 "--max-skipped", "0", "--log-every", "2"]) == 3
+    assert "nothing was kept" in one_error_line(capsys.readouterr().err, progress=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reference_refuses_max_skipped(tmp_path, capsys):
+    assert main(["align", "--output", str(tmp_path / "run"), "--impl", "reference", "--max-skipped", "3",
+                 *SMALL]) == 2
+    assert "--impl fast" in one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ resume: bad run dirs
+def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["align", "--resume", str(tmp_path / "nope")]) == 2
+    assert "no such run" in one_error_line(capsys.readouterr().err)
+    (tmp_path / "empty").mkdir()
+    assert main(["align", "--resume", str(tmp_path / "empty")]) == 2
+    assert "holds no run" in one_error_line(capsys.readouterr().err)
+    done = tmp_path / "done"
+    assert main(["align", "--output", str(done), "--steps", "1", *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["align", "--resume", str(done)]) == 2
+    assert "finished" in one_error_line(capsys.readouterr().err)
+
+
+def test_training_state_is_loaded_without_pickled_code(tmp_path, capsys):
+    """A checkpoint whose optimizer.pt carries a pickled callable is refused (weights_only=True): one line,
+    exit 2, and the callable never runs."""
+    run = tmp_path / "run"
+    assert main(["align", "--output", str(run), "--steps", "2", *SMALL, "--save-every", "1"]) == 0
+    (run / MARKER).write_text("")                   # pretend it was interrupted after step 2
+    touched = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (touched,))
+
+    torch.save({"impl": "fast", "optimizer": Evil()}, run / "checkpoints" / "step-000002" / "optimizer.pt")
+    capsys.readouterr()
+    assert main(["align", "--resume", str(run)]) == 2
+    assert "not a plain tensor checkpoint" in one_error_line(capsys.readouterr().err)
+    assert not touched.exists()
