@@ -52,7 +52,8 @@ def config_from_args(args, impl: str) -> BoosterConfig:
     try:
         return BoosterConfig(lamb=args.lamb, alpha=args.alpha, lr=args.lr, weight_decay=args.weight_decay,
                              max_grad_norm=args.max_grad_norm, impl=impl, merge_passes=merge,
-                             meta_term=not args.no_meta_term, grad_accum=args.grad_accum)
+                             meta_term=not args.no_meta_term, grad_accum=args.grad_accum,
+                             graphs=getattr(args, "graphs", "auto"))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -261,6 +262,7 @@ class Interrupts:
 # ------------------------------------------------------------------------------------------------
 def run_align(args) -> int:
     from . import Booster, add_lora, load_model
+    from .models import enable_gradient_checkpointing
     from .checkpoint import RunDir
 
     if args.resume is not None:
@@ -276,7 +278,10 @@ def run_align(args) -> int:
 
     # ---- every other input check, before anything is written ---------------------------------------------
     data = load_data(args)
-    model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device)
+    model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device,
+                            trust_remote_code=getattr(args, "trust_remote_code", False))
+    if getattr(args, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(model)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     torch.manual_seed(args.seed)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=targets)

@@ -1,8 +1,9 @@
 """Command line: `booster-fast align|bench ...` (also `python -m booster_fast`).
 
 Every user error (bad flag value, unknown model, missing or malformed data, an output that cannot be written)
-ends with one line on stderr and exit code 2; outputs are written under a temporary name and renamed at the end,
-so a failed run leaves nothing half-written behind.
+ends with one line on stderr and exit code 2, and leaves nothing half-written behind: files are written under a
+temporary name and renamed, and an align run directory is marked `.incomplete` until its final files are in
+place (checkpoints inside it let an interrupted run resume).
 """
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--merge-passes", default="auto", choices=["auto", "on", "off"],
                    help="fast: harmful + alignment batches as one pass (auto: on for CUDA, off for the CPU)")
     p.add_argument("--no-meta-term", action="store_true", help=BoosterConfig.help()["meta_term"])
+    p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help=BoosterConfig.help()["graphs"])
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward (non-reentrant): less memory, ~1/3 "
+                        "more compute; the merged pass holds activations of both batches at once")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a Hugging Face model to run its own Python code (off unless asked)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of reference, fast, fast-merged, fast-unmerged, fast-graphs (CUDA), sft")
     b.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
-    b.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (non-reentrant)")
     b.add_argument("--json", action="store_true", help="end stdout with one JSON document")
     b.add_argument("--output", default=None, metavar="FILE.json", help="also write the JSON document here (atomically)")
     b.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of ms/step (needs matplotlib)")

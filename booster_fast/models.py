@@ -35,7 +35,7 @@ class ModelError(ValueError):
 
 
 def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | None = None, seed: int = 0,
-               device: str | torch.device | None = None, **config_overrides):
+               device: str | torch.device | None = None, trust_remote_code: bool = False, **config_overrides):
     """Return (model, tokenizer).
 
     dtype defaults to float32 for `tiny` and bfloat16 for everything else. `config_overrides` change preset
@@ -50,7 +50,7 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
         if quant == "nf4":
             quantize_nf4_(model)
         return model, tok
-    return _load_pretrained(name, quant, dtype or torch.bfloat16, device)
+    return _load_pretrained(name, quant, dtype or torch.bfloat16, device, trust_remote_code)
 
 
 def _build_preset(name, dtype, seed, device, overrides):
@@ -91,10 +91,10 @@ def _seeded(seed, device):
         yield
 
 
-def _load_pretrained(name, quant, dtype, device):
+def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(dtype=dtype, trust_remote_code=False)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if quant == "nf4":
         from transformers import BitsAndBytesConfig
 
@@ -103,7 +103,7 @@ def _load_pretrained(name, quant, dtype, device):
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": device}
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         where = "a local directory" if os.path.isdir(name) else "a Hugging Face id"
