@@ -44,3 +44,6 @@ class Booster:
         if state.get("impl") != self.cfg.impl:
             raise ValueError(f"optimizer state of the {state.get('impl')!r} engine, this Booster is {self.cfg.impl!r}")
         self.optimizer.load_state_dict(state["optimizer"])
+        graphs = getattr(self.engine, "graphs", None)
+        if graphs is not None:  # captured graphs point at the old optimizer-state tensors: capture again
+            graphs.reset()

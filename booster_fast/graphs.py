@@ -47,6 +47,11 @@ class StepGraphs:
         self._graphs: dict = {}
         self._seen: dict = {}
 
+    def reset(self):
+        """Forget every captured graph (after tensors they captured were replaced, e.g. a loaded state)."""
+        self._graphs.clear()
+        self._seen.clear()
+
     def run(self, kind: str, fn, batches: tuple[dict, ...]) -> dict[str, torch.Tensor]:
         """Run fn(*batches) — eagerly for warm-up, then as a captured graph replay."""
         for b in batches:
