@@ -28,7 +28,7 @@ part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its ta
   echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
 }
 
-BENCH="python3 -m booster_fast bench --device cuda --batch-size 10 --harmful-batch-size 10 --max-length 256 --json"
+BENCH="python3 -m booster_fast bench --device cuda --graphs off --batch-size 10 --harmful-batch-size 10 --max-length 256 --json"
 
 # (1) GPU-marked tests (kernels compiled for real) and each kernel's GB/s against a d2d copy
 part gpu_tests 60 python3 -m pytest -q -m gpu tests
