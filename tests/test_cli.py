@@ -224,3 +224,28 @@ def test_overwrite_refuses_a_directory_that_holds_no_run(tmp_path, capsys):
     code = main(["align", "--output", str(precious), "--overwrite", *FAST])
     assert code == 2 and "holds no run" in capsys.readouterr().err
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_torchrun_two_ranks_on_gloo(tmp_path):
+    """`torchrun --nproc_per_node 2 -m booster_fast align` trains on the CPU with gloo; rank 0 alone writes."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "booster_fast", "align", "--output", str(out),
+                           "--steps", "2", "--log-every", "1", *FAST],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    # losses are summed over ranks (each holds its share of the global token mean): a full-size loss, ~ln(vocab)
+    assert all(5.0 < r["loss"] < 10.0 for r in rows), rows
+    assert (out / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
