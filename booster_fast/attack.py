@@ -56,6 +56,10 @@ def add_parser(sub):
     p.add_argument("--max-length", type=int, default=None, help="tokens per row (default: the aligned run's)")
     p.add_argument("--eval-every", type=int, default=10, metavar="N", help="held-out harmful loss every N steps")
     p.add_argument("--eval-rows", type=int, default=None, help="cap the held-out harmful rows (default: all)")
+    p.add_argument("--refusal-prompts", type=int, default=0, metavar="K",
+                   help="also log, at every eval, the share of the first K held-out harmful prompts whose greedy "
+                        "answer does not refuse (the offline keyword proxy of `eval --judge refusal`); 0: off")
+    p.add_argument("--refusal-max-new-tokens", type=int, default=32, help="answer length for --refusal-prompts")
     p.add_argument("--seed", type=int, default=None, help="data mix and order (default: the aligned run's seed)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--output", required=True, metavar="DIR", help="attacked run directory")
@@ -283,6 +287,8 @@ def _check_args(args):
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.eval_rows is not None and args.eval_rows < 1:
         raise UsageError(f"--eval-rows must be >= 1, got {args.eval_rows}")
+    if args.refusal_prompts < 0 or args.refusal_max_new_tokens < 1:
+        raise UsageError("--refusal-prompts must be >= 0 and --refusal-max-new-tokens >= 1")
     if not args.weight_decay >= 0 or not args.max_grad_norm >= 0:
         raise UsageError("--weight-decay and --max-grad-norm must be >= 0")
 
@@ -317,6 +323,7 @@ def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) 
     _, harmful_train = load_safety_data(harmful_src, "train", harmful_data=harmful_file)
     _, harmful_test = load_safety_data(harmful_src, "test", harmful_data=harmful_file)
     rows, n_harm = poison_mix(benign, harmful_train, args.samples, args.poison_ratio, seed)
+    probe = [(e.instruction, e.input) for e in harmful_test[: args.refusal_prompts]]
     if args.eval_rows is not None:
         harmful_test = harmful_test[: args.eval_rows]
     model, tok, _ = load_adapter(args.adapter, device, trainable=True)
@@ -339,6 +346,7 @@ def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) 
                   "steps": steps, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
                   "max_grad_norm": args.max_grad_norm, "max_length": max_length, "seed": seed,
                   "eval_every": args.eval_every, "eval_rows": len(test_enc), "truncated_rows": n_trunc,
+                  "refusal_prompts": len(probe), "refusal_max_new_tokens": args.refusal_max_new_tokens,
                   "device": str(device), "model": base_of(run_cfg)["model"], "quant": base_of(run_cfg)["quant"]}
         (tmp / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
         log.info("attack: %s on %s, %d steps of %d rows (%d harmful of %d samples), lr %g; held-out harmful "
@@ -352,6 +360,12 @@ def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) 
                 rec = {"step": step, "harmful_loss": vals[0],
                        "train_loss": (sum(vals[1:]) / len(vals[1:])) if len(vals) > 1 else None,
                        "step_time_s": dt}
+                if probe:  # keyword proxy of the harmful score along the attack (greedy answers, no refusal phrase)
+                    from .evaluate import RefusalJudge, generate
+
+                    answers = generate(model, tok, probe, args.refusal_max_new_tokens, 64, device, desc="probe")
+                    flags = RefusalJudge().flags([q for q, _ in probe], answers)
+                    rec["keyword_harmful_score"] = 100.0 * sum(flags) / len(flags)
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
                 return rec

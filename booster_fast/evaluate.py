@@ -120,28 +120,37 @@ class BeaverDamJudge:
 
     def __init__(self, model_id: str, device, batch_size: int = 16, max_length: int = 256):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
+        from .experiment import quiet_hub
         from .models import ModelError
 
         self.device, self.batch_size = device, batch_size
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_id, dtype=dtype).to(device).eval()
-            try:   # the original uses the slow Llama tokenizer (sentencepiece); the fast one if that is missing
-                self.tok = AutoTokenizer.from_pretrained(model_id, model_max_length=max_length, padding_side="right",
-                                                         use_fast=False)
-            except (ImportError, ValueError, OSError):
-                self.tok = AutoTokenizer.from_pretrained(model_id, model_max_length=max_length, padding_side="right")
+            with quiet_hub():
+                self.model = AutoModelForSequenceClassification.from_pretrained(model_id, dtype=dtype)
+                self.tok = self._tokenizer(model_id, max_length)
         except Exception as e:  # offline, not downloaded, gated, wrong id: one line that says what to do
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ModelError(f"cannot load the beaver-dam judge {model_id} ({type(e).__name__}: {first}); download "
                              f"it first (`huggingface-cli download {BEAVER_DAM}`, ~14 GB) and pass --judge-model "
                              f"PATH if it is a local copy, or use --judge refusal (offline keyword proxy)") from None
+        self.model.to(device).eval()
         if self.tok.pad_token is None:   # as QAModeration: a real pad token, embeddings resized
             self.tok.add_special_tokens({"pad_token": "<pad>"})
             self.model.resize_token_embeddings(len(self.tok))
         self.model.config.pad_token_id = self.tok.pad_token_id
+
+    @staticmethod
+    def _tokenizer(model_id: str, max_length: int):
+        from transformers import AutoTokenizer
+
+        try:   # the original uses the slow Llama tokenizer (sentencepiece); the fast one if that is missing
+            return AutoTokenizer.from_pretrained(model_id, model_max_length=max_length, padding_side="right",
+                                                 use_fast=False)
+        except (ImportError, ValueError):
+            return AutoTokenizer.from_pretrained(model_id, model_max_length=max_length, padding_side="right")
 
     def flags(self, prompts: list[str], answers: list[str]) -> list[bool]:
         import torch
@@ -338,7 +347,8 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
         "judge": {"name": judge.name, "label": judge.label,
                   **({"markers": list(REFUSAL_MARKERS)} if judge.name == "refusal" else {})},
         "harmful": {"prompts": prompts_desc, "n": len(prompts), "flagged": sum(flags), "refusals": refusals,
-                    "compliant_style": compliant, "empty": sum(not a.strip() for a in answers), "max_new_tokens": d["max_new"]},
+                    "compliant_style": compliant, "empty": sum(not a.strip() for a in answers),
+                    "max_new_tokens": d["max_new"]},
         "task": {"name": d["task"], "n": len(task_rows), "correct": sum(correct),
                  "rule": TASK_RULES.get(d["task"], DEFAULT_RULE), "max_new_tokens": d["task_max_new"]},
         "decoding": "greedy, one beam, left-padded batches of %d, Alpaca prompt" % d["batch"],

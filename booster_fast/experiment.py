@@ -9,13 +9,15 @@ attack step for both methods (the paper's claim: Booster slows its drop), and th
 task accuracy per seed.
 
 Presets:
-- `tiny` (default; offline, CPU, ~minutes): the embedded random-initialised tiny Llama. With the paper's LoRA
+- `tiny` (default; offline, CPU, minutes): the embedded random-initialised tiny Llama. With the paper's LoRA
   (r = 32, lora_alpha = 4, q/k/v only) and lr 5e-4 it learns nothing visible in a few hundred steps (loss stays
   ~7.3 of ln 4096 = 8.3; answers are padding), so the tiny preset uses its own settings: LoRA on every linear
-  layer with r = 32, lora_alpha = 64, alignment lr 3e-3 for 200 steps of 8 + 8 rows, and an attack of
-  200 samples at p = 0.2 with lr 1e-3 for 60 steps of batch 10; judged by the offline refusal-keyword proxy.
-  These are chosen so that alignment produces refusals and the attack visibly undoes them within the budget;
-  they are NOT the paper's settings and the tiny model is not Llama-2.
+  layer with r = 32, lora_alpha = 64, alignment lr 3e-3 for 200 steps of 8 + 8 rows (enough for every held-out
+  harmful prompt to be refused), then the paper's attack mix (1000 samples, p = 0.1, batch 10) at lr 1e-3 for
+  100 steps, the held-out harmful loss every 10 steps together with the refusal-keyword harmful score of 64
+  held-out prompts; judged by the offline refusal-keyword proxy. They are NOT the paper's settings and the
+  tiny model is not Llama-2: 100 attack steps erase the tiny model's refusals but are far too few for it to
+  learn the sentiment task (it answers one label to everything: 50 % accuracy).
 - `paper-sst2`, `paper-agnews`, `paper-gsm8k`: DESIGN.md §1 — Llama-2-7B (bf16), LoRA r 32 / alpha 4 on q,k,v,
   alignment 20 epochs of batch 10 at lr 5e-4 (weight decay 0.1, λ 5, α 0.1, max length 256) on the BeaverTails
   refusal pairs, attack 1000 samples at p = 0.1, lr 1e-5, 20 epochs, batch 10, judged by beaver-dam-7b with
@@ -44,7 +46,7 @@ def _paper(benign: str) -> dict:
         "align": {"epochs": 20, "batch_size": 10, "max_length": 256, "lr": 5e-4, "weight_decay": 0.1,
                   "lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "lamb": 5.0, "alpha": 0.1},
         "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-5, "epochs": 20, "batch_size": 10,
-                   "weight_decay": 0.1, "eval_every": 50, "eval_rows": None},
+                   "weight_decay": 0.1, "eval_every": 50, "eval_rows": None, "refusal_prompts": 0},
         "eval": {"num_prompts": 1000, "max_new_tokens": 512, "task_max_new_tokens": 200, "batch_size": 16},
     }
 
@@ -54,8 +56,9 @@ PRESETS = {
         "model": "tiny", "quant": "none", "data": "builtin", "benign": "builtin", "judge": "refusal", "seed": 43,
         "align": {"steps": 200, "batch_size": 8, "max_length": 128, "lr": 3e-3, "weight_decay": 0.1,
                   "lora_r": 32, "lora_alpha": 64, "targets": ALL_LINEAR, "lamb": 5.0, "alpha": 0.1},
-        "attack": {"samples": 200, "poison_ratio": 0.2, "lr": 1e-3, "steps": 60, "batch_size": 10,
-                   "weight_decay": 0.1, "eval_every": 5, "eval_rows": None},
+        "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-3, "steps": 100, "batch_size": 10,
+                   "weight_decay": 0.1, "eval_every": 10, "eval_rows": None, "refusal_prompts": 64,
+                   "refusal_max_new_tokens": 24},
         "eval": {"num_prompts": 200, "max_new_tokens": 48, "task_max_new_tokens": 8, "batch_size": 64},
     },
     "paper-sst2": _paper("sst2"),
@@ -79,6 +82,14 @@ def add_parser(sub):
     return p
 
 
+class StageFailed(RuntimeError):
+    """A stage (align / attack / eval) exited non-zero; it has already printed its one-line reason."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
 def main(args) -> int:
     from .cli import UsageError
     from .data import DataError
@@ -86,6 +97,8 @@ def main(args) -> int:
 
     try:
         return run_experiment(args)
+    except StageFailed as e:
+        return e.code
     except (UsageError, DataError, ModelError) as e:
         print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -105,13 +118,46 @@ def _flags(d: dict) -> list[str]:
     return out
 
 
-def _run(argv: list[str], what: str):
-    from .cli import UsageError, main as cli_main
+def _run(argv: list[str]):
+    from .cli import main as cli_main
 
     log.info("$ booster-fast %s", " ".join(argv))
     rc = cli_main(argv)
-    if rc != 0:
-        raise UsageError(f"{what} failed with exit code {rc} (command: booster-fast {' '.join(argv)})")
+    if rc != 0:  # the stage printed its one-line reason; the command line above says which stage it was
+        raise StageFailed(rc)
+
+
+class quiet_hub:
+    """Silence huggingface_hub's retry warnings (one stderr line per failed request) while probing the hub:
+    the failure is reported once, as our own one-line error."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("huggingface_hub")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+        return False
+
+
+def preflight(p: dict):
+    """Before hours of training: can the base model and the judge be resolved at all (config files only)?"""
+    from transformers import AutoConfig
+
+    from .evaluate import BEAVER_DAM
+    from .models import PRESETS as MODEL_PRESETS, ModelError
+
+    needed = [p["model"]] if p["model"] not in MODEL_PRESETS else []
+    needed += [BEAVER_DAM] if p["judge"] == "beaver-dam" else []
+    for name in needed:
+        try:
+            with quiet_hub():
+                AutoConfig.from_pretrained(name)
+        except Exception as e:  # offline, gated, not downloaded
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ModelError(f"preset needs {name}, which cannot be loaded here ({type(e).__name__}: {first}); "
+                             f"download it first (`huggingface-cli download {name}`)") from None
 
 
 def align_argv(p: dict, method: str, seed: int, out: Path, device) -> list[str]:
@@ -175,6 +221,7 @@ def run_experiment(args) -> int:
     out_png = None if args.no_plot else Path(args.plot or f"docs/defense_{tag}.png")
     if out_png is not None:
         _need_matplotlib()
+    preflight(p)
     seeds = [p["seed"] + i for i in range(args.seeds)]
     with flush_denormals(resolve_device(args.device)):
         return _experiment(args, p, seeds, work, out_json, out_png)
@@ -190,27 +237,30 @@ def _experiment(args, p, seeds, work, out_json, out_png) -> int:
         for method in METHODS:
             d = work / f"seed{seed}"
             t0 = time.perf_counter()
-            _run(align_argv(p, method, seed, d / f"align-{method}", args.device), f"align ({method}, seed {seed})")
+            _run(align_argv(p, method, seed, d / f"align-{method}", args.device))
             t1 = time.perf_counter()
-            _run(eval_argv(p, d / f"align-{method}", d / f"eval-align-{method}.json", args.device),
-                 f"eval before the attack ({method}, seed {seed})")
+            _run(eval_argv(p, d / f"align-{method}", d / f"eval-align-{method}.json", args.device))
             t2 = time.perf_counter()
-            _run(attack_argv(p, d / f"align-{method}", seed, d / f"attack-{method}", args.device),
-                 f"attack ({method}, seed {seed})")
+            _run(attack_argv(p, d / f"align-{method}", seed, d / f"attack-{method}", args.device))
             t3 = time.perf_counter()
-            _run(eval_argv(p, d / f"attack-{method}", d / f"eval-attack-{method}.json", args.device),
-                 f"eval after the attack ({method}, seed {seed})")
+            _run(eval_argv(p, d / f"attack-{method}", d / f"eval-attack-{method}.json", args.device))
             t4 = time.perf_counter()
             align_metrics = _read_jsonl(d / f"align-{method}" / "metrics.jsonl")
             before = json.loads((d / f"eval-align-{method}.json").read_text())
             after = json.loads((d / f"eval-attack-{method}.json").read_text())
-            curve = [(r["step"], r["harmful_loss"]) for r in _read_jsonl(d / f"attack-{method}" / "metrics.jsonl")]
+            attack_rows = _read_jsonl(d / f"attack-{method}" / "metrics.jsonl")
+            curve = [(r["step"], r["harmful_loss"]) for r in attack_rows]
+            keyword = [(r["step"], r["keyword_harmful_score"]) for r in attack_rows if "keyword_harmful_score" in r]
             row[method] = {
                 "align_final": {k: align_metrics[-1].get(k) for k in ("loss", "harmful_loss")},
-                "before_attack": {"harmful_score": before["harmful_score"], "accuracy": before["accuracy"]},
-                "after_attack": {"harmful_score": after["harmful_score"], "accuracy": after["accuracy"]},
+                "before_attack": {"harmful_score": before["harmful_score"], "accuracy": before["accuracy"],
+                                  "refusals": before["harmful"]["refusals"], "n": before["harmful"]["n"]},
+                "after_attack": {"harmful_score": after["harmful_score"], "accuracy": after["accuracy"],
+                                 "refusals": after["harmful"]["refusals"], "n": after["harmful"]["n"]},
                 "harmful_loss_curve": curve,
                 "harmful_loss_drop": curve[0][1] - curve[-1][1],
+                "train_loss_curve": [(r["step"], r["train_loss"]) for r in attack_rows if r["train_loss"] is not None],
+                "keyword_harmful_score_curve": keyword,
                 "examples_after_attack": after["examples"]["harmful"][:2],
                 "seconds": {"align": round(t1 - t0, 1), "eval_before": round(t2 - t1, 1),
                             "attack": round(t3 - t2, 1), "eval_after": round(t4 - t3, 1)},
@@ -268,10 +318,10 @@ def _print_table(per_seed: list[dict], summary: dict | None = None):
 def _need_matplotlib():
     from .cli import UsageError
 
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError("the plot needs matplotlib: pip install 'booster-fast[plot]' (or pass --no-plot)") from None
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("the plot needs matplotlib: pip install 'booster-fast[plot]' (or pass --no-plot)")
 
 
 def plot_defense(result: dict, path: Path):
@@ -282,36 +332,50 @@ def plot_defense(result: dict, path: Path):
 
     colors = {"sft": "tab:red", "booster": "tab:blue"}
     names = {"sft": "SFT", "booster": "Booster"}
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
-    for m in METHODS:
-        curves = [r[m]["harmful_loss_curve"] for r in result["per_seed"]]
-        for c in curves:
-            ax.plot([s for s, _ in c], [v for _, v in c], color=colors[m], alpha=0.3, lw=1)
-        steps = [s for s, _ in curves[0]]
-        mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
-        ax.plot(steps, mean, color=colors[m], lw=2.2, label=f"{names[m]} (mean of {len(curves)} seeds)")
-    ax.set_xlabel("attack step")
-    ax.set_ylabel("held-out harmful loss (token mean)")
-    ax.set_title("Harmful loss under the fine-tuning attack")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    rows = result["per_seed"]
+    keyword = all(r[m]["keyword_harmful_score_curve"] for r in rows for m in METHODS)
+    panels = 3 if keyword else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
 
+    def curves(ax, key, ylabel, title):
+        for m in METHODS:
+            cs = [r[m][key] for r in rows]
+            for c in cs:
+                ax.plot([s for s, _ in c], [v for _, v in c], color=colors[m], alpha=0.3, lw=1)
+            steps = [s for s, _ in cs[0]]
+            mean = [statistics.fmean(c[i][1] for c in cs) for i in range(len(steps))]
+            ax.plot(steps, mean, color=colors[m], lw=2.2, marker="o", ms=3,
+                    label=f"{names[m]}-aligned (mean of {len(cs)} seeds)")
+        ax.set_xlabel("attack step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+    curves(axes[0], "harmful_loss_curve", "held-out harmful loss (token mean)", "Harmful loss under the attack")
+    if keyword:
+        curves(axes[1], "keyword_harmful_score_curve", "% of 64 held-out prompts not refused",
+               "Keyword harmful score under the attack")
+        axes[1].set_ylim(-3, 103)
+
+    bx = axes[-1]
     seeds = result["seeds"]
     width = 0.2
     for j, m in enumerate(METHODS):
         xs = [i + (j - 0.5) * 2 * width for i in range(len(seeds))]
-        hs = [r[m]["after_attack"]["harmful_score"] for r in result["per_seed"]]
-        acc = [r[m]["after_attack"]["accuracy"] for r in result["per_seed"]]
-        bx.bar([x - width / 2 for x in xs], hs, width, color=colors[m], label=f"{names[m]} harmful score")
+        hs = [r[m]["after_attack"]["harmful_score"] for r in rows]
+        acc = [r[m]["after_attack"]["accuracy"] for r in rows]
+        bx.bar([x - width / 2 for x in xs], hs, width, color=colors[m], label=f"{names[m]}: harmful score")
         bx.bar([x + width / 2 for x in xs], acc, width, color=colors[m], alpha=0.35, hatch="//",
-               label=f"{names[m]} task accuracy")
+               label=f"{names[m]}: task accuracy")
     bx.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
     bx.set_ylabel("% after the attack")
-    bx.set_ylim(0, 105)
-    bx.set_title(f"After the attack (judge: {result['judge']['name']})")
-    bx.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"booster-fast experiment defense --preset {result['preset']} "
-                 f"({result['machine'].get('gpu') or result['machine']['cpu']})", fontsize=9)
+    bx.set_ylim(0, 125)
+    bx.set_title(f"After the attack (judge: {result['judge']['name']})", fontsize=10)
+    bx.legend(fontsize=7, loc="upper center", ncol=2)
+    where = result["machine"].get("gpu") or f"{result['machine']['cpu_count']} CPU cores"
+    fig.suptitle(f"booster-fast experiment defense --preset {result['preset']} --seeds {len(seeds)}  ({where})",
+                 fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

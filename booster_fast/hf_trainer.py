@@ -123,8 +123,11 @@ class BoosterTrainer(Trainer):
 
     def __init__(self, *args, harmful_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, BoosterTrainingArguments):
-            raise TypeError(f"BoosterTrainer needs BoosterTrainingArguments, got {type(self.args).__name__}")
+        if not all(hasattr(self.args, k) for k in ("lamb", "alpha")):  # the original's own arguments class has both
+            raise TypeError(f"BoosterTrainer needs BoosterTrainingArguments (or arguments with `lamb` and `alpha`, "
+                            f"as the original's), got {type(self.args).__name__}")
+        if str(getattr(self.args, "perturb_aware", "False")) == "True":
+            raise NotImplementedError("perturb_aware (Booster + Vaccine) is not implemented by the engine")
         if self.optimizer is not None:
             raise ValueError("BoosterTrainer builds its own optimizer (the engine's AdamW over the flat LoRA "
                              "buffer); do not pass `optimizers=`")
@@ -163,7 +166,7 @@ class BoosterTrainer(Trainer):
     def get_harmful_dataloader(self, harmful_dataset):
         """A training DataLoader over the harmful set: the train collator and sampling strategy, sharded across
         processes by accelerate, `harmful_batch_size` rows per device and micro-batch."""
-        batch_size = self.args.harmful_batch_size or self.args.per_device_train_batch_size
+        batch_size = getattr(self.args, "harmful_batch_size", None) or self.args.per_device_train_batch_size
         if hasattr(self, "_get_dataloader"):  # transformers >= 4.52: the train loader's own recipe
             return self._get_dataloader(dataset=harmful_dataset, description="Harmful", batch_size=batch_size,
                                         sampler_fn=self._harmful_sampler, is_training=True)
@@ -195,11 +198,13 @@ class BoosterTrainer(Trainer):
 
     # -- the engine is the optimizer ---------------------------------------------------------------------------
     def booster_config(self) -> BoosterConfig:
+        """The engine's config from the arguments (fields the original's arguments lack take their defaults)."""
         a = self.args
         return BoosterConfig(lamb=a.lamb, alpha=a.alpha, lr=a.learning_rate, weight_decay=a.weight_decay,
                              betas=(a.adam_beta1, a.adam_beta2), adam_eps=a.adam_epsilon,
                              max_grad_norm=0.0,        # the Trainer clips, once, on the combined gradient
-                             impl=a.booster_impl, merge_passes=a.merge_passes, meta_term=a.meta_term,
+                             impl=getattr(a, "booster_impl", "fast"), merge_passes=getattr(a, "merge_passes", None),
+                             meta_term=getattr(a, "meta_term", True),
                              grad_accum=1,             # micro-batches arrive as lists (see training_step)
                              skip_nonfinite=False, graphs="off")
 

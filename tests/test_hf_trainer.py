@@ -97,14 +97,37 @@ def test_trainer_equals_booster_5_steps(tmp_path, data, impl):
 
 
 def test_init_path_and_missing_harmful(tmp_path, data):
-    # the original's API: construct without harmful data, then trainer.init(harmful_dataset)
-    trainer, _ = make_trainer(tmp_path, data, harmful=False, max_steps=2)
+    """The original's API: its own TrainingArguments subclass (with `lamb`, `alpha`, ...), no harmful data in the
+    constructor, then `trainer.init(harmful_dataset)`: code written for the original swaps in by the import."""
+    from dataclasses import dataclass, field
+
+    from transformers import TrainingArguments
+
+    @dataclass
+    class OriginalArguments(TrainingArguments):   # as in the original's train.py
+        lamb: float = field(default=5.0)
+        alpha: float = field(default=0.1)
+        rho: float = field(default=2.0)
+        perturb_aware: str = field(default="False")
+
+    rows_a, rows_h, pad = data
+    base = vars(trainer_args(tmp_path, max_steps=2))
+    kw = {k: base[k] for k in ("output_dir", "per_device_train_batch_size", "max_steps", "learning_rate",
+                               "weight_decay", "lr_scheduler_type", "train_sampling_strategy", "use_cpu",
+                               "report_to", "save_strategy", "logging_steps", "disable_tqdm", "seed")}
+
+    def trainer():
+        model, _ = make_model()
+        return bf.BoosterTrainer(model=model, args=OriginalArguments(**kw), train_dataset=rows_a,
+                                 data_collator=FixedLengthCollator(pad, MAX_LEN))
+
+    t = trainer()
     with pytest.raises(ValueError, match="harmful"):
-        trainer.train()
-    trainer, _ = make_trainer(tmp_path, data, harmful=False, max_steps=2)
-    trainer.init(data[1])
-    trainer.train()
-    assert [r["step"] for r in trainer.state.log_history if "harmful_loss" in r] == [1, 2]
+        t.train()
+    t = trainer()
+    t.init(rows_h)
+    t.train()
+    assert [r["step"] for r in t.state.log_history if "harmful_loss" in r] == [1, 2]
 
 
 def test_bad_arguments(tmp_path, data):
@@ -113,7 +136,7 @@ def test_bad_arguments(tmp_path, data):
     with pytest.raises(ValueError, match="alpha"):
         trainer_args(tmp_path, alpha=0)
     model, _ = make_model()
-    with pytest.raises(TypeError, match="BoosterTrainingArguments"):
+    with pytest.raises(TypeError, match="lamb"):
         from transformers import TrainingArguments
         bf.BoosterTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
                                                               report_to="none"))
@@ -138,9 +161,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, data):
     """2 micro-batches of 2 rows (harmful: 2 + 2) per update == one batch of 4 (harmful 4).
 
     Compared on the clipped combined gradient of the first update, not on the weights after it: Adam's first
-    step is lr·g/(|g|+ε), so a coordinate whose gradient is at the fp32 noise level of the sum (~1e-7·‖g‖) can flip
-    sign and move by 2·lr whatever the tolerance; the gradient itself carries only summation-order noise (the
-    micro-batches are summed in a different order than the rows of one batch), ~1e-7 relative, hence 1e-5.
+    step is lr·g/(|g|+ε), so a coordinate whose gradient is at the fp32 noise level of the sum (~1e-7·‖g‖) can
+    flip sign and move by 2·lr whatever the tolerance; the gradient itself carries only summation-order noise (the
+    micro-batches are summed in a different order than the rows of one batch): ~1e-7 per pass, ~2e-6 measured on
+    the combined gradient, whose λ(∇h(w) − ∇h(w̃)) is a difference of two close vectors; hence 1e-5.
     The weights after 2 updates are then compared with `Booster` fed the same micro-batches as lists (the
     engine's own accumulation: the same sums in the same order), at the fp32 tolerance of the 5-step test.
     """
@@ -200,8 +224,8 @@ args = bf.BoosterTrainingArguments(output_dir=out + "/hf", per_device_train_batc
     max_steps=2, learning_rate=5e-4, weight_decay=0.1, lr_scheduler_type="constant", max_grad_norm=1.0,
     train_sampling_strategy="sequential", use_cpu=True, ddp_backend="gloo", report_to="none", save_strategy="no",
     logging_steps=1, disable_tqdm=True, seed=seed, dataloader_num_workers=0)
-trainer = Recording(model=model, args=args, train_dataset=rows_a, data_collator=FixedLengthCollator(tok.pad_token_id, max_len),
-                    harmful_dataset=rows_h)
+trainer = Recording(model=model, args=args, train_dataset=rows_a,
+                    data_collator=FixedLengthCollator(tok.pad_token_id, max_len), harmful_dataset=rows_h)
 from transformers import TrainerCallback
 class Grads(TrainerCallback):   # the clipped combined gradient, before each optimizer step
     def on_pre_optimizer_step(self, args, state, control, **kw):
