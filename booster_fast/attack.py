@@ -23,7 +23,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,18 +67,9 @@ def add_parser(sub):
 
 
 def main(args) -> int:
-    from .cli import UsageError
-    from .data import DataError
-    from .models import ModelError
+    from .cli import run_reporting
 
-    try:
-        return run_attack(args)
-    except (UsageError, DataError, ModelError) as e:
-        print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("booster-fast: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting(run_attack, args)
 
 
 # ------------------------------------------------------------------------------------------------------------

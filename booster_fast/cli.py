@@ -98,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_reporting(fn, *args) -> int:
+    """Run fn(*args) and return its exit code; a user error becomes one line on stderr and exit code 2, Ctrl-C
+    exit code 130. Every subcommand runs through here."""
+    from .data import DataError
+    from .models import ModelError
+
+    try:
+        return fn(*args)
+    except (UsageError, DataError, ModelError) as e:
+        print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("booster-fast: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
@@ -109,24 +125,18 @@ def main(argv=None) -> int:
         args.batch_size = 8 if tiny else 10
     if args.max_length is None:
         args.max_length = (64 if args.command == "bench" else 128) if tiny else 256
-    from .data import DataError
-    from .models import ModelError
+    if args.command == "align":
+        return run_reporting(_align, args)
+    from .bench import run_bench
+    return run_reporting(run_bench, args)
 
-    try:
-        if args.command == "align":
-            import torch
 
-            from .align import run_align
-            from .attack import flush_denormals
+def _align(args) -> int:
+    import torch
 
-            cpu = (args.device or "").startswith("cpu") or (args.device is None and not torch.cuda.is_available())
-            with flush_denormals("cpu" if cpu else "cuda"):  # long CPU runs otherwise slow down 6-10x
-                return run_align(args)
-        from .bench import run_bench
-        return run_bench(args)
-    except (UsageError, DataError, ModelError) as e:
-        print(f"booster-fast: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("booster-fast: interrupted", file=sys.stderr)
-        return 130
+    from .align import run_align
+    from .attack import flush_denormals
+
+    cpu = (args.device or "").startswith("cpu") or (args.device is None and not torch.cuda.is_available())
+    with flush_denormals("cpu" if cpu else "cuda"):  # long CPU runs otherwise slow down 6-10x
+        return run_align(args)

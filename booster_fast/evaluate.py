@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -75,18 +74,13 @@ def add_parser(sub):
 
 
 def main(args) -> int:
-    from .cli import UsageError
-    from .data import DataError
-    from .models import ModelError
+    from .cli import run_reporting
 
-    try:
-        result = run_eval(args)
-    except (UsageError, DataError, ModelError) as e:
-        print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("booster-fast: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting(_eval_and_report, args)
+
+
+def _eval_and_report(args) -> int:
+    result = run_eval(args)
     print(f"harmful score {result['harmful_score']:.2f}% ({result['judge']['name']}), "
           f"finetune accuracy {result['accuracy']:.2f}% ({result['task']['name']}) -> {args.output}")
     return 0

@@ -30,7 +30,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -91,20 +90,16 @@ class StageFailed(RuntimeError):
 
 
 def main(args) -> int:
-    from .cli import UsageError
-    from .data import DataError
-    from .models import ModelError
+    from .cli import run_reporting
 
+    return run_reporting(_run_or_stage_code, args)
+
+
+def _run_or_stage_code(args) -> int:
     try:
         return run_experiment(args)
-    except StageFailed as e:
+    except StageFailed as e:  # a stage already reported its own error line
         return e.code
-    except (UsageError, DataError, ModelError) as e:
-        print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("booster-fast: interrupted", file=sys.stderr)
-        return 130
 
 
 # ------------------------------------------------------------------------------------------------------------
