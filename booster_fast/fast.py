@@ -66,6 +66,8 @@ class FastBooster:
                                            weight_decay=cfg.weight_decay, fused=True,
                                            **({"capturable": True} if cuda else {}))
         self._skipped = torch.zeros((), device=self.device)
+        self._clip_offset = torch.full((), 1e-6 / cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+                                       device=self.device)
         self.graphs = self._graphs_for(cfg.graphs)
 
     def _graphs_for(self, mode: str):
@@ -125,8 +127,10 @@ class FastBooster:
         if cfg.max_grad_norm > 0 or cfg.skip_nonfinite:
             norm = torch.linalg.vector_norm(self.flat.G_f)
         if cfg.max_grad_norm > 0:
-            # fused AdamW divides the grad by grad_scale: (‖g‖+1e-6)/max_norm, never below 1 (= HF's clip coef)
-            self.optimizer.grad_scale = torch.clamp_min((norm + 1e-6) / cfg.max_grad_norm, 1.0)
+            # fused AdamW divides the grad by grad_scale = max((‖g‖ + 1e-6)/max_norm, 1), the inverse of HF's clip
+            # coefficient; written as one add (bit-identical to HF's for the default max_norm 1.0)
+            m = cfg.max_grad_norm
+            self.optimizer.grad_scale = torch.add(self._clip_offset, norm, alpha=1 / m).clamp_min_(1.0)
         if cfg.skip_nonfinite:
             # ‖g‖ − ‖g‖ is NaN exactly when ‖g‖ is inf or NaN; fused AdamW leaves W, m, v and step alone then
             torch.ne(norm - norm, 0, out=self._skipped)

@@ -193,10 +193,10 @@ def test_op_count_does_not_grow_with_depth(batches):
             ops[name] = count_ops(booster.step, a, h)
         counts[layers] = ops
         fast, ref = ops["fast"], ops["reference"]
-        assert fast["bookkeeping"] <= 16, f"{layers} layers: {fast['bookkeeping_ops']}"
+        assert fast["bookkeeping"] <= 15, f"{layers} layers: {fast['bookkeeping_ops']}"
         # the non-finite guard costs 3 ops: a subtraction, one comparison written into the skip flag, and fused
         # AdamW's own `step -= found_inf`
-        assert ops["fast+guard"]["bookkeeping"] <= 19, f"{layers} layers: {ops['fast+guard']['bookkeeping_ops']}"
+        assert ops["fast+guard"]["bookkeeping"] <= 18, f"{layers} layers: {ops['fast+guard']['bookkeeping_ops']}"
         assert fast["total"] <= 2 / 3 * ref["total"], f"{layers} layers: fast {fast['total']} vs ref {ref['total']}"
     for name in ("fast", "fast+guard"):
         assert counts[2][name]["bookkeeping"] == counts[8][name]["bookkeeping"]
