@@ -10,7 +10,8 @@ shape (DESIGN.md §3). `StepGraphs` does the bookkeeping:
   input tensors and replayed; each new batch is copied into the static inputs;
 - the attention mask is dropped inside captured steps: with right padding and a causal mask, real tokens never
   attend to the pads after them and pads carry label −100, and passing a CUDA mask makes transformers' SDPA
-  helper call `.all()` on it (a host sync, fatal to capture). Right padding is checked on the host copy;
+  helper call `.all()` on it (a host sync, fatal to capture). Right padding is checked on every CPU batch, and
+  on CUDA batches during warm-up and capture (later it would be a host sync per step);
 - the step's outputs are stacked into one static tensor inside the graph and cloned once after each replay;
 - if capture fails, `graphs="auto"` logs one line with the reason and runs eagerly from then on; `graphs="on"`
   raises.
@@ -25,14 +26,13 @@ log = logging.getLogger("booster_fast")
 WARMUP = 2
 
 
-def check_right_padded(batch: dict):
-    """Raise ValueError unless every attention-mask row is ones then zeros (checked on the host copy only)."""
+def check_right_padded(batch: dict, sync_ok: bool = False):
+    """Raise ValueError unless every attention-mask row is ones then zeros. A CUDA mask is checked only when
+    `sync_ok` (warm-up and capture): checking it on every replay would be a host sync in the hot path."""
     mask = batch.get("attention_mask")
-    if mask is None:
+    if mask is None or (mask.is_cuda and not sync_ok):
         return
-    if mask.is_cuda:  # checking would be a host sync in the hot path; capture time checks once (see _capture)
-        return
-    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a host sync for a CUDA mask: warm-up and capture only
         raise ValueError("CUDA graphs need right-padded batches (attention_mask rows of ones then zeros)")
 
 
@@ -54,13 +54,14 @@ class StepGraphs:
 
     def run(self, kind: str, fn, batches: tuple[dict, ...]) -> dict[str, torch.Tensor]:
         """Run fn(*batches) — eagerly for warm-up, then as a captured graph replay."""
-        for b in batches:
-            check_right_padded(b)
         if self.disabled is not None:
             return fn(*batches)
-        batches = tuple(_static_view(b) for b in batches)
-        key = (kind,) + tuple(tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(b.items())) for b in batches)
+        stripped = tuple(_static_view(b) for b in batches)
+        key = (kind,) + tuple(tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(b.items())) for b in stripped)
         entry = self._graphs.get(key)
+        for b in batches:
+            check_right_padded(b, sync_ok=entry is None)
+        batches = stripped
         if entry is None:
             if self._seen.get(key, 0) < WARMUP:
                 self._seen[key] = self._seen.get(key, 0) + 1
