@@ -113,8 +113,9 @@ def resolve_device(name: str | None, rank_local: int = 0) -> torch.device:
 RUN_MARKERS = ("run_config.json", "metrics.jsonl", "adapter_config.json", ".incomplete", "checkpoints")
 
 
-def check_output(path: str, overwrite: bool):
-    """Raise UsageError unless `path` can receive a new run (writes nothing)."""
+def check_output(path: str, overwrite: bool, resumable: bool = True):
+    """Raise UsageError unless `path` can receive a new run (writes nothing). `resumable`: the command can
+    continue an unfinished run with --resume (align can; attack cannot)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {path} exists and is not a directory")
@@ -122,7 +123,7 @@ def check_output(path: str, overwrite: bool):
         if not any((out / m).exists() for m in RUN_MARKERS):
             raise UsageError(f"--output {path} is a non-empty directory that holds no run; refusing to replace it")
         if not overwrite:
-            if (out / ".incomplete").exists():
+            if resumable and (out / ".incomplete").exists():
                 raise UsageError(f"--output {path} holds an unfinished run; continue it with --resume {path}, "
                                  f"or pass --overwrite to replace it")
             raise UsageError(f"--output {path} already holds a run; pass --overwrite to replace it")

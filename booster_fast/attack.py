@@ -29,7 +29,6 @@ from pathlib import Path
 
 log = logging.getLogger("booster_fast")
 
-RUN_MARKERS = ("run_config.json", "metrics.jsonl", "adapter_config.json")
 INCOMPLETE = ".incomplete"
 
 
@@ -130,16 +129,11 @@ def load_adapter(run_dir: str | Path, device, trainable: bool):
 
 def new_output_dir(path: str, overwrite: bool) -> Path:
     """A temporary directory beside `path`, after checking that `path` may receive a run (see `publish_dir`)."""
+    from .align import check_output
     from .cli import UsageError
 
+    check_output(path, overwrite, resumable=False)
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output {path} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not any((out / m).exists() for m in RUN_MARKERS):
-            raise UsageError(f"--output {path} is a non-empty directory that holds no run; refusing to replace it")
-        if not overwrite:
-            raise UsageError(f"--output {path} already holds a run; pass --overwrite to replace it")
     try:
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))

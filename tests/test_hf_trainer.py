@@ -16,6 +16,8 @@ import booster_fast as bf
 from booster_fast.data import collate, encode_all, load_safety_data
 from booster_fast.hf_trainer import FixedLengthCollator
 
+from test_fast import lora_state, worst_relative_error  # the same helpers as the step tests
+
 SEED = 7
 MAX_LEN = 64
 LR = 5e-4
@@ -25,16 +27,6 @@ def make_model():
     model, tok = bf.load_model("tiny", seed=SEED, device="cpu")
     torch.manual_seed(SEED)
     return bf.add_lora(model, r=8, alpha=16), tok
-
-
-def lora_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def worst_relative_error(a: dict, b: dict) -> tuple[float, str]:
-    errs = {n: ((a[n] - b[n]).norm() / b[n].norm().clamp(min=1e-30)).item() for n in b}
-    name = max(errs, key=errs.get)
-    return errs[name], name
 
 
 @pytest.fixture(scope="module")
