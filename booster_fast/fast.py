@@ -151,15 +151,22 @@ class FastBooster:
         """One Booster update (one CUDA-graph replay once captured)."""
         self._prepare()
         if self.graphs is not None and not isinstance(align_batch, (list, tuple)):
-            return self.graphs.run("booster", self._step, (align_batch, harmful_batch))
+            return self.graphs.run(("booster", *self._baked()), self._step, (align_batch, harmful_batch))
         return self._step(align_batch, harmful_batch)
 
     def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
         """One SFT update on the same flat buffers, optimizer and clipping."""
         self._prepare()
         if self.graphs is not None and not isinstance(align_batch, (list, tuple)):
-            return self.graphs.run("sft", self._sft_step, (align_batch,))
+            return self.graphs.run(("sft", *self._baked()), self._sft_step, (align_batch,))
         return self._sft_step(align_batch)
+
+    def _baked(self) -> tuple:
+        """The optimizer's Python-number hyperparameters, which a captured graph holds as constants: part of the
+        graph key, so that a changed learning rate (a scheduler, a resumed run) gets a graph of its own instead
+        of being silently ignored by the replay."""
+        g = self.optimizer.param_groups[0]
+        return g["lr"], g["betas"], g["weight_decay"], g["eps"]
 
     def _step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
         cfg, fl = self.cfg, self.flat

@@ -52,8 +52,9 @@ class StepGraphs:
         self._graphs.clear()
         self._seen.clear()
 
-    def run(self, kind: str, fn, batches: tuple[dict, ...]) -> dict[str, torch.Tensor]:
-        """Run fn(*batches) — eagerly for warm-up, then as a captured graph replay."""
+    def run(self, kind, fn, batches: tuple[dict, ...]) -> dict[str, torch.Tensor]:
+        """Run fn(*batches) — eagerly for warm-up, then as a captured graph replay. `kind` (hashable) names
+        the step and every constant the capture bakes in; it is part of the graph key with the batch shapes."""
         if self.disabled is not None:
             return fn(*batches)
         stripped = tuple(_static_view(b) for b in batches)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import booster_fast as bf
-from booster_fast.graphs import check_right_padded
+from booster_fast.graphs import WARMUP, StepGraphs, check_right_padded
 
 from test_fast import builtin_batches, lora_state, worst_relative_error, SEED
 
@@ -36,6 +36,73 @@ def test_left_padding_is_refused_for_graphs():
     with pytest.raises(ValueError, match="right-padded"):
         check_right_padded({"attention_mask": mask})
     check_right_padded({"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])})
+
+
+class _ReplayByRecompute:
+    """Stands in for a CUDA graph on the CPU: `replay` recomputes fn on the static inputs into the static output,
+    which is what a replay does to the captured tensors."""
+
+    def __init__(self, fn, static_in, static_out, keys):
+        self.fn, self.static_in, self.static_out, self.keys = fn, static_in, static_out, keys
+
+    def replay(self):
+        out = self.fn(*self.static_in)
+        self.static_out.copy_(torch.stack([out[k].float().reshape(()) for k in self.keys]))
+
+
+def test_step_graphs_warm_up_capture_replay_and_keys(monkeypatch):
+    """The CPU-checkable half of StepGraphs: WARMUP eager steps per key, one capture, replays that see each new
+    batch (copied into the static inputs, attention mask dropped), and a new key (shape, or a constant the
+    capture bakes in, such as the learning rate) warming up and capturing again."""
+    events = []
+    monkeypatch.setattr(StepGraphs, "_side_stream", staticmethod(lambda fn, b: (events.append("eager"), fn(*b))[1]))
+
+    def fake_capture(fn, batches):
+        events.append("capture")
+        static_in = tuple({k: v.clone() for k, v in b.items()} for b in batches)
+        out = fn(*static_in)
+        keys = list(out)
+        static_out = torch.stack([out[k].float().reshape(()) for k in keys])
+        return static_in, static_out, keys, _ReplayByRecompute(fn, static_in, static_out, keys)
+
+    monkeypatch.setattr(StepGraphs, "_capture", staticmethod(fake_capture))
+    seen_masks = []
+
+    def step(batch):
+        seen_masks.append("attention_mask" in batch)
+        return {"total": batch["input_ids"].sum(), "rows": torch.tensor(batch["input_ids"].shape[0])}
+
+    g = StepGraphs("on")
+    gen = torch.Generator().manual_seed(SEED)
+
+    def batch(rows, length):
+        ids = torch.randint(0, 1000, (rows, length), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    for i in range(WARMUP + 3):
+        b = batch(3, 7)
+        out = g.run(("step", 1e-3), step, (b,))
+        assert out["total"].item() == b["input_ids"].sum().item(), f"call {i} did not see its own batch"
+    assert events == ["eager"] * WARMUP + ["capture"]
+    assert not any(seen_masks), "the attention mask reached the step"
+    for kind, shape in ((("step", 1e-3), (2, 7)), (("step", 5e-4), (3, 7))):
+        events.clear()
+        for _ in range(WARMUP + 2):
+            b = batch(*shape)
+            assert g.run(kind, step, (b,))["total"].item() == b["input_ids"].sum().item()
+        assert events == ["eager"] * WARMUP + ["capture"], f"{kind} {shape} did not get a graph of its own"
+    assert len(g._graphs) == 3
+    g.reset()
+    assert not g._graphs
+
+
+def test_fast_step_keys_its_graph_on_the_learning_rate():
+    _, _, booster = tiny_booster("cpu", graphs="off")
+    engine = booster.engine
+    before = engine._baked()
+    for group in engine.optimizer.param_groups:
+        group["lr"] *= 0.5
+    assert engine._baked() != before and hash(engine._baked()) is not None
 
 
 @pytest.mark.gpu
