@@ -8,7 +8,9 @@ interleaved step by step (A B C, B C A, C A B, ...: one step each per round, the
 drift of the machine (clock boost, heat, other load) spreads over every implementation instead of biasing one.
 The first `--warmup` rounds are not timed. A step's time is host wall time (time.perf_counter) around one
 update; on CUDA a torch.cuda.synchronize() on both sides makes it the device time of the whole update.
-We report the median and the 20th/80th percentiles. Every model stays resident, so the device must hold them all.
+We report the median and the 20th/80th percentiles. Every model stays resident; their frozen unquantised base
+weights (identical by construction, checked) are one shared copy, so four entries of a 7B bf16 model hold one
+13 GB base instead of four. NF4 weights are not shared (each entry quantises its own).
 
 Entries: reference; fast (the device defaults: --merge-passes, graphs 'auto'); fast-merged / fast-unmerged
 (merge pinned, eager); fast-graphs (graphs='on', CUDA only: recorded as skipped, with the reason, when there is
@@ -22,7 +24,7 @@ SFT. mfu (CUDA only) instead counts every computed position, pads included (see 
 
 Peak memory (peak_mem_mb) estimates what one implementation would need alone in a process: the bytes it holds
 between steps (model, LoRA weights, gradient buffers, optimizer state; counted tensor by tensor, storages
-deduplicated; bitsandbytes' quantisation statistics are not counted), plus the private memory pool of its
+deduplicated; bitsandbytes' quantisation statistics included), plus the private memory pool of its
 captured CUDA graphs, plus the transient peak of one extra step, measured in a separate pass after the timing.
 On CUDA the transient is max_memory_allocated - memory_allocated around the step (exact at the allocator
 level). On the CPU there are no allocator statistics: a thread samples glibc's heap-in-use figure (mallinfo2)
@@ -105,6 +107,23 @@ def build_impl(name: str, args, device):
                      targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
     lora0 = {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)}
     return Booster(model, cfg), tok, lora0
+
+
+def share_frozen_weights(src, dst) -> int:
+    """Point dst's frozen plain parameters at src's equal ones (same name, shape, dtype; checked on the device);
+    returns the bytes freed. Trainable (LoRA) and quantised parameters keep their own storage."""
+    theirs, freed = dict(src.named_parameters()), 0
+    for name, p in dst.named_parameters():
+        q = theirs.get(name)
+        if p.requires_grad or type(p) is not torch.nn.Parameter or q is None or type(q) is not torch.nn.Parameter:
+            continue
+        if q.shape != p.shape or q.dtype != p.dtype or q.device != p.device or q.data_ptr() == p.data_ptr():
+            continue
+        if not torch.equal(p, q):  # a host sync, at build time
+            raise AssertionError(f"frozen weight {name} differs between entries built from the same seed")
+        freed += p.untyped_storage().nbytes()
+        p.data = q.data
+    return freed
 
 
 def graphs_captured(engine) -> bool:
@@ -192,6 +211,11 @@ def held_bytes(booster) -> int:
     ts += [v for st in booster.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
     for obj in (eng, getattr(eng, "flat", None)):
         ts += [v for v in vars(obj).values() if torch.is_tensor(v)] if obj is not None else []
+    for p in model.parameters():  # bitsandbytes keeps NF4 statistics beside the packed weight
+        qs = getattr(p, "quant_state", None)
+        while qs is not None:
+            ts += [v for v in vars(qs).values() if torch.is_tensor(v)]
+            qs = getattr(qs, "state2", None)
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
 
 
@@ -308,6 +332,9 @@ def build_all(names, args, device, results):
         if first is None:
             first, first_name, batches = lora0, name, make_batches(args, tok, booster.model, device)
             sizes = matmul_params(booster.model), sum(v.numel() for v in lora0.values())
+            base = booster.model
+        else:
+            share_frozen_weights(base, booster.model)
         assert first.keys() == lora0.keys() and all(torch.equal(first[k], lora0[k]) for k in first), \
             f"{name}: initial LoRA weights differ from {first_name}'s"
         impls[name], results[name] = (booster, step_fn(name, booster)), {}

@@ -148,3 +148,31 @@ def test_warm_graphs_captures_untimed_and_reports_failures():
     eager = SimpleNamespace(engine=SimpleNamespace(graphs=None))
     assert bench.warm_graphs("fast", eager, failing, ({}, {})) is None
     assert bench.warm_graphs("fast-graphs", eager, failing, ({}, {})) == bench.GRAPHS_NOT_CAPTURED
+
+
+def test_entries_share_their_frozen_base_but_not_lora():
+    """build_all points every entry's frozen base weights at the first entry's (one resident base), while each
+    keeps its own LoRA weights; a base that differs is refused instead of silently shared."""
+    from types import SimpleNamespace
+
+    from booster_fast import bench
+    from booster_fast.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--model", "tiny", "--device", "cpu", "--lora-r", "4", "--impls", "reference",
+                                      "--batch-size", "2", "--max-length", "32", "--steps", "1", "--warmup", "0"])
+    names = bench.check_bench_args(args)  # fills the defaults, as run_bench does
+    impls, *_ = bench.build_all(names + ["fast", "sft"], args, torch.device("cpu"), {})
+    models = [b.model for b, _ in impls.values()]
+    params = [dict(m.named_parameters()) for m in models]
+    frozen = [n for n, p in params[0].items() if not p.requires_grad]
+    lora = [n for n, p in params[0].items() if p.requires_grad]
+    assert frozen and lora
+    for other in params[1:]:
+        assert all(other[n].data_ptr() == params[0][n].data_ptr() for n in frozen)
+        assert not any(other[n].data_ptr() == params[0][n].data_ptr() for n in lora)
+
+    model_a, model_b = (SimpleNamespace(named_parameters=lambda p=p: iter(p.items())) for p in (
+        {"w": torch.nn.Parameter(torch.ones(3), requires_grad=False)},
+        {"w": torch.nn.Parameter(torch.full((3,), 2.0), requires_grad=False)}))
+    with pytest.raises(AssertionError, match="differs"):
+        bench.share_frozen_weights(model_a, model_b)
