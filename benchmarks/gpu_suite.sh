@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU suite: ONE prepared script for a lent GPU machine (H200 class), about 6 minutes.
-#   bash benchmarks/gpu_suite.sh          # results under $OUT, or benchmarks/results/ when $OUT is unset
+# The GPU suite: ONE prepared script for a lent GPU machine (H200 class), at most 6 minutes.
+#   bash benchmarks/gpu_suite.sh                  # every part; results under $OUT, or benchmarks/results/
+#   bash benchmarks/gpu_suite.sh bench_7b_bf16    # only the named parts (a rerun after a fix)
 # Needs the bitsandbytes wheel carried in .whl/ (the GPU machine has no network). Every part has its own time
 # limit and the suite goes on when one part fails, so one bad part never costs the others' results.
 set -uo pipefail
+ONLY=" $* "
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -13,13 +15,15 @@ LOG="$OUT/gpu_suite.log"
 # -- install: the carried wheels, then the project itself (no dependencies: the machine has them) ----------------
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || { echo "project install failed" | tee -a "$LOG"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+  || { echo "project install failed: importing it from the checkout" | tee -a "$LOG"; export PYTHONPATH=$PWD:$PYTHONPATH; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, triton, transformers, peft, bitsandbytes as b; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', b.__version__)" | tee -a "$LOG"
 
 part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its tail, never abort the suite
   local name=$1 limit=$2; shift 2
+  [[ "$ONLY" == "  " || "$ONLY" == *" $name "* ]] || return 0
   local t0=$SECONDS
   echo "== $name (limit ${limit}s)" | tee -a "$LOG"
   timeout "$limit" "$@" > "$OUT/$name.out" 2>&1
@@ -31,19 +35,19 @@ part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its ta
 BENCH="python3 -m booster_fast bench --device cuda --graphs off --batch-size 10 --harmful-batch-size 10 --max-length 256 --json"
 
 # (1) GPU-marked tests (kernels compiled for real) and each kernel's GB/s against a d2d copy
-part gpu_tests 60 python3 -m pytest -q -m gpu tests
-part kernel_bandwidth 30 python3 benchmarks/gpu_checks.py bandwidth --out "$OUT"
+part gpu_tests 55 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_fast.py tests/test_graphs.py
+part kernel_bandwidth 25 python3 benchmarks/gpu_checks.py bandwidth --out "$OUT"
 # (2) graph vs eager over 5 steps on tiny and llama-1b-shape
-part graph_equivalence 45 python3 benchmarks/gpu_checks.py equivalence --out "$OUT"
+part graph_equivalence 40 python3 benchmarks/gpu_checks.py equivalence --out "$OUT"
 # (3)+(4) the step benchmark with peak memory: reference / fast eager / fast graphs / sft
-part bench_1b_bf16 45 $BENCH --model llama-1b-shape --quant none --impls reference,fast,fast-graphs,sft \
+part bench_1b_bf16 40 $BENCH --model llama-1b-shape --quant none --impls reference,fast,fast-graphs,sft \
   --steps 5 --warmup 3 --output "$OUT/gpu_llama-1b-shape_bf16.json"
-part bench_7b_bf16 70 $BENCH --model llama-7b-shape --quant none --impls reference,fast,fast-graphs,sft \
+part bench_7b_bf16 65 $BENCH --model llama-7b-shape --quant none --impls reference,fast,fast-graphs,sft \
   --steps 4 --warmup 3 --output "$OUT/gpu_llama-7b-shape_bf16.json"
-part bench_7b_nf4_ckpt 50 $BENCH --model llama-7b-shape --quant nf4 --impls reference,fast-graphs \
+part bench_7b_nf4_ckpt 45 $BENCH --model llama-7b-shape --quant nf4 --impls reference,fast-graphs \
   --steps 3 --warmup 3 --gradient-checkpointing --output "$OUT/gpu_llama-7b-shape_nf4_ckpt.json"
-part bench_7b_nf4 40 $BENCH --model llama-7b-shape --quant nf4 --impls fast-graphs \
+part bench_7b_nf4 30 $BENCH --model llama-7b-shape --quant nf4 --impls fast-graphs \
   --steps 3 --warmup 3 --output "$OUT/gpu_llama-7b-shape_nf4.json"
 # (5) where the time goes on llama-7b-shape: reference vs fast+graphs
-part profile_7b 50 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$OUT"
+part profile_7b 40 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$OUT"
 echo "suite done in ${SECONDS}s" | tee -a "$LOG"

@@ -14,8 +14,8 @@ from booster_fast.opcount import count_ops
 SEED = 7
 
 
-def make_model(quant="none", seed=SEED, **overrides):
-    model, tok = bf.load_model("tiny", quant=quant, seed=seed, device="cpu", **overrides)
+def make_model(quant="none", seed=SEED, device="cpu", **overrides):
+    model, tok = bf.load_model("tiny", quant=quant, seed=seed, device=device, **overrides)
     torch.manual_seed(seed)
     return bf.add_lora(model, r=8, alpha=16), tok
 
@@ -38,8 +38,8 @@ def worst_relative_error(a: dict, b: dict) -> tuple[float, str]:
     return errs[name], name
 
 
-def run(impl, batches, quant="none", steps=5, **cfg):
-    model, _ = make_model(quant)
+def run(impl, batches, quant="none", steps=5, device="cpu", **cfg):
+    model, _ = make_model(quant, device=device)
     booster = bf.Booster(model, bf.BoosterConfig(impl=impl, **cfg))
     outs = [booster.step(a, h) for a, h in batches[:steps]]
     return lora_state(model), outs
@@ -66,6 +66,21 @@ def test_fast_matches_reference_fp32(batches, reference_runs, merge, meta):
     err, name = worst_relative_error(fast_w, ref_w)
     assert err <= 1e-5, f"merge={merge} meta={meta}: {name} differs from the reference by {err:.3g} (relative L2)"
     for key in ("loss", "harmful_loss", "harmful_grad_norm") + (("harmful_loss_perturbed",) if meta else ()):
+        torch.testing.assert_close(torch.stack([o[key] for o in fast_out]), torch.stack([o[key] for o in ref_out]),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("merge, graphs", [(True, "off"), (False, "off"), (True, "on")])
+def test_fast_matches_reference_on_cuda(batches, merge, graphs):
+    """The CPU test above on the GPU: cuBLAS, SDPA's CUDA kernels, the compiled Triton kernels, fused AdamW on
+    the device, and (graphs='on') the captured step replayed with the attention mask dropped."""
+    cuda = [tuple({k: v.cuda() for k, v in b.items()} for b in pair) for pair in batches]
+    ref_w, ref_out = run("reference", cuda, device="cuda")
+    fast_w, fast_out = run("fast", cuda, device="cuda", merge_passes=merge, graphs=graphs)
+    err, name = worst_relative_error(fast_w, ref_w)
+    assert err <= 1e-5, f"cuda merge={merge} graphs={graphs}: {name} differs from the reference by {err:.3g}"
+    for key in ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"):
         torch.testing.assert_close(torch.stack([o[key] for o in fast_out]), torch.stack([o[key] for o in ref_out]),
                                    rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
