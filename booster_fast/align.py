@@ -311,7 +311,6 @@ def run_align(args) -> int:
 def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world, device) -> int:
     from tqdm.auto import tqdm
 
-    from .batches import to_device
     from .checkpoint import METRICS as METRICS_FILE
     from .checkpoint import fsync_file, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -389,11 +388,11 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
 
     try:
         for step in range(start + 1, steps + 1):
-            a = to_device(next(streams["align"]), device)
+            a = booster.to_device(next(streams["align"]), device)
             if args.method == "sft":
                 out_t = booster.sft_step(a)
             else:
-                out_t = booster.step(a, to_device(next(streams["harmful"]), device))
+                out_t = booster.step(a, booster.to_device(next(streams["harmful"]), device))
             nan = torch.full((), float("nan"), device=device)
             pending.append(torch.stack([out_t.get(k, torch.zeros((), device=device) if k == "skipped" else nan)
                                         .float().reshape(()) for k in METRICS]))

@@ -299,7 +299,6 @@ def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) 
     from tqdm.auto import tqdm
 
     from . import Booster, BoosterConfig
-    from .batches import to_device
     from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_safety_data
 
     # ---- data first (fails fast, before a model is loaded), then the model, then the output directory ----------
@@ -358,7 +357,7 @@ def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) 
             bar = tqdm(total=steps, dynamic_ncols=True, desc="attack")
             pending, t_last = [], time.perf_counter()
             for step in range(1, steps + 1):
-                pending.append(booster.sft_step(to_device(next(stream), device))["loss"].detach().float())
+                pending.append(booster.sft_step(booster.to_device(next(stream), device))["loss"].detach().float())
                 if step % args.eval_every == 0 or step == steps:
                     dt = (time.perf_counter() - t_last) / len(pending)
                     rec = record(step, pending, dt)

@@ -6,8 +6,30 @@ import torch
 KEYS = ("input_ids", "labels", "attention_mask")
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in KEYS}
+def to_device(batch: dict, device, drop_mask: bool = False) -> dict:
+    """The model's keys of `batch` on `device`. CPU tensors bound for a GPU go through pinned memory, so the copy
+    is truly asynchronous (a copy from pageable memory may wait for the stream's queued work).
+
+    drop_mask: check on the host that the batch is right-padded, then leave the attention mask out. For a causal
+    decoder that is exact: real tokens never attend to the pads after them and pads carry label -100. It also
+    keeps transformers' SDPA mask helper from calling `.all()` on a CUDA mask (a host sync in every pass) and lets
+    SDPA use its causal kernels."""
+    if drop_mask:
+        check_right_padded(batch)
+    pin = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
+            for k, v in batch.items() if k in KEYS and not (drop_mask and k == "attention_mask")}
+
+
+def check_right_padded(batch: dict, sync_ok: bool = False):
+    """Raise ValueError unless every attention-mask row is ones then zeros. A CUDA mask is checked only when
+    `sync_ok`: the check reads a flag back to the host, which the hot path must not do."""
+    mask = batch.get("attention_mask")
+    if mask is None or (mask.is_cuda and not sync_ok):
+        return
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a host sync for a CUDA mask (sync_ok)
+        raise ValueError("the fast step needs right-padded batches (attention_mask rows of ones, then zeros): "
+                         "it leaves the mask out, which is exact only with right padding")
 
 
 def micro_batches(batch, k: int) -> list[dict]:

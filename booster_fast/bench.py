@@ -17,6 +17,8 @@ Entries: reference; fast (the device defaults: --merge-passes, graphs 'auto'); f
 no CUDA device or the step is not captured); sft (the reference engine's plain SFT step: torch AdamW and
 clipping as the HF Trainer does them; the baseline of ratio_to_sft). Entries that use CUDA graphs get extra
 untimed steps until their step is captured, so no capture lands in the timing; `cuda_graphs` says which replay.
+Fast entries get the batches without the attention mask (right-padded, so that is exact; see batches.to_device),
+the reference and sft with it, as the original trainer passes it.
 
 Tokens. tokens_per_s counts the real (non-pad) tokens of the batches a step consumes: alignment + harmful rows
 for a Booster step (the harmful batch counted once, although the step runs it twice), the alignment rows for
@@ -166,8 +168,18 @@ def warm_graphs(name: str, booster, fn, batch, tries: int = 4) -> str | None:
 
 
 def step_fn(name: str, booster):
-    """fn(align_batch, harmful_batch) running one update of this entry."""
-    return (lambda a, h: booster.sft_step(a)) if name == "sft" else booster.step
+    """fn(align_batch, harmful_batch) running one update of this entry. Fast entries get the batches without the
+    attention mask, as `Booster.to_device` prepares them (make_batches checked the right padding); the reference
+    and sft keep it, as the original trainer does."""
+    if name == "sft":
+        return lambda a, h: booster.sft_step(a)
+    if booster.cfg.impl == "fast":
+        return lambda a, h: booster.step(_unmasked(a), _unmasked(h))
+    return booster.step
+
+
+def _unmasked(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
 def random_batch(rows: int, length: int, vocab: int, pad_id: int, g: torch.Generator) -> dict:
@@ -183,7 +195,7 @@ def random_batch(rows: int, length: int, vocab: int, pad_id: int, g: torch.Gener
 def make_batches(args, tok, model, device) -> list[tuple[dict, dict, int, int]]:
     """warmup + steps + 2 (memory and op-count passes) of (align, harmful, align tokens, harmful tokens), on device.
     tiny: the built-in data set, exactly as `align` streams it; anything else: random token batches."""
-    from .batches import to_device
+    from .batches import check_right_padded, to_device
 
     n = args.warmup + args.steps + 2
     if args.model == "tiny":
@@ -194,6 +206,8 @@ def make_batches(args, tok, model, device) -> list[tuple[dict, dict, int, int]]:
         vocab, pad = model.config.vocab_size, tok.pad_token_id if tok.pad_token_id is not None else 0
         pairs = [tuple(random_batch(b, args.max_length, vocab, pad, g)
                        for b in (args.batch_size, args.harmful_batch_size)) for _ in range(n)]
+    for a, h in pairs:
+        check_right_padded(a), check_right_padded(h)
     return [(to_device(a, device), to_device(h, device), int(a["attention_mask"].sum()),
              int(h["attention_mask"].sum())) for a, h in pairs]
 

@@ -25,6 +25,14 @@ class Booster:
     def optimizer(self):
         return self.engine.optimizer
 
+    def to_device(self, batch: dict, device) -> dict:
+        """A collated (CPU) batch on `device`, in the form this engine runs best. The fast engine gets it without
+        the attention mask, after a host-side check that it is right-padded (exact for a causal decoder; see
+        batches.to_device); the reference keeps the mask, as the original trainer does."""
+        from .batches import to_device
+
+        return to_device(batch, device, drop_mask=self.cfg.impl == "fast")
+
     def step(self, align_batch, harmful_batch):
         """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed, harmful_grad_norm."""
         return self.engine.step(align_batch, harmful_batch)

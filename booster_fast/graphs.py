@@ -22,18 +22,10 @@ import logging
 
 import torch
 
+from .batches import check_right_padded
+
 log = logging.getLogger("booster_fast")
 WARMUP = 2
-
-
-def check_right_padded(batch: dict, sync_ok: bool = False):
-    """Raise ValueError unless every attention-mask row is ones then zeros. A CUDA mask is checked only when
-    `sync_ok` (warm-up and capture): checking it on every replay would be a host sync in the hot path."""
-    mask = batch.get("attention_mask")
-    if mask is None or (mask.is_cuda and not sync_ok):
-        return
-    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a host sync for a CUDA mask: warm-up and capture only
-        raise ValueError("CUDA graphs need right-padded batches (attention_mask rows of ones then zeros)")
 
 
 def _static_view(batch: dict) -> dict:
@@ -61,7 +53,7 @@ class StepGraphs:
         key = (kind,) + tuple(tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(b.items())) for b in stripped)
         entry = self._graphs.get(key)
         for b in batches:
-            check_right_padded(b, sync_ok=entry is None)
+            check_right_padded(b, sync_ok=entry is None)  # a sync: warm-up and capture only
         batches = stripped
         if entry is None:
             if self._seen.get(key, 0) < WARMUP:

@@ -70,6 +70,24 @@ def test_fast_matches_reference_fp32(batches, reference_runs, merge, meta):
                                    rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
+def test_leaving_out_the_mask_of_right_padded_batches_is_exact(batches):
+    """Booster.to_device drops the attention mask for the fast engine: with right padding and a causal decoder
+    the update must not change (real tokens never see the pads after them; pads carry no label)."""
+    assert any((a["attention_mask"] == 0).any() for a, _ in batches), "no padding: the test would prove nothing"
+    model, _ = make_model()
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast"))
+    unmasked = [(booster.to_device(a, "cpu"), booster.to_device(h, "cpu")) for a, h in batches]
+    assert not any("attention_mask" in b for pair in unmasked for b in pair)
+    masked_w, _ = run("fast", batches, steps=3)
+    unmasked_w, _ = run("fast", unmasked, steps=3)
+    err, name = worst_relative_error(unmasked_w, masked_w)
+    assert err <= 1e-5, f"leaving the mask out changed {name} by {err:.3g}"
+    left = {k: v.flip(1) for k, v in batches[0][0].items()}  # left-padded: the mask cannot be left out
+    with pytest.raises(ValueError, match="right-padded"):
+        booster.to_device(left, "cpu")
+    assert "attention_mask" in bf.Booster(make_model()[0], bf.BoosterConfig(impl="reference")).to_device(left, "cpu")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("merge, graphs", [(True, "off"), (False, "off"), (True, "on")])
 def test_fast_matches_reference_on_cuda(batches, merge, graphs):

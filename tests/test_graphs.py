@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import booster_fast as bf
-from booster_fast.graphs import WARMUP, StepGraphs, check_right_padded
+from booster_fast.batches import check_right_padded
+from booster_fast.graphs import WARMUP, StepGraphs
 
 from test_fast import builtin_batches, lora_state, worst_relative_error, SEED
 
