@@ -8,10 +8,12 @@ shape (DESIGN.md §3). `StepGraphs` does the bookkeeping:
 - per shape signature, the first `WARMUP` steps run eagerly on a side stream (they are real training steps:
   they also initialise the optimizer state and the autograd caches), then the step is captured into static
   input tensors and replayed; each new batch is copied into the static inputs;
-- the attention mask is dropped inside captured steps: with right padding and a causal mask, real tokens never
-  attend to the pads after them and pads carry label −100, and passing a CUDA mask makes transformers' SDPA
-  helper call `.all()` on it (a host sync, fatal to capture). Right padding is checked on every CPU batch, and
-  on CUDA batches during warm-up and capture (later it would be a host sync per step);
+- the attention mask is dropped inside captured steps, so the passes run the mask-free causal attention of
+  attention.py (exact with right padding: real tokens never attend to the pads after them and pads carry label
+  −100; transformers' own mask building would read values back to the host). Right padding is checked on every
+  CPU batch, and on CUDA batches during warm-up and capture (later it would be a host sync per step);
+- a graph is keyed on the batch shapes and on the constants the capture bakes in (the optimizer's learning
+  rate, betas, weight decay, eps): a changed learning rate gets its own warm-up and capture;
 - the step's outputs are stacked into one static tensor inside the graph and cloned once after each replay;
 - if capture fails, `graphs="auto"` logs one line with the reason and runs eagerly from then on; `graphs="on"`
   raises.

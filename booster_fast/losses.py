@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import unmasked_causal
+
 IGNORE_INDEX = -100
 
 
@@ -19,8 +21,9 @@ def label_count(batch: dict) -> torch.Tensor:
 
 
 def logits_of(model, batch: dict) -> torch.Tensor:
-    mask = batch.get("attention_mask")
-    return model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
+    """The model's logits; a batch without an attention mask runs the mask-free causal attention (attention.py)."""
+    with unmasked_causal(model, batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

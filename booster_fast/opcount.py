@@ -4,7 +4,9 @@ Every aten op is a kernel launch on a GPU without CUDA graphs, so the op count i
 `count_ops(fn)` runs `fn` under a TorchDispatchMode; regions that the fast step marks with `fast.model_pass()`
 (forward, loss, backward) are counted as "pass", the rest as "bookkeeping". For the reference step, which has
 no markers, everything counts as "total" only. Profiler bookkeeping ops (`profiler.*`) are not kernels and are
-skipped.
+skipped. Ops that read a value back to the host (`.item()`, `bool(t)`, `nonzero`, `equal`: a host sync on a GPU,
+fatal inside a CUDA-graph capture) are counted apart as "host_syncs" — on the CPU too, where they cost nothing,
+so that a CPU test can prove a step free of them.
 """
 from __future__ import annotations
 
@@ -16,15 +18,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import fast
 
 
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.masked_select",
+            "aten._unique", "aten.unique")
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.pass_depth = 0
         self.counts = Counter()
         self.bookkeeping_ops = Counter()
+        self.syncs = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
+        if name.startswith(SYNC_OPS):
+            self.syncs[name] += 1
         if not name.startswith("profiler."):
             self.counts["pass" if self.pass_depth else "bookkeeping"] += 1
             if not self.pass_depth:
@@ -33,7 +42,7 @@ class _Counter(TorchDispatchMode):
 
 
 def count_ops(fn, *args, **kwargs) -> dict:
-    """Run fn(*args, **kwargs) once; return {"total", "pass", "bookkeeping", "bookkeeping_ops"}."""
+    """Run fn(*args, **kwargs) once; return {"total", "pass", "bookkeeping", "bookkeeping_ops", "host_syncs"}."""
     counter = _Counter()
 
     @contextlib.contextmanager
@@ -52,4 +61,4 @@ def count_ops(fn, *args, **kwargs) -> dict:
         fast._pass_marker = prev
     c = counter.counts
     return {"total": c["pass"] + c["bookkeeping"], "pass": c["pass"], "bookkeeping": c["bookkeeping"],
-            "bookkeeping_ops": dict(counter.bookkeeping_ops)}
+            "bookkeeping_ops": dict(counter.bookkeeping_ops), "host_syncs": dict(counter.syncs)}

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 import booster_fast as bf
 from booster_fast.data import BatchStream, encode_all, load_safety_data
+from booster_fast.models import enable_gradient_checkpointing
 from booster_fast.opcount import count_ops
 
 SEED = 7
@@ -86,6 +87,27 @@ def test_leaving_out_the_mask_of_right_padded_batches_is_exact(batches):
     with pytest.raises(ValueError, match="right-padded"):
         booster.to_device(left, "cpu")
     assert "attention_mask" in bf.Booster(make_model()[0], bf.BoosterConfig(impl="reference")).to_device(left, "cpu")
+
+
+@pytest.mark.parametrize("quant, checkpointing", [("none", False), ("none", True), ("nf4", False)])
+def test_fast_step_reads_nothing_back_to_the_host(batches, quant, checkpointing):
+    """No op of the fast step (passes included: transformers' mask building, bitsandbytes, checkpoint recompute)
+    reads a value back to the host, for batches as Booster.to_device prepares them. On a GPU each such op is a
+    host sync, and one inside the step makes CUDA-graph capture fail. The reference, given masks as the
+    original trainer is, pays them: that shows the probe can see them."""
+    model, tok = bf.load_model("tiny", quant=quant, seed=SEED, device="cpu")
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    torch.manual_seed(SEED)
+    model = bf.add_lora(model, r=8, alpha=16)
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", merge_passes=True))
+    a, h = (booster.to_device(b, "cpu") for b in batches[0])
+    booster.step(a, h)
+    for fn, args in ((booster.step, (a, h)), (booster.sft_step, (a,))):
+        syncs = count_ops(fn, *args)["host_syncs"]
+        assert not syncs, f"{fn.__name__} reads back to the host: {syncs}"
+    reference = bf.Booster(make_model(quant)[0], bf.BoosterConfig(impl="reference"))
+    assert count_ops(reference.step, *batches[0])["host_syncs"], "the probe saw no host read in the masked reference"
 
 
 @pytest.mark.gpu
