@@ -21,6 +21,11 @@ import torch
 import torch.nn.functional as F
 
 ALL_ROWS = 1 << 62  # route every row to the harmful aliases
+# The buffers are padded to a multiple of ALIGN elements (the pad stays zero: no parameter views it, so its
+# gradient is 0 and AdamW leaves it at 0). Triton specialises a length divisible by 16 and then moves the
+# element-wise kernels' data in 128-bit vectors (scalar 32-bit accesses otherwise); G_f = G[1] starts 256-byte
+# aligned.
+ALIGN = 64
 
 
 class FlatLoRA:
@@ -30,16 +35,17 @@ class FlatLoRA:
         if not self.params:
             raise ValueError("the model has no trainable parameters; call add_lora first")
         device = self.params[0].device
-        sizes = [p.numel() for p in self.params]
-        n = sum(sizes)
-        self.W = torch.empty(n, dtype=torch.float32, device=device)
+        self.sizes = [p.numel() for p in self.params]
+        n = sum(self.sizes)
+        padded = -(-n // ALIGN) * ALIGN
+        self.W = torch.zeros(padded, dtype=torch.float32, device=device)
         self.B = torch.empty_like(self.W)              # backup of W across the perturbed pass
-        self.G = torch.zeros(2, n, dtype=torch.float32, device=device)
+        self.G = torch.zeros(2, padded, dtype=torch.float32, device=device)
         self.G_h, self.G_f = self.G[0], self.G[1]      # harmful grad, alignment (then combined) grad
 
-        self._w_views = list(self.W.split(sizes))
-        self._gh_views = [g.view_as(p) for g, p in zip(self.G_h.split(sizes), self.params)]
-        self._gf_views = [g.view_as(p) for g, p in zip(self.G_f.split(sizes), self.params)]
+        self._w_views = list(self.W[:n].split(self.sizes))
+        self._gh_views = [g.view_as(p) for g, p in zip(self.G_h[:n].split(self.sizes), self.params)]
+        self._gf_views = [g.view_as(p) for g, p in zip(self.G_f[:n].split(self.sizes), self.params)]
         with torch.no_grad():
             for view, p in zip(self._w_views, self.params):
                 view.copy_(p.detach().reshape(-1))
@@ -61,7 +67,8 @@ class FlatLoRA:
 
     @property
     def numel(self) -> int:
-        return self.W.numel()
+        """LoRA elements in the buffers (which hold up to ALIGN - 1 more, always zero)."""
+        return sum(self.sizes)
 
     def attach_grads(self):
         """Point every parameter's .grad at its view of G_f (again, if someone set them to None)."""

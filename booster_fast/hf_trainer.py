@@ -249,9 +249,9 @@ class BoosterTrainer(Trainer):
         flat = getattr(self.engine, "flat", None)
         if flat is None:  # the reference engine holds the Parameter objects themselves
             return
-        sizes = [p.numel() for p in flat.params]
+        sizes, n = flat.sizes, flat.numel
         with torch.no_grad():
-            for p, w in zip(flat.params, flat.W.split(sizes)):
+            for p, w in zip(flat.params, flat.W[:n].split(sizes)):
                 if p.data_ptr() == w.data_ptr():
                     continue
                 if p.device != flat.W.device:
@@ -259,7 +259,7 @@ class BoosterTrainer(Trainer):
                                        f"{flat.W.device}; place the model on its device before creating the trainer")
                 w.copy_(p.detach().reshape(-1))
                 p.data = w.view_as(p)
-            for v, g in zip(getattr(flat, "_gf_views", ()), flat.G_f.split(sizes)):
+            for v, g in zip(getattr(flat, "_gf_views", ()), flat.G_f[:n].split(sizes)):
                 if v.data_ptr() != g.data_ptr():
                     v.data = g.view_as(v)
         flat.attach_grads()

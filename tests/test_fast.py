@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 import booster_fast as bf
+from booster_fast.flat import ALIGN
 from booster_fast.data import BatchStream, encode_all, load_safety_data
 from booster_fast.models import enable_gradient_checkpointing
 from booster_fast.opcount import count_ops
@@ -183,6 +184,30 @@ def test_gradient_checkpointing_gives_the_same_update(batches, reference_runs, m
         booster.step(a, h)
     err, name = worst_relative_error(lora_state(model), ref_w)
     assert err <= 1e-5, f"checkpointed fast step (merge={merge}) differs at {name} by {err:.3g}"
+
+
+def test_flat_buffers_are_padded_and_the_pad_stays_zero(batches):
+    """The flat buffers are padded to a multiple of ALIGN elements (so the kernels see a length divisible by 16);
+    the pad is no parameter's, so it must stay exactly zero through steps (gradients, perturbation, AdamW)."""
+    model, _ = bf.load_model("tiny", seed=SEED, device="cpu", hidden_size=52, num_attention_heads=2,
+                             num_key_value_heads=2)
+    model = bf.add_lora(model, r=3, targets=("q_proj",))  # 4 layers x 3 x (52 + 52) = 1248 LoRA elements
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", lr=1e-2))
+    flat = booster.engine.flat
+    n = flat.numel
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) == 1248
+    assert flat.W.numel() % ALIGN == 0 and flat.W.numel() > n
+    with torch.no_grad():  # start from a state where a leaking update would show in the pad
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    for a, h in batches[:2]:
+        booster.step(a, h)
+    state = booster.engine.optimizer.state[booster.engine.W]
+    for name, t in (("W", flat.W), ("B", flat.B), ("G_h", flat.G_h), ("G_f", flat.G_f),
+                    ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
+        assert torch.count_nonzero(t[:n]) > 0, f"{name} is all zero: the test would prove nothing"
+        assert not t[n:].any(), f"the pad of {name} is not zero"
 
 
 def test_fast_restore_is_exact_and_base_untouched(batches):

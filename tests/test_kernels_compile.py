@@ -1,0 +1,89 @@
+"""The Triton kernels compiled for real, for the H100/H200 (sm_90), on a machine without a GPU.
+
+The interpreter (TRITON_INTERPRET=1, set by conftest.py here) checks the kernels' maths, but neither that the
+compiler accepts them nor the code it makes. Triton compiles ahead of time for a named target without a device,
+so each kernel goes through the whole pipeline to a cubin here, and the PTX of the memory-bound kernels is
+checked for what lets them stream at copy speed: with a length divisible by 16 (FlatLoRA pads its buffers to a
+multiple of 64) and 16-byte aligned buffers (as torch allocates them), every access to a flat buffer is a
+128-bit vector load or store. Only the 0-dim scalars (ss in, the norm or a partial sum out) are 32-bit.
+
+The compiler runs in a child process without TRITON_INTERPRET: Triton reads the variable at import time and
+while compiling, and a process that imported it in interpreter mode cannot compile for real.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# kernel -> (scalar loads, scalar stores) of its PTX; None: only compiled. The sumsq finish kernel reads the
+# n/BLOCK partials, whose count need not be divisible by anything (a rounding error of the step's traffic).
+KERNELS = {
+    "_sumsq_partial_kernel": (0, 1),
+    "_sumsq_finish_kernel": None,
+    "_normalize_perturb_kernel": (1, 1),
+    "_restore_combine_kernel": (0, 0),
+}
+
+COMPILE = r"""
+import json, re, sys
+from collections import Counter
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from booster_fast.kernels import booster_kernels as bk
+
+# the launch configuration of each kernel, as the launchers in booster_kernels.py use it
+launch = {"_sumsq_partial_kernel": ({"BLOCK": bk.BLOCK}, bk.NUM_WARPS),
+          "_sumsq_finish_kernel": ({"BLOCK_R": bk.BLOCK_R}, 4),
+          "_normalize_perturb_kernel": ({"BLOCK": bk.BLOCK}, bk.NUM_WARPS),
+          "_restore_combine_kernel": ({"BLOCK": bk.BLOCK}, bk.NUM_WARPS)}
+out = {}
+for name in sys.argv[1:]:
+    jit = getattr(bk, name)
+    constexprs, num_warps = launch[name]
+    signature, attrs = {}, {}
+    for i, arg in enumerate(jit.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):  # torch allocations: 16-byte aligned (G_f = G[1]: 256-byte, by the padding)
+            signature[arg], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif arg == "n":  # the flat buffers' length, padded to a multiple of 64
+            signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "i32" if arg == "num_partials" else "fp32"
+    k = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    acc = Counter(f"{op}{vec}" for op, vec in re.findall(r"\b(ld|st)\.global((?:\.v\d)?)\.\w+", k.asm["ptx"]))
+    out[name] = {"cubin_bytes": len(k.asm.get("cubin") or b""), "accesses": dict(acc)}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE, *KERNELS], capture_output=True, text=True, env=env,
+                          timeout=300)
+    if proc.returncode and "ImportError" in proc.stderr and "triton" in proc.stderr:
+        pytest.skip("this Triton has no ahead-of-time compile API in the form used here: "
+                    + proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, f"compiling the kernels failed:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_kernel_compiles_for_hopper_with_128_bit_accesses(compiled, name):
+    result = compiled[name]
+    assert result["cubin_bytes"] > 0, f"{name}: no cubin"
+    if KERNELS[name] is None:
+        return
+    scalar_loads, scalar_stores = KERNELS[name]
+    acc = result["accesses"]
+    assert acc.get("ld.v4", 0) > 0, f"{name}: no 128-bit loads: {acc}"
+    assert acc.get("ld", 0) == scalar_loads and acc.get("st", 0) == scalar_stores, \
+        f"{name}: 32-bit accesses beyond its scalars: {acc}"
+    assert not acc.get("ld.v2") and not acc.get("st.v2"), f"{name}: 64-bit accesses: {acc}"
