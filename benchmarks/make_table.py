@@ -2,9 +2,11 @@
 
     python benchmarks/make_table.py [--results benchmarks/results] [--readme README.md]
 
-Every `*.json` there is a document written by `booster-fast bench --json --output FILE`. The table replaces
-whatever lies between the markers `<!-- results:start -->` and `<!-- results:end -->` in the README; the rest
-of the README is left as it is. Without the markers the table is printed and the README is not touched.
+Every `*.json` there written by `booster-fast bench --json --output FILE` becomes rows of the step table; the
+GPU suite's `kernel_bandwidth.json`, `graph_equivalence.json` and `profile_*.json` (benchmarks/gpu_checks.py)
+get a table each after it. The tables replace whatever lies between the markers `<!-- results:start -->` and
+`<!-- results:end -->` in the README; the rest of the README is left as it is. Without the markers the tables
+are printed and the README is not touched.
 """
 from __future__ import annotations
 
@@ -18,23 +20,44 @@ from pathlib import Path
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("machine", "model", "quant", "impl", "ms/step (median)", "speed-up vs reference", "tokens/s",
-           "peak MB", "ops/step", "Booster/SFT")
+           "peak MB", "ops/step", "Booster/SFT", "MFU")
+CHECKS = ("kernel_bandwidth", "graph_equivalence", "profile")  # gpu_checks.py documents, by file-name prefix
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"make_table: skipping {path}: {e}", file=sys.stderr)
+        return None
 
 
 def load_results(results_dir) -> list[tuple[str, dict]]:
-    """(file name, document) of every results file, sorted by name; files that are not bench output are skipped."""
+    """(file name, document) of every bench file, sorted by name; other files are skipped (the GPU checks' files
+    silently: check_documents reads those)."""
     docs = []
     for path in sorted(Path(results_dir).glob("*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            print(f"make_table: skipping {path}: {e}", file=sys.stderr)
+        if path.name.startswith(CHECKS):
+            continue
+        doc = _read(path)
+        if doc is None:
             continue
         if not isinstance(doc, dict) or not {"machine", "config", "results"} <= doc.keys():
             print(f"make_table: skipping {path}: not a `booster-fast bench` document", file=sys.stderr)
             continue
         docs.append((path.name, doc))
     return docs
+
+
+def check_documents(results_dir) -> dict[str, list[tuple[str, dict]]]:
+    """kind -> [(file name, document)] of the GPU suite's check files."""
+    found: dict[str, list[tuple[str, dict]]] = {}
+    for path in sorted(Path(results_dir).glob("*.json")):
+        kind = next((k for k in CHECKS if path.name.startswith(k)), None)
+        doc = _read(path) if kind else None
+        if isinstance(doc, dict) and isinstance(doc.get("results"), dict):
+            found.setdefault(kind, []).append((path.name, doc))
+    return found
 
 
 def hardware(machine: dict) -> str:
@@ -58,7 +81,7 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
             label = impl + (" (CUDA graph)" if r.get("cuda_graphs") else "")
             head = [hardware(m), model, str(c.get("quant")), label]
             if "skipped" in r:
-                out.append(head + [f"skipped: {r['skipped']}"] + ["—"] * 5)
+                out.append(head + [f"skipped: {r['skipped']}"] + ["—"] * (len(COLUMNS) - len(head) - 1))
                 continue
             booster = impl != "sft"  # speed-up and the SFT ratio describe Booster steps
             out.append(head + [
@@ -68,16 +91,47 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
                 _num(r.get("peak_mem_mb"), ",.0f"),
                 _num(r.get("ops_per_step"), ","),
                 _num(r.get("ratio_to_sft") if booster else None, ".2f", "×"),
+                _num(r.get("mfu"), ".1%"),
             ])
     return out
 
 
-def markdown_table(docs: list[tuple[str, dict]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows(docs)]
+def _grid(columns, body) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]
+
+
+def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
+    """Markdown blocks for the GPU suite's kernel bandwidth, graph-equivalence and profile files."""
+    blocks = []
+    for name, doc in checks.get("kernel_bandwidth", []):
+        res, frac, gpu = doc["results"], doc.get("fraction_of_copy", {}), doc.get("machine", {}).get("gpu")
+        body = [[op, _num(res.get(f"{op}_GBps"), ",.0f"), _num(res.get(f"{op}_torch_GBps"), ",.0f"),
+                 _num(frac.get(op), ".0%")] for op in ("copy", "sumsq", "normalize_perturb_", "restore_combine_")]
+        blocks.append(f"Kernels on {gpu}, {res.get('n', '?'):,} fp32 elements (`{name}`; target: each kernel "
+                      f"≥ {doc.get('target', 0.7):.0%} of the copy):\n\n"
+                      + "\n".join(_grid(("op", "Triton GB/s", "torch GB/s", "of copy"), body)))
+    for name, doc in checks.get("graph_equivalence", []):
+        body = [[model, r.get("steps"), _num(r.get("worst_relative_l2"), ".2e"), r.get("captured"),
+                 r.get("fallback") or "—"] for model, r in doc["results"].items()]
+        blocks.append(f"CUDA-graph replays vs eager steps, fast engine (`{name}`):\n\n"
+                      + "\n".join(_grid(("model", "steps", "worst LoRA rel. L2", "captured", "fallback"), body)))
+    for name, doc in checks.get("profile", []):
+        body = [[impl, _num(r.get("wall_ms_per_step"), ".1f"), _num(r.get("gpu_busy_ms_per_step"), ".1f"),
+                 _num(r.get("gpu_idle_share"), ".0%"),
+                 "; ".join(f"{k['name'][:40]} {k['ms_per_step']:.1f} ms" for k in r.get("top_kernels", [])[:3])]
+                for impl, r in doc["results"].items()]
+        blocks.append(f"Profile of {doc.get('model')} ({doc.get('quant')}), batch {doc.get('batch')} (`{name}`):\n\n"
+                      + "\n".join(_grid(("impl", "wall ms/step", "GPU busy ms/step", "GPU idle", "top kernels"),
+                                         body)))
+    return blocks
+
+
+def markdown_table(docs: list[tuple[str, dict]], checks: dict | None = None) -> str:
     files = ", ".join(f"`{name}` ({doc['machine'].get('date', '?')})" for name, doc in docs)
-    return "\n".join(lines) + f"\n\nFrom benchmarks/results/: {files or 'no files yet'}. Regenerate with " \
-                              "`python benchmarks/make_table.py`."
+    parts = ["\n".join(_grid(COLUMNS, rows(docs))), *check_tables(checks or {})]
+    return "\n\n".join(parts) + f"\n\nFrom benchmarks/results/: {files or 'no files yet'}. Regenerate with " \
+                                  "`python benchmarks/make_table.py`."
 
 
 def update_readme(readme, table: str) -> bool:
@@ -101,7 +155,7 @@ def update_readme(readme, table: str) -> bool:
 
 def make_table(results_dir=ROOT / "benchmarks" / "results", readme=ROOT / "README.md") -> str:
     """Build the table and write it into `readme` between the markers (or print it if they are missing)."""
-    table = markdown_table(load_results(results_dir))
+    table = markdown_table(load_results(results_dir), check_documents(results_dir))
     if update_readme(readme, table):
         print(f"make_table: updated {readme}", file=sys.stderr)
     else:

@@ -176,3 +176,32 @@ def test_entries_share_their_frozen_base_but_not_lora():
         {"w": torch.nn.Parameter(torch.full((3,), 2.0), requires_grad=False)}))
     with pytest.raises(AssertionError, match="differs"):
         bench.share_frozen_weights(model_a, model_b)
+
+
+def test_make_table_renders_the_gpu_suite_checks(tmp_path):
+    """The GPU suite's check files (shaped as benchmarks/gpu_checks.py writes them) get a table each; the values
+    here are made up for the formatter, not results."""
+    mt = _make_table_module()
+    results = tmp_path / "results"
+    results.mkdir()
+    ops = ("copy", "sumsq", "normalize_perturb_", "restore_combine_")
+    bw = {"n": 2**26, **{f"{op}_GBps": 1000.0 + i for i, op in enumerate(ops)},
+          **{f"{op}_torch_GBps": 500.0 + i for i, op in enumerate(ops[1:])}}
+    (results / "kernel_bandwidth.json").write_text(json.dumps({
+        "machine": {"gpu": "Test GPU"}, "numel": 2**26, "results": bw, "target": 0.7,
+        "fraction_of_copy": {op: bw[f"{op}_GBps"] / bw["copy_GBps"] for op in ops[1:]}}))
+    (results / "graph_equivalence.json").write_text(json.dumps({"machine": {}, "results": {
+        "tiny": {"steps": 5, "worst_relative_l2": 3e-7, "loss_graph": 1.0, "loss_eager": 1.0, "captured": True,
+                 "fallback": None}}}))
+    (results / "profile_llama-7b-shape.json").write_text(json.dumps({
+        "machine": {}, "model": "llama-7b-shape", "quant": "none", "batch": [10, 256], "results": {
+            "fast+graphs": {"wall_ms_per_step": 10.0, "gpu_busy_ms_per_step": 9.0, "gpu_idle_share": 0.1,
+                            "top_kernels": [{"name": "gemm_kernel", "ms_per_step": 5.0, "calls_per_step": 3}]}}}))
+    (results / "cpu_tiny.json").write_text(json.dumps(SAMPLE))
+    table = mt.markdown_table(mt.load_results(results), mt.check_documents(results))
+    assert [name for name, _ in mt.load_results(results)] == ["cpu_tiny.json"]
+    assert "| sumsq | 1,001 | 500 | 100% |" in table and "Kernels on Test GPU, 67,108,864" in table
+    assert "| tiny | 5 | 3.00e-07 | True | — |" in table
+    assert "| fast+graphs | 10.0 | 9.0 | 10% | gemm_kernel 5.0 ms |" in table
+    header = next(line for line in table.splitlines() if line.startswith("| machine"))
+    assert header.endswith("| MFU |")
