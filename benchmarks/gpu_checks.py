@@ -1,7 +1,7 @@
 """GPU checks that are not unit tests: kernel bandwidth, graph-vs-eager equivalence, a profiler table.
 
     python benchmarks/gpu_checks.py bandwidth   --out DIR     # each kernel's GB/s against a d2d copy
-    python benchmarks/gpu_checks.py equivalence --out DIR     # 5 graph replays vs 5 eager steps
+    python benchmarks/gpu_checks.py equivalence --out DIR     # 5 steps graphs='on' (2 warm-up, 3 replays) vs eager
     python benchmarks/gpu_checks.py profile     --out DIR     # top kernels and GPU idle share per step
 
 Each writes one JSON file into DIR (and `profile` a text table too); the last stdout line is the JSON

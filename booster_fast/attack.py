@@ -4,7 +4,7 @@ The aligned model (base from the run's `run_config.json` + its LoRA adapter) kee
 in the original (`--alternating single_lora`), with plain SFT + AdamW on a mix of the user's benign task and
 harmful samples: `n_harm = round(p · samples)` harmful rows (harmful prompt -> harmful answer, from the safety
 data's train split) and `samples − n_harm` benign rows, shuffled with the seed. Defaults are the paper's
-(DESIGN.md §1): 1000 samples, p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
+(the paper's attack setting): 1000 samples, p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
 
 Every `--eval-every` steps (and before the first step) the token-mean loss of the HELD-OUT harmful set (the
 safety data's test split: prompts never seen in training, with harmful answers) is written to metrics.jsonl:

@@ -11,9 +11,9 @@ def to_device(batch: dict, device, drop_mask: bool = False) -> dict:
     is truly asynchronous (a copy from pageable memory may wait for the stream's queued work).
 
     drop_mask: check on the host that the batch is right-padded, then leave the attention mask out. For a causal
-    decoder that is exact: real tokens never attend to the pads after them and pads carry label -100. It also
-    keeps transformers' SDPA mask helper from calling `.all()` on a CUDA mask (a host sync in every pass) and lets
-    SDPA use its causal kernels."""
+    decoder that is exact: real tokens never attend to the pads after them and pads carry label -100. Without a
+    mask, `losses.logits_of` runs the mask-free causal SDPA of attention.py: no mask building, no host read, the
+    causal kernels."""
     if drop_mask:
         check_right_padded(batch)
     pin = torch.device(device).type == "cuda"

@@ -12,7 +12,7 @@ We report the median and the 20th/80th percentiles. Every model stays resident; 
 weights (identical by construction, checked) are one shared copy, so four entries of a 7B bf16 model hold one
 13 GB base instead of four. NF4 weights are not shared (each entry quantises its own).
 
-Entries: reference; fast (the device defaults: --merge-passes, graphs 'auto'); fast-merged / fast-unmerged
+Entries: reference; fast (follows --merge-passes and --graphs, default auto); fast-merged / fast-unmerged
 (merge pinned, eager); fast-graphs (graphs='on', CUDA only: recorded as skipped, with the reason, when there is
 no CUDA device or the step is not captured); sft (the reference engine's plain SFT step: torch AdamW and
 clipping as the HF Trainer does them; the baseline of ratio_to_sft). Entries that use CUDA graphs get extra

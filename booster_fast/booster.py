@@ -34,7 +34,8 @@ class Booster:
         return to_device(batch, device, drop_mask=self.cfg.impl == "fast")
 
     def step(self, align_batch, harmful_batch):
-        """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed, harmful_grad_norm."""
+        """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed, harmful_grad_norm (0-dim
+        device tensors) and, from the fast engine, skipped (1.0 when a non-finite update was skipped)."""
         return self.engine.step(align_batch, harmful_batch)
 
     def sft_step(self, align_batch):

@@ -1,4 +1,4 @@
-"""Command line: `booster-fast align|bench ...` (also `python -m booster_fast`).
+"""Command line: `booster-fast align|bench|attack|eval|experiment ...` (also `python -m booster_fast`).
 
 Every user error (bad flag value, unknown model, missing or malformed data, an output that cannot be written)
 ends with one line on stderr and exit code 2, and leaves nothing half-written behind: files are written under a
@@ -41,7 +41,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--grad-accum", type=int, default=1, help=BoosterConfig.help()["grad_accum"])
     p.add_argument("--merge-passes", default="auto", choices=["auto", "on", "off"],
                    help="fast: harmful + alignment batches as one pass (auto: on for CUDA, off for the CPU)")
-    p.add_argument("--no-meta-term", action="store_true", help=BoosterConfig.help()["meta_term"])
+    p.add_argument("--no-meta-term", action="store_true",
+                   help="drop the −λ·∇h(w̃) term: the original's ablation, ∇f + λ·∇h (one pass fewer)")
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help=BoosterConfig.help()["graphs"])
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward (non-reentrant): less memory, ~1/3 "

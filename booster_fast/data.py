@@ -5,7 +5,7 @@ positions get label -100, so the loss is on the response and its EOS only. Promp
 tokenized separately (no special tokens; a BOS is prepended only when the tokenizer itself adds one by
 default, as Llama's does and the tiny tokenizer does not), which makes the label boundary exact by
 construction instead of by re-tokenizing the concatenation. Batches are right-padded to exactly
-`max_length`: one static shape for the whole run, which CUDA graphs need (DESIGN.md §3), and with right
+`max_length`: one static shape for the whole run, which CUDA graphs need (graphs.py), and with right
 padding under a causal mask the pads never influence a real token.
 
 `BatchStream` replaces a DataLoader: an infinite iterator of shuffled epochs whose order depends only on

@@ -11,14 +11,14 @@ task accuracy per seed.
 Presets:
 - `tiny` (default; offline, CPU, minutes): the embedded random-initialised tiny Llama. With the paper's LoRA
   (r = 32, lora_alpha = 4, q/k/v only) and lr 5e-4 it learns nothing visible in a few hundred steps (loss stays
-  ~7.3 of ln 4096 = 8.3; answers are padding), so the tiny preset uses its own settings: LoRA on every linear
+  ~7.3 of ln 2485 ≈ 7.8; answers are padding), so the tiny preset uses its own settings: LoRA on every linear
   layer with r = 32, lora_alpha = 64, alignment lr 3e-3 for 200 steps of 8 + 8 rows (enough for every held-out
   harmful prompt to be refused), then the paper's attack mix (1000 samples, p = 0.1, batch 10) at lr 1e-3 for
   100 steps, the held-out harmful loss every 10 steps together with the refusal-keyword harmful score of 64
   held-out prompts; judged by the offline refusal-keyword proxy. They are NOT the paper's settings and the
   tiny model is not Llama-2: 100 attack steps erase the tiny model's refusals but are far too few for it to
   learn the sentiment task (it answers one label to everything: 50 % accuracy).
-- `paper-sst2`, `paper-agnews`, `paper-gsm8k`: DESIGN.md §1 — Llama-2-7B (bf16), LoRA r 32 / alpha 4 on q,k,v,
+- `paper-sst2`, `paper-agnews`, `paper-gsm8k`: the paper's setup — Llama-2-7B (bf16), LoRA r 32 / alpha 4 on q,k,v,
   alignment 20 epochs of batch 10 at lr 5e-4 (weight decay 0.1, λ 5, α 0.1, max length 256) on the BeaverTails
   refusal pairs, attack 1000 samples at p = 0.1, lr 1e-5, 20 epochs, batch 10, judged by beaver-dam-7b with
   512 new tokens; seed 43 (+1 per extra seed). They need the model, the data sets and the judge downloaded.

@@ -1,6 +1,6 @@
 """The fast Booster step: flat buffers, fused kernels, the merged pass, no host syncs.
 
-Same update as `reference.ReferenceBooster` (DESIGN.md §1), computed with far less work:
+Same update as `reference.ReferenceBooster` (the original trainer's), computed with far less work:
 
     pass 1   one forward/backward of [harmful ; alignment] at w   ->  G_h = ∇h(w), G_f = ∇f(w)
     kernels  ss = ‖G_h‖²;  B = W;  W -= α G_h/(√ss+ε);  G_f += λ G_h;  G_h = 0

@@ -3,7 +3,7 @@
 The fast step has static shapes (batches right-padded to one max_length), no host syncs, fixed buffer
 addresses (W, B, G_h, G_f, the optimizer state) and a capturable fused AdamW, so the whole step — both passes,
 the kernels, clipping and the update — can be captured once and replayed for every later batch of the same
-shape (DESIGN.md §3). `StepGraphs` does the bookkeeping:
+shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the bookkeeping:
 
 - per shape signature, the first `WARMUP` steps run eagerly on a side stream (they are real training steps:
   they also initialise the optimizer state and the autograd caches), then the step is captured into static

@@ -32,7 +32,9 @@ How it fits into the Trainer. The Trainer's loop does, per update: `training_ste
   the union batch. The harmful loader is sharded across processes by `accelerator.prepare`, like the train
   loader. FSDP, DeepSpeed, fp16 loss scaling, DataParallel and `torch_compile` are rejected with one line.
 - Logging: `harmful_loss`, `harmful_loss_perturbed` and `harmful_grad_norm` are accumulated on the device
-  and averaged into the Trainer's own log records (no host sync in the step; the Trainer syncs at log time).
+  and averaged into the Trainer's own log records (the engine reads nothing back; the Trainer syncs at log
+  time). The batches keep their attention mask (the collator's padding side is not checked here), so on CUDA
+  transformers' mask building still reads back to the host in every forward, and CUDA graphs are off.
 """
 from __future__ import annotations
 

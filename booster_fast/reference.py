@@ -1,7 +1,7 @@
 """The reference Booster step: the original trainer's semantics, op for op, and nothing clever.
 
 It is the yardstick that the fast step and every benchmark are measured against, so it keeps the original's
-shape on purpose (DESIGN.md §1): gradients cloned into per-tensor dicts, the global norm as the norm of the
+shape on purpose (git-disl/Booster's trainer): gradients cloned into per-tensor dicts, the global norm as the norm of the
 per-tensor norms plus 1e-7, a per-tensor in-place perturbation and the inexact `+=` restore, the combination
 `∇f + λ∇h(w) − λ∇h(w̃)`, clipping of the combined gradient, and a torch AdamW step.
 Two deliberate departures: gradient accumulation is exact (the original zeroes accumulated grads on every

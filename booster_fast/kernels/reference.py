@@ -2,7 +2,8 @@
 
 Every function is functional (inputs are never modified), upcasts to float64 and returns float64 tensors,
 so the fp32 kernels can be compared against a result whose own rounding error is negligible. The maths is
-written the way the method states it (DESIGN.md section 2.3), not the way the kernels schedule it.
+written the way the method states it (the kernels' docstrings in booster_kernels.py), not the way the
+kernels schedule it.
 """
 from __future__ import annotations
 
