@@ -10,6 +10,7 @@ document. `--device cpu` runs the equivalence check's code path on the CPU (grap
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -62,32 +63,46 @@ def _booster(name, quant, device, graphs, seed=0):
     return model, bf.Booster(model, bf.BoosterConfig(impl="fast", graphs=graphs, merge_passes=True))
 
 
+def _equivalence(name, args) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    m_g, b_g = _booster(name, "none", args.device, "on" if args.device == "cuda" else "off")
+    m_e, b_e = _booster(name, "none", args.device, "off")
+    vocab = m_g.config.vocab_size if name != "tiny" else 2000
+    for _ in range(args.steps):
+        a = random_batch(args.batch, args.length, vocab, args.device, gen)
+        h = random_batch(args.batch, args.length, vocab, args.device, gen)
+        strip = [{k: v for k, v in b.items() if k != "attention_mask"} for b in (a, h)]
+        og, oe = b_g.step(*strip), b_e.step(*strip)
+    worst = 0.0
+    for (n, p), (_, q) in zip(m_g.named_parameters(), m_e.named_parameters()):
+        if p.requires_grad:
+            worst = max(worst, ((p - q).norm() / q.norm()).item())
+    graphs = b_g.engine.graphs
+    return {"steps": args.steps, "worst_relative_l2": worst, "loss_graph": og["loss"].item(),
+            "loss_eager": oe["loss"].item(), "captured": bool(graphs and graphs._graphs),
+            "fallback": graphs.disabled if graphs else None}
+
+
+def _free_device_memory():
+    gc.collect()  # FlatLoRA and the patched LoRA layers reference each other: only the collector frees a model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def cmd_equivalence(args):
     results = {}
     for name in args.models.split(","):
-        gen = torch.Generator().manual_seed(0)
-        m_g, b_g = _booster(name, "none", args.device, "on" if args.device == "cuda" else "off")
-        m_e, b_e = _booster(name, "none", args.device, "off")
-        vocab = m_g.config.vocab_size if name != "tiny" else 2000
-        for _ in range(args.steps):
-            a = random_batch(args.batch, args.length, vocab, args.device, gen)
-            h = random_batch(args.batch, args.length, vocab, args.device, gen)
-            strip = [{k: v for k, v in b.items() if k != "attention_mask"} for b in (a, h)]
-            og, oe = b_g.step(*strip), b_e.step(*strip)
-        worst = 0.0
-        for (n, p), (_, q) in zip(m_g.named_parameters(), m_e.named_parameters()):
-            if p.requires_grad:
-                worst = max(worst, ((p - q).norm() / q.norm()).item())
-        graphs = b_g.engine.graphs
-        results[name] = {"steps": args.steps, "worst_relative_l2": worst,
-                         "loss_graph": og["loss"].item(), "loss_eager": oe["loss"].item(),
-                         "captured": bool(graphs and graphs._graphs), "fallback": graphs.disabled if graphs else None}
-        del m_g, m_e, b_g, b_e
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        try:
+            results[name] = _equivalence(name, args)
+        except Exception as e:  # noqa: BLE001 - one model's failure (e.g. graphs='on' refusing) is a result too
+            results[name] = {"steps": args.steps, "worst_relative_l2": None, "captured": False,
+                             "fallback": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+        _free_device_memory()
     write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
 
 
 def cmd_profile(args):
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     gen = torch.Generator().manual_seed(0)
@@ -111,19 +126,22 @@ def cmd_profile(args):
                 booster.step(a, h)
             torch.cuda.synchronize()  # host sync: timing only
             wall_us = (time.perf_counter() - t0) * 1e6
-        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
-        gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+        averages = prof.key_averages()
+        # device-side rows only: a CPU op's row repeats its kernels' time as its own "self device" time, and
+        # user annotations span kernels too; counting those would count the eager steps' GPU time twice
+        kernels = [e for e in averages if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+        gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in kernels)
         label = f"{impl}{'+graphs' if graphs == 'on' else ''}"
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+        table = averages.table(sort_by="self_cuda_time_total", row_limit=15)
         tables.append(f"## {label} on {args.model} ({args.quant}), {args.steps} steps\n{table}\n")
-        top = sorted(prof.key_averages(), key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:15]
+        top = sorted(kernels, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:15]
         docs[label] = {"wall_ms_per_step": wall_us / 1e3 / args.steps,
                        "gpu_busy_ms_per_step": gpu_us / 1e3 / args.steps,
                        "gpu_idle_share": max(0.0, 1 - gpu_us / wall_us),
                        "top_kernels": [{"name": e.key[:120], "ms_per_step": getattr(e, "self_device_time_total", 0)
                                         / 1e3 / args.steps, "calls_per_step": e.count / args.steps} for e in top]}
-        del model, booster, events
-        torch.cuda.empty_cache()
+        del model, booster, averages, kernels, top
+        _free_device_memory()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"profile_{args.model}.txt"), "w") as f:
         f.write("\n".join(tables))

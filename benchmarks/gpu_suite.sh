@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
-# The GPU suite: ONE prepared script for a lent GPU machine (H200 class), at most 6 minutes.
-#   bash benchmarks/gpu_suite.sh                  # every part; results under $OUT, or benchmarks/results/
+# The GPU suite: ONE prepared script for a lent GPU machine (H200 class), about 5 minutes (limits: 6.5).
+#   bash benchmarks/gpu_suite.sh                  # every part
 #   bash benchmarks/gpu_suite.sh bench_7b_bf16    # only the named parts (a rerun after a fix)
-# Needs the bitsandbytes wheel carried in .whl/ (the GPU machine has no network). Every part has its own time
-# limit and the suite goes on when one part fails, so one bad part never costs the others' results.
+# Results: with $OUT set (the lent machine hands back at most 8 files from it), every file goes into
+# $OUT/gpu_suite.tgz, repacked after each part so that a suite stopped early still returns what it has, plus
+# $OUT/gpu_suite.log; unpack with `tar xzf gpu_suite.tgz -C benchmarks/results`. Without $OUT, the files go
+# straight into benchmarks/results/. Needs the bitsandbytes wheel carried in .whl/ (the GPU machine has no
+# network). Every part has its own time limit and the suite goes on when one part fails.
 set -uo pipefail
 ONLY=" $* "
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-LOG="$OUT/gpu_suite.log"
+if [[ -n "${OUT:-}" ]]; then
+  DEST=$OUT RES=$(mktemp -d)
+  mkdir -p "$DEST"
+else
+  DEST="" RES=benchmarks/results
+fi
+mkdir -p "$RES"
+LOG="$RES/gpu_suite.log"
 : > "$LOG"
+pack() {  # the results so far, as the two files that come back
+  [[ -n "$DEST" ]] || return 0
+  tar czf "$DEST/gpu_suite.tgz.part" -C "$RES" . && mv "$DEST/gpu_suite.tgz.part" "$DEST/gpu_suite.tgz"
+  cp "$LOG" "$DEST/gpu_suite.log"
+}
 
 # -- install: the carried wheels, then the project itself (no dependencies: the machine has them) ----------------
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
+  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheel install failed" | tee -a "$LOG"; pack; exit 1; }
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || { echo "project install failed: importing it from the checkout" | tee -a "$LOG"; export PYTHONPATH=$PWD:$PYTHONPATH; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -26,28 +39,30 @@ part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its ta
   [[ "$ONLY" == "  " || "$ONLY" == *" $name "* ]] || return 0
   local t0=$SECONDS
   echo "== $name (limit ${limit}s)" | tee -a "$LOG"
-  timeout "$limit" "$@" > "$OUT/$name.out" 2>&1
+  timeout "$limit" "$@" > "$RES/$name.out" 2>&1
   local rc=$?
-  tail -n 5 "$OUT/$name.out" >> "$LOG"
+  tail -n 5 "$RES/$name.out" >> "$LOG"
   echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+  pack
 }
 
 BENCH="python3 -m booster_fast bench --device cuda --graphs off --batch-size 10 --harmful-batch-size 10 --max-length 256 --json"
 
 # (1) GPU-marked tests (kernels compiled for real) and each kernel's GB/s against a d2d copy
 part gpu_tests 55 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_fast.py tests/test_graphs.py
-part kernel_bandwidth 25 python3 benchmarks/gpu_checks.py bandwidth --out "$OUT"
+part kernel_bandwidth 25 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
 # (2) graph vs eager over 5 steps on tiny and llama-1b-shape
-part graph_equivalence 40 python3 benchmarks/gpu_checks.py equivalence --out "$OUT"
-# (3)+(4) the step benchmark with peak memory: reference / fast eager / fast graphs / sft
+part graph_equivalence 40 python3 benchmarks/gpu_checks.py equivalence --out "$RES"
+# (3)+(4) the step benchmark with peak memory: reference / fast eager / fast graphs (/ sft at 1B)
 part bench_1b_bf16 40 $BENCH --model llama-1b-shape --quant none --impls reference,fast,fast-graphs,sft \
-  --steps 5 --warmup 3 --output "$OUT/gpu_llama-1b-shape_bf16.json"
-part bench_7b_bf16 65 $BENCH --model llama-7b-shape --quant none --impls reference,fast,fast-graphs,sft \
-  --steps 4 --warmup 3 --output "$OUT/gpu_llama-7b-shape_bf16.json"
-part bench_7b_nf4_ckpt 45 $BENCH --model llama-7b-shape --quant nf4 --impls reference,fast-graphs \
-  --steps 3 --warmup 3 --gradient-checkpointing --output "$OUT/gpu_llama-7b-shape_nf4_ckpt.json"
-part bench_7b_nf4 30 $BENCH --model llama-7b-shape --quant nf4 --impls fast-graphs \
-  --steps 3 --warmup 3 --output "$OUT/gpu_llama-7b-shape_nf4.json"
+  --steps 5 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
+part bench_7b_bf16 85 $BENCH --model llama-7b-shape --quant none --impls reference,fast,fast-graphs \
+  --steps 4 --warmup 2 --output "$RES/gpu_llama-7b-shape_bf16.json"
+part bench_7b_nf4_ckpt 55 $BENCH --model llama-7b-shape --quant nf4 --impls reference,fast-graphs \
+  --steps 3 --warmup 2 --gradient-checkpointing --output "$RES/gpu_llama-7b-shape_nf4_ckpt.json"
+part bench_7b_nf4 35 $BENCH --model llama-7b-shape --quant nf4 --impls fast-graphs \
+  --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
 # (5) where the time goes on llama-7b-shape: reference vs fast+graphs
-part profile_7b 40 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$OUT"
+part profile_7b 50 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$RES"
 echo "suite done in ${SECONDS}s" | tee -a "$LOG"
+pack

@@ -15,12 +15,19 @@ shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the
 - a graph is keyed on the batch shapes and on the constants the capture bakes in (the optimizer's learning
   rate, betas, weight decay, eps): a changed learning rate gets its own warm-up and capture;
 - the step's outputs are stacked into one static tensor inside the graph and cloned once after each replay;
-- if capture fails, `graphs="auto"` logs one line with the reason and runs eagerly from then on; `graphs="on"`
-  raises.
+- the last warm-up step runs under torch's sync debug mode ("warn"): a step that syncs with the host is found
+  there, after a complete eager step, instead of by a capture that CUDA invalidates (which can leave the
+  allocator and the current stream in a bad state). The capture restores the current stream whatever happens;
+- at most MAX_GRAPHS graphs are kept (each holds a private memory pool of a whole step's peak); the oldest goes;
+- if a step syncs or the capture fails, `graphs="auto"` logs one line with the reason and runs eagerly from then
+  on; `graphs="on"` raises.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
+import warnings
 
 import torch
 
@@ -28,18 +35,34 @@ from .batches import check_right_padded
 
 log = logging.getLogger("booster_fast")
 WARMUP = 2
+MAX_GRAPHS = 8
+SYNC_WARNING = "synchronizing CUDA operation"  # the text of torch's sync debug-mode warning
 
 
 def _static_view(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first exception of a chain (a failed step inside a capture, then capture_end failing on top of it)."""
+    seen = set()
+    while e.__context__ is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__context__
+    return e
+
+
 class StepGraphs:
     def __init__(self, mode: str):
         self.mode = mode
         self.disabled: str | None = None
-        self._graphs: dict = {}
+        self._graphs: dict = {}  # key -> (static inputs, static output, output keys, graph); oldest first
         self._seen: dict = {}
+        self._stream = None      # the side stream of warm-ups and captures (one, as PyTorch's recipe has it)
 
     def reset(self):
         """Forget every captured graph (after tensors they captured were replaced, e.g. a loaded state)."""
@@ -58,19 +81,24 @@ class StepGraphs:
             check_right_padded(b, sync_ok=entry is None)  # a sync: warm-up and capture only
         batches = stripped
         if entry is None:
-            if self._seen.get(key, 0) < WARMUP:
-                self._seen[key] = self._seen.get(key, 0) + 1
-                return self._side_stream(fn, batches)
+            seen = self._seen.get(key, 0)
+            if seen < WARMUP:
+                self._seen[key] = seen + 1
+                out, sync = self._eager(fn, batches, watch=seen + 1 == WARMUP)
+                if sync:
+                    self._give_up(f"the step syncs with the host ({sync})")
+                return out
             try:
-                entry = self._graphs[key] = self._capture(fn, batches)
+                entry = self._capture(fn, batches)
             except Exception as e:  # noqa: BLE001 - any capture failure falls back (auto) or surfaces (on)
                 if self.mode == "on":
                     raise
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                self.disabled = reason
-                log.warning("CUDA graphs off: capture failed (%s); running the fast step eagerly", reason)
+                self._give_up(f"capture failed ({_first_line(_root_cause(e))})")
                 torch.cuda.synchronize()  # host sync: once, after a failed capture
                 return fn(*batches)
+            if len(self._graphs) >= MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))  # the oldest graph, and with it its memory pool
+            self._graphs[key] = entry
         static_in, static_out, keys, graph = entry
         for dst, src in zip(static_in, batches):
             for k, v in src.items():
@@ -78,23 +106,55 @@ class StepGraphs:
         graph.replay()
         return dict(zip(keys, static_out.clone().unbind()))
 
-    @staticmethod
-    def _side_stream(fn, batches):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = fn(*batches)
-        torch.cuda.current_stream().wait_stream(side)
-        return out
+    def _give_up(self, reason: str):
+        if self.mode == "on":
+            raise RuntimeError(f"graphs='on': {reason}")
+        self.disabled = reason
+        log.warning("CUDA graphs off: %s; running the fast step eagerly", reason)
 
-    @staticmethod
-    def _capture(fn, batches):
+    def _side(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def _eager(self, fn, batches, watch: bool):
+        """One eager step on the side stream. With `watch`, under torch's sync debug mode "warn": returns
+        (output, the first host-sync warning's text or None); other warnings are passed on."""
+        side = self._side()
+        side.wait_stream(torch.cuda.current_stream())
+        with warnings.catch_warnings(record=True) if watch else contextlib.nullcontext([]) as caught:
+            if watch:
+                warnings.simplefilter("always")
+                previous = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.cuda.stream(side):
+                    out = fn(*batches)
+            finally:
+                if watch:
+                    torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.current_stream().wait_stream(side)
+        syncs = [w for w in caught if SYNC_WARNING in str(w.message)]
+        for w in caught:
+            if w not in syncs:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return out, (_first_line(syncs[0].message) if syncs else None)
+
+    def _capture(self, fn, batches):
         static_in = tuple({k: v.clone() for k, v in b.items()} for b in batches)
         torch.cuda.synchronize()  # host sync: once per captured shape
+        gc.collect()
+        torch.cuda.empty_cache()  # the warm-ups' cached blocks: the graph's private pool cannot reuse them
         graph = torch.cuda.CUDAGraph()
         keys: list[str] = []
-        with torch.cuda.graph(graph):
-            out = fn(*static_in)
-            keys.extend(out)
-            static_out = torch.stack([out[k].float().reshape(()) for k in keys])
+        # Not `with torch.cuda.graph(...)`: its exit ends the capture before it restores the stream, so a capture
+        # that CUDA invalidated would leave the capture stream current. Here the stream is restored regardless.
+        with torch.cuda.stream(self._side()):
+            graph.capture_begin()
+            try:
+                out = fn(*static_in)
+                keys.extend(out)
+                static_out = torch.stack([out[k].float().reshape(()) for k in keys])
+            finally:
+                graph.capture_end()
         return static_in, static_out, keys, graph

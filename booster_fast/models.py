@@ -169,10 +169,13 @@ def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj",
         p.requires_grad_(False)
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, bias="none",
                      task_type="CAUSAL_LM")
+    checkpointed = getattr(model, "_booster_checkpointing", False)
     model = get_peft_model(model, cfg)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if checkpointed and dropout > 0:  # the recompute must now replay the dropout masks
+        enable_gradient_checkpointing(model.get_base_model())
     return model
 
 
@@ -204,9 +207,24 @@ class Autocast:
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled, cache_enabled=False)
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether a training forward draws random numbers: a dropout module or an attention dropout above zero."""
+    config = getattr(model, "config", None)
+    if getattr(config, "attention_dropout", 0.0) or getattr(config, "hidden_dropout", 0.0):
+        return True
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each decoder layer's activations in the backward (non-reentrant: graph-capturable, and the
-    routed LoRA forward sees the same routing when it is replayed, since backward runs inside the route)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute each decoder layer's activations in the backward (non-reentrant, so the recompute runs under
+    autograd and the routed LoRA forward sees the same routing, since backward runs inside the route).
+
+    The RNG state is saved for the recompute only when the forward draws random numbers (`has_dropout`):
+    saving it reads the CUDA generator's state on the host, which CUDA-graph capture refuses in some torch
+    versions. add_lora calls this again when it adds LoRA dropout to a checkpointed model."""
+    preserve = has_dropout(model)
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": preserve})
     model.config.use_cache = False
+    model._booster_checkpointing = True
     return model

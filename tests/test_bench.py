@@ -205,3 +205,18 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path):
     assert "| fast+graphs | 10.0 | 9.0 | 10% | gemm_kernel 5.0 ms |" in table
     header = next(line for line in table.splitlines() if line.startswith("| machine"))
     assert header.endswith("| MFU |")
+
+
+def test_gpu_suite_parses_and_the_readme_names_its_parts():
+    """The GPU suite runs only on a lent GPU machine: here, bash must at least parse it, and the part names the
+    README lists (for a rerun of single parts) must be exactly the script's."""
+    import re
+    import subprocess
+
+    script = ROOT / "benchmarks" / "gpu_suite.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    parts = re.findall(r"^part (\w+) \d+ ", script.read_text(), flags=re.M)
+    assert len(parts) == 8 and len(set(parts)) == 8, parts
+    readme_row = next(line for line in (ROOT / "README.md").read_text().splitlines() if "gpu_suite.sh [PART" in line)
+    assert re.findall(r"`(\w+)`", readme_row.split("part names", 1)[1]) == parts

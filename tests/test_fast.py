@@ -186,6 +186,33 @@ def test_gradient_checkpointing_gives_the_same_update(batches, reference_runs, m
     assert err <= 1e-5, f"checkpointed fast step (merge={merge}) differs at {name} by {err:.3g}"
 
 
+def test_checkpointing_saves_the_rng_state_only_for_dropout(batches):
+    """Without dropout the recompute needs no RNG state (saving it reads the CUDA generator on the host, which
+    capture can refuse); with LoRA dropout it must replay the same masks: the checkpointed update then equals
+    the plain one, from the same seed."""
+    def run_dropout(checkpointing, dropout):
+        model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+        if checkpointing:
+            bf.models.enable_gradient_checkpointing(model)
+        torch.manual_seed(SEED)
+        model = bf.add_lora(model, r=8, alpha=16, dropout=dropout)
+        booster = bf.Booster(model, bf.BoosterConfig(impl="fast", merge_passes=True))
+        torch.manual_seed(SEED)
+        for a, h in batches[:2]:
+            booster.step(a, h)
+        kwargs = model.get_base_model().model.layers[0]._gradient_checkpointing_func.keywords if checkpointing \
+            else None
+        return lora_state(model), kwargs
+
+    _, kwargs = run_dropout(True, 0.0)
+    assert kwargs["preserve_rng_state"] is False and kwargs["use_reentrant"] is False
+    plain, _ = run_dropout(False, 0.1)
+    checkpointed, kwargs = run_dropout(True, 0.1)
+    assert kwargs["preserve_rng_state"] is True
+    err, name = worst_relative_error(checkpointed, plain)
+    assert err <= 1e-5, f"checkpointing with dropout changed {name} by {err:.3g}: the recompute drew other masks"
+
+
 def test_flat_buffers_are_padded_and_the_pad_stays_zero(batches):
     """The flat buffers are padded to a multiple of ALIGN elements (so the kernels see a length divisible by 16);
     the pad is no parameter's, so it must stay exactly zero through steps (gradients, perturbation, AdamW)."""

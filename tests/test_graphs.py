@@ -7,7 +7,7 @@ import torch
 
 import booster_fast as bf
 from booster_fast.batches import check_right_padded
-from booster_fast.graphs import WARMUP, StepGraphs
+from booster_fast.graphs import MAX_GRAPHS, WARMUP, StepGraphs
 
 from test_fast import builtin_batches, lora_state, worst_relative_error, SEED
 
@@ -51,50 +51,116 @@ class _ReplayByRecompute:
         self.static_out.copy_(torch.stack([out[k].float().reshape(()) for k in self.keys]))
 
 
-def test_step_graphs_warm_up_capture_replay_and_keys(monkeypatch):
-    """The CPU-checkable half of StepGraphs: WARMUP eager steps per key, one capture, replays that see each new
-    batch (copied into the static inputs, attention mask dropped), and a new key (shape, or a constant the
-    capture bakes in, such as the learning rate) warming up and capturing again."""
+def _fake_cuda(monkeypatch, sync_on_watch=None, capture_error=None):
+    """StepGraphs' two CUDA-only methods replaced by CPU stand-ins; returns the list of events they record.
+    sync_on_watch: the host-sync text the watched warm-up reports; capture_error: what the capture raises."""
     events = []
-    monkeypatch.setattr(StepGraphs, "_side_stream", staticmethod(lambda fn, b: (events.append("eager"), fn(*b))[1]))
 
-    def fake_capture(fn, batches):
+    def eager(self, fn, b, watch):
+        events.append("watched" if watch else "eager")
+        return fn(*b), (sync_on_watch if watch else None)
+
+    def capture(self, fn, batches):
         events.append("capture")
+        if capture_error is not None:
+            try:
+                raise capture_error
+            finally:  # as capture_end does on an invalidated capture: a second error on top of the first
+                raise RuntimeError("operation failed due to a previous error during capture")
         static_in = tuple({k: v.clone() for k, v in b.items()} for b in batches)
         out = fn(*static_in)
         keys = list(out)
         static_out = torch.stack([out[k].float().reshape(()) for k in keys])
         return static_in, static_out, keys, _ReplayByRecompute(fn, static_in, static_out, keys)
 
-    monkeypatch.setattr(StepGraphs, "_capture", staticmethod(fake_capture))
-    seen_masks = []
+    monkeypatch.setattr(StepGraphs, "_eager", eager)
+    monkeypatch.setattr(StepGraphs, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    return events
 
+
+def _sum_step(seen_masks):
     def step(batch):
         seen_masks.append("attention_mask" in batch)
         return {"total": batch["input_ids"].sum(), "rows": torch.tensor(batch["input_ids"].shape[0])}
+    return step
 
-    g = StepGraphs("on")
+
+def _batch_maker():
     gen = torch.Generator().manual_seed(SEED)
 
     def batch(rows, length):
         ids = torch.randint(0, 1000, (rows, length), generator=gen)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return batch
 
+
+def test_step_graphs_warm_up_capture_replay_and_keys(monkeypatch):
+    """The CPU-checkable half of StepGraphs: WARMUP eager steps per key (the last one watched for host syncs),
+    one capture, replays that see each new batch (copied into the static inputs, attention mask dropped), a new
+    key (shape, or a constant the capture bakes in, such as the learning rate) warming up and capturing again,
+    and no more than MAX_GRAPHS graphs kept."""
+    events = _fake_cuda(monkeypatch)
+    seen_masks = []
+    step, batch = _sum_step(seen_masks), _batch_maker()
+    g = StepGraphs("on")
+    warm = ["eager"] * (WARMUP - 1) + ["watched"]
     for i in range(WARMUP + 3):
         b = batch(3, 7)
         out = g.run(("step", 1e-3), step, (b,))
         assert out["total"].item() == b["input_ids"].sum().item(), f"call {i} did not see its own batch"
-    assert events == ["eager"] * WARMUP + ["capture"]
+    assert events == warm + ["capture"]
     assert not any(seen_masks), "the attention mask reached the step"
     for kind, shape in ((("step", 1e-3), (2, 7)), (("step", 5e-4), (3, 7))):
         events.clear()
         for _ in range(WARMUP + 2):
             b = batch(*shape)
             assert g.run(kind, step, (b,))["total"].item() == b["input_ids"].sum().item()
-        assert events == ["eager"] * WARMUP + ["capture"], f"{kind} {shape} did not get a graph of its own"
+        assert events == warm + ["capture"], f"{kind} {shape} did not get a graph of its own"
     assert len(g._graphs) == 3
+    for rows in range(4, 4 + MAX_GRAPHS):
+        for _ in range(WARMUP + 1):
+            g.run(("step", 1e-3), step, (batch(rows, 7),))
+    rows_kept = [k[1][0][1][0] for k in g._graphs]  # key: (kind, (("input_ids", shape, dtype),))
+    assert rows_kept == list(range(4, 4 + MAX_GRAPHS)), f"not the oldest graphs were evicted: {rows_kept}"
     g.reset()
     assert not g._graphs
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_step_graphs_give_up_on_a_syncing_step(monkeypatch, caplog, mode):
+    """A host sync seen in the watched warm-up: 'auto' logs one line naming it and stays eager (no capture is
+    tried), 'on' raises."""
+    events = _fake_cuda(monkeypatch, sync_on_watch="called a synchronizing CUDA operation")
+    step, batch = _sum_step([]), _batch_maker()
+    g = StepGraphs(mode)
+    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+        if mode == "on":
+            with pytest.raises(RuntimeError, match="syncs with the host"):
+                for _ in range(WARMUP):
+                    g.run("step", step, (batch(2, 5),))
+            return
+        for _ in range(WARMUP + 3):
+            b = batch(2, 5)
+            assert g.run("step", step, (b,))["total"].item() == b["input_ids"].sum().item()
+    assert "capture" not in events and g.disabled and not g._graphs
+    lines = [r.getMessage() for r in caplog.records if "CUDA graphs off" in r.getMessage()]
+    assert len(lines) == 1 and "synchronizing" in lines[0]
+
+
+def test_step_graphs_fall_back_when_the_capture_fails(monkeypatch, caplog):
+    """A capture that fails ('auto'): one log line with the FIRST error of the chain (not capture_end's), then
+    this step and every later one run eagerly and see their own batches."""
+    _fake_cuda(monkeypatch, capture_error=ValueError("the real reason"))
+    step, batch = _sum_step([]), _batch_maker()
+    g = StepGraphs("auto")
+    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+        for _ in range(WARMUP + 3):
+            b = batch(2, 5)
+            assert g.run("step", step, (b,))["total"].item() == b["input_ids"].sum().item()
+    lines = [r.getMessage() for r in caplog.records if "CUDA graphs off" in r.getMessage()]
+    assert len(lines) == 1 and "the real reason" in lines[0], lines
+    assert g.disabled and not g._graphs
 
 
 def test_fast_step_keys_its_graph_on_the_learning_rate():
@@ -123,7 +189,9 @@ def test_graph_replays_equal_eager_steps(quant):
 
 
 @pytest.mark.gpu
-def test_capture_failure_falls_back_with_one_log_line(caplog):
+def test_syncing_step_is_found_in_warm_up_and_falls_back(caplog):
+    """A step that syncs with the host is caught by the watched warm-up (torch's sync debug mode), before any
+    capture is tried: one log line, then eager steps."""
     _, tok, booster = tiny_booster("cuda", graphs="auto")
     batches = [tuple({k: v.cuda() for k, v in b.items()} for b in pair) for pair in builtin_batches(tok, 4)]
     engine = booster.engine
@@ -131,12 +199,36 @@ def test_capture_failure_falls_back_with_one_log_line(caplog):
 
     def syncing_step(a, h):
         out = step(a, h)
-        out["loss"].item()  # a host sync: capture must fail
+        out["loss"].item()  # a host sync
         return out
 
     engine._step = syncing_step
     with caplog.at_level(logging.WARNING, logger="booster_fast"):
         for a, h in batches:
             booster.step(a, h)
-    assert engine.graphs.disabled is not None
+    assert engine.graphs.disabled is not None and "syncs with the host" in engine.graphs.disabled
+    assert not engine.graphs._graphs
+    assert sum("CUDA graphs off" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.gpu
+def test_failed_capture_restores_the_stream_and_falls_back(caplog):
+    """A step that fails inside the capture: the reason is logged once, the current stream is the default one
+    again, and the step (and the next ones) run eagerly."""
+    _, tok, booster = tiny_booster("cuda", graphs="auto")
+    batches = [tuple({k: v.cuda() for k, v in b.items()} for b in pair) for pair in builtin_batches(tok, 4)]
+    engine = booster.engine
+    step = engine._step
+
+    def failing_in_capture(a, h):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("refused inside the capture")
+        return step(a, h)
+
+    engine._step = failing_in_capture
+    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+        outs = [booster.step(a, h) for a, h in batches]
+    assert engine.graphs.disabled and "refused inside the capture" in engine.graphs.disabled
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert all(torch.isfinite(o["loss"]) for o in outs)
     assert sum("CUDA graphs off" in r.getMessage() for r in caplog.records) == 1
