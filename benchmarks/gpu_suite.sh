@@ -2,11 +2,12 @@
 # The GPU suite: ONE prepared script for a lent GPU machine (H200 class), about 5 minutes (limits: 6.5).
 #   bash benchmarks/gpu_suite.sh                  # every part
 #   bash benchmarks/gpu_suite.sh bench_7b_bf16    # only the named parts (a rerun after a fix)
-# Results: with $OUT set (the lent machine hands back at most 8 files from it), every file goes into
+# Results: with $OUT set (a machine that hands back only a few files from it), everything goes into
 # $OUT/gpu_suite.tgz, repacked after each part so that a suite stopped early still returns what it has, plus
 # $OUT/gpu_suite.log; unpack with `tar xzf gpu_suite.tgz -C benchmarks/results`. Without $OUT, the files go
-# straight into benchmarks/results/. Needs the bitsandbytes wheel carried in .whl/ (the GPU machine has no
-# network). Every part has its own time limit and the suite goes on when one part fails.
+# straight into benchmarks/results/. Either way each part's full output is in gpu_logs/. Needs the bitsandbytes
+# wheel in .whl/ when the machine has no network. Every part has its own time limit and the suite goes on when
+# one part fails.
 set -uo pipefail
 ONLY=" $* "
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ if [[ -n "${OUT:-}" ]]; then
 else
   DEST="" RES=benchmarks/results
 fi
-mkdir -p "$RES"
+mkdir -p "$RES/gpu_logs"
 LOG="$RES/gpu_suite.log"
 : > "$LOG"
 pack() {  # the results so far, as the two files that come back
@@ -39,9 +40,9 @@ part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its ta
   [[ "$ONLY" == "  " || "$ONLY" == *" $name "* ]] || return 0
   local t0=$SECONDS
   echo "== $name (limit ${limit}s)" | tee -a "$LOG"
-  timeout "$limit" "$@" > "$RES/$name.out" 2>&1
+  timeout "$limit" "$@" > "$RES/gpu_logs/$name.out" 2>&1
   local rc=$?
-  tail -n 5 "$RES/$name.out" >> "$LOG"
+  tail -n 5 "$RES/gpu_logs/$name.out" >> "$LOG"
   echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
   pack
 }
