@@ -20,7 +20,7 @@ from pathlib import Path
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("machine", "model", "quant", "impl", "ms/step (median)", "speed-up vs reference", "tokens/s",
-           "peak MB", "ops/step", "Booster/SFT", "MFU")
+           "peak MB", "ops/step", "host syncs/step", "Booster/SFT", "MFU")
 CHECKS = ("kernel_bandwidth", "graph_equivalence", "profile")  # gpu_checks.py documents, by file-name prefix
 
 
@@ -90,6 +90,7 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
                 _num(r.get("tokens_per_s"), ",.0f"),
                 _num(r.get("peak_mem_mb"), ",.0f"),
                 _num(r.get("ops_per_step"), ","),
+                _num(r.get("host_syncs_per_step"), ","),
                 _num(r.get("ratio_to_sft") if booster else None, ".2f", "×"),
                 _num(r.get("mfu"), ".1%"),
             ])

@@ -36,7 +36,9 @@ the transient of a step that reuses pages an earlier step freed.
 
 ops_per_step: aten ops dispatched by one more step (booster_fast.opcount): the kernel launches a GPU pays
 without CUDA graphs (for a graph replay, only the host-side ops: input copies and output clone); for fast
-entries also the bookkeeping part (everything outside the model passes).
+entries also the bookkeeping part (everything outside the model passes). host_syncs_per_step: those of them
+that read a device value back to the host (a sync on a GPU; counted on the CPU too; a non-fused optimizer's
+step counters, which stay on the host, are left out).
 """
 from __future__ import annotations
 
@@ -394,7 +396,7 @@ def time_interleaved(impls, batches, args, device, results):
 
 
 def run_bench(args) -> int:
-    from .opcount import count_ops
+    from .opcount import count_ops, host_resident_scalars
 
     names = check_bench_args(args)
     device = resolve_device(args.device)
@@ -406,7 +408,7 @@ def run_bench(args) -> int:
     rate = matmul_tflops(device) if device.type == "cuda" and impls else None
     for name, (booster, fn) in impls.items():
         transient = transient_bytes(lambda: fn(*batches[-2][:2]), device)
-        ops = count_ops(fn, *batches[-1][:2])
+        ops = count_ops(fn, *batches[-1][:2], host_resident=host_resident_scalars(booster.optimizer))
         ms = statistics.median(times[name]) * 1e3
         held = held_bytes(booster) + graph_pool_bytes(booster.engine) + max(transient, 0)
         results[name] = {
@@ -414,6 +416,7 @@ def run_bench(args) -> int:
             "step_ms_p80": round(_pct(times[name], 80) * 1e3, 3),
             "tokens_per_s": round(statistics.median(tps[name]), 1), "peak_mem_mb": round(held / 2**20, 1),
             "ops_per_step": ops["total"], "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
+            "host_syncs_per_step": sum(ops["host_syncs"].values()),
             "ratio_to_sft": None, "cuda_graphs": graphs_captured(booster.engine),
             "mfu": round(model_flops(name, args, n_params) / (ms / 1e3) / (rate * 1e12), 4) if rate else None}
     ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))

@@ -45,7 +45,7 @@ def model_pass():
 
 def default_merge(device: torch.device) -> bool:
     """Default per device. CPU, measured (benchmarks/results/cpu_tiny.json): a 2B-row pass costs as much as two
-    B-row passes, so merging only adds work (unmerged 1.03x the reference, merged 0.99x). CUDA: merging halves
+    B-row passes, so merging only adds work (unmerged ~1.03x the reference, merged ~1.0x). CUDA: merging halves
     pass 1's launches and weight reads (dequantisation under NF4); on by design until the GPU suite measures it."""
     return torch.device(device).type == "cuda"
 

@@ -11,7 +11,7 @@ from booster_fast.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {"step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ops_per_step",
-               "bookkeeping_ops", "ratio_to_sft", "cuda_graphs", "mfu"}
+               "bookkeeping_ops", "host_syncs_per_step", "ratio_to_sft", "cuda_graphs", "mfu"}
 
 
 def _is_number(v) -> bool:
@@ -45,6 +45,8 @@ def test_bench_json_smoke(capsys, tmp_path):
     assert isinstance(res["fast"]["bookkeeping_ops"], int) and res["reference"]["bookkeeping_ops"] is None
     assert res["sft"]["ratio_to_sft"] == 1.0
     assert res["fast"]["ops_per_step"] < res["reference"]["ops_per_step"]
+    # the fast entry gets unmasked batches and reads nothing back; the reference (masked, as the original) does
+    assert res["fast"]["host_syncs_per_step"] == 0 and res["reference"]["host_syncs_per_step"] > 0
 
     sp = doc["speedup"]
     assert sp["reference"] == 1.0 and _is_number(sp["fast"]) and sp["fast-graphs"] is None
