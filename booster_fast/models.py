@@ -46,15 +46,18 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name in PRESETS:
         dtype = dtype or (torch.float32 if name == "tiny" else torch.bfloat16)
-        model, tok = _build_preset(name, dtype, seed, device, config_overrides)
-        if quant == "nf4":
+        # the shape presets are quantised layer by layer as they are built: a 7B model never exists in bf16
+        layer_by_layer = quant == "nf4" and name != "tiny"
+        model, tok = _build_preset(name, dtype, seed, device, config_overrides, quantize_layers=layer_by_layer)
+        if quant == "nf4" and not layer_by_layer:
             quantize_nf4_(model)
         return model, tok
     return _load_pretrained(name, quant, dtype or torch.bfloat16, device, trust_remote_code)
 
 
-def _build_preset(name, dtype, seed, device, overrides):
+def _build_preset(name, dtype, seed, device, overrides, quantize_layers=False):
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from .tokenizer import build_tiny_tokenizer
 
@@ -67,7 +70,22 @@ def _build_preset(name, dtype, seed, device, overrides):
     config = LlamaConfig(**fields, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, attn_implementation="sdpa")
     with _seeded(seed, device), torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config)
+        if not quantize_layers:
+            model = LlamaForCausalLM(config)
+        else:
+            # build the model without its decoder layers, then each layer on its own, initialised as the model's
+            # own init does it (normal(0, initializer_range) weights, unit norms) and quantised at once; the
+            # peak is the NF4 model plus one bf16 layer (a 7B build then needs ~4 GB instead of 13.5)
+            n_layers, config.num_hidden_layers = config.num_hidden_layers, 0
+            model = LlamaForCausalLM(config)
+            config.num_hidden_layers = n_layers
+            for i in range(n_layers):
+                layer = LlamaDecoderLayer(config, layer_idx=i)
+                for m in layer.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.normal_(m.weight, mean=0.0, std=config.initializer_range)
+                model.model.layers.append(_quantize_linears_(layer))
+            model.is_loaded_in_4bit = True
     model.config.use_cache = False
     return model, tok
 
@@ -124,25 +142,30 @@ def quantize_nf4_(model: nn.Module) -> nn.Module:
 
     Double quantisation, bf16 compute dtype; the LM head and embeddings stay as they are.
     """
-    import bitsandbytes as bnb
-
-    layers = model.get_decoder().layers
-    for layer in layers:
-        for parent_name, parent in list(layer.named_modules()):
-            for child_name, child in list(parent.named_children()):
-                if type(child) is not nn.Linear:
-                    continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      device="meta")
-                # Params4bit quantises when moved to a device, on that device (no trip through host memory)
-                q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.bfloat16), requires_grad=False,
-                                             compress_statistics=True, quant_type="nf4")
-                if child.bias is not None:
-                    q.bias = nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(parent, child_name, q.to(child.weight.device))
+    for layer in model.get_decoder().layers:
+        _quantize_linears_(layer)
     model.is_loaded_in_4bit = True
     return model
+
+
+def _quantize_linears_(layer: nn.Module) -> nn.Module:
+    """Every nn.Linear inside `layer` becomes an NF4 Linear4bit (double quantisation, bf16 compute), in place."""
+    import bitsandbytes as bnb
+
+    for parent in list(layer.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                  device="meta")
+            # Params4bit quantises when moved to a device, on that device (no trip through host memory)
+            q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.bfloat16), requires_grad=False,
+                                         compress_statistics=True, quant_type="nf4")
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, q.to(child.weight.device))
+    return layer
 
 
 def is_quantized(model: nn.Module) -> bool:

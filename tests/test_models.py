@@ -173,3 +173,33 @@ def test_nf4_base_booster_steps():
             assert torch.equal(m.weight.quant_state.absmax, absmax), n
     now = dict(model.named_parameters())
     assert any(not torch.equal(now[n], v) for n, v in lora.items())
+
+
+def test_shape_preset_nf4_is_built_layer_by_layer():
+    """The shape presets with quant="nf4" are quantised layer by layer while they are built (a 7B model never
+    exists in bf16): every decoder linear is NF4, the layers' weights follow the model's own init (std
+    initializer_range before quantisation), the build is deterministic per seed, and the model trains."""
+    import bitsandbytes as bnb
+
+    small = dict(num_hidden_layers=3, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                 num_key_value_heads=2)
+    model, tok = load_model("llama-1b-shape", quant="nf4", device="cpu", seed=3, **small)
+    again, _ = load_model("llama-1b-shape", quant="nf4", device="cpu", seed=3, **small)
+    other, _ = load_model("llama-1b-shape", quant="nf4", device="cpu", seed=4, **small)
+    assert len(model.model.layers) == model.config.num_hidden_layers == 3
+    quantized = [m for m in model.model.layers.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 3 * len(DECODER_LINEARS)
+    assert not any(type(m) is nn.Linear for m in model.model.layers.modules())
+    assert model.lm_head.weight.dtype == torch.bfloat16 and getattr(model, "is_loaded_in_4bit", False)
+    state, state2, state3 = (m.state_dict() for m in (model, again, other))
+    assert all(torch.equal(v, state2[k]) for k, v in state.items())
+    assert not all(torch.equal(v, state3[k]) for k, v in state.items())
+    w = bnb.functional.dequantize_4bit(quantized[0].weight.data, quantized[0].weight.quant_state).float()
+    assert abs(w.std().item() - model.config.initializer_range) < 0.2 * model.config.initializer_range
+
+    model = add_lora(model, r=4)
+    booster = Booster(model, BoosterConfig(impl="fast"))
+    batch = {k: v for k, v in random_batch(model.config.vocab_size).items() if k != "attention_mask"}
+    out = booster.step(batch, batch)
+    assert abs(float(out["loss"]) - math.log(model.config.vocab_size)) < 1.0  # random weights: ~ln(vocab)
+
