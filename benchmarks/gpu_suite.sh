@@ -27,8 +27,12 @@ pack() {  # the results so far, as the two files that come back
 }
 
 # -- install: the carried wheels, then the project itself (no dependencies: the machine has them) ----------------
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheel install failed" | tee -a "$LOG"; pack; exit 1; }
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheel install failed" | tee -a "$LOG"; pack; exit 1; }
+elif ! python3 -c "import bitsandbytes" 2>/dev/null; then
+  echo "no bitsandbytes here and no wheel in .whl/: the NF4 parts will fail" | tee -a "$LOG"
+fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || { echo "project install failed: importing it from the checkout" | tee -a "$LOG"; export PYTHONPATH=$PWD:$PYTHONPATH; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

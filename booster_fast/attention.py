@@ -34,9 +34,11 @@ def _register():
 @contextlib.contextmanager
 def unmasked_causal(model, batch: dict):
     """Inside: a model on transformers' "sdpa" attention runs the mask-free causal SDPA, when `batch` has no
-    attention mask. Any other model or batch is left as it is."""
+    attention mask. Any other model or batch is left as it is, and so is a model whose mask is more than causal
+    (a sliding window: mask building would add it; or a model that is not causal at all)."""
     config = getattr(model, "config", None)
-    if batch.get("attention_mask") is not None or getattr(config, "_attn_implementation", None) != "sdpa":
+    if (batch.get("attention_mask") is not None or getattr(config, "_attn_implementation", None) != "sdpa"
+            or getattr(config, "sliding_window", None) or getattr(config, "is_causal", True) is False):
         yield
         return
     _register()

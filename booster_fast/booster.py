@@ -8,6 +8,8 @@ on flat buffers with fused kernels and the merged pass (fast.py).
 """
 from __future__ import annotations
 
+import torch
+
 from .config import BoosterConfig
 
 
@@ -52,7 +54,30 @@ class Booster:
     def load_state_dict(self, state: dict) -> None:
         if state.get("impl") != self.cfg.impl:
             raise ValueError(f"optimizer state of the {state.get('impl')!r} engine, this Booster is {self.cfg.impl!r}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._checked(state["optimizer"]))
         graphs = getattr(self.engine, "graphs", None)
         if graphs is not None:  # captured graphs point at the old optimizer-state tensors: capture again
             graphs.reset()
+
+    def _checked(self, saved: dict) -> dict:
+        """`saved` with every state tensor checked against its parameter's shape (torch's load_state_dict does not
+        check, and a fused step over a too-short state writes out of bounds). A fast-engine state saved before the
+        flat buffers were padded (its length is the LoRA element count) gets the zero pad appended."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        ids = [i for group in saved["param_groups"] for i in group["params"]]
+        if len(ids) != len(params):
+            raise ValueError(f"optimizer state for {len(ids)} parameters, this Booster has {len(params)}")
+        lora_numel = getattr(getattr(self.engine, "flat", None), "numel", None)
+        state = {}
+        for i, p in zip(ids, params):
+            entry = dict(saved["state"].get(i, {}))
+            for k, v in entry.items():
+                if not torch.is_tensor(v) or v.dim() == 0 or v.shape == p.shape:
+                    continue
+                if v.dim() == p.dim() == 1 and v.numel() == lora_numel < p.numel():
+                    entry[k] = torch.cat([v, v.new_zeros(p.numel() - v.numel())])
+                else:
+                    raise ValueError(f"optimizer state {k!r} has shape {tuple(v.shape)} but its parameter "
+                                     f"{tuple(p.shape)}: the state belongs to another model or LoRA setting")
+            state[i] = entry
+        return {**saved, "state": state}

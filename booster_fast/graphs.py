@@ -18,9 +18,11 @@ shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the
 - the last warm-up step runs under torch's sync debug mode ("warn"): a step that syncs with the host is found
   there, after a complete eager step, instead of by a capture that CUDA invalidates (which can leave the
   allocator and the current stream in a bad state). The capture restores the current stream whatever happens;
-- at most MAX_GRAPHS graphs are kept (each holds a private memory pool of a whole step's peak); the oldest goes;
-- if a step syncs or the capture fails, `graphs="auto"` logs one line with the reason and runs eagerly from then
-  on; `graphs="on"` raises.
+- all graphs share one private memory pool (replays never overlap, outputs are cloned at once), and at most
+  MAX_GRAPHS are kept, the oldest going first;
+- if a step syncs or fails inside the capture, `graphs="auto"` logs one line with the reason and runs eagerly
+  from then on; `graphs="on"` raises. A capture that CUDA itself invalidated is fatal in both modes (see
+  CaptureInvalidated).
 """
 from __future__ import annotations
 
@@ -47,13 +49,10 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _root_cause(e: BaseException) -> BaseException:
-    """The first exception of a chain (a failed step inside a capture, then capture_end failing on top of it)."""
-    seen = set()
-    while e.__context__ is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__context__
-    return e
+class CaptureInvalidated(RuntimeError):
+    """CUDA ended a capture in error. torch's capture_end raises before it hands the graph's memory pool back to
+    the caching allocator, which then still believes a capture is under way: later frees and empty_cache() can
+    fail inside the allocator. So this is fatal, with a clear message, even under graphs='auto'."""
 
 
 class StepGraphs:
@@ -61,8 +60,9 @@ class StepGraphs:
         self.mode = mode
         self.disabled: str | None = None
         self._graphs: dict = {}  # key -> (static inputs, static output, output keys, graph); oldest first
-        self._seen: dict = {}
+        self._seen: dict = {}    # key -> eager steps so far, for keys not captured yet (oldest first)
         self._stream = None      # the side stream of warm-ups and captures (one, as PyTorch's recipe has it)
+        self._pool = None        # one memory pool for all graphs: replays never overlap and outputs are cloned
 
     def reset(self):
         """Forget every captured graph (after tensors they captured were replaced, e.g. a loaded state)."""
@@ -81,23 +81,27 @@ class StepGraphs:
             check_right_padded(b, sync_ok=entry is None)  # a sync: warm-up and capture only
         batches = stripped
         if entry is None:
-            seen = self._seen.get(key, 0)
+            seen = self._seen.pop(key, 0)
             if seen < WARMUP:
                 self._seen[key] = seen + 1
+                while len(self._seen) > 4 * MAX_GRAPHS:  # keys that never came back (a learning-rate schedule)
+                    self._seen.pop(next(iter(self._seen)))
                 out, sync = self._eager(fn, batches, watch=seen + 1 == WARMUP)
                 if sync:
                     self._give_up(f"the step syncs with the host ({sync})")
                 return out
             try:
                 entry = self._capture(fn, batches)
-            except Exception as e:  # noqa: BLE001 - any capture failure falls back (auto) or surfaces (on)
+            except CaptureInvalidated as e:
+                raise RuntimeError(f"CUDA graph capture was invalidated ({e}); CUDA memory cannot be trusted after "
+                                   "that in this process: rerun with graphs='off' (--graphs off)") from e
+            except Exception as e:  # noqa: BLE001 - a failure before CUDA saw anything: fall back (auto)
                 if self.mode == "on":
                     raise
-                self._give_up(f"capture failed ({_first_line(_root_cause(e))})")
-                torch.cuda.synchronize()  # host sync: once, after a failed capture
+                self._give_up(f"capture failed ({_first_line(e)})")
                 return fn(*batches)
             if len(self._graphs) >= MAX_GRAPHS:
-                self._graphs.pop(next(iter(self._graphs)))  # the oldest graph, and with it its memory pool
+                self._graphs.pop(next(iter(self._graphs)))  # the oldest graph
             self._graphs[key] = entry
         static_in, static_out, keys, graph = entry
         for dst, src in zip(static_in, batches):
@@ -145,16 +149,26 @@ class StepGraphs:
         torch.cuda.synchronize()  # host sync: once per captured shape
         gc.collect()
         torch.cuda.empty_cache()  # the warm-ups' cached blocks: the graph's private pool cannot reuse them
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         keys: list[str] = []
+        failed = None
         # Not `with torch.cuda.graph(...)`: its exit ends the capture before it restores the stream, so a capture
-        # that CUDA invalidated would leave the capture stream current. Here the stream is restored regardless.
+        # that CUDA invalidated would leave the capture stream current. Here the stream is restored regardless,
+        # and the step's own error is kept apart from the one capture_end raises on top of it.
         with torch.cuda.stream(self._side()):
-            graph.capture_begin()
+            graph.capture_begin(pool=self._pool)
             try:
                 out = fn(*static_in)
                 keys.extend(out)
                 static_out = torch.stack([out[k].float().reshape(()) for k in keys])
-            finally:
+            except Exception as e:  # noqa: BLE001 - re-raised below, once the capture is ended
+                failed = e
+            try:
                 graph.capture_end()
+            except Exception as e:  # noqa: BLE001
+                raise CaptureInvalidated(_first_line(failed or e)) from (failed or e)
+        if failed is not None:
+            raise failed
         return static_in, static_out, keys, graph

@@ -84,7 +84,8 @@ def _build_preset(name, dtype, seed, device, overrides, quantize_layers=False):
                 for m in layer.modules():
                     if isinstance(m, nn.Linear):
                         nn.init.normal_(m.weight, mean=0.0, std=config.initializer_range)
-                model.model.layers.append(_quantize_linears_(layer))
+                with _default_dtype(torch.float32):  # bitsandbytes builds its NF4 code table in the default dtype
+                    model.model.layers.append(_quantize_linears_(layer))
             model.is_loaded_in_4bit = True
     model.config.use_cache = False
     return model, tok
@@ -231,9 +232,12 @@ class Autocast:
 
 
 def has_dropout(model: nn.Module) -> bool:
-    """Whether a training forward draws random numbers: a dropout module or an attention dropout above zero."""
+    """Whether a training forward may draw random numbers: a dropout module with p > 0, or any config value
+    named like a dropout probability (`*dropout*`, `*pdrop*`) above zero (some models call F.dropout with it)."""
     config = getattr(model, "config", None)
-    if getattr(config, "attention_dropout", 0.0) or getattr(config, "hidden_dropout", 0.0):
+    values = config.to_dict() if hasattr(config, "to_dict") else {}
+    if any(("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+           for k, v in values.items()):
         return True
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 

@@ -33,11 +33,23 @@ class _Counter(TorchDispatchMode):
         self.syncs = Counter()
         self.host_storages = {t.untyped_storage().data_ptr() for t in host_resident}
 
+    def _reads_back(self, name, args, kwargs) -> bool:
+        """Whether an op reads a device value back to the host: the scalar reads and the data-dependent shapes
+        (nonzero, boolean-mask indexing, repeat_interleave without output_size). `.tolist()` and `.cpu()` cannot be
+        told from host work on the CPU; on a GPU, torch's sync debug mode (graphs.py) catches those too."""
+        if name.startswith(SYNC_OPS):
+            return not (args and isinstance(args[0], torch.Tensor)
+                        and args[0].untyped_storage().data_ptr() in self.host_storages)
+        if name.startswith(("aten.index.Tensor", "aten.index_put")):
+            indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+        if name.startswith("aten.repeat_interleave"):
+            return kwargs.get("output_size") is None
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if name.startswith(SYNC_OPS) and not (
-                args and isinstance(args[0], torch.Tensor)
-                and args[0].untyped_storage().data_ptr() in self.host_storages):
+        if self._reads_back(name, args, kwargs or {}):
             self.syncs[name] += 1
         if not name.startswith("profiler."):
             self.counts["pass" if self.pass_depth else "bookkeeping"] += 1

@@ -111,6 +111,29 @@ def test_fast_step_reads_nothing_back_to_the_host(batches, quant, checkpointing)
     assert count_ops(reference.step, *batches[0])["host_syncs"], "the probe saw no host read in the masked reference"
 
 
+def test_host_read_probe_sees_each_kind_of_read():
+    """The probe behind the test above: scalar reads, boolean-mask indexing and data-dependent shapes count,
+    plain ops and index tensors do not, and reads of host-resident tensors (an optimizer's step counter) do not."""
+    x = torch.randn(10, generator=torch.Generator().manual_seed(SEED))
+    counter = torch.zeros(())
+
+    def reads():
+        x[x > 0]
+        torch.repeat_interleave(torch.tensor([1, 2]), torch.tensor([2, 3]))
+        x.sum().item()
+        torch.nonzero(x)
+        counter.item()
+
+    def quiet():
+        x[torch.tensor([1, 2])]
+        (x * 2).sum()
+        torch.where(x > 0, x, 0.0)
+
+    syncs = count_ops(reads, host_resident=[counter])["host_syncs"]
+    assert sum(syncs.values()) == 4, syncs
+    assert count_ops(quiet)["host_syncs"] == {}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("merge, graphs", [(True, "off"), (False, "off"), (True, "on")])
 def test_fast_matches_reference_on_cuda(batches, merge, graphs):
@@ -235,6 +258,34 @@ def test_flat_buffers_are_padded_and_the_pad_stays_zero(batches):
                     ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
         assert torch.count_nonzero(t[:n]) > 0, f"{name} is all zero: the test would prove nothing"
         assert not t[n:].any(), f"the pad of {name} is not zero"
+
+
+def test_optimizer_state_is_checked_and_an_unpadded_one_is_padded(batches):
+    """Booster.load_state_dict checks each state tensor against its parameter (a fused step over a short state
+    would write out of bounds); a fast-engine state saved before the buffers were padded gets the zero pad."""
+    def padded_booster():
+        model, _ = bf.load_model("tiny", seed=SEED, device="cpu", hidden_size=52, num_attention_heads=2,
+                                 num_key_value_heads=2)
+        return bf.Booster(bf.add_lora(model, r=3, targets=("q_proj",)), bf.BoosterConfig(impl="fast"))
+
+    booster = padded_booster()
+    booster.step(*batches[0])
+    n = booster.engine.flat.numel
+    saved = booster.state_dict()
+    old = {**saved, "optimizer": {**saved["optimizer"], "state": {
+        i: {k: (v[:n].clone() if torch.is_tensor(v) and v.dim() else v) for k, v in st.items()}
+        for i, st in saved["optimizer"]["state"].items()}}}
+    fresh = padded_booster()
+    fresh.load_state_dict(old)
+    for k in ("exp_avg", "exp_avg_sq"):
+        got, want = fresh.optimizer.state[fresh.engine.W][k], booster.optimizer.state[booster.engine.W][k]
+        assert got.shape == want.shape and torch.equal(got, want), k
+    fresh.step(*batches[1])  # and it steps
+    broken = {**saved, "optimizer": {**saved["optimizer"], "state": {
+        i: {k: (v[:n - 5].clone() if torch.is_tensor(v) and v.dim() else v) for k, v in st.items()}
+        for i, st in saved["optimizer"]["state"].items()}}}
+    with pytest.raises(ValueError, match="another model"):
+        padded_booster().load_state_dict(broken)
 
 
 def test_fast_restore_is_exact_and_base_untouched(batches):

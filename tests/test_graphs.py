@@ -1,13 +1,15 @@
 """CUDA-graph capture of the fast step: a clean eager fallback on the CPU, and (on a GPU) replays that compute
 exactly what the eager step computes."""
+import contextlib
 import logging
+import types
 
 import pytest
 import torch
 
 import booster_fast as bf
 from booster_fast.batches import check_right_padded
-from booster_fast.graphs import MAX_GRAPHS, WARMUP, StepGraphs
+from booster_fast.graphs import MAX_GRAPHS, WARMUP, CaptureInvalidated, StepGraphs
 
 from test_fast import builtin_batches, lora_state, worst_relative_error, SEED
 
@@ -63,10 +65,7 @@ def _fake_cuda(monkeypatch, sync_on_watch=None, capture_error=None):
     def capture(self, fn, batches):
         events.append("capture")
         if capture_error is not None:
-            try:
-                raise capture_error
-            finally:  # as capture_end does on an invalidated capture: a second error on top of the first
-                raise RuntimeError("operation failed due to a previous error during capture")
+            raise capture_error
         static_in = tuple({k: v.clone() for k, v in b.items()} for b in batches)
         out = fn(*static_in)
         keys = list(out)
@@ -149,8 +148,8 @@ def test_step_graphs_give_up_on_a_syncing_step(monkeypatch, caplog, mode):
 
 
 def test_step_graphs_fall_back_when_the_capture_fails(monkeypatch, caplog):
-    """A capture that fails ('auto'): one log line with the FIRST error of the chain (not capture_end's), then
-    this step and every later one run eagerly and see their own batches."""
+    """A step that fails inside the capture ('auto'): one log line with its error, then this step and every
+    later one run eagerly and see their own batches."""
     _fake_cuda(monkeypatch, capture_error=ValueError("the real reason"))
     step, batch = _sum_step([]), _batch_maker()
     g = StepGraphs("auto")
@@ -163,13 +162,86 @@ def test_step_graphs_fall_back_when_the_capture_fails(monkeypatch, caplog):
     assert g.disabled and not g._graphs
 
 
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_step_graphs_stop_on_an_invalidated_capture(monkeypatch, mode):
+    """A capture CUDA invalidated leaves the allocator unreliable: fatal in both modes, saying what to do."""
+    _fake_cuda(monkeypatch, capture_error=CaptureInvalidated("operation not permitted when stream is capturing"))
+    step, batch = _sum_step([]), _batch_maker()
+    g = StepGraphs(mode)
+    with pytest.raises(RuntimeError, match="invalidated .*--graphs off"):
+        for _ in range(WARMUP + 1):
+            g.run("step", step, (batch(2, 5),))
+
+
+class _FakeGraph:
+    def __init__(self, end_error):
+        self.end_error, self.pool_used = end_error, None
+
+    def capture_begin(self, pool=None):
+        self.pool_used = pool
+
+    def capture_end(self):
+        if self.end_error is not None:
+            raise self.end_error
+
+
+@pytest.mark.parametrize("step_error, end_error, expected", [
+    (None, None, None),
+    (ValueError("step broke"), None, ValueError),                  # CUDA saw nothing wrong: the step's error
+    (RuntimeError("op not permitted"), RuntimeError("end failed"), CaptureInvalidated),
+    (None, RuntimeError("end failed"), CaptureInvalidated),
+])
+def test_capture_keeps_the_steps_error_apart_from_capture_end(monkeypatch, step_error, end_error, expected):
+    """StepGraphs._capture's control flow with CUDA's calls stubbed: the step's own error is re-raised when the
+    capture ends cleanly; a failing capture_end becomes CaptureInvalidated naming the step's error (or its own);
+    every graph gets the one shared pool."""
+    graphs = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(_FakeGraph(end_error)) or graphs[-1])
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", 1))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(StepGraphs, "_side", lambda self: None)
+
+    def step(batch):
+        if step_error is not None:
+            raise step_error
+        return {"total": batch["input_ids"].sum()}
+
+    g = StepGraphs("auto")
+    batches = ({"input_ids": torch.arange(6).view(2, 3)},)
+    if expected is None:
+        for _ in range(2):
+            static_in, static_out, keys, graph = g._capture(step, batches)
+            assert keys == ["total"] and static_out.tolist() == [15.0] and graph.pool_used == ("pool", 1)
+        return
+    with pytest.raises(expected) as info:
+        g._capture(step, batches)
+    if expected is CaptureInvalidated:
+        assert str(step_error or end_error) in str(info.value)
+
+
 def test_fast_step_keys_its_graph_on_the_learning_rate():
-    _, _, booster = tiny_booster("cpu", graphs="off")
+    """FastBooster hands StepGraphs a kind that carries the optimizer's baked-in constants, so a new learning
+    rate reaches a graph of its own instead of being ignored by a replay."""
+    _, tok, booster = tiny_booster("cpu", graphs="off")
     engine = booster.engine
-    before = engine._baked()
+    kinds = []
+
+    def run(kind, fn, batches):
+        kinds.append(kind)
+        return fn(*batches)
+
+    engine.graphs = types.SimpleNamespace(run=run)  # what a CUDA engine has, recording instead of capturing
+    (a, h), = builtin_batches(tok, 1)
+    booster.step(a, h)
     for group in engine.optimizer.param_groups:
         group["lr"] *= 0.5
-    assert engine._baked() != before and hash(engine._baked()) is not None
+    booster.step(a, h)
+    booster.sft_step(a)
+    lr = engine.optimizer.param_groups[0]["lr"]
+    assert kinds[0][0] == kinds[1][0] == "booster" and kinds[2][0] == "sft"
+    assert kinds[0] != kinds[1] and kinds[0][1] == 2 * lr and kinds[1][1] == kinds[2][1] == lr
 
 
 @pytest.mark.gpu

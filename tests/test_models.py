@@ -194,6 +194,7 @@ def test_shape_preset_nf4_is_built_layer_by_layer():
     state, state2, state3 = (m.state_dict() for m in (model, again, other))
     assert all(torch.equal(v, state2[k]) for k, v in state.items())
     assert not all(torch.equal(v, state3[k]) for k, v in state.items())
+    assert quantized[0].weight.quant_state.code.dtype == torch.float32  # the NF4 table, as bitsandbytes builds it
     w = bnb.functional.dequantize_4bit(quantized[0].weight.data, quantized[0].weight.quant_state).float()
     assert abs(w.std().item() - model.config.initializer_range) < 0.2 * model.config.initializer_range
 
