@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite: ONE prepared script for a lent GPU machine (H200 class), about 5 minutes (limits: 6.5).
+# The GPU suite: ONE prepared script for a lent GPU machine (H200 class), about 5 minutes (limits: 7).
 #   bash benchmarks/gpu_suite.sh                  # every part
 #   bash benchmarks/gpu_suite.sh bench_7b_bf16    # only the named parts (a rerun after a fix)
 # Results: with $OUT set (a machine that hands back only a few files from it), everything goes into
@@ -63,9 +63,9 @@ part bench_1b_bf16 40 $BENCH --model llama-1b-shape --quant none --impls referen
   --steps 5 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
 part bench_7b_bf16 85 $BENCH --model llama-7b-shape --quant none --impls reference,fast,fast-graphs \
   --steps 4 --warmup 2 --output "$RES/gpu_llama-7b-shape_bf16.json"
-part bench_7b_nf4_ckpt 55 $BENCH --model llama-7b-shape --quant nf4 --impls reference,fast-graphs \
+part bench_7b_nf4_ckpt 70 $BENCH --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --gradient-checkpointing --output "$RES/gpu_llama-7b-shape_nf4_ckpt.json"
-part bench_7b_nf4 35 $BENCH --model llama-7b-shape --quant nf4 --impls fast-graphs \
+part bench_7b_nf4 50 $BENCH --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
 # (5) where the time goes on llama-7b-shape: reference vs fast+graphs
 part profile_7b 50 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$RES"
