@@ -33,8 +33,9 @@ How it fits into the Trainer. The Trainer's loop does, per update: `training_ste
   loader. FSDP, DeepSpeed, fp16 loss scaling, DataParallel and `torch_compile` are rejected with one line.
 - Logging: `harmful_loss`, `harmful_loss_perturbed` and `harmful_grad_norm` are accumulated on the device
   and averaged into the Trainer's own log records (the engine reads nothing back; the Trainer syncs at log
-  time). The batches keep their attention mask (the collator's padding side is not checked here), so on CUDA
-  transformers' mask building still reads back to the host in every forward, and CUDA graphs are off.
+  time). With the fast engine, right-padded batches lose their attention mask (one host read per update
+  checks the padding), as `Booster.to_device` prepares them; left-padded ones keep it. CUDA graphs are off:
+  the Trainer steps the optimizer outside the engine.
 """
 from __future__ import annotations
 
@@ -104,6 +105,19 @@ def build_engine(model, cfg: BoosterConfig):
 
 def _model_batch(inputs) -> dict:
     return {k: inputs[k] for k in MODEL_KEYS if k in inputs}
+
+
+def _without_masks_if_right_padded(*groups):
+    """The micro-batches without their attention masks when every mask is right-padded (as Booster.to_device
+    prepares batches for the fast engine: exact for a causal decoder, and the forward then builds no mask and
+    reads nothing back), else unchanged. One host read per update decides, instead of transformers' reads in
+    every forward."""
+    masks = [b["attention_mask"] for g in groups for b in g if b.get("attention_mask") is not None]
+    if masks:
+        left = torch.stack([(m[:, 1:] > m[:, :-1]).any() for m in masks]).any()
+        if bool(left):  # a host sync, once per update
+            return groups
+    return tuple([{k: v for k, v in b.items() if k != "attention_mask"} for b in g] for g in groups)
 
 
 class FixedLengthCollator:
@@ -234,6 +248,8 @@ class BoosterTrainer(Trainer):
             return self._zero
         align, harmful = self._align_micro, self._harmful_micro
         self._align_micro, self._harmful_micro = [], []
+        if getattr(self.args, "booster_impl", "fast") == "fast":
+            align, harmful = _without_masks_if_right_padded(align, harmful)
         with self.compute_loss_context_manager():
             out = self.engine.step(align, harmful)
         values = torch.stack([out[k].detach().float().reshape(()) for k in BOOSTER_METRICS])

@@ -287,3 +287,18 @@ def test_torchrun_two_processes_equal_one_on_the_union_batch(tmp_path):
         booster.step(union(u, "align"), union(u, "harmful"))
     err, name = worst_relative_error(r0["state"], lora_state(ref_model))
     assert err <= 1e-3, f"2 ranks vs 1 process on the union batch: {name} differs by {err:.3g} (relative L2)"
+
+
+def test_fast_engine_gets_right_padded_batches_without_masks():
+    """BoosterTrainer drops the masks of an update's micro-batches only when every one is right-padded."""
+    from booster_fast.hf_trainer import _without_masks_if_right_padded
+
+    def batch(mask_rows):
+        mask = torch.tensor(mask_rows)
+        return {"input_ids": torch.ones_like(mask), "labels": torch.ones_like(mask), "attention_mask": mask}
+
+    right, left = batch([[1, 1, 0], [1, 1, 1]]), batch([[0, 1, 1], [1, 1, 1]])
+    align, harmful = _without_masks_if_right_padded([right, right], [right])
+    assert not any("attention_mask" in b for b in align + harmful) and set(align[0]) == {"input_ids", "labels"}
+    align, harmful = _without_masks_if_right_padded([right], [left])
+    assert all("attention_mask" in b for b in align + harmful)
