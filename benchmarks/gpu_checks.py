@@ -5,7 +5,7 @@
     python benchmarks/gpu_checks.py profile     --out DIR     # top kernels and GPU idle share per step
 
 Each writes one JSON file into DIR (and `profile` a text table too); the last stdout line is the JSON
-document. `--device cpu` runs the equivalence check's code path on the CPU (graphs off there) as a smoke test.
+document. `--device cpu` runs the equivalence and profile code on the CPU (graphs off there) as a smoke test.
 """
 from __future__ import annotations
 
@@ -102,51 +102,59 @@ def cmd_equivalence(args):
 
 
 def cmd_profile(args):
+    """Reference vs fast+graphs under torch.profiler. On CUDA the time is the kernels' (device rows only: a CPU
+    op's row repeats its kernels' time as its own "self device" time, and user annotations span kernels too, so
+    counting those would count the eager steps' GPU time twice). `--device cpu` is a smoke test of this code:
+    CPU op rows and CPU time, graphs off."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = args.device == "cuda"
+    busy = (lambda e: getattr(e, "self_device_time_total", 0)) if cuda else (lambda e: e.self_cpu_time_total)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     docs, tables = {}, []
-    for impl, graphs in (("reference", "off"), ("fast", "on")):
-        model, tok = bf.load_model(args.model, quant=args.quant, seed=0, device="cuda")
+    for impl, graphs in (("reference", "off"), ("fast", "on" if cuda else "off")):
+        model, tok = bf.load_model(args.model, quant=args.quant, seed=0, device=args.device)
         torch.manual_seed(0)
         model = bf.add_lora(model)
         booster = bf.Booster(model, bf.BoosterConfig(impl=impl, graphs=graphs, merge_passes=True))
         vocab = model.config.vocab_size
-        batches = [tuple(random_batch(args.batch, args.length, vocab, "cuda", gen) for _ in range(2))
+        batches = [tuple(random_batch(args.batch, args.length, vocab, args.device, gen) for _ in range(2))
                    for _ in range(args.steps + 3)]
         if impl == "fast":  # as Booster.to_device prepares them; the reference keeps the mask, as in the bench
             batches = [tuple({k: v for k, v in b.items() if k != "attention_mask"} for b in p) for p in batches]
         for a, h in batches[:3]:
             booster.step(a, h)  # warm-up (and capture)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for a, h in batches[3:]:
                 booster.step(a, h)
-            torch.cuda.synchronize()  # host sync: timing only
+            sync()  # host sync: timing only
             wall_us = (time.perf_counter() - t0) * 1e6
         averages = prof.key_averages()
-        # device-side rows only: a CPU op's row repeats its kernels' time as its own "self device" time, and
-        # user annotations span kernels too; counting those would count the eager steps' GPU time twice
-        kernels = [e for e in averages if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
-        gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in kernels)
+        rows = [e for e in averages if (e.device_type != DeviceType.CPU or not cuda)
+                and not getattr(e, "is_user_annotation", False)]
+        busy_us = sum(busy(e) for e in rows)
         label = f"{impl}{'+graphs' if graphs == 'on' else ''}"
-        table = averages.table(sort_by="self_cuda_time_total", row_limit=15)
+        table = averages.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15)
         tables.append(f"## {label} on {args.model} ({args.quant}), {args.steps} steps\n{table}\n")
-        top = sorted(kernels, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:15]
+        top = sorted(rows, key=busy, reverse=True)[:15]
         docs[label] = {"wall_ms_per_step": wall_us / 1e3 / args.steps,
-                       "gpu_busy_ms_per_step": gpu_us / 1e3 / args.steps,
-                       "gpu_idle_share": max(0.0, 1 - gpu_us / wall_us),
-                       "top_kernels": [{"name": e.key[:120], "ms_per_step": getattr(e, "self_device_time_total", 0)
-                                        / 1e3 / args.steps, "calls_per_step": e.count / args.steps} for e in top]}
-        del model, booster, averages, kernels, top
+                       "gpu_busy_ms_per_step": busy_us / 1e3 / args.steps if cuda else None,
+                       "gpu_idle_share": max(0.0, 1 - busy_us / wall_us) if cuda else None,
+                       "top_kernels": [{"name": e.key[:120], "ms_per_step": busy(e) / 1e3 / args.steps,
+                                        "calls_per_step": e.count / args.steps} for e in top]}
+        del model, booster, averages, rows, top
         _free_device_memory()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"profile_{args.model}.txt"), "w") as f:
         f.write("\n".join(tables))
     write(args.out, f"profile_{args.model}.json", {"machine": machine(), "model": args.model, "quant": args.quant,
-                                                   "batch": [args.batch, args.length], "results": docs})
+                                                   "device": args.device, "batch": [args.batch, args.length],
+                                                   "results": docs})
 
 
 def main(argv=None):
@@ -166,10 +174,11 @@ def main(argv=None):
     pr.add_argument("--batch", type=int, default=10)
     pr.add_argument("--length", type=int, default=256)
     pr.add_argument("--steps", type=int, default=3)
+    pr.add_argument("--device", default="cuda")
     for s in (bw, eq, pr):
         s.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = p.parse_args(argv)
-    if args.cmd != "equivalence" or args.device == "cuda":
+    if getattr(args, "device", "cuda") == "cuda":
         if not torch.cuda.is_available():
             sys.exit(f"gpu_checks {args.cmd}: needs a CUDA device")
     {"bandwidth": cmd_bandwidth, "equivalence": cmd_equivalence, "profile": cmd_profile}[args.cmd](args)

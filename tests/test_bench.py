@@ -222,3 +222,26 @@ def test_gpu_suite_parses_and_the_readme_names_its_parts():
     assert len(parts) == 8 and len(set(parts)) == 8, parts
     readme_row = next(line for line in (ROOT / "README.md").read_text().splitlines() if "gpu_suite.sh [PART" in line)
     assert re.findall(r"`(\w+)`", readme_row.split("part names", 1)[1]) == parts
+
+
+def test_gpu_checks_run_on_the_cpu_as_a_smoke_test(tmp_path, capsys):
+    """benchmarks/gpu_checks.py's equivalence and profile code, run on the CPU (graphs off) so that a Python
+    slip surfaces here and not on the lent GPU; make_table reads what they write. The bandwidth check refuses
+    the CPU with one line."""
+    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    small = ["--batch", "2", "--length", "32", "--out", str(tmp_path)]
+    checks.main(["equivalence", "--device", "cpu", "--models", "tiny", "--steps", "2", *small])
+    checks.main(["profile", "--device", "cpu", "--model", "tiny", "--steps", "1", *small])
+    eq = json.loads((tmp_path / "graph_equivalence.json").read_text())["results"]["tiny"]
+    assert eq["worst_relative_l2"] == 0.0 and eq["captured"] is False  # eager vs eager on the CPU: identical
+    prof = json.loads((tmp_path / "profile_tiny.json").read_text())["results"]
+    assert set(prof) == {"reference", "fast"} and all(r["top_kernels"] for r in prof.values())
+    assert (tmp_path / "profile_tiny.txt").read_text().startswith("## reference")
+    mt = _make_table_module()
+    table = "\n".join(mt.check_tables(mt.check_documents(tmp_path)))
+    assert "| tiny | 2 | 0.00e+00 | False | — |" in table and "| fast |" in table
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            checks.main(["bandwidth", "--out", str(tmp_path)])
