@@ -36,7 +36,7 @@ elif ! python3 -c "import bitsandbytes" 2>/dev/null; then
   echo "no bitsandbytes here and no wheel in .whl/: the NF4 parts will fail" | tee -a "$LOG"
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
-  || { echo "project install failed: importing it from the checkout" | tee -a "$LOG"; export PYTHONPATH=$PWD:$PYTHONPATH; }
+  || { echo "project install failed: importing it from the checkout" | tee -a "$LOG"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, triton, transformers, peft, bitsandbytes as b; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', b.__version__)" | tee -a "$LOG"
