@@ -103,6 +103,9 @@ class StepGraphs:
             if len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))  # the oldest graph
             self._graphs[key] = entry
+            shapes = ", ".join("x".join(map(str, b["input_ids"].shape)) for b in batches if "input_ids" in b)
+            log.info("CUDA graphs: captured the %s step for batches of %s; later steps of that shape replay it",
+                     kind[0] if isinstance(kind, tuple) else kind, shapes)
         static_in, static_out, keys, graph = entry
         for dst, src in zip(static_in, batches):
             for k, v in src.items():
