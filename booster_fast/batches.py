@@ -16,9 +16,19 @@ def to_device(batch: dict, device, drop_mask: bool = False) -> dict:
     causal kernels."""
     if drop_mask:
         check_right_padded(batch)
+        batch = without_mask(batch)
     pin = torch.device(device).type == "cuda"
     return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
-            for k, v in batch.items() if k in KEYS and not (drop_mask and k == "attention_mask")}
+            for k, v in batch.items() if k in KEYS}
+
+
+def without_mask(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
+def left_padded(mask: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool device tensor: some row of `mask` has a real token after a pad (not right-padded)."""
+    return (mask[:, 1:] > mask[:, :-1]).any()
 
 
 def check_right_padded(batch: dict, sync_ok: bool = False):
@@ -27,7 +37,7 @@ def check_right_padded(batch: dict, sync_ok: bool = False):
     mask = batch.get("attention_mask")
     if mask is None or (mask.is_cuda and not sync_ok):
         return
-    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a host sync for a CUDA mask (sync_ok)
+    if bool(left_padded(mask)):  # a host sync for a CUDA mask (sync_ok)
         raise ValueError("the fast step needs right-padded batches (attention_mask rows of ones, then zeros): "
                          "it leaves the mask out, which is exact only with right padding")
 

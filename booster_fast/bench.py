@@ -176,12 +176,10 @@ def step_fn(name: str, booster):
     if name == "sft":
         return lambda a, h: booster.sft_step(a)
     if booster.cfg.impl == "fast":
-        return lambda a, h: booster.step(_unmasked(a), _unmasked(h))
+        from .batches import without_mask
+
+        return lambda a, h: booster.step(without_mask(a), without_mask(h))
     return booster.step
-
-
-def _unmasked(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
 def random_batch(rows: int, length: int, vocab: int, pad_id: int, g: torch.Generator) -> dict:

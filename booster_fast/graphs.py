@@ -33,16 +33,12 @@ import warnings
 
 import torch
 
-from .batches import check_right_padded
+from .batches import check_right_padded, without_mask
 
 log = logging.getLogger("booster_fast")
 WARMUP = 2
 MAX_GRAPHS = 8
 SYNC_WARNING = "synchronizing CUDA operation"  # the text of torch's sync debug-mode warning
-
-
-def _static_view(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
 def _first_line(e: BaseException) -> str:
@@ -74,7 +70,7 @@ class StepGraphs:
         the step and every constant the capture bakes in; it is part of the graph key with the batch shapes."""
         if self.disabled is not None:
             return fn(*batches)
-        stripped = tuple(_static_view(b) for b in batches)
+        stripped = tuple(without_mask(b) for b in batches)
         key = (kind,) + tuple(tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(b.items())) for b in stripped)
         entry = self._graphs.get(key)
         for b in batches:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .batches import left_padded, without_mask
 from .config import IMPLS, BoosterConfig
 
 BOOSTER_METRICS = ("harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm")
@@ -114,10 +115,9 @@ def _without_masks_if_right_padded(*groups):
     every forward."""
     masks = [b["attention_mask"] for g in groups for b in g if b.get("attention_mask") is not None]
     if masks:
-        left = torch.stack([(m[:, 1:] > m[:, :-1]).any() for m in masks]).any()
-        if bool(left):  # a host sync, once per update
+        if bool(torch.stack([left_padded(m) for m in masks]).any()):  # a host sync, once per update
             return groups
-    return tuple([{k: v for k, v in b.items() if k != "attention_mask"} for b in g] for g in groups)
+    return tuple([without_mask(b) for b in g] for g in groups)
 
 
 class FixedLengthCollator:
@@ -248,7 +248,7 @@ class BoosterTrainer(Trainer):
             return self._zero
         align, harmful = self._align_micro, self._harmful_micro
         self._align_micro, self._harmful_micro = [], []
-        if getattr(self.args, "booster_impl", "fast") == "fast":
+        if getattr(self.engine, "flat", None) is not None:  # the fast engine (as in _rebind_flat_storage)
             align, harmful = _without_masks_if_right_padded(align, harmful)
         with self.compute_loss_context_manager():
             out = self.engine.step(align, harmful)
