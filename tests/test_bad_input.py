@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -29,13 +28,7 @@ SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second intra-op thread, and many short runs then run steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many short runs of the tiny model run steadier on one thread
 
 
 text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)

@@ -32,12 +32,7 @@ RUN = ["--steps", str(STEPS), "--max-length", "64", "--batch-size", "2", "--log-
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_metrics(run: Path) -> list[dict]:
