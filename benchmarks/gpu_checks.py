@@ -20,7 +20,7 @@ import time
 import torch
 
 import booster_fast as bf
-from booster_fast.batches import without_mask
+from booster_fast.batches import to_device
 
 
 def machine() -> dict:
@@ -38,14 +38,15 @@ def write(out_dir: str, name: str, doc: dict):
     print(json.dumps(doc))
 
 
-def random_batch(rows, length, vocab, device, gen):
+def random_batch(rows, length, vocab, gen):
+    """Right-padded random tokens on the CPU (75-100% real), as a collator hands them to Booster.to_device."""
     ids = torch.randint(4, vocab, (rows, length), generator=gen)
     labels = ids.clone()
     labels[:, : length // 4] = -100  # prompt
     real = torch.randint(length * 3 // 4, length + 1, (rows,), generator=gen)
     pad = torch.arange(length)[None] >= real[:, None]
     ids[pad], labels[pad] = 0, -100
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": (~pad).long().to(device)}
+    return {"input_ids": ids, "labels": labels, "attention_mask": (~pad).long()}
 
 
 def cmd_bandwidth(args):
@@ -57,30 +58,35 @@ def cmd_bandwidth(args):
                                               "fraction_of_copy": ratios, "target": 0.70})
 
 
-def _booster(name, quant, device, graphs, seed=0):
+def _booster(name, quant, device, graphs, packing, seed=0):
     model, tok = bf.load_model(name, quant=quant, seed=seed, device=device)
     torch.manual_seed(seed)
     model = bf.add_lora(model)
-    return model, bf.Booster(model, bf.BoosterConfig(impl="fast", graphs=graphs, merge_passes=True))
+    cfg = bf.BoosterConfig(impl="fast", graphs=graphs, merge_passes=True, packing=packing)
+    return model, bf.Booster(model, cfg)
 
 
-def _equivalence(name, args) -> dict:
+def _equivalence(name, packing, args) -> dict:
+    """Graph replays vs eager steps. Padded batches share one shape: every step brings fresh data. Packed ones
+    come in bucketed lengths, so two fresh pairs alternate: each length warms up, is captured, and replays."""
     gen = torch.Generator().manual_seed(0)
-    m_g, b_g = _booster(name, "none", args.device, "on" if args.device == "cuda" else "off")
-    m_e, b_e = _booster(name, "none", args.device, "off")
+    m_g, b_g = _booster(name, "none", args.device, "on" if args.device == "cuda" else "off", packing)
+    m_e, b_e = _booster(name, "none", args.device, "off", packing)
     vocab = m_g.config.vocab_size if name != "tiny" else 2000
-    for _ in range(args.steps):
-        a = random_batch(args.batch, args.length, vocab, args.device, gen)
-        h = random_batch(args.batch, args.length, vocab, args.device, gen)
-        strip = [without_mask(b) for b in (a, h)]
-        og, oe = b_g.step(*strip), b_e.step(*strip)
+    fresh = args.steps if not packing else 2
+    pairs = [tuple(b_g.to_device(random_batch(args.batch, args.length, vocab, gen), args.device) for _ in "ah")
+             for _ in range(fresh)]
+    steps = args.steps if not packing else 2 * (3 + 1)  # per length: 2 warm-up steps, the capture, one replay
+    for i in range(steps):
+        og, oe = b_g.step(*pairs[i % fresh]), b_e.step(*pairs[i % fresh])
     worst = 0.0
     for (n, p), (_, q) in zip(m_g.named_parameters(), m_e.named_parameters()):
         if p.requires_grad:
             worst = max(worst, ((p - q).norm() / q.norm()).item())
     graphs = b_g.engine.graphs
-    return {"steps": args.steps, "worst_relative_l2": worst, "loss_graph": og["loss"].item(),
-            "loss_eager": oe["loss"].item(), "captured": bool(graphs and graphs._graphs),
+    return {"steps": steps, "packed": b_g.engine.pack and "cu_seqlens" in pairs[0][0],
+            "worst_relative_l2": worst, "loss_graph": og["loss"].item(), "loss_eager": oe["loss"].item(),
+            "captured": bool(graphs and graphs._graphs), "replays": graphs.replays if graphs else 0,
             "fallback": graphs.disabled if graphs else None}
 
 
@@ -93,12 +99,14 @@ def _free_device_memory():
 def cmd_equivalence(args):
     results = {}
     for name in args.models.split(","):
-        try:
-            results[name] = _equivalence(name, args)
-        except Exception as e:  # noqa: BLE001 - one model's failure (e.g. graphs='on' refusing) is a result too
-            results[name] = {"steps": args.steps, "worst_relative_l2": None, "captured": False,
-                             "fallback": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
-        _free_device_memory()
+        for packing in (False, True):
+            label = f"{name}{' packed' if packing else ''}"
+            try:
+                results[label] = _equivalence(name, packing, args)
+            except Exception as e:  # noqa: BLE001 - one model's failure (e.g. graphs='on' refusing) is a result
+                results[label] = {"steps": args.steps, "worst_relative_l2": None, "captured": False,
+                                  "fallback": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+            _free_device_memory()
     write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
 
 
@@ -121,10 +129,11 @@ def cmd_profile(args):
         model = bf.add_lora(model)
         booster = bf.Booster(model, bf.BoosterConfig(impl=impl, graphs=graphs, merge_passes=True))
         vocab = model.config.vocab_size
-        batches = [tuple(random_batch(args.batch, args.length, vocab, args.device, gen) for _ in range(2))
-                   for _ in range(args.steps + 3)]
-        if impl == "fast":  # as Booster.to_device prepares them; the reference keeps the mask, as in the bench
-            batches = [tuple(without_mask(b) for b in p) for p in batches]
+        # as Booster.to_device prepares them (fast: packed); the reference keeps the mask, as in the bench.
+        # The timed steps repeat the warm-up pair: a packed step replays the graph of its own length.
+        prep = booster.to_device if impl == "fast" else to_device
+        pair = tuple(prep(random_batch(args.batch, args.length, vocab, gen), args.device) for _ in "ah")
+        batches = [pair] * (args.steps + 3)
         for a, h in batches[:3]:
             booster.step(a, h)  # warm-up (and capture)
         sync()

@@ -60,14 +60,16 @@ part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its ta
 BENCH="python3 -m booster_fast bench --device cuda --graphs off --batch-size 10 --harmful-batch-size 10 --max-length 256 --json"
 
 # (1) GPU-marked tests (kernels compiled for real) and each kernel's GB/s against a d2d copy
-part gpu_tests 55 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_fast.py tests/test_graphs.py
+part gpu_tests 60 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_fast.py tests/test_graphs.py \
+  tests/test_packing.py
 part kernel_bandwidth 25 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
 # (2) graph vs eager over 5 steps on tiny and llama-1b-shape
 part graph_equivalence 40 python3 benchmarks/gpu_checks.py equivalence --out "$RES"
-# (3)+(4) the step benchmark with peak memory: reference / fast eager / fast graphs (/ sft at 1B)
-part bench_1b_bf16 40 $BENCH --model llama-1b-shape --quant none --impls reference,fast,fast-graphs,sft \
+# (3)+(4) the step benchmark with peak memory: reference / fast eager / fast graphs (/ sft at 1B); fast entries
+# pack their batches (the default), fast-padded shows what packing buys
+part bench_1b_bf16 45 $BENCH --model llama-1b-shape --quant none --impls reference,fast,fast-graphs,fast-padded,sft \
   --steps 5 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
-part bench_7b_bf16 70 $BENCH --model llama-7b-shape --quant none --impls reference,fast,fast-graphs \
+part bench_7b_bf16 85 $BENCH --model llama-7b-shape --quant none --impls reference,fast,fast-graphs,fast-padded \
   --steps 4 --warmup 2 --output "$RES/gpu_llama-7b-shape_bf16.json"
 part bench_7b_nf4_ckpt 70 $BENCH --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --gradient-checkpointing --output "$RES/gpu_llama-7b-shape_nf4_ckpt.json"

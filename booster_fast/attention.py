@@ -1,4 +1,5 @@
-"""Causal attention with no mask at all, for batches that need none.
+"""Attention without transformers' mask building: mask-free causal SDPA for right-padded batches, and
+per-segment attention for packed ones.
 
 transformers builds each forward's attention mask itself. With its standard "sdpa" implementation that costs
 a host sync per forward on CUDA: given a padding mask it calls `.all()` on it to see whether SDPA's causal
@@ -12,13 +13,27 @@ the flash kernels, the same in eager and captured steps. That is exact exactly w
 right-padded, with the pads unlabelled (real tokens never attend to the pads after them). So it is switched on
 only around the forward of a batch that carries no attention mask; `Booster.to_device` leaves the mask out for
 the fast engine after checking the padding on the host.
+
+Packed batches (packing.py) run `varlen_attention` instead, registered the same way: each segment attends
+causally to itself only. On CUDA in bf16/fp16 that is flash attention's variable-length kernel
+(torch.nn.attention.varlen), which computes no position twice and syncs with nothing. Elsewhere (the CPU, fp32,
+a torch without it) the tokens are scattered into a [segments, max_seqlen] grid, run through causal SDPA and
+gathered back: exact, device-side, but it computes the grid's empty slots too.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("booster_fast")
 CAUSAL_SDPA = "booster_causal_sdpa"
+VARLEN = "booster_varlen"
 _registered = False
+_logged: set[str] = set()
 
 
 def _register():
@@ -28,7 +43,107 @@ def _register():
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+        AttentionInterface.register(VARLEN, varlen_attention_forward)
         _registered = True
+
+
+def _flash_varlen():
+    """torch's variable-length flash attention and the keyword that makes it causal, or (None, why not)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, "this torch has no torch.nn.attention.varlen"
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:  # the first releases of the API
+        return varlen_attn, {"is_causal": True}
+    if "window_size" in params:  # later ones: causal = a window of (all before, none after)
+        return varlen_attn, {"window_size": (-1, 0)}
+    return None, "torch.nn.attention.varlen.varlen_attn takes no causal flag"
+
+
+def _log_once(msg: str, *args):
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg, *args)
+
+
+def segment_attention(q, k, v, cu_seqlens, max_seqlen: int, scale=None, dropout: float = 0.0):
+    """Causal attention within each segment of packed tokens, by way of a padded grid. q [P, H, D], k and v
+    [P, H_kv, D]; segment s holds tokens cu_seqlens[s]:cu_seqlens[s+1], none longer than max_seqlen. Returns
+    [P, H, D]. Device ops only: no host sync, static shapes."""
+    tokens, segments = q.shape[0], cu_seqlens.numel() - 1
+    t = torch.arange(tokens, device=q.device)
+    starts = cu_seqlens.long()
+    seg = torch.searchsorted(starts[1:], t, right=True)  # empty segments (repeated starts) are skipped
+    slot = seg * max_seqlen + (t - starts[seg])
+
+    def grid(x):  # [P, H, D] -> [segments, H, max_seqlen, D], zeros in the empty slots
+        g = x.new_zeros(segments * max_seqlen, *x.shape[1:]).index_copy(0, slot, x)
+        return g.view(segments, max_seqlen, *x.shape[1:]).transpose(1, 2)
+
+    # real queries attend only to earlier slots of their own segment: all real, so the empty ones never count
+    out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), dropout_p=dropout, is_causal=True, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2).reshape(segments * max_seqlen, *q.shape[1:]).index_select(0, slot)
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
+                             **kwargs):
+    """transformers attention interface for packed batches: query [1, H, P, D], key/value [1, H_kv, P, D];
+    cu_seq_lens_q and max_length_q come in through the model's forward kwargs (losses.logits_of passes them).
+    Returns ([1, P, H, D], None)."""
+    cu, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention takes one row of packed tokens, got {query.shape[0]} rows")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [P, H, D]
+    flash, how = _flash_varlen()
+    why = (how if flash is None else "not a CUDA tensor" if not q.is_cuda
+           else f"{q.dtype} (flash needs bf16 or fp16)" if q.dtype not in (torch.bfloat16, torch.float16)
+           else "attention dropout" if dropout else None)
+    if why is None:
+        if k.shape[1] != q.shape[1] and "enable_gqa" in inspect.signature(flash).parameters:
+            how = {**how, "enable_gqa": True}
+        elif k.shape[1] != q.shape[1]:  # an older API without grouped-query attention: repeat the kv heads
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        out = flash(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen, scale=scaling,
+                    **how)
+        _log_once("packed attention: flash variable-length kernel")
+    else:
+        if q.is_cuda:
+            _log_once("packed attention: no flash variable-length kernel (%s); segment grid + SDPA instead", why)
+        out = segment_attention(q, k, v, cu, max_seqlen, scale=scaling, dropout=dropout)
+    return out[None], None
+
+
+def supports_packing(model) -> str | None:
+    """None when packed batches run exactly on this model, else why not."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return f"attention implementation {getattr(config, '_attn_implementation', None)!r} (needs sdpa or eager)"
+    if getattr(config, "sliding_window", None):
+        return "the model uses sliding-window attention"
+    if getattr(config, "is_causal", True) is False:
+        return "the model is not a causal decoder"
+    return None
+
+
+@contextlib.contextmanager
+def packed_attention(model):
+    """Inside: the model's attention is `varlen_attention_forward` (for packed batches; see packing.py)."""
+    if model.config._attn_implementation == VARLEN:  # already inside (the step holds it across the backward)
+        yield
+        return
+    why = supports_packing(model)
+    if why is not None:
+        raise ValueError(f"packed batches cannot run on this model: {why}")
+    _register()
+    config, previous = model.config, model.config._attn_implementation
+    config._attn_implementation = VARLEN
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 @contextlib.contextmanager

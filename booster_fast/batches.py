@@ -3,23 +3,34 @@ from __future__ import annotations
 
 import torch
 
-KEYS = ("input_ids", "labels", "attention_mask")
+KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "targets", "cu_seqlens", "max_seqlen")
 
 
-def to_device(batch: dict, device, drop_mask: bool = False) -> dict:
+def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False) -> dict:
     """The model's keys of `batch` on `device`. CPU tensors bound for a GPU go through pinned memory, so the copy
     is truly asynchronous (a copy from pageable memory may wait for the stream's queued work).
 
     drop_mask: check on the host that the batch is right-padded, then leave the attention mask out. For a causal
     decoder that is exact: real tokens never attend to the pads after them and pads carry label -100. Without a
     mask, `losses.logits_of` runs the mask-free causal SDPA of attention.py: no mask building, no host read, the
-    causal kernels."""
+    causal kernels.
+
+    pack: send the pad-free form instead (packing.pack, which checks the padding itself) when it computes fewer
+    positions than the padded batch; a batch with (almost) no pads goes without its mask instead."""
+    if pack:
+        from .packing import pack as packed
+
+        shrunk = packed(batch)
+        if shrunk["input_ids"].numel() < batch["input_ids"].numel():
+            batch, drop_mask = shrunk, False
+        else:
+            drop_mask = True
     if drop_mask:
         check_right_padded(batch)
         batch = without_mask(batch)
     pin = torch.device(device).type == "cuda"
     return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
-            for k, v in batch.items() if k in KEYS}
+            if torch.is_tensor(v) else v for k, v in batch.items() if k in KEYS}
 
 
 def without_mask(batch: dict) -> dict:
@@ -48,22 +59,32 @@ def micro_batches(batch, k: int) -> list[dict]:
         return list(batch)
     if k == 1:
         return [batch]
+    if "cu_seqlens" in batch:
+        raise ValueError("a packed batch cannot be cut into micro-batches: pack each micro-batch on its own")
     rows = batch["input_ids"].shape[0]
     if rows % k:
         raise ValueError(f"a batch of {rows} rows cannot be split into {k} equal micro-batches")
     return [dict(zip(batch, parts)) for parts in zip(*(v.chunk(k) for v in batch.values()))]
 
 
-def rows(batch: dict) -> int:
-    return batch["input_ids"].shape[0]
+def tokens(batch: dict) -> int:
+    """Positions the model computes for this batch (rows x length; pads included, a packed batch's filler too)."""
+    return batch["input_ids"].numel()
 
 
 def can_concat(a: dict, b: dict) -> bool:
-    return a["input_ids"].shape[1] == b["input_ids"].shape[1]
+    if ("cu_seqlens" in a) != ("cu_seqlens" in b):
+        return False
+    return "cu_seqlens" in a or a["input_ids"].shape[1] == b["input_ids"].shape[1]
 
 
 def concat(a: dict, b: dict) -> dict:
-    """Stack two batches of the same length row-wise; a missing attention mask becomes all ones."""
+    """Stack two batches of the same length row-wise (a missing attention mask becomes all ones), or join two
+    packed batches end to end."""
+    if "cu_seqlens" in a:
+        from .packing import concat_packed
+
+        return concat_packed(a, b)
     out = {k: torch.cat([a[k], b[k]]) for k in ("input_ids", "labels")}
     if "attention_mask" in a or "attention_mask" in b:
         masks = [x.get("attention_mask", torch.ones_like(x["input_ids"])) for x in (a, b)]

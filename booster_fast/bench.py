@@ -17,12 +17,14 @@ Entries: reference; fast (follows --merge-passes and --graphs, default auto); fa
 no CUDA device or the step is not captured); sft (the reference engine's plain SFT step: torch AdamW and
 clipping as the HF Trainer does them; the baseline of ratio_to_sft). Entries that use CUDA graphs get extra
 untimed steps until their step is captured, so no capture lands in the timing; `cuda_graphs` says which replay.
-Fast entries get the batches without the attention mask (right-padded, so that is exact; see batches.to_device),
-the reference and sft with it, as the original trainer passes it.
+Each entry gets the batches in the form its engine runs: fast entries as `Booster.to_device` prepares them
+(without the attention mask, or packed without pads when the engine packs: packing.py), the reference and sft
+with the mask, as the original trainer passes it. fast-padded pins packing off, to show what packing buys.
 
 Tokens. tokens_per_s counts the real (non-pad) tokens of the batches a step consumes: alignment + harmful rows
 for a Booster step (the harmful batch counted once, although the step runs it twice), the alignment rows for
-SFT. mfu (CUDA only) instead counts every computed position, pads included (see `model_flops`).
+SFT. mfu (CUDA only) instead counts the positions each entry computes, pads and packing filler included (see
+`model_flops`): a packed entry computes fewer of them for the same tokens.
 
 Peak memory (peak_mem_mb) estimates what one implementation would need alone in a process: the bytes it holds
 between steps (model, LoRA weights, gradient buffers, optimizer state; counted tensor by tensor, storages
@@ -65,12 +67,12 @@ from .align import build_streams, check_common_args, config_from_args, resolve_d
 from .cli import UsageError
 
 log = logging.getLogger("booster_fast")
-IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "sft")
+IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "fast-padded", "sft")
 TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmful rows for Booster steps "
                   "(harmful rows counted once), alignment rows for sft")
-MFU_FLOPS = ("6 * N * computed positions (pads included) of every pass of the step (2N forward + 4N backward, the "
-             "PaLM convention; a frozen base needs no weight gradient, so the hardware does ~4N and real use is ~2/3 "
-             "of this); N = base matmul parameters (LM head in, input embedding and LoRA out); attention-score "
+MFU_FLOPS = ("6 * N * computed positions (pads and packing filler included) of every pass of the step (2N forward "
+             "+ 4N backward, the PaLM convention; a frozen base needs no weight gradient, so the hardware does ~4N and "
+             "real use is ~2/3 of this); N = base matmul parameters (LM head in, input embedding and LoRA out); attention-score "
              "FLOPs ignored; divided by the bf16 8192^3 torch.matmul rate measured in the same run")
 GRAPHS_NOT_CAPTURED = "the step was not captured into a CUDA graph after the warm-up steps"
 
@@ -89,10 +91,12 @@ def parse_impls(text: str) -> list[str]:
 
 def impl_config(name: str, args):
     """BoosterConfig of one entry. sft runs the reference engine's plain step (torch AdamW, per-tensor clipping);
-    fast-merged/-unmerged pin the merge and stay eager; fast follows --merge-passes and the default graphs mode."""
+    fast-merged/-unmerged pin the merge and stay eager; fast-padded pins packing off; fast follows --merge-passes,
+    --packing and the default graphs mode."""
     cfg = config_from_args(args, "reference" if name in ("reference", "sft") else "fast")
     pinned = {"fast-merged": dict(merge_passes=True, graphs="off"),
-              "fast-unmerged": dict(merge_passes=False, graphs="off"), "fast-graphs": dict(graphs="on")}
+              "fast-unmerged": dict(merge_passes=False, graphs="off"), "fast-graphs": dict(graphs="on"),
+              "fast-padded": dict(packing=False)}
     return dataclasses.replace(cfg, **pinned.get(name, {}))
 
 
@@ -153,15 +157,27 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def warm_graphs(name: str, booster, fn, batch, tries: int = 4) -> str | None:
-    """Extra untimed steps until a graph-using entry has captured, so that no capture lands in the timing.
+def shape_key(pair) -> tuple:
+    """What a captured graph is keyed on, for one (align, harmful) pair: shapes, and plain values as they are."""
+    return tuple(tuple((k, tuple(v.shape)) if torch.is_tensor(v) else (k, v) for k, v in sorted(b.items()))
+                 for b in pair)
+
+
+def warm_graphs(name: str, booster, fn, pairs, tries: int = 4) -> str | None:
+    """Extra untimed steps until a graph-using entry has captured the step for every batch shape it will meet
+    (one for padded batches, a few bucketed lengths for packed ones), so that no capture lands in the timing.
     Returns why fast-graphs cannot be timed, else None (graphs='auto' may fall back to eager: that is timed)."""
     graphs = getattr(booster.engine, "graphs", None)
+    shapes = {shape_key(p): p for p in pairs} if graphs is not None else {}
     try:
-        for _ in range(tries if graphs is not None else 0):
-            if graphs_captured(booster.engine) or getattr(graphs, "disabled", None):
-                break
-            fn(*batch[:2])
+        for pair in shapes.values():
+            for _ in range(tries):  # until a step of this shape is a replay
+                replays = graphs.replays
+                if getattr(graphs, "disabled", None):
+                    break
+                fn(*pair)
+                if graphs.replays > replays:
+                    break
     except Exception as e:  # noqa: BLE001 - graphs='on' raises when the capture fails: reported, not fatal
         if name != "fast-graphs":
             raise
@@ -170,16 +186,19 @@ def warm_graphs(name: str, booster, fn, batch, tries: int = 4) -> str | None:
 
 
 def step_fn(name: str, booster):
-    """fn(align_batch, harmful_batch) running one update of this entry. Fast entries get the batches without the
-    attention mask, as `Booster.to_device` prepares them (make_batches checked the right padding); the reference
-    and sft keep it, as the original trainer does."""
+    """fn(align_batch, harmful_batch) running one update of this entry."""
     if name == "sft":
         return lambda a, h: booster.sft_step(a)
-    if booster.cfg.impl == "fast":
-        from .batches import without_mask
-
-        return lambda a, h: booster.step(without_mask(a), without_mask(h))
     return booster.step
+
+
+def entry_batches(booster, pairs, device) -> list[tuple]:
+    """The (align, harmful) device batches of one entry, in the form its engine runs: `Booster.to_device` for fast
+    engines (no mask, or packed), with the attention mask for the reference and sft, as the original trainer."""
+    from .batches import to_device
+
+    prep = booster.to_device if booster.cfg.impl == "fast" else to_device
+    return [(prep(a, device), prep(h, device)) for a, h, _, _ in pairs]
 
 
 def random_batch(rows: int, length: int, vocab: int, pad_id: int, g: torch.Generator) -> dict:
@@ -192,10 +211,10 @@ def random_batch(rows: int, length: int, vocab: int, pad_id: int, g: torch.Gener
     return {"input_ids": ids, "labels": labels, "attention_mask": real.long()}
 
 
-def make_batches(args, tok, model, device) -> list[tuple[dict, dict, int, int]]:
-    """warmup + steps + 2 (memory and op-count passes) of (align, harmful, align tokens, harmful tokens), on device.
-    tiny: the built-in data set, exactly as `align` streams it; anything else: random token batches."""
-    from .batches import check_right_padded, to_device
+def make_batches(args, tok, model) -> list[tuple[dict, dict, int, int]]:
+    """warmup + steps + 2 (memory and op-count passes) of (align, harmful, align tokens, harmful tokens), on the
+    CPU. tiny: the built-in data set, exactly as `align` streams it; anything else: random token batches."""
+    from .batches import check_right_padded
 
     n = args.warmup + args.steps + 2
     if args.model == "tiny":
@@ -208,8 +227,7 @@ def make_batches(args, tok, model, device) -> list[tuple[dict, dict, int, int]]:
                        for b in (args.batch_size, args.harmful_batch_size)) for _ in range(n)]
     for a, h in pairs:
         check_right_padded(a), check_right_padded(h)
-    return [(to_device(a, device), to_device(h, device), int(a["attention_mask"].sum()),
-             int(h["attention_mask"].sum())) for a, h in pairs]
+    return [(a, h, int(a["attention_mask"].sum()), int(h["attention_mask"].sum())) for a, h in pairs]
 
 
 # ---- measurements ----------------------------------------------------------------------------------------
@@ -295,11 +313,14 @@ def matmul_params(model) -> int:
                if isinstance(m, torch.nn.Linear) and ".lora_" not in n)
 
 
-def model_flops(name: str, args, n_params: int) -> float:
-    """Model FLOPs of one step (MFU_FLOPS): 6N x max_length x the rows of every pass."""
-    harmful_passes = 1 if args.no_meta_term else 2
-    rows = args.batch_size + (0 if name == "sft" else harmful_passes * args.harmful_batch_size)
-    return 6.0 * n_params * rows * args.max_length
+def model_flops(name: str, args, n_params: int, pair) -> float:
+    """Model FLOPs of one step on `pair` (MFU_FLOPS): 6N x the positions of every pass (rows x length of a padded
+    batch, the packed length of a packed one)."""
+    from .batches import tokens
+
+    align, harmful = pair
+    harmful_passes = 0 if name == "sft" else 1 if args.no_meta_term else 2
+    return 6.0 * n_params * (tokens(align) + harmful_passes * tokens(harmful))
 
 
 def _pct(xs: list[float], q: int) -> float:
@@ -331,7 +352,7 @@ def check_bench_args(args) -> list[str]:
 
 def build_all(names, args, device, results):
     """Build every entry from identical initial weights; returns (impls, batches, matmul params, LoRA params)."""
-    impls, first = {}, None  # name -> (booster, step function)
+    impls, first = {}, None  # name -> (booster, step function, its batches)
     for name in names:
         if name == "fast-graphs" and device.type != "cuda":
             results[name] = {"skipped": "CUDA graphs need a CUDA device"}
@@ -344,14 +365,15 @@ def build_all(names, args, device, results):
             results[name] = {"skipped": f"graphs='on' unavailable: {_first_line(e)}"}
             continue
         if first is None:
-            first, first_name, batches = lora0, name, make_batches(args, tok, booster.model, device)
+            first, first_name, batches = lora0, name, make_batches(args, tok, booster.model)
             sizes = matmul_params(booster.model), sum(v.numel() for v in lora0.values())
             base = booster.model
         else:
             share_frozen_weights(base, booster.model)
         assert first.keys() == lora0.keys() and all(torch.equal(first[k], lora0[k]) for k in first), \
             f"{name}: initial LoRA weights differ from {first_name}'s"
-        impls[name], results[name] = (booster, step_fn(name, booster)), {}
+        impls[name] = (booster, step_fn(name, booster), entry_batches(booster, batches, device))
+        results[name] = {}
     return (impls, batches, *sizes) if impls else (impls, [], None, None)
 
 
@@ -368,16 +390,17 @@ def time_interleaved(impls, batches, args, device, results):
     bar = tqdm(total=(args.warmup + args.steps) * len(impls), desc="bench", file=sys.stderr, dynamic_ncols=True)
     for i in range(args.warmup + args.steps):
         for name in list(impls) if i == args.warmup else ():  # graphs capture lazily: get that done untimed
-            why = warm_graphs(name, *impls[name], batches[0])
+            booster, fn, mine = impls[name]
+            why = warm_graphs(name, booster, fn, mine[args.warmup:])  # the timed steps and the two after
             if why:
                 drop(name, why)
-        a, h, na, nh = batches[i]
+        _, _, na, nh = batches[i]
         order = list(impls)[i % len(impls):] + list(impls)[:i % len(impls)] if impls else []
         for name in order:
             _sync(device)
             t0 = time.perf_counter()
             try:
-                impls[name][1](a, h)
+                impls[name][1](*impls[name][2][i])
             except Exception as e:  # noqa: BLE001
                 if name != "fast-graphs":
                     raise
@@ -404,9 +427,11 @@ def run_bench(args) -> int:
 
     # ---- separate passes after the timing: one step each for memory, one for the op count ----
     rate = matmul_tflops(device) if device.type == "cuda" and impls else None
-    for name, (booster, fn) in impls.items():
-        transient = transient_bytes(lambda: fn(*batches[-2][:2]), device)
-        ops = count_ops(fn, *batches[-1][:2], host_resident=host_resident_scalars(booster.optimizer))
+    for name, (booster, fn, mine) in impls.items():
+        transient = transient_bytes(lambda: fn(*mine[-2]), device)
+        ops = count_ops(fn, *mine[-1], host_resident=host_resident_scalars(booster.optimizer))
+        timed = mine[args.warmup:args.warmup + args.steps]
+        flops = statistics.mean(model_flops(name, args, n_params, p) for p in timed)
         ms = statistics.median(times[name]) * 1e3
         held = held_bytes(booster) + graph_pool_bytes(booster.engine) + max(transient, 0)
         results[name] = {
@@ -416,7 +441,7 @@ def run_bench(args) -> int:
             "ops_per_step": ops["total"], "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
             "host_syncs_per_step": sum(ops["host_syncs"].values()),
             "ratio_to_sft": None, "cuda_graphs": graphs_captured(booster.engine),
-            "mfu": round(model_flops(name, args, n_params) / (ms / 1e3) / (rate * 1e12), 4) if rate else None}
+            "mfu": round(flops / (ms / 1e3) / (rate * 1e12), 4) if rate else None}
     ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))
     for r in results.values():
         if "step_ms" in r and sft:
@@ -472,7 +497,7 @@ def machine_info(device) -> dict:
 def run_config(args, names, device, n_params, n_lora, rate) -> dict:
     knobs = ("model", "quant", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
              "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum", "merge_passes",
-             "steps", "warmup")
+             "packing", "steps", "warmup")
     peak = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
     return {**{k: getattr(args, k) for k in knobs}, "device": str(device), "meta_term": not args.no_meta_term,
             "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)), "impls": names,

@@ -27,13 +27,20 @@ class Booster:
     def optimizer(self):
         return self.engine.optimizer
 
-    def to_device(self, batch: dict, device) -> dict:
+    def to_device(self, batch: dict, device) -> dict | list[dict]:
         """A collated (CPU) batch on `device`, in the form this engine runs best. The fast engine gets it without
         the attention mask, after a host-side check that it is right-padded (exact for a causal decoder; see
-        batches.to_device); the reference keeps the mask, as the original trainer does."""
-        from .batches import to_device
+        batches.to_device), or packed without pads when the engine packs (packing.py; with grad_accum > 1, as a
+        list of packed micro-batches, which run eagerly); the reference keeps the mask, as the original trainer
+        does."""
+        from .batches import micro_batches, to_device
 
-        return to_device(batch, device, drop_mask=self.cfg.impl == "fast")
+        fast = self.cfg.impl == "fast"
+        if not getattr(self.engine, "pack", False):
+            return to_device(batch, device, drop_mask=fast)
+        if self.cfg.grad_accum == 1:
+            return to_device(batch, device, pack=True)
+        return [to_device(b, device, pack=True) for b in micro_batches(batch, self.cfg.grad_accum)]
 
     def step(self, align_batch, harmful_batch):
         """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed, harmful_grad_norm (0-dim

@@ -41,6 +41,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--grad-accum", type=int, default=1, help=BoosterConfig.help()["grad_accum"])
     p.add_argument("--merge-passes", default="auto", choices=["auto", "on", "off"],
                    help="fast: harmful + alignment batches as one pass (auto: on for CUDA, off for the CPU)")
+    p.add_argument("--packing", default="auto", choices=["auto", "on", "off"],
+                   help="fast: pad-free batches, no pad position computed (auto: on for CUDA, off for the CPU)")
     p.add_argument("--no-meta-term", action="store_true",
                    help="drop the −λ·∇h(w̃) term: the original's ablation, ∇f + λ·∇h (one pass fewer)")
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help=BoosterConfig.help()["graphs"])

@@ -34,6 +34,12 @@ class BoosterConfig:
         metadata={"help": "fast only: run the harmful and alignment batches at w as ONE forward/backward. None picks "
                           "the measured default of the device (on for CUDA, off for the CPU)."},
     )
+    packing: bool | None = field(
+        default=None,
+        metadata={"help": "fast only: feed the passes pad-free batches (the real tokens of all rows back to back, "
+                          "per-sequence attention), so no pad position is computed. None picks the measured default "
+                          "of the device; models it cannot run exactly (sliding window, non-causal) stay padded."},
+    )
     meta_term: bool = field(
         default=True,
         metadata={"help": "Keep the −λ·∇h(w̃) term (3 passes). False is the original's ablation: ∇f + λ·∇h."},

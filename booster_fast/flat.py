@@ -1,4 +1,4 @@
-"""Flat buffers for the LoRA weights and their gradients, and per-row gradient routing.
+"""Flat buffers for the LoRA weights and their gradients, and per-token gradient routing.
 
 `FlatLoRA` moves every trainable LoRA tensor into one fp32 buffer `W` (each peft parameter becomes a view of
 it, so peft still saves and loads its own adapters), and points each parameter's `.grad` at a view of `G_f`.
@@ -7,9 +7,10 @@ backward pass writes straight into the flat buffer and every later bookkeeping o
 
 Routing. Each LoRA weight also gets an *alias*: a second leaf tensor over the same storage whose `.grad` is a
 view of `G_h`. The LoRA layers' forward is replaced by `_routed_forward`, which computes the LoRA delta of the
-first `harmful_rows` rows of the batch with the aliases and the remaining rows with the parameters. The frozen
-base matmul still runs once over all rows. So one backward of `loss_h + loss_f` over the concatenated batch
-leaves ∇h(w) in G_h and ∇f(w) in G_f (rows never interact in a decoder), and a harmful-only pass (all rows
+first `harmful_tokens` positions of the batch (rows x length, flattened: whole rows of a padded batch, whole
+segments of a packed one) with the aliases and the remaining positions with the parameters. The frozen base
+matmul still runs once over all of them. So one backward of `loss_h + loss_f` over the concatenated batch leaves
+∇h(w) in G_h and ∇f(w) in G_f (sequences never interact in a decoder), and a harmful-only pass (everything
 routed to the aliases) lands its gradient in G_h whatever the parameters' `.grad` say.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-ALL_ROWS = 1 << 62  # route every row to the harmful aliases
+ALL_TOKENS = 1 << 62  # route every position to the harmful aliases
 # The buffers are padded to a multiple of ALIGN elements (the pad stays zero: no parameter views it, so its
 # gradient is 0 and AdamW leaves it at 0). Triton specialises a length divisible by 16 and then moves the
 # element-wise kernels' data in 128-bit vectors (scalar 32-bit accesses otherwise); G_f = G[1] starts 256-byte
@@ -58,7 +59,7 @@ class FlatLoRA:
             a = p.detach().requires_grad_(True)
             a.grad = gh
             self._alias[id(p)] = a
-        self.harmful_rows = 0
+        self.harmful_tokens = 0
         self._layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
         for m in self._layers:
             m.forward = types.MethodType(_routed_forward, m)
@@ -79,13 +80,13 @@ class FlatLoRA:
         return self.params[0].grad is self._gf_views[0]
 
     @contextlib.contextmanager
-    def route(self, harmful_rows: int):
-        """Inside: the first `harmful_rows` rows of every batch get their LoRA gradient in G_h."""
-        prev, self.harmful_rows = self.harmful_rows, harmful_rows
+    def route(self, harmful_tokens: int):
+        """Inside: the first `harmful_tokens` positions of every batch get their LoRA gradient in G_h."""
+        prev, self.harmful_tokens = self.harmful_tokens, harmful_tokens
         try:
             yield
         finally:
-            self.harmful_rows = prev
+            self.harmful_tokens = prev
 
     def close(self):
         """Give the LoRA layers their own forward back (the weights stay views of W)."""
@@ -99,12 +100,12 @@ def _lora_delta(x, a, b, dropout, scaling):
 
 
 def _routed_forward(self, x, *args, **kwargs):
-    """peft LoRA Linear forward with per-row gradient routing (one active adapter, no variants)."""
+    """peft LoRA Linear forward with per-token gradient routing (one active adapter, no variants)."""
     result = self.base_layer(x, *args, **kwargs)
     if self.disable_adapters or self.merged:
         return result
     out_dtype = result.dtype
-    n = self._booster_route.harmful_rows
+    n = self._booster_route.harmful_tokens
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
@@ -112,20 +113,21 @@ def _routed_forward(self, x, *args, **kwargs):
         dropout, scaling = self.lora_dropout[name], self.scaling[name]
         if not torch.is_autocast_enabled():
             x = x.to(a.dtype)
-        rows = x.shape[0]
+        positions = x.numel() // x.shape[-1]
         if n <= 0:
             delta = _lora_delta(x, a, b, dropout, scaling)
         else:
             ah, bh = self._booster_alias[id(a)], self._booster_alias[id(b)]
-            if n >= rows:
+            if n >= positions:
                 delta = _lora_delta(x, ah, bh, dropout, scaling)
-            elif 2 * n == rows and x.is_contiguous():
+            elif 2 * n == positions and x.is_contiguous():
                 # equal halves: one batched matmul over [aliases ; parameters] instead of two pairs + cat
                 pairs = x.view(2, -1, x.shape[-1])
                 delta = torch.bmm(torch.bmm(dropout(pairs), torch.stack([ah, a]).transpose(1, 2)),
                                   torch.stack([bh, b]).transpose(1, 2)).view(*x.shape[:-1], -1) * scaling
             else:
-                delta = torch.cat([_lora_delta(x[:n], ah, bh, dropout, scaling),
-                                   _lora_delta(x[n:], a, b, dropout, scaling)])
+                flat = x.reshape(positions, x.shape[-1])
+                delta = torch.cat([_lora_delta(flat[:n], ah, bh, dropout, scaling),
+                                   _lora_delta(flat[n:], a, b, dropout, scaling)]).view(*x.shape[:-1], -1)
         result = result + delta.to(out_dtype)
     return result

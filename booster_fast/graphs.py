@@ -1,6 +1,7 @@
 """One CUDA graph per Booster step.
 
-The fast step has static shapes (batches right-padded to one max_length), no host syncs, fixed buffer
+The fast step has static shapes (batches right-padded to one max_length, or packed to one of a few bucketed
+lengths: packing.py), no host syncs, fixed buffer
 addresses (W, B, G_h, G_f, the optimizer state) and a capturable fused AdamW, so the whole step — both passes,
 the kernels, clipping and the update — can be captured once and replayed for every later batch of the same
 shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the bookkeeping:
@@ -37,12 +38,19 @@ from .batches import check_right_padded, without_mask
 
 log = logging.getLogger("booster_fast")
 WARMUP = 2
-MAX_GRAPHS = 8
+MAX_GRAPHS = 16  # packed batches meet a few lengths per batch kind: a few (harmful, alignment) pairs
 SYNC_WARNING = "synchronizing CUDA operation"  # the text of torch's sync debug-mode warning
 
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _signature(name: str, value) -> tuple:
+    """What a captured graph assumes of one batch entry: a tensor's shape and dtype, a plain value itself."""
+    if torch.is_tensor(value):
+        return name, tuple(value.shape), value.dtype
+    return name, value
 
 
 class CaptureInvalidated(RuntimeError):
@@ -59,6 +67,7 @@ class StepGraphs:
         self._seen: dict = {}    # key -> eager steps so far, for keys not captured yet (oldest first)
         self._stream = None      # the side stream of warm-ups and captures (one, as PyTorch's recipe has it)
         self._pool = None        # one memory pool for all graphs: replays never overlap and outputs are cloned
+        self.replays = 0         # steps run as a graph replay so far
 
     def reset(self):
         """Forget every captured graph (after tensors they captured were replaced, e.g. a loaded state)."""
@@ -71,7 +80,7 @@ class StepGraphs:
         if self.disabled is not None:
             return fn(*batches)
         stripped = tuple(without_mask(b) for b in batches)
-        key = (kind,) + tuple(tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(b.items())) for b in stripped)
+        key = (kind,) + tuple(tuple(_signature(k, v) for k, v in sorted(b.items())) for b in stripped)
         entry = self._graphs.get(key)
         for b in batches:
             check_right_padded(b, sync_ok=entry is None)  # a sync: warm-up and capture only
@@ -105,8 +114,10 @@ class StepGraphs:
         static_in, static_out, keys, graph = entry
         for dst, src in zip(static_in, batches):
             for k, v in src.items():
-                dst[k].copy_(v, non_blocking=True)
+                if torch.is_tensor(v):  # plain values (a packed batch's max_seqlen) are part of the key
+                    dst[k].copy_(v, non_blocking=True)
         graph.replay()
+        self.replays += 1
         return dict(zip(keys, static_out.clone().unbind()))
 
     def _give_up(self, reason: str):
@@ -144,7 +155,7 @@ class StepGraphs:
         return out, (_first_line(syncs[0].message) if syncs else None)
 
     def _capture(self, fn, batches):
-        static_in = tuple({k: v.clone() for k, v in b.items()} for b in batches)
+        static_in = tuple({k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches)
         torch.cuda.synchronize()  # host sync: once per captured shape
         gc.collect()
         torch.cuda.empty_cache()  # the warm-ups' cached blocks: the graph's private pool cannot reuse them

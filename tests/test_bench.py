@@ -119,37 +119,49 @@ def test_make_table_rewrites_only_the_marked_block(tmp_path, capsys):
     assert "| Test CPU (4 cores) |" in captured.out and "README untouched" in captured.err
 
 
-def test_warm_graphs_captures_untimed_and_reports_failures():
+def test_warm_graphs_captures_every_shape_untimed_and_reports_failures():
     from types import SimpleNamespace
 
     from booster_fast import bench
 
     def entry():
-        graphs = SimpleNamespace(disabled=None, _graphs={})
+        graphs = SimpleNamespace(disabled=None, _graphs={}, replays=0)
         return SimpleNamespace(engine=SimpleNamespace(graphs=graphs)), graphs
 
     booster, graphs = entry()
     calls = []
 
-    def capture_on_third(a, h):  # like StepGraphs: two eager warm-up steps, then the capture
-        calls.append(1)
-        if len(calls) == 3:
-            graphs._graphs["key"] = object()
+    def capture_on_third(a, h):  # like StepGraphs, per shape: two eager warm-up steps, then capture + replay
+        shape = a["input_ids"].shape
+        calls.append(shape)
+        if shape in graphs._graphs:
+            graphs.replays += 1
+        elif calls.count(shape) == 3:
+            graphs._graphs[shape] = object()
+            graphs.replays += 1
 
-    assert bench.warm_graphs("fast-graphs", booster, capture_on_third, ({}, {})) is None
-    assert len(calls) == 3 and bench.graphs_captured(booster.engine)
+    def pair(n, cu=None):
+        a = {"input_ids": torch.zeros(1, n), **({"max_seqlen": cu} if cu else {})}
+        return a, {"input_ids": torch.zeros(1, 4)}
+
+    # two packed lengths among four pairs: each shape is warmed up and captured once, before the timing
+    pairs = [pair(64, 32), pair(128, 32), pair(64, 32), pair(128, 32)]
+    assert bench.warm_graphs("fast-graphs", booster, capture_on_third, pairs) is None
+    assert len(calls) == 6 and len(graphs._graphs) == 2 and bench.graphs_captured(booster.engine)
+    assert bench.warm_graphs("fast-graphs", booster, capture_on_third, pairs) is None
+    assert len(calls) == 8, "an already captured shape costs one replay, not a new warm-up"
 
     def failing(a, h):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
     booster, _ = entry()
-    assert bench.warm_graphs("fast-graphs", booster, failing, ({}, {})) == \
+    assert bench.warm_graphs("fast-graphs", booster, failing, pairs) == \
         "capture failed: operation not permitted when stream is capturing"
     with pytest.raises(RuntimeError):  # any other entry's failure is a bug, not a result
-        bench.warm_graphs("fast", booster, failing, ({}, {}))
+        bench.warm_graphs("fast", booster, failing, pairs)
     eager = SimpleNamespace(engine=SimpleNamespace(graphs=None))
-    assert bench.warm_graphs("fast", eager, failing, ({}, {})) is None
-    assert bench.warm_graphs("fast-graphs", eager, failing, ({}, {})) == bench.GRAPHS_NOT_CAPTURED
+    assert bench.warm_graphs("fast", eager, failing, pairs) is None
+    assert bench.warm_graphs("fast-graphs", eager, failing, pairs) == bench.GRAPHS_NOT_CAPTURED
 
 
 def test_entries_share_their_frozen_base_but_not_lora():
@@ -164,7 +176,7 @@ def test_entries_share_their_frozen_base_but_not_lora():
                                       "--batch-size", "2", "--max-length", "32", "--steps", "1", "--warmup", "0"])
     names = bench.check_bench_args(args)  # fills the defaults, as run_bench does
     impls, *_ = bench.build_all(names + ["fast", "sft"], args, torch.device("cpu"), {})
-    models = [b.model for b, _ in impls.values()]
+    models = [b.model for b, *_ in impls.values()]
     params = [dict(m.named_parameters()) for m in models]
     frozen = [n for n, p in params[0].items() if not p.requires_grad]
     lora = [n for n, p in params[0].items() if p.requires_grad]
@@ -234,8 +246,9 @@ def test_gpu_checks_run_on_the_cpu_as_a_smoke_test(tmp_path, capsys):
     small = ["--batch", "2", "--length", "32", "--out", str(tmp_path)]
     checks.main(["equivalence", "--device", "cpu", "--models", "tiny", "--steps", "2", *small])
     checks.main(["profile", "--device", "cpu", "--model", "tiny", "--steps", "1", *small])
-    eq = json.loads((tmp_path / "graph_equivalence.json").read_text())["results"]["tiny"]
-    assert eq["worst_relative_l2"] == 0.0 and eq["captured"] is False  # eager vs eager on the CPU: identical
+    eq = json.loads((tmp_path / "graph_equivalence.json").read_text())["results"]
+    for row in (eq["tiny"], eq["tiny packed"]):  # eager vs eager on the CPU: identical
+        assert row["worst_relative_l2"] == 0.0 and row["captured"] is False, row
     prof = json.loads((tmp_path / "profile_tiny.json").read_text())["results"]
     assert set(prof) == {"reference", "fast"} and all(r["top_kernels"] for r in prof.values())
     assert (tmp_path / "profile_tiny.txt").read_text().startswith("## reference")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import booster_fast as bf
-from booster_fast.batches import check_right_padded
+from booster_fast.batches import check_right_padded, to_device
 from booster_fast.graphs import MAX_GRAPHS, WARMUP, CaptureInvalidated, StepGraphs
+from booster_fast.packing import pack
 
 from test_fast import builtin_batches, lora_state, worst_relative_error, SEED
 
@@ -66,7 +67,7 @@ def _fake_cuda(monkeypatch, sync_on_watch=None, capture_error=None):
         events.append("capture")
         if capture_error is not None:
             raise capture_error
-        static_in = tuple({k: v.clone() for k, v in b.items()} for b in batches)
+        static_in = tuple({k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches)
         out = fn(*static_in)
         keys = list(out)
         static_out = torch.stack([out[k].float().reshape(()) for k in keys])
@@ -242,6 +243,50 @@ def test_fast_step_keys_its_graph_on_the_learning_rate():
     lr = engine.optimizer.param_groups[0]["lr"]
     assert kinds[0][0] == kinds[1][0] == "booster" and kinds[2][0] == "sft"
     assert kinds[0] != kinds[1] and kinds[0][1] == 2 * lr and kinds[1][1] == kinds[2][1] == lr
+
+
+def test_packed_batches_get_a_graph_per_length_and_replay_the_eager_step(monkeypatch):
+    """Packed batches come in a few bucketed lengths: each (harmful, alignment) length pair gets its own warm-up
+    and capture, keyed on the shapes and on max_seqlen, and the replays give the eager step's weights."""
+    events = _fake_cuda(monkeypatch)
+    _, tok = bf.load_model("tiny", device="cpu")
+    (a, h), = builtin_batches(tok, 1, batch_size=4, max_length=160)
+    first = pack(a), pack(h)
+    second = pack({k: v[:2] for k, v in a.items()}), pack(h)  # half the alignment rows: another packed length
+    assert first[0]["input_ids"].shape != second[0]["input_ids"].shape
+    schedule = [first, second] * (WARMUP + 2)
+    graphed, _, gb = tiny_booster("cpu", graphs="off", merge_passes=True)
+    gb.engine.graphs = StepGraphs("on")
+    eager, _, eb = tiny_booster("cpu", graphs="off", merge_passes=True)
+    for a, h in schedule:
+        captures = events.count("capture")
+        og, oe = gb.step(a, h), eb.step(a, h)
+        if events.count("capture") > captures:  # the CPU stand-in's capture ran the step once more
+            eb.step(a, h)
+    assert events.count("capture") == 2 and len(gb.engine.graphs._graphs) == 2
+    assert all(("max_seqlen", 160) in sig for key in gb.engine.graphs._graphs for sig in key[1:])
+    err, name = worst_relative_error(lora_state(graphed), lora_state(eager))
+    assert err <= 1e-6, f"replays of packed steps differ from eager steps at {name} by {err:.3g}"
+    torch.testing.assert_close(og["loss"], oe["loss"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_replays_equal_eager_steps_on_packed_batches(dtype):
+    """Packed batches on CUDA (bf16: flash's variable-length kernel; fp32: the segment grid), captured."""
+    _, tok = bf.load_model("tiny", device="cpu")
+    pairs = [tuple(to_device(pack(b), "cuda") for b in p) for p in builtin_batches(tok, 8, max_length=160)]
+    boosters = {}
+    for graphs in ("on", "off"):
+        model, _ = bf.load_model("tiny", dtype=dtype, seed=SEED, device="cuda")
+        torch.manual_seed(SEED)
+        model = bf.add_lora(model, r=8, alpha=16)
+        boosters[graphs] = model, bf.Booster(model, bf.BoosterConfig(graphs=graphs, merge_passes=True))
+    for a, h in pairs + pairs:
+        og, oe = boosters["on"][1].step(a, h), boosters["off"][1].step(a, h)
+    assert boosters["on"][1].engine.graphs.replays, "no step was replayed"
+    err, name = worst_relative_error(lora_state(boosters["on"][0]), lora_state(boosters["off"][0]))
+    assert err <= 1e-5, f"{dtype}: packed graph replays differ from eager steps at {name} by {err:.3g}"
 
 
 @pytest.mark.gpu

@@ -1,0 +1,87 @@
+"""Pad-free batches: the real tokens of every row back to back, so the passes compute no pad positions.
+
+A right-padded batch of B rows x L tokens spends B*L positions on every matmul of the model, whatever share of
+them are pads (about 20% in the bench's random batches, more in real alignment data, whose answers are short).
+`pack` lays the real tokens of all rows end to end in one row of P positions instead:
+
+    input_ids     [1, P]   row 0's tokens, row 1's tokens, ..., then a filler segment
+    position_ids  [1, P]   0..n_i-1 within each row (RoPE sees the positions the padded batch had)
+    targets       [1, P]   the next-token label of each position, shifted within its row (-100 at a row's last
+                           token and in the filler), so the loss needs no shift and never crosses rows
+    cu_seqlens    [B + 2]  int32 segment starts: 0, n_0, n_0+n_1, ..., T, P (the filler is a segment of its own)
+    max_seqlen    int      an upper bound on every segment's length (static: max(L, the bucket size))
+
+Attention runs per segment (attention.py: flash's variable-length kernel on CUDA, else an exact scatter into
+[segments, max_seqlen] and causal SDPA), so tokens never see another row: every logit, loss and gradient is the
+padded batch's, up to floating-point summation order.
+
+Buckets. CUDA graphs need static shapes, so P is the real-token count plus one, rounded up to a multiple of
+1/BUCKETS of the padded size (and of 64, for tensor-core tiles): a batch keeps at most ~1/BUCKETS of its padded
+positions as filler, and a run meets only a handful of distinct P (one graph each). A batch without pads packs
+to its padded size, with an empty filler segment (empty segments, like empty rows, attend to nothing).
+
+Packing happens on the host, from the CPU batch (`Booster.to_device` for the fast engine): the lengths are
+known there for free, where on the device they would cost a host sync per step.
+"""
+from __future__ import annotations
+
+import torch
+
+from .batches import left_padded
+
+IGNORE_INDEX = -100
+BUCKETS = 8
+TILE = 64
+PACKED_KEYS = ("input_ids", "position_ids", "targets", "cu_seqlens", "max_seqlen")
+
+
+def is_packed(batch: dict) -> bool:
+    return "cu_seqlens" in batch
+
+
+def bucket_size(rows: int, length: int) -> int:
+    """The step between packed lengths for batches of rows x length: 1/BUCKETS of the padded size, in TILEs."""
+    return -(-rows * length // (BUCKETS * TILE)) * TILE
+
+
+def pack(batch: dict) -> dict:
+    """The pad-free form of a right-padded CPU batch (see the module docstring). Raises ValueError for a batch it
+    cannot pack exactly: left padding, or a label on a pad position."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    if ids.device.type != "cpu":
+        raise ValueError("pack() takes the batch on the CPU, before it moves to the device")
+    rows, length = ids.shape
+    mask = batch.get("attention_mask")
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    if mask is not None and bool(left_padded(mask)):
+        raise ValueError("packing needs right-padded batches (attention_mask rows of ones, then zeros)")
+    if bool(((labels != IGNORE_INDEX) & ~real).any()):
+        raise ValueError("a pad position carries a label: pads must have label -100")
+    lengths = real.sum(1)
+    total = int(lengths.sum())
+    step = bucket_size(rows, length)
+    size = max(-(-total // step) * step, step)
+    fill = size - total
+
+    # the label of position j is labels[j + 1] of the same row; a row's last real token gets the -100 of the pad
+    # after it (or of the column appended here, for a full row)
+    shifted = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], 1)
+    positions = torch.arange(length).expand(rows, length)
+    cu = torch.zeros(rows + 2, dtype=torch.int32)
+    cu[1:-1] = lengths.cumsum(0)
+    cu[-1] = size
+    return {
+        "input_ids": torch.cat([ids[real], ids.new_zeros(fill)])[None],
+        "position_ids": torch.cat([positions[real], torch.arange(fill)])[None],
+        "targets": torch.cat([shifted[real], labels.new_full((fill,), IGNORE_INDEX)])[None],
+        "cu_seqlens": cu,
+        "max_seqlen": max(length, step),
+    }
+
+
+def concat_packed(a: dict, b: dict) -> dict:
+    """Two packed batches as one (a's segments first): the merged pass over [harmful ; alignment]."""
+    out = {k: torch.cat([a[k], b[k]], 1) for k in ("input_ids", "position_ids", "targets")}
+    out["cu_seqlens"] = torch.cat([a["cu_seqlens"], b["cu_seqlens"][1:] + a["input_ids"].shape[1]])
+    out["max_seqlen"] = max(a["max_seqlen"], b["max_seqlen"])
+    return out

@@ -1,0 +1,243 @@
+"""Packed (pad-free) batches: the layout, the per-segment attention against a float64 reference, and the fast
+step on packed batches against the reference on padded ones."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import booster_fast as bf
+from booster_fast.attention import segment_attention, varlen_attention_forward
+from booster_fast.batches import micro_batches, to_device
+from booster_fast.models import enable_gradient_checkpointing
+from booster_fast.opcount import count_ops
+from booster_fast.packing import bucket_size, concat_packed, pack
+
+from test_fast import SEED, builtin_batches, first_update, make_model, relative
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def ragged_batch(lengths, width, vocab=1000, seed=0):
+    """Right-padded random tokens with the given real lengths; the first third of each row is an unlabelled prompt."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.tensor(lengths)[:, None]
+    pos = torch.arange(width).expand(len(lengths), width)
+    real = pos < n
+    ids = torch.randint(1, vocab, (len(lengths), width), generator=g).masked_fill(~real, 0)
+    labels = ids.masked_fill(~real | (pos < n // 3), -100)
+    return {"input_ids": ids, "labels": labels, "attention_mask": real.long()}
+
+
+def test_pack_layout():
+    lengths = [37, 0, 53, 53, 11]  # an empty row and a full one among irregular lengths
+    batch = ragged_batch(lengths, 53)
+    p = pack(batch)
+    total, size = sum(lengths), p["input_ids"].shape[1]
+    step = bucket_size(5, 53)
+    assert size % step == 0 and total < size < total + step, "the packed length is not the next bucket"
+    assert p["cu_seqlens"].dtype == torch.int32
+    assert p["cu_seqlens"].tolist() == [0, 37, 37, 90, 143, 154, size]
+    assert p["max_seqlen"] == max(53, step)
+    start = 0
+    for row, n in enumerate(lengths):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        seg = slice(start, start + n)
+        assert torch.equal(p["input_ids"][0, seg], ids[:n])
+        assert torch.equal(p["position_ids"][0, seg], torch.arange(n))
+        # position j predicts token j + 1 of its own row; the row's last token predicts nothing
+        want = torch.cat([labels[1:n], torch.tensor([-100])])[:n]
+        assert torch.equal(p["targets"][0, seg], want), f"row {row}: targets are not the labels shifted in-row"
+        start += n
+    assert (p["targets"][0, total:] == -100).all() and torch.equal(p["position_ids"][0, total:],
+                                                                   torch.arange(size - total))
+    assert int((p["targets"] != -100).sum()) == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def test_a_batch_without_pads_packs_to_its_padded_size():
+    batch = ragged_batch([64] * 8, 64)
+    p = pack(batch)
+    assert p["input_ids"].shape == (1, 512) and p["cu_seqlens"][-2:].tolist() == [512, 512], \
+        "a full batch should need no filler"
+    assert torch.equal(p["input_ids"][0], batch["input_ids"].flatten())
+
+
+def test_pack_refuses_what_it_cannot_pack_exactly():
+    batch = ragged_batch([5, 8], 8)
+    with pytest.raises(ValueError, match="right-padded"):
+        pack({k: v.flip(1) for k, v in batch.items()})
+    labelled_pad = dict(batch, labels=batch["labels"].clone())
+    labelled_pad["labels"][0, 6] = 3
+    with pytest.raises(ValueError, match="pad position carries a label"):
+        pack(labelled_pad)
+    with pytest.raises(ValueError, match="micro-batches"):
+        micro_batches(pack(batch), 2)
+
+
+def test_concat_packed_offsets_the_second_batch():
+    a, b = pack(ragged_batch([5, 9], 9, seed=1)), pack(ragged_batch([3, 7, 2], 7, seed=2))
+    both = concat_packed(a, b)
+    n = a["input_ids"].shape[1]
+    assert torch.equal(both["cu_seqlens"], torch.cat([a["cu_seqlens"], b["cu_seqlens"][1:] + n]))
+    assert torch.equal(both["targets"], torch.cat([a["targets"], b["targets"]], 1))
+    assert both["max_seqlen"] == max(a["max_seqlen"], b["max_seqlen"])
+
+
+def per_segment_reference(q, k, v, cu, scale):
+    """float64 causal attention run separately on each segment (GQA by repeating the kv heads)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    out = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if e > s:
+            qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))
+            out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])
+def test_segment_attention_matches_per_segment_float64(heads, kv_heads):
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 17, 17, 60, 61, 97], dtype=torch.int32)  # an empty and a one-token segment
+    tokens, dim = 97, 24
+    q = torch.randn(tokens, heads, dim, generator=g, requires_grad=True)
+    k = torch.randn(tokens, kv_heads, dim, generator=g, requires_grad=True)
+    v = torch.randn(tokens, kv_heads, dim, generator=g, requires_grad=True)
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out = segment_attention(q, k, v, cu, 43, scale=0.3)
+    want = per_segment_reference(*exact, cu, 0.3)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.autograd.grad(want, exact, grad.double())
+    for name, a, b in zip("qkv", got, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    _, tok = bf.load_model("tiny", device="cpu")
+    (b,) = builtin_batches(tok, 1, batch_size=8, max_length=160)  # ~60% real tokens: packing shrinks them
+    assert all(pack(x)["input_ids"].numel() < x["input_ids"].numel() for x in b), "packing would prove nothing"
+    return b
+
+
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("meta", [True, False])
+def test_packed_fast_step_gives_the_reference_gradient(batch, merge, meta):
+    """The combined gradient the optimizer receives, on packed batches, equals the reference's on padded ones
+    (fp32 summation order only), and so do the logged losses."""
+    ref = first_update("reference", batch, meta_term=meta)
+    booster = bf.Booster(make_model()[0], bf.BoosterConfig(packing=True, merge_passes=merge, meta_term=meta))
+    assert booster.engine.pack
+    packed = tuple(pack(b) for b in batch)
+    fast = first_update("fast", packed, packing=True, merge_passes=merge, meta_term=meta)
+    assert ref.norm() > 0
+    err = relative(fast[:ref.numel()], ref)
+    assert err <= 1e-5, f"merge={merge} meta={meta}: packed gradient differs from the reference by {err:.3g}"
+    out_ref = bf.Booster(make_model()[0], bf.BoosterConfig(impl="reference", meta_term=meta)).step(*batch)
+    out = bf.Booster(make_model()[0], bf.BoosterConfig(packing=True, merge_passes=merge, meta_term=meta)).step(*packed)
+    for key in ("loss", "harmful_loss", "harmful_grad_norm") + (("harmful_loss_perturbed",) if meta else ()):
+        torch.testing.assert_close(out[key], out_ref[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_packed_grad_accumulation_is_exact(batch):
+    """With grad_accum > 1, to_device packs each micro-batch; the update equals one packed batch."""
+    four = bf.Booster(make_model()[0], bf.BoosterConfig(packing=True, grad_accum=4))
+    lists = tuple(four.to_device(b, "cpu") for b in batch)
+    assert all(isinstance(x, list) and len(x) == 4 for x in lists)
+    assert any("cu_seqlens" in m for x in lists for m in x), "no micro-batch was packed: the test proves nothing"
+    g1 = first_update("fast", tuple(pack(b) for b in batch), packing=True)
+    g4 = first_update("fast", lists, packing=True, grad_accum=4)
+    assert relative(g4, g1) <= 1e-5, f"4 packed micro-batches differ from one packed batch by {relative(g4, g1):.3g}"
+
+
+@pytest.mark.parametrize("quant, checkpointing", [("none", True), ("nf4", False)])
+def test_packed_step_matches_padded_and_reads_nothing_back(batch, quant, checkpointing):
+    """NF4 and gradient checkpointing (whose recompute must see the segments again): the packed step gives the
+    padded step's gradient, and no op of it reads a value back to the host."""
+    grads = {}
+    for packing in (False, True):
+        model, _ = bf.load_model("tiny", quant=quant, seed=SEED, device="cpu")
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        torch.manual_seed(SEED)
+        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(packing=packing, merge_passes=True))
+        a, h = (pack(b) if packing else booster.to_device(b, "cpu") for b in batch)
+        spy, seen = booster.engine._clip_and_update, []
+        booster.engine._clip_and_update = lambda: (seen.append(booster.engine.flat.G_f.clone()), spy())[1]
+        booster.step(a, h)
+        grads[packing] = seen[0]
+        if packing:
+            booster.engine._clip_and_update = spy
+            for fn, args in ((booster.step, (a, h)), (booster.sft_step, (a,))):
+                syncs = count_ops(fn, *args)["host_syncs"]
+                assert not syncs, f"packed {fn.__name__} reads back to the host: {syncs}"
+    tol = 1e-5 if quant == "none" else 2e-2  # NF4 computes in bf16: other sums, other roundings
+    err = relative(grads[True], grads[False])
+    assert err <= tol, f"{quant} checkpointing={checkpointing}: packed differs from padded by {err:.3g}"
+
+
+def test_packing_default_and_unsupported_models(caplog):
+    booster = bf.Booster(make_model()[0], bf.BoosterConfig())
+    assert booster.engine.pack, "packing is measured to pay on the CPU too"
+    assert "cu_seqlens" in booster.to_device(ragged_batch([40, 7, 64], 64), "cpu")
+    full = booster.to_device(ragged_batch([64] * 8, 64), "cpu")
+    assert "cu_seqlens" not in full and "attention_mask" not in full, \
+        "a batch that packing does not shrink goes padded, without its mask"
+    windowed = make_model(sliding_window=16)[0]
+    with pytest.raises(ValueError, match="sliding-window"):
+        bf.Booster(windowed, bf.BoosterConfig(packing=True))
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert not bf.Booster(windowed, bf.BoosterConfig()).engine.pack
+    assert "packing off: the model uses sliding-window attention" in caplog.text
+    reference = bf.Booster(make_model()[0], bf.BoosterConfig(impl="reference", packing=True))
+    assert "attention_mask" in reference.to_device(ragged_batch([3, 5], 5), "cpu"), "the reference never packs"
+
+
+def test_varlen_attention_takes_one_row():
+    q = torch.randn(2, 4, 8, 16)
+    with pytest.raises(ValueError, match="one row"):
+        varlen_attention_forward(None, q, q, q, cu_seq_lens_q=torch.tensor([0, 8], dtype=torch.int32),
+                                 max_length_q=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
+def test_flash_varlen_matches_segment_grid_on_cuda(heads, kv_heads):
+    """On CUDA in bf16 the packed attention runs flash's variable-length kernel: it must agree with the exact
+    grid path (float32 inputs upcast) within bf16 rounding, values and gradients."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    cu = torch.tensor([0, 100, 100, 357, 358, 611], dtype=torch.int32, device="cuda")
+    tokens, dim = 611, 64
+    q = torch.randn(1, heads, tokens, dim, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, kv_heads, tokens, dim, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, kv_heads, tokens, dim, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, _ = varlen_attention_forward(None, q, k, v, scaling=dim ** -0.5, cu_seq_lens_q=cu, max_length_q=257)
+    want = segment_attention(*(x.float()[0].transpose(0, 1) for x in (q, k, v)), cu, 257, scale=dim ** -0.5)
+    torch.testing.assert_close(out[0].float(), want, rtol=2e-2, atol=2e-2)
+    grad = torch.randn(out.shape, generator=g, device="cuda", dtype=torch.bfloat16)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.autograd.grad(want, (q, k, v), grad[0].float())
+    for name, a, b in zip("qkv", got, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.gpu
+def test_packed_step_matches_padded_on_cuda(batch):
+    """On CUDA an fp32 model's packed batches take the grid path, a bf16 model's flash's variable-length kernel:
+    both give the padded step's gradient within their precision."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        grads = {}
+        for packing in (False, True):
+            model, _ = bf.load_model("tiny", dtype=dtype, seed=SEED, device="cuda")
+            torch.manual_seed(SEED)
+            booster = bf.Booster(bf.add_lora(model, r=8, alpha=16),
+                                 bf.BoosterConfig(packing=packing, graphs="off", merge_passes=True))
+            a, h = (to_device(pack(b) if packing else b, "cuda", drop_mask=not packing) for b in batch)
+            spy, seen = booster.engine._clip_and_update, []
+            booster.engine._clip_and_update = lambda: (seen.append(booster.engine.flat.G_f.clone()), spy())[1]
+            booster.step(a, h)
+            grads[packing] = seen[0]
+        err = relative(grads[True], grads[False])
+        assert err <= tol, f"{dtype}: packed differs from padded by {err:.3g} on CUDA"
