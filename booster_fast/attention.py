@@ -23,8 +23,10 @@ gathered back: exact, device-side, but it computes the grid's empty slots too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ CAUSAL_SDPA = "booster_causal_sdpa"
 VARLEN = "booster_varlen"
 _registered = False
 _logged: set[str] = set()
+_flash_failed: str | None = None  # why flash's kernel failed at run time, once: the grid path from then on
 
 
 def _register():
@@ -47,24 +50,62 @@ def _register():
         _registered = True
 
 
+@functools.lru_cache(maxsize=1)
 def _flash_varlen():
-    """torch's variable-length flash attention and the keyword that makes it causal, or (None, why not)."""
+    """(torch's variable-length flash attention, the names of its parameters, the keyword that makes it causal),
+    or (None, None, why not). The API moved between releases: torch 2.10 takes `is_causal` (and no `scale`),
+    later ones a `window_size`, `scale` and `enable_gqa`."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None, "this torch has no torch.nn.attention.varlen"
-    params = inspect.signature(varlen_attn).parameters
-    if "is_causal" in params:  # the first releases of the API
-        return varlen_attn, {"is_causal": True}
-    if "window_size" in params:  # later ones: causal = a window of (all before, none after)
-        return varlen_attn, {"window_size": (-1, 0)}
-    return None, "torch.nn.attention.varlen.varlen_attn takes no causal flag"
+        return None, None, "this torch has no torch.nn.attention.varlen"
+    params = frozenset(inspect.signature(varlen_attn).parameters)
+    if "is_causal" in params:
+        return varlen_attn, params, {"is_causal": True}
+    if "window_size" in params:  # causal = a window of (all before, none after)
+        return varlen_attn, params, {"window_size": (-1, 0)}
+    return None, None, "torch.nn.attention.varlen.varlen_attn takes no causal flag"
+
+
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _flash(q, k, v, cu, max_seqlen: int, scaling, dropout: float):
+    """Flash's variable-length kernel on q [P, H, D], k/v [P, H_kv, D], or (None, why it cannot run here)."""
+    global _flash_failed
+    flash, params, causal = _flash_varlen()
+    why = (causal if flash is None else _flash_failed if _flash_failed else "not a CUDA tensor" if not _on_cuda(q)
+           else f"{q.dtype} (it needs bf16 or fp16)" if q.dtype not in (torch.bfloat16, torch.float16)
+           else "attention dropout" if dropout else None)
+    kwargs = dict(causal) if why is None else {}
+    if why is None and scaling is not None:
+        if "scale" in params:
+            kwargs["scale"] = scaling
+        elif not math.isclose(scaling, q.shape[-1] ** -0.5, rel_tol=1e-6):
+            why = "this torch's varlen_attn takes no scale, and the model's is not 1/sqrt(head_dim)"
+    if why is not None:
+        return None, why
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # grouped-query heads without the API's help: repeat the kv heads
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    try:
+        return flash(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen, **kwargs), None
+    except RuntimeError as e:  # e.g. a build without these kernels; found in the eager warm-up, before any capture
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        _flash_failed = f"flash varlen failed: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+        return None, _flash_failed
 
 
 def _log_once(msg: str, *args):
-    if msg not in _logged:
-        _logged.add(msg)
-        log.info(msg, *args)
+    text = msg % args
+    if text not in _logged:
+        _logged.add(text)
+        log.info(text)
 
 
 def segment_attention(q, k, v, cu_seqlens, max_seqlen: int, scale=None, dropout: float = 0.0):
@@ -96,23 +137,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     if query.shape[0] != 1:
         raise ValueError(f"packed attention takes one row of packed tokens, got {query.shape[0]} rows")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [P, H, D]
-    flash, how = _flash_varlen()
-    why = (how if flash is None else "not a CUDA tensor" if not q.is_cuda
-           else f"{q.dtype} (flash needs bf16 or fp16)" if q.dtype not in (torch.bfloat16, torch.float16)
-           else "attention dropout" if dropout else None)
-    if why is None:
-        if k.shape[1] != q.shape[1] and "enable_gqa" in inspect.signature(flash).parameters:
-            how = {**how, "enable_gqa": True}
-        elif k.shape[1] != q.shape[1]:  # an older API without grouped-query attention: repeat the kv heads
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        out = flash(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen, scale=scaling,
-                    **how)
-        _log_once("packed attention: flash variable-length kernel")
-    else:
-        if q.is_cuda:
+    out, why = _flash(q, k, v, cu, max_seqlen, scaling, dropout)
+    if out is None:
+        if _on_cuda(q):
             _log_once("packed attention: no flash variable-length kernel (%s); segment grid + SDPA instead", why)
         out = segment_attention(q, k, v, cu, max_seqlen, scale=scaling, dropout=dropout)
+    else:
+        _log_once("packed attention: flash variable-length kernel")
     return out[None], None
 
 

@@ -202,6 +202,74 @@ def test_varlen_attention_takes_one_row():
                                  max_length_q=8)
 
 
+def _fake_flash_apis():
+    """Stand-ins for the two shapes torch's varlen_attn has had (2.10: is_causal and no scale; later: window_size,
+    scale, enable_gqa), computing with the exact grid path, recording what they were called with."""
+    calls = []
+
+    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+        calls.append({"is_causal": is_causal, "kv_heads": key.shape[1]})
+        assert is_causal
+        return segment_attention(query.float(), key.float(), value.float(), cu_seq_q, max_q).to(query.dtype)
+
+    def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+            window_size=(-1, -1), enable_gqa=False):
+        calls.append({"window_size": window_size, "scale": scale, "enable_gqa": enable_gqa})
+        assert window_size == (-1, 0) and enable_gqa == (key.shape[1] != query.shape[1])
+        return segment_attention(query.float(), key.float(), value.float(), cu_seq_q, max_q,
+                                 scale=scale).to(query.dtype)
+
+    return old, new, calls
+
+
+@pytest.mark.parametrize("api", ["old", "new"])
+def test_flash_varlen_is_called_the_way_each_torch_takes_it(monkeypatch, caplog, api):
+    """The packed attention finds flash's variable-length kernel whichever shape its API has, falls back to the
+    grid (one log line) where the kernel cannot compute the model's attention, and after a run-time failure."""
+    from booster_fast import attention
+
+    old, new, calls = _fake_flash_apis()
+    fake = {"old": old, "new": new}[api]
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake)
+    attention._flash_varlen.cache_clear()
+    monkeypatch.setattr(attention, "_flash_failed", None)
+    monkeypatch.setattr(attention, "_logged", set())
+    monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
+    g = torch.Generator().manual_seed(9)
+    cu = torch.tensor([0, 30, 31, 70], dtype=torch.int32)
+    q = torch.randn(1, 4, 70, 16, generator=g).bfloat16()
+    kv = torch.randn(1, 2, 70, 16, generator=g).bfloat16()
+    want = segment_attention(q[0].transpose(0, 1).float(), kv[0].transpose(0, 1).float(),
+                             kv[0].transpose(0, 1).float(), cu, 40)
+    try:
+        with caplog.at_level(logging.INFO, logger="booster_fast"):
+            out, _ = varlen_attention_forward(None, q, kv, kv, scaling=0.25, cu_seq_lens_q=cu, max_length_q=40)
+            assert len(calls) == 1, "flash was not used for a bf16 batch with the default scale"
+            torch.testing.assert_close(out[0].float(), want, rtol=2e-2, atol=2e-2)
+            varlen_attention_forward(None, q.float(), kv.float(), kv.float(), scaling=0.25, cu_seq_lens_q=cu,
+                                     max_length_q=40)
+            assert len(calls) == 1, "flash was called with fp32 inputs"
+            varlen_attention_forward(None, q, kv, kv, scaling=0.1, cu_seq_lens_q=cu, max_length_q=40)
+            assert len(calls) == (1 if api == "old" else 2), "a scale the API cannot take reached it"
+
+            def broken(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+                raise RuntimeError("no kernel image is available for execution on the device\nmore")
+            monkeypatch.setattr(varlen, "varlen_attn", broken)
+            attention._flash_varlen.cache_clear()
+            for _ in range(2):
+                out, _ = varlen_attention_forward(None, q, kv, kv, scaling=0.25, cu_seq_lens_q=cu, max_length_q=40)
+                torch.testing.assert_close(out[0].float(), want, rtol=2e-2, atol=2e-2)
+    finally:
+        attention._flash_varlen.cache_clear()
+    assert "packed attention: flash variable-length kernel" in caplog.text
+    assert "no flash variable-length kernel (torch.float32 (it needs bf16 or fp16))" in caplog.text
+    if api == "old":
+        assert "takes no scale" in caplog.text
+    assert caplog.text.count("flash varlen failed: no kernel image is available for execution on the device") == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
 def test_flash_varlen_matches_segment_grid_on_cuda(heads, kv_heads):
