@@ -33,9 +33,10 @@ How it fits into the Trainer. The Trainer's loop does, per update: `training_ste
   loader. FSDP, DeepSpeed, fp16 loss scaling, DataParallel and `torch_compile` are rejected with one line.
 - Logging: `harmful_loss`, `harmful_loss_perturbed` and `harmful_grad_norm` are accumulated on the device
   and averaged into the Trainer's own log records (the engine reads nothing back; the Trainer syncs at log
-  time). With the fast engine, right-padded batches lose their attention mask (one host read per update
-  checks the padding), as `Booster.to_device` prepares them; left-padded ones keep it. CUDA graphs are off:
-  the Trainer steps the optimizer outside the engine.
+  time). With the fast engine, an update's right-padded micro-batches are packed without pads, or lose their
+  attention mask where packing would not shrink them, as `Booster.to_device` prepares them (one host read per
+  update: the micro-batches are copied to the host, checked and packed there); left-padded ones, and any with
+  a labelled pad, keep their mask. CUDA graphs are off: the Trainer steps the optimizer outside the engine.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .batches import left_padded, without_mask
+from .batches import left_padded, to_device, without_mask
 from .config import IMPLS, BoosterConfig
 
 BOOSTER_METRICS = ("harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm")
@@ -64,6 +65,7 @@ class BoosterTrainingArguments(TrainingArguments):
     )
     booster_impl: str = field(default="fast", metadata={"help": BoosterConfig.help()["impl"]})
     merge_passes: bool | None = field(default=None, metadata={"help": BoosterConfig.help()["merge_passes"]})
+    packing: bool | None = field(default=None, metadata={"help": BoosterConfig.help()["packing"]})
     meta_term: bool = field(default=True, metadata={"help": BoosterConfig.help()["meta_term"]})
 
     def __post_init__(self):
@@ -106,6 +108,18 @@ def build_engine(model, cfg: BoosterConfig):
 
 def _model_batch(inputs) -> dict:
     return {k: inputs[k] for k in MODEL_KEYS if k in inputs}
+
+
+def _packed_if_exact(groups, device):
+    """The micro-batches packed without pads (or without their masks, where packing would not shrink them), as
+    `Booster.to_device` prepares them, when every one is right-padded with unlabelled pads; else unchanged. The
+    micro-batches are copied to the host for that: one host read per update."""
+    host = [[{k: v.cpu() for k, v in b.items()} for b in g] for g in groups]  # a host sync, once per update
+    for b in (b for g in host for b in g):
+        mask = b.get("attention_mask")
+        if mask is not None and (bool(left_padded(mask)) or bool(((b["labels"] != -100) & (mask == 0)).any())):
+            return groups
+    return tuple([to_device(b, device, pack=True) for b in g] for g in host)
 
 
 def _without_masks_if_right_padded(*groups):
@@ -220,6 +234,7 @@ class BoosterTrainer(Trainer):
                              betas=(a.adam_beta1, a.adam_beta2), adam_eps=a.adam_epsilon,
                              max_grad_norm=0.0,        # the Trainer clips, once, on the combined gradient
                              impl=getattr(a, "booster_impl", "fast"), merge_passes=getattr(a, "merge_passes", None),
+                             packing=getattr(a, "packing", None),
                              meta_term=getattr(a, "meta_term", True),
                              grad_accum=1,             # micro-batches arrive as lists (see training_step)
                              skip_nonfinite=False, graphs="off")
@@ -249,7 +264,10 @@ class BoosterTrainer(Trainer):
         align, harmful = self._align_micro, self._harmful_micro
         self._align_micro, self._harmful_micro = [], []
         if getattr(self.engine, "flat", None) is not None:  # the fast engine (as in _rebind_flat_storage)
-            align, harmful = _without_masks_if_right_padded(align, harmful)
+            if self.engine.pack:
+                align, harmful = _packed_if_exact((align, harmful), self.args.device)
+            else:
+                align, harmful = _without_masks_if_right_padded(align, harmful)
         with self.compute_loss_context_manager():
             out = self.engine.step(align, harmful)
         values = torch.stack([out[k].detach().float().reshape(()) for k in BOOSTER_METRICS])
