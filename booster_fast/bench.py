@@ -441,6 +441,8 @@ def run_bench(args) -> int:
             "ops_per_step": ops["total"], "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
             "host_syncs_per_step": sum(ops["host_syncs"].values()),
             "ratio_to_sft": None, "cuda_graphs": graphs_captured(booster.engine),
+            "packed_share": round(statistics.mean("cu_seqlens" in b for p in timed for b in p), 3),
+            "positions_per_step": round(statistics.mean(model_flops(name, args, 1, p) / 6 for p in timed)),
             "mfu": round(flops / (ms / 1e3) / (rate * 1e12), 4) if rate else None}
     ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))
     for r in results.values():

@@ -11,7 +11,8 @@ from booster_fast.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {"step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ops_per_step",
-               "bookkeeping_ops", "host_syncs_per_step", "ratio_to_sft", "cuda_graphs", "mfu"}
+               "bookkeeping_ops", "host_syncs_per_step", "ratio_to_sft", "cuda_graphs", "mfu", "packed_share",
+               "positions_per_step"}
 
 
 def _is_number(v) -> bool:
@@ -21,20 +22,21 @@ def _is_number(v) -> bool:
 def test_bench_json_smoke(capsys, tmp_path):
     out_file = tmp_path / "res" / "cpu.json"
     rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
-               "--max-length", "40", "--lora-r", "4",
-               "--impls", "reference,fast,sft,fast-graphs", "--json", "--output", str(out_file)])
+               "--max-length", "160", "--lora-r", "4",
+               "--impls", "reference,fast,sft,fast-graphs,fast-padded", "--json", "--output", str(out_file)])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(doc) == {"machine", "config", "results", "speedup"}
     assert doc == json.loads(out_file.read_text())  # --output holds the same document
     assert doc["machine"]["gpu"] is None and doc["machine"]["torch"] == torch.__version__
-    assert doc["config"]["steps"] == 2 and doc["config"]["impls"] == ["reference", "fast", "sft", "fast-graphs"]
+    assert doc["config"]["steps"] == 2 and doc["config"]["impls"] == ["reference", "fast", "sft", "fast-graphs",
+                                                                      "fast-padded"]
     assert "tokens_per_s_counts" in doc["config"]
 
     res = doc["results"]
-    assert set(res) == {"reference", "fast", "sft", "fast-graphs"}
+    assert set(res) == {"reference", "fast", "sft", "fast-graphs", "fast-padded"}
     assert set(res["fast-graphs"]) == {"skipped"} and "CUDA" in res["fast-graphs"]["skipped"]
-    for name in ("reference", "fast", "sft"):
+    for name in ("reference", "fast", "sft", "fast-padded"):
         r = res[name]
         assert set(r) == RESULT_KEYS, name
         for key in ("step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ratio_to_sft"):
@@ -44,6 +46,11 @@ def test_bench_json_smoke(capsys, tmp_path):
         assert r["mfu"] is None and r["cuda_graphs"] is False  # CPU
     assert isinstance(res["fast"]["bookkeeping_ops"], int) and res["reference"]["bookkeeping_ops"] is None
     assert res["sft"]["ratio_to_sft"] == 1.0
+    # fast packs its batches (the built-in rows fill ~60% of 160 tokens), fast-padded and the reference do not
+    assert res["fast"]["packed_share"] > 0
+    assert res["fast-padded"]["packed_share"] == res["reference"]["packed_share"] == 0
+    assert res["fast"]["positions_per_step"] < res["fast-padded"]["positions_per_step"] == \
+        res["reference"]["positions_per_step"] == 3 * 2 * 160
     assert res["fast"]["ops_per_step"] < res["reference"]["ops_per_step"]
     # the fast entry gets unmasked batches and reads nothing back; the reference (masked, as the original) does
     assert res["fast"]["host_syncs_per_step"] == 0 and res["reference"]["host_syncs_per_step"] > 0
