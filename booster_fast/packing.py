@@ -8,8 +8,9 @@ them are pads (about 20% in the bench's random batches, more in real alignment d
     position_ids  [1, P]   0..n_i-1 within each row (RoPE sees the positions the padded batch had)
     targets       [1, P]   the next-token label of each position, shifted within its row (-100 at a row's last
                            token and in the filler), so the loss needs no shift and never crosses rows
-    cu_seqlens    [B + 2]  int32 segment starts: 0, n_0, n_0+n_1, ..., T, P (the filler is a segment of its own)
-    max_seqlen    int      an upper bound on every segment's length (static: max(L, the bucket size))
+    cu_seqlens    [B+F+1]  int32 segment starts: 0, n_0, n_0+n_1, ..., T, ..., P (the filler: F segments of its own,
+                           F fixed per batch shape, each at most L long)
+    max_seqlen    int      L: no segment is longer than a row
 
 Attention runs per segment (attention.py: flash's variable-length kernel on CUDA, else an exact scatter into
 [segments, max_seqlen] and causal SDPA), so tokens never see another row: every logit, loss and gradient is the
@@ -62,20 +63,24 @@ def pack(batch: dict) -> dict:
     step = bucket_size(rows, length)
     size = max(-(-total // step) * step, step)
     fill = size - total
+    # the filler as segments of at most `length` tokens (a fixed number of them per batch shape), so that no
+    # segment is longer than a row and max_seqlen stays the row length
+    chunks = -(-step // length)
+    fill_lengths = (fill - torch.arange(chunks) * length).clamp(0, length)
 
     # the label of position j is labels[j + 1] of the same row; a row's last real token gets the -100 of the pad
     # after it (or of the column appended here, for a full row)
     shifted = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], 1)
     positions = torch.arange(length).expand(rows, length)
-    cu = torch.zeros(rows + 2, dtype=torch.int32)
-    cu[1:-1] = lengths.cumsum(0)
-    cu[-1] = size
+    cu = torch.zeros(rows + chunks + 1, dtype=torch.int32)
+    cu[1:] = torch.cat([lengths, fill_lengths]).cumsum(0)
+    fill_positions = torch.cat([torch.arange(int(n)) for n in fill_lengths])
     return {
         "input_ids": torch.cat([ids[real], ids.new_zeros(fill)])[None],
-        "position_ids": torch.cat([positions[real], torch.arange(fill)])[None],
+        "position_ids": torch.cat([positions[real], fill_positions])[None],
         "targets": torch.cat([shifted[real], labels.new_full((fill,), IGNORE_INDEX)])[None],
         "cu_seqlens": cu,
-        "max_seqlen": max(length, step),
+        "max_seqlen": length,
     }
 
 

@@ -31,6 +31,9 @@ class ReferenceBooster:
     # -- one forward/backward over (possibly several) micro-batches, token-weighted as one big batch --------
     def _forward_backward(self, batch) -> torch.Tensor:
         parts = micro_batches(batch, self.cfg.grad_accum)
+        if any("cu_seqlens" in b for b in parts):
+            raise ValueError("the reference engine takes padded batches, as the original trainer does; packed "
+                             "batches (packing.py) are for the fast engine")
         total = sum(label_count(b) for b in parts).clamp(min=1)
         loss = torch.zeros((), device=self.device)
         for b in parts:

@@ -37,8 +37,12 @@ def test_pack_layout():
     step = bucket_size(5, 53)
     assert size % step == 0 and total < size < total + step, "the packed length is not the next bucket"
     assert p["cu_seqlens"].dtype == torch.int32
-    assert p["cu_seqlens"].tolist() == [0, 37, 37, 90, 143, 154, size]
-    assert p["max_seqlen"] == max(53, step)
+    assert step > 53, "the filler should need more than one segment here"
+    fill = size - total
+    chunks = [min(53, max(0, fill - i * 53)) for i in range(-(-step // 53))]
+    ends = [sum(chunks[:i + 1]) + total for i in range(len(chunks))]
+    assert p["cu_seqlens"].tolist() == [0, 37, 37, 90, 143, 154] + ends and ends[-1] == size
+    assert p["max_seqlen"] == 53
     start = 0
     for row, n in enumerate(lengths):
         ids, labels = batch["input_ids"][row], batch["labels"][row]
@@ -49,8 +53,8 @@ def test_pack_layout():
         want = torch.cat([labels[1:n], torch.tensor([-100])])[:n]
         assert torch.equal(p["targets"][0, seg], want), f"row {row}: targets are not the labels shifted in-row"
         start += n
-    assert (p["targets"][0, total:] == -100).all() and torch.equal(p["position_ids"][0, total:],
-                                                                   torch.arange(size - total))
+    assert (p["targets"][0, total:] == -100).all()
+    assert torch.equal(p["position_ids"][0, total:], torch.cat([torch.arange(n) for n in chunks]))
     assert int((p["targets"] != -100).sum()) == int((batch["labels"][:, 1:] != -100).sum())
 
 
@@ -59,6 +63,7 @@ def test_a_batch_without_pads_packs_to_its_padded_size():
     p = pack(batch)
     assert p["input_ids"].shape == (1, 512) and p["cu_seqlens"][-2:].tolist() == [512, 512], \
         "a full batch should need no filler"
+    assert p["cu_seqlens"].numel() == 8 + 1 + 1
     assert torch.equal(p["input_ids"][0], batch["input_ids"].flatten())
 
 
@@ -192,7 +197,10 @@ def test_packing_default_and_unsupported_models(caplog):
         assert not bf.Booster(windowed, bf.BoosterConfig()).engine.pack
     assert "packing off: the model uses sliding-window attention" in caplog.text
     reference = bf.Booster(make_model()[0], bf.BoosterConfig(impl="reference", packing=True))
-    assert "attention_mask" in reference.to_device(ragged_batch([3, 5], 5), "cpu"), "the reference never packs"
+    batch = ragged_batch([3, 5], 5)
+    assert "attention_mask" in reference.to_device(batch, "cpu"), "the reference never packs"
+    with pytest.raises(ValueError, match="reference engine takes padded batches"):
+        reference.sft_step(pack(batch))
 
 
 def test_varlen_attention_takes_one_row():
