@@ -38,7 +38,10 @@ from .batches import check_right_padded, without_mask
 
 log = logging.getLogger("booster_fast")
 WARMUP = 2
-MAX_GRAPHS = 16  # packed batches meet a few lengths per batch kind: a few (harmful, alignment) pairs
+# Packed batches come in a few bucketed lengths per batch kind (packing.BUCKETS), so a run meets a few dozen
+# (harmful, alignment) length pairs at most, most of them rarely. The graphs share one memory pool, so a graph
+# costs its captured kernel list, not activation memory.
+MAX_GRAPHS = 32
 SYNC_WARNING = "synchronizing CUDA operation"  # the text of torch's sync debug-mode warning
 
 

@@ -31,7 +31,9 @@ import torch
 from .batches import left_padded
 
 IGNORE_INDEX = -100
-BUCKETS = 8
+# 16 buckets: the filler averages 1/32 of the padded positions (3%). A new length costs two eager steps and a
+# capture, which at 7B run at about the speed of a replay: finer buckets are cheap where the compute is.
+BUCKETS = 16
 TILE = 64
 PACKED_KEYS = ("input_ids", "position_ids", "targets", "cu_seqlens", "max_seqlen")
 
