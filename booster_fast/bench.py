@@ -201,9 +201,22 @@ def entry_batches(booster, pairs, device) -> list[tuple]:
     return [(prep(a, device), prep(h, device)) for a, h, _, _ in pairs]
 
 
+def row_lengths(rows: int, length: int, g: torch.Generator) -> torch.Tensor:
+    """Real lengths of `rows` rows: each 60-100% of `length`, together exactly 80% of rows x length. Rows vary,
+    the total does not, so a packed entry meets one packed length (one CUDA graph) in every step, as padded ones
+    do: the timing is the steady state of a run, after each length it meets has been captured."""
+    low = max(2, int(0.6 * length))
+    n = torch.randint(low, length + 1, (rows,), generator=g)
+    target = max(low * rows, min(length * rows, round(0.8 * rows * length)))
+    while (diff := target - int(n.sum())) != 0:  # move the total to the target, a row at a time, within bounds
+        i = int(torch.randint(rows, (1,), generator=g))
+        n[i] = min(length, max(low, int(n[i]) + diff))
+    return n
+
+
 def random_batch(rows: int, length: int, vocab: int, pad_id: int, g: torch.Generator) -> dict:
-    """Right-padded random tokens: 60-100% of each row real (80% on average), the first half of it a prompt."""
-    n = torch.randint(max(2, int(0.6 * length)), length + 1, (rows, 1), generator=g)
+    """Right-padded random tokens (row lengths from `row_lengths`: 80% real), the first half of a row a prompt."""
+    n = row_lengths(rows, length, g)[:, None]
     pos = torch.arange(length).expand(rows, length)
     real = pos < n
     ids = torch.randint(0, vocab, (rows, length), generator=g).masked_fill(~real, pad_id)
@@ -503,7 +516,8 @@ def run_config(args, names, device, n_params, n_lora, rate) -> dict:
     peak = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
     return {**{k: getattr(args, k) for k in knobs}, "device": str(device), "meta_term": not args.no_meta_term,
             "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)), "impls": names,
-            "data": "builtin" if args.model == "tiny" else "random tokens, ~80% real, right-padded",
+            "data": "builtin" if args.model == "tiny" else "random tokens, right-padded, rows 60-100% real, each "
+                                                           "batch 80% real in total",
             "order": "interleaved step by step, first impl rotating each round", "sft_engine": "reference",
             "tokens_per_s_counts": TOKENS_COUNTED,
             "peak_mem_mb_means": f"held tensors + CUDA graph pools + step transient ({peak})",

@@ -265,3 +265,17 @@ def test_gpu_checks_run_on_the_cpu_as_a_smoke_test(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             checks.main(["bandwidth", "--out", str(tmp_path)])
+
+
+def test_random_batches_vary_rows_but_not_the_total():
+    """The shape presets' random batches: rows 60-100% real, exactly 80% in total (one packed length per run)."""
+    from booster_fast.bench import random_batch
+    from booster_fast.packing import pack
+
+    g = torch.Generator().manual_seed(0)
+    batches = [random_batch(10, 256, 32000, 0, g) for _ in range(6)]
+    lengths = torch.stack([b["attention_mask"].sum(1) for b in batches])
+    assert (lengths.sum(1) == 2048).all() and lengths.min() >= 153 and lengths.max() <= 256
+    assert len({tuple(r.tolist()) for r in lengths}) == 6, "the rows do not vary from batch to batch"
+    assert len({pack(b)["input_ids"].shape for b in batches}) == 1
+    assert all(((b["labels"] != -100) <= b["attention_mask"].bool()).all() for b in batches)
