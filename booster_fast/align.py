@@ -329,9 +329,10 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         if path.exists() and path.stat().st_size > metrics_bytes:
             os.truncate(path, metrics_bytes)
         metrics_file = open(path, "ab")
-        log.info("align: %s on %s, %s/%s, %d steps of %d+%d rows x %d tokens%s", args.model, device, args.method,
+        packs = getattr(booster.engine, "pack", False)
+        log.info("align: %s on %s, %s/%s, %d steps of %d+%d rows x %d tokens%s%s", args.model, device, args.method,
                  cfg.impl, steps, args.batch_size, args.harmful_batch_size, args.max_length,
-                 f", resumed at step {start}" + (f" from {last_ckpt}" if last_ckpt else " (no checkpoint yet)")
+                 ", packed without pads" if packs else "", f", resumed at step {start}" + (f" from {last_ckpt}" if last_ckpt else " (no checkpoint yet)")
                  if args.resume else "")
         if cfg.impl == "reference":
             log.info("reference: non-finite updates are applied as in the original trainer, not skipped "
