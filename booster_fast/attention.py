@@ -14,7 +14,7 @@ right-padded, with the pads unlabelled (real tokens never attend to the pads aft
 only around the forward of a batch that carries no attention mask; `Booster.to_device` leaves the mask out for
 the fast engine after checking the padding on the host.
 
-Packed batches (packing.py) run `varlen_attention` instead, registered the same way: each segment attends
+Packed batches (packing.py) run `varlen_attention_forward` instead, registered the same way: each segment attends
 causally to itself only. On CUDA in bf16/fp16 that is flash attention's variable-length kernel
 (torch.nn.attention.varlen), which computes no position twice and syncs with nothing. Elsewhere (the CPU, fp32,
 a torch without it) the tokens are scattered into a [segments, max_seqlen] grid, run through causal SDPA and

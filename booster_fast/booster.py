@@ -35,9 +35,8 @@ class Booster:
         does."""
         from .batches import micro_batches, to_device
 
-        fast = self.cfg.impl == "fast"
         if not getattr(self.engine, "pack", False):
-            return to_device(batch, device, drop_mask=fast)
+            return to_device(batch, device, drop_mask=self.cfg.impl == "fast")
         if self.cfg.grad_accum == 1:
             return to_device(batch, device, pack=True)
         return [to_device(b, device, pack=True) for b in micro_batches(batch, self.cfg.grad_accum)]
