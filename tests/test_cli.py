@@ -252,20 +252,27 @@ def test_overwrite_refuses_a_directory_that_holds_no_run(tmp_path, capsys):
 
 
 def test_torchrun_two_ranks_on_gloo(tmp_path):
-    """`torchrun --nproc_per_node 2 -m booster_fast align` trains on the CPU with gloo; rank 0 alone writes."""
+    """`torchrun --nproc_per_node 2 -m booster_fast align` trains on the CPU with gloo, each rank packing its own
+    rows; rank 0 alone writes, and the losses are those of one process on the union batch, padded."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shape = ["--max-length", "160"]  # the built-in rows fill ~60% of it: packing shrinks them
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(_free_port()), "-m", "booster_fast", "align", "--output", str(out),
-                           "--steps", "2", "--log-every", "1", *FAST],
+                           "--steps", "2", "--log-every", "1", "--batch-size", "2", *shape],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "packed without pads" in proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    # losses are summed over ranks (each holds its share of the global token mean): a full-size loss, ~ln(vocab)
-    assert all(5.0 < r["loss"] < 10.0 for r in rows), rows
     assert (out / "adapter_model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # losses are summed over ranks (each holds its share of the global token mean): one process's on the union
+    union = tmp_path / "union"
+    assert align(union, "--packing", "off", steps=2, shape=[*shape, "--batch-size", "4"]) == 0
+    for key in ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in read_metrics(union)], rel=1e-5), key
+    shutil.rmtree(union)
 
 
 def _free_port():
