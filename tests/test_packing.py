@@ -317,3 +317,15 @@ def test_packed_step_matches_padded_on_cuda(batch):
             grads[packing] = seen[0]
         err = relative(grads[True], grads[False])
         assert err <= tol, f"{dtype}: packed differs from padded by {err:.3g} on CUDA"
+
+
+def test_packed_step_with_empty_one_token_and_full_rows():
+    """Rows with no real token, a single one, or no pad at all (empty segments, a lone token, no filler in-row):
+    the packed step still gives the reference's gradient on the padded batches."""
+    a = ragged_batch([40, 0, 17, 64, 1], 64, vocab=2000, seed=1)
+    h = ragged_batch([0, 33, 64, 2, 50], 64, vocab=2000, seed=2)
+    ref = first_update("reference", (a, h))
+    assert ref.norm() > 0
+    for merge in (True, False):
+        g = first_update("fast", (pack(a), pack(h)), packing=True, merge_passes=merge)
+        assert relative(g[:ref.numel()], ref) <= 1e-5, f"merge={merge}: {relative(g[:ref.numel()], ref):.3g}"
