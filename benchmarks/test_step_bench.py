@@ -1,11 +1,13 @@
-"""pytest-benchmark suite: one Booster (or SFT) step on the tiny model, batch 8 x 64, harmful batch 8.
+"""pytest-benchmark suite: one Booster (or SFT) step on the tiny model, batch 8 + 8 rows of 64 tokens (the
+built-in rows fill them) and of 256 tokens (~36% real: where packing pays).
 
-    pytest benchmarks/ --benchmark-only
+    pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/pytest_benchmark_cpu.json
 
 CI does not collect this file (pyproject's testpaths is tests/). Each case builds its model the way
-`booster-fast bench` does (same seed, so identical initial weights, and the same pre-generated batches) and
-records the aten ops of one step in `benchmark.extra_info`. pytest-benchmark runs the cases one after the other,
-so machine drift is not cancelled here: for side-by-side numbers use `booster-fast bench`, which interleaves.
+`booster-fast bench` does (same seed, so identical initial weights, and the same pre-generated batches in the
+form its engine runs: `bench.entry_batches`) and records the aten ops of one step in `benchmark.extra_info`.
+pytest-benchmark runs the cases one after the other, so machine drift is not cancelled here: for side-by-side
+numbers use `booster-fast bench`, which interleaves.
 """
 import itertools
 
@@ -16,44 +18,43 @@ from booster_fast import bench
 from booster_fast.cli import build_parser
 from booster_fast.opcount import count_ops
 
-CASES = {"reference": "reference", "fast_merged": "fast-merged", "fast_unmerged": "fast-unmerged", "sft": "sft"}
-ARGV = ["bench", "--model", "tiny", "--batch-size", "8", "--harmful-batch-size", "8", "--max-length", "64",
-        "--steps", "10", "--warmup", "2"]
+CASES = {"reference": "reference", "fast": "fast", "fast_padded": "fast-padded", "fast_merged": "fast-merged",
+         "sft": "sft"}
+LENGTHS = (64, 256)
 
 
-@pytest.fixture(scope="module")
-def args():
-    a = build_parser().parse_args(ARGV)
+def parsed(length):
+    a = build_parser().parse_args(["bench", "--model", "tiny", "--batch-size", "8", "--harmful-batch-size", "8",
+                                   "--max-length", str(length), "--steps", "10", "--warmup", "2"])
     bench.check_bench_args(a)
     return a
 
 
 @pytest.fixture(scope="module")
-def device(args):
-    return bench.resolve_device(args.device)
-
-
-@pytest.fixture(scope="module")
-def batches(args, device):
+def pairs():
+    """length -> the CPU batch pairs `booster-fast bench` makes for it."""
     from booster_fast import load_model
 
-    model, tok = load_model("tiny", seed=args.seed, device=device)
-    return bench.make_batches(args, tok, model, device)
+    model, tok = load_model("tiny", seed=parsed(64).seed, device="cpu")
+    return {n: bench.make_batches(parsed(n), tok, model) for n in LENGTHS}
 
 
+@pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_step(benchmark, args, device, batches, case):
-    name = CASES[case]
+def test_step(benchmark, pairs, case, length):
+    args, name = parsed(length), CASES[case]
+    device = bench.resolve_device(args.device)
     booster, _, _ = bench.build_impl(name, args, device)
     fn = bench.step_fn(name, booster)
-    ops = count_ops(fn, *batches[0][:2])
-    benchmark.extra_info.update(impl=name, device=str(device), ops_per_step=ops["total"],
-                                bookkeeping_ops=ops["bookkeeping"] if name.startswith("fast") else None)
+    batches = bench.entry_batches(booster, pairs[length], device)
+    ops = count_ops(fn, *batches[0])
+    benchmark.extra_info.update(impl=name, device=str(device), max_length=length, ops_per_step=ops["total"],
+                                bookkeeping_ops=ops["bookkeeping"] if name.startswith("fast") else None,
+                                packed=any("cu_seqlens" in b for pair in batches for b in pair))
     cycle = itertools.cycle(batches)
 
     def one_step():
-        a, h, _, _ = next(cycle)
-        fn(a, h)
+        fn(*next(cycle))
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a host sync for timing only, outside the step
 
