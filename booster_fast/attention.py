@@ -101,6 +101,37 @@ def _flash(q, k, v, cu, max_seqlen: int, scaling, dropout: float):
         return None, _flash_failed
 
 
+def probe_flash(device, dtype, heads: int, kv_heads: int, head_dim: int) -> str | None:
+    """Run flash's variable-length kernel once, forward and backward, on a few random segments (an empty one
+    among them) of the model's head shape, against the exact grid path. Returns None when it agrees, else why
+    not; after a failure every packed attention takes the grid path (one log line says so). Called once when
+    an engine that packs is built on CUDA, outside any step: it reads its verdict back to the host."""
+    global _flash_failed
+    g = torch.Generator(device=device).manual_seed(0)
+    cu = torch.tensor([0, 7, 7, 20, 21, 48], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(48, h, head_dim, generator=g, device=device, dtype=dtype).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    grad = torch.randn(48, heads, head_dim, generator=g, device=device, dtype=dtype)
+    scale = head_dim ** -0.5
+    with torch.enable_grad():
+        out, why = _flash(q, k, v, cu, 27, scale, 0.0)
+        if out is None:
+            return why
+        try:
+            got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+        except RuntimeError as e:  # a forward without a backward (an early API)
+            _flash_failed = f"flash varlen backward failed: {(str(e).strip().splitlines() or [''])[0]}"
+            return _flash_failed
+        exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        ref = segment_attention(*exact, cu, 27, scale=scale)
+        want = (ref, *torch.autograd.grad(ref, exact, grad.float()))
+    worst = max(float(((a.float() - b).norm() / b.norm())) for a, b in zip(got, want))  # host read, once
+    if not worst <= 2e-2:  # bf16 rounding is ~4e-3 relative
+        _flash_failed = f"flash varlen disagrees with the exact path ({worst:.2g} relative)"
+        return _flash_failed
+    return None
+
+
 def _log_once(msg: str, *args):
     text = msg % args
     if text not in _logged:

@@ -22,7 +22,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from .attention import supports_packing
+from .attention import probe_flash, supports_packing
 from .batches import can_concat, concat, micro_batches, tokens
 from .config import BoosterConfig
 from .flat import ALL_TOKENS, FlatLoRA
@@ -92,7 +92,15 @@ class FastBooster:
                 raise ValueError(f"packing=True: {why}")
             log.info("packing off: %s", why)
             return False
-        return default_packing(self.device) if wanted is None else True
+        pack = default_packing(self.device) if wanted is None else True
+        cfg = self.model.config
+        heads = getattr(cfg, "num_attention_heads", None)
+        if pack and self.device.type == "cuda" and self.autocast.enabled and heads:  # bf16: flash's kernel
+            why = probe_flash(self.device, torch.bfloat16, heads, getattr(cfg, "num_key_value_heads", None) or heads,
+                              getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+            log.info("packing: %s", "flash variable-length attention checked against the exact path" if why is None
+                     else f"packed attention runs the exact segment grid: {why}")
+        return pack
 
     def _graphs_for(self, mode: str):
         """A StepGraphs when the step should be captured, else None (with one log line saying why not)."""

@@ -278,6 +278,41 @@ def test_flash_varlen_is_called_the_way_each_torch_takes_it(monkeypatch, caplog,
     assert caplog.text.count("flash varlen failed: no kernel image is available for execution on the device") == 1
 
 
+def test_flash_probe_accepts_a_sound_kernel_and_rejects_a_wrong_one(monkeypatch):
+    """probe_flash, run when a packing engine is built on CUDA, checks the kernel forward and backward against the
+    exact grid path; a kernel that computes something else, or has no backward, is switched off with a reason."""
+    from booster_fast import attention
+    import torch.nn.attention.varlen as varlen
+
+    _, new, calls = _fake_flash_apis()
+
+    def wrong(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+              enable_gqa=False):
+        return new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size,
+                   enable_gqa=enable_gqa) * 1.1
+
+    def forward_only(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                     enable_gqa=False):
+        with torch.no_grad():
+            return new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size,
+                       enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
+    try:
+        for fake, verdict in ((new, None), (wrong, "disagrees with the exact path"),
+                              (forward_only, "backward failed")):
+            monkeypatch.setattr(varlen, "varlen_attn", fake)
+            monkeypatch.setattr(attention, "_flash_failed", None)
+            attention._flash_varlen.cache_clear()
+            why = attention.probe_flash("cpu", torch.bfloat16, 4, 2, 16)
+            if verdict is None:
+                assert why is None and calls, "a sound kernel was rejected"
+            else:
+                assert verdict in why and attention._flash_failed == why, (fake.__name__, why)
+    finally:
+        attention._flash_varlen.cache_clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
 def test_flash_varlen_matches_segment_grid_on_cuda(heads, kv_heads):
@@ -329,3 +364,11 @@ def test_packed_step_with_empty_one_token_and_full_rows():
     for merge in (True, False):
         g = first_update("fast", (pack(a), pack(h)), packing=True, merge_passes=merge)
         assert relative(g[:ref.numel()], ref) <= 1e-5, f"merge={merge}: {relative(g[:ref.numel()], ref):.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 32, 128), (32, 4, 64)])  # 7B-shape, 1B-shape
+def test_flash_probe_passes_on_cuda(heads, kv_heads, head_dim):
+    from booster_fast import attention
+
+    assert attention.probe_flash("cuda", torch.bfloat16, heads, kv_heads, head_dim) is None, attention._flash_failed
