@@ -46,17 +46,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import datetime
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from types import SimpleNamespace
@@ -64,6 +59,7 @@ from types import SimpleNamespace
 import torch
 
 from .align import build_streams, check_common_args, config_from_args, resolve_device
+from .bench_report import format_table, machine_info, plot, write_atomic
 from .cli import UsageError
 
 log = logging.getLogger("booster_fast")
@@ -475,40 +471,7 @@ def run_bench(args) -> int:
     return 0
 
 
-# ---- reporting -------------------------------------------------------------------------------------------
-def _version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
-def machine_info(device) -> dict:
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            **{k: _version(k) for k in ("torch", "transformers", "peft", "triton", "bitsandbytes")},
-            "python": platform.python_version(), "git_commit": _git_commit(),
-            "loadavg_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
+# ---- what the run was (bench_report.py has the rest of the reporting) -----------------------------------
 def run_config(args, names, device, n_params, n_lora, rate) -> dict:
     knobs = ("model", "quant", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
              "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum", "merge_passes",
@@ -523,56 +486,3 @@ def run_config(args, names, device, n_params, n_lora, rate) -> dict:
             "peak_mem_mb_means": f"held tensors + CUDA graph pools + step transient ({peak})",
             "mfu_flops": MFU_FLOPS if rate else None, "matmul_bf16_tflops": round(rate, 1) if rate else None,
             "matmul_params": n_params, "lora_params": n_lora}
-
-
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def format_table(doc: dict) -> str:
-    m, c = doc["machine"], doc["config"]
-    lines = [f"{c['model']} ({c['quant']}) on {m['gpu'] or m['cpu']} [{c['device']}], batch {c['batch_size']}+"
-             f"{c['harmful_batch_size']} x {c['max_length']}, {c['steps']} steps after {c['warmup']} warmup",
-             f"{'impl':<14}{'ms/step':>10}{'p20-p80':>18}{'speedup':>9}{'tokens/s':>11}{'peak MB':>10}"
-             f"{'ops/step':>10}{'xSFT':>7}{'MFU':>7}"]
-    lines.append("-" * len(lines[1]))
-    for name, r in doc["results"].items():
-        if "skipped" in r:
-            lines.append(f"{name:<14}skipped: {r['skipped']}")
-            continue
-        lines.append(f"{name:<14}{r['step_ms']:>10.2f}{r['step_ms_p20']:>9.2f}-{r['step_ms_p80']:<8.2f}"
-                     f"{_fmt(doc['speedup'][name], '.2f'):>9}{r['tokens_per_s']:>11.0f}{r['peak_mem_mb']:>10.1f}"
-                     f"{r['ops_per_step']:>10}{_fmt(r['ratio_to_sft'], '.2f'):>7}{_fmt(r['mfu'], '.1%'):>7}")
-    return "\n".join(lines)
-
-
-def plot(doc: dict, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(n, r) for n, r in doc["results"].items() if "step_ms" in r]
-    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 3.5))
-    err = [[r["step_ms"] - r["step_ms_p20"] for _, r in rows], [r["step_ms_p80"] - r["step_ms"] for _, r in rows]]
-    ax.bar([n for n, _ in rows], [r["step_ms"] for _, r in rows], yerr=err, capsize=4, color="tab:blue")
-    ax.set_ylabel("ms / step (median, p20-p80)")
-    ax.set_title(f"{doc['config']['model']} ({doc['config']['quant']}), "
-                 f"{doc['machine']['gpu'] or doc['machine']['cpu']}", fontsize=9)
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-
-
-def write_atomic(path: str, write):
-    """write(binary file) into a temporary file beside `path`, then os.replace it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

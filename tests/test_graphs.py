@@ -282,11 +282,14 @@ def test_graph_replays_equal_eager_steps_on_packed_batches(dtype):
         torch.manual_seed(SEED)
         model = bf.add_lora(model, r=8, alpha=16)
         boosters[graphs] = model, bf.Booster(model, bf.BoosterConfig(graphs=graphs, merge_passes=True))
-    for a, h in pairs + pairs:
+    for a, h in pairs[:2] * 5:  # two packed lengths at most: each warms up, is captured and replays
         og, oe = boosters["on"][1].step(a, h), boosters["off"][1].step(a, h)
     assert boosters["on"][1].engine.graphs.replays, "no step was replayed"
+    # bf16: flash's backward accumulates with atomics, so even two eager runs differ in the last bits
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
     err, name = worst_relative_error(lora_state(boosters["on"][0]), lora_state(boosters["off"][0]))
-    assert err <= 1e-5, f"{dtype}: packed graph replays differ from eager steps at {name} by {err:.3g}"
+    assert err <= tol, f"{dtype}: packed graph replays differ from eager steps at {name} by {err:.3g}"
+    torch.testing.assert_close(og["loss"], oe["loss"], rtol=tol, atol=tol)
 
 
 @pytest.mark.gpu
