@@ -68,8 +68,8 @@ TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmf
                   "(harmful rows counted once), alignment rows for sft")
 MFU_FLOPS = ("6 * N * computed positions (pads and packing filler included) of every pass of the step (2N forward "
              "+ 4N backward, the PaLM convention; a frozen base needs no weight gradient, so the hardware does ~4N and "
-             "real use is ~2/3 of this); N = base matmul parameters (LM head in, input embedding and LoRA out); attention-score "
-             "FLOPs ignored; divided by the bf16 8192^3 torch.matmul rate measured in the same run")
+             "real use is ~2/3 of this); N = base matmul parameters (LM head in, input embedding and LoRA out); "
+             "attention-score FLOPs ignored; divided by the bf16 8192^3 torch.matmul rate measured in the same run")
 GRAPHS_NOT_CAPTURED = "the step was not captured into a CUDA graph after the warm-up steps"
 
 
