@@ -1,9 +1,20 @@
 """Small helpers on batches: device transfer, micro-batch splitting, concatenation for the merged pass."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "targets", "cu_seqlens", "max_seqlen")
+_warned_device_batch = False
+
+
+def _warn_device_batch(device):
+    global _warned_device_batch
+    _warned_device_batch = True
+    logging.getLogger("booster_fast").warning(
+        "packing: a batch arrived already on %s; it runs padded (hand Booster.to_device the collated CPU batch to "
+        "pack it)", device)
 
 
 def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False) -> dict:
@@ -16,7 +27,12 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False) 
     causal kernels.
 
     pack: send the pad-free form instead (packing.pack, which checks the padding itself) when it computes fewer
-    positions than the padded batch; a batch with (almost) no pads goes without its mask instead."""
+    positions than the padded batch; a batch with (almost) no pads goes without its mask instead. Packing needs
+    the lengths on the host: a batch already on the device is sent padded (one log line says so, once)."""
+    if pack and batch["input_ids"].device.type != "cpu":
+        if not _warned_device_batch:
+            _warn_device_batch(batch["input_ids"].device)
+        pack, drop_mask = False, True
     if pack:
         from .packing import pack as packed
 

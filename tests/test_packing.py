@@ -372,3 +372,16 @@ def test_flash_probe_passes_on_cuda(heads, kv_heads, head_dim):
     from booster_fast import attention
 
     assert attention.probe_flash("cuda", torch.bfloat16, heads, kv_heads, head_dim) is None, attention._flash_failed
+
+
+@pytest.mark.gpu
+def test_a_batch_already_on_the_gpu_runs_padded(caplog):
+    from booster_fast import batches as batches_module
+
+    batches_module._warned_device_batch = False
+    booster = bf.Booster(make_model(device="cuda")[0], bf.BoosterConfig(packing=True, graphs="off"))
+    on_gpu = {k: v.cuda() for k, v in ragged_batch([40, 7, 64], 64).items()}
+    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+        sent = booster.to_device(on_gpu, "cuda")
+    assert "cu_seqlens" not in sent and "attention_mask" not in sent
+    assert "arrived already on cuda" in caplog.text
