@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "targets", "cu_seqlens", "max_seqlen")
+KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "keep", "targets", "cu_seqlens", "max_seqlen")
 _warned_device_batch = False
 
 

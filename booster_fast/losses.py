@@ -43,13 +43,14 @@ def logits_of(model, batch: dict) -> torch.Tensor:
         if "cu_seqlens" in batch:
             cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
             return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).logits
+                         logits_to_keep=batch["keep"], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                         max_length_k=longest).logits
         return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
 
 
 def token_losses(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-position cross entropy in fp32, zero where the label is ignored: [B, T-1] for a padded batch (the
-    last position predicts nothing), [1, P] for a packed one."""
+    last position predicts nothing), [1, K] for a packed one (its kept, labelled positions)."""
     targets = targets_of(batch)
     flat = F.cross_entropy(logits[:, :targets.shape[1]].flatten(0, 1).float(), targets.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="none")

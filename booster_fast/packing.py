@@ -6,8 +6,10 @@ them are pads (about 20% in the bench's random batches, more in real alignment d
 
     input_ids     [1, P]   row 0's tokens, row 1's tokens, ..., then a filler segment
     position_ids  [1, P]   0..n_i-1 within each row (RoPE sees the positions the padded batch had)
-    targets       [1, P]   the next-token label of each position, shifted within its row (-100 at a row's last
-                           token and in the filler), so the loss needs no shift and never crosses rows
+    keep          [K]      the positions that carry a label (then copies of the last position, to the bucket): the
+                           LM head and the loss run on these only, not on prompts, row ends and filler
+    targets       [1, K]   the next-token label of each kept position, shifted within its row (-100 on the
+                           copies), so the loss needs no shift and never crosses rows
     cu_seqlens    [B+F+1]  int32 segment starts: 0, n_0, n_0+n_1, ..., T, ..., P (the filler: F segments of its own,
                            F fixed per batch shape, each at most L long)
     max_seqlen    int      L: no segment is longer than a row
@@ -16,10 +18,11 @@ Attention runs per segment (attention.py: flash's variable-length kernel on CUDA
 [segments, max_seqlen] and causal SDPA), so tokens never see another row: every logit, loss and gradient is the
 padded batch's, up to floating-point summation order.
 
-Buckets. CUDA graphs need static shapes, so P is the real-token count plus one, rounded up to a multiple of
-1/BUCKETS of the padded size (and of 64, for tensor-core tiles): a batch keeps at most ~1/BUCKETS of its padded
-positions as filler, and a run meets only a handful of distinct P (one graph each). A batch without pads packs
-to its padded size, with an empty filler segment (empty segments, like empty rows, attend to nothing).
+Buckets. CUDA graphs need static shapes, so P is the real-token count rounded up to a multiple of 1/BUCKETS of
+the padded size (and of 64, for tensor-core tiles): a batch keeps at most ~1/BUCKETS of its padded positions as
+filler, and a run meets only a handful of distinct P (one graph each). A batch without pads packs to its padded
+size, with empty filler segments (empty segments, like empty rows, attend to nothing). K is bucketed the same
+way, capped at P.
 
 Packing happens on the host, from the CPU batch (`Booster.to_device` for the fast engine): the lengths are
 known there for free, where on the device they would cost a host sync per step.
@@ -35,7 +38,7 @@ IGNORE_INDEX = -100
 # capture, which at 7B run at about the speed of a replay: finer buckets are cheap where the compute is.
 BUCKETS = 16
 TILE = 64
-PACKED_KEYS = ("input_ids", "position_ids", "targets", "cu_seqlens", "max_seqlen")
+PACKED_KEYS = ("input_ids", "position_ids", "keep", "targets", "cu_seqlens", "max_seqlen")
 
 
 def is_packed(batch: dict) -> bool:
@@ -77,10 +80,15 @@ def pack(batch: dict) -> dict:
     cu = torch.zeros(rows + chunks + 1, dtype=torch.int32)
     cu[1:] = torch.cat([lengths, fill_lengths]).cumsum(0)
     fill_positions = torch.cat([torch.arange(int(n)) for n in fill_lengths])
+    targets = shifted[real]
+    labelled = (targets != IGNORE_INDEX).nonzero().flatten()
+    kept = min(max(-(-labelled.numel() // step) * step, step), size)
+    keep = torch.cat([labelled, labelled.new_full((kept - labelled.numel(),), size - 1)])
     return {
         "input_ids": torch.cat([ids[real], ids.new_zeros(fill)])[None],
         "position_ids": torch.cat([positions[real], fill_positions])[None],
-        "targets": torch.cat([shifted[real], labels.new_full((fill,), IGNORE_INDEX)])[None],
+        "keep": keep,
+        "targets": torch.cat([targets[labelled], labels.new_full((kept - labelled.numel(),), IGNORE_INDEX)])[None],
         "cu_seqlens": cu,
         "max_seqlen": length,
     }
@@ -89,6 +97,7 @@ def pack(batch: dict) -> dict:
 def concat_packed(a: dict, b: dict) -> dict:
     """Two packed batches as one (a's segments first): the merged pass over [harmful ; alignment]."""
     out = {k: torch.cat([a[k], b[k]], 1) for k in ("input_ids", "position_ids", "targets")}
+    out["keep"] = torch.cat([a["keep"], b["keep"] + a["input_ids"].shape[1]])
     out["cu_seqlens"] = torch.cat([a["cu_seqlens"], b["cu_seqlens"][1:] + a["input_ids"].shape[1]])
     out["max_seqlen"] = max(a["max_seqlen"], b["max_seqlen"])
     return out

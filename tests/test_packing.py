@@ -43,6 +43,14 @@ def test_pack_layout():
     ends = [sum(chunks[:i + 1]) + total for i in range(len(chunks))]
     assert p["cu_seqlens"].tolist() == [0, 37, 37, 90, 143, 154] + ends and ends[-1] == size
     assert p["max_seqlen"] == 53
+    # the LM head runs on the labelled positions only: the targets of every position, scattered back from `keep`
+    keep, kept = p["keep"], p["targets"][0]
+    labelled = int((kept != -100).sum())
+    assert keep.numel() % step == 0 or keep.numel() == size, "the kept count is not bucketed"
+    assert (keep[labelled:] == size - 1).all() and (kept[labelled:] == -100).all(), "the padding of `keep`"
+    assert (keep[:labelled].diff() > 0).all(), "kept positions are not in order"
+    full = torch.full((size,), -100)
+    full[keep[:labelled]] = kept[:labelled]
     start = 0
     for row, n in enumerate(lengths):
         ids, labels = batch["input_ids"][row], batch["labels"][row]
@@ -51,11 +59,11 @@ def test_pack_layout():
         assert torch.equal(p["position_ids"][0, seg], torch.arange(n))
         # position j predicts token j + 1 of its own row; the row's last token predicts nothing
         want = torch.cat([labels[1:n], torch.tensor([-100])])[:n]
-        assert torch.equal(p["targets"][0, seg], want), f"row {row}: targets are not the labels shifted in-row"
+        assert torch.equal(full[seg], want), f"row {row}: targets are not the labels shifted in-row"
         start += n
-    assert (p["targets"][0, total:] == -100).all()
+    assert (full[total:] == -100).all()
     assert torch.equal(p["position_ids"][0, total:], torch.cat([torch.arange(n) for n in chunks]))
-    assert int((p["targets"] != -100).sum()) == int((batch["labels"][:, 1:] != -100).sum())
+    assert labelled == int((batch["labels"][:, 1:] != -100).sum())
 
 
 def test_a_batch_without_pads_packs_to_its_padded_size():
@@ -85,6 +93,7 @@ def test_concat_packed_offsets_the_second_batch():
     n = a["input_ids"].shape[1]
     assert torch.equal(both["cu_seqlens"], torch.cat([a["cu_seqlens"], b["cu_seqlens"][1:] + n]))
     assert torch.equal(both["targets"], torch.cat([a["targets"], b["targets"]], 1))
+    assert torch.equal(both["keep"], torch.cat([a["keep"], b["keep"] + n]))
     assert both["max_seqlen"] == max(a["max_seqlen"], b["max_seqlen"])
 
 
