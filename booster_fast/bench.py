@@ -68,8 +68,9 @@ TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmf
                   "(harmful rows counted once), alignment rows for sft")
 MFU_FLOPS = ("6 * N * computed positions (pads and packing filler included) of every pass of the step (2N forward "
              "+ 4N backward, the PaLM convention; a frozen base needs no weight gradient, so the hardware does ~4N and "
-             "real use is ~2/3 of this); N = base matmul parameters (LM head in, input embedding and LoRA out); "
-             "attention-score FLOPs ignored; divided by the bf16 8192^3 torch.matmul rate measured in the same run")
+             "real use is ~2/3 of this); N = base matmul parameters (LM head in, input embedding and LoRA out), the "
+             "LM head counted only at the positions it runs on (a packed batch's labelled ones); attention-score "
+             "FLOPs ignored; divided by the bf16 8192^3 torch.matmul rate measured in the same run")
 GRAPHS_NOT_CAPTURED = "the step was not captured into a CUDA graph after the warm-up steps"
 
 
@@ -316,20 +317,30 @@ def matmul_tflops(device) -> float:
     return 2 * 8192**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def matmul_params(model) -> int:
-    """Parameters of the base model's matmuls: every nn.Linear (NF4 included) outside the LoRA adapters."""
-    return sum(m.in_features * m.out_features for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".lora_" not in n)
+def matmul_params(model) -> tuple[int, int]:
+    """Parameters of the base model's matmuls: every nn.Linear (NF4 included) outside the LoRA adapters; and of
+    those, the LM head's."""
+    total = sum(m.in_features * m.out_features for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".lora_" not in n)
+    head = model.get_output_embeddings()
+    return total, head.in_features * head.out_features if isinstance(head, torch.nn.Linear) else 0
 
 
-def model_flops(name: str, args, n_params: int, pair) -> float:
+def pass_batches(name: str, args, pair) -> list[dict]:
+    """The batch of every pass of one step on `pair`: alignment, then the harmful one once or twice."""
+    align, harmful = pair
+    return [align] + [harmful] * (0 if name == "sft" else 1 if args.no_meta_term else 2)
+
+
+def model_flops(name: str, args, params: tuple[int, int], pair) -> float:
     """Model FLOPs of one step on `pair` (MFU_FLOPS): 6N x the positions of every pass (rows x length of a padded
-    batch, the packed length of a packed one)."""
+    batch, the packed length of a packed one), the LM head's share only over the positions it runs on (a packed
+    batch's kept ones)."""
     from .batches import tokens
 
-    align, harmful = pair
-    harmful_passes = 0 if name == "sft" else 1 if args.no_meta_term else 2
-    return 6.0 * n_params * (tokens(align) + harmful_passes * tokens(harmful))
+    n, head = params
+    return 6.0 * sum((n - head) * tokens(b) + head * (b["keep"].numel() if "keep" in b else tokens(b))
+                     for b in pass_batches(name, args, pair))
 
 
 def _pct(xs: list[float], q: int) -> float:
@@ -451,7 +462,8 @@ def run_bench(args) -> int:
             "host_syncs_per_step": sum(ops["host_syncs"].values()),
             "ratio_to_sft": None, "cuda_graphs": graphs_captured(booster.engine),
             "packed_share": round(statistics.mean("cu_seqlens" in b for p in timed for b in p), 3),
-            "positions_per_step": round(statistics.mean(model_flops(name, args, 1, p) / 6 for p in timed)),
+            "positions_per_step": round(statistics.mean(sum(b["input_ids"].numel() for b in pass_batches(name, args, p))
+                                                        for p in timed)),
             "mfu": round(flops / (ms / 1e3) / (rate * 1e12), 4) if rate else None}
     ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))
     for r in results.values():
@@ -485,4 +497,5 @@ def run_config(args, names, device, n_params, n_lora, rate) -> dict:
             "tokens_per_s_counts": TOKENS_COUNTED,
             "peak_mem_mb_means": f"held tensors + CUDA graph pools + step transient ({peak})",
             "mfu_flops": MFU_FLOPS if rate else None, "matmul_bf16_tflops": round(rate, 1) if rate else None,
-            "matmul_params": n_params, "lora_params": n_lora}
+            "matmul_params": n_params and n_params[0], "lm_head_params": n_params and n_params[1],
+            "lora_params": n_lora}
