@@ -402,6 +402,8 @@ def time_interleaved(impls, batches, args, device, results):
     from tqdm.auto import tqdm
 
     times, tps = {n: [] for n in impls}, {n: [] for n in impls}
+    if not impls:  # every entry was skipped (fast-graphs alone on the CPU)
+        return times, tps
 
     def drop(name, why):  # only fast-graphs may fail and be reported instead (graphs='on' raises on capture)
         del impls[name], times[name], tps[name]

@@ -279,3 +279,12 @@ def test_random_batches_vary_rows_but_not_the_total():
     assert len({tuple(r.tolist()) for r in lengths}) == 6, "the rows do not vary from batch to batch"
     assert len({pack(b)["input_ids"].shape for b in batches}) == 1
     assert all(((b["labels"] != -100) <= b["attention_mask"].bool()).all() for b in batches)
+
+
+def test_bench_with_every_entry_skipped(capsys):
+    """fast-graphs alone on the CPU: reported as skipped, exit code 0, a JSON document all the same."""
+    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+               "--impls", "fast-graphs", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(doc["results"]) == {"fast-graphs"} and "CUDA" in doc["results"]["fast-graphs"]["skipped"]
