@@ -187,6 +187,8 @@ def supports_packing(model) -> str | None:
         return "the model uses sliding-window attention"
     if getattr(config, "is_causal", True) is False:
         return "the model is not a causal decoder"
+    if not isinstance(getattr(model, "get_output_embeddings", lambda: None)(), torch.nn.Module):
+        return "the model has no output embeddings (LM head) to restrict to the labelled positions"
     return None
 
 

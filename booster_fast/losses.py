@@ -10,6 +10,8 @@ functions take both forms.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +42,26 @@ def logits_of(model, batch: dict) -> torch.Tensor:
     """The model's logits, under `attention_for(batch)`; a packed batch's segments reach the attention through
     the forward's kwargs."""
     with attention_for(model, batch):
-        if "cu_seqlens" in batch:
-            cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
+        if "cu_seqlens" not in batch:
+            return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                         use_cache=False).logits
+        cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
+        with kept_positions(model, batch["keep"]):
             return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                         logits_to_keep=batch["keep"], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
-                         max_length_k=longest).logits
-        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).logits
+
+
+@contextlib.contextmanager
+def kept_positions(model, keep: torch.Tensor):
+    """Inside: the LM head sees only the positions `keep` lists (index_select: its backward is an index_add,
+    which CUDA graphs capture; transformers' own `logits_to_keep` indexing backs into an accumulating
+    index_put). The model's own logit processing (softcapping and the like) still applies."""
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0].index_select(1, keep), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def token_losses(logits: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -394,3 +394,14 @@ def test_a_batch_already_on_the_gpu_runs_padded(caplog):
         sent = booster.to_device(on_gpu, "cuda")
     assert "cu_seqlens" not in sent and "attention_mask" not in sent
     assert "arrived already on cuda" in caplog.text
+
+
+def test_lm_head_runs_on_the_kept_positions_only():
+    from booster_fast.losses import logits_of, token_losses
+
+    model = make_model()[0]
+    p = pack(ragged_batch([40, 7, 64, 30], 64, vocab=2000, seed=4))
+    logits = logits_of(model, p)
+    assert logits.shape[:2] == (1, p["keep"].numel()) < (1, p["input_ids"].shape[1])
+    assert not model.get_output_embeddings()._forward_pre_hooks, "the LM head kept its gather hook"
+    assert token_losses(logits, p).shape == p["targets"].shape
