@@ -114,9 +114,10 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
                       + "\n".join(_grid(("op", "Triton GB/s", "torch GB/s", "of copy"), body)))
     for name, doc in checks.get("graph_equivalence", []):
         body = [[model, r.get("steps"), _num(r.get("worst_relative_l2"), ".2e"), r.get("captured"),
-                 r.get("fallback") or "—"] for model, r in doc["results"].items()]
+                 r.get("replays", "—"), r.get("fallback") or "—"] for model, r in doc["results"].items()]
         blocks.append(f"CUDA-graph replays vs eager steps, fast engine (`{name}`):\n\n"
-                      + "\n".join(_grid(("model", "steps", "worst LoRA rel. L2", "captured", "fallback"), body)))
+                      + "\n".join(_grid(("model", "steps", "worst LoRA rel. L2", "captured", "replays", "fallback"),
+                                         body)))
     for name, doc in checks.get("profile", []):
         body = [[impl, _num(r.get("wall_ms_per_step"), ".1f"), _num(r.get("gpu_busy_ms_per_step"), ".1f"),
                  _num(r.get("gpu_idle_share"), ".0%"),

@@ -261,7 +261,8 @@ def test_gpu_checks_run_on_the_cpu_as_a_smoke_test(tmp_path, capsys):
     assert (tmp_path / "profile_tiny.txt").read_text().startswith("## reference")
     mt = _make_table_module()
     table = "\n".join(mt.check_tables(mt.check_documents(tmp_path)))
-    assert "| tiny | 2 | 0.00e+00 | False | — |" in table and "| fast |" in table
+    assert "| tiny | 2 | 0.00e+00 | False | 0 | — |" in table and "| fast |" in table
+    assert "| tiny packed | 8 | 0.00e+00 | False | 0 | — |" in table
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             checks.main(["bandwidth", "--out", str(tmp_path)])
