@@ -94,7 +94,8 @@ def _flash(q, k, v, cu, max_seqlen: int, scaling, dropout: float):
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     try:
         return flash(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen, **kwargs), None
-    except RuntimeError as e:  # e.g. a build without these kernels; found in the eager warm-up, before any capture
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # a build without these kernels, an
+        # API that refuses these arguments: found by probe_flash or the eager warm-up, before any capture
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise
         _flash_failed = f"flash varlen failed: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
@@ -119,7 +120,7 @@ def probe_flash(device, dtype, heads: int, kv_heads: int, head_dim: int) -> str 
             return why
         try:
             got = (out, *torch.autograd.grad(out, (q, k, v), grad))
-        except RuntimeError as e:  # a forward without a backward (an early API)
+        except (RuntimeError, NotImplementedError) as e:  # a forward without a backward (an early API)
             _flash_failed = f"flash varlen backward failed: {(str(e).strip().splitlines() or [''])[0]}"
             return _flash_failed
         exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
