@@ -424,6 +424,7 @@ def _rank_main(rank, world, port, batch, result):
         grad = first_update("fast", shard, merge_passes=True)
         if rank == 0:
             result["grad"] = grad
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
