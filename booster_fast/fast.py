@@ -13,6 +13,9 @@ tensors. Losses are normalised by device-side token counts that span all micro-b
 gradient accumulation and several processes give exactly the update of one big batch. Under
 torch.distributed each flat gradient buffer is all-reduced (summed; the losses were already divided by the
 global token count) once per pass, before the norm.
+
+The passes take padded batches (without their masks) or packed ones (packing.py: no pad positions, the LM head
+on the labelled positions only), whichever `Booster.to_device` hands over; the step is the same code for both.
 """
 from __future__ import annotations
 
