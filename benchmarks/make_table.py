@@ -78,7 +78,8 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
         model = f"{c.get('model')} ({c.get('batch_size')}+{c.get('harmful_batch_size')} × {c.get('max_length')}" \
                 + (", grad. checkpointing)" if c.get("gradient_checkpointing") else ")")
         for impl, r in doc["results"].items():
-            label = impl + (" (CUDA graph)" if r.get("cuda_graphs") else "")
+            marks = [m for m, on in (("packed", r.get("packed_share")), ("CUDA graph", r.get("cuda_graphs"))) if on]
+            label = impl + (f" ({', '.join(marks)})" if marks else "")
             head = [hardware(m), model, str(c.get("quant")), label]
             if "skipped" in r:
                 out.append(head + [f"skipped: {r['skipped']}"] + ["—"] * (len(COLUMNS) - len(head) - 1))
