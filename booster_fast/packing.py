@@ -38,11 +38,6 @@ IGNORE_INDEX = -100
 # capture, which at 7B run at about the speed of a replay: finer buckets are cheap where the compute is.
 BUCKETS = 16
 TILE = 64
-PACKED_KEYS = ("input_ids", "position_ids", "keep", "targets", "cu_seqlens", "max_seqlen")
-
-
-def is_packed(batch: dict) -> bool:
-    return "cu_seqlens" in batch
 
 
 def bucket_size(rows: int, length: int) -> int:
