@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process")
     _add_model_args(b)
     b.add_argument("--impls", default="reference,fast,sft",
-                   help="comma list of reference, fast, fast-merged, fast-unmerged, fast-graphs (CUDA), sft")
+                   help="comma list of reference, fast, fast-merged, fast-unmerged, fast-graphs (CUDA), "
+                        "fast-padded (packing off), sft")
     b.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
     b.add_argument("--json", action="store_true", help="end stdout with one JSON document")
