@@ -188,7 +188,22 @@ def apply_resume(args):
 # ------------------------------------------------------------------------------------------------
 # data, processes, signals
 # ------------------------------------------------------------------------------------------------
+_created_group = False  # whether _dist_setup created the process group (then align destroys it when done)
+
+
+def _dist_teardown():
+    """Destroy the process group align created, after a run that ended on every rank alike (done, or stopped
+    by an agreed signal); NCCL warns at exit otherwise. A rank that failed leaves it to the process exit."""
+    global _created_group
+    if _created_group:
+        import torch.distributed as dist
+
+        _created_group = False
+        dist.destroy_process_group()
+
+
 def _dist_setup(device_flag):
+    global _created_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, resolve_device(device_flag)
@@ -198,6 +213,7 @@ def _dist_setup(device_flag):
     device = resolve_device(device_flag, local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _created_group = True
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), world, device
@@ -299,8 +315,10 @@ def run_align(args) -> int:
         with Interrupts() as stop:
             if rank == 0:
                 run = RunDir.reopen(args.output) if args.resume else RunDir.create(args.output, vars(args))
-            return _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world,
+            code = _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world,
                           device)
+            _dist_teardown()
+            return code
     except NonFiniteAbort as e:
         print(f"booster-fast: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
@@ -329,11 +347,11 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         if path.exists() and path.stat().st_size > metrics_bytes:
             os.truncate(path, metrics_bytes)
         metrics_file = open(path, "ab")
-        packs = getattr(booster.engine, "pack", False)
+        packing = ", batches packed without their pads" if getattr(booster.engine, "pack", False) else ""
+        resumed = (f", resumed at step {start}" + (f" from {last_ckpt}" if last_ckpt else " (no checkpoint yet)")
+                   if args.resume else "")
         log.info("align: %s on %s, %s/%s, %d steps of %d+%d rows x %d tokens%s%s", args.model, device, args.method,
-                 cfg.impl, steps, args.batch_size, args.harmful_batch_size, args.max_length,
-                 ", packed without pads" if packs else "", f", resumed at step {start}" + (f" from {last_ckpt}" if last_ckpt else " (no checkpoint yet)")
-                 if args.resume else "")
+                 cfg.impl, steps, args.batch_size, args.harmful_batch_size, args.max_length, packing, resumed)
         if cfg.impl == "reference":
             log.info("reference: non-finite updates are applied as in the original trainer, not skipped "
                      "(--impl fast skips them)")

@@ -126,7 +126,7 @@ def test_packing_on_and_off_log_the_same_run(tmp_path, caplog):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="booster_fast"):
             assert align(tmp_path / packing, "--packing", packing, steps=2, shape=shape) == 0
-        assert ("packed without pads" in caplog.text) == (packing == "on")
+        assert ("batches packed without their pads" in caplog.text) == (packing == "on")
         runs[packing] = read_metrics(tmp_path / packing)
     assert json.loads((tmp_path / "on" / "run_config.json").read_text())["packing"] == "on"
     for key in ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"):
@@ -262,7 +262,7 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
                            "--steps", "2", "--log-every", "1", "--batch-size", "2", *shape],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "packed without pads" in proc.stderr
+    assert "batches packed without their pads" in proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert (out / "adapter_model.safetensors").exists()
