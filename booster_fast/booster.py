@@ -31,8 +31,8 @@ class Booster:
         """A collated (CPU) batch on `device`, in the form this engine runs best. The fast engine gets it without
         the attention mask, after a host-side check that it is right-padded (exact for a causal decoder; see
         batches.to_device), or packed without pads when the engine packs (packing.py; with grad_accum > 1, as a
-        list of packed micro-batches, which run eagerly); the reference keeps the mask, as the original trainer
-        does."""
+        list of packed micro-batches, captured as one graph like a single batch); the reference keeps the mask,
+        as the original trainer does."""
         from .batches import micro_batches, to_device
 
         if not getattr(self.engine, "pack", False):

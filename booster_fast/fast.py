@@ -186,14 +186,14 @@ class FastBooster:
     def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
         """One Booster update (one CUDA-graph replay once captured)."""
         self._prepare()
-        if self.graphs is not None and not isinstance(align_batch, (list, tuple)):
+        if self.graphs is not None:
             return self.graphs.run(("booster", *self._baked()), self._step, (align_batch, harmful_batch))
         return self._step(align_batch, harmful_batch)
 
     def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
         """One SFT update on the same flat buffers, optimizer and clipping."""
         self._prepare()
-        if self.graphs is not None and not isinstance(align_batch, (list, tuple)):
+        if self.graphs is not None:
             return self.graphs.run(("sft", *self._baked()), self._sft_step, (align_batch,))
         return self._sft_step(align_batch)
 

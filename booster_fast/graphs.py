@@ -6,9 +6,10 @@ addresses (W, B, G_h, G_f, the optimizer state) and a capturable fused AdamW, so
 the kernels, clipping and the update — can be captured once and replayed for every later batch of the same
 shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the bookkeeping:
 
-- per shape signature, the first `WARMUP` steps run eagerly on a side stream (they are real training steps:
-  they also initialise the optimizer state and the autograd caches), then the step is captured into static
-  input tensors and replayed; each new batch is copied into the static inputs;
+- per shape signature (a list of micro-batches counts as its micro-batches' shapes), the first `WARMUP` steps
+  run eagerly on a side stream (they are real training steps: they also initialise the optimizer state and the
+  autograd caches), then the step is captured into static input tensors and replayed; each new batch is
+  copied into the static inputs;
 - the attention mask is dropped inside captured steps, so the passes run the mask-free causal attention of
   attention.py (exact with right padding: real tokens never attend to the pads after them and pads carry label
   −100; transformers' own mask building would read values back to the host). Right padding is checked on every
@@ -49,6 +50,15 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _regroup(groups: tuple, flat: tuple) -> tuple:
+    """The step's arguments from the flat batch list: a list of n micro-batches where groups says n, else one."""
+    out, i = [], 0
+    for n in groups:
+        out.append(flat[i] if n is None else list(flat[i:i + n]))
+        i += 1 if n is None else n
+    return tuple(out)
+
+
 def _signature(name: str, value) -> tuple:
     """What a captured graph assumes of one batch entry: a tensor's shape and dtype, a plain value itself."""
     if torch.is_tensor(value):
@@ -77,13 +87,19 @@ class StepGraphs:
         self._graphs.clear()
         self._seen.clear()
 
-    def run(self, kind, fn, batches: tuple[dict, ...]) -> dict[str, torch.Tensor]:
+    def run(self, kind, fn, batches: tuple) -> dict[str, torch.Tensor]:
         """Run fn(*batches) — eagerly for warm-up, then as a captured graph replay. `kind` (hashable) names
-        the step and every constant the capture bakes in; it is part of the graph key with the batch shapes."""
+        the step and every constant the capture bakes in; it is part of the graph key with the batch shapes.
+        An argument may be a list of micro-batches (packed ones under gradient accumulation): the graph's
+        static inputs are then one set per micro-batch."""
         if self.disabled is not None:
             return fn(*batches)
+        groups = tuple(len(b) if isinstance(b, (list, tuple)) else None for b in batches)
+        if any(n is not None for n in groups):
+            step, fn = fn, lambda *flat: step(*_regroup(groups, flat))
+            batches = tuple(m for b in batches for m in (b if isinstance(b, (list, tuple)) else (b,)))
         stripped = tuple(without_mask(b) for b in batches)
-        key = (kind,) + tuple(tuple(_signature(k, v) for k, v in sorted(b.items())) for b in stripped)
+        key = (kind, groups) + tuple(tuple(_signature(k, v) for k, v in sorted(b.items())) for b in stripped)
         entry = self._graphs.get(key)
         for b in batches:
             check_right_padded(b, sync_ok=entry is None)  # a sync: warm-up and capture only

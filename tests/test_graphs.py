@@ -121,7 +121,7 @@ def test_step_graphs_warm_up_capture_replay_and_keys(monkeypatch):
     for rows in range(4, 4 + MAX_GRAPHS):
         for _ in range(WARMUP + 1):
             g.run(("step", 1e-3), step, (batch(rows, 7),))
-    rows_kept = [k[1][0][1][0] for k in g._graphs]  # key: (kind, (("input_ids", shape, dtype),))
+    rows_kept = [k[2][0][1][0] for k in g._graphs]  # key: (kind, groups, (("input_ids", shape, dtype),))
     assert rows_kept == list(range(4, 4 + MAX_GRAPHS)), f"not the oldest graphs were evicted: {rows_kept}"
     g.reset()
     assert not g._graphs
@@ -264,9 +264,33 @@ def test_packed_batches_get_a_graph_per_length_and_replay_the_eager_step(monkeyp
         if events.count("capture") > captures:  # the CPU stand-in's capture ran the step once more
             eb.step(a, h)
     assert events.count("capture") == 2 and len(gb.engine.graphs._graphs) == 2
-    assert all(("max_seqlen", 160) in sig for key in gb.engine.graphs._graphs for sig in key[1:])
+    assert all(("max_seqlen", 160) in sig for key in gb.engine.graphs._graphs for sig in key[2:])
     err, name = worst_relative_error(lora_state(graphed), lora_state(eager))
     assert err <= 1e-6, f"replays of packed steps differ from eager steps at {name} by {err:.3g}"
+    torch.testing.assert_close(og["loss"], oe["loss"], rtol=1e-6, atol=1e-7)
+
+
+def test_packed_micro_batches_are_captured_too(monkeypatch):
+    """Gradient accumulation with packing hands the step lists of packed micro-batches: they get a graph of their
+    own (static inputs per micro-batch, keyed on how many), and the replays give the eager step's weights."""
+    events = _fake_cuda(monkeypatch)
+    _, tok = bf.load_model("tiny", device="cpu")
+    graphed, _, gb = tiny_booster("cpu", graphs="off", merge_passes=True, grad_accum=2, packing=True)
+    gb.engine.graphs = StepGraphs("on")
+    eager, _, eb = tiny_booster("cpu", graphs="off", merge_passes=True, grad_accum=2, packing=True)
+    (a, h), = builtin_batches(tok, 1, batch_size=4, max_length=160)
+    lists = gb.to_device(a, "cpu"), gb.to_device(h, "cpu")
+    assert all(isinstance(x, list) and len(x) == 2 and all("cu_seqlens" in m for m in x) for x in lists)
+    for _ in range(WARMUP + 2):
+        captures = events.count("capture")
+        og, oe = gb.step(*lists), eb.step(*lists)
+        if events.count("capture") > captures:  # the CPU stand-in's capture ran the step once more
+            eb.step(*lists)
+    assert events.count("capture") == 1 and gb.engine.graphs.replays == 2
+    (key,) = gb.engine.graphs._graphs
+    assert key[1] == (2, 2), "the key does not say how many micro-batches each argument holds"
+    err, name = worst_relative_error(lora_state(graphed), lora_state(eager))
+    assert err <= 1e-6, f"replays of packed micro-batch lists differ from eager steps at {name} by {err:.3g}"
     torch.testing.assert_close(og["loss"], oe["loss"], rtol=1e-6, atol=1e-7)
 
 
