@@ -59,6 +59,7 @@ from types import SimpleNamespace
 import torch
 
 from .align import build_streams, check_common_args, config_from_args, resolve_device
+from .batches import tokens
 from .bench_report import format_table, machine_info, plot, write_atomic
 from .cli import UsageError
 
@@ -154,18 +155,14 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def shape_key(pair) -> tuple:
-    """What a captured graph is keyed on, for one (align, harmful) pair: shapes, and plain values as they are."""
-    return tuple(tuple((k, tuple(v.shape)) if torch.is_tensor(v) else (k, v) for k, v in sorted(b.items()))
-                 for b in pair)
-
-
 def warm_graphs(name: str, booster, fn, pairs, tries: int = 4) -> str | None:
     """Extra untimed steps until a graph-using entry has captured the step for every batch shape it will meet
     (one for padded batches, a few bucketed lengths for packed ones), so that no capture lands in the timing.
     Returns why fast-graphs cannot be timed, else None (graphs='auto' may fall back to eager: that is timed)."""
     graphs = getattr(booster.engine, "graphs", None)
-    shapes = {shape_key(p): p for p in pairs} if graphs is not None else {}
+    from .graphs import batch_signature
+
+    shapes = {tuple(batch_signature(b) for b in p): p for p in pairs} if graphs is not None else {}
     try:
         for pair in shapes.values():
             for _ in range(tries):  # until a step of this shape is a replay
@@ -336,8 +333,6 @@ def model_flops(name: str, args, params: tuple[int, int], pair) -> float:
     """Model FLOPs of one step on `pair` (MFU_FLOPS): 6N x the positions of every pass (rows x length of a padded
     batch, the packed length of a packed one), the LM head's share only over the positions it runs on (a packed
     batch's kept ones)."""
-    from .batches import tokens
-
     n, head = params
     return 6.0 * sum((n - head) * tokens(b) + head * (b["keep"].numel() if "keep" in b else tokens(b))
                      for b in pass_batches(name, args, pair))
@@ -464,8 +459,7 @@ def run_bench(args) -> int:
             "host_syncs_per_step": sum(ops["host_syncs"].values()),
             "ratio_to_sft": None, "cuda_graphs": graphs_captured(booster.engine),
             "packed_share": round(statistics.mean("cu_seqlens" in b for p in timed for b in p), 3),
-            "positions_per_step": round(statistics.mean(sum(b["input_ids"].numel() for b in pass_batches(name, args, p))
-                                                        for p in timed)),
+            "positions_per_step": round(statistics.mean(sum(map(tokens, pass_batches(name, args, p))) for p in timed)),
             "mfu": round(flops / (ms / 1e3) / (rate * 1e12), 4) if rate else None}
     ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))
     for r in results.values():

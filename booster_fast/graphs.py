@@ -59,11 +59,9 @@ def _regroup(groups: tuple, flat: tuple) -> tuple:
     return tuple(out)
 
 
-def _signature(name: str, value) -> tuple:
-    """What a captured graph assumes of one batch entry: a tensor's shape and dtype, a plain value itself."""
-    if torch.is_tensor(value):
-        return name, tuple(value.shape), value.dtype
-    return name, value
+def batch_signature(batch: dict) -> tuple:
+    """What a captured graph assumes of one batch: each tensor's shape and dtype, each plain value itself."""
+    return tuple((k, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, v) for k, v in sorted(batch.items()))
 
 
 class CaptureInvalidated(RuntimeError):
@@ -99,7 +97,7 @@ class StepGraphs:
             step, fn = fn, lambda *flat: step(*_regroup(groups, flat))
             batches = tuple(m for b in batches for m in (b if isinstance(b, (list, tuple)) else (b,)))
         stripped = tuple(without_mask(b) for b in batches)
-        key = (kind, groups) + tuple(tuple(_signature(k, v) for k, v in sorted(b.items())) for b in stripped)
+        key = (kind, groups) + tuple(batch_signature(b) for b in stripped)
         entry = self._graphs.get(key)
         for b in batches:
             check_right_padded(b, sync_ok=entry is None)  # a sync: warm-up and capture only

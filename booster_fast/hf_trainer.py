@@ -115,11 +115,10 @@ def _packed_if_exact(groups, device):
     `Booster.to_device` prepares them, when every one is right-padded with unlabelled pads; else unchanged. The
     micro-batches are copied to the host for that: one host read per update."""
     host = [[{k: v.cpu() for k, v in b.items()} for b in g] for g in groups]  # a host sync, once per update
-    for b in (b for g in host for b in g):
-        mask = b.get("attention_mask")
-        if mask is not None and (bool(left_padded(mask)) or bool(((b["labels"] != -100) & (mask == 0)).any())):
-            return groups
-    return tuple([to_device(b, device, pack=True) for b in g] for g in host)
+    try:
+        return tuple([to_device(b, device, pack=True) for b in g] for g in host)
+    except ValueError:  # packing.pack refused one (left padding, a labelled pad): not exact, keep the masks
+        return groups
 
 
 def _without_masks_if_right_padded(*groups):

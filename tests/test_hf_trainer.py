@@ -333,3 +333,23 @@ def test_fast_engine_gets_right_padded_batches_without_masks():
     assert not any("attention_mask" in b for b in align + harmful) and set(align[0]) == {"input_ids", "labels"}
     align, harmful = _without_masks_if_right_padded([right], [left])
     assert all("attention_mask" in b for b in align + harmful)
+
+
+def test_trainer_packs_only_what_packs_exactly():
+    """_packed_if_exact packs an update's micro-batches, unless one is left-padded or labels a pad: then all of
+    them keep their masks."""
+    from booster_fast.hf_trainer import _packed_if_exact
+
+    def batch(lengths, width=64):
+        real = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+        ids = torch.randint(1, 50, real.shape).masked_fill(~real, 0)
+        return {"input_ids": ids, "labels": ids.masked_fill(~real, -100), "attention_mask": real.long()}
+
+    good = batch([30, 5, 64, 1])  # 100 real of 256 positions: packing shrinks it
+    align, harmful = _packed_if_exact(([good], [good]), "cpu")
+    assert all("cu_seqlens" in b for b in align + harmful)
+    left = {k: v.flip(1) for k, v in good.items()}
+    labelled = dict(good, labels=good["labels"].masked_fill(good["attention_mask"] == 0, 7))
+    for bad in (left, labelled):
+        align, harmful = _packed_if_exact(([good], [bad]), "cpu")
+        assert align[0] is good and harmful[0] is bad, "a batch packing refuses must leave the update as it was"
