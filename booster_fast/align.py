@@ -50,9 +50,11 @@ class NonFiniteAbort(RuntimeError):
 def config_from_args(args, impl: str) -> BoosterConfig:
     tristate = {"auto": None, "on": True, "off": False}
     merge, packing = tristate[args.merge_passes], tristate[getattr(args, "packing", "auto")]
+    fused = tristate[getattr(args, "fused_ops", "auto")]
     try:
         return BoosterConfig(lamb=args.lamb, alpha=args.alpha, lr=args.lr, weight_decay=args.weight_decay,
                              max_grad_norm=args.max_grad_norm, impl=impl, merge_passes=merge, packing=packing,
+                             fused_ops=fused,
                              meta_term=not args.no_meta_term, grad_accum=args.grad_accum,
                              graphs=getattr(args, "graphs", "auto"))
     except ValueError as e:

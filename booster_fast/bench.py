@@ -19,7 +19,8 @@ clipping as the HF Trainer does them; the baseline of ratio_to_sft). Entries tha
 untimed steps until their step is captured, so no capture lands in the timing; `cuda_graphs` says which replay.
 Each entry gets the batches in the form its engine runs: fast entries as `Booster.to_device` prepares them
 (without the attention mask, or packed without pads when the engine packs: packing.py), the reference and sft
-with the mask, as the original trainer passes it. fast-padded pins packing off, to show what packing buys.
+with the mask, as the original trainer passes it. fast-padded pins packing off, to show what packing buys, and
+fast-unfused the fused RMSNorm/SwiGLU kernels (fused_ops.py), to show what they buy.
 
 Tokens. tokens_per_s counts the real (non-pad) tokens of the batches a step consumes: alignment + harmful rows
 for a Booster step (the harmful batch counted once, although the step runs it twice), the alignment rows for
@@ -64,7 +65,7 @@ from .bench_report import format_table, machine_info, plot, write_atomic
 from .cli import UsageError
 
 log = logging.getLogger("booster_fast")
-IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "fast-padded", "sft")
+IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "fast-padded", "fast-unfused", "sft")
 TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmful rows for Booster steps "
                   "(harmful rows counted once), alignment rows for sft")
 MFU_FLOPS = ("6 * N * computed positions (pads and packing filler included) of every pass of the step (2N forward "
@@ -89,12 +90,12 @@ def parse_impls(text: str) -> list[str]:
 
 def impl_config(name: str, args):
     """BoosterConfig of one entry. sft runs the reference engine's plain step (torch AdamW, per-tensor clipping);
-    fast-merged/-unmerged pin the merge and stay eager; fast-padded pins packing off; fast follows --merge-passes,
-    --packing and the default graphs mode."""
+    fast-merged/-unmerged pin the merge and stay eager; fast-padded pins packing off; fast-unfused the fused model ops; fast follows
+    --merge-passes, --packing, --fused-ops and the default graphs mode."""
     cfg = config_from_args(args, "reference" if name in ("reference", "sft") else "fast")
     pinned = {"fast-merged": dict(merge_passes=True, graphs="off"),
               "fast-unmerged": dict(merge_passes=False, graphs="off"), "fast-graphs": dict(graphs="on"),
-              "fast-padded": dict(packing=False)}
+              "fast-padded": dict(packing=False), "fast-unfused": dict(fused_ops=False)}
     return dataclasses.replace(cfg, **pinned.get(name, {}))
 
 
@@ -483,7 +484,7 @@ def run_bench(args) -> int:
 def run_config(args, names, device, n_params, n_lora, rate) -> dict:
     knobs = ("model", "quant", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
              "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum", "merge_passes",
-             "packing", "steps", "warmup")
+             "packing", "fused_ops", "steps", "warmup")
     peak = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
     return {**{k: getattr(args, k) for k in knobs}, "device": str(device), "meta_term": not args.no_meta_term,
             "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)), "impls": names,

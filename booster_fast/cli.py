@@ -42,7 +42,10 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--merge-passes", default="auto", choices=["auto", "on", "off"],
                    help="fast: harmful + alignment batches as one pass (auto: on for CUDA, off for the CPU)")
     p.add_argument("--packing", default="auto", choices=["auto", "on", "off"],
-                   help="fast: pad-free batches, no pad position computed (auto: on for CUDA, off for the CPU)")
+                   help="fast: pad-free batches, no pad position computed (auto: on wherever the model allows it)")
+    p.add_argument("--fused-ops", default="auto", choices=["auto", "on", "off"],
+                   help="fast: the model's RMSNorm and SwiGLU as fused Triton kernels (auto: on for CUDA, off for "
+                        "the CPU)")
     p.add_argument("--no-meta-term", action="store_true",
                    help="drop the −λ·∇h(w̃) term: the original's ablation, ∇f + λ·∇h (one pass fewer)")
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help=BoosterConfig.help()["graphs"])
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(b)
     b.add_argument("--impls", default="reference,fast,sft",
                    help="comma list of reference, fast, fast-merged, fast-unmerged, fast-graphs (CUDA), "
-                        "fast-padded (packing off), sft")
+                        "fast-padded (packing off), fast-unfused (fused ops off), sft")
     b.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
     b.add_argument("--json", action="store_true", help="end stdout with one JSON document")

@@ -40,6 +40,11 @@ class BoosterConfig:
                           "per-sequence attention), so no pad position is computed. None picks the measured default "
                           "of the device; models it cannot run exactly (sliding window, non-causal) stay padded."},
     )
+    fused_ops: bool | None = field(
+        default=None,
+        metadata={"help": "fast only: run the model's RMSNorm and SwiGLU as fused Triton kernels inside the step "
+                          "(Llama-style models). None: on for CUDA, off for the CPU (Triton needs a GPU there)."},
+    )
     meta_term: bool = field(
         default=True,
         metadata={"help": "Keep the −λ·∇h(w̃) term (3 passes). False is the original's ablation: ∇f + λ·∇h."},

@@ -25,6 +25,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from . import fused_ops
 from .attention import probe_flash, supports_packing
 from .batches import can_concat, concat, micro_batches, tokens
 from .config import BoosterConfig
@@ -54,6 +55,12 @@ def default_merge(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def default_fused_ops(device: torch.device) -> bool:
+    """Default per device: on for CUDA, where Triton compiles the kernels; off for the CPU (only Triton's
+    interpreter runs them there, far slower than torch). On by design until the GPU suite has measured it."""
+    return torch.device(device).type == "cuda"
+
+
 def default_packing(device: torch.device) -> bool:
     """Default per device: on for both (to_device packs only the batches it shrinks). Packing removes the pad
     positions from every matmul. CPU, measured (benchmarks/results/cpu_tiny_len256.json: the built-in data at
@@ -71,6 +78,7 @@ class FastBooster:
         self.autocast = Autocast(model, self.device)
         self.merge = default_merge(self.device) if cfg.merge_passes is None else cfg.merge_passes
         self.pack = self._packing_for(cfg.packing)
+        self.fused = self._fused_ops_for(cfg.fused_ops)
         self.distributed = dist.is_available() and dist.is_initialized()
         cuda = self.device.type == "cuda"
         # one parameter for the optimizer: the flat buffer W (a leaf sharing W's storage), grad = G_f
@@ -104,6 +112,20 @@ class FastBooster:
             log.info("packing: %s", "flash variable-length attention checked against the exact path" if why is None
                      else f"packed attention runs the exact segment grid: {why}")
         return pack
+
+    def _fused_ops_for(self, wanted: bool | None) -> bool:
+        """Installs the fused RMSNorm/SwiGLU forwards (fused_ops.py) when wanted (the device's default unless
+        pinned); one log line says what runs fused."""
+        if not (default_fused_ops(self.device) if wanted is None else wanted):
+            return False
+        counts = fused_ops.install(self.model, self.autocast)  # raises for a device that cannot run them
+        if not counts:
+            if wanted:
+                raise ValueError("fused_ops=True: the model has no Llama-style RMSNorm or MLP to fuse")
+            log.info("fused ops off: the model has no Llama-style RMSNorm or MLP")
+            return False
+        log.info("fused ops: %s", ", ".join(f"{n} {name}" for name, n in counts.items()))
+        return True
 
     def _graphs_for(self, mode: str):
         """A StepGraphs when the step should be captured, else None (with one log line saying why not)."""
@@ -186,16 +208,18 @@ class FastBooster:
     def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
         """One Booster update (one CUDA-graph replay once captured)."""
         self._prepare()
-        if self.graphs is not None:
-            return self.graphs.run(("booster", *self._baked()), self._step, (align_batch, harmful_batch))
-        return self._step(align_batch, harmful_batch)
+        with fused_ops.active(self.fused):  # held across every backward, and a checkpointed layer's recompute
+            if self.graphs is not None:
+                return self.graphs.run(("booster", *self._baked()), self._step, (align_batch, harmful_batch))
+            return self._step(align_batch, harmful_batch)
 
     def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
         """One SFT update on the same flat buffers, optimizer and clipping."""
         self._prepare()
-        if self.graphs is not None:
-            return self.graphs.run(("sft", *self._baked()), self._sft_step, (align_batch,))
-        return self._sft_step(align_batch)
+        with fused_ops.active(self.fused):
+            if self.graphs is not None:
+                return self.graphs.run(("sft", *self._baked()), self._sft_step, (align_batch,))
+            return self._sft_step(align_batch)
 
     def _baked(self) -> tuple:
         """The optimizer's Python-number hyperparameters, which a captured graph holds as constants: part of the

@@ -66,6 +66,7 @@ class BoosterTrainingArguments(TrainingArguments):
     booster_impl: str = field(default="fast", metadata={"help": BoosterConfig.help()["impl"]})
     merge_passes: bool | None = field(default=None, metadata={"help": BoosterConfig.help()["merge_passes"]})
     packing: bool | None = field(default=None, metadata={"help": BoosterConfig.help()["packing"]})
+    fused_ops: bool | None = field(default=None, metadata={"help": BoosterConfig.help()["fused_ops"]})
     meta_term: bool = field(default=True, metadata={"help": BoosterConfig.help()["meta_term"]})
 
     def __post_init__(self):
@@ -233,7 +234,7 @@ class BoosterTrainer(Trainer):
                              betas=(a.adam_beta1, a.adam_beta2), adam_eps=a.adam_epsilon,
                              max_grad_norm=0.0,        # the Trainer clips, once, on the combined gradient
                              impl=getattr(a, "booster_impl", "fast"), merge_passes=getattr(a, "merge_passes", None),
-                             packing=getattr(a, "packing", None),
+                             packing=getattr(a, "packing", None), fused_ops=getattr(a, "fused_ops", None),
                              meta_term=getattr(a, "meta_term", True),
                              grad_accum=1,             # micro-batches arrive as lists (see training_step)
                              skip_nonfinite=False, graphs="off")

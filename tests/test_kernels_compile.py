@@ -5,7 +5,9 @@ compiler accepts them nor the code it makes. Triton compiles ahead of time for a
 so each kernel goes through the whole pipeline to a cubin here, and the PTX of the memory-bound kernels is
 checked for what lets them stream at copy speed: with a length divisible by 16 (FlatLoRA pads its buffers to a
 multiple of 64) and 16-byte aligned buffers (as torch allocates them), every access to a flat buffer is a
-128-bit vector load or store. Only the 0-dim scalars (ss in, the norm or a partial sum out) are 32-bit.
+128-bit vector load or store. Only the 0-dim scalars (ss in, the norm or a partial sum out) are 32-bit. The
+model kernels (model_kernels.py) are compiled as the 7B shape runs them: bf16 tensors, rows of 4096, the
+rounding to bf16 on; their only 32-bit accesses are the norm's one rstd per row.
 
 The compiler runs in a child process without TRITON_INTERPRET: Triton reads the variable at import time and
 while compiling, and a process that imported it in interpreter mode cannot compile for real.
@@ -26,6 +28,10 @@ KERNELS = {
     "_sumsq_finish_kernel": None,
     "_normalize_perturb_kernel": (1, 1),
     "_restore_combine_kernel": (0, 0),
+    "_rms_norm_fwd_kernel": (0, 1),
+    "_rms_norm_bwd_kernel": (1, 0),
+    "_silu_mul_fwd_kernel": (0, 0),
+    "_silu_mul_bwd_kernel": (0, 0),
 }
 
 COMPILE = r"""
@@ -34,23 +40,29 @@ from collections import Counter
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from booster_fast.kernels import booster_kernels as bk
+from booster_fast.kernels import booster_kernels as bk, model_kernels as mk
 
-# the launch configuration of each kernel, as the launchers in booster_kernels.py use it
-launch = {"_sumsq_partial_kernel": ({"BLOCK": bk.BLOCK}, bk.NUM_WARPS),
-          "_sumsq_finish_kernel": ({"BLOCK_R": bk.BLOCK_R}, 4),
-          "_normalize_perturb_kernel": ({"BLOCK": bk.BLOCK}, bk.NUM_WARPS),
-          "_restore_combine_kernel": ({"BLOCK": bk.BLOCK}, bk.NUM_WARPS)}
+# the launch configuration of each kernel, as the launchers use it: (module, constexprs, num_warps, tensor type)
+rows = {"BLOCK_N": 4096}  # the 7B shape's hidden size: _row_settings gives 16 warps
+launch = {"_sumsq_partial_kernel": (bk, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
+          "_sumsq_finish_kernel": (bk, {"BLOCK_R": bk.BLOCK_R}, 4, "*fp32"),
+          "_normalize_perturb_kernel": (bk, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
+          "_restore_combine_kernel": (bk, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
+          "_rms_norm_fwd_kernel": (mk, {"ROUND": True, **rows}, mk._row_settings(4096)[1], "*bf16"),
+          "_rms_norm_bwd_kernel": (mk, rows, mk._row_settings(4096)[1], "*bf16"),
+          "_silu_mul_fwd_kernel": (mk, {"ROUND": True, "BLOCK": mk.BLOCK}, mk.NUM_WARPS, "*bf16"),
+          "_silu_mul_bwd_kernel": (mk, {"ROUND": True, "BLOCK": mk.BLOCK}, mk.NUM_WARPS, "*bf16")}
 out = {}
 for name in sys.argv[1:]:
-    jit = getattr(bk, name)
-    constexprs, num_warps = launch[name]
+    module, constexprs, num_warps, tensor = launch[name]
+    jit = getattr(module, name)
     signature, attrs = {}, {}
     for i, arg in enumerate(jit.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):  # torch allocations: 16-byte aligned (G_f = G[1]: 256-byte, by the padding)
-            signature[arg], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+            kind = "*fp32" if arg == "rstd_ptr" else tensor
+            signature[arg], attrs[(i,)] = kind, [["tt.divisibility", 16]]
         elif arg == "n":  # the flat buffers' length, padded to a multiple of 64
             signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
         else:
