@@ -110,6 +110,16 @@ def resolve_device(name: str | None, rank_local: int = 0) -> torch.device:
     return device
 
 
+def check_device_flags(args, device: torch.device):
+    """Raise UsageError for a flag pinned on that `device` cannot honour (before anything is loaded)."""
+    from .kernels.model_kernels import available
+
+    if getattr(args, "graphs", "auto") == "on" and device.type != "cuda":
+        raise UsageError(f"--graphs on needs a CUDA device, not {device}")
+    if getattr(args, "fused_ops", "auto") == "on" and not available(device):
+        raise UsageError(f"--fused-ops on needs a CUDA device (the Triton kernels), not {device}")
+
+
 # ------------------------------------------------------------------------------------------------
 # the output directory and --resume
 # ------------------------------------------------------------------------------------------------
@@ -291,6 +301,7 @@ def run_align(args) -> int:
     cfg = config_from_args(args, args.impl)
     max_skipped = check_run_args(args, cfg)
     rank, world, device = _dist_setup(args.device)
+    check_device_flags(args, device)
     if world > 1 and cfg.impl == "reference":
         raise UsageError("the reference implementation runs in one process; use --impl fast under torchrun")
     if rank == 0 and args.resume is None:
@@ -310,7 +321,10 @@ def run_align(args) -> int:
     if args.epochs is not None:
         steps = max(1, math.ceil(args.epochs * streams["align"].batches_per_epoch))
     steps = 20 if steps is None else steps
-    booster = Booster(model, cfg)
+    try:
+        booster = Booster(model, cfg)
+    except ValueError as e:  # a pinned feature this model cannot run (packing, fused ops): nothing written yet
+        raise UsageError(str(e)) from None
 
     run = None
     try:

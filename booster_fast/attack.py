@@ -278,7 +278,7 @@ def _check_args(args):
 
 
 def run_attack(args) -> int:
-    from .align import resolve_device
+    from .align import check_device_flags, resolve_device
     from .cli import UsageError
 
     _check_args(args)
@@ -290,6 +290,7 @@ def run_attack(args) -> int:
     if max_length < 1:
         raise UsageError(f"--max-length must be >= 1, got {max_length}")
     device = resolve_device(args.device)
+    check_device_flags(args, device)
     with flush_denormals(device):
         return _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device)
 

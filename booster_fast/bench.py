@@ -59,7 +59,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .align import build_streams, check_common_args, config_from_args, resolve_device
+from .align import build_streams, check_common_args, check_device_flags, config_from_args, resolve_device
 from .batches import tokens
 from .bench_report import format_table, machine_info, plot, write_atomic
 from .cli import UsageError
@@ -439,6 +439,7 @@ def run_bench(args) -> int:
 
     names = check_bench_args(args)
     device = resolve_device(args.device)
+    check_device_flags(args, device)
     results: dict[str, dict] = {}
     impls, batches, n_params, n_lora = build_all(names, args, device, results)
     times, tps = time_interleaved(impls, batches, args, device, results)

@@ -184,6 +184,7 @@ BAD = {
     "output-is-a-file": lambda tmp: ([], _regular_file(tmp)),
     "unknown-target": lambda tmp: (["--targets", "nonexistent_proj"], None),
     "cuda-without-cuda": lambda tmp: (["--device", "cuda"], None),
+    "graphs-on-cpu": lambda tmp: (["--device", "cpu", "--graphs", "on"], None),
 }
 
 
@@ -236,6 +237,19 @@ def test_non_positive_epochs_is_a_usage_error(tmp_path, capsys):
     assert code == 2 and err.strip().startswith("booster-fast: error:")
 
 
+@pytest.mark.parametrize("command", ["align", "bench"])
+def test_fused_ops_on_without_a_device_for_them(command, monkeypatch, tmp_path, capsys):
+    """--fused-ops on where the Triton kernels cannot run (here: the interpreter taken away) is refused up front."""
+    from booster_fast.kernels import model_kernels
+
+    monkeypatch.setattr(model_kernels, "available", lambda device: False)
+    extra = ["--output", str(tmp_path / "run"), "--steps", "1", *FAST] if command == "align" else ["--steps", "1"]
+    code = main([command, "--device", "cpu", "--fused-ops", "on", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--fused-ops on needs a CUDA device" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_run_leaves_no_new_parent_dirs(tmp_path, capsys):
     code = main(["align", "--output", str(tmp_path / "new" / "deeper" / "run"), "--model", "no/such-model-xyz"])
     assert code == 2 and capsys.readouterr().err.count("\n") == 1
@@ -281,3 +295,12 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_fused_ops_flag_reaches_the_config():
+    from booster_fast.align import config_from_args
+    from booster_fast.cli import build_parser
+
+    for flag, want in (("auto", None), ("on", True), ("off", False)):
+        args = build_parser().parse_args(["align", "--output", "x", "--fused-ops", flag])
+        assert config_from_args(args, "fast").fused_ops is want

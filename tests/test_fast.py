@@ -1,7 +1,5 @@
 """The fast step computes the reference's update: merged and unmerged, meta term on and off, fp32 and NF4,
 gradient accumulation, several processes; and its bookkeeping does not grow with the number of LoRA tensors."""
-import os
-import socket
 
 import pytest
 import torch
@@ -406,17 +404,11 @@ def test_meta_term_off_uses_two_passes(batches):
 
 
 # -- several processes: 2 gloo ranks equal one process on the union batch -----------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, batch, result):
+def _rank_main(rank, world, store, batch, result):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # the ranks meet through a file, not a TCP port that another process could take between choosing and binding
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         rows = batch[0]["input_ids"].shape[0] // world
@@ -430,13 +422,13 @@ def _rank_main(rank, world, port, batch, result):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one():
+def test_two_processes_equal_one(tmp_path):
     (batch,) = builtin_batches(make_model()[1], 1, batch_size=8)
     single = first_update("fast", batch, merge_passes=True)
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         result = manager.dict()
-        mp.start_processes(_rank_main, args=(2, _free_port(), batch, result), nprocs=2, join=True,
+        mp.start_processes(_rank_main, args=(2, tmp_path / "store", batch, result), nprocs=2, join=True,
                            start_method="spawn")
         multi = result["grad"].clone()
     assert relative(multi, single) <= 1e-5, f"2 ranks differ from 1 process by {relative(multi, single):.3g}"

@@ -1,4 +1,5 @@
-"""Pure-torch float64 references for the fused Booster kernels, shared by tests and benchmarks.
+"""Pure-torch float64 references for the fused kernels (booster_kernels.py, model_kernels.py), shared by tests
+and benchmarks.
 
 Every function is functional (inputs are never modified), upcasts to float64 and returns float64 tensors,
 so the fp32 kernels can be compared against a result whose own rounding error is negligible. The maths is
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sumsq_ref", "normalize_perturb_ref", "restore_combine_ref"]
+__all__ = ["sumsq_ref", "normalize_perturb_ref", "restore_combine_ref", "rms_norm_ref", "silu_mul_ref"]
 
 
 def sumsq_ref(x: torch.Tensor) -> torch.Tensor:
@@ -44,3 +45,20 @@ def restore_combine_ref(B: torch.Tensor, G_h: torch.Tensor, G_f: torch.Tensor,
     """Expected buffers after ``restore_combine_`` (float64): ``{"W": B, "G_f": G_f - lamb * G_h}``."""
     b64, gh64, gf64 = (t.detach().to(torch.float64) for t in (B, G_h, G_f))
     return {"W": b64, "G_f": gf64 - lamb * gh64}
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """RMSNorm over the last dimension in float64, ``y = weight * x / sqrt(mean(x^2) + eps)``, and the gradients
+    of ``(y * dy).sum()``: ``{"y", "dx", "dweight"}`` (by autograd in float64, not by the kernel's formula)."""
+    x64, w64 = (t.detach().to(torch.float64).requires_grad_() for t in (x, weight))
+    y = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps))
+    dx, dw = torch.autograd.grad(y, (x64, w64), dy.detach().to(torch.float64))
+    return {"y": y.detach(), "dx": dx, "dweight": dw}
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``h = silu(gate) * up`` in float64 and the gradients of ``(h * dh).sum()``: ``{"h", "dgate", "dup"}``."""
+    g64, u64 = (t.detach().to(torch.float64).requires_grad_() for t in (gate, up))
+    h = g64 * torch.sigmoid(g64) * u64
+    dg, du = torch.autograd.grad(h, (g64, u64), dh.detach().to(torch.float64))
+    return {"h": h.detach(), "dgate": dg, "dup": du}

@@ -1,0 +1,218 @@
+"""The fused model kernels (RMSNorm, SwiGLU): against float64 references on irregular sizes, against
+transformers' own modules in bf16, switched in and out of a model, and the fast step with them against the
+reference step. On the CPU the kernels run under Triton's interpreter (conftest.py), which rounds fp32 to bf16
+by truncation where the GPU rounds to nearest: the CPU's bf16 bounds allow for that, the GPU tests' do not."""
+import logging
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+import booster_fast as bf
+from booster_fast import fused_ops
+from booster_fast.kernels.model_kernels import rms_norm, silu_mul
+from booster_fast.kernels.reference import rms_norm_ref, silu_mul_ref
+from booster_fast.models import enable_gradient_checkpointing
+from booster_fast.packing import pack
+
+from test_fast import SEED, builtin_batches, first_update, make_model, relative
+from test_kernels import _gen, assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 kernels against float64: a few roundings and one reduction over the row (the norm); the norm weight's
+# gradient sums over up to ~130 rows of values up to ~10
+TOL = {torch.float32: (1e-5, 1e-5)}
+TOL_SUM = {torch.float32: (1e-4, 1e-5)}
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37, 781), (129, 1000), (2, 0, 64), (5, 4096)])
+def test_rms_norm_matches_float64(shape):
+    g = _gen("rms_norm", shape)
+    x = (torch.randn(shape, generator=g) * 3).to(DEVICE).requires_grad_()
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(DEVICE).requires_grad_()
+    dy = torch.randn(shape, generator=g).to(DEVICE)
+    y = rms_norm(x, w, 1e-6)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    want = rms_norm_ref(x, w, 1e-6, dy)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert_close(y, want["y"], f"y {shape}", TOL)
+    assert_close(dx, want["dx"], f"dx {shape}", TOL)
+    assert_close(dw, want["dweight"], f"dweight {shape}", TOL_SUM)
+
+
+@pytest.mark.parametrize("shape", [(1,), (2047,), (2049,), (3, 1823, 7), (0, 5)])
+def test_silu_mul_matches_float64(shape):
+    g = _gen("silu_mul", shape)
+    gate, up = ((torch.randn(shape, generator=g) * 4).to(DEVICE).requires_grad_() for _ in range(2))
+    dh = torch.randn(shape, generator=g).to(DEVICE)
+    h = silu_mul(gate, up)
+    dgate, dup = torch.autograd.grad(h, (gate, up), dh)
+    want = silu_mul_ref(gate, up, dh)
+    assert_close(h, want["h"], f"h {shape}", TOL)
+    assert_close(dgate, want["dgate"], f"dgate {shape}", TOL)
+    assert_close(dup, want["dup"], f"dup {shape}", TOL)
+
+
+def test_kernels_refuse_mismatched_operands():
+    with pytest.raises(ValueError, match="weight of shape"):
+        rms_norm(torch.randn(3, 8), torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="must match"):
+        silu_mul(torch.randn(3, 8), torch.randn(3, 8, dtype=torch.float64))
+
+
+def _bf16_against_transformers(bound_out: float, bound_grad: float):
+    g = _gen("bf16")
+    norm = LlamaRMSNorm(781, eps=1e-5).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(781, generator=g) + 0.5)
+    x = (torch.randn(53, 781, generator=g) * 3).to(DEVICE, torch.bfloat16).requires_grad_()
+    gate, up = ((torch.randn(41, 333, generator=g) * 3).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(2))
+    pairs = {"rms_norm": ((x,), norm(x), rms_norm(x, norm.weight, norm.variance_epsilon)),
+             "silu_mul": ((gate, up), nn.functional.silu(gate) * up, silu_mul(gate, up))}
+    for name, (inputs, want, got) in pairs.items():
+        assert got.dtype == want.dtype == torch.bfloat16
+        err = relative(got.float(), want.float())
+        assert err <= bound_out, f"{name}: {err:.3g} from transformers' bf16 result"
+        seed = torch.randn(want.shape, generator=g).to(DEVICE, torch.bfloat16)
+        for i, (a, b) in enumerate(zip(torch.autograd.grad(got, inputs, seed), torch.autograd.grad(want, inputs, seed))):
+            err = relative(a.float(), b.float())
+            assert err <= bound_grad, f"{name}: gradient of input {i} is {err:.3g} from transformers' bf16 one"
+
+
+def test_bf16_kernels_follow_transformers_roundings():
+    """In bf16 the kernels round where transformers' modules round (one bf16 ulp is 2^-8 relative at most);
+    the interpreter's truncating casts cost up to about one more."""
+    _bf16_against_transformers(8e-3, 1.5e-2)
+
+
+@pytest.mark.gpu
+def test_bf16_kernels_follow_transformers_roundings_on_cuda():
+    _bf16_against_transformers(3e-3, 6e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# installed in a model: fused inside `active()`, the model's own forward outside
+# ---------------------------------------------------------------------------------------------------------
+def _counting(monkeypatch):
+    calls = {"rms_norm": 0, "silu_mul": 0}
+    for name in calls:
+        kernel = getattr(fused_ops, name)
+
+        def spy(*args, _kernel=kernel, _name=name):
+            calls[_name] += 1
+            return _kernel(*args)
+        monkeypatch.setattr(fused_ops, name, spy)
+    return calls
+
+
+def test_install_fuses_inside_active_only(monkeypatch):
+    model, tok = make_model()
+    ids = torch.randint(4, tok.vocab_size, (2, 19), generator=_gen("ids"))
+    before = model(input_ids=ids).logits
+    layers = model.config.num_hidden_layers
+    counts = fused_ops.install(model)
+    assert counts == {"LlamaRMSNorm": 2 * layers + 1, "LlamaMLP": layers}
+    assert fused_ops.install(model) == counts, "installing twice must add nothing"
+    calls = _counting(monkeypatch)
+    outside = model(input_ids=ids).logits
+    assert calls == {"rms_norm": 0, "silu_mul": 0} and torch.equal(outside, before), "outside active(): changed"
+    with fused_ops.active():
+        inside = model(input_ids=ids).logits
+    assert calls == {"rms_norm": 2 * layers + 1, "silu_mul": layers}
+    assert relative(inside, before) <= 1e-5
+    with fused_ops.active(False):
+        assert not fused_ops._active
+
+
+def test_a_class_whose_fused_forward_disagrees_keeps_its_own(monkeypatch, caplog):
+    monkeypatch.setattr(fused_ops, "rms_norm", lambda x, weight, eps: x * weight)  # forgets to normalise
+    model, _ = make_model()
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        counts = fused_ops.install(model)
+    assert "LlamaRMSNorm" not in counts and counts["LlamaMLP"] == model.config.num_hidden_layers
+    assert "LlamaRMSNorm kept its own forward" in caplog.text
+    assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "LlamaRMSNorm")
+
+
+def test_nothing_to_fuse_and_no_device_for_it(monkeypatch):
+    assert fused_ops.install(nn.Sequential(nn.Linear(4, 4), nn.SiLU())) == {}
+    monkeypatch.setattr(fused_ops, "available", lambda device: False)
+    with pytest.raises(ValueError, match="fused ops need CUDA"):
+        fused_ops.install(make_model()[0])
+    with pytest.raises(ValueError, match="fused ops need CUDA"):
+        bf.Booster(make_model()[0], bf.BoosterConfig(fused_ops=True))
+
+
+def test_cpu_default_leaves_the_model_alone():
+    model, _ = make_model()
+    booster = bf.Booster(model, bf.BoosterConfig())
+    assert booster.engine.fused is False
+    assert not any(getattr(m, "_booster_fused", False) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the fast step with the fused ops
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_batch():
+    _, tok = bf.load_model("tiny", device="cpu")
+    (b,) = builtin_batches(tok, 1, batch_size=2, max_length=48)
+    return b
+
+
+@pytest.mark.parametrize("merge, packing", [(True, False), (True, True), (False, True)])
+def test_fused_fast_step_gives_the_reference_gradient(small_batch, monkeypatch, merge, packing):
+    ref = first_update("reference", small_batch)
+    calls = _counting(monkeypatch)
+    batch = tuple(pack(b) for b in small_batch) if packing else small_batch
+    fast = first_update("fast", batch, fused_ops=True, merge_passes=merge, packing=packing)
+    assert calls["rms_norm"] > 0 and calls["silu_mul"] > 0, "the fused kernels did not run"
+    err = relative(fast[:ref.numel()], ref)
+    assert err <= 1e-5, f"merge={merge} packing={packing}: fused gradient differs from the reference by {err:.3g}"
+
+
+def test_checkpointed_recompute_runs_fused(small_batch, monkeypatch):
+    """With gradient checkpointing the backward recomputes each layer: it must do so with the fused forwards
+    too (the step holds active() across the backward), and give the same gradient."""
+    grads, calls = {}, {}
+    for checkpointing in (False, True):
+        model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        torch.manual_seed(SEED)
+        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(fused_ops=True, merge_passes=True))
+        engine, seen = booster.engine, []
+        update = engine._clip_and_update
+        engine._clip_and_update = lambda: (seen.append(engine.flat.G_f.clone()), update())[1]
+        calls[checkpointing] = _counting(monkeypatch)
+        booster.step(*small_batch)
+        grads[checkpointing] = seen[0]
+        monkeypatch.undo()
+    layers = model.config.num_hidden_layers
+    # per forward: 2 norms a layer + the final one; the recompute adds the layers' 2 each, once per forward
+    assert calls[True]["rms_norm"] - calls[False]["rms_norm"] == 2 * 2 * layers, calls
+    assert calls[True]["silu_mul"] == 2 * calls[False]["silu_mul"], calls
+    err = relative(grads[True], grads[False])
+    assert err <= 1e-6, f"checkpointed fused gradient differs by {err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_fused_step_on_cuda_matches_unfused(small_batch, graphs):
+    """bf16 tiny model on CUDA: the fused step's gradient and losses against the unfused one's, eager and
+    captured (5 steps, so that replays are compared too)."""
+    outs = {}
+    for fused in (False, True):
+        model, _ = bf.load_model("tiny", seed=SEED, device="cuda", dtype=torch.bfloat16)
+        torch.manual_seed(SEED)
+        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(fused_ops=fused, graphs=graphs))
+        assert booster.engine.fused is fused
+        a, h = (booster.to_device(b, "cuda") for b in small_batch)
+        outs[fused] = [booster.step(a, h) for _ in range(5)]
+        outs[fused, "W"] = booster.engine.flat.W.clone()
+    for key in ("loss", "harmful_loss", "harmful_loss_perturbed"):
+        got, want = (torch.stack([o[key] for o in outs[f]]) for f in (True, False))
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=lambda m: f"{key}: {m}")
+    assert relative(outs[True, "W"], outs[False, "W"]) <= 2e-2
