@@ -66,7 +66,7 @@ part kernel_bandwidth 25 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
 # (2) graph vs eager over 5 steps on tiny and llama-1b-shape, padded; and packed (two lengths alternating)
 part graph_equivalence 55 python3 benchmarks/gpu_checks.py equivalence --out "$RES"
 # (3)+(4) the step benchmark with peak memory: reference / fast eager / fast graphs (/ sft at 1B); fast entries
-# pack their batches and fuse RMSNorm/SwiGLU (the defaults): fast-padded shows what packing buys, fast-unfused
+# pack their batches and fuse RMSNorm/SwiGLU/RoPE (the defaults): fast-padded shows what packing buys, fast-unfused
 # what the fused model ops buy
 part bench_1b_bf16 50 $BENCH --model llama-1b-shape --quant none \
   --impls reference,fast,fast-graphs,fast-padded,fast-unfused,sft \

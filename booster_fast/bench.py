@@ -20,7 +20,7 @@ untimed steps until their step is captured, so no capture lands in the timing; `
 Each entry gets the batches in the form its engine runs: fast entries as `Booster.to_device` prepares them
 (without the attention mask, or packed without pads when the engine packs: packing.py), the reference and sft
 with the mask, as the original trainer passes it. fast-padded pins packing off, to show what packing buys, and
-fast-unfused the fused RMSNorm/SwiGLU kernels (fused_ops.py), to show what they buy.
+fast-unfused the fused RMSNorm/SwiGLU/RoPE kernels (fused_ops.py), to show what they buy.
 
 Tokens. tokens_per_s counts the real (non-pad) tokens of the batches a step consumes: alignment + harmful rows
 for a Booster step (the harmful batch counted once, although the step runs it twice), the alignment rows for

@@ -114,15 +114,15 @@ class FastBooster:
         return pack
 
     def _fused_ops_for(self, wanted: bool | None) -> bool:
-        """Installs the fused RMSNorm/SwiGLU forwards (fused_ops.py) when wanted (the device's default unless
+        """Installs the fused RMSNorm/SwiGLU/RoPE forwards (fused_ops.py) when wanted (the device's default unless
         pinned); one log line says what runs fused."""
         if not (default_fused_ops(self.device) if wanted is None else wanted):
             return False
         counts = fused_ops.install(self.model, self.autocast)  # raises for a device that cannot run them
         if not counts:
             if wanted:
-                raise ValueError("fused_ops=True: the model has no Llama-style RMSNorm or MLP to fuse")
-            log.info("fused ops off: the model has no Llama-style RMSNorm or MLP")
+                raise ValueError("fused_ops=True: the model has no Llama-style RMSNorm, MLP or attention to fuse")
+            log.info("fused ops off: the model has no Llama-style RMSNorm, MLP or attention")
             return False
         log.info("fused ops: %s", ", ".join(f"{n} {name}" for name, n in counts.items()))
         return True

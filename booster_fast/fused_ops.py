@@ -1,29 +1,36 @@
-"""The model's RMSNorm and SwiGLU as fused kernels (kernels/model_kernels.py), inside the fast step only.
+"""The model's RMSNorm, SwiGLU and rotary embedding as fused kernels (kernels/model_kernels.py), inside the
+fast step only.
 
 `install(model)` gives each recognised module a forward of its own that runs the fused kernel while `active()`
-holds, and the module's class forward otherwise. So the fast engine switches them on around its step (forward,
-backward and a checkpointed layer's recompute alike), while evaluation, generation and a reference engine on
-the same model run transformers' own ops untouched.
+holds, and the module's class forward otherwise; the rotary embedding, a function of the model's transformers
+module rather than a module, is wrapped there the same way. So the fast engine switches them on around its
+step (forward, backward and a checkpointed layer's recompute alike), while evaluation, generation and a
+reference engine on the same model run transformers' own ops untouched.
 
 Recognised: Llama-style RMSNorm (`w * round(x * rsqrt(mean(x^2) + eps))`; Gemma's `1 + w` norm is a different
-op and is left alone) and Llama-style MLPs (`down(silu(gate(x)) * up(x))`). The class name picks the
-candidates; before installing, one module of each class runs both ways on random input, and a class whose
-forward disagrees (another transformers release, a custom model) keeps its own, with one log line.
+op and is left alone), Llama-style MLPs (`down(silu(gate(x)) * up(x))`) and the `apply_rotary_pos_emb` of the
+modules that define Llama-style attention. The class name picks the candidates; before installing, each kind
+runs both ways once on random input, and one whose forward disagrees (another transformers release, a custom
+model) keeps its own, with one log line.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import sys
 import types
 
 import torch
 import torch.nn as nn
 
-from .kernels.model_kernels import available, rms_norm, silu_mul
+from .kernels.model_kernels import available, rms_norm, rope, silu_mul
 
 log = logging.getLogger("booster_fast")
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+ROPE = "apply_rotary_pos_emb"
 _active = False
 
 
@@ -48,6 +55,61 @@ def _mlp_forward(self, x):
     if _active:
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
     return type(self).forward(self, x)
+
+
+def _rope_wrapper(original):
+    """`original` (transformers' apply_rotary_pos_emb), running the fused kernel while active for the layout
+    the attention uses ([B, H, T, D] against [B, T, D] tables)."""
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
+        if (_active and unsqueeze_dim == 1 and not kwargs and q.dim() == k.dim() == 4 and cos.dim() == 3
+                and not (cos.requires_grad or sin.requires_grad)):
+            return rope(q, cos, sin), rope(k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
+
+    apply_rotary_pos_emb._booster_fused = True
+    apply_rotary_pos_emb._booster_original = original
+    return apply_rotary_pos_emb
+
+
+@torch.no_grad()
+def _rope_agrees(namespace, device, dtype) -> float:
+    """Relative difference between the wrapped and the original rotary function of a transformers module, on
+    random queries in the attention's layout (a host read, once per module when installing)."""
+    fused = namespace.__dict__[ROPE]
+    original = fused._booster_original
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k = (torch.randn(2, 5, 3, 8, generator=g, device=device).to(dtype).transpose(1, 2) for _ in range(2))
+    angles = torch.rand(2, 5, 4, generator=g, device=device) * 6
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    want = torch.cat(original(q, k, cos, sin)).float()
+    with active():
+        got = torch.cat(fused(q, k, cos, sin)).float()
+    return float((got - want).norm() / want.norm())
+
+
+def _install_rope(model: nn.Module, tolerance: float) -> int:
+    """Wrap apply_rotary_pos_emb in the transformers module of each Llama-style attention of `model`; returns
+    how many attention modules it covers."""
+    covered, dtype = 0, next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad),
+                             torch.bfloat16)
+    for module in model.modules():
+        if type(module).__name__ not in ATTENTIONS:
+            continue
+        namespace = sys.modules[type(module).__module__]
+        function = getattr(namespace, ROPE, None)
+        if function is None:
+            continue
+        if not getattr(function, "_booster_fused", False):
+            setattr(namespace, ROPE, _rope_wrapper(function))
+            err = _rope_agrees(namespace, next(module.parameters()).device, dtype)
+            if not err <= tolerance:
+                setattr(namespace, ROPE, function)
+                log.info("fused ops: %s.%s kept (the fused one differs by %.2g relative)", namespace.__name__, ROPE,
+                         err)
+                continue
+        covered += 1
+    return covered
 
 
 def _kind(module: nn.Module):
@@ -113,4 +175,7 @@ def install(model: nn.Module, autocast=contextlib.nullcontext, tolerance: float 
             module.forward = types.MethodType(fused, module)
             module._booster_fused = True
             counts[name] = counts.get(name, 0) + 1
+    rotary = _install_rope(model, tolerance)
+    if rotary:
+        counts[ROPE] = rotary
     return counts

@@ -1,4 +1,4 @@
-"""The fused model kernels (RMSNorm, SwiGLU): against float64 references on irregular sizes, against
+"""The fused model kernels (RMSNorm, SwiGLU, rotary embedding): against float64 references on irregular sizes, against
 transformers' own modules in bf16, switched in and out of a model, and the fast step with them against the
 reference step. On the CPU the kernels run under Triton's interpreter (conftest.py), which rounds fp32 to bf16
 by truncation where the GPU rounds to nearest: the CPU's bf16 bounds allow for that, the GPU tests' do not."""
@@ -7,12 +7,13 @@ import logging
 import pytest
 import torch
 from torch import nn
+from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import booster_fast as bf
 from booster_fast import fused_ops
-from booster_fast.kernels.model_kernels import rms_norm, silu_mul
-from booster_fast.kernels.reference import rms_norm_ref, silu_mul_ref
+from booster_fast.kernels.model_kernels import rms_norm, rope, silu_mul
+from booster_fast.kernels.reference import rms_norm_ref, rope_ref, silu_mul_ref
 from booster_fast.models import enable_gradient_checkpointing
 from booster_fast.packing import pack
 
@@ -55,11 +56,46 @@ def test_silu_mul_matches_float64(shape):
     assert_close(dup, want["dup"], f"dup {shape}", TOL)
 
 
+def _tables(batch, T, D, g):
+    """cos and sin [batch, T, D] as Llama builds them (the angles repeated over the two halves)."""
+    angles = torch.rand(batch, T, D // 2, generator=g, dtype=torch.float64) * 20
+    return (f(torch.cat([angles, angles], -1)).float().to(DEVICE) for f in (torch.cos, torch.sin))
+
+
+@pytest.mark.parametrize("B, H, T, D, table_rows, layout", [
+    (2, 3, 7, 10, 2, "attention"),   # [B, T, H, D] memory seen as [B, H, T, D], as the attention makes it
+    (1, 5, 33, 48, 1, "attention"),  # a packed row: one table row; the tiny model's head size (half of 24)
+    (3, 1, 17, 2, 1, "contiguous"),
+    (2, 4, 9, 16, 2, "strided"),     # the last dimension not contiguous: copied first
+    (1, 2, 0, 8, 1, "attention"),    # no tokens
+])
+def test_rope_matches_float64(B, H, T, D, table_rows, layout):
+    g = _gen("rope", B, H, T, D, layout)
+    if layout == "attention":
+        x = torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+    elif layout == "strided":
+        x = torch.randn(B, H, D, T, generator=g).transpose(2, 3)
+    else:
+        x = torch.randn(B, H, T, D, generator=g)
+    x = x.to(DEVICE).requires_grad_()
+    cos, sin = _tables(table_rows, T, D, g)
+    dy = torch.randn(B, H, T, D, generator=g).to(DEVICE)
+    y = rope(x, cos, sin)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    want = rope_ref(x, cos, sin, dy)
+    if layout == "attention":
+        assert y.stride() == x.stride(), "the result should keep the attention's layout"
+    assert_close(y, want["y"], f"y {B, H, T, D}", TOL)
+    assert_close(dx, want["dx"], f"dx {B, H, T, D}", TOL)
+
+
 def test_kernels_refuse_mismatched_operands():
     with pytest.raises(ValueError, match="weight of shape"):
         rms_norm(torch.randn(3, 8), torch.ones(7), 1e-6)
     with pytest.raises(ValueError, match="must match"):
         silu_mul(torch.randn(3, 8), torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="rope"):
+        rope(torch.randn(1, 2, 5, 7), torch.randn(1, 5, 7), torch.randn(1, 5, 7))  # odd head size
 
 
 def _bf16_against_transformers(bound_out: float, bound_grad: float):
@@ -69,8 +105,12 @@ def _bf16_against_transformers(bound_out: float, bound_grad: float):
         norm.weight.copy_(torch.rand(781, generator=g) + 0.5)
     x = (torch.randn(53, 781, generator=g) * 3).to(DEVICE, torch.bfloat16).requires_grad_()
     gate, up = ((torch.randn(41, 333, generator=g) * 3).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(2))
+    q = (torch.randn(2, 11, 4, 64, generator=g)).to(DEVICE, torch.bfloat16).transpose(1, 2).requires_grad_()
+    cos, sin = (t.to(torch.bfloat16) for t in _tables(2, 11, 64, g))
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "_booster_original", modeling_llama.apply_rotary_pos_emb)
     pairs = {"rms_norm": ((x,), norm(x), rms_norm(x, norm.weight, norm.variance_epsilon)),
-             "silu_mul": ((gate, up), nn.functional.silu(gate) * up, silu_mul(gate, up))}
+             "silu_mul": ((gate, up), nn.functional.silu(gate) * up, silu_mul(gate, up)),
+             "rope": ((q,), original(q, q, cos, sin)[0], rope(q, cos, sin))}
     for name, (inputs, want, got) in pairs.items():
         assert got.dtype == want.dtype == torch.bfloat16
         err = relative(got.float(), want.float())
@@ -96,7 +136,7 @@ def test_bf16_kernels_follow_transformers_roundings_on_cuda():
 # installed in a model: fused inside `active()`, the model's own forward outside
 # ---------------------------------------------------------------------------------------------------------
 def _counting(monkeypatch):
-    calls = {"rms_norm": 0, "silu_mul": 0}
+    calls = {"rms_norm": 0, "silu_mul": 0, "rope": 0}
     for name in calls:
         kernel = getattr(fused_ops, name)
 
@@ -113,14 +153,14 @@ def test_install_fuses_inside_active_only(monkeypatch):
     before = model(input_ids=ids).logits
     layers = model.config.num_hidden_layers
     counts = fused_ops.install(model)
-    assert counts == {"LlamaRMSNorm": 2 * layers + 1, "LlamaMLP": layers}
+    assert counts == {"LlamaRMSNorm": 2 * layers + 1, "LlamaMLP": layers, "apply_rotary_pos_emb": layers}
     assert fused_ops.install(model) == counts, "installing twice must add nothing"
     calls = _counting(monkeypatch)
     outside = model(input_ids=ids).logits
-    assert calls == {"rms_norm": 0, "silu_mul": 0} and torch.equal(outside, before), "outside active(): changed"
+    assert calls == {"rms_norm": 0, "silu_mul": 0, "rope": 0} and torch.equal(outside, before), "changed outside"
     with fused_ops.active():
         inside = model(input_ids=ids).logits
-    assert calls == {"rms_norm": 2 * layers + 1, "silu_mul": layers}
+    assert calls == {"rms_norm": 2 * layers + 1, "silu_mul": layers, "rope": 2 * layers}  # queries and keys
     assert relative(inside, before) <= 1e-5
     with fused_ops.active(False):
         assert not fused_ops._active
@@ -168,7 +208,7 @@ def test_fused_fast_step_gives_the_reference_gradient(small_batch, monkeypatch, 
     calls = _counting(monkeypatch)
     batch = tuple(pack(b) for b in small_batch) if packing else small_batch
     fast = first_update("fast", batch, fused_ops=True, merge_passes=merge, packing=packing)
-    assert calls["rms_norm"] > 0 and calls["silu_mul"] > 0, "the fused kernels did not run"
+    assert all(calls.values()), f"a fused kernel did not run: {calls}"
     err = relative(fast[:ref.numel()], ref)
     assert err <= 1e-5, f"merge={merge} packing={packing}: fused gradient differs from the reference by {err:.3g}"
 
@@ -194,6 +234,7 @@ def test_checkpointed_recompute_runs_fused(small_batch, monkeypatch):
     # per forward: 2 norms a layer + the final one; the recompute adds the layers' 2 each, once per forward
     assert calls[True]["rms_norm"] - calls[False]["rms_norm"] == 2 * 2 * layers, calls
     assert calls[True]["silu_mul"] == 2 * calls[False]["silu_mul"], calls
+    assert calls[True]["rope"] == 2 * calls[False]["rope"], calls
     err = relative(grads[True], grads[False])
     assert err <= 1e-6, f"checkpointed fused gradient differs by {err:.3g}"
 

@@ -7,7 +7,8 @@ checked for what lets them stream at copy speed: with a length divisible by 16 (
 multiple of 64) and 16-byte aligned buffers (as torch allocates them), every access to a flat buffer is a
 128-bit vector load or store. Only the 0-dim scalars (ss in, the norm or a partial sum out) are 32-bit. The
 model kernels (model_kernels.py) are compiled as the 7B shape runs them: bf16 tensors, rows of 4096, the
-rounding to bf16 on; their only 32-bit accesses are the norm's one rstd per row.
+rounding to bf16 on, the rotary kernel in the attention's layout (strides multiples of the head size) both
+ways; their only 32-bit accesses are the norm's one rstd per row.
 
 The compiler runs in a child process without TRITON_INTERPRET: Triton reads the variable at import time and
 while compiling, and a process that imported it in interpreter mode cannot compile for real.
@@ -32,6 +33,8 @@ KERNELS = {
     "_rms_norm_bwd_kernel": (1, 0),
     "_silu_mul_fwd_kernel": (0, 0),
     "_silu_mul_bwd_kernel": (0, 0),
+    "_rope_kernel": (0, 0),
+    "_rope_kernel_transposed": (0, 0),
 }
 
 COMPILE = r"""
@@ -52,10 +55,14 @@ launch = {"_sumsq_partial_kernel": (bk, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp3
           "_rms_norm_bwd_kernel": (mk, rows, mk._row_settings(4096)[1], "*bf16"),
           "_silu_mul_fwd_kernel": (mk, {"ROUND": True, "BLOCK": mk.BLOCK}, mk.NUM_WARPS, "*bf16"),
           "_silu_mul_bwd_kernel": (mk, {"ROUND": True, "BLOCK": mk.BLOCK}, mk.NUM_WARPS, "*bf16")}
+block_t, block_h, block_d, rope_warps = mk._rope_settings(32, 128)  # the 7B shape's heads
+for name, transposed in (("_rope_kernel", False), ("_rope_kernel_transposed", True)):
+    launch[name] = (mk, {"TRANSPOSED": transposed, "ROUND": True, "BLOCK_T": block_t, "BLOCK_H": block_h,
+                         "BLOCK_D": block_d}, rope_warps, "*bf16")
 out = {}
 for name in sys.argv[1:]:
     module, constexprs, num_warps, tensor = launch[name]
-    jit = getattr(module, name)
+    jit = getattr(module, name.replace("_transposed", ""))
     signature, attrs = {}, {}
     for i, arg in enumerate(jit.arg_names):
         if arg in constexprs:
@@ -63,10 +70,12 @@ for name in sys.argv[1:]:
         elif arg.endswith("_ptr"):  # torch allocations: 16-byte aligned (G_f = G[1]: 256-byte, by the padding)
             kind = "*fp32" if arg == "rstd_ptr" else tensor
             signature[arg], attrs[(i,)] = kind, [["tt.divisibility", 16]]
-        elif arg == "n":  # the flat buffers' length, padded to a multiple of 64
+        elif arg == "n" or arg == "half" or arg.startswith(("sx_", "sy_", "sc_")):
+            # the flat buffers' length (padded to a multiple of 64), a row length, a half head (64) and the
+            # rotary kernel's strides (multiples of the 7B shape's head size, 128): Triton marks them divisible
             signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
         else:
-            signature[arg] = "i32" if arg == "num_partials" else "fp32"
+            signature[arg] = "i32" if arg in ("num_partials", "T", "heads") else "fp32"
     k = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     acc = Counter(f"{op}{vec}" for op, vec in re.findall(r"\b(ld|st)\.global((?:\.v\d)?)\.\w+", k.asm["ptx"]))

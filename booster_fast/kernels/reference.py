@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sumsq_ref", "normalize_perturb_ref", "restore_combine_ref", "rms_norm_ref", "silu_mul_ref"]
+__all__ = ["sumsq_ref", "normalize_perturb_ref", "restore_combine_ref", "rms_norm_ref", "silu_mul_ref",
+           "rope_ref"]
 
 
 def sumsq_ref(x: torch.Tensor) -> torch.Tensor:
@@ -62,3 +63,16 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> dict
     h = g64 * torch.sigmoid(g64) * u64
     dg, du = torch.autograd.grad(h, (g64, u64), dh.detach().to(torch.float64))
     return {"h": h.detach(), "dgate": dg, "dup": du}
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rotary embedding in float64, written per half: for x [B, H, T, D] and cos, sin [B or 1, T, D],
+    ``y1 = x1*cos1 - x2*sin1``, ``y2 = x2*cos2 + x1*sin2``; and the gradient of ``(y * dy).sum()``:
+    ``{"y", "dx"}``."""
+    x64 = x.detach().to(torch.float64).requires_grad_()
+    c, s = (t.detach().to(torch.float64)[:, None] for t in (cos, sin))
+    half = x.shape[-1] // 2
+    x1, x2 = x64[..., :half], x64[..., half:]
+    y = torch.cat([x1 * c[..., :half] - x2 * s[..., :half], x2 * c[..., half:] + x1 * s[..., half:]], -1)
+    (dx,) = torch.autograd.grad(y, x64, dy.detach().to(torch.float64))
+    return {"y": y.detach(), "dx": dx}
