@@ -6,10 +6,11 @@ Autograd accumulates in place into an existing `.grad` (as DDP's `gradient_as_bu
 backward pass writes straight into the flat buffer and every later bookkeeping op is one op on one tensor.
 
 Routing. Each LoRA weight also gets an *alias*: a second leaf tensor over the same storage whose `.grad` is a
-view of `G_h`. The LoRA layers' forward is replaced by `_routed_forward`, which computes the LoRA delta of the
-first `harmful_tokens` positions of the batch (rows x length, flattened: whole rows of a padded batch, whole
-segments of a packed one) with the aliases and the remaining positions with the parameters. The frozen base
-matmul still runs once over all of them. So one backward of `loss_h + loss_f` over the concatenated batch leaves
+view of `G_h`. The LoRA layers' forward is replaced by `_routed_forward`, whose autograd function
+(`_RoutedLoRA`) computes the LoRA delta of all positions at once (the values are the same) and, in the backward,
+hands the weight gradients of the first `harmful_tokens` positions of the batch (rows x length, flattened: whole
+rows of a padded batch, whole segments of a packed one) to the aliases and of the rest to the parameters. The
+frozen base matmul runs once over all of them. So one backward of `loss_h + loss_f` over the concatenated batch leaves
 ∇h(w) in G_h and ∇f(w) in G_f (sequences never interact in a decoder), and a harmful-only pass (everything
 routed to the aliases) lands its gradient in G_h whatever the parameters' `.grad` say.
 """
@@ -19,7 +20,6 @@ import contextlib
 import types
 
 import torch
-import torch.nn.functional as F
 
 ALL_TOKENS = 1 << 62  # route every position to the harmful aliases
 # The buffers are padded to a multiple of ALIGN elements (the pad stays zero: no parameter views it, so its
@@ -95,8 +95,40 @@ class FlatLoRA:
                 m.__dict__.pop(attr, None)
 
 
-def _lora_delta(x, a, b, dropout, scaling):
-    return F.linear(F.linear(dropout(x), a), b) * scaling
+class _RoutedLoRA(torch.autograd.Function):
+    """``result + scaling * (x @ a^T) @ b^T`` over x [positions, in], with the weight gradients of the first
+    `n` positions going to the aliases (ah, bh) and of the rest to the parameters (a, b).
+
+    Two GEMMs forward, the second adding into the base layer's result in its epilogue (eager peft makes a delta
+    tensor, scales it and adds it: three more passes over [positions, out]); backward one GEMM for the input
+    gradient through the rank-r bottleneck and one per segment for each weight, on row slices (views, no copies).
+    All in the dtype of x and result (bf16 under autocast: the fp32 masters are cast once per call)."""
+
+    @staticmethod
+    def forward(ctx, result, x, a, b, ah, bh, n: int, scaling: float):
+        with torch.autocast(x.device.type, enabled=False):  # x and result come in the compute dtype
+            a_c, b_c = a.to(x.dtype), b.to(x.dtype)
+            xa = x @ a_c.t()
+            ctx.save_for_backward(x, xa, a_c, b_c)
+            ctx.n, ctx.scaling = n, scaling
+            return torch.addmm(result, xa, b_c.t(), alpha=scaling)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, xa, a_c, b_c = ctx.saved_tensors
+        n, s = ctx.n, ctx.scaling
+        with torch.autocast(x.device.type, enabled=False):
+            dout = dout.to(x.dtype)
+            dxa = (dout @ b_c).mul_(s)                      # [positions, r]
+            dx = dxa @ a_c if ctx.needs_input_grad[1] else None
+
+            def weights(rows):                              # (dA, dB) of the positions `rows`
+                return dxa[rows].t() @ x[rows], (dout[rows].t() @ xa[rows]).mul_(s)
+
+            positions = x.shape[0]
+            grads_f = weights(slice(n, None)) if n < positions else (None, None)
+            grads_h = weights(slice(0, n)) if n > 0 else (None, None)
+        return dout, dx, *grads_f, *grads_h, None, None
 
 
 def _routed_forward(self, x, *args, **kwargs):
@@ -104,30 +136,17 @@ def _routed_forward(self, x, *args, **kwargs):
     result = self.base_layer(x, *args, **kwargs)
     if self.disable_adapters or self.merged:
         return result
-    out_dtype = result.dtype
-    n = self._booster_route.harmful_tokens
+    n = max(0, min(self._booster_route.harmful_tokens, x.numel() // x.shape[-1]))
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        dropout, scaling = self.lora_dropout[name], self.scaling[name]
-        if not torch.is_autocast_enabled():
-            x = x.to(a.dtype)
-        positions = x.numel() // x.shape[-1]
-        if n <= 0:
-            delta = _lora_delta(x, a, b, dropout, scaling)
-        else:
-            ah, bh = self._booster_alias[id(a)], self._booster_alias[id(b)]
-            if n >= positions:
-                delta = _lora_delta(x, ah, bh, dropout, scaling)
-            elif 2 * n == positions and x.is_contiguous():
-                # equal halves: one batched matmul over [aliases ; parameters] instead of two pairs + cat
-                pairs = x.view(2, -1, x.shape[-1])
-                delta = torch.bmm(torch.bmm(dropout(pairs), torch.stack([ah, a]).transpose(1, 2)),
-                                  torch.stack([bh, b]).transpose(1, 2)).view(*x.shape[:-1], -1) * scaling
-            else:
-                flat = x.reshape(positions, x.shape[-1])
-                delta = torch.cat([_lora_delta(flat[:n], ah, bh, dropout, scaling),
-                                   _lora_delta(flat[n:], a, b, dropout, scaling)]).view(*x.shape[:-1], -1)
-        result = result + delta.to(out_dtype)
+        ah, bh = self._booster_alias[id(a)], self._booster_alias[id(b)]
+        lora_in = self.lora_dropout[name](x)
+        # the compute dtype: autocast's (bf16) when it is on, as peft's F.linear would get, else the weights' (fp32)
+        on = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if on else a.dtype
+        flat_in, flat_out = lora_in.reshape(-1, x.shape[-1]).to(dtype), result.reshape(-1, result.shape[-1])
+        out = _RoutedLoRA.apply(flat_out.to(dtype), flat_in, a, b, ah, bh, n, float(self.scaling[name]))
+        result = out.view(result.shape).to(result.dtype)
     return result

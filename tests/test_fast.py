@@ -149,49 +149,30 @@ def test_fast_matches_reference_on_cuda(batches, merge, graphs):
                                    rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
-def run_nudged_reference(batches, steps):
-    """The reference, with every LoRA weight moved by about one fp32 ulp after its first step (when lora_B is
-    no longer zero): the noise floor of a run."""
-    model, _ = make_model("nf4")
-    booster = bf.Booster(model, bf.BoosterConfig(impl="reference"))
-    gen = torch.Generator().manual_seed(0)
-    for i, (a, h) in enumerate(batches[:steps]):
-        booster.step(a, h)
-        if i == 0:
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.requires_grad:
-                        p.mul_(1 + 2 ** -23 * torch.randn(p.shape, generator=gen).sign())
-    return lora_state(model)
-
-
 @pytest.fixture(scope="module")
 def nf4_reference(batches):
-    one, _ = run("reference", batches, quant="nf4", steps=1)
-    three, _ = run("reference", batches, quant="nf4", steps=3)
-    floor, _ = worst_relative_error(run_nudged_reference(batches, 3), three)
-    return one, three, floor
+    return run("reference", batches, quant="nf4", steps=3)[1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("merge", [True, False])
 def test_fast_matches_reference_nf4(batches, nf4_reference, merge):
-    ref1, ref3, floor = nf4_reference
-    # After ONE step the two agree as in fp32: the same bf16-autocast matmuls on the same dequantised weights.
-    fast_w, _ = run("fast", batches, quant="nf4", steps=1, merge_passes=merge)
-    err, name = worst_relative_error(fast_w, ref1)
-    assert err <= 1e-5, f"nf4 merge={merge}, 1 step: {name} differs by {err:.3g} (relative L2)"
-    # Over several steps both drift, and so does the reference from itself: the LoRA weights are cast to bf16 in
-    # every forward, so fp32 differences of one ulp (the reference's inexact restore, per-tensor vs flat
-    # clipping norm, looped vs fused AdamW) flip a few bf16 roundings; ∇h moves by ~3e-5 relative, and the
-    # Booster combination λ(∇h(w) − ∇h(w~)) — a difference of two close vectors — turns that into ~1e-2 of the
-    # combined gradient (measured: 7e-3 at step 3). So the tolerance is the run's own noise floor, the reference
-    # against itself nudged by one ulp, with a factor 3 of slack; a real error is far above it.
-    fast_w, _ = run("fast", batches, quant="nf4", steps=3, merge_passes=merge)
-    err, name = worst_relative_error(fast_w, ref3)
-    assert 1e-4 < floor < 0.1, f"unexpected noise floor {floor:.3g}"
-    print(f"nf4 merge={merge}, 3 steps: error {err:.3g}, noise floor {floor:.3g}")
-    assert err <= 3 * floor, f"nf4 merge={merge}, 3 steps: {name} differs by {err:.3g}; noise floor {floor:.3g}"
+    # ONE step, on the combined gradient (AdamW's first step is lr·sign(g): it would turn the rounding of a near-zero
+    # coordinate into a whole step). Both run the same bf16 matmuls on the same dequantised weights, but the fast
+    # LoRA path rounds its delta once (its second GEMM adds into the base result) where peft rounds three times, and
+    # λ(∇h(w) − ∇h(w~)), a difference of two close vectors, magnifies such differences (measured: 6e-3).
+    ref_g = first_update("reference", batches[0], quant="nf4")
+    fast_g = first_update("fast", batches[0], quant="nf4", merge_passes=merge)
+    err = relative(fast_g[:ref_g.numel()], ref_g)
+    assert err <= 2e-2, f"nf4 merge={merge}, 1 step: the combined gradient differs by {err:.3g} (relative L2)"
+    # Three steps, on what the runs log: the losses move ~5e-3 relative per step here and agree to ~2e-5, the
+    # harmful gradient norm to ~6e-4 (measured), so a wrong update, restore or optimizer state would show.
+    _, fast_out = run("fast", batches, quant="nf4", steps=3, merge_passes=merge)
+    for key, rtol in (("loss", 2e-4), ("harmful_loss", 2e-4), ("harmful_loss_perturbed", 2e-4),
+                      ("harmful_grad_norm", 5e-3)):
+        torch.testing.assert_close(torch.stack([o[key] for o in fast_out]),
+                                   torch.stack([o[key] for o in nf4_reference]), rtol=rtol, atol=0,
+                                   msg=lambda m: f"nf4 merge={merge}, 3 steps, {key}: {m}")
 
 
 @pytest.mark.parametrize("merge", [True, False])
@@ -302,9 +283,9 @@ def test_fast_restore_is_exact_and_base_untouched(batches):
             assert torch.equal(p, base[n]), f"base weight {n} changed"
 
 
-def first_update(impl, batch, **cfg):
-    """The gradient the optimizer receives on the first step (before clipping), and the model."""
-    model, _ = make_model()
+def first_update(impl, batch, quant="none", **cfg):
+    """The gradient the optimizer receives on the first step (before clipping)."""
+    model, _ = make_model(quant)
     booster = bf.Booster(model, bf.BoosterConfig(impl=impl, **cfg))
     engine, seen = booster.engine, []
     update = engine._clip_and_update
