@@ -50,7 +50,7 @@ def model_pass():
 
 def default_merge(device: torch.device) -> bool:
     """Default per device. CPU, measured (benchmarks/results/cpu_tiny.json): a 2B-row pass costs as much as two
-    B-row passes, so merging only adds work (unmerged ~1.03x the reference, merged ~1.0x). CUDA: merging halves
+    B-row passes, so merging only adds work (unmerged 0.99-1.03x the reference over runs, merged 0.97-1.01x). CUDA: merging halves
     pass 1's launches and weight reads (dequantisation under NF4); on by design until the GPU suite measures it."""
     return torch.device(device).type == "cuda"
 
@@ -64,7 +64,7 @@ def default_fused_ops(device: torch.device) -> bool:
 def default_packing(device: torch.device) -> bool:
     """Default per device: on for both (to_device packs only the batches it shrinks). Packing removes the pad
     positions from every matmul. CPU, measured (benchmarks/results/cpu_tiny_len256.json: the built-in data at
-    max_length 256, ~36% real tokens): 1.73x the padded fast step, 1.81x the reference. CUDA: the attention
+    max_length 256, ~36% real tokens): ~1.65x the padded fast step, 1.72-1.83x the reference over runs. CUDA: the attention
     runs flash's variable-length kernel, which computes nothing twice; on by design until the GPU suite has
     measured it."""
     return True
