@@ -91,20 +91,22 @@ def _rope_agrees(namespace, device, dtype) -> float:
 def _install_rope(model: nn.Module, tolerance: float) -> int:
     """Wrap apply_rotary_pos_emb in the transformers module of each Llama-style attention of `model`; returns
     how many attention modules it covers."""
-    covered, dtype = 0, next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad),
-                             torch.bfloat16)
+    covered, refused = 0, set()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad),
+                 torch.bfloat16)
     for module in model.modules():
         if type(module).__name__ not in ATTENTIONS:
             continue
         namespace = sys.modules[type(module).__module__]
         function = getattr(namespace, ROPE, None)
-        if function is None:
+        if function is None or namespace.__name__ in refused:
             continue
         if not getattr(function, "_booster_fused", False):
             setattr(namespace, ROPE, _rope_wrapper(function))
             err = _rope_agrees(namespace, next(module.parameters()).device, dtype)
             if not err <= tolerance:
                 setattr(namespace, ROPE, function)
+                refused.add(namespace.__name__)
                 log.info("fused ops: %s.%s kept (the fused one differs by %.2g relative)", namespace.__name__, ROPE,
                          err)
                 continue

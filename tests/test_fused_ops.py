@@ -166,14 +166,19 @@ def test_install_fuses_inside_active_only(monkeypatch):
         assert not fused_ops._active
 
 
-def test_a_class_whose_fused_forward_disagrees_keeps_its_own(monkeypatch, caplog):
+def test_a_kind_whose_fused_forward_disagrees_keeps_its_own(monkeypatch, caplog):
     monkeypatch.setattr(fused_ops, "rms_norm", lambda x, weight, eps: x * weight)  # forgets to normalise
+    monkeypatch.setattr(fused_ops, "rope", lambda x, cos, sin: x * cos[:, None])  # forgets to rotate
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "_booster_original", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)  # as if never installed in this process
     model, _ = make_model()
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         counts = fused_ops.install(model)
-    assert "LlamaRMSNorm" not in counts and counts["LlamaMLP"] == model.config.num_hidden_layers
+    assert counts == {"LlamaMLP": model.config.num_hidden_layers}
     assert "LlamaRMSNorm kept its own forward" in caplog.text
+    assert caplog.text.count("apply_rotary_pos_emb kept") == 1, caplog.text
     assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "LlamaRMSNorm")
+    assert modeling_llama.apply_rotary_pos_emb is original
 
 
 def test_nothing_to_fuse_and_no_device_for_it(monkeypatch):
