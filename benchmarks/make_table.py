@@ -113,6 +113,17 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
         blocks.append(f"Kernels on {gpu}, {res.get('n', '?'):,} fp32 elements (`{name}`; target: each kernel "
                       f"≥ {doc.get('target', 0.7):.0%} of the copy):\n\n"
                       + "\n".join(_grid(("op", "Triton GB/s", "torch GB/s", "of copy"), body)))
+        model = doc.get("model_kernels")
+        if model:
+            rows = [[f"{op} {d}", _num(model[f"{op}_{d}"]["GBps"], ",.0f"), _num(model[f"{op}_{d}"]["ms"], ".3f"),
+                     _num(model[f"{op}_{d}"]["eager_ms"], ".3f"), _num(model[f"{op}_{d}"]["speedup"], ".2f") + "×",
+                     _num(model[f"{op}_{d}"]["fraction_of_copy"], ".0%")]
+                    for op in ("rms_norm", "silu_mul", "rope") for d in ("fwd", "bwd") if f"{op}_{d}" in model]
+            blocks.append(f"Fused model ops on {gpu}, bf16, {model['tokens']:,} tokens of the 7B shape "
+                          f"(bf16 copy: {_num(model['copy_GBps'], ',.0f')} GB/s):\n\n"
+                          + "\n".join(_grid(("op", "GB/s", "ms", "eager ms", "speed-up", "of copy"), rows)))
+        elif doc.get("model_kernels_error"):
+            blocks.append(f"Fused model ops: not measured ({doc['model_kernels_error']}).")
     for name, doc in checks.get("graph_equivalence", []):
         body = [[model, r.get("steps"), _num(r.get("worst_relative_l2"), ".2e"), r.get("captured"),
                  r.get("replays", "—"), r.get("fallback") or "—"] for model, r in doc["results"].items()]

@@ -210,7 +210,10 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path):
           **{f"{op}_torch_GBps": 500.0 + i for i, op in enumerate(ops[1:])}}
     (results / "kernel_bandwidth.json").write_text(json.dumps({
         "machine": {"gpu": "Test GPU"}, "numel": 2**26, "results": bw, "target": 0.7,
-        "fraction_of_copy": {op: bw[f"{op}_GBps"] / bw["copy_GBps"] for op in ops[1:]}}))
+        "fraction_of_copy": {op: bw[f"{op}_GBps"] / bw["copy_GBps"] for op in ops[1:]},
+        "model_kernels": {"tokens": 16384, "copy_GBps": 4000.0, **{
+            f"{op}_{d}": {"ms": 0.1, "GBps": 3000.0, "eager_ms": 0.5, "speedup": 5.0, "fraction_of_copy": 0.75}
+            for op in ("rms_norm", "silu_mul", "rope") for d in ("fwd", "bwd")}}}))
     (results / "graph_equivalence.json").write_text(json.dumps({"machine": {}, "results": {
         "tiny": {"steps": 5, "worst_relative_l2": 3e-7, "loss_graph": 1.0, "loss_eager": 1.0, "captured": True,
                  "fallback": None}}}))
@@ -222,6 +225,7 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path):
     table = mt.markdown_table(mt.load_results(results), mt.check_documents(results))
     assert [name for name, _ in mt.load_results(results)] == ["cpu_tiny.json"]
     assert "| sumsq | 1,001 | 500 | 100% |" in table and "Kernels on Test GPU, 67,108,864" in table
+    assert "| rope bwd | 3,000 | 0.100 | 0.500 | 5.00× | 75% |" in table and "16,384 tokens" in table
     assert "| tiny | 5 | 3.00e-07 | True | — |" in table
     assert "| fast+graphs | 10.0 | 9.0 | 10% | gemm_kernel 5.0 ms |" in table
     header = next(line for line in table.splitlines() if line.startswith("| machine"))

@@ -1,9 +1,9 @@
-"""Flat-buffer Booster kernels (Triton on CUDA, torch on CPU).
+"""Flat-buffer Booster kernels (Triton on CUDA, torch on CPU); the model's fused ops are in model_kernels.py.
 
 Import as ``booster_fast.kernels``. Set ``TRITON_INTERPRET=1`` before importing to run the Triton kernels
 on CPU tensors (tests do this when no CUDA device is present).
 """
-from .bandwidth import measure_bandwidth
+from .bandwidth import measure_bandwidth, measure_model_kernels
 from .booster_kernels import BLOCK, normalize_perturb_, restore_combine_, sumsq
 
-__all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_", "measure_bandwidth"]
+__all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_", "measure_bandwidth", "measure_model_kernels"]

@@ -1,9 +1,11 @@
 """Achieved memory bandwidth of the fused kernels against a device-to-device copy (CUDA only).
 
 Each op is timed with CUDA events over many back-to-back launches and converted to GB/s with the byte
-counts written above the kernels in ``booster_kernels.py`` (the bytes the fused kernel must move). The
-unfused torch sequences are timed too and reported as *effective* GB/s over those same bytes, so
-``fused / torch`` is the speed-up. The copy (``dst.copy_(src)``, 8 B/elem) is the practical ceiling.
+counts written above the kernels in ``booster_kernels.py`` and ``model_kernels.py`` (the bytes the fused kernel
+must move). The unfused torch sequences are timed too and reported as *effective* GB/s over those same bytes,
+so ``fused / torch`` is the speed-up. The copy (``dst.copy_(src)``, 8 B/elem) is the practical ceiling.
+`measure_model_kernels` does the same for the model's fused ops, forward and backward, in bf16 at the 7B
+shape's widths, against transformers' eager formulas.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 
 from .booster_kernels import normalize_perturb_, restore_combine_, sumsq
 
-__all__ = ["BYTES_PER_ELEM", "measure_bandwidth"]
+__all__ = ["BYTES_PER_ELEM", "MODEL_BYTES_PER_ELEM", "measure_bandwidth", "measure_model_kernels"]
 
 # Bytes each op must move per element (reads + writes of 4-byte fp32), as counted above each kernel.
 BYTES_PER_ELEM = {
@@ -19,6 +21,14 @@ BYTES_PER_ELEM = {
     "sumsq": 4,                               # read x (the partials are 4 B per BLOCK elements)
     "normalize_perturb_": 3 * 4 + 4 * 4,      # read W, G_h, G_f; write B, W, G_f, G_h
     "restore_combine_": 3 * 4 + 2 * 4,        # read B, G_h, G_f; write W, G_f
+}
+
+
+# Bytes the fused model kernels must move per element of their main tensor (bf16: 2 B), forward and backward.
+MODEL_BYTES_PER_ELEM = {
+    "rms_norm": (2 + 2, 2 + 2 + 2),           # read x, write y | read x, dy, write dx
+    "silu_mul": (3 * 2, 5 * 2),                # read gate, up, write h | read dh, gate, up, write dgate, dup
+    "rope": (2 + 2, 2 + 2),                    # read x, write y | read dy, write dx (cos, sin per token only)
 }
 
 
@@ -76,4 +86,64 @@ def measure_bandwidth(n: int = 2**26, device: str = "cuda", *, iters: int = 50, 
             ms_t = _time_ms(unfused, iters, warmup)
             result[f"{op}_torch_ms"] = ms_t
             result[f"{op}_torch_GBps"] = nbytes / (ms_t * 1e-3) / 1e9
+    return result
+
+
+def measure_model_kernels(tokens: int = 16384, hidden: int = 4096, intermediate: int = 11008, heads: int = 32,
+                          head_dim: int = 128, device: str = "cuda", *, iters: int = 30, warmup: int = 3) -> dict:
+    """Time the fused RMSNorm, SwiGLU gate and rotary embedding, forward and backward, in bf16, against
+    transformers' eager formulas, on `tokens` rows of the 7B shape's widths (the default 16384 rows keep every
+    tensor above the H200's 50 MB L2, so that the GB/s are HBM's). Returns per op and direction the ms, the
+    GB/s over the fused kernel's bytes, and the eager ms; plus a bf16 copy's GB/s of the same size."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from .model_kernels import rms_norm, rope, silu_mul
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"measure_model_kernels needs a CUDA device, got {device!r}")
+    g = torch.Generator(device=dev).manual_seed(0)
+    bf16, eps = torch.bfloat16, 1e-5
+
+    def rand(*shape):
+        return torch.randn(*shape, device=dev, generator=g).to(bf16).requires_grad_()
+
+    x, weight = rand(tokens, hidden), (torch.rand(hidden, device=dev, generator=g) + 0.5).to(bf16)
+    gate, up = rand(tokens, intermediate), rand(tokens, intermediate)
+    q = torch.randn(1, tokens, heads, head_dim, device=dev, generator=g).to(bf16).transpose(1, 2).requires_grad_()
+    angles = torch.rand(1, tokens, head_dim // 2, device=dev, generator=g) * 100
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(bf16) for f in (torch.cos, torch.sin))
+
+    def eager_norm():
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(bf16)
+
+    cases = {
+        "rms_norm": ((x,), lambda: rms_norm(x, weight, eps), eager_norm),
+        "silu_mul": ((gate, up), lambda: silu_mul(gate, up), lambda: torch.nn.functional.silu(gate) * up),
+        "rope": ((q,), lambda: rope(q, cos, sin), lambda: q * cos[:, None] + rotate_half(q) * sin[:, None]),
+    }
+    src = torch.empty(tokens * intermediate, dtype=bf16, device=dev)
+    dst = torch.empty_like(src)
+    copy_ms = _time_ms(lambda: dst.copy_(src), iters, warmup)
+    result: dict = {"tokens": tokens, "hidden": hidden, "intermediate": intermediate, "heads": heads,
+                    "head_dim": head_dim, "dtype": "bfloat16", "device_name": torch.cuda.get_device_name(dev),
+                    "copy_GBps": 4 * src.numel() / (copy_ms * 1e-3) / 1e9}
+    for op, (inputs, fused, eager) in cases.items():
+        numel = inputs[0].numel()
+        for direction, nbytes in zip(("fwd", "bwd"), MODEL_BYTES_PER_ELEM[op]):
+            timed = {}
+            for kind, fn in (("fused", fused), ("eager", eager)):
+                if direction == "fwd":
+                    timed[kind] = _time_ms(fn, iters, warmup)
+                else:
+                    y = fn()
+                    dy = torch.randn(y.shape, device=dev, generator=g).to(bf16)
+                    timed[kind] = _time_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), iters,
+                                           warmup)
+                    del y
+            gbps = nbytes * numel / (timed["fused"] * 1e-3) / 1e9
+            result[f"{op}_{direction}"] = {"ms": timed["fused"], "GBps": gbps, "eager_ms": timed["eager"],
+                                           "speedup": timed["eager"] / timed["fused"],
+                                           "fraction_of_copy": gbps / result["copy_GBps"]}
     return result
