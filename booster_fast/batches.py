@@ -49,6 +49,23 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False) 
             if torch.is_tensor(v) else v for k, v in batch.items() if k in KEYS}
 
 
+def trim_to_longest(batch: dict) -> dict:
+    """A CPU batch without its trailing pad columns: padded to its longest row, as the original trainer's collator
+    (torch's pad_sequence) pads its batches. Exact: the columns dropped hold no real token and no label. A batch
+    without a mask, or already on a device (trimming reads it), is returned as it is."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.device.type != "cpu" or mask.dim() != 2:
+        return batch
+    width = mask.shape[1]
+    used = (mask != 0) | (batch["labels"] != -100) if "labels" in batch else mask != 0
+    columns = used.any(0).nonzero()
+    keep = int(columns[-1]) + 1 if columns.numel() else 1
+    if keep == width:
+        return batch
+    return {k: v[:, :keep] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == width else v
+            for k, v in batch.items()}
+
+
 def without_mask(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "attention_mask"}
 

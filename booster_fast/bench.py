@@ -19,7 +19,7 @@ clipping as the HF Trainer does them; the baseline of ratio_to_sft). Entries tha
 untimed steps until their step is captured, so no capture lands in the timing; `cuda_graphs` says which replay.
 Each entry gets the batches in the form its engine runs: fast entries as `Booster.to_device` prepares them
 (without the attention mask, or packed without pads when the engine packs: packing.py), the reference and sft
-with the mask, as the original trainer passes it. fast-padded pins packing off, to show what packing buys, and
+with the mask and padded to the longest row, as the original trainer's collator makes them. fast-padded pins packing off, to show what packing buys, and
 fast-unfused the fused RMSNorm/SwiGLU/RoPE kernels (fused_ops.py), to show what they buy.
 
 Tokens. tokens_per_s counts the real (non-pad) tokens of the batches a step consumes: alignment + harmful rows
@@ -188,12 +188,10 @@ def step_fn(name: str, booster):
 
 
 def entry_batches(booster, pairs, device) -> list[tuple]:
-    """The (align, harmful) device batches of one entry, in the form its engine runs: `Booster.to_device` for fast
-    engines (no mask, or packed), with the attention mask for the reference and sft, as the original trainer."""
-    from .batches import to_device
-
-    prep = booster.to_device if booster.cfg.impl == "fast" else to_device
-    return [(prep(a, device), prep(h, device)) for a, h, _, _ in pairs]
+    """The (align, harmful) device batches of one entry, in the form its engine runs (`Booster.to_device`): for fast
+    engines without the mask, or packed; for the reference and sft with the mask and padded to the longest row,
+    as the original trainer's collator pads them."""
+    return [(booster.to_device(a, device), booster.to_device(h, device)) for a, h, _, _ in pairs]
 
 
 def row_lengths(rows: int, length: int, g: torch.Generator) -> torch.Tensor:

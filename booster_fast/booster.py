@@ -31,10 +31,12 @@ class Booster:
         """A collated (CPU) batch on `device`, in the form this engine runs best. The fast engine gets it without
         the attention mask, after a host-side check that it is right-padded (exact for a causal decoder; see
         batches.to_device), or packed without pads when the engine packs (packing.py; with grad_accum > 1, as a
-        list of packed micro-batches, captured as one graph like a single batch); the reference keeps the mask,
-        as the original trainer does."""
-        from .batches import micro_batches, to_device
+        list of packed micro-batches, captured as one graph like a single batch). The reference gets the batch as
+        the original trainer's collator makes it: with its mask, padded to its longest row (batches.trim_to_longest)."""
+        from .batches import micro_batches, to_device, trim_to_longest
 
+        if self.cfg.impl == "reference":
+            return to_device(trim_to_longest(batch), device)
         if not getattr(self.engine, "pack", False):
             return to_device(batch, device, drop_mask=self.cfg.impl == "fast")
         if self.cfg.grad_accum == 1:

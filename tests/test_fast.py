@@ -413,3 +413,26 @@ def test_two_processes_equal_one(tmp_path):
                            start_method="spawn")
         multi = result["grad"].clone()
     assert relative(multi, single) <= 1e-5, f"2 ranks differ from 1 process by {relative(multi, single):.3g}"
+
+
+def test_reference_batches_are_padded_to_their_longest_row(batches):
+    """Booster.to_device hands the reference its batch as the original trainer's collator (pad_sequence) makes
+    it: trailing all-pad columns dropped, mask kept. The update is the same as on the batch padded to max_length."""
+    from booster_fast.batches import trim_to_longest
+
+    a, h = batches[0]
+    width, longest = a["input_ids"].shape[1], int(a["attention_mask"].sum(1).max())
+    assert longest < width, "no trailing pad column: the test would prove nothing"
+    booster = bf.Booster(make_model()[0], bf.BoosterConfig(impl="reference"))
+    trimmed = booster.to_device(a, "cpu")
+    assert trimmed["input_ids"].shape == (a["input_ids"].shape[0], longest)
+    assert torch.equal(trimmed["attention_mask"], a["attention_mask"][:, :longest])
+    assert torch.equal(trimmed["labels"], a["labels"][:, :longest])
+    full = first_update("reference", (a, h))
+    short = first_update("reference", (trimmed, booster.to_device(h, "cpu")))
+    assert relative(short, full) <= 1e-6, f"trimming changed the update by {relative(short, full):.3g}"
+    # a labelled column is never dropped, even where the mask says pad; a batch without pads stays as it is
+    odd = {k: v.clone() for k, v in a.items()}
+    odd["labels"][0, width - 2] = 5
+    assert trim_to_longest(odd)["input_ids"].shape[1] == width - 1
+    assert trim_to_longest(trimmed)["input_ids"] is trimmed["input_ids"]
