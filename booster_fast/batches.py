@@ -17,7 +17,7 @@ def _warn_device_batch(device):
         "pack it)", device)
 
 
-def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False) -> dict:
+def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False, bucketed: bool = True) -> dict:
     """The model's keys of `batch` on `device`. CPU tensors bound for a GPU go through pinned memory, so the copy
     is truly asynchronous (a copy from pageable memory may wait for the stream's queued work).
 
@@ -28,7 +28,8 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False) 
 
     pack: send the pad-free form instead (packing.pack, which checks the padding itself) when it computes fewer
     positions than the padded batch; a batch with (almost) no pads goes without its mask instead. Packing needs
-    the lengths on the host: a batch already on the device is sent padded (one log line says so, once)."""
+    the lengths on the host: a batch already on the device is sent padded (one log line says so, once).
+    bucketed: round the packed lengths to buckets (for CUDA graphs; packing.pack)."""
     if pack and batch["input_ids"].device.type != "cpu":
         if not _warned_device_batch:
             _warn_device_batch(batch["input_ids"].device)
@@ -36,7 +37,7 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False) 
     if pack:
         from .packing import pack as packed
 
-        shrunk = packed(batch)
+        shrunk = packed(batch, bucketed=bucketed)
         if shrunk["input_ids"].numel() < batch["input_ids"].numel():
             batch, drop_mask = shrunk, False
         else:

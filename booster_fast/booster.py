@@ -31,17 +31,20 @@ class Booster:
         """A collated (CPU) batch on `device`, in the form this engine runs best. The fast engine gets it without
         the attention mask, after a host-side check that it is right-padded (exact for a causal decoder; see
         batches.to_device), or packed without pads when the engine packs (packing.py; with grad_accum > 1, as a
-        list of packed micro-batches, captured as one graph like a single batch). The reference gets the batch as
-        the original trainer's collator makes it: with its mask, padded to its longest row (batches.trim_to_longest)."""
+        list of packed micro-batches, captured as one graph like a single batch); the packed lengths are rounded
+        to buckets, and padded batches keep max_length, only when the engine captures CUDA graphs (few shapes).
+        The reference gets the batch as the original trainer's collator makes it: with its mask, padded to its
+        longest row (batches.trim_to_longest)."""
         from .batches import micro_batches, to_device, trim_to_longest
 
         if self.cfg.impl == "reference":
             return to_device(trim_to_longest(batch), device)
+        static = getattr(self.engine, "graphs", None) is not None  # CUDA graphs: few shapes, so buckets
         if not getattr(self.engine, "pack", False):
-            return to_device(batch, device, drop_mask=self.cfg.impl == "fast")
+            return to_device(batch if static else trim_to_longest(batch), device, drop_mask=True)
         if self.cfg.grad_accum == 1:
-            return to_device(batch, device, pack=True)
-        return [to_device(b, device, pack=True) for b in micro_batches(batch, self.cfg.grad_accum)]
+            return to_device(batch, device, pack=True, bucketed=static)
+        return [to_device(b, device, pack=True, bucketed=static) for b in micro_batches(batch, self.cfg.grad_accum)]
 
     def step(self, align_batch, harmful_batch):
         """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed, harmful_grad_norm (0-dim

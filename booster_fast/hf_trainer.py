@@ -117,7 +117,7 @@ def _packed_if_exact(groups, device):
     micro-batches are copied to the host for that: one host read per update."""
     host = [[{k: v.cpu() for k, v in b.items()} for b in g] for g in groups]  # a host sync, once per update
     try:
-        return tuple([to_device(b, device, pack=True) for b in g] for g in host)
+        return tuple([to_device(b, device, pack=True, bucketed=False) for b in g] for g in host)  # eager: exact sizes
     except ValueError:  # packing.pack refused one (left padding, a labelled pad): not exact, keep the masks
         return groups
 

@@ -1,7 +1,8 @@
 """Pad-free batches: the real tokens of every row back to back, so the passes compute no pad positions.
 
 A right-padded batch of B rows x L tokens spends B*L positions on every matmul of the model, whatever share of
-them are pads (about 20% in the bench's random batches, more in real alignment data, whose answers are short).
+them are pads: L is the longest row when the batch is padded as the original trainer pads it, max_length when
+CUDA graphs need one shape (about 20% pads in the bench's random batches).
 `pack` lays the real tokens of all rows end to end in one row of P positions instead:
 
     input_ids     [1, P]   row 0's tokens, row 1's tokens, ..., then a filler segment
@@ -22,7 +23,8 @@ Buckets. CUDA graphs need static shapes, so P is the real-token count rounded up
 the padded size (and of 64, for tensor-core tiles): a batch keeps at most ~1/BUCKETS of its padded positions as
 filler, and a run meets only a handful of distinct P (one graph each). A batch without pads packs to its padded
 size, with empty filler segments (empty segments, like empty rows, attend to nothing). K is bucketed the same
-way, capped at P.
+way, capped at P. Without graphs (`bucketed=False`: the CPU, or graphs off) nothing is rounded: P is the real
+tokens, K the labelled ones, and max_seqlen the longest row, which is what the exact grid attention pays for.
 
 Packing happens on the host, from the CPU batch (`Booster.to_device` for the fast engine): the lengths are
 known there for free, where on the device they would cost a host sync per step.
@@ -45,9 +47,10 @@ def bucket_size(rows: int, length: int) -> int:
     return -(-rows * length // (BUCKETS * TILE)) * TILE
 
 
-def pack(batch: dict) -> dict:
-    """The pad-free form of a right-padded CPU batch (see the module docstring). Raises ValueError for a batch it
-    cannot pack exactly: left padding, or a label on a pad position."""
+def pack(batch: dict, bucketed: bool = True) -> dict:
+    """The pad-free form of a right-padded CPU batch (see the module docstring); `bucketed`: P and K rounded up to
+    the buckets and max_seqlen the row length, for CUDA graphs. Raises ValueError for a batch it cannot pack
+    exactly: left padding, or a label on a pad position."""
     ids, labels = batch["input_ids"], batch["labels"]
     if ids.device.type != "cpu":
         raise ValueError("pack() takes the batch on the CPU, before it moves to the device")
@@ -60,8 +63,8 @@ def pack(batch: dict) -> dict:
         raise ValueError("a pad position carries a label: pads must have label -100")
     lengths = real.sum(1)
     total = int(lengths.sum())
-    step = bucket_size(rows, length)
-    size = max(-(-total // step) * step, step)
+    step = bucket_size(rows, length) if bucketed else 1
+    size = max(-(-total // step) * step, step)  # at least one position: an all-pad batch packs to one filler token
     fill = size - total
     # the filler as segments of at most `length` tokens (a fixed number of them per batch shape), so that no
     # segment is longer than a row and max_seqlen stays the row length
@@ -85,7 +88,7 @@ def pack(batch: dict) -> dict:
         "keep": keep,
         "targets": torch.cat([targets[labelled], labels.new_full((kept - labelled.numel(),), IGNORE_INDEX)])[None],
         "cu_seqlens": cu,
-        "max_seqlen": length,
+        "max_seqlen": length if bucketed else max(int(lengths.max()), fill, 1),
     }
 
 

@@ -66,6 +66,26 @@ def test_pack_layout():
     assert labelled == int((batch["labels"][:, 1:] != -100).sum())
 
 
+def test_unbucketed_pack_holds_exactly_the_real_and_labelled_positions(batch):
+    """Without CUDA graphs nothing is rounded: P is the real tokens, K the labelled ones, max_seqlen the longest
+    row; an all-pad batch packs to one filler token. The step on it gives the reference's gradient."""
+    lengths = [37, 0, 29, 11]
+    b = ragged_batch(lengths, 53)
+    p = pack(b, bucketed=False)
+    labelled = int((b["labels"][:, 1:] != -100).sum())
+    assert p["input_ids"].shape == (1, sum(lengths)) and p["cu_seqlens"].tolist() == [0, 37, 37, 66, 77, 77]
+    assert p["keep"].numel() == labelled and (p["targets"] != -100).all() and p["max_seqlen"] == 37
+    empty = pack(ragged_batch([0, 0], 16), bucketed=False)
+    assert empty["input_ids"].shape == (1, 1) and empty["cu_seqlens"].tolist() == [0, 0, 0, 1]
+    # the engine without graphs (the CPU) gets them from to_device; the update is the reference's
+    booster = bf.Booster(make_model()[0], bf.BoosterConfig(packing=True))
+    a, h = (booster.to_device(x, "cpu") for x in batch)
+    assert a["input_ids"].shape[1] == int(batch[0]["attention_mask"].sum())
+    ref = first_update("reference", batch)
+    fast = first_update("fast", (a, h), packing=True)
+    assert relative(fast[:ref.numel()], ref) <= 1e-5
+
+
 def test_a_batch_without_pads_packs_to_its_padded_size():
     batch = ragged_batch([64] * 8, 64)
     p = pack(batch)
