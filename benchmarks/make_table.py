@@ -81,8 +81,9 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
             marks = [m for m, on in (("packed", r.get("packed_share")), ("CUDA graph", r.get("cuda_graphs"))) if on]
             label = impl + (f" ({', '.join(marks)})" if marks else "")
             head = [hardware(m), model, str(c.get("quant")), label]
-            if "skipped" in r:
-                out.append(head + [f"skipped: {r['skipped']}"] + ["—"] * (len(COLUMNS) - len(head) - 1))
+            if "skipped" in r or "failed" in r:
+                why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r['failed']}"
+                out.append(head + [why] + ["—"] * (len(COLUMNS) - len(head) - 1))
                 continue
             booster = impl != "sft"  # speed-up and the SFT ratio describe Booster steps
             out.append(head + [

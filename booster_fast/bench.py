@@ -364,6 +364,13 @@ def check_bench_args(args) -> list[str]:
     return names
 
 
+def _failed(results, name, stage, e):
+    """Record that entry `name` failed (one log line; run_bench then exits 1): on a borrowed GPU, one broken entry
+    must not cost the others' numbers."""
+    results[name] = {"failed": f"{stage}: {type(e).__name__}: {_first_line(e)}"}
+    log.error("bench: %s failed while %s", name, results[name]["failed"])
+
+
 def build_all(names, args, device, results):
     """Build every entry from identical initial weights; returns (impls, batches, matmul params, LoRA params)."""
     impls, first = {}, None  # name -> (booster, step function, its batches)
@@ -373,10 +380,11 @@ def build_all(names, args, device, results):
             continue
         try:
             booster, tok, lora0 = build_impl(name, args, device)
-        except (ValueError, RuntimeError) as e:
-            if name != "fast-graphs":
-                raise
-            results[name] = {"skipped": f"graphs='on' unavailable: {_first_line(e)}"}
+        except Exception as e:  # noqa: BLE001 -- reported in the results and the exit code, the others still run
+            if name == "fast-graphs" and isinstance(e, (ValueError, RuntimeError)):
+                results[name] = {"skipped": f"graphs='on' unavailable: {_first_line(e)}"}
+            else:
+                _failed(results, name, "building it", e)
             continue
         if first is None:
             first, first_name, batches = lora0, name, make_batches(args, tok, booster.model)
@@ -399,7 +407,7 @@ def time_interleaved(impls, batches, args, device, results):
     if not impls:  # every entry was skipped (fast-graphs alone on the CPU)
         return times, tps
 
-    def drop(name, why):  # only fast-graphs may fail and be reported instead (graphs='on' raises on capture)
+    def drop(name, why):  # fast-graphs may be unavailable (graphs='on' raises on capture): skipped, not failed
         del impls[name], times[name], tps[name]
         results[name] = {"skipped": why}
 
@@ -418,9 +426,11 @@ def time_interleaved(impls, batches, args, device, results):
             try:
                 impls[name][1](*impls[name][2][i])
             except Exception as e:  # noqa: BLE001
-                if name != "fast-graphs":
-                    raise
-                drop(name, "capture failed: " + _first_line(e))
+                if name == "fast-graphs":
+                    drop(name, "capture failed: " + _first_line(e))
+                else:
+                    del impls[name], times[name], tps[name]
+                    _failed(results, name, f"step {i}", e)
                 continue
             _sync(device)
             dt = time.perf_counter() - t0
@@ -445,8 +455,12 @@ def run_bench(args) -> int:
     # ---- separate passes after the timing: one step each for memory, one for the op count ----
     rate = matmul_tflops(device) if device.type == "cuda" and impls else None
     for name, (booster, fn, mine) in impls.items():
-        transient = transient_bytes(lambda: fn(*mine[-2]), device)
-        ops = count_ops(fn, *mine[-1], host_resident=host_resident_scalars(booster.optimizer))
+        try:
+            transient = transient_bytes(lambda: fn(*mine[-2]), device)
+            ops = count_ops(fn, *mine[-1], host_resident=host_resident_scalars(booster.optimizer))
+        except Exception as e:  # noqa: BLE001
+            _failed(results, name, "measuring memory and ops", e)
+            continue
         timed = mine[args.warmup:args.warmup + args.steps]
         flops = statistics.mean(model_flops(name, args, n_params, p) for p in timed)
         ms = statistics.median(times[name]) * 1e3
@@ -476,7 +490,7 @@ def run_bench(args) -> int:
         write_atomic(args.output, lambda f: f.write((json.dumps(doc, indent=2) + "\n").encode()))
     if args.json:
         print(json.dumps(doc))  # the last stdout line: one JSON document
-    return 0
+    return 1 if any("failed" in r for r in results.values()) else 0
 
 
 # ---- what the run was (bench_report.py has the rest of the reporting) -----------------------------------

@@ -56,8 +56,8 @@ def format_table(doc: dict) -> str:
              f"{'ops/step':>10}{'xSFT':>7}{'MFU':>7}"]
     lines.append("-" * len(lines[1]))
     for name, r in doc["results"].items():
-        if "skipped" in r:
-            lines.append(f"{name:<14}skipped: {r['skipped']}")
+        if "skipped" in r or "failed" in r:
+            lines.append(f"{name:<14}" + (f"skipped: {r['skipped']}" if "skipped" in r else f"FAILED {r['failed']}"))
             continue
         lines.append(f"{name:<14}{r['step_ms']:>10.2f}{r['step_ms_p20']:>9.2f}-{r['step_ms_p80']:<8.2f}"
                      f"{_fmt(doc['speedup'][name], '.2f'):>9}{r['tokens_per_s']:>11.0f}{r['peak_mem_mb']:>10.1f}"

@@ -296,3 +296,41 @@ def test_bench_with_every_entry_skipped(capsys):
     assert rc == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(doc["results"]) == {"fast-graphs"} and "CUDA" in doc["results"]["fast-graphs"]["skipped"]
+
+
+def test_a_failing_entry_is_reported_and_the_others_still_run(monkeypatch, capsys, tmp_path):
+    """One entry that cannot be built and one whose step breaks mid-run: both recorded as failed with the reason,
+    the other entries measured, the document written, exit code 1."""
+    import booster_fast.bench as bench
+
+    build, step = bench.build_impl, bench.step_fn
+
+    def broken_build(name, *args):
+        if name == "fast-unfused":
+            raise RuntimeError("no kernel for you\nsecond line")
+        return build(name, *args)
+
+    def broken_step(name, booster):
+        fn, calls = step(name, booster), []
+
+        def run(*batches):
+            calls.append(1)
+            if name == "fast-padded" and len(calls) == 2:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return fn(*batches)
+        return run
+
+    monkeypatch.setattr(bench, "build_impl", broken_build)
+    monkeypatch.setattr(bench, "step_fn", broken_step)
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+               "--lora-r", "4", "--impls", "reference,fast,fast-padded,fast-unfused", "--json", "--output", str(out)])
+    assert rc == 1
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    res = doc["results"]
+    assert res["fast-unfused"] == {"failed": "building it: RuntimeError: no kernel for you"}
+    assert res["fast-padded"]["failed"].startswith("step 1: RuntimeError: CUDA error")
+    assert _is_number(res["reference"]["step_ms"]) and _is_number(res["fast"]["step_ms"])
+    assert doc["speedup"]["fast-padded"] is None and json.loads(out.read_text()) == doc
+    table = _make_table_module().markdown_table([("bench.json", doc)], {})
+    assert "failed: building it: RuntimeError: no kernel for you" in table
