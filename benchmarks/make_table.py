@@ -134,7 +134,8 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
     for name, doc in checks.get("profile", []):
         body = [[impl, _num(r.get("wall_ms_per_step"), ".1f"), _num(r.get("gpu_busy_ms_per_step"), ".1f"),
                  _num(r.get("gpu_idle_share"), ".0%"),
-                 "; ".join(f"{k['name'][:40]} {k['ms_per_step']:.1f} ms" for k in r.get("top_kernels", [])[:3])]
+                 r.get("error") and f"failed: {r['error']}"
+                 or "; ".join(f"{k['name'][:40]} {k['ms_per_step']:.1f} ms" for k in r.get("top_kernels", [])[:3])]
                 for impl, r in doc["results"].items()]
         blocks.append(f"Profile of {doc.get('model')} ({doc.get('quant')}), batch {doc.get('batch')} (`{name}`):\n\n"
                       + "\n".join(_grid(("impl", "wall ms/step", "GPU busy ms/step", "GPU idle", "top kernels"),

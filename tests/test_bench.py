@@ -273,6 +273,21 @@ def test_gpu_checks_run_on_the_cpu_as_a_smoke_test(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             checks.main(["bandwidth", "--out", str(tmp_path)])
+    # one implementation failing costs only its own row
+    real_booster = checks.bf.Booster
+
+    def broken(model, cfg):
+        if cfg.impl == "fast":
+            raise RuntimeError("out of memory")
+        return real_booster(model, cfg)
+    checks.bf.Booster = broken
+    try:
+        checks.main(["profile", "--device", "cpu", "--model", "tiny", "--steps", "1", *small])
+    finally:
+        checks.bf.Booster = real_booster
+    prof = json.loads((tmp_path / "profile_tiny.json").read_text())["results"]
+    assert prof["fast"] == {"error": "RuntimeError: out of memory"} and prof["reference"]["top_kernels"]
+    assert "failed: RuntimeError: out of memory" in "\n".join(mt.check_tables(mt.check_documents(tmp_path)))
 
 
 def test_random_batches_vary_rows_but_not_the_total():
