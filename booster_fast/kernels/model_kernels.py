@@ -25,7 +25,8 @@ __all__ = ["rms_norm", "silu_mul", "rope", "available"]
 
 # silu_mul: elements per program. 2048 bf16 = 4 KiB per operand, 8 elements per thread with 8 warps (one
 # 16-byte access each); an [10*256, 11008] gate is ~14k programs, far more than the H200's 132 SMs. Reasoned,
-# not measured: the GPU suite's profile table says whether these kernels reach the copy rate.
+# not measured: the GPU suite's kernel_bandwidth part (bandwidth.measure_model_kernels) says whether these
+# kernels reach the copy rate.
 BLOCK = 2048
 NUM_WARPS = 8
 
@@ -37,8 +38,8 @@ def available(device: torch.device) -> bool:
 
 
 def _row_settings(n: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for one program per row of n elements: the whole row in registers, more warps
-    for longer rows so that each thread holds at most ~16 fp32 values per operand."""
+    """(BLOCK_N, num_warps) for one program per row of n elements: the whole row in registers, one warp per 256
+    elements (up to 16), so that each thread holds 8 values per operand: one 16-byte access in bf16."""
     block = triton.next_power_of_2(n)
     return block, max(1, min(16, block // 256))
 
