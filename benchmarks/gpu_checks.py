@@ -119,10 +119,16 @@ def cmd_equivalence(args):
     write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
 
 
-def _profile_one(args, impl, graphs, gen, busy, sync, cuda):
-    """(summary, profiler table) of a few steps of one implementation."""
+def _profile_one(args, impl, graphs, gen):
+    """(summary, profiler table) of a few steps of one implementation. On CUDA the time is the kernels' (device
+    rows only: a CPU op's row repeats its kernels' time as its own "self device" time, and user annotations span
+    kernels too, so counting those would count the eager steps' GPU time twice); on the CPU, CPU op rows."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device == "cuda"
+    busy = (lambda e: getattr(e, "self_device_time_total", 0)) if cuda else (lambda e: e.self_cpu_time_total)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     model, tok = bf.load_model(args.model, quant=args.quant, seed=0, device=args.device)
     torch.manual_seed(0)
@@ -159,19 +165,14 @@ def _profile_one(args, impl, graphs, gen, busy, sync, cuda):
 
 
 def cmd_profile(args):
-    """Reference vs fast+graphs under torch.profiler. On CUDA the time is the kernels' (device rows only: a CPU
-    op's row repeats its kernels' time as its own "self device" time, and user annotations span kernels too, so
-    counting those would count the eager steps' GPU time twice). `--device cpu` is a smoke test of this code:
-    CPU op rows and CPU time, graphs off."""
-    cuda = args.device == "cuda"
-    busy = (lambda e: getattr(e, "self_device_time_total", 0)) if cuda else (lambda e: e.self_cpu_time_total)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    """Reference vs fast+graphs under torch.profiler (see _profile_one). `--device cpu` is a smoke test of this
+    code: CPU op rows and CPU time, graphs off."""
     gen = torch.Generator().manual_seed(0)
     docs, tables = {}, []
-    for impl, graphs in (("reference", "off"), ("fast", "on" if cuda else "off")):
+    for impl, graphs in (("reference", "off"), ("fast", "on" if args.device == "cuda" else "off")):
         label = f"{impl}{'+graphs' if graphs == 'on' else ''}"
         try:
-            docs[label], table = _profile_one(args, impl, graphs, gen, busy, sync, cuda)
+            docs[label], table = _profile_one(args, impl, graphs, gen)
             tables.append(f"## {label} on {args.model} ({args.quant}), {args.steps} steps\n{table}\n")
         except Exception as e:  # noqa: BLE001 - recorded: the other implementation's table still comes back
             docs[label] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}

@@ -116,10 +116,10 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
                       + "\n".join(_grid(("op", "Triton GB/s", "torch GB/s", "of copy"), body)))
         model = doc.get("model_kernels")
         if model:
-            rows = [[f"{op} {d}", _num(model[f"{op}_{d}"]["GBps"], ",.0f"), _num(model[f"{op}_{d}"]["ms"], ".3f"),
-                     _num(model[f"{op}_{d}"]["eager_ms"], ".3f"), _num(model[f"{op}_{d}"]["speedup"], ".2f") + "×",
-                     _num(model[f"{op}_{d}"]["fraction_of_copy"], ".0%")]
-                    for op in ("rms_norm", "silu_mul", "rope") for d in ("fwd", "bwd") if f"{op}_{d}" in model]
+            timed = [(f"{op} {d}", model[f"{op}_{d}"]) for op in ("rms_norm", "silu_mul", "rope")
+                     for d in ("fwd", "bwd") if f"{op}_{d}" in model]
+            rows = [[label, _num(r["GBps"], ",.0f"), _num(r["ms"], ".3f"), _num(r["eager_ms"], ".3f"),
+                     _num(r["speedup"], ".2f") + "×", _num(r["fraction_of_copy"], ".0%")] for label, r in timed]
             blocks.append(f"Fused model ops on {gpu}, bf16, {model['tokens']:,} tokens of the 7B shape "
                           f"(bf16 copy: {_num(model['copy_GBps'], ',.0f')} GB/s):\n\n"
                           + "\n".join(_grid(("op", "GB/s", "ms", "eager ms", "speed-up", "of copy"), rows)))

@@ -5,6 +5,8 @@ import logging
 
 import torch
 
+from .losses import IGNORE_INDEX
+
 KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "keep", "targets", "cu_seqlens", "max_seqlen")
 _warned_device_batch = False
 
@@ -58,7 +60,7 @@ def trim_to_longest(batch: dict) -> dict:
     if mask is None or mask.device.type != "cpu" or mask.dim() != 2:
         return batch
     width = mask.shape[1]
-    used = (mask != 0) | (batch["labels"] != -100) if "labels" in batch else mask != 0
+    used = (mask != 0) | (batch["labels"] != IGNORE_INDEX) if "labels" in batch else mask != 0
     columns = used.any(0).nonzero()
     keep = int(columns[-1]) + 1 if columns.numel() else 1
     if keep == width:

@@ -50,8 +50,9 @@ def model_pass():
 
 def default_merge(device: torch.device) -> bool:
     """Default per device. CPU, measured (benchmarks/results/cpu_tiny.json): a 2B-row pass costs as much as two
-    B-row passes, so merging only adds work (unmerged 0.99-1.03x the reference over runs, merged 0.97-1.01x). CUDA: merging halves
-    pass 1's launches and weight reads (dequantisation under NF4); on by design until the GPU suite measures it."""
+    B-row passes, so merging only adds work (unmerged 0.99-1.03x the reference over runs, merged 0.97-1.01x).
+    CUDA: merging halves pass 1's launches and weight reads (dequantisation under NF4); on by design until the GPU
+    suite measures it."""
     return torch.device(device).type == "cuda"
 
 

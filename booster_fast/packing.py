@@ -34,8 +34,7 @@ from __future__ import annotations
 import torch
 
 from .batches import left_padded
-
-IGNORE_INDEX = -100
+from .losses import IGNORE_INDEX
 # 32 buckets. Measured on the built-in data at 10+10 rows x 256 tokens over 500 steps: 16 buckets (a step of 192
 # positions, after the rounding to tiles) left filler worth 13.8% of the real tokens and 4 distinct graph keys;
 # 32 (a step of 128) 5.0% and 11 keys; 64 (64) 3.3% and 18 keys. A new key costs two eager steps and a capture
