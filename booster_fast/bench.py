@@ -407,9 +407,8 @@ def time_interleaved(impls, batches, args, device, results):
     if not impls:  # every entry was skipped (fast-graphs alone on the CPU)
         return times, tps
 
-    def drop(name, why):  # fast-graphs may be unavailable (graphs='on' raises on capture): skipped, not failed
+    def drop(name):  # the entry leaves the timing; the caller records why
         del impls[name], times[name], tps[name]
-        results[name] = {"skipped": why}
 
     bar = tqdm(total=(args.warmup + args.steps) * len(impls), desc="bench", file=sys.stderr, dynamic_ncols=True)
     for i in range(args.warmup + args.steps):
@@ -417,7 +416,8 @@ def time_interleaved(impls, batches, args, device, results):
             booster, fn, mine = impls[name]
             why = warm_graphs(name, booster, fn, mine[args.warmup:])  # the timed steps and the two after
             if why:
-                drop(name, why)
+                drop(name)
+                results[name] = {"skipped": why}
         _, _, na, nh = batches[i]
         order = list(impls)[i % len(impls):] + list(impls)[:i % len(impls)] if impls else []
         for name in order:
@@ -426,10 +426,10 @@ def time_interleaved(impls, batches, args, device, results):
             try:
                 impls[name][1](*impls[name][2][i])
             except Exception as e:  # noqa: BLE001
-                if name == "fast-graphs":
-                    drop(name, "capture failed: " + _first_line(e))
+                drop(name)
+                if name == "fast-graphs":  # graphs='on' raises when capture is impossible: skipped, not failed
+                    results[name] = {"skipped": "capture failed: " + _first_line(e)}
                 else:
-                    del impls[name], times[name], tps[name]
                     _failed(results, name, f"step {i}", e)
                 continue
             _sync(device)
