@@ -283,23 +283,28 @@ def test_fast_restore_is_exact_and_base_untouched(batches):
             assert torch.equal(p, base[n]), f"base weight {n} changed"
 
 
-def first_update(impl, batch, quant="none", **cfg):
-    """The gradient the optimizer receives on the first step (before clipping)."""
-    model, _ = make_model(quant)
-    booster = bf.Booster(model, bf.BoosterConfig(impl=impl, **cfg))
+def step_gradient(booster, *batches):
+    """(the combined gradient the optimizer receives, before clipping, and the output) of one booster.step."""
     engine, seen = booster.engine, []
     update = engine._clip_and_update
 
     def spy():
-        if impl == "fast":
-            seen.append(engine.flat.G_f.clone())
-        else:
-            seen.append(torch.cat([p.grad.reshape(-1) for _, p in engine.params]))
-        update()
+        flat = getattr(engine, "flat", None)
+        seen.append(flat.G_f.clone() if flat is not None else torch.cat([p.grad.reshape(-1) for _, p in engine.params]))
+        return update()
 
     engine._clip_and_update = spy
-    booster.step(*batch)
-    return seen[0]
+    try:
+        out = booster.step(*batches)
+    finally:
+        del engine._clip_and_update
+    return seen[0], out
+
+
+def first_update(impl, batch, quant="none", **cfg):
+    """The gradient the optimizer receives on the first step (before clipping)."""
+    model, _ = make_model(quant)
+    return step_gradient(bf.Booster(model, bf.BoosterConfig(impl=impl, **cfg)), *batch)[0]
 
 
 def relative(a, b):

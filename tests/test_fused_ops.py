@@ -17,7 +17,7 @@ from booster_fast.kernels.reference import rms_norm_ref, rope_ref, silu_mul_ref
 from booster_fast.models import enable_gradient_checkpointing
 from booster_fast.packing import pack
 
-from test_fast import SEED, builtin_batches, first_update, make_model, relative
+from test_fast import SEED, builtin_batches, first_update, make_model, relative, step_gradient
 from test_kernels import _gen, assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +116,8 @@ def _bf16_against_transformers(bound_out: float, bound_grad: float):
         err = relative(got.float(), want.float())
         assert err <= bound_out, f"{name}: {err:.3g} from transformers' bf16 result"
         seed = torch.randn(want.shape, generator=g).to(DEVICE, torch.bfloat16)
-        for i, (a, b) in enumerate(zip(torch.autograd.grad(got, inputs, seed), torch.autograd.grad(want, inputs, seed))):
+        pairs_of_grads = zip(torch.autograd.grad(got, inputs, seed), torch.autograd.grad(want, inputs, seed))
+        for i, (a, b) in enumerate(pairs_of_grads):
             err = relative(a.float(), b.float())
             assert err <= bound_grad, f"{name}: gradient of input {i} is {err:.3g} from transformers' bf16 one"
 
@@ -228,12 +229,8 @@ def test_checkpointed_recompute_runs_fused(small_batch, monkeypatch):
             enable_gradient_checkpointing(model)
         torch.manual_seed(SEED)
         booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(fused_ops=True, merge_passes=True))
-        engine, seen = booster.engine, []
-        update = engine._clip_and_update
-        engine._clip_and_update = lambda: (seen.append(engine.flat.G_f.clone()), update())[1]
         calls[checkpointing] = _counting(monkeypatch)
-        booster.step(*small_batch)
-        grads[checkpointing] = seen[0]
+        grads[checkpointing] = step_gradient(booster, *small_batch)[0]
         monkeypatch.undo()
     layers = model.config.num_hidden_layers
     # per forward: 2 norms a layer + the final one; the recompute adds the layers' 2 each, once per forward
@@ -274,11 +271,7 @@ def test_fused_step_in_bf16_on_the_cpu(small_batch):
         torch.manual_seed(SEED)
         booster = bf.Booster(bf.add_lora(model, r=8, alpha=16),
                              bf.BoosterConfig(fused_ops=fused, merge_passes=True, packing=True))
-        engine, seen = booster.engine, []
-        update = engine._clip_and_update
-        engine._clip_and_update = lambda: (seen.append(engine.flat.G_f.clone()), update())[1]
-        out = booster.step(*(booster.to_device(b, "cpu") for b in small_batch))
-        runs[fused] = seen[0], out
+        runs[fused] = step_gradient(booster, *(booster.to_device(b, "cpu") for b in small_batch))
     (g0, o0), (g1, o1) = runs[False], runs[True]
     for key in ("loss", "harmful_loss", "harmful_loss_perturbed"):
         torch.testing.assert_close(o1[key], o0[key], rtol=1e-3, atol=0, msg=lambda m: f"{key}: {m}")

@@ -13,7 +13,7 @@ from booster_fast.models import enable_gradient_checkpointing
 from booster_fast.opcount import count_ops
 from booster_fast.packing import bucket_size, concat_packed, pack
 
-from test_fast import SEED, builtin_batches, first_update, make_model, relative
+from test_fast import SEED, builtin_batches, first_update, make_model, relative, step_gradient
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,12 +198,8 @@ def test_packed_step_matches_padded_and_reads_nothing_back(batch, quant, checkpo
         torch.manual_seed(SEED)
         booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(packing=packing, merge_passes=True))
         a, h = (pack(b) if packing else booster.to_device(b, "cpu") for b in batch)
-        spy, seen = booster.engine._clip_and_update, []
-        booster.engine._clip_and_update = lambda: (seen.append(booster.engine.flat.G_f.clone()), spy())[1]
-        booster.step(a, h)
-        grads[packing] = seen[0]
+        grads[packing] = step_gradient(booster, a, h)[0]
         if packing:
-            booster.engine._clip_and_update = spy
             for fn, args in ((booster.step, (a, h)), (booster.sft_step, (a,))):
                 syncs = count_ops(fn, *args)["host_syncs"]
                 assert not syncs, f"packed {fn.__name__} reads back to the host: {syncs}"
@@ -375,10 +371,7 @@ def test_packed_step_matches_padded_on_cuda(batch):
             booster = bf.Booster(bf.add_lora(model, r=8, alpha=16),
                                  bf.BoosterConfig(packing=packing, graphs="off", merge_passes=True))
             a, h = (to_device(pack(b) if packing else b, "cuda", drop_mask=not packing) for b in batch)
-            spy, seen = booster.engine._clip_and_update, []
-            booster.engine._clip_and_update = lambda: (seen.append(booster.engine.flat.G_f.clone()), spy())[1]
-            booster.step(a, h)
-            grads[packing] = seen[0]
+            grads[packing] = step_gradient(booster, a, h)[0]
         err = relative(grads[True], grads[False])
         assert err <= tol, f"{dtype}: packed differs from padded by {err:.3g} on CUDA"
 
@@ -447,10 +440,7 @@ def test_the_flash_path_inside_a_model_step(monkeypatch, batch):
             booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(packing=packing,
                                                                                         merge_passes=True))
             a, h = (pack(b) if packing else booster.to_device(b, "cpu") for b in batch)
-            spy, seen = booster.engine._clip_and_update, []
-            booster.engine._clip_and_update = lambda: (seen.append(booster.engine.flat.G_f.clone()), spy())[1]
-            booster.step(a, h)
-            grads[packing] = seen[0]
+            grads[packing] = step_gradient(booster, a, h)[0]
     finally:
         attention._flash_varlen.cache_clear()
     layers = model.config.num_hidden_layers
