@@ -35,10 +35,12 @@ import torch
 
 from .batches import left_padded
 from .losses import IGNORE_INDEX
-# 32 buckets. Measured on the built-in data at 10+10 rows x 256 tokens over 500 steps: 16 buckets (a step of 192
-# positions, after the rounding to tiles) left filler worth 13.8% of the real tokens and 4 distinct graph keys;
-# 32 (a step of 128) 5.0% and 11 keys; 64 (64) 3.3% and 18 keys. A new key costs two eager steps and a capture
-# once; the filler costs compute every step, while more keys than graphs.MAX_GRAPHS would cost recaptures.
+
+# 32 buckets. Measured on the built-in data at 10+10 rows x 256 tokens over 500 steps (benchmarks/bucket_sizes.py,
+# results/bucket_sizes.json): 16 buckets (a step of 192 positions, after the rounding to tiles) left filler worth
+# 13.8% of the real tokens and 4 distinct graph keys; 32 (a step of 128) 5.1% and 11 keys; 64 (64) 3.3% and 18.
+# A new key costs two eager steps and a capture once; the filler costs compute every step, while more keys than
+# graphs.MAX_GRAPHS would cost recaptures.
 BUCKETS = 32
 TILE = 64
 

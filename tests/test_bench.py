@@ -349,3 +349,15 @@ def test_a_failing_entry_is_reported_and_the_others_still_run(monkeypatch, capsy
     assert doc["speedup"]["fast-padded"] is None and json.loads(out.read_text()) == doc
     table = _make_table_module().markdown_table([("bench.json", doc)], {})
     assert "failed: building it: RuntimeError: no kernel for you" in table
+
+
+def test_bucket_sizes_script_measures_filler_and_graph_keys(capsys):
+    """benchmarks/bucket_sizes.py (the measurement behind packing.BUCKETS) runs and reports both sides of the
+    trade: finer buckets never leave more filler, nor meet fewer graph shapes."""
+    spec = importlib.util.spec_from_file_location("bucket_sizes", ROOT / "benchmarks" / "bucket_sizes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--steps", "20", "--buckets", "16,64"])
+    coarse, fine = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert coarse["step"] > fine["step"] and fine["filler_share_of_real"] <= coarse["filler_share_of_real"]
+    assert 1 <= coarse["graph_keys"] <= fine["graph_keys"] <= 20
