@@ -166,6 +166,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     cu_seq_lens_q and max_length_q come in through the model's forward kwargs (losses.logits_of passes them).
     Returns ([1, P, H, D], None)."""
     cu, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    unsupported = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
+    if unsupported:  # supports_packing refuses such models; a layer that asks anyway must not be run without it
+        raise ValueError(f"packed attention does not implement {', '.join(unsupported)}, which this layer uses")
     if query.shape[0] != 1:
         raise ValueError(f"packed attention takes one row of packed tokens, got {query.shape[0]} rows")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [P, H, D]

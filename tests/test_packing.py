@@ -235,6 +235,18 @@ def test_varlen_attention_takes_one_row():
                                  max_length_q=8)
 
 
+@pytest.mark.parametrize("extra", [{"sliding_window": 4096}, {"softcap": 50.0}, {"s_aux": torch.zeros(4)}])
+def test_varlen_attention_refuses_what_it_does_not_implement(extra):
+    q = torch.randn(1, 4, 8, 16)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=next(iter(extra))):
+        varlen_attention_forward(None, q, q, q, cu_seq_lens_q=cu, max_length_q=5, **extra)
+    # the same keywords left unset (as Mistral and Qwen2 pass them) are fine
+    out, _ = varlen_attention_forward(None, q, q, q, cu_seq_lens_q=cu, max_length_q=5, sliding_window=None,
+                                      softcap=None)
+    assert out.shape == (1, 8, 4, 16)
+
+
 def _fake_flash_apis():
     """Stand-ins for the two shapes torch's varlen_attn has had (2.10: is_causal and no scale; later: window_size,
     scale, enable_gqa), computing with the exact grid path, recording what they were called with."""
