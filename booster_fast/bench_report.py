@@ -38,7 +38,8 @@ def _git_commit() -> str | None:
 def machine_info(device) -> dict:
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            **{k: _version(k) for k in ("torch", "transformers", "peft", "triton", "bitsandbytes")},
+            **{k: _version(k) for k in ("transformers", "peft", "triton", "bitsandbytes")},
+            "torch": torch.__version__, "cuda": torch.version.cuda,  # with its build tag (+cpu, +cu130)
             "python": platform.python_version(), "git_commit": _git_commit(),
             "loadavg_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -7,11 +7,11 @@ module rather than a module, is wrapped there the same way. So the fast engine s
 step (forward, backward and a checkpointed layer's recompute alike), while evaluation, generation and a
 reference engine on the same model run transformers' own ops untouched.
 
-Recognised: Llama-style RMSNorm (`w * round(x * rsqrt(mean(x^2) + eps))`; Gemma's `1 + w` norm is a different
-op and is left alone), Llama-style MLPs (`down(silu(gate(x)) * up(x))`) and the `apply_rotary_pos_emb` of the
-modules that define Llama-style attention. The class name picks the candidates; before installing, each kind
-runs both ways once on random input, and one whose forward disagrees (another transformers release, a custom
-model) keeps its own, with one log line.
+Recognised: the RMSNorms of Llama, Mistral and Qwen2/3 (`w * round(x * rsqrt(mean(x^2) + eps))`) and of Gemma
+1-3 (`(1 + w) * x * rsqrt(...)`, rounded once), their gated MLPs (`down(act(gate(x)) * up(x))`, SiLU or GELU's
+tanh form) and the `apply_rotary_pos_emb` of the modules that define their attention. The class name picks the
+candidates; before installing, each kind runs both ways once on random input, and one whose forward disagrees
+(another transformers release, a custom model) keeps its own, with one log line.
 """
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ import types
 import torch
 import torch.nn as nn
 
-from .kernels.model_kernels import available, rms_norm, rope, silu_mul
+from .kernels.model_kernels import available, gelu_tanh_mul, rms_norm, rope, silu_mul
 
 log = logging.getLogger("booster_fast")
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+UNIT_OFFSET_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
+GATES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
+ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
+              "Gemma2Attention", "Gemma3Attention")
 ROPE = "apply_rotary_pos_emb"
 _active = False
 
@@ -51,9 +54,16 @@ def _norm_forward(self, hidden_states):
     return type(self).forward(self, hidden_states)
 
 
+def _unit_offset_norm_forward(self, x):
+    if _active:
+        return rms_norm(x, self.weight, self.eps, unit_offset=True)
+    return type(self).forward(self, x)
+
+
 def _mlp_forward(self, x):
     if _active:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gated = silu_mul if GATES[type(self.act_fn).__name__] == "silu" else gelu_tanh_mul
+        return self.down_proj(gated(self.gate_proj(x), self.up_proj(x)))
     return type(self).forward(self, x)
 
 
@@ -117,10 +127,12 @@ def _install_rope(model: nn.Module, tolerance: float) -> int:
 def _kind(module: nn.Module):
     """The fused forward for `module`, or None."""
     name = type(module).__name__
-    if name in NORMS and hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None),
-                                                                            torch.Tensor):
+    has_weight = isinstance(getattr(module, "weight", None), torch.Tensor)
+    if name in NORMS and hasattr(module, "variance_epsilon") and has_weight:
         return _norm_forward
-    if (name in MLPS and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+    if name in UNIT_OFFSET_NORMS and isinstance(getattr(module, "eps", None), float) and has_weight:
+        return _unit_offset_norm_forward
+    if (name in MLPS and type(getattr(module, "act_fn", None)).__name__ in GATES
             and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj"))):
         return _mlp_forward
     return None
@@ -131,7 +143,7 @@ def _agrees(module: nn.Module, fused, autocast) -> float:
     """Relative difference between the fused and the class forward of `module` on random input (a host read,
     once per class when installing)."""
     device = next(module.parameters()).device
-    if fused is _norm_forward:
+    if fused is not _mlp_forward:
         width, dtype = module.weight.shape[0], module.weight.dtype
     else:
         width, dtype = module.gate_proj.in_features, _hidden_dtype(module)

@@ -8,12 +8,14 @@ import pytest
 import torch
 from torch import nn
 from transformers.models.llama import modeling_llama
+from transformers.activations import GELUTanh
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import booster_fast as bf
 from booster_fast import fused_ops
-from booster_fast.kernels.model_kernels import rms_norm, rope, silu_mul
-from booster_fast.kernels.reference import rms_norm_ref, rope_ref, silu_mul_ref
+from booster_fast.kernels.model_kernels import gelu_tanh_mul, rms_norm, rope, silu_mul
+from booster_fast.kernels.reference import gelu_tanh_mul_ref, rms_norm_ref, rope_ref, silu_mul_ref
 from booster_fast.models import enable_gradient_checkpointing
 from booster_fast.packing import pack
 
@@ -28,29 +30,32 @@ TOL = {torch.float32: (1e-5, 1e-5)}
 TOL_SUM = {torch.float32: (1e-4, 1e-5)}
 
 
+@pytest.mark.parametrize("unit_offset", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 37, 781), (129, 1000), (2, 0, 64), (5, 4096)])
-def test_rms_norm_matches_float64(shape):
-    g = _gen("rms_norm", shape)
+def test_rms_norm_matches_float64(shape, unit_offset):
+    g = _gen("rms_norm", shape, unit_offset)
     x = (torch.randn(shape, generator=g) * 3).to(DEVICE).requires_grad_()
-    w = (torch.rand(shape[-1], generator=g) + 0.5).to(DEVICE).requires_grad_()
+    w = (torch.rand(shape[-1], generator=g) + (-0.5 if unit_offset else 0.5)).to(DEVICE).requires_grad_()  # Gemma: ~0
     dy = torch.randn(shape, generator=g).to(DEVICE)
-    y = rms_norm(x, w, 1e-6)
+    y = rms_norm(x, w, 1e-6, unit_offset=unit_offset)
     dx, dw = torch.autograd.grad(y, (x, w), dy)
-    want = rms_norm_ref(x, w, 1e-6, dy)
+    want = rms_norm_ref(x, w, 1e-6, dy, unit_offset=unit_offset)
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert_close(y, want["y"], f"y {shape}", TOL)
     assert_close(dx, want["dx"], f"dx {shape}", TOL)
     assert_close(dw, want["dweight"], f"dweight {shape}", TOL_SUM)
 
 
+@pytest.mark.parametrize("gated, ref", [(silu_mul, silu_mul_ref), (gelu_tanh_mul, gelu_tanh_mul_ref)],
+                         ids=["silu", "gelu_tanh"])
 @pytest.mark.parametrize("shape", [(1,), (2047,), (2049,), (3, 1823, 7), (0, 5)])
-def test_silu_mul_matches_float64(shape):
-    g = _gen("silu_mul", shape)
+def test_gated_activations_match_float64(shape, gated, ref):
+    g = _gen(gated.__name__, shape)
     gate, up = ((torch.randn(shape, generator=g) * 4).to(DEVICE).requires_grad_() for _ in range(2))
     dh = torch.randn(shape, generator=g).to(DEVICE)
-    h = silu_mul(gate, up)
+    h = gated(gate, up)
     dgate, dup = torch.autograd.grad(h, (gate, up), dh)
-    want = silu_mul_ref(gate, up, dh)
+    want = ref(gate, up, dh)
     assert_close(h, want["h"], f"h {shape}", TOL)
     assert_close(dgate, want["dgate"], f"dgate {shape}", TOL)
     assert_close(dup, want["dup"], f"dup {shape}", TOL)
@@ -94,6 +99,8 @@ def test_kernels_refuse_mismatched_operands():
         rms_norm(torch.randn(3, 8), torch.ones(7), 1e-6)
     with pytest.raises(ValueError, match="must match"):
         silu_mul(torch.randn(3, 8), torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="gelu_tanh_mul: gate"):
+        gelu_tanh_mul(torch.randn(3, 8), torch.randn(3, 7))
     with pytest.raises(ValueError, match="rope"):
         rope(torch.randn(1, 2, 5, 7), torch.randn(1, 5, 7), torch.randn(1, 5, 7))  # odd head size
 
@@ -101,15 +108,19 @@ def test_kernels_refuse_mismatched_operands():
 def _bf16_against_transformers(bound_out: float, bound_grad: float):
     g = _gen("bf16")
     norm = LlamaRMSNorm(781, eps=1e-5).to(DEVICE, torch.bfloat16)
+    gemma_norm = GemmaRMSNorm(781, eps=1e-6).to(DEVICE, torch.bfloat16)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(781, generator=g) + 0.5)
+        gemma_norm.weight.copy_(torch.rand(781, generator=g) - 0.5)
     x = (torch.randn(53, 781, generator=g) * 3).to(DEVICE, torch.bfloat16).requires_grad_()
     gate, up = ((torch.randn(41, 333, generator=g) * 3).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(2))
     q = (torch.randn(2, 11, 4, 64, generator=g)).to(DEVICE, torch.bfloat16).transpose(1, 2).requires_grad_()
     cos, sin = (t.to(torch.bfloat16) for t in _tables(2, 11, 64, g))
     original = getattr(modeling_llama.apply_rotary_pos_emb, "_booster_original", modeling_llama.apply_rotary_pos_emb)
     pairs = {"rms_norm": ((x,), norm(x), rms_norm(x, norm.weight, norm.variance_epsilon)),
+             "gemma_rms_norm": ((x,), gemma_norm(x), rms_norm(x, gemma_norm.weight, gemma_norm.eps, unit_offset=True)),
              "silu_mul": ((gate, up), nn.functional.silu(gate) * up, silu_mul(gate, up)),
+             "gelu_tanh_mul": ((gate, up), GELUTanh()(gate) * up, gelu_tanh_mul(gate, up)),
              "rope": ((q,), original(q, q, cos, sin)[0], rope(q, cos, sin))}
     for name, (inputs, want, got) in pairs.items():
         assert got.dtype == want.dtype == torch.bfloat16
@@ -136,14 +147,14 @@ def test_bf16_kernels_follow_transformers_roundings_on_cuda():
 # ---------------------------------------------------------------------------------------------------------
 # installed in a model: fused inside `active()`, the model's own forward outside
 # ---------------------------------------------------------------------------------------------------------
-def _counting(monkeypatch):
-    calls = {"rms_norm": 0, "silu_mul": 0, "rope": 0}
+def _counting(monkeypatch, gate="silu_mul"):
+    calls = {"rms_norm": 0, gate: 0, "rope": 0}
     for name in calls:
         kernel = getattr(fused_ops, name)
 
-        def spy(*args, _kernel=kernel, _name=name):
+        def spy(*args, _kernel=kernel, _name=name, **kwargs):
             calls[_name] += 1
-            return _kernel(*args)
+            return _kernel(*args, **kwargs)
         monkeypatch.setattr(fused_ops, name, spy)
     return calls
 
@@ -198,6 +209,43 @@ def test_cpu_default_leaves_the_model_alone():
     assert not any(getattr(m, "_booster_fused", False) for m in model.modules())
 
 
+def _gemma(arch: str, vocab_size: int):
+    """A small random Gemma (1 or 2: softcapping, a sliding window, four norms a layer) in fp32, with LoRA."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
+    shape = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                 hidden_activation="gelu_pytorch_tanh", pad_token_id=0)
+    torch.manual_seed(SEED)
+    if arch == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(**shape))
+    else:
+        model = Gemma2ForCausalLM(Gemma2Config(**shape, sliding_window=32, query_pre_attn_scalar=16,
+                                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0))
+    with torch.no_grad():  # Gemma initialises its norm weights to 0 (that is, 1 + 0): make them matter
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight.copy_(torch.rand(m.weight.shape) - 0.5)
+    torch.manual_seed(SEED)
+    return bf.add_lora(model, r=8, alpha=16)
+
+
+@pytest.mark.parametrize("arch, norms_per_layer", [("gemma", 2), ("gemma2", 4)])
+def test_install_fuses_gemma(monkeypatch, arch, norms_per_layer):
+    """Gemma's `(1 + w)` norm and GELU-tanh gate: installed, inert outside active(), the model's logits inside."""
+    model = _gemma(arch, 300)
+    ids = torch.randint(4, 300, (2, 19), generator=_gen("ids", arch))
+    before = model(input_ids=ids).logits
+    layers, name = model.config.num_hidden_layers, type(model.base_model.model).__name__.replace("ForCausalLM", "")
+    norms = norms_per_layer * layers + 1
+    assert fused_ops.install(model) == {f"{name}RMSNorm": norms, f"{name}MLP": layers, "apply_rotary_pos_emb": layers}
+    calls = _counting(monkeypatch, gate="gelu_tanh_mul")
+    assert torch.equal(model(input_ids=ids).logits, before) and not any(calls.values()), "changed outside"
+    with fused_ops.active():
+        inside = model(input_ids=ids).logits
+    assert calls == {"rms_norm": norms, "gelu_tanh_mul": layers, "rope": 2 * layers}, calls
+    assert relative(inside, before) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the fast step with the fused ops
 # ---------------------------------------------------------------------------------------------------------
@@ -217,6 +265,20 @@ def test_fused_fast_step_gives_the_reference_gradient(small_batch, monkeypatch, 
     assert all(calls.values()), f"a fused kernel did not run: {calls}"
     err = relative(fast[:ref.numel()], ref)
     assert err <= 1e-5, f"merge={merge} packing={packing}: fused gradient differs from the reference by {err:.3g}"
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2"])
+def test_fused_fast_step_on_gemma_gives_the_reference_gradient(small_batch, monkeypatch, arch):
+    """Gemma packs; Gemma2 (sliding window) runs padded. Either way the fused step's combined gradient is the
+    reference's."""
+    vocab = int(max(b["input_ids"].max() for b in small_batch)) + 1
+    ref = step_gradient(bf.Booster(_gemma(arch, vocab), bf.BoosterConfig(impl="reference")), *small_batch)[0]
+    booster = bf.Booster(_gemma(arch, vocab), bf.BoosterConfig(fused_ops=True))
+    calls = _counting(monkeypatch, gate="gelu_tanh_mul")
+    fast = step_gradient(booster, *(booster.to_device(b, "cpu") for b in small_batch))[0]
+    assert all(calls.values()), f"a fused kernel did not run: {calls}"
+    err = relative(fast[:ref.numel()], ref)
+    assert err <= 1e-5, f"{arch}: fused gradient differs from the reference by {err:.3g}"
 
 
 def test_checkpointed_recompute_runs_fused(small_batch, monkeypatch):

@@ -7,8 +7,9 @@ checked for what lets them stream at copy speed: with a length divisible by 16 (
 multiple of 64) and 16-byte aligned buffers (as torch allocates them), every access to a flat buffer is a
 128-bit vector load or store. Only the 0-dim scalars (ss in, the norm or a partial sum out) are 32-bit. The
 model kernels (model_kernels.py) are compiled as the 7B shape runs them: bf16 tensors, rows of 4096, the
-rounding to bf16 on, the rotary kernel in the attention's layout (strides multiples of the head size) both
-ways; their only 32-bit accesses are the norm's one rstd per row.
+rounding to bf16 on (off for Gemma's norm, which rounds once), both gate activations, the rotary kernel in the
+attention's layout (strides multiples of the head size) both ways; their only 32-bit accesses are the norm's one
+rstd per row.
 
 The compiler runs in a child process without TRITON_INTERPRET: Triton reads the variable at import time and
 while compiling, and a process that imported it in interpreter mode cannot compile for real.
@@ -30,9 +31,12 @@ KERNELS = {
     "_normalize_perturb_kernel": (1, 1),
     "_restore_combine_kernel": (0, 0),
     "_rms_norm_fwd_kernel": (0, 1),
+    "_rms_norm_fwd_kernel_unit_offset": (0, 1),
     "_rms_norm_bwd_kernel": (1, 0),
-    "_silu_mul_fwd_kernel": (0, 0),
-    "_silu_mul_bwd_kernel": (0, 0),
+    "_gated_fwd_kernel_silu": (0, 0),
+    "_gated_bwd_kernel_silu": (0, 0),
+    "_gated_fwd_kernel_gelu_tanh": (0, 0),
+    "_gated_bwd_kernel_gelu_tanh": (0, 0),
     "_rope_kernel": (0, 0),
     "_rope_kernel_transposed": (0, 0),
 }
@@ -45,24 +49,30 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from booster_fast.kernels import booster_kernels as bk, model_kernels as mk
 
-# the launch configuration of each kernel, as the launchers use it: (module, constexprs, num_warps, tensor type)
+# the launch configuration of each kernel variant, as the launchers use it:
+# (module, kernel, constexprs, num_warps, tensor type)
 rows = {"BLOCK_N": 4096}  # the 7B shape's hidden size: _row_settings gives 16 warps
-launch = {"_sumsq_partial_kernel": (bk, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
-          "_sumsq_finish_kernel": (bk, {"BLOCK_R": bk.BLOCK_R}, 4, "*fp32"),
-          "_normalize_perturb_kernel": (bk, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
-          "_restore_combine_kernel": (bk, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
-          "_rms_norm_fwd_kernel": (mk, {"ROUND": True, **rows}, mk._row_settings(4096)[1], "*bf16"),
-          "_rms_norm_bwd_kernel": (mk, rows, mk._row_settings(4096)[1], "*bf16"),
-          "_silu_mul_fwd_kernel": (mk, {"ROUND": True, "BLOCK": mk.BLOCK}, mk.NUM_WARPS, "*bf16"),
-          "_silu_mul_bwd_kernel": (mk, {"ROUND": True, "BLOCK": mk.BLOCK}, mk.NUM_WARPS, "*bf16")}
+row_warps = mk._row_settings(4096)[1]
+launch = {"_sumsq_partial_kernel": (bk, None, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
+          "_sumsq_finish_kernel": (bk, None, {"BLOCK_R": bk.BLOCK_R}, 4, "*fp32"),
+          "_normalize_perturb_kernel": (bk, None, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
+          "_restore_combine_kernel": (bk, None, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
+          "_rms_norm_fwd_kernel": (mk, None, {"ROUND": True, **rows}, row_warps, "*bf16"),
+          "_rms_norm_fwd_kernel_unit_offset": (mk, "_rms_norm_fwd_kernel", {"ROUND": False, **rows}, row_warps,
+                                               "*bf16"),
+          "_rms_norm_bwd_kernel": (mk, None, rows, row_warps, "*bf16")}
+for act, code in (("silu", mk.SILU), ("gelu_tanh", mk.GELU_TANH)):
+    for way in ("fwd", "bwd"):
+        launch[f"_gated_{way}_kernel_{act}"] = (mk, f"_gated_{way}_kernel", {"ACT": code, "ROUND": True,
+                                                "BLOCK": mk.BLOCK}, mk.NUM_WARPS, "*bf16")
 block_t, block_h, block_d, rope_warps = mk._rope_settings(32, 128)  # the 7B shape's heads
 for name, transposed in (("_rope_kernel", False), ("_rope_kernel_transposed", True)):
-    launch[name] = (mk, {"TRANSPOSED": transposed, "ROUND": True, "BLOCK_T": block_t, "BLOCK_H": block_h,
-                         "BLOCK_D": block_d}, rope_warps, "*bf16")
+    launch[name] = (mk, "_rope_kernel", {"TRANSPOSED": transposed, "ROUND": True, "BLOCK_T": block_t,
+                                         "BLOCK_H": block_h, "BLOCK_D": block_d}, rope_warps, "*bf16")
 out = {}
 for name in sys.argv[1:]:
-    module, constexprs, num_warps, tensor = launch[name]
-    jit = getattr(module, name.replace("_transposed", ""))
+    module, kernel, constexprs, num_warps, tensor = launch[name]
+    jit = getattr(module, kernel or name)
     signature, attrs = {}, {}
     for i, arg in enumerate(jit.arg_names):
         if arg in constexprs:

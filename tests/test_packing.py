@@ -435,29 +435,35 @@ def test_lm_head_runs_on_the_kept_positions_only():
 def test_the_flash_path_inside_a_model_step(monkeypatch, batch):
     """The flash branch wired into a whole step, on the CPU: a bf16 model whose packed attention goes through a
     stand-in for torch's varlen_attn (the later API shape; it computes with the exact grid path). The step must
-    call it in every layer of every pass and give the padded bf16 step's gradient within bf16 rounding."""
+    call it in every layer of every pass and give the grid path's gradient; both are the padded bf16 step's
+    within bf16 rounding."""
     from booster_fast import attention
     import torch.nn.attention.varlen as varlen
 
+    def gradient(packing: bool):
+        model, _ = bf.load_model("tiny", dtype=torch.bfloat16, seed=SEED, device="cpu", num_key_value_heads=2)
+        torch.manual_seed(SEED)
+        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(packing=packing,
+                                                                                    merge_passes=True))
+        a, h = (pack(b) if packing else booster.to_device(b, "cpu") for b in batch)
+        return step_gradient(booster, a, h)[0], model.config.num_hidden_layers
+
+    padded, _ = gradient(False)
+    grid, _ = gradient(True)
     _, new, calls = _fake_flash_apis()
     monkeypatch.setattr(varlen, "varlen_attn", new)
     monkeypatch.setattr(attention, "_flash_failed", None)
     monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
     attention._flash_varlen.cache_clear()
     try:
-        grads = {}
-        for packing in (False, True):
-            model, _ = bf.load_model("tiny", dtype=torch.bfloat16, seed=SEED, device="cpu", num_key_value_heads=2)
-            torch.manual_seed(SEED)
-            booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(packing=packing,
-                                                                                        merge_passes=True))
-            a, h = (pack(b) if packing else booster.to_device(b, "cpu") for b in batch)
-            grads[packing] = step_gradient(booster, a, h)[0]
+        flash, layers = gradient(True)
     finally:
         attention._flash_varlen.cache_clear()
-    layers = model.config.num_hidden_layers
     assert len(calls) == 2 * layers, f"{len(calls)} flash calls for 2 passes of {layers} layers"
     assert all(c["enable_gqa"] and c["window_size"] == (-1, 0) for c in calls)
-    err = relative(grads[True], grads[False])
-    # measured ~4e-10: row-wise GEMMs and float attention give the same bf16 roundings either way
-    assert err <= 1e-3, f"the flash branch in a bf16 step differs from the padded step by {err:.3g}"
+    err = relative(flash, grid)
+    assert err <= 1e-6, f"the flash branch in a bf16 step differs from the grid path by {err:.3g}"
+    # packed against padded in bf16: the GEMMs see other shapes and round differently (measured 6e-4 with
+    # torch 2.13 on the CPU, 6e-3 with 2.11); one bf16 rounding is 4e-3
+    err = relative(flash, padded)
+    assert err <= 2e-2, f"the packed bf16 step differs from the padded one by {err:.3g}"

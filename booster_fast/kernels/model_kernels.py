@@ -1,4 +1,5 @@
-"""Fused kernels for the model's own element-wise ops: ``rms_norm``, ``silu_mul`` (SwiGLU's gate) and ``rope``.
+"""Fused kernels for the model's own element-wise ops: ``rms_norm``, ``silu_mul`` (SwiGLU's gate; ``gelu_tanh_mul``
+for Gemma's GeGLU) and ``rope``.
 
 Outside the matmuls, a Llama decoder layer spends its time in memory-bound element-wise chains that eager
 PyTorch runs one kernel at a time. transformers' RMSNorm upcasts to fp32 and makes six passes (cast, square,
@@ -8,7 +9,8 @@ extra intermediates for the backward. Each op here is one pass forward and one b
 inputs (plus one fp32 scalar per row for the norm). They follow transformers' roundings: the norm rounds the
 normalised row to the input dtype before the weight multiplies it, the gate rounds ``silu(gate)`` before the
 product, the rotation rounds each product before the sum; so in fp32 they equal the eager ops up to summation
-order, and in bf16 up to about one rounding.
+order, and in bf16 up to about one rounding. Gemma's norm (``unit_offset``: ``(1 + w) * x * rstd``, all in fp32
+and rounded once at the end) is the same kernel with another rounding.
 
 Three layers each, as in booster_kernels.py: ``@triton.jit`` kernels -> an ``autograd.Function`` -> the
 function the model calls (fused_ops.py installs it). Triton only: these run where Triton runs (CUDA, or the
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["rms_norm", "silu_mul", "rope", "available"]
+__all__ = ["rms_norm", "silu_mul", "gelu_tanh_mul", "rope", "available"]
 
 # silu_mul: elements per program. 2048 bf16 = 4 KiB per operand, 8 elements per thread with 8 warps (one
 # 16-byte access each); an [10*256, 11008] gate is ~14k programs, far more than the H200's 132 SMs. Reasoned,
@@ -46,6 +48,7 @@ def _row_settings(n: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------------------
 # rms_norm: y = w * round(x * rstd), rstd = 1/sqrt(mean(x^2) + eps), per row, fp32 inside
+#           (Gemma: y = (1 + w) * x * rstd, rounded once)
 # ---------------------------------------------------------------------------------------------------------
 # Forward reads x (2 B/elem in bf16) and writes y (2 B), plus 4 B per row for rstd: ~4 B/elem. transformers'
 # eager chain moves ~36 B/elem in six launches (to fp32 6, pow 8, mean 4, mul 8, to bf16 6, weight 4), so
@@ -53,12 +56,13 @@ def _row_settings(n: int) -> tuple[int, int]:
 # of autograd's chain. The weight's gradient (zero work when the norm weights are frozen, as under LoRA) is
 # computed in torch when it is needed.
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, ROUND: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, offset, ROUND: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < n
     x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) + offset
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
     normed = x * rstd
     if ROUND:  # transformers rounds the normalised row to the input dtype before the weight multiplies it
@@ -68,14 +72,14 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, ROUND: tl.conste
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n, BLOCK_N: tl.constexpr):
-    # dx = rstd * (dn - normed * mean(dn * normed)), dn = dy * w, normed = x * rstd
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n, offset, BLOCK_N: tl.constexpr):
+    # dx = rstd * (dn - normed * mean(dn * normed)), dn = dy * (w + offset), normed = x * rstd
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < n
     x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) + offset
     rstd = tl.load(rstd_ptr + row)
     normed = x * rstd
     dn = dy * w
@@ -85,16 +89,18 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n, BLOCK_N: tl.
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, unit_offset):
         n = x.shape[-1]
         x2 = x.reshape(-1, n).contiguous()
         rows = x2.shape[0]
-        y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
+        y = torch.empty(x2.shape, dtype=dtype, device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         block, warps = _row_settings(n)
+        ctx.offset, ctx.round = float(unit_offset), x.dtype != torch.float32 and not unit_offset
         if rows:
-            _rms_norm_fwd_kernel[(rows,)](x2, weight, y, rstd, n, eps, ROUND=x.dtype != torch.float32,
-                                          BLOCK_N=block, num_warps=warps)
+            _rms_norm_fwd_kernel[(rows,)](x2, weight, y, rstd, n, eps, ctx.offset, ROUND=ctx.round, BLOCK_N=block,
+                                          num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -109,68 +115,90 @@ class _RMSNorm(torch.autograd.Function):
             dx = torch.empty_like(x2)
             block, warps = _row_settings(n)
             if x2.shape[0]:
-                _rms_norm_bwd_kernel[(x2.shape[0],)](dy2, x2, weight, rstd, dx, n, BLOCK_N=block, num_warps=warps)
+                _rms_norm_bwd_kernel[(x2.shape[0],)](dy2, x2, weight, rstd, dx, n, ctx.offset, BLOCK_N=block,
+                                                     num_warps=warps)
             dx = dx.view(ctx.shape)
         if ctx.needs_input_grad[1]:  # a trainable norm weight (not under LoRA): the same rounding as forward
-            normed = (x2.float() * rstd[:, None]).to(x2.dtype).float()
+            normed = x2.float() * rstd[:, None]
+            if ctx.round:
+                normed = normed.to(x2.dtype).float()
             dw = (dy2.float() * normed).sum(0).to(weight.dtype)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama RMSNorm over the last dimension of `x`, as one kernel each way. The result has the
-    promoted dtype of `x` and `weight`, like the eager module's."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    """transformers' Llama RMSNorm over the last dimension of `x`, as one kernel each way; the result has the
+    promoted dtype of `x` and `weight`, like the eager module's. With `unit_offset`, Gemma's: ``(1 + w) * x *
+    rstd`` in fp32, rounded once to the dtype of `x`."""
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} for rows of {x.shape[-1]}")
-    return _RMSNorm.apply(x, weight.contiguous(), float(eps))
+    return _RMSNorm.apply(x, weight.contiguous(), float(eps), bool(unit_offset))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# silu_mul: h = round(silu(g)) * u, element-wise, fp32 inside
+# silu_mul: h = round(silu(g)) * u, element-wise, fp32 inside (gelu_tanh_mul: the same with GELU's tanh form)
 # ---------------------------------------------------------------------------------------------------------
-# Forward reads g, u and writes h: 6 B/elem in bf16, against 10 B/elem in two launches eager (silu 4, mul 6)
+# Forward reads g, u and writes h: 6 B/elem in bf16, against 10 B/elem in two launches eager (act 4, mul 6)
 # (~1.7x). Backward reads dh, g, u and writes dg, du: 10 B/elem in one launch, against eager's mul backward
-# (two products, 12 B) and silu_backward (6 B) plus the autograd buffer they share (~20 B in three launches).
-# Saved for backward: g and u only (eager keeps silu(g) as well).
+# (two products, 12 B) and the activation's backward (6 B) plus the autograd buffer they share (~20 B in three
+# launches). Saved for backward: g and u only (eager keeps act(g) as well).
+SILU, GELU_TANH = 0, 1
+
+
 @triton.jit
-def _silu_mul_fwd_kernel(g_ptr, u_ptr, h_ptr, n, ROUND: tl.constexpr, BLOCK: tl.constexpr):
+def _act_and_slope(g, ACT: tl.constexpr):
+    """(act(g), act'(g)) in fp32. silu(g) = g*s, s = sigmoid(g), silu' = s*(1 + g*(1 - s)). GELU's tanh form
+    0.5*g*(1 + tanh(z)), z = c*(g + 0.044715*g^3), c = sqrt(2/pi), is g*sigmoid(2z) exactly (1 + tanh(z) =
+    2*sigmoid(2z)), which keeps the left tail free of cancellation; its slope is s + g*s*(1 - s)*2z'."""
+    if ACT == 0:
+        s = 1.0 / (1.0 + tl.exp(-g))
+        slope = s * (1.0 + g * (1.0 - s))
+    else:
+        s = 1.0 / (1.0 + tl.exp(-1.5957691216057308 * (g + 0.044715 * g * g * g)))  # sigmoid(2z)
+        slope = s + g * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * g * g)
+    return g * s, slope
+
+
+@triton.jit
+def _gated_fwd_kernel(g_ptr, u_ptr, h_ptr, n, ACT: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    act = g / (1.0 + tl.exp(-g))
-    if ROUND:  # the eager silu returns the input dtype before the product
+    act, _ = _act_and_slope(g, ACT)
+    if ROUND:  # the eager activation returns the input dtype before the product
         act = act.to(g_ptr.dtype.element_ty).to(tl.float32)
     tl.store(h_ptr + offs, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _silu_mul_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, ROUND: tl.constexpr, BLOCK: tl.constexpr):
-    # du = dh * silu(g);  dg = dh * u * silu'(g),  silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g)
+def _gated_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, ACT: tl.constexpr, ROUND: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    # du = dh * act(g);  dg = dh * u * act'(g)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = 1.0 / (1.0 + tl.exp(-g))
-    act = g * s
+    act, slope = _act_and_slope(g, ACT)
     d_act = dh * u
-    if ROUND:  # eager autograd holds silu(g) and the gradient reaching it in the input dtype
+    if ROUND:  # eager autograd holds act(g) and the gradient reaching it in the input dtype
         act = act.to(g_ptr.dtype.element_ty).to(tl.float32)
         d_act = d_act.to(g_ptr.dtype.element_ty).to(tl.float32)
     tl.store(du_ptr + offs, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + offs, (d_act * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + offs, (d_act * slope).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
-class _SiluMul(torch.autograd.Function):
+class _GatedAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, g, u):
+    def forward(ctx, g, u, act):
         g, u = g.contiguous(), u.contiguous()
         h = torch.empty_like(g)
         n = g.numel()
+        ctx.act = act
         if n:
-            _silu_mul_fwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, h, n, ROUND=g.dtype != torch.float32, BLOCK=BLOCK,
-                                                           num_warps=NUM_WARPS)
+            _gated_fwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, h, n, ACT=act, ROUND=g.dtype != torch.float32,
+                                                        BLOCK=BLOCK, num_warps=NUM_WARPS)
         ctx.save_for_backward(g, u)
         return h
 
@@ -181,17 +209,27 @@ class _SiluMul(torch.autograd.Function):
         dg, du = torch.empty_like(g), torch.empty_like(u)
         n = g.numel()
         if n:
-            _silu_mul_bwd_kernel[(triton.cdiv(n, BLOCK),)](dh, g, u, dg, du, n, ROUND=g.dtype != torch.float32,
-                                                           BLOCK=BLOCK, num_warps=NUM_WARPS)
-        return dg, du
+            _gated_bwd_kernel[(triton.cdiv(n, BLOCK),)](dh, g, u, dg, du, n, ACT=ctx.act,
+                                                        ROUND=g.dtype != torch.float32, BLOCK=BLOCK,
+                                                        num_warps=NUM_WARPS)
+        return dg, du, None
+
+
+def _gated(name: str, act: int, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"{name}: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
+                         f"must match")
+    return _GatedAct.apply(gate, up, act)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` as one kernel each way; both of one shape and dtype (the gate and up projections)."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
-                         f"must match")
-    return _SiluMul.apply(gate, up)
+    return _gated("silu_mul", SILU, gate, up)
+
+
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``gelu(gate, approximate="tanh") * up`` (Gemma's MLP) as one kernel each way, like `silu_mul`."""
+    return _gated("gelu_tanh_mul", GELU_TANH, gate, up)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ kernels schedule it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["sumsq_ref", "normalize_perturb_ref", "restore_combine_ref", "rms_norm_ref", "silu_mul_ref",
-           "rope_ref"]
+           "gelu_tanh_mul_ref", "rope_ref"]
 
 
 def sumsq_ref(x: torch.Tensor) -> torch.Tensor:
@@ -48,11 +50,13 @@ def restore_combine_ref(B: torch.Tensor, G_h: torch.Tensor, G_f: torch.Tensor,
     return {"W": b64, "G_f": gf64 - lamb * gh64}
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, dy: torch.Tensor) -> dict[str, torch.Tensor]:
-    """RMSNorm over the last dimension in float64, ``y = weight * x / sqrt(mean(x^2) + eps)``, and the gradients
-    of ``(y * dy).sum()``: ``{"y", "dx", "dweight"}`` (by autograd in float64, not by the kernel's formula)."""
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, dy: torch.Tensor,
+                 unit_offset: bool = False) -> dict[str, torch.Tensor]:
+    """RMSNorm over the last dimension in float64, ``y = weight * x / sqrt(mean(x^2) + eps)`` (``1 + weight``
+    with `unit_offset`, Gemma's form), and the gradients of ``(y * dy).sum()``: ``{"y", "dx", "dweight"}`` (by
+    autograd in float64, not by the kernel's formula)."""
     x64, w64 = (t.detach().to(torch.float64).requires_grad_() for t in (x, weight))
-    y = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps))
+    y = (w64 + 1 if unit_offset else w64) * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps))
     dx, dw = torch.autograd.grad(y, (x64, w64), dy.detach().to(torch.float64))
     return {"y": y.detach(), "dx": dx, "dweight": dw}
 
@@ -76,3 +80,13 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dy: torch.Te
     y = torch.cat([x1 * c[..., :half] - x2 * s[..., :half], x2 * c[..., half:] + x1 * s[..., half:]], -1)
     (dx,) = torch.autograd.grad(y, x64, dy.detach().to(torch.float64))
     return {"y": y.detach(), "dx": dx}
+
+
+def gelu_tanh_mul_ref(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``h = gelu_tanh(gate) * up`` in float64, with GELU's tanh form written out
+    (``0.5*g*(1 + tanh(sqrt(2/pi)*(g + 0.044715*g^3)))``), and the gradients of ``(h * dh).sum()``:
+    ``{"h", "dgate", "dup"}``."""
+    g64, u64 = (t.detach().to(torch.float64).requires_grad_() for t in (gate, up))
+    h = 0.5 * g64 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g64 + 0.044715 * g64 ** 3))) * u64
+    dg, du = torch.autograd.grad(h, (g64, u64), dh.detach().to(torch.float64))
+    return {"h": h.detach(), "dgate": dg, "dup": du}
