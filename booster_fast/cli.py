@@ -44,7 +44,7 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--packing", default="auto", choices=["auto", "on", "off"],
                    help="fast: pad-free batches, no pad position computed (auto: on wherever the model allows it)")
     p.add_argument("--fused-ops", default="auto", choices=["auto", "on", "off"],
-                   help="fast: the model's RMSNorm, SwiGLU and RoPE as fused Triton kernels (auto: on for CUDA, "
+                   help="fast: the model's RMSNorm, MLP gate and RoPE as fused Triton kernels (auto: on for CUDA, "
                         "off for the CPU)")
     p.add_argument("--no-meta-term", action="store_true",
                    help="drop the −λ·∇h(w̃) term: the original's ablation, ∇f + λ·∇h (one pass fewer)")

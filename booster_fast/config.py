@@ -42,8 +42,9 @@ class BoosterConfig:
     )
     fused_ops: bool | None = field(
         default=None,
-        metadata={"help": "fast only: run the model's RMSNorm, SwiGLU and rotary embedding as fused Triton "
-                          "kernels inside the step (Llama-style models). None: on for CUDA, off for the CPU (Triton needs a GPU there)."},
+        metadata={"help": "fast only: run the model's RMSNorm, gated MLP activation and rotary embedding as fused "
+                          "Triton kernels inside the step (Llama, Mistral, Qwen2/3, Gemma 1-3). None: on for CUDA, "
+                          "off for the CPU (Triton needs a GPU there)."},
     )
     meta_term: bool = field(
         default=True,
