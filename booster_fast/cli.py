@@ -122,7 +122,10 @@ def run_reporting(fn, *args) -> int:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # our own progress lines at INFO; every other library at WARNING (httpx, for one, logs each request of a
+    # model or data download at INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("booster_fast").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     if args.command in ("attack", "eval", "experiment"):  # own defaults; one-line errors, exit 2
         from . import attack, evaluate, experiment

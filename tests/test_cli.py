@@ -224,6 +224,22 @@ def test_module_entry_point_exit_code_and_real_stderr(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_cli_logs_its_own_info_and_only_warnings_of_others(tmp_path):
+    """The CLI's log shows booster_fast's progress lines and other libraries' warnings, not their INFO chatter
+    (httpx logs every request of a download at INFO)."""
+    code = ("import logging, sys\n"
+            "from booster_fast.cli import main\n"
+            f"assert main(['align', '--output', {str(tmp_path / 'run')!r}, '--epochs', '-1']) == 2\n"
+            "logging.getLogger('httpx').info('third-party info')\n"
+            "logging.getLogger('some.library').warning('third-party warning')\n"
+            "logging.getLogger('booster_fast').info('our progress')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ})
+    assert proc.returncode == 0, proc.stderr
+    assert "our progress" in proc.stderr and "third-party warning" in proc.stderr, proc.stderr
+    assert "third-party info" not in proc.stderr, proc.stderr
+
+
 # ------------------------------------------------------------------------------------- once-found defects
 def test_run_dir_permissions_follow_umask(run_dir):
     umask = os.umask(0)
