@@ -27,15 +27,8 @@ for a Booster step (the harmful batch counted once, although the step runs it tw
 SFT. mfu (CUDA only) instead counts the positions each entry computes, pads and packing filler included (see
 `model_flops`): a packed entry computes fewer of them for the same tokens.
 
-Peak memory (peak_mem_mb) estimates what one implementation would need alone in a process: the bytes it holds
-between steps (model, LoRA weights, gradient buffers, optimizer state; counted tensor by tensor, storages
-deduplicated; bitsandbytes' quantisation statistics included), plus the private memory pool of its
-captured CUDA graphs, plus the transient peak of one extra step, measured in a separate pass after the timing.
-On CUDA the transient is max_memory_allocated - memory_allocated around the step (exact at the allocator
-level). On the CPU there are no allocator statistics: a thread samples glibc's heap-in-use figure (mallinfo2)
-every 0.5 ms during the step and reports the rise. That misses peaks shorter than a sample and counts any other
-thread's allocations; without glibc it falls back to the growth of the RSS high-water mark, which understates
-the transient of a step that reuses pages an earlier step freed.
+Peak memory (peak_mem_mb): what one implementation would need alone in a process (bench_measure.py says how
+it is measured on CUDA and on the CPU).
 
 ops_per_step: aten ops dispatched by one more step (booster_fast.opcount): the kernel launches a GPU pays
 without CUDA graphs (for a graph replay, only the host-side ops: input copies and output clone); for fast
@@ -45,15 +38,12 @@ step counters, which stay on the host, are left out).
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import logging
 import os
-import resource
 import statistics
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
@@ -61,6 +51,8 @@ import torch
 
 from .align import build_streams, check_common_args, check_device_flags, config_from_args, resolve_device
 from .batches import tokens
+from .bench_measure import (MFU_FLOPS, cpu_gauge, held_bytes, matmul_params, matmul_tflops, model_flops, pass_batches,
+                            sync, transient_bytes)
 from .bench_report import format_table, machine_info, plot, write_atomic
 from .cli import UsageError
 
@@ -68,11 +60,6 @@ log = logging.getLogger("booster_fast")
 IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "fast-padded", "fast-unfused", "sft")
 TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmful rows for Booster steps "
                   "(harmful rows counted once), alignment rows for sft")
-MFU_FLOPS = ("6 * N * computed positions (pads and packing filler included) of every pass of the step (2N forward "
-             "+ 4N backward, the PaLM convention; a frozen base needs no weight gradient, so the hardware does ~4N and "
-             "real use is ~2/3 of this); N = base matmul parameters (LM head in, input embedding and LoRA out), the "
-             "LM head counted only at the positions it runs on (a packed batch's labelled ones); attention-score "
-             "FLOPs ignored; divided by the bf16 8192^3 torch.matmul rate measured in the same run")
 GRAPHS_NOT_CAPTURED = "the step was not captured into a CUDA graph after the warm-up steps"
 
 
@@ -236,107 +223,6 @@ def make_batches(args, tok, model) -> list[tuple[dict, dict, int, int]]:
     return [(a, h, int(a["attention_mask"].sum()), int(h["attention_mask"].sum())) for a, h in pairs]
 
 
-# ---- measurements ----------------------------------------------------------------------------------------
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # a host sync for timing only, outside the step
-
-
-def held_bytes(booster) -> int:
-    """Bytes of every tensor an implementation keeps between steps (storages counted once)."""
-    model, eng = booster.model, booster.engine
-    ts = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
-    ts += [v for st in booster.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
-    for obj in (eng, getattr(eng, "flat", None)):
-        ts += [v for v in vars(obj).values() if torch.is_tensor(v)] if obj is not None else []
-    for p in model.parameters():  # bitsandbytes keeps NF4 statistics beside the packed weight
-        qs = getattr(p, "quant_state", None)
-        while qs is not None:
-            ts += [v for v in vars(qs).values() if torch.is_tensor(v)]
-            qs = getattr(qs, "state2", None)
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def cpu_gauge():
-    """(description, bytes()) of the CPU memory gauge: glibc's heap in use (freed blocks excluded, so a step that
-    reuses memory freed by an earlier one still shows its peak), else the RSS high-water mark."""
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
-        mallinfo2.restype = _MallInfo2
-        return "heap in use (glibc mallinfo2)", lambda: (lambda m: m.uordblks + m.hblkhd)(mallinfo2())
-    except (OSError, AttributeError):
-        return "RSS high-water mark (getrusage)", lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def transient_bytes(fn, device) -> int:
-    """Memory one call of fn needs above what is allocated before it (see the module docstring)."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    gauge = cpu_gauge()[1]
-    samples, done = [gauge()], threading.Event()
-
-    def sample():  # torch ops release the GIL, so this thread samples while the step runs
-        while not done.is_set():
-            samples.append(gauge())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        t.join()
-    return max(max(samples), gauge()) - samples[0]
-
-
-def matmul_tflops(device) -> float:
-    """bf16 8192^3 torch.matmul rate in TFLOP/s (the denominator of mfu)."""
-    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    t0, reps = time.perf_counter(), 20
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * 8192**3 * reps / (time.perf_counter() - t0) / 1e12
-
-
-def matmul_params(model) -> tuple[int, int]:
-    """Parameters of the base model's matmuls: every nn.Linear (NF4 included) outside the LoRA adapters; and of
-    those, the LM head's."""
-    total = sum(m.in_features * m.out_features for n, m in model.named_modules()
-                if isinstance(m, torch.nn.Linear) and ".lora_" not in n)
-    head = model.get_output_embeddings()
-    return total, head.in_features * head.out_features if isinstance(head, torch.nn.Linear) else 0
-
-
-def pass_batches(name: str, args, pair) -> list[dict]:
-    """The batch of every pass of one step on `pair`: alignment, then the harmful one once or twice."""
-    align, harmful = pair
-    return [align] + [harmful] * (0 if name == "sft" else 1 if args.no_meta_term else 2)
-
-
-def model_flops(name: str, args, params: tuple[int, int], pair) -> float:
-    """Model FLOPs of one step on `pair` (MFU_FLOPS): 6N x the positions of every pass (rows x length of a padded
-    batch, the packed length of a packed one), the LM head's share only over the positions it runs on (a packed
-    batch's kept ones)."""
-    n, head = params
-    return 6.0 * sum((n - head) * tokens(b) + head * (b["keep"].numel() if "keep" in b else tokens(b))
-                     for b in pass_batches(name, args, pair))
-
-
 def _pct(xs: list[float], q: int) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
 
@@ -421,7 +307,7 @@ def time_interleaved(impls, batches, args, device, results):
         _, _, na, nh = batches[i]
         order = list(impls)[i % len(impls):] + list(impls)[:i % len(impls)] if impls else []
         for name in order:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             try:
                 impls[name][1](*impls[name][2][i])
@@ -432,7 +318,7 @@ def time_interleaved(impls, batches, args, device, results):
                 else:
                     _failed(results, name, f"step {i}", e)
                 continue
-            _sync(device)
+            sync(device)
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 times[name].append(dt)

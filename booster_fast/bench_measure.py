@@ -1,0 +1,129 @@
+"""The bench's measurements: memory an implementation holds and needs (peak_mem_mb), and the model FLOPs of a
+step with the matmul rate they are divided by (mfu).
+
+Peak memory (peak_mem_mb) estimates what one implementation would need alone in a process: the bytes it holds
+between steps (model, LoRA weights, gradient buffers, optimizer state; counted tensor by tensor, storages
+deduplicated; bitsandbytes' quantisation statistics included), plus the private memory pool of its
+captured CUDA graphs, plus the transient peak of one extra step, measured in a separate pass after the timing.
+On CUDA the transient is max_memory_allocated - memory_allocated around the step (exact at the allocator
+level). On the CPU there are no allocator statistics: a thread samples glibc's heap-in-use figure (mallinfo2)
+every 0.5 ms during the step and reports the rise. That misses peaks shorter than a sample and counts any other
+thread's allocations; without glibc it falls back to the growth of the RSS high-water mark, which understates
+the transient of a step that reuses pages an earlier step freed.
+"""
+from __future__ import annotations
+
+import ctypes
+import resource
+import threading
+import time
+
+import torch
+
+from .batches import tokens
+
+MFU_FLOPS = ("6 * N * computed positions (pads and packing filler included) of every pass of the step (2N forward "
+             "+ 4N backward, the PaLM convention; a frozen base needs no weight gradient, so the hardware does ~4N and "
+             "real use is ~2/3 of this); N = base matmul parameters (LM head in, input embedding and LoRA out), the "
+             "LM head counted only at the positions it runs on (a packed batch's labelled ones); attention-score "
+             "FLOPs ignored; divided by the bf16 8192^3 torch.matmul rate measured in the same run")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a host sync for timing only, outside the step
+
+
+def held_bytes(booster) -> int:
+    """Bytes of every tensor an implementation keeps between steps (storages counted once)."""
+    model, eng = booster.model, booster.engine
+    ts = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
+    ts += [v for st in booster.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    for obj in (eng, getattr(eng, "flat", None)):
+        ts += [v for v in vars(obj).values() if torch.is_tensor(v)] if obj is not None else []
+    for p in model.parameters():  # bitsandbytes keeps NF4 statistics beside the packed weight
+        qs = getattr(p, "quant_state", None)
+        while qs is not None:
+            ts += [v for v in vars(qs).values() if torch.is_tensor(v)]
+            qs = getattr(qs, "state2", None)
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def cpu_gauge():
+    """(description, bytes()) of the CPU memory gauge: glibc's heap in use (freed blocks excluded, so a step that
+    reuses memory freed by an earlier one still shows its peak), else the RSS high-water mark."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+        mallinfo2.restype = _MallInfo2
+        return "heap in use (glibc mallinfo2)", lambda: (lambda m: m.uordblks + m.hblkhd)(mallinfo2())
+    except (OSError, AttributeError):
+        return "RSS high-water mark (getrusage)", lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def transient_bytes(fn, device) -> int:
+    """Memory one call of fn needs above what is allocated before it (see the module docstring)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    gauge = cpu_gauge()[1]
+    samples, done = [gauge()], threading.Event()
+
+    def sample():  # torch ops release the GIL, so this thread samples while the step runs
+        while not done.is_set():
+            samples.append(gauge())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(max(samples), gauge()) - samples[0]
+
+
+def matmul_tflops(device) -> float:
+    """bf16 8192^3 torch.matmul rate in TFLOP/s (the denominator of mfu)."""
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * 8192**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def matmul_params(model) -> tuple[int, int]:
+    """Parameters of the base model's matmuls: every nn.Linear (NF4 included) outside the LoRA adapters; and of
+    those, the LM head's."""
+    total = sum(m.in_features * m.out_features for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".lora_" not in n)
+    head = model.get_output_embeddings()
+    return total, head.in_features * head.out_features if isinstance(head, torch.nn.Linear) else 0
+
+
+def pass_batches(name: str, args, pair) -> list[dict]:
+    """The batch of every pass of one step on `pair`: alignment, then the harmful one once or twice."""
+    align, harmful = pair
+    return [align] + [harmful] * (0 if name == "sft" else 1 if args.no_meta_term else 2)
+
+
+def model_flops(name: str, args, params: tuple[int, int], pair) -> float:
+    """Model FLOPs of one step on `pair` (MFU_FLOPS): 6N x the positions of every pass (rows x length of a padded
+    batch, the packed length of a packed one), the LM head's share only over the positions it runs on (a packed
+    batch's kept ones)."""
+    n, head = params
+    return 6.0 * sum((n - head) * tokens(b) + head * (b["keep"].numel() if "keep" in b else tokens(b))
+                     for b in pass_batches(name, args, pair))
