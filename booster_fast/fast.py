@@ -169,7 +169,8 @@ class FastBooster:
 
     def _merged_backward(self, h, f, n_h, n_f) -> tuple[torch.Tensor, torch.Tensor]:
         """ONE forward/backward of [h ; f]: the LoRA grads of h's positions land in G_h, of f's in G_f."""
-        with self.flat.route(tokens(h)), model_pass():
+        head_positions = h["keep"].numel() if "keep" in h else tokens(h)  # what the LM head sees of h
+        with self.flat.route(tokens(h), head_positions), model_pass():
             both = concat(h, f)
             with attention_for(self.model, both):
                 with self.autocast():
@@ -190,14 +191,20 @@ class FastBooster:
             # coefficient; written as one add (bit-identical to HF's for the default max_norm 1.0)
             m = cfg.max_grad_norm
             self.optimizer.grad_scale = torch.add(self._clip_offset, norm, alpha=1 / m).clamp_min_(1.0)
+        skipped = self._skipped  # constant 0 when not guarded
         if cfg.skip_nonfinite:
-            # ‖g‖ − ‖g‖ is NaN exactly when ‖g‖ is inf or NaN; fused AdamW leaves W, m, v and step alone then
-            torch.ne(norm - norm, 0, out=self._skipped)
-            self.optimizer.found_inf = self._skipped
+            # ‖g‖ − ‖g‖ is NaN exactly when ‖g‖ is inf or NaN; fused AdamW leaves W, m, v and step alone then.
+            # A new tensor each step (ne_ in place on the difference keeps it float): a caller may keep the
+            # returned dicts and read them later
+            skipped = (norm - norm).ne_(0)
+            self.optimizer.found_inf = skipped
         self.optimizer.step()
-        return self._skipped
+        return skipped
 
     def _prepare(self):
+        if self.distributed != (dist.is_available() and dist.is_initialized()):
+            raise ValueError("the process group was started or ended after this Booster was built: build the "
+                             "Booster after init_process_group, so that it all-reduces its gradients")
         if not self.flat.grads_attached():  # someone called zero_grad(set_to_none=True)
             self.flat.attach_grads()
         if self.W.grad is not self.flat.G_f:

@@ -29,12 +29,38 @@ ALL_TOKENS = 1 << 62  # route every position to the harmful aliases
 ALIGN = 64
 
 
+def _check_plain_lora(model, layers) -> None:
+    """Refuse what `_routed_forward` does not compute: trainable parameters other than the A/B weights of LoRA
+    Linear layers (peft's modules_to_save, biases, DoRA's magnitudes, LoRA on embeddings), LoRA layers of another
+    kind (convolutions), DoRA. The reference engine trains any of them."""
+    routed, why = set(), []
+    for m in layers:
+        if len(getattr(m, "lora_embedding_A", ())):
+            why.append("LoRA on embeddings")
+        for name in m.lora_A:
+            a, b = m.lora_A[name], m.lora_B[name]
+            if not (type(a) is torch.nn.Linear and type(b) is torch.nn.Linear):
+                why.append(f"{type(m).__name__} LoRA layers ({type(a).__name__})")
+            if getattr(m, "use_dora", {}).get(name, False):
+                why.append("DoRA")
+            routed |= {id(a.weight), id(b.weight)}
+    others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in routed]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        why.append(f"trainable parameters outside LoRA's A/B weights ({shown})")
+    if why:
+        raise ValueError(f"the fast engine trains plain LoRA on Linear layers only, not {'; '.join(dict.fromkeys(why))}:"
+                         f" use impl='reference' for this model")
+
+
 class FlatLoRA:
     def __init__(self, model):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters; call add_lora first")
+        layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        _check_plain_lora(model, layers)
         device = self.params[0].device
         self.sizes = [p.numel() for p in self.params]
         n = sum(self.sizes)
@@ -59,8 +85,11 @@ class FlatLoRA:
             a = p.detach().requires_grad_(True)
             a.grad = gh
             self._alias[id(p)] = a
-        self.harmful_tokens = 0
-        self._layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        self.harmful_tokens = self.harmful_head_positions = 0
+        # the LM head of a packed batch sees only its labelled positions (losses.kept_positions): routed by those
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head = head if any(head is m for m in layers) else None
+        self._layers = layers
         for m in self._layers:
             m.forward = types.MethodType(_routed_forward, m)
             m._booster_alias = self._alias
@@ -80,13 +109,17 @@ class FlatLoRA:
         return self.params[0].grad is self._gf_views[0]
 
     @contextlib.contextmanager
-    def route(self, harmful_tokens: int):
-        """Inside: the first `harmful_tokens` positions of every batch get their LoRA gradient in G_h."""
-        prev, self.harmful_tokens = self.harmful_tokens, harmful_tokens
+    def route(self, harmful_tokens: int, harmful_head_positions: int | None = None):
+        """Inside: the first `harmful_tokens` positions of every batch get their LoRA gradient in G_h; in the LM
+        head, when it has LoRA, the first `harmful_head_positions` (default: the same count; fewer for a
+        packed batch, whose LM head runs on the labelled positions only)."""
+        prev = self.harmful_tokens, self.harmful_head_positions
+        self.harmful_tokens = harmful_tokens
+        self.harmful_head_positions = harmful_tokens if harmful_head_positions is None else harmful_head_positions
         try:
             yield
         finally:
-            self.harmful_tokens = prev
+            self.harmful_tokens, self.harmful_head_positions = prev
 
     def close(self):
         """Give the LoRA layers their own forward back (the weights stay views of W)."""
@@ -136,7 +169,9 @@ def _routed_forward(self, x, *args, **kwargs):
     result = self.base_layer(x, *args, **kwargs)
     if self.disable_adapters or self.merged:
         return result
-    n = max(0, min(self._booster_route.harmful_tokens, x.numel() // x.shape[-1]))
+    route = self._booster_route
+    n = route.harmful_head_positions if self is route.head else route.harmful_tokens
+    n = max(0, min(n, x.numel() // x.shape[-1]))
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue

@@ -371,6 +371,75 @@ def test_nonfinite_update_is_skipped_on_device(batches, poison):
     assert out["skipped"].item() == 0.0 and not torch.equal(engine.flat.W, before_w)
 
 
+def test_each_step_returns_its_own_skip_flag(batches):
+    """A kept output dict keeps its step's flag: a later step must not overwrite it."""
+    model, _ = make_model()
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast"))
+    lm_head = model.get_output_embeddings().weight
+    saved = lm_head.detach().clone()
+    with torch.no_grad():
+        lm_head[0, 0] = float("nan")
+    first = booster.step(*batches[0])
+    with torch.no_grad():
+        lm_head.copy_(saved)
+    second = booster.step(*batches[1])
+    assert first["skipped"].item() == 1.0 and second["skipped"].item() == 0.0
+
+
+def test_lora_on_the_lm_head_is_routed_by_the_positions_it_sees():
+    """The LM head of a packed batch runs on the labelled positions only: in the merged pass its LoRA gradient
+    is split by those, not by the decoder's token count (which once sent most of f's head gradient to G_h)."""
+    _, tok = bf.load_model("tiny", device="cpu")
+    (batch,) = builtin_batches(tok, 1, batch_size=8, max_length=160)
+
+    def gradient(impl, **cfg):
+        model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+        torch.manual_seed(SEED)
+        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16, targets=("q_proj", "v_proj", "lm_head")),
+                             bf.BoosterConfig(impl=impl, **cfg))
+        return step_gradient(booster, *(booster.to_device(b, "cpu") for b in batch))[0]
+
+    ref = gradient("reference")
+    for merge in (True, False):
+        fast = gradient("fast", packing=True, merge_passes=merge)
+        err = relative(fast[:ref.numel()], ref)
+        assert err <= 1e-5, f"merge={merge}: LoRA on lm_head, packed: {err:.3g} from the reference"
+
+
+@pytest.mark.parametrize("extra, why", [({"modules_to_save": ["lm_head"]}, "outside LoRA's A/B weights"),
+                                        ({"use_dora": True}, "DoRA"),
+                                        ({"lora_bias": True}, "lora_B.default.bias"),
+                                        ({"target_modules": ["q_proj", "embed_tokens"]}, "LoRA on embeddings")])
+def test_fast_engine_refuses_lora_it_cannot_route(extra, why):
+    """peft options whose parameters or forward the fast engine's routed LoRA layer does not compute are refused
+    with one clear error (they once trained silently wrong); the reference engine takes them."""
+    from peft import LoraConfig, get_peft_model
+
+    def model():
+        base, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+        config = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], **extra}
+        return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **config))
+
+    with pytest.raises(ValueError, match=why):
+        bf.Booster(model(), bf.BoosterConfig(impl="fast"))
+    bf.Booster(model(), bf.BoosterConfig(impl="reference"))
+
+
+def test_a_process_group_started_after_the_booster_is_refused(tmp_path, batches):
+    """The engine decides at build whether it all-reduces; a process group started later would leave ranks
+    training apart without a word."""
+    import torch.distributed as dist
+
+    booster = bf.Booster(make_model()[0], bf.BoosterConfig(impl="fast"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="after init_process_group"):
+            booster.step(*batches[0])
+    finally:
+        dist.destroy_process_group()
+    booster.step(*batches[0])  # as built again
+
+
 def test_zero_harmful_gradient_gives_no_nan(batches):
     model, _ = make_model()  # peft starts lora_B at 0, so ∇h is zero for lora_A; make it zero everywhere
     booster = bf.Booster(model, bf.BoosterConfig(impl="fast", lamb=5.0))
