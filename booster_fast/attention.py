@@ -35,6 +35,7 @@ log = logging.getLogger("booster_fast")
 CAUSAL_SDPA = "booster_causal_sdpa"
 VARLEN = "booster_varlen"
 _registered = False
+_calls = {CAUSAL_SDPA: 0, VARLEN: 0}  # calls of our registered functions: probe_attention counts them
 _logged: set[str] = set()
 _flash_failed: str | None = None  # why flash's kernel failed at run time, once: the grid path from then on
 
@@ -45,7 +46,11 @@ def _register():
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+        def causal_sdpa_forward(*args, **kwargs):
+            _calls[CAUSAL_SDPA] += 1
+            return sdpa_attention_forward(*args, **kwargs)
+
+        AttentionInterface.register(CAUSAL_SDPA, causal_sdpa_forward)
         AttentionInterface.register(VARLEN, varlen_attention_forward)
         _registered = True
 
@@ -165,6 +170,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     """transformers attention interface for packed batches: query [1, H, P, D], key/value [1, H_kv, P, D];
     cu_seq_lens_q and max_length_q come in through the model's forward kwargs (losses.logits_of passes them).
     Returns ([1, P, H, D], None)."""
+    _calls[VARLEN] += 1
     cu, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     unsupported = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
     if unsupported:  # supports_packing refuses such models; a layer that asks anyway must not be run without it
@@ -194,6 +200,76 @@ def supports_packing(model) -> str | None:
     if not isinstance(getattr(model, "get_output_embeddings", lambda: None)(), torch.nn.Module):
         return "the model has no output embeddings (LM head) to restrict to the labelled positions"
     return None
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+@torch.no_grad()
+def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None, str | None]:
+    """(why packed batches cannot run on `model`, why right-padded batches cannot leave their mask out), each
+    None when they can. Both forms rely on the model looking its attention up in transformers' registry, which
+    many causal LMs with attention code of their own do not (Bloom, GPT-Neo, Falcon, XGLM, ...): there packing
+    would let sequences attend to each other, silently. So two random rows (7 and 4 tokens) run three ways, without
+    dropout: padded with the mask (the model's own path), packed, and without the mask; the packed form must
+    reach our attention function in every layer, the mask-free one in every layer when it is switched in, and
+    both must give the padded logits at the real positions (within the compute dtype's rounding). Run once when
+    the fast engine is built (a few host reads); a failure is a reason, never an exception."""
+    device = next(model.parameters()).device
+    config = model.config
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([7, 4])
+    real = torch.arange(7) < lengths[:, None]
+    ids = torch.randint(min(3, config.vocab_size - 1), config.vocab_size, (2, 7), generator=g) * real
+    layers = getattr(config, "num_hidden_layers", None)
+    from .models import compute_dtype
+
+    tolerance = 1e-4 if compute_dtype(model) == torch.float32 else 3e-2
+
+    def check(name, run, counter=None):
+        before = _calls[counter] if counter else 0
+        try:
+            with autocast():
+                got = run().float()
+        except Exception as e:  # any model code that cannot take this form: the reason, logged by the caller
+            return _first_line(e)
+        calls = _calls[counter] - before if counter else None
+        if counter and (calls == 0 or (layers and calls != layers)):
+            return (f"its attention reached the {name} function {calls} times for {layers} layers (it does not look "
+                    f"attention up in transformers' registry)")
+        err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+        return None if err <= tolerance else f"the {name} logits differ from the padded ones by {err:.2g} relative"
+
+    # eval mode (no dropout), except bitsandbytes' 4-bit layers: on the CPU an eval-mode forward without grad
+    # repacks their weights for inference in place, after which training computes zero gradients
+    modes = {m: m.training for m in model.modules()}
+    for m in modes:
+        m.training = type(m).__name__ == "Linear4bit" and m.training
+    try:
+        with autocast():
+            want = model(input_ids=ids.to(device), attention_mask=real.long().to(device), use_cache=False).logits
+            want = want[real.to(device)].float()
+        cu = torch.tensor([0, 7, 11], dtype=torch.int32, device=device)
+        positions = torch.cat([torch.arange(n) for n in lengths.tolist()])[None].to(device)
+
+        def packed():
+            with packed_attention(model):
+                return model(input_ids=ids[real][None].to(device), position_ids=positions, use_cache=False,
+                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7).logits[0]
+
+        def unmasked():
+            with unmasked_causal(model, {"input_ids": ids}):
+                return model(input_ids=ids.to(device), use_cache=False).logits[real.to(device)]
+
+        switched = getattr(config, "_attn_implementation", None) == "sdpa"
+        why_mask = check("mask-free", unmasked, CAUSAL_SDPA if switched else None)
+        why_pack = (supports_packing(model) or (why_mask and f"it needs its attention masks ({why_mask})")
+                    or check("packed", packed, VARLEN))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return why_pack, why_mask
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ class Booster:
             return to_device(trim_to_longest(batch), device)
         static = getattr(self.engine, "graphs", None) is not None  # CUDA graphs: few shapes, so buckets
         if not getattr(self.engine, "pack", False):
-            return to_device(batch if static else trim_to_longest(batch), device, drop_mask=True)
+            return to_device(batch if static else trim_to_longest(batch), device, drop_mask=self.engine.drop_mask)
         if self.cfg.grad_accum == 1:
             return to_device(batch, device, pack=True, bucketed=static)
         return [to_device(b, device, pack=True, bucketed=static) for b in micro_batches(batch, self.cfg.grad_accum)]

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import fused_ops
-from .attention import probe_flash, supports_packing
+from .attention import probe_attention, probe_flash
 from .batches import can_concat, concat, micro_batches, tokens
 from .config import BoosterConfig
 from .flat import ALL_TOKENS, FlatLoRA
@@ -78,7 +78,11 @@ class FastBooster:
         self.device = self.flat.W.device
         self.autocast = Autocast(model, self.device)
         self.merge = default_merge(self.device) if cfg.merge_passes is None else cfg.merge_passes
-        self.pack = self._packing_for(cfg.packing)
+        why_pack, why_mask = probe_attention(model, self.autocast)
+        self.drop_mask = why_mask is None  # Booster.to_device leaves right-padded batches' masks out
+        if why_mask is not None:
+            log.info("attention masks kept: the mask-free attention does not run this model exactly (%s)", why_mask)
+        self.pack = self._packing_for(cfg.packing, why_pack)
         self.fused = self._fused_ops_for(cfg.fused_ops)
         self.distributed = dist.is_available() and dist.is_initialized()
         cuda = self.device.type == "cuda"
@@ -93,12 +97,11 @@ class FastBooster:
                                        device=self.device)
         self.graphs = self._graphs_for(cfg.graphs)
 
-    def _packing_for(self, wanted: bool | None) -> bool:
+    def _packing_for(self, wanted: bool | None, why: str | None) -> bool:
         """Whether `Booster.to_device` packs this engine's batches (packing.py): the device's measured default
-        unless pinned; never for a model whose attention it cannot reproduce exactly."""
+        unless pinned; never for a model whose attention it cannot reproduce exactly (`why`: probe_attention)."""
         if wanted is False:
             return False
-        why = supports_packing(self.model)
         if why is not None:
             if wanted:
                 raise ValueError(f"packing=True: {why}")

@@ -266,7 +266,7 @@ class BoosterTrainer(Trainer):
         if getattr(self.engine, "flat", None) is not None:  # the fast engine (as in _rebind_flat_storage)
             if self.engine.pack:
                 align, harmful = _packed_if_exact((align, harmful), self.args.device)
-            else:
+            elif self.engine.drop_mask:
                 align, harmful = _without_masks_if_right_padded(align, harmful)
         with self.compute_loss_context_manager():
             out = self.engine.step(align, harmful)

@@ -182,7 +182,7 @@ def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj",
 
     targets = tuple(targets)
     present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) or type(m).__name__ == "Linear4bit"}
+               if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Conv1D")}  # Conv1D: GPT-2's
     missing = [t for t in targets if t not in present]
     if missing or not targets:
         raise ModelError(f"LoRA targets {missing or list(targets)} not found in the model; it has linear layers "

@@ -228,6 +228,49 @@ def test_packing_default_and_unsupported_models(caplog):
         reference.sft_step(pack(batch))
 
 
+def _own_attention_model(arch: str, vocab_size: int):
+    """A small random model of a family whose attention code does not go through transformers' registry, with
+    LoRA on its query/value projections: XGLM, GPT-Neo, Bloom (eager), Falcon (sdpa, which breaks when its
+    attention implementation name is swapped)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shapes = {"xglm": dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, dropout=0.0,
+                           attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=256),
+              "gpt_neo": dict(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global"], 2]],
+                              max_position_embeddings=256, embed_dropout=0.0, attention_dropout=0.0,
+                              resid_dropout=0.0),
+              "bloom": dict(hidden_size=64, n_layer=2, n_head=4, hidden_dropout=0.0, attention_dropout=0.0),
+              "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_dropout=0.0,
+                             attention_dropout=0.0, alibi=False, new_decoder_architecture=False)}
+    targets = {"xglm": ("q_proj", "v_proj"), "gpt_neo": ("q_proj", "v_proj")}.get(arch, ("query_key_value",))
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=vocab_size, **shapes[arch]),
+                                             attn_implementation="sdpa" if arch == "falcon" else "eager")
+    torch.manual_seed(SEED)
+    return bf.add_lora(model.float(), r=8, alpha=16, targets=targets)
+
+
+@pytest.mark.parametrize("arch", ["xglm", "gpt_neo", "bloom", "falcon"])
+def test_models_with_their_own_attention_are_not_packed(batch, arch, caplog):
+    """Packing (and leaving masks out) works through transformers' attention registry. Models with attention code
+    of their own once packed silently wrong (sequences attending to each other) or crashed; the engine's probe
+    now finds them when it is built: they run padded (Falcon with its masks), and the step is the reference's."""
+    vocab = int(max(b["input_ids"].max() for b in batch)) + 1
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        booster = bf.Booster(_own_attention_model(arch, vocab), bf.BoosterConfig())
+    assert not booster.engine.pack and "packing off" in caplog.text, caplog.text
+    if arch == "falcon":  # its own code breaks under the mask-free attention: masks kept, nothing packed
+        assert not booster.engine.drop_mask and "attention masks kept" in caplog.text, caplog.text
+    else:
+        assert booster.engine.drop_mask and "registry" in caplog.text, caplog.text
+    with pytest.raises(ValueError, match="packing=True"):
+        bf.Booster(_own_attention_model(arch, vocab), bf.BoosterConfig(packing=True))
+    fast = step_gradient(booster, *(booster.to_device(b, "cpu") for b in batch))[0]
+    ref = step_gradient(bf.Booster(_own_attention_model(arch, vocab), bf.BoosterConfig(impl="reference")), *batch)[0]
+    err = relative(fast[:ref.numel()], ref)
+    assert err <= 1e-5, f"{arch}: fast differs from the reference by {err:.3g}"
+
+
 def test_varlen_attention_takes_one_row():
     q = torch.randn(2, 4, 8, 16)
     with pytest.raises(ValueError, match="one row"):
@@ -440,23 +483,24 @@ def test_the_flash_path_inside_a_model_step(monkeypatch, batch):
     from booster_fast import attention
     import torch.nn.attention.varlen as varlen
 
-    def gradient(packing: bool):
+    def gradient(packing: bool, calls: list):
         model, _ = bf.load_model("tiny", dtype=torch.bfloat16, seed=SEED, device="cpu", num_key_value_heads=2)
         torch.manual_seed(SEED)
         booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(packing=packing,
                                                                                     merge_passes=True))
         a, h = (pack(b) if packing else booster.to_device(b, "cpu") for b in batch)
+        del calls[:]  # building the engine probes the attention: count the step's calls only
         return step_gradient(booster, a, h)[0], model.config.num_hidden_layers
 
-    padded, _ = gradient(False)
-    grid, _ = gradient(True)
+    padded, _ = gradient(False, [])
+    grid, _ = gradient(True, [])
     _, new, calls = _fake_flash_apis()
     monkeypatch.setattr(varlen, "varlen_attn", new)
     monkeypatch.setattr(attention, "_flash_failed", None)
     monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
     attention._flash_varlen.cache_clear()
     try:
-        flash, layers = gradient(True)
+        flash, layers = gradient(True, calls)
     finally:
         attention._flash_varlen.cache_clear()
     assert len(calls) == 2 * layers, f"{len(calls)} flash calls for 2 passes of {layers} layers"
