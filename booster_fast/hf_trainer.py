@@ -30,7 +30,13 @@ How it fits into the Trainer. The Trainer's loop does, per update: `training_ste
   DDP wrapper, so DDP's hooks stay idle; the engine all-reduces its flat gradient buffers itself, once per pass
   and before the norm (summed; losses are divided by the global token count), so n ranks equal one process on
   the union batch. The harmful loader is sharded across processes by `accelerator.prepare`, like the train
-  loader. FSDP, DeepSpeed, fp16 loss scaling, DataParallel and `torch_compile` are rejected with one line.
+  loader. FSDP, DeepSpeed, fp16 loss scaling, DataParallel, `torch_compile` and label smoothing are rejected
+  with one line.
+- The harmful data: shuffled on its own (seed `args.seed + 1`, a new order each pass), as the original's own
+  RandomSampler does, so that an update's harmful rows are not the prompts of its alignment rows (accelerate
+  would give a random sampler over a set of the same length the train loader's very order); sequential when
+  training is (`train_sampling_strategy="sequential"`). `train(resume_from_checkpoint=...)` continues the
+  harmful stream where the checkpoint left it.
 - Logging: `harmful_loss`, `harmful_loss_perturbed` and `harmful_grad_norm` are accumulated on the device
   and averaged into the Trainer's own log records (the engine reads nothing back; the Trainer syncs at log
   time). With the fast engine, an update's right-padded micro-batches are packed without pads, or lose their
@@ -134,6 +140,22 @@ def _without_masks_if_right_padded(*groups):
     return tuple([without_mask(b) for b in g] for g in groups)
 
 
+class _EpochShuffle(torch.utils.data.Sampler):
+    """A new random order of range(n) on each pass, drawn from `seed + pass`: the same on every process (accelerate
+    shards its batches), independent of the train loader's, and positionable for a resume (`passes`)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.passes = n, seed, 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 class FixedLengthCollator:
     """Right-pads rows of `input_ids`/`labels` to exactly `max_length` (labels −100, attention mask 0 on pads):
     one static shape for the whole run, as `booster_fast.data.collate` does for `Booster`."""
@@ -180,6 +202,7 @@ class BoosterTrainer(Trainer):
             (a.fp16, "fp16 loss scaling (use bf16)"),
             (a.n_gpu > 1, "DataParallel over several GPUs in one process (use torchrun / accelerate launch)"),
             (a.torch_compile, "torch_compile"),
+            (a.label_smoothing_factor > 0, "label_smoothing_factor (the engine's loss is plain cross-entropy)"),
         ]
         bad = [what for on, what in reasons if on]
         if bad:
@@ -209,9 +232,14 @@ class BoosterTrainer(Trainer):
 
     def _harmful_sampler(self, dataset):
         try:
-            return self._get_train_sampler(dataset)
+            train = self._get_train_sampler(dataset)
         except TypeError:  # older transformers: _get_train_sampler() takes no dataset
-            return torch.utils.data.RandomSampler(dataset)
+            train = None
+        if isinstance(train, torch.utils.data.SequentialSampler):
+            self._harmful_order = None
+            return train
+        self._harmful_order = _EpochShuffle(len(dataset), self.args.seed + 1)
+        return self._harmful_order
 
     def sample_from_harmful(self) -> dict:
         """The next harmful micro-batch; a new pass over the harmful set when one ends (as the original)."""
@@ -219,12 +247,24 @@ class BoosterTrainer(Trainer):
             raise ValueError("BoosterTrainer has no harmful dataset: pass harmful_dataset= to the constructor or "
                              "call trainer.init(harmful_dataset) before train()")
         if self.harmful_data_iter is None:
-            self.harmful_data_iter = iter(self.harmful_dataloader)
+            self.harmful_data_iter = self._harmful_iter_at(self.state.global_step * self.args.gradient_accumulation_steps)
         try:
             return next(self.harmful_data_iter)
         except StopIteration:
             self.harmful_data_iter = iter(self.harmful_dataloader)
             return next(self.harmful_data_iter)
+
+    def _harmful_iter_at(self, drawn: int):
+        """An iterator over the harmful loader that continues after `drawn` micro-batches (a resumed run: one per
+        micro-batch of every update done); skips whole batches of indices, collating nothing."""
+        passes, skip = divmod(drawn, max(1, len(self.harmful_dataloader)))
+        if getattr(self, "_harmful_order", None) is not None:
+            self._harmful_order.passes = passes
+        if not skip:
+            return iter(self.harmful_dataloader)
+        from accelerate import skip_first_batches
+
+        return iter(skip_first_batches(self.harmful_dataloader, skip))
 
     # -- the engine is the optimizer ---------------------------------------------------------------------------
     def booster_config(self) -> BoosterConfig:

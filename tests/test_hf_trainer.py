@@ -134,6 +134,63 @@ def test_bad_arguments(tmp_path, data):
                                                               report_to="none"))
 
 
+def test_label_smoothing_is_refused(tmp_path, data):
+    """The engine computes plain cross-entropy: label smoothing would be ignored, so it is refused."""
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        make_trainer(tmp_path, data, label_smoothing_factor=0.1)
+
+
+class _Recorder(FixedLengthCollator):
+    """The train collator, recording each batch's set ("a" or "h") and rows (by their token ids)."""
+
+    def __init__(self, pad, seen):
+        super().__init__(pad, MAX_LEN)
+        self.seen = seen
+
+    def __call__(self, rows):
+        self.seen.append((rows[0]["set"], tuple(tuple(r["input_ids"]) for r in rows)))
+        return super().__call__([{k: v for k, v in r.items() if k != "set"} for r in rows])
+
+
+def test_harmful_rows_are_shuffled_on_their_own(tmp_path, data):
+    """With random sampling and sets of the same length (BeaverTails' refusal and harmful rows share prompts),
+    the harmful loader must not draw the train loader's order: its own seed, a new order each pass."""
+    rows_a, _, pad = data
+    n = 12
+    seen = []
+    model, _ = make_model()
+    args = trainer_args(tmp_path, train_sampling_strategy="random", max_steps=6, remove_unused_columns=False)
+    trainer = bf.BoosterTrainer(model=model, args=args,
+                                train_dataset=[{**r, "set": "a"} for r in rows_a[:n]],
+                                harmful_dataset=[{**r, "set": "h"} for r in rows_a[:n]],  # the same rows
+                                data_collator=_Recorder(pad, seen))
+    trainer.train()
+    align, harmful = ([rows for s, rows in seen if s == which] for which in "ah")
+    assert len(harmful) == 6 and align[:6] != harmful, "the harmful batches repeat the alignment batches' rows"
+    assert harmful[:3] != harmful[3:], "the second pass over the harmful rows repeats the first's order"
+    assert sorted(sum(harmful[:3], ())) == sorted(sum(align[:3], ())), "a pass must cover every row once"
+
+
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_resume_from_checkpoint_continues_the_harmful_stream(tmp_path, data, sampling):
+    """train(resume_from_checkpoint=...) gives the uninterrupted run's updates: the harmful loader continues
+    where the checkpoint left it (here inside its second pass: 3 batches a pass, checkpoint after 4)."""
+    rows_a, rows_h, pad = data
+    runs = {}
+    for name, resume in (("full", None), ("resumed", "checkpoint-4")):
+        model, _ = make_model()
+        args = trainer_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=4,
+                            train_sampling_strategy=sampling, output_dir=str(tmp_path / "run"))
+        trainer = bf.BoosterTrainer(model=model, args=args, train_dataset=rows_a[:24], harmful_dataset=rows_h[:12],
+                                    data_collator=FixedLengthCollator(pad, MAX_LEN))
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / resume) if resume else None)
+        runs[name] = lora_state(model), [r["harmful_loss"] for r in trainer.state.log_history if "harmful_loss" in r]
+    # the resumed run's log history holds the checkpoint's first 4 steps, then its own 2
+    assert runs["resumed"][1] == runs["full"][1], (runs["resumed"][1], runs["full"][1])
+    err, name = worst_relative_error(runs["resumed"][0], runs["full"][0])
+    assert err == 0.0, f"{name}: resumed weights differ by {err:.3g}"
+
+
 class GradCapture:
     """Trainer callback: the combined gradient after the Trainer's clipping, before each optimizer step."""
 
