@@ -172,8 +172,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     Returns ([1, P, H, D], None)."""
     _calls[VARLEN] += 1
     cu, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
-    unsupported = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
-    if unsupported:  # supports_packing refuses such models; a layer that asks anyway must not be run without it
+    window = kwargs.get("sliding_window")
+    if window is not None and max_seqlen > window:  # Booster.to_device sends such batches padded
+        raise ValueError(f"packed attention: segments of up to {max_seqlen} tokens exceed the layer's sliding window "
+                         f"of {window}, which it does not implement")
+    unsupported = [name for name in ("softcap", "s_aux") if kwargs.get(name) is not None]
+    if unsupported:  # a layer that needs them must not run without them (probe_attention finds such models)
         raise ValueError(f"packed attention does not implement {', '.join(unsupported)}, which this layer uses")
     if query.shape[0] != 1:
         raise ValueError(f"packed attention takes one row of packed tokens, got {query.shape[0]} rows")
@@ -188,13 +192,19 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     return out[None], None
 
 
+def sliding_window(model) -> int | None:
+    """The model's sliding attention window (None: full attention). Packed batches run on such a model as long as
+    no sequence is longer than the window, where it changes nothing (Booster.to_device sends longer ones padded)."""
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    return int(window) if window else None
+
+
 def supports_packing(model) -> str | None:
-    """None when packed batches run exactly on this model, else why not."""
+    """None when packed batches can run on this model (probe_attention then checks that they run exactly), else
+    why not."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return f"attention implementation {getattr(config, '_attn_implementation', None)!r} (needs sdpa or eager)"
-    if getattr(config, "sliding_window", None):
-        return "the model uses sliding-window attention"
     if getattr(config, "is_causal", True) is False:
         return "the model is not a causal decoder"
     if not isinstance(getattr(model, "get_output_embeddings", lambda: None)(), torch.nn.Module):
@@ -227,15 +237,17 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
 
     tolerance = 1e-4 if compute_dtype(model) == torch.float32 else 3e-2
 
-    def check(name, run, counter=None):
-        before = _calls[counter] if counter else 0
+    switched = {}  # whether the mask-free run had our function switched in (not for a sliding window)
+
+    def check(name, run, counter):
+        before = _calls[counter]
         try:
             with autocast():
                 got = run().float()
         except Exception as e:  # any model code that cannot take this form: the reason, logged by the caller
             return _first_line(e)
-        calls = _calls[counter] - before if counter else None
-        if counter and (calls == 0 or (layers and calls != layers)):
+        calls = _calls[counter] - before
+        if switched.get(counter, True) and (calls == 0 or (layers and calls != layers)):
             return (f"its attention reached the {name} function {calls} times for {layers} layers (it does not look "
                     f"attention up in transformers' registry)")
         err = float((got - want).norm() / want.norm().clamp_min(1e-30))
@@ -260,10 +272,10 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
 
         def unmasked():
             with unmasked_causal(model, {"input_ids": ids}):
+                switched[CAUSAL_SDPA] = config._attn_implementation == CAUSAL_SDPA
                 return model(input_ids=ids.to(device), use_cache=False).logits[real.to(device)]
 
-        switched = getattr(config, "_attn_implementation", None) == "sdpa"
-        why_mask = check("mask-free", unmasked, CAUSAL_SDPA if switched else None)
+        why_mask = check("mask-free", unmasked, CAUSAL_SDPA)
         why_pack = (supports_packing(model) or (why_mask and f"it needs its attention masks ({why_mask})")
                     or check("packed", packed, VARLEN))
     finally:

@@ -19,7 +19,8 @@ def _warn_device_batch(device):
         "pack it)", device)
 
 
-def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False, bucketed: bool = True) -> dict:
+def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False, bucketed: bool = True,
+              window: int | None = None) -> dict:
     """The model's keys of `batch` on `device`. CPU tensors bound for a GPU go through pinned memory, so the copy
     is truly asynchronous (a copy from pageable memory may wait for the stream's queued work).
 
@@ -31,7 +32,8 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False, 
     pack: send the pad-free form instead (packing.pack, which checks the padding itself) when it computes fewer
     positions than the padded batch; a batch with (almost) no pads goes without its mask instead. Packing needs
     the lengths on the host: a batch already on the device is sent padded (one log line says so, once).
-    bucketed: round the packed lengths to buckets (for CUDA graphs; packing.pack)."""
+    bucketed: round the packed lengths to buckets (for CUDA graphs; packing.pack).
+    window: the model's sliding attention window; a batch whose packed segments could be longer goes padded."""
     if pack and batch["input_ids"].device.type != "cpu":
         if not _warned_device_batch:
             _warn_device_batch(batch["input_ids"].device)
@@ -40,7 +42,7 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False, 
         from .packing import pack as packed
 
         shrunk = packed(batch, bucketed=bucketed)
-        if shrunk["input_ids"].numel() < batch["input_ids"].numel():
+        if shrunk["input_ids"].numel() < batch["input_ids"].numel() and shrunk["max_seqlen"] <= (window or 1 << 62):
             batch, drop_mask = shrunk, False
         else:
             drop_mask = True

@@ -42,9 +42,11 @@ class Booster:
         static = getattr(self.engine, "graphs", None) is not None  # CUDA graphs: few shapes, so buckets
         if not getattr(self.engine, "pack", False):
             return to_device(batch if static else trim_to_longest(batch), device, drop_mask=self.engine.drop_mask)
+        window = self.engine.window
         if self.cfg.grad_accum == 1:
-            return to_device(batch, device, pack=True, bucketed=static)
-        return [to_device(b, device, pack=True, bucketed=static) for b in micro_batches(batch, self.cfg.grad_accum)]
+            return to_device(batch, device, pack=True, bucketed=static, window=window)
+        return [to_device(b, device, pack=True, bucketed=static, window=window)
+                for b in micro_batches(batch, self.cfg.grad_accum)]
 
     def step(self, align_batch, harmful_batch):
         """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed, harmful_grad_norm (0-dim

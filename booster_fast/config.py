@@ -38,7 +38,9 @@ class BoosterConfig:
         default=None,
         metadata={"help": "fast only: feed the passes pad-free batches (the real tokens of all rows back to back, "
                           "per-sequence attention), so no pad position is computed. None picks the measured default "
-                          "of the device; models it cannot run exactly (sliding window, non-causal) stay padded."},
+                          "of the device; models it cannot run exactly (attention of their own, softcapping, non-causal; "
+                          "checked when the engine is built) stay padded, and so do batches with sequences longer "
+                          "than a sliding window."},
     )
     fused_ops: bool | None = field(
         default=None,

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import fused_ops
-from .attention import probe_attention, probe_flash
+from .attention import probe_attention, probe_flash, sliding_window
 from .batches import can_concat, concat, micro_batches, tokens
 from .config import BoosterConfig
 from .flat import ALL_TOKENS, FlatLoRA
@@ -83,6 +83,7 @@ class FastBooster:
         if why_mask is not None:
             log.info("attention masks kept: the mask-free attention does not run this model exactly (%s)", why_mask)
         self.pack = self._packing_for(cfg.packing, why_pack)
+        self.window = sliding_window(model)  # batches with longer sequences go padded (Booster.to_device)
         self.fused = self._fused_ops_for(cfg.fused_ops)
         self.distributed = dist.is_available() and dist.is_initialized()
         cuda = self.device.type == "cuda"

@@ -117,13 +117,14 @@ def _model_batch(inputs) -> dict:
     return {k: inputs[k] for k in MODEL_KEYS if k in inputs}
 
 
-def _packed_if_exact(groups, device):
+def _packed_if_exact(groups, device, window):
     """The micro-batches packed without pads (or without their masks, where packing would not shrink them), as
     `Booster.to_device` prepares them, when every one is right-padded with unlabelled pads; else unchanged. The
     micro-batches are copied to the host for that: one host read per update."""
     host = [[{k: v.cpu() for k, v in b.items()} for b in g] for g in groups]  # a host sync, once per update
     try:
-        return tuple([to_device(b, device, pack=True, bucketed=False) for b in g] for g in host)  # eager: exact sizes
+        return tuple([to_device(b, device, pack=True, bucketed=False, window=window) for b in g]  # eager: exact sizes
+                     for g in host)
     except ValueError:  # packing.pack refused one (left padding, a labelled pad): not exact, keep the masks
         return groups
 
@@ -305,7 +306,7 @@ class BoosterTrainer(Trainer):
         self._align_micro, self._harmful_micro = [], []
         if getattr(self.engine, "flat", None) is not None:  # the fast engine (as in _rebind_flat_storage)
             if self.engine.pack:
-                align, harmful = _packed_if_exact((align, harmful), self.args.device)
+                align, harmful = _packed_if_exact((align, harmful), self.args.device, self.engine.window)
             elif self.engine.drop_mask:
                 align, harmful = _without_masks_if_right_padded(align, harmful)
         with self.compute_loss_context_manager():

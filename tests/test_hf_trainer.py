@@ -403,10 +403,10 @@ def test_trainer_packs_only_what_packs_exactly():
         return {"input_ids": ids, "labels": ids.masked_fill(~real, -100), "attention_mask": real.long()}
 
     good = batch([30, 5, 64, 1])  # 100 real of 256 positions: packing shrinks it
-    align, harmful = _packed_if_exact(([good], [good]), "cpu")
+    align, harmful = _packed_if_exact(([good], [good]), "cpu", None)
     assert all("cu_seqlens" in b for b in align + harmful)
     left = {k: v.flip(1) for k, v in good.items()}
     labelled = dict(good, labels=good["labels"].masked_fill(good["attention_mask"] == 0, 7))
     for bad in (left, labelled):
-        align, harmful = _packed_if_exact(([good], [bad]), "cpu")
+        align, harmful = _packed_if_exact(([good], [bad]), "cpu", None)
         assert align[0] is good and harmful[0] is bad, "a batch packing refuses must leave the update as it was"

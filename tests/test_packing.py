@@ -215,12 +215,6 @@ def test_packing_default_and_unsupported_models(caplog):
     full = booster.to_device(ragged_batch([64] * 8, 64), "cpu")
     assert "cu_seqlens" not in full and "attention_mask" not in full, \
         "a batch that packing does not shrink goes padded, without its mask"
-    windowed = make_model(sliding_window=16)[0]
-    with pytest.raises(ValueError, match="sliding-window"):
-        bf.Booster(windowed, bf.BoosterConfig(packing=True))
-    with caplog.at_level(logging.INFO, logger="booster_fast"):
-        assert not bf.Booster(windowed, bf.BoosterConfig()).engine.pack
-    assert "packing off: the model uses sliding-window attention" in caplog.text
     reference = bf.Booster(make_model()[0], bf.BoosterConfig(impl="reference", packing=True))
     batch = ragged_batch([3, 5], 5)
     assert "attention_mask" in reference.to_device(batch, "cpu"), "the reference never packs"
@@ -278,16 +272,47 @@ def test_varlen_attention_takes_one_row():
                                  max_length_q=8)
 
 
-@pytest.mark.parametrize("extra", [{"sliding_window": 4096}, {"softcap": 50.0}, {"s_aux": torch.zeros(4)}])
-def test_varlen_attention_refuses_what_it_does_not_implement(extra):
+@pytest.mark.parametrize("extra, why", [({"sliding_window": 4}, "sliding window of 4"), ({"softcap": 50.0}, "softcap"),
+                                        ({"s_aux": torch.zeros(4)}, "s_aux")])
+def test_varlen_attention_refuses_what_it_does_not_implement(extra, why):
     q = torch.randn(1, 4, 8, 16)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
-    with pytest.raises(ValueError, match=next(iter(extra))):
+    with pytest.raises(ValueError, match=why):
         varlen_attention_forward(None, q, q, q, cu_seq_lens_q=cu, max_length_q=5, **extra)
-    # the same keywords left unset (as Mistral and Qwen2 pass them) are fine
+    # the same keywords left unset (as Mistral and Qwen2 pass them), or a window no segment fills, are fine
     out, _ = varlen_attention_forward(None, q, q, q, cu_seq_lens_q=cu, max_length_q=5, sliding_window=None,
                                       softcap=None)
     assert out.shape == (1, 8, 4, 16)
+    assert torch.equal(varlen_attention_forward(None, q, q, q, cu_seq_lens_q=cu, max_length_q=5, sliding_window=5)[0],
+                       out)
+
+
+def _mistral(window: int, vocab_size: int):
+    """A small random Mistral (sliding-window attention) in fp32, with LoRA."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(SEED)
+    model = MistralForCausalLM(MistralConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=window, max_position_embeddings=512))
+    torch.manual_seed(SEED)
+    return bf.add_lora(model, r=8, alpha=16)
+
+
+@pytest.mark.parametrize("window", [200, 24])
+def test_sliding_window_models_pack_the_batches_the_window_does_not_touch(batch, window):
+    """Mistral's window changes nothing for sequences no longer than it: such batches pack. Batches with longer
+    rows go padded, where the model builds its own windowed mask. Either way the step is the reference's."""
+    vocab = int(max(b["input_ids"].max() for b in batch)) + 1
+    booster = bf.Booster(_mistral(window, vocab), bf.BoosterConfig(packing=True))
+    assert booster.engine.pack and booster.engine.window == window
+    a, h = (booster.to_device(b, "cpu") for b in batch)
+    longest = max(int(b["attention_mask"].sum(1).max()) for b in batch)
+    assert ("cu_seqlens" in a) == (longest <= window) and "attention_mask" not in a, (longest, window)
+    fast = step_gradient(booster, a, h)[0]
+    ref = step_gradient(bf.Booster(_mistral(window, vocab), bf.BoosterConfig(impl="reference")), *batch)[0]
+    err = relative(fast[:ref.numel()], ref)
+    assert err <= 1e-5, f"window {window}: fast differs from the reference by {err:.3g}"
 
 
 def _fake_flash_apis():
