@@ -21,6 +21,7 @@ import torch
 
 import booster_fast as bf
 from booster_fast.batches import to_device, without_mask
+from booster_fast.graphs import CaptureInvalidated
 from booster_fast.packing import pack
 
 
@@ -113,6 +114,9 @@ def cmd_equivalence(args):
             try:
                 results[label] = _equivalence(name, packing, args)
             except Exception as e:  # noqa: BLE001 - one model's failure (e.g. graphs='on' refusing) is a result
+                if isinstance(e, CaptureInvalidated):  # but CUDA memory is suspect after this one: stop here
+                    write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
+                    raise
                 results[label] = {"steps": args.steps, "worst_relative_l2": None, "captured": False,
                                   "fallback": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
             _free_device_memory()

@@ -55,6 +55,7 @@ from .bench_measure import (MFU_FLOPS, cpu_gauge, held_bytes, matmul_params, mat
                             sync, transient_bytes)
 from .bench_report import format_table, machine_info, plot, write_atomic
 from .cli import UsageError
+from .graphs import CaptureInvalidated
 
 log = logging.getLogger("booster_fast")
 IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "fast-padded", "fast-unfused", "sft")
@@ -161,7 +162,7 @@ def warm_graphs(name: str, booster, fn, pairs, tries: int = 4) -> str | None:
                 if graphs.replays > replays:
                     break
     except Exception as e:  # noqa: BLE001 - graphs='on' raises when the capture fails: reported, not fatal
-        if name != "fast-graphs":
+        if name != "fast-graphs" or isinstance(e, CaptureInvalidated):  # the latter: CUDA memory is suspect
             raise
         return "capture failed: " + _first_line(e)
     return GRAPHS_NOT_CAPTURED if name == "fast-graphs" and not graphs_captured(booster.engine) else None
@@ -312,6 +313,8 @@ def time_interleaved(impls, batches, args, device, results):
             try:
                 impls[name][1](*impls[name][2][i])
             except Exception as e:  # noqa: BLE001
+                if isinstance(e, CaptureInvalidated):  # nothing measured after it in this process can be trusted
+                    raise
                 drop(name)
                 if name == "fast-graphs":  # graphs='on' raises when capture is impossible: skipped, not failed
                     results[name] = {"skipped": "capture failed: " + _first_line(e)}
@@ -338,42 +341,51 @@ def run_bench(args) -> int:
     impls, batches, n_params, n_lora = build_all(names, args, device, results)
     times, tps = time_interleaved(impls, batches, args, device, results)
 
-    # ---- separate passes after the timing: one step each for memory, one for the op count ----
+    def publish():  # the document so far, to --output: a part stopped by a time limit keeps what it measured
+        ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))
+        for r in results.values():
+            if "step_ms" in r:
+                r["ratio_to_sft"] = round(r["step_ms"] / sft, 3) if sft else None
+        speedup = {n: round(ref / r["step_ms"], 3) if ref and "step_ms" in r else None for n, r in results.items()}
+        doc = {"machine": machine_info(device), "config": run_config(args, names, device, n_params, n_lora, rate),
+               "results": results, "speedup": speedup}
+        if getattr(args, "output", None):
+            write_atomic(args.output, lambda f: f.write((json.dumps(doc, indent=2) + "\n").encode()))
+        return doc
+
+    # ---- the times first; then separate passes, one step each for memory and for the op count ----
     rate = matmul_tflops(device) if device.type == "cuda" and impls else None
+    for name in impls:
+        ms = statistics.median(times[name]) * 1e3
+        results[name] = {"step_ms": round(ms, 3), "step_ms_p20": round(_pct(times[name], 20) * 1e3, 3),
+                         "step_ms_p80": round(_pct(times[name], 80) * 1e3, 3),
+                         "tokens_per_s": round(statistics.median(tps[name]), 1)}
+    publish()
     for name, (booster, fn, mine) in impls.items():
         try:
             transient = transient_bytes(lambda: fn(*mine[-2]), device)
             ops = count_ops(fn, *mine[-1], host_resident=host_resident_scalars(booster.optimizer))
         except Exception as e:  # noqa: BLE001
+            if isinstance(e, CaptureInvalidated):
+                raise
             _failed(results, name, "measuring memory and ops", e)
             continue
         timed = mine[args.warmup:args.warmup + args.steps]
         flops = statistics.mean(model_flops(name, args, n_params, p) for p in timed)
-        ms = statistics.median(times[name]) * 1e3
         held = held_bytes(booster) + graph_pool_bytes(booster.engine) + max(transient, 0)
-        results[name] = {
-            "step_ms": round(ms, 3), "step_ms_p20": round(_pct(times[name], 20) * 1e3, 3),
-            "step_ms_p80": round(_pct(times[name], 80) * 1e3, 3),
-            "tokens_per_s": round(statistics.median(tps[name]), 1), "peak_mem_mb": round(held / 2**20, 1),
-            "ops_per_step": ops["total"], "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
+        results[name].update({
+            "peak_mem_mb": round(held / 2**20, 1), "ops_per_step": ops["total"],
+            "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
             "host_syncs_per_step": sum(ops["host_syncs"].values()),
             "ratio_to_sft": None, "cuda_graphs": graphs_captured(booster.engine),
             "packed_share": round(statistics.mean("cu_seqlens" in b for p in timed for b in p), 3),
             "positions_per_step": round(statistics.mean(sum(map(tokens, pass_batches(name, args, p))) for p in timed)),
-            "mfu": round(flops / (ms / 1e3) / (rate * 1e12), 4) if rate else None}
-    ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))
-    for r in results.values():
-        if "step_ms" in r and sft:
-            r["ratio_to_sft"] = round(r["step_ms"] / sft, 3)
-    speedup = {n: round(ref / r["step_ms"], 3) if ref and "step_ms" in r else None for n, r in results.items()}
-
-    doc = {"machine": machine_info(device), "config": run_config(args, names, device, n_params, n_lora, rate),
-           "results": results, "speedup": speedup}
+            "mfu": round(flops / (results[name]["step_ms"] / 1e3) / (rate * 1e12), 4) if rate else None})
+        publish()
+    doc = publish()
     print(format_table(doc))
     if getattr(args, "plot", None):
         plot(doc, args.plot)
-    if getattr(args, "output", None):
-        write_atomic(args.output, lambda f: f.write((json.dumps(doc, indent=2) + "\n").encode()))
     if args.json:
         print(json.dumps(doc))  # the last stdout line: one JSON document
     return 1 if any("failed" in r for r in results.values()) else 0

@@ -115,8 +115,8 @@ class StepGraphs:
             try:
                 entry = self._capture(fn, batches)
             except CaptureInvalidated as e:
-                raise RuntimeError(f"CUDA graph capture was invalidated ({e}); CUDA memory cannot be trusted after "
-                                   "that in this process: rerun with graphs='off' (--graphs off)") from e
+                raise CaptureInvalidated(f"CUDA graph capture was invalidated ({e}); CUDA memory cannot be trusted "
+                                         "after that in this process: rerun with graphs='off' (--graphs off)") from e
             except Exception as e:  # noqa: BLE001 - a failure before CUDA saw anything: fall back (auto)
                 if self.mode == "on":
                     raise

@@ -170,8 +170,10 @@ def _quantize_linears_(layer: nn.Module) -> nn.Module:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    import bitsandbytes as bnb
-
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # no bitsandbytes: no 4-bit layer either (the bf16/fp32 paths need none)
+        return False
     return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 

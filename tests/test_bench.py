@@ -351,6 +351,32 @@ def test_a_failing_entry_is_reported_and_the_others_still_run(monkeypatch, capsy
     assert "failed: building it: RuntimeError: no kernel for you" in table
 
 
+def test_a_suspect_cuda_state_stops_the_bench_keeping_what_it_measured(monkeypatch, tmp_path):
+    """An invalidated graph capture leaves CUDA memory suspect: the bench stops (no further numbers from that
+    process), and --output already holds the step times measured before (written after the timing and after
+    each entry's memory pass, so a part stopped by a time limit keeps them too)."""
+    import booster_fast.bench as bench
+    from booster_fast.graphs import CaptureInvalidated
+
+    transient = bench.transient_bytes
+
+    def measure(fn, device):
+        calls.append(1)
+        if len(calls) == 2:  # the second entry's memory pass
+            raise CaptureInvalidated("CUDA graph capture was invalidated")
+        return transient(fn, device)
+
+    calls = []
+    monkeypatch.setattr(bench, "transient_bytes", measure)
+    out = tmp_path / "bench.json"
+    with pytest.raises(CaptureInvalidated):
+        main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+              "--lora-r", "4", "--impls", "reference,fast", "--output", str(out)])
+    res = json.loads(out.read_text())["results"]
+    assert _is_number(res["reference"]["step_ms"]) and _is_number(res["fast"]["step_ms"])
+    assert _is_number(res["reference"]["peak_mem_mb"]) and "peak_mem_mb" not in res["fast"]
+
+
 def test_bucket_sizes_script_measures_filler_and_graph_keys(capsys):
     """benchmarks/bucket_sizes.py (the measurement behind packing.BUCKETS) runs and reports both sides of the
     trade: finer buckets never leave more filler, nor meet fewer graph shapes."""

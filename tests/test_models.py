@@ -204,3 +204,13 @@ def test_shape_preset_nf4_is_built_layer_by_layer():
     out = booster.step(batch, batch)
     assert abs(float(out["loss"]) - math.log(model.config.vocab_size)) < 1.0  # random weights: ~ln(vocab)
 
+
+
+def test_the_fast_engine_needs_bitsandbytes_only_for_4_bit(monkeypatch):
+    """A machine without bitsandbytes still runs the fp32/bf16 paths (importing it is what failed there once)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    model, _ = load_model("tiny", device="cpu")
+    booster = Booster(add_lora(model, r=4, alpha=8), BoosterConfig(impl="fast"))
+    assert booster.engine.flat.W.dtype == torch.float32
