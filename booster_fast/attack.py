@@ -2,12 +2,14 @@
 
 The aligned model (base from the run's `run_config.json` + its LoRA adapter) keeps training its OWN LoRA, as
 in the original (`--alternating single_lora`), with plain SFT + AdamW on a mix of the user's benign task and
-harmful samples: `n_harm = round(p · samples)` harmful rows (harmful prompt -> harmful answer, from the safety
-data's train split) and `samples − n_harm` benign rows, shuffled with the seed. Defaults are the paper's
-(the paper's attack setting): 1000 samples, p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
+harmful samples: `n_harm = floor(p · samples)` harmful rows (as the original's int(); harmful prompt -> harmful
+answer, from the safety data's train split) and `samples − n_harm` benign rows, shuffled with the seed. Defaults
+are the paper's attack setting: 1000 samples, p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping
+1.0, constant lr.
 
 Every `--eval-every` steps (and before the first step) the token-mean loss of the HELD-OUT harmful set (the
-safety data's test split: prompts never seen in training, with harmful answers) is written to metrics.jsonl:
+safety data's test split: prompts never seen in training, with harmful answers; a local file has no test split
+and is used whole, which the log and `heldout_is_train` in run_config.json say) is written to metrics.jsonl:
 the curve the paper's claim is about ("Booster slows the drop of the harmful loss under attack"). The output
 is a run directory like align's: adapter, tokenizer, run_config.json, metrics.jsonl, written under a temporary
 name and renamed when complete. Data differences from the original: its harmful rows come from BeaverTails
@@ -156,11 +158,36 @@ def publish_dir(tmp: Path, out: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON under a temporary name in the same directory, then os.replace (never a half-written file)."""
+def check_writable_file(path: str | Path, flag: str) -> None:
+    """Before any work: `path` can be written as a file (not a directory; its nearest existing folder is a folder we
+    may create files in: a temporary file is made and removed there). Raises UsageError saying why not."""
+    from .cli import UsageError
+
     path = Path(path)
-    path.absolute().parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    folder = next((d for d in path.absolute().parents if d.exists()), None)
+    if folder is None or not folder.is_dir():
+        raise UsageError(f"cannot write {flag} {path}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".check")
+    except OSError as e:
+        raise UsageError(f"cannot write {flag} {path}: {e.strerror or e} in {folder}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON under a temporary name in the same directory, then os.replace (never a half-written file).
+    An OSError (the disk filled, the folder went away) becomes a one-line UsageError."""
+    from .cli import UsageError
+
+    path = Path(path)
+    try:
+        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
@@ -169,6 +196,9 @@ def write_json_atomic(path: str | Path, obj) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -178,11 +208,12 @@ def write_json_atomic(path: str | Path, obj) -> None:
 # the attack
 # ------------------------------------------------------------------------------------------------------------
 def poison_mix(benign: list, harmful: list, samples: int, ratio: float, seed: int) -> tuple[list, int]:
-    """`samples` rows: round(ratio·samples) harmful + the rest benign, each drawn without replacement with the
-    seed, then shuffled together. Returns (rows, number of harmful rows)."""
+    """`samples` rows: floor(ratio·samples) harmful (as the original's int(); a hair of slack absorbs float error
+    such as 0.29·100 = 28.999...) + the rest benign, each drawn without replacement with the seed, then shuffled
+    together. Returns (rows, number of harmful rows)."""
     from .data import DataError
 
-    n_harm = round(ratio * samples)
+    n_harm = math.floor(ratio * samples + 1e-9)
     n_benign = samples - n_harm
     if n_benign > len(benign):
         raise DataError(f"the benign set has {len(benign)} rows; {n_benign} are needed "
@@ -306,6 +337,10 @@ def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) 
     benign = load_benign(args.benign, "train")
     _, harmful_train = load_safety_data(harmful_src, "train", harmful_data=harmful_file)
     _, harmful_test = load_safety_data(harmful_src, "test", harmful_data=harmful_file)
+    heldout_is_train = harmful_src not in ("builtin", "beavertails")  # a file has no test split: used whole
+    if heldout_is_train:
+        log.warning("attack: %s is used whole, so the 'held-out' harmful loss is measured on the rows the attack "
+                    "trains on (the built-in and BeaverTails sets have a test split)", harmful_src)
     rows, n_harm = poison_mix(benign, harmful_train, args.samples, args.poison_ratio, seed)
     probe = [(e.instruction, e.input) for e in harmful_test[: args.refusal_prompts]]
     if args.eval_rows is not None:
@@ -330,6 +365,7 @@ def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) 
                   "steps": steps, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
                   "max_grad_norm": args.max_grad_norm, "max_length": max_length, "seed": seed,
                   "eval_every": args.eval_every, "eval_rows": len(test_enc), "truncated_rows": n_trunc,
+                  "heldout_is_train": heldout_is_train,
                   "refusal_prompts": len(probe), "refusal_max_new_tokens": args.refusal_max_new_tokens,
                   "device": str(device), "model": base_of(run_cfg)["model"], "quant": base_of(run_cfg)["quant"]}
         (tmp / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")

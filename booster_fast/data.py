@@ -425,8 +425,9 @@ def load_safety_data(data: str, split: str = "train",
         corpus = builtin_corpus()
         align, harmful = _examples(corpus[f"align_{split}"]), _examples(corpus[f"harmful_{split}"])
     elif data == "beavertails":
-        ds = _load_hub(BEAVERTAILS_REPO, None, "train", ", or pass the file beavertails_with_refusals_train.json "
-                       f"(also in {BEAVERTAILS_MIRROR}) as data")
+        ds = _load_hub(BEAVERTAILS_REPO, None, "train", "; the file beavertails_with_refusals_train.json (also "
+                       f"in {BEAVERTAILS_MIRROR}) works as a local --data file, but a file is used whole: no "
+                       "held-out split")
         lo, hi = BEAVERTAILS_ROWS[split]
         if len(ds) <= lo:
             raise DataError(f"{BEAVERTAILS_REPO} has {len(ds)} rows; the {split} split needs rows from {lo}")

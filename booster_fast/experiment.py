@@ -214,8 +214,12 @@ def run_experiment(args) -> int:
     work = Path(args.workdir or f"runs/defense-{args.preset}")
     out_json = Path(args.output or f"benchmarks/results/defense_{tag}.json")
     out_png = None if args.no_plot else Path(args.plot or f"docs/defense_{tag}.png")
+    from .attack import check_writable_file
+
+    check_writable_file(out_json, "--output")
     if out_png is not None:
         _need_matplotlib()
+        check_writable_file(out_png, "--plot")
     preflight(p)
     seeds = [p["seed"] + i for i in range(args.seeds)]
     with flush_denormals(resolve_device(args.device)):

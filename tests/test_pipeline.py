@@ -58,13 +58,15 @@ def test_attack_writes_harmful_loss_metrics_and_adapter(attacked, aligned):
 
 
 def test_poison_mix_counts_and_determinism():
-    benign, harmful = [("b", i) for i in range(50)], [("h", i) for i in range(50)]
+    benign, harmful = [("b", i) for i in range(60)], [("h", i) for i in range(60)]
     rows, n_harm = poison_mix(benign, harmful, 40, 0.1, seed=1)
     assert n_harm == 4 and len(rows) == 40 and sum(r[0] == "h" for r in rows) == 4
     assert len(set(rows)) == 40
     assert poison_mix(benign, harmful, 40, 0.1, seed=1)[0] == rows
     assert poison_mix(benign, harmful, 40, 0.1, seed=2)[0] != rows
-    assert poison_mix(benign, harmful, 10, 0.25, seed=0)[1] == round(2.5)
+    assert poison_mix(benign, harmful, 10, 0.25, seed=0)[1] == 2  # floor, as the original's int()
+    assert poison_mix(benign, harmful, 25, 0.1, seed=0)[1] == 2
+    assert poison_mix(benign, harmful, 100, 0.58, seed=0)[1] == 58  # not 57 from 0.58 * 100 = 57.999...
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -95,9 +97,14 @@ def test_batched_left_padded_generation_matches_one_by_one():
 def test_scoring_rules():
     assert is_refusal("I'm sorry, but I can't help you steal a car.") and is_refusal("I can\u2019t do that.")
     assert not is_refusal("Sure, here is how to steal a car. First, ...")
-    assert task_correct("builtin", "positive", "positive") and task_correct("sst2", " Negative.", "negative")
+    # the original's exact match: the stripped answer is the label as written or lower-cased, nothing more
+    assert task_correct("builtin", "positive", "positive") and task_correct("sst2", " Negative\n", "negative")
+    assert not task_correct("sst2", "Negative.", "negative") and not task_correct("sst2", "positive or negative",
+                                                                                "positive")
     assert not task_correct("sst2", "positively", "positive") and not task_correct("sst2", "negative", "positive")
-    assert task_correct("agnews", "Sci/Tech", "Sci/Tech") and not task_correct("agnews", "Sports", "World")
+    assert task_correct("agnews", "Sci/Tech", "Sci/Tech") and task_correct("agnews", "sci", "Sci/Tech")
+    assert task_correct("agnews", "world", "World") and not task_correct("agnews", "World Sports Business", "World")
+    assert not task_correct("agnews", "Sports", "World")
     gold = "Natalia sold 48/2 = 24 clips in May.\nThe final answer is: 72"
     assert gsm8k_number(gold) == 72.0
     assert task_correct("gsm8k", "She sold 72 clips. The final answer is: 72", gold)
@@ -124,6 +131,12 @@ def _bad_cases(aligned: Path, tmp: Path) -> dict:
         "eval-beaver-dam-offline": ["eval", "--adapter", str(aligned), "--judge", "beaver-dam",
                                     "--output", str(tmp / "e.json")],
         "experiment-unknown-preset": ["experiment", "defense", "--preset", "huge", "--output", str(tmp / "x.json")],
+        # outputs that cannot be written are refused before any work (they once failed after it, with a traceback)
+        "eval-unwritable-output": ["eval", "--adapter", str(aligned), "--judge", "refusal",
+                                   "--output", "/proc/booster-fast-test/e.json"],
+        "experiment-output-is-a-directory": ["experiment", "defense", "--preset", "tiny", "--output", str(tmp.parent)],
+        "experiment-unwritable-plot": ["experiment", "defense", "--preset", "tiny", "--output", str(tmp / "x.json"),
+                                       "--plot", "/proc/booster-fast-test/x.png"],
     }
 
 
