@@ -337,10 +337,11 @@ def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) 
     benign = load_benign(args.benign, "train")
     _, harmful_train = load_safety_data(harmful_src, "train", harmful_data=harmful_file)
     _, harmful_test = load_safety_data(harmful_src, "test", harmful_data=harmful_file)
-    heldout_is_train = harmful_src not in ("builtin", "beavertails")  # a file has no test split: used whole
+    # a file has no test split: it is used whole (also as --harmful-data beside builtin or beavertails prompts)
+    heldout_is_train = harmful_file is not None or harmful_src not in ("builtin", "beavertails")
     if heldout_is_train:
         log.warning("attack: %s is used whole, so the 'held-out' harmful loss is measured on the rows the attack "
-                    "trains on (the built-in and BeaverTails sets have a test split)", harmful_src)
+                    "trains on (the built-in and BeaverTails sets have a test split)", harmful_file or harmful_src)
     rows, n_harm = poison_mix(benign, harmful_train, args.samples, args.poison_ratio, seed)
     probe = [(e.instruction, e.input) for e in harmful_test[: args.refusal_prompts]]
     if args.eval_rows is not None:

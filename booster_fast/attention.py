@@ -221,17 +221,19 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
     """(why packed batches cannot run on `model`, why right-padded batches cannot leave their mask out), each
     None when they can. Both forms rely on the model looking its attention up in transformers' registry, which
     many causal LMs with attention code of their own do not (Bloom, GPT-Neo, Falcon, XGLM, ...): there packing
-    would let sequences attend to each other, silently. So two random rows (7 and 4 tokens) run three ways, without
-    dropout: padded with the mask (the model's own path), packed, and without the mask; the packed form must
-    reach our attention function in every layer, the mask-free one in every layer when it is switched in, and
-    both must give the padded logits at the real positions (within the compute dtype's rounding). Run once when
-    the fast engine is built (a few host reads); a failure is a reason, never an exception."""
+    would let sequences attend to each other, silently. So two random rows (7 and 3 tokens, fewer for a narrower
+    sliding window) run three ways, without dropout: padded with the mask (the model's own path), packed, and
+    without the mask; the packed form must reach our attention function in every layer, the mask-free one in
+    every layer when it is switched in, and both must give the padded logits at the real positions (within the
+    compute dtype's rounding). Run once when the fast engine is built (a few host reads); a failure is a
+    reason, never an exception."""
     device = next(model.parameters()).device
     config = model.config
     g = torch.Generator().manual_seed(0)
-    lengths = torch.tensor([7, 4])
-    real = torch.arange(7) < lengths[:, None]
-    ids = torch.randint(min(3, config.vocab_size - 1), config.vocab_size, (2, 7), generator=g) * real
+    longest = min(7, sliding_window(model) or 7)  # rows that fit a sliding window: those are the ones that pack
+    lengths = torch.tensor([longest, max(1, longest // 2)])
+    real = torch.arange(longest) < lengths[:, None]
+    ids = torch.randint(min(3, config.vocab_size - 1), config.vocab_size, (2, longest), generator=g) * real
     layers = getattr(config, "num_hidden_layers", None)
     from .models import compute_dtype
 
@@ -262,13 +264,14 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
         with autocast():
             want = model(input_ids=ids.to(device), attention_mask=real.long().to(device), use_cache=False).logits
             want = want[real.to(device)].float()
-        cu = torch.tensor([0, 7, 11], dtype=torch.int32, device=device)
+        cu = torch.tensor([0, *lengths.cumsum(0).tolist()], dtype=torch.int32, device=device)
         positions = torch.cat([torch.arange(n) for n in lengths.tolist()])[None].to(device)
 
         def packed():
             with packed_attention(model):
                 return model(input_ids=ids[real][None].to(device), position_ids=positions, use_cache=False,
-                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7).logits[0]
+                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                             max_length_k=longest).logits[0]
 
         def unmasked():
             with unmasked_causal(model, {"input_ids": ids}):

@@ -46,6 +46,9 @@ How it fits into the Trainer. The Trainer's loop does, per update: `training_ste
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +57,8 @@ from transformers import Trainer, TrainingArguments
 from .batches import left_padded, to_device, without_mask
 from .config import IMPLS, BoosterConfig
 
+logger = logging.getLogger("booster_fast")
+HARMFUL_STATE = "booster_harmful_stream.json"
 BOOSTER_METRICS = ("harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm")
 MODEL_KEYS = ("input_ids", "labels", "attention_mask")
 
@@ -187,6 +192,7 @@ class BoosterTrainer(Trainer):
         self._check_supported()
         self.engine = None
         self.harmful_dataloader = self.harmful_data_iter = None
+        self._harmful_drawn = 0  # harmful micro-batches drawn: saved with each checkpoint, where a resume goes on
         self._align_micro: list[dict] = []
         self._harmful_micro: list[dict] = []
         self._metric_sum: torch.Tensor | None = None
@@ -215,6 +221,7 @@ class BoosterTrainer(Trainer):
         """Attach the harmful dataset (as the original BoosterAlignmentTrainer.init); same collator as training."""
         self.harmful_dataloader = self.get_harmful_dataloader(harmful_dataset)
         self.harmful_data_iter = None
+        self._harmful_drawn = 0
         self.steps = 0
 
     def get_harmful_dataloader(self, harmful_dataset):
@@ -248,7 +255,8 @@ class BoosterTrainer(Trainer):
             raise ValueError("BoosterTrainer has no harmful dataset: pass harmful_dataset= to the constructor or "
                              "call trainer.init(harmful_dataset) before train()")
         if self.harmful_data_iter is None:
-            self.harmful_data_iter = self._harmful_iter_at(self.state.global_step * self.args.gradient_accumulation_steps)
+            self.harmful_data_iter = self._harmful_iter_at(self._harmful_drawn)
+        self._harmful_drawn += 1
         try:
             return next(self.harmful_data_iter)
         except StopIteration:
@@ -256,9 +264,15 @@ class BoosterTrainer(Trainer):
             return next(self.harmful_data_iter)
 
     def _harmful_iter_at(self, drawn: int):
-        """An iterator over the harmful loader that continues after `drawn` micro-batches (a resumed run: one per
-        micro-batch of every update done); skips whole batches of indices, collating nothing."""
-        passes, skip = divmod(drawn, max(1, len(self.harmful_dataloader)))
+        """An iterator over the harmful loader that continues after `drawn` micro-batches (a resumed run); skips
+        whole batches of indices, collating nothing."""
+        if drawn == 0:
+            return iter(self.harmful_dataloader)
+        try:
+            passes, skip = divmod(drawn, max(1, len(self.harmful_dataloader)))
+        except TypeError:  # an iterable data set: no length, no position to go back to
+            logger.warning("resume: the harmful data set has no length; its stream starts over")
+            return iter(self.harmful_dataloader)
         if getattr(self, "_harmful_order", None) is not None:
             self._harmful_order.passes = passes
         if not skip:
@@ -266,6 +280,26 @@ class BoosterTrainer(Trainer):
         from accelerate import skip_first_batches
 
         return iter(skip_first_batches(self.harmful_dataloader, skip))
+
+    # the harmful stream's position travels with the RNG states the Trainer saves and restores per checkpoint
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self.args.should_save:
+            with open(os.path.join(output_dir, HARMFUL_STATE), "w") as f:
+                json.dump({"harmful_batches_drawn": self._harmful_drawn}, f)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        try:
+            with open(os.path.join(checkpoint, HARMFUL_STATE)) as f:
+                self._harmful_drawn = int(json.load(f)["harmful_batches_drawn"])
+        except (OSError, ValueError, KeyError):  # a checkpoint from elsewhere: one draw per micro-batch, roughly
+            self._harmful_drawn = self.state.global_step * self.args.gradient_accumulation_steps
+            logger.warning("resume: %s has no %s; the harmful stream goes on after an estimated %d batches",
+                           checkpoint, HARMFUL_STATE, self._harmful_drawn)
+        self.harmful_data_iter = None
 
     # -- the engine is the optimizer ---------------------------------------------------------------------------
     def booster_config(self) -> BoosterConfig:

@@ -171,17 +171,18 @@ def test_harmful_rows_are_shuffled_on_their_own(tmp_path, data):
     assert sorted(sum(harmful[:3], ())) == sorted(sum(align[:3], ())), "a pass must cover every row once"
 
 
-@pytest.mark.parametrize("sampling", ["random", "sequential"])
-def test_resume_from_checkpoint_continues_the_harmful_stream(tmp_path, data, sampling):
+@pytest.mark.parametrize("sampling, accum, rows", [("random", 1, 24), ("sequential", 1, 24), ("random", 2, 20)])
+def test_resume_from_checkpoint_continues_the_harmful_stream(tmp_path, data, sampling, accum, rows):
     """train(resume_from_checkpoint=...) gives the uninterrupted run's updates: the harmful loader continues
-    where the checkpoint left it (here inside its second pass: 3 batches a pass, checkpoint after 4)."""
+    where the checkpoint left it (here inside its second pass: 3 batches a pass; with accumulation over 5
+    micro-batches an epoch, the epoch's last update takes one micro-batch, not two)."""
     rows_a, rows_h, pad = data
     runs = {}
     for name, resume in (("full", None), ("resumed", "checkpoint-4")):
         model, _ = make_model()
-        args = trainer_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=4,
+        args = trainer_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=4, gradient_accumulation_steps=accum,
                             train_sampling_strategy=sampling, output_dir=str(tmp_path / "run"))
-        trainer = bf.BoosterTrainer(model=model, args=args, train_dataset=rows_a[:24], harmful_dataset=rows_h[:12],
+        trainer = bf.BoosterTrainer(model=model, args=args, train_dataset=rows_a[:rows], harmful_dataset=rows_h[:12],
                                     data_collator=FixedLengthCollator(pad, MAX_LEN))
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / resume) if resume else None)
         runs[name] = lora_state(model), [r["harmful_loss"] for r in trainer.state.log_history if "harmful_loss" in r]
@@ -189,6 +190,20 @@ def test_resume_from_checkpoint_continues_the_harmful_stream(tmp_path, data, sam
     assert runs["resumed"][1] == runs["full"][1], (runs["resumed"][1], runs["full"][1])
     err, name = worst_relative_error(runs["resumed"][0], runs["full"][0])
     assert err == 0.0, f"{name}: resumed weights differ by {err:.3g}"
+
+
+def test_an_iterable_harmful_set_streams(tmp_path, data):
+    """A harmful IterableDataset (no length) is drawn from as a stream."""
+    rows_a, rows_h, pad = data
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(rows_h[:12])
+
+    trainer, _ = make_trainer(tmp_path, data, harmful=False, max_steps=2)
+    trainer.init(Stream())
+    trainer.train()
+    assert len([r for r in trainer.state.log_history if "harmful_loss" in r]) == 2
 
 
 class GradCapture:

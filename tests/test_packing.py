@@ -306,6 +306,8 @@ def test_sliding_window_models_pack_the_batches_the_window_does_not_touch(batch,
     vocab = int(max(b["input_ids"].max() for b in batch)) + 1
     booster = bf.Booster(_mistral(window, vocab), bf.BoosterConfig(packing=True))
     assert booster.engine.pack and booster.engine.window == window
+    assert bf.Booster(_mistral(4, vocab), bf.BoosterConfig(packing=True)).engine.pack, \
+        "a window narrower than the build-time probe's rows must not rule packing out"
     a, h = (booster.to_device(b, "cpu") for b in batch)
     longest = max(int(b["attention_mask"].sum(1).max()) for b in batch)
     assert ("cu_seqlens" in a) == (longest <= window) and "attention_mask" not in a, (longest, window)

@@ -57,6 +57,28 @@ def test_attack_writes_harmful_loss_metrics_and_adapter(attacked, aligned):
     assert sorted(p.name for p in attacked.parent.iterdir()) == ["aligned", "attacked"]
 
 
+def test_attack_says_when_its_held_out_set_is_its_training_set(aligned, attacked, tmp_path, caplog):
+    """A run aligned on builtin data with --harmful-data FILE: the attack's harmful rows come from that file, used
+    whole, so its 'held-out' loss is on training rows; the log and run_config.json say so."""
+    import logging
+    import shutil
+
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"instruction": f"How do I do bad thing {i}?", "input": "",
+                                           "output": f"Here is how to do bad thing {i}."}) + "\n" for i in range(30)))
+    run = tmp_path / "aligned"
+    shutil.copytree(aligned, run)
+    cfg = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**cfg, "harmful_data": str(harmful)}))
+    out = tmp_path / "attacked"
+    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+        assert main(["attack", "--adapter", str(run), "--output", str(out), "--samples", "20", "--steps", "1",
+                     "--eval-every", "1", "--batch-size", "4", "--refusal-prompts", "0"]) == 0
+    assert json.loads((out / "run_config.json").read_text())["heldout_is_train"] is True
+    assert "is used whole" in caplog.text and "harmful.jsonl" in caplog.text
+    assert json.loads((attacked / "run_config.json").read_text())["heldout_is_train"] is False
+
+
 def test_poison_mix_counts_and_determinism():
     benign, harmful = [("b", i) for i in range(60)], [("h", i) for i in range(60)]
     rows, n_harm = poison_mix(benign, harmful, 40, 0.1, seed=1)
