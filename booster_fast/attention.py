@@ -309,10 +309,12 @@ def packed_attention(model):
 def unmasked_causal(model, batch: dict):
     """Inside: a model on transformers' "sdpa" attention runs the mask-free causal SDPA, when `batch` has no
     attention mask. Any other model or batch is left as it is, and so is a model whose mask is more than causal
-    (a sliding window: mask building would add it; or a model that is not causal at all)."""
+    for this batch (a sliding window narrower than its rows: mask building adds it; a model that is not causal
+    at all)."""
     config = getattr(model, "config", None)
+    window = sliding_window(model)
     if (batch.get("attention_mask") is not None or getattr(config, "_attn_implementation", None) != "sdpa"
-            or getattr(config, "sliding_window", None) or getattr(config, "is_causal", True) is False):
+            or (window and batch["input_ids"].shape[-1] > window) or getattr(config, "is_causal", True) is False):
         yield
         return
     _register()

@@ -315,6 +315,18 @@ def test_sliding_window_models_pack_the_batches_the_window_does_not_touch(batch,
     ref = step_gradient(bf.Booster(_mistral(window, vocab), bf.BoosterConfig(impl="reference")), *batch)[0]
     err = relative(fast[:ref.numel()], ref)
     assert err <= 1e-5, f"window {window}: fast differs from the reference by {err:.3g}"
+    # padded without the mask: the mask-free causal SDPA where the window is wider than the rows (no mask
+    # building, no host read), the model's own windowed mask where it is not
+    from booster_fast import attention
+
+    padded = bf.Booster(_mistral(window, vocab), bf.BoosterConfig(packing=False))
+    a, h = (padded.to_device(b, "cpu") for b in batch)
+    before = attention._calls[attention.CAUSAL_SDPA]
+    grad = step_gradient(padded, a, h)[0]
+    assert (attention._calls[attention.CAUSAL_SDPA] > before) == (a["input_ids"].shape[1] <= window)
+    assert relative(grad[:ref.numel()], ref) <= 1e-5
+    if a["input_ids"].shape[1] <= window:
+        assert not count_ops(padded.step, a, h)["host_syncs"], "the mask-free padded step reads back to the host"
 
 
 def _fake_flash_apis():
