@@ -126,8 +126,9 @@ class FastBooster:
         counts = fused_ops.install(self.model, self.autocast)  # raises for a device that cannot run them
         if not counts:
             if wanted:
-                raise ValueError("fused_ops=True: the model has no Llama-style RMSNorm, MLP or attention to fuse")
-            log.info("fused ops off: the model has no Llama-style RMSNorm, MLP or attention")
+                raise ValueError("fused_ops=True: the model has no RMSNorm, gated MLP or rotary attention the "
+                                 "kernels cover (Llama, Mistral, Qwen2/3, Gemma 1-3)")
+            log.info("fused ops off: the model has no RMSNorm, gated MLP or rotary attention the kernels cover")
             return False
         log.info("fused ops: %s", ", ".join(f"{n} {name}" for name, n in counts.items()))
         return True
