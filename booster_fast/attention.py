@@ -239,7 +239,7 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
 
     tolerance = 1e-4 if compute_dtype(model) == torch.float32 else 3e-2
 
-    switched = {}  # whether the mask-free run had our function switched in (not for a sliding window)
+    switched = {}  # whether the mask-free run had our function switched in (not where a window is narrower)
 
     def check(name, run, counter):
         before = _calls[counter]
