@@ -179,7 +179,7 @@ def apply_resume(args):
     defaults = _cli_defaults(args.model)
     if args.output != defaults["output"] and Path(args.output).absolute() != run.absolute():
         raise UsageError(f"--resume {args.resume} and --output {args.output} name different runs")
-    conflicts = []
+    conflicts, changed = [], {}
     for key, value in vars(args).items():
         if key in RESUME_IGNORED or key not in saved:
             continue
@@ -187,6 +187,8 @@ def apply_resume(args):
         if key in RESUME_FREE:
             if not given:
                 setattr(args, key, saved[key])
+            elif value != saved[key]:
+                changed[key] = value
         elif given and value != saved[key]:
             conflicts.append(f"--{key.replace('_', '-')} {value} (the run has {saved[key]})")
         else:
@@ -194,7 +196,7 @@ def apply_resume(args):
     if conflicts:
         raise UsageError(f"--resume {args.resume}: flags that differ from the saved run: {', '.join(conflicts)}; "
                          f"drop them or start a new run")
-    args.output, args.overwrite = str(run), False
+    args.output, args.overwrite, args.resume_changes = str(run), False, changed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +332,8 @@ def run_align(args) -> int:
     try:
         with Interrupts() as stop:
             if rank == 0:
-                run = RunDir.reopen(args.output) if args.resume else RunDir.create(args.output, vars(args))
+                run = (RunDir.reopen(args.output, args.resume_changes) if args.resume
+                       else RunDir.create(args.output, vars(args)))
             code = _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world,
                           device)
             _dist_teardown()

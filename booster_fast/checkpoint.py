@@ -192,8 +192,10 @@ def save_checkpoint(run: Path, step: int, model, booster, streams: dict, trainer
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for _, old in list_checkpoints(run)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for _, old in list_checkpoints(run)[:-keep]:  # set aside first: a kill mid-delete leaves no half checkpoint
+        aside = root / f".old-{old.name}-{os.getpid()}"
+        old.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
     fsync_dir(root)
     return final
 
@@ -296,9 +298,22 @@ class RunDir:
         return cls(path, committed=False, created=created, replaced=replaced)
 
     @classmethod
-    def reopen(cls, path: Path) -> RunDir:
+    def reopen(cls, path: Path, changed: dict | None = None) -> RunDir:
+        """The run to resume, cleaned of what a killed process left half-written. `changed`: the flags this
+        resume changed (those a resume may change): written into run_config.json, so that the next resume
+        keeps them. A run that `--overwrite` set aside when this one was created, and that a kill left there,
+        goes: this run, the one meant to replace it, is being continued."""
         run = cls(path, committed=True)
         remove_partial(run.path)
+        if changed:
+            config = json.loads((run.path / CONFIG).read_text())
+            tmp = run.path / f".{CONFIG}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps({**config, **changed}, indent=2, default=str) + "\n")
+            os.replace(tmp, run.path / CONFIG)
+            fsync_dir(run.path)
+        for old in run.path.absolute().parent.glob(f".{run.path.name}.old-*"):
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed %s: the run that --overwrite replaced with this one", old)
         return run
 
     def commit(self):

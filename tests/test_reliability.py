@@ -264,6 +264,33 @@ def test_too_many_skipped_updates_exit_3_keeping_the_last_good_checkpoint(tmp_pa
     one_error_line(capsys.readouterr().err)
 
 
+def test_a_flag_changed_at_resume_holds_for_the_next_resume(tmp_path, poison, capsys):
+    """--max-skipped raised when resuming is written into the run, so that the next resume (as the printed hint
+    says: --resume alone) keeps it instead of the original value."""
+    poison(set(range(3, 100)))
+    out = tmp_path / "run"
+    flags = [*SMALL, "--save-every", "2", "--log-every", "1"]
+    assert main(["align", "--output", str(out), "--steps", "12", *flags, "--max-skipped", "1"]) == 3
+    assert main(["align", "--resume", str(out), "--max-skipped", "4"]) == 3       # steps 3-7 skipped: 5 > 4
+    assert json.loads((out / "run_config.json").read_text())["max_skipped"] == 4
+    capsys.readouterr()
+    assert main(["align", "--resume", str(out)]) == 3
+    assert "--max-skipped 4" in one_error_line(capsys.readouterr().err, progress=True)
+
+
+def test_resume_removes_the_run_that_overwrite_replaced(tmp_path):
+    """--overwrite sets the old run aside until the new one has a checkpoint; a kill before that left it there
+    for good. Resuming the new run (the one meant to replace it) removes it."""
+    from booster_fast.checkpoint import RunDir
+
+    out = tmp_path / "run"
+    assert main(["align", "--output", str(out), "--steps", "1", *SMALL]) == 0
+    RunDir.create(out, {"command": "align"})  # as a killed `--overwrite` run leaves it: neither commit nor abandon
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.old-")], "nothing was set aside"
+    RunDir.reopen(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_abort_before_any_checkpoint_leaves_nothing(tmp_path, poison, capsys):
     poison(set(range(1, 100)))
     capsys.readouterr()
