@@ -42,7 +42,8 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False, 
         from .packing import pack as packed
 
         shrunk = packed(batch, bucketed=bucketed)
-        if shrunk["input_ids"].numel() < batch["input_ids"].numel() and shrunk["max_seqlen"] <= (window or 1 << 62):
+        fits = window is None or shrunk["max_seqlen"] <= window
+        if fits and shrunk["input_ids"].numel() < batch["input_ids"].numel():
             batch, drop_mask = shrunk, False
         else:
             drop_mask = True

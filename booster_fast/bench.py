@@ -376,8 +376,7 @@ def run_bench(args) -> int:
         results[name].update({
             "peak_mem_mb": round(held / 2**20, 1), "ops_per_step": ops["total"],
             "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
-            "host_syncs_per_step": sum(ops["host_syncs"].values()),
-            "ratio_to_sft": None, "cuda_graphs": graphs_captured(booster.engine),
+            "host_syncs_per_step": sum(ops["host_syncs"].values()), "cuda_graphs": graphs_captured(booster.engine),
             "packed_share": round(statistics.mean("cu_seqlens" in b for p in timed for b in p), 3),
             "positions_per_step": round(statistics.mean(sum(map(tokens, pass_batches(name, args, p))) for p in timed)),
             "mfu": round(flops / (results[name]["step_ms"] / 1e3) / (rate * 1e12), 4) if rate else None})

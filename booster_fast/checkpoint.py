@@ -281,7 +281,7 @@ class RunDir:
             tmp.chmod(0o777 & ~_umask())
             (tmp / MARKER).write_text("this run has not finished; continue it with: booster-fast align --resume "
                                       f"{path}\n")
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str) + "\n")
+            (tmp / CONFIG).write_text(_config_text(config))
             (tmp / METRICS).write_bytes(b"")
             fsync_tree(tmp)
             if path.exists():  # --overwrite: the old run stays aside until the new one has a checkpoint
@@ -308,7 +308,8 @@ class RunDir:
         if changed:
             config = json.loads((run.path / CONFIG).read_text())
             tmp = run.path / f".{CONFIG}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps({**config, **changed}, indent=2, default=str) + "\n")
+            tmp.write_text(_config_text({**config, **changed}))
+            fsync_file(tmp)
             os.replace(tmp, run.path / CONFIG)
             fsync_dir(run.path)
         for old in run.path.absolute().parent.glob(f".{run.path.name}.old-*"):
@@ -348,6 +349,10 @@ class RunDir:
         (self.path / MARKER).unlink()
         fsync_dir(self.path)
         self.commit()
+
+
+def _config_text(config: dict) -> str:
+    return json.dumps(config, indent=2, default=str) + "\n"
 
 
 def _remove_dirs(dirs: list[Path]):
