@@ -34,6 +34,7 @@ from .config import BoosterConfig
 
 log = logging.getLogger("booster_fast")
 METRICS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "skipped")
+PERTURB_AWARE_METRICS = ("loss_perturbed",)  # the alignment loss under the attention-output perturbation
 SKIPPED = METRICS.index("skipped")
 DEFAULT_MAX_SKIPPED = 100   # see --max-skipped's help: a healthy fp32/bf16 run skips none
 EXIT_NONFINITE = 3
@@ -55,7 +56,8 @@ def config_from_args(args, impl: str) -> BoosterConfig:
         return BoosterConfig(lamb=args.lamb, alpha=args.alpha, lr=args.lr, weight_decay=args.weight_decay,
                              max_grad_norm=args.max_grad_norm, impl=impl, merge_passes=merge, packing=packing,
                              fused_ops=fused,
-                             meta_term=not args.no_meta_term, grad_accum=args.grad_accum,
+                             meta_term=not args.no_meta_term, perturb_aware=getattr(args, "perturb_aware", False),
+                             rho=getattr(args, "rho", 5.0), grad_accum=args.grad_accum,
                              graphs=getattr(args, "graphs", "auto"))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -375,6 +377,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             log.info("reference: non-finite updates are applied as in the original trainer, not skipped "
                      "(--impl fast skips them)")
 
+    names = METRICS + (PERTURB_AWARE_METRICS if cfg.perturb_aware and args.method != "sft" else ())
     pending, t_last, saved_at = [], time.perf_counter(), start if last_ckpt else None
     bar = tqdm(total=steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc=args.method)
 
@@ -388,14 +391,14 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         dt = (now - t_last) / len(values)
         lines = []
         for i, row in enumerate(values):
-            rec = {"step": step - len(values) + 1 + i, **dict(zip(METRICS, row)), "step_time_s": dt}
+            rec = {"step": step - len(values) + 1 + i, **dict(zip(names, row)), "step_time_s": dt}
             lines.append(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                      for k, v in rec.items()}) + "\n")
         skipped_total += sum(round(row[SKIPPED]) for row in values)
         if metrics_file:
             metrics_file.write("".join(lines).encode())
             metrics_file.flush()  # readable as it grows (fsynced only at checkpoints)
-        last = dict(zip(METRICS, values[-1]))
+        last = dict(zip(names, values[-1]))
         post = dict(loss=f"{last['loss']:.3f}", h=f"{last['harmful_loss']:.3f}",
                     gnorm=f"{last['harmful_grad_norm']:.2f}", it_s=f"{1 / dt:.2f}")
         if skipped_total:
@@ -434,7 +437,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
                 out_t = booster.step(a, booster.to_device(next(streams["harmful"]), device))
             nan = torch.full((), float("nan"), device=device)
             pending.append(torch.stack([out_t.get(k, torch.zeros((), device=device) if k == "skipped" else nan)
-                                        .float().reshape(()) for k in METRICS]))
+                                        .float().reshape(()) for k in names]))
             save_due = args.save_every > 0 and step % args.save_every == 0 and step < steps
             sync = step % args.log_every == 0 or step == steps or save_due
             if sync:

@@ -397,6 +397,8 @@ def run_config(args, names, device, n_params, n_lora, rate) -> dict:
              "packing", "fused_ops", "steps", "warmup")
     peak = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
     return {**{k: getattr(args, k) for k in knobs}, "device": str(device), "meta_term": not args.no_meta_term,
+            "perturb_aware": bool(getattr(args, "perturb_aware", False)),
+            "rho": getattr(args, "rho", None) if getattr(args, "perturb_aware", False) else None,
             "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)), "impls": names,
             "data": "builtin" if args.model == "tiny" else "random tokens, right-padded, rows 60-100% real, each "
                                                            "batch 80% real in total",

@@ -115,9 +115,12 @@ def matmul_params(model) -> tuple[int, int]:
 
 
 def pass_batches(name: str, args, pair) -> list[dict]:
-    """The batch of every pass of one step on `pair`: alignment, then the harmful one once or twice."""
+    """The batch of every pass of one step on `pair`: alignment (twice under perturb_aware: at w, then perturbed),
+    then the harmful one once or twice."""
     align, harmful = pair
-    return [align] + [harmful] * (0 if name == "sft" else 1 if args.no_meta_term else 2)
+    if name == "sft":
+        return [align]
+    return [align] * (2 if getattr(args, "perturb_aware", False) else 1) + [harmful] * (1 if args.no_meta_term else 2)
 
 
 def model_flops(name: str, args, params: tuple[int, int], pair) -> float:

@@ -52,6 +52,16 @@ class BoosterConfig:
         default=True,
         metadata={"help": "Keep the −λ·∇h(w̃) term (3 passes). False is the original's ablation: ∇f + λ·∇h."},
     )
+    perturb_aware: bool = field(
+        default=False,
+        metadata={"help": "Booster + Vaccine (the original's perturb_aware): take the alignment gradient with every "
+                          "attention output perturbed by ρ along its normalised gradient (one more pass)."},
+    )
+    rho: float = field(
+        default=5.0,
+        metadata={"help": "ρ, size of the attention-output perturbation when perturb_aware (the original's "
+                          "Booster + Vaccine script: 5)."},
+    )
     grad_accum: int = field(
         default=1,
         metadata={"help": "Micro-batches per update; exact: k micro-batches of b equal one batch of k·b."},
@@ -75,6 +85,8 @@ class BoosterConfig:
             raise ValueError(f"lamb must be >= 0, got {self.lamb}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not self.rho > 0:
+            raise ValueError(f"rho must be > 0, got {self.rho}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.weight_decay >= 0:

@@ -14,6 +14,10 @@ gradient accumulation and several processes give exactly the update of one big b
 torch.distributed each flat gradient buffer is all-reduced (summed; the losses were already divided by the
 global token count) once per pass, before the norm.
 
+Booster + Vaccine (`perturb_aware`, perturb_aware.py) records the alignment rows' attention-output gradients in
+pass 1, drops G_f, and runs the alignment batch once more with those outputs perturbed (into G_f) before the
+perturbation of W: three passes where the original runs four.
+
 The passes take padded batches (without their masks) or packed ones (packing.py: no pad positions, the LM head
 on the labelled positions only), whichever `Booster.to_device` hands over; the step is the same code for both.
 """
@@ -96,6 +100,11 @@ class FastBooster:
         self._skipped = torch.zeros((), device=self.device)
         self._clip_offset = torch.full((), 1e-6 / cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
                                        device=self.device)
+        self.hidden = None
+        if cfg.perturb_aware:
+            from .perturb_aware import AttentionPerturbation
+
+            self.hidden = AttentionPerturbation(model, cfg.rho)
         self.graphs = self._graphs_for(cfg.graphs)
 
     def _packing_for(self, wanted: bool | None, why: str | None) -> bool:
@@ -164,18 +173,25 @@ class FastBooster:
         if self.distributed:
             dist.all_reduce(t)
 
-    def _backward(self, batch, denom, harmful_tokens) -> torch.Tensor:
-        """Forward/backward of one micro-batch, its loss divided by `denom`; returns the detached loss."""
-        with self.flat.route(harmful_tokens), model_pass(), attention_for(self.model, batch):
+    def _backward(self, batch, denom, harmful_tokens, around=None) -> torch.Tensor:
+        """Forward/backward of one micro-batch, its loss divided by `denom`; returns the detached loss. `around`: a
+        context held over both (perturb_aware's hooks)."""
+        with self.flat.route(harmful_tokens), model_pass(), attention_for(self.model, batch), \
+                around or contextlib.nullcontext():
             with self.autocast():
                 loss = loss_sum(self.model, batch) / denom
             loss.backward()
             return loss.detach()
 
-    def _merged_backward(self, h, f, n_h, n_f) -> tuple[torch.Tensor, torch.Tensor]:
-        """ONE forward/backward of [h ; f]: the LoRA grads of h's positions land in G_h, of f's in G_f."""
+    def _merged_backward(self, h, f, n_h, n_f, record: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ONE forward/backward of [h ; f]: the LoRA grads of h's positions land in G_h, of f's in G_f. `record`:
+        keep f's attention-output gradients as perturb_aware's micro-batch `record`."""
         head_positions = h["keep"].numel() if "keep" in h else tokens(h)  # what the LM head sees of h
-        with self.flat.route(tokens(h), head_positions), model_pass():
+        around = contextlib.nullcontext()
+        if record is not None:  # f's rows follow h's (padded) or its positions follow h's (packed, one row)
+            packed, n = "cu_seqlens" in h, h["input_ids"].shape["cu_seqlens" in h]
+            around = self.hidden.recording(record, (lambda g: g[:, n:]) if packed else (lambda g: g[n:]))
+        with self.flat.route(tokens(h), head_positions), model_pass(), around:
             both = concat(h, f)
             with attention_for(self.model, both):
                 with self.autocast():
@@ -252,15 +268,28 @@ class FastBooster:
             n_h, n_f = self._global_counts(hs, fs)
 
         # ---- pass 1 at w: ∇h(w) -> G_h, ∇f(w) -> G_f -----------------------------------------------------------
+        hidden, out = self.hidden, {}
         harmful_loss = loss = None
-        for h, f in zip(hs, fs):
+        for i, (h, f) in enumerate(zip(hs, fs)):
+            record = None if hidden is None else i
             if self.merge and can_concat(h, f):
-                lh, lf = self._merged_backward(h, f, n_h, n_f)
+                lh, lf = self._merged_backward(h, f, n_h, n_f, record)
             else:
                 lh = self._backward(h, n_h, ALL_TOKENS)
-                lf = self._backward(f, n_f, 0)
+                lf = self._backward(f, n_f, 0, None if hidden is None else hidden.recording(i))
             harmful_loss = lh if harmful_loss is None else harmful_loss + lh
             loss = lf if loss is None else loss + lf
+
+        # ---- perturb_aware, at w: G_f = ∇f(w; e), e = ρ·∂f/∂o / ‖∂f/∂o‖ on the attention outputs o ----------
+        if hidden is not None:
+            fl.G_f.zero_()
+            hidden.scale_(hidden.norm(self.distributed))
+            perturbed_align = None
+            for i, f in enumerate(fs):
+                lp = self._backward(f, n_f, 0, hidden.applied(i))
+                perturbed_align = lp if perturbed_align is None else perturbed_align + lp
+            hidden.reset()
+            out["loss_perturbed"] = perturbed_align
         self._all_reduce(fl.G)
 
         # ---- perturb: B = W, W = w~, G_f += λ G_h, G_h = 0 ---------------------------------------------------
@@ -284,12 +313,14 @@ class FastBooster:
 
         # ---- clip + AdamW on the flat buffer ----------------------------------------------------------------------
         skipped = self._clip_and_update()
-        if self.distributed:  # each rank holds its share of the token mean: sum them for the log
-            losses = torch.stack([loss, harmful_loss, perturbed_loss])
+        out = {"loss": loss, "harmful_loss": harmful_loss, "harmful_loss_perturbed": perturbed_loss,
+               "harmful_grad_norm": grad_norm, "skipped": skipped, **out}
+        if self.distributed:  # each rank holds its share of the token means: sum them for the log
+            keys = [k for k in out if "loss" in k]
+            losses = torch.stack([out[k] for k in keys])
             dist.all_reduce(losses)
-            loss, harmful_loss, perturbed_loss = losses.unbind()
-        return {"loss": loss, "harmful_loss": harmful_loss, "harmful_loss_perturbed": perturbed_loss,
-                "harmful_grad_norm": grad_norm, "skipped": skipped}
+            out.update(zip(keys, losses.unbind()))
+        return out
 
     def _sft_step(self, align_batch) -> dict[str, torch.Tensor]:
         fs = micro_batches(align_batch, self.cfg.grad_accum)

@@ -37,6 +37,9 @@ How it fits into the Trainer. The Trainer's loop does, per update: `training_ste
   would give a random sampler over a set of the same length the train loader's very order); sequential when
   training is (`train_sampling_strategy="sequential"`). `train(resume_from_checkpoint=...)` continues the
   harmful stream where the checkpoint left it.
+- Booster + Vaccine (`perturb_aware`, with `rho`; the original's string "True" works too): the update's
+  alignment gradient is taken under the attention-output perturbation (perturb_aware.py). The returned and
+  logged `loss` is then that perturbed pass's, as the original's; `loss_unperturbed` logs the loss at w.
 - Logging: `harmful_loss`, `harmful_loss_perturbed` and `harmful_grad_norm` are accumulated on the device
   and averaged into the Trainer's own log records (the engine reads nothing back; the Trainer syncs at log
   time). With the fast engine, an update's right-padded micro-batches are packed without pads, or lose their
@@ -79,6 +82,8 @@ class BoosterTrainingArguments(TrainingArguments):
     packing: bool | None = field(default=None, metadata={"help": BoosterConfig.help()["packing"]})
     fused_ops: bool | None = field(default=None, metadata={"help": BoosterConfig.help()["fused_ops"]})
     meta_term: bool = field(default=True, metadata={"help": BoosterConfig.help()["meta_term"]})
+    perturb_aware: bool = field(default=False, metadata={"help": BoosterConfig.help()["perturb_aware"]})
+    rho: float = field(default=5.0, metadata={"help": BoosterConfig.help()["rho"]})
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,8 +93,16 @@ class BoosterTrainingArguments(TrainingArguments):
             raise ValueError(f"lamb must be >= 0, got {self.lamb}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not self.rho > 0:
+            raise ValueError(f"rho must be > 0, got {self.rho}")
         if self.harmful_batch_size is not None and self.harmful_batch_size < 1:
             raise ValueError(f"harmful_batch_size must be >= 1, got {self.harmful_batch_size}")
+
+
+def _perturb_aware(args) -> bool:
+    """The original's `perturb_aware` is the string "True"/"False"; ours is a bool."""
+    value = getattr(args, "perturb_aware", False)
+    return value is True or str(value) == "True"
 
 
 def _gradient_only(engine_cls):
@@ -184,8 +197,6 @@ class BoosterTrainer(Trainer):
         if not all(hasattr(self.args, k) for k in ("lamb", "alpha")):  # the original's own arguments class has both
             raise TypeError(f"BoosterTrainer needs BoosterTrainingArguments (or arguments with `lamb` and `alpha`, "
                             f"as the original's), got {type(self.args).__name__}")
-        if str(getattr(self.args, "perturb_aware", "False")) == "True":
-            raise NotImplementedError("perturb_aware (Booster + Vaccine) is not implemented by the engine")
         if self.optimizer is not None:
             raise ValueError("BoosterTrainer builds its own optimizer (the engine's AdamW over the flat LoRA "
                              "buffer); do not pass `optimizers=`")
@@ -197,6 +208,7 @@ class BoosterTrainer(Trainer):
         self._harmful_micro: list[dict] = []
         self._metric_sum: torch.Tensor | None = None
         self._metric_count = 0
+        self._unperturbed_sum: torch.Tensor | None = None
         self._zero = None
         if harmful_dataset is not None:
             self.init(harmful_dataset)
@@ -310,7 +322,8 @@ class BoosterTrainer(Trainer):
                              max_grad_norm=0.0,        # the Trainer clips, once, on the combined gradient
                              impl=getattr(a, "booster_impl", "fast"), merge_passes=getattr(a, "merge_passes", None),
                              packing=getattr(a, "packing", None), fused_ops=getattr(a, "fused_ops", None),
-                             meta_term=getattr(a, "meta_term", True),
+                             meta_term=getattr(a, "meta_term", True), perturb_aware=_perturb_aware(a),
+                             rho=getattr(a, "rho", 5.0),
                              grad_accum=1,             # micro-batches arrive as lists (see training_step)
                              skip_nonfinite=False, graphs="off")
 
@@ -349,6 +362,10 @@ class BoosterTrainer(Trainer):
         self._metric_sum = values if self._metric_sum is None else self._metric_sum + values
         self._metric_count += 1
         self.steps = getattr(self, "steps", 0) + 1
+        if "loss_perturbed" in out:  # perturb_aware: the original returns the perturbed pass's loss
+            at_w = out["loss"].detach()
+            self._unperturbed_sum = at_w if self._unperturbed_sum is None else self._unperturbed_sum + at_w
+            return out["loss_perturbed"].detach()
         return out["loss"].detach()
 
     def _rebind_flat_storage(self):
@@ -385,5 +402,7 @@ class BoosterTrainer(Trainer):
             for k, v in zip(BOOSTER_METRICS, means):
                 if v == v:  # NaN: harmful_loss_perturbed without the meta term
                     logs[k] = v
-            self._metric_sum, self._metric_count = None, 0
+            if self._unperturbed_sum is not None:  # perturb_aware: `loss` is the perturbed pass's, as the original's
+                logs["loss_unperturbed"] = (self._unperturbed_sum / self._metric_count).item()  # at log time
+            self._metric_sum, self._metric_count, self._unperturbed_sum = None, 0, None
         return super().log(logs, *args, **kwargs)

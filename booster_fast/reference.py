@@ -6,8 +6,13 @@ per-tensor norms plus 1e-7, a per-tensor in-place perturbation and the inexact `
 `∇f + λ∇h(w) − λ∇h(w̃)`, clipping of the combined gradient, and a torch AdamW step.
 Two deliberate departures: gradient accumulation is exact (the original zeroes accumulated grads on every
 micro-step), and nothing here calls `.item()`.
+
+`perturb_aware` (Booster + Vaccine) runs the original's two extra alignment passes (perturb_aware.py): one at w
+that records each attention output's gradient, one with the outputs perturbed by ρ along it.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -27,19 +32,26 @@ class ReferenceBooster:
         self.autocast = Autocast(model, self.device)
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, betas=cfg.betas,
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.hidden = None
+        if cfg.perturb_aware:
+            from .perturb_aware import AttentionPerturbation
+
+            self.hidden = AttentionPerturbation(model, cfg.rho)
 
     # -- one forward/backward over (possibly several) micro-batches, token-weighted as one big batch --------
-    def _forward_backward(self, batch) -> torch.Tensor:
+    def _forward_backward(self, batch, around=None) -> torch.Tensor:
+        """`around(i)`: a context held over micro-batch i's forward and backward (perturb_aware's hooks)."""
         parts = micro_batches(batch, self.cfg.grad_accum)
         if any("cu_seqlens" in b for b in parts):
             raise ValueError("the reference engine takes padded batches, as the original trainer does; packed "
                              "batches (packing.py) are for the fast engine")
         total = sum(label_count(b) for b in parts).clamp(min=1)
         loss = torch.zeros((), device=self.device)
-        for b in parts:
-            with self.autocast():
-                s = loss_sum(self.model, b)
-            (s / total).backward()
+        for i, b in enumerate(parts):
+            with around(i) if around else contextlib.nullcontext():
+                with self.autocast():
+                    s = loss_sum(self.model, b)
+                (s / total).backward()
             loss += s.detach()
         return loss / total
 
@@ -81,8 +93,12 @@ class ReferenceBooster:
                 for n, p in self.params:
                     p.data += cfg.alpha * g1[n] / norm
 
-        # 6. alignment gradient at w
-        loss = self._forward_backward(align_batch)
+        # 6. alignment gradient at w (perturb_aware: under the attention-output perturbation)
+        out = {}
+        if cfg.perturb_aware:
+            loss, out["loss_perturbed"] = self._perturbed_alignment(align_batch)
+        else:
+            loss = self._forward_backward(align_batch)
 
         # 7. combine per tensor
         for n, p in self.params:
@@ -91,9 +107,23 @@ class ReferenceBooster:
         # 8. clip + AdamW
         self._clip_and_update()
         return {"loss": loss, "harmful_loss": harmful_loss, "harmful_loss_perturbed": perturbed_loss,
-                "harmful_grad_norm": grad_norm}
+                "harmful_grad_norm": grad_norm, **out}
+
+    def _perturbed_alignment(self, align_batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original's perturb_aware passes: the alignment batch at w recording ∂f/∂o_l (its parameter
+        gradients dropped), e = ρ g/(‖g‖ + 1e-7) with ‖g‖ the norm of the per-tensor norms (as the original), then
+        the alignment batch with o_l + e_l, whose gradient stays. Returns both alignment losses."""
+        hidden = self.hidden
+        hidden.reset()
+        loss = self._forward_backward(align_batch, around=hidden.recording)
+        self.model.zero_grad(set_to_none=True)
+        hidden.scale_(torch.norm(torch.stack([torch.norm(g) for g in hidden.recorded()])))
+        perturbed = self._forward_backward(align_batch, around=hidden.applied)
+        hidden.reset()
+        return loss, perturbed
 
     def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
+        """Plain SFT (perturb_aware does not apply: it changes only the Booster update)."""
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         loss = self._forward_backward(align_batch)

@@ -110,6 +110,21 @@ def test_reference_impl(tmp_path):
     assert len(rows) == 1 and all(math.isfinite(r[k]) for r in rows for k in METRIC_KEYS)
 
 
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_perturb_aware_logs_the_perturbed_alignment_loss(tmp_path, impl):
+    """--perturb-aware (Booster + Vaccine) adds `loss_perturbed`, the alignment loss under the attention-output
+    perturbation: above `loss` (e climbs it), and a larger --rho climbs it further."""
+    rows = {}
+    for rho in ("0.5", "4"):
+        out = tmp_path / f"{impl}-{rho}"
+        assert align(out, "--impl", impl, "--perturb-aware", "--rho", rho, steps=1) == 0
+        (rows[rho],) = read_metrics(out)
+        assert set(rows[rho]) == METRIC_KEYS | {"loss_perturbed"}
+        assert json.loads((out / "run_config.json").read_text())["rho"] == float(rho)
+    assert rows["0.5"]["loss"] == pytest.approx(rows["4"]["loss"], rel=1e-6)  # the same loss at w
+    assert rows["0.5"]["loss"] < rows["0.5"]["loss_perturbed"] < rows["4"]["loss_perturbed"]
+
+
 def test_packing_on_and_off_log_the_same_run(tmp_path, caplog):
     """`align` packs the fast engine's batches by default; --packing off gives the same losses (fp32 summation
     order apart) on rows that packing shrinks (the built-in rows fill ~60% of 160 tokens)."""
@@ -179,6 +194,7 @@ BAD = {
     "malformed-jsonl": lambda tmp: (["--data", _bad_jsonl(tmp)], None),
     "negative-lamb": lambda tmp: (["--lamb", "-1"], None),
     "zero-alpha": lambda tmp: (["--alpha", "0"], None),
+    "zero-rho": lambda tmp: (["--perturb-aware", "--rho", "0"], None),
     "max-length-too-short": lambda tmp: (["--max-length", "8"], None),
     "output-under-a-file": lambda tmp: ([], _regular_file(tmp) / "run"),
     "output-is-a-file": lambda tmp: ([], _regular_file(tmp)),

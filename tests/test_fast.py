@@ -459,7 +459,7 @@ def test_meta_term_off_uses_two_passes(batches):
 
 
 # -- several processes: 2 gloo ranks equal one process on the union batch -----------------------------------------
-def _rank_main(rank, world, store, batch, result):
+def _rank_main(rank, world, store, batch, result, cfg):
     import torch.distributed as dist
 
     # the ranks meet through a file, not a TCP port that another process could take between choosing and binding
@@ -468,7 +468,7 @@ def _rank_main(rank, world, store, batch, result):
         torch.set_num_threads(1)
         rows = batch[0]["input_ids"].shape[0] // world
         shard = [{k: v[rank * rows:(rank + 1) * rows] for k, v in b.items()} for b in batch]
-        grad = first_update("fast", shard, merge_passes=True)
+        grad = first_update("fast", shard, merge_passes=True, **cfg)
         if rank == 0:
             result["grad"] = grad
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
@@ -477,13 +477,15 @@ def _rank_main(rank, world, store, batch, result):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("cfg", [{}, {"perturb_aware": True, "rho": 2.0}], ids=["booster", "perturb_aware"])
+def test_two_processes_equal_one(tmp_path, cfg):
+    """perturb_aware: the ranks share one norm of the attention-output gradients (an all-reduced sum of squares)."""
     (batch,) = builtin_batches(make_model()[1], 1, batch_size=8)
-    single = first_update("fast", batch, merge_passes=True)
+    single = first_update("fast", batch, merge_passes=True, **cfg)
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         result = manager.dict()
-        mp.start_processes(_rank_main, args=(2, tmp_path / "store", batch, result), nprocs=2, join=True,
+        mp.start_processes(_rank_main, args=(2, tmp_path / "store", batch, result, cfg), nprocs=2, join=True,
                            start_method="spawn")
         multi = result["grad"].clone()
     assert relative(multi, single) <= 1e-5, f"2 ranks differ from 1 process by {relative(multi, single):.3g}"

@@ -7,6 +7,7 @@ both sets, and the `Booster` side is fed the same rows collated the same way.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,36 @@ def test_trainer_equals_booster_5_steps(tmp_path, data, impl):
                                    torch.stack([o[key] for o in outs]).float(), rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{key}: {m}")
     assert all(r["grad_norm"] > 0 for r in logs)   # the Trainer clipped the combined gradient
+
+
+def test_perturb_aware_as_the_original_spells_it(tmp_path, data):
+    """The original's arguments say perturb_aware="True" (a string) and rho: the Trainer takes the Booster + Vaccine
+    update, and logs as `loss` the perturbed pass's loss, as the original returns it."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class OriginalArguments(bf.BoosterTrainingArguments):
+        perturb_aware: str = field(default="False")
+
+    rows_a, rows_h, pad = data
+    base = {k: v for k, v in vars(trainer_args(tmp_path, max_steps=3)).items() if k in
+            {f.name for f in dataclasses.fields(bf.BoosterTrainingArguments) if f.init}}
+    model, _ = make_model()
+    args = OriginalArguments(**{**base, "perturb_aware": "True", "rho": 2.0})
+    trainer = bf.BoosterTrainer(model=model, args=args, train_dataset=rows_a, harmful_dataset=rows_h,
+                                data_collator=FixedLengthCollator(pad, MAX_LEN))
+    trainer.train()
+
+    ref_model, _ = make_model()
+    booster = bf.Booster(ref_model, bf.BoosterConfig(lr=LR, weight_decay=0.1, perturb_aware=True, rho=2.0))
+    outs = [booster.step(batch(rows_a, i, 4, pad), batch(rows_h, i, 4, pad)) for i in range(3)]
+    err, name = worst_relative_error(lora_state(model), lora_state(ref_model))
+    assert err <= 1e-5, f"{name} differs from Booster(perturb_aware) by {err:.3g}"
+    logs = [r for r in trainer.state.log_history if "harmful_loss" in r]
+    for key, logged in (("loss_perturbed", "loss"), ("loss", "loss_unperturbed")):
+        torch.testing.assert_close(torch.tensor([r[logged] for r in logs]),
+                                   torch.stack([o[key] for o in outs]).float(), rtol=1e-5, atol=1e-6)
+    assert all(r["loss"] > r["loss_unperturbed"] for r in logs)
 
 
 def test_init_path_and_missing_harmful(tmp_path, data):

@@ -313,6 +313,72 @@ def test_meta_term_false_combines_gf_plus_lambda_g1(setup):
     assert math.isnan(float(out["harmful_loss_perturbed"]))     # no perturbed pass was run
 
 
+# ------------------------------------------------------------------- Booster + Vaccine (perturb_aware)
+def attention_output_grads(o: Oracle, w: dict, batch: dict) -> list[torch.Tensor]:
+    """∂f/∂o_l of each layer's self-attention output o_l at w, in float64, read with retain_grad."""
+    outs = []
+
+    def keep(module, args, out):
+        out[0].retain_grad()
+        outs.append(out[0])
+
+    hooks = [layer.self_attn.register_forward_hook(keep) for layer in o.model.base_model.model.model.layers]
+    try:
+        loss, _ = o.loss(w, batch, grad=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert outs and all(t.grad is not None for t in outs)
+    return [t.grad.detach().clone() for t in outs]
+
+
+def perturbed_loss(o: Oracle, w: dict, batch: dict, e: list[torch.Tensor], grad: bool = False):
+    """The oracle's loss with e_l added to each self-attention output (a constant)."""
+    layers = o.model.base_model.model.model.layers
+    hooks = [layer.self_attn.register_forward_hook(lambda m, a, out, e=e_l: (out[0] + e, *out[1:]))
+             for layer, e_l in zip(layers, e)]
+    try:
+        return o.loss(w, batch, grad=grad)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_perturb_aware_matches_hand_derivation(setup):
+    """Booster + Vaccine: g = ∇f(w; e) + λ(g1 − g2), e = ρ·∂f/∂o / (‖∂f/∂o‖ + 1e-7) on the attention outputs o,
+    with ∇f(w; e) tied to central differences (e fixed) on one coordinate per LoRA tensor."""
+    model0, o, align, harmful = setup
+    model = copy.deepcopy(model0)
+    lamb, alpha, rho, lr = 5.0, 0.5, 0.7, 1e-2
+    w = o.weights(model)
+    _, info = booster_expectation(o, w, align, harmful, lamb=lamb, alpha=alpha)
+    go = attention_output_grads(o, w, align)
+    norm = torch.sqrt(sum((t * t).sum() for t in go))
+    e = [rho * t / (norm + 1e-7) for t in go]
+    f_e, gf_e = perturbed_loss(o, w, align, e, grad=True)
+    g = {k: gf_e[k] + lamb * (info["g1"][k] - info["g2"][k]) for k in w}
+    # the perturbation matters: ∇f(w; e) is far from ∇f(w)
+    assert max_abs({k: gf_e[k] - info["gf"][k] for k in w}) > 1e-2 * max_abs(gf_e)
+
+    booster = Booster(model, BoosterConfig(impl="reference", lamb=lamb, alpha=alpha, lr=lr, weight_decay=0.0,
+                                           max_grad_norm=0.0, perturb_aware=True, rho=rho))
+    out = booster.step(align, harmful)
+    got = {k: v.double() / (1 - BETAS[0]) for k, v in exp_avg(booster, model).items()}
+    assert_close_dict(got, g, atol=GRAD_RTOL * max_abs(g), what="combined grad")
+    assert math.isclose(float(out["loss"]), float(info["loss"]), rel_tol=2e-6)
+    assert math.isclose(float(out["loss_perturbed"]), float(f_e), rel_tol=2e-6)
+    assert float(out["loss_perturbed"]) > float(out["loss"])  # e climbs the alignment loss
+
+    for k in w:
+        idx = int(gf_e[k].abs().flatten().argmax())
+        wp = {n: v.clone() for n, v in w.items()}
+        wm = {n: v.clone() for n, v in w.items()}
+        wp[k].view(-1)[idx] += 1e-6
+        wm[k].view(-1)[idx] -= 1e-6
+        fd = float(perturbed_loss(o, wp, align, e) - perturbed_loss(o, wm, align, e)) / 2e-6
+        assert math.isclose(float(gf_e[k].view(-1)[idx]), fd, rel_tol=1e-5, abs_tol=1e-7), (k, fd)
+
+
 @pytest.mark.parametrize("max_norm", [1e-3, 0.0], ids=["clipped", "unclipped"])
 def test_sft_step_is_one_adamw_step_on_clipped_alignment_grad(setup, max_norm):
     model0, o, align, _ = setup

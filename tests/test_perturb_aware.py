@@ -1,0 +1,166 @@
+"""Booster + Vaccine (perturb_aware): the fast engine's three passes give the reference's four-pass update, for
+merged and separate passes, padded and packed batches, gradient accumulation, checkpointing and two processes.
+The reference itself is checked against a float64 hand derivation in test_reference.py."""
+
+import pytest
+import torch
+
+import booster_fast as bf
+from booster_fast.packing import pack
+from booster_fast.models import enable_gradient_checkpointing
+from booster_fast.opcount import count_ops
+from test_fast import (builtin_batches, first_update, lora_state, make_model, relative, step_gradient,
+                       worst_relative_error)
+
+RHO = 2.0  # large enough that the update differs from plain Booster's by ~90% on the tiny model
+KEYS = ("loss", "loss_perturbed", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm")
+
+
+@pytest.fixture(scope="module")
+def batches():
+    _, tok = bf.load_model("tiny", device="cpu")
+    out = builtin_batches(tok, 3, batch_size=6, max_length=160)  # ~60% real tokens: packing shrinks them
+    assert all(pack(x)["input_ids"].numel() < x["input_ids"].numel() for b in out for x in b)
+    return out
+
+
+# As in test_fast/test_packing, the engines are compared on the combined gradient the optimizer receives (fp32
+# summation order, ~1e-6) and on the logged values, not on the weights after several AdamW steps: Adam's first
+# update lr·g/(|g| + 1e-8) turns the summation noise of near-zero coordinates into ~1e-4 relative changes.
+def build(impl, checkpointing=False, device="cpu", **cfg):
+    model, _ = bf.load_model("tiny", seed=7, device=device)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    torch.manual_seed(7)
+    model = bf.add_lora(model, r=8, alpha=16)
+    return bf.Booster(model, bf.BoosterConfig(impl=impl, perturb_aware=True, rho=RHO, **cfg))
+
+
+def first_step(impl, batches, **cfg):
+    """(combined gradient, outputs) of the first step on `batches[0]`, as Booster.to_device prepares them."""
+    booster = build(impl, **cfg)
+    grad, out = step_gradient(booster, *(booster.to_device(b, "cpu") for b in batches[0]))
+    return grad, out, booster
+
+
+@pytest.fixture(scope="module")
+def reference(batches):
+    return first_step("reference", batches)[:2]
+
+
+def test_the_perturbation_changes_the_update(batches, reference):
+    """Else the comparisons below could not tell the variant from plain Booster."""
+    plain = first_update("reference", batches[0])
+    assert relative(plain, reference[0]) > 0.1
+    out = reference[1]
+    assert out["loss_perturbed"] > out["loss"], "e climbs the alignment loss"
+
+
+def assert_matches(grad, out, reference, what):
+    ref_grad, ref_out = reference
+    assert ref_grad.norm() > 0
+    err = relative(grad[:ref_grad.numel()], ref_grad)  # the fast buffer ends in a zero pad
+    assert err <= 1e-5, f"{what}: the combined gradient differs from the reference's by {err:.3g}"
+    for key in KEYS:
+        torch.testing.assert_close(out[key], ref_out[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}, {key}: {m}")
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
+def test_fast_matches_reference(batches, reference, merge, packing):
+    grad, out, booster = first_step("fast", batches, merge_passes=merge, packing=packing)
+    assert booster.engine.pack == packing and booster.engine.merge == merge
+    assert_matches(grad, out, reference, f"merge={merge} packing={packing}")
+
+
+def test_later_steps_match_too(batches):
+    """Three steps, fp32: the weights stay within Adam's amplified noise of the reference's, and each step's
+    logged values agree."""
+    engines = [build("reference"), build("fast", merge_passes=True, packing=False)]
+    outs = [[e.step(*(e.to_device(b, "cpu") for b in pair)) for pair in batches] for e in engines]
+    err, name = worst_relative_error(lora_state(engines[1].model), lora_state(engines[0].model))
+    assert err <= 1e-4, f"{name} differs by {err:.3g} after {len(batches)} steps"
+    for key in KEYS:
+        torch.testing.assert_close(torch.stack([o[key] for o in outs[1]]), torch.stack([o[key] for o in outs[0]]),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
+def test_gradient_checkpointing_gives_the_same_update(batches, reference, merge):
+    """A checkpointed layer's recompute is perturbed too (the hooks are held across the backward)."""
+    grad, out, booster = first_step("fast", batches, checkpointing=True, merge_passes=merge)
+    assert booster.model.is_gradient_checkpointing
+    assert_matches(grad, out, reference, f"checkpointed, merge={merge}")
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_grad_accumulation_is_exact(impl):
+    """One ‖∂f/∂o‖ over all micro-batches: 4 micro-batches of 2 rows give the update of one batch of 8."""
+    (batch,) = builtin_batches(make_model()[1], 1, batch_size=8)
+    g1 = first_update(impl, batch, grad_accum=1, perturb_aware=True, rho=RHO)
+    g4 = first_update(impl, batch, grad_accum=4, perturb_aware=True, rho=RHO)
+    plain = first_update(impl, batch, grad_accum=1)
+    assert relative(plain, g1) > 0.1
+    assert relative(g4, g1) <= 1e-5, f"{impl}: 4 micro-batches differ from 1 batch by {relative(g4, g1):.3g}"
+
+
+def test_fast_runs_three_passes_and_reads_nothing_back(batches):
+    """The merged fast step runs the model three times where the reference runs it four, and none of its ops
+    reads a value back to the host (so it can be captured)."""
+    calls = {}
+
+    def counting(impl, **cfg):
+        model, _ = make_model()
+        booster = bf.Booster(model, bf.BoosterConfig(impl=impl, perturb_aware=True, rho=RHO, **cfg))
+        n = [0]
+        model.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        a, h = (booster.to_device(b, "cpu") for b in batches[0])
+        booster.step(a, h)
+        calls[impl] = n[0]
+        return booster, a, h
+
+    booster, a, h = counting("fast", merge_passes=True)
+    counting("reference")
+    assert calls == {"fast": 3, "reference": 4}
+    syncs = count_ops(booster.step, a, h)["host_syncs"]
+    assert not syncs, f"the perturb_aware step reads back to the host: {syncs}"
+
+
+def test_sft_step_ignores_it(batches):
+    a, _ = batches[0]
+    outs = []
+    for pa in (True, False):
+        booster = bf.Booster(make_model()[0], bf.BoosterConfig(perturb_aware=pa))
+        outs.append(booster.sft_step(a)["loss"])
+    assert outs[0] == outs[1]
+
+
+def test_rho_must_be_positive():
+    with pytest.raises(ValueError, match="rho must be > 0"):
+        bf.BoosterConfig(perturb_aware=True, rho=0.0)
+
+
+def test_a_model_without_self_attn_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no `self_attn` modules"):
+        from booster_fast.perturb_aware import attention_modules
+
+        attention_modules(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_fast_matches_reference_on_cuda(batches, graphs):
+    """On the GPU, with the step captured (graphs='on': the hooks run at capture, the replays hold their ops):
+    five steps against the reference, both fed the padded batches without masks."""
+    cuda = [tuple({k: v.cuda() for k, v in b.items() if k != "attention_mask"} for b in pair) for pair in batches]
+    cuda = (cuda * 2)[:5]
+    engines = [build("reference", device="cuda"), build("fast", device="cuda", merge_passes=True, graphs=graphs)]
+    outs = [[e.step(*pair) for pair in cuda] for e in engines]
+    if graphs == "on":
+        assert engines[1].engine.graphs.replays >= 1
+    err, name = worst_relative_error(lora_state(engines[1].model), lora_state(engines[0].model))
+    assert err <= 1e-4, f"cuda graphs={graphs}: {name} differs by {err:.3g} after 5 steps"
+    for key in KEYS:
+        torch.testing.assert_close(torch.stack([o[key] for o in outs[1]]), torch.stack([o[key] for o in outs[0]]),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"cuda graphs={graphs}, {key}: {m}")
