@@ -18,14 +18,18 @@ from booster_fast import bench
 from booster_fast.cli import build_parser
 from booster_fast.opcount import count_ops
 
-CASES = {"reference": "reference", "fast": "fast", "fast_padded": "fast-padded", "fast_merged": "fast-merged",
-         "sft": "sft"}
+# case -> (bench entry, extra flags); the `+vaccine` cases run Booster + Vaccine (--perturb-aware): four passes
+# for the reference, three for the merged fast step
+CASES = {"reference": ("reference", ()), "fast": ("fast", ()), "fast_padded": ("fast-padded", ()),
+         "fast_merged": ("fast-merged", ()), "sft": ("sft", ()),
+         "reference+vaccine": ("reference", ("--perturb-aware",)), "fast+vaccine": ("fast", ("--perturb-aware",)),
+         "fast_merged+vaccine": ("fast-merged", ("--perturb-aware",))}
 LENGTHS = (64, 256)
 
 
-def parsed(length):
+def parsed(length, extra=()):
     a = build_parser().parse_args(["bench", "--model", "tiny", "--batch-size", "8", "--harmful-batch-size", "8",
-                                   "--max-length", str(length), "--steps", "10", "--warmup", "2"])
+                                   "--max-length", str(length), "--steps", "10", "--warmup", "2", *extra])
     bench.check_bench_args(a)
     return a
 
@@ -42,13 +46,14 @@ def pairs():
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_step(benchmark, pairs, case, length):
-    args, name = parsed(length), CASES[case]
+    name, extra = CASES[case]
+    args = parsed(length, extra)
     device = bench.resolve_device(args.device)
     booster, _, _ = bench.build_impl(name, args, device)
     fn = bench.step_fn(name, booster)
     batches = bench.entry_batches(booster, pairs[length], device)
     ops = count_ops(fn, *batches[0])
-    benchmark.extra_info.update(impl=name, device=str(device), max_length=length, ops_per_step=ops["total"],
+    benchmark.extra_info.update(impl=name, perturb_aware=args.perturb_aware, device=str(device), max_length=length, ops_per_step=ops["total"],
                                 bookkeeping_ops=ops["bookkeeping"] if name.startswith("fast") else None,
                                 packed=any("cu_seqlens" in b for pair in batches for b in pair))
     cycle = itertools.cycle(batches)

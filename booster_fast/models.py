@@ -251,9 +251,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     The RNG state is saved for the recompute only when the forward draws random numbers (`has_dropout`):
     saving it reads the CUDA generator's state on the host, which CUDA-graph capture refuses in some torch
     versions. add_lora calls this again when it adds LoRA dropout to a checkpointed model."""
-    preserve = has_dropout(model)
-    model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": preserve})
+    kwargs = {"use_reentrant": False, "preserve_rng_state": has_dropout(model)}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' name from 5.2x on (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
     model._booster_checkpointing = True
     return model
