@@ -34,7 +34,12 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("booster_fast")
-METHODS = ("sft", "booster")
+# method -> its `align` flags; booster-vaccine is the original's perturb_aware at the ρ of its script
+METHODS = {"sft": ["--method", "sft"], "booster": ["--method", "booster"],
+           "booster-vaccine": ["--method", "booster", "--perturb-aware", "--rho", "5.0"]}
+DEFAULT_METHODS = "sft,booster"
+NAMES = {"sft": "SFT", "booster": "Booster", "booster-vaccine": "Booster + Vaccine"}
+COLORS = {"sft": "tab:red", "booster": "tab:blue", "booster-vaccine": "tab:green"}
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -72,6 +77,9 @@ def add_parser(sub):
     p.add_argument("name", choices=["defense"], help="defense: align (SFT, Booster) -> attack -> eval, per seed")
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (preset seed, +1, +2, ...)")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated, of {', '.join(METHODS)} (default {DEFAULT_METHODS}; booster-vaccine: "
+                        f"Booster with the original's perturb_aware, ρ 5)")
     p.add_argument("--workdir", default=None, help="run directories (default runs/defense-PRESET)")
     p.add_argument("--output", default=None, metavar="FILE.json",
                    help="result (default benchmarks/results/defense_PRESET.json, '-' for hyphens -> '_')")
@@ -157,7 +165,7 @@ def preflight(p: dict):
 
 def align_argv(p: dict, method: str, seed: int, out: Path, device) -> list[str]:
     a = dict(p["align"])
-    argv = ["align", "--model", p["model"], "--quant", p["quant"], "--data", p["data"], "--method", method,
+    argv = ["align", "--model", p["model"], "--quant", p["quant"], "--data", p["data"], *METHODS[method],
             "--seed", str(seed), "--output", str(out), "--overwrite", "--log-every", "10", "--save-every", "0",
             *_flags(a)]
     return argv + (["--device", device] if device else [])
@@ -209,6 +217,10 @@ def run_experiment(args) -> int:
         raise UsageError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise UsageError(f"--methods {args.methods!r}: give distinct names of {', '.join(METHODS)}")
     p = PRESETS[args.preset]
     tag = args.preset.replace("-", "_")
     work = Path(args.workdir or f"runs/defense-{args.preset}")
@@ -223,17 +235,17 @@ def run_experiment(args) -> int:
     preflight(p)
     seeds = [p["seed"] + i for i in range(args.seeds)]
     with flush_denormals(resolve_device(args.device)):
-        return _experiment(args, p, seeds, work, out_json, out_png)
+        return _experiment(args, p, seeds, methods, work, out_json, out_png)
 
 
-def _experiment(args, p, seeds, work, out_json, out_png) -> int:
+def _experiment(args, p, seeds, methods, work, out_json, out_png) -> int:
     from .attack import write_json_atomic
 
     t_all = time.perf_counter()
     per_seed = []
     for seed in seeds:
         row = {"seed": seed}
-        for method in METHODS:
+        for method in methods:
             d = work / f"seed{seed}"
             t0 = time.perf_counter()
             _run(align_argv(p, method, seed, d / f"align-{method}", args.device))
@@ -265,9 +277,9 @@ def _experiment(args, p, seeds, work, out_json, out_png) -> int:
                             "attack": round(t3 - t2, 1), "eval_after": round(t4 - t3, 1)},
             }
         per_seed.append(row)
-        _print_table(per_seed)
+        _print_table(per_seed, methods)
 
-    judge = json.loads((work / f"seed{seeds[0]}" / "eval-attack-sft.json").read_text())["judge"]
+    judge = json.loads((work / f"seed{seeds[0]}" / f"eval-attack-{methods[0]}.json").read_text())["judge"]
     summary = {m: {
         "harmful_score_before": _stats([r[m]["before_attack"]["harmful_score"] for r in per_seed]),
         "harmful_score_after": _stats([r[m]["after_attack"]["harmful_score"] for r in per_seed]),
@@ -275,9 +287,10 @@ def _experiment(args, p, seeds, work, out_json, out_png) -> int:
         "harmful_loss_start": _stats([r[m]["harmful_loss_curve"][0][1] for r in per_seed]),
         "harmful_loss_end": _stats([r[m]["harmful_loss_curve"][-1][1] for r in per_seed]),
         "harmful_loss_drop": _stats([r[m]["harmful_loss_drop"] for r in per_seed]),
-    } for m in METHODS}
+    } for m in methods}
     result = {
-        "experiment": "defense", "preset": args.preset, "settings": p, "seeds": seeds,
+        "experiment": "defense", "preset": args.preset, "settings": p, "seeds": seeds, "methods": methods,
+        "align_flags": {m: METHODS[m] for m in methods},
         "judge": judge, "machine": machine_info(args.device), "per_seed": per_seed, "summary": summary,
         "total_seconds": round(time.perf_counter() - t_all, 1),
         "plot": str(out_png) if out_png else None,
@@ -285,27 +298,27 @@ def _experiment(args, p, seeds, work, out_json, out_png) -> int:
     write_json_atomic(out_json, result)
     if out_png is not None:
         plot_defense(result, out_png)
-    _print_table(per_seed, summary)
+    _print_table(per_seed, methods, summary)
     print(f"wrote {out_json}" + (f" and {out_png}" if out_png else "") + f" in {result['total_seconds']:.0f} s")
     print(json.dumps({"experiment": "defense", "preset": args.preset, "summary": {
         m: {k: round(v["mean"], 4) for k, v in s.items()} for m, s in summary.items()}}))
     return 0
 
 
-def _print_table(per_seed: list[dict], summary: dict | None = None):
-    head = (f"{'seed':>6} | {'method':>7} | {'HS before':>9} | {'HS after':>8} | {'acc after':>9} | "
+def _print_table(per_seed: list[dict], methods: list[str], summary: dict | None = None):
+    head = (f"{'seed':>6} | {'method':>15} | {'HS before':>9} | {'HS after':>8} | {'acc after':>9} | "
             f"{'h-loss start':>12} | {'h-loss end':>10}")
     lines = [head, "-" * len(head)]
     for r in per_seed:
-        for m in METHODS:
+        for m in methods:
             x = r[m]
-            lines.append(f"{r['seed']:>6} | {m:>7} | {x['before_attack']['harmful_score']:>9.1f} | "
+            lines.append(f"{r['seed']:>6} | {m:>15} | {x['before_attack']['harmful_score']:>9.1f} | "
                          f"{x['after_attack']['harmful_score']:>8.1f} | {x['after_attack']['accuracy']:>9.1f} | "
                          f"{x['harmful_loss_curve'][0][1]:>12.3f} | {x['harmful_loss_curve'][-1][1]:>10.3f}")
     if summary:
-        for m in METHODS:
+        for m in methods:
             s = summary[m]
-            lines.append(f"{'mean':>6} | {m:>7} | {s['harmful_score_before']['mean']:>9.1f} | "
+            lines.append(f"{'mean':>6} | {m:>15} | {s['harmful_score_before']['mean']:>9.1f} | "
                          f"{s['harmful_score_after']['mean']:>8.1f} | {s['accuracy_after']['mean']:>9.1f} | "
                          f"{s['harmful_loss_start']['mean']:>12.3f} | {s['harmful_loss_end']['mean']:>10.3f}")
     print("\n".join(lines), flush=True)
@@ -329,15 +342,14 @@ def plot_defense(result: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"sft": "tab:red", "booster": "tab:blue"}
-    names = {"sft": "SFT", "booster": "Booster"}
-    rows = result["per_seed"]
-    keyword = all(r[m]["keyword_harmful_score_curve"] for r in rows for m in METHODS)
+    colors, names = COLORS, NAMES
+    rows, methods = result["per_seed"], result.get("methods", ["sft", "booster"])
+    keyword = all(r[m]["keyword_harmful_score_curve"] for r in rows for m in methods)
     panels = 3 if keyword else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
 
     def curves(ax, key, ylabel, title):
-        for m in METHODS:
+        for m in methods:
             cs = [r[m][key] for r in rows]
             for c in cs:
                 ax.plot([s for s, _ in c], [v for _, v in c], color=colors[m], alpha=0.3, lw=1)
@@ -359,9 +371,9 @@ def plot_defense(result: dict, path: Path):
 
     bx = axes[-1]
     seeds = result["seeds"]
-    width = 0.2
-    for j, m in enumerate(METHODS):
-        xs = [i + (j - 0.5) * 2 * width for i in range(len(seeds))]
+    width = 0.4 / len(methods)
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * 2 * width for i in range(len(seeds))]
         hs = [r[m]["after_attack"]["harmful_score"] for r in rows]
         acc = [r[m]["after_attack"]["accuracy"] for r in rows]
         bx.bar([x - width / 2 for x in xs], hs, width, color=colors[m], label=f"{names[m]}: harmful score")

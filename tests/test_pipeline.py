@@ -153,6 +153,8 @@ def _bad_cases(aligned: Path, tmp: Path) -> dict:
         "eval-beaver-dam-offline": ["eval", "--adapter", str(aligned), "--judge", "beaver-dam",
                                     "--output", str(tmp / "e.json")],
         "experiment-unknown-preset": ["experiment", "defense", "--preset", "huge", "--output", str(tmp / "x.json")],
+        "experiment-unknown-method": ["experiment", "defense", "--methods", "sft,vaccine", "--output",
+                                      str(tmp / "x.json")],
         # outputs that cannot be written are refused before any work (they once failed after it, with a traceback)
         "eval-unwritable-output": ["eval", "--adapter", str(aligned), "--judge", "refusal",
                                    "--output", "/proc/booster-fast-test/e.json"],
@@ -181,7 +183,7 @@ def test_bad_input_exits_2_with_one_line(case, aligned, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- experiment
 def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
-    """The orchestration end to end on a micro version of the tiny preset: 2 methods x (align, eval, attack,
+    """The orchestration end to end on a micro version of the tiny preset: 3 methods x (align, eval, attack,
     eval), the JSON document (settings, machine, curves, scores) and the plot."""
     pytest.importorskip("matplotlib")
     from booster_fast import experiment
@@ -194,13 +196,18 @@ def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(experiment.PRESETS, "micro", micro)
     out, png = tmp_path / "d.json", tmp_path / "d.png"
     code = main(["experiment", "defense", "--preset", "micro", "--seeds", "1", "--workdir", str(tmp_path / "runs"),
-                 "--output", str(out), "--plot", str(png)])
+                 "--output", str(out), "--plot", str(png), "--methods", "sft,booster,booster-vaccine"])
     assert code == 0
     res = json.loads(out.read_text())
+    assert res["methods"] == ["sft", "booster", "booster-vaccine"] == list(res["summary"])
+    runs = tmp_path / "runs" / "seed43"
+    vaccine = json.loads((runs / "align-booster-vaccine" / "run_config.json").read_text())
+    assert vaccine["perturb_aware"] and vaccine["rho"] == 5.0 and vaccine["method"] == "booster"
+    assert not json.loads((runs / "align-booster" / "run_config.json").read_text())["perturb_aware"]
     assert res["seeds"] == [43] and res["settings"] == micro and res["judge"]["name"] == "refusal"
     assert {"platform", "torch", "cpu_count"} <= set(res["machine"])
     row = res["per_seed"][0]
-    for m in ("sft", "booster"):
+    for m in ("sft", "booster", "booster-vaccine"):
         assert [s for s, _ in row[m]["harmful_loss_curve"]] == [0, 1, 2]
         assert {"harmful_score", "accuracy", "refusals"} <= set(row[m]["after_attack"])
         assert [s for s, _ in row[m]["keyword_harmful_score_curve"]] == [0, 1, 2]
