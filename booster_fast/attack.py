@@ -177,33 +177,6 @@ def check_writable_file(path: str | Path, flag: str) -> None:
     os.unlink(probe)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON under a temporary name in the same directory, then os.replace (never a half-written file).
-    An OSError (the disk filled, the folder went away) becomes a one-line UsageError."""
-    from .cli import UsageError
-
-    path = Path(path)
-    try:
-        path.absolute().parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the attack
 # ------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ from .align import build_streams, check_common_args, check_device_flags, config_
 from .batches import tokens
 from .bench_measure import (MFU_FLOPS, cpu_gauge, held_bytes, matmul_params, matmul_tflops, model_flops, pass_batches,
                             sync, transient_bytes)
-from .bench_report import format_table, machine_info, plot, write_atomic
+from .atomic import write_text_atomic
+from .bench_report import format_table, machine_info, plot
 from .cli import UsageError
 from .graphs import CaptureInvalidated
 
@@ -350,7 +351,7 @@ def run_bench(args) -> int:
         doc = {"machine": machine_info(device), "config": run_config(args, names, device, n_params, n_lora, rate),
                "results": results, "speedup": speedup}
         if getattr(args, "output", None):
-            write_atomic(args.output, lambda f: f.write((json.dumps(doc, indent=2) + "\n").encode()))
+            write_text_atomic(args.output, json.dumps(doc, indent=2) + "\n")
         return doc
 
     # ---- the times first; then separate passes, one step each for memory and for the op count ----

@@ -6,9 +6,10 @@ import importlib.metadata
 import os
 import platform
 import subprocess
-import tempfile
 
 import torch
+
+from .atomic import write_atomic
 
 
 def _version(pkg: str) -> str | None:
@@ -81,18 +82,3 @@ def plot(doc: dict, path: str):
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-
-
-def write_atomic(path: str, write):
-    """write(binary file) into a temporary file beside `path`, then os.replace it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import umask
 from .cli import UsageError
 
 log = logging.getLogger("booster_fast")
@@ -83,12 +84,6 @@ def fsync_tree(root: Path):
         elif p.is_dir():
             fsync_dir(p)
     fsync_dir(root)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +273,7 @@ class RunDir:
             tmp = path.absolute().parent / f".{path.name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            tmp.chmod(0o777 & ~_umask())
+            tmp.chmod(0o777 & ~umask())
             (tmp / MARKER).write_text("this run has not finished; continue it with: booster-fast align --resume "
                                       f"{path}\n")
             (tmp / CONFIG).write_text(_config_text(config))

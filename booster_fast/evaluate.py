@@ -368,7 +368,8 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
 
 def run_eval(args) -> dict:
     from .align import resolve_device
-    from .attack import flush_denormals, write_json_atomic
+    from .attack import flush_denormals
+    from .atomic import write_json_atomic
 
     with flush_denormals(resolve_device(args.device)):
         result = evaluate_run(args)

@@ -239,7 +239,7 @@ def run_experiment(args) -> int:
 
 
 def _experiment(args, p, seeds, methods, work, out_json, out_png) -> int:
-    from .attack import write_json_atomic
+    from .atomic import write_json_atomic
 
     t_all = time.perf_counter()
     per_seed = []

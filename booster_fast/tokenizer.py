@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
+from booster_fast.atomic import write_text_atomic
 from booster_fast.corpus import corpus_texts
 
 TINY_VOCAB_SIZE = 4096
@@ -63,19 +63,6 @@ def train_tiny_tokenizer_json(texts: list[str] | None = None) -> str:
     return tok.to_str()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)                        # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
     texts = corpus_texts()
@@ -88,7 +75,7 @@ def _tokenizer_json() -> str:
         pass
     text = train_tiny_tokenizer_json(texts)
     try:
-        _write_atomic(path, text)
+        write_text_atomic(path, text)
     except OSError:
         pass                                        # read-only home: the disk cache is optional
     return text

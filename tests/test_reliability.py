@@ -339,3 +339,33 @@ def test_training_state_is_loaded_without_pickled_code(tmp_path, capsys):
     assert main(["align", "--resume", str(run)]) == 2
     assert "not a plain tensor checkpoint" in one_error_line(capsys.readouterr().err)
     assert not touched.exists()
+
+
+# ---- atomic writes (every JSON, PNG and cache file the commands write) ---------------------------------------
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from booster_fast.atomic import write_atomic, write_json_atomic
+
+    target = tmp_path / "sub" / "doc.json"
+    write_json_atomic(target, {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
+
+    def half(f):
+        f.write(b'{"a": ')
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="mid-write"):
+        write_atomic(target, half)
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["doc.json"], "a temporary file was left behind"
+
+
+def test_atomic_json_write_error_is_one_line(tmp_path):
+    from booster_fast.atomic import write_json_atomic
+    from booster_fast.cli import UsageError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match=r"cannot write .*doc\.json"):
+        write_json_atomic(blocker / "doc.json", {})
