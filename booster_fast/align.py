@@ -87,6 +87,8 @@ def check_run_args(args, cfg: BoosterConfig) -> int | None:
         raise UsageError(f"--epochs must be > 0, got {args.epochs}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if cfg.perturb_aware and args.method == "sft":
+        raise UsageError("--perturb-aware changes the Booster update only; it does nothing with --method sft")
     if cfg.impl == "reference":
         if args.max_skipped is not None:
             raise UsageError("--max-skipped needs --impl fast: the reference implementation applies non-finite "
@@ -377,7 +379,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             log.info("reference: non-finite updates are applied as in the original trainer, not skipped "
                      "(--impl fast skips them)")
 
-    names = METRICS + (PERTURB_AWARE_METRICS if cfg.perturb_aware and args.method != "sft" else ())
+    names = METRICS + (PERTURB_AWARE_METRICS if cfg.perturb_aware else ())  # (refused with --method sft)
     pending, t_last, saved_at = [], time.perf_counter(), start if last_ckpt else None
     bar = tqdm(total=steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc=args.method)
 

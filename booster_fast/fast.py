@@ -264,6 +264,8 @@ class FastBooster:
         if len(hs) != len(fs):
             raise ValueError(f"{len(hs)} harmful micro-batches but {len(fs)} alignment micro-batches")
         fl.G.zero_()
+        if self.hidden is not None:
+            self.hidden.reset()  # nothing left over from a step that raised
         with model_pass():
             n_h, n_f = self._global_counts(hs, fs)
 

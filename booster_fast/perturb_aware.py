@@ -5,7 +5,9 @@ Booster update with Vaccine's perturbation-aware one (Huang et al., arXiv 2402.0
 
     a. forward/backward the alignment batch at w, recording g_l = ∂f/∂o_l for the output o_l of each decoder
        layer's self-attention module (that pass's parameter gradients are dropped);
-    b. e_l = ρ · g_l / (‖g‖ + 1e-7), with ‖g‖ ONE L2 norm over all layers (and all micro-batches, all processes);
+    b. e_l = ρ · g_l / (‖g‖ + 1e-7), with ‖g‖ ONE L2 norm over all layers (and all micro-batches, all processes:
+       the perturbation of one big batch; the original, whose accumulation is not exact, takes a norm per
+       micro-batch and per process, so with k of them it moves the outputs by ~√k·ρ in all);
     c. forward/backward the alignment batch again at w, each o_l replaced by o_l + e_l (a constant: the gradient
        flows through as through o_l); its gradient is the update's
 
@@ -28,8 +30,9 @@ from torch import nn
 
 
 def attention_modules(model) -> list[nn.Module]:
-    """Each decoder layer's self-attention module, in order: what the original perturbs (its list of attention
-    classes: Llama, OPT, Mistral, Gemma 1-2, Qwen2, all named `self_attn` in their decoder layers)."""
+    """Each decoder layer's self-attention module, in order. The original lists attention classes (Llama, OPT,
+    Mistral, Gemma 1-2, Qwen2), all named `self_attn` in their decoder layers; matching the name also covers the
+    families it does not list (Qwen3, Gemma 3, Phi, ...), where its list finds nothing and its step fails."""
     found = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "self_attn"]
     if not found:
         raise ValueError("perturb_aware: the model has no `self_attn` modules whose outputs could be perturbed")
@@ -54,8 +57,8 @@ def _first(output) -> torch.Tensor:
 class AttentionPerturbation:
     """Records the attention-output gradients of the alignment passes, turns them into e, and adds e back.
 
-    `grads[i][l]` is micro-batch i's gradient at layer l (None where no gradient reached the layer, e.g. above
-    every LoRA layer: that layer is then left unperturbed, as in the original, whose slot stays 0)."""
+    `grads[i][l]` is micro-batch i's gradient at layer l (None where no gradient reached the layer: below every
+    LoRA layer. That layer is left unperturbed; the original fails there, its slot being the int 0)."""
 
     def __init__(self, model, rho: float, eps: float = 1e-7):
         self.modules = attention_modules(model)
@@ -96,8 +99,9 @@ class AttentionPerturbation:
         return kept
 
     def norm(self, distributed: bool = False) -> torch.Tensor:
-        """‖g‖ over every recorded gradient, in fp32 on the device (summed over processes when `distributed`)."""
-        ss = torch.stack([g.float().pow(2).sum() for g in self.recorded()]).sum()
+        """‖g‖ over every recorded gradient, in fp32 on the device (summed over processes when `distributed`). The
+        reference, as the original, takes per-layer norms in the gradients' dtype (bf16 under autocast) instead."""
+        ss = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in self.recorded()]).square().sum()
         if distributed:
             dist.all_reduce(ss)
         return ss.sqrt()

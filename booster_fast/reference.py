@@ -5,7 +5,9 @@ shape on purpose (git-disl/Booster's trainer): gradients cloned into per-tensor 
 per-tensor norms plus 1e-7, a per-tensor in-place perturbation and the inexact `+=` restore, the combination
 `∇f + λ∇h(w) − λ∇h(w̃)`, clipping of the combined gradient, and a torch AdamW step.
 Two deliberate departures: gradient accumulation is exact (the original zeroes accumulated grads on every
-micro-step), and nothing here calls `.item()`.
+micro-step), and nothing here calls `.item()`. So with perturb_aware, k micro-batches (or k processes) share one
+norm of the attention-output gradients, the perturbation of one big batch, where the original normalises each
+micro-batch (and each process) on its own.
 
 `perturb_aware` (Booster + Vaccine) runs the original's two extra alignment passes (perturb_aware.py): one at w
 that records each attention output's gradient, one with the outputs perturbed by ρ along it.

@@ -195,6 +195,7 @@ BAD = {
     "negative-lamb": lambda tmp: (["--lamb", "-1"], None),
     "zero-alpha": lambda tmp: (["--alpha", "0"], None),
     "zero-rho": lambda tmp: (["--perturb-aware", "--rho", "0"], None),
+    "perturb-aware-sft": lambda tmp: (["--perturb-aware", "--method", "sft"], None),
     "max-length-too-short": lambda tmp: (["--max-length", "8"], None),
     "output-under-a-file": lambda tmp: ([], _regular_file(tmp) / "run"),
     "output-is-a-file": lambda tmp: ([], _regular_file(tmp)),

@@ -85,6 +85,22 @@ def test_later_steps_match_too(batches):
                                    rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
+def test_merged_pass_slices_the_alignment_rows_of_padded_batches(batches, reference):
+    """Booster.to_device trims each padded batch to its longest row, so the two batches of a pair rarely share a
+    width and the merged pass above falls back to two passes. Here both keep the collated width: the merged pass
+    runs (three model calls), and the alignment rows' attention gradients are sliced out of [h ; f] right."""
+    from booster_fast.batches import without_mask
+
+    booster = build("fast", merge_passes=True, packing=False)
+    calls = [0]
+    booster.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    a, h = batches[0]
+    assert a["input_ids"].shape == h["input_ids"].shape
+    grad, out = step_gradient(booster, without_mask(a), without_mask(h))
+    assert calls[0] == 3
+    assert_matches(grad, out, reference, "merged, padded to one width")
+
+
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
 def test_gradient_checkpointing_gives_the_same_update(batches, reference, merge):
     """A checkpointed layer's recompute is perturbed too (the hooks are held across the backward)."""
@@ -127,12 +143,15 @@ def test_fast_runs_three_passes_and_reads_nothing_back(batches):
 
 
 def test_sft_step_ignores_it(batches):
+    """The SFT baseline's update is the same with the flag on (bit for bit)."""
     a, _ = batches[0]
-    outs = []
+    weights = []
     for pa in (True, False):
-        booster = bf.Booster(make_model()[0], bf.BoosterConfig(perturb_aware=pa))
-        outs.append(booster.sft_step(a)["loss"])
-    assert outs[0] == outs[1]
+        model, _ = make_model()
+        bf.Booster(model, bf.BoosterConfig(perturb_aware=pa)).sft_step(a)
+        weights.append(lora_state(model))
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[1])
+    assert not all(torch.equal(weights[0][n], w) for n, w in lora_state(make_model()[0]).items()), "nothing moved"
 
 
 def test_rho_must_be_positive():
@@ -164,3 +183,22 @@ def test_fast_matches_reference_on_cuda(batches, graphs):
     for key in KEYS:
         torch.testing.assert_close(torch.stack([o[key] for o in outs[1]]), torch.stack([o[key] for o in outs[0]]),
                                    rtol=1e-5, atol=1e-6, msg=lambda m: f"cuda graphs={graphs}, {key}: {m}")
+
+
+def test_a_step_that_raised_leaves_nothing_behind(batches, reference):
+    """A step stopped between its recording and perturbed passes (say by an out-of-memory error the caller
+    catches) must not leave its recorded gradients in the next step's norm."""
+    booster = build("fast", merge_passes=False)
+    hidden = booster.engine.hidden
+    applied = hidden.applied
+
+    def fail_once(index):
+        hidden.applied = applied
+        raise RuntimeError("out of memory, say")
+
+    hidden.applied = fail_once
+    halves = [[booster.to_device({k: v[i::2] for k, v in b.items()}, "cpu") for i in (0, 1)] for b in batches[1]]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        booster.step(*halves)  # two micro-batches recorded, the next step has one
+    grad, out = step_gradient(booster, *(booster.to_device(b, "cpu") for b in batches[0]))
+    assert_matches(grad, out, reference, "after a failed step")

@@ -40,9 +40,10 @@ GRAD_RTOL = 1e-5         # gradient tolerance, relative to the largest entry
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-def tiny_lora_model(seed: int = 0):
-    """1-layer, 2-head Llama (vocab 50, hidden 16) with LoRA r=2 on q_proj/v_proj and random nonzero B."""
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+def tiny_lora_model(seed: int = 0, layers: int = 1):
+    """1-layer (or `layers`), 2-head Llama (vocab 50, hidden 16) with LoRA r=2 on q_proj/v_proj and random
+    nonzero B."""
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=False, pad_token_id=0, attn_implementation="sdpa")
     torch.manual_seed(seed)
@@ -345,14 +346,17 @@ def perturbed_loss(o: Oracle, w: dict, batch: dict, e: list[torch.Tensor], grad:
 
 
 def test_perturb_aware_matches_hand_derivation(setup):
-    """Booster + Vaccine: g = ∇f(w; e) + λ(g1 − g2), e = ρ·∂f/∂o / (‖∂f/∂o‖ + 1e-7) on the attention outputs o,
-    with ∇f(w; e) tied to central differences (e fixed) on one coordinate per LoRA tensor."""
-    model0, o, align, harmful = setup
-    model = copy.deepcopy(model0)
+    """Booster + Vaccine: g = ∇f(w; e) + λ(g1 − g2), e = ρ·∂f/∂o / (‖∂f/∂o‖ + 1e-7) on the attention outputs o
+    (two layers here: one norm over both), with ∇f(w; e) tied to central differences (e fixed) on one
+    coordinate per LoRA tensor."""
+    _, _, align, harmful = setup
+    model = tiny_lora_model(0, layers=2)
+    o = Oracle(model)
     lamb, alpha, rho, lr = 5.0, 0.5, 0.7, 1e-2
     w = o.weights(model)
     _, info = booster_expectation(o, w, align, harmful, lamb=lamb, alpha=alpha)
     go = attention_output_grads(o, w, align)
+    assert len(go) == 2
     norm = torch.sqrt(sum((t * t).sum() for t in go))
     e = [rho * t / (norm + 1e-7) for t in go]
     f_e, gf_e = perturbed_loss(o, w, align, e, grad=True)
