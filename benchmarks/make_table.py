@@ -75,8 +75,10 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
     out = []
     for _, doc in docs:
         m, c = doc["machine"], doc["config"]
+        extras = [x for x, on in ((f"Booster + Vaccine, ρ {c.get('rho')}", c.get("perturb_aware")),
+                                  ("grad. checkpointing", c.get("gradient_checkpointing"))) if on]
         model = f"{c.get('model')} ({c.get('batch_size')}+{c.get('harmful_batch_size')} × {c.get('max_length')}" \
-                + (", grad. checkpointing)" if c.get("gradient_checkpointing") else ")")
+                + "".join(f", {x}" for x in extras) + ")"
         for impl, r in doc["results"].items():
             marks = [m for m, on in (("packed", r.get("packed_share")), ("CUDA graph", r.get("cuda_graphs"))) if on]
             label = impl + (f" ({', '.join(marks)})" if marks else "")

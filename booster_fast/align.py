@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import existing_folder
 from .cli import UsageError
 from .config import BoosterConfig
 
@@ -144,9 +145,7 @@ def check_output(path: str, overwrite: bool, resumable: bool = True):
                 raise UsageError(f"--output {path} holds an unfinished run; continue it with --resume {path}, "
                                  f"or pass --overwrite to replace it")
             raise UsageError(f"--output {path} already holds a run; pass --overwrite to replace it")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_folder(out)
     if not parent.is_dir():
         raise UsageError(f"cannot write --output {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):

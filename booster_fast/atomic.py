@@ -1,6 +1,8 @@
-"""Atomic file writes: the content goes to a temporary file beside the target, which is then renamed over it, so
-a reader (or a run killed mid-write) sees the old file or the new one, never half of one. The file gets the mode
-a plain `open(path, "w")` would give it (0666 less the umask; the temporary file starts at 0600)."""
+"""Writing output files: checked before any work, then written atomically.
+
+An atomic write puts the content in a temporary file beside the target and renames it over the target, so a
+reader (or a run killed mid-write) sees the old file or the new one, never half of one. The file gets the mode a
+plain `open(path, "w")` would give it (0666 less the umask; the temporary file starts at 0600)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +16,33 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def existing_folder(path: str | Path) -> Path:
+    """The nearest existing ancestor of `path` (where its missing folders would be created); it may be a file."""
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def check_writable_file(path: str | Path, flag: str) -> None:
+    """Before any work: `path` can be written as a file (not a directory; its nearest existing folder is a folder we
+    may create files in: a temporary file is made and removed there). Raises UsageError saying why not."""
+    from .cli import UsageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    folder = existing_folder(path)
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {flag} {path}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".check")
+    except OSError as e:
+        raise UsageError(f"cannot write {flag} {path}: {e.strerror or e} in {folder}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:

@@ -158,25 +158,6 @@ def publish_dir(tmp: Path, out: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_writable_file(path: str | Path, flag: str) -> None:
-    """Before any work: `path` can be written as a file (not a directory; its nearest existing folder is a folder we
-    may create files in: a temporary file is made and removed there). Raises UsageError saying why not."""
-    from .cli import UsageError
-
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory; give a file name")
-    folder = next((d for d in path.absolute().parents if d.exists()), None)
-    if folder is None or not folder.is_dir():
-        raise UsageError(f"cannot write {flag} {path}: {folder} is not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".check")
-    except OSError as e:
-        raise UsageError(f"cannot write {flag} {path}: {e.strerror or e} in {folder}") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the attack
 # ------------------------------------------------------------------------------------------------------------

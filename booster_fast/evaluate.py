@@ -298,7 +298,7 @@ def check_eval_args(args):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    from .attack import check_writable_file
+    from .atomic import check_writable_file
 
     check_writable_file(args.output, "--output")
 

@@ -226,7 +226,7 @@ def run_experiment(args) -> int:
     work = Path(args.workdir or f"runs/defense-{args.preset}")
     out_json = Path(args.output or f"benchmarks/results/defense_{tag}.json")
     out_png = None if args.no_plot else Path(args.plot or f"docs/defense_{tag}.png")
-    from .attack import check_writable_file
+    from .atomic import check_writable_file
 
     check_writable_file(out_json, "--output")
     if out_png is not None:
