@@ -15,7 +15,9 @@ Presets:
   layer with r = 32, lora_alpha = 64, alignment lr 3e-3 for 200 steps of 8 + 8 rows (enough for every held-out
   harmful prompt to be refused), then the paper's attack mix (1000 samples, p = 0.1, batch 10) at lr 1e-3 for
   100 steps, the held-out harmful loss every 10 steps together with the refusal-keyword harmful score of 64
-  held-out prompts; judged by the offline refusal-keyword proxy. They are NOT the paper's settings and the
+  held-out prompts; judged by the offline refusal-keyword proxy. Booster + Vaccine (`--methods ...,booster-vaccine`)
+  runs at ρ 0.5: at the original script's ρ 5 the alignment loss barely moves (7.85 -> 7.45 in 200 steps, against
+  6.5 for Booster), so the model never learns to refuse. They are NOT the paper's settings and the
   tiny model is not Llama-2: 100 attack steps erase the tiny model's refusals but are far too few for it to
   learn the sentiment task (it answers one label to everything: 50 % accuracy).
 - `paper-sst2`, `paper-agnews`, `paper-gsm8k`: the paper's setup — Llama-2-7B (bf16), LoRA r 32 / alpha 4 on q,k,v,
@@ -34,9 +36,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("booster_fast")
-# method -> its `align` flags; booster-vaccine is the original's perturb_aware at the ρ of its script
-METHODS = {"sft": ["--method", "sft"], "booster": ["--method", "booster"],
-           "booster-vaccine": ["--method", "booster", "--perturb-aware", "--rho", "5.0"]}
+METHODS = ("sft", "booster", "booster-vaccine")  # booster-vaccine: Booster with the original's perturb_aware
 DEFAULT_METHODS = "sft,booster"
 NAMES = {"sft": "SFT", "booster": "Booster", "booster-vaccine": "Booster + Vaccine"}
 COLORS = {"sft": "tab:red", "booster": "tab:blue", "booster-vaccine": "tab:green"}
@@ -46,7 +46,7 @@ ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 def _paper(benign: str) -> dict:
     return {
         "model": "meta-llama/Llama-2-7b-hf", "quant": "none", "data": "beavertails", "benign": benign,
-        "judge": "beaver-dam", "seed": 43,
+        "judge": "beaver-dam", "seed": 43, "vaccine_rho": 5.0,  # the original's Booster + Vaccine script
         "align": {"epochs": 20, "batch_size": 10, "max_length": 256, "lr": 5e-4, "weight_decay": 0.1,
                   "lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "lamb": 5.0, "alpha": 0.1},
         "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-5, "epochs": 20, "batch_size": 10,
@@ -58,6 +58,7 @@ def _paper(benign: str) -> dict:
 PRESETS = {
     "tiny": {
         "model": "tiny", "quant": "none", "data": "builtin", "benign": "builtin", "judge": "refusal", "seed": 43,
+        "vaccine_rho": 0.5,  # 5 (the original's script) keeps the tiny model from learning its alignment at all
         "align": {"steps": 200, "batch_size": 8, "max_length": 128, "lr": 3e-3, "weight_decay": 0.1,
                   "lora_r": 32, "lora_alpha": 64, "targets": ALL_LINEAR, "lamb": 5.0, "alpha": 0.1},
         "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-3, "steps": 100, "batch_size": 10,
@@ -79,7 +80,7 @@ def add_parser(sub):
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (preset seed, +1, +2, ...)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated, of {', '.join(METHODS)} (default {DEFAULT_METHODS}; booster-vaccine: "
-                        f"Booster with the original's perturb_aware, ρ 5)")
+                        f"Booster with the original's perturb_aware, at the preset's vaccine_rho)")
     p.add_argument("--workdir", default=None, help="run directories (default runs/defense-PRESET)")
     p.add_argument("--output", default=None, metavar="FILE.json",
                    help="result (default benchmarks/results/defense_PRESET.json, '-' for hyphens -> '_')")
@@ -163,9 +164,15 @@ def preflight(p: dict):
                              f"download it first (`huggingface-cli download {name}`)") from None
 
 
+def method_flags(p: dict, method: str) -> list[str]:
+    if method == "booster-vaccine":
+        return ["--method", "booster", "--perturb-aware", "--rho", str(p["vaccine_rho"])]
+    return ["--method", method]
+
+
 def align_argv(p: dict, method: str, seed: int, out: Path, device) -> list[str]:
     a = dict(p["align"])
-    argv = ["align", "--model", p["model"], "--quant", p["quant"], "--data", p["data"], *METHODS[method],
+    argv = ["align", "--model", p["model"], "--quant", p["quant"], "--data", p["data"], *method_flags(p, method),
             "--seed", str(seed), "--output", str(out), "--overwrite", "--log-every", "10", "--save-every", "0",
             *_flags(a)]
     return argv + (["--device", device] if device else [])
@@ -290,7 +297,7 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png) -> int:
     } for m in methods}
     result = {
         "experiment": "defense", "preset": args.preset, "settings": p, "seeds": seeds, "methods": methods,
-        "align_flags": {m: METHODS[m] for m in methods},
+        "align_flags": {m: method_flags(p, m) for m in methods},
         "judge": judge, "machine": machine_info(args.device), "per_seed": per_seed, "summary": summary,
         "total_seconds": round(time.perf_counter() - t_all, 1),
         "plot": str(out_png) if out_png else None,

@@ -202,7 +202,7 @@ def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
     assert res["methods"] == ["sft", "booster", "booster-vaccine"] == list(res["summary"])
     runs = tmp_path / "runs" / "seed43"
     vaccine = json.loads((runs / "align-booster-vaccine" / "run_config.json").read_text())
-    assert vaccine["perturb_aware"] and vaccine["rho"] == 5.0 and vaccine["method"] == "booster"
+    assert vaccine["perturb_aware"] and vaccine["rho"] == micro["vaccine_rho"] and vaccine["method"] == "booster"
     assert not json.loads((runs / "align-booster" / "run_config.json").read_text())["perturb_aware"]
     assert res["seeds"] == [43] and res["settings"] == micro and res["judge"]["name"] == "refusal"
     assert {"platform", "torch", "cpu_count"} <= set(res["machine"])
