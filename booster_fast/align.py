@@ -184,8 +184,10 @@ def apply_resume(args):
         raise UsageError(f"--resume {args.resume} and --output {args.output} name different runs")
     conflicts, changed = [], {}
     for key, value in vars(args).items():
-        if key in RESUME_IGNORED or key not in saved:
+        if key in RESUME_IGNORED or (key not in saved and key not in defaults):
             continue
+        if key not in saved:  # a flag newer than the run: it ran at the flag's default
+            saved[key] = defaults[key]
         given = value != defaults.get(key)
         if key in RESUME_FREE:
             if not given:

@@ -19,9 +19,10 @@ def umask() -> int:
 
 
 def existing_folder(path: str | Path) -> Path:
-    """The nearest existing ancestor of `path` (where its missing folders would be created); it may be a file."""
+    """The nearest existing ancestor of `path` (where its missing folders would be created); it may be a file, or a
+    dangling link (which is no folder either)."""
     folder = Path(path).absolute().parent
-    while not folder.exists():
+    while not folder.exists() and not folder.is_symlink():
         folder = folder.parent
     return folder
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -53,7 +52,7 @@ from .align import build_streams, check_common_args, check_device_flags, config_
 from .batches import tokens
 from .bench_measure import (MFU_FLOPS, cpu_gauge, held_bytes, matmul_params, matmul_tflops, model_flops, pass_batches,
                             sync, transient_bytes)
-from .atomic import write_text_atomic
+from .atomic import check_writable_file, write_text_atomic
 from .bench_report import format_table, machine_info, plot
 from .cli import UsageError
 from .graphs import CaptureInvalidated
@@ -244,11 +243,9 @@ def check_bench_args(args) -> list[str]:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'booster-fast[plot]'") from None
-    if getattr(args, "output", None):
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot write --output {args.output}: {e.strerror or e}") from None
+    for flag in ("output", "plot"):  # before the timing, not after it
+        if getattr(args, flag, None):
+            check_writable_file(getattr(args, flag), f"--{flag}")
     return names
 
 

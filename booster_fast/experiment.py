@@ -73,9 +73,10 @@ PRESETS = {
 
 
 def add_parser(sub):
-    p = sub.add_parser("experiment", help="run an experiment end to end: `experiment defense` (SFT vs Booster)",
+    p = sub.add_parser("experiment", help="run an experiment end to end: `experiment defense` (SFT vs Booster, and "
+                                          "Booster + Vaccine when asked)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=["defense"], help="defense: align (SFT, Booster) -> attack -> eval, per seed")
+    p.add_argument("name", choices=["defense"], help="defense: align (--methods) -> attack -> eval, per seed")
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (preset seed, +1, +2, ...)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
@@ -349,6 +350,8 @@ def plot_defense(result: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .atomic import write_atomic
+
     colors, names = COLORS, NAMES
     rows, methods = result["per_seed"], result.get("methods", ["sft", "booster"])
     keyword = all(r[m]["keyword_harmful_score_curve"] for r in rows for m in methods)
@@ -392,11 +395,9 @@ def plot_defense(result: dict, path: Path):
     bx.set_title(f"After the attack (judge: {result['judge']['name']})", fontsize=10)
     bx.legend(fontsize=7, loc="upper center", ncol=2)
     where = result["machine"].get("gpu") or f"{result['machine']['cpu_count']} CPU cores"
-    fig.suptitle(f"booster-fast experiment defense --preset {result['preset']} --seeds {len(seeds)}  ({where})",
+    chosen = "" if methods == DEFAULT_METHODS.split(",") else f" --methods {','.join(methods)}"
+    fig.suptitle(f"booster-fast experiment defense --preset {result['preset']} --seeds {len(seeds)}{chosen}  ({where})",
                  fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)

@@ -313,6 +313,13 @@ class BoosterTrainer(Trainer):
                            checkpoint, HARMFUL_STATE, self._harmful_drawn)
         self.harmful_data_iter = None
 
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, starting with no micro-batch stashed and no metric carried over from an earlier call
+        (updates after its last log, or an update it left unfinished)."""
+        self._align_micro, self._harmful_micro = [], []
+        self._metric_sum, self._metric_count, self._unperturbed_sum = None, 0, None
+        return super().train(*args, **kwargs)
+
     # -- the engine is the optimizer ---------------------------------------------------------------------------
     def booster_config(self) -> BoosterConfig:
         """The engine's config from the arguments (fields the original's arguments lack take their defaults)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -252,10 +253,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     saving it reads the CUDA generator's state on the host, which CUDA-graph capture refuses in some torch
     versions. add_lora calls this again when it adds LoRA dropout to a checkpointed model."""
     kwargs = {"use_reentrant": False, "preserve_rng_state": has_dropout(model)}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers' name from 5.2x on (the old one warns)
+    # transformers' name from 5.2x on (the old one warns); a model that overrides the old method (remote code)
+    # keeps it: the new one would call that override with arguments it does not take
+    overridden = getattr(model, "_is_overridden", lambda name: True)("gradient_checkpointing_enable")
+    if hasattr(model, "activation_checkpointing_enable") and not overridden:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
     model._booster_checkpointing = True
     return model

@@ -68,6 +68,8 @@ def test_bench_json_smoke(capsys, tmp_path):
     (["--impls", "reference,bogus"], "'bogus'"),
     (["--impls", "fast,fast"], "twice"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--output", "."], "is a directory"),  # refused before the timing, not after it
+    (["--output", "/proc/booster-fast-test/bench.json"], "cannot write --output"),
 ])
 def test_bad_flag_exits_2_with_one_line(capsys, flags, message):
     assert main(["bench", "--device", "cpu", *flags]) == 2

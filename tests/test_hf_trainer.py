@@ -456,3 +456,17 @@ def test_trainer_packs_only_what_packs_exactly():
     for bad in (left, labelled):
         align, harmful = _packed_if_exact(([good], [bad]), "cpu", None)
         assert align[0] is good and harmful[0] is bad, "a batch packing refuses must leave the update as it was"
+
+
+def test_a_second_train_call_starts_with_fresh_metrics(tmp_path, data):
+    """Updates after the last log of one `train()` must not leak into the next call's first log."""
+    trainer, _ = make_trainer(tmp_path, data, max_steps=3, logging_steps=2)
+    trainer.train()  # step 3 is not logged: its metrics stay accumulated
+    seen, step = [], trainer.engine.step
+    trainer.engine.step = lambda *a: seen.append(step(*a)) or seen[-1]
+    trainer.args.max_steps = 2
+    trainer.train()
+    assert len(seen) == 2
+    last = [r for r in trainer.state.log_history if "harmful_loss" in r][-1]
+    want = float(torch.stack([o["harmful_loss"] for o in seen]).mean())
+    assert last["harmful_loss"] == pytest.approx(want, rel=1e-6)

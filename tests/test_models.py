@@ -214,3 +214,23 @@ def test_the_fast_engine_needs_bitsandbytes_only_for_4_bit(monkeypatch):
     model, _ = load_model("tiny", device="cpu")
     booster = Booster(add_lora(model, r=4, alpha=8), BoosterConfig(impl="fast"))
     assert booster.engine.flat.W.dtype == torch.float32
+
+
+def test_checkpointing_a_model_that_overrides_the_old_method():
+    """Remote-code models may override `gradient_checkpointing_enable` with transformers 4's signature: they get
+    that method called (transformers' new `activation_checkpointing_enable` would call it with arguments it does
+    not take)."""
+    from booster_fast.models import enable_gradient_checkpointing
+
+    model, _ = load_model("tiny", device="cpu")
+    calls = []
+
+    class OldStyle(type(model)):
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(gradient_checkpointing_kwargs)
+            super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    model.__class__ = OldStyle
+    enable_gradient_checkpointing(model)
+    assert calls == [{"use_reentrant": False, "preserve_rng_state": False}]
+    assert model.is_gradient_checkpointing

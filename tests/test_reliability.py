@@ -369,3 +369,37 @@ def test_atomic_json_write_error_is_one_line(tmp_path):
     blocker.write_text("x")
     with pytest.raises(UsageError, match=r"cannot write .*doc\.json"):
         write_json_atomic(blocker / "doc.json", {})
+
+
+def test_an_output_under_a_dangling_link_is_refused_before_any_work(tmp_path):
+    from booster_fast.atomic import check_writable_file
+    from booster_fast.cli import UsageError
+
+    (tmp_path / "gone").symlink_to(tmp_path / "missing")
+    with pytest.raises(UsageError, match="is not a directory"):
+        check_writable_file(tmp_path / "gone" / "sub" / "doc.json", "--output")
+
+
+def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(tmp_path):
+    """A run saved before a flag existed ran at its default: resuming it with another value is a conflict (it
+    was let through, changing the update mid-run), and a plain resume keeps the default."""
+    import argparse
+
+    from booster_fast.align import _cli_defaults, apply_resume
+    from booster_fast.checkpoint import CONFIG
+    from booster_fast.cli import UsageError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = {k: v for k, v in _cli_defaults("tiny").items() if k not in ("perturb_aware", "rho")}
+    (run / CONFIG).write_text(json.dumps({**old, "output": str(run)}))
+    (run / MARKER).write_text("")
+
+    def args(**given):
+        return argparse.Namespace(**{**_cli_defaults("tiny"), "resume": str(run), **given})
+
+    with pytest.raises(UsageError, match=r"--perturb-aware True \(the run has False\)"):
+        apply_resume(args(perturb_aware=True))
+    plain = args()
+    apply_resume(plain)
+    assert plain.perturb_aware is False and plain.rho == 5.0 and plain.resume_changes == {}
