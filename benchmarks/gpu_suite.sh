@@ -61,7 +61,7 @@ BENCH="python3 -m booster_fast bench --device cuda --graphs off --batch-size 10 
 
 # (1) GPU-marked tests (kernels compiled for real) and each kernel's GB/s against a d2d copy (the model ops too)
 part gpu_tests 120 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_fast.py tests/test_graphs.py \
-  tests/test_packing.py tests/test_fused_ops.py
+  tests/test_packing.py tests/test_fused_ops.py tests/test_perturb_aware.py
 part kernel_bandwidth 35 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
 # (2) graph vs eager over 5 steps on tiny and llama-1b-shape, padded; and packed (two lengths alternating)
 part graph_equivalence 55 python3 benchmarks/gpu_checks.py equivalence --out "$RES"
