@@ -252,6 +252,18 @@ def test_gpu_suite_parses_and_the_readme_names_its_parts():
     assert re.findall(r"`(\w+)`", readme_row.split("part names", 1)[1]) == parts
 
 
+def test_gpu_suite_runs_every_file_with_gpu_tests():
+    """A GPU-marked test in a file the suite's gpu_tests part does not name would never run anywhere."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_suite.sh").read_text()
+    part = re.search(r"^part gpu_tests \d+ python3 -m pytest (.*?)\n(?!\s)", text, flags=re.M | re.S).group(1)
+    named = set(re.findall(r"tests/\w+\.py", part))
+    marker = "@pytest.mark." + "gpu"  # spelled in two pieces, so that this file does not count itself
+    marked = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if marker in p.read_text()}
+    assert marked and named == marked, f"missing from gpu_tests: {marked - named}; not marked: {named - marked}"
+
+
 def test_gpu_checks_run_on_the_cpu_as_a_smoke_test(tmp_path, capsys):
     """benchmarks/gpu_checks.py's equivalence and profile code, run on the CPU (graphs off) so that a Python
     slip surfaces here and not on the lent GPU; make_table reads what they write. The bandwidth check refuses
