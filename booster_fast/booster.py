@@ -50,7 +50,8 @@ class Booster:
 
     def step(self, align_batch, harmful_batch):
         """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed, harmful_grad_norm (0-dim
-        device tensors) and, from the fast engine, skipped (1.0 when a non-finite update was skipped)."""
+        device tensors), loss_perturbed with perturb_aware (the alignment loss under the attention-output
+        perturbation) and, from the fast engine, skipped (1.0 when a non-finite update was skipped)."""
         return self.engine.step(align_batch, harmful_batch)
 
     def sft_step(self, align_batch):
