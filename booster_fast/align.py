@@ -90,6 +90,8 @@ def check_run_args(args, cfg: BoosterConfig) -> int | None:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if cfg.perturb_aware and args.method == "sft":
         raise UsageError("--perturb-aware changes the Booster update only; it does nothing with --method sft")
+    if not cfg.perturb_aware and cfg.rho != BoosterConfig.rho:
+        raise UsageError(f"--rho {cfg.rho} does nothing without --perturb-aware")
     if cfg.impl == "reference":
         if args.max_skipped is not None:
             raise UsageError("--max-skipped needs --impl fast: the reference implementation applies non-finite "
@@ -374,7 +376,8 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         packing = ", batches packed without their pads" if getattr(booster.engine, "pack", False) else ""
         resumed = (f", resumed at step {start}" + (f" from {last_ckpt}" if last_ckpt else " (no checkpoint yet)")
                    if args.resume else "")
-        log.info("align: %s on %s, %s/%s, %d steps of %d+%d rows x %d tokens%s%s", args.model, device, args.method,
+        method = f"{args.method} + Vaccine (rho {cfg.rho:g})" if cfg.perturb_aware else args.method
+        log.info("align: %s on %s, %s/%s, %d steps of %d+%d rows x %d tokens%s%s", args.model, device, method,
                  cfg.impl, steps, args.batch_size, args.harmful_batch_size, args.max_length, packing, resumed)
         if cfg.impl == "reference":
             log.info("reference: non-finite updates are applied as in the original trainer, not skipped "

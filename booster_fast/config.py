@@ -5,6 +5,7 @@ rejects values that cannot work with a one-line ValueError (the CLI turns it int
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 IMPLS = ("reference", "fast")
@@ -85,8 +86,11 @@ class BoosterConfig:
             raise ValueError(f"lamb must be >= 0, got {self.lamb}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not self.rho > 0:
-            raise ValueError(f"rho must be > 0, got {self.rho}")
+        for flag in ("meta_term", "perturb_aware", "skip_nonfinite"):
+            if not isinstance(getattr(self, flag), bool):  # a string such as "False" would read as on
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not (self.rho > 0 and math.isfinite(self.rho)):
+            raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.weight_decay >= 0:

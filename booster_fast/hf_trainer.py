@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -93,16 +94,21 @@ class BoosterTrainingArguments(TrainingArguments):
             raise ValueError(f"lamb must be >= 0, got {self.lamb}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not self.rho > 0:
-            raise ValueError(f"rho must be > 0, got {self.rho}")
+        if not (self.rho > 0 and math.isfinite(self.rho)):
+            raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
+        _perturb_aware(self)  # refuses what is neither a bool nor the original's "True"/"False"
         if self.harmful_batch_size is not None and self.harmful_batch_size < 1:
             raise ValueError(f"harmful_batch_size must be >= 1, got {self.harmful_batch_size}")
 
 
 def _perturb_aware(args) -> bool:
-    """The original's `perturb_aware` is the string "True"/"False"; ours is a bool."""
+    """The original's `perturb_aware` is the string "True"/"False"; ours is a bool. Anything else is refused:
+    the original reads any other string as off, which "true" or "yes" hardly mean."""
     value = getattr(args, "perturb_aware", False)
-    return value is True or str(value) == "True"
+    if isinstance(value, bool) or value in ("True", "False"):
+        return value in (True, "True")
+    raise ValueError(f"perturb_aware must be True or False (or the original's strings \"True\"/\"False\"), got "
+                     f"{value!r}")
 
 
 def _gradient_only(engine_cls):

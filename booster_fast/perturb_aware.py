@@ -101,7 +101,8 @@ class AttentionPerturbation:
     def norm(self, distributed: bool = False) -> torch.Tensor:
         """‖g‖ over every recorded gradient, in fp32 on the device (summed over processes when `distributed`). The
         reference, as the original, takes per-layer norms in the gradients' dtype (bf16 under autocast) instead."""
-        ss = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in self.recorded()]).square().sum()
+        # one foreach op for all layers: the step's bookkeeping does not grow with depth
+        ss = torch.stack(torch._foreach_norm(self.recorded(), 2, dtype=torch.float32)).square().sum()
         if distributed:
             dist.all_reduce(ss)
         return ss.sqrt()
@@ -109,8 +110,11 @@ class AttentionPerturbation:
     def scale_(self, norm: torch.Tensor):
         """Turns the recorded gradients into e = ρ g / (norm + eps), in place."""
         scale = self.rho / (norm + self.eps)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in self.recorded():
-            g.mul_(scale.to(g.dtype))
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for dtype, group in by_dtype.items():
+            torch._foreach_mul_(group, scale.to(dtype))
 
     @contextlib.contextmanager
     def applied(self, index: int):

@@ -196,6 +196,8 @@ BAD = {
     "zero-alpha": lambda tmp: (["--alpha", "0"], None),
     "zero-rho": lambda tmp: (["--perturb-aware", "--rho", "0"], None),
     "perturb-aware-sft": lambda tmp: (["--perturb-aware", "--method", "sft"], None),
+    "rho-without-perturb-aware": lambda tmp: (["--rho", "2"], None),
+    "infinite-rho": lambda tmp: (["--perturb-aware", "--rho", "inf"], None),
     "max-length-too-short": lambda tmp: (["--max-length", "8"], None),
     "output-under-a-file": lambda tmp: ([], _regular_file(tmp) / "run"),
     "output-is-a-file": lambda tmp: ([], _regular_file(tmp)),

@@ -158,6 +158,10 @@ def test_bad_arguments(tmp_path, data):
         trainer_args(tmp_path, booster_impl="nope")
     with pytest.raises(ValueError, match="alpha"):
         trainer_args(tmp_path, alpha=0)
+    with pytest.raises(ValueError, match="perturb_aware must be True or False"):
+        trainer_args(tmp_path, perturb_aware="yes")  # the original would read it as off, silently
+    with pytest.raises(ValueError, match="rho must be a finite number"):
+        trainer_args(tmp_path, rho=float("inf"))
     model, _ = make_model()
     with pytest.raises(TypeError, match="lamb"):
         from transformers import TrainingArguments

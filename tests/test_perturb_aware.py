@@ -154,9 +154,16 @@ def test_sft_step_ignores_it(batches):
     assert not all(torch.equal(weights[0][n], w) for n, w in lora_state(make_model()[0]).items()), "nothing moved"
 
 
-def test_rho_must_be_positive():
-    with pytest.raises(ValueError, match="rho must be > 0"):
-        bf.BoosterConfig(perturb_aware=True, rho=0.0)
+@pytest.mark.parametrize("rho", [0.0, -1.0, float("inf"), float("nan")])
+def test_rho_must_be_finite_and_positive(rho):
+    with pytest.raises(ValueError, match="rho must be a finite number > 0"):
+        bf.BoosterConfig(perturb_aware=True, rho=rho)
+
+
+def test_a_string_flag_is_refused():
+    """BoosterConfig(perturb_aware="False") would otherwise read as on (a non-empty string)."""
+    with pytest.raises(ValueError, match="perturb_aware must be True or False"):
+        bf.BoosterConfig(perturb_aware="False")
 
 
 def test_a_model_without_self_attn_is_refused():
@@ -214,3 +221,17 @@ def test_nf4_matches_reference(batches):
     assert relative(plain, ref) > 0.1
     err = relative(fast[:ref.numel()], ref)
     assert err <= 2e-2, f"nf4: the combined gradient differs from the reference's by {err:.3g}"
+
+
+def test_bookkeeping_does_not_grow_with_depth(batches):
+    """The perturbation's norm and scaling are one foreach op each over all layers (the recording and the adding
+    happen inside the model passes): the step's bookkeeping stays the same from 2 to 8 layers."""
+    a, h = batches[0]
+    counts = {}
+    for layers in (2, 8):
+        model, _ = make_model(num_hidden_layers=layers)
+        booster = bf.Booster(model, bf.BoosterConfig(merge_passes=True, perturb_aware=True, rho=RHO))
+        booster.step(a, h)
+        counts[layers] = count_ops(booster.step, a, h)["bookkeeping"]
+    assert counts[2] == counts[8], counts
+    assert counts[2] <= 30, counts
