@@ -366,7 +366,7 @@ def plot_defense(result: dict, path: Path):
             steps = [s for s, _ in cs[0]]
             mean = [statistics.fmean(c[i][1] for c in cs) for i in range(len(steps))]
             ax.plot(steps, mean, color=colors[m], lw=2.2, marker="o", ms=3,
-                    label=f"{names[m]}-aligned (mean of {len(cs)} seeds)")
+                    label=f"{names[m]}-aligned (mean of {len(cs)} seed{'s' if len(cs) > 1 else ''})")
         ax.set_xlabel("attack step")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)

@@ -234,3 +234,16 @@ def test_checkpointing_a_model_that_overrides_the_old_method():
     enable_gradient_checkpointing(model)
     assert calls == [{"use_reentrant": False, "preserve_rng_state": False}]
     assert model.is_gradient_checkpointing
+
+
+def test_the_readme_use_snippet_runs():
+    """README's "Use" example is run as written (on the CPU), so that it stays true."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```python", text.index("## Use")) + len("```python")
+    code = text[start:text.index("```", start)].replace('"cuda"', '"cpu"')
+    scope: dict = {}
+    exec(compile(code, "README.md (Use)", "exec"), scope)
+    out = scope["out"]
+    assert set(out) >= {"loss", "skipped"} and torch.isfinite(out["loss"])
