@@ -58,7 +58,7 @@ def config_from_args(args, impl: str) -> BoosterConfig:
                              max_grad_norm=args.max_grad_norm, impl=impl, merge_passes=merge, packing=packing,
                              fused_ops=fused,
                              meta_term=not args.no_meta_term, perturb_aware=getattr(args, "perturb_aware", False),
-                             rho=getattr(args, "rho", 5.0), grad_accum=args.grad_accum,
+                             rho=getattr(args, "rho", BoosterConfig.rho), grad_accum=args.grad_accum,
                              graphs=getattr(args, "graphs", "auto"))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -357,7 +357,8 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
     from tqdm.auto import tqdm
 
     from .checkpoint import METRICS as METRICS_FILE
-    from .checkpoint import fsync_file, latest_checkpoint, load_checkpoint, save_checkpoint
+    from .atomic import fsync_file
+    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     # ---- resume: newest checkpoint, metrics cut back to it ---------------------------------------------------
     start, skipped_total, metrics_bytes, last_ckpt = 0, 0, 0, None

@@ -46,8 +46,31 @@ def check_writable_file(path: str | Path, flag: str) -> None:
     os.unlink(probe)
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """`write(f)` fills a binary temporary file beside `path` (its folder is created), then it replaces `path`."""
+def fsync_file(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path):
+    """Make renames and unlinks inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], durable: bool = False) -> None:
+    """`write(f)` fills a binary temporary file beside `path` (its folder is created), then it replaces `path`.
+    `durable`: the content and the rename are fsynced, so that they survive a power cut, not just a kill."""
     path = Path(path)
     folder = path.absolute().parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,15 +78,20 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
+        if durable:
+            fsync_dir(folder)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")), durable)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

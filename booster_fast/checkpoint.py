@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import umask
+from .atomic import fsync_dir, fsync_file, umask, write_text_atomic
 from .cli import UsageError
 
 log = logging.getLogger("booster_fast")
@@ -55,28 +55,6 @@ class CheckpointError(UsageError):
 # ------------------------------------------------------------------------------------------------
 # durable files
 # ------------------------------------------------------------------------------------------------
-def fsync_file(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path):
-    """Make renames and unlinks inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: Path):
     for p in sorted(root.rglob("*"), reverse=True):
         if p.is_file():
@@ -302,11 +280,7 @@ class RunDir:
         remove_partial(run.path)
         if changed:
             config = json.loads((run.path / CONFIG).read_text())
-            tmp = run.path / f".{CONFIG}.tmp-{os.getpid()}"
-            tmp.write_text(_config_text({**config, **changed}))
-            fsync_file(tmp)
-            os.replace(tmp, run.path / CONFIG)
-            fsync_dir(run.path)
+            write_text_atomic(run.path / CONFIG, _config_text({**config, **changed}), durable=True)
         for old in run.path.absolute().parent.glob(f".{run.path.name}.old-*"):
             shutil.rmtree(old, ignore_errors=True)
             log.info("removed %s: the run that --overwrite replaced with this one", old)

@@ -49,7 +49,7 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--no-meta-term", action="store_true",
                    help="drop the −λ·∇h(w̃) term: the original's ablation, ∇f + λ·∇h (one pass fewer)")
     p.add_argument("--perturb-aware", action="store_true", help=BoosterConfig.help()["perturb_aware"])
-    p.add_argument("--rho", type=float, default=5.0, help=BoosterConfig.help()["rho"])
+    p.add_argument("--rho", type=float, default=BoosterConfig.rho, help=BoosterConfig.help()["rho"])
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help=BoosterConfig.help()["graphs"])
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward (non-reentrant): less memory, ~1/3 "

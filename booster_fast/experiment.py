@@ -352,8 +352,7 @@ def plot_defense(result: dict, path: Path):
 
     from .atomic import write_atomic
 
-    colors, names = COLORS, NAMES
-    rows, methods = result["per_seed"], result.get("methods", ["sft", "booster"])
+    rows, methods = result["per_seed"], result.get("methods", DEFAULT_METHODS.split(","))  # older files: the default
     keyword = all(r[m]["keyword_harmful_score_curve"] for r in rows for m in methods)
     panels = 3 if keyword else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
@@ -362,11 +361,11 @@ def plot_defense(result: dict, path: Path):
         for m in methods:
             cs = [r[m][key] for r in rows]
             for c in cs:
-                ax.plot([s for s, _ in c], [v for _, v in c], color=colors[m], alpha=0.3, lw=1)
+                ax.plot([s for s, _ in c], [v for _, v in c], color=COLORS[m], alpha=0.3, lw=1)
             steps = [s for s, _ in cs[0]]
             mean = [statistics.fmean(c[i][1] for c in cs) for i in range(len(steps))]
-            ax.plot(steps, mean, color=colors[m], lw=2.2, marker="o", ms=3,
-                    label=f"{names[m]}-aligned (mean of {len(cs)} seed{'s' if len(cs) > 1 else ''})")
+            ax.plot(steps, mean, color=COLORS[m], lw=2.2, marker="o", ms=3,
+                    label=f"{NAMES[m]}-aligned (mean of {len(cs)} seed{'s' if len(cs) > 1 else ''})")
         ax.set_xlabel("attack step")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
@@ -386,9 +385,9 @@ def plot_defense(result: dict, path: Path):
         xs = [i + (j - (len(methods) - 1) / 2) * 2 * width for i in range(len(seeds))]
         hs = [r[m]["after_attack"]["harmful_score"] for r in rows]
         acc = [r[m]["after_attack"]["accuracy"] for r in rows]
-        bx.bar([x - width / 2 for x in xs], hs, width, color=colors[m], label=f"{names[m]}: harmful score")
-        bx.bar([x + width / 2 for x in xs], acc, width, color=colors[m], alpha=0.35, hatch="//",
-               label=f"{names[m]}: task accuracy")
+        bx.bar([x - width / 2 for x in xs], hs, width, color=COLORS[m], label=f"{NAMES[m]}: harmful score")
+        bx.bar([x + width / 2 for x in xs], acc, width, color=COLORS[m], alpha=0.35, hatch="//",
+               label=f"{NAMES[m]}: task accuracy")
     bx.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
     bx.set_ylabel("% after the attack")
     bx.set_ylim(0, 125)

@@ -84,7 +84,7 @@ class BoosterTrainingArguments(TrainingArguments):
     fused_ops: bool | None = field(default=None, metadata={"help": BoosterConfig.help()["fused_ops"]})
     meta_term: bool = field(default=True, metadata={"help": BoosterConfig.help()["meta_term"]})
     perturb_aware: bool = field(default=False, metadata={"help": BoosterConfig.help()["perturb_aware"]})
-    rho: float = field(default=5.0, metadata={"help": BoosterConfig.help()["rho"]})
+    rho: float = field(default=BoosterConfig.rho, metadata={"help": BoosterConfig.help()["rho"]})
 
     def __post_init__(self):
         super().__post_init__()
@@ -336,7 +336,7 @@ class BoosterTrainer(Trainer):
                              impl=getattr(a, "booster_impl", "fast"), merge_passes=getattr(a, "merge_passes", None),
                              packing=getattr(a, "packing", None), fused_ops=getattr(a, "fused_ops", None),
                              meta_term=getattr(a, "meta_term", True), perturb_aware=_perturb_aware(a),
-                             rho=getattr(a, "rho", 5.0),
+                             rho=getattr(a, "rho", BoosterConfig.rho),
                              grad_accum=1,             # micro-batches arrive as lists (see training_step)
                              skip_nonfinite=False, graphs="off")
 
