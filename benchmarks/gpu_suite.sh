@@ -2,6 +2,7 @@
 # The GPU suite: ONE prepared script for a lent GPU machine (H200 class), about 5 minutes (limits: 9.0).
 #   bash benchmarks/gpu_suite.sh                  # every part
 #   bash benchmarks/gpu_suite.sh bench_7b_bf16    # only the named parts (a rerun after a fix)
+#   bash benchmarks/gpu_suite.sh bench_70b_nf4_ckpt   # an opt-in part (OPT_IN below): runs only when named
 # Results: with $OUT set (a machine that hands back only a few files from it), everything goes into
 # $OUT/gpu_suite.tgz, repacked after each part so that a suite stopped early still returns what it has, plus
 # $OUT/gpu_suite.log; unpack with `tar xzf gpu_suite.tgz -C benchmarks/results`. Without $OUT, the files go
@@ -10,6 +11,7 @@
 # one part fails.
 set -uo pipefail
 ONLY=" $* "
+OPT_IN=" bench_70b_nf4_ckpt "  # parts beyond the 6-minute budget of a full run
 cd "$(dirname "$0")/.."
 if [[ -n "${OUT:-}" ]]; then
   DEST=$OUT RES=$(mktemp -d)
@@ -47,7 +49,7 @@ print('preflight: triton sumsq', float(sumsq(x, backend='triton')), 'expected 40
 
 part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its tail, never abort the suite
   local name=$1 limit=$2; shift 2
-  [[ "$ONLY" == "  " || "$ONLY" == *" $name "* ]] || return 0
+  [[ ( "$ONLY" == "  " && "$OPT_IN" != *" $name "* ) || "$ONLY" == *" $name "* ]] || return 0
   local t0=$SECONDS
   echo "== $name (limit ${limit}s)" | tee -a "$LOG"
   timeout "$limit" "$@" > "$RES/gpu_logs/$name.out" 2>&1
@@ -78,6 +80,9 @@ part bench_7b_nf4_ckpt 70 $BENCH --model llama-7b-shape --quant nf4 --impls refe
   --steps 3 --warmup 2 --gradient-checkpointing --output "$RES/gpu_llama-7b-shape_nf4_ckpt.json"
 part bench_7b_nf4 50 $BENCH --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
+# opt-in: Llama-2-70B's shape in NF4 with checkpointing on this one GPU, the entries sharing one 34 GB packed base
+part bench_70b_nf4_ckpt 420 $BENCH --model llama-70b-shape --quant nf4 --impls reference,fast,fast-graphs \
+  --steps 2 --warmup 1 --gradient-checkpointing --output "$RES/gpu_llama-70b-shape_nf4_ckpt.json"
 # (5) where the time goes on llama-7b-shape: reference vs fast+graphs
 part profile_7b 65 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$RES"
 echo "suite done in ${SECONDS}s" | tee -a "$LOG"

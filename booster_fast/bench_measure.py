@@ -41,12 +41,17 @@ def held_bytes(booster) -> int:
     ts += [v for st in booster.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
     for obj in (eng, getattr(eng, "flat", None)):
         ts += [v for v in vars(obj).values() if torch.is_tensor(v)] if obj is not None else []
-    for p in model.parameters():  # bitsandbytes keeps NF4 statistics beside the packed weight
-        qs = getattr(p, "quant_state", None)
-        while qs is not None:
-            ts += [v for v in vars(qs).values() if torch.is_tensor(v)]
-            qs = getattr(qs, "state2", None)
+    ts += [t for p in model.parameters() for t in quant_state_tensors(p)]
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+
+
+def quant_state_tensors(p) -> list[torch.Tensor]:
+    """The tensors bitsandbytes keeps beside an NF4 weight (its statistics, doubly quantised); [] for others."""
+    out, qs = [], getattr(p, "quant_state", None)
+    while qs is not None:
+        out += [v for v in vars(qs).values() if torch.is_tensor(v)]
+        qs = getattr(qs, "state2", None)
+    return out
 
 
 class _MallInfo2(ctypes.Structure):

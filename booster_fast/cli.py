@@ -21,7 +21,10 @@ class UsageError(ValueError):
 
 
 def _add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="tiny", help="tiny | llama-1b-shape | llama-7b-shape | HF id | local path")
+    from .models import PRESETS
+
+    p.add_argument("--model", default="tiny", help=f"{' | '.join(PRESETS)} (random weights, no download) | "
+                                                   "HF id | local path")
     p.add_argument("--quant", default="none", choices=["none", "nf4"], help="4-bit NF4 base weights (bitsandbytes)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=43, help="seed for init, data order and LoRA (paper: 43)")

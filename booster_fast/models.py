@@ -1,9 +1,9 @@
 """Models: the embedded tiny Llama, download-free shape presets, Hugging Face loading, NF4 and LoRA.
 
 `load_model("tiny")` builds a ~3 M-parameter Llama from a config with a seeded init and the project's own
-tokenizer, so everything runs offline on a CPU. `llama-1b-shape` / `llama-7b-shape` have the layer shapes of
-TinyLlama-1.1B and Llama-2-7B with random weights (for benchmarks: the cost of a step does not depend on the
-values). Anything else is a Hugging Face id or a local directory. `quant="nf4"` stores the decoder's linear
+tokenizer, so everything runs offline on a CPU. `llama-1b-shape` / `-7b-` / `-13b-` / `-70b-shape` have the
+layer shapes of TinyLlama-1.1B and Llama-2-7B/13B/70B with random weights (for benchmarks: the cost of a step
+does not depend on the values). Anything else is a Hugging Face id or a local directory. `quant="nf4"` stores the decoder's linear
 layers as bitsandbytes NF4 with double quantisation and a bf16 compute dtype (the float32 default is silently
 slow); embeddings and the LM head stay unquantised, as bitsandbytes' own loader does.
 """
@@ -27,6 +27,10 @@ PRESETS = {
                            num_key_value_heads=4, max_position_embeddings=2048, vocab_size=32000),
     "llama-7b-shape": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32000),
+    "llama-13b-shape": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                            num_key_value_heads=40, max_position_embeddings=4096, vocab_size=32000),
+    "llama-70b-shape": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                            num_key_value_heads=8, max_position_embeddings=4096, vocab_size=32000),
 }
 QUANTS = ("none", "nf4")
 
@@ -47,6 +51,8 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name in PRESETS:
         dtype = dtype or (torch.float32 if name == "tiny" else torch.bfloat16)
+        if device.type == "cuda":  # one line now rather than an out-of-memory error halfway through the build
+            check_fits(name, quant, dtype, torch.cuda.mem_get_info(device)[0], device, **config_overrides)
         # the shape presets are quantised layer by layer as they are built: a 7B model never exists in bf16
         layer_by_layer = quant == "nf4" and name != "tiny"
         model, tok = _build_preset(name, dtype, seed, device, config_overrides, quantize_layers=layer_by_layer)
@@ -54,6 +60,34 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
             quantize_nf4_(model)
         return model, tok
     return _load_pretrained(name, quant, dtype or torch.bfloat16, device, trust_remote_code)
+
+
+def preset_weight_bytes(name: str, quant: str = "none", dtype: torch.dtype = torch.bfloat16, **overrides) -> int:
+    """Bytes of a shape preset's weights once built (LoRA and activations not included). NF4 packs a decoder
+    weight into 4 bits plus, per block of 64, one 8-bit scale (double quantisation: 8-bit scales with an fp32 one
+    per 256 of them); norms, embeddings and the LM head stay in `dtype`."""
+    c = {**PRESETS[name], **overrides}
+    h, n_layers, vocab = c["hidden_size"], c["num_hidden_layers"], c.get("vocab_size", 32000)
+    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
+    linear = n_layers * (2 * h * h + 2 * h * kv + 3 * h * c["intermediate_size"])
+    rest = n_layers * 2 * h + h + 2 * vocab * h  # norms, final norm, embeddings, LM head
+    size = torch.finfo(dtype).bits // 8
+    if quant == "nf4":
+        return int(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + rest * size
+    return (linear + rest) * size
+
+
+def check_fits(name: str, quant: str, dtype: torch.dtype, free_bytes: int, device="cuda", **overrides):
+    """ModelError when a preset's weights alone exceed the device's free memory (naming the 4-bit way out)."""
+    need = preset_weight_bytes(name, quant, dtype, **overrides)
+    if need <= free_bytes:
+        return
+    gib = 2**30
+    hint = (f"; with --quant nf4 they take ~{preset_weight_bytes(name, 'nf4', dtype, **overrides) / gib:.0f} GiB"
+            if quant == "none" else "")
+    kind = "NF4" if quant == "nf4" else str(dtype).removeprefix("torch.")
+    raise ModelError(f"{name} needs ~{need / gib:.0f} GiB for its {kind} weights alone and {device} has "
+                     f"{free_bytes / gib:.0f} GiB free{hint}")
 
 
 def _build_preset(name, dtype, seed, device, overrides, quantize_layers=False):

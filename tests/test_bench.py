@@ -204,6 +204,44 @@ def test_entries_share_their_frozen_base_but_not_lora():
         bench.share_frozen_weights(model_a, model_b)
 
 
+def test_nf4_entries_share_their_packed_base(monkeypatch):
+    """With quant="nf4" the entries share the packed 4-bit weights and their statistics too (three entries of
+    a 4-bit 70B shape then fit on one GPU), each keeps its own LoRA weights, and the shared entry still computes
+    what it computed on its own base; packed weights that differ are refused."""
+    import bitsandbytes as bnb
+
+    import booster_fast
+    from booster_fast import bench
+    from booster_fast.cli import build_parser
+
+    small = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                 num_key_value_heads=2)
+    real_load = booster_fast.load_model
+    monkeypatch.setattr(booster_fast, "load_model", lambda *a, **k: real_load(*a, **k, **small))
+    args = build_parser().parse_args(["bench", "--model", "llama-1b-shape", "--quant", "nf4", "--device", "cpu",
+                                      "--lora-r", "4", "--impls", "reference,fast", "--batch-size", "2",
+                                      "--max-length", "32", "--steps", "1", "--warmup", "0"])
+    names = bench.check_bench_args(args)
+    alone, *_ = bench.build_impl("fast", args, torch.device("cpu"))
+    impls, batches, *_ = bench.build_all(names, args, torch.device("cpu"), {})
+    (ref, *_), (fast, *_) = impls.values()
+    packed = [[m for m in b.model.modules() if isinstance(m, bnb.nn.Linear4bit)] for b in (ref, fast)]
+    assert len(packed[0]) == len(packed[1]) == 2 * 7
+    for a, b in zip(*packed):
+        assert a.weight.data_ptr() == b.weight.data_ptr() and a.weight.quant_state is b.weight.quant_state
+    lora = [{n: p for n, p in b.model.named_parameters() if p.requires_grad} for b in (ref, fast)]
+    assert not any(lora[0][n].data_ptr() == p.data_ptr() for n, p in lora[1].items())
+
+    ids = batches[0][0]["input_ids"]
+    with torch.no_grad():
+        shared, own = (b.model(input_ids=ids).logits for b in (fast, alone))
+    assert torch.equal(shared, own)
+
+    a, b = packed[0][0], packed[1][7]  # the next layer's q_proj: same shapes, other values; refused, not shared
+    with pytest.raises(AssertionError, match="differs"):
+        bench.share_frozen_weights(torch.nn.ModuleDict({"x": a}), torch.nn.ModuleDict({"x": b}))
+
+
 def test_make_table_renders_the_gpu_suite_checks(tmp_path):
     """The GPU suite's check files (shaped as benchmarks/gpu_checks.py writes them) get a table each; the values
     here are made up for the formatter, not results."""
@@ -246,10 +284,15 @@ def test_gpu_suite_parses_and_the_readme_names_its_parts():
     script = ROOT / "benchmarks" / "gpu_suite.sh"
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    parts = re.findall(r"^part (\w+) \d+ ", script.read_text(), flags=re.M)
-    assert len(parts) == 8 and len(set(parts)) == 8, parts
+    text = script.read_text()
+    parts = re.findall(r"^part (\w+) \d+ ", text, flags=re.M)
+    assert len(parts) == 9 and len(set(parts)) == 9, parts
+    opt_in = re.search(r'^OPT_IN=" (.*) "', text, flags=re.M).group(1).split()
+    assert opt_in == ["bench_70b_nf4_ckpt"]
     readme_row = next(line for line in (ROOT / "README.md").read_text().splitlines() if "gpu_suite.sh [PART" in line)
-    assert re.findall(r"`(\w+)`", readme_row.split("part names", 1)[1]) == parts
+    named, readme_opt_in = readme_row.split("part names", 1)[1].split("opt-in parts", 1)
+    assert re.findall(r"`(\w+)`", named) == parts
+    assert re.findall(r"`(\w+)`", readme_opt_in) == opt_in
 
 
 def test_gpu_suite_runs_every_file_with_gpu_tests():

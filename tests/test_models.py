@@ -175,6 +175,46 @@ def test_nf4_base_booster_steps():
     assert any(not torch.equal(now[n], v) for n, v in lora.items())
 
 
+@pytest.mark.parametrize("name,published", [("llama-1b-shape", 1_100_048_384), ("llama-7b-shape", 6_738_415_616),
+                                            ("llama-13b-shape", 13_015_864_320), ("llama-70b-shape", 68_976_648_192)])
+def test_shape_presets_have_the_published_sizes(name, published):
+    """Each shape preset has exactly the parameter count of the model it copies (TinyLlama-1.1B, Llama-2-7B/13B/
+    70B; built on the meta device, nothing allocated), and preset_weight_bytes says its bf16 size exactly."""
+    from booster_fast.models import preset_weight_bytes
+
+    model, _ = load_model(name, device="meta")
+    params = list(model.parameters())
+    assert sum(p.numel() for p in params) == published
+    assert preset_weight_bytes(name) == sum(p.numel() * p.element_size() for p in params)
+    assert preset_weight_bytes(name, dtype=torch.float32) == 2 * preset_weight_bytes(name)
+
+
+def test_nf4_size_estimate_and_the_fit_check():
+    """preset_weight_bytes(quant="nf4") matches what bitsandbytes really stores (packed weights, double-quantised
+    statistics, bf16 rest) within 0.5 %; check_fits refuses, in one line naming the 4-bit way out, a preset
+    whose weights exceed the free memory, and lets one through that fits."""
+    from booster_fast.bench_measure import quant_state_tensors
+    from booster_fast.models import check_fits, preset_weight_bytes
+
+    small = dict(num_hidden_layers=2, hidden_size=384, intermediate_size=1000, num_attention_heads=6,
+                 num_key_value_heads=2)
+    model, _ = load_model("llama-70b-shape", quant="nf4", device="cpu", **small)
+    held = [t for p in model.parameters() for t in (p, *quant_state_tensors(p))]
+    real = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}.values())
+    assert abs(preset_weight_bytes("llama-70b-shape", "nf4", **small) / real - 1) < 0.005
+    assert preset_weight_bytes("llama-70b-shape", "nf4") < 0.27 * preset_weight_bytes("llama-70b-shape")
+
+    gib = 2**30
+    with pytest.raises(ModelError) as e:
+        check_fits("llama-70b-shape", "none", torch.bfloat16, 80 * gib, "cuda:0")
+    assert str(e.value) == ("llama-70b-shape needs ~128 GiB for its bfloat16 weights alone and cuda:0 has 80 GiB "
+                            "free; with --quant nf4 they take ~34 GiB")
+    with pytest.raises(ModelError, match="NF4 weights alone"):
+        check_fits("llama-70b-shape", "nf4", torch.bfloat16, 30 * gib)
+    check_fits("llama-70b-shape", "nf4", torch.bfloat16, 40 * gib)
+    check_fits("llama-7b-shape", "none", torch.bfloat16, 13 * gib, num_hidden_layers=30)
+
+
 def test_shape_preset_nf4_is_built_layer_by_layer():
     """The shape presets with quant="nf4" are quantised layer by layer while they are built (a 7B model never
     exists in bf16): every decoder linear is NF4, the layers' weights follow the model's own init (std
