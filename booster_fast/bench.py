@@ -51,7 +51,7 @@ import torch
 from .align import build_streams, check_common_args, check_device_flags, config_from_args, resolve_device
 from .batches import tokens
 from .bench_measure import (MFU_FLOPS, cpu_gauge, held_bytes, matmul_params, matmul_tflops, model_flops, pass_batches,
-                            quant_state_tensors, sync, transient_bytes)
+                            peak_tflops, quant_state_tensors, sync, transient_bytes)
 from .atomic import check_writable_file, write_text_atomic
 from .bench_report import format_table, machine_info, plot
 from .cli import UsageError
@@ -353,7 +353,8 @@ def run_bench(args) -> int:
             if "step_ms" in r:
                 r["ratio_to_sft"] = round(r["step_ms"] / sft, 3) if sft else None
         speedup = {n: round(ref / r["step_ms"], 3) if ref and "step_ms" in r else None for n, r in results.items()}
-        doc = {"machine": machine_info(device), "config": run_config(args, names, device, n_params, n_lora, rate),
+        doc = {"machine": machine_info(device),
+               "config": run_config(args, names, device, n_params, n_lora, rate, peak),
                "results": results, "speedup": speedup}
         if getattr(args, "output", None):
             write_text_atomic(args.output, json.dumps(doc, indent=2) + "\n")
@@ -361,6 +362,7 @@ def run_bench(args) -> int:
 
     # ---- the times first; then separate passes, one step each for memory and for the op count ----
     rate = matmul_tflops(device) if device.type == "cuda" and impls else None
+    peak = peak_tflops(device, rate) if rate else (None, None)
     for name in impls:
         ms = statistics.median(times[name]) * 1e3
         results[name] = {"step_ms": round(ms, 3), "step_ms_p20": round(_pct(times[name], 20) * 1e3, 3),
@@ -385,7 +387,7 @@ def run_bench(args) -> int:
             "host_syncs_per_step": sum(ops["host_syncs"].values()), "cuda_graphs": graphs_captured(booster.engine),
             "packed_share": round(statistics.mean("cu_seqlens" in b for p in timed for b in p), 3),
             "positions_per_step": round(statistics.mean(sum(map(tokens, pass_batches(name, args, p))) for p in timed)),
-            "mfu": round(flops / (results[name]["step_ms"] / 1e3) / (rate * 1e12), 4) if rate else None})
+            "mfu": round(flops / (results[name]["step_ms"] / 1e3) / (peak[0] * 1e12), 4) if rate else None})
         publish()
     doc = publish()
     print(format_table(doc))
@@ -397,11 +399,11 @@ def run_bench(args) -> int:
 
 
 # ---- what the run was (bench_report.py has the rest of the reporting) -----------------------------------
-def run_config(args, names, device, n_params, n_lora, rate) -> dict:
+def run_config(args, names, device, n_params, n_lora, rate, peak=(None, None)) -> dict:
     knobs = ("model", "quant", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
              "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum", "merge_passes",
              "packing", "fused_ops", "steps", "warmup")
-    peak = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
+    gauge = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
     return {**{k: getattr(args, k) for k in knobs}, "device": str(device), "meta_term": not args.no_meta_term,
             "perturb_aware": bool(getattr(args, "perturb_aware", False)),
             "rho": getattr(args, "rho", None) if getattr(args, "perturb_aware", False) else None,
@@ -410,7 +412,9 @@ def run_config(args, names, device, n_params, n_lora, rate) -> dict:
                                                            "batch 80% real in total",
             "order": "interleaved step by step, first impl rotating each round", "sft_engine": "reference",
             "tokens_per_s_counts": TOKENS_COUNTED,
-            "peak_mem_mb_means": f"held tensors + CUDA graph pools + step transient ({peak})",
-            "mfu_flops": MFU_FLOPS if rate else None, "matmul_bf16_tflops": round(rate, 1) if rate else None,
+            "peak_mem_mb_means": f"held tensors + CUDA graph pools (at their reserved size: a replay owns that "
+                                 f"memory) + step transient ({gauge})",
+            "mfu_flops": MFU_FLOPS if rate else None, "mfu_peak_tflops": peak[0], "mfu_peak": peak[1],
+            "matmul_bf16_tflops": round(rate, 1) if rate else None,
             "matmul_params": n_params and n_params[0], "lm_head_params": n_params and n_params[1],
             "lora_params": n_lora}

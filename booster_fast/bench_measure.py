@@ -22,11 +22,24 @@ import torch
 
 from .batches import tokens
 
-MFU_FLOPS = ("6 * N * computed positions (pads and packing filler included) of every pass of the step (2N forward "
-             "+ 4N backward, the PaLM convention; a frozen base needs no weight gradient, so the hardware does ~4N and "
-             "real use is ~2/3 of this); N = base matmul parameters (LM head in, input embedding and LoRA out), the "
-             "LM head counted only at the positions it runs on (a packed batch's labelled ones); attention-score "
-             "FLOPs ignored; divided by the bf16 8192^3 torch.matmul rate measured in the same run")
+MFU_FLOPS = ("4 * N * computed positions (pads and packing filler included) of every pass of the step: 2N forward + "
+             "2N backward to the activations (the base is frozen, so no weight gradient; a checkpointed layer's "
+             "recompute is not counted, as MFU has it); N = base matmul parameters (LM head in, input embedding "
+             "and LoRA out), the LM head counted only at the positions it runs on (a packed batch's labelled ones); "
+             "attention-score FLOPs ignored; divided by the GPU's dense bf16 peak (mfu_peak_tflops)")
+# dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s; other GPUs: the measured
+# 8192^3 matmul rate stands in (run_config says which)
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("A100", 312.0),
+                    ("L40S", 362.1))
+
+
+def peak_tflops(device, measured: float) -> tuple[float, str]:
+    """(the mfu denominator in TFLOP/s, where it comes from) for this CUDA device."""
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops, f"{name}: data-sheet dense bf16 peak"
+    return measured, f"{name}: no data-sheet peak known here, the measured bf16 matmul rate instead"
 
 
 def sync(device):
@@ -98,7 +111,8 @@ def transient_bytes(fn, device) -> int:
 
 
 def matmul_tflops(device) -> float:
-    """bf16 8192^3 torch.matmul rate in TFLOP/s (the denominator of mfu)."""
+    """bf16 8192^3 torch.matmul rate in TFLOP/s (what the GPU reaches on one large GEMM; the mfu denominator
+    where no data-sheet peak is known)."""
     a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
@@ -129,9 +143,9 @@ def pass_batches(name: str, args, pair) -> list[dict]:
 
 
 def model_flops(name: str, args, params: tuple[int, int], pair) -> float:
-    """Model FLOPs of one step on `pair` (MFU_FLOPS): 6N x the positions of every pass (rows x length of a padded
+    """Model FLOPs of one step on `pair` (MFU_FLOPS): 4N x the positions of every pass (rows x length of a padded
     batch, the packed length of a packed one), the LM head's share only over the positions it runs on (a packed
     batch's kept ones)."""
     n, head = params
-    return 6.0 * sum((n - head) * tokens(b) + head * (b["keep"].numel() if "keep" in b else tokens(b))
+    return 4.0 * sum((n - head) * tokens(b) + head * (b["keep"].numel() if "keep" in b else tokens(b))
                      for b in pass_batches(name, args, pair))

@@ -94,7 +94,10 @@ class FastBooster:
         # one parameter for the optimizer: the flat buffer W (a leaf sharing W's storage), grad = G_f
         self.W = torch.nn.Parameter(self.flat.W, requires_grad=True)
         self.W.grad = self.flat.G_f
-        self.optimizer = torch.optim.AdamW([self.W], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+        # the learning rate is a device tensor: a captured step reads it at every replay, so a scheduler (which
+        # fills a tensor lr in place) or a user's new value needs no new graph (_prepare keeps it this tensor)
+        self._lr = torch.full((), cfg.lr, dtype=torch.float32, device=self.device)
+        self.optimizer = torch.optim.AdamW([self.W], lr=self._lr, betas=cfg.betas, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay, fused=True,
                                            **({"capturable": True} if cuda else {}))
         self._skipped = torch.zeros((), device=self.device)
@@ -232,6 +235,10 @@ class FastBooster:
             self.W.grad = self.flat.G_f
         if not self.model.training:
             self.model.train()
+        group = self.optimizer.param_groups[0]
+        if group["lr"] is not self._lr:  # a float set by hand, or a tensor from a loaded optimizer state
+            self._lr.copy_(torch.as_tensor(group["lr"], dtype=torch.float32))  # not in the step: no graph reads it
+            group["lr"] = self._lr
 
     # -- the Booster step ------------------------------------------------------------------------------------
     def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
@@ -252,10 +259,10 @@ class FastBooster:
 
     def _baked(self) -> tuple:
         """The optimizer's Python-number hyperparameters, which a captured graph holds as constants: part of the
-        graph key, so that a changed learning rate (a scheduler, a resumed run) gets a graph of its own instead
-        of being silently ignored by the replay."""
+        graph key, so that a changed value gets a graph of its own instead of being silently ignored by the
+        replay. The learning rate is not one of them: it is the device tensor `_lr`, read at every replay."""
         g = self.optimizer.param_groups[0]
-        return g["lr"], g["betas"], g["weight_decay"], g["eps"]
+        return g["betas"], g["weight_decay"], g["eps"]
 
     def _step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
         cfg, fl = self.cfg, self.flat

@@ -14,8 +14,9 @@ shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the
   attention.py (exact with right padding: real tokens never attend to the pads after them and pads carry label
   −100; transformers' own mask building would read values back to the host). Right padding is checked on every
   CPU batch, and on CUDA batches during warm-up and capture (later it would be a host sync per step);
-- a graph is keyed on the batch shapes and on the constants the capture bakes in (the optimizer's learning
-  rate, betas, weight decay, eps): a changed learning rate gets its own warm-up and capture;
+- a graph is keyed on the batch shapes and on the constants the capture bakes in (the optimizer's betas,
+  weight decay, eps: a changed one gets its own warm-up and capture); the learning rate is a device tensor
+  that every replay reads, so a scheduler needs no new graph;
 - the step's outputs are stacked into one static tensor inside the graph and cloned once after each replay;
 - the last warm-up step runs under torch's sync debug mode ("warn"): a step that syncs with the host is found
   there, after a complete eager step, instead of by a capture that CUDA invalidates (which can leave the
@@ -106,7 +107,7 @@ class StepGraphs:
             seen = self._seen.pop(key, 0)
             if seen < WARMUP:
                 self._seen[key] = seen + 1
-                while len(self._seen) > 4 * MAX_GRAPHS:  # keys that never came back (a learning-rate schedule)
+                while len(self._seen) > 4 * MAX_GRAPHS:  # keys that never came back
                     self._seen.pop(next(iter(self._seen)))
                 out, sync = self._eager(fn, batches, watch=seen + 1 == WARMUP)
                 if sync:

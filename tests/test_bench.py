@@ -444,3 +444,29 @@ def test_bucket_sizes_script_measures_filler_and_graph_keys(capsys):
     coarse, fine = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
     assert coarse["step"] > fine["step"] and fine["filler_share_of_real"] <= coarse["filler_share_of_real"]
     assert 1 <= coarse["graph_keys"] <= fine["graph_keys"] <= 20
+
+
+def test_model_flops_count_4n_per_computed_position_and_the_peak_is_the_data_sheets(monkeypatch):
+    """mfu's numerator: 4N per position of every pass (forward + the backward to the activations; a frozen base
+    has no weight gradient), the LM head only at a packed batch's kept positions; its denominator: the GPU's
+    data-sheet dense bf16 peak, or the measured matmul rate where none is known."""
+    from types import SimpleNamespace
+
+    from booster_fast import bench_measure as bm
+
+    args = SimpleNamespace(no_meta_term=False, perturb_aware=False)
+    padded = {"input_ids": torch.ones(2, 8, dtype=torch.long)}
+    packed = {"input_ids": torch.ones(1, 13, dtype=torch.long), "keep": torch.arange(5)}
+    n, head = 1000, 100
+    assert bm.model_flops("fast", args, (n, head), (padded, padded)) == 3 * 4 * n * 16
+    assert bm.model_flops("sft", args, (n, head), (padded, padded)) == 4 * n * 16
+    assert bm.model_flops("fast", args, (n, head), (packed, padded)) == 4 * ((n - head) * 13 + head * 5 + 2 * n * 16)
+    args.perturb_aware = True
+    assert bm.model_flops("fast", args, (n, head), (padded, padded)) == 4 * 4 * n * 16
+
+    for name, want in (("NVIDIA H200", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", 55.5)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        tflops, source = bm.peak_tflops("cuda", measured=55.5)
+        assert tflops == want and source.startswith(name)
+        assert ("measured" in source) == (name == "Tesla T4")

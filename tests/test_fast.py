@@ -133,20 +133,23 @@ def test_host_read_probe_sees_each_kind_of_read():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("merge, graphs", [(True, "off"), (False, "off"), (True, "on")])
-def test_fast_matches_reference_on_cuda(batches, merge, graphs):
+@pytest.mark.parametrize("merge, graphs, fused", [(True, "off", False), (False, "off", False), (True, "on", False),
+                                                  (True, "on", True)])
+def test_fast_matches_reference_on_cuda(batches, merge, graphs, fused):
     """The CPU test above on the GPU: cuBLAS, SDPA's CUDA kernels, the compiled Triton kernels, fused AdamW on
     the device, and (graphs='on') the captured step. Both engines get the batches as Booster.to_device gives
     them to the fast one, without masks, so both run the same attention kernels (that leaving the mask out is
-    exact is tested on the CPU)."""
+    exact is tested on the CPU). The fused model ops (on by default on CUDA) round differently from the torch
+    ops (the GPU's sqrt/exp are not the interpreter's exact ones), so they get 1e-4 instead of 1e-5."""
     cuda = [tuple({k: v.cuda() for k, v in b.items() if k != "attention_mask"} for b in pair) for pair in batches]
     ref_w, ref_out = run("reference", cuda, device="cuda")
-    fast_w, fast_out = run("fast", cuda, device="cuda", merge_passes=merge, graphs=graphs)
+    fast_w, fast_out = run("fast", cuda, device="cuda", merge_passes=merge, graphs=graphs, fused_ops=fused)
+    tol = 1e-4 if fused else 1e-5
     err, name = worst_relative_error(fast_w, ref_w)
-    assert err <= 1e-5, f"cuda merge={merge} graphs={graphs}: {name} differs from the reference by {err:.3g}"
+    assert err <= tol, f"cuda merge={merge} graphs={graphs} fused={fused}: {name} differs by {err:.3g}"
     for key in ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"):
         torch.testing.assert_close(torch.stack([o[key] for o in fast_out]), torch.stack([o[key] for o in ref_out]),
-                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+                                   rtol=tol, atol=tol / 10, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.fixture(scope="module")

@@ -222,10 +222,14 @@ def test_capture_keeps_the_steps_error_apart_from_capture_end(monkeypatch, step_
         assert str(step_error or end_error) in str(info.value)
 
 
-def test_fast_step_keys_its_graph_on_the_learning_rate():
-    """FastBooster hands StepGraphs a kind that carries the optimizer's baked-in constants, so a new learning
-    rate reaches a graph of its own instead of being ignored by a replay."""
+def test_a_changed_learning_rate_reaches_the_same_graph():
+    """The learning rate is a device tensor that the step reads (a replay too), not a constant baked into the
+    graph: a scheduler's in-place change and a float set by hand keep the graph key, and the updates follow the
+    new rate exactly as the reference's float rate does. Weight decay is still baked in: a new value, a new key."""
     _, tok, booster = tiny_booster("cpu", graphs="off")
+    model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+    torch.manual_seed(SEED)
+    ref = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(impl="reference"))
     engine = booster.engine
     kinds = []
 
@@ -234,15 +238,23 @@ def test_fast_step_keys_its_graph_on_the_learning_rate():
         return fn(*batches)
 
     engine.graphs = types.SimpleNamespace(run=run)  # what a CUDA engine has, recording instead of capturing
-    (a, h), = builtin_batches(tok, 1)
-    booster.step(a, h)
-    for group in engine.optimizer.param_groups:
-        group["lr"] *= 0.5
-    booster.step(a, h)
-    booster.sft_step(a)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(b.optimizer, lambda i: 0.5 ** i) for b in (booster, ref)]
     lr = engine.optimizer.param_groups[0]["lr"]
-    assert kinds[0][0] == kinds[1][0] == "booster" and kinds[2][0] == "sft"
-    assert kinds[0] != kinds[1] and kinds[0][1] == 2 * lr and kinds[1][1] == kinds[2][1] == lr
+    for i, (a, h) in enumerate(builtin_batches(tok, 4)):
+        if i == 3:
+            for b in (booster, ref):
+                b.optimizer.param_groups[0]["lr"] = 1e-2  # by hand, a float
+        booster.step(a, h)
+        ref.step(a, h)
+        for sched in scheds:
+            sched.step()
+    assert engine.optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(5e-4 * 0.5 ** 4)
+    assert len(set(kinds)) == 1 and kinds[0][0] == "booster"
+    err, name = worst_relative_error(lora_state(booster.model), lora_state(ref.model))
+    assert err < 1e-5, f"{name}: {err:.3g}"
+    engine.optimizer.param_groups[0]["weight_decay"] = 0.05
+    booster.step(a, h)
+    assert kinds[-1] != kinds[0]
 
 
 def test_packed_batches_get_a_graph_per_length_and_replay_the_eager_step(monkeypatch):
@@ -330,6 +342,25 @@ def test_graph_replays_equal_eager_steps(quant):
     err, name = worst_relative_error(lora_state(graphed), lora_state(eager))
     assert err <= 1e-5, f"graph replays differ from eager steps at {name} by {err:.3g}"
     torch.testing.assert_close(og["loss"], oe["loss"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_graph_replays_follow_a_learning_rate_schedule():
+    """A scheduler changes the device-tensor learning rate between replays: one graph is captured and replayed,
+    and the weights follow the eager steps of the same schedule."""
+    _, tok = bf.load_model("tiny", device="cpu")
+    batches = [tuple({k: v.cuda() for k, v in b.items() if k != "attention_mask"} for b in pair)
+               for pair in builtin_batches(tok, 8)]
+    graphed, _, gb = tiny_booster("cuda", graphs="on", merge_passes=True)
+    eager, _, eb = tiny_booster("cuda", graphs="off", merge_passes=True)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(b.optimizer, lambda i: 0.8 ** i) for b in (gb, eb)]
+    for a, h in batches:
+        gb.step(a, h), eb.step(a, h)
+        for sched in scheds:
+            sched.step()
+    assert len(gb.engine.graphs._graphs) == 1 and gb.engine.graphs.replays == len(batches) - WARMUP
+    err, name = worst_relative_error(lora_state(graphed), lora_state(eager))
+    assert err <= 1e-5, f"replays under a schedule differ from eager steps at {name} by {err:.3g}"
 
 
 @pytest.mark.gpu
