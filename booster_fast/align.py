@@ -32,12 +32,15 @@ import torch
 from .atomic import existing_folder
 from .cli import UsageError
 from .config import BoosterConfig
+from .models import PRESETS as MODEL_PRESETS
 
 log = logging.getLogger("booster_fast")
 METRICS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "skipped")
 PERTURB_AWARE_METRICS = ("loss_perturbed",)  # the alignment loss under the attention-output perturbation
 SKIPPED = METRICS.index("skipped")
 DEFAULT_MAX_SKIPPED = 100   # see --max-skipped's help: a healthy fp32/bf16 run skips none
+ALL_SKIPPED_AFTER = 10      # a run whose every update was skipped stops (exit 3) after this many (or at its end)
+DEFAULT_STEPS, DEFAULT_EPOCHS = 20, 20.0  # built-in models: a 20-step demo; a real model: the paper's 20 epochs
 EXIT_NONFINITE = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # flags a resumed run may change: they do not touch the maths of an update
@@ -244,7 +247,14 @@ def load_data(args):
     """Parse the data files (no tokenizer needed): bad data fails before a model is loaded."""
     from .data import load_safety_data
 
-    return load_safety_data(args.data, "train", harmful_data=args.harmful_data)
+    align, harmful = load_safety_data(args.data, "train", harmful_data=args.harmful_data)
+    for flag, rows in (("align_samples", align), ("harmful_samples", harmful)):  # the original's sample_num and
+        n = getattr(args, flag, None)                                           # bad_sample_num: the first N rows
+        if n is not None and not 1 <= n <= len(rows):
+            raise UsageError(f"--{flag.replace('_', '-')} must be between 1 and the {len(rows)} rows of --data "
+                             f"{args.data}, got {n}")
+    n_a, n_h = getattr(args, "align_samples", None), getattr(args, "harmful_samples", None)
+    return align[:n_a], harmful[:n_h]
 
 
 def build_streams(args, tok, rank, world, data=None):
@@ -326,10 +336,14 @@ def run_align(args) -> int:
     torch.manual_seed(args.seed)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=targets)
     streams = dict(zip(("align", "harmful"), build_streams(args, tok, rank, world, data)))
+    if args.steps is None and args.epochs is None:  # resolved here and saved so, for --resume
+        # a demo on the built-in models; the paper's 20 epochs on a real one (a run saved with neither flag
+        # came from an older version, whose default was 20 steps)
+        demo = args.model == "tiny" or args.model in MODEL_PRESETS or args.resume
+        args.steps, args.epochs = (DEFAULT_STEPS, None) if demo else (None, DEFAULT_EPOCHS)
     steps = args.steps
     if args.epochs is not None:
         steps = max(1, math.ceil(args.epochs * streams["align"].batches_per_epoch))
-    steps = 20 if steps is None else steps
     try:
         booster = Booster(model, cfg)
     except ValueError as e:  # a pinned feature this model cannot run (packing, fused ops): nothing written yet
@@ -413,11 +427,14 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         bar.set_postfix(**post)
         bar.update(len(values))
         pending, t_last = [], now
-        if max_skipped is not None and skipped_total > max_skipped:
+        all_skipped = skipped_total == step >= min(ALL_SKIPPED_AFTER, steps)  # nothing trained at all
+        if max_skipped is not None and (skipped_total > max_skipped or all_skipped):
             where = (f"the last good checkpoint is {last_ckpt}" if last_ckpt
                      else "no checkpoint had been written, so nothing was kept")
+            why = (f"more than --max-skipped {max_skipped}" if skipped_total > max_skipped
+                   else "every update so far")
             raise NonFiniteAbort(f"{skipped_total} updates skipped by step {step} because the loss or gradient was "
-                                 f"NaN/inf, more than --max-skipped {max_skipped}; {where}")
+                                 f"NaN/inf, {why}; {where}")
 
     def checkpoint(step):
         nonlocal last_ckpt, saved_at

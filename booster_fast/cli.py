@@ -20,6 +20,32 @@ class UsageError(ValueError):
     """Bad input from the user: reported in one line, exit code 2."""
 
 
+# the original Booster code's command-line names (its train.py and scripts) -> ours, for the error a swap-in
+# user meets first
+ORIGINAL_FLAGS = {
+    "--model_name_or_path": "--model", "--output_dir": "--output", "--learning_rate": "--lr",
+    "--num_train_epochs": "--epochs", "--max_steps": "--steps", "--per_device_train_batch_size": "--batch-size",
+    "--gradient_accumulation_steps": "--grad-accum", "--model_max_length": "--max-length",
+    "--weight_decay": "--weight-decay", "--max_grad_norm": "--max-grad-norm", "--perturb_aware": "--perturb-aware",
+    "--sample_num": "--align-samples", "--bad_sample_num": "--harmful-samples", "--data_path": "--data",
+    "--optimizer": "--method (booster is the default)", "--lora_r": "--lora-r", "--lora_alpha": "--lora-alpha",
+    "--bf16": "nothing (bf16 follows the model; --quant nf4 for 4-bit)", "--tf32": "nothing",
+    "--lr_scheduler_type": "nothing (the schedule is constant, as the paper's)",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a hint for the original Booster code's flag names in the 'unrecognized arguments' error."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            hints = [f"{flag} -> {ORIGINAL_FLAGS[flag]}" for flag in (w.split("=", 1)[0] for w in message.split()[2:])
+                     if flag in ORIGINAL_FLAGS]
+            if hints:
+                message += " (the original Booster code's names; here: " + ", ".join(hints) + ")"
+        super().error(message)
+
+
 def _add_model_args(p: argparse.ArgumentParser):
     from .models import PRESETS
 
@@ -33,12 +59,13 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--harmful-batch-size", type=int, default=None, help="harmful rows per update (default: = batch)")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per row, right-padded to it (default: 128 for tiny, else 256 as in the paper)")
-    p.add_argument("--lora-r", type=int, default=32)
-    p.add_argument("--lora-alpha", type=float, default=4)
+    p.add_argument("--lora-r", type=int, default=32, help="LoRA rank (paper: 32)")
+    p.add_argument("--lora-alpha", type=float, default=4, help="LoRA alpha; the scale is alpha / r (paper: 4)")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj", help="comma-separated LoRA target modules")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate, constant (paper: 5e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the combined gradient to this global norm; 0 disables (paper: 1.0)")
     p.add_argument("--lamb", type=float, default=5.0, help=BoosterConfig.help()["lamb"])
     p.add_argument("--alpha", type=float, default=0.1, help=BoosterConfig.help()["alpha"])
     p.add_argument("--grad-accum", type=int, default=1, help=BoosterConfig.help()["grad_accum"])
@@ -62,7 +89,7 @@ def _add_model_args(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="booster-fast", description=__doc__.splitlines()[0])
+    parser = Parser(prog="booster-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter",
@@ -75,8 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--impl", default="fast", choices=["reference", "fast"])
     a.add_argument("--method", default="booster", choices=["booster", "sft"])
     g = a.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, default=None, help="number of updates (default 20)")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the alignment set (paper: 20)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="number of updates (default: 20 for the built-in models, a demo; else --epochs 20)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="passes over the alignment set (default for a real model: 20, the paper's)")
+    a.add_argument("--align-samples", type=int, default=None, metavar="N",
+                   help="use the first N alignment rows of --data (the original's --sample_num; default: all)")
+    a.add_argument("--harmful-samples", type=int, default=None, metavar="N",
+                   help="use the first N harmful rows (the original's --bad_sample_num; default: all)")
     a.add_argument("--log-every", type=int, default=10, help="read metrics from the device every N steps")
     a.add_argument("--output", default="runs/demo", help="run directory (adapter, metrics.jsonl)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -90,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-skipped", type=int, default=None, metavar="N",
                    help="fast: updates with a NaN/inf loss or gradient are skipped on the device and counted; stop "
                         "with exit code 3 once more than N are skipped (checked at log intervals; default 100: a "
-                        "healthy fp32/bf16 run skips none, a diverged one skips every step). Not with "
+                        "healthy fp32/bf16 run skips none, a diverged one skips every step; a run whose every update "
+                        "was skipped stops after 10, or at its end). Not with "
                         "--impl reference, which applies them as the original trainer does")
 
     b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process")

@@ -82,10 +82,13 @@ class BoosterConfig:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.graphs not in GRAPH_MODES:
             raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {self.graphs!r}")
-        if not self.lamb >= 0:
-            raise ValueError(f"lamb must be >= 0, got {self.lamb}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not (self.lamb >= 0 and math.isfinite(self.lamb)):
+            raise ValueError(f"lamb must be a finite number >= 0, got {self.lamb}")
+        if self.alpha == 0:
+            raise ValueError("alpha must be > 0: at alpha 0 the perturbed point is w itself and the update is plain "
+                             "fine-tuning (method sft)")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}")
         for flag in ("meta_term", "perturb_aware", "skip_nonfinite"):
             if not isinstance(getattr(self, flag), bool):  # a string such as "False" would read as on
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")

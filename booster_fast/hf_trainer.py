@@ -32,7 +32,13 @@ How it fits into the Trainer. The Trainer's loop does, per update: `training_ste
   the union batch. The harmful loader is sharded across processes by `accelerator.prepare`, like the train
   loader. FSDP, DeepSpeed, fp16 loss scaling, DataParallel, `torch_compile` and label smoothing are rejected
   with one line.
-- The harmful data: shuffled on its own (seed `args.seed + 1`, a new order each pass), as the original's own
+- The harmful data: `harmful_batch_size` rows per device and micro-batch (default: per_device_train_batch_size).
+  The original's loader hard-codes 10 rows, which equals per_device_train_batch_size in its Booster scripts
+  (smooth_align*.sh), so the default reproduces them; set harmful_batch_size=10 to keep 10 whatever the
+  alignment batch. With gradient
+  accumulation one harmful micro-batch is pulled per alignment micro-batch, and the harmful loss is divided by
+  the harmful tokens of the whole update, the alignment loss by its own, so the two sizes may differ.
+  Shuffled on its own (seed `args.seed + 1`, a new order each pass), as the original's own
   RandomSampler does, so that an update's harmful rows are not the prompts of its alignment rows (accelerate
   would give a random sampler over a set of the same length the train loader's very order); sequential when
   training is (`train_sampling_strategy="sequential"`). `train(resume_from_checkpoint=...)` continues the
@@ -46,9 +52,14 @@ How it fits into the Trainer. The Trainer's loop does, per update: `training_ste
   attention mask where packing would not shrink them, as `Booster.to_device` prepares them (one host read per
   update: the micro-batches are copied to the host, checked and packed there); left-padded ones, and any with
   a labelled pad, keep their mask. CUDA graphs are off: the Trainer steps the optimizer outside the engine.
+- Swapping in for the original: `tokenizer=` is taken as the original passes it (handed on as
+  `processing_class=` where transformers no longer knows the old name); `optim` must name torch's AdamW
+  ("adamw_torch", or "adamw_torch_fused", the default), the update the engine takes, and anything else is
+  refused rather than ignored.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -65,18 +76,24 @@ logger = logging.getLogger("booster_fast")
 HARMFUL_STATE = "booster_harmful_stream.json"
 BOOSTER_METRICS = ("harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm")
 MODEL_KEYS = ("input_ids", "labels", "attention_mask")
+# the `optim` values that name torch's AdamW, which is what the engine steps (fused on the fast engine's flat buffer)
+ENGINE_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+# transformers 5 dropped Trainer(tokenizer=) for processing_class=; the original still passes tokenizer=
+_TRAINER_TAKES_TOKENIZER = "tokenizer" in inspect.signature(Trainer.__init__).parameters
 
 
 @dataclass
 class BoosterTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus Booster's knobs. The optimizer is always the engine's AdamW (learning_rate,
-    weight_decay — applied to every LoRA tensor —, adam_beta1/2, adam_epsilon are honoured; `optim` is not)."""
+    weight_decay — applied to every LoRA tensor —, adam_beta1/2, adam_epsilon are honoured); `optim` must say so
+    ("adamw_torch" or "adamw_torch_fused", the default), any other value is refused."""
 
     lamb: float = field(default=5.0, metadata={"help": BoosterConfig.help()["lamb"]})
     alpha: float = field(default=0.1, metadata={"help": BoosterConfig.help()["alpha"]})
     harmful_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Harmful rows per device and per micro-batch (default: per_device_train_batch_size)."},
+        metadata={"help": "Harmful rows per device and per micro-batch (default: per_device_train_batch_size). The "
+                          "original hard-codes 10, which is per_device_train_batch_size in its Booster scripts."},
     )
     booster_impl: str = field(default="fast", metadata={"help": BoosterConfig.help()["impl"]})
     merge_passes: bool | None = field(default=None, metadata={"help": BoosterConfig.help()["merge_passes"]})
@@ -97,6 +114,7 @@ class BoosterTrainingArguments(TrainingArguments):
         if not (self.rho > 0 and math.isfinite(self.rho)):
             raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
         _perturb_aware(self)  # refuses what is neither a bool nor the original's "True"/"False"
+        _check_optim(self)
         if self.harmful_batch_size is not None and self.harmful_batch_size < 1:
             raise ValueError(f"harmful_batch_size must be >= 1, got {self.harmful_batch_size}")
 
@@ -109,6 +127,15 @@ def _perturb_aware(args) -> bool:
         return value in (True, "True")
     raise ValueError(f"perturb_aware must be True or False (or the original's strings \"True\"/\"False\"), got "
                      f"{value!r}")
+
+
+def _check_optim(args):
+    """Refuse an `optim` the engine would not honour: its update is always torch's AdamW."""
+    optim = getattr(args.optim, "value", args.optim)  # TrainingArguments turns the string into an OptimizerNames
+    if optim not in ENGINE_OPTIMS:
+        raise ValueError(f"optim={optim!r} is not supported: BoosterTrainer's update is the engine's torch AdamW; "
+                         f"pass optim=\"adamw_torch\" or \"adamw_torch_fused\" (the default) and set its "
+                         f"adam_beta1/adam_beta2/adam_epsilon/weight_decay")
 
 
 def _gradient_only(engine_cls):
@@ -198,14 +225,19 @@ class FixedLengthCollator:
 class BoosterTrainer(Trainer):
     """`transformers.Trainer` whose `training_step` is a Booster update (see the module docstring)."""
 
-    def __init__(self, *args, harmful_dataset=None, **kwargs):
+    def __init__(self, *args, harmful_dataset=None, tokenizer=None, **kwargs):
+        if tokenizer is not None:  # the original's spelling
+            if kwargs.get("processing_class") is not None:
+                raise ValueError("pass the tokenizer once: tokenizer= or processing_class=, not both")
+            kwargs["tokenizer" if _TRAINER_TAKES_TOKENIZER else "processing_class"] = tokenizer
         super().__init__(*args, **kwargs)
         if not all(hasattr(self.args, k) for k in ("lamb", "alpha")):  # the original's own arguments class has both
             raise TypeError(f"BoosterTrainer needs BoosterTrainingArguments (or arguments with `lamb` and `alpha`, "
                             f"as the original's), got {type(self.args).__name__}")
-        if self.optimizer is not None:
+        _check_optim(self.args)  # again here: the original's arguments class is a plain TrainingArguments
+        if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
             raise ValueError("BoosterTrainer builds its own optimizer (the engine's AdamW over the flat LoRA "
-                             "buffer); do not pass `optimizers=`")
+                             "buffer); do not pass `optimizers=` or `optimizer_cls_and_kwargs=`")
         self._check_supported()
         self.engine = None
         self.harmful_dataloader = self.harmful_data_iter = None

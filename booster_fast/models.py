@@ -148,6 +148,10 @@ def _seeded(seed, device):
 def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelError(f"--model {name}: no such directory (built-in presets: {', '.join(PRESETS)}; or a "
+                         f"Hugging Face id such as meta-llama/Llama-2-7b-hf)")
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if quant == "nf4":
         from transformers import BitsAndBytesConfig

@@ -85,8 +85,9 @@ BAD_FLAGS = [  # well-typed values that argparse accepts and the run must refuse
     ["--max-length", "8"], ["--log-every", "0"], ["--save-every", "-1"], ["--keep-checkpoints", "0"],
     ["--max-skipped", "-1"], ["--impl", "reference", "--max-skipped", "5"], ["--harmful-batch-size", "0"],
     ["--grad-accum", "0"], ["--grad-accum", "3"], ["--epochs", "0"], ["--epochs", "-2"], ["--steps", "0"],
-    ["--device", "tpu"], ["--device", "meta"],
-    ["--model", "no/such-model-xyz"], ["--data", "missing.jsonl"], ["--data", "data.txt"],
+    ["--device", "tpu"], ["--device", "meta"], ["--lamb", "inf"], ["--alpha", "nan"], ["--alpha", "inf"],
+    ["--align-samples", "0"], ["--harmful-samples", "100000"],
+    ["--model", "no/such-model-xyz"], ["--model", "/no/such/dir"], ["--data", "missing.jsonl"], ["--data", "data.txt"],
 ]
 
 

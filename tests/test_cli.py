@@ -339,3 +339,53 @@ def test_fused_ops_flag_reaches_the_config():
     for flag, want in (("auto", None), ("on", True), ("off", False)):
         args = build_parser().parse_args(["align", "--output", "x", "--fused-ops", flag])
         assert config_from_args(args, "fast").fused_ops is want
+
+
+def test_the_original_codes_flag_names_get_a_hint(capsys):
+    """A swap-in user's first command uses the original train.py's names: the error names ours."""
+    with pytest.raises(SystemExit) as e:
+        main(["align", "--learning_rate", "1e-4", "--num_train_epochs=3", "--sample_num", "500", "--tf32", "True"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("booster-fast: error: unrecognized arguments: --learning_rate 1e-4")
+    for hint in ("--learning_rate -> --lr", "--num_train_epochs -> --epochs", "--sample_num -> --align-samples",
+                 "--tf32 -> nothing"):
+        assert hint in err, err
+    with pytest.raises(SystemExit):
+        main(["align", "--no-such-flag"])
+    assert "original" not in capsys.readouterr().err
+
+
+def test_sample_counts_take_the_first_rows_and_the_default_length_is_saved(tmp_path):
+    """--align-samples / --harmful-samples (the original's sample_num / bad_sample_num) keep the first N rows of
+    each set; with neither --steps nor --epochs a built-in model runs 20 steps and a real model the paper's 20
+    epochs, and the resolved value is what run_config.json keeps (so that --resume runs the same length)."""
+    from types import SimpleNamespace
+
+    from booster_fast import align as al
+    from booster_fast.data import load_safety_data
+
+    args = SimpleNamespace(data="builtin", harmful_data=None, align_samples=7, harmful_samples=5)
+    a, h = al.load_data(args)
+    full_a, full_h = load_safety_data("builtin", "train")
+    assert a == full_a[:7] and h == full_h[:5]
+    out = tmp_path / "run"
+    assert main(["align", "--output", str(out), "--steps", "2", "--max-length", "64", "--batch-size", "2",
+                 "--align-samples", "6", "--harmful-samples", "4"]) == 0
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["align_samples"] == 6 and cfg["harmful_samples"] == 4
+    out = tmp_path / "default"
+    assert main(["align", "--output", str(out), "--max-length", "64", "--batch-size", "2", "--align-samples", "4",
+                 "--save-every", "0"]) == 0
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert (cfg["steps"], cfg["epochs"]) == (20, None)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 20
+    model, tok = load_model("tiny", device="cpu")  # a "real" model: a local directory
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "real"
+    assert main(["align", "--model", str(tmp_path / "model"), "--output", str(out), "--max-length", "64",
+                 "--batch-size", "2", "--align-samples", "2", "--save-every", "0", "--log-every", "20"]) == 0
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert (cfg["steps"], cfg["epochs"]) == (None, 20.0)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 20

@@ -474,3 +474,130 @@ def test_a_second_train_call_starts_with_fresh_metrics(tmp_path, data):
     last = [r for r in trainer.state.log_history if "harmful_loss" in r][-1]
     want = float(torch.stack([o["harmful_loss"] for o in seen]).mean())
     assert last["harmful_loss"] == pytest.approx(want, rel=1e-6)
+
+
+def test_tokenizer_keyword_as_the_original_passes_it(tmp_path, data):
+    """The original builds its trainer with tokenizer=; transformers 5's Trainer only knows processing_class=. The
+    tokenizer reaches the Trainer either way, and a run trains; giving both names is refused."""
+    rows_a, rows_h, pad = data
+    model, tok = make_model()
+    trainer = bf.BoosterTrainer(model=model, tokenizer=tok, args=trainer_args(tmp_path, max_steps=1),
+                                train_dataset=rows_a, harmful_dataset=rows_h,
+                                data_collator=FixedLengthCollator(pad, MAX_LEN))
+    assert trainer.processing_class is tok
+    trainer.train()
+    assert [r["step"] for r in trainer.state.log_history if "harmful_loss" in r] == [1]
+    with pytest.raises(ValueError, match="tokenizer= or processing_class=, not both"):
+        bf.BoosterTrainer(model=model, tokenizer=tok, processing_class=tok, args=trainer_args(tmp_path),
+                          train_dataset=rows_a, data_collator=FixedLengthCollator(pad, MAX_LEN))
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adafactor", "adamw_bnb_8bit", "adamw_torch_4bit"])
+def test_an_optimizer_other_than_adamw_is_refused(tmp_path, data, optim):
+    """The engine always steps torch's AdamW: another `optim` would be ignored, so it is refused, by our arguments
+    and, for the original's arguments class (a plain TrainingArguments), by the Trainer."""
+    from transformers import TrainingArguments
+
+    with pytest.raises(ValueError, match=f"optim='{optim}' is not supported: .*AdamW.*adamw_torch"):
+        trainer_args(tmp_path, optim=optim)
+
+    @dataclasses.dataclass
+    class OriginalArguments(TrainingArguments):
+        lamb: float = 5.0
+        alpha: float = 0.1
+
+    model, _ = make_model()
+    args = OriginalArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", optim=optim)
+    with pytest.raises(ValueError, match=f"optim='{optim}' is not supported"):
+        bf.BoosterTrainer(model=model, args=args, train_dataset=data[0])
+
+
+def test_adamw_optims_and_hyperparameters_reach_the_engine(tmp_path, data):
+    """optim "adamw_torch", "adamw_torch_fused" and the Trainer's default are taken; adam_beta1/2, adam_epsilon,
+    learning_rate and weight_decay are those of the AdamW the Trainer steps, for both engines; optimizers= and
+    optimizer_cls_and_kwargs= are refused (they would be ignored)."""
+    from transformers import TrainingArguments
+
+    default = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
+    for optim in ("adamw_torch", "adamw_torch_fused", default):
+        trainer_args(tmp_path, optim=optim)
+    for impl in ("fast", "reference"):
+        trainer, _ = make_trainer(tmp_path, data, booster_impl=impl, optim="adamw_torch", adam_beta1=0.8,
+                                  adam_beta2=0.95, adam_epsilon=1e-6, learning_rate=3e-4, weight_decay=0.05)
+        trainer.create_optimizer()
+        assert trainer.optimizer is trainer.engine.optimizer
+        (group,) = trainer.optimizer.param_groups
+        assert isinstance(trainer.optimizer, torch.optim.AdamW)
+        assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.05), impl
+        assert float(group["lr"]) == pytest.approx(3e-4), impl
+    model, _ = make_model()
+    for kw in ({"optimizers": (torch.optim.SGD(model.parameters(), lr=0.1), None)},
+               {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.1})}):
+        with pytest.raises(ValueError, match="builds its own optimizer"):
+            bf.BoosterTrainer(model=model, args=trainer_args(tmp_path), train_dataset=data[0], **kw)
+
+
+def test_harmful_batch_size_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="harmful_batch_size must be >= 1"):
+        trainer_args(tmp_path, harmful_batch_size=0)
+
+
+class FlatGradCapture(GradCapture):
+    """The combined gradient after the Trainer's clipping, as one vector over the LoRA parameters (either engine)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.grads.append(flat_grad(self.model))
+
+
+def flat_grad(model):
+    return torch.cat([p.grad.reshape(-1) for _, p in sorted(model.named_parameters()) if p.requires_grad]).clone()
+
+
+@pytest.mark.parametrize("impl, merge", [("fast", True), ("reference", None)])
+def test_harmful_batch_size_other_than_the_alignment_batch(tmp_path, data, impl, merge):
+    """harmful_batch_size=3 beside 2 alignment rows per micro-batch, 2 micro-batches per update: each micro-batch
+    pulls one harmful micro-batch of 3 rows; the first update's combined gradient equals one big batch's (4 + 6
+    rows: each loss divided by its own set's tokens over the whole update), and two updates equal `Booster` fed
+    the same micro-batches as lists. The fast engine runs merged: [harmful ; alignment] in one pass, rows unequal."""
+    rows_a, rows_h, pad = data
+    model, _ = make_model()
+    cap = FlatGradCapture(model)
+    args = trainer_args(tmp_path, booster_impl=impl, merge_passes=merge, per_device_train_batch_size=2,
+                        harmful_batch_size=3, gradient_accumulation_steps=2, max_steps=2)
+    trainer = bf.BoosterTrainer(model=model, args=args, train_dataset=rows_a, harmful_dataset=rows_h,
+                                data_collator=FixedLengthCollator(pad, MAX_LEN), callbacks=[cap])
+    drawn, sample = [], trainer.sample_from_harmful
+
+    def recording_sample():
+        drawn.append(sample())
+        return drawn[-1]
+
+    trainer.sample_from_harmful = recording_sample
+    trainer.train()
+    assert [b["input_ids"].shape[0] for b in drawn] == [3, 3, 3, 3], "not one 3-row harmful batch per micro-batch"
+    assert torch.equal(torch.cat([b["input_ids"] for b in drawn]), batch(rows_h, 0, 12, pad)["input_ids"])
+
+    # one big batch: 4 alignment + 6 harmful rows; the engine's combined gradient unclipped, clipped as the Trainer
+    big_model, _ = make_model()
+    big = bf.Booster(big_model, bf.BoosterConfig(impl=impl, merge_passes=merge, lr=LR, weight_decay=0.1,
+                                                 max_grad_norm=0.0, skip_nonfinite=False))
+    big.engine._clip_and_update = lambda: torch.zeros(())   # leave the combined gradient in .grad
+    big.step(batch(rows_a, 0, 4, pad), batch(rows_h, 0, 6, pad))
+    g = flat_grad(big_model)
+    g *= (1.0 / (g.norm() + 1e-6)).clamp(max=1.0)
+    assert g.norm() > 0
+    err = ((cap.grads[0] - g).norm() / g.norm()).item()
+    assert err <= 1e-5, f"{impl}: accumulated gradient differs from the big batch's by {err:.3g} (relative L2)"
+
+    lst_model, _ = make_model()
+    lst = bf.Booster(lst_model, bf.BoosterConfig(impl=impl, merge_passes=merge, lr=LR, weight_decay=0.1,
+                                                 max_grad_norm=1.0))
+    for u in range(2):
+        lst.step([batch(rows_a, 2 * u, 2, pad), batch(rows_a, 2 * u + 1, 2, pad)],
+                 [batch(rows_h, 2 * u, 3, pad), batch(rows_h, 2 * u + 1, 3, pad)])
+    err, name = worst_relative_error(lora_state(model), lora_state(lst_model))
+    assert err <= 1e-5, f"{impl}: {name} differs by {err:.3g} after 2 updates with 3-row harmful batches"

@@ -403,3 +403,23 @@ def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(tmp_path):
     plain = args()
     apply_resume(plain)
     assert plain.perturb_aware is False and plain.rho == 5.0 and plain.resume_changes == {}
+
+
+def test_a_run_whose_every_update_was_skipped_exits_3(tmp_path, poison, capsys):
+    """Under the default --max-skipped (100), a short run that diverged from its first step used to exit 0 with an
+    untrained adapter; a run whose every update was skipped now stops with exit code 3: after 10 updates, or at
+    its end when it is shorter."""
+    poison(set(range(1, 100)))
+    capsys.readouterr()
+    assert main(["align", "--output", str(tmp_path / "run"), "--steps", "6", *SMALL, "--log-every", "3"]) == 3
+    line = one_error_line(capsys.readouterr().err, progress=True)
+    assert "6 updates skipped by step 6" in line and "every update so far" in line, line
+    assert not (tmp_path / "run").exists()
+    assert main(["align", "--output", str(tmp_path / "long"), "--steps", "30", *SMALL, "--log-every", "5"]) == 3
+    assert "10 updates skipped by step 10" in one_error_line(capsys.readouterr().err, progress=True)
+
+
+def test_a_first_update_skipped_alone_does_not_stop_the_run(tmp_path, poison):
+    poison({1})
+    assert main(["align", "--output", str(tmp_path / "ok"), "--steps", "3", *SMALL, "--log-every", "1"]) == 0
+    assert [r["skipped"] for r in read_metrics(tmp_path / "ok")] == [1.0, 0.0, 0.0]
