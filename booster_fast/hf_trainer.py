@@ -35,9 +35,9 @@ How it fits into the Trainer. The Trainer's loop does, per update: `training_ste
 - The harmful data: `harmful_batch_size` rows per device and micro-batch (default: per_device_train_batch_size).
   The original's loader hard-codes 10 rows, which equals per_device_train_batch_size in its Booster scripts
   (smooth_align*.sh), so the default reproduces them; set harmful_batch_size=10 to keep 10 whatever the
-  alignment batch. With gradient
-  accumulation one harmful micro-batch is pulled per alignment micro-batch, and the harmful loss is divided by
-  the harmful tokens of the whole update, the alignment loss by its own, so the two sizes may differ.
+  alignment batch. With gradient accumulation one harmful micro-batch is pulled per alignment micro-batch, and
+  the harmful loss is divided by the harmful tokens of the whole update, the alignment loss by its own, so the
+  two sizes may differ.
   Shuffled on its own (seed `args.seed + 1`, a new order each pass), as the original's own
   RandomSampler does, so that an update's harmful rows are not the prompts of its alignment rows (accelerate
   would give a random sampler over a set of the same length the train loader's very order); sequential when
