@@ -95,8 +95,11 @@ class FastBooster:
         self.W = torch.nn.Parameter(self.flat.W, requires_grad=True)
         self.W.grad = self.flat.G_f
         # the learning rate is a device tensor: a captured step reads it at every replay, so a scheduler (which
-        # fills a tensor lr in place) or a user's new value needs no new graph (_prepare keeps it this tensor)
-        self._lr = torch.full((), cfg.lr, dtype=torch.float32, device=self.device)
+        # fills a tensor lr in place) or a user's new value needs no new graph (_prepare keeps it this tensor).
+        # CUDA's fused AdamW reads a tensor lr as fp32 (as it rounds a float one); the CPU's takes fp64, which
+        # keeps the CPU update bit for bit what a float lr gives
+        lr_dtype = torch.float32 if cuda else torch.float64
+        self._lr = torch.full((), cfg.lr, dtype=lr_dtype, device=self.device)
         self.optimizer = torch.optim.AdamW([self.W], lr=self._lr, betas=cfg.betas, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay, fused=True,
                                            **({"capturable": True} if cuda else {}))
@@ -237,7 +240,11 @@ class FastBooster:
             self.model.train()
         group = self.optimizer.param_groups[0]
         if group["lr"] is not self._lr:  # a float set by hand, or a tensor from a loaded optimizer state
-            self._lr.copy_(torch.as_tensor(group["lr"], dtype=torch.float32))  # not in the step: no graph reads it
+            value = group["lr"]  # between steps, outside any graph
+            if torch.is_tensor(value):
+                self._lr.copy_(value)
+            else:
+                self._lr.fill_(value)
             group["lr"] = self._lr
 
     # -- the Booster step ------------------------------------------------------------------------------------
