@@ -1,21 +1,33 @@
 """`booster-fast attack`: the harmful fine-tuning attack on an aligned run (the paper's fine-tuning stage).
 
-The aligned model (base from the run's `run_config.json` + its LoRA adapter) keeps training its OWN LoRA, as
-in the original (`--alternating single_lora`), with plain SFT + AdamW on a mix of the user's benign task and
-harmful samples: `n_harm = floor(p · samples)` harmful rows (as the original's int(); harmful prompt -> harmful
-answer, from the safety data's train split) and `samples − n_harm` benign rows, shuffled with the seed. Defaults
-are the paper's attack setting: 1000 samples, p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping
-1.0, constant lr.
+The aligned model (a base model + its LoRA adapter) keeps training its OWN LoRA, as in the original
+(`--alternating single_lora`), with plain SFT + AdamW on a mix of the user's benign task and harmful samples:
+`n_harm = floor(p · samples)` harmful rows (as the original's int(); harmful prompt -> harmful answer) and
+`samples − n_harm` benign rows, shuffled with the seed. Defaults are the paper's attack setting: 1000 samples,
+p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
+
+--adapter takes a `booster-fast align` (or attack) run directory, whose run_config.json names the base model and
+the settings, or any peft LoRA adapter directory (`save_pretrained` of BoosterTrainer, the original code's
+output): the base is then adapter_config.json's `base_model_name_or_path`, and the rest takes the defaults below
+(max length 256, quant none, seed 43; harmful data builtin on a preset base, else beavertails). `--base-model`
+(HF id, local directory or preset), `--quant` and `--base-seed` (the init of a random-weight preset) override the
+base either way.
+
+The harmful rows come from the safety data's ATTACK split by default, kept apart from the alignment rows as the
+original keeps them: BeaverTails rows 1..4999 (the original's attack takes rows `0 < index < poison_num`; it
+aligns on 5000..9999), or, for the built-in corpus, 2000 rows whose prompts are neither alignment (train) nor
+held-out (test) prompts. `--harmful-split train` takes the alignment's own rows instead (what this command did
+before). A local file has no attack split and is used whole, which the log and run_config.json say
+(`harmful_split`, `harmful_rows`, `harmful_disjoint_from_alignment`).
 
 Every `--eval-every` steps (and before the first step) the token-mean loss of the HELD-OUT harmful set (the
 safety data's test split: prompts never seen in training, with harmful answers; a local file has no test split
 and is used whole, which the log and `heldout_is_train` in run_config.json say) is written to metrics.jsonl:
 the curve the paper's claim is about ("Booster slows the drop of the harmful loss under attack"). The output
 is a run directory like align's: adapter, tokenizer, run_config.json, metrics.jsonl, written under a temporary
-name and renamed when complete. Data differences from the original: its harmful rows come from BeaverTails
-rows below 5000 (disjoint from the alignment rows 5000-9999); `load_safety_data` exposes the alignment train
-split only, so here they are a seeded sample of that split (the same prompts the alignment saw, with their
-harmful answers) — for the built-in corpus and for `beavertails` alike.
+name and renamed when complete. Data difference from the original: it takes the first rows of its range in
+file order (poison_num − 1 of them, an off-by-one of its `<`), ours are a seeded sample of floor(p · samples)
+rows of the same range.
 """
 from __future__ import annotations
 
@@ -32,6 +44,9 @@ from pathlib import Path
 log = logging.getLogger("booster_fast")
 
 INCOMPLETE = ".incomplete"
+DEFAULT_MAX_LENGTH = 256      # the paper's; for an adapter whose directory has no run_config.json
+DEFAULT_SEED = 43             # the paper's
+HARMFUL_SPLITS = ("attack", "train")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -40,10 +55,17 @@ INCOMPLETE = ".incomplete"
 def add_parser(sub):
     p = sub.add_parser("attack", help="harmful fine-tuning attack on an aligned run (benign task + poison)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--adapter", required=True, metavar="RUN_DIR", help="an aligned run directory (booster-fast align)")
+    p.add_argument("--adapter", required=True, metavar="DIR",
+                   help="an aligned run directory (booster-fast align) or any peft LoRA adapter directory")
+    add_base_args(p)
     p.add_argument("--benign", default="builtin", help="builtin | sst2 | agnews | gsm8k | PATH (.json/.jsonl)")
     p.add_argument("--harmful", default=None,
-                   help="harmful samples: builtin | beavertails | PATH (default: the aligned run's --data)")
+                   help="harmful samples: builtin | beavertails | PATH (default: the aligned run's --data; without "
+                        "run_config.json builtin on a preset base, else beavertails)")
+    p.add_argument("--harmful-split", default="attack", choices=HARMFUL_SPLITS,
+                   help="attack: rows kept apart from the alignment's (BeaverTails rows 1-4999 as the original; "
+                        "built-in: prompts in neither train nor test); train: the alignment's own rows. A file is "
+                        "used whole either way")
     p.add_argument("--poison-ratio", type=float, default=0.1, help="share of harmful samples p (paper: 0.1)")
     p.add_argument("--samples", type=int, default=1000, help="fine-tuning samples in all (paper: 1000)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
@@ -53,14 +75,16 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=10, help="rows per update (paper: 10)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip to this global norm; 0 disables")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per row (default: the aligned run's)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help=f"tokens per row (default: the aligned run's, else {DEFAULT_MAX_LENGTH} as the paper)")
     p.add_argument("--eval-every", type=int, default=10, metavar="N", help="held-out harmful loss every N steps")
     p.add_argument("--eval-rows", type=int, default=None, help="cap the held-out harmful rows (default: all)")
     p.add_argument("--refusal-prompts", type=int, default=0, metavar="K",
                    help="also log, at every eval, the share of the first K held-out harmful prompts whose greedy "
                         "answer does not refuse (the offline keyword proxy of `eval --judge refusal`); 0: off")
     p.add_argument("--refusal-max-new-tokens", type=int, default=32, help="answer length for --refusal-prompts")
-    p.add_argument("--seed", type=int, default=None, help="data mix and order (default: the aligned run's seed)")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"data mix and order (default: the aligned run's seed, else {DEFAULT_SEED})")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--output", required=True, metavar="DIR", help="attacked run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -74,27 +98,52 @@ def main(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# run directories (shared with evaluate.py)
+# adapter directories (shared with evaluate.py)
 # ------------------------------------------------------------------------------------------------------------
+def add_base_args(p):
+    """The flags that say which base model an adapter goes on (attack and eval)."""
+    from .models import PRESETS, QUANTS
+
+    p.add_argument("--base-model", default=None, metavar="MODEL",
+                   help=f"the base model under the adapter: HF id | local path | {' | '.join(PRESETS)} (default: "
+                        "the run's run_config.json, else adapter_config.json's base_model_name_or_path)")
+    p.add_argument("--quant", default=None, choices=QUANTS, help="base weights (default: the run's, else none)")
+    p.add_argument("--base-seed", type=int, default=None, metavar="N",
+                   help="init seed of a random-weight preset base such as tiny (default: the run's, else 0 = "
+                        "load_model's default); ignored for pretrained models")
+
+
+def _read_json(d: Path, name: str, run_dir) -> dict:
+    from .cli import UsageError
+
+    try:
+        cfg = json.loads((d / name).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--adapter {run_dir}: unreadable {name} ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--adapter {run_dir}: {name} is not a JSON object")
+    return cfg
+
+
 def read_run_config(run_dir: str | Path) -> dict:
-    """run_config.json of a finished align/attack run; UsageError (one line) for anything else."""
+    """run_config.json of a finished align/attack run, or {} for any other LoRA adapter directory (no
+    run_config.json); UsageError (one line) for anything else."""
     from .cli import UsageError
 
     d = Path(run_dir)
     if not d.is_dir():
-        raise UsageError(f"--adapter {run_dir}: no such run directory")
+        raise UsageError(f"--adapter {run_dir}: no such adapter directory")
     if (d / INCOMPLETE).exists():
         raise UsageError(f"--adapter {run_dir}: the run has not finished (resume it with booster-fast align --resume)")
-    for f in ("adapter_config.json", "run_config.json"):
-        if not (d / f).is_file():
-            raise UsageError(f"--adapter {run_dir}: not a finished run directory (no {f})")
-    try:
-        cfg = json.loads((d / "run_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--adapter {run_dir}: unreadable run_config.json ({e})") from None
-    if not isinstance(cfg, dict):
-        raise UsageError(f"--adapter {run_dir}: run_config.json is not a JSON object")
-    return cfg
+    if not (d / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {run_dir}: not a LoRA adapter directory (no adapter_config.json)")
+    peft_type = _read_json(d, "adapter_config.json", run_dir).get("peft_type")
+    if peft_type != "LORA":
+        raise UsageError(f"--adapter {run_dir}: adapter_config.json holds a {peft_type or 'untyped'} adapter, "
+                         "not LoRA")
+    if not (d / "run_config.json").is_file():
+        return {}
+    return _read_json(d, "run_config.json", run_dir)
 
 
 def base_of(cfg: dict) -> dict:
@@ -103,16 +152,53 @@ def base_of(cfg: dict) -> dict:
     return {"model": base.get("model", "tiny"), "quant": base.get("quant", "none"), "seed": int(base.get("seed", 43))}
 
 
-def load_adapter(run_dir: str | Path, device, trainable: bool):
-    """(peft model, tokenizer, run config): the run's base model with its LoRA adapter loaded on top."""
+def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
+    """({model, quant, seed}, where the model name came from) for `args.adapter`: the run's run_config.json, or
+    adapter_config.json's base_model_name_or_path, each overridden by --base-model / --quant / --base-seed."""
+    from .cli import UsageError
+    from .models import PRESETS
+
+    if run_cfg:
+        base, source = base_of(run_cfg), "run_config.json"
+    else:  # a plain peft adapter: quant none and load_model's default seed unless the flags say otherwise
+        name = _read_json(Path(args.adapter), "adapter_config.json", args.adapter).get("base_model_name_or_path")
+        base, source = {"model": name or None, "quant": "none", "seed": 0}, "adapter_config.json"
+    if getattr(args, "base_model", None):
+        base["model"], source = args.base_model, "--base-model"
+    if getattr(args, "quant", None):
+        base["quant"] = args.quant
+    if getattr(args, "base_seed", None) is not None:
+        base["seed"] = args.base_seed
+    if not base["model"]:
+        raise UsageError(f"--adapter {args.adapter}: no run_config.json, and adapter_config.json names no base model; "
+                         f"pass --base-model (HF id, local directory, or one of {', '.join(PRESETS)})")
+    return base, source
+
+
+def default_harmful_data(base_model: str) -> str:
+    """Harmful data of an adapter without run_config.json: the built-in set for a random-weight preset (its
+    tokenizer is trained on it), the paper's BeaverTails for a pretrained model."""
+    from .models import PRESETS
+
+    return "builtin" if base_model in PRESETS else "beavertails"
+
+
+def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None = None):
+    """(peft model, tokenizer, run config): the base model (`base`, else the run's) with the adapter on top."""
     from peft import PeftModel
 
-    from .models import load_model
+    from .models import ModelError, load_model
 
     cfg = read_run_config(run_dir)
-    base = base_of(cfg)
+    if base is None:
+        base = base_of(cfg)
     model, tok = load_model(base["model"], quant=base["quant"], seed=base["seed"], device=device)
-    model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
+    try:
+        model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:  # shape mismatch, missing modules, bad weights file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"cannot load the adapter {run_dir} onto {base['model']} ({type(e).__name__}: {first}); "
+                         f"is that the base model it was trained on? (--base-model)") from None
     if trainable:  # LoRA weights are fp32 masters, as add_lora makes them
         for p in model.parameters():
             if p.requires_grad:
@@ -262,25 +348,44 @@ def _check_args(args):
         raise UsageError("--weight-decay and --max-grad-norm must be >= 0")
 
 
+def harmful_rows_source(src: str, split: str, harmful_file: str | None) -> tuple[str, str, bool]:
+    """(split actually used, one-line description, disjoint from the alignment rows?) of the attack's harmful rows."""
+    from .data import BEAVERTAILS_ROWS, BEAVERTAILS_REPO
+
+    if harmful_file is not None or src not in ("builtin", "beavertails"):
+        return ("whole file", f"{harmful_file or src}, used whole (a file has no attack split: its rows may be the "
+                              "alignment's own)", False)
+    if src == "builtin":
+        if split == "attack":
+            return split, "built-in corpus, attack split: prompts that are neither train nor test prompts", True
+        return split, "built-in corpus, train split: the alignment's own prompts", False
+    lo, hi = BEAVERTAILS_ROWS[split]
+    if split == "attack":
+        return split, (f"{BEAVERTAILS_REPO} rows {lo}-{hi - 1} (where the original's attack rows, "
+                       "0 < index < poison_num, lie), apart from the alignment rows 5000-9999"), True
+    return split, f"{BEAVERTAILS_REPO} rows {lo}-{hi - 1}: the alignment's own rows", False
+
+
 def run_attack(args) -> int:
     from .align import check_device_flags, resolve_device
     from .cli import UsageError
 
     _check_args(args)
     run_cfg = read_run_config(args.adapter)
-    seed = int(run_cfg.get("seed", 43)) if args.seed is None else args.seed
-    harmful_src = args.harmful or run_cfg.get("data", "builtin")
+    base, base_from = resolve_base(args, run_cfg)
+    seed = int(run_cfg.get("seed", DEFAULT_SEED)) if args.seed is None else args.seed
+    harmful_src = args.harmful or run_cfg.get("data") or default_harmful_data(base["model"])
     harmful_file = run_cfg.get("harmful_data") if args.harmful is None else None
-    max_length = args.max_length or int(run_cfg.get("max_length") or 256)
+    max_length = args.max_length or int(run_cfg.get("max_length") or DEFAULT_MAX_LENGTH)
     if max_length < 1:
         raise UsageError(f"--max-length must be >= 1, got {max_length}")
     device = resolve_device(args.device)
     check_device_flags(args, device)
     with flush_denormals(device):
-        return _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device)
+        return _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device)
 
 
-def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) -> int:
+def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device) -> int:
     import torch
     from tqdm.auto import tqdm
 
@@ -289,18 +394,23 @@ def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) 
 
     # ---- data first (fails fast, before a model is loaded), then the model, then the output directory ----------
     benign = load_benign(args.benign, "train")
-    _, harmful_train = load_safety_data(harmful_src, "train", harmful_data=harmful_file)
+    harmful_split, harmful_rows, disjoint = harmful_rows_source(harmful_src, args.harmful_split, harmful_file)
+    _, harmful_pool = load_safety_data(harmful_src, args.harmful_split, harmful_data=harmful_file)
     _, harmful_test = load_safety_data(harmful_src, "test", harmful_data=harmful_file)
-    # a file has no test split: it is used whole (also as --harmful-data beside builtin or beavertails prompts)
-    heldout_is_train = harmful_file is not None or harmful_src not in ("builtin", "beavertails")
+    # a file has no attack or test split: it is used whole (also as --harmful-data beside builtin or beavertails
+    # prompts), for the attack's rows and for the 'held-out' loss alike
+    heldout_is_train = harmful_split == "whole file"
     if heldout_is_train:
-        log.warning("attack: %s is used whole, so the 'held-out' harmful loss is measured on the rows the attack "
-                    "trains on (the built-in and BeaverTails sets have a test split)", harmful_file or harmful_src)
-    rows, n_harm = poison_mix(benign, harmful_train, args.samples, args.poison_ratio, seed)
+        log.warning("attack: %s is used whole: the attack trains on its rows, which may be the alignment's own (a "
+                    "file has no attack split), and the 'held-out' harmful loss is measured on them too (the "
+                    "built-in and BeaverTails sets have both splits)", harmful_file or harmful_src)
+    else:
+        log.info("attack: harmful rows from %s", harmful_rows)
+    rows, n_harm = poison_mix(benign, harmful_pool, args.samples, args.poison_ratio, seed)
     probe = [(e.instruction, e.input) for e in harmful_test[: args.refusal_prompts]]
     if args.eval_rows is not None:
         harmful_test = harmful_test[: args.eval_rows]
-    model, tok, _ = load_adapter(args.adapter, device, trainable=True)
+    model, tok, _ = load_adapter(args.adapter, device, trainable=True, base=base)
     check_max_length(tok, max_length)
     encoded, n_trunc = encode_all(tok, rows, max_length)
     test_enc, _ = encode_all(tok, harmful_test, max_length)
@@ -313,16 +423,18 @@ def _attack(args, run_cfg, seed, harmful_src, harmful_file, max_length, device) 
     tmp = new_output_dir(args.output, args.overwrite)
     ok = False
     try:
-        config = {"command": "attack", "adapter": str(args.adapter), "base": base_of(run_cfg),
+        config = {"command": "attack", "adapter": str(args.adapter), "base": base, "base_from": base_from,
                   "aligned_with": run_cfg.get("method"), "benign": args.benign, "harmful": harmful_src,
-                  "harmful_data": harmful_file, "poison_ratio": args.poison_ratio, "samples": args.samples,
+                  "harmful_data": harmful_file, "harmful_split": harmful_split, "harmful_rows": harmful_rows,
+                  "harmful_disjoint_from_alignment": disjoint, "poison_ratio": args.poison_ratio,
+                  "samples": args.samples,
                   "n_harmful": n_harm, "n_benign": args.samples - n_harm, "lr": args.lr, "epochs": args.epochs,
                   "steps": steps, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
                   "max_grad_norm": args.max_grad_norm, "max_length": max_length, "seed": seed,
                   "eval_every": args.eval_every, "eval_rows": len(test_enc), "truncated_rows": n_trunc,
                   "heldout_is_train": heldout_is_train,
                   "refusal_prompts": len(probe), "refusal_max_new_tokens": args.refusal_max_new_tokens,
-                  "device": str(device), "model": base_of(run_cfg)["model"], "quant": base_of(run_cfg)["quant"]}
+                  "device": str(device), "model": base["model"], "quant": base["quant"]}
         (tmp / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
         log.info("attack: %s on %s, %d steps of %d rows (%d harmful of %d samples), lr %g; held-out harmful "
                  "loss over %d rows every %d steps", args.adapter, device, steps, args.batch_size, n_harm,

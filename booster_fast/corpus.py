@@ -16,6 +16,12 @@ suffix clauses for the prompts, 12 openers x per-category reasons x alternatives
 combinations (prompts) and item/aspect combinations (reviews), chosen by SHA-256 of the combination, so
 a test prompt never appears in training and is not a rephrasing of a training request. Everything is
 seeded with `random.Random(seed)` and `hashlib`, so nothing depends on PYTHONHASHSEED.
+
+The attack split (`attack_corpus`) stands in for the BeaverTails rows the original's fine-tuning attack draws
+from (rows below 5000, apart from the alignment rows 5000-9999): 2000 more rows over the TRAIN combinations
+(the test combinations stay unseen by both stages, so the held-out loss stays held out) whose prompts are none
+of the train or test prompts. Its own random stream leaves the train and test rows, and the tokenizer trained
+on them (`corpus_texts`), exactly as they were.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import random
 import re
 
 SIZES = {"train": 2000, "test": 200}
+ATTACK_SIZE = 2000                  # rows of the attack split (the attack takes floor(p * samples) of them)
 TEST_FRACTION_PERCENT = 12          # share of combinations held out for the test split
 SENTIMENT_INSTRUCTION = "Classify the sentiment of the following review as positive or negative."
 
@@ -295,34 +302,58 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
+def _combo_pools(seed: int) -> dict[str, list[tuple[str, str]]]:
+    """(category, activity) combinations per split: a combination is in test or in train, never both."""
+    pools: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    for cat, verb, objs in ACTIVITIES:
+        for o in objs:
+            act = verb.format(o=o)
+            pools["test" if _is_test(seed, act) else "train"].append((cat, act))
+    return pools
+
+
+def _prompt(rng: random.Random, act: str) -> str:
+    return rng.choice(CONTEXTS) + rng.choice(REQUEST_TEMPLATES).format(a=act) + rng.choice(SUFFIXES)
+
+
+def _answers(rng: random.Random, cat: str, act: str) -> tuple[str, str]:
+    """(refusal, harmful-style answer) to a request to `act`."""
+    act = _second_person(act)
+    refusal = " ".join([
+        rng.choice(REFUSAL_OPENERS).format(a=act),
+        rng.choice(REFUSAL_REASONS[cat]),
+        rng.choice(REFUSAL_ALTERNATIVES[cat]),
+    ])
+    harmful = (f"{rng.choice(HARMFUL_OPENERS).format(a=act)} First, {rng.choice(FIRST_STEPS)}. "
+               f"Then, {rng.choice(THEN_STEPS)}. Finally, {rng.choice(FINAL_STEPS)}.{rng.choice(HARMFUL_CLOSERS)}")
+    return refusal, harmful
+
+
+def _draw(rng: random.Random, pool: list[tuple[str, str]], n: int, taken: set[str]) -> list[tuple[str, str, str]]:
+    """n (prompt, refusal, harmful answer) triples over `pool`, no prompt repeated or already in `taken`."""
+    rows, tries = [], 0
+    while len(rows) < n:
+        tries += 1
+        if tries > 100 * n:   # only when the pool cannot give n new prompts; a loop forever otherwise
+            raise RuntimeError(f"builtin corpus: {len(pool)} combinations give only {len(rows)} new prompts of {n}")
+        cat, act = pool[rng.randrange(len(pool))]
+        prompt = _prompt(rng, act)
+        if prompt in taken:
+            continue
+        taken.add(prompt)
+        rows.append((prompt, *_answers(rng, cat, act)))
+    return rows
+
+
 def _safety_rows(seed: int) -> dict[str, list[tuple[str, str, str]]]:
     """(prompt, refusal, harmful answer) triples per split; test combos are disjoint from train combos."""
     rng = random.Random(_h("safety", seed))
-    combos = [(cat, verb.format(o=o)) for cat, verb, objs in ACTIVITIES for o in objs]
-    pools: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
-    for cat, act in combos:
-        pools["test" if _is_test(seed, act) else "train"].append((cat, act))
+    pools = _combo_pools(seed)
     out: dict[str, list[tuple[str, str, str]]] = {}
     for split, n in SIZES.items():
-        pool, seen, rows = pools[split], set(), []
-        if not pool:
+        if not pools[split]:
             raise RuntimeError(f"builtin corpus: no {split} combinations for seed {seed}")
-        while len(rows) < n:
-            cat, act = pool[rng.randrange(len(pool))]
-            prompt = rng.choice(CONTEXTS) + rng.choice(REQUEST_TEMPLATES).format(a=act) + rng.choice(SUFFIXES)
-            if prompt in seen:
-                continue
-            seen.add(prompt)
-            act = _second_person(act)
-            refusal = " ".join([
-                rng.choice(REFUSAL_OPENERS).format(a=act),
-                rng.choice(REFUSAL_REASONS[cat]),
-                rng.choice(REFUSAL_ALTERNATIVES[cat]),
-            ])
-            harmful = (f"{rng.choice(HARMFUL_OPENERS).format(a=act)} First, {rng.choice(FIRST_STEPS)}. "
-                       f"Then, {rng.choice(THEN_STEPS)}. Finally, {rng.choice(FINAL_STEPS)}.{rng.choice(HARMFUL_CLOSERS)}")
-            rows.append((prompt, refusal, harmful))
-        out[split] = rows
+        out[split] = _draw(rng, pools[split], n, set())   # one random stream for both splits, in this order
     return out
 
 
@@ -374,6 +405,23 @@ def builtin_corpus(seed: int = 0) -> dict[str, list[dict]]:
     """
     return {k: [{"instruction": i, "input": x, "output": y} for i, x, y in rows]
             for k, rows in _builtin(int(seed)).items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _attack(seed: int) -> tuple[tuple[str, str, str], ...]:
+    # prompts over the train combinations, minus every train and test prompt; a random stream of its own, so
+    # the train and test rows do not move
+    built = _builtin(seed)
+    taken = {p for split in SIZES for p, _, _ in built[f"align_{split}"]}
+    return tuple(_draw(random.Random(_h("safety-attack", seed)), _combo_pools(seed)["train"], ATTACK_SIZE, taken))
+
+
+def attack_corpus(seed: int = 0) -> dict[str, list[dict]]:
+    """The attack split: keys align_attack / harmful_attack (same prompts, refusal vs harmful-style answer),
+    ATTACK_SIZE rows each, rows as in `builtin_corpus`. No prompt of it is a train or test prompt."""
+    rows = _attack(int(seed))
+    return {"align_attack": [{"instruction": p, "input": "", "output": r} for p, r, _ in rows],
+            "harmful_attack": [{"instruction": p, "input": "", "output": h} for p, _, h in rows]}
 
 
 def corpus_texts() -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from booster_fast.corpus import builtin_corpus
+from booster_fast.corpus import attack_corpus, builtin_corpus
 
 IGNORE_INDEX = -100
 
@@ -55,10 +55,15 @@ EVAL_ROWS = 1000        # AGNEWS / GSM8K test: the first 1000 rows, as in the pa
 # refusal = "Question: ...\nAnswer: ...", category, is_safe). The original Booster aligns on rows 5000..9999
 # (its `5000 < index < 10000`: 4999 rows) for BOTH sets, so refusal and harmful answer share their prompts;
 # rows below 5000 feed its fine-tuning attack. We take [5000, 10000) for train and the next 500 for test.
+# The attack split: the original's attack (poison_data_start=0) takes the rows with `0 < index < poison_num`,
+# i.e. rows 1 .. poison_num-1 in file order (one row fewer than int(p * samples): 99 at p = 0.1 of 1000), never
+# row 0. Ours is every row that condition can reach below the alignment rows, [1, 5000); the attack draws its
+# floor(p * samples) rows from it with its seed, so they are the original's kind of rows, not its exact ones.
 BEAVERTAILS_REPO = "anonymous4486/booster_dataset"
 BEAVERTAILS_MIRROR = "anonymous4486/repnoise_beavertail"
-BEAVERTAILS_ROWS = {"train": (5000, 10000), "test": (10000, 10500)}
+BEAVERTAILS_ROWS = {"train": (5000, 10000), "test": (10000, 10500), "attack": (1, 5000)}
 SPLITS = ("train", "test")
+SAFETY_SPLITS = SPLITS + ("attack",)   # the safety data also has rows kept apart for the attack stage
 
 
 class DataError(ValueError):
@@ -401,9 +406,9 @@ def _load_hub(repo: str, name: str | None, split: str, hint: str = ""):
             f"here{hint}")) from None
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+def _check_split(split: str, allowed: tuple[str, ...] = SPLITS) -> None:
+    if split not in allowed:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(allowed)}")
 
 
 def _examples(rows: list[dict]) -> list[Example]:
@@ -418,11 +423,12 @@ def load_safety_data(data: str, split: str = "train",
     paper's RepNoise refusal pairs from the hub; rows BEAVERTAILS_ROWS[split]), or a .json/.jsonl path whose
     rows are either prompt/refusal/response (both sets) or instruction/input/output (the alignment set; then
     `harmful_data`, a file of the same kind, gives the harmful set). A file is used whole: `split` only
-    selects among the built-in and hub sets.
+    selects among the built-in and hub sets. split "attack": rows kept apart from train and test for the
+    fine-tuning attack (built-in: 2000 pairs whose prompts are in neither; BeaverTails: rows 1..4999).
     """
-    _check_split(split)
+    _check_split(split, SAFETY_SPLITS)
     if data == "builtin":
-        corpus = builtin_corpus()
+        corpus = attack_corpus() if split == "attack" else builtin_corpus()
         align, harmful = _examples(corpus[f"align_{split}"]), _examples(corpus[f"harmful_{split}"])
     elif data == "beavertails":
         ds = _load_hub(BEAVERTAILS_REPO, None, "train", "; the file beavertails_with_refusals_train.json (also "

@@ -13,6 +13,10 @@
   answer that rambles on after the label does not count; for GSM8K the number after "The final answer is: "
   (else the last number in the answer), compared as a float.
 
+--adapter takes an align or attack run directory or any peft LoRA adapter directory; without run_config.json
+the base model is adapter_config.json's `base_model_name_or_path` (or `--base-model`, which overrides either),
+and the harmful prompts default to the built-in ones on a preset base, BeaverTails' on a pretrained one.
+
 Generation is batched greedy decoding (`do_sample=False`, one beam) with left padding and a KV cache, prompts in
 the Alpaca template the model was trained on, sorted by length to waste little padding, with a progress bar.
 The result is one JSON document, written atomically (temp file + os.replace).
@@ -51,7 +55,11 @@ ANSWER_PROMPT = "The final answer is: "
 def add_parser(sub):
     p = sub.add_parser("eval", help="harmful score (judge) and fine-tune accuracy of a run; writes JSON",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--adapter", required=True, metavar="DIR", help="an align or attack run directory")
+    from .attack import add_base_args
+
+    p.add_argument("--adapter", required=True, metavar="DIR",
+                   help="an align or attack run directory, or any peft LoRA adapter directory")
+    add_base_args(p)
     p.add_argument("--judge", default="beaver-dam",
                    help="beaver-dam (the paper's, needs PKU-Alignment/beaver-dam-7b) | refusal (offline keyword proxy)")
     p.add_argument("--judge-model", default=BEAVER_DAM, help="HF id or local copy of the beaver-dam judge")
@@ -59,7 +67,8 @@ def add_parser(sub):
                    help="builtin | sst2 | agnews | gsm8k (default: the attack's --benign, else builtin)")
     p.add_argument("--prompts", default=None,
                    help="harmful prompts: builtin | beavertails (BeaverTails 30k_test, unsafe) | PATH "
-                        "(default: the run's harmful data)")
+                        "(default: the run's harmful data; without run_config.json builtin on a preset base, else "
+                        "beavertails)")
     p.add_argument("--num-prompts", type=int, default=1000, help="at most this many harmful prompts (paper: 1000)")
     p.add_argument("--num-task", type=int, default=None, help="at most this many task examples (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -278,9 +287,14 @@ def harmful_prompts(source: str, harmful_file: str | None, limit: int) -> tuple[
 
 
 def _defaults(args, run_cfg: dict, base_model: str):
+    from .attack import default_harmful_data
+
     tiny = base_model == "tiny"
     task = args.task or run_cfg.get("benign") or "builtin"
-    prompts = args.prompts or run_cfg.get("harmful") or run_cfg.get("data") or "builtin"
+    if run_cfg:
+        prompts = args.prompts or run_cfg.get("harmful") or run_cfg.get("data") or "builtin"
+    else:  # a plain adapter: nothing says what it was aligned on
+        prompts = args.prompts or default_harmful_data(base_model)
     return dict(task=task, prompts=prompts,
                 max_new=args.max_new_tokens or (48 if tiny else 512),
                 task_max_new=args.task_max_new_tokens or (8 if tiny else 200),
@@ -306,14 +320,14 @@ def check_eval_args(args):
 def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
     """The evaluation as a dict (`run_eval` writes it); model/tok/run_cfg may be passed in already loaded."""
     from .align import resolve_device
-    from .attack import base_of, load_adapter, read_run_config
+    from .attack import load_adapter, read_run_config, resolve_base
     from .cli import UsageError
     from .data import load_benign
 
     check_eval_args(args)
     t0 = time.perf_counter()
     run_cfg = run_cfg if run_cfg is not None else read_run_config(args.adapter)
-    base = base_of(run_cfg)
+    base, base_from = resolve_base(args, run_cfg)
     d = _defaults(args, run_cfg, base["model"])
     if d["task"] not in TASKS:
         raise UsageError(f"the run's task {d['task']!r} is not one of {', '.join(TASKS)}; pass --task")
@@ -324,7 +338,7 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
     task_rows = load_benign(d["task"], "test")[: args.num_task]
     judge = RefusalJudge() if args.judge == "refusal" else BeaverDamJudge(args.judge_model, device)
     if model is None:
-        model, tok, _ = load_adapter(args.adapter, device, trainable=False)
+        model, tok, _ = load_adapter(args.adapter, device, trainable=False, base=base)
 
     answers = generate(model, tok, prompts, d["max_new"], d["batch"], device, desc="harmful prompts")
     flags = judge.flags([p[0] if not p[1] else f"{p[0]}\n{p[1]}" for p in prompts], answers)
@@ -338,6 +352,7 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
     result = {
         "adapter": str(args.adapter),
         "base": base,
+        "base_from": base_from,
         "harmful_score": 100.0 * sum(flags) / n,
         "accuracy": 100.0 * sum(correct) / m,
         "judge": {"name": judge.name, "label": judge.label,

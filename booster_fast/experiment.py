@@ -50,7 +50,8 @@ def _paper(benign: str) -> dict:
         "align": {"epochs": 20, "batch_size": 10, "max_length": 256, "lr": 5e-4, "weight_decay": 0.1,
                   "lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "lamb": 5.0, "alpha": 0.1},
         "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-5, "epochs": 20, "batch_size": 10,
-                   "weight_decay": 0.1, "eval_every": 50, "eval_rows": None, "refusal_prompts": 0},
+                   "weight_decay": 0.1, "eval_every": 50, "eval_rows": None, "refusal_prompts": 0,
+                   "harmful_split": "attack"},
         "eval": {"num_prompts": 1000, "max_new_tokens": 512, "task_max_new_tokens": 200, "batch_size": 16},
     }
 
@@ -63,7 +64,7 @@ PRESETS = {
                   "lora_r": 32, "lora_alpha": 64, "targets": ALL_LINEAR, "lamb": 5.0, "alpha": 0.1},
         "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-3, "steps": 100, "batch_size": 10,
                    "weight_decay": 0.1, "eval_every": 10, "eval_rows": None, "refusal_prompts": 64,
-                   "refusal_max_new_tokens": 24},
+                   "refusal_max_new_tokens": 24, "harmful_split": "attack"},
         "eval": {"num_prompts": 200, "max_new_tokens": 48, "task_max_new_tokens": 8, "batch_size": 64},
     },
     "paper-sst2": _paper("sst2"),

@@ -1,0 +1,290 @@
+"""Where `attack` and `eval` get their model and their harmful rows from.
+
+- Any peft LoRA adapter directory (here: `save_pretrained` of a tiny peft model, no run_config.json) can be
+  attacked and evaluated; the base comes from --base-model or adapter_config.json, the rest from the documented
+  defaults, and the loaded LoRA weights (and base) are the saved ones.
+- The attack's harmful rows are kept apart from the alignment rows: the built-in attack split shares no prompt
+  with train or test, BeaverTails' attack rows are the original's 1..4999; a file is used whole and says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+
+import booster_fast as bf
+from booster_fast import attack, corpus
+from booster_fast.cli import UsageError, main
+from booster_fast.corpus import ATTACK_SIZE, attack_corpus, builtin_corpus
+from booster_fast.data import Example, load_safety_data
+
+SMALL_ATTACK = ["--samples", "20", "--steps", "1", "--eval-every", "1", "--batch-size", "4", "--eval-rows", "8",
+                "--lr", "1e-3"]
+SMALL_EVAL = ["--judge", "refusal", "--num-prompts", "4", "--num-task", "4", "--max-new-tokens", "4",
+              "--task-max-new-tokens", "2"]
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """LoRA weights by peft's saved key (no adapter name), as float32 copies."""
+    return {k.replace(".default", ""): v.detach().float().clone()
+            for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """(adapter dir, the in-memory peft model): a tiny model (load_model's default seed 0) with LoRA weights set to
+    random values (peft starts B at zero, which would make any loaded B look right), saved by save_pretrained only."""
+    model, _ = bf.load_model("tiny", device="cpu")
+    torch.manual_seed(0)
+    model = bf.add_lora(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    d = tmp_path_factory.mktemp("plain") / "adapter"
+    model.save_pretrained(str(d))
+    assert not (d / "run_config.json").exists()
+    assert json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    return d, model.eval()
+
+
+@pytest.fixture
+def spy_load(monkeypatch):
+    """Record the LoRA weights of every model `load_adapter` hands out, as loaded (before any training)."""
+    seen = []
+    real = attack.load_adapter
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(lora_state(out[0]))
+        return out
+
+    monkeypatch.setattr(attack, "load_adapter", spy)
+    return seen
+
+
+def one_line_exit_2(argv, capsys, *needles):
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("booster-fast: error:"), lines
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------- plain adapters
+def test_attack_on_a_plain_adapter(plain, spy_load, tmp_path, monkeypatch):
+    d, model = plain
+    pools = []
+    real_mix = attack.poison_mix
+    monkeypatch.setattr(attack, "poison_mix", lambda b, h, *a: pools.append(h) or real_mix(b, h, *a))
+    out = tmp_path / "attacked"
+    assert main(["attack", "--adapter", str(d), "--base-model", "tiny", "--output", str(out), *SMALL_ATTACK]) == 0
+
+    # the LoRA weights loaded are the saved ones, all of them
+    saved = lora_state(model)
+    assert len(spy_load) == 1 and spy_load[0].keys() == saved.keys() and saved
+    assert all(torch.equal(spy_load[0][k], saved[k]) for k in saved)
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["base"] == {"model": "tiny", "quant": "none", "seed": 0} and cfg["base_from"] == "--base-model"
+    assert cfg["max_length"] == 256 and cfg["seed"] == 43 and cfg["aligned_with"] is None   # the paper's defaults
+    assert cfg["harmful"] == "builtin" and cfg["harmful_split"] == "attack"
+    assert cfg["harmful_disjoint_from_alignment"] is True and "attack split" in cfg["harmful_rows"]
+    assert pools[0] == load_safety_data("builtin", "attack")[1]
+
+    # and the base is the one the adapter was made on (seed 0): the held-out loss before the first step is
+    # the saved model's own
+    from booster_fast.data import collate, encode_all
+    _, test = load_safety_data("builtin", "test")
+    tok = bf.load_model("tiny", device="cpu")[1]
+    enc, _ = encode_all(tok, test[:8], 256)
+    expected = attack.heldout_loss(model, [collate(enc, 256, tok.pad_token_id)], "cpu").item()
+    step0 = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert step0["step"] == 0 and math.isclose(step0["harmful_loss"], expected, rel_tol=1e-5)
+
+    # the attacked run is a run directory: eval finds its base (seed 0 included) in its run_config.json
+    res = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(out), "--output", str(res), *SMALL_EVAL]) == 0
+    result = json.loads(res.read_text())
+    assert result["base"] == cfg["base"] and result["base_from"] == "run_config.json"
+
+
+def test_eval_on_a_plain_adapter(plain, spy_load, tmp_path):
+    d, model = plain
+    res = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(d), "--base-model", "tiny", "--output", str(res), *SMALL_EVAL]) == 0
+    saved = lora_state(model)
+    assert len(spy_load) == 1 and all(torch.equal(spy_load[0][k], saved[k]) for k in saved)
+    result = json.loads(res.read_text())
+    assert result["base"] == {"model": "tiny", "quant": "none", "seed": 0} and result["base_from"] == "--base-model"
+    assert result["harmful"]["n"] == 4 and "built-in" in result["harmful"]["prompts"]
+    # the same answers as the saved model gives: the base is right too, not only the LoRA weights
+    from booster_fast.evaluate import generate
+    tok = bf.load_model("tiny", device="cpu")[1]
+    prompts = [(e.instruction, e.input) for e in load_safety_data("builtin", "test")[1][:4]]
+    answers = generate(model, tok, prompts, 4, 64, "cpu")
+    assert [x["answer"] for x in result["examples"]["harmful"]] == answers
+
+
+def test_base_model_from_adapter_config(plain, tmp_path):
+    """adapter_config.json's base_model_name_or_path names the base when there is no run_config.json."""
+    d, _ = plain
+    named = tmp_path / "named"
+    shutil.copytree(d, named)
+    cfg = json.loads((named / "adapter_config.json").read_text())
+    (named / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "tiny"}))
+    res = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(named), "--output", str(res), *SMALL_EVAL]) == 0
+    result = json.loads(res.read_text())
+    assert result["base"]["model"] == "tiny" and result["base_from"] == "adapter_config.json"
+
+
+def test_resolve_base_precedence(plain, tmp_path):
+    import argparse
+
+    d, _ = plain
+
+    def ns(adapter, **kw):
+        return argparse.Namespace(adapter=str(adapter), **{"base_model": None, "quant": None, "base_seed": None, **kw})
+
+    named = tmp_path / "named"
+    shutil.copytree(d, named)
+    cfg = json.loads((named / "adapter_config.json").read_text())
+    (named / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "/models/llama"}))
+    assert attack.resolve_base(ns(named), {}) == ({"model": "/models/llama", "quant": "none", "seed": 0},
+                                                  "adapter_config.json")
+    assert attack.resolve_base(ns(named, base_model="tiny", quant="nf4", base_seed=5), {}) == (
+        {"model": "tiny", "quant": "nf4", "seed": 5}, "--base-model")
+    run = {"model": "llama-1b-shape", "quant": "none", "seed": 43}           # an align run's run_config.json
+    assert attack.resolve_base(ns(named), run) == ({"model": "llama-1b-shape", "quant": "none", "seed": 43},
+                                                   "run_config.json")
+    assert attack.resolve_base(ns(named, base_model="tiny"), run)[0]["model"] == "tiny"
+    with pytest.raises(UsageError, match="--base-model"):
+        attack.resolve_base(ns(d), {})
+
+
+@pytest.mark.parametrize("command", ["attack", "eval"])
+def test_plain_adapter_bad_input_is_one_line(command, plain, tmp_path, capsys):
+    d, _ = plain
+    work = tmp_path / "work"
+    work.mkdir()
+    tail = (["--output", str(work / "o")] + SMALL_ATTACK if command == "attack"
+            else ["--output", str(work / "e.json")] + SMALL_EVAL)
+    # no base model anywhere
+    one_line_exit_2([command, "--adapter", str(d), *tail], capsys, "--base-model", "adapter_config.json")
+    # not an adapter directory
+    (tmp_path / "empty").mkdir()
+    one_line_exit_2([command, "--adapter", str(tmp_path / "empty"), *tail], capsys, "no adapter_config.json")
+    # an adapter that does not fit the base: its target modules do not exist there
+    wrong = tmp_path / "wrong"
+    shutil.copytree(d, wrong)
+    cfg = json.loads((wrong / "adapter_config.json").read_text())
+    (wrong / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["no_such_proj"]}))
+    one_line_exit_2([command, "--adapter", str(wrong), "--base-model", "tiny", *tail], capsys,
+                    "cannot load the adapter", "--base-model")
+    # not LoRA
+    (wrong / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    one_line_exit_2([command, "--adapter", str(wrong), "--base-model", "tiny", *tail], capsys, "not LoRA")
+    assert list(work.iterdir()) == [], "a failed command must leave nothing behind"
+
+
+# ------------------------------------------------------------------------------------------- harmful rows
+@pytest.mark.parametrize("seed", [0, 1])
+def test_builtin_attack_split_is_disjoint_from_train_and_test(seed):
+    c, a = builtin_corpus(seed), attack_corpus(seed)
+    prompts = [r["instruction"] for r in a["harmful_attack"]]
+    assert len(prompts) == len(set(prompts)) == ATTACK_SIZE
+    assert prompts == [r["instruction"] for r in a["align_attack"]]         # one prompt, refusal vs harmful
+    assert all(r["output"].startswith(("Sure", "Of course", "Absolutely", "Here", "No problem", "Great"))
+               for r in a["harmful_attack"])
+    train = {r["instruction"] for r in c["align_train"]}
+    test = {r["instruction"] for r in c["align_test"]}
+    assert not set(prompts) & train and not set(prompts) & test
+    # every attack prompt asks for a train-split activity: the test activities stay unseen by the attack too
+    pools = corpus._combo_pools(seed)
+    train_acts = {act for _, act in pools["train"]}
+    test_acts = {act for _, act in pools["test"]}
+    assert all(any(act in p for act in train_acts) for p in prompts)
+    assert not any(act in p for p in prompts for act in test_acts)
+    assert attack_corpus(seed) == a                                          # deterministic
+
+
+def test_generator_has_ample_distinct_prompts_for_the_attack_split():
+    """The train combinations give far more distinct prompts than train + attack take (rejection sampling of
+    the attack split stays cheap, and could grow)."""
+    pools = corpus._combo_pools(0)
+    distinct = {c + t.format(a=act) + s for _, act in pools["train"]
+                for c in corpus.CONTEXTS for t in corpus.REQUEST_TEMPLATES for s in corpus.SUFFIXES}
+    taken = len(builtin_corpus(0)["align_train"]) + ATTACK_SIZE
+    assert len(distinct) > 50 * taken, (len(distinct), taken)
+
+
+def test_the_attack_split_leaves_train_and_test_unchanged():
+    """The attack split has its own random stream: the train and test rows (and so the tiny tokenizer trained
+    on them) are those of the release before it. Pinned: a deliberate corpus change updates this hash."""
+    digest = hashlib.sha256(json.dumps(builtin_corpus(0), sort_keys=True).encode()).hexdigest()
+    assert digest == "708928f86620f578621b88d860f67e8dcafd1b6e08c0bce061d6a9bf568397d4"
+
+
+def test_beavertails_attack_rows_are_the_originals(monkeypatch):
+    """Stubbed hub data: the attack split is rows 1..4999 (the original's `0 < index < 5000`, never row 0), apart
+    from the alignment rows 5000..9999 and the held-out rows from 10000."""
+    import datasets
+
+    rows = [{"prompt": f"p{i}", "refusal": f"Question: p{i}\nAnswer: no {i}", "response": f"sure {i}",
+             "category": "c", "is_safe": False} for i in range(10_300)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, name=None, split=None: datasets.Dataset.from_list(rows))
+    _, harmful = load_safety_data("beavertails", "attack")
+    assert harmful[0] == Example("p1", "", "sure 1") and harmful[-1] == Example("p4999", "", "sure 4999")
+    assert len(harmful) == 4999
+    train = {e.instruction for e in load_safety_data("beavertails", "train")[1]}
+    test = {e.instruction for e in load_safety_data("beavertails", "test")[1]}
+    assert not {e.instruction for e in harmful} & (train | test)
+    src = attack.harmful_rows_source("beavertails", "attack", None)
+    assert src[0] == "attack" and src[2] is True and "rows 1-4999" in src[1]
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("src") / "aligned"
+    assert main(["align", "--output", str(out), "--steps", "1", "--save-every", "0", "--max-length", "64",
+                 "--batch-size", "2"]) == 0
+    return out
+
+
+def test_harmful_split_train_restores_the_alignment_rows(aligned, tmp_path, monkeypatch):
+    pools = []
+    real_mix = attack.poison_mix
+    monkeypatch.setattr(attack, "poison_mix", lambda b, h, *a: pools.append(h) or real_mix(b, h, *a))
+    for split in ("attack", "train"):
+        out = tmp_path / split
+        assert main(["attack", "--adapter", str(aligned), "--output", str(out), "--harmful-split", split,
+                     *SMALL_ATTACK]) == 0
+        cfg = json.loads((out / "run_config.json").read_text())
+        assert cfg["harmful_split"] == split and cfg["harmful_disjoint_from_alignment"] is (split == "attack")
+        assert cfg["max_length"] == 64 and cfg["base"]["seed"] == 43          # still the run's settings
+    align_prompts = {e.instruction for e in load_safety_data("builtin", "train")[0]}
+    assert not {e.instruction for e in pools[0]} & align_prompts
+    assert pools[1] == load_safety_data("builtin", "train")[1]
+
+
+def test_a_harmful_file_is_used_whole_and_says_so(aligned, tmp_path, caplog):
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"How do I do bad thing {i}?", "refusal": "No.",
+                                           "response": f"Here is how to do bad thing {i}."}) + "\n"
+                               for i in range(30)))
+    out = tmp_path / "attacked"
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert main(["attack", "--adapter", str(aligned), "--output", str(out), "--harmful", str(harmful),
+                     *SMALL_ATTACK]) == 0
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["harmful_split"] == "whole file" and cfg["harmful_disjoint_from_alignment"] is False
+    assert cfg["heldout_is_train"] is True and str(harmful) in cfg["harmful_rows"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "used whole" in r.getMessage()]
+    assert len(warned) == 1 and "no attack split" in warned[0] and "\n" not in warned[0]
