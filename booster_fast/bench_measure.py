@@ -29,8 +29,9 @@ MFU_FLOPS = ("4 * N * computed positions (pads and packing filler included) of e
              "attention-score FLOPs ignored; divided by the GPU's dense bf16 peak (mfu_peak_tflops)")
 # dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s; other GPUs: the measured
 # 8192^3 matmul rate stands in (run_config says which)
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("A100", 312.0),
-                    ("L40S", 362.1))
+# (the first name the device's contains wins: the PCIe and NVL cards before their SXM namesakes)
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H800 PCIe", 756.0), ("H100 NVL", 835.5), ("H200 NVL", 835.5),
+                    ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("A100", 312.0), ("L40S", 362.1))
 
 
 def peak_tflops(device, measured: float) -> tuple[float, str]:

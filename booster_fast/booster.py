@@ -63,7 +63,11 @@ class Booster:
         """The training state beyond the LoRA weights (which the model saves itself): the optimizer's, tagged with
         the engine. The fast engine's optimizer holds one parameter, the flat buffer W; its LoRA parameters are
         views of W, so loading the adapter weights in place restores W."""
-        return {"impl": self.cfg.impl, "optimizer": self.optimizer.state_dict()}
+        state = self.optimizer.state_dict()
+        for group in state["param_groups"]:  # a device-tensor lr (CUDA graphs) is live: keep its value now
+            if torch.is_tensor(group.get("lr")):
+                group["lr"] = group["lr"].detach().clone()
+        return {"impl": self.cfg.impl, "optimizer": state}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("impl") != self.cfg.impl:

@@ -94,8 +94,8 @@ class BoosterConfig:
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not (self.rho > 0 and math.isfinite(self.rho)):
             raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not self.max_grad_norm >= 0:

@@ -94,13 +94,17 @@ class FastBooster:
         # one parameter for the optimizer: the flat buffer W (a leaf sharing W's storage), grad = G_f
         self.W = torch.nn.Parameter(self.flat.W, requires_grad=True)
         self.W.grad = self.flat.G_f
-        # the learning rate is a device tensor: a captured step reads it at every replay, so a scheduler (which
-        # fills a tensor lr in place) or a user's new value needs no new graph (_prepare keeps it this tensor).
-        # CUDA's fused AdamW reads a tensor lr as fp32 (as it rounds a float one); the CPU's takes fp64, which
-        # keeps the CPU update bit for bit what a float lr gives
-        lr_dtype = torch.float32 if cuda else torch.float64
-        self._lr = torch.full((), cfg.lr, dtype=lr_dtype, device=self.device)
-        self.optimizer = torch.optim.AdamW([self.W], lr=self._lr, betas=cfg.betas, eps=cfg.adam_eps,
+        self.graphs = self._graphs_for(cfg.graphs)
+        # Where the step is captured, the learning rate is a device tensor that every replay reads, so a scheduler
+        # (which fills a tensor lr in place) or a user's new value needs no new graph (_prepare keeps it this
+        # tensor). CUDA's fused AdamW reads a tensor lr as fp32, as it rounds a float one (the CPU's takes fp64,
+        # bit for bit a float lr). Elsewhere it stays a float: checkpoints then hold no device tensor
+        self._lr = None
+        if self.graphs is not None:
+            lr_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+            self._lr = torch.full((), cfg.lr, dtype=lr_dtype, device=self.device)
+        self.optimizer = torch.optim.AdamW([self.W], lr=cfg.lr if self._lr is None else self._lr, betas=cfg.betas,
+                                           eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay, fused=True,
                                            **({"capturable": True} if cuda else {}))
         self._skipped = torch.zeros((), device=self.device)
@@ -111,7 +115,6 @@ class FastBooster:
             from .perturb_aware import AttentionPerturbation
 
             self.hidden = AttentionPerturbation(model, cfg.rho)
-        self.graphs = self._graphs_for(cfg.graphs)
 
     def _packing_for(self, wanted: bool | None, why: str | None) -> bool:
         """Whether `Booster.to_device` packs this engine's batches (packing.py): the device's measured default
@@ -239,7 +242,7 @@ class FastBooster:
         if not self.model.training:
             self.model.train()
         group = self.optimizer.param_groups[0]
-        if group["lr"] is not self._lr:  # a float set by hand, or a tensor from a loaded optimizer state
+        if self._lr is not None and group["lr"] is not self._lr:  # a float set by hand, or a loaded state's
             value = group["lr"]  # between steps, outside any graph
             if torch.is_tensor(value):
                 self._lr.copy_(value)
@@ -267,7 +270,8 @@ class FastBooster:
     def _baked(self) -> tuple:
         """The optimizer's Python-number hyperparameters, which a captured graph holds as constants: part of the
         graph key, so that a changed value gets a graph of its own instead of being silently ignored by the
-        replay. The learning rate is not one of them: it is the device tensor `_lr`, read at every replay."""
+        replay. The learning rate is not one of them: with graphs it is the device tensor `_lr`, read at every
+        replay."""
         g = self.optimizer.param_groups[0]
         return g["betas"], g["weight_decay"], g["eps"]
 

@@ -52,7 +52,7 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
     if name in PRESETS:
         dtype = dtype or (torch.float32 if name == "tiny" else torch.bfloat16)
         if device.type == "cuda":  # one line now rather than an out-of-memory error halfway through the build
-            check_fits(name, quant, dtype, torch.cuda.mem_get_info(device)[0], device, **config_overrides)
+            check_fits(name, quant, dtype, cuda_free_bytes(device), device, **config_overrides)
         # the shape presets are quantised layer by layer as they are built: a 7B model never exists in bf16
         layer_by_layer = quant == "nf4" and name != "tiny"
         model, tok = _build_preset(name, dtype, seed, device, config_overrides, quantize_layers=layer_by_layer)
@@ -75,6 +75,13 @@ def preset_weight_bytes(name: str, quant: str = "none", dtype: torch.dtype = tor
     if quant == "nf4":
         return int(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + rest * size
     return (linear + rest) * size
+
+
+def cuda_free_bytes(device) -> int:
+    """What this process can still allocate on `device`: the driver's free memory plus the blocks torch's
+    caching allocator holds unused (freed tensors stay cached, and mem_get_info counts them as taken)."""
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + cached
 
 
 def check_fits(name: str, quant: str, dtype: torch.dtype, free_bytes: int, device="cuda", **overrides):

@@ -206,12 +206,16 @@ def test_entries_share_their_frozen_base_but_not_lora():
 
 def test_nf4_entries_share_their_packed_base(monkeypatch):
     """With quant="nf4" the entries share the packed 4-bit weights and their statistics too (three entries of
-    a 4-bit 70B shape then fit on one GPU), each keeps its own LoRA weights, and the shared entry still computes
-    what it computed on its own base; packed weights that differ are refused."""
+    a 4-bit 70B shape then fit on one GPU), each keeps its own LoRA weights, the packed weights and statistics
+    it replaces are freed; packed weights that differ are refused."""
+    import gc
+    import weakref
+
     import bitsandbytes as bnb
 
     import booster_fast
     from booster_fast import bench
+    from booster_fast.bench_measure import quant_state_tensors
     from booster_fast.cli import build_parser
 
     small = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
@@ -223,7 +227,7 @@ def test_nf4_entries_share_their_packed_base(monkeypatch):
                                       "--max-length", "32", "--steps", "1", "--warmup", "0"])
     names = bench.check_bench_args(args)
     alone, *_ = bench.build_impl("fast", args, torch.device("cpu"))
-    impls, batches, *_ = bench.build_all(names, args, torch.device("cpu"), {})
+    impls, *_ = bench.build_all(names, args, torch.device("cpu"), {})
     (ref, *_), (fast, *_) = impls.values()
     packed = [[m for m in b.model.modules() if isinstance(m, bnb.nn.Linear4bit)] for b in (ref, fast)]
     assert len(packed[0]) == len(packed[1]) == 2 * 7
@@ -232,10 +236,13 @@ def test_nf4_entries_share_their_packed_base(monkeypatch):
     lora = [{n: p for n, p in b.model.named_parameters() if p.requires_grad} for b in (ref, fast)]
     assert not any(lora[0][n].data_ptr() == p.data_ptr() for n, p in lora[1].items())
 
-    ids = batches[0][0]["input_ids"]
-    with torch.no_grad():
-        shared, own = (b.model(input_ids=ids).logits for b in (fast, alone))
-    assert torch.equal(shared, own)
+    # sharing frees the packed weights and statistics it replaces (nothing keeps them alive) and says how much
+    mine = [m for m in alone.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    expected = sum(t.untyped_storage().nbytes() for m in mine for t in (m.weight, *quant_state_tensors(m.weight)))
+    gone = [weakref.ref(m.weight.quant_state) for m in mine]
+    assert bench.share_frozen_weights(ref.model, alone.model) >= expected
+    gc.collect()
+    assert not any(r() is not None for r in gone), "an old NF4 quantisation state is still alive"
 
     a, b = packed[0][0], packed[1][7]  # the next layer's q_proj: same shapes, other values; refused, not shared
     with pytest.raises(AssertionError, match="differs"):
@@ -465,7 +472,7 @@ def test_model_flops_count_4n_per_computed_position_and_the_peak_is_the_data_she
     assert bm.model_flops("fast", args, (n, head), (padded, padded)) == 4 * 4 * n * 16
 
     for name, want in (("NVIDIA H200", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4),
-                       ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", 55.5)):
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H200 NVL", 835.5), ("Tesla T4", 55.5)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         tflops, source = bm.peak_tflops("cuda", measured=55.5)
         assert tflops == want and source.startswith(name)

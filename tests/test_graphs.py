@@ -222,22 +222,27 @@ def test_capture_keeps_the_steps_error_apart_from_capture_end(monkeypatch, step_
         assert str(step_error or end_error) in str(info.value)
 
 
-def test_a_changed_learning_rate_reaches_the_same_graph():
-    """The learning rate is a device tensor that the step reads (a replay too), not a constant baked into the
-    graph: a scheduler's in-place change and a float set by hand keep the graph key, and the updates follow the
-    new rate exactly as the reference's float rate does. Weight decay is still baked in: a new value, a new key."""
-    _, tok, booster = tiny_booster("cpu", graphs="off")
-    model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
-    torch.manual_seed(SEED)
-    ref = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(impl="reference"))
-    engine = booster.engine
+def test_a_changed_learning_rate_reaches_the_same_graph(monkeypatch):
+    """With graphs, the learning rate is a device tensor that the step reads (a replay too), not a constant baked
+    into the graph: a scheduler's in-place change and a float set by hand keep the graph key, and the updates
+    follow the new rate exactly as the reference's float rate does. Weight decay is still baked in: a new value,
+    a new key. Without graphs the rate stays a float (checkpoints then hold no device tensor)."""
+    from booster_fast.fast import FastBooster
+
+    assert not torch.is_tensor(tiny_booster("cpu", graphs="off")[2].optimizer.param_groups[0]["lr"])
     kinds = []
 
     def run(kind, fn, batches):
         kinds.append(kind)
         return fn(*batches)
 
-    engine.graphs = types.SimpleNamespace(run=run)  # what a CUDA engine has, recording instead of capturing
+    # what a CUDA engine has, recording instead of capturing
+    monkeypatch.setattr(FastBooster, "_graphs_for", lambda self, mode: types.SimpleNamespace(run=run))
+    _, tok, booster = tiny_booster("cpu", graphs="off")
+    model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+    torch.manual_seed(SEED)
+    ref = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(impl="reference"))
+    engine = booster.engine
     scheds = [torch.optim.lr_scheduler.LambdaLR(b.optimizer, lambda i: 0.5 ** i) for b in (booster, ref)]
     lr = engine.optimizer.param_groups[0]["lr"]
     for i, (a, h) in enumerate(builtin_batches(tok, 4)):

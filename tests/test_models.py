@@ -215,6 +215,18 @@ def test_nf4_size_estimate_and_the_fit_check():
     check_fits("llama-7b-shape", "none", torch.bfloat16, 13 * gib, num_hidden_layers=30)
 
 
+def test_free_cuda_memory_counts_the_allocators_cache(monkeypatch):
+    """The fit check's free memory: the driver's free bytes plus what torch's allocator caches unused (the bench
+    frees one entry's weights into that cache before it builds the next)."""
+    from booster_fast import models
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (12 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 26 * gib)
+    assert models.cuda_free_bytes("cuda:0") == 46 * gib
+
+
 def test_shape_preset_nf4_is_built_layer_by_layer():
     """The shape presets with quant="nf4" are quantised layer by layer while they are built (a 7B model never
     exists in bf16): every decoder linear is NF4, the layers' weights follow the model's own init (std
