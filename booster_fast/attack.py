@@ -187,7 +187,7 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
     """(peft model, tokenizer, run config): the base model (`base`, else the run's) with the adapter on top."""
     from peft import PeftModel
 
-    from .models import ModelError, load_model
+    from .models import ModelError, keep_nf4_trainable_, load_model
 
     cfg = read_run_config(run_dir)
     if base is None:
@@ -203,6 +203,7 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        keep_nf4_trainable_(model)  # the held-out loss runs in eval mode: no inference-only repack on the CPU
     if (Path(run_dir) / "tokenizer.json").is_file():  # the run's own tokenizer (a checkpoint keeps its vocabulary)
         from transformers import AutoTokenizer
 

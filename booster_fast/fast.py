@@ -36,7 +36,7 @@ from .config import BoosterConfig
 from .flat import ALL_TOKENS, FlatLoRA
 from .kernels import normalize_perturb_, restore_combine_, sumsq
 from .losses import attention_for, label_count, logits_of, loss_sum, targets_of, token_losses
-from .models import Autocast
+from .models import Autocast, keep_nf4_trainable_
 
 log = logging.getLogger("booster_fast")
 _pass_marker = None  # set by ops-counting tools to tell model passes from bookkeeping
@@ -78,6 +78,7 @@ def default_packing(device: torch.device) -> bool:
 class FastBooster:
     def __init__(self, model, cfg: BoosterConfig):
         self.model, self.cfg = model, cfg
+        keep_nf4_trainable_(model)  # before the probes below run the model in eval mode
         self.flat = FlatLoRA(model)
         self.device = self.flat.W.device
         self.autocast = Autocast(model, self.device)

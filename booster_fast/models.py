@@ -215,6 +215,34 @@ def _quantize_linears_(layer: nn.Module) -> nn.Module:
     return layer
 
 
+def keep_nf4_trainable_(model: nn.Module) -> int:
+    """Keep a 4-bit model's CPU weights in the layout that has a backward; returns how many layers it restored.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks an NF4 weight for its inference kernel at the first
+    forward in eval mode without grad (a model fresh from from_pretrained is in eval mode, and a held-out loss
+    runs that way), and a repacked weight's matmul has no autograd kernel: every gradient through it is then
+    silently zero. A model that trains turns that repack off on each 4-bit layer and undoes one already done
+    (the packed weights come back exactly, the doubly quantised statistics within their 8-bit rounding). A no-op
+    without bitsandbytes."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
+    except ImportError:  # no bitsandbytes, or one without the CPU repack (then nothing to undo either)
+        return 0
+    restored = 0
+    for m in model.modules():
+        if not isinstance(m, bnb.nn.Linear4bit):
+            continue
+        m.support_avx512bf16_for_cpu = False  # the repack's switch (Linear4bit.forward reads it)
+        state = getattr(m.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            m.weight.data, m.weight.quant_state = unpack(m.weight.data, state)
+            if getattr(m, "quant_state", None) is not None:  # the module's back link to its weight's state
+                m.quant_state = m.weight.quant_state
+            restored += 1
+    return restored
+
+
 def is_quantized(model: nn.Module) -> bool:
     try:
         import bitsandbytes as bnb

@@ -21,12 +21,13 @@ import torch
 from .batches import micro_batches
 from .config import BoosterConfig
 from .losses import label_count, loss_sum
-from .models import Autocast, trainable_parameters
+from .models import Autocast, keep_nf4_trainable_, trainable_parameters
 
 
 class ReferenceBooster:
     def __init__(self, model, cfg: BoosterConfig):
         self.model, self.cfg = model, cfg
+        keep_nf4_trainable_(model)
         self.params = trainable_parameters(model)
         if not self.params:
             raise ValueError("the model has no trainable parameters; call add_lora first")

@@ -299,3 +299,49 @@ def test_the_readme_use_snippet_runs():
     exec(compile(code, "README.md (Use)", "exec"), scope)
     out = scope["out"]
     assert set(out) >= {"loss", "skipped"} and torch.isfinite(out["loss"])
+
+
+def test_a_pretrained_nf4_model_trains_on_the_cpu(tmp_path):
+    """A 4-bit model from from_pretrained (eval mode) on the CPU: bitsandbytes would repack its weights for the
+    inference kernel at an eval-mode forward, after which every gradient through them is silently zero. Both
+    engines keep the trainable layout (undoing a repack already done: the packed weights come back exactly,
+    the statistics within their 8-bit rounding), and their first updates agree."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from booster_fast.models import keep_nf4_trainable_
+    from test_fast import builtin_batches
+
+    model, tok = load_model("tiny", device="cpu")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    def pretrained():
+        m, _ = load_model(str(tmp_path), quant="nf4", device="cpu")
+        assert not m.training
+        return m
+
+    m = pretrained()
+    layer = next(x for x in m.modules() if isinstance(x, bnb.nn.Linear4bit))
+    def weight():
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+
+    packed, w = layer.weight.data.clone(), weight()
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                  layer.weight.quant_state)
+    assert keep_nf4_trainable_(m) == 1 and not layer.support_avx512bf16_for_cpu
+    assert not layer.weight.quant_state.packing_format_for_cpu and torch.equal(layer.weight.data, packed)
+    assert ((weight() - w).norm() / w.norm()) < 1e-2  # the 8-bit statistics are requantized on the way back
+
+    (a, h), = builtin_batches(tok, 1)
+    outs = []
+    for impl in ("reference", "fast"):
+        m = pretrained()
+        with torch.no_grad():
+            m(input_ids=a["input_ids"])  # an eval-mode forward first, as a held-out loss or a probe runs one
+        torch.manual_seed(0)
+        booster = Booster(add_lora(m, r=8, alpha=16), BoosterConfig(impl=impl))
+        outs.append(booster.step(a, h))
+    for out in outs:
+        assert out["harmful_grad_norm"] > 0.1 and out["harmful_loss_perturbed"] != out["harmful_loss"]
+    assert abs(outs[0]["harmful_grad_norm"] / outs[1]["harmful_grad_norm"] - 1) < 2e-2
