@@ -247,14 +247,15 @@ def load_data(args):
     """Parse the data files (no tokenizer needed): bad data fails before a model is loaded."""
     from .data import load_safety_data
 
-    align, harmful = load_safety_data(args.data, "train", harmful_data=args.harmful_data)
-    for flag, rows in (("align_samples", align), ("harmful_samples", harmful)):  # the original's sample_num and
-        n = getattr(args, flag, None)                                           # bad_sample_num: the first N rows
+    sets = load_safety_data(args.data, "train", harmful_data=args.harmful_data)
+    kept = []
+    for flag, rows in zip(("align_samples", "harmful_samples"), sets):  # the original's sample_num and
+        n = getattr(args, flag, None)                                    # bad_sample_num: the first N rows
         if n is not None and not 1 <= n <= len(rows):
             raise UsageError(f"--{flag.replace('_', '-')} must be between 1 and the {len(rows)} rows of --data "
                              f"{args.data}, got {n}")
-    n_a, n_h = getattr(args, "align_samples", None), getattr(args, "harmful_samples", None)
-    return align[:n_a], harmful[:n_h]
+        kept.append(rows[:n])
+    return tuple(kept)
 
 
 def build_streams(args, tok, rank, world, data=None):

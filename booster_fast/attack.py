@@ -362,8 +362,9 @@ def harmful_rows_source(src: str, split: str, harmful_file: str | None) -> tuple
         return split, "built-in corpus, train split: the alignment's own prompts", False
     lo, hi = BEAVERTAILS_ROWS[split]
     if split == "attack":
+        a_lo, a_hi = BEAVERTAILS_ROWS["train"]
         return split, (f"{BEAVERTAILS_REPO} rows {lo}-{hi - 1} (where the original's attack rows, "
-                       "0 < index < poison_num, lie), apart from the alignment rows 5000-9999"), True
+                       f"0 < index < poison_num, lie), apart from the alignment rows {a_lo}-{a_hi - 1}"), True
     return split, f"{BEAVERTAILS_REPO} rows {lo}-{hi - 1}: the alignment's own rows", False
 
 

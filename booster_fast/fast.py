@@ -244,11 +244,7 @@ class FastBooster:
             self.model.train()
         group = self.optimizer.param_groups[0]
         if self._lr is not None and group["lr"] is not self._lr:  # a float set by hand, or a loaded state's
-            value = group["lr"]  # between steps, outside any graph
-            if torch.is_tensor(value):
-                self._lr.copy_(value)
-            else:
-                self._lr.fill_(value)
+            self._lr.fill_(group["lr"])  # between steps, outside any graph; fill_ takes a float or a 0-dim tensor
             group["lr"] = self._lr
 
     # -- the Booster step ------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 `load_model("tiny")` builds a ~3 M-parameter Llama from a config with a seeded init and the project's own
 tokenizer, so everything runs offline on a CPU. `llama-1b-shape` / `-7b-` / `-13b-` / `-70b-shape` have the
 layer shapes of TinyLlama-1.1B and Llama-2-7B/13B/70B with random weights (for benchmarks: the cost of a step
-does not depend on the values). Anything else is a Hugging Face id or a local directory. `quant="nf4"` stores the decoder's linear
-layers as bitsandbytes NF4 with double quantisation and a bf16 compute dtype (the float32 default is silently
-slow); embeddings and the LM head stay unquantised, as bitsandbytes' own loader does.
+does not depend on the values). Anything else is a Hugging Face id or a local directory. `quant="nf4"` stores
+the decoder's linear layers as bitsandbytes NF4 with double quantisation and a bf16 compute dtype (the float32
+default is silently slow); embeddings and the LM head stay unquantised, as bitsandbytes' own loader does.
 """
 from __future__ import annotations
 
