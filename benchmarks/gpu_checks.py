@@ -97,7 +97,7 @@ def _equivalence(name, packing, args) -> dict:
     return {"steps": steps, "packed": packing,
             "worst_relative_l2": worst, "loss_graph": og["loss"].item(), "loss_eager": oe["loss"].item(),
             "captured": bool(graphs and graphs._graphs), "replays": graphs.replays if graphs else 0,
-            "fallback": graphs.disabled if graphs else None}
+            "fallback": graphs.fallback if graphs else None}
 
 
 def _free_device_memory():

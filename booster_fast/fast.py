@@ -39,6 +39,8 @@ from .losses import attention_for, label_count, logits_of, loss_sum, targets_of,
 from .models import Autocast, keep_nf4_trainable_
 
 log = logging.getLogger("booster_fast")
+# the BoosterConfig fields the step reads at every call (the others are read once, when the engine is built)
+STEP_KNOBS = ("lamb", "alpha", "perturb_eps", "meta_term", "grad_accum", "max_grad_norm", "skip_nonfinite", "rho")
 _pass_marker = None  # set by ops-counting tools to tell model passes from bookkeeping
 
 
@@ -109,6 +111,8 @@ class FastBooster:
                                            weight_decay=cfg.weight_decay, fused=True,
                                            **({"capturable": True} if cuda else {}))
         self._skipped = torch.zeros((), device=self.device)
+        # the constant of the clip's one add (_clip_and_update); _prepare refills it when max_grad_norm changes
+        self._clip_offset_for = cfg.max_grad_norm
         self._clip_offset = torch.full((), 1e-6 / cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
                                        device=self.device)
         self.hidden = None
@@ -164,7 +168,7 @@ class FastBooster:
         if reason is None:
             from .graphs import StepGraphs
 
-            return StepGraphs(mode)
+            return StepGraphs(mode, keep_masks=not self.drop_mask)
         if mode == "on":
             raise ValueError(f"graphs='on': {reason}")
         if self.device.type == "cuda":
@@ -242,6 +246,14 @@ class FastBooster:
             self.W.grad = self.flat.G_f
         if not self.model.training:
             self.model.train()
+        # the step reads its knobs from cfg (STEP_KNOBS; a change gets a graph of its own): keep the two that live
+        # in tensors or objects in line with them, between steps
+        if self._clip_offset_for != self.cfg.max_grad_norm:
+            m = self.cfg.max_grad_norm
+            self._clip_offset.fill_(1e-6 / m if m > 0 else 0.0)
+            self._clip_offset_for = m
+        if self.hidden is not None:
+            self.hidden.rho = self.cfg.rho
         group = self.optimizer.param_groups[0]
         if self._lr is not None and group["lr"] is not self._lr:  # a float set by hand, or a loaded state's
             self._lr.fill_(group["lr"])  # between steps, outside any graph; fill_ takes a float or a 0-dim tensor
@@ -265,12 +277,12 @@ class FastBooster:
             return self._sft_step(align_batch)
 
     def _baked(self) -> tuple:
-        """The optimizer's Python-number hyperparameters, which a captured graph holds as constants: part of the
-        graph key, so that a changed value gets a graph of its own instead of being silently ignored by the
-        replay. The learning rate is not one of them: with graphs it is the device tensor `_lr`, read at every
-        replay."""
+        """The Python numbers a captured graph holds as constants — the optimizer's hyperparameters and the step's
+        knobs (STEP_KNOBS) — as part of the graph key, so that a changed value gets a graph of its own instead of
+        being silently ignored by the replays. The learning rate is not one of them: with graphs it is the device
+        tensor `_lr`, read at every replay."""
         g = self.optimizer.param_groups[0]
-        return g["betas"], g["weight_decay"], g["eps"]
+        return (g["betas"], g["weight_decay"], g["eps"]) + tuple(getattr(self.cfg, k) for k in STEP_KNOBS)
 
     def _step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
         cfg, fl = self.cfg, self.flat

@@ -13,7 +13,9 @@ shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the
 - the attention mask is dropped inside captured steps, so the passes run the mask-free causal attention of
   attention.py (exact with right padding: real tokens never attend to the pads after them and pads carry label
   −100; transformers' own mask building would read values back to the host). Right padding is checked on every
-  CPU batch, and on CUDA batches during warm-up and capture (later it would be a host sync per step);
+  CPU batch, and on CUDA batches during warm-up and capture (later it would be a host sync per step). A model
+  that needs its mask (`keep_masks`: attention.probe_attention found the mask-free path inexact for it) keeps
+  it, and its steps are captured only if they do not sync;
 - a graph is keyed on the batch shapes and on the constants the capture bakes in (the optimizer's betas,
   weight decay, eps: a changed one gets its own warm-up and capture); the learning rate is a device tensor
   that every replay reads, so a scheduler needs no new graph;
@@ -22,10 +24,12 @@ shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the
   there, after a complete eager step, instead of by a capture that CUDA invalidates (which can leave the
   allocator and the current stream in a bad state). The capture restores the current stream whatever happens;
 - all graphs share one private memory pool (replays never overlap, outputs are cloned at once), and at most
-  MAX_GRAPHS are kept, the oldest going first;
-- if a step syncs or fails inside the capture, `graphs="auto"` logs one line with the reason and runs eagerly
-  from then on; `graphs="on"` raises. A capture that CUDA itself invalidated is fatal in both modes (see
-  CaptureInvalidated).
+  MAX_GRAPHS are kept, the least recently replayed going first;
+- a step that syncs with the host (found in the watched warm-up) runs eagerly for that key only: other shapes
+  are still captured (a sliding-window model's batches with rows longer than the window build their windowed
+  mask on the host; its packed batches do not). A step that fails inside the capture turns graphs off for the
+  run. In both cases `graphs="auto"` logs one line with the reason and `graphs="on"` raises. A capture that
+  CUDA itself invalidated is fatal in both modes (see CaptureInvalidated).
 """
 from __future__ import annotations
 
@@ -51,6 +55,14 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _kind_name(kind) -> str:
+    return kind[0] if isinstance(kind, tuple) else str(kind)
+
+
+def _shapes(batches) -> str:
+    return ", ".join("x".join(map(str, b["input_ids"].shape)) for b in batches if "input_ids" in b)
+
+
 def _regroup(groups: tuple, flat: tuple) -> tuple:
     """The step's arguments from the flat batch list: a list of n micro-batches where groups says n, else one."""
     out, i = [], 0
@@ -72,10 +84,12 @@ class CaptureInvalidated(RuntimeError):
 
 
 class StepGraphs:
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, keep_masks: bool = False):
         self.mode = mode
-        self.disabled: str | None = None
-        self._graphs: dict = {}  # key -> (static inputs, static output, output keys, graph); oldest first
+        self.keep_masks = keep_masks  # hand the step its batches' attention masks (see the module docstring)
+        self.disabled: str | None = None  # why graphs are off for the whole run
+        self.eager_keys: dict = {}  # key -> why steps of that key run eagerly (the step syncs); oldest first
+        self._graphs: dict = {}  # key -> (static inputs, static output, output keys, graph); least recent first
         self._seen: dict = {}    # key -> eager steps so far, for keys not captured yet (oldest first)
         self._stream = None      # the side stream of warm-ups and captures (one, as PyTorch's recipe has it)
         self._pool = None        # one memory pool for all graphs: replays never overlap and outputs are cloned
@@ -85,6 +99,12 @@ class StepGraphs:
         """Forget every captured graph (after tensors they captured were replaced, e.g. a loaded state)."""
         self._graphs.clear()
         self._seen.clear()
+        self.eager_keys.clear()
+
+    @property
+    def fallback(self) -> str | None:
+        """Why some steps ran eagerly (graphs off for the run, or the keys whose step syncs), or None."""
+        return self.disabled or ("; ".join(dict.fromkeys(self.eager_keys.values())) or None)
 
     def run(self, kind, fn, batches: tuple) -> dict[str, torch.Tensor]:
         """Run fn(*batches) — eagerly for warm-up, then as a captured graph replay. `kind` (hashable) names
@@ -97,12 +117,15 @@ class StepGraphs:
         if any(n is not None for n in groups):
             step, fn = fn, lambda *flat: step(*_regroup(groups, flat))
             batches = tuple(m for b in batches for m in (b if isinstance(b, (list, tuple)) else (b,)))
-        stripped = tuple(without_mask(b) for b in batches)
+        stripped = batches if self.keep_masks else tuple(without_mask(b) for b in batches)
         key = (kind, groups) + tuple(batch_signature(b) for b in stripped)
         entry = self._graphs.get(key)
-        for b in batches:
-            check_right_padded(b, sync_ok=entry is None)  # a sync: warm-up and capture only
+        if not self.keep_masks:
+            for b in batches:
+                check_right_padded(b, sync_ok=entry is None)  # a sync: warm-up, capture and eager keys only
         batches = stripped
+        if key in self.eager_keys:
+            return fn(*batches)
         if entry is None:
             seen = self._seen.pop(key, 0)
             if seen < WARMUP:
@@ -111,7 +134,7 @@ class StepGraphs:
                     self._seen.pop(next(iter(self._seen)))
                 out, sync = self._eager(fn, batches, watch=seen + 1 == WARMUP)
                 if sync:
-                    self._give_up(f"the step syncs with the host ({sync})")
+                    self._keep_eager(key, kind, batches, f"the step syncs with the host ({sync})")
                 return out
             try:
                 entry = self._capture(fn, batches)
@@ -124,11 +147,12 @@ class StepGraphs:
                 self._give_up(f"capture failed ({_first_line(e)})")
                 return fn(*batches)
             if len(self._graphs) >= MAX_GRAPHS:
-                self._graphs.pop(next(iter(self._graphs)))  # the oldest graph
-            self._graphs[key] = entry
-            shapes = ", ".join("x".join(map(str, b["input_ids"].shape)) for b in batches if "input_ids" in b)
+                self._graphs.pop(next(iter(self._graphs)))  # the least recently replayed graph
             log.info("CUDA graphs: captured the %s step for batches of %s; later steps of that shape replay it",
-                     kind[0] if isinstance(kind, tuple) else kind, shapes)
+                     _kind_name(kind), _shapes(batches))
+        else:
+            del self._graphs[key]  # re-inserted below: the dict's order is the order of last use
+        self._graphs[key] = entry
         static_in, static_out, keys, graph = entry
         for dst, src in zip(static_in, batches):
             for k, v in src.items():
@@ -137,6 +161,18 @@ class StepGraphs:
         graph.replay()
         self.replays += 1
         return dict(zip(keys, static_out.clone().unbind()))
+
+    def _keep_eager(self, key, kind, batches, reason: str):
+        """Steps of this key run eagerly from now on; other keys are still captured. One warning per reason."""
+        if self.mode == "on":
+            raise RuntimeError(f"graphs='on': {reason}")
+        new_reason = reason not in self.eager_keys.values()
+        self.eager_keys[key] = reason
+        while len(self.eager_keys) > 4 * MAX_GRAPHS:
+            self.eager_keys.pop(next(iter(self.eager_keys)))
+        (log.warning if new_reason else log.info)(
+            "CUDA graphs: %s; the %s step for batches of %s runs eagerly (other shapes are still captured)",
+            reason, _kind_name(kind), _shapes(batches))
 
     def _give_up(self, reason: str):
         if self.mode == "on":

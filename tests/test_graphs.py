@@ -56,12 +56,14 @@ class _ReplayByRecompute:
 
 def _fake_cuda(monkeypatch, sync_on_watch=None, capture_error=None):
     """StepGraphs' two CUDA-only methods replaced by CPU stand-ins; returns the list of events they record.
-    sync_on_watch: the host-sync text the watched warm-up reports; capture_error: what the capture raises."""
+    sync_on_watch: the host-sync text the watched warm-up reports (or a function of the batches giving it);
+    capture_error: what the capture raises."""
     events = []
 
     def eager(self, fn, b, watch):
         events.append("watched" if watch else "eager")
-        return fn(*b), (sync_on_watch if watch else None)
+        sync = sync_on_watch(b) if callable(sync_on_watch) else sync_on_watch
+        return fn(*b), (sync if watch else None)
 
     def capture(self, fn, batches):
         events.append("capture")
@@ -129,23 +131,78 @@ def test_step_graphs_warm_up_capture_replay_and_keys(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["auto", "on"])
 def test_step_graphs_give_up_on_a_syncing_step(monkeypatch, caplog, mode):
-    """A host sync seen in the watched warm-up: 'auto' logs one line naming it and stays eager (no capture is
-    tried), 'on' raises."""
-    events = _fake_cuda(monkeypatch, sync_on_watch="called a synchronizing CUDA operation")
+    """A host sync seen in the watched warm-up: 'auto' logs one line naming it and runs that shape eagerly from
+    then on (no capture is tried for it), while a shape whose step does not sync is still captured and
+    replayed; 'on' raises."""
+    events = _fake_cuda(monkeypatch, sync_on_watch=lambda b: "called a synchronizing CUDA operation"
+                        if b[0]["input_ids"].shape[1] == 5 else None)  # long rows: a windowed mask built on the host
     step, batch = _sum_step([]), _batch_maker()
     g = StepGraphs(mode)
-    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
         if mode == "on":
             with pytest.raises(RuntimeError, match="syncs with the host"):
                 for _ in range(WARMUP):
                     g.run("step", step, (batch(2, 5),))
             return
         for _ in range(WARMUP + 3):
-            b = batch(2, 5)
-            assert g.run("step", step, (b,))["total"].item() == b["input_ids"].sum().item()
-    assert "capture" not in events and g.disabled and not g._graphs
-    lines = [r.getMessage() for r in caplog.records if "CUDA graphs off" in r.getMessage()]
-    assert len(lines) == 1 and "synchronizing" in lines[0]
+            for length in (5, 4, 5):
+                b = batch(2, length)
+                assert g.run("step", step, (b,))["total"].item() == b["input_ids"].sum().item()
+    assert events.count("capture") == 1 and g.disabled is None and len(g._graphs) == 1
+    assert [k[2][0][1] for k in g._graphs] == [(2, 4)] and [k[2][0][1] for k in g.eager_keys] == [(2, 5)]
+    assert g.replays == 3 and "synchronizing" in g.fallback
+    lines = [r for r in caplog.records if "runs eagerly" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING and "synchronizing" in lines[0].getMessage()
+    events.clear()
+    for _ in range(WARMUP):  # another shape with the same reason: eager too, logged below warning level
+        g.run("step", step, (batch(3, 5),))
+    assert "capture" not in events and len(g.eager_keys) == 2
+    assert sum(r.levelno == logging.WARNING for r in caplog.records if "runs eagerly" in r.getMessage()) == 1
+
+
+def test_step_graphs_evict_the_least_recently_replayed(monkeypatch):
+    """Past MAX_GRAPHS graphs, the one replayed longest ago goes, not the first captured: a shape that keeps
+    coming back keeps its graph."""
+    events = _fake_cuda(monkeypatch)
+    step, batch = _sum_step([]), _batch_maker()
+    g = StepGraphs("on")
+    for rows in range(1, MAX_GRAPHS + 1):
+        for _ in range(WARMUP + 1):
+            g.run("step", step, (batch(rows, 3),))
+    g.run("step", step, (batch(1, 3),))  # the first shape replayed again: now the most recent
+    for _ in range(WARMUP + 1):
+        g.run("step", step, (batch(MAX_GRAPHS + 1, 3),))
+    rows_kept = {k[2][0][1][0] for k in g._graphs}
+    assert len(rows_kept) == MAX_GRAPHS and 1 in rows_kept and 2 not in rows_kept, sorted(rows_kept)
+    assert events.count("capture") == MAX_GRAPHS + 1
+
+
+def test_step_graphs_hand_the_mask_to_a_model_that_needs_it(monkeypatch):
+    """keep_masks (a model whose attention the mask-free path does not reproduce): the step gets each batch's mask
+    in warm-up, capture and replays, and left padding is not refused, since the mask is used."""
+    _fake_cuda(monkeypatch)
+    seen_masks, batch = [], _batch_maker()
+    step = _sum_step(seen_masks)
+    g = StepGraphs("on", keep_masks=True)
+    for _ in range(WARMUP + 2):
+        b = batch(2, 5)
+        b["attention_mask"][0, :2] = 0  # left padding
+        assert g.run("step", step, (b,))["total"].item() == b["input_ids"].sum().item()
+    assert all(seen_masks) and len(seen_masks) == WARMUP + 1 + 2  # warm-ups, the capture, and each replay
+    assert g.replays == 2
+
+
+def test_a_model_that_needs_its_masks_keeps_them_under_graphs():
+    """The engine tells StepGraphs to keep the masks when probe_attention found the mask-free path inexact for
+    the model (here Falcon's own attention): stripping them would crash it or train it without the mask."""
+    from test_packing import _own_attention_model
+
+    falcon = bf.Booster(_own_attention_model("falcon", 300), bf.BoosterConfig()).engine
+    llama = tiny_booster("cpu")[2].engine
+    for engine, keeps in ((falcon, True), (llama, False)):
+        assert engine.drop_mask is not keeps
+        engine.device = types.SimpleNamespace(type="cuda")  # what _graphs_for looks at
+        assert engine._graphs_for("auto").keep_masks is keeps
 
 
 def test_step_graphs_fall_back_when_the_capture_fails(monkeypatch, caplog):
@@ -260,6 +317,38 @@ def test_a_changed_learning_rate_reaches_the_same_graph(monkeypatch):
     engine.optimizer.param_groups[0]["weight_decay"] = 0.05
     booster.step(a, h)
     assert kinds[-1] != kinds[0]
+
+
+@pytest.mark.parametrize("knob, value", [("lamb", 2.0), ("alpha", 0.3), ("max_grad_norm", 0.25), ("grad_accum", 2),
+                                         ("meta_term", False)])
+def test_a_changed_step_knob_gets_a_graph_of_its_own(monkeypatch, knob, value):
+    """The step reads λ, α, the clip norm, the micro-batch count... from the config at every call, and a capture
+    bakes them in: a changed one changes the graph key (a replay would ignore it), and the step follows it as
+    the reference does. The clip's constant, a tensor, is refilled."""
+    from booster_fast.fast import FastBooster
+
+    kinds = []
+
+    def run(kind, fn, batches):
+        kinds.append(kind)
+        return fn(*batches)
+
+    monkeypatch.setattr(FastBooster, "_graphs_for", lambda self, mode: types.SimpleNamespace(run=run))
+    _, tok, booster = tiny_booster("cpu", graphs="off")
+    model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+    torch.manual_seed(SEED)
+    ref = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(impl="reference"))
+    for i, (a, h) in enumerate(builtin_batches(tok, 3)):
+        if i == 2:
+            for b in (booster, ref):
+                setattr(b.cfg, knob, value)
+        booster.step(a, h)
+        ref.step(a, h)
+    assert kinds[0] == kinds[1] != kinds[2]
+    if knob == "max_grad_norm":
+        assert booster.engine._clip_offset.item() == pytest.approx(1e-6 / value)
+    err, name = worst_relative_error(lora_state(booster.model), lora_state(ref.model))
+    assert err < 1e-5, f"{name}: {err:.3g}"
 
 
 def test_packed_batches_get_a_graph_per_length_and_replay_the_eager_step(monkeypatch):
@@ -386,9 +475,9 @@ def test_syncing_step_is_found_in_warm_up_and_falls_back(caplog):
     with caplog.at_level(logging.WARNING, logger="booster_fast"):
         for a, h in batches:
             booster.step(a, h)
-    assert engine.graphs.disabled is not None and "syncs with the host" in engine.graphs.disabled
+    assert engine.graphs.eager_keys and "syncs with the host" in engine.graphs.fallback
     assert not engine.graphs._graphs
-    assert sum("CUDA graphs off" in r.getMessage() for r in caplog.records) == 1
+    assert sum("runs eagerly" in r.getMessage() for r in caplog.records) == 1
 
 
 @pytest.mark.gpu
