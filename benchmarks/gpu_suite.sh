@@ -13,6 +13,10 @@ set -uo pipefail
 ONLY=" $* "
 OPT_IN=" bench_70b_nf4_ckpt "  # parts beyond the 6-minute budget of a full run
 cd "$(dirname "$0")/.."
+PARTS=" $(sed -n 's/^part \([a-z0-9_]*\) .*/\1/p' benchmarks/gpu_suite.sh | tr '\n' ' ')"
+for name in "$@"; do  # a typo must not cost a borrowed machine's start-up for nothing
+  [[ "$PARTS" == *" $name "* ]] || { echo "gpu_suite.sh: no part named '$name'; parts:$PARTS" >&2; exit 2; }
+done
 if [[ -n "${OUT:-}" ]]; then
   DEST=$OUT RES=$(mktemp -d)
   mkdir -p "$DEST"

@@ -20,7 +20,11 @@ from pathlib import Path
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("machine", "model", "quant", "impl", "ms/step (median)", "speed-up vs reference", "tokens/s",
-           "peak MB", "ops/step", "host syncs/step", "Booster/SFT", "MFU")
+           "peak MB", "launches/step", "host syncs/step", "Booster/SFT", "MFU")
+# the bench's defaults: a setting away from them is named in the row's label
+DEFAULTS = {"lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "lr": 5e-4, "weight_decay": 0.1,
+            "max_grad_norm": 1.0, "lamb": 5.0, "alpha": 0.1, "grad_accum": 1, "merge_passes": "auto",
+            "packing": "auto", "fused_ops": "auto", "graphs": "auto", "meta_term": True}
 CHECKS = ("kernel_bandwidth", "graph_equivalence", "profile")  # gpu_checks.py documents, by file-name prefix
 
 
@@ -71,29 +75,43 @@ def _num(v, spec: str, suffix: str = "") -> str:
     return "—" if v is None else format(v, spec) + suffix
 
 
+def settings(c: dict) -> list[str]:
+    """What a run's label names besides model, batch and length: Vaccine, checkpointing, and every setting away
+    from the bench's defaults (two runs that differ in one get different labels)."""
+    named = [x for x, on in ((f"Booster + Vaccine, ρ {c.get('rho')}", c.get("perturb_aware")),
+                             ("grad. checkpointing", c.get("gradient_checkpointing"))) if on]
+    for key, default in DEFAULTS.items():
+        if key in c and c[key] != default:
+            named.append("no meta term" if key == "meta_term" else f"{key.replace('_', ' ')} {c[key]}")
+    return named
+
+
 def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
     out = []
-    for _, doc in docs:
+    for name, doc in docs:
         m, c = doc["machine"], doc["config"]
-        extras = [x for x, on in ((f"Booster + Vaccine, ρ {c.get('rho')}", c.get("perturb_aware")),
-                                  ("grad. checkpointing", c.get("gradient_checkpointing"))) if on]
+        extras = settings(c) + (["partial run"] if doc.get("complete") is False else [])
+        if doc.get("complete") is False:
+            print(f"make_table: {name} is a partial run (stopped before its last measurement)", file=sys.stderr)
         model = f"{c.get('model')} ({c.get('batch_size')}+{c.get('harmful_batch_size')} × {c.get('max_length')}" \
                 + "".join(f", {x}" for x in extras) + ")"
         for impl, r in doc["results"].items():
             marks = [m for m, on in (("packed", r.get("packed_share")), ("CUDA graph", r.get("cuda_graphs"))) if on]
             label = impl + (f" ({', '.join(marks)})" if marks else "")
             head = [hardware(m), model, str(c.get("quant")), label]
-            if "skipped" in r or "failed" in r:
+            if "skipped" in r or ("failed" in r and "step_ms" not in r):
                 why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r['failed']}"
                 out.append(head + [why] + ["—"] * (len(COLUMNS) - len(head) - 1))
                 continue
+            if "failed" in r:  # timed, then failed while its memory and ops were measured
+                head[-1] += f" (failed after the timing: {r['failed']})"
             booster = impl != "sft"  # speed-up and the SFT ratio describe Booster steps
             out.append(head + [
                 _num(r.get("step_ms"), ".1f"),
                 _num(doc.get("speedup", {}).get(impl) if booster else None, ".2f", "×"),
                 _num(r.get("tokens_per_s"), ",.0f"),
                 _num(r.get("peak_mem_mb"), ",.0f"),
-                _num(r.get("ops_per_step"), ","),
+                _num(r.get("launches_per_step"), ","),
                 _num(r.get("host_syncs_per_step"), ","),
                 _num(r.get("ratio_to_sft") if booster else None, ".2f", "×"),
                 _num(r.get("mfu"), ".1%"),
@@ -147,7 +165,7 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
 
 def markdown_table(docs: list[tuple[str, dict]], checks: dict | None = None) -> str:
     files = ", ".join(f"`{name}` ({doc['machine'].get('date', '?')})" for name, doc in docs)
-    parts = ["\n".join(_grid(COLUMNS, rows(docs))), *check_tables(checks or {})]
+    parts = (["\n".join(_grid(COLUMNS, rows(docs)))] if docs else []) + check_tables(checks or {})
     return "\n\n".join(parts) + f"\n\nFrom benchmarks/results/: {files or 'no files yet'}. Regenerate with " \
                                   "`python benchmarks/make_table.py`."
 

@@ -10,7 +10,7 @@ The first `--warmup` rounds are not timed. A step's time is host wall time (time
 update; on CUDA a torch.cuda.synchronize() on both sides makes it the device time of the whole update.
 We report the median and the 20th/80th percentiles. Every model stays resident; their frozen unquantised base
 weights (identical by construction, checked) are one shared copy, so four entries of a 7B bf16 model hold one
-13 GB base instead of four. NF4 weights are not shared (each entry quantises its own).
+13 GB base instead of four; NF4 ones share their packed weights and quantisation statistics too.
 
 Entries: reference; fast (follows --merge-passes and --graphs, default auto); fast-merged / fast-unmerged
 (merge pinned, eager); fast-graphs (graphs='on', CUDA only: recorded as skipped, with the reason, when there is
@@ -30,17 +30,23 @@ SFT. mfu (CUDA only) instead counts the positions each entry computes, pads and 
 Peak memory (peak_mem_mb): what one implementation would need alone in a process (bench_measure.py says how
 it is measured on CUDA and on the CPU).
 
-ops_per_step: aten ops dispatched by one more step (booster_fast.opcount): the kernel launches a GPU pays
-without CUDA graphs (for a graph replay, only the host-side ops: input copies and output clone); for fast
-entries also the bookkeeping part (everything outside the model passes). host_syncs_per_step: those of them
-that read a device value back to the host (a sync on a GPU; counted on the CPU too; a non-fused optimizer's
-step counters, which stay on the host, are left out).
+ops_per_step: aten ops dispatched by one more step (booster_fast.opcount); launches_per_step: those of them
+that launch a kernel on a GPU (views, other metadata ops and bare allocations left out): what a step pays in
+launches without CUDA graphs (for a graph replay, only the host-side ops: input copies and output clone); for
+fast entries also the bookkeeping part (everything outside the model passes). host_syncs_per_step: the ops that
+read a device value back to the host (a sync on a GPU; counted on the CPU too; a non-fused optimizer's step
+counters, which stay on the host, are left out).
+
+The document is written after the timing and again after each entry's memory and op-count pass; `complete` is
+false until the last write, so a run stopped by a time limit leaves a file that says it is partial. An entry
+that fails keeps what was measured of it before, with `failed` saying where it failed.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -50,11 +56,14 @@ import torch
 
 from .align import build_streams, check_common_args, check_device_flags, config_from_args, resolve_device
 from .batches import tokens
-from .bench_measure import (MFU_FLOPS, cpu_gauge, held_bytes, matmul_params, matmul_tflops, model_flops, pass_batches,
-                            peak_tflops, quant_state_tensors, sync, transient_bytes)
+from .bench_measure import (MFU_FLOPS, cpu_gauge, held_bytes, matmul_params, matmul_tflops, micro, model_flops,
+                            pass_batches, peak_tflops, quant_state_tensors, sync, transient_bytes)
 from .atomic import check_writable_file, write_text_atomic
 from .bench_report import format_table, machine_info, plot
 from .cli import UsageError
+from .config import BoosterConfig
+from .data import DataError
+from .models import ModelError
 from .graphs import CaptureInvalidated
 
 log = logging.getLogger("booster_fast")
@@ -251,6 +260,11 @@ def check_bench_args(args) -> list[str]:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'booster-fast[plot]'") from None
+    if not getattr(args, "perturb_aware", False) and getattr(args, "rho", BoosterConfig.rho) != BoosterConfig.rho:
+        raise UsageError(f"--rho {args.rho} does nothing without --perturb-aware")
+    output, plot_to = getattr(args, "output", None), getattr(args, "plot", None)
+    if output and plot_to and os.path.realpath(output) == os.path.realpath(plot_to):
+        raise UsageError(f"--output and --plot name the same file: {output}")
     for flag in ("output", "plot"):  # before the timing, not after it
         if getattr(args, flag, None):
             check_writable_file(getattr(args, flag), f"--{flag}")
@@ -258,9 +272,10 @@ def check_bench_args(args) -> list[str]:
 
 
 def _failed(results, name, stage, e):
-    """Record that entry `name` failed (one log line; run_bench then exits 1): on a borrowed GPU, one broken entry
-    must not cost the others' numbers."""
-    results[name] = {"failed": f"{stage}: {type(e).__name__}: {_first_line(e)}"}
+    """Record that entry `name` failed (one log line; run_bench then exits 1), keeping what was measured of it
+    before (its step times when the memory pass fails): on a borrowed GPU, one broken entry must not cost the
+    others' numbers, nor its own timing."""
+    results[name] = {**results.get(name, {}), "failed": f"{stage}: {type(e).__name__}: {_first_line(e)}"}
     log.error("bench: %s failed while %s", name, results[name]["failed"])
 
 
@@ -273,6 +288,8 @@ def build_all(names, args, device, results):
             continue
         try:
             booster, tok, lora0 = build_impl(name, args, device)
+        except (UsageError, DataError, ModelError):
+            raise  # bad input (a model or target that does not exist): one line, exit 2, nothing written
         except Exception as e:  # noqa: BLE001 -- reported in the results and the exit code, the others still run
             if name == "fast-graphs" and isinstance(e, (ValueError, RuntimeError)):
                 results[name] = {"skipped": f"graphs='on' unavailable: {_first_line(e)}"}
@@ -347,15 +364,17 @@ def run_bench(args) -> int:
     impls, batches, n_params, n_lora = build_all(names, args, device, results)
     times, tps = time_interleaved(impls, batches, args, device, results)
 
-    def publish():  # the document so far, to --output: a part stopped by a time limit keeps what it measured
+    def publish(complete=False):  # the document so far, to --output: a part stopped by a time limit keeps
+        # what it measured, marked incomplete
         ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))
-        for r in results.values():
-            if "step_ms" in r:
+        for n, r in results.items():
+            if "step_ms" in r and n != "sft":
                 r["ratio_to_sft"] = round(r["step_ms"] / sft, 3) if sft else None
-        speedup = {n: round(ref / r["step_ms"], 3) if ref and "step_ms" in r else None for n, r in results.items()}
+        speedup = {n: round(ref / r["step_ms"], 3) if ref and "step_ms" in r and n != "sft" else None
+                   for n, r in results.items()}  # of Booster steps: sft's step is another update
         doc = {"machine": machine_info(device),
                "config": run_config(args, names, device, n_params, n_lora, rate, peak),
-               "results": results, "speedup": speedup}
+               "results": results, "speedup": speedup, "complete": complete}
         if getattr(args, "output", None):
             write_text_atomic(args.output, json.dumps(doc, indent=2) + "\n")
         return doc
@@ -370,26 +389,32 @@ def run_bench(args) -> int:
                          "tokens_per_s": round(statistics.median(tps[name]), 1)}
     publish()
     for name, (booster, fn, mine) in impls.items():
+        timed = mine[args.warmup:args.warmup + args.steps]
         try:
             transient = transient_bytes(lambda: fn(*mine[-2]), device)
             ops = count_ops(fn, *mine[-1], host_resident=host_resident_scalars(booster.optimizer))
+            held = held_bytes(booster) + graph_pool_bytes(booster.engine) + max(transient, 0)
+            mfu = None
+            if rate:
+                flops = statistics.mean(model_flops(name, args, n_params, p) for p in timed)
+                mfu = round(flops / (results[name]["step_ms"] / 1e3) / (peak[0] * 1e12), 4)
         except Exception as e:  # noqa: BLE001
             if isinstance(e, CaptureInvalidated):
                 raise
             _failed(results, name, "measuring memory and ops", e)
+            publish()
             continue
-        timed = mine[args.warmup:args.warmup + args.steps]
-        flops = statistics.mean(model_flops(name, args, n_params, p) for p in timed)
-        held = held_bytes(booster) + graph_pool_bytes(booster.engine) + max(transient, 0)
+        graphs = getattr(booster.engine, "graphs", None)
         results[name].update({
-            "peak_mem_mb": round(held / 2**20, 1), "ops_per_step": ops["total"],
+            "peak_mem_mb": round(held / 2**20, 1), "ops_per_step": ops["total"], "launches_per_step": ops["launches"],
             "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
             "host_syncs_per_step": sum(ops["host_syncs"].values()), "cuda_graphs": graphs_captured(booster.engine),
-            "packed_share": round(statistics.mean("cu_seqlens" in b for p in timed for b in p), 3),
+            "graphs_fallback": getattr(graphs, "fallback", None),
+            "packed_share": round(statistics.mean("cu_seqlens" in m for p in timed for b in p for m in micro(b)), 3),
             "positions_per_step": round(statistics.mean(sum(map(tokens, pass_batches(name, args, p))) for p in timed)),
-            "mfu": round(flops / (results[name]["step_ms"] / 1e3) / (peak[0] * 1e12), 4) if rate else None})
+            "mfu": mfu})
         publish()
-    doc = publish()
+    doc = publish(complete=True)
     print(format_table(doc))
     if getattr(args, "plot", None):
         plot(doc, args.plot)
@@ -402,7 +427,7 @@ def run_bench(args) -> int:
 def run_config(args, names, device, n_params, n_lora, rate, peak=(None, None)) -> dict:
     knobs = ("model", "quant", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
              "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum", "merge_passes",
-             "packing", "fused_ops", "steps", "warmup")
+             "packing", "fused_ops", "graphs", "steps", "warmup")
     gauge = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
     return {**{k: getattr(args, k) for k in knobs}, "device": str(device), "meta_term": not args.no_meta_term,
             "perturb_aware": bool(getattr(args, "perturb_aware", False)),

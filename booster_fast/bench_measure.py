@@ -134,13 +134,18 @@ def matmul_params(model) -> tuple[int, int]:
     return total, head.in_features * head.out_features if isinstance(head, torch.nn.Linear) else 0
 
 
+def micro(batch) -> list[dict]:
+    """The micro-batches of one step argument: a list of them (packed ones under gradient accumulation), or one."""
+    return list(batch) if isinstance(batch, (list, tuple)) else [batch]
+
+
 def pass_batches(name: str, args, pair) -> list[dict]:
-    """The batch of every pass of one step on `pair`: alignment (twice under perturb_aware: at w, then perturbed),
-    then the harmful one once or twice."""
-    align, harmful = pair
+    """The (micro-)batch of every pass of one step on `pair`: alignment (twice under perturb_aware: at w, then
+    perturbed), then the harmful one once or twice."""
+    align, harmful = (micro(b) for b in pair)
     if name == "sft":
-        return [align]
-    return [align] * (2 if getattr(args, "perturb_aware", False) else 1) + [harmful] * (1 if args.no_meta_term else 2)
+        return align
+    return align * (2 if getattr(args, "perturb_aware", False) else 1) + harmful * (1 if args.no_meta_term else 2)
 
 
 def model_flops(name: str, args, params: tuple[int, int], pair) -> float:

@@ -8,6 +8,8 @@ skipped. Ops that read a value back to the host (`.item()`, `bool(t)`, `nonzero`
 fatal inside a CUDA-graph capture) are counted apart as "host_syncs" — on the CPU too, where they cost nothing,
 so that a CPU test can prove a step free of them. Reads of tensors that stay on the host in a GPU run as well
 (`host_resident`, e.g. a non-fused optimizer's step counters) are no device sync and are left out.
+"launches" leaves out the ops that launch no kernel on a GPU: views and other metadata ops (`view`, `t`,
+`slice`, `detach`, ...) and bare allocations (`empty`); about half of a model pass's aten ops are of that kind.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import fast
 
 
+NO_KERNEL_OPS = ("aten._unsafe_view", "aten._reshape_alias", "aten.empty", "aten.empty_strided", "aten.new_empty",
+                 "aten.new_empty_strided", "aten.resize_")  # besides the view ops (OpOverload.is_view)
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.masked_select",
             "aten._unique", "aten.unique")
 
@@ -53,6 +57,8 @@ class _Counter(TorchDispatchMode):
             self.syncs[name] += 1
         if not name.startswith("profiler."):
             self.counts["pass" if self.pass_depth else "bookkeeping"] += 1
+            if not (func.is_view or name.startswith(NO_KERNEL_OPS)):
+                self.counts["launches"] += 1
             if not self.pass_depth:
                 self.bookkeeping_ops[name] += 1
         return func(*args, **(kwargs or {}))
@@ -68,7 +74,8 @@ def host_resident_scalars(optimizer) -> list:
 
 
 def count_ops(fn, *args, host_resident=(), **kwargs) -> dict:
-    """Run fn(*args, **kwargs) once; return {"total", "pass", "bookkeeping", "bookkeeping_ops", "host_syncs"}.
+    """Run fn(*args, **kwargs) once; return {"total", "pass", "bookkeeping", "launches", "bookkeeping_ops",
+    "host_syncs"}.
     host_resident: tensors whose reads are not counted as host syncs (see the module docstring)."""
     counter = _Counter(host_resident)
 
@@ -88,4 +95,5 @@ def count_ops(fn, *args, host_resident=(), **kwargs) -> dict:
         fast._pass_marker = prev
     c = counter.counts
     return {"total": c["pass"] + c["bookkeeping"], "pass": c["pass"], "bookkeeping": c["bookkeeping"],
-            "bookkeeping_ops": dict(counter.bookkeeping_ops), "host_syncs": dict(counter.syncs)}
+            "launches": c["launches"], "bookkeeping_ops": dict(counter.bookkeeping_ops),
+            "host_syncs": dict(counter.syncs)}
