@@ -27,11 +27,11 @@ ENGINES = {"reference": dict(impl="reference"), "fast-unmerged": dict(merge_pass
            "fast-merged": dict(merge_passes=True)}
 
 
-def count(model_name: str, width: int, engine: str, rows: int = 10, length: int = 64) -> dict:
+def count(model_name: str, width: int, engine: str, rows: int = 10, length: int = 64, **overrides) -> dict:
     heads = PRESETS[model_name]["num_attention_heads"]
     ratio = PRESETS[model_name]["intermediate_size"] / PRESETS[model_name]["hidden_size"]
     model, tok = bf.load_model(model_name, dtype=torch.float32, device="cpu", hidden_size=width,
-                               intermediate_size=int(ratio * width))
+                               intermediate_size=int(ratio * width), **overrides)
     assert width % heads == 0, f"--width must be a multiple of {model_name}'s {heads} heads"
     torch.manual_seed(0)
     model = bf.add_lora(model, r=32, alpha=4, targets=("q_proj", "k_proj", "v_proj"))

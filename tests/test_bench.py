@@ -557,3 +557,17 @@ def test_model_flops_count_4n_per_computed_position_and_the_peak_is_the_data_she
         tflops, source = bm.peak_tflops("cuda", measured=55.5)
         assert tflops == want and source.startswith(name)
         assert ("measured" in source) == (name == "Tesla T4")
+
+
+def test_op_counts_do_not_depend_on_the_width():
+    """benchmarks/op_counts.py narrows a preset to count its step's ops: that is sound only if the counts do not
+    change with the width. The merged fast step launches fewer kernels than the reference and syncs nothing."""
+    spec = importlib.util.spec_from_file_location("op_counts", ROOT / "benchmarks" / "op_counts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    small = dict(num_hidden_layers=3)  # depth is what the count follows; 3 layers keep the test quick
+    counts = {w: {e: mod.count("llama-1b-shape", w, e, rows=3, length=16, **small) for e in ("reference", "fast-merged")}
+              for w in (64, 128)}
+    assert counts[64] == counts[128]
+    ref, fast = counts[64]["reference"], counts[64]["fast-merged"]
+    assert fast["host_syncs"] == 0 and fast["launches"] < ref["launches"] < ref["aten_ops"]
