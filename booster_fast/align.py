@@ -312,7 +312,7 @@ class Interrupts:
 # ------------------------------------------------------------------------------------------------
 def run_align(args) -> int:
     from . import Booster, add_lora, load_model
-    from .models import enable_gradient_checkpointing
+    from .models import check_positions, enable_gradient_checkpointing
     from .checkpoint import RunDir
 
     if args.resume is not None:
@@ -330,7 +330,9 @@ def run_align(args) -> int:
     # ---- every other input check, before anything is written ---------------------------------------------
     data = load_data(args)
     model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device,
+                            dtype=getattr(args, "dtype", None),
                             trust_remote_code=getattr(args, "trust_remote_code", False))
+    check_positions(model, args.max_length)
     if getattr(args, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())

@@ -149,7 +149,8 @@ def read_run_config(run_dir: str | Path) -> dict:
 def base_of(cfg: dict) -> dict:
     """How to rebuild the base model of a run: align writes model/quant/seed at the top, attack under "base"."""
     base = cfg.get("base") or cfg
-    return {"model": base.get("model", "tiny"), "quant": base.get("quant", "none"), "seed": int(base.get("seed", 43))}
+    return {"model": base.get("model", "tiny"), "quant": base.get("quant", "none"), "seed": int(base.get("seed", 43)),
+            "dtype": base.get("dtype")}
 
 
 def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
@@ -162,7 +163,7 @@ def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
         base, source = base_of(run_cfg), "run_config.json"
     else:  # a plain peft adapter: quant none and load_model's default seed unless the flags say otherwise
         name = _read_json(Path(args.adapter), "adapter_config.json", args.adapter).get("base_model_name_or_path")
-        base, source = {"model": name or None, "quant": "none", "seed": 0}, "adapter_config.json"
+        base, source = {"model": name or None, "quant": "none", "seed": 0, "dtype": None}, "adapter_config.json"
     if getattr(args, "base_model", None):
         base["model"], source = args.base_model, "--base-model"
     if getattr(args, "quant", None):
@@ -192,7 +193,8 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
     cfg = read_run_config(run_dir)
     if base is None:
         base = base_of(cfg)
-    model, tok = load_model(base["model"], quant=base["quant"], seed=base["seed"], device=device)
+    model, tok = load_model(base["model"], quant=base["quant"], seed=base["seed"], device=device,
+                            dtype=base.get("dtype"))
     try:
         model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError, OSError) as e:  # shape mismatch, missing modules, bad weights file
@@ -393,6 +395,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
 
     from . import Booster, BoosterConfig
     from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_safety_data
+    from .models import check_positions
 
     # ---- data first (fails fast, before a model is loaded), then the model, then the output directory ----------
     benign = load_benign(args.benign, "train")
@@ -414,6 +417,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
         harmful_test = harmful_test[: args.eval_rows]
     model, tok, _ = load_adapter(args.adapter, device, trainable=True, base=base)
     check_max_length(tok, max_length)
+    check_positions(model, max_length)
     encoded, n_trunc = encode_all(tok, rows, max_length)
     test_enc, _ = encode_all(tok, harmful_test, max_length)
     stream = BatchStream(encoded, args.batch_size, max_length, tok.pad_token_id, seed)
@@ -471,7 +475,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                     bar.update(len(pending))
                     pending, t_last = [], time.perf_counter()
             bar.close()
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
         tok.save_pretrained(str(tmp))
         publish_dir(tmp, out)
         ok = True

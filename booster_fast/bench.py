@@ -99,10 +99,12 @@ def impl_config(name: str, args):
 def build_impl(name: str, args, device):
     """(Booster, tokenizer, initial LoRA weights on the CPU), built from scratch with the bench seed."""
     from . import Booster, add_lora, load_model
-    from .models import enable_gradient_checkpointing, trainable_parameters
+    from .models import check_positions, enable_gradient_checkpointing, trainable_parameters
 
     cfg = impl_config(name, args)
-    model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device)
+    model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device,
+                            dtype=getattr(args, "dtype", None))
+    check_positions(model, args.max_length)
     if getattr(args, "gradient_checkpointing", False):
         # non-reentrant (before add_lora): needs no enable_input_require_grads(), it recomputes under autograd
         enable_gradient_checkpointing(model)
@@ -425,7 +427,7 @@ def run_bench(args) -> int:
 
 # ---- what the run was (bench_report.py has the rest of the reporting) -----------------------------------
 def run_config(args, names, device, n_params, n_lora, rate, peak=(None, None)) -> dict:
-    knobs = ("model", "quant", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
+    knobs = ("model", "quant", "dtype", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
              "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum", "merge_passes",
              "packing", "fused_ops", "graphs", "steps", "warmup")
     gauge = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"

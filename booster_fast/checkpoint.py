@@ -147,7 +147,7 @@ def save_checkpoint(run: Path, step: int, model, booster, streams: dict, trainer
     tmp.mkdir()
     final = root / name
     try:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
         torch.save(booster.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         state = {"format": FORMAT, "step": step, **trainer_state,
@@ -308,7 +308,7 @@ class RunDir:
         tmp = self.path / f".final-tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
         tokenizer.save_pretrained(str(tmp))
         fsync_tree(tmp)
         for f in sorted(tmp.iterdir()):

@@ -8,6 +8,7 @@ place (checkpoints inside it let an interrupted run resume).
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 
@@ -54,6 +55,9 @@ def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128):
     p.add_argument("--model", default="tiny", help=f"{' | '.join(PRESETS)} (random weights, no download) | "
                                                    "HF id | local path")
     p.add_argument("--quant", default="none", choices=["none", "nf4"], help="4-bit NF4 base weights (bitsandbytes)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                   help="the frozen base weights' dtype, whatever the checkpoint holds (default: fp32 for tiny, else "
+                        "bf16, as the original trains; fp32 for exact comparisons)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=43, help="seed for init, data order and LoRA (paper: 43)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -169,6 +173,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("booster_fast").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    from .models import PRESETS
+
+    for flag in ("model", "base_model"):  # a local model directory is recorded absolute (run_config.json, the
+        # adapter's base_model_name_or_path), so that the run loads and resumes from any working directory
+        name = getattr(args, flag, None)
+        if name and name not in PRESETS and os.path.isdir(os.path.expanduser(name)) and not os.path.isabs(name):
+            setattr(args, flag, os.path.abspath(os.path.expanduser(name)))
     if args.command in ("attack", "eval", "experiment"):  # own defaults; one-line errors, exit 2
         from . import attack, evaluate, experiment
         return {"attack": attack, "eval": evaluate, "experiment": experiment}[args.command].main(args)

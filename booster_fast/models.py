@@ -33,6 +33,7 @@ PRESETS = {
                             num_key_value_heads=8, max_position_embeddings=4096, vocab_size=32000),
 }
 QUANTS = ("none", "nf4")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype: what the base's frozen weights are kept in
 
 
 class ModelError(ValueError):
@@ -43,11 +44,17 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
                device: str | torch.device | None = None, trust_remote_code: bool = False, **config_overrides):
     """Return (model, tokenizer).
 
-    dtype defaults to float32 for `tiny` and bfloat16 for everything else. `config_overrides` change preset
-    fields (e.g. `num_hidden_layers=8`). With quant="nf4" the compute dtype is bf16 whatever `dtype` says.
+    dtype (a torch dtype, or a name of DTYPES) defaults to float32 for `tiny` and bfloat16 for everything else:
+    a pretrained checkpoint is loaded in bf16 whatever it was saved in, as the original trains it; fp32 is for
+    exact comparisons. `config_overrides` change preset fields (e.g. `num_hidden_layers=8`). With quant="nf4"
+    the compute dtype is bf16 whatever `dtype` says.
     """
     if quant not in QUANTS:
         raise ModelError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name in PRESETS:
         dtype = dtype or (torch.float32 if name == "tiny" else torch.bfloat16)
@@ -179,9 +186,31 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
         model.to(device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    rows = model.get_input_embeddings().num_embeddings
+    if tok.pad_token_id is not None and tok.pad_token_id >= rows:
+        # a pad added to the tokenizer but not to the model (common with Llama-2's [PAD]): pads are never
+        # attended to nor labelled, so any id in the table does; the embedding lookup of one outside fails
+        if tok.eos_token_id is None or tok.eos_token_id >= rows:
+            raise ModelError(f"--model {name}: the tokenizer's pad id {tok.pad_token_id} is outside the model's "
+                             f"{rows} embeddings and it has no EOS to pad with instead")
+        log.info("padding with EOS (id %d): the tokenizer's pad id %d is outside the model's %d embeddings",
+                 tok.eos_token_id, tok.pad_token_id, rows)
+        tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     model.config.use_cache = False
     return model, tok
+
+
+def check_positions(model: nn.Module, max_length: int, flag: str = "--max-length"):
+    """ModelError when rows of `max_length` tokens do not fit a model's learned absolute position table (GPT-2's
+    wpe, OPT's embed_positions, ...): the lookup would fail in the first step. Rotary models have no such table."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "embed_positions",
+                                                                        "position_embeddings"):
+            positions = m.num_embeddings - int(getattr(m, "offset", 0))  # OPT keeps 2 rows before position 0
+            if max_length > positions:
+                raise ModelError(f"{flag} {max_length} exceeds the model's {positions} learned positions; "
+                                 f"use {flag} {positions} or less")
 
 
 def quantize_nf4_(model: nn.Module) -> nn.Module:
@@ -257,18 +286,27 @@ def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj",
     from peft import LoraConfig, get_peft_model
 
     targets = tuple(targets)
-    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Conv1D")}  # Conv1D: GPT-2's
-    missing = [t for t in targets if t not in present]
+    modules = dict(model.named_modules())
+    linear = [n for n, m in modules.items()
+              if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Conv1D")]  # Conv1D: GPT-2's
+
+    def matches(t: str, names) -> bool:  # peft's rule: the module's full name, or its last dotted components
+        return any(n == t or n.endswith("." + t) for n in names)
+
+    missing = [t for t in targets if t != "all-linear" and not matches(t, linear)]
     if missing or not targets:
-        raise ModelError(f"LoRA targets {missing or list(targets)} not found in the model; it has linear layers "
-                         f"named {sorted(present)}")
+        others = [t for t in missing if matches(t, modules)]
+        kind = f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} not a linear layer" if others else ""
+        raise ModelError(f"LoRA targets {missing or list(targets)} not found in the model{kind}; it has linear "
+                         f"layers named {sorted({n.rsplit('.', 1)[-1] for n in linear})} (or all-linear)")
+    if "all-linear" in targets and len(targets) > 1:
+        raise ModelError(f"LoRA targets {list(targets)}: all-linear names every linear layer; give it alone")
     if r < 1:
         raise ModelError(f"LoRA rank must be >= 1, got {r}")
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, bias="none",
-                     task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                     target_modules="all-linear" if targets == ("all-linear",) else list(targets))  # peft's form
     checkpointed = getattr(model, "_booster_checkpointing", False)
     model = get_peft_model(model, cfg)
     for p in model.parameters():

@@ -1,0 +1,119 @@
+"""Pretrained models from local directories, as users bring them: paths, dtypes, pad ids, position tables, LoRA
+target spellings and what an adapter saves."""
+import json
+
+import pytest
+import torch
+
+import booster_fast as bf
+from booster_fast.cli import main
+from booster_fast.models import ModelError, check_positions, load_model
+
+SMALL = ["--steps", "1", "--max-length", "64", "--batch-size", "2", "--align-samples", "4", "--save-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny model saved as a Hugging Face checkpoint (fp32), with its tokenizer."""
+    d = tmp_path_factory.mktemp("hf") / "model"
+    model, tok = load_model("tiny", device="cpu")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_a_relative_model_directory_is_recorded_absolute(model_dir, tmp_path, monkeypatch):
+    """run_config.json and the adapter name the base by its absolute path, so the run loads from anywhere."""
+    monkeypatch.chdir(model_dir.parent)
+    out = tmp_path / "run"
+    assert main(["align", "--model", "model", "--output", str(out), *SMALL]) == 0
+    cfg = json.loads((out / "run_config.json").read_text())
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["model"] == adapter["base_model_name_or_path"] == str(model_dir)
+    monkeypatch.chdir(tmp_path)  # elsewhere: the adapter still finds its base
+    from booster_fast.attack import load_adapter
+
+    model, _, _ = load_adapter(out, "cpu", trainable=False)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_a_checkpoint_loads_in_bf16_unless_fp32_is_asked(model_dir, tmp_path):
+    """The original trains in bf16: an fp32 checkpoint is converted to it by default; --dtype fp32 keeps it (and
+    is recorded, for --resume and the attack)."""
+    assert next(load_model(str(model_dir), device="cpu")[0].parameters()).dtype == torch.bfloat16
+    assert next(load_model(str(model_dir), dtype="fp32", device="cpu")[0].parameters()).dtype == torch.float32
+    with pytest.raises(ModelError, match="unknown dtype"):
+        load_model(str(model_dir), dtype="fp8", device="cpu")
+    out = tmp_path / "run"
+    assert main(["align", "--model", str(model_dir), "--dtype", "fp32", "--output", str(out), *SMALL]) == 0
+    assert json.loads((out / "run_config.json").read_text())["dtype"] == "fp32"
+
+
+def test_a_pad_id_outside_the_embeddings_pads_with_eos(model_dir, tmp_path):
+    """A [PAD] added to the tokenizer but not to the model (Llama-2 users do this): its id has no embedding, so
+    padded batches would fail in the lookup. The model pads with EOS instead, and a padded step runs."""
+    d = tmp_path / "extpad"
+    model, tok = load_model(str(model_dir), dtype="fp32", device="cpu")
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    assert tok.pad_token_id >= model.get_input_embeddings().num_embeddings
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    model, tok = load_model(str(d), dtype="fp32", device="cpu")
+    assert tok.pad_token_id == tok.eos_token_id < model.get_input_embeddings().num_embeddings
+    out = tmp_path / "run"
+    assert main(["align", "--model", str(d), "--impl", "reference", "--output", str(out), *SMALL]) == 0
+
+
+def test_rows_longer_than_a_learned_position_table_are_refused(tmp_path, capsys):
+    """GPT-2-style learned positions: --max-length beyond the table is refused in one line before anything is
+    written (it used to fail with an IndexError at the first step)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tok = load_model("tiny", device="cpu")
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=40, n_embd=32, n_layer=1, n_head=2)).save_pretrained(d)
+    tok.save_pretrained(d)
+    model, _ = load_model(str(d), device="cpu")
+    check_positions(model, 40)
+    with pytest.raises(ModelError, match="exceeds the model's 40 learned positions"):
+        check_positions(model, 41)
+    out = tmp_path / "run"
+    assert main(["align", "--model", str(d), "--targets", "c_attn", "--output", str(out), *SMALL]) == 2
+    assert "exceeds the model's 40 learned positions" in capsys.readouterr().err and not out.exists()
+
+
+def test_lora_targets_take_peft_spellings():
+    """peft matches a target on a module's full name or its last dotted components, and takes all-linear: so do
+    we. A module that exists but is not linear is named as such."""
+    def lora_layers(targets):
+        model, _ = load_model("tiny", device="cpu")
+        torch.manual_seed(0)
+        return {n.rsplit(".lora_A", 1)[0] for n, _ in bf.add_lora(model, targets=targets).named_parameters()
+                if ".lora_A" in n}
+
+    layers = len(load_model("tiny", device="cpu")[0].model.layers)
+    assert len(lora_layers(("self_attn.q_proj",))) == layers
+    assert len(lora_layers(("all-linear",))) == 7 * layers  # q k v o gate up down; not the LM head
+    with pytest.raises(ModelError, match="embed_tokens is not a linear layer"):
+        lora_layers(("embed_tokens",))
+    with pytest.raises(ModelError, match="give it alone"):
+        lora_layers(("all-linear", "q_proj"))
+
+
+def test_an_adapter_on_the_lm_head_saves_lora_only(tmp_path):
+    """LoRA on lm_head makes peft save the frozen head too by default (250 MB a checkpoint at 7B): ours hold the
+    LoRA weights only, and they load back onto the base exactly."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert main(["align", "--targets", "q_proj,lm_head", "--output", str(out), *SMALL]) == 0
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved), sorted(saved)
+    from booster_fast.attack import load_adapter
+
+    model, _, _ = load_adapter(out, "cpu", trainable=False)
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert any("lm_head" in n for n in loaded)
+    for k, v in saved.items():
+        name = next(n for n in loaded if n.replace(".default", "") == k)
+        torch.testing.assert_close(loaded[name].float(), v.float(), rtol=0, atol=0)
