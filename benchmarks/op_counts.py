@@ -1,6 +1,7 @@
 """What one step dispatches at the depth of the big presets: aten ops, kernel launches and host syncs.
 
-    python benchmarks/op_counts.py [--models llama-1b-shape,llama-7b-shape] [--width 256] [--out FILE.json]
+    python benchmarks/op_counts.py [--models llama-1b-shape,llama-7b-shape,llama-70b-shape] [--width 512]
+                                   [--out benchmarks/results/op_counts.json]
 
 The count of ops a step dispatches depends on the model's depth and structure, not on its width, so each preset
 is built with its own layer count and head layout but narrow layers (`--width` hidden units, fp32, on the CPU),
@@ -48,8 +49,8 @@ def count(model_name: str, width: int, engine: str, rows: int = 10, length: int 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="llama-1b-shape,llama-7b-shape")
-    p.add_argument("--width", type=int, default=256, help="hidden size the presets are narrowed to")
+    p.add_argument("--models", default="llama-1b-shape,llama-7b-shape,llama-70b-shape")
+    p.add_argument("--width", type=int, default=512, help="hidden size the presets are narrowed to")
     p.add_argument("--out", default=None, help="also write the JSON document here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -32,7 +32,7 @@ ORIGINAL_FLAGS = {
     "--weight_decay": "--weight-decay", "--max_grad_norm": "--max-grad-norm", "--perturb_aware": "--perturb-aware",
     "--sample_num": "--align-samples", "--bad_sample_num": "--harmful-samples", "--data_path": "--data",
     "--optimizer": "--method (booster is the default)", "--lora_r": "--lora-r", "--lora_alpha": "--lora-alpha",
-    "--bf16": "nothing (bf16 follows the model; --quant nf4 for 4-bit)", "--tf32": "nothing",
+    "--bf16": "nothing (the base loads in bf16, --dtype fp32 to keep fp32; --quant nf4 for 4-bit)", "--tf32": "nothing",
     "--lr_scheduler_type": "nothing (the schedule is constant, as the paper's)",
 }
 

@@ -33,15 +33,16 @@ class BoosterConfig:
     merge_passes: bool | None = field(
         default=None,
         metadata={"help": "fast only: run the harmful and alignment batches at w as ONE forward/backward. None picks "
-                          "the measured default of the device (on for CUDA, off for the CPU)."},
+                          "the device's default: off for the CPU (measured), on for CUDA (by design, until the GPU "
+                          "suite measures it)."},
     )
     packing: bool | None = field(
         default=None,
         metadata={"help": "fast only: feed the passes pad-free batches (the real tokens of all rows back to back, "
-                          "per-sequence attention), so no pad position is computed. None picks the measured default "
-                          "of the device; models it cannot run exactly (attention of their own, softcapping, non-causal; "
-                          "checked when the engine is built) stay padded, and so do batches with sequences longer "
-                          "than a sliding window."},
+                          "per-sequence attention), so no pad position is computed. None: on (measured on the CPU; "
+                          "on CUDA by design, until the GPU suite measures it); models it cannot run exactly "
+                          "(attention of their own, softcapping, non-causal; checked when the engine is built) stay "
+                          "padded, and so do batches with sequences longer than a sliding window."},
     )
     fused_ops: bool | None = field(
         default=None,

@@ -92,7 +92,8 @@ def test_attack_on_a_plain_adapter(plain, spy_load, tmp_path, monkeypatch):
     assert len(spy_load) == 1 and spy_load[0].keys() == saved.keys() and saved
     assert all(torch.equal(spy_load[0][k], saved[k]) for k in saved)
     cfg = json.loads((out / "run_config.json").read_text())
-    assert cfg["base"] == {"model": "tiny", "quant": "none", "seed": 0} and cfg["base_from"] == "--base-model"
+    assert cfg["base"] == {"model": "tiny", "quant": "none", "seed": 0, "dtype": None}
+    assert cfg["base_from"] == "--base-model"
     assert cfg["max_length"] == 256 and cfg["seed"] == 43 and cfg["aligned_with"] is None   # the paper's defaults
     assert cfg["harmful"] == "builtin" and cfg["harmful_split"] == "attack"
     assert cfg["harmful_disjoint_from_alignment"] is True and "attack split" in cfg["harmful_rows"]
@@ -122,7 +123,8 @@ def test_eval_on_a_plain_adapter(plain, spy_load, tmp_path):
     saved = lora_state(model)
     assert len(spy_load) == 1 and all(torch.equal(spy_load[0][k], saved[k]) for k in saved)
     result = json.loads(res.read_text())
-    assert result["base"] == {"model": "tiny", "quant": "none", "seed": 0} and result["base_from"] == "--base-model"
+    assert result["base"] == {"model": "tiny", "quant": "none", "seed": 0, "dtype": None}
+    assert result["base_from"] == "--base-model"
     assert result["harmful"]["n"] == 4 and "built-in" in result["harmful"]["prompts"]
     # the same answers as the saved model gives: the base is right too, not only the LoRA weights
     from booster_fast.evaluate import generate
@@ -157,13 +159,13 @@ def test_resolve_base_precedence(plain, tmp_path):
     shutil.copytree(d, named)
     cfg = json.loads((named / "adapter_config.json").read_text())
     (named / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "/models/llama"}))
-    assert attack.resolve_base(ns(named), {}) == ({"model": "/models/llama", "quant": "none", "seed": 0},
+    assert attack.resolve_base(ns(named), {}) == ({"model": "/models/llama", "quant": "none", "seed": 0, "dtype": None},
                                                   "adapter_config.json")
     assert attack.resolve_base(ns(named, base_model="tiny", quant="nf4", base_seed=5), {}) == (
-        {"model": "tiny", "quant": "nf4", "seed": 5}, "--base-model")
-    run = {"model": "llama-1b-shape", "quant": "none", "seed": 43}           # an align run's run_config.json
-    assert attack.resolve_base(ns(named), run) == ({"model": "llama-1b-shape", "quant": "none", "seed": 43},
-                                                   "run_config.json")
+        {"model": "tiny", "quant": "nf4", "seed": 5, "dtype": None}, "--base-model")
+    run = {"model": "llama-1b-shape", "quant": "none", "seed": 43, "dtype": "fp32"}  # an align run's run_config
+    assert attack.resolve_base(ns(named), run) == (
+        {"model": "llama-1b-shape", "quant": "none", "seed": 43, "dtype": "fp32"}, "run_config.json")
     assert attack.resolve_base(ns(named, base_model="tiny"), run)[0]["model"] == "tiny"
     with pytest.raises(UsageError, match="--base-model"):
         attack.resolve_base(ns(d), {})

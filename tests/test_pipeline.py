@@ -47,7 +47,7 @@ def test_attack_writes_harmful_loss_metrics_and_adapter(attacked, aligned):
     assert (attacked / "adapter_model.safetensors").is_file() and (attacked / "tokenizer.json").is_file()
     cfg = json.loads((attacked / "run_config.json").read_text())
     assert cfg["n_harmful"] == 2 and cfg["n_benign"] == 18 and cfg["steps"] == 4
-    assert cfg["base"] == {"model": "tiny", "quant": "none", "seed": 43}
+    assert cfg["base"] == {"model": "tiny", "quant": "none", "seed": 43, "dtype": None}
     assert cfg["max_length"] == 64                      # inherited from the aligned run
     # the aligned LoRA kept training (same adapter, moved weights), and nothing else is left beside the run
     from safetensors.torch import load_file
