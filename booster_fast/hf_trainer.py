@@ -164,7 +164,22 @@ def build_engine(model, cfg: BoosterConfig):
     return _gradient_only(Engine)(model, cfg)
 
 
-def _model_batch(inputs) -> dict:
+# keys a collator may add that the model's forward would use: the engine feeds the model its own keys only, so a
+# batch that carries one (DataCollatorWithFlattening's position_ids, say) would be trained on something else
+FOREIGN_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+                "token_type_ids", "inputs_embeds")
+
+
+def _model_batch(inputs, which: str = "training") -> dict:
+    """The batch as the engine takes it (MODEL_KEYS); a ValueError for one it would train wrongly."""
+    foreign = [k for k in FOREIGN_KEYS if k in inputs]
+    if foreign:
+        raise ValueError(f"BoosterTrainer: the {which} batches carry {', '.join(foreign)}, which the Booster step does "
+                         "not feed the model; use a collator that pads rows (input_ids, attention_mask, labels), "
+                         "not one that flattens them")
+    if "labels" not in inputs or "input_ids" not in inputs:
+        raise ValueError(f"BoosterTrainer: the {which} batches need input_ids and labels (label -100 on prompt and "
+                         f"padding); they have {', '.join(sorted(inputs))}")
     return {k: inputs[k] for k in MODEL_KEYS if k in inputs}
 
 
@@ -269,6 +284,11 @@ class BoosterTrainer(Trainer):
     # -- the harmful data (the original's API: trainer.init(harmful_dataset)) ----------------------------------
     def init(self, harmful_dataset):
         """Attach the harmful dataset (as the original BoosterAlignmentTrainer.init); same collator as training."""
+        batch_size = getattr(self.args, "harmful_batch_size", None) or self.args.per_device_train_batch_size
+        rows = len(harmful_dataset) if hasattr(harmful_dataset, "__len__") else None
+        if rows == 0 or (rows is not None and rows < batch_size and self.args.dataloader_drop_last):
+            raise ValueError(f"BoosterTrainer: the harmful dataset has {rows} rows, too few for one batch of "
+                             f"harmful_batch_size={batch_size}" + (" with dataloader_drop_last" if rows else ""))
         self.harmful_dataloader = self.get_harmful_dataloader(harmful_dataset)
         self.harmful_data_iter = None
         self._harmful_drawn = 0
@@ -311,7 +331,11 @@ class BoosterTrainer(Trainer):
             return next(self.harmful_data_iter)
         except StopIteration:
             self.harmful_data_iter = iter(self.harmful_dataloader)
-            return next(self.harmful_data_iter)
+            batch = next(self.harmful_data_iter, None)
+            if batch is None:  # a loader that yields nothing (e.g. fewer rows per process than one batch)
+                raise ValueError("BoosterTrainer: the harmful dataloader yields no batch (too few harmful rows for "
+                                 "harmful_batch_size on each process, or dataloader_drop_last)") from None
+            return batch
 
     def _harmful_iter_at(self, drawn: int):
         """An iterator over the harmful loader that continues after `drawn` micro-batches (a resumed run); skips
@@ -373,12 +397,16 @@ class BoosterTrainer(Trainer):
                              skip_nonfinite=False, graphs="off")
 
     def create_optimizer(self, model=None):
-        if self.engine is not None:
+        if self.engine is not None and self.optimizer is not None and self.engine.model is self.model:
             return self.optimizer
+        # first call, or a new model (train() with model_init rebuilds it and drops the optimizer): a new engine
         if model is not None and model is not self.model:
             raise ValueError("BoosterTrainer cannot build its engine on a wrapped model (FSDP / SageMaker MP)")
+        if self.engine is not None:  # a new model trains from the start: so does its harmful stream
+            self.harmful_data_iter, self._harmful_drawn = None, 0
         self.engine = build_engine(self.model, self.booster_config())
         self.optimizer = self.engine.optimizer
+        self._zero = None  # the first step re-binds the LoRA parameters to the new engine's flat buffers
         return self.optimizer
 
     # -- one Booster update per optimizer step -------------------------------------------------------------------
@@ -391,7 +419,7 @@ class BoosterTrainer(Trainer):
             self._rebind_flat_storage()
             self._zero = torch.zeros((), device=self.args.device)
         self._align_micro.append(_model_batch(self._prepare_inputs(inputs)))
-        self._harmful_micro.append(_model_batch(self._prepare_inputs(self.sample_from_harmful())))
+        self._harmful_micro.append(_model_batch(self._prepare_inputs(self.sample_from_harmful()), "harmful"))
         if not self.accelerator.sync_gradients:  # not the last micro-batch of this update
             return self._zero
         align, harmful = self._align_micro, self._harmful_micro
@@ -445,7 +473,7 @@ class BoosterTrainer(Trainer):
         if self._metric_count and "loss" in logs:
             means = (self._metric_sum / self._metric_count).tolist()  # host sync, at log time only
             for k, v in zip(BOOSTER_METRICS, means):
-                if v == v:  # NaN: harmful_loss_perturbed without the meta term
+                if k != "harmful_loss_perturbed" or self.engine.cfg.meta_term:  # without the meta term: not run
                     logs[k] = v
             if self._unperturbed_sum is not None:  # perturb_aware: `loss` is the perturbed pass's, as the original's
                 logs["loss_unperturbed"] = (self._unperturbed_sum / self._metric_count).item()  # at log time

@@ -8,6 +8,7 @@ both sets, and the `Booster` side is fed the same rows collated the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -601,3 +602,69 @@ def test_harmful_batch_size_other_than_the_alignment_batch(tmp_path, data, impl,
                  [batch(rows_h, 2 * u, 3, pad), batch(rows_h, 2 * u + 1, 3, pad)])
     err, name = worst_relative_error(lora_state(model), lora_state(lst_model))
     assert err <= 1e-5, f"{impl}: {name} differs by {err:.3g} after 2 updates with 3-row harmful batches"
+
+
+def test_batches_the_step_would_train_wrongly_are_refused(tmp_path, data):
+    """A collator that flattens rows (DataCollatorWithFlattening: position_ids restarting per example) or leaves
+    out the labels: the step feeds the model input_ids, labels and the mask only, so such batches are refused in
+    one clear error instead of being trained as something else."""
+    rows_a, rows_h, pad = data
+    plain = FixedLengthCollator(pad, MAX_LEN)
+
+    def with_positions(rows):
+        out = plain(rows)
+        out["position_ids"] = torch.arange(MAX_LEN).expand_as(out["input_ids"])
+        return out
+
+    def without_labels(rows):
+        return {k: v for k, v in plain(rows).items() if k != "labels"}
+
+    for collator, message in ((with_positions, "position_ids"), (without_labels, "need input_ids and labels")):
+        model, _ = make_model()
+        trainer = bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=rows_a,
+                                    harmful_dataset=rows_h, data_collator=collator)
+        with pytest.raises(ValueError, match=message):
+            trainer.train()
+
+
+def test_a_harmful_set_too_small_for_one_batch_is_named(tmp_path, data):
+    """Fewer harmful rows than one batch with drop_last (or none at all): an error that names the harmful set,
+    at init, instead of a bare StopIteration in the first step."""
+    rows_a, rows_h, pad = data
+    for rows, kw in ((rows_h[:3], dict(dataloader_drop_last=True)), ([], {})):
+        model, _ = make_model()
+        trainer = bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, max_steps=1, **kw), train_dataset=rows_a,
+                                    data_collator=FixedLengthCollator(pad, MAX_LEN))
+        with pytest.raises(ValueError, match=f"harmful dataset has {len(rows)} rows"):
+            trainer.init(rows)
+
+
+def test_train_twice_with_model_init_builds_a_new_engine(tmp_path, data):
+    """train() with model_init rebuilds the model and drops the optimizer (hyperparameter_search does this): the
+    second call gets an engine of its own on the new model and trains it as the first call trained the first."""
+    rows_a, rows_h, pad = data
+    trainer = bf.BoosterTrainer(model_init=lambda: make_model()[0], args=trainer_args(tmp_path, max_steps=2),
+                                train_dataset=rows_a, harmful_dataset=rows_h,
+                                data_collator=FixedLengthCollator(pad, MAX_LEN))
+    trainer.train()
+    first_engine, first = trainer.engine, lora_state(trainer.model)
+    trainer.train()
+    assert trainer.engine is not first_engine and trainer.engine.model is trainer.model
+    err, name = worst_relative_error(lora_state(trainer.model), first)
+    assert err == 0, f"{name}: the second run from a fresh model differs from the first by {err:.3g}"
+
+
+def test_a_non_finite_metric_is_logged_not_dropped(tmp_path, data):
+    """A diverged run logs its NaN/inf harmful metrics (it used to drop every NaN, meant only for the perturbed
+    loss without the meta term, which stays out)."""
+    trainer, _ = make_trainer(tmp_path, data, max_steps=1)
+    trainer.train()
+    nan = torch.tensor(float("nan"))
+    trainer._metric_sum, trainer._metric_count = torch.stack([nan, torch.tensor(1.0), nan]), 1
+    trainer.state.log_history.clear()
+    trainer.log({"loss": 1.0})
+    logged = trainer.state.log_history[-1]
+    assert math.isnan(logged["harmful_loss"]) and math.isnan(logged["harmful_grad_norm"])
+    trainer, _ = make_trainer(tmp_path, data, max_steps=1, meta_term=False)
+    trainer.train()
+    assert all("harmful_loss_perturbed" not in r for r in trainer.state.log_history)
