@@ -173,12 +173,12 @@ def warm_graphs(name: str, booster, fn, pairs, tries: int = 4) -> str | None:
     shapes = {tuple(batch_signature(b) for b in p): p for p in pairs} if graphs is not None else {}
     try:
         for pair in shapes.values():
-            for _ in range(tries):  # until a step of this shape is a replay
-                replays = graphs.replays
+            for _ in range(tries):  # until a step of this shape is a replay, or it is known to run eagerly
+                replays, eager = graphs.replays, len(getattr(graphs, "eager_keys", ()))
                 if getattr(graphs, "disabled", None):
                     break
                 fn(*pair)
-                if graphs.replays > replays:
+                if graphs.replays > replays or len(getattr(graphs, "eager_keys", ())) > eager:
                     break
     except Exception as e:  # noqa: BLE001 - graphs='on' raises when the capture fails: reported, not fatal
         if name != "fast-graphs" or isinstance(e, CaptureInvalidated):  # the latter: CUDA memory is suspect
