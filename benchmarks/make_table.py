@@ -24,7 +24,8 @@ COLUMNS = ("machine", "model", "quant", "impl", "ms/step (median)", "speed-up vs
 # the bench's defaults: a setting away from them is named in the row's label
 DEFAULTS = {"lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "lr": 5e-4, "weight_decay": 0.1,
             "max_grad_norm": 1.0, "lamb": 5.0, "alpha": 0.1, "grad_accum": 1, "merge_passes": "auto",
-            "packing": "auto", "fused_ops": "auto", "graphs": "auto", "meta_term": True}
+            "packing": "auto", "fused_ops": "auto", "meta_term": True, "dtype": None}
+# (not graphs: the GPU suite pins --graphs off for its eager entries, and fast-graphs is its own row)
 CHECKS = ("kernel_bandwidth", "graph_equivalence", "profile")  # gpu_checks.py documents, by file-name prefix
 
 

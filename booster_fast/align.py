@@ -188,6 +188,10 @@ def apply_resume(args):
     if args.output != defaults["output"] and Path(args.output).absolute() != run.absolute():
         raise UsageError(f"--resume {args.resume} and --output {args.output} name different runs")
     conflicts, changed = [], {}
+    model = saved.get("model")
+    if (isinstance(model, str) and model not in MODEL_PRESETS and not os.path.isabs(model)
+            and os.path.isdir(os.path.expanduser(model))):
+        saved["model"] = os.path.abspath(os.path.expanduser(model))  # a run recorded before paths were absolute
     for key, value in vars(args).items():
         if key in RESUME_IGNORED or (key not in saved and key not in defaults):
             continue

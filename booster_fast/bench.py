@@ -183,7 +183,7 @@ def warm_graphs(name: str, booster, fn, pairs, tries: int = 4) -> str | None:
     except Exception as e:  # noqa: BLE001 - graphs='on' raises when the capture fails: reported, not fatal
         if name != "fast-graphs" or isinstance(e, CaptureInvalidated):  # the latter: CUDA memory is suspect
             raise
-        return "capture failed: " + _first_line(e)
+        return "not captured: " + _first_line(e)
     return GRAPHS_NOT_CAPTURED if name == "fast-graphs" and not graphs_captured(booster.engine) else None
 
 
@@ -291,7 +291,10 @@ def build_all(names, args, device, results):
         try:
             booster, tok, lora0 = build_impl(name, args, device)
         except (UsageError, DataError, ModelError):
-            raise  # bad input (a model or target that does not exist): one line, exit 2, nothing written
+            if first is None:  # bad input (a model or target that does not exist): one line, exit 2, nothing
+                raise          # written; for a later entry (out of GPU memory, say) the others still run
+            _failed(results, name, "building it", sys.exc_info()[1])
+            continue
         except Exception as e:  # noqa: BLE001 -- reported in the results and the exit code, the others still run
             if name == "fast-graphs" and isinstance(e, (ValueError, RuntimeError)):
                 results[name] = {"skipped": f"graphs='on' unavailable: {_first_line(e)}"}
@@ -342,7 +345,7 @@ def time_interleaved(impls, batches, args, device, results):
                     raise
                 drop(name)
                 if name == "fast-graphs":  # graphs='on' raises when capture is impossible: skipped, not failed
-                    results[name] = {"skipped": "capture failed: " + _first_line(e)}
+                    results[name] = {"skipped": "not captured: " + _first_line(e)}
                 else:
                     _failed(results, name, f"step {i}", e)
                 continue

@@ -226,6 +226,8 @@ class FastBooster:
             # coefficient; written as one add (bit-identical to HF's for the default max_norm 1.0)
             m = cfg.max_grad_norm
             self.optimizer.grad_scale = torch.add(self._clip_offset, norm, alpha=1 / m).clamp_min_(1.0)
+        else:  # also when clipping was switched off between steps: no scale of an earlier step left behind
+            self.optimizer.grad_scale = None
         skipped = self._skipped  # constant 0 when not guarded
         if cfg.skip_nonfinite:
             # ‖g‖ − ‖g‖ is NaN exactly when ‖g‖ is inf or NaN; fused AdamW leaves W, m, v and step alone then.
@@ -233,6 +235,8 @@ class FastBooster:
             # returned dicts and read them later
             skipped = (norm - norm).ne_(0)
             self.optimizer.found_inf = skipped
+        else:
+            self.optimizer.found_inf = None
         self.optimizer.step()
         return skipped
 

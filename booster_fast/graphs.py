@@ -17,8 +17,9 @@ shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the
   that needs its mask (`keep_masks`: attention.probe_attention found the mask-free path inexact for it) keeps
   it, and its steps are captured only if they do not sync;
 - a graph is keyed on the batch shapes and on the constants the capture bakes in (the optimizer's betas,
-  weight decay, eps: a changed one gets its own warm-up and capture); the learning rate is a device tensor
-  that every replay reads, so a scheduler needs no new graph;
+  weight decay, eps, and the step's knobs, fast.STEP_KNOBS: λ, α, the clip norm, ...; a changed one gets its
+  own warm-up and capture); the learning rate is a device tensor that every replay reads, so a scheduler needs
+  no new graph;
 - the step's outputs are stacked into one static tensor inside the graph and cloned once after each replay;
 - the last warm-up step runs under torch's sync debug mode ("warn"): a step that syncs with the host is found
   there, after a complete eager step, instead of by a capture that CUDA invalidates (which can leave the

@@ -167,12 +167,18 @@ def build_engine(model, cfg: BoosterConfig):
 # keys a collator may add that the model's forward would use: the engine feeds the model its own keys only, so a
 # batch that carries one (DataCollatorWithFlattening's position_ids, say) would be trained on something else
 FOREIGN_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
-                "token_type_ids", "inputs_embeds")
+                "inputs_embeds")
+
+
+def _plain_positions(pos) -> bool:
+    """position_ids that say nothing the engine does not assume: 0, 1, 2, ... in every row."""
+    return pos.dim() == 2 and bool((pos == torch.arange(pos.shape[1], device=pos.device)).all())  # a host read
 
 
 def _model_batch(inputs, which: str = "training") -> dict:
     """The batch as the engine takes it (MODEL_KEYS); a ValueError for one it would train wrongly."""
-    foreign = [k for k in FOREIGN_KEYS if k in inputs]
+    foreign = [k for k in FOREIGN_KEYS if k in inputs
+               and not (k == "position_ids" and _plain_positions(inputs[k]))]
     if foreign:
         raise ValueError(f"BoosterTrainer: the {which} batches carry {', '.join(foreign)}, which the Booster step does "
                          "not feed the model; use a collator that pads rows (input_ids, attention_mask, labels), "
@@ -404,6 +410,8 @@ class BoosterTrainer(Trainer):
             raise ValueError("BoosterTrainer cannot build its engine on a wrapped model (FSDP / SageMaker MP)")
         if self.engine is not None:  # a new model trains from the start: so does its harmful stream
             self.harmful_data_iter, self._harmful_drawn = None, 0
+            if getattr(self, "_harmful_order", None) is not None:
+                self._harmful_order.passes = 0
         self.engine = build_engine(self.model, self.booster_config())
         self.optimizer = self.engine.optimizer
         self._zero = None  # the first step re-binds the LoRA parameters to the new engine's flat buffers

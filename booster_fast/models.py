@@ -203,11 +203,15 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
 
 def check_positions(model: nn.Module, max_length: int, flag: str = "--max-length"):
     """ModelError when rows of `max_length` tokens do not fit a model's learned absolute position table (GPT-2's
-    wpe, OPT's embed_positions, ...): the lookup would fail in the first step. Rotary models have no such table."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "embed_positions",
-                                                                        "position_embeddings"):
-            positions = m.num_embeddings - int(getattr(m, "offset", 0))  # OPT keeps 2 rows before position 0
+    wpe, OPT's embed_positions, ...): the lookup would fail in the first step. Only the table beside the token
+    embeddings counts (not an audio or vision encoder's); rotary and sinusoidal models have none."""
+    tokens = model.get_input_embeddings()
+    parent = next((m for m in model.modules() if any(c is tokens for c in m.children())), None)
+    for name, m in (parent.named_children() if parent is not None else ()):
+        if isinstance(m, nn.Embedding) and name in ("wpe", "embed_positions", "position_embeddings"):
+            # OPT keeps 2 rows before position 0 (`offset`); RoBERTa-style tables start after padding_idx
+            skip = int(getattr(m, "offset", 0)) or (m.padding_idx + 1 if m.padding_idx is not None else 0)
+            positions = m.num_embeddings - skip
             if max_length > positions:
                 raise ModelError(f"{flag} {max_length} exceeds the model's {positions} learned positions; "
                                  f"use {flag} {positions} or less")

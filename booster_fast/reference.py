@@ -69,6 +69,8 @@ class ReferenceBooster:
 
     def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
         cfg, model = self.cfg, self.model
+        if self.hidden is not None:
+            self.hidden.rho = cfg.rho  # the config is read at every step, as the fast engine reads it
         model.train()
         model.zero_grad(set_to_none=True)
 

@@ -84,9 +84,9 @@ def test_bad_flag_exits_2_with_one_line(capsys, flags, message, tmp_path, monkey
         pytest.importorskip("matplotlib")
     out = ["--output", "bench.json"] if "--output" not in flags else []
     assert main(["bench", "--device", "cpu", *flags, *out]) == 2
+    # (bitsandbytes may print its own line when it is imported)
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Failed to load")]
-    assert err[-1].startswith("booster-fast: error:") and message in err[-1], err
-    assert not any(line.startswith(("Traceback", "bench:")) for line in err), err
+    assert len(err) == 1 and err[0].startswith("booster-fast: error:") and message in err[0], err
     assert not list(tmp_path.iterdir()), "bad input wrote a file"
 
 
@@ -181,7 +181,7 @@ def test_warm_graphs_captures_every_shape_untimed_and_reports_failures():
 
     booster, _ = entry()
     assert bench.warm_graphs("fast-graphs", booster, failing, pairs) == \
-        "capture failed: operation not permitted when stream is capturing"
+        "not captured: operation not permitted when stream is capturing"
     with pytest.raises(RuntimeError):  # any other entry's failure is a bug, not a result
         bench.warm_graphs("fast", booster, failing, pairs)
     eager = SimpleNamespace(engine=SimpleNamespace(graphs=None))

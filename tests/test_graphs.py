@@ -320,11 +320,13 @@ def test_a_changed_learning_rate_reaches_the_same_graph(monkeypatch):
 
 
 @pytest.mark.parametrize("knob, value", [("lamb", 2.0), ("alpha", 0.3), ("max_grad_norm", 0.25), ("grad_accum", 2),
-                                         ("meta_term", False)])
+                                         ("meta_term", False), ("max_grad_norm", 0.0), ("skip_nonfinite", False),
+                                         ("rho", 0.5)])
 def test_a_changed_step_knob_gets_a_graph_of_its_own(monkeypatch, knob, value):
-    """The step reads λ, α, the clip norm, the micro-batch count... from the config at every call, and a capture
-    bakes them in: a changed one changes the graph key (a replay would ignore it), and the step follows it as
-    the reference does. The clip's constant, a tensor, is refilled."""
+    """The step reads λ, α, the clip norm, the micro-batch count, ρ... from the config at every call, and a
+    capture bakes them in: a changed one changes the graph key (a replay would ignore it), and the step follows
+    it as the reference does. The clip's constant, a tensor, is refilled; clipping or the guard switched off
+    leaves no scale or skip flag of an earlier step behind."""
     from booster_fast.fast import FastBooster
 
     kinds = []
@@ -334,10 +336,11 @@ def test_a_changed_step_knob_gets_a_graph_of_its_own(monkeypatch, knob, value):
         return fn(*batches)
 
     monkeypatch.setattr(FastBooster, "_graphs_for", lambda self, mode: types.SimpleNamespace(run=run))
-    _, tok, booster = tiny_booster("cpu", graphs="off")
+    extra = dict(perturb_aware=True, rho=2.0) if knob == "rho" else {}
+    _, tok, booster = tiny_booster("cpu", graphs="off", **extra)
     model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
     torch.manual_seed(SEED)
-    ref = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(impl="reference"))
+    ref = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(impl="reference", **extra))
     for i, (a, h) in enumerate(builtin_batches(tok, 3)):
         if i == 2:
             for b in (booster, ref):
@@ -345,7 +348,7 @@ def test_a_changed_step_knob_gets_a_graph_of_its_own(monkeypatch, knob, value):
         booster.step(a, h)
         ref.step(a, h)
     assert kinds[0] == kinds[1] != kinds[2]
-    if knob == "max_grad_norm":
+    if knob == "max_grad_norm" and value > 0:
         assert booster.engine._clip_offset.item() == pytest.approx(1e-6 / value)
     err, name = worst_relative_error(lora_state(booster.model), lora_state(ref.model))
     assert err < 1e-5, f"{name}: {err:.3g}"

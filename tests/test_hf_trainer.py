@@ -611,15 +611,24 @@ def test_batches_the_step_would_train_wrongly_are_refused(tmp_path, data):
     rows_a, rows_h, pad = data
     plain = FixedLengthCollator(pad, MAX_LEN)
 
-    def with_positions(rows):
+    def without_labels(rows):
+        return {k: v for k, v in plain(rows).items() if k != "labels"}
+
+    def with_plain_positions(rows):
         out = plain(rows)
         out["position_ids"] = torch.arange(MAX_LEN).expand_as(out["input_ids"])
         return out
 
-    def without_labels(rows):
-        return {k: v for k, v in plain(rows).items() if k != "labels"}
+    def with_restarting_positions(rows):  # flattened examples: positions restart within a row
+        out = plain(rows)
+        out["position_ids"] = (torch.arange(MAX_LEN) % 16).expand_as(out["input_ids"])
+        return out
 
-    for collator, message in ((with_positions, "position_ids"), (without_labels, "need input_ids and labels")):
+    model, _ = make_model()  # 0, 1, 2, ... in every row is what the engine assumes: accepted
+    bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=rows_a,
+                      harmful_dataset=rows_h, data_collator=with_plain_positions).train()
+    for collator, message in ((with_restarting_positions, "position_ids"),
+                              (without_labels, "need input_ids and labels")):
         model, _ = make_model()
         trainer = bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=rows_a,
                                     harmful_dataset=rows_h, data_collator=collator)
@@ -643,9 +652,9 @@ def test_train_twice_with_model_init_builds_a_new_engine(tmp_path, data):
     """train() with model_init rebuilds the model and drops the optimizer (hyperparameter_search does this): the
     second call gets an engine of its own on the new model and trains it as the first call trained the first."""
     rows_a, rows_h, pad = data
-    trainer = bf.BoosterTrainer(model_init=lambda: make_model()[0], args=trainer_args(tmp_path, max_steps=2),
-                                train_dataset=rows_a, harmful_dataset=rows_h,
-                                data_collator=FixedLengthCollator(pad, MAX_LEN))
+    args = trainer_args(tmp_path, max_steps=2, train_sampling_strategy="random")  # the harmful order reshuffles
+    trainer = bf.BoosterTrainer(model_init=lambda: make_model()[0], args=args, train_dataset=rows_a,
+                                harmful_dataset=rows_h, data_collator=FixedLengthCollator(pad, MAX_LEN))
     trainer.train()
     first_engine, first = trainer.engine, lora_state(trainer.model)
     trainer.train()

@@ -82,6 +82,23 @@ def test_rows_longer_than_a_learned_position_table_are_refused(tmp_path, capsys)
     assert "exceeds the model's 40 learned positions" in capsys.readouterr().err and not out.exists()
 
 
+def test_only_the_text_position_table_counts_and_its_offset():
+    """RoBERTa-style tables start after the pad row (514 rows hold 512 positions); a table that does not sit
+    beside the token embeddings (an encoder's of another modality) is not the text's limit."""
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    roberta = RobertaForCausalLM(RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=32, is_decoder=True,
+                                               max_position_embeddings=42, pad_token_id=1))
+    check_positions(roberta, 40)
+    with pytest.raises(ModelError, match="40 learned positions"):
+        check_positions(roberta, 41)
+    model, _ = load_model("tiny", device="cpu")
+    model.audio_tower = torch.nn.Module()
+    model.audio_tower.embed_positions = torch.nn.Embedding(8, 4)  # another modality's table
+    check_positions(model, 64)
+
+
 def test_lora_targets_take_peft_spellings():
     """peft matches a target on a module's full name or its last dotted components, and takes all-linear: so do
     we. A module that exists but is not linear is named as such."""

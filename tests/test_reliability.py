@@ -405,6 +405,26 @@ def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(tmp_path):
     assert plain.perturb_aware is False and plain.rho == 5.0 and plain.resume_changes == {}
 
 
+def test_resume_of_a_run_recorded_with_a_relative_model_directory(tmp_path, monkeypatch):
+    """Runs recorded before model directories were made absolute hold the relative name: resuming one from the
+    same folder with that --model given again (made absolute by the command line) is no conflict."""
+    import argparse
+
+    from booster_fast.align import _cli_defaults, apply_resume
+    from booster_fast.checkpoint import CONFIG
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "x").mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CONFIG).write_text(json.dumps({**_cli_defaults("tiny"), "model": "models/x", "output": str(run)}))
+    (run / MARKER).write_text("")
+    args = argparse.Namespace(**{**_cli_defaults("tiny"), "resume": str(run),
+                                 "model": str(tmp_path / "models" / "x")})
+    apply_resume(args)
+    assert args.model == str(tmp_path / "models" / "x")
+
+
 def test_a_run_whose_every_update_was_skipped_exits_3(tmp_path, poison, capsys):
     """Under the default --max-skipped (100), a short run that diverged from its first step used to exit 0 with an
     untrained adapter; a run whose every update was skipped now stops with exit code 3: after 10 updates, or at
