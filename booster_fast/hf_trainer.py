@@ -62,7 +62,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -70,7 +69,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .batches import left_padded, to_device, without_mask
-from .config import IMPLS, BoosterConfig
+from .config import BoosterConfig
 
 logger = logging.getLogger("booster_fast")
 HARMFUL_STATE = "booster_harmful_stream.json"
@@ -105,18 +104,30 @@ class BoosterTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.booster_impl not in IMPLS:
-            raise ValueError(f"booster_impl must be one of {IMPLS}, got {self.booster_impl!r}")
-        if not self.lamb >= 0:
-            raise ValueError(f"lamb must be >= 0, got {self.lamb}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not (self.rho > 0 and math.isfinite(self.rho)):
-            raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
-        _perturb_aware(self)  # refuses what is neither a bool nor the original's "True"/"False"
+        booster_config(self)  # λ, α, ρ, learning_rate, ... refused here, not at train()
         _check_optim(self)
         if self.harmful_batch_size is not None and self.harmful_batch_size < 1:
             raise ValueError(f"harmful_batch_size must be >= 1, got {self.harmful_batch_size}")
+
+
+def booster_config(a) -> BoosterConfig:
+    """The engine's config from Trainer arguments (fields the original's arguments lack take their defaults); a bad
+    value is refused in the Trainer's names (learning_rate, not lr)."""
+    try:
+        return BoosterConfig(lamb=a.lamb, alpha=a.alpha, lr=a.learning_rate, weight_decay=a.weight_decay,
+                             betas=(a.adam_beta1, a.adam_beta2), adam_eps=a.adam_epsilon,
+                             max_grad_norm=0.0,        # the Trainer clips, once, on the combined gradient
+                             impl=getattr(a, "booster_impl", "fast"), merge_passes=getattr(a, "merge_passes", None),
+                             packing=getattr(a, "packing", None), fused_ops=getattr(a, "fused_ops", None),
+                             meta_term=getattr(a, "meta_term", True), perturb_aware=_perturb_aware(a),
+                             rho=getattr(a, "rho", BoosterConfig.rho),
+                             grad_accum=1,             # micro-batches arrive as lists (see training_step)
+                             skip_nonfinite=False, graphs="off")
+    except ValueError as e:
+        msg = str(e)
+        for ours, theirs in (("lr ", "learning_rate "), ("adam_eps ", "adam_epsilon "), ("impl ", "booster_impl ")):
+            msg = theirs + msg[len(ours):] if msg.startswith(ours) else msg
+        raise ValueError(msg) from None
 
 
 def _perturb_aware(args) -> bool:
@@ -391,16 +402,7 @@ class BoosterTrainer(Trainer):
     # -- the engine is the optimizer ---------------------------------------------------------------------------
     def booster_config(self) -> BoosterConfig:
         """The engine's config from the arguments (fields the original's arguments lack take their defaults)."""
-        a = self.args
-        return BoosterConfig(lamb=a.lamb, alpha=a.alpha, lr=a.learning_rate, weight_decay=a.weight_decay,
-                             betas=(a.adam_beta1, a.adam_beta2), adam_eps=a.adam_epsilon,
-                             max_grad_norm=0.0,        # the Trainer clips, once, on the combined gradient
-                             impl=getattr(a, "booster_impl", "fast"), merge_passes=getattr(a, "merge_passes", None),
-                             packing=getattr(a, "packing", None), fused_ops=getattr(a, "fused_ops", None),
-                             meta_term=getattr(a, "meta_term", True), perturb_aware=_perturb_aware(a),
-                             rho=getattr(a, "rho", BoosterConfig.rho),
-                             grad_accum=1,             # micro-batches arrive as lists (see training_step)
-                             skip_nonfinite=False, graphs="off")
+        return booster_config(self.args)
 
     def create_optimizer(self, model=None):
         if self.engine is not None and self.optimizer is not None and self.engine.model is self.model:

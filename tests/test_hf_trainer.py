@@ -163,6 +163,8 @@ def test_bad_arguments(tmp_path, data):
         trainer_args(tmp_path, perturb_aware="yes")  # the original would read it as off, silently
     with pytest.raises(ValueError, match="rho must be a finite number"):
         trainer_args(tmp_path, rho=float("inf"))
+    with pytest.raises(ValueError, match="^learning_rate must be a finite number > 0, got 0"):
+        trainer_args(tmp_path, learning_rate=0.0)  # in the Trainer's name, when the arguments are made
     model, _ = make_model()
     with pytest.raises(TypeError, match="lamb"):
         from transformers import TrainingArguments
