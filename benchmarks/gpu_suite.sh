@@ -52,13 +52,14 @@ python3 -c "import torch; from booster_fast.kernels import sumsq; x = torch.ones
 print('preflight: triton sumsq', float(sumsq(x, backend='triton')), 'expected 4096')" 2>&1 | tail -n 3 | tee -a "$LOG"
 
 # the whole suite's deadline (seconds from its start): a part gets at most what is left, and none starts with
-# under 20 s left, so that the results come back before the machine's own limit however the parts run
+# under half its limit (or 20 s) left, so that the results come back before the machine's own limit however the
+# parts run, and no part is started only to be cut off before it writes anything
 DEADLINE=${SUITE_DEADLINE:-345}
 part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its tail, never abort the suite
   local name=$1 limit=$2; shift 2
   [[ ( "$ONLY" == "  " && "$OPT_IN" != *" $name "* ) || "$ONLY" == *" $name "* ]] || return 0
   local t0=$SECONDS left=$((DEADLINE - SECONDS))
-  if [[ -z "${ONLY// /}" ]] && (( left < 20 )); then
+  if [[ -z "${ONLY// /}" ]] && (( left < 20 || 2 * left < limit )); then
     echo "== $name: skipped, ${left}s left before the suite's deadline (${DEADLINE}s)" | tee -a "$LOG"; return 0
   fi
   [[ -z "${ONLY// /}" ]] && (( left < limit )) && limit=$left
@@ -84,16 +85,16 @@ part bench_7b_nf4_ckpt 70 $BENCH --model llama-7b-shape --quant nf4 --impls refe
 part bench_1b_bf16 50 $BENCH --model llama-1b-shape --quant none \
   --impls reference,fast,fast-graphs,fast-padded,fast-unfused,sft \
   --steps 5 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
-# (1) each kernel's GB/s against a d2d copy (the model ops too), and the GPU-marked tests (kernels compiled for
-# real; a module that fails to import costs its own tests only)
+# (1) each kernel's GB/s against a d2d copy (the model ops too)
 part kernel_bandwidth 35 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
-part gpu_tests 120 python3 -m pytest -q -rfE -p no:cacheprovider --continue-on-collection-errors -m gpu \
-  tests/test_kernels.py tests/test_fast.py tests/test_graphs.py tests/test_packing.py tests/test_fused_ops.py \
-  tests/test_perturb_aware.py
 # (2) graph vs eager over 5 steps on tiny and llama-1b-shape, padded; and packed (two lengths alternating)
 part graph_equivalence 55 python3 benchmarks/gpu_checks.py equivalence --out "$RES"
 # (5) where the time goes on llama-7b-shape: reference vs fast+graphs
 part profile_7b 65 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$RES"
+# (1) the GPU-marked tests (kernels compiled for real; a module that fails to import costs its own tests only)
+part gpu_tests 120 python3 -m pytest -q -rfE -p no:cacheprovider --continue-on-collection-errors -m gpu \
+  tests/test_kernels.py tests/test_fast.py tests/test_graphs.py tests/test_packing.py tests/test_fused_ops.py \
+  tests/test_perturb_aware.py
 part bench_7b_nf4 50 $BENCH --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
 # opt-in: Llama-2-70B's shape in NF4 with checkpointing on this one GPU, the entries sharing one 34 GB packed base
