@@ -32,7 +32,7 @@ import torch
 from .atomic import existing_folder
 from .cli import UsageError
 from .config import BoosterConfig
-from .models import PRESETS as MODEL_PRESETS
+from .models import PRESETS as MODEL_PRESETS, absolute_model_dir
 
 log = logging.getLogger("booster_fast")
 METRICS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "skipped")
@@ -188,10 +188,8 @@ def apply_resume(args):
     if args.output != defaults["output"] and Path(args.output).absolute() != run.absolute():
         raise UsageError(f"--resume {args.resume} and --output {args.output} name different runs")
     conflicts, changed = [], {}
-    model = saved.get("model")
-    if (isinstance(model, str) and model not in MODEL_PRESETS and not os.path.isabs(model)
-            and os.path.isdir(os.path.expanduser(model))):
-        saved["model"] = os.path.abspath(os.path.expanduser(model))  # a run recorded before paths were absolute
+    if isinstance(saved.get("model"), str):  # a run recorded before model directories were absolute
+        saved["model"] = absolute_model_dir(saved["model"])
     for key, value in vars(args).items():
         if key in RESUME_IGNORED or (key not in saved and key not in defaults):
             continue

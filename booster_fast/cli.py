@@ -8,7 +8,6 @@ place (checkpoints inside it let an interrupted run resume).
 from __future__ import annotations
 
 import argparse
-import os
 import logging
 import sys
 
@@ -173,13 +172,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("booster_fast").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-    from .models import PRESETS
+    from .models import absolute_model_dir
 
-    for flag in ("model", "base_model"):  # a local model directory is recorded absolute (run_config.json, the
-        # adapter's base_model_name_or_path), so that the run loads and resumes from any working directory
-        name = getattr(args, flag, None)
-        if name and name not in PRESETS and os.path.isdir(os.path.expanduser(name)) and not os.path.isabs(name):
-            setattr(args, flag, os.path.abspath(os.path.expanduser(name)))
+    for flag in ("model", "base_model"):  # a local model directory is recorded absolute
+        if getattr(args, flag, None):
+            setattr(args, flag, absolute_model_dir(getattr(args, flag)))
     if args.command in ("attack", "eval", "experiment"):  # own defaults; one-line errors, exit 2
         from . import attack, evaluate, experiment
         return {"attack": attack, "eval": evaluate, "experiment": experiment}[args.command].main(args)

@@ -111,15 +111,13 @@ class FastBooster:
                                            weight_decay=cfg.weight_decay, fused=True,
                                            **({"capturable": True} if cuda else {}))
         self._skipped = torch.zeros((), device=self.device)
-        # the constant of the clip's one add (_clip_and_update); _prepare refills it when max_grad_norm changes
-        self._clip_offset_for = cfg.max_grad_norm
-        self._clip_offset = torch.full((), 1e-6 / cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
-                                       device=self.device)
+        # the constant of the clip's one add (_clip_and_update), filled by _prepare for the clip norm in force
+        self._clip_offset, self._clip_offset_for = torch.zeros((), device=self.device), None
         self.hidden = None
         if cfg.perturb_aware:
             from .perturb_aware import AttentionPerturbation
 
-            self.hidden = AttentionPerturbation(model, cfg.rho)
+            self.hidden = AttentionPerturbation(model)
 
     def _packing_for(self, wanted: bool | None, why: str | None) -> bool:
         """Whether `Booster.to_device` packs this engine's batches (packing.py): the device's measured default
@@ -250,14 +248,12 @@ class FastBooster:
             self.W.grad = self.flat.G_f
         if not self.model.training:
             self.model.train()
-        # the step reads its knobs from cfg (STEP_KNOBS; a change gets a graph of its own): keep the two that live
-        # in tensors or objects in line with them, between steps
+        # the step reads its knobs from cfg (STEP_KNOBS; a change gets a graph of its own): the clip's constant
+        # lives in a tensor, refilled between steps when the clip norm changes
         if self._clip_offset_for != self.cfg.max_grad_norm:
             m = self.cfg.max_grad_norm
             self._clip_offset.fill_(1e-6 / m if m > 0 else 0.0)
             self._clip_offset_for = m
-        if self.hidden is not None:
-            self.hidden.rho = self.cfg.rho
         group = self.optimizer.param_groups[0]
         if self._lr is not None and group["lr"] is not self._lr:  # a float set by hand, or a loaded state's
             self._lr.fill_(group["lr"])  # between steps, outside any graph; fill_ takes a float or a 0-dim tensor
@@ -316,7 +312,7 @@ class FastBooster:
         # ---- perturb_aware, at w: G_f = ∇f(w; e), e = ρ·∂f/∂o / ‖∂f/∂o‖ on the attention outputs o ----------
         if hidden is not None:
             fl.G_f.zero_()
-            hidden.scale_(hidden.norm(self.distributed))
+            hidden.scale_(hidden.norm(self.distributed), cfg.rho)
             perturbed_align = None
             for i, f in enumerate(fs):
                 lp = self._backward(f, n_f, 0, hidden.applied(i))

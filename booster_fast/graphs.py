@@ -64,6 +64,12 @@ def _shapes(batches) -> str:
     return ", ".join("x".join(map(str, b["input_ids"].shape)) for b in batches if "input_ids" in b)
 
 
+def _drop_oldest(d: dict, keep: int):
+    """Forget the oldest entries of an insertion-ordered dict beyond `keep` (keys that never came back)."""
+    while len(d) > keep:
+        d.pop(next(iter(d)))
+
+
 def _regroup(groups: tuple, flat: tuple) -> tuple:
     """The step's arguments from the flat batch list: a list of n micro-batches where groups says n, else one."""
     out, i = [], 0
@@ -131,8 +137,7 @@ class StepGraphs:
             seen = self._seen.pop(key, 0)
             if seen < WARMUP:
                 self._seen[key] = seen + 1
-                while len(self._seen) > 4 * MAX_GRAPHS:  # keys that never came back
-                    self._seen.pop(next(iter(self._seen)))
+                _drop_oldest(self._seen, 4 * MAX_GRAPHS)
                 out, sync = self._eager(fn, batches, watch=seen + 1 == WARMUP)
                 if sync:
                     self._keep_eager(key, kind, batches, f"the step syncs with the host ({sync})")
@@ -169,8 +174,7 @@ class StepGraphs:
             raise RuntimeError(f"graphs='on': {reason}")
         new_reason = reason not in self.eager_keys.values()
         self.eager_keys[key] = reason
-        while len(self.eager_keys) > 4 * MAX_GRAPHS:
-            self.eager_keys.pop(next(iter(self.eager_keys)))
+        _drop_oldest(self.eager_keys, 4 * MAX_GRAPHS)
         (log.warning if new_reason else log.info)(
             "CUDA graphs: %s; the %s step for batches of %s runs eagerly (other shapes are still captured)",
             reason, _kind_name(kind), _shapes(batches))

@@ -301,7 +301,7 @@ class BoosterTrainer(Trainer):
     # -- the harmful data (the original's API: trainer.init(harmful_dataset)) ----------------------------------
     def init(self, harmful_dataset):
         """Attach the harmful dataset (as the original BoosterAlignmentTrainer.init); same collator as training."""
-        batch_size = getattr(self.args, "harmful_batch_size", None) or self.args.per_device_train_batch_size
+        batch_size = self._harmful_batch_size()
         rows = len(harmful_dataset) if hasattr(harmful_dataset, "__len__") else None
         if rows == 0 or (rows is not None and rows < batch_size and self.args.dataloader_drop_last):
             raise ValueError(f"BoosterTrainer: the harmful dataset has {rows} rows, too few for one batch of "
@@ -314,7 +314,7 @@ class BoosterTrainer(Trainer):
     def get_harmful_dataloader(self, harmful_dataset):
         """A training DataLoader over the harmful set: the train collator and sampling strategy, sharded across
         processes by accelerate, `harmful_batch_size` rows per device and micro-batch."""
-        batch_size = getattr(self.args, "harmful_batch_size", None) or self.args.per_device_train_batch_size
+        batch_size = self._harmful_batch_size()
         if hasattr(self, "_get_dataloader"):  # transformers >= 4.52: the train loader's own recipe
             return self._get_dataloader(dataset=harmful_dataset, description="Harmful", batch_size=batch_size,
                                         sampler_fn=self._harmful_sampler, is_training=True)
@@ -324,6 +324,10 @@ class BoosterTrainer(Trainer):
                             sampler=self._harmful_sampler(harmful_dataset), drop_last=self.args.dataloader_drop_last,
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
+
+    def _harmful_batch_size(self) -> int:
+        """Harmful rows per device and micro-batch: `harmful_batch_size`, else the alignment batch's."""
+        return getattr(self.args, "harmful_batch_size", None) or self.args.per_device_train_batch_size
 
     def _harmful_sampler(self, dataset):
         try:

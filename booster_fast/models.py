@@ -69,6 +69,14 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
     return _load_pretrained(name, quant, dtype or torch.bfloat16, device, trust_remote_code)
 
 
+def absolute_model_dir(name: str) -> str:
+    """A relative local model directory as an absolute path (what run_config.json and an adapter record, so that
+    the run loads from any working directory); presets, HF ids and absolute paths as they are."""
+    if name in PRESETS or os.path.isabs(name) or not os.path.isdir(os.path.expanduser(name)):
+        return name
+    return os.path.abspath(os.path.expanduser(name))
+
+
 def preset_weight_bytes(name: str, quant: str = "none", dtype: torch.dtype = torch.bfloat16, **overrides) -> int:
     """Bytes of a shape preset's weights once built (LoRA and activations not included). NF4 packs a decoder
     weight into 4 bits plus, per block of 64, one 8-bit scale (double quantisation: 8-bit scales with an fp32 one

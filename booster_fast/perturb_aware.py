@@ -60,9 +60,9 @@ class AttentionPerturbation:
     `grads[i][l]` is micro-batch i's gradient at layer l (None where no gradient reached the layer: below every
     LoRA layer. That layer is left unperturbed; the original fails there, its slot being the int 0)."""
 
-    def __init__(self, model, rho: float, eps: float = 1e-7):
+    def __init__(self, model, eps: float = 1e-7):
         self.modules = attention_modules(model)
-        self.rho, self.eps = rho, eps
+        self.eps = eps
         self.grads: list[list[torch.Tensor | None]] = []
 
     def reset(self):
@@ -107,9 +107,9 @@ class AttentionPerturbation:
             dist.all_reduce(ss)
         return ss.sqrt()
 
-    def scale_(self, norm: torch.Tensor):
+    def scale_(self, norm: torch.Tensor, rho: float):
         """Turns the recorded gradients into e = ρ g / (norm + eps), in place."""
-        scale = self.rho / (norm + self.eps)
+        scale = rho / (norm + self.eps)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in self.recorded():
             by_dtype.setdefault(g.dtype, []).append(g)

@@ -39,7 +39,7 @@ class ReferenceBooster:
         if cfg.perturb_aware:
             from .perturb_aware import AttentionPerturbation
 
-            self.hidden = AttentionPerturbation(model, cfg.rho)
+            self.hidden = AttentionPerturbation(model)
 
     # -- one forward/backward over (possibly several) micro-batches, token-weighted as one big batch --------
     def _forward_backward(self, batch, around=None) -> torch.Tensor:
@@ -69,8 +69,6 @@ class ReferenceBooster:
 
     def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
         cfg, model = self.cfg, self.model
-        if self.hidden is not None:
-            self.hidden.rho = cfg.rho  # the config is read at every step, as the fast engine reads it
         model.train()
         model.zero_grad(set_to_none=True)
 
@@ -122,7 +120,7 @@ class ReferenceBooster:
         hidden.reset()
         loss = self._forward_backward(align_batch, around=hidden.recording)
         self.model.zero_grad(set_to_none=True)
-        hidden.scale_(torch.norm(torch.stack([torch.norm(g) for g in hidden.recorded()])))
+        hidden.scale_(torch.norm(torch.stack([torch.norm(g) for g in hidden.recorded()])), self.cfg.rho)
         perturbed = self._forward_backward(align_batch, around=hidden.applied)
         hidden.reset()
         return loss, perturbed
