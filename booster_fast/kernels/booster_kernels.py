@@ -120,11 +120,15 @@ def _sumsq_partial_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sumsq_finish_kernel(partial_ptr, out_ptr, num_partials, BLOCK_R: tl.constexpr):
+    # A while loop, not range() over the runtime count: triton 3.6's interpreter cannot take a runtime
+    # scalar as a range() bound under NumPy >= 2.4 (compiled code is the same either way).
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for start in range(0, num_partials, BLOCK_R):
+    start = 0
+    while start < num_partials:
         offs = start + tl.arange(0, BLOCK_R)
         mask = offs < num_partials
         acc += tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        start += BLOCK_R
     tl.store(out_ptr, tl.sum(acc, axis=0))
 
 
