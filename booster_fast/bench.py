@@ -19,8 +19,9 @@ clipping as the HF Trainer does them; the baseline of ratio_to_sft). Entries tha
 untimed steps until their step is captured, so no capture lands in the timing; `cuda_graphs` says which replay.
 Each entry gets the batches in the form its engine runs: fast entries as `Booster.to_device` prepares them
 (without the attention mask, or packed without pads when the engine packs: packing.py), the reference and sft
-with the mask and padded to the longest row, as the original trainer's collator makes them. fast-padded pins packing off, to show what packing buys, and
-fast-unfused the fused RMSNorm/SwiGLU/RoPE kernels (fused_ops.py), to show what they buy.
+with the mask and padded to the longest row, as the original trainer's collator makes them. fast-padded pins
+packing off, to show what packing buys, and fast-unfused the fused RMSNorm/SwiGLU/RoPE kernels (fused_ops.py),
+to show what they buy.
 
 Tokens. tokens_per_s counts the real (non-pad) tokens of the batches a step consumes: alignment + harmful rows
 for a Booster step (the harmful batch counted once, although the step runs it twice), the alignment rows for
@@ -39,7 +40,9 @@ counters, which stay on the host, are left out).
 
 The document is written after the timing and again after each entry's memory and op-count pass; `complete` is
 false until the last write, so a run stopped by a time limit leaves a file that says it is partial. An entry
-that fails keeps what was measured of it before, with `failed` saying where it failed.
+that fails keeps what was measured of it before, with `failed` saying where it failed. A CUDA graph capture
+that CUDA invalidated leaves the process's GPU memory suspect: the bench then writes what it has and exits 3
+(benchmarks/gpu_suite.sh reruns such a part without fast-graphs, in a new process).
 """
 from __future__ import annotations
 
@@ -331,7 +334,11 @@ def time_interleaved(impls, batches, args, device, results):
         # allocator cache, which the eager entries then refill during the warm-up, not in a timed step)
         for name in list(impls) if i == 0 else ():
             booster, fn, mine = impls[name]
-            why = warm_graphs(name, booster, fn, mine[args.warmup:])  # the timed steps and the two after
+            try:
+                why = warm_graphs(name, booster, fn, mine[args.warmup:])  # the timed steps and the two after
+            except CaptureInvalidated as e:
+                _failed(results, name, "capturing its step", e)
+                raise
             if why:
                 drop(name)
                 results[name] = {"skipped": why}
@@ -343,9 +350,10 @@ def time_interleaved(impls, batches, args, device, results):
             try:
                 impls[name][1](*impls[name][2][i])
             except Exception as e:  # noqa: BLE001
-                if isinstance(e, CaptureInvalidated):  # nothing measured after it in this process can be trusted
-                    raise
                 drop(name)
+                if isinstance(e, CaptureInvalidated):  # nothing measured after it in this process can be trusted
+                    _failed(results, name, f"step {i}", e)
+                    raise
                 if name == "fast-graphs":  # graphs='on' raises when capture is impossible: skipped, not failed
                     results[name] = {"skipped": "not captured: " + _first_line(e)}
                 else:
@@ -369,7 +377,7 @@ def run_bench(args) -> int:
     check_device_flags(args, device)
     results: dict[str, dict] = {}
     impls, batches, n_params, n_lora = build_all(names, args, device, results)
-    times, tps = time_interleaved(impls, batches, args, device, results)
+    rate, peak = None, (None, None)  # the GPU's matmul rate, measured after the timing
 
     def publish(complete=False):  # the document so far, to --output: a part stopped by a time limit keeps
         # what it measured, marked incomplete
@@ -386,41 +394,52 @@ def run_bench(args) -> int:
             write_text_atomic(args.output, json.dumps(doc, indent=2) + "\n")
         return doc
 
-    # ---- the times first; then separate passes, one step each for memory and for the op count ----
-    rate = matmul_tflops(device) if device.type == "cuda" and impls else None
-    peak = peak_tflops(device, rate) if rate else (None, None)
-    for name in impls:
-        ms = statistics.median(times[name]) * 1e3
-        results[name] = {"step_ms": round(ms, 3), "step_ms_p20": round(_pct(times[name], 20) * 1e3, 3),
-                         "step_ms_p80": round(_pct(times[name], 80) * 1e3, 3),
-                         "tokens_per_s": round(statistics.median(tps[name]), 1)}
-    publish()
-    for name, (booster, fn, mine) in impls.items():
-        timed = mine[args.warmup:args.warmup + args.steps]
-        try:
-            transient = transient_bytes(lambda: fn(*mine[-2]), device)
-            ops = count_ops(fn, *mine[-1], host_resident=host_resident_scalars(booster.optimizer))
-            held = held_bytes(booster) + graph_pool_bytes(booster.engine) + max(transient, 0)
-            mfu = None
-            if rate:
-                flops = statistics.mean(model_flops(name, args, n_params, p) for p in timed)
-                mfu = round(flops / (results[name]["step_ms"] / 1e3) / (peak[0] * 1e12), 4)
-        except Exception as e:  # noqa: BLE001
-            if isinstance(e, CaptureInvalidated):
-                raise
-            _failed(results, name, "measuring memory and ops", e)
-            publish()
-            continue
-        graphs = getattr(booster.engine, "graphs", None)
-        results[name].update({
-            "peak_mem_mb": round(held / 2**20, 1), "ops_per_step": ops["total"], "launches_per_step": ops["launches"],
-            "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
-            "host_syncs_per_step": sum(ops["host_syncs"].values()), "cuda_graphs": graphs_captured(booster.engine),
-            "graphs_fallback": getattr(graphs, "fallback", None),
-            "packed_share": round(statistics.mean("cu_seqlens" in m for p in timed for b in p for m in micro(b)), 3),
-            "positions_per_step": round(statistics.mean(sum(map(tokens, pass_batches(name, args, p))) for p in timed)),
-            "mfu": mfu})
+    try:
+        times, tps = time_interleaved(impls, batches, args, device, results)
+        # ---- the times first; then separate passes, one step each for memory and for the op count ----
+        rate = matmul_tflops(device) if device.type == "cuda" and impls else None
+        peak = peak_tflops(device, rate) if rate else (None, None)
+        for name in impls:
+            ms = statistics.median(times[name]) * 1e3
+            results[name] = {"step_ms": round(ms, 3), "step_ms_p20": round(_pct(times[name], 20) * 1e3, 3),
+                             "step_ms_p80": round(_pct(times[name], 80) * 1e3, 3),
+                             "tokens_per_s": round(statistics.median(tps[name]), 1)}
         publish()
+        for name, (booster, fn, mine) in impls.items():
+            timed = mine[args.warmup:args.warmup + args.steps]
+            try:
+                transient = transient_bytes(lambda: fn(*mine[-2]), device)
+                ops = count_ops(fn, *mine[-1], host_resident=host_resident_scalars(booster.optimizer))
+                held = held_bytes(booster) + graph_pool_bytes(booster.engine) + max(transient, 0)
+                mfu = None
+                if rate:
+                    flops = statistics.mean(model_flops(name, args, n_params, p) for p in timed)
+                    mfu = round(flops / (results[name]["step_ms"] / 1e3) / (peak[0] * 1e12), 4)
+            except Exception as e:  # noqa: BLE001
+                _failed(results, name, "measuring memory and ops", e)
+                if isinstance(e, CaptureInvalidated):
+                    raise
+                publish()
+                continue
+            graphs = getattr(booster.engine, "graphs", None)
+            results[name].update({
+                "peak_mem_mb": round(held / 2**20, 1), "ops_per_step": ops["total"],
+                "launches_per_step": ops["launches"],
+                "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
+                "host_syncs_per_step": sum(ops["host_syncs"].values()),
+                "cuda_graphs": graphs_captured(booster.engine),
+                "graphs_fallback": getattr(graphs, "fallback", None),
+                "packed_share": round(statistics.mean("cu_seqlens" in m for p in timed for b in p
+                                                      for m in micro(b)), 3),
+                "positions_per_step": round(statistics.mean(sum(map(tokens, pass_batches(name, args, p)))
+                                                            for p in timed)),
+                "mfu": mfu})
+            publish()
+    except CaptureInvalidated as e:  # CUDA memory is suspect: nothing more is measured in this process
+        publish()
+        kept = f"; what was measured before is in {args.output}" if getattr(args, "output", None) else ""
+        print(f"booster-fast: error: bench stopped: {_first_line(e)}{kept}", file=sys.stderr)
+        return 3
     doc = publish(complete=True)
     print(format_table(doc))
     if getattr(args, "plot", None):

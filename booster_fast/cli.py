@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "was skipped stops after 10, or at its end). Not with "
                         "--impl reference, which applies them as the original trainer does")
 
-    b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process")
+    b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process",
+                       epilog="exit codes: 0 done; 1 an entry failed (the others are reported); 2 bad input (one "
+                              "line on stderr, nothing written); 3 a CUDA graph capture was invalidated, so nothing "
+                              "more could be measured in the process (--output keeps what was; rerun without "
+                              "fast-graphs)")
     _add_model_args(b, tiny_length=BENCH_TINY_LENGTH)
     b.add_argument("--impls", default="reference,fast,sft",
                    help="comma list of reference, fast, fast-merged, fast-unmerged, fast-graphs (CUDA), "

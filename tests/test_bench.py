@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -305,7 +306,7 @@ def test_gpu_suite_parses_and_the_readme_names_its_parts():
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = script.read_text()
-    parts = re.findall(r"^part (\w+) \d+ ", text, flags=re.M)
+    parts = re.findall(r"^(?:bench_)?part (\w+) \d+ ", text, flags=re.M)
     assert len(parts) == 9 and len(set(parts)) == 9, parts
     opt_in = re.search(r'^OPT_IN=" (.*) "', text, flags=re.M).group(1).split()
     assert opt_in == ["bench_70b_nf4_ckpt"]
@@ -483,6 +484,42 @@ def test_make_table_names_settings_and_partial_runs(tmp_path):
     assert labels[1] == "tiny (8+8 × 64, grad accum 4, merge passes on, no meta term, partial run)", labels
 
 
+def test_gpu_suite_reruns_a_bench_part_without_graphs_after_an_invalidated_capture(tmp_path):
+    """Exit code 3 from the bench (a capture CUDA invalidated) makes the suite run that part once more in a new
+    process without fast-graphs, keeping the first document beside. python3 is a stand-in here that records
+    its calls; the bench stand-in fails with 3 whenever fast-graphs is among its entries."""
+    import subprocess
+    import tarfile
+
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text("""#!/usr/bin/env bash
+echo "$*" >> "$SHIM_LOG"
+[[ "$1 $2 $3" == "-m booster_fast bench" ]] || exit 0
+prev=""; for a in "$@"; do [[ $prev == --output ]] && out=$a; prev=$a; done
+if [[ "$*" == *fast-graphs* ]]; then echo '{"run": 1}' > "$out"; exit 3; fi
+echo '{"run": 2}' > "$out"
+""")
+    (shim / "python3").chmod(0o755)
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "SHIM_LOG": str(calls), "OUT": str(out)}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    benches = [c.split() for c in calls.read_text().splitlines() if c.startswith("-m booster_fast bench")]
+    assert len(benches) == 2
+    impls = [b[b.index("--impls") + 1] for b in benches]
+    assert impls == ["reference,fast,fast-graphs,fast-padded,fast-unfused,sft",
+                     "reference,fast,fast-padded,fast-unfused,sft"]
+    assert benches[0][:benches[0].index("--impls")] == benches[1][:benches[1].index("--impls")]
+    with tarfile.open(out / "gpu_suite.tgz") as tar:
+        docs = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".json")}
+    assert docs == {"gpu_llama-1b-shape_bf16.json": b'{"run": 2}\n',
+                    "gpu_llama-1b-shape_bf16.invalidated.json": b'{"run": 1}\n'}
+    log = (out / "gpu_suite.log").read_text()
+    assert "== bench_1b_bf16: rc=3" in log and "== bench_1b_bf16_eager: rc=0" in log
+
+
 def test_gpu_suite_refuses_an_unknown_part():
     """A part name the suite does not have stops it at once (exit 2), before it installs or runs anything."""
     import subprocess
@@ -493,10 +530,10 @@ def test_gpu_suite_refuses_an_unknown_part():
     assert "bench_7b_bf16" in run.stderr.split("parts:")[1]
 
 
-def test_a_suspect_cuda_state_stops_the_bench_keeping_what_it_measured(monkeypatch, tmp_path):
+def test_a_suspect_cuda_state_stops_the_bench_keeping_what_it_measured(monkeypatch, tmp_path, capsys):
     """An invalidated graph capture leaves CUDA memory suspect: the bench stops (no further numbers from that
-    process), and --output already holds the step times measured before (written after the timing and after
-    each entry's memory pass, so a part stopped by a time limit keeps them too)."""
+    process) with exit code 3 and one line, and --output holds the step times measured before and the failed
+    entry with the reason."""
     import booster_fast.bench as bench
     from booster_fast.graphs import CaptureInvalidated
 
@@ -511,14 +548,39 @@ def test_a_suspect_cuda_state_stops_the_bench_keeping_what_it_measured(monkeypat
     calls = []
     monkeypatch.setattr(bench, "transient_bytes", measure)
     out = tmp_path / "bench.json"
-    with pytest.raises(CaptureInvalidated):
-        main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
-              "--lora-r", "4", "--impls", "reference,fast", "--output", str(out)])
+    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+               "--lora-r", "4", "--impls", "reference,fast", "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and err[-1].startswith("booster-fast: error: bench stopped: CUDA graph capture was invalidated")
+    assert str(out) in err[-1] and "Traceback" not in "\n".join(err)
     doc = json.loads(out.read_text())
     res = doc["results"]
     assert _is_number(res["reference"]["step_ms"]) and _is_number(res["fast"]["step_ms"])
     assert _is_number(res["reference"]["peak_mem_mb"]) and "peak_mem_mb" not in res["fast"]
+    assert res["fast"]["failed"].startswith("measuring memory and ops: CaptureInvalidated")
     assert doc["complete"] is False  # the file says it is partial
+
+
+def test_a_capture_invalidated_while_warming_graphs_is_recorded_on_that_entry(monkeypatch, tmp_path):
+    """The likeliest moment for an invalidated capture is the untimed warm-up that captures fast-graphs' step,
+    before anything is timed: the document names that entry and stage, the others are listed untimed."""
+    import booster_fast.bench as bench
+    from booster_fast.graphs import CaptureInvalidated
+
+    def warm(name, booster, fn, pairs, tries=4):
+        if name == "fast":
+            raise CaptureInvalidated("CUDA graph capture was invalidated (operation not permitted)")
+        return None
+
+    monkeypatch.setattr(bench, "warm_graphs", warm)
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+               "--lora-r", "4", "--impls", "reference,fast", "--output", str(out)])
+    doc = json.loads(out.read_text())
+    assert rc == 3 and doc["complete"] is False
+    assert doc["results"]["fast"]["failed"] == ("capturing its step: CaptureInvalidated: CUDA graph capture was "
+                                                "invalidated (operation not permitted)")
+    assert doc["results"]["reference"] == {} and doc["speedup"] == {"reference": None, "fast": None}
 
 
 def test_bucket_sizes_script_measures_filler_and_graph_keys(capsys):
