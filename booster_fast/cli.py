@@ -83,7 +83,8 @@ def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128):
                    help="fast: the model's RMSNorm, MLP gate and RoPE as fused Triton kernels (auto: on for CUDA, "
                         "off for the CPU)")
     p.add_argument("--no-meta-term", action="store_true",
-                   help="drop the −λ·∇h(w̃) term: the original's ablation, ∇f + λ·∇h (one pass fewer)")
+                   help="drop the −λ·∇h(w̃) term, an ablation not in the original code: ∇f + λ·∇h (one pass "
+                        "fewer)")
     p.add_argument("--perturb-aware", action="store_true", help=BoosterConfig.help()["perturb_aware"])
     p.add_argument("--rho", type=float, default=BoosterConfig.rho, help=BoosterConfig.help()["rho"])
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help=BoosterConfig.help()["graphs"])

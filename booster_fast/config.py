@@ -52,7 +52,8 @@ class BoosterConfig:
     )
     meta_term: bool = field(
         default=True,
-        metadata={"help": "Keep the −λ·∇h(w̃) term (3 passes). False is the original's ablation: ∇f + λ·∇h."},
+        metadata={"help": "Keep the −λ·∇h(w̃) term (3 passes). False is an ablation, not in the original code: "
+                          "∇f + λ·∇h."},
     )
     perturb_aware: bool = field(
         default=False,

@@ -24,6 +24,9 @@ Presets:
   alignment 20 epochs of batch 10 at lr 5e-4 (weight decay 0.1, λ 5, α 0.1, max length 256) on the BeaverTails
   refusal pairs, attack 1000 samples at p = 0.1, lr 1e-5, 20 epochs, batch 10, judged by beaver-dam-7b with
   512 new tokens; seed 43 (+1 per extra seed). They need the model, the data sets and the judge downloaded.
+  Booster + Vaccine runs at the ρ 5 of the original's script for it; that script also aligns on 500 rows
+  (`sample_num=500`, against 5000 in its Booster script), but here every method aligns on the same rows, so
+  that the comparison is like for like.
 """
 from __future__ import annotations
 
