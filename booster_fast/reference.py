@@ -3,7 +3,8 @@
 It is the yardstick that the fast step and every benchmark are measured against, so it keeps the original's
 shape on purpose (git-disl/Booster's trainer): gradients cloned into per-tensor dicts, the global norm as the norm of the
 per-tensor norms plus 1e-7, a per-tensor in-place perturbation and the inexact `+=` restore, the combination
-`∇f + λ∇h(w) − λ∇h(w̃)`, clipping of the combined gradient, and a torch AdamW step.
+`∇f + λ∇h(w) − λ∇h(w̃)`, clipping of the combined gradient, and a torch AdamW step (weight decay as the HF
+Trainer groups it: not on biases and norm weights).
 Two deliberate departures: gradient accumulation is exact (the original zeroes accumulated grads on every
 micro-step), and nothing here calls `.item()`. So with perturb_aware, k micro-batches (or k processes) share one
 norm of the attention-output gradients, the perturbation of one big batch, where the original normalises each
@@ -15,13 +16,31 @@ that records each attention output's gradient, one with the outputs perturbed by
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
+import torch.nn as nn
 
 from .batches import micro_batches
 from .config import BoosterConfig
 from .losses import label_count, loss_sum
 from .models import Autocast, keep_nf4_trainable_, trainable_parameters
+
+
+NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")  # HF Trainer's name patterns
+
+
+def decay_groups(model, params, weight_decay: float) -> list[dict]:
+    """The HF Trainer's AdamW groups: weight decay on every trainable tensor except biases and norm weights
+    (by name, or inside an nn.LayerNorm). For LoRA's A/B weights that is all of them, one group; the rest
+    (peft's modules_to_save, trainable biases) get a second group without decay."""
+    in_layer_norm = {f"{m}.{n}".lstrip(".") for m, mod in model.named_modules() if isinstance(mod, nn.LayerNorm)
+                     for n, _ in mod.named_parameters(recurse=False)}
+    exempt = {n for n, _ in params if NO_DECAY.search(n.lower()) or n in in_layer_norm}
+    groups = [{"params": [p for n, p in params if n not in exempt], "weight_decay": weight_decay}]
+    if exempt:
+        groups.append({"params": [p for n, p in params if n in exempt], "weight_decay": 0.0})
+    return groups
 
 
 class ReferenceBooster:
@@ -33,8 +52,8 @@ class ReferenceBooster:
             raise ValueError("the model has no trainable parameters; call add_lora first")
         self.device = self.params[0][1].device
         self.autocast = Autocast(model, self.device)
-        self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, betas=cfg.betas,
-                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(decay_groups(model, self.params, cfg.weight_decay), lr=cfg.lr,
+                                           betas=cfg.betas, eps=cfg.adam_eps)
         self.hidden = None
         if cfg.perturb_aware:
             from .perturb_aware import AttentionPerturbation

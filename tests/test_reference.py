@@ -465,3 +465,32 @@ def test_step_leaves_base_weights_bitwise_unchanged(setup, method):
         assert torch.equal(now[n], before), n
         assert now[n].grad is None, n
     assert all(not torch.equal(now[n], before) for n, before in lora.items())
+
+
+def test_weight_decay_is_grouped_as_the_hf_trainer_groups_it():
+    """With trainable tensors besides LoRA's (a norm weight, a bias), the reference's AdamW decays exactly the
+    tensors HF's Trainer would (its get_decay_parameter_names), and one step leaves a no-decay tensor with zero
+    gradient exactly where it was while a decayed one shrinks."""
+    from transformers import Trainer
+
+    model = tiny_lora_model()
+    inner = model.get_base_model().model
+    inner.norm.weight.requires_grad_(True)
+    bias = torch.nn.Parameter(torch.randn(VOCAB))
+    model.get_base_model().lm_head.bias = bias
+    booster = Booster(model, BoosterConfig(impl="reference", lr=1e-2, weight_decay=0.5))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in booster.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed == set(Trainer.get_decay_parameter_names(None, model)) & trainable
+    assert "base_model.model.model.norm.weight" not in decayed and "base_model.model.lm_head.bias" not in decayed
+    assert any("lora_A" in n for n in decayed) and len(booster.optimizer.param_groups) == 2
+
+    # a direct AdamW step with zero gradients: only decay moves a weight
+    lora = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    before = lora.detach().clone(), bias.detach().clone()
+    for p in (p for g in booster.optimizer.param_groups for p in g["params"]):
+        p.grad = torch.zeros_like(p)
+    booster.optimizer.step()
+    assert torch.equal(bias, before[1])
+    torch.testing.assert_close(lora.detach(), before[0] * (1 - 1e-2 * 0.5))
