@@ -48,7 +48,7 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False, 
         else:
             drop_mask = True
     if drop_mask:
-        check_right_padded(batch)
+        check_right_padded(batch, sync_ok=True)  # a host read for a batch already on the GPU: hand over CPU ones
         batch = without_mask(batch)
     pin = torch.device(device).type == "cuda"
     return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
@@ -81,15 +81,28 @@ def left_padded(mask: torch.Tensor) -> torch.Tensor:
     return (mask[:, 1:] > mask[:, :-1]).any()
 
 
+def labelled_pads(batch: dict) -> torch.Tensor:
+    """A 0-dim bool device tensor: some pad position (attention mask 0) carries a label other than -100."""
+    mask = batch["attention_mask"]
+    if "labels" not in batch:
+        return torch.zeros((), dtype=torch.bool, device=mask.device)
+    return ((batch["labels"] != IGNORE_INDEX) & (mask == 0)).any()
+
+
 def check_right_padded(batch: dict, sync_ok: bool = False):
-    """Raise ValueError unless every attention-mask row is ones then zeros. A CUDA mask is checked only when
-    `sync_ok`: the check reads a flag back to the host, which the hot path must not do."""
+    """Raise ValueError unless every attention-mask row is ones then zeros and no pad position carries a label
+    (as packing.pack requires): what makes leaving the mask out exact. A CUDA mask is checked only when
+    `sync_ok`: the check reads two flags back to the host, which the hot path must not do."""
     mask = batch.get("attention_mask")
     if mask is None or (mask.is_cuda and not sync_ok):
         return
-    if bool(left_padded(mask)):  # a host sync for a CUDA mask (sync_ok)
+    left, labelled = torch.stack([left_padded(mask), labelled_pads(batch)]).tolist()  # one host read
+    if left:
         raise ValueError("the fast step needs right-padded batches (attention_mask rows of ones, then zeros): "
                          "it leaves the mask out, which is exact only with right padding")
+    if labelled:
+        raise ValueError("a pad position carries a label: pads must have label -100 (the fast step leaves the "
+                         "mask out, which is exact only when no loss is taken on a pad)")
 
 
 def micro_batches(batch, k: int) -> list[dict]:
@@ -103,6 +116,7 @@ def micro_batches(batch, k: int) -> list[dict]:
     rows = batch["input_ids"].shape[0]
     if rows % k:
         raise ValueError(f"a batch of {rows} rows cannot be split into {k} equal micro-batches")
+    batch = {key: v for key, v in batch.items() if torch.is_tensor(v)}  # a collator's extra keys: not the model's
     return [dict(zip(batch, parts)) for parts in zip(*(v.chunk(k) for v in batch.values()))]
 
 

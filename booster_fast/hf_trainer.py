@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .batches import left_padded, to_device, without_mask
+from .batches import labelled_pads, left_padded, to_device, without_mask
 from .config import BoosterConfig
 
 logger = logging.getLogger("booster_fast")
@@ -213,13 +213,14 @@ def _packed_if_exact(groups, device, window):
 
 
 def _without_masks_if_right_padded(*groups):
-    """The micro-batches without their attention masks when every mask is right-padded (as Booster.to_device
-    prepares batches for the fast engine: exact for a causal decoder, and the forward then builds no mask and
-    reads nothing back), else unchanged. One host read per update decides, instead of transformers' reads in
-    every forward."""
-    masks = [b["attention_mask"] for g in groups for b in g if b.get("attention_mask") is not None]
-    if masks:
-        if bool(torch.stack([left_padded(m) for m in masks]).any()):  # a host sync, once per update
+    """The micro-batches without their attention masks when every mask is right-padded and no pad carries a
+    label (as Booster.to_device prepares batches for the fast engine: exact for a causal decoder, and the forward
+    then builds no mask and reads nothing back), else unchanged. One host read per update decides, instead of
+    transformers' reads in every forward."""
+    masked = [b for g in groups for b in g if b.get("attention_mask") is not None]
+    if masked:
+        flags = [f for b in masked for f in (left_padded(b["attention_mask"]), labelled_pads(b))]
+        if bool(torch.stack(flags).any()):  # a host sync, once per update
             return groups
     return tuple([without_mask(b) for b in g] for g in groups)
 

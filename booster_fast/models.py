@@ -294,10 +294,11 @@ def is_quantized(model: nn.Module) -> bool:
 
 def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj", "k_proj", "v_proj"),
              dropout: float = 0.0):
-    """Wrap `model` with a peft LoRA adapter (paper defaults); only LoRA weights stay trainable, in fp32."""
+    """Wrap `model` with a peft LoRA adapter (paper defaults); only LoRA weights stay trainable, in fp32.
+    `targets`: module names in peft's spellings, as a sequence or one comma-separated string ("all-linear")."""
     from peft import LoraConfig, get_peft_model
 
-    targets = tuple(targets)
+    targets = tuple(t.strip() for t in targets.split(",")) if isinstance(targets, str) else tuple(targets)
     modules = dict(model.named_modules())
     linear = [n for n, m in modules.items()
               if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Conv1D")]  # Conv1D: GPT-2's

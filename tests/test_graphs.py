@@ -42,6 +42,36 @@ def test_left_padding_is_refused_for_graphs():
     check_right_padded({"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])})
 
 
+def test_a_labelled_pad_is_refused_where_the_mask_is_left_out():
+    """Leaving the mask out is exact only when no loss is taken on a pad (the pads then attend to everything
+    before them): a labelled pad is refused as packing refuses it, by to_device and by the check itself."""
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ids = torch.tensor([[5, 6, 2], [7, 8, 9]])
+    labelled = {"input_ids": ids, "labels": ids.clone(), "attention_mask": mask}  # pad (EOS 2) labelled
+    with pytest.raises(ValueError, match="pad position carries a label"):
+        check_right_padded(labelled)
+    with pytest.raises(ValueError, match="pad position carries a label"):
+        to_device(labelled, "cpu", drop_mask=True)
+    fine = dict(labelled, labels=ids.masked_fill(mask == 0, -100))
+    assert set(to_device(fine, "cpu", drop_mask=True)) == {"input_ids", "labels"}
+
+
+def test_a_batch_already_on_the_gpu_is_checked_before_its_mask_is_dropped(monkeypatch):
+    """to_device checks a device batch too (one host read there, outside the step): a CUDA mask used to pass
+    unchecked, so a left-padded device batch lost its mask silently. Stood in on the CPU by a mask that says
+    it is on CUDA."""
+    class CudaMask(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    left = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}
+    left["attention_mask"] = left["attention_mask"].as_subclass(CudaMask)
+    check_right_padded(left)  # the hot path's call: no host read for a CUDA mask
+    with pytest.raises(ValueError, match="right-padded"):
+        to_device(left, "cpu", drop_mask=True)
+
+
 class _ReplayByRecompute:
     """Stands in for a CUDA graph on the CPU: `replay` recomputes fn on the static inputs into the static output,
     which is what a replay does to the captured tensors."""

@@ -431,17 +431,22 @@ def test_trainer_packs_the_fast_engines_batches(tmp_path):
 
 
 def test_fast_engine_gets_right_padded_batches_without_masks():
-    """BoosterTrainer drops the masks of an update's micro-batches only when every one is right-padded."""
+    """BoosterTrainer drops the masks of an update's micro-batches only when every one is right-padded and no
+    pad carries a label."""
     from booster_fast.hf_trainer import _without_masks_if_right_padded
 
     def batch(mask_rows):
         mask = torch.tensor(mask_rows)
-        return {"input_ids": torch.ones_like(mask), "labels": torch.ones_like(mask), "attention_mask": mask}
+        return {"input_ids": torch.ones_like(mask), "labels": torch.ones_like(mask).masked_fill(mask == 0, -100),
+                "attention_mask": mask}
 
     right, left = batch([[1, 1, 0], [1, 1, 1]]), batch([[0, 1, 1], [1, 1, 1]])
     align, harmful = _without_masks_if_right_padded([right, right], [right])
     assert not any("attention_mask" in b for b in align + harmful) and set(align[0]) == {"input_ids", "labels"}
     align, harmful = _without_masks_if_right_padded([right], [left])
+    assert all("attention_mask" in b for b in align + harmful)
+    labelled = dict(right, labels=torch.ones_like(right["labels"]))  # the pad's label is 1: the mask must stay
+    align, harmful = _without_masks_if_right_padded([right], [labelled])
     assert all("attention_mask" in b for b in align + harmful)
 
 

@@ -186,6 +186,16 @@ def test_packed_grad_accumulation_is_exact(batch):
     assert relative(g4, g1) <= 1e-5, f"4 packed micro-batches differ from one packed batch by {relative(g4, g1):.3g}"
 
 
+def test_a_collators_extra_keys_do_not_stop_the_split_into_micro_batches(batch):
+    """A collated batch may carry non-tensor keys (ids, sources): to_device splits it into micro-batches before
+    it keeps the model's keys, so the split must pass over them (it crashed on list.chunk)."""
+    align = dict(batch[0], source=["builtin"] * batch[0]["input_ids"].shape[0])
+    parts = micro_batches(align, 2)
+    assert len(parts) == 2 and all(set(p) == set(batch[0]) for p in parts)
+    four = bf.Booster(make_model()[0], bf.BoosterConfig(packing=True, grad_accum=2))
+    assert all("source" not in m for m in four.to_device(align, "cpu"))
+
+
 @pytest.mark.parametrize("quant, checkpointing", [("none", True), ("nf4", False)])
 def test_packed_step_matches_padded_and_reads_nothing_back(batch, quant, checkpointing):
     """NF4 and gradient checkpointing (whose recompute must see the segments again): the packed step gives the

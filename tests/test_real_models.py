@@ -111,6 +111,8 @@ def test_lora_targets_take_peft_spellings():
     layers = len(load_model("tiny", device="cpu")[0].model.layers)
     assert len(lora_layers(("self_attn.q_proj",))) == layers
     assert len(lora_layers(("all-linear",))) == 7 * layers  # q k v o gate up down; not the LM head
+    assert lora_layers("all-linear") == lora_layers(("all-linear",))  # a string is not split into letters
+    assert lora_layers("q_proj, v_proj") == lora_layers(("q_proj", "v_proj"))
     with pytest.raises(ModelError, match="embed_tokens is not a linear layer"):
         lora_layers(("embed_tokens",))
     with pytest.raises(ModelError, match="give it alone"):
