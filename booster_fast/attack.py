@@ -7,25 +7,30 @@ The aligned model (a base model + its LoRA adapter) keeps training its OWN LoRA,
 p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
 
 --adapter takes a `booster-fast align` (or attack) run directory, whose run_config.json names the base model and
-the settings, or any peft LoRA adapter directory (`save_pretrained` of BoosterTrainer, the original code's
-output): the base is then adapter_config.json's `base_model_name_or_path`, and the rest takes the defaults below
-(max length 256, quant none, seed 43; harmful data builtin on a preset base, else beavertails). `--base-model`
-(HF id, local directory or preset), `--quant` and `--base-seed` (the init of a random-weight preset) override the
-base either way.
+the settings, one of an align run's checkpoints (`RUN/checkpoints/step-N`: the run's run_config.json applies), or
+any peft LoRA adapter directory (`save_pretrained` of BoosterTrainer, the original code's output): the base is
+then adapter_config.json's `base_model_name_or_path`, and the rest takes the defaults below (max length 256,
+quant none, seed 43, a random-weight preset base built with load_model's default seed 0; harmful data builtin
+on a preset base, else beavertails). `--base-model` (HF id, local directory or preset), `--quant` and
+`--base-seed` (the init of a random-weight preset) override the base either way.
 
 The harmful rows come from the safety data's ATTACK split by default, kept apart from the alignment rows as the
 original keeps them: BeaverTails rows 1..4999 (the original's attack takes rows `0 < index < poison_num`; it
 aligns on 5000..9999), or, for the built-in corpus, 2000 rows whose prompts are neither alignment (train) nor
-held-out (test) prompts. `--harmful-split train` takes the alignment's own rows instead (what this command did
-before). A local file has no attack split and is used whole, which the log and run_config.json say
-(`harmful_split`, `harmful_rows`, `harmful_disjoint_from_alignment`).
+held-out (test) prompts (distinct prompt strings; they share the corpus's category and activity templates with
+the alignment prompts, where the test split's combinations are its own). `--harmful-split train` takes the
+alignment's own rows instead (what this command did before). A local file has no attack split and is used
+whole, which the log and run_config.json say (`harmful_split`, `harmful_rows`, `harmful_disjoint_from_alignment`).
 
 Every `--eval-every` steps (and before the first step) the token-mean loss of the HELD-OUT harmful set (the
 safety data's test split: prompts never seen in training, with harmful answers; a local file has no test split
 and is used whole, which the log and `heldout_is_train` in run_config.json say) is written to metrics.jsonl:
 the curve the paper's claim is about ("Booster slows the drop of the harmful loss under attack"). The output
 is a run directory like align's: adapter, tokenizer, run_config.json, metrics.jsonl, written under a temporary
-name and renamed when complete. Data difference from the original: it takes the first rows of its range in
+name and renamed when complete (an interrupted or failed attack leaves nothing). An update whose loss or gradient
+is not finite is skipped on the device, counted in metrics.jsonl (`skipped`), and more than `--max-skipped` of
+them, or every update of the first ten, end the attack with exit code 3: a stalled attack would otherwise read as
+a defence that held. Data difference from the original: it takes the first rows of its range in
 file order (poison_num − 1 of them, an off-by-one of its `<`), ours are a seeded sample of floor(p · samples)
 rows of the same range.
 """
@@ -37,6 +42,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +50,7 @@ from pathlib import Path
 log = logging.getLogger("booster_fast")
 
 INCOMPLETE = ".incomplete"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DEFAULT_MAX_LENGTH = 256      # the paper's; for an adapter whose directory has no run_config.json
 DEFAULT_SEED = 43             # the paper's
 HARMFUL_SPLITS = ("attack", "train")
@@ -75,6 +82,9 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=10, help="rows per update (paper: 10)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip to this global norm; 0 disables")
+    p.add_argument("--max-skipped", type=int, default=None, metavar="N",
+                   help="updates with a NaN/inf loss or gradient are skipped and counted; stop with exit code 3 "
+                        "once more than N are (default 100), or when each of the first 10 was")
     p.add_argument("--max-length", type=int, default=None,
                    help=f"tokens per row (default: the aligned run's, else {DEFAULT_MAX_LENGTH} as the paper)")
     p.add_argument("--eval-every", type=int, default=10, metavar="N", help="held-out harmful loss every N steps")
@@ -141,16 +151,34 @@ def read_run_config(run_dir: str | Path) -> dict:
     if peft_type != "LORA":
         raise UsageError(f"--adapter {run_dir}: adapter_config.json holds a {peft_type or 'untyped'} adapter, "
                          "not LoRA")
-    if not (d / "run_config.json").is_file():
-        return {}
-    return _read_json(d, "run_config.json", run_dir)
+    if not any((d / f).is_file() for f in ADAPTER_WEIGHTS):  # peft would look for them on the Hub instead
+        raise UsageError(f"--adapter {run_dir}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    if (d / "run_config.json").is_file():
+        return _read_json(d, "run_config.json", run_dir)
+    run = d.absolute().parent.parent
+    if d.absolute().parent.name == "checkpoints" and (run / "run_config.json").is_file():  # a checkpoint of a run
+        log.info("adapter %s: a checkpoint of %s, whose run_config.json gives the base and settings", run_dir, run)
+        return _read_json(run, "run_config.json", run_dir)
+    return {}
+
+
+def config_int(cfg: dict, key: str, default: int) -> int:
+    """An integer field of a run_config.json (`default` when absent); UsageError for anything else."""
+    from .cli import UsageError
+
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise UsageError(f"run_config.json: {key} is {value!r}, not an integer")
+    return int(value)
 
 
 def base_of(cfg: dict) -> dict:
     """How to rebuild the base model of a run: align writes model/quant/seed at the top, attack under "base"."""
     base = cfg.get("base") or cfg
-    return {"model": base.get("model", "tiny"), "quant": base.get("quant", "none"), "seed": int(base.get("seed", 43)),
-            "dtype": base.get("dtype")}
+    return {"model": base.get("model", "tiny"), "quant": base.get("quant", "none"),
+            "seed": config_int(base, "seed", DEFAULT_SEED), "dtype": base.get("dtype")}
 
 
 def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
@@ -161,7 +189,7 @@ def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
 
     if run_cfg:
         base, source = base_of(run_cfg), "run_config.json"
-    else:  # a plain peft adapter: quant none and load_model's default seed unless the flags say otherwise
+    else:  # a plain peft adapter (the Python API's): quant none and load_model's default seed unless the flags say
         name = _read_json(Path(args.adapter), "adapter_config.json", args.adapter).get("base_model_name_or_path")
         base, source = {"model": name or None, "quant": "none", "seed": 0, "dtype": None}, "adapter_config.json"
     if getattr(args, "base_model", None):
@@ -173,6 +201,9 @@ def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
     if not base["model"]:
         raise UsageError(f"--adapter {args.adapter}: no run_config.json, and adapter_config.json names no base model; "
                          f"pass --base-model (HF id, local directory, or one of {', '.join(PRESETS)})")
+    if not run_cfg and base["model"] in PRESETS and getattr(args, "base_seed", None) is None:
+        log.info("adapter %s has no run_config.json: its %s base is built with seed %d (load_model's default; "
+                 "--base-seed for another, e.g. 43 for align's)", args.adapter, base["model"], base["seed"])
     return base, source
 
 
@@ -184,21 +215,25 @@ def default_harmful_data(base_model: str) -> str:
     return "builtin" if base_model in PRESETS else "beavertails"
 
 
-def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None = None):
-    """(peft model, tokenizer, run config): the base model (`base`, else the run's) with the adapter on top."""
+def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None = None, cfg: dict | None = None):
+    """(peft model, tokenizer, run config): the base model (`base`, else the run's) with the adapter on top.
+    `cfg`: the run's config when the caller has read it already (read_run_config)."""
     from peft import PeftModel
 
     from .models import ModelError, keep_nf4_trainable_, load_model
 
-    cfg = read_run_config(run_dir)
+    if cfg is None:
+        cfg = read_run_config(run_dir)
     if base is None:
         base = base_of(cfg)
     model, tok = load_model(base["model"], quant=base["quant"], seed=base["seed"], device=device,
                             dtype=base.get("dtype"))
     try:
         model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
-    except (RuntimeError, ValueError, KeyError, OSError) as e:  # shape mismatch, missing modules, bad weights file
+    except Exception as e:  # noqa: BLE001 - shape mismatch, missing modules, a corrupt weights file: one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "safetensor" in type(e).__name__.lower() or "pickl" in type(e).__name__.lower():
+            raise ModelError(f"cannot read the adapter weights in {run_dir} ({type(e).__name__}: {first})") from None
         raise ModelError(f"cannot load the adapter {run_dir} onto {base['model']} ({type(e).__name__}: {first}); "
                          f"is that the base model it was trained on? (--base-model)") from None
     if trainable:  # LoRA weights are fp32 masters, as add_lora makes them
@@ -337,18 +372,22 @@ def _check_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.batch_size > args.samples:
         raise UsageError(f"--batch-size {args.batch_size} is larger than --samples {args.samples}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
-    if args.epochs is not None and not args.epochs > 0:
-        raise UsageError(f"--epochs must be > 0, got {args.epochs}")
+    if not 0 < args.lr < math.inf:
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.epochs is not None and not 0 < args.epochs < math.inf:
+        raise UsageError(f"--epochs must be a finite number > 0, got {args.epochs}")
+    if args.max_length is not None and args.max_length < 1:
+        raise UsageError(f"--max-length must be >= 1, got {args.max_length}")
+    if args.max_skipped is not None and args.max_skipped < 0:
+        raise UsageError(f"--max-skipped must be >= 0, got {args.max_skipped}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.eval_rows is not None and args.eval_rows < 1:
         raise UsageError(f"--eval-rows must be >= 1, got {args.eval_rows}")
     if args.refusal_prompts < 0 or args.refusal_max_new_tokens < 1:
         raise UsageError("--refusal-prompts must be >= 0 and --refusal-max-new-tokens >= 1")
-    if not args.weight_decay >= 0 or not args.max_grad_norm >= 0:
-        raise UsageError("--weight-decay and --max-grad-norm must be >= 0")
+    if not 0 <= args.weight_decay < math.inf or not 0 <= args.max_grad_norm < math.inf:
+        raise UsageError("--weight-decay and --max-grad-norm must be finite numbers >= 0")
 
 
 def harmful_rows_source(src: str, split: str, harmful_file: str | None) -> tuple[str, str, bool]:
@@ -371,22 +410,26 @@ def harmful_rows_source(src: str, split: str, harmful_file: str | None) -> tuple
 
 
 def run_attack(args) -> int:
-    from .align import check_device_flags, resolve_device
+    from .align import EXIT_NONFINITE, NonFiniteAbort, check_device_flags, resolve_device
     from .cli import UsageError
 
     _check_args(args)
     run_cfg = read_run_config(args.adapter)
     base, base_from = resolve_base(args, run_cfg)
-    seed = int(run_cfg.get("seed", DEFAULT_SEED)) if args.seed is None else args.seed
+    seed = config_int(run_cfg, "seed", DEFAULT_SEED) if args.seed is None else args.seed
     harmful_src = args.harmful or run_cfg.get("data") or default_harmful_data(base["model"])
     harmful_file = run_cfg.get("harmful_data") if args.harmful is None else None
-    max_length = args.max_length or int(run_cfg.get("max_length") or DEFAULT_MAX_LENGTH)
+    max_length = args.max_length or config_int(run_cfg, "max_length", DEFAULT_MAX_LENGTH)
     if max_length < 1:
-        raise UsageError(f"--max-length must be >= 1, got {max_length}")
+        raise UsageError(f"run_config.json: max_length must be >= 1, got {max_length}")
     device = resolve_device(args.device)
     check_device_flags(args, device)
     with flush_denormals(device):
-        return _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device)
+        try:
+            return _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device)
+        except NonFiniteAbort as e:
+            print(f"booster-fast: error: {e}", file=sys.stderr)
+            return EXIT_NONFINITE
 
 
 def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device) -> int:
@@ -394,6 +437,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     from tqdm.auto import tqdm
 
     from . import Booster, BoosterConfig
+    from .align import ALL_SKIPPED_AFTER, DEFAULT_MAX_SKIPPED, NonFiniteAbort
     from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_safety_data
     from .models import check_positions
 
@@ -415,13 +459,15 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     probe = [(e.instruction, e.input) for e in harmful_test[: args.refusal_prompts]]
     if args.eval_rows is not None:
         harmful_test = harmful_test[: args.eval_rows]
-    model, tok, _ = load_adapter(args.adapter, device, trainable=True, base=base)
+    model, tok, _ = load_adapter(args.adapter, device, trainable=True, base=base, cfg=run_cfg)
     check_max_length(tok, max_length)
     check_positions(model, max_length)
     encoded, n_trunc = encode_all(tok, rows, max_length)
     test_enc, _ = encode_all(tok, harmful_test, max_length)
     stream = BatchStream(encoded, args.batch_size, max_length, tok.pad_token_id, seed)
-    test_batches = [collate(test_enc[i:i + 50], max_length, tok.pad_token_id) for i in range(0, len(test_enc), 50)]
+    # held-out batches padded to their own longest row, not to max_length: no loss is taken on pads
+    test_batches = [collate(chunk, max(len(r["input_ids"]) for r in chunk), tok.pad_token_id)
+                    for chunk in (test_enc[i:i + 50] for i in range(0, len(test_enc), 50))]
     steps = args.steps if args.steps is not None else max(1, math.ceil((args.epochs or 20) * stream.batches_per_epoch))
     cfg = BoosterConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
     booster = Booster(model, cfg)  # plain SFT steps (sft_step): AdamW, clipping, no Booster term
@@ -429,8 +475,9 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     tmp = new_output_dir(args.output, args.overwrite)
     ok = False
     try:
-        config = {"command": "attack", "adapter": str(args.adapter), "base": base, "base_from": base_from,
-                  "aligned_with": run_cfg.get("method"), "benign": args.benign, "harmful": harmful_src,
+        config = {"command": "attack", "adapter": str(Path(args.adapter).absolute()), "base": base,
+                  "base_from": base_from, "aligned_with": run_cfg.get("method") or run_cfg.get("aligned_with"),
+                  "attacked_before": run_cfg.get("command") == "attack", "benign": args.benign, "harmful": harmful_src,
                   "harmful_data": harmful_file, "harmful_split": harmful_split, "harmful_rows": harmful_rows,
                   "harmful_disjoint_from_alignment": disjoint, "poison_ratio": args.poison_ratio,
                   "samples": args.samples,
@@ -445,14 +492,23 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
         log.info("attack: %s on %s, %d steps of %d rows (%d harmful of %d samples), lr %g; held-out harmful "
                  "loss over %d rows every %d steps", args.adapter, device, steps, args.batch_size, n_harm,
                  args.samples, args.lr, len(test_enc), args.eval_every)
+        max_skipped = DEFAULT_MAX_SKIPPED if args.max_skipped is None else args.max_skipped
+        skipped_total = 0
         with open(tmp / "metrics.jsonl", "w") as metrics:
-            def record(step, train_losses, dt):
-                h = heldout_loss(model, test_batches, device)
-                # .tolist() is a host sync: once per eval interval
-                vals = torch.stack([h, *train_losses]).tolist() if train_losses else [h.item()]
-                rec = {"step": step, "harmful_loss": vals[0],
-                       "train_loss": (sum(vals[1:]) / len(vals[1:])) if len(vals) > 1 else None,
-                       "step_time_s": dt}
+            def record(step, pending, t_last):
+                """Write one metrics line: the held-out harmful loss now and the mean training loss, step time
+                and skipped updates since the last one; stop (exit 3) past --max-skipped."""
+                nonlocal skipped_total
+                # .tolist() is a host sync, once per eval interval: the step time is taken after it
+                trained = torch.stack(pending).tolist() if pending else []
+                dt = (time.perf_counter() - t_last) / len(trained) if trained else None
+                h = heldout_loss(model, test_batches, device).item()
+                losses = [loss for loss, skip in trained if not skip]
+                skipped = sum(round(skip) for _, skip in trained)
+                skipped_total += skipped
+                rec = {"step": step, "harmful_loss": h,
+                       "train_loss": sum(losses) / len(losses) if losses else None, "step_time_s": dt,
+                       "skipped": skipped}
                 if probe:  # keyword proxy of the harmful score along the attack (greedy answers, no refusal phrase)
                     from .evaluate import RefusalJudge, generate
 
@@ -461,26 +517,34 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                     rec["keyword_harmful_score"] = 100.0 * sum(flags) / len(flags)
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
+                if skipped_total > max_skipped or skipped_total == step >= min(ALL_SKIPPED_AFTER, steps):
+                    why = f"more than --max-skipped {max_skipped}" if skipped_total > max_skipped else "every one"
+                    raise NonFiniteAbort(f"{skipped_total} attack updates skipped by step {step} because the loss "
+                                         f"or gradient was NaN/inf ({why}; a smaller --lr?); nothing was saved")
                 return rec
 
             rec = record(0, [], None)
-            bar = tqdm(total=steps, dynamic_ncols=True, desc="attack")
             pending, t_last = [], time.perf_counter()
-            for step in range(1, steps + 1):
-                pending.append(booster.sft_step(booster.to_device(next(stream), device))["loss"].detach().float())
-                if step % args.eval_every == 0 or step == steps:
-                    dt = (time.perf_counter() - t_last) / len(pending)
-                    rec = record(step, pending, dt)
-                    bar.set_postfix(train=f"{rec['train_loss']:.3f}", harmful=f"{rec['harmful_loss']:.3f}")
-                    bar.update(len(pending))
-                    pending, t_last = [], time.perf_counter()
-            bar.close()
+            with tqdm(total=steps, dynamic_ncols=True, desc="attack") as bar:  # closed before an error's line
+                for step in range(1, steps + 1):
+                    out_t = booster.sft_step(booster.to_device(next(stream), device))
+                    pending.append(torch.stack([out_t["loss"].detach().float(), out_t["skipped"].float()]))
+                    if step % args.eval_every == 0 or step == steps:
+                        rec = record(step, pending, t_last)
+                        train = "-" if rec["train_loss"] is None else f"{rec['train_loss']:.3f}"
+                        bar.set_postfix(train=train, harmful=f"{rec['harmful_loss']:.3f}",
+                                        **({"skipped": skipped_total} if skipped_total else {}))
+                        bar.update(len(pending))
+                        pending, t_last = [], time.perf_counter()
         model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
         tok.save_pretrained(str(tmp))
         publish_dir(tmp, out)
         ok = True
         log.info("saved the attacked adapter and metrics to %s (held-out harmful loss %.4f at step %d)",
                  out, rec["harmful_loss"], steps)
+        if skipped_total:
+            log.warning("attack: %d of %d updates were skipped as non-finite (metrics.jsonl: skipped); a smaller "
+                        "--lr?", skipped_total, steps)
         return 0
     finally:
         if not ok:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from .config import BoosterConfig
 
@@ -18,6 +20,16 @@ log = logging.getLogger("booster_fast")
 
 class UsageError(ValueError):
     """Bad input from the user: reported in one line, exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that a command's cleanup (its finally blocks remove
+    what it had half-written) runs before the process ends with exit code 143. align installs its own handler
+    while it trains (finish the step, checkpoint, exit)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 # the original Booster code's command-line names (its train.py and scripts) -> ours, for the error a swap-in
@@ -157,18 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_reporting(fn, *args) -> int:
     """Run fn(*args) and return its exit code; a user error becomes one line on stderr and exit code 2, Ctrl-C
-    exit code 130. Every subcommand runs through here."""
+    exit code 130, SIGTERM 143 (both after the command's cleanup). Every subcommand runs through here."""
     from .data import DataError
     from .models import ModelError
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return fn(*args)
     except (UsageError, DataError, ModelError) as e:
         print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("booster-fast: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("booster-fast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,162 @@
+"""`booster-fast attack` on the tiny model: non-finite updates are counted and stop a stalled attack, an align
+checkpoint is attacked with its run's settings, bad input is one line with exit code 2, and SIGTERM leaves
+nothing half-written behind."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import booster_fast.fast as fast
+from booster_fast.cli import main
+
+SMALL = ["--samples", "20", "--batch-size", "4", "--eval-rows", "8"]
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """A 2-step align run with a checkpoint at step 2 (the final adapter holds the same weights)."""
+    out = tmp_path_factory.mktemp("atk") / "aligned"
+    assert main(["align", "--output", str(out), "--steps", "2", "--save-every", "2", "--max-length", "64",
+                 "--batch-size", "2"]) == 0
+    return out
+
+
+def leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if ".tmp-" in p.name)
+
+
+def nan_loss_on(monkeypatch, calls):
+    """Make the fast engine's training loss NaN on the given 1-based calls of loss_sum (None: on every call); the
+    held-out loss (attack.heldout_loss) is computed apart and stays finite."""
+    real, n = fast.loss_sum, [0]
+
+    def loss_sum(model, batch):
+        n[0] += 1
+        out = real(model, batch)
+        return out * float("nan") if calls is None or n[0] in calls else out
+
+    monkeypatch.setattr(fast, "loss_sum", loss_sum)
+
+
+def test_an_attack_whose_updates_are_all_skipped_stops_with_exit_3(aligned, tmp_path, monkeypatch, capsys):
+    """A stalled attack must not read as a defence that held: every update skipped -> exit 3 after the first ten,
+    one line, and no run directory (nor a temporary one) left."""
+    nan_loss_on(monkeypatch, None)
+    out = tmp_path / "stalled"
+    capsys.readouterr()
+    code = main(["attack", "--adapter", str(aligned), "--output", str(out), "--steps", "30", "--eval-every", "5",
+                 *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert err[-1].startswith("booster-fast: error: 10 attack updates skipped by step 10") and "every one" in err[-1]
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_skipped_updates_are_counted_in_the_metrics(aligned, tmp_path, monkeypatch, caplog):
+    """Some updates skipped (under --max-skipped): the run completes, each metrics line counts its interval's
+    skipped updates, the training loss averages the others only, and a warning says how many."""
+    nan_loss_on(monkeypatch, {2, 3})  # the 2nd and 3rd updates (one loss_sum call per SFT update)
+    out = tmp_path / "some"
+    assert main(["attack", "--adapter", str(aligned), "--output", str(out), "--steps", "4", "--eval-every", "2",
+                 *SMALL]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [0, 1, 1]
+    assert all(math.isfinite(r["train_loss"]) for r in rows[1:])
+    assert "2 of 4 updates were skipped" in caplog.text
+
+
+def test_a_checkpoint_of_an_align_run_is_attacked_with_the_runs_settings(aligned, tmp_path):
+    """RUN/checkpoints/step-N has no run_config.json of its own: the run's gives the base (seed 43, as align
+    built it, not load_model's default 0) and max_length, so the attack starts from the same model as an attack
+    on the run directory itself (equal held-out loss at step 0)."""
+    ckpt = aligned / "checkpoints" / "step-000002"
+    assert ckpt.is_dir() and not (ckpt / "run_config.json").exists()
+    step0 = {}
+    for name, adapter in (("run", aligned), ("ckpt", ckpt)):
+        out = tmp_path / name
+        assert main(["attack", "--adapter", str(adapter), "--output", str(out), "--steps", "1", *SMALL]) == 0
+        cfg = json.loads((out / "run_config.json").read_text())
+        assert cfg["base"]["seed"] == 43 and cfg["max_length"] == 64 and cfg["aligned_with"] == "booster"
+        assert cfg["adapter"] == str(adapter.absolute())
+        step0[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["harmful_loss"]
+    assert step0["ckpt"] == step0["run"]
+
+
+def _copy_adapter(src: Path, dst: Path, weights: bytes | None = None) -> Path:
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    if weights is not None:
+        (dst / "adapter_model.safetensors").write_bytes(weights)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["lr_inf", "epochs_inf", "max_length_0", "corrupt_weights", "no_weights",
+                                  "seed_not_int"])
+def test_bad_attack_input_is_one_line(case, aligned, tmp_path, capsys):
+    adapter, extra, needle = aligned, [], None
+    if case == "lr_inf":
+        extra, needle = ["--lr", "inf"], "--lr must be a finite number"
+    elif case == "epochs_inf":
+        extra, needle = ["--epochs", "inf"], "--epochs must be a finite number"
+    elif case == "max_length_0":
+        extra, needle = ["--max-length", "0"], "--max-length must be >= 1"
+    elif case == "corrupt_weights":
+        adapter = _copy_adapter(aligned, tmp_path / "corrupt", b"not a safetensors file")
+        extra, needle = ["--base-model", "tiny"], "cannot read the adapter weights"
+    elif case == "no_weights":
+        adapter = _copy_adapter(aligned, tmp_path / "empty")
+        extra, needle = ["--base-model", "tiny"], "no adapter weights"
+    else:
+        adapter = tmp_path / "badseed"
+        adapter.mkdir()
+        for f in aligned.iterdir():
+            if f.is_file():
+                (adapter / f.name).write_bytes(f.read_bytes())
+        cfg = json.loads((adapter / "run_config.json").read_text())
+        (adapter / "run_config.json").write_text(json.dumps({**cfg, "seed": "abc"}))
+        needle = "seed is 'abc', not an integer"
+    out = tmp_path / "out"
+    capsys.readouterr()
+    steps = [] if case == "epochs_inf" else ["--steps", "1"]
+    assert main(["attack", "--adapter", str(adapter), "--output", str(out), *steps, *SMALL, *extra]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("booster-fast: error:") and needle in lines[0], lines
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_sigterm_leaves_no_half_written_attack(aligned, tmp_path):
+    """SIGTERM mid-attack: exit code 143, one line, and the temporary run directory removed."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "booster_fast", "attack", "--adapter", str(aligned), "--output",
+                             str(out), "--steps", "500", "--eval-every", "100", *SMALL],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not leftovers(tmp_path) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert leftovers(tmp_path), "the attack never started writing"
+    time.sleep(1.0)  # into the training loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "booster-fast: terminated"
+    assert "Traceback" not in err and not out.exists() and leftovers(tmp_path) == []
+
+
+def test_sigterm_handler_is_put_back_after_a_command():
+    """The SIGTERM handler run_reporting installs is the caller's again afterwards (a process embedding the CLI
+    keeps its own)."""
+    from booster_fast.cli import run_reporting
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+    assert run_reporting(lambda: seen.append(signal.getsignal(signal.SIGTERM)) or 0) == 0
+    assert seen[0] is not before and signal.getsignal(signal.SIGTERM) is before
