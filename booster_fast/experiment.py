@@ -27,9 +27,20 @@ Presets:
   Booster + Vaccine runs at the ρ 5 of the original's script for it; that script also aligns on 500 rows
   (`sample_num=500`, against 5000 in its Booster script), but here every method aligns on the same rows, so
   that the comparison is like for like.
+
+`--set KEY=VALUE` (repeatable) changes one field of the preset — dotted keys reach the stages' settings, e.g.
+`--set align.steps=20 --set attack.steps=10 --set eval.num_prompts=8 --set vaccine_rho=1` for a quick run; the
+value is JSON when it parses (numbers, null, true/false), else a string, and must have the field's type (null
+only where the preset has null). The output records the changes under "overrides", and, unless --output / --plot
+say otherwise, goes into the work directory, never over the committed results of the untouched preset.
+
+Before any training, a preflight resolves what the preset needs: the base model and judge (config files only),
+and every data set the stages will load, through the stages' own loaders (built-in data is generated, nothing
+downloaded; a missing hub data set is a one-line error now instead of hours later).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -86,10 +97,16 @@ def add_parser(sub):
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated, of {', '.join(METHODS)} (default {DEFAULT_METHODS}; booster-vaccine: "
                         f"Booster with the original's perturb_aware, at the preset's vaccine_rho)")
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="override one preset field (repeatable); dotted keys for the stages' settings, e.g. "
+                        "align.steps=20, attack.steps=10, eval.num_prompts=8, vaccine_rho=1; the value is JSON when "
+                        "it parses (numbers, null, true/false), else a string, of the field's type")
     p.add_argument("--workdir", default=None, help="run directories (default runs/defense-PRESET)")
     p.add_argument("--output", default=None, metavar="FILE.json",
-                   help="result (default benchmarks/results/defense_PRESET.json, '-' for hyphens -> '_')")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot (default docs/defense_PRESET.png)")
+                   help="result (default benchmarks/results/defense_PRESET.json, '-' for hyphens -> '_'; with "
+                        "--set: WORKDIR/defense_PRESET.json)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="plot (default docs/defense_PRESET.png; with --set: WORKDIR/defense_PRESET.png)")
     p.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     return p
@@ -151,7 +168,19 @@ class quiet_hub:
 
 
 def preflight(p: dict):
-    """Before hours of training: can the base model and the judge be resolved at all (config files only)?"""
+    """Before hours of training: can the base model, the judge and every data set be resolved at all? Also the
+    eval stage's new-token budgets against the model's position limit."""
+    from .evaluate import check_new_tokens, position_limit
+
+    preflight_models(p)
+    check_new_tokens({f"eval.{k}": p["eval"].get(k) for k in ("max_new_tokens", "task_max_new_tokens")} |
+                     {"attack.refusal_max_new_tokens": p["attack"].get("refusal_max_new_tokens")},
+                     p["model"], position_limit(p["model"]))
+    preflight_data(p)
+
+
+def preflight_models(p: dict):
+    """The base model and the judge (config files only)."""
     from transformers import AutoConfig
 
     from .evaluate import BEAVER_DAM
@@ -167,6 +196,128 @@ def preflight(p: dict):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ModelError(f"preset needs {name}, which cannot be loaded here ({type(e).__name__}: {first}); "
                              f"download it first (`huggingface-cli download {name}`)") from None
+
+
+def preflight_data(p: dict):
+    """Load each data set as the stages will load it (one-line DataError otherwise): align's safety rows, the
+    attack's benign rows and harmful attack / held-out rows, eval's harmful prompts and the task's test split.
+    Built-in data is generated, never downloaded; a hub set comes from the cache (or the network) once."""
+    from .data import load_benign, load_safety_data
+    from .evaluate import harmful_prompts
+
+    log.info("experiment: checking the data sets first: %s (safety rows), %s (benign task)", p["data"], p["benign"])
+    for split in dict.fromkeys(("train", p["attack"].get("harmful_split") or "attack", "test")):
+        load_safety_data(p["data"], split)
+    load_benign(p["benign"], "train")
+    harmful_prompts(p["data"], None, 1)
+    load_benign(p["benign"], "test")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the settings: preset, --set, paths
+# ------------------------------------------------------------------------------------------------------------
+def parse_value(text: str):
+    """A --set value: JSON when it parses (numbers, null, true/false, "quoted"), else the text as a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def apply_overrides(preset: dict, items: list[str]) -> tuple[dict, dict]:
+    """(a copy of `preset` with each --set KEY=VALUE applied, {key: value} in the order given); UsageError for a
+    malformed item, an unknown key or a value of the wrong type."""
+    from .cli import UsageError
+
+    p, applied = copy.deepcopy(preset), {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. align.steps=20")
+        key = key.strip()
+        node, leaf = _field(p, key)
+        value = parse_value(text)
+        _check_type(key, node[leaf], value)
+        node[leaf], applied[key] = value, value
+    return p, applied
+
+
+def _field(p: dict, key: str) -> tuple[dict, str]:
+    """(the dict that holds an existing preset field, the field's name) for a dotted --set key."""
+    from .cli import UsageError
+
+    *groups, leaf = key.split(".")
+    node, prefix = p, ""
+    for group in groups:
+        if not isinstance(node.get(group), dict):
+            raise UsageError(f"--set {key}: unknown key ({_known(node, prefix)})")
+        node, prefix = node[group], f"{prefix}{group}."
+    if leaf not in node:
+        raise UsageError(f"--set {key}: unknown key ({_known(node, prefix)})")
+    if isinstance(node[leaf], dict):
+        raise UsageError(f"--set {key}: a group of settings; set one of them ({_known(node[leaf], key + '.')})")
+    return node, leaf
+
+
+def _known(node: dict, prefix: str) -> str:
+    names = [f"{prefix}{k}" + (".KEY" if isinstance(v, dict) else "") for k, v in node.items()]
+    return "the preset has " + ", ".join(names)
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
+def _check_type(key: str, old, new):
+    """UsageError unless `new` fits the preset field's type: a number for a number (an integer for an integer),
+    a string for a string, true/false for a flag; any plain value where the preset has null."""
+    from .cli import UsageError
+
+    if old is None:
+        ok = not isinstance(new, (dict, list))
+    elif isinstance(old, bool) or isinstance(new, bool):
+        ok = isinstance(old, bool) and isinstance(new, bool)
+    elif isinstance(old, int):
+        ok = isinstance(new, int)
+    elif isinstance(old, float):
+        ok = isinstance(new, (int, float))
+    else:
+        ok = isinstance(new, type(old))
+    if not ok:
+        raise UsageError(f"--set {key}={json.dumps(new)}: {key} is {_kind(old)} in the preset ({json.dumps(old)}), "
+                         f"not {_kind(new)}")
+
+
+def check_workdir(work: Path):
+    """UsageError unless run directories can be made in `work`: not a file, no file on its way, writable."""
+    from .atomic import existing_folder
+    from .cli import UsageError
+
+    if work.exists() and not work.is_dir():
+        raise UsageError(f"--workdir {work} exists and is not a directory")
+    folder = existing_folder(work / "seed")
+    if not folder.is_dir():
+        raise UsageError(f"cannot use --workdir {work}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot use --workdir {work}: {folder} is not writable")
+
+
+def output_paths(args, work: Path, tweaked: bool) -> tuple[Path, Path | None]:
+    """(result JSON, plot or None): --output / --plot, else the committed result files of the preset, or files in
+    the work directory when --set changed the preset (a tweaked run never overwrites the committed results)."""
+    tag = args.preset.replace("-", "_")
+    json_default = work / f"defense_{tag}.json" if tweaked else Path(f"benchmarks/results/defense_{tag}.json")
+    png_default = work / f"defense_{tag}.png" if tweaked else Path(f"docs/defense_{tag}.png")
+    out_png = None if args.no_plot else Path(args.plot or png_default)
+    return Path(args.output or json_default), out_png
 
 
 def method_flags(p: dict, method: str) -> list[str]:
@@ -233,24 +384,39 @@ def run_experiment(args) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or len(set(methods)) != len(methods):
         raise UsageError(f"--methods {args.methods!r}: give distinct names of {', '.join(METHODS)}")
-    p = PRESETS[args.preset]
-    tag = args.preset.replace("-", "_")
+    p, overrides = apply_overrides(PRESETS[args.preset], args.overrides)
+    check_settings(p)
     work = Path(args.workdir or f"runs/defense-{args.preset}")
-    out_json = Path(args.output or f"benchmarks/results/defense_{tag}.json")
-    out_png = None if args.no_plot else Path(args.plot or f"docs/defense_{tag}.png")
+    check_workdir(work)
+    out_json, out_png = output_paths(args, work, bool(overrides))
     from .atomic import check_writable_file
 
     check_writable_file(out_json, "--output")
     if out_png is not None:
         _need_matplotlib()
         check_writable_file(out_png, "--plot")
+    if overrides:
+        log.info("experiment: preset %s with --set %s; results to %s%s", args.preset,
+                 " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()), out_json,
+                 f" and {out_png}" if out_png else "")
     preflight(p)
     seeds = [p["seed"] + i for i in range(args.seeds)]
     with flush_denormals(resolve_device(args.device)):
-        return _experiment(args, p, seeds, methods, work, out_json, out_png)
+        return _experiment(args, p, seeds, methods, work, out_json, out_png, overrides)
 
 
-def _experiment(args, p, seeds, methods, work, out_json, out_png) -> int:
+def check_settings(p: dict):
+    """The settings that only the eval stage would refuse, after the alignment: the judge and the task."""
+    from .cli import UsageError
+    from .evaluate import JUDGES, TASKS
+
+    if p["judge"] not in JUDGES:
+        raise UsageError(f"judge {p['judge']!r}: choose one of {', '.join(JUDGES)}")
+    if p["benign"] not in TASKS:
+        raise UsageError(f"benign {p['benign']!r}: eval scores only the tasks {', '.join(TASKS)}")
+
+
+def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None) -> int:
     from .atomic import write_json_atomic
 
     t_all = time.perf_counter()
@@ -301,7 +467,8 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png) -> int:
         "harmful_loss_drop": _stats([r[m]["harmful_loss_drop"] for r in per_seed]),
     } for m in methods}
     result = {
-        "experiment": "defense", "preset": args.preset, "settings": p, "seeds": seeds, "methods": methods,
+        "experiment": "defense", "preset": args.preset, "overrides": overrides or {}, "settings": p, "seeds": seeds,
+        "methods": methods,
         "align_flags": {m: method_flags(p, m) for m in methods},
         "judge": judge, "machine": machine_info(args.device), "per_seed": per_seed, "summary": summary,
         "total_seconds": round(time.perf_counter() - t_all, 1),
@@ -399,8 +566,9 @@ def plot_defense(result: dict, path: Path):
     bx.legend(fontsize=7, loc="upper center", ncol=2)
     where = result["machine"].get("gpu") or f"{result['machine']['cpu_count']} CPU cores"
     chosen = "" if methods == DEFAULT_METHODS.split(",") else f" --methods {','.join(methods)}"
-    fig.suptitle(f"booster-fast experiment defense --preset {result['preset']} --seeds {len(seeds)}{chosen}  ({where})",
-                 fontsize=9)
+    tweaks = " ".join(f"--set {k}={json.dumps(v)}" for k, v in result.get("overrides", {}).items())
+    fig.suptitle(f"booster-fast experiment defense --preset {result['preset']} --seeds {len(seeds)}{chosen}  ({where})"
+                 + (f"\n{tweaks}" if tweaks else ""), fontsize=9)
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

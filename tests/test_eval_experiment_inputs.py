@@ -1,0 +1,336 @@
+"""Inputs of `eval` and `experiment defense` (CPU, offline): eval's default judge follows the base model, a
+new-token budget beyond the model's positions is refused before anything loads, `experiment --set` changes the
+preset (and moves the default outputs into the work directory), the preflight resolves every data set before any
+stage runs, and a --workdir that is a file is refused up front. The experiment's stages are replaced by a fake
+that writes what the orchestration reads, so no test here trains beyond one alignment step."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from booster_fast import experiment
+from booster_fast.cli import main
+from booster_fast.data import DataError
+
+FAST = ["--max-length", "64", "--batch-size", "2"]
+SMALL_EVAL = ["--num-prompts", "4", "--num-task", "4", "--max-new-tokens", "2", "--task-max-new-tokens", "2"]
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """A real (one-step) aligned run of the tiny model."""
+    out = tmp_path_factory.mktemp("inputs") / "aligned"
+    assert main(["align", "--output", str(out), "--steps", "1", "--save-every", "0", *FAST]) == 0
+    return out
+
+
+def plain_adapter(path: Path, base: str) -> Path:
+    """An adapter directory without run_config.json (what peft writes), enough for everything before loading: the
+    weights file is only there to be found."""
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    return path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("booster-fast: error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def judge_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval: judge")]
+
+
+# ------------------------------------------------------------------------------------------- eval: the judge
+def test_default_judge_on_a_preset_base_is_the_offline_proxy(aligned, tmp_path, caplog):
+    out = tmp_path / "e.json"
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert main(["eval", "--adapter", str(aligned), "--output", str(out), *SMALL_EVAL]) == 0
+    judge = json.loads(out.read_text())["judge"]
+    assert judge["name"] == "refusal" and "NOT beaver-dam" in judge["label"]
+    assert "preset base tiny" in judge["chosen"]
+    lines = judge_lines(caplog)
+    assert len(lines) == 1 and lines[0].startswith("eval: judge refusal (") and "preset base tiny" in lines[0]
+
+
+class StubBeaverDam:
+    """Stands in for the 7B judge: records that it was built, flags nothing."""
+    name, label, built = "beaver-dam", "stub", []
+
+    def __init__(self, model_id, device):
+        StubBeaverDam.built.append(model_id)
+
+    def flags(self, prompts, answers):
+        return [False] * len(answers)
+
+
+def test_explicit_judge_wins_over_the_default(aligned, tmp_path, monkeypatch, caplog):
+    from booster_fast import evaluate
+
+    StubBeaverDam.built = []
+    monkeypatch.setattr(evaluate, "BeaverDamJudge", StubBeaverDam)
+    out = tmp_path / "e.json"
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert main(["eval", "--adapter", str(aligned), "--judge", "beaver-dam", "--output", str(out),
+                     *SMALL_EVAL]) == 0
+    judge = json.loads(out.read_text())["judge"]
+    assert judge["name"] == "beaver-dam" and judge["chosen"] == "--judge" and len(StubBeaverDam.built) == 1
+    assert judge_lines(caplog) == ["eval: judge beaver-dam (--judge)"]
+
+
+def test_default_judge_on_a_pretrained_base_is_beaver_dam(tmp_path, monkeypatch, caplog, capsys):
+    """A plain adapter on a hub model: beaver-dam is chosen (and built before the base model is loaded)."""
+    from booster_fast import attack, evaluate
+    from booster_fast.models import ModelError
+
+    def judge(model_id, device):
+        raise ModelError(f"stub judge {model_id} built")
+
+    def never(*a, **k):
+        raise AssertionError("the base model must not be loaded")
+
+    monkeypatch.setattr(evaluate, "BeaverDamJudge", judge)
+    monkeypatch.setattr(attack, "load_adapter", never)
+    adapter = plain_adapter(tmp_path / "adapter", "some-org/some-model")
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        code = main(["eval", "--adapter", str(adapter), "--prompts", "builtin", "--task", "builtin",
+                     "--output", str(tmp_path / "e.json")])
+    assert code == 2 and "stub judge" in one_error_line(capsys)
+    lines = judge_lines(caplog)
+    assert len(lines) == 1 and lines[0].startswith("eval: judge beaver-dam (") and "some-org/some-model" in lines[0]
+
+
+def test_choose_judge():
+    from booster_fast.evaluate import choose_judge
+
+    assert choose_judge(None, "tiny")[0] == "refusal"
+    assert choose_judge(None, "llama-7b-shape")[0] == "refusal"
+    assert choose_judge(None, "meta-llama/Llama-2-7b-hf")[0] == "beaver-dam"
+    assert choose_judge("beaver-dam", "tiny") == ("beaver-dam", "--judge")
+    assert choose_judge("refusal", "meta-llama/Llama-2-7b-hf") == ("refusal", "--judge")
+
+
+# ------------------------------------------------------------------------------------------- eval: new tokens
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--task-max-new-tokens"])
+def test_new_tokens_beyond_the_positions_exit_2_before_loading(flag, aligned, tmp_path, monkeypatch, capsys):
+    from booster_fast import attack, data
+
+    def never(*a, **k):
+        raise AssertionError("nothing heavy may load before the check")
+
+    monkeypatch.setattr(attack, "load_adapter", never)
+    monkeypatch.setattr(data, "load_benign", never)
+    out = tmp_path / "res" / "e.json"
+    capsys.readouterr()
+    code = main(["eval", "--adapter", str(aligned), "--judge", "refusal", "--output", str(out), flag, "100000"])
+    line = one_error_line(capsys)
+    assert code == 2 and f"{flag} 100000" in line and "1024" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_position_limit_from_the_config_alone(tmp_path):
+    from transformers import GPT2Config, LlamaConfig
+
+    from booster_fast.evaluate import config_positions, position_limit
+
+    assert position_limit("tiny") == 1024 and position_limit("llama-7b-shape") == 4096
+    GPT2Config(n_positions=96, n_embd=8, n_layer=1, n_head=1).save_pretrained(tmp_path / "gpt2")
+    assert position_limit(str(tmp_path / "gpt2")) == 96                           # n_positions (GPT-2-like)
+    LlamaConfig(max_position_embeddings=80).save_pretrained(tmp_path / "llama")
+    assert position_limit(str(tmp_path / "llama")) == 80
+    assert position_limit("no-org/not-downloaded-anywhere") is None               # unknown: no check, no network
+    assert config_positions(object()) is None
+
+
+# ------------------------------------------------------------------------------------------- experiment: stages
+class FakeStages:
+    """Replaces experiment._run: records each stage's argv and writes the files the orchestration reads."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, argv):
+        self.calls.append(argv)
+        out = Path(argv[argv.index("--output") + 1])
+        if argv[0] == "eval":
+            out.write_text(json.dumps({"harmful_score": 50.0, "accuracy": 25.0, "harmful": {"refusals": 1, "n": 2},
+                                       "examples": {"harmful": []}, "judge": {"name": "refusal"}}))
+            return
+        out.mkdir(parents=True)
+        rows = ([{"loss": 1.0, "harmful_loss": 2.0}] if argv[0] == "align" else
+                [{"step": s, "harmful_loss": 2.0 - s, "train_loss": None if s == 0 else 1.0} for s in (0, 1)])
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def flags(self, command: str) -> list[str]:
+        return next(argv for argv in self.calls if argv[0] == command)
+
+
+class NoStage:
+    """Replaces experiment._run where no stage may run: records, then fails as a stage would."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, argv):
+        self.calls.append(argv)
+        raise experiment.StageFailed(2)
+
+
+def _value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+SETS = ["--set", "align.steps=2", "--set", "attack.steps=3", "--set", "eval.num_prompts=8", "--set", "vaccine_rho=1",
+        "--set", "attack.eval_rows=16"]
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_set_overrides_the_preset_and_moves_the_default_outputs(explicit, tmp_path, monkeypatch):
+    stages, plots = FakeStages(), []
+    monkeypatch.setattr(experiment, "_run", stages)
+    monkeypatch.setattr(experiment, "_need_matplotlib", lambda: None)
+    monkeypatch.setattr(experiment, "plot_defense", lambda result, path: plots.append(Path(path)))
+    monkeypatch.chdir(tmp_path)      # a default that were still the committed one would land in tmp_path, not the repo
+    work = tmp_path / "runs"
+    chosen = ["--output", str(tmp_path / "mine.json"), "--plot", str(tmp_path / "mine.png")] if explicit else []
+    code = main(["experiment", "defense", "--seeds", "1", "--methods", "sft,booster-vaccine", "--workdir", str(work),
+                 *SETS, *chosen])
+    assert code == 0
+    out, png = (tmp_path / "mine.json", tmp_path / "mine.png") if explicit else (work / "defense_tiny.json",
+                                                                                 work / "defense_tiny.png")
+    res = json.loads(out.read_text())
+    assert plots == [png]
+    assert not (tmp_path / "benchmarks").exists() and not (tmp_path / "docs").exists()
+    assert res["preset"] == "tiny"
+    assert res["overrides"] == {"align.steps": 2, "attack.steps": 3, "eval.num_prompts": 8, "vaccine_rho": 1,
+                                "attack.eval_rows": 16}
+    s = res["settings"]
+    assert (s["align"]["steps"], s["attack"]["steps"], s["eval"]["num_prompts"], s["vaccine_rho"]) == (2, 3, 8, 1)
+    assert s["align"]["lr"] == experiment.PRESETS["tiny"]["align"]["lr"]                 # the rest is the preset's
+    assert experiment.PRESETS["tiny"]["align"]["steps"] == 200                           # the preset is untouched
+    assert _value(stages.flags("align"), "--steps") == "2" and _value(stages.flags("attack"), "--steps") == "3"
+    assert _value(stages.flags("attack"), "--eval-rows") == "16"
+    assert _value(stages.flags("eval"), "--num-prompts") == "8"
+    vaccine = next(a for a in stages.calls if a[0] == "align" and "--perturb-aware" in a)
+    assert _value(vaccine, "--rho") == "1"
+
+
+def test_apply_overrides_parses_values():
+    p, applied = experiment.apply_overrides(experiment.PRESETS["tiny"], [
+        "align.lr=1e-2", "attack.eval_rows=null", "model=tiny", "align.targets=q_proj,v_proj", 'benign="builtin"'])
+    assert p["align"]["lr"] == 0.01 and p["attack"]["eval_rows"] is None and p["model"] == "tiny"
+    assert p["align"]["targets"] == "q_proj,v_proj" and p["benign"] == "builtin"
+    assert list(applied) == ["align.lr", "attack.eval_rows", "model", "align.targets", "benign"]
+
+
+BAD_SETS = {
+    "unknown-key": ("align.stepz=3", "unknown key"),
+    "unknown-group": ("train.steps=3", "unknown key"),
+    "unknown-top-level": ("nope=1", "unknown key"),
+    "group-itself": ("align=3", "a group of settings"),
+    "string-for-number": ("align.steps=many", "an integer"),
+    "fraction-for-integer": ("align.steps=2.5", "an integer"),
+    "null-for-number": ("vaccine_rho=null", "a number"),
+    "bool-for-number": ("align.lr=true", "a number"),
+    "number-for-string": ("model=3", "a string"),
+    "no-equals": ("align.steps", "KEY=VALUE"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETS))
+def test_bad_set_exits_2_with_one_line(case, tmp_path, monkeypatch, capsys):
+    item, says = BAD_SETS[case]
+    stages = NoStage()
+    monkeypatch.setattr(experiment, "_run", stages)
+    capsys.readouterr()
+    code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
+                 "--output", str(tmp_path / "x.json"), "--set", item])
+    line = one_error_line(capsys)
+    assert code == 2 and "--set" in line and says in line, line
+    assert stages.calls == [] and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- experiment: preflight
+@pytest.mark.parametrize("loader", ["load_safety_data", "load_benign"])
+def test_preflight_stops_on_missing_data_before_any_stage(loader, tmp_path, monkeypatch, capsys):
+    from booster_fast import data
+
+    def missing(*a, **k):
+        raise DataError(f"stub: {loader} cannot find its data set")
+
+    stages = NoStage()
+    monkeypatch.setattr(data, loader, missing)
+    monkeypatch.setattr(experiment, "_run", stages)
+    capsys.readouterr()
+    code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
+                 "--output", str(tmp_path / "x.json")])
+    line = one_error_line(capsys)
+    assert code == 2 and f"stub: {loader}" in line
+    assert stages.calls == [] and list(tmp_path.iterdir()) == []
+
+
+def test_preflight_loads_what_each_stage_will(monkeypatch):
+    """The paper preset's data sets, each through the loader and split its stage uses (loaders recorded)."""
+    from booster_fast import data, evaluate
+
+    calls = []
+    monkeypatch.setattr(data, "load_safety_data", lambda d, split="train", **k: calls.append(("safety", d, split)))
+    monkeypatch.setattr(data, "load_benign", lambda task, split="train": calls.append(("benign", task, split)))
+    monkeypatch.setattr(evaluate, "harmful_prompts", lambda src, f, n: calls.append(("prompts", src, f)))
+    experiment.preflight_data(experiment.PRESETS["paper-sst2"])
+    assert sorted(calls) == sorted([("safety", "beavertails", "train"), ("safety", "beavertails", "attack"),
+                                    ("safety", "beavertails", "test"), ("benign", "sst2", "train"),
+                                    ("benign", "sst2", "test"), ("prompts", "beavertails", None)])
+
+
+def test_preflight_of_the_tiny_preset_downloads_nothing(monkeypatch):
+    """The built-in sets are generated through the real loaders; nothing reaches the hub."""
+    from booster_fast import data
+
+    def hub(*a, **k):
+        raise AssertionError("the tiny preset must not reach the hub")
+
+    loaded, real = [], data.load_safety_data
+
+    def recording(d, split="train", **k):
+        loaded.append((d, split))
+        return real(d, split, **k)
+
+    monkeypatch.setattr(data, "_load_hub", hub)
+    monkeypatch.setattr("datasets.load_dataset", hub)
+    monkeypatch.setattr(data, "load_safety_data", recording)
+    experiment.preflight(experiment.PRESETS["tiny"])
+    assert {("builtin", "train"), ("builtin", "attack"), ("builtin", "test")} <= set(loaded)
+
+
+def test_preflight_refuses_new_tokens_beyond_the_positions(tmp_path, monkeypatch, capsys):
+    stages = NoStage()
+    monkeypatch.setattr(experiment, "_run", stages)
+    capsys.readouterr()
+    code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
+                 "--output", str(tmp_path / "x.json"), "--set", "eval.max_new_tokens=100000"])
+    line = one_error_line(capsys)
+    assert code == 2 and "eval.max_new_tokens 100000" in line and stages.calls == []
+
+
+# ------------------------------------------------------------------------------------------- experiment: --workdir
+@pytest.mark.parametrize("where", ["is-a-file", "under-a-file"])
+def test_workdir_that_is_a_file_exits_2_up_front(where, tmp_path, monkeypatch, capsys):
+    stages = NoStage()
+    monkeypatch.setattr(experiment, "_run", stages)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    work = blocker if where == "is-a-file" else blocker / "runs"
+    capsys.readouterr()
+    code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(work), "--no-plot",
+                 "--output", str(tmp_path / "x.json")])
+    line = one_error_line(capsys)
+    assert code == 2 and f"--workdir {work}" in line and "not a directory" in line
+    assert stages.calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
