@@ -11,8 +11,9 @@ with the saved flags, so an interrupted run ends with the same adapter as an uni
 The loop never reads the device between log intervals: each step's metrics stay as device tensors and are
 stacked and copied to the host once every `--log-every` steps (the one labelled sync of the loop; a
 checkpoint also reads them). Non-finite updates are skipped on the device by the fast engine; the count
-reaches the host with the metrics, and more than `--max-skipped` ends the run with exit code 3, keeping the
-last good checkpoint. Under torchrun every rank trains on its own shard and rank 0 alone writes.
+reaches the host with the metrics, and more than `--max-skipped` of them, or 10 in a row (a diverged run: the
+step that diverges may itself be finite, every later one is not), end the run with exit code 3, keeping the last
+good checkpoint. Under torchrun every rank trains on its own shard and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ METRICS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"
 PERTURB_AWARE_METRICS = ("loss_perturbed",)  # the alignment loss under the attention-output perturbation
 SKIPPED = METRICS.index("skipped")
 DEFAULT_MAX_SKIPPED = 100   # see --max-skipped's help: a healthy fp32/bf16 run skips none
-ALL_SKIPPED_AFTER = 10      # a run whose every update was skipped stops (exit 3) after this many (or at its end)
+SKIPPED_IN_A_ROW = 10       # this many skipped updates in a row stop a run (exit 3): it has diverged
 DEFAULT_STEPS, DEFAULT_EPOCHS = 20, 20.0  # built-in models: a 20-step demo; a real model: the paper's 20 epochs
 EXIT_NONFINITE = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -49,7 +50,17 @@ RESUME_IGNORED = ("command", "output", "overwrite", "resume")
 
 
 class NonFiniteAbort(RuntimeError):
-    """More than --max-skipped updates were skipped as non-finite (exit code 3)."""
+    """Too many updates were skipped as non-finite (exit code 3; see too_many_skipped)."""
+
+
+def too_many_skipped(total: int, in_a_row: int, steps: int, max_skipped: int) -> str | None:
+    """Why a run must stop for its updates skipped as non-finite, or None: more than `max_skipped` in all, or
+    SKIPPED_IN_A_ROW in a row (all of a shorter run)."""
+    if total > max_skipped:
+        return f"more than --max-skipped {max_skipped}"
+    if in_a_row >= min(SKIPPED_IN_A_ROW, steps):
+        return f"the last {in_a_row} in a row"
+    return None
 
 
 def config_from_args(args, impl: str) -> BoosterConfig:
@@ -71,6 +82,8 @@ def check_common_args(args):
     for flag in ("batch_size", "max_length", "lora_r", "grad_accum"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 < args.lora_alpha < math.inf:  # LoRA's scale alpha / r: 0 trains nothing, NaN everything into NaN
+        raise UsageError(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
     if args.harmful_batch_size is None:
         args.harmful_batch_size = args.batch_size
     if args.harmful_batch_size < 1:
@@ -87,8 +100,8 @@ def check_run_args(args, cfg: BoosterConfig) -> int | None:
         value = getattr(args, flag)
         if value is not None and value < low:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
-    if args.epochs is not None and not args.epochs > 0:
-        raise UsageError(f"--epochs must be > 0, got {args.epochs}")
+    if args.epochs is not None and not 0 < args.epochs < math.inf:
+        raise UsageError(f"--epochs must be a finite number > 0, got {args.epochs}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if cfg.perturb_aware and args.method == "sft":
@@ -380,7 +393,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     # ---- resume: newest checkpoint, metrics cut back to it ---------------------------------------------------
-    start, skipped_total, metrics_bytes, last_ckpt = 0, 0, 0, None
+    start, skipped_total, metrics_bytes, last_ckpt, in_a_row = 0, 0, 0, None, 0
     if args.resume:
         ckpt = latest_checkpoint(args.output)
         if ckpt is not None:
@@ -409,7 +422,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
 
     def flush(step):
         """Bring the pending metrics to the host (the loop's one sync), write them, check --max-skipped."""
-        nonlocal pending, t_last, skipped_total
+        nonlocal pending, t_last, skipped_total, in_a_row
         if not pending:
             return
         values = torch.stack(pending).tolist()  # .tolist() is a host sync: once per log interval / checkpoint
@@ -421,6 +434,8 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             lines.append(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                      for k, v in rec.items()}) + "\n")
         skipped_total += sum(round(row[SKIPPED]) for row in values)
+        for row in values:
+            in_a_row = in_a_row + 1 if row[SKIPPED] else 0
         if metrics_file:
             metrics_file.write("".join(lines).encode())
             metrics_file.flush()  # readable as it grows (fsynced only at checkpoints)
@@ -432,12 +447,10 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         bar.set_postfix(**post)
         bar.update(len(values))
         pending, t_last = [], now
-        all_skipped = skipped_total == step >= min(ALL_SKIPPED_AFTER, steps)  # nothing trained at all
-        if max_skipped is not None and (skipped_total > max_skipped or all_skipped):
+        why = max_skipped is not None and too_many_skipped(skipped_total, in_a_row, steps, max_skipped)
+        if why:
             where = (f"the last good checkpoint is {last_ckpt}" if last_ckpt
                      else "no checkpoint had been written, so nothing was kept")
-            why = (f"more than --max-skipped {max_skipped}" if skipped_total > max_skipped
-                   else "every update so far")
             raise NonFiniteAbort(f"{skipped_total} updates skipped by step {step} because the loss or gradient was "
                                  f"NaN/inf, {why}; {where}")
 

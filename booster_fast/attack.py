@@ -29,7 +29,7 @@ the curve the paper's claim is about ("Booster slows the drop of the harmful los
 is a run directory like align's: adapter, tokenizer, run_config.json, metrics.jsonl, written under a temporary
 name and renamed when complete (an interrupted or failed attack leaves nothing). An update whose loss or gradient
 is not finite is skipped on the device, counted in metrics.jsonl (`skipped`), and more than `--max-skipped` of
-them, or every update of the first ten, end the attack with exit code 3: a stalled attack would otherwise read as
+them, or 10 in a row, end the attack with exit code 3: a stalled attack would otherwise read as
 a defence that held. Data difference from the original: it takes the first rows of its range in
 file order (poison_num − 1 of them, an off-by-one of its `<`), ours are a seeded sample of floor(p · samples)
 rows of the same range.
@@ -84,7 +84,7 @@ def add_parser(sub):
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip to this global norm; 0 disables")
     p.add_argument("--max-skipped", type=int, default=None, metavar="N",
                    help="updates with a NaN/inf loss or gradient are skipped and counted; stop with exit code 3 "
-                        "once more than N are (default 100), or when each of the first 10 was")
+                        "once more than N are (default 100), or 10 in a row")
     p.add_argument("--max-length", type=int, default=None,
                    help=f"tokens per row (default: the aligned run's, else {DEFAULT_MAX_LENGTH} as the paper)")
     p.add_argument("--eval-every", type=int, default=10, metavar="N", help="held-out harmful loss every N steps")
@@ -437,7 +437,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     from tqdm.auto import tqdm
 
     from . import Booster, BoosterConfig
-    from .align import ALL_SKIPPED_AFTER, DEFAULT_MAX_SKIPPED, NonFiniteAbort
+    from .align import DEFAULT_MAX_SKIPPED, NonFiniteAbort, too_many_skipped
     from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_safety_data
     from .models import check_positions
 
@@ -493,12 +493,12 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                  "loss over %d rows every %d steps", args.adapter, device, steps, args.batch_size, n_harm,
                  args.samples, args.lr, len(test_enc), args.eval_every)
         max_skipped = DEFAULT_MAX_SKIPPED if args.max_skipped is None else args.max_skipped
-        skipped_total = 0
+        skipped_total = in_a_row = 0
         with open(tmp / "metrics.jsonl", "w") as metrics:
             def record(step, pending, t_last):
                 """Write one metrics line: the held-out harmful loss now and the mean training loss, step time
                 and skipped updates since the last one; stop (exit 3) past --max-skipped."""
-                nonlocal skipped_total
+                nonlocal skipped_total, in_a_row
                 # .tolist() is a host sync, once per eval interval: the step time is taken after it
                 trained = torch.stack(pending).tolist() if pending else []
                 dt = (time.perf_counter() - t_last) / len(trained) if trained else None
@@ -506,6 +506,8 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                 losses = [loss for loss, skip in trained if not skip]
                 skipped = sum(round(skip) for _, skip in trained)
                 skipped_total += skipped
+                for _, skip in trained:
+                    in_a_row = in_a_row + 1 if skip else 0
                 rec = {"step": step, "harmful_loss": h,
                        "train_loss": sum(losses) / len(losses) if losses else None, "step_time_s": dt,
                        "skipped": skipped}
@@ -517,8 +519,8 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                     rec["keyword_harmful_score"] = 100.0 * sum(flags) / len(flags)
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
-                if skipped_total > max_skipped or skipped_total == step >= min(ALL_SKIPPED_AFTER, steps):
-                    why = f"more than --max-skipped {max_skipped}" if skipped_total > max_skipped else "every one"
+                why = too_many_skipped(skipped_total, in_a_row, steps, max_skipped)
+                if why:
                     raise NonFiniteAbort(f"{skipped_total} attack updates skipped by step {step} because the loss "
                                          f"or gradient was NaN/inf ({why}; a smaller --lr?); nothing was saved")
                 return rec

@@ -40,16 +40,19 @@ ORIGINAL_FLAGS = {
     "--model_name_or_path": "--model", "--output_dir": "--output", "--learning_rate": "--lr",
     "--num_train_epochs": "--epochs", "--max_steps": "--steps", "--per_device_train_batch_size": "--batch-size",
     "--gradient_accumulation_steps": "--grad-accum", "--model_max_length": "--max-length",
-    "--weight_decay": "--weight-decay", "--max_grad_norm": "--max-grad-norm", "--perturb_aware": "--perturb-aware",
+    "--weight_decay": "--weight-decay", "--max_grad_norm": "--max-grad-norm",
+    "--perturb_aware": "--perturb-aware (a switch: no True after it)",
     "--sample_num": "--align-samples", "--bad_sample_num": "--harmful-samples", "--data_path": "--data",
     "--optimizer": "--method (booster is the default)", "--lora_r": "--lora-r", "--lora_alpha": "--lora-alpha",
     "--bf16": "nothing (the base loads in bf16, --dtype fp32 to keep fp32; --quant nf4 for 4-bit)", "--tf32": "nothing",
     "--lr_scheduler_type": "nothing (the schedule is constant, as the paper's)",
+    "--save_steps": "--save-every", "--save_total_limit": "--keep-checkpoints", "--logging_steps": "--log-every",
 }
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a hint for the original Booster code's flag names in the 'unrecognized arguments' error."""
+    """argparse, with errors in one line (no usage block: --help has it) and a hint for the original Booster
+    code's flag names in the 'unrecognized arguments' error."""
 
     def error(self, message):
         if message.startswith("unrecognized arguments:"):
@@ -57,7 +60,7 @@ class Parser(argparse.ArgumentParser):
                      if flag in ORIGINAL_FLAGS]
             if hints:
                 message += " (the original Booster code's names; here: " + ", ".join(hints) + ")"
-        super().error(message)
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128):
@@ -142,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-skipped", type=int, default=None, metavar="N",
                    help="fast: updates with a NaN/inf loss or gradient are skipped on the device and counted; stop "
                         "with exit code 3 once more than N are skipped (checked at log intervals; default 100: a "
-                        "healthy fp32/bf16 run skips none, a diverged one skips every step; a run whose every update "
-                        "was skipped stops after 10, or at its end). Not with "
+                        "healthy fp32/bf16 run skips none; 10 in a row also stop the run, or all of a shorter one: it "
+                        "has diverged). Not with "
                         "--impl reference, which applies them as the original trainer does")
 
     b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process",

@@ -56,7 +56,7 @@ def test_an_attack_whose_updates_are_all_skipped_stops_with_exit_3(aligned, tmp_
                  *SMALL])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3
-    assert err[-1].startswith("booster-fast: error: 10 attack updates skipped by step 10") and "every one" in err[-1]
+    assert err[-1].startswith("booster-fast: error: 10 attack updates skipped by step 10") and "the last 10 in a row" in err[-1]
     assert not out.exists() and leftovers(tmp_path) == []
 
 

@@ -86,7 +86,8 @@ BAD_FLAGS = [  # well-typed values that argparse accepts and the run must refuse
     ["--max-skipped", "-1"], ["--impl", "reference", "--max-skipped", "5"], ["--harmful-batch-size", "0"],
     ["--grad-accum", "0"], ["--grad-accum", "3"], ["--epochs", "0"], ["--epochs", "-2"], ["--steps", "0"],
     ["--device", "tpu"], ["--device", "meta"], ["--lamb", "inf"], ["--alpha", "nan"], ["--alpha", "inf"],
-    ["--align-samples", "0"], ["--harmful-samples", "100000"],
+    ["--align-samples", "0"], ["--harmful-samples", "100000"], ["--epochs", "inf"], ["--lora-alpha", "0"],
+    ["--lora-alpha", "nan"], ["--lora-alpha", "-4"], ["--weight-decay", "inf"],
     ["--model", "no/such-model-xyz"], ["--model", "/no/such/dir"], ["--data", "missing.jsonl"], ["--data", "data.txt"],
 ]
 

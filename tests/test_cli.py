@@ -229,6 +229,23 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
     assert _snapshot(tmp_path) == before          # no temp dir, no half-written run, inputs unchanged
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["align", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["align", "--steps", "2", "--epochs", "1"], "not allowed with argument"),
+    (["align", "--save_steps", "5", "--logging_steps", "2"], "--save_steps -> --save-every, --logging_steps -> "
+                                                               "--log-every"),
+])
+def test_argparse_errors_are_one_line(argv, needle, capsys):
+    """argparse's own errors (a value of the wrong type, exclusive flags, an unknown name) are one line too, not a
+    usage block; the original trainer's names get their hint."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert lines[0].startswith("booster-fast") and lines[0].endswith("--help)")
+
+
 def test_module_entry_point_exit_code_and_real_stderr(tmp_path):
     """`python -m booster_fast`: exit code 2 and exactly one line on the real stderr (logging and progress
     output included), on an error raised after the model is loaded and the temporary run dir exists."""

@@ -433,10 +433,24 @@ def test_a_run_whose_every_update_was_skipped_exits_3(tmp_path, poison, capsys):
     capsys.readouterr()
     assert main(["align", "--output", str(tmp_path / "run"), "--steps", "6", *SMALL, "--log-every", "3"]) == 3
     line = one_error_line(capsys.readouterr().err, progress=True)
-    assert "6 updates skipped by step 6" in line and "every update so far" in line, line
+    assert "6 updates skipped by step 6" in line and "the last 6 in a row" in line, line
     assert not (tmp_path / "run").exists()
     assert main(["align", "--output", str(tmp_path / "long"), "--steps", "30", *SMALL, "--log-every", "5"]) == 3
     assert "10 updates skipped by step 10" in one_error_line(capsys.readouterr().err, progress=True)
+
+
+def test_a_run_that_diverged_after_finite_steps_exits_3(tmp_path, poison, capsys):
+    """The step that diverges can itself be finite (an infinite weight decay, a huge lr): every later update is
+    skipped, but the total stays under --max-skipped and 'every update' never holds. 10 skipped in a row stop the
+    run; fewer, between good updates, do not."""
+    poison(set(range(3, 100)))
+    capsys.readouterr()
+    assert main(["align", "--output", str(tmp_path / "run"), "--steps", "30", *SMALL, "--log-every", "4"]) == 3
+    line = one_error_line(capsys.readouterr().err, progress=True)
+    assert "10 updates skipped by step 12" in line and "the last 10 in a row" in line, line
+    poison.__self__.clear()  # the fixture's set of poisoned steps
+    poison(set(range(1, 10)) | set(range(11, 20)))  # 9 in a row twice, one good update between
+    assert main(["align", "--output", str(tmp_path / "ok"), "--steps", "21", *SMALL, "--log-every", "7"]) == 0
 
 
 def test_a_first_update_skipped_alone_does_not_stop_the_run(tmp_path, poison):
