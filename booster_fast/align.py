@@ -46,7 +46,7 @@ EXIT_NONFINITE = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # flags a resumed run may change: they do not touch the maths of an update
 RESUME_FREE = ("device", "log_every", "save_every", "keep_checkpoints", "max_skipped")
-RESUME_IGNORED = ("command", "output", "overwrite", "resume")
+RESUME_IGNORED = ("command", "output", "overwrite", "resume", "data_sha256")
 
 
 class NonFiniteAbort(RuntimeError):
@@ -221,7 +221,28 @@ def apply_resume(args):
     if conflicts:
         raise UsageError(f"--resume {args.resume}: flags that differ from the saved run: {', '.join(conflicts)}; "
                          f"drop them or start a new run")
+    now = data_fingerprints(args)
+    edited = [path for path, digest in (saved.get("data_sha256") or {}).items() if now.get(path) != digest]
+    if edited:
+        raise UsageError(f"--resume {args.resume}: {', '.join(edited)} changed since the run started (its SHA-256 "
+                         f"differs): the resumed steps would train on other rows; start a new run")
     args.output, args.overwrite, args.resume_changes = str(run), False, changed
+
+
+def data_fingerprints(args) -> dict[str, str]:
+    """{path: SHA-256} of the local data files of a run (--data, --harmful-data), recorded in run_config.json so
+    that a resume can tell whether they changed (the streams check only the row counts)."""
+    import hashlib
+
+    out = {}
+    for path in (args.data, getattr(args, "harmful_data", None)):
+        if path and os.path.isfile(path):
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[path] = digest.hexdigest()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,6 +362,7 @@ def run_align(args) -> int:
         raise UsageError("the reference implementation runs in one process; use --impl fast under torchrun")
     if rank == 0 and args.resume is None:
         check_output(args.output, args.overwrite)
+    args.data_sha256 = data_fingerprints(args)  # recorded in run_config.json (a resume checks them)
 
     # ---- every other input check, before anything is written ---------------------------------------------
     data = load_data(args)
@@ -371,7 +393,7 @@ def run_align(args) -> int:
     try:
         with Interrupts() as stop:
             if rank == 0:
-                run = (RunDir.reopen(args.output, args.resume_changes) if args.resume
+                run = (RunDir.reopen(args.output) if args.resume
                        else RunDir.create(args.output, vars(args)))
             code = _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world,
                           device)
@@ -400,6 +422,8 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             state = load_checkpoint(ckpt, model, booster, streams)
             start, skipped_total, metrics_bytes, last_ckpt = (state["step"], state["skipped"],
                                                               state["metrics_bytes"], ckpt)
+        if rank == 0:
+            run.record_changes(args.resume_changes)
     metrics_file = None
     if rank == 0:
         path = run.path / METRICS_FILE

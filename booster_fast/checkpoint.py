@@ -212,8 +212,9 @@ def load_checkpoint(path: Path, model, booster, streams: dict) -> dict:
     loaded = get_peft_model_state_dict(model)
     if not all(torch.equal(loaded[k], adapter[k]) for k in adapter):
         raise CheckpointError(f"cannot resume: the adapter in {path} did not load into the LoRA weights")
+    saved = _load_training_state(path / "optimizer.pt", device)  # its own CheckpointError when unreadable
     try:
-        booster.load_state_dict(_load_training_state(path / "optimizer.pt", device))
+        booster.load_state_dict(saved)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"cannot resume: the optimizer state in {path} does not fit ({e})") from None
     for key, stream in streams.items():
@@ -271,20 +272,23 @@ class RunDir:
         return cls(path, committed=False, created=created, replaced=replaced)
 
     @classmethod
-    def reopen(cls, path: Path, changed: dict | None = None) -> RunDir:
-        """The run to resume, cleaned of what a killed process left half-written. `changed`: the flags this
-        resume changed (those a resume may change): written into run_config.json, so that the next resume
-        keeps them. A run that `--overwrite` set aside when this one was created, and that a kill left there,
-        goes: this run, the one meant to replace it, is being continued."""
+    def reopen(cls, path: Path) -> RunDir:
+        """The run to resume, cleaned of what a killed process left half-written. A run that `--overwrite` set
+        aside when this one was created, and that a kill left there, goes: this run, the one meant to replace
+        it, is being continued."""
         run = cls(path, committed=True)
         remove_partial(run.path)
-        if changed:
-            config = json.loads((run.path / CONFIG).read_text())
-            write_text_atomic(run.path / CONFIG, _config_text({**config, **changed}), durable=True)
         for old in run.path.absolute().parent.glob(f".{run.path.name}.old-*"):
             shutil.rmtree(old, ignore_errors=True)
             log.info("removed %s: the run that --overwrite replaced with this one", old)
         return run
+
+    def record_changes(self, changed: dict):
+        """Write the flags this resume changed (those a resume may change) into run_config.json, so that the next
+        resume keeps them; called once the checkpoint has loaded, so that a failed resume changes nothing."""
+        if changed:
+            config = json.loads((self.path / CONFIG).read_text())
+            write_text_atomic(self.path / CONFIG, _config_text({**config, **changed}), durable=True)
 
     def commit(self):
         """The run now has a checkpoint to resume from: it is no longer abandoned on failure."""

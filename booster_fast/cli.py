@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -205,6 +206,11 @@ def main(argv=None) -> int:
     for flag in ("model", "base_model"):  # a local model directory is recorded absolute
         if getattr(args, flag, None):
             setattr(args, flag, absolute_model_dir(getattr(args, flag)))
+    if args.command == "align":  # so are local data files: a resume may start in another directory
+        for flag in ("data", "harmful_data"):
+            path = getattr(args, flag, None)
+            if path and os.path.isfile(os.path.expanduser(path)):
+                setattr(args, flag, os.path.abspath(os.path.expanduser(path)))
     if args.command in ("attack", "eval", "experiment"):  # own defaults; one-line errors, exit 2
         from . import attack, evaluate, experiment
         return {"attack": attack, "eval": evaluate, "experiment": experiment}[args.command].main(args)

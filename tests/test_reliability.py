@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,6 +340,43 @@ def test_training_state_is_loaded_without_pickled_code(tmp_path, capsys):
     assert main(["align", "--resume", str(run)]) == 2
     assert "not a plain tensor checkpoint" in one_error_line(capsys.readouterr().err)
     assert not touched.exists()
+
+
+def test_a_truncated_checkpoint_fails_the_resume_in_one_line_and_changes_nothing(tmp_path, capsys):
+    """A truncated optimizer.pt: one line naming the file (it was wrapped twice and cut mid-sentence), and the
+    failed resume leaves run_config.json as it was (a changed --log-every was written before the load)."""
+    run = tmp_path / "run"
+    assert main(["align", "--output", str(run), "--steps", "2", *SMALL, "--save-every", "1"]) == 0
+    (run / MARKER).write_text("")
+    opt = run / "checkpoints" / "step-000002" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    config = (run / "run_config.json").read_bytes()
+    capsys.readouterr()
+    assert main(["align", "--resume", str(run), "--log-every", "3"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "optimizer.pt is not a plain tensor checkpoint" in line and line.count("cannot resume") == 1, line
+    assert (run / "run_config.json").read_bytes() == config
+
+
+def test_resume_refuses_a_data_file_that_changed(tmp_path, monkeypatch, capsys):
+    """A relative --data file is recorded by its absolute path with its SHA-256: the run resumes from another
+    directory, and refuses (one line) once the file's rows changed, even with the row count kept."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(8)]
+    Path("pairs.json").write_text(json.dumps(rows))
+    flags = ["--data", "pairs.json", "--harmful-data", "pairs.json", "--save-every", "1"]
+    assert main(["align", "--output", "run", "--steps", "2", *SMALL, *flags]) == 0
+    cfg = json.loads(Path("run/run_config.json").read_text())
+    data = str(tmp_path / "pairs.json")
+    assert cfg["data"] == data and list(cfg["data_sha256"]) == [data] and len(cfg["data_sha256"][data]) == 64
+    (tmp_path / "run" / MARKER).write_text("")  # pretend it was interrupted after step 2
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    monkeypatch.chdir(tmp_path.parent)
+    assert main(["align", "--resume", str(tmp_path / "copy")]) == 0  # unchanged: resumes from another directory
+    Path(data).write_text(json.dumps([{**r, "output": r["output"] + "!"} for r in rows]))
+    capsys.readouterr()
+    assert main(["align", "--resume", str(tmp_path / "run")]) == 2
+    assert "pairs.json changed since the run started" in one_error_line(capsys.readouterr().err)
 
 
 # ---- atomic writes (every JSON, PNG and cache file the commands write) ---------------------------------------
