@@ -288,8 +288,10 @@ def load_data(args):
     for flag, rows in zip(("align_samples", "harmful_samples"), sets):  # the original's sample_num and
         n = getattr(args, flag, None)                                    # bad_sample_num: the first N rows
         if n is not None and not 1 <= n <= len(rows):
-            raise UsageError(f"--{flag.replace('_', '-')} must be between 1 and the {len(rows)} rows of --data "
-                             f"{args.data}, got {n}")
+            source = (f"--harmful-data {args.harmful_data}" if flag == "harmful_samples" and args.harmful_data
+                      else f"--data {args.data}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be between 1 and the {len(rows)} rows of {source}, "
+                             f"got {n}")
         kept.append(rows[:n])
     return tuple(kept)
 
@@ -301,6 +303,11 @@ def build_streams(args, tok, rank, world, data=None):
     align, harmful = load_data(args) if data is None else data
     enc_a, trunc_a = encode_all(tok, align, args.max_length)
     enc_h, trunc_h = encode_all(tok, harmful, args.max_length)
+    for flag, size, rows, what in (("--batch-size", args.batch_size, enc_a, "alignment"),
+                                   ("--harmful-batch-size", args.harmful_batch_size, enc_h, "harmful")):
+        if size * world > len(rows):
+            each = f" on each of {world} processes" if world > 1 else ""
+            raise UsageError(f"{flag} {size}{each} needs more than the {len(rows)} {what} rows")
     sa = BatchStream(enc_a, args.batch_size, args.max_length, tok.pad_token_id, args.seed, rank, world)
     sh = BatchStream(enc_h, args.harmful_batch_size, args.max_length, tok.pad_token_id, args.seed + 1, rank, world)
     if (trunc_a or trunc_h) and rank == 0:  # logged once the streams exist: a failed check prints one line only

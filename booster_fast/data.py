@@ -290,6 +290,8 @@ def _parse_jsonl(path, text: str) -> list[tuple[str, object]]:
 def _read_rows(path: str) -> list[tuple[str, object]]:
     """[(location for messages, parsed row)] from a .json array or .jsonl file; DataError on anything malformed."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{path}: a directory, not a .json/.jsonl file")
     if not p.is_file():
         raise DataError(f"{path}: no such file (expected 'builtin', a known data set name, or a .json/.jsonl path)")
     suffix = p.suffix.lower()
@@ -303,6 +305,8 @@ def _read_rows(path: str) -> list[tuple[str, object]]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty data set (the file holds no text)")
     if suffix == ".jsonl":
         rows = _parse_jsonl(path, text)
     else:
@@ -445,13 +449,13 @@ def load_safety_data(data: str, split: str = "train",
         if _row_format(*rows[0]) == "pairs":
             if harmful_data is not None:
                 raise DataError(f"{data} already holds harmful answers (prompt/refusal/response rows); "
-                                f"do not also pass harmful_data={harmful_data}")
+                                f"do not also pass --harmful-data {harmful_data}")
             align, harmful = _pairs(rows)
         else:
             align = _instructions(rows)
             if harmful_data is None:
                 raise DataError(f"{data} has instruction/input/output rows (the alignment set only); "
-                                f"pass harmful_data=<.json/.jsonl file of harmful instruction/input/output rows>")
+                                f"pass --harmful-data <.json/.jsonl file of harmful instruction/input/output rows>")
             harmful = _instruction_file(harmful_data)
     if harmful_data is not None and data in ("builtin", "beavertails"):
         harmful = _instruction_file(harmful_data)

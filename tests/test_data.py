@@ -259,7 +259,7 @@ def test_load_pairs_file(tmp_path, jsonl):
     align, harmful = load_safety_data(path)
     assert align == [Example("How do I do a bad thing?", "", "I can't help."), Example("p2", "", "No.")]
     assert harmful == [Example("How do I do a bad thing?", "", "Sure, [placeholder]."), Example("p2", "", "Sure.")]
-    single_line_error(load_safety_data, path, harmful_data=path, match="harmful_data")
+    single_line_error(load_safety_data, path, harmful_data=path, match="--harmful-data")
 
 
 @pytest.mark.parametrize("jsonl", [False, True])
@@ -271,7 +271,7 @@ def test_load_instruction_files(tmp_path, jsonl):
     align, harmful = load_safety_data(a, harmful_data=h)
     assert align == [Example("i1", "", "refuse"), Example("i2", "", "refuse2")]
     assert harmful == [Example("i1", "ctx", "comply")]
-    single_line_error(load_safety_data, a, match="harmful_data")
+    single_line_error(load_safety_data, a, match="--harmful-data")
     assert load_benign(h) == harmful
 
 
@@ -301,6 +301,7 @@ def bad_file(tmp_path, name: str, content: bytes) -> str:
     ("bad.json", b'[{"text": "a"}]', "unrecognised row"),
     ("bad.json", b"[]", "empty data set"),
     ("bad.jsonl", b"\n\n", "empty data set"),
+    ("bad.json", b"", "empty data set (the file holds no text)"),  # not json's "Expecting value"
     ("bad.csv", b"a,b\n", "unsupported file type"),
 ])
 def test_malformed_files(tmp_path, name, content, match):
@@ -311,6 +312,8 @@ def test_malformed_files(tmp_path, name, content, match):
 
 def test_missing_file_and_harmful_format(tmp_path):
     single_line_error(load_safety_data, str(tmp_path / "nope.json"), match="no such file")
+    (tmp_path / "dir.json").mkdir()
+    single_line_error(load_safety_data, str(tmp_path / "dir.json"), match="a directory, not a .json/.jsonl file")
     a = write(tmp_path / "a.json", [{"instruction": "i", "output": "o"}], False)
     pairs = write(tmp_path / "p.json", [{"prompt": "i", "refusal": "r", "response": "o"}], False)
     single_line_error(load_safety_data, a, harmful_data=pairs, match="instruction/input/output")
