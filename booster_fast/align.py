@@ -441,8 +441,10 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         resumed = (f", resumed at step {start}" + (f" from {last_ckpt}" if last_ckpt else " (no checkpoint yet)")
                    if args.resume else "")
         method = f"{args.method} + Vaccine (rho {cfg.rho:g})" if cfg.perturb_aware else args.method
-        log.info("align: %s on %s, %s/%s, %d steps of %d+%d rows x %d tokens%s%s", args.model, device, method,
-                 cfg.impl, steps, args.batch_size, args.harmful_batch_size, args.max_length, packing, resumed)
+        rows = (f"{args.batch_size}" if args.method == "sft"  # SFT draws no harmful batch
+                else f"{args.batch_size}+{args.harmful_batch_size}")
+        log.info("align: %s on %s, %s/%s, %d steps of %s rows x %d tokens%s%s", args.model, device, method,
+                 cfg.impl, steps, rows, args.max_length, packing, resumed)
         if cfg.impl == "reference":
             log.info("reference: non-finite updates are applied as in the original trainer, not skipped "
                      "(--impl fast skips them)")
@@ -471,8 +473,10 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             metrics_file.write("".join(lines).encode())
             metrics_file.flush()  # readable as it grows (fsynced only at checkpoints)
         last = dict(zip(names, values[-1]))
-        post = dict(loss=f"{last['loss']:.3f}", h=f"{last['harmful_loss']:.3f}",
-                    gnorm=f"{last['harmful_grad_norm']:.2f}", it_s=f"{1 / dt:.2f}")
+        post = dict(loss=f"{last['loss']:.3f}")
+        if args.method != "sft":  # SFT has no harmful pass: its harmful metrics are NaN
+            post.update(h=f"{last['harmful_loss']:.3f}", gnorm=f"{last['harmful_grad_norm']:.2f}")
+        post["it_s"] = f"{1 / dt:.2f}"
         if skipped_total:
             post["skipped"] = skipped_total
         bar.set_postfix(**post)
