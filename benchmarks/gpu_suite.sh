@@ -79,7 +79,8 @@ BENCH="python3 -m booster_fast bench --device cuda --graphs off --batch-size 10 
 bench_part() {  # bench_part NAME SECONDS BENCH-ARGS...: a part running the bench. Exit code 3 means CUDA
   # invalidated a graph capture, after which nothing more can be measured in that process: the part then runs
   # once more in a new process without fast-graphs (as NAME_eager, within the suite's deadline), so the
-  # reference and fast eager numbers still come back; the first document is kept as *.invalidated.json
+  # reference and fast eager numbers still come back; the first document is kept as *.json.invalidated (out
+  # of make_table's *.json)
   local name=$1 limit=$2; shift 2
   wanted "$name" || return 0
   run_part "$name" "$limit" $BENCH "$@"
@@ -90,7 +91,7 @@ bench_part() {  # bench_part NAME SECONDS BENCH-ARGS...: a part running the benc
     [[ "$prev" == --output ]] && out=$a
     args+=("$a") prev=$a
   done
-  [[ -n "$out" && -f "$out" ]] && mv "$out" "${out%.json}.invalidated.json"
+  [[ -n "$out" && -f "$out" ]] && mv "$out" "$out.invalidated"
   echo "== $name: a CUDA graph capture was invalidated; once more without fast-graphs" | tee -a "$LOG"
   run_part "${name}_eager" "$limit" $BENCH "${args[@]}"
 }

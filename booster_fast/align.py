@@ -12,8 +12,8 @@ The loop never reads the device between log intervals: each step's metrics stay 
 stacked and copied to the host once every `--log-every` steps (the one labelled sync of the loop; a
 checkpoint also reads them). Non-finite updates are skipped on the device by the fast engine; the count
 reaches the host with the metrics, and more than `--max-skipped` of them, or 10 in a row (a diverged run: the
-step that diverges may itself be finite, every later one is not), end the run with exit code 3, keeping the last
-good checkpoint. Under torchrun every rank trains on its own shard and rank 0 alone writes.
+step that diverges may itself be finite, every later one is not), end the run with exit code 3, keeping its
+checkpoints (the error says when the last one was saved within the streak). Under torchrun every rank trains on its own shard and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ EXIT_NONFINITE = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # flags a resumed run may change: they do not touch the maths of an update
 RESUME_FREE = ("device", "log_every", "save_every", "keep_checkpoints", "max_skipped")
-RESUME_IGNORED = ("command", "output", "overwrite", "resume", "data_sha256")
+RESUME_IGNORED = ("command", "output", "overwrite", "resume")
 
 
 class NonFiniteAbort(RuntimeError):
@@ -203,6 +203,9 @@ def apply_resume(args):
     conflicts, changed = [], {}
     if isinstance(saved.get("model"), str):  # a run recorded before model directories were absolute
         saved["model"] = absolute_model_dir(saved["model"])
+    for key in ("data", "harmful_data"):  # ... and before data files were
+        if isinstance(saved.get(key), str) and os.path.isfile(saved[key]):
+            saved[key] = os.path.abspath(saved[key])
     for key, value in vars(args).items():
         if key in RESUME_IGNORED or (key not in saved and key not in defaults):
             continue
@@ -221,11 +224,12 @@ def apply_resume(args):
     if conflicts:
         raise UsageError(f"--resume {args.resume}: flags that differ from the saved run: {', '.join(conflicts)}; "
                          f"drop them or start a new run")
-    now = data_fingerprints(args)
-    edited = [path for path, digest in (saved.get("data_sha256") or {}).items() if now.get(path) != digest]
-    if edited:
-        raise UsageError(f"--resume {args.resume}: {', '.join(edited)} changed since the run started (its SHA-256 "
-                         f"differs): the resumed steps would train on other rows; start a new run")
+    args.data_sha256 = data_fingerprints(args)
+    for path, digest in (saved.get("data_sha256") or {}).items():
+        if args.data_sha256.get(path) != digest:
+            what = "changed since the run started (its SHA-256 differs)" if os.path.isfile(path) else "is gone"
+            raise UsageError(f"--resume {args.resume}: {path} {what}: the resumed steps would not train on the "
+                             f"run's rows; start a new run")
     args.output, args.overwrite, args.resume_changes = str(run), False, changed
 
 
@@ -369,7 +373,8 @@ def run_align(args) -> int:
         raise UsageError("the reference implementation runs in one process; use --impl fast under torchrun")
     if rank == 0 and args.resume is None:
         check_output(args.output, args.overwrite)
-    args.data_sha256 = data_fingerprints(args)  # recorded in run_config.json (a resume checks them)
+    if args.resume is None:
+        args.data_sha256 = data_fingerprints(args)  # recorded in run_config.json (a resume checks them)
 
     # ---- every other input check, before anything is written ---------------------------------------------
     data = load_data(args)
@@ -484,8 +489,11 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         pending, t_last = [], now
         why = max_skipped is not None and too_many_skipped(skipped_total, in_a_row, steps, max_skipped)
         if why:
-            where = (f"the last good checkpoint is {last_ckpt}" if last_ckpt
+            where = (f"the last checkpoint is {last_ckpt}" if last_ckpt
                      else "no checkpoint had been written, so nothing was kept")
+            if last_ckpt and in_a_row and saved_at >= step - in_a_row:  # the diverging update may be finite
+                where += (f" (saved within the last {in_a_row} skipped updates or at the one before them: its "
+                          f"weights may have diverged already; --keep-checkpoints keeps older ones)")
             raise NonFiniteAbort(f"{skipped_total} updates skipped by step {step} because the loss or gradient was "
                                  f"NaN/inf, {why}; {where}")
 

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter",
                        epilog="exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 3 more than "
-                              "--max-skipped non-finite updates (the last good checkpoint is kept); 130 / 143 "
+                              "--max-skipped non-finite updates, or 10 in a row (checkpoints are kept); 130 / 143 "
                               "stopped by SIGINT / SIGTERM after a checkpoint (the line says how to resume)")
     _add_model_args(a)
     a.add_argument("--data", default="builtin", help="builtin | beavertails | PATH (.json/.jsonl)")

@@ -61,9 +61,9 @@ def _paper(benign: str) -> dict:
     return {
         "model": "meta-llama/Llama-2-7b-hf", "quant": "none", "data": "beavertails", "benign": benign,
         "judge": "beaver-dam", "seed": 43, "vaccine_rho": 5.0,  # the original's Booster + Vaccine script
-        "align": {"epochs": 20, "batch_size": 10, "max_length": 256, "lr": 5e-4, "weight_decay": 0.1,
+        "align": {"epochs": 20.0, "batch_size": 10, "max_length": 256, "lr": 5e-4, "weight_decay": 0.1,
                   "lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "lamb": 5.0, "alpha": 0.1},
-        "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-5, "epochs": 20, "batch_size": 10,
+        "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-5, "epochs": 20.0, "batch_size": 10,
                    "weight_decay": 0.1, "eval_every": 50, "eval_rows": None, "refusal_prompts": 0,
                    "harmful_split": "attack"},
         "eval": {"num_prompts": 1000, "max_new_tokens": 512, "task_max_new_tokens": 200, "batch_size": 16},
@@ -264,36 +264,19 @@ def _known(node: dict, prefix: str) -> str:
     return "the preset has " + ", ".join(names)
 
 
-def _kind(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+KINDS = {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _check_type(key: str, old, new):
-    """UsageError unless `new` fits the preset field's type: a number for a number (an integer for an integer),
-    a string for a string, true/false for a flag; any plain value where the preset has null."""
+    """UsageError unless `new` has the preset field's JSON type (a whole number also fits a float field); a
+    field that is null in the preset (a cap that is off, such as attack.eval_rows) takes null or an integer."""
     from .cli import UsageError
 
-    if old is None:
-        ok = not isinstance(new, (dict, list))
-    elif isinstance(old, bool) or isinstance(new, bool):
-        ok = isinstance(old, bool) and isinstance(new, bool)
-    elif isinstance(old, int):
-        ok = isinstance(new, int)
-    elif isinstance(old, float):
-        ok = isinstance(new, (int, float))
-    else:
-        ok = isinstance(new, type(old))
-    if not ok:
-        raise UsageError(f"--set {key}={json.dumps(new)}: {key} is {_kind(old)} in the preset ({json.dumps(old)}), "
-                         f"not {_kind(new)}")
+    allowed = (type(None), int) if old is None else (float, int) if type(old) is float else (type(old),)
+    if type(new) not in allowed:
+        kind = " or ".join(KINDS[t] for t in allowed)
+        raise UsageError(f"--set {key}={json.dumps(new)}: {key} is {kind} ({json.dumps(old)} in the preset), not "
+                         f"{KINDS.get(type(new), 'a ' + type(new).__name__)}")
 
 
 def check_workdir(work: Path):
@@ -301,8 +284,6 @@ def check_workdir(work: Path):
     from .atomic import existing_folder
     from .cli import UsageError
 
-    if work.exists() and not work.is_dir():
-        raise UsageError(f"--workdir {work} exists and is not a directory")
     folder = existing_folder(work / "seed")
     if not folder.is_dir():
         raise UsageError(f"cannot use --workdir {work}: {folder} is not a directory")

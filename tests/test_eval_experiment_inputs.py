@@ -241,7 +241,18 @@ BAD_SETS = {
     "bool-for-number": ("align.lr=true", "a number"),
     "number-for-string": ("model=3", "a string"),
     "no-equals": ("align.steps", "KEY=VALUE"),
+    "string-for-null-cap": ("attack.eval_rows=abc", "null or an integer"),  # refused now, not after alignment
 }
+
+
+def test_a_paper_preset_can_be_run_small():
+    """The paper presets count epochs (floats, as the CLI's --epochs): a fraction of one makes a quick run."""
+    from booster_fast.experiment import PRESETS, apply_overrides
+
+    p, applied = apply_overrides(PRESETS["paper-sst2"], ["align.epochs=0.01", "attack.epochs=0.5",
+                                                         "attack.eval_rows=50"])
+    assert (p["align"]["epochs"], p["attack"]["epochs"], p["attack"]["eval_rows"]) == (0.01, 0.5, 50)
+    assert PRESETS["paper-sst2"]["align"]["epochs"] == 20.0  # the preset itself is untouched
 
 
 @pytest.mark.parametrize("case", list(BAD_SETS))
