@@ -396,10 +396,20 @@ def _instruction_file(path: str) -> list[Example]:
 # ------------------------------------------------------------------------------------------------
 def _load_hub(repo: str, name: str | None, split: str, hint: str = ""):
     """datasets.load_dataset, or a one-line DataError naming what to download (offline, no cache, hub errors)."""
+    from .models import hub_reachable, quiet_hub
+
     try:
         import datasets
+        import datasets.config
 
-        return datasets.load_dataset(repo, name, split=split)
+        before = datasets.config.HF_HUB_OFFLINE
+        # the hub out of reach: the cache only, at once (datasets would retry each request with back-off)
+        datasets.config.HF_HUB_OFFLINE = before or not hub_reachable()
+        try:
+            with quiet_hub():  # its retry lines: the failure is reported once, below
+                return datasets.load_dataset(repo, name, split=split)
+        finally:
+            datasets.config.HF_HUB_OFFLINE = before
     except Exception as e:  # ConnectionError offline, DatasetNotFoundError, FileNotFoundError, hub HTTP errors
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         cfg = f", '{name}'" if name else ""

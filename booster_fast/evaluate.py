@@ -148,15 +148,13 @@ class BeaverDamJudge:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from .experiment import quiet_hub
-        from .models import ModelError
+        from .models import ModelError, from_hub
 
         self.device, self.batch_size = device, batch_size
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         try:
-            with quiet_hub():
-                self.model = AutoModelForSequenceClassification.from_pretrained(model_id, dtype=dtype)
-                self.tok = self._tokenizer(model_id, max_length)
+            self.model = from_hub(AutoModelForSequenceClassification.from_pretrained, model_id, dtype=dtype)
+            self.tok = self._tokenizer(model_id, max_length)
         except Exception as e:  # offline, not downloaded, gated, wrong id: one line that says what to do
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ModelError(f"cannot load the beaver-dam judge {model_id} ({type(e).__name__}: {first}); download "
@@ -172,11 +170,14 @@ class BeaverDamJudge:
     def _tokenizer(model_id: str, max_length: int):
         from transformers import AutoTokenizer
 
+        from .models import from_hub
+
         try:   # the original uses the slow Llama tokenizer (sentencepiece); the fast one if that is missing
-            return AutoTokenizer.from_pretrained(model_id, model_max_length=max_length, padding_side="right",
-                                                 use_fast=False)
+            return from_hub(AutoTokenizer.from_pretrained, model_id, model_max_length=max_length,
+                            padding_side="right", use_fast=False)
         except (ImportError, ValueError):
-            return AutoTokenizer.from_pretrained(model_id, model_max_length=max_length, padding_side="right")
+            return from_hub(AutoTokenizer.from_pretrained, model_id, model_max_length=max_length,
+                            padding_side="right")
 
     def flags(self, prompts: list[str], answers: list[str]) -> list[bool]:
         import torch

@@ -153,20 +153,6 @@ def _run(argv: list[str]):
         raise StageFailed(rc)
 
 
-class quiet_hub:
-    """Silence huggingface_hub's retry warnings (one stderr line per failed request) while probing the hub:
-    the failure is reported once, as our own one-line error."""
-
-    def __enter__(self):
-        self.logger = logging.getLogger("huggingface_hub")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
-        return False
-
-
 def preflight(p: dict):
     """Before hours of training: can the base model, the judge and every data set be resolved at all? Also the
     eval stage's new-token budgets against the model's position limit."""
@@ -184,14 +170,13 @@ def preflight_models(p: dict):
     from transformers import AutoConfig
 
     from .evaluate import BEAVER_DAM
-    from .models import PRESETS as MODEL_PRESETS, ModelError
+    from .models import PRESETS as MODEL_PRESETS, ModelError, from_hub
 
     needed = [p["model"]] if p["model"] not in MODEL_PRESETS else []
     needed += [BEAVER_DAM] if p["judge"] == "beaver-dam" else []
     for name in needed:
         try:
-            with quiet_hub():
-                AutoConfig.from_pretrained(name)
+            from_hub(AutoConfig.from_pretrained, name)
         except Exception as e:  # offline, gated, not downloaded
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ModelError(f"preset needs {name}, which cannot be loaded here ({type(e).__name__}: {first}); "

@@ -167,6 +167,53 @@ def _seeded(seed, device):
         yield
 
 
+class quiet_hub:
+    """Silence huggingface_hub's retry warnings (one stderr line per failed request) while reaching the hub: a
+    failure is reported once, as our own one-line error."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("huggingface_hub")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+        return False
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub's host name resolves (one DNS lookup; False in offline mode). Without it a
+    download only retries with back-off, about 25 s per file, before it fails."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return True
+    except OSError:
+        return False
+
+
+def from_hub(load, name: str, **kwargs):
+    """`load(name, **kwargs)` (a transformers from_pretrained) from a local directory or the local cache first,
+    and from the hub only when that fails and the hub can be reached (its retry lines silenced); OSError at once
+    when it cannot."""
+    try:
+        return load(name, local_files_only=True, **kwargs)
+    except OSError:
+        if os.path.isdir(os.path.expanduser(name)):
+            raise
+        if not hub_reachable():
+            raise OSError(f"{name} is not in the local cache and the Hugging Face hub cannot be reached "
+                          f"(offline)") from None
+    with quiet_hub():
+        return load(name, **kwargs)
+
+
 def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -183,8 +230,8 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": device}
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        tok = from_hub(AutoTokenizer.from_pretrained, name, trust_remote_code=trust_remote_code)
+        model = from_hub(AutoModelForCausalLM.from_pretrained, name, **kwargs)
     except (OSError, ValueError) as e:
         where = "a local directory" if os.path.isdir(name) else "a Hugging Face id"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

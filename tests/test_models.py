@@ -345,3 +345,35 @@ def test_a_pretrained_nf4_model_trains_on_the_cpu(tmp_path):
     for out in outs:
         assert out["harmful_grad_norm"] > 0.1 and out["harmful_loss_perturbed"] != out["harmful_loss"]
     assert abs(outs[0]["harmful_grad_norm"] / outs[1]["harmful_grad_norm"] - 1) < 2e-2
+
+
+def test_hub_loads_try_the_cache_first_and_never_retry_an_unreachable_hub(monkeypatch, tmp_path):
+    """from_hub: the local cache first (no request at all when it has the files); the hub only when it can be
+    reached, else an OSError at once (offline, huggingface_hub retried each file with back-off, ~25 s and a stderr
+    line per try, before the one-line error)."""
+    import booster_fast.models as models
+
+    calls = []
+
+    def loader(name, local_files_only=False, **kw):
+        calls.append(local_files_only)
+        if local_files_only and name != "cached/model":
+            raise OSError(f"{name} is not cached")
+        return ("loaded", name, kw)
+
+    assert models.from_hub(loader, "cached/model", dtype="x") == ("loaded", "cached/model", {"dtype": "x"})
+    assert calls == [True]                                   # from the cache: no online attempt
+    calls.clear()
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    assert models.from_hub(loader, "online/model")[1] == "online/model" and calls == [True, False]
+    calls.clear()
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    with pytest.raises(OSError, match="hub cannot be reached"):
+        models.from_hub(loader, "online/model")
+    assert calls == [True]                                   # never tried online
+    with pytest.raises(OSError, match="is not cached"):      # a local directory: its own error, no hub
+        models.from_hub(loader, str(tmp_path))
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match="cannot be reached"):
+        load_model("someone/not-a-model-xyz", device="cpu")
+    assert time.perf_counter() - t0 < 20
