@@ -7,7 +7,7 @@ The aligned model (a base model + its LoRA adapter) keeps training its OWN LoRA,
 p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
 
 --adapter takes a `booster-fast align` (or attack) run directory, whose run_config.json names the base model and
-the settings, one of an align run's checkpoints (`RUN/checkpoints/step-N`: the run's run_config.json applies), or
+the settings, one of an align run's checkpoints (`RUN/checkpoints/step-000020`: the run's run_config.json applies), or
 any peft LoRA adapter directory (`save_pretrained` of BoosterTrainer, the original code's output): the base is
 then adapter_config.json's `base_model_name_or_path`, and the rest takes the defaults below (max length 256,
 quant none, seed 43, a random-weight preset base built with load_model's default seed 0; harmful data builtin
@@ -22,9 +22,10 @@ the alignment prompts, where the test split's combinations are its own). `--harm
 alignment's own rows instead (what this command did before). A local file has no attack split and is used
 whole, which the log and run_config.json say (`harmful_split`, `harmful_rows`, `harmful_disjoint_from_alignment`).
 
-Every `--eval-every` steps (and before the first step) the token-mean loss of the HELD-OUT harmful set (the
-safety data's test split: prompts never seen in training, with harmful answers; a local file has no test split
-and is used whole, which the log and `heldout_is_train` in run_config.json say) is written to metrics.jsonl:
+Every `--eval-every` steps (and before the first step and after the last) the token-mean loss of the HELD-OUT
+harmful set (the safety data's test split: prompts never seen in training, with harmful answers; a local file has
+no test split and is used whole, which the log and `heldout_is_train` in run_config.json say) is written to
+metrics.jsonl:
 the curve the paper's claim is about ("Booster slows the drop of the harmful loss under attack"). The output
 is a run directory like align's: adapter, tokenizer, run_config.json, metrics.jsonl, written under a temporary
 name and renamed when complete (an interrupted or failed attack leaves nothing). An update whose loss or gradient

@@ -12,10 +12,10 @@ We report the median and the 20th/80th percentiles. Every model stays resident; 
 weights (identical by construction, checked) are one shared copy, so four entries of a 7B bf16 model hold one
 13 GB base instead of four; NF4 ones share their packed weights and quantisation statistics too.
 
-Entries: reference; fast (follows --merge-passes and --graphs, default auto); fast-merged / fast-unmerged
-(merge pinned, eager); fast-graphs (graphs='on', CUDA only: recorded as skipped, with the reason, when there is
-no CUDA device or the step is not captured); sft (the reference engine's plain SFT step: torch AdamW and
-clipping as the HF Trainer does them; the baseline of ratio_to_sft). Entries that use CUDA graphs get extra
+Entries: reference; fast (follows --merge-passes, --packing, --fused-ops and --graphs, default auto); fast-merged /
+fast-unmerged (merge pinned, eager); fast-graphs (graphs='on', CUDA only: recorded as skipped, with the reason,
+when there is no CUDA device or the step is not captured); sft (the reference engine's plain SFT step: torch AdamW
+and clipping as the HF Trainer does them; the baseline of ratio_to_sft). Entries that use CUDA graphs get extra
 untimed steps until their step is captured, so no capture lands in the timing; `cuda_graphs` says which replay.
 Each entry gets the batches in the form its engine runs: fast entries as `Booster.to_device` prepares them
 (without the attention mask, or packed without pads when the engine packs: packing.py), the reference and sft

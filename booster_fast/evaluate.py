@@ -9,11 +9,11 @@
   usual jailbreak-evaluation list). It measures "did not refuse", not "was harmful". It is the default on a
   random-weight preset base such as `tiny`, whose answers a 7B judge downloaded for the purpose would only score
   as noise; one log line says which judge was chosen and why, and the JSON records it (`judge.chosen`).
-- Fine-tune accuracy: exact match on the benign task's test split (builtin sentiment 200 rows, SST2 validation
-  872, AGNEWS test / GSM8K test first 1000), by the original's rules: for the classification tasks the whole
-  answer, stripped, must be the label (as written or lower-cased; AGNEWS also takes "sci" for Sci/Tech), so an
-  answer that rambles on after the label does not count; for GSM8K the number after "The final answer is: "
-  (else the last number in the answer), compared as a float.
+- Fine-tune accuracy: exact match on the benign task's test split (builtin sentiment 200 rows, SST2 validation 872,
+  AGNEWS test / GSM8K test first 1000), by the original's rules: for the classification tasks the whole answer,
+  stripped, must be the label (as written, lower-cased or capitalised; AGNEWS also takes "sci" for Sci/Tech), so an
+  answer that rambles on after the label does not count; for GSM8K the number after "The final answer is: " (else
+  the last number in the answer), compared as a float.
 
 --adapter takes an align or attack run directory or any peft LoRA adapter directory; without run_config.json
 the base model is adapter_config.json's `base_model_name_or_path` (or `--base-model`, which overrides either),

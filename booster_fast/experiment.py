@@ -1,12 +1,12 @@
 """`booster-fast experiment defense`: does Booster alignment resist the harmful fine-tuning attack better than SFT?
 
-For each seed: align the same base model on the same data for the same number of steps twice — plain SFT and
-Booster —, attack both identically (same benign + harmful mix, same order, same steps), and evaluate both before
-and after the attack. Every stage is the command line's own (`booster-fast align / attack / eval`, called in
-process through `cli.main`), so the experiment exercises exactly what a user runs. It writes one JSON document
-(settings, machine, per-seed curves and scores, runtimes) and a PNG: the held-out harmful loss against the
-attack step for both methods (the paper's claim: Booster slows its drop), and the post-attack harmful score and
-task accuracy per seed.
+For each seed: align the same base model on the same data for the same number of steps once per `--methods` entry
+(default plain SFT and Booster; Booster + Vaccine on request), attack each identically (same benign + harmful mix,
+same order, same steps), and evaluate each before and after the attack. Every stage is the command line's own
+(`booster-fast align / attack / eval`, called in process through `cli.main`), so the experiment exercises exactly
+what a user runs. It writes one JSON document (settings, machine, per-seed curves and scores, runtimes) and a PNG:
+the held-out harmful loss against the attack step for both methods (the paper's claim: Booster slows its drop), and
+the post-attack harmful score and task accuracy per seed.
 
 Presets:
 - `tiny` (default; offline, CPU, minutes): the embedded random-initialised tiny Llama. With the paper's LoRA
