@@ -287,11 +287,12 @@ def load_data(args):
     """Parse the data files (no tokenizer needed): bad data fails before a model is loaded."""
     from .data import load_safety_data
 
-    sets = load_safety_data(args.data, "train", harmful_data=args.harmful_data)
+    sft = getattr(args, "method", "booster") == "sft"  # SFT never draws a harmful batch
+    sets = load_safety_data(args.data, "train", harmful_data=args.harmful_data, need_harmful=not sft)
     kept = []
     for flag, rows in zip(("align_samples", "harmful_samples"), sets):  # the original's sample_num and
         n = getattr(args, flag, None)                                    # bad_sample_num: the first N rows
-        if n is not None and not 1 <= n <= len(rows):
+        if n is not None and not (sft and flag == "harmful_samples") and not 1 <= n <= len(rows):
             source = (f"--harmful-data {args.harmful_data}" if flag == "harmful_samples" and args.harmful_data
                       else f"--data {args.data}")
             raise UsageError(f"--{flag.replace('_', '-')} must be between 1 and the {len(rows)} rows of {source}, "
@@ -301,19 +302,23 @@ def load_data(args):
 
 
 def build_streams(args, tok, rank, world, data=None):
+    """(alignment stream, harmful stream; None for --method sft, which never draws a harmful batch)."""
     from .data import BatchStream, check_max_length, encode_all
 
     check_max_length(tok, args.max_length)
     align, harmful = load_data(args) if data is None else data
+    sft = getattr(args, "method", "booster") == "sft"
     enc_a, trunc_a = encode_all(tok, align, args.max_length)
-    enc_h, trunc_h = encode_all(tok, harmful, args.max_length)
-    for flag, size, rows, what in (("--batch-size", args.batch_size, enc_a, "alignment"),
-                                   ("--harmful-batch-size", args.harmful_batch_size, enc_h, "harmful")):
+    enc_h, trunc_h = ([], 0) if sft else encode_all(tok, harmful, args.max_length)
+    checks = [("--batch-size", args.batch_size, enc_a, "alignment")]
+    checks += [] if sft else [("--harmful-batch-size", args.harmful_batch_size, enc_h, "harmful")]
+    for flag, size, rows, what in checks:
         if size * world > len(rows):
             each = f" on each of {world} processes" if world > 1 else ""
             raise UsageError(f"{flag} {size}{each} needs more than the {len(rows)} {what} rows")
     sa = BatchStream(enc_a, args.batch_size, args.max_length, tok.pad_token_id, args.seed, rank, world)
-    sh = BatchStream(enc_h, args.harmful_batch_size, args.max_length, tok.pad_token_id, args.seed + 1, rank, world)
+    sh = None if sft else BatchStream(enc_h, args.harmful_batch_size, args.max_length, tok.pad_token_id,
+                                      args.seed + 1, rank, world)
     if (trunc_a or trunc_h) and rank == 0:  # logged once the streams exist: a failed check prints one line only
         log.info("truncated to --max-length %d: %d alignment and %d harmful rows", args.max_length, trunc_a, trunc_h)
     return sa, sh
@@ -387,7 +392,8 @@ def run_align(args) -> int:
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     torch.manual_seed(args.seed)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=targets)
-    streams = dict(zip(("align", "harmful"), build_streams(args, tok, rank, world, data)))
+    streams = {k: s for k, s in zip(("align", "harmful"), build_streams(args, tok, rank, world, data))
+               if s is not None}
     if args.steps is None and args.epochs is None:  # resolved here and saved so, for --resume
         # a demo on the built-in models; the paper's 20 epochs on a real one (a run saved with neither flag
         # came from an older version, whose default was 20 steps)

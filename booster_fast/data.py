@@ -429,8 +429,8 @@ def _examples(rows: list[dict]) -> list[Example]:
     return [Example(r["instruction"], r["input"], r["output"]) for r in rows]
 
 
-def load_safety_data(data: str, split: str = "train",
-                     harmful_data: str | None = None) -> tuple[list[Example], list[Example]]:
+def load_safety_data(data: str, split: str = "train", harmful_data: str | None = None,
+                     need_harmful: bool = True) -> tuple[list[Example], list[Example]]:
     """(alignment examples: harmful prompt -> refusal, harmful examples: harmful prompt -> harmful answer).
 
     data: "builtin" (generated corpus, 2000 train / 200 test pairs over shared prompts), "beavertails" (the
@@ -439,6 +439,8 @@ def load_safety_data(data: str, split: str = "train",
     `harmful_data`, a file of the same kind, gives the harmful set). A file is used whole: `split` only
     selects among the built-in and hub sets. split "attack": rows kept apart from train and test for the
     fine-tuning attack (built-in: 2000 pairs whose prompts are in neither; BeaverTails: rows 1..4999).
+    need_harmful=False (plain SFT): an instruction/input/output file needs no harmful file; the harmful set is
+    then empty.
     """
     _check_split(split, SAFETY_SPLITS)
     if data == "builtin":
@@ -463,6 +465,8 @@ def load_safety_data(data: str, split: str = "train",
             align, harmful = _pairs(rows)
         else:
             align = _instructions(rows)
+            if harmful_data is None and not need_harmful:
+                return align, []
             if harmful_data is None:
                 raise DataError(f"{data} has instruction/input/output rows (the alignment set only); "
                                 f"pass --harmful-data <.json/.jsonl file of harmful instruction/input/output rows>")

@@ -379,6 +379,24 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path, monkeypatch, capsys):
     assert "pairs.json changed since the run started" in one_error_line(capsys.readouterr().err)
 
 
+def test_sft_needs_no_harmful_data_and_resumes(tmp_path, capsys):
+    """--method sft never draws a harmful batch: an instruction file aligns without --harmful-data (Booster still
+    asks for it, in one line), and its checkpoints, which hold the alignment stream alone, resume."""
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(8)]
+    data = tmp_path / "ins.json"
+    data.write_text(json.dumps(rows))
+    capsys.readouterr()
+    assert main(["align", "--output", str(tmp_path / "b"), "--data", str(data), "--steps", "1", *SMALL]) == 2
+    assert "--harmful-data" in one_error_line(capsys.readouterr().err)
+    run = tmp_path / "sft"
+    assert main(["align", "--output", str(run), "--method", "sft", "--data", str(data), "--steps", "2", *SMALL,
+                 "--save-every", "1"]) == 0
+    (run / MARKER).write_text("")  # pretend it was interrupted after step 2
+    shutil.rmtree(run / "checkpoints" / "step-000002")
+    assert main(["align", "--resume", str(run)]) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
 # ---- atomic writes (every JSON, PNG and cache file the commands write) ---------------------------------------
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     from booster_fast.atomic import write_atomic, write_json_atomic
