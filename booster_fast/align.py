@@ -430,14 +430,13 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
 
     from .checkpoint import METRICS as METRICS_FILE
     from .atomic import fsync_file
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import load_newest, save_checkpoint
 
     # ---- resume: newest checkpoint, metrics cut back to it ---------------------------------------------------
     start, skipped_total, metrics_bytes, last_ckpt, in_a_row = 0, 0, 0, None, 0
     if args.resume:
-        ckpt = latest_checkpoint(args.output)
+        state, ckpt = load_newest(args.output, model, booster, streams, set_aside=rank == 0)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, model, booster, streams)
             start, skipped_total, metrics_bytes, last_ckpt = (state["step"], state["skipped"],
                                                               state["metrics_bytes"], ckpt)
         if rank == 0:

@@ -121,9 +121,28 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    found = list_checkpoints(run)
-    return found[-1][1] if found else None
+def load_newest(run: Path, model, booster, streams: dict, set_aside: bool = True) -> tuple[dict | None, Path | None]:
+    """(trainer_state, path) of the newest checkpoint that loads, or (None, None) when the run has none. A newer
+    one that does not load (a disk fault, a hand edit: checkpoints are written atomically) is skipped with one
+    warning and, once an older one has loaded, renamed `step-N.unreadable` (kept for inspection) so that the
+    run can write step N again; `set_aside` False leaves that to another process (rank 0). When none loads, the
+    newest one's error is raised and nothing is renamed."""
+    unreadable, first_error = [], None
+    for _, path in reversed(list_checkpoints(run)):
+        try:
+            state = load_checkpoint(path, model, booster, streams)
+        except CheckpointError as e:
+            first_error = first_error or e
+            unreadable.append(path)
+            log.warning("%s; trying the checkpoint before it", e)
+            continue
+        for bad in unreadable if set_aside else ():
+            bad.rename(bad.with_name(bad.name + ".unreadable"))
+            log.warning("resuming from %s; the unreadable %s is kept as %s.unreadable", path.name, bad.name, bad.name)
+        return state, path
+    if first_error is not None:
+        raise first_error
+    return None, None
 
 
 def remove_partial(run: Path):

@@ -327,7 +327,8 @@ def test_training_state_is_loaded_without_pickled_code(tmp_path, capsys):
     """A checkpoint whose optimizer.pt carries a pickled callable is refused (weights_only=True): one line,
     exit 2, and the callable never runs."""
     run = tmp_path / "run"
-    assert main(["align", "--output", str(run), "--steps", "2", *SMALL, "--save-every", "1"]) == 0
+    assert main(["align", "--output", str(run), "--steps", "2", *SMALL, "--save-every", "1",
+                 "--keep-checkpoints", "1"]) == 0  # one checkpoint: no older one to fall back to
     (run / MARKER).write_text("")                   # pretend it was interrupted after step 2
     touched = tmp_path / "pwned"
 
@@ -343,10 +344,12 @@ def test_training_state_is_loaded_without_pickled_code(tmp_path, capsys):
 
 
 def test_a_truncated_checkpoint_fails_the_resume_in_one_line_and_changes_nothing(tmp_path, capsys):
-    """A truncated optimizer.pt: one line naming the file (it was wrapped twice and cut mid-sentence), and the
-    failed resume leaves run_config.json as it was (a changed --log-every was written before the load)."""
+    """A truncated optimizer.pt in the only checkpoint: one line naming the file (it was wrapped twice and cut
+    mid-sentence), and the failed resume leaves run_config.json as it was (a changed --log-every was written
+    before the load)."""
     run = tmp_path / "run"
-    assert main(["align", "--output", str(run), "--steps", "2", *SMALL, "--save-every", "1"]) == 0
+    assert main(["align", "--output", str(run), "--steps", "2", *SMALL, "--save-every", "1",
+                 "--keep-checkpoints", "1"]) == 0
     (run / MARKER).write_text("")
     opt = run / "checkpoints" / "step-000002" / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:100])
@@ -356,6 +359,26 @@ def test_a_truncated_checkpoint_fails_the_resume_in_one_line_and_changes_nothing
     line = one_error_line(capsys.readouterr().err)
     assert "optimizer.pt is not a plain tensor checkpoint" in line and line.count("cannot resume") == 1, line
     assert (run / "run_config.json").read_bytes() == config
+
+
+def test_resume_falls_back_past_an_unreadable_checkpoint(tmp_path, caplog):
+    """The newest checkpoint unreadable (a disk fault): the run resumes from the one before it, with a warning,
+    keeps the bad one aside as step-N.unreadable, writes step N again, and ends as an uninterrupted run does,
+    bit for bit."""
+    flags = ["--steps", "4", *SMALL, "--save-every", "1", "--keep-checkpoints", "3"]
+    assert main(["align", "--output", str(tmp_path / "whole"), *flags]) == 0
+    run = tmp_path / "run"
+    assert main(["align", "--output", str(run), *flags]) == 0
+    (run / MARKER).write_text("")  # as if killed after checkpoint 4, and before it step 3's
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    (run / "checkpoints" / "step-000003" / "rng.pt").write_bytes(b"garbage")
+    assert main(["align", "--resume", str(run)]) == 0
+    assert "trying the checkpoint before it" in caplog.text
+    assert (run / "checkpoints" / "step-000003.unreadable").is_dir()
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3, 4]
+    wa, wb = (load_file(str(r / "adapter_model.safetensors")) for r in (tmp_path / "whole", run))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert without_time(read_metrics(run)) == without_time(read_metrics(tmp_path / "whole"))
 
 
 def test_resume_refuses_a_data_file_that_changed(tmp_path, monkeypatch, capsys):
