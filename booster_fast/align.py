@@ -439,6 +439,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         if ckpt is not None:
             start, skipped_total, metrics_bytes, last_ckpt = (state["step"], state["skipped"],
                                                               state["metrics_bytes"], ckpt)
+            in_a_row = state.get("skipped_in_a_row", 0)  # (absent from checkpoints of older versions)
         if rank == 0:
             run.record_changes(args.resume_changes)
     metrics_file = None
@@ -509,8 +510,9 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             metrics_file.flush()
             fsync_file(run.path / METRICS_FILE)
             last_ckpt = save_checkpoint(run.path, step, model, booster, streams,
-                                        {"skipped": skipped_total, "metrics_bytes": metrics_file.tell(),
-                                         "steps": steps}, args.keep_checkpoints)
+                                        {"skipped": skipped_total, "skipped_in_a_row": in_a_row,
+                                         "metrics_bytes": metrics_file.tell(), "steps": steps},
+                                        args.keep_checkpoints)
             run.commit()
         saved_at = step
         if world > 1:

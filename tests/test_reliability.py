@@ -532,6 +532,23 @@ def test_a_run_that_diverged_after_finite_steps_exits_3(tmp_path, poison, capsys
     assert main(["align", "--output", str(tmp_path / "ok"), "--steps", "21", *SMALL, "--log-every", "7"]) == 0
 
 
+def test_a_streak_of_skipped_updates_continues_across_a_resume(tmp_path, poison, capsys):
+    """The count of updates skipped in a row is part of a checkpoint: 6 before an interruption and 4 after it
+    are 10 in a row, as in an uninterrupted run."""
+    poison(set(range(3, 100)))
+    run = tmp_path / "run"
+    flags = [*SMALL, "--save-every", "8", "--log-every", "8"]
+    assert main(["align", "--output", str(run), "--steps", "8", *flags]) == 0  # 6 skipped (3-8): under 10
+    (run / MARKER).write_text("")
+    config = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**config, "steps": 30}))  # as if the run were longer
+    poison({1, 2})  # the resumed process's updates (counted from 1 again) are all skipped
+    capsys.readouterr()
+    assert main(["align", "--resume", str(run), "--log-every", "1"]) == 3
+    line = one_error_line(capsys.readouterr().err, progress=True)
+    assert "10 updates skipped by step 12" in line and "the last 10 in a row" in line, line
+
+
 def test_a_first_update_skipped_alone_does_not_stop_the_run(tmp_path, poison):
     poison({1})
     assert main(["align", "--output", str(tmp_path / "ok"), "--steps", "3", *SMALL, "--log-every", "1"]) == 0
