@@ -13,7 +13,8 @@ stacked and copied to the host once every `--log-every` steps (the one labelled 
 checkpoint also reads them). Non-finite updates are skipped on the device by the fast engine; the count
 reaches the host with the metrics, and more than `--max-skipped` of them, or 10 in a row (a diverged run: the
 step that diverges may itself be finite, every later one is not), end the run with exit code 3, keeping its
-checkpoints (the error says when the last one was saved within the streak). Under torchrun every rank trains on its own shard and rank 0 alone writes.
+checkpoints (the error says when the last one was saved within the streak). Under torchrun every rank trains on
+its own shard and rank 0 alone writes.
 """
 from __future__ import annotations
 

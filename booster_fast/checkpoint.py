@@ -121,7 +121,8 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_newest(run: Path, model, booster, streams: dict, set_aside: bool = True) -> tuple[dict | None, Path | None]:
+def load_newest(run: Path, model, booster, streams: dict,
+                set_aside: bool = True) -> tuple[dict | None, Path | None]:
     """(trainer_state, path) of the newest checkpoint that loads, or (None, None) when the run has none. A newer
     one that does not load (a disk fault, a hand edit: checkpoints are written atomically) is skipped with one
     warning and, once an older one has loaded, renamed `step-N.unreadable` (kept for inspection) so that the
@@ -137,8 +138,11 @@ def load_newest(run: Path, model, booster, streams: dict, set_aside: bool = True
             log.warning("%s; trying the checkpoint before it", e)
             continue
         for bad in unreadable if set_aside else ():
-            bad.rename(bad.with_name(bad.name + ".unreadable"))
-            log.warning("resuming from %s; the unreadable %s is kept as %s.unreadable", path.name, bad.name, bad.name)
+            kept, n = bad.with_name(f"{bad.name}.unreadable"), 1
+            while kept.exists():  # the same step was set aside before
+                kept, n = bad.with_name(f"{bad.name}.unreadable-{n}"), n + 1
+            bad.rename(kept)
+            log.warning("resuming from %s; the unreadable %s is kept as %s", path.name, bad.name, kept.name)
         return state, path
     if first_error is not None:
         raise first_error
