@@ -379,6 +379,13 @@ def test_resume_falls_back_past_an_unreadable_checkpoint(tmp_path, caplog):
     wa, wb = (load_file(str(r / "adapter_model.safetensors")) for r in (tmp_path / "whole", run))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert without_time(read_metrics(run)) == without_time(read_metrics(tmp_path / "whole"))
+    # the same step unreadable once more: set aside under a name of its own
+    (run / MARKER).write_text("")
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    (run / "checkpoints" / "step-000003" / "rng.pt").write_bytes(b"garbage")
+    assert main(["align", "--resume", str(run)]) == 0
+    assert (run / "checkpoints" / "step-000003.unreadable-1").is_dir()
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3, 4]
 
 
 def test_resume_refuses_a_data_file_that_changed(tmp_path, monkeypatch, capsys):
