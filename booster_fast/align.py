@@ -51,17 +51,29 @@ RESUME_IGNORED = ("command", "output", "overwrite", "resume")
 
 
 class NonFiniteAbort(RuntimeError):
-    """Too many updates were skipped as non-finite (exit code 3; see too_many_skipped)."""
+    """Too many updates were skipped as non-finite (exit code 3; see SkipTally.too_many)."""
 
 
-def too_many_skipped(total: int, in_a_row: int, steps: int, max_skipped: int) -> str | None:
-    """Why a run must stop for its updates skipped as non-finite, or None: more than `max_skipped` in all, or
-    SKIPPED_IN_A_ROW in a row (all of a shorter run)."""
-    if total > max_skipped:
-        return f"more than --max-skipped {max_skipped}"
-    if in_a_row >= min(SKIPPED_IN_A_ROW, steps):
-        return f"the last {in_a_row} in a row"
-    return None
+class SkipTally:
+    """The updates skipped as non-finite so far (align and attack): in all, and in a row up to the last one."""
+
+    def __init__(self, total: int = 0, in_a_row: int = 0):
+        self.total, self.in_a_row = total, in_a_row
+
+    def add(self, flags):
+        """Count the skip flags (1.0 skipped, 0.0 applied) of the updates since the last call, in order."""
+        for flag in map(round, flags):
+            self.total += flag
+            self.in_a_row = self.in_a_row + 1 if flag else 0
+
+    def too_many(self, steps: int, max_skipped: int) -> str | None:
+        """Why the run must stop, or None: more than `max_skipped` in all, or SKIPPED_IN_A_ROW in a row (all of a
+        shorter run)."""
+        if self.total > max_skipped:
+            return f"more than --max-skipped {max_skipped}"
+        if self.in_a_row >= min(SKIPPED_IN_A_ROW, steps):
+            return f"the last {self.in_a_row} in a row"
+        return None
 
 
 def config_from_args(args, impl: str) -> BoosterConfig:
@@ -434,13 +446,13 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
     from .checkpoint import load_newest, save_checkpoint
 
     # ---- resume: newest checkpoint, metrics cut back to it ---------------------------------------------------
-    start, skipped_total, metrics_bytes, last_ckpt, in_a_row = 0, 0, 0, None, 0
+    start, metrics_bytes, last_ckpt, skips = 0, 0, None, SkipTally()
     if args.resume:
         state, ckpt = load_newest(args.output, model, booster, streams, set_aside=rank == 0)
         if ckpt is not None:
-            start, skipped_total, metrics_bytes, last_ckpt = (state["step"], state["skipped"],
-                                                              state["metrics_bytes"], ckpt)
-            in_a_row = state.get("skipped_in_a_row", 0)  # (absent from checkpoints of older versions)
+            start, metrics_bytes, last_ckpt = state["step"], state["metrics_bytes"], ckpt
+            # (the streak is absent from checkpoints of older versions)
+            skips = SkipTally(state["skipped"], state.get("skipped_in_a_row", 0))
         if rank == 0:
             run.record_changes(args.resume_changes)
     metrics_file = None
@@ -467,7 +479,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
 
     def flush(step):
         """Bring the pending metrics to the host (the loop's one sync), write them, check --max-skipped."""
-        nonlocal pending, t_last, skipped_total, in_a_row
+        nonlocal pending, t_last
         if not pending:
             return
         values = torch.stack(pending).tolist()  # .tolist() is a host sync: once per log interval / checkpoint
@@ -478,9 +490,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             rec = {"step": step - len(values) + 1 + i, **dict(zip(names, row)), "step_time_s": dt}
             lines.append(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                      for k, v in rec.items()}) + "\n")
-        skipped_total += sum(round(row[SKIPPED]) for row in values)
-        for row in values:
-            in_a_row = in_a_row + 1 if row[SKIPPED] else 0
+        skips.add(row[SKIPPED] for row in values)
         if metrics_file:
             metrics_file.write("".join(lines).encode())
             metrics_file.flush()  # readable as it grows (fsynced only at checkpoints)
@@ -489,19 +499,20 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         if args.method != "sft":  # SFT has no harmful pass: its harmful metrics are NaN
             post.update(h=f"{last['harmful_loss']:.3f}", gnorm=f"{last['harmful_grad_norm']:.2f}")
         post["it_s"] = f"{1 / dt:.2f}"
-        if skipped_total:
-            post["skipped"] = skipped_total
+        if skips.total:
+            post["skipped"] = skips.total
         bar.set_postfix(**post)
         bar.update(len(values))
         pending, t_last = [], now
-        why = max_skipped is not None and too_many_skipped(skipped_total, in_a_row, steps, max_skipped)
+        why = max_skipped is not None and skips.too_many(steps, max_skipped)
         if why:
             where = (f"the last checkpoint is {last_ckpt}" if last_ckpt
                      else "no checkpoint had been written, so nothing was kept")
-            if last_ckpt and in_a_row and saved_at >= step - in_a_row:  # the diverging update may be finite
-                where += (f" (saved within the last {in_a_row} skipped updates or at the one before them: its "
+            streak = skips.in_a_row
+            if last_ckpt and streak and saved_at >= step - streak:  # the diverging update may be finite
+                where += (f" (saved within the last {streak} skipped updates or at the one before them: its "
                           f"weights may have diverged already; --keep-checkpoints keeps older ones)")
-            raise NonFiniteAbort(f"{skipped_total} updates skipped by step {step} because the loss or gradient was "
+            raise NonFiniteAbort(f"{skips.total} updates skipped by step {step} because the loss or gradient was "
                                  f"NaN/inf, {why}; {where}")
 
     def checkpoint(step):
@@ -511,7 +522,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             metrics_file.flush()
             fsync_file(run.path / METRICS_FILE)
             last_ckpt = save_checkpoint(run.path, step, model, booster, streams,
-                                        {"skipped": skipped_total, "skipped_in_a_row": in_a_row,
+                                        {"skipped": skips.total, "skipped_in_a_row": skips.in_a_row,
                                          "metrics_bytes": metrics_file.tell(), "steps": steps},
                                         args.keep_checkpoints)
             run.commit()
@@ -553,7 +564,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             metrics_file.close()
             run.finish(model, tok)
             log.info("saved adapter and metrics to %s%s", args.output,
-                     f" ({skipped_total} non-finite updates skipped)" if skipped_total else "")
+                     f" ({skips.total} non-finite updates skipped)" if skips.total else "")
         return 0
     finally:
         bar.close()

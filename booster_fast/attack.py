@@ -438,7 +438,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     from tqdm.auto import tqdm
 
     from . import Booster, BoosterConfig
-    from .align import DEFAULT_MAX_SKIPPED, NonFiniteAbort, too_many_skipped
+    from .align import DEFAULT_MAX_SKIPPED, NonFiniteAbort, SkipTally
     from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_safety_data
     from .models import check_positions
 
@@ -494,24 +494,20 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                  "loss over %d rows every %d steps", args.adapter, device, steps, args.batch_size, n_harm,
                  args.samples, args.lr, len(test_enc), args.eval_every)
         max_skipped = DEFAULT_MAX_SKIPPED if args.max_skipped is None else args.max_skipped
-        skipped_total = in_a_row = 0
+        skips = SkipTally()
         with open(tmp / "metrics.jsonl", "w") as metrics:
             def record(step, pending, t_last):
                 """Write one metrics line: the held-out harmful loss now and the mean training loss, step time
                 and skipped updates since the last one; stop (exit 3) past --max-skipped."""
-                nonlocal skipped_total, in_a_row
                 # .tolist() is a host sync, once per eval interval: the step time is taken after it
                 trained = torch.stack(pending).tolist() if pending else []
                 dt = (time.perf_counter() - t_last) / len(trained) if trained else None
                 h = heldout_loss(model, test_batches, device).item()
                 losses = [loss for loss, skip in trained if not skip]
-                skipped = sum(round(skip) for _, skip in trained)
-                skipped_total += skipped
-                for _, skip in trained:
-                    in_a_row = in_a_row + 1 if skip else 0
                 rec = {"step": step, "harmful_loss": h,
                        "train_loss": sum(losses) / len(losses) if losses else None, "step_time_s": dt,
-                       "skipped": skipped}
+                       "skipped": sum(round(skip) for _, skip in trained)}
+                skips.add(skip for _, skip in trained)
                 if probe:  # keyword proxy of the harmful score along the attack (greedy answers, no refusal phrase)
                     from .evaluate import RefusalJudge, generate
 
@@ -520,9 +516,9 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                     rec["keyword_harmful_score"] = 100.0 * sum(flags) / len(flags)
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
-                why = too_many_skipped(skipped_total, in_a_row, steps, max_skipped)
+                why = skips.too_many(steps, max_skipped)
                 if why:
-                    raise NonFiniteAbort(f"{skipped_total} attack updates skipped by step {step} because the loss "
+                    raise NonFiniteAbort(f"{skips.total} attack updates skipped by step {step} because the loss "
                                          f"or gradient was NaN/inf ({why}; a smaller --lr?); nothing was saved")
                 return rec
 
@@ -536,7 +532,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                         rec = record(step, pending, t_last)
                         train = "-" if rec["train_loss"] is None else f"{rec['train_loss']:.3f}"
                         bar.set_postfix(train=train, harmful=f"{rec['harmful_loss']:.3f}",
-                                        **({"skipped": skipped_total} if skipped_total else {}))
+                                        **({"skipped": skips.total} if skips.total else {}))
                         bar.update(len(pending))
                         pending, t_last = [], time.perf_counter()
         model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
@@ -545,9 +541,9 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
         ok = True
         log.info("saved the attacked adapter and metrics to %s (held-out harmful loss %.4f at step %d)",
                  out, rec["harmful_loss"], steps)
-        if skipped_total:
+        if skips.total:
             log.warning("attack: %d of %d updates were skipped as non-finite (metrics.jsonl: skipped); a smaller "
-                        "--lr?", skipped_total, steps)
+                        "--lr?", skips.total, steps)
         return 0
     finally:
         if not ok:
