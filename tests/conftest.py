@@ -17,6 +17,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session")
+def aligned(tmp_path_factory):
+    """A 2-step align run of the tiny model (max length 64, batch 2) with a checkpoint at step 2, for the attack
+    tests to start from; read-only (each test writes its own outputs elsewhere)."""
+    from booster_fast.cli import main
+
+    out = tmp_path_factory.mktemp("aligned") / "aligned"
+    assert main(["align", "--output", str(out), "--steps", "2", "--save-every", "2", "--max-length", "64",
+                 "--batch-size", "2"]) == 0
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -20,15 +20,6 @@ from booster_fast.cli import main
 SMALL = ["--samples", "20", "--batch-size", "4", "--eval-rows", "8"]
 
 
-@pytest.fixture(scope="module")
-def aligned(tmp_path_factory):
-    """A 2-step align run with a checkpoint at step 2 (the final adapter holds the same weights)."""
-    out = tmp_path_factory.mktemp("atk") / "aligned"
-    assert main(["align", "--output", str(out), "--steps", "2", "--save-every", "2", "--max-length", "64",
-                 "--batch-size", "2"]) == 0
-    return out
-
-
 def leftovers(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if ".tmp-" in p.name)
 

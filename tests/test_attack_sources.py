@@ -252,14 +252,6 @@ def test_beavertails_attack_rows_are_the_originals(monkeypatch):
     assert src[0] == "attack" and src[2] is True and "rows 1-4999" in src[1]
 
 
-@pytest.fixture(scope="module")
-def aligned(tmp_path_factory):
-    out = tmp_path_factory.mktemp("src") / "aligned"
-    assert main(["align", "--output", str(out), "--steps", "1", "--save-every", "0", "--max-length", "64",
-                 "--batch-size", "2"]) == 0
-    return out
-
-
 def test_harmful_split_train_restores_the_alignment_rows(aligned, tmp_path, monkeypatch):
     pools = []
     real_mix = attack.poison_mix
