@@ -34,7 +34,7 @@ import torch
 from .atomic import existing_folder
 from .cli import UsageError
 from .config import BoosterConfig
-from .models import PRESETS as MODEL_PRESETS, absolute_model_dir
+from .models import PRESETS as MODEL_PRESETS, absolute_local_path
 
 log = logging.getLogger("booster_fast")
 METRICS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "skipped")
@@ -214,11 +214,9 @@ def apply_resume(args):
     if args.output != defaults["output"] and Path(args.output).absolute() != run.absolute():
         raise UsageError(f"--resume {args.resume} and --output {args.output} name different runs")
     conflicts, changed = [], {}
-    if isinstance(saved.get("model"), str):  # a run recorded before model directories were absolute
-        saved["model"] = absolute_model_dir(saved["model"])
-    for key in ("data", "harmful_data"):  # ... and before data files were
-        if isinstance(saved.get(key), str) and os.path.isfile(saved[key]):
-            saved[key] = os.path.abspath(saved[key])
+    for key in ("model", "data", "harmful_data"):  # a run recorded before local paths were absolute
+        if isinstance(saved.get(key), str):
+            saved[key] = absolute_local_path(saved[key])
     for key, value in vars(args).items():
         if key in RESUME_IGNORED or (key not in saved and key not in defaults):
             continue

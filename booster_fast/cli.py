@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -201,16 +200,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("booster_fast").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-    from .models import absolute_model_dir
+    from .models import absolute_local_path
 
     for flag in ("model", "base_model"):  # a local model directory is recorded absolute
         if getattr(args, flag, None):
-            setattr(args, flag, absolute_model_dir(getattr(args, flag)))
+            setattr(args, flag, absolute_local_path(getattr(args, flag)))
     if args.command == "align":  # so are local data files: a resume may start in another directory
         for flag in ("data", "harmful_data"):
-            path = getattr(args, flag, None)
-            if path and os.path.isfile(os.path.expanduser(path)):
-                setattr(args, flag, os.path.abspath(os.path.expanduser(path)))
+            if getattr(args, flag, None):
+                setattr(args, flag, absolute_local_path(getattr(args, flag)))
     if args.command in ("attack", "eval", "experiment"):  # own defaults; one-line errors, exit 2
         from . import attack, evaluate, experiment
         return {"attack": attack, "eval": evaluate, "experiment": experiment}[args.command].main(args)

@@ -69,10 +69,11 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
     return _load_pretrained(name, quant, dtype or torch.bfloat16, device, trust_remote_code)
 
 
-def absolute_model_dir(name: str) -> str:
-    """A relative local model directory as an absolute path (what run_config.json and an adapter record, so that
-    the run loads from any working directory); presets, HF ids and absolute paths as they are."""
-    if name in PRESETS or os.path.isabs(name) or not os.path.isdir(os.path.expanduser(name)):
+def absolute_local_path(name: str) -> str:
+    """A relative local model directory or data file as an absolute path (what run_config.json and an adapter
+    record, so that the run loads from any working directory); presets, HF ids, data set names and absolute
+    paths as they are."""
+    if name in PRESETS or os.path.isabs(name) or not os.path.exists(os.path.expanduser(name)):
         return name
     return os.path.abspath(os.path.expanduser(name))
 
