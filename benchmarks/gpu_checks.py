@@ -174,7 +174,6 @@ def _profile_one(args, impl, graphs, gen):
 def cmd_profile(args):
     """Reference vs fast+graphs under torch.profiler (see _profile_one). `--device cpu` is a smoke test of this
     code: CPU op rows and CPU time, graphs off."""
-    gen = torch.Generator().manual_seed(0)
     docs, tables = {}, []
     if args.device == "cuda":  # the profiler sees the kernels of CUDA graphs captured before it first ran only
         # after this call (PyTorch PR 100441); a private helper, so its absence is tolerated
@@ -184,7 +183,8 @@ def cmd_profile(args):
     for impl, graphs in (("reference", "off"), ("fast", "on" if args.device == "cuda" else "off")):
         label = f"{impl}{'+graphs' if graphs == 'on' else ''}"
         try:
-            docs[label], table = _profile_one(args, impl, graphs, gen)
+            # a generator seeded alike for each: both profile the same pair of batches
+            docs[label], table = _profile_one(args, impl, graphs, torch.Generator().manual_seed(0))
             tables.append(f"## {label} on {args.model} ({args.quant}), {args.steps} steps\n{table}\n")
         except Exception as e:  # noqa: BLE001 - recorded: the other implementation's table still comes back
             docs[label] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}

@@ -98,15 +98,15 @@ bench_part() {  # bench_part NAME SECONDS BENCH-ARGS...: a part running the benc
 
 # the parts in the order of what the targets need most, so that a suite cut short by its deadline still
 # has the headline numbers: (3)+(4) the step benchmark with peak memory, reference / fast eager / fast graphs
-# (/ sft at 1B); fast entries pack their batches and fuse RMSNorm/SwiGLU/RoPE (the defaults): fast-padded shows
-# what packing buys, fast-unfused what the fused model ops buy
+# (/ sft and fast-sft at 1B); fast entries pack their batches and fuse RMSNorm/SwiGLU/RoPE (the defaults):
+# fast-padded shows what packing buys, fast-unfused what the fused model ops buy
 bench_part bench_7b_bf16 95 --model llama-7b-shape --quant none \
   --impls reference,fast,fast-graphs,fast-padded,fast-unfused \
   --steps 4 --warmup 2 --output "$RES/gpu_llama-7b-shape_bf16.json"
 bench_part bench_7b_nf4_ckpt 70 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --gradient-checkpointing --output "$RES/gpu_llama-7b-shape_nf4_ckpt.json"
-bench_part bench_1b_bf16 50 --model llama-1b-shape --quant none \
-  --impls reference,fast,fast-graphs,fast-padded,fast-unfused,sft \
+bench_part bench_1b_bf16 60 --model llama-1b-shape --quant none \
+  --impls reference,fast,fast-graphs,fast-padded,fast-unfused,sft,fast-sft \
   --steps 5 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
 # (1) each kernel's GB/s against a d2d copy (the model ops too)
 part kernel_bandwidth 35 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"

@@ -20,7 +20,8 @@ from pathlib import Path
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("machine", "model", "quant", "impl", "ms/step (median)", "speed-up vs reference", "tokens/s",
-           "peak MB", "launches/step", "host syncs/step", "Booster/SFT", "MFU")
+           "peak MB", "launches/step", "host syncs/step", "Booster/SFT", "MFU", "HFU")
+SFT = ("sft", "fast-sft")  # entries timing the SFT step
 # the bench's defaults: a setting away from them is named in the row's label
 DEFAULTS = {"lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "lr": 5e-4, "weight_decay": 0.1,
             "max_grad_norm": 1.0, "lamb": 5.0, "alpha": 0.1, "grad_accum": 1, "merge_passes": "auto",
@@ -87,6 +88,14 @@ def settings(c: dict) -> list[str]:
     return named
 
 
+def sft_ratio(impl: str, r: dict) -> str:
+    """A Booster entry's step time over the SFT step's, naming the SFT entry when it ran on the other engine (files
+    from before fast-sft existed: all against the reference engine's sft)."""
+    base = r.get("sft_baseline", "sft")
+    cell = _num(r.get("ratio_to_sft"), ".2f", "×")
+    return cell if cell == "—" or (base == "fast-sft") == impl.startswith("fast") else f"{cell} (vs {base})"
+
+
 def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
     out = []
     for name, doc in docs:
@@ -106,7 +115,7 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
                 continue
             if "failed" in r:  # timed, then failed while its memory and ops were measured
                 head[-1] += f" (failed after the timing: {r['failed']})"
-            booster = impl != "sft"  # speed-up and the SFT ratio describe Booster steps
+            booster = impl not in SFT  # speed-up and the SFT ratio describe Booster steps
             out.append(head + [
                 _num(r.get("step_ms"), ".1f"),
                 _num(doc.get("speedup", {}).get(impl) if booster else None, ".2f", "×"),
@@ -114,8 +123,9 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
                 _num(r.get("peak_mem_mb"), ",.0f"),
                 _num(r.get("launches_per_step"), ","),
                 _num(r.get("host_syncs_per_step"), ","),
-                _num(r.get("ratio_to_sft") if booster else None, ".2f", "×"),
+                sft_ratio(impl, r) if booster else "—",
                 _num(r.get("mfu"), ".1%"),
+                _num(r.get("hfu"), ".1%"),
             ])
     return out
 

@@ -131,7 +131,8 @@ def probe_flash(device, dtype, heads: int, kv_heads: int, head_dim: int) -> str 
         exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
         ref = segment_attention(*exact, cu, 27, scale=scale)
         want = (ref, *torch.autograd.grad(ref, exact, grad.float()))
-    worst = max(float(((a.detach().float() - b.detach()).norm() / b.detach().norm())) for a, b in zip(got, want))  # host read, once
+    got, want = [t.detach().float() for t in got], [t.detach() for t in want]
+    worst = max(float((a - b).norm() / b.norm()) for a, b in zip(got, want))  # host read, once
     if not worst <= 2e-2:  # bf16 rounding is ~4e-3 relative
         _flash_failed = f"flash varlen disagrees with the exact path ({worst:.2g} relative)"
         return _flash_failed

@@ -15,8 +15,11 @@ weights (identical by construction, checked) are one shared copy, so four entrie
 Entries: reference; fast (follows --merge-passes, --packing, --fused-ops and --graphs, default auto); fast-merged /
 fast-unmerged (merge pinned, eager); fast-graphs (graphs='on', CUDA only: recorded as skipped, with the reason,
 when there is no CUDA device or the step is not captured); sft (the reference engine's plain SFT step: torch AdamW
-and clipping as the HF Trainer does them; the baseline of ratio_to_sft). Entries that use CUDA graphs get extra
-untimed steps until their step is captured, so no capture lands in the timing; `cuda_graphs` says which replay.
+and clipping as the HF Trainer does them); fast-sft (the fast engine's SFT step, with fast's settings).
+ratio_to_sft is a Booster entry's step time over the SFT step of its own engine (`sft_baseline` names it): fast
+entries against fast-sft, the reference against sft; a fast entry falls back to sft when the run has no fast-sft.
+Entries that use CUDA graphs get extra untimed steps until their step is captured, so no capture lands in the
+timing; `cuda_graphs` says which replay.
 Each entry gets the batches in the form its engine runs: fast entries as `Booster.to_device` prepares them
 (without the attention mask, or packed without pads when the engine packs: packing.py), the reference and sft
 with the mask and padded to the longest row, as the original trainer's collator makes them. fast-padded pins
@@ -25,8 +28,11 @@ to show what they buy.
 
 Tokens. tokens_per_s counts the real (non-pad) tokens of the batches a step consumes: alignment + harmful rows
 for a Booster step (the harmful batch counted once, although the step runs it twice), the alignment rows for
-SFT. mfu (CUDA only) instead counts the positions each entry computes, pads and packing filler included (see
-`model_flops`): a packed entry computes fewer of them for the same tokens.
+SFT. mfu (CUDA only) is model FLOPs utilisation: the FLOPs the method needs (`method_flops`: the real tokens of
+every pass through the body, the labelled positions through the LM head), the same for every Booster entry, over
+step time and the GPU's peak, so mfu ratios are speed ratios. hfu counts instead the positions each entry
+computes (`model_flops`: pads, packing filler and the LM head on unlabelled positions included): how busy the
+entry keeps the GPU, useful work or not.
 
 Peak memory (peak_mem_mb): what one implementation would need alone in a process (bench_measure.py says how
 it is measured on CUDA and on the CPU).
@@ -38,8 +44,10 @@ fast entries also the bookkeeping part (everything outside the model passes). ho
 read a device value back to the host (a sync on a GPU; counted on the CPU too; a non-fused optimizer's step
 counters, which stay on the host, are left out).
 
-The document is written after the timing and again after each entry's memory and op-count pass; `complete` is
-false until the last write, so a run stopped by a time limit leaves a file that says it is partial. An entry
+The document is written before anything is built (an empty one: a run killed while it builds a 7B model must
+not leave an older run's file looking current), after the timing and again after each entry's memory and
+op-count pass; `complete` is false until the last write, so a run stopped by a time limit leaves a file that
+says it is partial. An entry
 that fails keeps what was measured of it before, with `failed` saying where it failed. A CUDA graph capture
 that CUDA invalidated leaves the process's GPU memory suspect: the bench then writes what it has and exits 3
 (benchmarks/gpu_suite.sh reruns such a part without fast-graphs, in a new process).
@@ -59,8 +67,9 @@ import torch
 
 from .align import build_streams, check_common_args, check_device_flags, config_from_args, resolve_device
 from .batches import tokens
-from .bench_measure import (MFU_FLOPS, cpu_gauge, held_bytes, matmul_params, matmul_tflops, micro, model_flops,
-                            pass_batches, peak_tflops, quant_state_tensors, sync, transient_bytes)
+from .bench_measure import (HFU_FLOPS, MFU_FLOPS, SFT, cpu_gauge, held_bytes, matmul_params, matmul_tflops,
+                            method_flops, micro, model_flops, pass_batches, peak_tflops, quant_state_tensors, sync,
+                            transient_bytes)
 from .atomic import check_writable_file, write_text_atomic
 from .bench_report import format_table, machine_info, plot
 from .cli import UsageError
@@ -70,9 +79,10 @@ from .models import ModelError
 from .graphs import CaptureInvalidated
 
 log = logging.getLogger("booster_fast")
-IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "fast-padded", "fast-unfused", "sft")
+IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "fast-padded", "fast-unfused", "sft",
+         "fast-sft")
 TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmful rows for Booster steps "
-                  "(harmful rows counted once), alignment rows for sft")
+                  "(harmful rows counted once), alignment rows for sft and fast-sft")
 GRAPHS_NOT_CAPTURED = "the step was not captured into a CUDA graph after the warm-up steps"
 
 
@@ -89,10 +99,11 @@ def parse_impls(text: str) -> list[str]:
 
 
 def impl_config(name: str, args):
-    """BoosterConfig of one entry. sft runs the reference engine's plain step (torch AdamW, per-tensor clipping);
-    fast-merged/-unmerged pin the merge and stay eager; fast-padded pins packing off; fast-unfused the fused model ops; fast follows
-    --merge-passes, --packing, --fused-ops and the default graphs mode."""
-    cfg = config_from_args(args, "reference" if name in ("reference", "sft") else "fast")
+    """BoosterConfig of one entry. sft runs the reference engine's plain step (torch AdamW, per-tensor clipping),
+    fast-sft the fast engine's with fast's settings; fast-merged/-unmerged pin the merge and stay eager; fast-padded
+    pins packing off; fast-unfused the fused model ops; fast follows --merge-passes, --packing, --fused-ops and the
+    default graphs mode."""
+    cfg = config_from_args(args, "reference" if name in ("reference", "sft") else "fast")  # fast-sft: fast
     pinned = {"fast-merged": dict(merge_passes=True, graphs="off"),
               "fast-unmerged": dict(merge_passes=False, graphs="off"), "fast-graphs": dict(graphs="on"),
               "fast-padded": dict(packing=False), "fast-unfused": dict(fused_ops=False)}
@@ -192,7 +203,7 @@ def warm_graphs(name: str, booster, fn, pairs, tries: int = 4) -> str | None:
 
 def step_fn(name: str, booster):
     """fn(align_batch, harmful_batch) running one update of this entry."""
-    if name == "sft":
+    if name in SFT:
         return lambda a, h: booster.sft_step(a)
     return booster.step
 
@@ -363,7 +374,7 @@ def time_interleaved(impls, batches, args, device, results):
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 times[name].append(dt)
-                tps[name].append((na if name == "sft" else na + nh) / dt)
+                tps[name].append((na if name in SFT else na + nh) / dt)
             bar.update(1)
     bar.close()
     return times, tps
@@ -381,12 +392,15 @@ def run_bench(args) -> int:
 
     def publish(complete=False):  # the document so far, to --output: a part stopped by a time limit keeps
         # what it measured, marked incomplete
-        ref, sft = (results.get(k, {}).get("step_ms") for k in ("reference", "sft"))
+        ref = results.get("reference", {}).get("step_ms")
         for n, r in results.items():
-            if "step_ms" in r and n != "sft":
-                r["ratio_to_sft"] = round(r["step_ms"] / sft, 3) if sft else None
-        speedup = {n: round(ref / r["step_ms"], 3) if ref and "step_ms" in r and n != "sft" else None
-                   for n, r in results.items()}  # of Booster steps: sft's step is another update
+            if "step_ms" in r and n not in SFT:  # against the SFT step of the same engine, where the run has it
+                base = next((b for b in (("sft",) if n == "reference" else SFT[::-1])
+                             if "step_ms" in results.get(b, {})), None)
+                r["ratio_to_sft"] = round(r["step_ms"] / results[base]["step_ms"], 3) if base else None
+                r["sft_baseline"] = base
+        speedup = {n: round(ref / r["step_ms"], 3) if ref and "step_ms" in r and n not in SFT else None
+                   for n, r in results.items()}  # of Booster steps: an SFT step is another update
         doc = {"machine": machine_info(device),
                "config": run_config(args, names, device, n_params, n_lora, rate, peak),
                "results": results, "speedup": speedup, "complete": complete}
@@ -411,10 +425,12 @@ def run_bench(args) -> int:
                 transient = transient_bytes(lambda: fn(*mine[-2]), device)
                 ops = count_ops(fn, *mine[-1], host_resident=host_resident_scalars(booster.optimizer))
                 held = held_bytes(booster) + graph_pool_bytes(booster.engine) + max(transient, 0)
-                mfu = None
+                mfu = hfu = None
                 if rate:
-                    flops = statistics.mean(model_flops(name, args, n_params, p) for p in timed)
-                    mfu = round(flops / (results[name]["step_ms"] / 1e3) / (peak[0] * 1e12), 4)
+                    per_s = 1e3 / results[name]["step_ms"] / (peak[0] * 1e12)
+                    raw = [b[:2] for b in batches[args.warmup:args.warmup + args.steps]]
+                    mfu = round(statistics.mean(method_flops(name, args, n_params, p) for p in raw) * per_s, 4)
+                    hfu = round(statistics.mean(model_flops(name, args, n_params, p) for p in timed) * per_s, 4)
             except Exception as e:  # noqa: BLE001
                 _failed(results, name, "measuring memory and ops", e)
                 if isinstance(e, CaptureInvalidated):
@@ -433,7 +449,7 @@ def run_bench(args) -> int:
                                                       for m in micro(b)), 3),
                 "positions_per_step": round(statistics.mean(sum(map(tokens, pass_batches(name, args, p)))
                                                             for p in timed)),
-                "mfu": mfu})
+                "mfu": mfu, "hfu": hfu})
             publish()
     except CaptureInvalidated as e:  # CUDA memory is suspect: nothing more is measured in this process
         publish()
@@ -461,11 +477,12 @@ def run_config(args, names, device, n_params, n_lora, rate, peak=(None, None)) -
             "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)), "impls": names,
             "data": "builtin" if args.model == "tiny" else "random tokens, right-padded, rows 60-100% real, each "
                                                            "batch 80% real in total",
-            "order": "interleaved step by step, first impl rotating each round", "sft_engine": "reference",
+            "order": "interleaved step by step, first impl rotating each round",
             "tokens_per_s_counts": TOKENS_COUNTED,
             "peak_mem_mb_means": f"held tensors + CUDA graph pools (at their reserved size: a replay owns that "
                                  f"memory) + step transient ({gauge})",
-            "mfu_flops": MFU_FLOPS if rate else None, "mfu_peak_tflops": peak[0], "mfu_peak": peak[1],
+            "mfu_flops": MFU_FLOPS if rate else None, "hfu_flops": HFU_FLOPS if rate else None,
+            "mfu_peak_tflops": peak[0], "mfu_peak": peak[1],
             "matmul_bf16_tflops": round(rate, 1) if rate else None,
             "matmul_params": n_params and n_params[0], "lm_head_params": n_params and n_params[1],
             "lora_params": n_lora}

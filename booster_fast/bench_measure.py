@@ -1,5 +1,5 @@
-"""The bench's measurements: memory an implementation holds and needs (peak_mem_mb), and the model FLOPs of a
-step with the matmul rate they are divided by (mfu).
+"""The bench's measurements: memory an implementation holds and needs (peak_mem_mb), and the FLOPs of a step with
+the matmul rate they are divided by (mfu: the FLOPs the method needs; hfu: those the entry computes).
 
 Peak memory (peak_mem_mb) estimates what one implementation would need alone in a process: the bytes it holds
 between steps (model, LoRA weights, gradient buffers, optimizer state; counted tensor by tensor, storages
@@ -22,11 +22,16 @@ import torch
 
 from .batches import tokens
 
-MFU_FLOPS = ("4 * N * computed positions (pads and packing filler included) of every pass of the step: 2N forward + "
-             "2N backward to the activations (the base is frozen, so no weight gradient; a checkpointed layer's "
-             "recompute is not counted, as MFU has it); N = base matmul parameters (LM head in, input embedding "
-             "and LoRA out), the LM head counted only at the positions it runs on (a packed batch's labelled ones); "
-             "attention-score FLOPs ignored; divided by the GPU's dense bf16 peak (mfu_peak_tflops)")
+SFT = ("sft", "fast-sft")  # the bench entries that time the plain SFT step
+FLOPS_PER_POSITION = ("4N per position and pass: 2N forward + 2N backward to the activations (the base is frozen, "
+                      "so no weight gradient; a checkpointed layer's recompute is not counted, as MFU has it); N = "
+                      "base matmul parameters (LM head in, input embedding and LoRA out); attention-score FLOPs "
+                      "ignored; divided by the GPU's dense bf16 peak (mfu_peak_tflops)")
+MFU_FLOPS = ("the FLOPs the method needs, the same for every Booster entry: the real (non-pad) tokens of every pass "
+             "through the body, the labelled positions through the LM head; " + FLOPS_PER_POSITION)
+HFU_FLOPS = ("the FLOPs the entry computes: every position of every pass (pads and packing filler included) "
+             "through the body, the LM head at the positions it runs on (all of a padded batch's, a packed batch's "
+             "labelled ones); " + FLOPS_PER_POSITION)
 # dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s; other GPUs: the measured
 # 8192^3 matmul rate stands in (run_config says which)
 # (the first name the device's contains wins: the PCIe and NVL cards before their SXM namesakes)
@@ -143,15 +148,23 @@ def pass_batches(name: str, args, pair) -> list[dict]:
     """The (micro-)batch of every pass of one step on `pair`: alignment (twice under perturb_aware: at w, then
     perturbed), then the harmful one once or twice."""
     align, harmful = (micro(b) for b in pair)
-    if name == "sft":
+    if name in SFT:
         return align
     return align * (2 if getattr(args, "perturb_aware", False) else 1) + harmful * (1 if args.no_meta_term else 2)
 
 
+def method_flops(name: str, args, params: tuple[int, int], pair) -> float:
+    """The FLOPs the method needs for one step on `pair`, the collated CPU batches (MFU_FLOPS): 4N x the real
+    tokens of every pass, the LM head's share only over the labelled positions (after the causal shift)."""
+    n, head = params
+    return 4.0 * sum((n - head) * int(b["attention_mask"].sum()) + head * int((b["labels"][:, 1:] != -100).sum())
+                     for b in pass_batches(name, args, pair))
+
+
 def model_flops(name: str, args, params: tuple[int, int], pair) -> float:
-    """Model FLOPs of one step on `pair` (MFU_FLOPS): 4N x the positions of every pass (rows x length of a padded
-    batch, the packed length of a packed one), the LM head's share only over the positions it runs on (a packed
-    batch's kept ones)."""
+    """The FLOPs one step on `pair`, an entry's device batches, computes (HFU_FLOPS): 4N x the positions of every
+    pass (rows x length of a padded batch, the packed length of a packed one), the LM head's share only over the
+    positions it runs on (a packed batch's kept ones)."""
     n, head = params
     return 4.0 * sum((n - head) * tokens(b) + head * (b["keep"].numel() if "keep" in b else tokens(b))
                      for b in pass_batches(name, args, pair))

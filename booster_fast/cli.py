@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(b, tiny_length=BENCH_TINY_LENGTH)
     b.add_argument("--impls", default="reference,fast,sft",
                    help="comma list of reference, fast, fast-merged, fast-unmerged, fast-graphs (CUDA), "
-                        "fast-padded (packing off), fast-unfused (fused ops off), sft")
+                        "fast-padded (packing off), fast-unfused (fused ops off), sft (the reference engine's "
+                        "SFT step), fast-sft (the fast engine's)")
     b.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
     b.add_argument("--json", action="store_true", help="end stdout with one JSON document")

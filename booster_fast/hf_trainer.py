@@ -342,10 +342,16 @@ class BoosterTrainer(Trainer):
         return self._harmful_order
 
     def sample_from_harmful(self) -> dict:
-        """The next harmful micro-batch; a new pass over the harmful set when one ends (as the original)."""
+        """The next harmful micro-batch; a new pass over the harmful set when one ends (as the original). The
+        harmful stream leaves torch's global CPU random state alone: a DataLoader draws a seed from it when a pass
+        starts, and a resumed run, which starts its pass elsewhere, would then draw other dropout masks."""
         if self.harmful_dataloader is None:
             raise ValueError("BoosterTrainer has no harmful dataset: pass harmful_dataset= to the constructor or "
                              "call trainer.init(harmful_dataset) before train()")
+        with torch.random.fork_rng(devices=[]):
+            return self._next_harmful()
+
+    def _next_harmful(self) -> dict:
         if self.harmful_data_iter is None:
             self.harmful_data_iter = self._harmful_iter_at(self._harmful_drawn)
         self._harmful_drawn += 1

@@ -10,6 +10,8 @@ so that a CPU test can prove a step free of them. Reads of tensors that stay on 
 (`host_resident`, e.g. a non-fused optimizer's step counters) are no device sync and are left out.
 "launches" leaves out the ops that launch no kernel on a GPU: views and other metadata ops (`view`, `t`,
 `slice`, `detach`, ...) and bare allocations (`empty`); about half of a model pass's aten ops are of that kind.
+It adds the package's Triton kernels, which are launched past the dispatcher (kernels/launches.py counts them:
+"triton_launches"; on the CPU they run only under Triton's interpreter).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import fast
+from .kernels import launches
 
 
 NO_KERNEL_OPS = ("aten._unsafe_view", "aten._reshape_alias", "aten.empty", "aten.empty_strided", "aten.new_empty",
@@ -35,6 +38,7 @@ class _Counter(TorchDispatchMode):
         self.counts = Counter()
         self.bookkeeping_ops = Counter()
         self.syncs = Counter()
+        self.bookkeeping_triton = Counter()
         self.host_storages = {t.untyped_storage().data_ptr() for t in host_resident}
 
     def _reads_back(self, name, args, kwargs) -> bool:
@@ -63,6 +67,12 @@ class _Counter(TorchDispatchMode):
                 self.bookkeeping_ops[name] += 1
         return func(*args, **(kwargs or {}))
 
+    def triton_launch(self, kernel: str):
+        self.counts["launches"] += 1
+        self.counts["triton"] += 1
+        if not self.pass_depth:
+            self.bookkeeping_triton[kernel] += 1
+
 
 def host_resident_scalars(optimizer) -> list:
     """The optimizer state torch keeps on the host in a GPU run too: the step counters of an optimizer that is
@@ -74,8 +84,9 @@ def host_resident_scalars(optimizer) -> list:
 
 
 def count_ops(fn, *args, host_resident=(), **kwargs) -> dict:
-    """Run fn(*args, **kwargs) once; return {"total", "pass", "bookkeeping", "launches", "bookkeeping_ops",
-    "host_syncs"}.
+    """Run fn(*args, **kwargs) once; return {"total", "pass", "bookkeeping", "launches", "triton_launches",
+    "bookkeeping_ops", "host_syncs"} ("total" and its parts count aten ops; "bookkeeping_ops" names them, and the
+    Triton kernels launched outside the passes as "triton.NAME").
     host_resident: tensors whose reads are not counted as host syncs (see the module docstring)."""
     counter = _Counter(host_resident)
 
@@ -89,11 +100,13 @@ def count_ops(fn, *args, host_resident=(), **kwargs) -> dict:
 
     prev, fast._pass_marker = fast._pass_marker, marker
     try:
-        with counter:
+        with counter, launches.observed(counter.triton_launch):
             fn(*args, **kwargs)
     finally:
         fast._pass_marker = prev
     c = counter.counts
     return {"total": c["pass"] + c["bookkeeping"], "pass": c["pass"], "bookkeeping": c["bookkeeping"],
-            "launches": c["launches"], "bookkeeping_ops": dict(counter.bookkeeping_ops),
+            "launches": c["launches"], "triton_launches": c["triton"],
+            "bookkeeping_ops": {**counter.bookkeeping_ops,
+                                **{f"triton.{k}": n for k, n in counter.bookkeeping_triton.items()}},
             "host_syncs": dict(counter.syncs)}

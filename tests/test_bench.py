@@ -12,8 +12,9 @@ from booster_fast.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {"step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ops_per_step",
-               "bookkeeping_ops", "host_syncs_per_step", "ratio_to_sft", "cuda_graphs", "mfu", "packed_share",
-               "positions_per_step", "launches_per_step", "graphs_fallback"}
+               "bookkeeping_ops", "host_syncs_per_step", "ratio_to_sft", "sft_baseline", "cuda_graphs", "mfu",
+               "hfu", "packed_share", "positions_per_step", "launches_per_step", "graphs_fallback"}
+SFT = ("sft", "fast-sft")
 
 
 def _is_number(v) -> bool:
@@ -24,32 +25,36 @@ def test_bench_json_smoke(capsys, tmp_path):
     out_file = tmp_path / "res" / "cpu.json"
     rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
                "--max-length", "160", "--lora-r", "4",
-               "--impls", "reference,fast,sft,fast-graphs,fast-padded", "--json", "--output", str(out_file)])
+               "--impls", "reference,fast,sft,fast-graphs,fast-padded,fast-sft", "--json", "--output", str(out_file)])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(doc) == {"machine", "config", "results", "speedup", "complete"} and doc["complete"] is True
     assert doc == json.loads(out_file.read_text())  # --output holds the same document
     assert doc["machine"]["gpu"] is None and doc["machine"]["torch"] == torch.__version__
     assert doc["config"]["steps"] == 2 and doc["config"]["impls"] == ["reference", "fast", "sft", "fast-graphs",
-                                                                      "fast-padded"]
+                                                                      "fast-padded", "fast-sft"]
     assert "tokens_per_s_counts" in doc["config"]
 
     res = doc["results"]
-    assert set(res) == {"reference", "fast", "sft", "fast-graphs", "fast-padded"}
+    assert set(res) == {"reference", "fast", "sft", "fast-graphs", "fast-padded", "fast-sft"}
     assert set(res["fast-graphs"]) == {"skipped"} and "CUDA" in res["fast-graphs"]["skipped"]
-    for name in ("reference", "fast", "sft", "fast-padded"):
+    for name in ("reference", "fast", "sft", "fast-padded", "fast-sft"):
         r = res[name]
-        assert set(r) == RESULT_KEYS - ({"ratio_to_sft"} if name == "sft" else set()), name
+        assert set(r) == RESULT_KEYS - ({"ratio_to_sft", "sft_baseline"} if name in SFT else set()), name
         for key in ("step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ratio_to_sft"):
-            assert name == "sft" and key == "ratio_to_sft" or _is_number(r[key]) and r[key] > 0, (name, key, r[key])
+            assert name in SFT and key == "ratio_to_sft" or _is_number(r[key]) and r[key] > 0, (name, key, r[key])
         assert isinstance(r["ops_per_step"], int) and r["ops_per_step"] > 0
         # views and other metadata ops launch nothing: a model pass is about half of them
         assert 0.3 * r["ops_per_step"] < r["launches_per_step"] < 0.8 * r["ops_per_step"], name
         assert r["graphs_fallback"] is None
         assert r["step_ms_p20"] <= r["step_ms"] <= r["step_ms_p80"]
-        assert r["mfu"] is None and r["cuda_graphs"] is False  # CPU
+        assert r["mfu"] is None and r["hfu"] is None and r["cuda_graphs"] is False  # CPU
     assert isinstance(res["fast"]["bookkeeping_ops"], int) and res["reference"]["bookkeeping_ops"] is None
-    assert doc["speedup"]["sft"] is None  # another update: not a speed-up of the Booster step
+    assert doc["speedup"]["sft"] is None is doc["speedup"]["fast-sft"]  # another update: not a Booster speed-up
+    # each Booster entry against the SFT step of its own engine
+    assert res["reference"]["sft_baseline"] == "sft"
+    assert res["fast"]["sft_baseline"] == res["fast-padded"]["sft_baseline"] == "fast-sft"
+    assert res["fast"]["ratio_to_sft"] == round(res["fast"]["step_ms"] / res["fast-sft"]["step_ms"], 3)
     # fast packs its batches (the built-in rows fill ~60% of 160 tokens), fast-padded and the reference do not
     assert res["fast"]["packed_share"] > 0
     assert res["fast-padded"]["packed_share"] == res["reference"]["packed_share"] == 0
@@ -103,14 +108,14 @@ SAMPLE = {
     "config": {"model": "tiny", "quant": "none", "batch_size": 8, "harmful_batch_size": 8, "max_length": 64},
     "results": {
         "reference": {"step_ms": 150.0, "tokens_per_s": 3000.0, "peak_mem_mb": 50.0, "ops_per_step": 3858,
-                      "ratio_to_sft": 3.0},
+                      "ratio_to_sft": 3.0, "sft_baseline": "sft"},
         "fast": {"step_ms": 120.0, "tokens_per_s": 3750.0, "peak_mem_mb": 51.0, "ops_per_step": 3201,
-                 "launches_per_step": 1650, "ratio_to_sft": 2.4},
-        "sft": {"step_ms": 50.0, "tokens_per_s": 4000.0, "peak_mem_mb": 49.0, "ops_per_step": 1314,
-                "ratio_to_sft": 1.0},
+                 "launches_per_step": 1650, "ratio_to_sft": 2.4, "sft_baseline": "fast-sft"},
+        "sft": {"step_ms": 50.0, "tokens_per_s": 4000.0, "peak_mem_mb": 49.0, "ops_per_step": 1314},
+        "fast-sft": {"step_ms": 50.0, "tokens_per_s": 4000.0, "peak_mem_mb": 49.0, "ops_per_step": 1200},
         "fast-graphs": {"skipped": "CUDA graphs need a CUDA device"},
     },
-    "speedup": {"reference": 1.0, "fast": 1.25, "sft": 3.0, "fast-graphs": None},
+    "speedup": {"reference": 1.0, "fast": 1.25, "sft": None, "fast-sft": None, "fast-graphs": None},
 }
 
 
@@ -129,10 +134,14 @@ def test_make_table_rewrites_only_the_marked_block(tmp_path, capsys):
     assert "old table" not in text
     body = text.split(mt.START)[1].split(mt.END)[0]
     rows = [line for line in body.splitlines() if line.startswith("| Test CPU")]
-    assert len(rows) == 4
+    assert len(rows) == 5
     fast = next(r for r in rows if "| fast |" in r)
     assert "Test CPU (4 cores)" in fast and "| 120.0 |" in fast and "| 1.25× |" in fast and "| 1,650 |" in fast
-    assert "| 2.40× |" in fast
+    assert "| 2.40× |" in fast and "| 3.00× |" in next(r for r in rows if "| reference |" in r)
+    # a fast entry measured against the reference engine's SFT step says so (files from before fast-sft)
+    assert mt.sft_ratio("fast", {"ratio_to_sft": 2.4}) == "2.40× (vs sft)"
+    assert mt.sft_ratio("fast-graphs", {"ratio_to_sft": 2.4, "sft_baseline": "fast-sft"}) == "2.40×"
+    assert mt.sft_ratio("reference", {"ratio_to_sft": 3.0}) == "3.00×"
     assert any("skipped: CUDA graphs" in r for r in rows)
 
     # without markers: the table goes to stdout and the README stays as it was
@@ -293,7 +302,7 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path):
     assert "| tiny | 5 | 3.00e-07 | True | — |" in table
     assert "| fast+graphs | 10.0 | 9.0 | 10% | gemm_kernel 5.0 ms |" in table
     header = next(line for line in table.splitlines() if line.startswith("| machine"))
-    assert header.endswith("| MFU |")
+    assert header.endswith("| MFU | HFU |")
 
 
 def test_gpu_suite_parses_and_the_readme_names_its_parts():
@@ -509,8 +518,8 @@ echo '{"run": 2}' > "$out"
     benches = [c.split() for c in calls.read_text().splitlines() if c.startswith("-m booster_fast bench")]
     assert len(benches) == 2
     impls = [b[b.index("--impls") + 1] for b in benches]
-    assert impls == ["reference,fast,fast-graphs,fast-padded,fast-unfused,sft",
-                     "reference,fast,fast-padded,fast-unfused,sft"]
+    assert impls == ["reference,fast,fast-graphs,fast-padded,fast-unfused,sft,fast-sft",
+                     "reference,fast,fast-padded,fast-unfused,sft,fast-sft"]
     assert benches[0][:benches[0].index("--impls")] == benches[1][:benches[1].index("--impls")]
     with tarfile.open(out / "gpu_suite.tgz") as tar:
         docs = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if ".json" in m.name}
@@ -613,6 +622,16 @@ def test_model_flops_count_4n_per_computed_position_and_the_peak_is_the_data_she
     assert bm.model_flops("fast", args, (n, head), (packed, padded)) == 4 * ((n - head) * 13 + head * 5 + 2 * n * 16)
     args.perturb_aware = True
     assert bm.model_flops("fast", args, (n, head), (padded, padded)) == 4 * 4 * n * 16
+
+    # mfu's numerator counts what the method needs, whatever form an entry gives its batches: the real tokens
+    # through the body, the labelled positions (after the causal shift) through the head
+    raw = {"input_ids": torch.ones(2, 8, dtype=torch.long),
+           "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3]),
+           "labels": torch.tensor([[-100] * 4 + [1] * 4, [-100] * 3 + [1] * 2 + [-100] * 3])}
+    args.perturb_aware = False
+    assert bm.method_flops("fast", args, (n, head), (raw, raw)) == 3 * 4 * ((n - head) * 13 + head * 6)
+    assert bm.method_flops("reference", args, (n, head), (raw, raw)) == 3 * 4 * ((n - head) * 13 + head * 6)
+    assert bm.method_flops("fast-sft", args, (n, head), (raw, raw)) == 4 * ((n - head) * 13 + head * 6)
 
     for name, want in (("NVIDIA H200", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4),
                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H200 NVL", 835.5), ("Tesla T4", 55.5)):

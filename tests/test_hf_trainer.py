@@ -25,10 +25,10 @@ MAX_LEN = 64
 LR = 5e-4
 
 
-def make_model():
+def make_model(dropout: float = 0.0):
     model, tok = bf.load_model("tiny", seed=SEED, device="cpu")
     torch.manual_seed(SEED)
-    return bf.add_lora(model, r=8, alpha=16), tok
+    return bf.add_lora(model, r=8, alpha=16, dropout=dropout), tok
 
 
 @pytest.fixture(scope="module")
@@ -209,15 +209,18 @@ def test_harmful_rows_are_shuffled_on_their_own(tmp_path, data):
     assert sorted(sum(harmful[:3], ())) == sorted(sum(align[:3], ())), "a pass must cover every row once"
 
 
-@pytest.mark.parametrize("sampling, accum, rows", [("random", 1, 24), ("sequential", 1, 24), ("random", 2, 20)])
-def test_resume_from_checkpoint_continues_the_harmful_stream(tmp_path, data, sampling, accum, rows):
+@pytest.mark.parametrize("sampling, accum, rows, dropout", [("random", 1, 24, 0.0), ("sequential", 1, 24, 0.0),
+                                                            ("random", 2, 20, 0.0), ("random", 1, 24, 0.1)])
+def test_resume_from_checkpoint_continues_the_harmful_stream(tmp_path, data, sampling, accum, rows, dropout):
     """train(resume_from_checkpoint=...) gives the uninterrupted run's updates: the harmful loader continues
     where the checkpoint left it (here inside its second pass: 3 batches a pass; with accumulation over 5
-    micro-batches an epoch, the epoch's last update takes one micro-batch, not two)."""
+    micro-batches an epoch, the epoch's last update takes one micro-batch, not two). With LoRA dropout the
+    masks must be the same too: the harmful passes, which start at other steps in the resumed run, must not
+    draw from the random state the dropout draws from."""
     rows_a, rows_h, pad = data
     runs = {}
     for name, resume in (("full", None), ("resumed", "checkpoint-4")):
-        model, _ = make_model()
+        model, _ = make_model(dropout)
         args = trainer_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=4, gradient_accumulation_steps=accum,
                             train_sampling_strategy=sampling, output_dir=str(tmp_path / "run"))
         trainer = bf.BoosterTrainer(model=model, args=args, train_dataset=rows_a[:rows], harmful_dataset=rows_h[:12],

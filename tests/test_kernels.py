@@ -195,6 +195,34 @@ def test_triton_backend_does_not_fall_back_to_torch():
     assert not compute, f"torch compute ops on the triton path: {compute}"
 
 
+def test_op_counts_see_the_triton_launches():
+    """Triton launches bypass torch's dispatcher: booster_fast.opcount counts them through kernels/launches.py,
+    by name when they are bookkeeping (outside a model pass), and the model's fused kernels inside the passes."""
+    from booster_fast.kernels.model_kernels import rms_norm
+    from booster_fast.opcount import count_ops
+
+    n = 2 * BLOCK + 3
+    W, B, G_h, G_f = _buffers(n, _gen("launch-count"))
+
+    def bookkeeping(backend):
+        ss = sumsq(G_h, backend=backend)  # Triton: partial sums, then the finish
+        normalize_perturb_(W, B, G_h, G_f, ss, ALPHA, LAMB, backend=backend)
+        restore_combine_(W, B, G_h, G_f, LAMB, backend=backend)
+
+    ops = count_ops(bookkeeping, "triton")
+    assert ops["triton_launches"] == 4
+    assert {k: v for k, v in ops["bookkeeping_ops"].items() if k.startswith("triton.")} == {
+        "triton._sumsq_partial_kernel": 1, "triton._sumsq_finish_kernel": 1,
+        "triton._normalize_perturb_kernel": 1, "triton._restore_combine_kernel": 1}
+    assert ops["launches"] >= 4
+    assert count_ops(bookkeeping, "torch")["triton_launches"] == 0
+
+    x = torch.randn(3, 5, 40, generator=_gen("launch-count-norm"), requires_grad=True)
+    weight = torch.randn(40, generator=_gen("launch-count-weight"))
+    ops = count_ops(lambda: rms_norm(x, weight, 1e-6).square().sum().backward())
+    assert ops["triton_launches"] == 2  # forward and backward
+
+
 # ---------------------------------------------------------------------------------------------------------
 # input validation
 # ---------------------------------------------------------------------------------------------------------

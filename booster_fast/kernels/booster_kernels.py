@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .launches import launch
+
 __all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_"]
 
 # Elements per program for the element-wise kernels and the first sumsq stage. 4096 fp32 = 16 KiB per
@@ -151,11 +153,11 @@ def sumsq(x: torch.Tensor, *, out: torch.Tensor | None = None, backend: str = "a
         out = torch.empty((), dtype=torch.float32, device=x.device)
     num_partials = triton.cdiv(n, BLOCK)
     if num_partials == 1:
-        _sumsq_partial_kernel[(1,)](x, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch(_sumsq_partial_kernel, (1,))(x, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
         return out
     partials = torch.empty(num_partials, dtype=torch.float32, device=x.device)
-    _sumsq_partial_kernel[(num_partials,)](x, partials, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    _sumsq_finish_kernel[(1,)](partials, out, num_partials, BLOCK_R=BLOCK_R, num_warps=4)
+    launch(_sumsq_partial_kernel, (num_partials,))(x, partials, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    launch(_sumsq_finish_kernel, (1,))(partials, out, num_partials, BLOCK_R=BLOCK_R, num_warps=4)
     return out
 
 
@@ -214,8 +216,8 @@ def normalize_perturb_(W: torch.Tensor, B: torch.Tensor, G_h: torch.Tensor, G_f:
     n = W.numel()
     norm = torch.empty((), dtype=torch.float32, device=W.device) if out is None else out
     grid = (triton.cdiv(n, BLOCK),)
-    _normalize_perturb_kernel[grid](W, B, G_h, G_f, ss, norm, n, alpha, lamb, eps,
-                                    BLOCK=BLOCK, num_warps=NUM_WARPS)
+    launch(_normalize_perturb_kernel, grid)(W, B, G_h, G_f, ss, norm, n, alpha, lamb, eps,
+                                            BLOCK=BLOCK, num_warps=NUM_WARPS)
     return norm
 
 
@@ -253,4 +255,4 @@ def restore_combine_(W: torch.Tensor, B: torch.Tensor, G_h: torch.Tensor, G_f: t
 
     n = W.numel()
     grid = (triton.cdiv(n, BLOCK),)
-    _restore_combine_kernel[grid](W, B, G_h, G_f, n, lamb, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    launch(_restore_combine_kernel, grid)(W, B, G_h, G_f, n, lamb, BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .launches import launch
+
 __all__ = ["rms_norm", "silu_mul", "gelu_tanh_mul", "rope", "available"]
 
 # silu_mul: elements per program. 2048 bf16 = 4 KiB per operand, 8 elements per thread with 8 warps (one
@@ -99,8 +101,8 @@ class _RMSNorm(torch.autograd.Function):
         block, warps = _row_settings(n)
         ctx.offset, ctx.round = float(unit_offset), x.dtype != torch.float32 and not unit_offset
         if rows:
-            _rms_norm_fwd_kernel[(rows,)](x2, weight, y, rstd, n, eps, ctx.offset, ROUND=ctx.round, BLOCK_N=block,
-                                          num_warps=warps)
+            launch(_rms_norm_fwd_kernel, (rows,))(x2, weight, y, rstd, n, eps, ctx.offset, ROUND=ctx.round,
+                                                  BLOCK_N=block, num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -115,8 +117,8 @@ class _RMSNorm(torch.autograd.Function):
             dx = torch.empty_like(x2)
             block, warps = _row_settings(n)
             if x2.shape[0]:
-                _rms_norm_bwd_kernel[(x2.shape[0],)](dy2, x2, weight, rstd, dx, n, ctx.offset, BLOCK_N=block,
-                                                     num_warps=warps)
+                launch(_rms_norm_bwd_kernel, (x2.shape[0],))(dy2, x2, weight, rstd, dx, n, ctx.offset,
+                                                             BLOCK_N=block, num_warps=warps)
             dx = dx.view(ctx.shape)
         if ctx.needs_input_grad[1]:  # a trainable norm weight (not under LoRA): the same rounding as forward
             normed = x2.float() * rstd[:, None]
@@ -197,8 +199,8 @@ class _GatedAct(torch.autograd.Function):
         n = g.numel()
         ctx.act = act
         if n:
-            _gated_fwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, h, n, ACT=act, ROUND=g.dtype != torch.float32,
-                                                        BLOCK=BLOCK, num_warps=NUM_WARPS)
+            launch(_gated_fwd_kernel, (triton.cdiv(n, BLOCK),))(g, u, h, n, ACT=act, ROUND=g.dtype != torch.float32,
+                                                                BLOCK=BLOCK, num_warps=NUM_WARPS)
         ctx.save_for_backward(g, u)
         return h
 
@@ -209,9 +211,9 @@ class _GatedAct(torch.autograd.Function):
         dg, du = torch.empty_like(g), torch.empty_like(u)
         n = g.numel()
         if n:
-            _gated_bwd_kernel[(triton.cdiv(n, BLOCK),)](dh, g, u, dg, du, n, ACT=ctx.act,
-                                                        ROUND=g.dtype != torch.float32, BLOCK=BLOCK,
-                                                        num_warps=NUM_WARPS)
+            launch(_gated_bwd_kernel, (triton.cdiv(n, BLOCK),))(dh, g, u, dg, du, n, ACT=ctx.act,
+                                                                ROUND=g.dtype != torch.float32, BLOCK=BLOCK,
+                                                                num_warps=NUM_WARPS)
         return dg, du, None
 
 
@@ -293,7 +295,7 @@ def _rope_launch(x, cos, sin, out_dtype, transposed: bool):
     y = torch.empty_like(x, dtype=out_dtype)  # the strides of x: the attention's transposed layout
     if x.numel():
         block_t, block_h, block_d, warps = _rope_settings(heads, dim)
-        _rope_kernel[(batch * triton.cdiv(T, block_t),)](
+        launch(_rope_kernel, (batch * triton.cdiv(T, block_t),))(
             x, cos, sin, y, T, heads, dim // 2, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
             y.stride(2), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), TRANSPOSED=transposed,
             ROUND=out_dtype != torch.float32, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)
