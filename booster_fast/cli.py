@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter",
                        epilog="exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 3 more than "
-                              "--max-skipped non-finite updates, or 10 in a row (checkpoints are kept); 130 / 143 "
-                              "stopped by SIGINT / SIGTERM after a checkpoint (the line says how to resume)")
+                              "--max-skipped non-finite updates, or 10 in a row (checkpoints are kept); 4 out of "
+                              "GPU memory (one line; checkpoints are kept); 130 / 143 stopped by SIGINT / SIGTERM "
+                              "after a checkpoint (the line says how to resume)")
     _add_model_args(a)
     a.add_argument("--data", default="builtin", help="builtin | beavertails | PATH (.json/.jsonl)")
     a.add_argument("--harmful-data", default=None, help="harmful set for an instruction/input/output --data file")
@@ -171,9 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUT_OF_MEMORY = 4  # the exit code of a run that ran out of device memory
+
+
 def run_reporting(fn, *args) -> int:
-    """Run fn(*args) and return its exit code; a user error becomes one line on stderr and exit code 2, Ctrl-C
-    exit code 130, SIGTERM 143 (both after the command's cleanup). Every subcommand runs through here."""
+    """Run fn(*args) and return its exit code; a user error becomes one line on stderr and exit code 2, running out
+    of device memory one line and exit code 4, Ctrl-C exit code 130, SIGTERM 143 (all after the command's cleanup).
+    Every subcommand runs through here."""
+    import torch
+
     from .data import DataError
     from .models import ModelError
 
@@ -184,6 +191,13 @@ def run_reporting(fn, *args) -> int:
     except (UsageError, DataError, ModelError) as e:
         print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError as e:  # a configuration too big for the GPU, found at its first step or
+        # at a long batch hours in: one line with the ways to need less, not a traceback
+        first = (str(e).strip().splitlines() or ["CUDA out of memory"])[0]
+        print(f"booster-fast: error: out of GPU memory ({first.split('. Tried')[0].rstrip('.')}): a smaller "
+              f"--batch-size or --max-length, --quant nf4 or --gradient-checkpointing (where the command has them) "
+              f"need less", file=sys.stderr)
+        return OUT_OF_MEMORY
     except Terminated:
         print("booster-fast: terminated", file=sys.stderr)
         return 143

@@ -219,27 +219,32 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+    path = os.path.expanduser(name)
+    local = os.path.isdir(path)
+    if looks_like_path and not local:
         raise ModelError(f"--model {name}: no such directory (built-in presets: {', '.join(PRESETS)}; or a "
                          f"Hugging Face id such as meta-llama/Llama-2-7b-hf)")
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    # the weights go straight to the device as they load (a 70B bf16 checkpoint never sits in host memory whole);
+    # from the hub only the safetensors files (no pickled .bin), a local directory's .bin is the user's own
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device},
+                  **({} if local else {"use_safetensors": True}))
     if quant == "nf4":
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": device}
     try:
-        tok = from_hub(AutoTokenizer.from_pretrained, name, trust_remote_code=trust_remote_code)
-        model = from_hub(AutoModelForCausalLM.from_pretrained, name, **kwargs)
+        tok = from_hub(AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code)
+        model = from_hub(AutoModelForCausalLM.from_pretrained, path, **kwargs)
     except (OSError, ValueError) as e:
-        where = "a local directory" if os.path.isdir(name) else "a Hugging Face id"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load model {name!r} ({where}; built-in presets: {', '.join(PRESETS)}): "
+        if local:
+            raise ModelError(f"cannot load the model in {name} ({first}): a model directory holds config.json, "
+                             f"the weights (model.safetensors or pytorch_model.bin, or their shards) and the "
+                             f"tokenizer's files") from None
+        raise ModelError(f"cannot load model {name!r} (a Hugging Face id; built-in presets: {', '.join(PRESETS)}): "
                          f"{first} — download it first (e.g. `huggingface-cli download {name}`)") from None
-    if quant == "none":
-        model.to(device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     rows = model.get_input_embeddings().num_embeddings

@@ -136,3 +136,38 @@ def test_an_adapter_on_the_lm_head_saves_lora_only(tmp_path):
     for k, v in saved.items():
         name = next(n for n in loaded if n.replace(".default", "") == k)
         torch.testing.assert_close(loaded[name].float(), v.float(), rtol=0, atol=0)
+
+
+def test_local_directories_as_users_have_them(model_dir, tmp_path, monkeypatch):
+    """`~/dir` through the Python API, a checkpoint saved as pytorch_model.bin (the user's own file: not refused
+    for lacking safetensors), and a directory without a model named as such (no advice to download it)."""
+    home = tmp_path / "home"
+    model, tok = load_model(str(model_dir), dtype="fp32", device="cpu")
+    model.save_pretrained(home / "ck")  # then as an older checkpoint: the pickled state dict instead
+    (home / "ck" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), home / "ck" / "pytorch_model.bin")
+    tok.save_pretrained(home / "ck")
+    assert (home / "ck" / "pytorch_model.bin").exists() and not (home / "ck" / "model.safetensors").exists()
+    monkeypatch.setenv("HOME", str(home))
+    loaded, _ = load_model("~/ck", dtype="fp32", device="cpu")
+    want = dict(model.named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in loaded.named_parameters())
+
+    (home / "empty").mkdir()
+    with pytest.raises(ModelError) as e:
+        load_model(str(home / "empty"), device="cpu")
+    assert "a model directory holds config.json" in str(e.value) and "download" not in str(e.value)
+
+
+def test_running_out_of_gpu_memory_is_one_line(capsys):
+    """A configuration too big for the GPU ends with one line naming the ways to need less, and exit code 4."""
+    from booster_fast.cli import OUT_OF_MEMORY, run_reporting
+
+    def step():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                          "capacity of 79.1 GiB of which 1.2 GiB is free.\nmore detail")
+
+    assert run_reporting(step) == OUT_OF_MEMORY == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("booster-fast: error: out of GPU memory (CUDA out of memory)")
+    assert "--gradient-checkpointing" in err[0] and "--quant nf4" in err[0]
