@@ -44,13 +44,12 @@ fast entries also the bookkeeping part (everything outside the model passes). ho
 read a device value back to the host (a sync on a GPU; counted on the CPU too; a non-fused optimizer's step
 counters, which stay on the host, are left out).
 
-The document is written before anything is built (an empty one: a run killed while it builds a 7B model must
-not leave an older run's file looking current), after the timing and again after each entry's memory and
-op-count pass; `complete` is false until the last write, so a run stopped by a time limit leaves a file that
-says it is partial. An entry
-that fails keeps what was measured of it before, with `failed` saying where it failed. A CUDA graph capture
-that CUDA invalidated leaves the process's GPU memory suspect: the bench then writes what it has and exits 3
-(benchmarks/gpu_suite.sh reruns such a part without fast-graphs, in a new process).
+The document is written after the timing and again after each entry's memory and op-count pass; `complete` is
+false until the last write, so a run stopped by a time limit leaves a file that says it is partial (one killed
+before the timing ends leaves --output as it was, as an atomic write does). An entry that fails keeps what was
+measured of it before, with `failed` saying where it failed. A CUDA graph capture that CUDA invalidated leaves
+the process's GPU memory suspect: the bench then writes what it has and exits 3 (benchmarks/gpu_suite.sh reruns
+such a part without fast-graphs, in a new process).
 """
 from __future__ import annotations
 
