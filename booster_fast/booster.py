@@ -12,6 +12,8 @@ import torch
 
 from .config import BoosterConfig
 
+HOW_IT_RUNS = ("fused", "foreach", "capturable", "differentiable")  # optimizer options that are not training state
+
 
 class Booster:
     def __init__(self, model, cfg: BoosterConfig | None = None):
@@ -72,7 +74,12 @@ class Booster:
     def load_state_dict(self, state: dict) -> None:
         if state.get("impl") != self.cfg.impl:
             raise ValueError(f"optimizer state of the {state.get('impl')!r} engine, this Booster is {self.cfg.impl!r}")
+        # how the optimizer runs (fused, capturable, ...) is this engine's choice, not training state: a state
+        # saved by an engine on another device must not turn, say, CUDA graphs' capturable AdamW off
+        own = [{k: g[k] for k in HOW_IT_RUNS if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(self._checked(state["optimizer"]))
+        for group, flags in zip(self.optimizer.param_groups, own):
+            group.update(flags)
         graphs = getattr(self.engine, "graphs", None)
         if graphs is not None:  # captured graphs point at the old optimizer-state tensors: capture again
             graphs.reset()

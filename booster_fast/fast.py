@@ -36,7 +36,7 @@ from .config import BoosterConfig
 from .flat import ALL_TOKENS, FlatLoRA
 from .kernels import normalize_perturb_, restore_combine_, sumsq
 from .losses import attention_for, label_count, logits_of, loss_sum, targets_of, token_losses
-from .models import Autocast, keep_nf4_trainable_
+from .models import Autocast, checkpoint_reads_rng, keep_nf4_trainable_
 
 log = logging.getLogger("booster_fast")
 # the BoosterConfig fields the step reads at every call (the others are read once, when the engine is built)
@@ -163,6 +163,9 @@ class FastBooster:
             reason = "CUDA graphs need a CUDA device"
         elif self.distributed:
             reason = "CUDA graphs are not used with several processes"
+        elif checkpoint_reads_rng(self.model):
+            reason = ("gradient checkpointing saves the CUDA RNG state for its recompute (preserve_rng_state: "
+                      "the model or its LoRA has dropout), a host read that capture refuses")
         if reason is None:
             from .graphs import StepGraphs
 

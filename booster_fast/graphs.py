@@ -206,7 +206,8 @@ class StepGraphs:
             finally:
                 if watch:
                     torch.cuda.set_sync_debug_mode(previous)
-        torch.cuda.current_stream().wait_stream(side)
+                # also when the step raised: what it queued on the side stream may still use the caller's tensors
+                torch.cuda.current_stream().wait_stream(side)
         syncs = [w for w in caught if SYNC_WARNING in str(w.message)]
         for w in caught:
             if w not in syncs:

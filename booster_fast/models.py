@@ -442,3 +442,14 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     model.config.use_cache = False
     model._booster_checkpointing = True
     return model
+
+
+def checkpoint_reads_rng(model: nn.Module) -> bool:
+    """Whether the model's gradient checkpointing saves the RNG states for its recompute (torch's
+    `preserve_rng_state`, on unless turned off, as enable_gradient_checkpointing does for a model without
+    dropout): that reads the CUDA generator's state on the host, which CUDA-graph capture refuses."""
+    for m in model.modules():
+        func = getattr(m, "_gradient_checkpointing_func", None)
+        if getattr(m, "gradient_checkpointing", False) and func is not None:
+            return bool(getattr(func, "keywords", {}).get("preserve_rng_state", True))
+    return False

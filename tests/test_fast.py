@@ -272,6 +272,28 @@ def test_optimizer_state_is_checked_and_an_unpadded_one_is_padded(batches):
         padded_booster().load_state_dict(broken)
 
 
+def test_a_loaded_optimizer_state_keeps_the_engines_own_way_of_running(batches):
+    """How the optimizer runs (fused, capturable: what CUDA graphs need) is the engine's choice, not training state:
+    a state saved by an engine elsewhere (capturable off on the CPU, say) leaves those options as they were, and
+    takes the moments, step and learning rate."""
+    model, _ = make_model()
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast"))
+    booster.step(*batches[0])
+    saved = booster.state_dict()
+    for group in saved["optimizer"]["param_groups"]:
+        group.update(capturable=True, fused=False, foreach=True, lr=1e-4)
+    fresh_model, _ = make_model()
+    fresh = bf.Booster(fresh_model, bf.BoosterConfig(impl="fast"))
+    own = {k: fresh.optimizer.param_groups[0][k] for k in ("capturable", "fused", "foreach")}
+    assert own == {"capturable": False, "fused": True, "foreach": None}  # the CPU engine's
+    fresh.load_state_dict(saved)
+    group = fresh.optimizer.param_groups[0]
+    assert {k: group[k] for k in own} == own and group["lr"] == 1e-4
+    assert torch.equal(fresh.optimizer.state[fresh.engine.W]["exp_avg"],
+                       booster.optimizer.state[booster.engine.W]["exp_avg"])
+    fresh.step(*batches[1])  # and it steps
+
+
 def test_fast_restore_is_exact_and_base_untouched(batches):
     model, _ = make_model()
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

@@ -35,6 +35,35 @@ def test_on_refuses_the_cpu():
         bf.Booster(bf.add_lora(model), bf.BoosterConfig(impl="fast", graphs="on"))
 
 
+@pytest.mark.parametrize("how", ["ours, with LoRA dropout", "transformers' default"])
+def test_checkpointing_that_saves_the_rng_state_is_not_captured(how, caplog):
+    """Checkpointing that saves the RNG state for its recompute reads the CUDA generator on the host, which capture
+    refuses: graphs are declined when the engine is built ("auto": one log line; "on": an error), not at a failed
+    capture after two steps. Checkpointing without dropout saves no RNG state and is captured."""
+    from booster_fast.models import checkpoint_reads_rng, enable_gradient_checkpointing
+
+    def engine(dropout, ours=True):
+        model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+        if ours:
+            enable_gradient_checkpointing(model)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = bf.add_lora(model, r=4, alpha=4, dropout=dropout)
+        e = bf.Booster(model, bf.BoosterConfig(impl="fast")).engine
+        e.device = torch.device("cuda")  # what _graphs_for decides on a GPU (nothing here touches CUDA)
+        return e
+
+    e = engine(0.1) if how.startswith("ours") else engine(0.0, ours=False)
+    assert checkpoint_reads_rng(e.model)
+    with pytest.raises(ValueError, match="graphs='on': gradient checkpointing saves the CUDA RNG state"):
+        e._graphs_for("on")
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert e._graphs_for("auto") is None
+    assert "CUDA graphs off: gradient checkpointing saves the CUDA RNG state" in caplog.text
+    plain = engine(0.0)
+    assert not checkpoint_reads_rng(plain.model) and isinstance(plain._graphs_for("auto"), StepGraphs)
+
+
 def test_left_padding_is_refused_for_graphs():
     mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
     with pytest.raises(ValueError, match="right-padded"):
