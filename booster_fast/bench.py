@@ -16,8 +16,9 @@ Entries: reference; fast (follows --merge-passes, --packing, --fused-ops and --g
 fast-unmerged (merge pinned, eager); fast-graphs (graphs='on', CUDA only: recorded as skipped, with the reason,
 when there is no CUDA device or the step is not captured); sft (the reference engine's plain SFT step: torch AdamW
 and clipping as the HF Trainer does them); fast-sft (the fast engine's SFT step, with fast's settings).
-ratio_to_sft is a Booster entry's step time over the SFT step of its own engine (`sft_baseline` names it): fast
-entries against fast-sft, the reference against sft; a fast entry falls back to sft when the run has no fast-sft.
+ratio_to_sft is a Booster entry's step time over the SFT step of its own engine (`sft_baseline` names it): the
+reference against sft, a fast entry against fast-sft where the two engines pack, fuse the model ops and capture
+CUDA graphs alike, else against sft.
 Entries that use CUDA graphs get extra untimed steps until their step is captured, so no capture lands in the
 timing; `cuda_graphs` says which replay.
 Each entry gets the batches in the form its engine runs: fast entries as `Booster.to_device` prepares them
@@ -38,7 +39,8 @@ Peak memory (peak_mem_mb): what one implementation would need alone in a process
 it is measured on CUDA and on the CPU).
 
 ops_per_step: aten ops dispatched by one more step (booster_fast.opcount); launches_per_step: those of them
-that launch a kernel on a GPU (views, other metadata ops and bare allocations left out): what a step pays in
+that launch a kernel on a GPU (views, other metadata ops and bare allocations left out), plus the package's
+Triton kernels (launched past the dispatcher, counted at their launch sites): what a step pays in
 launches without CUDA graphs (for a graph replay, only the host-side ops: input copies and output clone); for
 fast entries also the bookkeeping part (everything outside the model passes). host_syncs_per_step: the ops that
 read a device value back to the host (a sync on a GPU; counted on the CPU too; a non-fused optimizer's step
@@ -107,6 +109,21 @@ def impl_config(name: str, args):
               "fast-unmerged": dict(merge_passes=False, graphs="off"), "fast-graphs": dict(graphs="on"),
               "fast-padded": dict(packing=False), "fast-unfused": dict(fused_ops=False)}
     return dataclasses.replace(cfg, **pinned.get(name, {}))
+
+
+def sft_modes(impls) -> dict:
+    """Per built entry, what decides how fast its SFT step would run: packing, fused model ops, CUDA graphs."""
+    return {n: (getattr(b.engine, "pack", False), getattr(b.engine, "fused", False),
+                getattr(b.engine, "graphs", None) is not None) for n, (b, _, _) in impls.items()}
+
+
+def sft_baselines(name: str, modes: dict) -> tuple[str, ...]:
+    """The SFT entries a Booster entry's step is measured against, first choice first: its own engine's SFT step
+    (for a fast entry only where fast-sft packs, fuses and captures as it does: a padded, unfused or eager variant
+    against a packed, fused, captured SFT step would not say what Booster costs), else the reference engine's."""
+    if name == "reference" or "fast-sft" not in modes or modes.get(name) != modes["fast-sft"]:
+        return ("sft",)
+    return ("fast-sft", "sft")
 
 
 def build_impl(name: str, args, device):
@@ -387,15 +404,15 @@ def run_bench(args) -> int:
     check_device_flags(args, device)
     results: dict[str, dict] = {}
     impls, batches, n_params, n_lora = build_all(names, args, device, results)
+    modes = sft_modes(impls)
     rate, peak = None, (None, None)  # the GPU's matmul rate, measured after the timing
 
     def publish(complete=False):  # the document so far, to --output: a part stopped by a time limit keeps
         # what it measured, marked incomplete
         ref = results.get("reference", {}).get("step_ms")
         for n, r in results.items():
-            if "step_ms" in r and n not in SFT:  # against the SFT step of the same engine, where the run has it
-                base = next((b for b in (("sft",) if n == "reference" else SFT[::-1])
-                             if "step_ms" in results.get(b, {})), None)
+            if "step_ms" in r and n not in SFT:
+                base = next((b for b in sft_baselines(n, modes) if "step_ms" in results.get(b, {})), None)
                 r["ratio_to_sft"] = round(r["step_ms"] / results[base]["step_ms"], 3) if base else None
                 r["sft_baseline"] = base
         speedup = {n: round(ref / r["step_ms"], 3) if ref and "step_ms" in r and n not in SFT else None
@@ -418,6 +435,7 @@ def run_bench(args) -> int:
                              "step_ms_p80": round(_pct(times[name], 80) * 1e3, 3),
                              "tokens_per_s": round(statistics.median(tps[name]), 1)}
         publish()
+        raw = batches[args.warmup:args.warmup + args.steps]  # the timed batches as collated: mfu's numerator
         for name, (booster, fn, mine) in impls.items():
             timed = mine[args.warmup:args.warmup + args.steps]
             try:
@@ -427,8 +445,7 @@ def run_bench(args) -> int:
                 mfu = hfu = None
                 if rate:
                     per_s = 1e3 / results[name]["step_ms"] / (peak[0] * 1e12)
-                    raw = [b[:2] for b in batches[args.warmup:args.warmup + args.steps]]
-                    mfu = round(statistics.mean(method_flops(name, args, n_params, p) for p in raw) * per_s, 4)
+                    mfu = round(statistics.mean(method_flops(name, args, n_params, b[:2]) for b in raw) * per_s, 4)
                     hfu = round(statistics.mean(model_flops(name, args, n_params, p) for p in timed) * per_s, 4)
             except Exception as e:  # noqa: BLE001
                 _failed(results, name, "measuring memory and ops", e)

@@ -75,11 +75,12 @@ class Booster:
         if state.get("impl") != self.cfg.impl:
             raise ValueError(f"optimizer state of the {state.get('impl')!r} engine, this Booster is {self.cfg.impl!r}")
         # how the optimizer runs (fused, capturable, ...) is this engine's choice, not training state: a state
-        # saved by an engine on another device must not turn, say, CUDA graphs' capturable AdamW off
-        own = [{k: g[k] for k in HOW_IT_RUNS if k in g} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(self._checked(state["optimizer"]))
-        for group, flags in zip(self.optimizer.param_groups, own):
-            group.update(flags)
+        # saved by an engine on another device must not turn, say, CUDA graphs' capturable AdamW off. Set in the
+        # saved groups, since torch places the loaded step counters by those (on the device for fused/capturable)
+        saved = self._checked(state["optimizer"])
+        saved["param_groups"] = [{**g, **{k: own[k] for k in HOW_IT_RUNS if k in own}}
+                                 for g, own in zip(saved["param_groups"], self.optimizer.param_groups)]
+        self.optimizer.load_state_dict(saved)
         graphs = getattr(self.engine, "graphs", None)
         if graphs is not None:  # captured graphs point at the old optimizer-state tensors: capture again
             graphs.reset()

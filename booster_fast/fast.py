@@ -164,8 +164,9 @@ class FastBooster:
         elif self.distributed:
             reason = "CUDA graphs are not used with several processes"
         elif checkpoint_reads_rng(self.model):
-            reason = ("gradient checkpointing saves the CUDA RNG state for its recompute (preserve_rng_state: "
-                      "the model or its LoRA has dropout), a host read that capture refuses")
+            reason = ("gradient checkpointing saves the CUDA RNG state for its recompute (preserve_rng_state on; "
+                      "enable_gradient_checkpointing turns it off where there is no dropout), a host read that "
+                      "capture refuses")
         if reason is None:
             from .graphs import StepGraphs
 

@@ -240,11 +240,17 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if local:
-            raise ModelError(f"cannot load the model in {name} ({first}): a model directory holds config.json, "
-                             f"the weights (model.safetensors or pytorch_model.bin, or their shards) and the "
-                             f"tokenizer's files") from None
+            files = os.listdir(path)
+            missing = [what for what, there in (
+                ("config.json", "config.json" in files),
+                ("weights (*.safetensors or *.bin)", any(f.endswith((".safetensors", ".bin")) for f in files)))
+                if not there]
+            raise ModelError(f"cannot load the model in {name}: "
+                             + (f"it has no {' and no '.join(missing)}" if missing else first)) from None
         raise ModelError(f"cannot load model {name!r} (a Hugging Face id; built-in presets: {', '.join(PRESETS)}): "
                          f"{first} — download it first (e.g. `huggingface-cli download {name}`)") from None
+    if quant == "none" and len(set((getattr(model, "hf_device_map", None) or {}).values())) == 1:
+        del model.hf_device_map  # one device: not a model split across devices (which the HF Trainer would assume)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     rows = model.get_input_embeddings().num_embeddings
@@ -427,8 +433,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     autograd and the routed LoRA forward sees the same routing, since backward runs inside the route).
 
     The RNG state is saved for the recompute only when the forward draws random numbers (`has_dropout`):
-    saving it reads the CUDA generator's state on the host, which CUDA-graph capture refuses in some torch
-    versions. add_lora calls this again when it adds LoRA dropout to a checkpointed model."""
+    saving it reads the CUDA generator's state on the host, which CUDA-graph capture refuses (the fast engine
+    then runs eagerly: checkpoint_reads_rng). add_lora calls this again when it adds LoRA dropout to a
+    checkpointed model."""
     kwargs = {"use_reentrant": False, "preserve_rng_state": has_dropout(model)}
     # transformers' name from 5.2x on (the old one warns); a model that overrides the old method (remote code)
     # keeps it: the new one would call that override with arguments it does not take

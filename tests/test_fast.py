@@ -280,8 +280,10 @@ def test_a_loaded_optimizer_state_keeps_the_engines_own_way_of_running(batches):
     booster = bf.Booster(model, bf.BoosterConfig(impl="fast"))
     booster.step(*batches[0])
     saved = booster.state_dict()
-    for group in saved["optimizer"]["param_groups"]:
-        group.update(capturable=True, fused=False, foreach=True, lr=1e-4)
+    for group in saved["optimizer"]["param_groups"]:  # as a plain (not fused) AdamW elsewhere would save it
+        group.update(capturable=False, fused=None, foreach=True, lr=1e-4)
+    for st in saved["optimizer"]["state"].values():
+        st["step"] = st["step"].double()
     fresh_model, _ = make_model()
     fresh = bf.Booster(fresh_model, bf.BoosterConfig(impl="fast"))
     own = {k: fresh.optimizer.param_groups[0][k] for k in ("capturable", "fused", "foreach")}
@@ -289,6 +291,7 @@ def test_a_loaded_optimizer_state_keeps_the_engines_own_way_of_running(batches):
     fresh.load_state_dict(saved)
     group = fresh.optimizer.param_groups[0]
     assert {k: group[k] for k in own} == own and group["lr"] == 1e-4
+    assert fresh.optimizer.state[fresh.engine.W]["step"].dtype == torch.float32  # placed as fused AdamW needs it
     assert torch.equal(fresh.optimizer.state[fresh.engine.W]["exp_avg"],
                        booster.optimizer.state[booster.engine.W]["exp_avg"])
     fresh.step(*batches[1])  # and it steps

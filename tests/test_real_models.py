@@ -156,7 +156,7 @@ def test_local_directories_as_users_have_them(model_dir, tmp_path, monkeypatch):
     (home / "empty").mkdir()
     with pytest.raises(ModelError) as e:
         load_model(str(home / "empty"), device="cpu")
-    assert "a model directory holds config.json" in str(e.value) and "download" not in str(e.value)
+    assert "it has no config.json and no weights" in str(e.value) and "download" not in str(e.value)
 
 
 def test_running_out_of_gpu_memory_is_one_line(capsys):
