@@ -71,8 +71,8 @@ def default_fused_ops(device: torch.device) -> bool:
 def default_packing(device: torch.device) -> bool:
     """Default per device: on for both (to_device packs only the batches it shrinks). Packing removes the pad
     positions from every matmul. CPU, measured (benchmarks/results/cpu_tiny_len256.json: the built-in data at
-    max_length 256, the reference padded to each batch's longest row as the original is): 1.15x the reference
-    (1.11x and 1.16x in earlier runs). CUDA: the attention runs flash's variable-length kernel, which computes nothing
+    max_length 256, the reference padded to each batch's longest row as the original is): 1.13x the reference
+    (1.11-1.16x in earlier runs). CUDA: the attention runs flash's variable-length kernel, which computes nothing
     twice; on by design until the GPU suite has measured it."""
     return True
 
