@@ -99,15 +99,16 @@ bench_part() {  # bench_part NAME SECONDS BENCH-ARGS...: a part running the benc
 # the parts in the order of what the targets need most, so that a suite cut short by its deadline still
 # has the headline numbers: (3)+(4) the step benchmark with peak memory, reference / fast eager / fast graphs
 # (/ sft and fast-sft at 1B); fast entries pack their batches and fuse RMSNorm/SwiGLU/RoPE (the defaults):
-# fast-padded shows what packing buys, fast-unfused what the fused model ops buy
+# fast-padded shows what packing buys, fast-unfused what the fused model ops buy. Timed steps are a multiple of
+# the entries, so that every entry goes first equally often in the rotating order
 bench_part bench_7b_bf16 95 --model llama-7b-shape --quant none \
   --impls reference,fast,fast-graphs,fast-padded,fast-unfused \
-  --steps 4 --warmup 2 --output "$RES/gpu_llama-7b-shape_bf16.json"
+  --steps 5 --warmup 2 --output "$RES/gpu_llama-7b-shape_bf16.json"
 bench_part bench_7b_nf4_ckpt 70 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --gradient-checkpointing --output "$RES/gpu_llama-7b-shape_nf4_ckpt.json"
 bench_part bench_1b_bf16 60 --model llama-1b-shape --quant none \
   --impls reference,fast,fast-graphs,fast-padded,fast-unfused,sft,fast-sft \
-  --steps 5 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
+  --steps 7 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
 # (1) each kernel's GB/s against a d2d copy (the model ops too)
 part kernel_bandwidth 35 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
 # (2) graph vs eager over 5 steps on tiny and llama-1b-shape, padded; and packed (two lengths alternating)
@@ -122,6 +123,6 @@ bench_part bench_7b_nf4 50 --model llama-7b-shape --quant nf4 --impls reference,
   --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
 # opt-in: Llama-2-70B's shape in NF4 with checkpointing on this one GPU, the entries sharing one 34 GB packed base
 bench_part bench_70b_nf4_ckpt 420 --model llama-70b-shape --quant nf4 --impls reference,fast,fast-graphs \
-  --steps 2 --warmup 1 --gradient-checkpointing --output "$RES/gpu_llama-70b-shape_nf4_ckpt.json"
+  --steps 3 --warmup 1 --gradient-checkpointing --output "$RES/gpu_llama-70b-shape_nf4_ckpt.json"
 echo "suite done in ${SECONDS}s" | tee -a "$LOG"
 pack
