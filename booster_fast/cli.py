@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "more could be measured in the process (--output keeps what was; rerun without "
                               "fast-graphs)")
     _add_model_args(b, tiny_length=BENCH_TINY_LENGTH)
-    b.add_argument("--impls", default="reference,fast,sft",
+    b.add_argument("--impls", default="reference,fast,sft,fast-sft",
                    help="comma list of reference, fast, fast-merged, fast-unmerged, fast-graphs (CUDA), "
                         "fast-padded (packing off), fast-unfused (fused ops off), sft (the reference engine's "
                         "SFT step), fast-sft (the fast engine's)")
