@@ -76,6 +76,14 @@ class SkipTally:
         return None
 
 
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most GPU memory this process's tensors have held so far, in GiB (the caching allocator's statistics: a
+    host-side read, no sync); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+
 def config_from_args(args, impl: str) -> BoosterConfig:
     tristate = {"auto": None, "on": True, "off": False}
     merge, packing = tristate[args.merge_passes], tristate[getattr(args, "packing", "auto")]
@@ -483,9 +491,11 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         values = torch.stack(pending).tolist()  # .tolist() is a host sync: once per log interval / checkpoint
         now = time.perf_counter()
         dt = (now - t_last) / len(values)
+        peak = peak_memory_gib(device)
         lines = []
         for i, row in enumerate(values):
-            rec = {"step": step - len(values) + 1 + i, **dict(zip(names, row)), "step_time_s": dt}
+            rec = {"step": step - len(values) + 1 + i, **dict(zip(names, row)), "step_time_s": dt,
+                   **({} if peak is None else {"peak_mem_gib": peak})}
             lines.append(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                      for k, v in rec.items()}) + "\n")
         skips.add(row[SKIPPED] for row in values)
@@ -497,6 +507,8 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         if args.method != "sft":  # SFT has no harmful pass: its harmful metrics are NaN
             post.update(h=f"{last['harmful_loss']:.3f}", gnorm=f"{last['harmful_grad_norm']:.2f}")
         post["it_s"] = f"{1 / dt:.2f}"
+        if peak is not None:
+            post["mem_gib"] = peak
         if skips.total:
             post["skipped"] = skips.total
         bar.set_postfix(**post)

@@ -57,6 +57,23 @@ def test_align_writes_metrics_and_adapter(run_dir):
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]
 
 
+def test_on_a_gpu_the_metrics_carry_the_peak_memory(tmp_path, monkeypatch):
+    """On CUDA each metrics line (and the progress bar) carries the most memory the run's tensors have held so far,
+    from the allocator's statistics; on the CPU there is none (the run above has no such key)."""
+    import booster_fast.align as align_module
+
+    assert align_module.peak_memory_gib(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**29)
+    assert align_module.peak_memory_gib(torch.device("cuda")) == 1.5
+    seen = []
+    monkeypatch.setattr(align_module, "peak_memory_gib", lambda device: seen.append(device) or 2.25)
+    out = tmp_path / "run"
+    assert align(out, steps=2) == 0
+    rows = read_metrics(out)
+    assert [r["peak_mem_gib"] for r in rows] == [2.25, 2.25] and set(rows[0]) == METRIC_KEYS | {"peak_mem_gib"}
+    assert seen and all(d == torch.device("cpu") for d in seen)
+
+
 def test_saved_adapter_loads_with_peft(run_dir):
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
