@@ -78,19 +78,46 @@ def absolute_local_path(name: str) -> str:
     return os.path.abspath(os.path.expanduser(name))
 
 
-def preset_weight_bytes(name: str, quant: str = "none", dtype: torch.dtype = torch.bfloat16, **overrides) -> int:
-    """Bytes of a shape preset's weights once built (LoRA and activations not included). NF4 packs a decoder
-    weight into 4 bits plus, per block of 64, one 8-bit scale (double quantisation: 8-bit scales with an fp32 one
-    per 256 of them); norms, embeddings and the LM head stay in `dtype`."""
-    c = {**PRESETS[name], **overrides}
-    h, n_layers, vocab = c["hidden_size"], c["num_hidden_layers"], c.get("vocab_size", 32000)
-    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
-    linear = n_layers * (2 * h * h + 2 * h * kv + 3 * h * c["intermediate_size"])
-    rest = n_layers * 2 * h + h + 2 * vocab * h  # norms, final norm, embeddings, LM head
+def weight_bytes(linear: int, rest: int, quant: str = "none", dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of a model's weights from its parameter counts: `linear` in the Linear layers that NF4 quantises (all
+    but the LM head), `rest` elsewhere (norms, embeddings, the LM head), which stay in `dtype`. NF4 packs a weight
+    into 4 bits plus, per block of 64, one 8-bit scale (double quantisation: 8-bit scales with an fp32 one per
+    256 of them). LoRA and activations are not included."""
     size = torch.finfo(dtype).bits // 8
     if quant == "nf4":
         return int(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + rest * size
     return (linear + rest) * size
+
+
+def preset_weight_counts(name: str, **overrides) -> tuple[int, int]:
+    """(parameters NF4 quantises, the others) of a shape preset."""
+    c = {**PRESETS[name], **overrides}
+    h, n_layers, vocab = c["hidden_size"], c["num_hidden_layers"], c.get("vocab_size", 32000)
+    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
+    linear = n_layers * (2 * h * h + 2 * h * kv + 3 * h * c["intermediate_size"])
+    return linear, n_layers * 2 * h + h + 2 * vocab * h  # norms, final norm, embeddings, LM head
+
+
+def preset_weight_bytes(name: str, quant: str = "none", dtype: torch.dtype = torch.bfloat16, **overrides) -> int:
+    """Bytes of a shape preset's weights once built (weight_bytes)."""
+    return weight_bytes(*preset_weight_counts(name, **overrides), quant, dtype)
+
+
+def pretrained_weight_counts(path: str, trust_remote_code: bool = False) -> tuple[int, int] | None:
+    """(parameters NF4 quantises, the others) of a pretrained model, from its config alone (the model built
+    without memory, on the meta device); None when that cannot be done (the load itself will then say why)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = from_hub(AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - only a check ahead of the load, which reports its own errors
+        return None
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    return linear, sum(p.numel() for p in model.parameters()) - linear
 
 
 def cuda_free_bytes(device) -> int:
@@ -100,17 +127,21 @@ def cuda_free_bytes(device) -> int:
     return torch.cuda.mem_get_info(device)[0] + cached
 
 
-def check_fits(name: str, quant: str, dtype: torch.dtype, free_bytes: int, device="cuda", **overrides):
-    """ModelError when a preset's weights alone exceed the device's free memory (naming the 4-bit way out)."""
-    need = preset_weight_bytes(name, quant, dtype, **overrides)
+def check_fits(name: str, quant: str, dtype: torch.dtype, free_bytes: int, device="cuda", counts=None,
+               **overrides):
+    """ModelError when a model's weights alone exceed the device's free memory (naming the 4-bit way out): a
+    preset's, or any model's given its parameter `counts` (pretrained_weight_counts)."""
+    counts = counts or preset_weight_counts(name, **overrides)
+    need = weight_bytes(*counts, quant, dtype)
     if need <= free_bytes:
         return
-    gib = 2**30
-    hint = (f"; with --quant nf4 they take ~{preset_weight_bytes(name, 'nf4', dtype, **overrides) / gib:.0f} GiB"
-            if quant == "none" else "")
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.{0 if n >= 10 * 2**30 else 1}f}"
+
+    hint = f"; with --quant nf4 they take ~{gib(weight_bytes(*counts, 'nf4', dtype))} GiB" if quant == "none" else ""
     kind = "NF4" if quant == "nf4" else str(dtype).removeprefix("torch.")
-    raise ModelError(f"{name} needs ~{need / gib:.0f} GiB for its {kind} weights alone and {device} has "
-                     f"{free_bytes / gib:.0f} GiB free{hint}")
+    raise ModelError(f"{name} needs ~{gib(need)} GiB for its {kind} weights alone and {device} has "
+                     f"{gib(free_bytes)} GiB free{hint}")
 
 
 def _build_preset(name, dtype, seed, device, overrides, quantize_layers=False):
@@ -224,6 +255,10 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
     if looks_like_path and not local:
         raise ModelError(f"--model {name}: no such directory (built-in presets: {', '.join(PRESETS)}; or a "
                          f"Hugging Face id such as meta-llama/Llama-2-7b-hf)")
+    if device.type == "cuda":  # one line now rather than an out-of-memory error minutes into the load
+        counts = pretrained_weight_counts(path, trust_remote_code)
+        if counts is not None:
+            check_fits(name, quant, dtype, cuda_free_bytes(device), device, counts=counts)
     # the weights go straight to the device as they load (a 70B bf16 checkpoint never sits in host memory whole);
     # from the hub only the safetensors files (no pickled .bin), a local directory's .bin is the user's own
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device},

@@ -171,3 +171,19 @@ def test_running_out_of_gpu_memory_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("booster-fast: error: out of GPU memory (CUDA out of memory)")
     assert "--gradient-checkpointing" in err[0] and "--quant nf4" in err[0]
+
+
+def test_a_pretrained_model_too_big_for_the_gpu_is_refused_before_it_loads(model_dir, monkeypatch):
+    """The fit check of the presets applies to pretrained models too, from their config alone (the model built on
+    the meta device): one line before any weight is read, naming the 4-bit way out. Its count is exact."""
+    import booster_fast.models as models
+
+    counts = models.pretrained_weight_counts(str(model_dir))
+    loaded, _ = load_model(str(model_dir), device="cpu")
+    assert models.weight_bytes(*counts) == sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert models.pretrained_weight_counts(str(model_dir / "missing")) is None  # the load says why, not the check
+
+    monkeypatch.setattr(models, "cuda_free_bytes", lambda device: models.weight_bytes(*counts) // 2)
+    with pytest.raises(ModelError, match=r"needs ~0.0 GiB for its bfloat16 weights alone and cuda has 0.0 GiB "
+                                         r"free; with --quant nf4"):
+        load_model(str(model_dir), device="cuda")
