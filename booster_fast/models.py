@@ -105,12 +105,15 @@ def preset_weight_bytes(name: str, quant: str = "none", dtype: torch.dtype = tor
 
 def pretrained_weight_counts(path: str, trust_remote_code: bool = False) -> tuple[int, int] | None:
     """(parameters NF4 quantises, the others) of a pretrained model, from its config alone (the model built
-    without memory, on the meta device); None when that cannot be done (the load itself will then say why)."""
+    without memory, on the meta device); None when that cannot be done (the load itself will then say why) or
+    when the checkpoint is quantised already (its weights are smaller than the counts say)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = from_hub(AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
+        if getattr(config, "quantization_config", None):
+            return None
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - only a check ahead of the load, which reports its own errors

@@ -182,6 +182,13 @@ def test_a_pretrained_model_too_big_for_the_gpu_is_refused_before_it_loads(model
     loaded, _ = load_model(str(model_dir), device="cpu")
     assert models.weight_bytes(*counts) == sum(p.numel() * p.element_size() for p in loaded.parameters())
     assert models.pretrained_weight_counts(str(model_dir / "missing")) is None  # the load says why, not the check
+    from transformers import AutoConfig
+
+    quantised = AutoConfig.from_pretrained(str(model_dir))
+    quantised.quantization_config = {"quant_method": "gptq", "bits": 4}
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **k: quantised)
+    assert models.pretrained_weight_counts(str(model_dir)) is None  # a quantised checkpoint: no false refusal
+    monkeypatch.undo()
 
     monkeypatch.setattr(models, "cuda_free_bytes", lambda device: models.weight_bytes(*counts) // 2)
     with pytest.raises(ModelError, match=r"needs ~0.0 GiB for its bfloat16 weights alone and cuda has 0.0 GiB "
