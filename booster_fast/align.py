@@ -18,6 +18,7 @@ its own shard and rank 0 alone writes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .atomic import existing_folder
-from .cli import UsageError
+from .cli import OutputError, UsageError
 from .config import BoosterConfig
 from .models import PRESETS as MODEL_PRESETS, absolute_local_path
 
@@ -483,6 +484,16 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
     pending, t_last, saved_at = [], time.perf_counter(), start if last_ckpt else None
     bar = tqdm(total=steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc=args.method)
 
+    @contextlib.contextmanager
+    def writing(what: str):
+        """An OSError while writing `what` (a full disk, a folder gone) as one line that says what is kept."""
+        try:
+            yield
+        except OSError as e:
+            kept = (f"; the last checkpoint is {last_ckpt}: resume with booster-fast align --resume "
+                    f"{shlex.quote(str(args.output))} once it can be written" if last_ckpt else "")
+            raise OutputError(f"cannot write {what} in {run.path}: {e.strerror or e}{kept}") from None
+
     def flush(step):
         """Bring the pending metrics to the host (the loop's one sync), write them, check --max-skipped."""
         nonlocal pending, t_last
@@ -500,8 +511,9 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
                                      for k, v in rec.items()}) + "\n")
         skips.add(row[SKIPPED] for row in values)
         if metrics_file:
-            metrics_file.write("".join(lines).encode())
-            metrics_file.flush()  # readable as it grows (fsynced only at checkpoints)
+            with writing(METRICS_FILE):
+                metrics_file.write("".join(lines).encode())
+                metrics_file.flush()  # readable as it grows (fsynced only at checkpoints)
         last = dict(zip(names, values[-1]))
         post = dict(loss=f"{last['loss']:.3f}")
         if args.method != "sft":  # SFT has no harmful pass: its harmful metrics are NaN
@@ -529,13 +541,14 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         nonlocal last_ckpt, saved_at
         flush(step)
         if rank == 0:
-            metrics_file.flush()
-            fsync_file(run.path / METRICS_FILE)
-            last_ckpt = save_checkpoint(run.path, step, model, booster, streams,
-                                        {"skipped": skips.total, "skipped_in_a_row": skips.in_a_row,
-                                         "metrics_bytes": metrics_file.tell(), "steps": steps},
-                                        args.keep_checkpoints)
-            run.commit()
+            with writing(f"the checkpoint of step {step}"):
+                metrics_file.flush()
+                fsync_file(run.path / METRICS_FILE)
+                last_ckpt = save_checkpoint(run.path, step, model, booster, streams,
+                                            {"skipped": skips.total, "skipped_in_a_row": skips.in_a_row,
+                                             "metrics_bytes": metrics_file.tell(), "steps": steps},
+                                            args.keep_checkpoints)
+                run.commit()
         saved_at = step
         if world > 1:
             import torch.distributed as dist
@@ -571,8 +584,9 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         if saved_at != steps:
             checkpoint(steps)
         if rank == 0:
-            metrics_file.close()
-            run.finish(model, tok)
+            with writing("the adapter"):
+                metrics_file.close()
+                run.finish(model, tok)
             log.info("saved adapter and metrics to %s%s", args.output,
                      f" ({skips.total} non-finite updates skipped)" if skips.total else "")
         return 0

@@ -22,6 +22,10 @@ class UsageError(ValueError):
     """Bad input from the user: reported in one line, exit code 2."""
 
 
+class OutputError(RuntimeError):
+    """An output a run could not write partway (a full disk, say): reported in one line, exit code 1."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C, so that a command's cleanup (its finally blocks remove
     what it had half-written) runs before the process ends with exit code 143. align installs its own handler
@@ -116,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter",
                        epilog="exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 3 more than "
-                              "--max-skipped non-finite updates, or 10 in a row (checkpoints are kept); 4 out of "
+                              "--max-skipped non-finite updates, or 10 in a row (checkpoints are kept); 1 a "
+                              "checkpoint, the metrics or the adapter could not be written (a full disk: one line; "
+                              "earlier checkpoints are kept); 4 out of "
                               "GPU memory (one line; checkpoints are kept); 130 / 143 stopped by SIGINT / SIGTERM "
                               "after a checkpoint (the line says how to resume)")
     _add_model_args(a)
@@ -176,9 +182,9 @@ OUT_OF_MEMORY = 4  # the exit code of a run that ran out of device memory
 
 
 def run_reporting(fn, *args) -> int:
-    """Run fn(*args) and return its exit code; a user error becomes one line on stderr and exit code 2, running out
-    of device memory one line and exit code 4, Ctrl-C exit code 130, SIGTERM 143 (all after the command's cleanup).
-    Every subcommand runs through here."""
+    """Run fn(*args) and return its exit code; a user error becomes one line on stderr and exit code 2, an output
+    that cannot be written partway one line and exit code 1, running out of device memory one line and exit code
+    4, Ctrl-C exit code 130, SIGTERM 143 (all after the command's cleanup). Every subcommand runs through here."""
     import torch
 
     from .data import DataError
@@ -191,6 +197,9 @@ def run_reporting(fn, *args) -> int:
     except (UsageError, DataError, ModelError) as e:
         print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except OutputError as e:
+        print(f"booster-fast: error: {e}", file=sys.stderr)
+        return 1
     except torch.cuda.OutOfMemoryError as e:  # a configuration too big for the GPU, found at its first step or
         # at a long batch hours in: one line with the ways to need less, not a traceback
         first = (str(e).strip().splitlines() or ["CUDA out of memory"])[0]

@@ -560,3 +560,34 @@ def test_a_first_update_skipped_alone_does_not_stop_the_run(tmp_path, poison):
     poison({1})
     assert main(["align", "--output", str(tmp_path / "ok"), "--steps", "3", *SMALL, "--log-every", "1"]) == 0
     assert [r["skipped"] for r in read_metrics(tmp_path / "ok")] == [1.0, 0.0, 0.0]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    """A checkpoint that cannot be written (here: the disk full at the step-4 checkpoint) ends the run with one
+    line naming the last checkpoint and exit code 1, no traceback and no half-written checkpoint; once there is
+    room the run resumes from that checkpoint and ends as an uninterrupted one does."""
+    import errno
+
+    import booster_fast.checkpoint as checkpoint
+
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    args = ["--steps", str(STEPS), "--max-length", "64", "--batch-size", "2", "--save-every", "2"]
+    assert main(["align", "--output", str(whole), *args]) == 0
+    real, saves = torch.save, []
+
+    def save(obj, f, *a, **k):
+        saves.append(f)
+        if str(f).endswith("optimizer.pt") and "step-000004" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    capsys.readouterr()
+    assert main(["align", "--output", str(run), *args]) == 1
+    line = one_error_line(capsys.readouterr().err, progress=True)
+    assert "cannot write the checkpoint of step 4" in line and "No space left on device" in line
+    assert f"the last checkpoint is {run / 'checkpoints' / 'step-000002'}" in line and "--resume" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+    monkeypatch.setattr(checkpoint.torch, "save", real)
+    assert main(["align", "--resume", str(run)]) == 0
+    assert_same_run(run, whole)
