@@ -96,10 +96,10 @@ def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> Non
 
 def write_json_atomic(path: str | Path, obj) -> None:
     """`obj` as indented JSON. An OSError (a full disk, a folder gone or read-only) becomes a one-line
-    UsageError: the CLI's exit code 2, no traceback."""
-    from .cli import UsageError
+    OutputError: the CLI's exit code 1, no traceback."""
+    from .cli import OutputError
 
     try:
         write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
     except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None

@@ -439,6 +439,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
 
     from . import Booster, BoosterConfig
     from .align import DEFAULT_MAX_SKIPPED, NonFiniteAbort, SkipTally
+    from .cli import OutputError
     from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_safety_data
     from .models import check_positions
 
@@ -535,9 +536,12 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                                         **({"skipped": skips.total} if skips.total else {}))
                         bar.update(len(pending))
                         pending, t_last = [], time.perf_counter()
-        model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
-        tok.save_pretrained(str(tmp))
-        publish_dir(tmp, out)
+        try:
+            model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
+            tok.save_pretrained(str(tmp))
+            publish_dir(tmp, out)
+        except OSError as e:  # a full disk after the whole attack: one line, nothing half-written left
+            raise OutputError(f"cannot write the attacked adapter to {out}: {e.strerror or e}") from None
         ok = True
         log.info("saved the attacked adapter and metrics to %s (held-out harmful loss %.4f at step %d)",
                  out, rec["harmful_loss"], steps)

@@ -151,3 +151,23 @@ def test_sigterm_handler_is_put_back_after_a_command():
     seen = []
     assert run_reporting(lambda: seen.append(signal.getsignal(signal.SIGTERM)) or 0) == 0
     assert seen[0] is not before and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_full_disk_at_the_end_of_the_attack_is_one_line(aligned, tmp_path, capsys, monkeypatch):
+    """The attacked adapter that cannot be written (a full disk after the whole attack) ends in one line with
+    exit code 1, and leaves neither the output nor its temporary directory behind."""
+    import errno
+
+    from peft import PeftModel
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", full)
+    out = tmp_path / "attacked"
+    capsys.readouterr()
+    assert main(["attack", "--adapter", str(aligned), "--benign", "builtin", "--samples", "8", "--steps", "1",
+                 "--batch-size", "2", "--eval-rows", "2", "--output", str(out)]) == 1
+    lines = [x for x in capsys.readouterr().err.strip().splitlines() if x.startswith("booster-fast")]
+    assert lines == [f"booster-fast: error: cannot write the attacked adapter to {out}: No space left on device"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -449,11 +449,11 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def test_atomic_json_write_error_is_one_line(tmp_path):
     from booster_fast.atomic import write_json_atomic
-    from booster_fast.cli import UsageError
+    from booster_fast.cli import OutputError
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    with pytest.raises(UsageError, match=r"cannot write .*doc\.json"):
+    with pytest.raises(OutputError, match=r"cannot write .*doc\.json"):
         write_json_atomic(blocker / "doc.json", {})
 
 
