@@ -71,7 +71,7 @@ from .batches import tokens
 from .bench_measure import (HFU_FLOPS, MFU_FLOPS, SFT, cpu_gauge, held_bytes, matmul_params, matmul_tflops,
                             method_flops, micro, model_flops, pass_batches, peak_tflops, quant_state_tensors, sync,
                             transient_bytes)
-from .atomic import check_writable_file, write_text_atomic
+from .atomic import check_writable_file, write_json_atomic
 from .bench_report import format_table, machine_info, plot
 from .cli import UsageError
 from .config import BoosterConfig
@@ -421,7 +421,7 @@ def run_bench(args) -> int:
                "config": run_config(args, names, device, n_params, n_lora, rate, peak),
                "results": results, "speedup": speedup, "complete": complete}
         if getattr(args, "output", None):
-            write_text_atomic(args.output, json.dumps(doc, indent=2) + "\n")
+            write_json_atomic(args.output, doc)  # a full disk: one line, exit 1
         return doc
 
     try:
