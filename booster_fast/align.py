@@ -18,7 +18,6 @@ its own shard and rank 0 alone writes.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -32,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import existing_folder
-from .cli import OutputError, UsageError
+from .atomic import existing_folder, writes
+from .cli import NonFiniteAbort, UsageError
 from .config import BoosterConfig
 from .models import PRESETS as MODEL_PRESETS, absolute_local_path
 
@@ -44,15 +43,10 @@ SKIPPED = METRICS.index("skipped")
 DEFAULT_MAX_SKIPPED = 100   # see --max-skipped's help: a healthy fp32/bf16 run skips none
 SKIPPED_IN_A_ROW = 10       # this many skipped updates in a row stop a run (exit 3): it has diverged
 DEFAULT_STEPS, DEFAULT_EPOCHS = 20, 20.0  # built-in models: a 20-step demo; a real model: the paper's 20 epochs
-EXIT_NONFINITE = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # flags a resumed run may change: they do not touch the maths of an update
 RESUME_FREE = ("device", "log_every", "save_every", "keep_checkpoints", "max_skipped")
 RESUME_IGNORED = ("command", "output", "overwrite", "resume")
-
-
-class NonFiniteAbort(RuntimeError):
-    """Too many updates were skipped as non-finite (exit code 3; see SkipTally.too_many)."""
 
 
 class SkipTally:
@@ -437,9 +431,6 @@ def run_align(args) -> int:
                           device)
             _dist_teardown()
             return code
-    except NonFiniteAbort as e:
-        print(f"booster-fast: error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
     finally:
         if run is not None:
             run.abandon()   # removes a run that failed before its first checkpoint; a no-op after one
@@ -484,15 +475,11 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
     pending, t_last, saved_at = [], time.perf_counter(), start if last_ckpt else None
     bar = tqdm(total=steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc=args.method)
 
-    @contextlib.contextmanager
     def writing(what: str):
-        """An OSError while writing `what` (a full disk, a folder gone) as one line that says what is kept."""
-        try:
-            yield
-        except OSError as e:
-            kept = (f"; the last checkpoint is {last_ckpt}: resume with booster-fast align --resume "
-                    f"{shlex.quote(str(args.output))} once it can be written" if last_ckpt else "")
-            raise OutputError(f"cannot write {what} in {run.path}: {e.strerror or e}{kept}") from None
+        """`writes` for an output of the run: the one-line error names the last checkpoint to resume from."""
+        kept = (f"; the last checkpoint is {last_ckpt}: resume with booster-fast align --resume "
+                f"{shlex.quote(str(args.output))} once it can be written" if last_ckpt else "")
+        return writes(f"{what} in {run.path}", kept)
 
     def flush(step):
         """Bring the pending metrics to the host (the loop's one sync), write them, check --max-skipped."""

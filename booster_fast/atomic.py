@@ -5,6 +5,7 @@ reader (or a run killed mid-write) sees the old file or the new one, never half 
 plain `open(path, "w")` would give it (0666 less the umask; the temporary file starts at 0600)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -94,12 +95,19 @@ def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> Non
     write_atomic(path, lambda f: f.write(text.encode("utf-8")), durable)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """`obj` as indented JSON. An OSError (a full disk, a folder gone or read-only) becomes a one-line
-    OutputError: the CLI's exit code 1, no traceback."""
+@contextlib.contextmanager
+def writes(what: str, kept: str = ""):
+    """Inside, an OSError (a full disk, a folder gone or read-only) becomes the one-line OutputError "cannot write
+    WHAT: reason" + `kept` (what a later run can still use): the CLI's exit code 1, no traceback."""
     from .cli import OutputError
 
     try:
-        write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+        yield
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write {what}: {e.strerror or e}{kept}") from None
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """`obj` as indented JSON; an OSError is a one-line OutputError (`writes`)."""
+    with writes(str(path)):
+        write_text_atomic(path, json.dumps(obj, indent=2) + "\n")

@@ -43,7 +43,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -411,7 +410,7 @@ def harmful_rows_source(src: str, split: str, harmful_file: str | None) -> tuple
 
 
 def run_attack(args) -> int:
-    from .align import EXIT_NONFINITE, NonFiniteAbort, check_device_flags, resolve_device
+    from .align import check_device_flags, resolve_device
     from .cli import UsageError
 
     _check_args(args)
@@ -426,11 +425,7 @@ def run_attack(args) -> int:
     device = resolve_device(args.device)
     check_device_flags(args, device)
     with flush_denormals(device):
-        try:
-            return _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device)
-        except NonFiniteAbort as e:
-            print(f"booster-fast: error: {e}", file=sys.stderr)
-            return EXIT_NONFINITE
+        return _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device)
 
 
 def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device) -> int:
@@ -438,8 +433,9 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     from tqdm.auto import tqdm
 
     from . import Booster, BoosterConfig
-    from .align import DEFAULT_MAX_SKIPPED, NonFiniteAbort, SkipTally
-    from .cli import OutputError
+    from .align import DEFAULT_MAX_SKIPPED, SkipTally
+    from .atomic import writes
+    from .cli import NonFiniteAbort
     from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_safety_data
     from .models import check_positions
 
@@ -536,12 +532,10 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                                         **({"skipped": skips.total} if skips.total else {}))
                         bar.update(len(pending))
                         pending, t_last = [], time.perf_counter()
-        try:
+        with writes(f"the attacked adapter to {out}"):  # a full disk after the whole attack: one line
             model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
             tok.save_pretrained(str(tmp))
             publish_dir(tmp, out)
-        except OSError as e:  # a full disk after the whole attack: one line, nothing half-written left
-            raise OutputError(f"cannot write the attacked adapter to {out}: {e.strerror or e}") from None
         ok = True
         log.info("saved the attacked adapter and metrics to %s (held-out harmful loss %.4f at step %d)",
                  out, rec["harmful_loss"], steps)

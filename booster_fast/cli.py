@@ -26,6 +26,11 @@ class OutputError(RuntimeError):
     """An output a run could not write partway (a full disk, say): reported in one line, exit code 1."""
 
 
+class NonFiniteAbort(RuntimeError):
+    """Too many updates were skipped as non-finite (align, attack: align.SkipTally.too_many): reported in one
+    line, exit code 3."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C, so that a command's cleanup (its finally blocks remove
     what it had half-written) runs before the process ends with exit code 143. align installs its own handler
@@ -119,12 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter",
-                       epilog="exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 3 more than "
-                              "--max-skipped non-finite updates, or 10 in a row (checkpoints are kept); 1 a "
-                              "checkpoint, the metrics or the adapter could not be written (a full disk: one line; "
-                              "earlier checkpoints are kept); 4 out of "
-                              "GPU memory (one line; checkpoints are kept); 130 / 143 stopped by SIGINT / SIGTERM "
-                              "after a checkpoint (the line says how to resume)")
+                       epilog="exit codes: 0 done; 1 a checkpoint, the metrics or the adapter could not be written "
+                              "(a full disk: one line; earlier checkpoints are kept); 2 bad input (one line on "
+                              "stderr, nothing written); 3 more than --max-skipped non-finite updates, or 10 in a "
+                              "row (checkpoints are kept); 4 out of GPU memory (one line; checkpoints are kept); "
+                              "130 / 143 stopped by SIGINT / SIGTERM after a checkpoint (the line says how to "
+                              "resume)")
     _add_model_args(a)
     a.add_argument("--data", default="builtin", help="builtin | beavertails | PATH (.json/.jsonl)")
     a.add_argument("--harmful-data", default=None, help="harmful set for an instruction/input/output --data file")
@@ -178,13 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_NONFINITE = 3  # the exit code of a run stopped for its non-finite updates
 OUT_OF_MEMORY = 4  # the exit code of a run that ran out of device memory
 
 
 def run_reporting(fn, *args) -> int:
     """Run fn(*args) and return its exit code; a user error becomes one line on stderr and exit code 2, an output
-    that cannot be written partway one line and exit code 1, running out of device memory one line and exit code
-    4, Ctrl-C exit code 130, SIGTERM 143 (all after the command's cleanup). Every subcommand runs through here."""
+    that cannot be written partway one line and exit code 1, too many non-finite updates one line and exit code
+    3, running out of device memory one line and exit code 4, Ctrl-C exit code 130, SIGTERM 143 (all after the
+    command's cleanup). Every subcommand runs through here."""
     import torch
 
     from .data import DataError
@@ -200,6 +207,9 @@ def run_reporting(fn, *args) -> int:
     except OutputError as e:
         print(f"booster-fast: error: {e}", file=sys.stderr)
         return 1
+    except NonFiniteAbort as e:
+        print(f"booster-fast: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     except torch.cuda.OutOfMemoryError as e:  # a configuration too big for the GPU, found at its first step or
         # at a long batch hours in: one line with the ways to need less, not a traceback
         first = (str(e).strip().splitlines() or ["CUDA out of memory"])[0]
