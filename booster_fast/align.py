@@ -467,6 +467,11 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
                 else f"{args.batch_size}+{args.harmful_batch_size}")
         log.info("align: %s on %s, %s/%s, %d steps of %s rows x %d tokens%s%s", args.model, device, method,
                  cfg.impl, steps, rows, args.max_length, packing, resumed)
+        if device.type == "cuda":
+            from .memory import log_fit
+
+            micro = args.batch_size // args.grad_accum
+            log_fit(booster, micro, args.harmful_batch_size // args.grad_accum, args.max_length, args.method, device)
         if cfg.impl == "reference":
             log.info("reference: non-finite updates are applied as in the original trainer, not skipped "
                      "(--impl fast skips them)")

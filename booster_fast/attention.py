@@ -72,6 +72,14 @@ def _flash_varlen():
     return None, None, "torch.nn.attention.varlen.varlen_attn takes no causal flag"
 
 
+def packed_kv_grouped(device) -> bool:
+    """Whether packed attention on `device` keeps grouped-query k/v at their own head count (memory.py counts
+    what the backward keeps): the grid path and a flash varlen that takes enable_gqa do; an older varlen gets
+    them repeated to every query head."""
+    flash, params, _ = _flash_varlen()
+    return torch.device(device).type != "cuda" or flash is None or "enable_gqa" in params
+
+
 def _on_cuda(t: torch.Tensor) -> bool:
     return t.is_cuda
 

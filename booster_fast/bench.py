@@ -36,7 +36,8 @@ computes (`model_flops`: pads, packing filler and the LM head on unlabelled posi
 entry keeps the GPU, useful work or not.
 
 Peak memory (peak_mem_mb): what one implementation would need alone in a process (bench_measure.py says how
-it is measured on CUDA and on the CPU).
+it is measured on CUDA and on the CPU); est_peak_mb beside it is memory.py's estimate from the model's shape,
+the one `booster-fast memory` prints and align checks before its first step.
 
 ops_per_step: aten ops dispatched by one more step (booster_fast.opcount); launches_per_step: those of them
 that launch a kernel on a GPU (views, other metadata ops and bare allocations left out), plus the package's
@@ -187,6 +188,16 @@ def graph_pool_bytes(engine) -> int:
     except Exception as e:  # noqa: BLE001 - an allocator API that moved must not cost the whole benchmark
         log.warning("bench: cannot size the CUDA graph pool (%s); peak_mem_mb leaves it out", e)
         return 0
+
+
+def _estimated_mb(name: str, booster, args) -> float | None:
+    """memory.py's estimate of the entry's peak (MB), beside the measured peak_mem_mb: the GPU suite checks it."""
+    from .memory import of_booster
+
+    micro = args.grad_accum
+    est = of_booster(booster, args.batch_size // micro, args.harmful_batch_size // micro, args.max_length,
+                     "sft" if name in SFT else "booster")
+    return None if est is None else round(est.total / 2**20, 1)
 
 
 def _first_line(e: BaseException) -> str:
@@ -455,7 +466,8 @@ def run_bench(args) -> int:
                 continue
             graphs = getattr(booster.engine, "graphs", None)
             results[name].update({
-                "peak_mem_mb": round(held / 2**20, 1), "ops_per_step": ops["total"],
+                "peak_mem_mb": round(held / 2**20, 1), "est_peak_mb": _estimated_mb(name, booster, args),
+                "ops_per_step": ops["total"],
                 "launches_per_step": ops["launches"],
                 "bookkeeping_ops": ops["bookkeeping"] if name.startswith("fast") else None,
                 "host_syncs_per_step": sum(ops["host_syncs"].values()),

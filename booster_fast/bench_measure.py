@@ -21,6 +21,7 @@ import time
 import torch
 
 from .batches import tokens
+from .memory import quant_state_tensors
 
 SFT = ("sft", "fast-sft")  # the bench entries that time the plain SFT step
 FLOPS_PER_POSITION = ("4N per position and pass: 2N forward + 2N backward to the activations (the base is frozen, "
@@ -62,15 +63,6 @@ def held_bytes(booster) -> int:
         ts += [v for v in vars(obj).values() if torch.is_tensor(v)] if obj is not None else []
     ts += [t for p in model.parameters() for t in quant_state_tensors(p)]
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
-
-
-def quant_state_tensors(p) -> list[torch.Tensor]:
-    """The tensors bitsandbytes keeps beside an NF4 weight (its statistics, doubly quantised); [] for others."""
-    out, qs = [], getattr(p, "quant_state", None)
-    while qs is not None:
-        out += [v for v in vars(qs).values() if torch.is_tensor(v)]
-        qs = getattr(qs, "state2", None)
-    return out
 
 
 class _MallInfo2(ctypes.Structure):

@@ -119,17 +119,8 @@ def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128):
                    help="allow a Hugging Face model to run its own Python code (off unless asked)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="booster-fast", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter",
-                       epilog="exit codes: 0 done; 1 a checkpoint, the metrics or the adapter could not be written "
-                              "(a full disk: one line; earlier checkpoints are kept); 2 bad input (one line on "
-                              "stderr, nothing written); 3 more than --max-skipped non-finite updates, or 10 in a "
-                              "row (checkpoints are kept); 4 out of GPU memory (one line; checkpoints are kept); "
-                              "130 / 143 stopped by SIGINT / SIGTERM after a checkpoint (the line says how to "
-                              "resume)")
+def _add_align_args(a: argparse.ArgumentParser):
+    """align's flags (also memory's, which takes align's command line as it is)."""
     _add_model_args(a)
     a.add_argument("--data", default="builtin", help="builtin | beavertails | PATH (.json/.jsonl)")
     a.add_argument("--harmful-data", default=None, help="harmful set for an instruction/input/output --data file")
@@ -161,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "has diverged). Not with "
                         "--impl reference, which applies them as the original trainer does")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="booster-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("align", help="align a model with Booster (or SFT) and save the LoRA adapter",
+                       epilog="exit codes: 0 done; 1 a checkpoint, the metrics or the adapter could not be written "
+                              "(a full disk: one line; earlier checkpoints are kept); 2 bad input (one line on "
+                              "stderr, nothing written); 3 more than --max-skipped non-finite updates, or 10 in a "
+                              "row (checkpoints are kept); 4 out of GPU memory (one line; checkpoints are kept); "
+                              "130 / 143 stopped by SIGINT / SIGTERM after a checkpoint (the line says how to "
+                              "resume)")
+    _add_align_args(a)
+
     b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process",
                        epilog="exit codes: 0 done; 1 an entry failed (the others are reported); 2 bad input (one "
                               "line on stderr, nothing written); 3 a CUDA graph capture was invalidated, so nothing "
@@ -176,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="end stdout with one JSON document")
     b.add_argument("--output", default=None, metavar="FILE.json", help="also write the JSON document here (atomically)")
     b.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of ms/step (needs matplotlib)")
+
+    m = sub.add_parser("memory", help="estimate a step's peak GPU memory for align's flags, without loading the model",
+                       description="The peak memory of one align step on the GPU (weights, LoRA state, activations, "
+                                   "logits), estimated from the model's config alone, beside what --gradient-"
+                                   "checkpointing and --quant nf4 would change. Takes align's command line as it is.")
+    _add_align_args(m)
 
     from . import attack, evaluate, experiment  # the defence pipeline: each module declares its own flags
     for module in (attack, evaluate, experiment):
@@ -239,7 +250,7 @@ def main(argv=None) -> int:
     for flag in ("model", "base_model"):  # a local model directory is recorded absolute
         if getattr(args, flag, None):
             setattr(args, flag, absolute_local_path(getattr(args, flag)))
-    if args.command == "align":  # so are local data files: a resume may start in another directory
+    if args.command in ("align", "memory"):  # so are local data files: a resume may start in another directory
         for flag in ("data", "harmful_data"):
             if getattr(args, flag, None):
                 setattr(args, flag, absolute_local_path(getattr(args, flag)))
@@ -253,6 +264,8 @@ def main(argv=None) -> int:
         args.max_length = (BENCH_TINY_LENGTH if args.command == "bench" else 128) if tiny else 256
     if args.command == "align":
         return run_reporting(_align, args)
+    if args.command == "memory":
+        return run_reporting(_memory, args)
     return run_reporting(_bench, args)
 
 
@@ -268,6 +281,13 @@ def _align(args) -> int:
 
     with flush_denormals("cpu" if _on_cpu(args) else "cuda"):  # long CPU runs otherwise slow down 6-10x
         return run_align(args)
+
+
+def _memory(args) -> int:
+    from .memory import for_args
+
+    print(for_args(args))
+    return 0
 
 
 def _bench(args) -> int:

@@ -13,7 +13,7 @@ from booster_fast.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {"step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ops_per_step",
                "bookkeeping_ops", "host_syncs_per_step", "ratio_to_sft", "sft_baseline", "cuda_graphs", "mfu",
-               "hfu", "packed_share", "positions_per_step", "launches_per_step", "graphs_fallback"}
+               "hfu", "packed_share", "positions_per_step", "launches_per_step", "graphs_fallback", "est_peak_mb"}
 SFT = ("sft", "fast-sft")
 
 
@@ -43,6 +43,8 @@ def test_bench_json_smoke(capsys, tmp_path):
         assert set(r) == RESULT_KEYS - ({"ratio_to_sft", "sft_baseline"} if name in SFT else set()), name
         for key in ("step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ratio_to_sft"):
             assert name in SFT and key == "ratio_to_sft" or _is_number(r[key]) and r[key] > 0, (name, key, r[key])
+        # memory.py's estimate beside the measured peak (the CPU gauge samples: a loose band)
+        assert 0.5 < r["est_peak_mb"] / r["peak_mem_mb"] < 2, (name, r["est_peak_mb"], r["peak_mem_mb"])
         assert isinstance(r["ops_per_step"], int) and r["ops_per_step"] > 0
         # views and other metadata ops launch nothing: a model pass is about half of them
         assert 0.3 * r["ops_per_step"] < r["launches_per_step"] < 0.8 * r["ops_per_step"], name

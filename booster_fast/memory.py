@@ -1,0 +1,326 @@
+"""Device memory of one Booster step, estimated from the model's shape before any of it is allocated.
+
+A step's peak is four parts:
+- the weights (exact, from the parameter counts: models.weight_bytes);
+- the training state: the LoRA weights in fp32, AdamW's two moments and each engine's own copies, 12-24 bytes
+  per LoRA parameter (STATE_BYTES);
+- the activations the largest pass saves for its backward. The fast engine's merged pass holds them for BOTH
+  batches at once; the reference runs one batch per pass;
+- what lives only within that pass: the LM head's logits and the cross entropy's fp32 copies (about 12 bytes
+  per vocabulary entry and position), or, with gradient checkpointing, one layer's recompute.
+
+Per token and decoder layer of a Llama-style model (a = 2 bytes in bf16 or NF4, 4 in fp32; h the hidden size,
+q = heads·head_dim, kv = kv_heads·head_dim, i the MLP width), the backward keeps:
+- each RMSNorm's input: 4h for transformers' norm (an fp32 copy), a·h for the fused kernel;
+- the attention block's normalised input, a·h, when a LoRA adapter reads it (q/k/v targeted), and LoRA's rank-r
+  intermediate, a·r, per adapter (with LoRA dropout, or peft's own forward under bf16 autocast as the
+  reference runs it, each adapter keeps its own copy of its input instead, plus a dropout's mask);
+- attention's q, k, v and output, a·(2q + 2kv), and its log-sum-exp, 4 bytes per head;
+- the MLP's gate and up projections, a·2i (transformers' eager SwiGLU also keeps silu(gate): a·3i);
+- nothing for a frozen linear layer (its backward needs only the weight) and nothing for the residual adds.
+A 7B layer in bf16 with the fused kernels keeps ~100 KB per token: the merged pass at 20 rows x 256 tokens keeps
+~16 GB of activations, against ~1.3 GB with checkpointing (each layer's input only, a·h).
+
+The estimate counts every position of every row (max_length per row): packed batches carry fewer, so it is an
+upper bound there. The GPU adds what the counts leave out: the allocator's rounding and cached blocks, cuBLAS
+workspaces, and for NF4 one dequantised weight in each backward. tests/test_memory.py checks the activation and
+pass terms against the bytes a CPU step allocates; the bench reports the estimate beside the measured peak.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("booster_fast")
+
+# LoRA target names (peft's spellings of a Llama layer's linears) -> (input, output) width: "h", "q", "kv" or "i"
+LINEARS = {"q_proj": ("h", "q"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("q", "h"),
+           "gate_proj": ("h", "i"), "up_proj": ("h", "i"), "down_proj": ("i", "h")}
+# training state per LoRA parameter at the step's peak (the start of the largest pass's backward), in fp32:
+# fast: W, the backup B, G_h, G_f, AdamW's m and v, allocated once; reference: the weight, m, v and the cloned
+# ∇h(w) and ∇h(w̃) (its fresh gradient is allocated as the backward frees activations); SFT: the weight, m, v
+STATE_BYTES = {("fast", "booster"): 24, ("fast", "sft"): 24, ("reference", "booster"): 20, ("reference", "sft"): 12}
+# at the start of the head's backward, per logit: the log-softmax the cross entropy keeps (fp32), its gradient
+# and the logits' gradient (fp32), whatever the logits' own dtype (measured: 11.7-11.8 bytes in bf16 and fp32)
+HEAD_BYTES_PER_LOGIT = 12
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs of a model: a Llama-style config's sizes."""
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> "Shape | None":
+        """The sizes of a transformers config (or a dict of its fields); None when it is not Llama-shaped."""
+        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        try:
+            h, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+            return cls(hidden=h, intermediate=int(get("intermediate_size")), layers=int(get("num_hidden_layers")),
+                       heads=heads, kv_heads=int(get("num_key_value_heads") or heads),
+                       head_dim=int(get("head_dim") or h // heads), vocab=int(get("vocab_size")))
+        except (TypeError, ValueError):
+            return None
+
+    def width(self, name: str) -> int:
+        return {"h": self.hidden, "q": self.heads * self.head_dim, "kv": self.kv_heads * self.head_dim,
+                "i": self.intermediate}[name]
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes of one step's peak, by part (the module docstring says what each holds)."""
+    weights: int
+    state: int
+    activations: int
+    transient: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.state + self.activations + self.transient
+
+    def parts(self) -> tuple[int, ...]:
+        return self.weights, self.state, self.activations, self.transient, self.total
+
+    def describe(self) -> str:
+        return (f"~{size(self.total)} (weights {size(self.weights)}, LoRA + AdamW {size(self.state)}, activations "
+                f"{size(self.activations)}, logits and backward {size(self.transient)})")
+
+
+def size(n: int) -> str:
+    """Bytes as GiB (MiB under one GiB), one decimal."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def lora_targets(targets) -> tuple[str, ...] | None:
+    """The LoRA targets as LINEARS names ("all-linear" is all of them), or None if one is not a Llama linear."""
+    names = tuple(t.strip() for t in targets.split(",")) if isinstance(targets, str) else tuple(targets)
+    if names == ("all-linear",):
+        return tuple(LINEARS)
+    names = tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))  # peft's may be full names, per layer
+    return names if all(n in LINEARS for n in names) else None
+
+
+def lora_parameters(shape: Shape, targets: tuple[str, ...], r: int) -> int:
+    """LoRA's parameter count: r·(in + out) per adapted linear, in every layer."""
+    return shape.layers * sum(r * (shape.width(i) + shape.width(o)) for i, o in (LINEARS[t] for t in targets))
+
+
+def layer_bytes_per_token(shape: Shape, a: int, targets: tuple[str, ...], r: int, fused: bool,
+                          lora_dropout: float = 0.0, grouped_kv: bool = True, input_copies: bool = False) -> int:
+    """Bytes one decoder layer saves for its backward per token (module docstring). `a`: the activations'
+    element size; `grouped_kv`: attention keeps k/v at kv_heads (False: repeated to every head first, as
+    transformers does for a masked batch); `input_copies`: each adapter keeps its own copy of its input (peft's
+    forward casts the input to the fp32 LoRA weights and autocast back, as the reference runs it in bf16; the
+    fast engine's routed LoRA reads the shared input)."""
+    h, q, i = shape.hidden, shape.width("q"), shape.intermediate
+    kv = shape.width("kv") if grouped_kv else q
+    norm = (a if fused else 4) * h + 4  # input (fp32 copy unfused) and the fp32 rstd
+    total = 2 * norm
+    if input_copies or lora_dropout > 0:  # per adapter: its input (copied or dropped); a dropout's 1-byte mask
+        total += sum((a + (lora_dropout > 0)) * shape.width(LINEARS[t][0]) for t in targets)
+    else:  # the inputs the adapters read, once each: the normalised ones (attention, MLP) and down's act(gate)·up
+        total += a * h * (any(t in ("q_proj", "k_proj", "v_proj") for t in targets)
+                          + any(t in ("gate_proj", "up_proj") for t in targets))
+        total += a * i * ("down_proj" in targets)  # (o_proj's input is attention's output, kept anyway)
+    total += a * r * len(targets)  # LoRA's x·A, kept for B's gradient
+    total += a * (2 * q + 2 * kv) + 4 * shape.heads  # q, k, v, output; log-sum-exp in fp32
+    total += a * (2 if fused else 3) * i  # gate and up (and eager silu(gate))
+    return total
+
+
+def layer_bytes_fixed(shape: Shape, a: int, targets: tuple[str, ...], r: int) -> int:
+    """Bytes one layer saves whatever the batch: under bf16 autocast, each adapter's weights cast from fp32."""
+    return 0 if a == 4 else lora_parameters(shape, targets, r) // shape.layers * a
+
+
+def pass_bytes(shape: Shape, tokens: int, positions: int, a: int, targets: tuple[str, ...], r: int,
+               fused: bool, checkpointing: bool, lora_dropout: float = 0.0, grouped_kv: bool = True,
+               input_copies: bool = False, recorded_tokens: int = 0) -> tuple[int, int]:
+    """(saved, transient) bytes of one forward/backward over `tokens` tokens whose LM head sees `positions`
+    positions. `recorded_tokens`: alignment tokens whose attention-output gradients perturb_aware keeps."""
+    per_layer = layer_bytes_per_token(shape, a, targets, r, fused, lora_dropout, grouped_kv, input_copies) * tokens
+    fixed = layer_bytes_fixed(shape, a, targets, r) * shape.layers
+    head_in = ((a if fused else 4) * shape.hidden + 4) * tokens  # the final norm's input
+    logits = HEAD_BYTES_PER_LOGIT * shape.vocab * positions
+    recorded = a * shape.hidden * shape.layers * recorded_tokens
+    if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
+        saved = a * shape.hidden * shape.layers * tokens + head_in + recorded
+        return saved, max(logits, per_layer + fixed // shape.layers)
+    return per_layer * shape.layers + fixed + head_in + recorded, logits
+
+
+def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_length: int,
+             compute_bytes: int = 2, targets=("q_proj", "k_proj", "v_proj"), r: int = 32,
+             lora_dropout: float = 0.0, impl: str = "fast", method: str = "booster", merged: bool = True,
+             fused: bool = True, checkpointing: bool = False, perturb_aware: bool = False,
+             grouped_kv: bool | None = None) -> StepMemory | None:
+    """The peak of one step (StepMemory), or None when the targets are not all Llama linears.
+
+    rows / harmful_rows: alignment / harmful rows per micro-batch; compute_bytes: 2 for a bf16 or NF4 base, 4 for
+    fp32; merged: the fast engine runs both batches as one pass; grouped_kv (default: for the fast engine, which
+    gives the attention no mask) see layer_bytes_per_token."""
+    names = lora_targets(targets)
+    if names is None:
+        return None
+    a = compute_bytes
+    fused = fused and impl == "fast"
+    grouped_kv = impl == "fast" if grouped_kv is None else grouped_kv
+    one = dict(a=a, targets=names, r=r, fused=fused, checkpointing=checkpointing, lora_dropout=lora_dropout,
+               grouped_kv=grouped_kv, input_copies=impl == "reference" and a == 2)
+    record = max_length * rows if perturb_aware else 0
+    if method == "sft":
+        batches = [rows]
+    elif impl == "fast" and merged:
+        batches = [rows + harmful_rows, harmful_rows]
+    else:
+        batches = [rows, harmful_rows]
+    passes = [pass_bytes(shape, n * max_length, n * (max_length - 1), recorded_tokens=record, **one)
+              for n in batches]  # the last position of a row predicts nothing
+    saved, transient = max(passes, key=sum)
+    state = STATE_BYTES[impl, method] * lora_parameters(shape, names, r)
+    return StepMemory(weights=weights, state=state, activations=saved, transient=transient)
+
+
+def quant_state_tensors(p) -> list[torch.Tensor]:
+    """The tensors bitsandbytes keeps beside an NF4 weight (its statistics, doubly quantised); [] for others."""
+    out, qs = [], getattr(p, "quant_state", None)
+    while qs is not None:
+        out += [v for v in vars(qs).values() if torch.is_tensor(v)]
+        qs = getattr(qs, "state2", None)
+    return out
+
+
+def frozen_bytes(model) -> int:
+    """Bytes of a loaded model's frozen tensors: parameters that do not train, buffers, bitsandbytes'
+    statistics (storages counted once)."""
+    ts = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    ts += [t for p in model.parameters() for t in quant_state_tensors(p)]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+
+
+def of_booster(booster, rows: int, harmful_rows: int, max_length: int, method: str = "booster",
+               **overrides) -> StepMemory | None:
+    """The estimate for a built Booster: its model's shape, LoRA settings and compute dtype, and its engine's
+    choices (merged pass, fused ops, packing); None for a model that is not Llama-shaped or has no LoRA adapter.
+    `overrides`: estimate's keywords to change (checkpointing=True: what it would take with checkpointing)."""
+    from .attention import packed_kv_grouped
+    from .models import compute_dtype
+
+    model, engine, cfg = booster.model, booster.engine, booster.cfg
+    shape, lora = Shape.of(model.config), next(iter(getattr(model, "peft_config", {}).values()), None)
+    if shape is None or lora is None:
+        return None
+    targets = lora.target_modules
+    targets = "all-linear" if targets == "all-linear" else sorted(targets)
+    pack = getattr(engine, "pack", False)
+    settings = dict(rows=rows, harmful_rows=harmful_rows, max_length=max_length,
+                    compute_bytes=torch.finfo(compute_dtype(model)).bits // 8, targets=targets, r=lora.r,
+                    lora_dropout=lora.lora_dropout, impl=cfg.impl, method=method,
+                    merged=getattr(engine, "merge", False), fused=getattr(engine, "fused", False),
+                    checkpointing=any(getattr(m, "gradient_checkpointing", False) for m in model.modules()),
+                    perturb_aware=cfg.perturb_aware,
+                    grouped_kv=cfg.impl == "fast" and (not pack or packed_kv_grouped(engine.device)))
+    return estimate(shape, weights=frozen_bytes(model), **{**settings, **overrides})
+
+
+
+def log_fit(booster, rows: int, harmful_rows: int, max_length: int, method: str, device) -> StepMemory | None:
+    """Before a run's first step on CUDA: one line with the step's estimated peak against what the device can
+    hold (what this process has allocated plus what is free), and a warning naming a way to need less when
+    the estimate exceeds it (a warning: it is an estimate, the run goes on)."""
+    from .models import cuda_free_bytes
+
+    est = of_booster(booster, rows, harmful_rows, max_length, method)
+    if est is None:
+        return None
+    device = torch.device(device)
+    holds = torch.cuda.memory_allocated(device) + cuda_free_bytes(device)
+    log.info("memory: a step is estimated at %s; %s can hold %s", est.describe(), device, size(holds))
+    if est.total > holds:
+        checkpointed = of_booster(booster, rows, harmful_rows, max_length, method, checkpointing=True)
+        way = (f"--gradient-checkpointing brings it to ~{size(checkpointed.total)}"
+               if checkpointed.total < est.total and checkpointed.total <= holds
+               else "a smaller --batch-size or --max-length (or --quant nf4) needs less")
+        log.warning("memory: the estimate exceeds what %s can hold, expect it to run out of memory: %s", device, way)
+    return est
+
+def for_args(args) -> str:
+    """`booster-fast memory`: the estimate for align's flags, beside what gradient checkpointing and NF4 weights
+    would change, as a table (one line per setting, the given one marked)."""
+    from .attention import packed_kv_grouped
+    from .models import DTYPES, PRESETS, ModelError, from_hub, preset_weight_counts, pretrained_weight_counts, \
+        weight_bytes
+
+    name, dtype = args.model, DTYPES[args.dtype] if args.dtype else None
+    if name in PRESETS:
+        dtype = dtype or (torch.float32 if name == "tiny" else torch.bfloat16)
+        fields = dict(PRESETS[name])
+        if name == "tiny":
+            from .tokenizer import build_tiny_tokenizer
+
+            fields["vocab_size"] = len(build_tiny_tokenizer())
+        config, counts = fields, preset_weight_counts(name, vocab_size=fields.get("vocab_size", 32000))
+    else:
+        from transformers import AutoConfig
+
+        dtype = dtype or torch.bfloat16
+        try:
+            config = from_hub(AutoConfig.from_pretrained, name, trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot read the config of {name}: {(str(e).strip().splitlines() or [''])[0]}") from e
+        counts = pretrained_weight_counts(name, args.trust_remote_code)
+        if counts is None:
+            raise ModelError(f"{name}: cannot count its weights from its config (a checkpoint quantised already?)")
+    shape = Shape.of(config)
+    if shape is None:
+        raise ModelError(f"{name}: no estimate for this architecture: its config lacks a Llama-style hidden_size, "
+                         f"intermediate_size, num_hidden_layers, num_attention_heads or vocab_size")
+    if lora_targets(args.targets) is None:
+        raise ModelError(f"no estimate for LoRA targets {args.targets!r}: it knows a Llama layer's "
+                         f"{', '.join(LINEARS)} (or all-linear)")
+    cuda = torch.device(args.device or "cuda").type == "cuda"  # an estimate for a GPU unless told otherwise
+    impl, on = args.impl, {"on": True, "off": False, "auto": cuda}
+    merged, fused, pack = on[args.merge_passes], on[args.fused_ops], args.packing != "off"
+    rows = -(-args.batch_size // args.grad_accum)
+    harmful_rows = -(-(args.harmful_batch_size or args.batch_size) // args.grad_accum)
+    common = dict(rows=rows, harmful_rows=harmful_rows, max_length=args.max_length, targets=args.targets,
+                  r=args.lora_r, impl=impl, method=args.method, merged=merged, fused=fused,
+                  perturb_aware=args.perturb_aware and args.method == "booster",
+                  grouped_kv=impl == "fast" and (not pack or packed_kv_grouped("cuda" if cuda else "cpu")))
+    quants = (args.quant,) if args.quant == "nf4" else ("none", "nf4")
+    lines = []
+    for quant in quants:
+        a = 2 if quant == "nf4" or dtype == torch.bfloat16 else 4
+        kind = "NF4" if quant == "nf4" else str(dtype).removeprefix("torch.")
+        for ckpt in (False, True):
+            est = estimate(shape, weights=weight_bytes(*counts, quant, dtype), compute_bytes=a, checkpointing=ckpt,
+                           **common)
+            given = quant == args.quant and ckpt == args.gradient_checkpointing
+            label = kind + (", --gradient-checkpointing" if ckpt else "")
+            lines.append(("*" if given else " ", label, est))
+    what = "SFT step" if args.method == "sft" else "Booster step" + (" + Vaccine" if common["perturb_aware"] else "")
+    engine = f"{impl} engine" + (f" ({', '.join(k for k, v in (('merged pass', merged), ('fused ops', fused)) if v)})"
+                                  if impl == "fast" and (merged or fused) else "")
+    batch = f"{rows} rows" if args.method == "sft" else f"{rows} + {harmful_rows} rows"
+    out = [f"{name}: one {what}, {engine}, {batch} x {args.max_length} tokens"
+           f"{' per micro-batch' if args.grad_accum > 1 else ''}, LoRA r={args.lora_r} on {args.targets}",
+           f"  {'':34}{'weights':>11}{'LoRA+AdamW':>12}{'activations':>13}{'logits+bwd':>12}{'peak':>11}"]
+    out += [f"{mark} {label:34}" + "".join(f"{size(n):>{w}}" for n, w in zip(est.parts(), (11, 12, 13, 12, 11)))
+            for mark, label, est in lines]
+    out.append("An estimate from the model's shape, every row counted at --max-length (packed batches hold fewer "
+               "tokens); the allocator's rounding and CUDA's workspaces come on top.")
+    if cuda and torch.cuda.is_available():
+        from .models import cuda_free_bytes
+
+        device = torch.device(args.device or "cuda")
+        out.append(f"{device} has {size(cuda_free_bytes(device))} free.")
+    return "\n".join(out)

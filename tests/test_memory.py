@@ -1,0 +1,206 @@
+"""memory.py's estimate of a step's peak, against the bytes a step really allocates on the CPU.
+
+`LiveBytes` follows every storage that an aten op creates (in-place results and views of existing tensors are
+not new memory) until it is freed, and keeps the high-water mark. Run around building the engine and two steps,
+it sees what the GPU's allocator would hold beyond the weights: the engine's buffers, the optimizer's state and
+each pass's activations and logits. The per-layer part of the estimate is checked to the byte (the difference
+between a 2- and a 4-layer model), the whole within a few percent.
+"""
+import json
+import logging
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from booster_fast import Booster, BoosterConfig, memory
+from booster_fast.cli import main
+from booster_fast.models import PRESETS, add_lora, enable_gradient_checkpointing, load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class LiveBytes(TorchDispatchMode):
+    """High-water mark of the bytes of the storages created inside (and still alive)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = WeakIdKeyDictionary()
+        self._refs = set()
+
+    def _freed(self, n, ref):
+        self.live -= n
+        self._refs.discard(ref)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or id(t.untyped_storage()) in inputs:
+                continue
+            st = t.untyped_storage()
+            if st in self._seen:
+                continue
+            self._seen[st] = n = st.nbytes()
+            self._refs.add(weakref.ref(st, lambda r, n=n: self._freed(n, r)))
+            self.live += n
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+ROWS, LENGTH = 4, 40
+
+
+def measure(layers, impl="fast", dtype=torch.bfloat16, targets="q_proj,k_proj,v_proj", kv_heads=4,
+            checkpointing=False, method="booster", rows=ROWS, length=LENGTH, pads=False, **cfg):
+    """(bytes a step needs beyond the weights, the estimate of the same): what the engine holds between steps
+    (its buffers, the LoRA weights, AdamW's state; bench_measure.held_bytes) plus the high-water mark of what
+    one step allocates (LiveBytes)."""
+    from booster_fast.bench_measure import held_bytes
+
+    torch.manual_seed(0)
+    model, _ = load_model("tiny", dtype=dtype, num_hidden_layers=layers, num_key_value_heads=kv_heads)
+    model = add_lora(model, targets=targets)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    ids = torch.randint(3, model.config.vocab_size, (rows, length))
+    # the first row is full, so every position is computed; pads give the reference an attention mask
+    mask = torch.ones_like(ids)
+    if pads:
+        mask[1:, length // 2 + torch.arange(rows - 1)[:, None]] = 0
+    batch = {"input_ids": ids * mask, "labels": torch.where(mask.bool(), ids, -100), "attention_mask": mask}
+    if impl == "fast":
+        cfg = {"merge_passes": True, "fused_ops": False, "graphs": "off", **cfg}
+    booster = Booster(model, BoosterConfig(impl=impl, **cfg))
+    a, h = booster.to_device(batch, "cpu"), booster.to_device(batch, "cpu")
+    step = (lambda: booster.step(a, h)) if method == "booster" else (lambda: booster.sft_step(a))
+    step()  # AdamW's state exists from here on
+    held = held_bytes(booster) - memory.frozen_bytes(model)
+    with LiveBytes() as live:
+        step()
+    est = memory.of_booster(booster, rows, rows, length, method)
+    return held + live.peak, est.total - est.weights
+
+
+CASES = {  # (layers of the two models, settings)
+    "fast, grouped kv": ((2, 4), dict(kv_heads=2)),
+    # the fused kernels run under Triton's interpreter here, ~70 ms a launch: fewer layers and tokens
+    "fast, fused kernels, all-linear": ((1, 2), dict(fused_ops=True, targets="all-linear", rows=2, length=16)),
+    "fast, fp32, checkpointing": ((2, 4), dict(dtype=torch.float32, checkpointing=True)),
+    "fast, perturb_aware": ((2, 4), dict(perturb_aware=True)),
+    "fast, sft": ((2, 4), dict(method="sft")),
+    "reference, masked, repeated kv": ((2, 4), dict(impl="reference", kv_heads=2, pads=True)),
+    "reference, fp32, checkpointing": ((2, 4), dict(impl="reference", dtype=torch.float32, checkpointing=True)),
+    "reference, sft": ((2, 4), dict(impl="reference", method="sft")),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_estimate_matches_the_bytes_a_step_allocates(case):
+    (few, more), settings = CASES[case]
+    (held_few, est_few), (held, est) = measure(few, **settings), measure(more, **settings)
+    # the layers added: the estimate's per-layer bytes (activations and LoRA state) to within 2 %
+    assert est - est_few == pytest.approx(held - held_few, rel=0.02)
+    # the whole: the head's logits and cross entropy, the final norm, the engine's buffers. Triton's interpreter
+    # keeps its last launch's tensors until the garbage collector runs: a little more than on a GPU
+    assert 0.93 < est / held < 1.08, (est, held)
+
+
+def test_estimate_is_an_upper_bound_for_packed_batches():
+    """Packed batches carry only their real tokens; the estimate counts every row at max_length."""
+    torch.manual_seed(0)
+    model, _ = load_model("tiny", dtype=torch.bfloat16, num_hidden_layers=2)
+    model = add_lora(model)
+    lengths = torch.tensor([40, 23, 31, 12])
+    ids = torch.randint(3, model.config.vocab_size, (ROWS, LENGTH))
+    mask = (torch.arange(LENGTH) < lengths[:, None]).long()
+    batch = {"input_ids": ids * mask, "labels": torch.where(mask.bool(), ids, -100), "attention_mask": mask}
+    booster = Booster(model, BoosterConfig(merge_passes=True, packing=True, graphs="off"))
+    a, h = booster.to_device(batch, "cpu"), booster.to_device(batch, "cpu")
+    assert "cu_seqlens" in a  # packed: 106 tokens, not 160
+    booster.step(a, h)
+    with LiveBytes() as live:
+        booster.step(a, h)
+    est = memory.of_booster(booster, ROWS, ROWS, LENGTH)
+    assert live.peak < est.activations + est.transient < 2 * live.peak
+
+
+def test_seven_b_layer_by_hand():
+    """A Llama-2-7B layer in bf16, per token, counted by hand from the module docstring's list."""
+    shape = memory.Shape.of(PRESETS["llama-7b-shape"] | {"vocab_size": 32000})
+    h, i, heads, r = 4096, 11008, 32, 32
+    norms_fused, norms_eager = 2 * (2 * h + 4), 2 * (4 * h + 4)
+    common = 2 * h + 3 * 2 * r + 2 * (4 * h) + 4 * heads  # adapters' input and x·A; q, k, v, out; lse
+    targets = ("q_proj", "k_proj", "v_proj")
+    assert memory.layer_bytes_per_token(shape, 2, targets, r, fused=True) == norms_fused + common + 2 * 2 * i
+    assert memory.layer_bytes_per_token(shape, 2, targets, r, fused=False) == norms_eager + common + 3 * 2 * i
+    lora = 32 * r * (3 * h + 3 * h)
+    assert memory.lora_parameters(shape, targets, r) == lora
+    # the merged pass of 10 + 10 rows x 256 tokens: ~16 GB of activations, ~1.3 GB checkpointed
+    full = memory.estimate(shape, weights=0, rows=10, harmful_rows=10, max_length=256)
+    ckpt = memory.estimate(shape, weights=0, rows=10, harmful_rows=10, max_length=256, checkpointing=True)
+    assert 15 < full.activations / 2**30 < 17 and 1.2 < ckpt.activations / 2**30 < 1.4
+    assert full.state == ckpt.state == 24 * lora
+    # unmerged, one batch per pass: half the activations (but for the adapters' bf16 weights, kept per pass)
+    unmerged = memory.estimate(shape, weights=0, rows=10, harmful_rows=10, max_length=256, merged=False)
+    assert unmerged.activations == pytest.approx(full.activations / 2, rel=5e-3)
+
+
+def test_unknown_shapes_get_no_estimate():
+    assert memory.Shape.of({"n_embd": 768, "n_layer": 12}) is None
+    assert memory.lora_targets("c_attn") is None
+    assert memory.lora_targets("all-linear") == tuple(memory.LINEARS)
+    assert memory.lora_targets(["model.layers.0.self_attn.q_proj"]) == ("q_proj",)
+
+
+def test_memory_command_prints_the_estimate_and_its_alternatives(capsys):
+    assert main(["memory", "--model", "llama-7b-shape", "--quant", "nf4", "--gradient-checkpointing",
+                 "--steps", "5", "--output", "ignored"]) == 0  # align's command line, as it is
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("llama-7b-shape: one Booster step, fast engine (merged pass, fused ops), 10 + 10 rows "
+                             "x 256 tokens")
+    rows = {line[2:].split("  ")[0]: line for line in out if line[:1] in "* " and "GiB" in line}
+    assert set(rows) == {"NF4", "NF4, --gradient-checkpointing"}
+    assert rows["NF4, --gradient-checkpointing"].startswith("* ") and rows["NF4"].startswith("  ")
+    shape = memory.Shape.of(PRESETS["llama-7b-shape"])
+    from booster_fast.models import preset_weight_bytes
+
+    want = memory.estimate(shape, weights=preset_weight_bytes("llama-7b-shape", "nf4"), rows=10, harmful_rows=10,
+                           max_length=256, checkpointing=True)
+    assert rows["NF4, --gradient-checkpointing"].split()[-2:] == memory.size(want.total).split()
+
+
+def test_memory_command_bad_input_is_one_line(capsys, tmp_path):
+    assert main(["memory", "--model", "llama-1b-shape", "--targets", "c_attn"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no estimate for LoRA targets 'c_attn'" in err[0]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2,
+                                                      "n_head": 2, "vocab_size": 100}))
+    assert main(["memory", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no estimate for this architecture" in err[0]
+
+
+def test_log_fit_warns_and_names_checkpointing(monkeypatch, caplog):
+    """On a GPU too small for the step: one info line, one warning with the way out (the sizes faked)."""
+    model, _ = load_model("tiny", num_hidden_layers=2)
+    booster = Booster(add_lora(model), BoosterConfig(merge_passes=True, graphs="off"))
+    full = memory.of_booster(booster, 8, 8, 128)
+    ckpt = memory.of_booster(booster, 8, 8, 128, checkpointing=True)
+    holds = (full.total + ckpt.total) // 2
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr("booster_fast.models.cuda_free_bytes", lambda device: holds)
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert memory.log_fit(booster, 8, 8, 128, "booster", "cuda") == full
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith(f"memory: a step is estimated at {full.describe()}; cuda can hold")
+    assert lines[1].endswith(f"--gradient-checkpointing brings it to ~{memory.size(ckpt.total)}")
+    caplog.clear()
+    monkeypatch.setattr("booster_fast.models.cuda_free_bytes", lambda device: full.total)
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        memory.log_fit(booster, 8, 8, 128, "booster", "cuda")
+    assert [r.levelname for r in caplog.records] == ["INFO"]  # it fits: no warning
