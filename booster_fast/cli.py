@@ -284,8 +284,10 @@ def _align(args) -> int:
 
 
 def _memory(args) -> int:
+    from .align import check_common_args
     from .memory import for_args
 
+    check_common_args(args)
     print(for_args(args))
     return 0
 

@@ -7,7 +7,8 @@ A step's peak is four parts:
 - the activations the largest pass saves for its backward. The fast engine's merged pass holds them for BOTH
   batches at once; the reference runs one batch per pass;
 - what lives only within that pass: the LM head's logits and the cross entropy's fp32 copies (about 12 bytes
-  per vocabulary entry and position), or, with gradient checkpointing, one layer's recompute.
+  per vocabulary entry and position), or, where more, a layer's MLP backward (the gradients of act(gate)·up,
+  gate and up: 3 bytes·i per token in bf16), with gradient checkpointing on top of that layer's recompute.
 
 Per token and decoder layer of a Llama-style model (a = 2 bytes in bf16 or NF4, 4 in fp32; h the hidden size,
 q = heads·head_dim, kv = kv_heads·head_dim, i the MLP width), the backward keeps:
@@ -22,9 +23,15 @@ A 7B layer in bf16 with the fused kernels keeps ~100 KB per token: the merged pa
 ~16 GB of activations, against ~1.3 GB with checkpointing (each layer's input only, a·h).
 
 The estimate counts every position of every row (max_length per row): packed batches carry fewer, so it is an
-upper bound there. The GPU adds what the counts leave out: the allocator's rounding and cached blocks, cuBLAS
-workspaces, and for NF4 one dequantised weight in each backward. tests/test_memory.py checks the activation and
-pass terms against the bytes a CPU step allocates; the bench reports the estimate beside the measured peak.
+upper bound there, and a LoRA target named by its full path (one layer's module) is counted in every layer.
+tests/test_memory.py checks it against the bytes a CPU step allocates; the bench reports it beside the measured
+peak. The GPU adds what the counts leave out (not yet measured against them):
+- the allocator's rounding and cached blocks, cuBLAS workspaces, for NF4 one dequantised weight per backward;
+- with CUDA graphs and packing, the captured graphs' private pool stays reserved while a new bucketed length
+  warms up eagerly outside it: up to about one more step's activations once per new length (bench's
+  peak_mem_mb counts the pool);
+- fp32 with grouped-query heads on CUDA: no fused attention kernel takes it, and the math kernel also keeps
+  the [rows, heads, length, length] probabilities (fp32 is for exact comparisons; bf16 and NF4 are unaffected).
 """
 from __future__ import annotations
 
@@ -152,22 +159,26 @@ def pass_bytes(shape: Shape, tokens: int, positions: int, a: int, targets: tuple
     head_in = ((a if fused else 4) * shape.hidden + 4) * tokens  # the final norm's input
     logits = HEAD_BYTES_PER_LOGIT * shape.vocab * positions
     recorded = a * shape.hidden * shape.layers * recorded_tokens
+    working = 3 * a * shape.intermediate * tokens  # a layer's MLP backward: gradients of act(gate)·up, gate, up
     if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
         saved = a * shape.hidden * shape.layers * tokens + head_in + recorded
-        return saved, max(logits, per_layer + fixed // shape.layers)
-    return per_layer * shape.layers + fixed + head_in + recorded, logits
+        return saved, max(logits, per_layer + fixed // shape.layers + working)
+    return per_layer * shape.layers + fixed + head_in + recorded, max(logits, working)
 
 
 def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_length: int,
              compute_bytes: int = 2, targets=("q_proj", "k_proj", "v_proj"), r: int = 32,
              lora_dropout: float = 0.0, impl: str = "fast", method: str = "booster", merged: bool = True,
              fused: bool = True, checkpointing: bool = False, perturb_aware: bool = False,
-             grouped_kv: bool | None = None) -> StepMemory | None:
+             grouped_kv: bool | None = None, quant: str = "none", micro_batches: int = 1,
+             cuda: bool = True) -> StepMemory | None:
     """The peak of one step (StepMemory), or None when the targets are not all Llama linears.
 
-    rows / harmful_rows: alignment / harmful rows per micro-batch; compute_bytes: 2 for a bf16 or NF4 base, 4 for
-    fp32; merged: the fast engine runs both batches as one pass; grouped_kv (default: for the fast engine, which
-    gives the attention no mask) see layer_bytes_per_token."""
+    rows / harmful_rows: alignment / harmful rows per micro-batch, `micro_batches` of them per update (Vaccine
+    keeps the attention-output gradients of all of them); compute_bytes: 2 for a bf16 or NF4 base, 4 for fp32;
+    merged: the fast engine runs both batches as one pass; grouped_kv (default: for the fast engine, which gives
+    the attention no mask) see layer_bytes_per_token; quant "nf4" and cuda: peft's 4-bit LoRA layer casts no
+    input under CUDA's autocast (it does under the CPU's)."""
     names = lora_targets(targets)
     if names is None:
         return None
@@ -175,8 +186,9 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
     fused = fused and impl == "fast"
     grouped_kv = impl == "fast" if grouped_kv is None else grouped_kv
     one = dict(a=a, targets=names, r=r, fused=fused, checkpointing=checkpointing, lora_dropout=lora_dropout,
-               grouped_kv=grouped_kv, input_copies=impl == "reference" and a == 2)
-    record = max_length * rows if perturb_aware else 0
+               grouped_kv=grouped_kv, input_copies=impl == "reference" and a == 2
+                                                  and not (quant == "nf4" and cuda))
+    record = max_length * rows * micro_batches if perturb_aware else 0
     if method == "sft":
         batches = [rows]
     elif impl == "fast" and merged:
@@ -213,7 +225,7 @@ def of_booster(booster, rows: int, harmful_rows: int, max_length: int, method: s
     choices (merged pass, fused ops, packing); None for a model that is not Llama-shaped or has no LoRA adapter.
     `overrides`: estimate's keywords to change (checkpointing=True: what it would take with checkpointing)."""
     from .attention import packed_kv_grouped
-    from .models import compute_dtype
+    from .models import compute_dtype, is_quantized
 
     model, engine, cfg = booster.model, booster.engine, booster.cfg
     shape, lora = Shape.of(model.config), next(iter(getattr(model, "peft_config", {}).values()), None)
@@ -227,7 +239,8 @@ def of_booster(booster, rows: int, harmful_rows: int, max_length: int, method: s
                     lora_dropout=lora.lora_dropout, impl=cfg.impl, method=method,
                     merged=getattr(engine, "merge", False), fused=getattr(engine, "fused", False),
                     checkpointing=any(getattr(m, "gradient_checkpointing", False) for m in model.modules()),
-                    perturb_aware=cfg.perturb_aware,
+                    perturb_aware=cfg.perturb_aware, micro_batches=cfg.grad_accum,
+                    quant="nf4" if is_quantized(model) else "none", cuda=engine.device.type == "cuda",
                     grouped_kv=cfg.impl == "fast" and (not pack or packed_kv_grouped(engine.device)))
     return estimate(shape, weights=frozen_bytes(model), **{**settings, **overrides})
 
@@ -257,8 +270,7 @@ def for_args(args) -> str:
     """`booster-fast memory`: the estimate for align's flags, beside what gradient checkpointing and NF4 weights
     would change, as a table (one line per setting, the given one marked)."""
     from .attention import packed_kv_grouped
-    from .models import DTYPES, PRESETS, ModelError, from_hub, preset_weight_counts, pretrained_weight_counts, \
-        weight_bytes
+    from .models import DTYPES, PRESETS, ModelError, meta_model, preset_weight_counts, weight_bytes, weight_counts
 
     name, dtype = args.model, DTYPES[args.dtype] if args.dtype else None
     if name in PRESETS:
@@ -269,17 +281,16 @@ def for_args(args) -> str:
 
             fields["vocab_size"] = len(build_tiny_tokenizer())
         config, counts = fields, preset_weight_counts(name, vocab_size=fields.get("vocab_size", 32000))
-    else:
-        from transformers import AutoConfig
-
+    else:  # built on the meta device from its config: its sizes, its linear layers' names, its weight counts
         dtype = dtype or torch.bfloat16
-        try:
-            config = from_hub(AutoConfig.from_pretrained, name, trust_remote_code=args.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot read the config of {name}: {(str(e).strip().splitlines() or [''])[0]}") from e
-        counts = pretrained_weight_counts(name, args.trust_remote_code)
-        if counts is None:
-            raise ModelError(f"{name}: cannot count its weights from its config (a checkpoint quantised already?)")
+        model = meta_model(name, args.trust_remote_code)
+        if model is None:
+            raise ModelError(f"{name}: cannot build it from its config (not found, not a causal LM, or a checkpoint "
+                             f"quantised already)")
+        config, counts = model.config, weight_counts(model)
+        linears = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        if lora_targets(args.targets) and not set(lora_targets(args.targets)) <= linears:
+            raise ModelError(f"{name} has no linear layers named {args.targets}; it has {sorted(linears)}")
     shape = Shape.of(config)
     if shape is None:
         raise ModelError(f"{name}: no estimate for this architecture: its config lacks a Llama-style hidden_size, "
@@ -287,14 +298,17 @@ def for_args(args) -> str:
     if lora_targets(args.targets) is None:
         raise ModelError(f"no estimate for LoRA targets {args.targets!r}: it knows a Llama layer's "
                          f"{', '.join(LINEARS)} (or all-linear)")
-    cuda = torch.device(args.device or "cuda").type == "cuda"  # an estimate for a GPU unless told otherwise
+    try:
+        cuda = torch.device(args.device or "cuda").type == "cuda"  # an estimate for a GPU unless told otherwise
+    except RuntimeError as e:
+        raise ModelError(f"--device {args.device}: {(str(e).strip().splitlines() or [''])[0]}") from e
     impl, on = args.impl, {"on": True, "off": False, "auto": cuda}
     merged, fused, pack = on[args.merge_passes], on[args.fused_ops], args.packing != "off"
-    rows = -(-args.batch_size // args.grad_accum)
-    harmful_rows = -(-(args.harmful_batch_size or args.batch_size) // args.grad_accum)
+    rows, harmful_rows = args.batch_size // args.grad_accum, args.harmful_batch_size // args.grad_accum  # (checked)
     common = dict(rows=rows, harmful_rows=harmful_rows, max_length=args.max_length, targets=args.targets,
                   r=args.lora_r, impl=impl, method=args.method, merged=merged, fused=fused,
-                  perturb_aware=args.perturb_aware and args.method == "booster",
+                  perturb_aware=args.perturb_aware and args.method == "booster", micro_batches=args.grad_accum,
+                  cuda=cuda,
                   grouped_kv=impl == "fast" and (not pack or packed_kv_grouped("cuda" if cuda else "cpu")))
     quants = (args.quant,) if args.quant == "nf4" else ("none", "nf4")
     lines = []
@@ -303,7 +317,7 @@ def for_args(args) -> str:
         kind = "NF4" if quant == "nf4" else str(dtype).removeprefix("torch.")
         for ckpt in (False, True):
             est = estimate(shape, weights=weight_bytes(*counts, quant, dtype), compute_bytes=a, checkpointing=ckpt,
-                           **common)
+                           quant=quant, **common)
             given = quant == args.quant and ckpt == args.gradient_checkpointing
             label = kind + (", --gradient-checkpointing" if ckpt else "")
             lines.append(("*" if given else " ", label, est))

@@ -104,9 +104,16 @@ def preset_weight_bytes(name: str, quant: str = "none", dtype: torch.dtype = tor
 
 
 def pretrained_weight_counts(path: str, trust_remote_code: bool = False) -> tuple[int, int] | None:
-    """(parameters NF4 quantises, the others) of a pretrained model, from its config alone (the model built
-    without memory, on the meta device); None when that cannot be done (the load itself will then say why) or
-    when the checkpoint is quantised already (its weights are smaller than the counts say)."""
+    """(parameters NF4 quantises, the others) of a pretrained model, from its config alone (meta_model); None
+    when that cannot be done (the load itself will then say why) or when the checkpoint is quantised already
+    (its weights are smaller than the counts say)."""
+    model = meta_model(path, trust_remote_code)
+    return None if model is None else weight_counts(model)
+
+
+def meta_model(path: str, trust_remote_code: bool = False) -> nn.Module | None:
+    """A pretrained model built from its config alone on the meta device (no memory, no weight read); None when
+    that cannot be done or the checkpoint is quantised already."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -115,9 +122,13 @@ def pretrained_weight_counts(path: str, trust_remote_code: bool = False) -> tupl
         if getattr(config, "quantization_config", None):
             return None
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - only a check ahead of the load, which reports its own errors
         return None
+
+
+def weight_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters in the Linear layers NF4 quantises: all but the LM head, the others) of a built model."""
     head = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
     return linear, sum(p.numel() for p in model.parameters()) - linear
