@@ -74,7 +74,7 @@ class Shape:
             return cls(hidden=h, intermediate=int(get("intermediate_size")), layers=int(get("num_hidden_layers")),
                        heads=heads, kv_heads=int(get("num_key_value_heads") or heads),
                        head_dim=int(get("head_dim") or h // heads), vocab=int(get("vocab_size")))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, ArithmeticError):  # a field missing, not a number, or zero heads
             return None
 
     def width(self, name: str) -> int:

@@ -173,6 +173,8 @@ def test_weights_counted_from_the_shape_are_the_loaded_bytes(dtype, quant):
 
 def test_unknown_shapes_get_no_estimate():
     assert memory.Shape.of({"n_embd": 768, "n_layer": 12}) is None
+    assert memory.Shape.of({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 0, "vocab_size": 100}) is None
     assert memory.lora_targets("c_attn") is None
     assert memory.lora_targets("all-linear") == tuple(memory.LINEARS)
     assert memory.lora_targets(["model.layers.0.self_attn.q_proj"]) == ("q_proj",)
