@@ -470,8 +470,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         if device.type == "cuda":
             from .memory import log_fit
 
-            micro = args.batch_size // args.grad_accum
-            log_fit(booster, micro, args.harmful_batch_size // args.grad_accum, args.max_length, args.method, device)
+            log_fit(booster, args.batch_size, args.harmful_batch_size, args.max_length, args.method, device)
         if cfg.impl == "reference":
             log.info("reference: non-finite updates are applied as in the original trainer, not skipped "
                      "(--impl fast skips them)")

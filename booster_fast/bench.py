@@ -70,14 +70,14 @@ import torch
 from .align import build_streams, check_common_args, check_device_flags, config_from_args, resolve_device
 from .batches import tokens
 from .bench_measure import (HFU_FLOPS, MFU_FLOPS, SFT, cpu_gauge, held_bytes, matmul_params, matmul_tflops,
-                            method_flops, micro, model_flops, pass_batches, peak_tflops, quant_state_tensors, sync,
+                            method_flops, micro, model_flops, pass_batches, peak_tflops, sync,
                             transient_bytes)
 from .atomic import check_writable_file, write_json_atomic
 from .bench_report import format_table, machine_info, plot
 from .cli import UsageError
 from .config import BoosterConfig
 from .data import DataError
-from .models import ModelError
+from .models import ModelError, quant_state_tensors
 from .graphs import CaptureInvalidated
 
 log = logging.getLogger("booster_fast")
@@ -194,9 +194,12 @@ def _estimated_mb(name: str, booster, args) -> float | None:
     """memory.py's estimate of the entry's peak (MB), beside the measured peak_mem_mb: the GPU suite checks it."""
     from .memory import of_booster
 
-    micro = args.grad_accum
-    est = of_booster(booster, args.batch_size // micro, args.harmful_batch_size // micro, args.max_length,
-                     "sft" if name in SFT else "booster")
+    try:
+        est = of_booster(booster, args.batch_size, args.harmful_batch_size, args.max_length,
+                         "sft" if name in SFT else "booster")
+    except Exception as e:  # noqa: BLE001 - an estimate must not cost the entry its measurements
+        log.warning("bench: no memory estimate for %s (%s)", name, e)
+        return None
     return None if est is None else round(est.total / 2**20, 1)
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from .batches import tokens
-from .memory import quant_state_tensors
+from .models import quant_state_tensors, storage_bytes
 
 SFT = ("sft", "fast-sft")  # the bench entries that time the plain SFT step
 FLOPS_PER_POSITION = ("4N per position and pass: 2N forward + 2N backward to the activations (the base is frozen, "
@@ -62,7 +62,7 @@ def held_bytes(booster) -> int:
     for obj in (eng, getattr(eng, "flat", None)):
         ts += [v for v in vars(obj).values() if torch.is_tensor(v)] if obj is not None else []
     ts += [t for p in model.parameters() for t in quant_state_tensors(p)]
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+    return storage_bytes(ts)
 
 
 class _MallInfo2(ctypes.Structure):

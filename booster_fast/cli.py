@@ -1,4 +1,4 @@
-"""Command line: `booster-fast align|bench|attack|eval|experiment ...` (also `python -m booster_fast`).
+"""Command line: `booster-fast align|memory|bench|attack|eval|experiment ...` (also `python -m booster_fast`).
 
 Every user error (bad flag value, unknown model, missing or malformed data, an output that cannot be written)
 ends with one line on stderr and exit code 2, and leaves nothing half-written behind: files are written under a
@@ -284,10 +284,13 @@ def _align(args) -> int:
 
 
 def _memory(args) -> int:
-    from .align import check_common_args
+    from .align import apply_resume, check_common_args, check_run_args, config_from_args
     from .memory import for_args
 
+    if args.resume is not None:  # the run's own flags
+        apply_resume(args)
     check_common_args(args)
+    check_run_args(args, config_from_args(args, args.impl))  # align's checks: an estimate for a run align takes
     print(for_args(args))
     return 0
 

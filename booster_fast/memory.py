@@ -110,6 +110,7 @@ def size(n: int) -> str:
 def lora_targets(targets) -> tuple[str, ...] | None:
     """The LoRA targets as LINEARS names ("all-linear" is all of them), or None if one is not a Llama linear."""
     names = tuple(t.strip() for t in targets.split(",")) if isinstance(targets, str) else tuple(targets)
+    names = tuple(n for n in names if n)  # "q_proj,v_proj," as add_lora takes it
     if names == ("all-linear",):
         return tuple(LINEARS)
     names = tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))  # peft's may be full names, per layer
@@ -188,7 +189,7 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
     one = dict(a=a, targets=names, r=r, fused=fused, checkpointing=checkpointing, lora_dropout=lora_dropout,
                grouped_kv=grouped_kv, input_copies=impl == "reference" and a == 2
                                                   and not (quant == "nf4" and cuda))
-    record = max_length * rows * micro_batches if perturb_aware else 0
+    record = max_length * rows * micro_batches if perturb_aware and method == "booster" else 0
     if method == "sft":
         batches = [rows]
     elif impl == "fast" and merged:
@@ -202,67 +203,68 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
     return StepMemory(weights=weights, state=state, activations=saved, transient=transient)
 
 
-def quant_state_tensors(p) -> list[torch.Tensor]:
-    """The tensors bitsandbytes keeps beside an NF4 weight (its statistics, doubly quantised); [] for others."""
-    out, qs = [], getattr(p, "quant_state", None)
-    while qs is not None:
-        out += [v for v in vars(qs).values() if torch.is_tensor(v)]
-        qs = getattr(qs, "state2", None)
-    return out
-
-
 def frozen_bytes(model) -> int:
     """Bytes of a loaded model's frozen tensors: parameters that do not train, buffers, bitsandbytes'
     statistics (storages counted once)."""
+    from .models import quant_state_tensors, storage_bytes
+
     ts = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
-    ts += [t for p in model.parameters() for t in quant_state_tensors(p)]
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+    return storage_bytes(ts + [t for p in model.parameters() for t in quant_state_tensors(p)])
 
 
-def of_booster(booster, rows: int, harmful_rows: int, max_length: int, method: str = "booster",
+def of_booster(booster, batch_size: int, harmful_batch_size: int, max_length: int, method: str = "booster",
                **overrides) -> StepMemory | None:
-    """The estimate for a built Booster: its model's shape, LoRA settings and compute dtype, and its engine's
-    choices (merged pass, fused ops, packing); None for a model that is not Llama-shaped or has no LoRA adapter.
-    `overrides`: estimate's keywords to change (checkpointing=True: what it would take with checkpointing)."""
+    """The estimate for a built Booster, given the rows of an update (its micro-batches are the engine's
+    grad_accum-th part): its model's shape, LoRA settings and compute dtype, and its engine's choices (merged
+    pass, fused ops, packing). None for a model that is not Llama-shaped or has no LoRA adapter of plain target
+    names. `overrides`: estimate's keywords to change (checkpointing=True: what checkpointing would take)."""
     from .attention import packed_kv_grouped
     from .models import compute_dtype, is_quantized
 
     model, engine, cfg = booster.model, booster.engine, booster.cfg
     shape, lora = Shape.of(model.config), next(iter(getattr(model, "peft_config", {}).values()), None)
-    if shape is None or lora is None:
-        return None
-    targets = lora.target_modules
+    targets, r = getattr(lora, "target_modules", None), getattr(lora, "r", None)
+    if shape is None or r is None or not (targets == "all-linear" or isinstance(targets, (set, list, tuple))):
+        return None  # (a regex string of targets, another kind of adapter)
     targets = "all-linear" if targets == "all-linear" else sorted(targets)
-    pack = getattr(engine, "pack", False)
-    settings = dict(rows=rows, harmful_rows=harmful_rows, max_length=max_length,
-                    compute_bytes=torch.finfo(compute_dtype(model)).bits // 8, targets=targets, r=lora.r,
+    pack, micro = getattr(engine, "pack", False), cfg.grad_accum
+    settings = dict(rows=batch_size // micro, harmful_rows=harmful_batch_size // micro, max_length=max_length,
+                    compute_bytes=torch.finfo(compute_dtype(model)).bits // 8, targets=targets, r=r,
                     lora_dropout=lora.lora_dropout, impl=cfg.impl, method=method,
                     merged=getattr(engine, "merge", False), fused=getattr(engine, "fused", False),
                     checkpointing=any(getattr(m, "gradient_checkpointing", False) for m in model.modules()),
-                    perturb_aware=cfg.perturb_aware, micro_batches=cfg.grad_accum,
+                    perturb_aware=cfg.perturb_aware, micro_batches=micro,
                     quant="nf4" if is_quantized(model) else "none", cuda=engine.device.type == "cuda",
                     grouped_kv=cfg.impl == "fast" and (not pack or packed_kv_grouped(engine.device)))
     return estimate(shape, weights=frozen_bytes(model), **{**settings, **overrides})
 
 
 
-def log_fit(booster, rows: int, harmful_rows: int, max_length: int, method: str, device) -> StepMemory | None:
+def log_fit(booster, batch_size: int, harmful_batch_size: int, max_length: int, method: str, device
+            ) -> StepMemory | None:
     """Before a run's first step on CUDA: one line with the step's estimated peak against what the device can
     hold (what this process has allocated plus what is free), and a warning naming a way to need less when
-    the estimate exceeds it (a warning: it is an estimate, the run goes on)."""
-    from .models import cuda_free_bytes
+    the estimate exceeds it (a warning: it is an estimate, the run goes on; so is a model it cannot estimate)."""
+    from .models import cuda_free_bytes, is_quantized
 
-    est = of_booster(booster, rows, harmful_rows, max_length, method)
+    sizes = (batch_size, harmful_batch_size, max_length, method)
+    try:
+        est = of_booster(booster, *sizes)
+    except Exception as e:  # noqa: BLE001 - advice only: it must not end the run
+        log.info("memory: no estimate for this model (%s)", e)
+        return None
     if est is None:
+        log.info("memory: no estimate for this model (not Llama-shaped, or LoRA targets other than its linears)")
         return None
     device = torch.device(device)
     holds = torch.cuda.memory_allocated(device) + cuda_free_bytes(device)
     log.info("memory: a step is estimated at %s; %s can hold %s", est.describe(), device, size(holds))
     if est.total > holds:
-        checkpointed = of_booster(booster, rows, harmful_rows, max_length, method, checkpointing=True)
+        checkpointed = of_booster(booster, *sizes, checkpointing=True)
+        nf4 = "" if is_quantized(booster.model) else " (or --quant nf4)"
         way = (f"--gradient-checkpointing brings it to ~{size(checkpointed.total)}"
                if checkpointed.total < est.total and checkpointed.total <= holds
-               else "a smaller --batch-size or --max-length (or --quant nf4) needs less")
+               else f"a smaller --batch-size or --max-length{nf4} needs less")
         log.warning("memory: the estimate exceeds what %s can hold, expect it to run out of memory: %s", device, way)
     return est
 
@@ -270,6 +272,7 @@ def for_args(args) -> str:
     """`booster-fast memory`: the estimate for align's flags, beside what gradient checkpointing and NF4 weights
     would change, as a table (one line per setting, the given one marked)."""
     from .attention import packed_kv_grouped
+    from .fast import default_fused_ops, default_merge
     from .models import DTYPES, PRESETS, ModelError, meta_model, preset_weight_counts, weight_bytes, weight_counts
 
     name, dtype = args.model, DTYPES[args.dtype] if args.dtype else None
@@ -298,12 +301,16 @@ def for_args(args) -> str:
     if lora_targets(args.targets) is None:
         raise ModelError(f"no estimate for LoRA targets {args.targets!r}: it knows a Llama layer's "
                          f"{', '.join(LINEARS)} (or all-linear)")
-    try:
-        cuda = torch.device(args.device or "cuda").type == "cuda"  # an estimate for a GPU unless told otherwise
-    except RuntimeError as e:
-        raise ModelError(f"--device {args.device}: {(str(e).strip().splitlines() or [''])[0]}") from e
-    impl, on = args.impl, {"on": True, "off": False, "auto": cuda}
-    merged, fused, pack = on[args.merge_passes], on[args.fused_ops], args.packing != "off"
+    try:  # an estimate for a GPU unless told otherwise
+        device = torch.device(args.device or "cuda")
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise ModelError(f"--device {args.device}: give cpu, cuda or cuda:N")
+    cuda, impl = device.type == "cuda", args.impl
+    auto = {"merge_passes": default_merge(device), "fused_ops": default_fused_ops(device)}
+    merged, fused = ({"on": True, "off": False}.get(getattr(args, k), d) for k, d in auto.items())
+    pack = args.packing != "off"
     rows, harmful_rows = args.batch_size // args.grad_accum, args.harmful_batch_size // args.grad_accum  # (checked)
     common = dict(rows=rows, harmful_rows=harmful_rows, max_length=args.max_length, targets=args.targets,
                   r=args.lora_r, impl=impl, method=args.method, merged=merged, fused=fused,
@@ -332,9 +339,8 @@ def for_args(args) -> str:
             for mark, label, est in lines]
     out.append("An estimate from the model's shape, every row counted at --max-length (packed batches hold fewer "
                "tokens); the allocator's rounding and CUDA's workspaces come on top.")
-    if cuda and torch.cuda.is_available():
+    if cuda and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count():
         from .models import cuda_free_bytes
 
-        device = torch.device(args.device or "cuda")
         out.append(f"{device} has {size(cuda_free_bytes(device))} free.")
     return "\n".join(out)

@@ -392,6 +392,20 @@ def keep_nf4_trainable_(model: nn.Module) -> int:
     return restored
 
 
+def quant_state_tensors(p) -> list[torch.Tensor]:
+    """The tensors bitsandbytes keeps beside an NF4 weight (its statistics, doubly quantised); [] for others."""
+    out, qs = [], getattr(p, "quant_state", None)
+    while qs is not None:
+        out += [v for v in vars(qs).values() if torch.is_tensor(v)]
+        qs = getattr(qs, "state2", None)
+    return out
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`, each storage counted once (views and shared buffers)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def is_quantized(model: nn.Module) -> bool:
     try:
         import bitsandbytes as bnb

@@ -193,7 +193,7 @@ def test_nf4_size_estimate_and_the_fit_check():
     """preset_weight_bytes(quant="nf4") matches what bitsandbytes really stores (packed weights, double-quantised
     statistics, bf16 rest) within 0.5 %; check_fits refuses, in one line naming the 4-bit way out, a preset
     whose weights exceed the free memory, and lets one through that fits."""
-    from booster_fast.bench_measure import quant_state_tensors
+    from booster_fast.models import quant_state_tensors
     from booster_fast.models import check_fits, preset_weight_bytes
 
     small = dict(num_hidden_layers=2, hidden_size=384, intermediate_size=1000, num_attention_heads=6,
