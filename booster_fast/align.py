@@ -195,9 +195,10 @@ def _cli_defaults(model: str) -> dict:
     return d
 
 
-def apply_resume(args):
+def apply_resume(args, finished_ok: bool = False):
     """Take the flags of the run in args.resume: a flag given with a value other than its default and the
-    saved one is a conflict (one-line UsageError), except the few in RESUME_FREE."""
+    saved one is a conflict (one-line UsageError), except the few in RESUME_FREE. finished_ok: a finished run's
+    flags too (`booster-fast memory` reads them; align can only resume an unfinished run)."""
     from .checkpoint import CONFIG, MARKER
 
     run = Path(args.resume)
@@ -209,7 +210,7 @@ def apply_resume(args):
         raise UsageError(f"--resume {args.resume}: holds no run ({CONFIG} is missing)") from None
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume {args.resume}: cannot read {CONFIG} ({e})") from None
-    if not (run / MARKER).exists():
+    if not finished_ok and not (run / MARKER).exists():
         raise UsageError(f"--resume {args.resume}: the run is finished, nothing to resume")
     if args.overwrite:
         raise UsageError("--resume continues a run; --overwrite would replace it: pass one of them")

@@ -287,8 +287,8 @@ def _memory(args) -> int:
     from .align import apply_resume, check_common_args, check_run_args, config_from_args
     from .memory import for_args
 
-    if args.resume is not None:  # the run's own flags
-        apply_resume(args)
+    if args.resume is not None:  # the run's own flags, finished or not
+        apply_resume(args, finished_ok=True)
     check_common_args(args)
     check_run_args(args, config_from_args(args, args.impl))  # align's checks: an estimate for a run align takes
     print(for_args(args))

@@ -197,6 +197,13 @@ def test_memory_command_prints_the_estimate_and_its_alternatives(capsys):
     assert rows["NF4, --gradient-checkpointing"].split()[-2:] == memory.size(want.total).split()
 
 
+def test_memory_command_reads_a_runs_flags(capsys, aligned):
+    """--resume RUN: the estimate for that run's own settings (a finished one too)."""
+    assert main(["memory", "--resume", str(aligned)]) == 0
+    assert capsys.readouterr().out.startswith("tiny: one Booster step, fast engine (merged pass, fused ops), 2 + 2 "
+                                              "rows x 64 tokens")
+
+
 def test_memory_command_bad_input_is_one_line(capsys, tmp_path):
     assert main(["memory", "--model", "llama-1b-shape", "--targets", "c_attn"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
