@@ -109,8 +109,9 @@ def size(n: int) -> str:
 
 def lora_targets(targets) -> tuple[str, ...] | None:
     """The LoRA targets as LINEARS names ("all-linear" is all of them), or None if one is not a Llama linear."""
-    names = tuple(t.strip() for t in targets.split(",")) if isinstance(targets, str) else tuple(targets)
-    names = tuple(n for n in names if n)  # "q_proj,v_proj," as add_lora takes it
+    from .models import split_targets
+
+    names = split_targets(targets)
     if names == ("all-linear",):
         return tuple(LINEARS)
     names = tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))  # peft's may be full names, per layer

@@ -414,13 +414,19 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
+def split_targets(targets) -> tuple[str, ...]:
+    """LoRA target names from a sequence or one comma-separated string, stripped, empty ones dropped."""
+    names = targets.split(",") if isinstance(targets, str) else targets
+    return tuple(n.strip() for n in names if n.strip())
+
+
 def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj", "k_proj", "v_proj"),
              dropout: float = 0.0):
     """Wrap `model` with a peft LoRA adapter (paper defaults); only LoRA weights stay trainable, in fp32.
     `targets`: module names in peft's spellings, as a sequence or one comma-separated string ("all-linear")."""
     from peft import LoraConfig, get_peft_model
 
-    targets = tuple(t.strip() for t in targets.split(",")) if isinstance(targets, str) else tuple(targets)
+    targets = split_targets(targets)
     modules = dict(model.named_modules())
     linear = [n for n, m in modules.items()
               if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Conv1D")]  # Conv1D: GPT-2's
