@@ -274,7 +274,8 @@ def for_args(args) -> str:
     would change, as a table (one line per setting, the given one marked)."""
     from .attention import packed_kv_grouped
     from .fast import default_fused_ops, default_merge
-    from .models import DTYPES, PRESETS, ModelError, meta_model, preset_weight_counts, weight_bytes, weight_counts
+    from .models import (DTYPES, PRESETS, ModelError, checked_path, meta_model, preset_weight_counts, weight_bytes,
+                         weight_counts)
 
     name, dtype = args.model, DTYPES[args.dtype] if args.dtype else None
     if name in PRESETS:
@@ -287,10 +288,14 @@ def for_args(args) -> str:
         config, counts = fields, preset_weight_counts(name, vocab_size=fields.get("vocab_size", 32000))
     else:  # built on the meta device from its config: its sizes, its linear layers' names, its weight counts
         dtype = dtype or torch.bfloat16
-        model = meta_model(name, args.trust_remote_code)
+        path = checked_path(name)
+        try:
+            model = meta_model(path, args.trust_remote_code, quiet=False)
+        except Exception as e:  # noqa: BLE001 - not found, offline, not a causal LM, a broken config: one line
+            raise ModelError(f"{name}: cannot build it from its config: "
+                             f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
         if model is None:
-            raise ModelError(f"{name}: cannot build it from its config (not found, not a causal LM, or a checkpoint "
-                             f"quantised already)")
+            raise ModelError(f"{name}: a checkpoint quantised already; estimate its unquantised original")
         config, counts = model.config, weight_counts(model)
         linears = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         if lora_targets(args.targets) and not set(lora_targets(args.targets)) <= linears:

@@ -111,9 +111,9 @@ def pretrained_weight_counts(path: str, trust_remote_code: bool = False) -> tupl
     return None if model is None else weight_counts(model)
 
 
-def meta_model(path: str, trust_remote_code: bool = False) -> nn.Module | None:
+def meta_model(path: str, trust_remote_code: bool = False, quiet: bool = True) -> nn.Module | None:
     """A pretrained model built from its config alone on the meta device (no memory, no weight read); None when
-    that cannot be done or the checkpoint is quantised already."""
+    the checkpoint is quantised already, or (quiet) when it cannot be built; not quiet, that error is raised."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -123,8 +123,10 @@ def meta_model(path: str, trust_remote_code: bool = False) -> nn.Module | None:
             return None
         with init_empty_weights():
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - only a check ahead of the load, which reports its own errors
-        return None
+    except Exception:  # noqa: BLE001 - quiet: a check ahead of the load, which reports its own errors
+        if quiet:
+            return None
+        raise
 
 
 def weight_counts(model: nn.Module) -> tuple[int, int]:
@@ -260,15 +262,21 @@ def from_hub(load, name: str, **kwargs):
         return load(name, **kwargs)
 
 
+def checked_path(name: str) -> str:
+    """A model name with `~` expanded; ModelError for one that looks like a local path and is no directory."""
+    looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+    path = os.path.expanduser(name)
+    if looks_like_path and not os.path.isdir(path):
+        raise ModelError(f"--model {name}: no such directory (built-in presets: {', '.join(PRESETS)}; or a "
+                         f"Hugging Face id such as meta-llama/Llama-2-7b-hf)")
+    return path
+
+
 def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-    path = os.path.expanduser(name)
+    path = checked_path(name)
     local = os.path.isdir(path)
-    if looks_like_path and not local:
-        raise ModelError(f"--model {name}: no such directory (built-in presets: {', '.join(PRESETS)}; or a "
-                         f"Hugging Face id such as meta-llama/Llama-2-7b-hf)")
     if device.type == "cuda":  # one line now rather than an out-of-memory error minutes into the load
         counts = pretrained_weight_counts(path, trust_remote_code)
         if counts is not None:

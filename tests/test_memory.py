@@ -225,6 +225,8 @@ def test_memory_command_bad_input_is_one_line(capsys, tmp_path):
     assert capsys.readouterr().err.strip() == "booster-fast: error: --batch-size 3 is not a multiple of --grad-accum 2"
     assert main(["memory", "--method", "sft", "--perturb-aware"]) == 2
     assert "does nothing with --method sft" in capsys.readouterr().err
+    assert main(["memory", "--model", str(tmp_path / "absent")]) == 2
+    assert capsys.readouterr().err.startswith(f"booster-fast: error: --model {tmp_path / 'absent'}: no such directory")
     assert main(["memory", "--device", "mps"]) == 2
     assert capsys.readouterr().err.strip() == "booster-fast: error: --device mps: give cpu, cuda or cuda:N"
     assert main(["memory", "--targets", "q_proj,v_proj,"]) == 0  # as align takes it
