@@ -120,7 +120,8 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
                 _num(r.get("step_ms"), ".1f"),
                 _num(doc.get("speedup", {}).get(impl) if booster else None, ".2f", "×"),
                 _num(r.get("tokens_per_s"), ",.0f"),
-                _num(r.get("peak_mem_mb"), ",.0f") + (f" (est. {r['est_peak_mb']:,.0f})" if r.get("est_peak_mb") else ""),
+                _num(r.get("peak_mem_mb"), ",.0f")
+                + (f" (est. {r['est_peak_mb']:,.0f})" if r.get("est_peak_mb") else ""),  # memory.py's estimate
                 _num(r.get("launches_per_step"), ","),
                 _num(r.get("host_syncs_per_step"), ","),
                 sft_ratio(impl, r) if booster else "—",

@@ -111,8 +111,8 @@ SAMPLE = {
     "results": {
         "reference": {"step_ms": 150.0, "tokens_per_s": 3000.0, "peak_mem_mb": 50.0, "ops_per_step": 3858,
                       "ratio_to_sft": 3.0, "sft_baseline": "sft"},
-        "fast": {"step_ms": 120.0, "tokens_per_s": 3750.0, "peak_mem_mb": 51.0, "ops_per_step": 3201,
-                 "launches_per_step": 1650, "ratio_to_sft": 2.4, "sft_baseline": "fast-sft"},
+        "fast": {"step_ms": 120.0, "tokens_per_s": 3750.0, "peak_mem_mb": 51.0, "est_peak_mb": 52.4,
+                 "ops_per_step": 3201, "launches_per_step": 1650, "ratio_to_sft": 2.4, "sft_baseline": "fast-sft"},
         "sft": {"step_ms": 50.0, "tokens_per_s": 4000.0, "peak_mem_mb": 49.0, "ops_per_step": 1314},
         "fast-sft": {"step_ms": 50.0, "tokens_per_s": 4000.0, "peak_mem_mb": 49.0, "ops_per_step": 1200},
         "fast-graphs": {"skipped": "CUDA graphs need a CUDA device"},
@@ -139,6 +139,7 @@ def test_make_table_rewrites_only_the_marked_block(tmp_path, capsys):
     assert len(rows) == 5
     fast = next(r for r in rows if "| fast |" in r)
     assert "Test CPU (4 cores)" in fast and "| 120.0 |" in fast and "| 1.25× |" in fast and "| 1,650 |" in fast
+    assert "| 51 (est. 52) |" in fast and "| 50 |" in next(r for r in rows if "| reference |" in r)  # estimate
     assert "| 2.40× |" in fast and "| 3.00× |" in next(r for r in rows if "| reference |" in r)
     # a fast entry measured against the reference engine's SFT step says so (files from before fast-sft)
     assert mt.sft_ratio("fast", {"ratio_to_sft": 2.4}) == "2.40× (vs sft)"

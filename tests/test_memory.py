@@ -3,9 +3,9 @@
 `LiveBytes` follows every storage that an aten op creates (in-place results and views of existing tensors are
 not new memory) until it is freed, and keeps the high-water mark. Around one step (after a first one has made
 AdamW's state), added to what the engine holds between steps, it sees what the GPU's allocator would hold
-beyond the weights: the engine's buffers, the optimizer's state and each pass's activations and logits. The per-layer part of the estimate is checked to within 2 % (the difference
-between a 2- and a 4-layer model; most settings match to the byte), the whole step beyond the weights to within
-8 %.
+beyond the weights: the engine's buffers, the optimizer's state and each pass's activations and logits. The
+per-layer part of the estimate is checked to within 2 % (the difference between a 2- and a 4-layer model; most
+settings match to the byte), the whole step beyond the weights to within 8 %.
 """
 import json
 import logging
