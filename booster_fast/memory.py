@@ -240,7 +240,6 @@ def of_booster(booster, batch_size: int, harmful_batch_size: int, max_length: in
     return estimate(shape, weights=frozen_bytes(model), **{**settings, **overrides})
 
 
-
 def log_fit(booster, batch_size: int, harmful_batch_size: int, max_length: int, method: str, device
             ) -> StepMemory | None:
     """Before a run's first step on CUDA: one line with the step's estimated peak against what the device can
@@ -269,24 +268,68 @@ def log_fit(booster, batch_size: int, harmful_batch_size: int, max_length: int, 
         log.warning("memory: the estimate exceeds what %s can hold, expect it to run out of memory: %s", device, way)
     return est
 
+
 def for_args(args) -> str:
     """`booster-fast memory`: the estimate for align's flags, beside what gradient checkpointing and NF4 weights
     would change, as a table (one line per setting, the given one marked)."""
     from .attention import packed_kv_grouped
     from .fast import default_fused_ops, default_merge
-    from .models import (DTYPES, PRESETS, ModelError, checked_path, meta_model, preset_weight_counts, weight_bytes,
-                         weight_counts)
+    from .models import DTYPES, weight_bytes
+
+    shape, counts, dtype = _model_of(args)
+    device = _device_of(args)
+    cuda, impl = device.type == "cuda", args.impl
+    auto = {"merge_passes": default_merge(device), "fused_ops": default_fused_ops(device)}
+    merged, fused = ({"on": True, "off": False}.get(getattr(args, k), d) for k, d in auto.items())
+    pack = args.packing != "off"
+    rows, harmful_rows = args.batch_size // args.grad_accum, args.harmful_batch_size // args.grad_accum  # (checked)
+    common = dict(rows=rows, harmful_rows=harmful_rows, max_length=args.max_length, targets=args.targets,
+                  r=args.lora_r, impl=impl, method=args.method, merged=merged, fused=fused,
+                  perturb_aware=args.perturb_aware and args.method == "booster", micro_batches=args.grad_accum,
+                  cuda=cuda, grouped_kv=impl == "fast" and (not pack or packed_kv_grouped(device)))
+    lines = []
+    for quant in (args.quant,) if args.quant == "nf4" else ("none", "nf4"):
+        a = 2 if quant == "nf4" or dtype == torch.bfloat16 else 4
+        kind = "NF4" if quant == "nf4" else next(k for k, v in DTYPES.items() if v == dtype)
+        for ckpt in (False, True):
+            est = estimate(shape, weights=weight_bytes(*counts, quant, dtype), compute_bytes=a, checkpointing=ckpt,
+                           quant=quant, **common)
+            given = quant == args.quant and ckpt == args.gradient_checkpointing
+            lines.append(("*" if given else " ", kind + (", --gradient-checkpointing" if ckpt else ""), est))
+    what = "SFT step" if args.method == "sft" else "Booster step" + (" + Vaccine" if common["perturb_aware"] else "")
+    engine = f"{impl} engine" + (f" ({', '.join(k for k, v in (('merged pass', merged), ('fused ops', fused)) if v)})"
+                                  if impl == "fast" and (merged or fused) else "")
+    batch = f"{rows} rows" if args.method == "sft" else f"{rows} + {harmful_rows} rows"
+    out = [f"{args.model}: one {what}, {engine}, {batch} x {args.max_length} tokens"
+           f"{' per micro-batch' if args.grad_accum > 1 else ''}, LoRA r={args.lora_r} on {args.targets}",
+           f"  {'':34}{'weights':>11}{'LoRA+AdamW':>12}{'activations':>13}{'logits+bwd':>12}{'peak':>11}"]
+    out += [f"{mark} {label:34}" + "".join(f"{size(n):>{w}}" for n, w in zip(est.parts(), (11, 12, 13, 12, 11)))
+            for mark, label, est in lines]
+    out.append("An estimate from the model's shape, every row counted at --max-length (packed batches hold fewer "
+               "tokens); the allocator's rounding and CUDA's workspaces come on top.")
+    if cuda and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count():
+        from .models import cuda_free_bytes
+
+        out.append(f"{device} has {size(cuda_free_bytes(device))} free.")
+    return "\n".join(out)
+
+
+def _model_of(args) -> tuple[Shape, tuple[int, int], torch.dtype]:
+    """(shape, weight counts, dtype of the unquantised weights) of --model: a preset's from its fields, a
+    pretrained model's built on the meta device from its config (which also checks --targets against its linear
+    layers). ModelError, one line, for what has no estimate."""
+    from .models import DTYPES, PRESETS, ModelError, checked_path, meta_model, preset_weight_counts, weight_counts
 
     name, dtype = args.model, DTYPES[args.dtype] if args.dtype else None
     if name in PRESETS:
         dtype = dtype or (torch.float32 if name == "tiny" else torch.bfloat16)
-        fields = dict(PRESETS[name])
+        config = dict(PRESETS[name])
         if name == "tiny":
             from .tokenizer import build_tiny_tokenizer
 
-            fields["vocab_size"] = len(build_tiny_tokenizer())
-        config, counts = fields, preset_weight_counts(name, vocab_size=fields.get("vocab_size", 32000))
-    else:  # built on the meta device from its config: its sizes, its linear layers' names, its weight counts
+            config["vocab_size"] = len(build_tiny_tokenizer())
+        counts = preset_weight_counts(name, vocab_size=config.get("vocab_size", 32000))
+    else:
         dtype = dtype or torch.bfloat16
         path = checked_path(name)
         try:
@@ -307,46 +350,17 @@ def for_args(args) -> str:
     if lora_targets(args.targets) is None:
         raise ModelError(f"no estimate for LoRA targets {args.targets!r}: it knows a Llama layer's "
                          f"{', '.join(LINEARS)} (or all-linear)")
-    try:  # an estimate for a GPU unless told otherwise
+    return shape, counts, dtype
+
+
+def _device_of(args) -> torch.device:
+    """--device for the estimate: cuda unless told otherwise (no GPU needed to estimate for one)."""
+    from .models import ModelError
+
+    try:
         device = torch.device(args.device or "cuda")
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cuda", "cpu"):
         raise ModelError(f"--device {args.device}: give cpu, cuda or cuda:N")
-    cuda, impl = device.type == "cuda", args.impl
-    auto = {"merge_passes": default_merge(device), "fused_ops": default_fused_ops(device)}
-    merged, fused = ({"on": True, "off": False}.get(getattr(args, k), d) for k, d in auto.items())
-    pack = args.packing != "off"
-    rows, harmful_rows = args.batch_size // args.grad_accum, args.harmful_batch_size // args.grad_accum  # (checked)
-    common = dict(rows=rows, harmful_rows=harmful_rows, max_length=args.max_length, targets=args.targets,
-                  r=args.lora_r, impl=impl, method=args.method, merged=merged, fused=fused,
-                  perturb_aware=args.perturb_aware and args.method == "booster", micro_batches=args.grad_accum,
-                  cuda=cuda,
-                  grouped_kv=impl == "fast" and (not pack or packed_kv_grouped("cuda" if cuda else "cpu")))
-    quants = (args.quant,) if args.quant == "nf4" else ("none", "nf4")
-    lines = []
-    for quant in quants:
-        a = 2 if quant == "nf4" or dtype == torch.bfloat16 else 4
-        kind = "NF4" if quant == "nf4" else str(dtype).removeprefix("torch.")
-        for ckpt in (False, True):
-            est = estimate(shape, weights=weight_bytes(*counts, quant, dtype), compute_bytes=a, checkpointing=ckpt,
-                           quant=quant, **common)
-            given = quant == args.quant and ckpt == args.gradient_checkpointing
-            label = kind + (", --gradient-checkpointing" if ckpt else "")
-            lines.append(("*" if given else " ", label, est))
-    what = "SFT step" if args.method == "sft" else "Booster step" + (" + Vaccine" if common["perturb_aware"] else "")
-    engine = f"{impl} engine" + (f" ({', '.join(k for k, v in (('merged pass', merged), ('fused ops', fused)) if v)})"
-                                  if impl == "fast" and (merged or fused) else "")
-    batch = f"{rows} rows" if args.method == "sft" else f"{rows} + {harmful_rows} rows"
-    out = [f"{name}: one {what}, {engine}, {batch} x {args.max_length} tokens"
-           f"{' per micro-batch' if args.grad_accum > 1 else ''}, LoRA r={args.lora_r} on {args.targets}",
-           f"  {'':34}{'weights':>11}{'LoRA+AdamW':>12}{'activations':>13}{'logits+bwd':>12}{'peak':>11}"]
-    out += [f"{mark} {label:34}" + "".join(f"{size(n):>{w}}" for n, w in zip(est.parts(), (11, 12, 13, 12, 11)))
-            for mark, label, est in lines]
-    out.append("An estimate from the model's shape, every row counted at --max-length (packed batches hold fewer "
-               "tokens); the allocator's rounding and CUDA's workspaces come on top.")
-    if cuda and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count():
-        from .models import cuda_free_bytes
-
-        out.append(f"{device} has {size(cuda_free_bytes(device))} free.")
-    return "\n".join(out)
+    return device
