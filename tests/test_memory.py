@@ -1,4 +1,5 @@
-"""memory.py's estimate of a step's peak, against the bytes a step really allocates on the CPU.
+"""memory.py's estimate of a step's peak, against the bytes a step really allocates on the CPU (the models are
+built there on a CUDA machine too).
 
 `LiveBytes` follows every storage that an aten op creates (in-place results and views of existing tensors are
 not new memory) until it is freed, and keeps the high-water mark. Around one step (after a first one has made
@@ -19,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from booster_fast import Booster, BoosterConfig, memory
 from booster_fast.cli import main
+from booster_fast.kernels.model_kernels import available as kernels_available
 from booster_fast.models import (PRESETS, add_lora, enable_gradient_checkpointing, load_model, preset_weight_counts,
                                  weight_bytes)
 
@@ -66,7 +68,10 @@ def measure(layers, impl="fast", dtype=torch.bfloat16, targets="q_proj,k_proj,v_
     from booster_fast.bench_measure import held_bytes
 
     torch.manual_seed(0)
-    model, _ = load_model("tiny", dtype=dtype, quant=quant, num_hidden_layers=layers, num_key_value_heads=kv_heads,
+    if cfg.get("fused_ops") and not kernels_available("cpu"):
+        pytest.skip("the fused kernels run on the CPU only under Triton's interpreter (TRITON_INTERPRET=1)")
+    model, _ = load_model("tiny", dtype=dtype, quant=quant, device="cpu", num_hidden_layers=layers,
+                          num_key_value_heads=kv_heads,
                           **(config or {}))
     model = add_lora(model, targets=targets)
     if checkpointing:
@@ -122,7 +127,7 @@ def test_estimate_matches_the_bytes_a_step_allocates(case):
 def test_estimate_is_an_upper_bound_for_packed_batches():
     """Packed batches carry only their real tokens; the estimate counts every row at max_length."""
     torch.manual_seed(0)
-    model, _ = load_model("tiny", dtype=torch.bfloat16, num_hidden_layers=2)
+    model, _ = load_model("tiny", dtype=torch.bfloat16, device="cpu", num_hidden_layers=2)
     model = add_lora(model)
     lengths = torch.tensor([40, 23, 31, 12])
     ids = torch.randint(3, model.config.vocab_size, (ROWS, LENGTH))
@@ -162,7 +167,7 @@ def test_seven_b_layer_by_hand():
 @pytest.mark.parametrize("dtype, quant", [(torch.float32, "none"), (torch.bfloat16, "none"), (None, "nf4")])
 def test_weights_counted_from_the_shape_are_the_loaded_bytes(dtype, quant):
     """The weights term `booster-fast memory` prints (from the preset's shape) against the loaded model's bytes."""
-    model, tok = load_model("tiny", dtype=dtype, quant=quant)
+    model, tok = load_model("tiny", dtype=dtype, quant=quant, device="cpu")
     model.requires_grad_(False)  # frozen_bytes counts what does not train
     counts = preset_weight_counts("tiny", vocab_size=len(tok))
     # NF4: bitsandbytes also keeps a 1 KiB code table and a few scalars per weight matrix, which the count leaves
@@ -235,7 +240,7 @@ def test_memory_command_bad_input_is_one_line(capsys, tmp_path):
 
 def test_log_fit_warns_and_names_checkpointing(monkeypatch, caplog):
     """On a GPU too small for the step: one info line, one warning with the way out (the sizes faked)."""
-    model, _ = load_model("tiny", num_hidden_layers=2)
+    model, _ = load_model("tiny", device="cpu", num_hidden_layers=2)
     booster = Booster(add_lora(model), BoosterConfig(merge_passes=True, graphs="off"))
     full = memory.of_booster(booster, 8, 8, 128)
     ckpt = memory.of_booster(booster, 8, 8, 128, checkpointing=True)
