@@ -27,7 +27,9 @@ def test_bench_json_smoke(capsys, tmp_path):
                "--max-length", "160", "--lora-r", "4",
                "--impls", "reference,fast,sft,fast-graphs,fast-padded,fast-sft", "--json", "--output", str(out_file)])
     assert rc == 0
-    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    doc = json.loads(out[-1])
+    assert "peak MB   est. MB" in next(line for line in out if line.startswith("impl"))  # the console table
     assert set(doc) == {"machine", "config", "results", "speedup", "complete"} and doc["complete"] is True
     assert doc == json.loads(out_file.read_text())  # --output holds the same document
     assert doc["machine"]["gpu"] is None and doc["machine"]["torch"] == torch.__version__
