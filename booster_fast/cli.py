@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "logits), estimated from the model's config alone, beside what --gradient-"
                                    "checkpointing and --quant nf4 would change. Takes align's command line as it is.")
     _add_align_args(m)
+    m.add_argument("--json", action="store_true", help="print one JSON document (bytes per part) instead")
 
     from . import attack, evaluate, experiment  # the defence pipeline: each module declares its own flags
     for module in (attack, evaluate, experiment):

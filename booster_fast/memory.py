@@ -35,6 +35,7 @@ peak. The GPU adds what the counts leave out (not yet measured against them):
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -271,10 +272,11 @@ def log_fit(booster, batch_size: int, harmful_batch_size: int, max_length: int, 
 
 def for_args(args) -> str:
     """`booster-fast memory`: the estimate for align's flags, beside what gradient checkpointing and NF4 weights
-    would change, as a table (one line per setting, the given one marked)."""
+    would change, as a table (one line per setting, the given one marked), or with --json as one JSON document
+    (bytes)."""
     from .attention import packed_kv_grouped
     from .fast import default_fused_ops, default_merge
-    from .models import DTYPES, weight_bytes
+    from .models import DTYPES, cuda_free_bytes, weight_bytes
 
     shape, counts, dtype = _model_of(args)
     device = _device_of(args)
@@ -300,17 +302,24 @@ def for_args(args) -> str:
     engine = f"{impl} engine" + (f" ({', '.join(k for k, v in (('merged pass', merged), ('fused ops', fused)) if v)})"
                                   if impl == "fast" and (merged or fused) else "")
     batch = f"{rows} rows" if args.method == "sft" else f"{rows} + {harmful_rows} rows"
-    out = [f"{args.model}: one {what}, {engine}, {batch} x {args.max_length} tokens"
-           f"{' per micro-batch' if args.grad_accum > 1 else ''}, LoRA r={args.lora_r} on {args.targets}",
+    title = (f"{args.model}: one {what}, {engine}, {batch} x {args.max_length} tokens"
+             f"{' per micro-batch' if args.grad_accum > 1 else ''}, LoRA r={args.lora_r} on {args.targets}")
+    free = (cuda_free_bytes(device) if cuda and torch.cuda.is_available()
+            and (device.index or 0) < torch.cuda.device_count() else None)
+    if getattr(args, "json", False):
+        parts = ("weights", "state", "activations", "transient", "total")
+        return json.dumps({"model": args.model, "step": title.split(": ", 1)[1], "device": str(device),
+                           "free_bytes": free,
+                           "settings": [{"setting": label, "given": mark == "*", **dict(zip(parts, est.parts()))}
+                                        for mark, label, est in lines]})
+    out = [title,
            f"  {'':34}{'weights':>11}{'LoRA+AdamW':>12}{'activations':>13}{'logits+bwd':>12}{'peak':>11}"]
     out += [f"{mark} {label:34}" + "".join(f"{size(n):>{w}}" for n, w in zip(est.parts(), (11, 12, 13, 12, 11)))
             for mark, label, est in lines]
     out.append("An estimate from the model's shape, every row counted at --max-length (packed batches hold fewer "
                "tokens); the allocator's rounding and CUDA's workspaces come on top.")
-    if cuda and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count():
-        from .models import cuda_free_bytes
-
-        out.append(f"{device} has {size(cuda_free_bytes(device))} free.")
+    if free is not None:
+        out.append(f"{device} has {size(free)} free.")
     return "\n".join(out)
 
 

@@ -202,6 +202,20 @@ def test_memory_command_prints_the_estimate_and_its_alternatives(capsys):
     assert rows["NF4, --gradient-checkpointing"].split()[-2:] == memory.size(want.total).split()
 
 
+def test_memory_command_json_is_the_table_in_bytes(capsys):
+    assert main(["memory", "--model", "llama-1b-shape", "--impl", "reference"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert main(["memory", "--model", "llama-1b-shape", "--impl", "reference", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert table[0] == f"llama-1b-shape: {doc['step']}" and doc["device"] == "cuda"
+    assert [s["setting"] for s in doc["settings"]] == ["bf16", "bf16, --gradient-checkpointing", "NF4",
+                                                       "NF4, --gradient-checkpointing"]
+    assert [s["given"] for s in doc["settings"]] == [True, False, False, False]
+    for s, line in zip(doc["settings"], table[2:6]):
+        assert s["total"] == s["weights"] + s["state"] + s["activations"] + s["transient"]
+        assert line.split()[-2:] == memory.size(s["total"]).split()
+
+
 def test_memory_command_reads_a_runs_flags(capsys, aligned):
     """--resume RUN: the estimate for that run's own settings (a finished one too)."""
     assert main(["memory", "--resume", str(aligned)]) == 0
