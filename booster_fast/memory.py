@@ -327,7 +327,8 @@ def _model_of(args) -> tuple[Shape, tuple[int, int], torch.dtype]:
     """(shape, weight counts, dtype of the unquantised weights) of --model: a preset's from its fields, a
     pretrained model's built on the meta device from its config (which also checks --targets against its linear
     layers). ModelError, one line, for what has no estimate."""
-    from .models import DTYPES, PRESETS, ModelError, checked_path, meta_model, preset_weight_counts, weight_counts
+    from .models import (DTYPES, PRESETS, ModelError, check_lora_targets, checked_path, meta_model,
+                         preset_weight_counts, weight_counts)
 
     name, dtype = args.model, DTYPES[args.dtype] if args.dtype else None
     if name in PRESETS:
@@ -349,9 +350,7 @@ def _model_of(args) -> tuple[Shape, tuple[int, int], torch.dtype]:
         if model is None:
             raise ModelError(f"{name}: a checkpoint quantised already; estimate its unquantised original")
         config, counts = model.config, weight_counts(model)
-        linears = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        if lora_targets(args.targets) and not set(lora_targets(args.targets)) <= linears:
-            raise ModelError(f"{name} has no linear layers named {args.targets}; it has {sorted(linears)}")
+        check_lora_targets(model, args.targets)  # add_lora's own check, on the meta model
     shape = Shape.of(config)
     if shape is None:
         raise ModelError(f"{name}: no estimate for this architecture: its config lacks a Llama-style hidden_size, "

@@ -428,12 +428,9 @@ def split_targets(targets) -> tuple[str, ...]:
     return tuple(n.strip() for n in names if n.strip())
 
 
-def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj", "k_proj", "v_proj"),
-             dropout: float = 0.0):
-    """Wrap `model` with a peft LoRA adapter (paper defaults); only LoRA weights stay trainable, in fp32.
-    `targets`: module names in peft's spellings, as a sequence or one comma-separated string ("all-linear")."""
-    from peft import LoraConfig, get_peft_model
-
+def check_lora_targets(model: nn.Module, targets) -> tuple[str, ...]:
+    """`targets` (split_targets) as add_lora takes them, after checking that each names linear layers of `model`
+    by peft's rule; ModelError, one line, naming the linear layers there are."""
     targets = split_targets(targets)
     modules = dict(model.named_modules())
     linear = [n for n, m in modules.items()
@@ -450,6 +447,16 @@ def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj",
                          f"layers named {sorted({n.rsplit('.', 1)[-1] for n in linear})} (or all-linear)")
     if "all-linear" in targets and len(targets) > 1:
         raise ModelError(f"LoRA targets {list(targets)}: all-linear names every linear layer; give it alone")
+    return targets
+
+
+def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj", "k_proj", "v_proj"),
+             dropout: float = 0.0):
+    """Wrap `model` with a peft LoRA adapter (paper defaults); only LoRA weights stay trainable, in fp32.
+    `targets`: module names in peft's spellings, as a sequence or one comma-separated string ("all-linear")."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = check_lora_targets(model, targets)
     if r < 1:
         raise ModelError(f"LoRA rank must be >= 1, got {r}")
     for p in model.parameters():

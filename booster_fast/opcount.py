@@ -38,7 +38,6 @@ class _Counter(TorchDispatchMode):
         self.counts = Counter()
         self.bookkeeping_ops = Counter()
         self.syncs = Counter()
-        self.bookkeeping_triton = Counter()
         self.host_storages = {t.untyped_storage().data_ptr() for t in host_resident}
 
     def _reads_back(self, name, args, kwargs) -> bool:
@@ -71,7 +70,7 @@ class _Counter(TorchDispatchMode):
         self.counts["launches"] += 1
         self.counts["triton"] += 1
         if not self.pass_depth:
-            self.bookkeeping_triton[kernel] += 1
+            self.bookkeeping_ops[f"triton.{kernel}"] += 1
 
 
 def host_resident_scalars(optimizer) -> list:
@@ -107,6 +106,5 @@ def count_ops(fn, *args, host_resident=(), **kwargs) -> dict:
     c = counter.counts
     return {"total": c["pass"] + c["bookkeeping"], "pass": c["pass"], "bookkeeping": c["bookkeeping"],
             "launches": c["launches"], "triton_launches": c["triton"],
-            "bookkeeping_ops": {**counter.bookkeeping_ops,
-                                **{f"triton.{k}": n for k, n in counter.bookkeeping_triton.items()}},
+            "bookkeeping_ops": dict(counter.bookkeeping_ops),
             "host_syncs": dict(counter.syncs)}

@@ -231,7 +231,9 @@ def test_memory_command_bad_input_is_one_line(capsys, tmp_path):
                                                       "n_head": 2, "vocab_size": 100}))
     assert main(["memory", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "has no linear layers named q_proj,k_proj,v_proj" in err[0]  # GPT-2's are Conv1D
+    # add_lora's own line: GPT-2's layers are Conv1D, named c_attn, c_proj, c_fc
+    assert len(err) == 1 and "LoRA targets ['q_proj', 'k_proj', 'v_proj'] not found in the model" in err[0]
+    assert "it has linear layers named ['c_attn', 'c_fc', 'c_proj', 'lm_head']" in err[0]
     assert main(["memory", "--model", str(tmp_path), "--targets", "c_attn"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no estimate for this architecture" in err[0]  # no intermediate_size
