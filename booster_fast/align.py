@@ -27,26 +27,22 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-from .atomic import existing_folder, writes
+from .atomic import writes
 from .cli import NonFiniteAbort, UsageError
-from .config import BoosterConfig
-from .models import PRESETS as MODEL_PRESETS, absolute_local_path
+from .models import PRESETS as MODEL_PRESETS
+from .run_args import (apply_resume, check_common_args, check_device_flags, check_output, check_run_args,
+                       config_from_args, data_fingerprints, resolve_device)
 
 log = logging.getLogger("booster_fast")
 METRICS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "skipped")
 PERTURB_AWARE_METRICS = ("loss_perturbed",)  # the alignment loss under the attention-output perturbation
 SKIPPED = METRICS.index("skipped")
-DEFAULT_MAX_SKIPPED = 100   # see --max-skipped's help: a healthy fp32/bf16 run skips none
 SKIPPED_IN_A_ROW = 10       # this many skipped updates in a row stop a run (exit 3): it has diverged
 DEFAULT_STEPS, DEFAULT_EPOCHS = 20, 20.0  # built-in models: a 20-step demo; a real model: the paper's 20 epochs
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-# flags a resumed run may change: they do not touch the maths of an update
-RESUME_FREE = ("device", "log_every", "save_every", "keep_checkpoints", "max_skipped")
-RESUME_IGNORED = ("command", "output", "overwrite", "resume")
 
 
 class SkipTally:
@@ -77,191 +73,6 @@ def peak_memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-
-
-def config_from_args(args, impl: str) -> BoosterConfig:
-    tristate = {"auto": None, "on": True, "off": False}
-    merge, packing = tristate[args.merge_passes], tristate[getattr(args, "packing", "auto")]
-    fused = tristate[getattr(args, "fused_ops", "auto")]
-    try:
-        return BoosterConfig(lamb=args.lamb, alpha=args.alpha, lr=args.lr, weight_decay=args.weight_decay,
-                             max_grad_norm=args.max_grad_norm, impl=impl, merge_passes=merge, packing=packing,
-                             fused_ops=fused,
-                             meta_term=not args.no_meta_term, perturb_aware=getattr(args, "perturb_aware", False),
-                             rho=getattr(args, "rho", BoosterConfig.rho), grad_accum=args.grad_accum,
-                             graphs=getattr(args, "graphs", "auto"))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def check_common_args(args):
-    for flag in ("batch_size", "max_length", "lora_r", "grad_accum"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if not 0 < args.lora_alpha < math.inf:  # LoRA's scale alpha / r: 0 trains nothing, NaN everything into NaN
-        raise UsageError(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
-    if args.harmful_batch_size is None:
-        args.harmful_batch_size = args.batch_size
-    if args.harmful_batch_size < 1:
-        raise UsageError(f"--harmful-batch-size must be >= 1, got {args.harmful_batch_size}")
-    for flag in ("batch_size", "harmful_batch_size"):
-        if getattr(args, flag) % args.grad_accum:
-            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a multiple of "
-                             f"--grad-accum {args.grad_accum}")
-
-
-def check_run_args(args, cfg: BoosterConfig) -> int | None:
-    """Checks of the flags of the run loop; returns the --max-skipped limit in force (None: not checked)."""
-    for flag, low in (("log_every", 1), ("save_every", 0), ("keep_checkpoints", 1), ("max_skipped", 0)):
-        value = getattr(args, flag)
-        if value is not None and value < low:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
-    if args.epochs is not None and not 0 < args.epochs < math.inf:
-        raise UsageError(f"--epochs must be a finite number > 0, got {args.epochs}")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if cfg.perturb_aware and args.method == "sft":
-        raise UsageError("--perturb-aware changes the Booster update only; it does nothing with --method sft")
-    if not cfg.perturb_aware and cfg.rho != BoosterConfig.rho:
-        raise UsageError(f"--rho {cfg.rho} does nothing without --perturb-aware")
-    if cfg.impl == "reference":
-        if args.max_skipped is not None:
-            raise UsageError("--max-skipped needs --impl fast: the reference implementation applies non-finite "
-                             "updates as the original trainer does")
-        return None
-    return DEFAULT_MAX_SKIPPED if args.max_skipped is None else args.max_skipped
-
-
-def resolve_device(name: str | None, rank_local: int = 0) -> torch.device:
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but no CUDA device is available")
-        if device.index is None:
-            device = torch.device("cuda", rank_local)
-    elif device.type != "cpu":
-        raise UsageError(f"unsupported device {name!r} (cpu or cuda)")
-    return device
-
-
-def check_device_flags(args, device: torch.device):
-    """Raise UsageError for a flag pinned on that `device` cannot honour (before anything is loaded)."""
-    from .kernels.model_kernels import available
-
-    if getattr(args, "graphs", "auto") == "on" and device.type != "cuda":
-        raise UsageError(f"--graphs on needs a CUDA device, not {device}")
-    if getattr(args, "fused_ops", "auto") == "on" and not available(device):
-        raise UsageError(f"--fused-ops on needs a CUDA device (the Triton kernels), not {device}")
-
-
-# ------------------------------------------------------------------------------------------------
-# the output directory and --resume
-# ------------------------------------------------------------------------------------------------
-RUN_MARKERS = ("run_config.json", "metrics.jsonl", "adapter_config.json", ".incomplete", "checkpoints")
-
-
-def check_output(path: str, overwrite: bool, resumable: bool = True):
-    """Raise UsageError unless `path` can receive a new run (writes nothing). `resumable`: the command can
-    continue an unfinished run with --resume (align can; attack cannot)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output {path} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not any((out / m).exists() for m in RUN_MARKERS):
-            raise UsageError(f"--output {path} is a non-empty directory that holds no run; refusing to replace it")
-        if not overwrite:
-            if resumable and (out / ".incomplete").exists():
-                raise UsageError(f"--output {path} holds an unfinished run; continue it with --resume {path}, "
-                                 f"or pass --overwrite to replace it")
-            raise UsageError(f"--output {path} already holds a run; pass --overwrite to replace it")
-    parent = existing_folder(out)
-    if not parent.is_dir():
-        raise UsageError(f"cannot write --output {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write --output {path}: {parent} is not writable")
-
-
-def _cli_defaults(model: str) -> dict:
-    from .cli import build_parser
-
-    d = vars(build_parser().parse_args(["align"]))
-    tiny = model == "tiny"          # cli.main() fills these two the same way
-    d["batch_size"], d["max_length"] = (8, 128) if tiny else (10, 256)
-    return d
-
-
-def apply_resume(args, finished_ok: bool = False):
-    """Take the flags of the run in args.resume: a flag given with a value other than its default and the
-    saved one is a conflict (one-line UsageError), except the few in RESUME_FREE. finished_ok: a finished run's
-    flags too (`booster-fast memory` reads them; align can only resume an unfinished run)."""
-    from .checkpoint import CONFIG, MARKER
-
-    run = Path(args.resume)
-    if not run.is_dir():
-        raise UsageError(f"--resume {args.resume}: no such run directory")
-    try:
-        saved = json.loads((run / CONFIG).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--resume {args.resume}: holds no run ({CONFIG} is missing)") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--resume {args.resume}: cannot read {CONFIG} ({e})") from None
-    if not finished_ok and not (run / MARKER).exists():
-        raise UsageError(f"--resume {args.resume}: the run is finished, nothing to resume")
-    if args.overwrite:
-        raise UsageError("--resume continues a run; --overwrite would replace it: pass one of them")
-    defaults = _cli_defaults(args.model)
-    if args.output != defaults["output"] and Path(args.output).absolute() != run.absolute():
-        raise UsageError(f"--resume {args.resume} and --output {args.output} name different runs")
-    conflicts, changed = [], {}
-    for key in ("model", "data", "harmful_data"):  # a run recorded before local paths were absolute
-        if isinstance(saved.get(key), str):
-            saved[key] = absolute_local_path(saved[key])
-    for key, value in vars(args).items():
-        if key in RESUME_IGNORED or (key not in saved and key not in defaults):
-            continue
-        if key not in saved:  # a flag newer than the run: it ran at the flag's default
-            saved[key] = defaults[key]
-        given = value != defaults.get(key)
-        if key in RESUME_FREE:
-            if not given:
-                setattr(args, key, saved[key])
-            elif value != saved[key]:
-                changed[key] = value
-        elif given and value != saved[key]:
-            conflicts.append(f"--{key.replace('_', '-')} {value} (the run has {saved[key]})")
-        else:
-            setattr(args, key, saved[key])
-    if conflicts:
-        raise UsageError(f"--resume {args.resume}: flags that differ from the saved run: {', '.join(conflicts)}; "
-                         f"drop them or start a new run")
-    args.data_sha256 = data_fingerprints(args)
-    for path, digest in (saved.get("data_sha256") or {}).items():
-        if args.data_sha256.get(path) != digest:
-            what = "changed since the run started (its SHA-256 differs)" if os.path.isfile(path) else "is gone"
-            raise UsageError(f"--resume {args.resume}: {path} {what}: the resumed steps would not train on the "
-                             f"run's rows; start a new run")
-    args.output, args.overwrite, args.resume_changes = str(run), False, changed
-
-
-def data_fingerprints(args) -> dict[str, str]:
-    """{path: SHA-256} of the local data files of a run (--data, --harmful-data), recorded in run_config.json so
-    that a resume can tell whether they changed (the streams check only the row counts)."""
-    import hashlib
-
-    out = {}
-    for path in (args.data, getattr(args, "harmful_data", None)):
-        if path and os.path.isfile(path):
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            out[path] = digest.hexdigest()
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,12 +47,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from .adapters import DEFAULT_MAX_LENGTH, DEFAULT_SEED, add_base_args, config_int, default_harmful_data, \
+    read_run_config, resolve_base
+
 log = logging.getLogger("booster_fast")
 
-INCOMPLETE = ".incomplete"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-DEFAULT_MAX_LENGTH = 256      # the paper's; for an adapter whose directory has no run_config.json
-DEFAULT_SEED = 43             # the paper's
 HARMFUL_SPLITS = ("attack", "train")
 
 
@@ -107,156 +106,10 @@ def main(args) -> int:
     return run_reporting(run_attack, args)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# adapter directories (shared with evaluate.py)
-# ------------------------------------------------------------------------------------------------------------
-def add_base_args(p):
-    """The flags that say which base model an adapter goes on (attack and eval)."""
-    from .models import PRESETS, QUANTS
-
-    p.add_argument("--base-model", default=None, metavar="MODEL",
-                   help=f"the base model under the adapter: HF id | local path | {' | '.join(PRESETS)} (default: "
-                        "the run's run_config.json, else adapter_config.json's base_model_name_or_path)")
-    p.add_argument("--quant", default=None, choices=QUANTS, help="base weights (default: the run's, else none)")
-    p.add_argument("--base-seed", type=int, default=None, metavar="N",
-                   help="init seed of a random-weight preset base such as tiny (default: the run's, else 0 = "
-                        "load_model's default); ignored for pretrained models")
-
-
-def _read_json(d: Path, name: str, run_dir) -> dict:
-    from .cli import UsageError
-
-    try:
-        cfg = json.loads((d / name).read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--adapter {run_dir}: unreadable {name} ({e})") from None
-    if not isinstance(cfg, dict):
-        raise UsageError(f"--adapter {run_dir}: {name} is not a JSON object")
-    return cfg
-
-
-def read_run_config(run_dir: str | Path) -> dict:
-    """run_config.json of a finished align/attack run, or {} for any other LoRA adapter directory (no
-    run_config.json); UsageError (one line) for anything else."""
-    from .cli import UsageError
-
-    d = Path(run_dir)
-    if not d.is_dir():
-        raise UsageError(f"--adapter {run_dir}: no such adapter directory")
-    if (d / INCOMPLETE).exists():
-        raise UsageError(f"--adapter {run_dir}: the run has not finished (resume it with booster-fast align --resume)")
-    if not (d / "adapter_config.json").is_file():
-        raise UsageError(f"--adapter {run_dir}: not a LoRA adapter directory (no adapter_config.json)")
-    peft_type = _read_json(d, "adapter_config.json", run_dir).get("peft_type")
-    if peft_type != "LORA":
-        raise UsageError(f"--adapter {run_dir}: adapter_config.json holds a {peft_type or 'untyped'} adapter, "
-                         "not LoRA")
-    if not any((d / f).is_file() for f in ADAPTER_WEIGHTS):  # peft would look for them on the Hub instead
-        raise UsageError(f"--adapter {run_dir}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
-    if (d / "run_config.json").is_file():
-        return _read_json(d, "run_config.json", run_dir)
-    run = d.absolute().parent.parent
-    if d.absolute().parent.name == "checkpoints" and (run / "run_config.json").is_file():  # a checkpoint of a run
-        log.info("adapter %s: a checkpoint of %s, whose run_config.json gives the base and settings", run_dir, run)
-        return _read_json(run, "run_config.json", run_dir)
-    return {}
-
-
-def config_int(cfg: dict, key: str, default: int) -> int:
-    """An integer field of a run_config.json (`default` when absent); UsageError for anything else."""
-    from .cli import UsageError
-
-    value = cfg.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise UsageError(f"run_config.json: {key} is {value!r}, not an integer")
-    return int(value)
-
-
-def base_of(cfg: dict) -> dict:
-    """How to rebuild the base model of a run: align writes model/quant/seed at the top, attack under "base"."""
-    base = cfg.get("base") or cfg
-    return {"model": base.get("model", "tiny"), "quant": base.get("quant", "none"),
-            "seed": config_int(base, "seed", DEFAULT_SEED), "dtype": base.get("dtype")}
-
-
-def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
-    """({model, quant, seed}, where the model name came from) for `args.adapter`: the run's run_config.json, or
-    adapter_config.json's base_model_name_or_path, each overridden by --base-model / --quant / --base-seed."""
-    from .cli import UsageError
-    from .models import PRESETS
-
-    if run_cfg:
-        base, source = base_of(run_cfg), "run_config.json"
-    else:  # a plain peft adapter (the Python API's): quant none and load_model's default seed unless the flags say
-        name = _read_json(Path(args.adapter), "adapter_config.json", args.adapter).get("base_model_name_or_path")
-        base, source = {"model": name or None, "quant": "none", "seed": 0, "dtype": None}, "adapter_config.json"
-    if getattr(args, "base_model", None):
-        base["model"], source = args.base_model, "--base-model"
-    if getattr(args, "quant", None):
-        base["quant"] = args.quant
-    if getattr(args, "base_seed", None) is not None:
-        base["seed"] = args.base_seed
-    if not base["model"]:
-        raise UsageError(f"--adapter {args.adapter}: no run_config.json, and adapter_config.json names no base model; "
-                         f"pass --base-model (HF id, local directory, or one of {', '.join(PRESETS)})")
-    if not run_cfg and base["model"] in PRESETS and getattr(args, "base_seed", None) is None:
-        log.info("adapter %s has no run_config.json: its %s base is built with seed %d (load_model's default; "
-                 "--base-seed for another, e.g. 43 for align's)", args.adapter, base["model"], base["seed"])
-    return base, source
-
-
-def default_harmful_data(base_model: str) -> str:
-    """Harmful data of an adapter without run_config.json: the built-in set for a random-weight preset (its
-    tokenizer is trained on it), the paper's BeaverTails for a pretrained model."""
-    from .models import PRESETS
-
-    return "builtin" if base_model in PRESETS else "beavertails"
-
-
-def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None = None, cfg: dict | None = None):
-    """(peft model, tokenizer, run config): the base model (`base`, else the run's) with the adapter on top.
-    `cfg`: the run's config when the caller has read it already (read_run_config)."""
-    from peft import PeftModel
-
-    from .models import ModelError, keep_nf4_trainable_, load_model
-
-    if cfg is None:
-        cfg = read_run_config(run_dir)
-    if base is None:
-        base = base_of(cfg)
-    model, tok = load_model(base["model"], quant=base["quant"], seed=base["seed"], device=device,
-                            dtype=base.get("dtype"))
-    try:
-        model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
-    except Exception as e:  # noqa: BLE001 - shape mismatch, missing modules, a corrupt weights file: one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        if "safetensor" in type(e).__name__.lower() or "pickl" in type(e).__name__.lower():
-            raise ModelError(f"cannot read the adapter weights in {run_dir} ({type(e).__name__}: {first})") from None
-        raise ModelError(f"cannot load the adapter {run_dir} onto {base['model']} ({type(e).__name__}: {first}); "
-                         f"is that the base model it was trained on? (--base-model)") from None
-    if trainable:  # LoRA weights are fp32 masters, as add_lora makes them
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        keep_nf4_trainable_(model)  # the held-out loss runs in eval mode: no inference-only repack on the CPU
-    if (Path(run_dir) / "tokenizer.json").is_file():  # the run's own tokenizer (a checkpoint keeps its vocabulary)
-        from transformers import AutoTokenizer
-
-        saved = AutoTokenizer.from_pretrained(str(run_dir))
-        if len(saved) == len(tok):
-            tok = saved
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return model, tok, cfg
-
-
 def new_output_dir(path: str, overwrite: bool) -> Path:
     """A temporary directory beside `path`, after checking that `path` may receive a run (see `publish_dir`)."""
-    from .align import check_output
     from .cli import UsageError
+    from .run_args import check_output
 
     check_output(path, overwrite, resumable=False)
     out = Path(path)
@@ -410,8 +263,8 @@ def harmful_rows_source(src: str, split: str, harmful_file: str | None) -> tuple
 
 
 def run_attack(args) -> int:
-    from .align import check_device_flags, resolve_device
     from .cli import UsageError
+    from .run_args import check_device_flags, resolve_device
 
     _check_args(args)
     run_cfg = read_run_config(args.adapter)
@@ -433,11 +286,13 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     from tqdm.auto import tqdm
 
     from . import Booster, BoosterConfig
-    from .align import DEFAULT_MAX_SKIPPED, SkipTally
+    from .adapters import load_adapter
+    from .align import SkipTally
     from .atomic import writes
     from .cli import NonFiniteAbort
     from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_safety_data
     from .models import check_positions
+    from .run_args import DEFAULT_MAX_SKIPPED
 
     # ---- data first (fails fast, before a model is loaded), then the model, then the output directory ----------
     benign = load_benign(args.benign, "train")

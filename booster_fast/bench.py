@@ -67,7 +67,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .align import build_streams, check_common_args, check_device_flags, config_from_args, resolve_device
+from .align import build_streams
+from .run_args import check_common_args, check_device_flags, config_from_args, resolve_device
 from .batches import tokens
 from .bench_measure import (HFU_FLOPS, MFU_FLOPS, SFT, cpu_gauge, held_bytes, matmul_params, matmul_tflops,
                             method_flops, micro, model_flops, pass_batches, peak_tflops, sync,
@@ -77,7 +78,8 @@ from .bench_report import format_table, machine_info, plot
 from .cli import UsageError
 from .config import BoosterConfig
 from .data import DataError
-from .models import ModelError, quant_state_tensors
+from .models import ModelError
+from .nf4 import quant_state_tensors
 from .graphs import CaptureInvalidated
 
 log = logging.getLogger("booster_fast")

@@ -21,7 +21,8 @@ import time
 import torch
 
 from .batches import tokens
-from .models import quant_state_tensors, storage_bytes
+from .models import storage_bytes
+from .nf4 import quant_state_tensors
 
 SFT = ("sft", "fast-sft")  # the bench entries that time the plain SFT step
 FLOPS_PER_POSITION = ("4N per position and pass: 2N forward + 2N backward to the activations (the base is frozen, "

@@ -285,7 +285,7 @@ def _align(args) -> int:
 
 
 def _memory(args) -> int:
-    from .align import apply_resume, check_common_args, check_run_args, config_from_args
+    from .run_args import apply_resume, check_common_args, check_run_args, config_from_args
     from .memory import for_args
 
     if args.resume is not None:  # the run's own flags, finished or not

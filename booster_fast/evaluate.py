@@ -61,7 +61,7 @@ ANSWER_PROMPT = "The final answer is: "
 def add_parser(sub):
     p = sub.add_parser("eval", help="harmful score (judge) and fine-tune accuracy of a run; writes JSON",
                        description=__doc__.splitlines()[0])
-    from .attack import add_base_args
+    from .adapters import add_base_args
 
     p.add_argument("--adapter", required=True, metavar="DIR",
                    help="an align or attack run directory, or any peft LoRA adapter directory")
@@ -359,7 +359,7 @@ def harmful_prompts(source: str, harmful_file: str | None, limit: int) -> tuple[
 
 
 def _defaults(args, run_cfg: dict, base_model: str):
-    from .attack import default_harmful_data
+    from .adapters import default_harmful_data
 
     tiny = base_model == "tiny"
     task = args.task or run_cfg.get("benign") or "builtin"
@@ -391,8 +391,8 @@ def check_eval_args(args):
 
 def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
     """The evaluation as a dict (`run_eval` writes it); model/tok/run_cfg may be passed in already loaded."""
-    from .align import resolve_device
-    from .attack import load_adapter, read_run_config, resolve_base
+    from .run_args import resolve_device
+    from .adapters import load_adapter, read_run_config, resolve_base
     from .cli import UsageError
     from .data import load_benign
 
@@ -460,7 +460,7 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
 
 
 def run_eval(args) -> dict:
-    from .align import resolve_device
+    from .run_args import resolve_device
     from .attack import flush_denormals
     from .atomic import write_json_atomic
 

@@ -36,7 +36,8 @@ from .config import BoosterConfig
 from .flat import ALL_TOKENS, FlatLoRA
 from .kernels import normalize_perturb_, restore_combine_, sumsq
 from .losses import attention_for, label_count, logits_of, loss_sum, targets_of, token_losses
-from .models import Autocast, checkpoint_reads_rng, keep_nf4_trainable_
+from .models import Autocast, checkpoint_reads_rng
+from .nf4 import keep_nf4_trainable_
 
 log = logging.getLogger("booster_fast")
 # the BoosterConfig fields the step reads at every call (the others are read once, when the engine is built)

@@ -208,7 +208,8 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
 def frozen_bytes(model) -> int:
     """Bytes of a loaded model's frozen tensors: parameters that do not train, buffers, bitsandbytes'
     statistics (storages counted once)."""
-    from .models import quant_state_tensors, storage_bytes
+    from .models import storage_bytes
+    from .nf4 import quant_state_tensors
 
     ts = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
     return storage_bytes(ts + [t for p in model.parameters() for t in quant_state_tensors(p)])
@@ -221,7 +222,8 @@ def of_booster(booster, batch_size: int, harmful_batch_size: int, max_length: in
     pass, fused ops, packing). None for a model that is not Llama-shaped or has no LoRA adapter of plain target
     names. `overrides`: estimate's keywords to change (checkpointing=True: what checkpointing would take)."""
     from .attention import packed_kv_grouped
-    from .models import compute_dtype, is_quantized
+    from .models import compute_dtype
+    from .nf4 import is_quantized
 
     model, engine, cfg = booster.model, booster.engine, booster.cfg
     shape, lora = Shape.of(model.config), next(iter(getattr(model, "peft_config", {}).values()), None)
@@ -246,7 +248,8 @@ def log_fit(booster, batch_size: int, harmful_batch_size: int, max_length: int, 
     """Before a run's first step on CUDA: one line with the step's estimated peak against what the device can
     hold (what this process has allocated plus what is free), and a warning naming a way to need less when
     the estimate exceeds it (a warning: it is an estimate, the run goes on; so is a model it cannot estimate)."""
-    from .models import cuda_free_bytes, is_quantized
+    from .models import cuda_free_bytes
+    from .nf4 import is_quantized
 
     sizes = (batch_size, harmful_batch_size, max_length, method)
     try:

@@ -24,7 +24,8 @@ import torch.nn as nn
 from .batches import micro_batches
 from .config import BoosterConfig
 from .losses import label_count, loss_sum
-from .models import Autocast, keep_nf4_trainable_, trainable_parameters
+from .models import Autocast, trainable_parameters
+from .nf4 import keep_nf4_trainable_
 
 
 NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")  # HF Trainer's name patterns

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import booster_fast as bf
-from booster_fast import attack, corpus
+from booster_fast import adapters, attack, corpus
 from booster_fast.cli import UsageError, main
 from booster_fast.corpus import ATTACK_SIZE, attack_corpus, builtin_corpus
 from booster_fast.data import Example, load_safety_data
@@ -57,14 +57,14 @@ def plain(tmp_path_factory):
 def spy_load(monkeypatch):
     """Record the LoRA weights of every model `load_adapter` hands out, as loaded (before any training)."""
     seen = []
-    real = attack.load_adapter
+    real = adapters.load_adapter
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         seen.append(lora_state(out[0]))
         return out
 
-    monkeypatch.setattr(attack, "load_adapter", spy)
+    monkeypatch.setattr(adapters, "load_adapter", spy)
     return seen
 
 
@@ -159,16 +159,16 @@ def test_resolve_base_precedence(plain, tmp_path):
     shutil.copytree(d, named)
     cfg = json.loads((named / "adapter_config.json").read_text())
     (named / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "/models/llama"}))
-    assert attack.resolve_base(ns(named), {}) == ({"model": "/models/llama", "quant": "none", "seed": 0, "dtype": None},
+    assert adapters.resolve_base(ns(named), {}) == ({"model": "/models/llama", "quant": "none", "seed": 0, "dtype": None},
                                                   "adapter_config.json")
-    assert attack.resolve_base(ns(named, base_model="tiny", quant="nf4", base_seed=5), {}) == (
+    assert adapters.resolve_base(ns(named, base_model="tiny", quant="nf4", base_seed=5), {}) == (
         {"model": "tiny", "quant": "nf4", "seed": 5, "dtype": None}, "--base-model")
     run = {"model": "llama-1b-shape", "quant": "none", "seed": 43, "dtype": "fp32"}  # an align run's run_config
-    assert attack.resolve_base(ns(named), run) == (
+    assert adapters.resolve_base(ns(named), run) == (
         {"model": "llama-1b-shape", "quant": "none", "seed": 43, "dtype": "fp32"}, "run_config.json")
-    assert attack.resolve_base(ns(named, base_model="tiny"), run)[0]["model"] == "tiny"
+    assert adapters.resolve_base(ns(named, base_model="tiny"), run)[0]["model"] == "tiny"
     with pytest.raises(UsageError, match="--base-model"):
-        attack.resolve_base(ns(d), {})
+        adapters.resolve_base(ns(d), {})
 
 
 @pytest.mark.parametrize("command", ["attack", "eval"])

@@ -243,7 +243,7 @@ def test_nf4_entries_share_their_packed_base(monkeypatch):
 
     import booster_fast
     from booster_fast import bench
-    from booster_fast.models import quant_state_tensors
+    from booster_fast.nf4 import quant_state_tensors
     from booster_fast.cli import build_parser
 
     small = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,

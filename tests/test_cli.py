@@ -367,7 +367,7 @@ def _free_port():
 
 
 def test_fused_ops_flag_reaches_the_config():
-    from booster_fast.align import config_from_args
+    from booster_fast.run_args import config_from_args
     from booster_fast.cli import build_parser
 
     for flag, want in (("auto", None), ("on", True), ("off", False)):

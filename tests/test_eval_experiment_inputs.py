@@ -87,7 +87,7 @@ def test_explicit_judge_wins_over_the_default(aligned, tmp_path, monkeypatch, ca
 
 def test_default_judge_on_a_pretrained_base_is_beaver_dam(tmp_path, monkeypatch, caplog, capsys):
     """A plain adapter on a hub model: beaver-dam is chosen (and built before the base model is loaded)."""
-    from booster_fast import attack, evaluate
+    from booster_fast import adapters, evaluate
     from booster_fast.models import ModelError
 
     def judge(model_id, device):
@@ -97,7 +97,7 @@ def test_default_judge_on_a_pretrained_base_is_beaver_dam(tmp_path, monkeypatch,
         raise AssertionError("the base model must not be loaded")
 
     monkeypatch.setattr(evaluate, "BeaverDamJudge", judge)
-    monkeypatch.setattr(attack, "load_adapter", never)
+    monkeypatch.setattr(adapters, "load_adapter", never)
     adapter = plain_adapter(tmp_path / "adapter", "some-org/some-model")
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         code = main(["eval", "--adapter", str(adapter), "--prompts", "builtin", "--task", "builtin",
@@ -120,12 +120,12 @@ def test_choose_judge():
 # ------------------------------------------------------------------------------------------- eval: new tokens
 @pytest.mark.parametrize("flag", ["--max-new-tokens", "--task-max-new-tokens"])
 def test_new_tokens_beyond_the_positions_exit_2_before_loading(flag, aligned, tmp_path, monkeypatch, capsys):
-    from booster_fast import attack, data
+    from booster_fast import adapters, data
 
     def never(*a, **k):
         raise AssertionError("nothing heavy may load before the check")
 
-    monkeypatch.setattr(attack, "load_adapter", never)
+    monkeypatch.setattr(adapters, "load_adapter", never)
     monkeypatch.setattr(data, "load_benign", never)
     out = tmp_path / "res" / "e.json"
     capsys.readouterr()
@@ -195,7 +195,7 @@ SETS = ["--set", "align.steps=2", "--set", "attack.steps=3", "--set", "eval.num_
 def test_set_overrides_the_preset_and_moves_the_default_outputs(explicit, tmp_path, monkeypatch):
     stages, plots = FakeStages(), []
     monkeypatch.setattr(experiment, "_run", stages)
-    monkeypatch.setattr(experiment, "_need_matplotlib", lambda: None)
+    monkeypatch.setattr(experiment, "need_matplotlib", lambda: None)
     monkeypatch.setattr(experiment, "plot_defense", lambda result, path: plots.append(Path(path)))
     monkeypatch.chdir(tmp_path)      # a default that were still the committed one would land in tmp_path, not the repo
     work = tmp_path / "runs"

@@ -193,7 +193,7 @@ def test_nf4_size_estimate_and_the_fit_check():
     """preset_weight_bytes(quant="nf4") matches what bitsandbytes really stores (packed weights, double-quantised
     statistics, bf16 rest) within 0.5 %; check_fits refuses, in one line naming the 4-bit way out, a preset
     whose weights exceed the free memory, and lets one through that fits."""
-    from booster_fast.models import quant_state_tensors
+    from booster_fast.nf4 import quant_state_tensors
     from booster_fast.models import check_fits, preset_weight_bytes
 
     small = dict(num_hidden_layers=2, hidden_size=384, intermediate_size=1000, num_attention_heads=6,
@@ -309,7 +309,7 @@ def test_a_pretrained_nf4_model_trains_on_the_cpu(tmp_path):
     import bitsandbytes as bnb
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    from booster_fast.models import keep_nf4_trainable_
+    from booster_fast.nf4 import keep_nf4_trainable_
     from test_fast import builtin_batches
 
     model, tok = load_model("tiny", device="cpu")

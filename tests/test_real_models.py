@@ -31,7 +31,7 @@ def test_a_relative_model_directory_is_recorded_absolute(model_dir, tmp_path, mo
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert cfg["model"] == adapter["base_model_name_or_path"] == str(model_dir)
     monkeypatch.chdir(tmp_path)  # elsewhere: the adapter still finds its base
-    from booster_fast.attack import load_adapter
+    from booster_fast.adapters import load_adapter
 
     model, _, _ = load_adapter(out, "cpu", trainable=False)
     assert any("lora_A" in n for n, _ in model.named_parameters())
@@ -128,7 +128,7 @@ def test_an_adapter_on_the_lm_head_saves_lora_only(tmp_path):
     assert main(["align", "--targets", "q_proj,lm_head", "--output", str(out), *SMALL]) == 0
     saved = load_file(out / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved), sorted(saved)
-    from booster_fast.attack import load_adapter
+    from booster_fast.adapters import load_adapter
 
     model, _, _ = load_adapter(out, "cpu", trainable=False)
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}

@@ -471,7 +471,7 @@ def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(tmp_path):
     was let through, changing the update mid-run), and a plain resume keeps the default."""
     import argparse
 
-    from booster_fast.align import _cli_defaults, apply_resume
+    from booster_fast.run_args import _cli_defaults, apply_resume
     from booster_fast.checkpoint import CONFIG
     from booster_fast.cli import UsageError
 
@@ -496,7 +496,7 @@ def test_resume_of_a_run_recorded_with_a_relative_model_directory(tmp_path, monk
     same folder with that --model given again (made absolute by the command line) is no conflict."""
     import argparse
 
-    from booster_fast.align import _cli_defaults, apply_resume
+    from booster_fast.run_args import _cli_defaults, apply_resume
     from booster_fast.checkpoint import CONFIG
 
     monkeypatch.chdir(tmp_path)
