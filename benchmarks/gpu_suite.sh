@@ -6,9 +6,10 @@
 # Results: with $OUT set (a machine that hands back only a few files from it), everything goes into
 # $OUT/gpu_suite.tgz, repacked after each part so that a suite stopped early still returns what it has, plus
 # $OUT/gpu_suite.log; unpack with `tar xzf gpu_suite.tgz -C benchmarks/results`. Without $OUT, the files go
-# straight into benchmarks/results/. Either way each part's full output is in gpu_logs/. Needs the bitsandbytes
-# wheel in .whl/ when the machine has no network. Every part has its own time limit and the suite goes on when
-# one part fails.
+# straight into benchmarks/results/. Either way each part's full output is in gpu_logs/. Wheels in .whl/ are
+# installed first, ahead of the machine's own packages: bitsandbytes (the machine has none), and peft 0.21.2
+# (pure Python; a peft older than 0.18 cannot import under transformers 5). Every part has its own time limit and
+# the suite goes on when one part fails; it stops at once when the stack itself does not import.
 set -uo pipefail
 ONLY=" $* "
 OPT_IN=" bench_70b_nf4_ckpt "  # parts beyond the 6-minute budget of a full run
@@ -45,11 +46,17 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || { echo "project install failed: importing it from the checkout" | tee -a "$LOG"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
-python3 -c "import torch, triton, transformers, peft, bitsandbytes as b; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', b.__version__)" | tee -a "$LOG"
+# the stack: every part needs it, so a failure here ends the suite (its time is better spent on a rerun)
+if ! stack=$(python3 -c "import torch, triton, transformers, peft, bitsandbytes as b, booster_fast; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', b.__version__)" 2>&1); then
+  tail -n 5 <<< "$stack" | tee -a "$LOG"; echo "the stack does not import (above): stopping" | tee -a "$LOG"; pack; exit 3
+fi
+tail -n 3 <<< "$stack" | tee -a "$LOG"
 
-# preflight: one Triton kernel launched for real (Triton builds a small C helper on first use: needs a compiler)
-python3 -c "import torch; from booster_fast.kernels import sumsq; x = torch.ones(4096, device='cuda'); \
-print('preflight: triton sumsq', float(sumsq(x, backend='triton')), 'expected 4096')" 2>&1 | tail -n 3 | tee -a "$LOG"
+# preflight: one Triton kernel launched for real (Triton builds a small C launcher at its first launch: it needs a
+# C compiler and Python's headers). Where it cannot, the fast engine runs its torch paths without fused model ops,
+# and every bench document says so (machine.triton_unusable)
+python3 -c "import torch; from booster_fast.kernels import triton_unusable; \
+print('preflight: Triton', triton_unusable(torch.device('cuda')) or 'launches')" 2>&1 | tail -n 3 | tee -a "$LOG"
 
 # the whole suite's deadline (seconds from its start): a part gets at most what is left, and none starts with
 # under half its limit (or 20 s) left, so that the results come back before the machine's own limit however the

@@ -100,7 +100,8 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
     out = []
     for name, doc in docs:
         m, c = doc["machine"], doc["config"]
-        extras = settings(c) + (["partial run"] if doc.get("complete") is False else [])
+        extras = settings(c) + (["partial run"] if doc.get("complete") is False else []) \
+            + ([f"Triton kernels off: {m['triton_unusable'][:80]}"] if m.get("triton_unusable") else [])
         if doc.get("complete") is False:
             print(f"make_table: {name} is a partial run (stopped before its last measurement)", file=sys.stderr)
         model = f"{c.get('model')} ({c.get('batch_size')}+{c.get('harmful_batch_size')} × {c.get('max_length')}" \

@@ -10,6 +10,7 @@ import subprocess
 import torch
 
 from .atomic import write_atomic
+from .kernels import triton_unusable
 
 
 def _version(pkg: str) -> str | None:
@@ -39,6 +40,7 @@ def _git_commit() -> str | None:
 def machine_info(device) -> dict:
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "triton_unusable": triton_unusable(device),  # why the fast entries ran torch paths on this GPU, or None
             **{k: _version(k) for k in ("transformers", "peft", "triton", "bitsandbytes")},
             "torch": torch.__version__, "cuda": torch.version.cuda,  # with its build tag (+cpu, +cu130)
             "python": platform.python_version(), "git_commit": _git_commit(),

@@ -34,7 +34,8 @@ from .attention import probe_attention, probe_flash, sliding_window
 from .batches import can_concat, concat, micro_batches, tokens
 from .config import BoosterConfig
 from .flat import ALL_TOKENS, FlatLoRA
-from .kernels import normalize_perturb_, restore_combine_, sumsq
+from .kernels import normalize_perturb_, restore_combine_, sumsq, triton_unusable
+from .kernels.model_kernels import available
 from .losses import attention_for, label_count, logits_of, loss_sum, targets_of, token_losses
 from .models import Autocast, checkpoint_reads_rng
 from .nf4 import keep_nf4_trainable_
@@ -64,8 +65,9 @@ def default_merge(device: torch.device) -> bool:
 
 
 def default_fused_ops(device: torch.device) -> bool:
-    """Default per device: on for CUDA, where Triton compiles the kernels; off for the CPU (only Triton's
-    interpreter runs them there, far slower than torch). On by design until the GPU suite has measured it."""
+    """Default per device: on for CUDA, where Triton compiles the kernels (unless it cannot launch there:
+    kernels.triton_unusable); off for the CPU (only Triton's interpreter runs them there, far slower than torch).
+    On by design until the GPU suite has measured it."""
     return torch.device(device).type == "cuda"
 
 
@@ -84,6 +86,7 @@ class FastBooster:
         keep_nf4_trainable_(model)  # before the probes below run the model in eval mode
         self.flat = FlatLoRA(model)
         self.device = self.flat.W.device
+        triton_unusable(self.device)  # the kernels' launch check (a host sync, once) here rather than in a step
         self.autocast = Autocast(model, self.device)
         self.merge = default_merge(self.device) if cfg.merge_passes is None else cfg.merge_passes
         why_pack, why_mask = probe_attention(model, self.autocast)
@@ -144,6 +147,8 @@ class FastBooster:
         """Installs the fused RMSNorm/SwiGLU/RoPE forwards (fused_ops.py) when wanted (the device's default unless
         pinned); one log line says what runs fused."""
         if not (default_fused_ops(self.device) if wanted is None else wanted):
+            return False
+        if wanted is None and not available(self.device):  # CUDA where Triton cannot launch (logged once)
             return False
         counts = fused_ops.install(self.model, self.autocast)  # raises for a device that cannot run them
         if not counts:

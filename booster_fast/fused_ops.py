@@ -24,6 +24,7 @@ import types
 import torch
 import torch.nn as nn
 
+from .kernels.booster_kernels import triton_unusable
 from .kernels.model_kernels import available, gelu_tanh_mul, rms_norm, rope, silu_mul
 
 log = logging.getLogger("booster_fast")
@@ -168,6 +169,8 @@ def install(model: nn.Module, autocast=contextlib.nullcontext, tolerance: float 
     Returns {class name: modules installed}; classes that failed the check are logged and left out."""
     device = next(model.parameters()).device
     if not available(device):
+        if device.type == "cuda":
+            raise ValueError(f"fused ops need Triton, which cannot launch on {device}: {triton_unusable(device)}")
         raise ValueError(f"fused ops need CUDA (or TRITON_INTERPRET=1 on the CPU), not {device}")
     verdicts: dict[str, float] = {}
     counts: dict[str, int] = {}

@@ -95,11 +95,15 @@ def resolve_device(name: str | None, rank_local: int = 0) -> torch.device:
 
 def check_device_flags(args, device: torch.device):
     """Raise UsageError for a flag pinned on that `device` cannot honour (before anything is loaded)."""
+    from .kernels.booster_kernels import triton_unusable
     from .kernels.model_kernels import available
 
     if getattr(args, "graphs", "auto") == "on" and device.type != "cuda":
         raise UsageError(f"--graphs on needs a CUDA device, not {device}")
     if getattr(args, "fused_ops", "auto") == "on" and not available(device):
+        if device.type == "cuda":
+            raise UsageError(f"--fused-ops on needs Triton, which cannot launch on {device}: "
+                             f"{triton_unusable(device)}")
         raise UsageError(f"--fused-ops on needs a CUDA device (the Triton kernels), not {device}")
 
 

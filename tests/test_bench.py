@@ -496,6 +496,10 @@ def test_make_table_names_settings_and_partial_runs(tmp_path):
               .splitlines() if "| reference" in line]
     assert labels[0] == "tiny (8+8 × 64)", labels
     assert labels[1] == "tiny (8+8 × 64, grad accum 4, merge passes on, no meta term, partial run)", labels
+    other["machine"]["triton_unusable"] = "RuntimeError: Failed to compile the launcher"
+    label = next(line.split(" | ")[1] for line in mt.markdown_table([("b.json", other)], {}).splitlines()
+                 if "| reference" in line)
+    assert label.endswith("partial run, Triton kernels off: RuntimeError: Failed to compile the launcher)"), label
 
 
 def test_gpu_suite_reruns_a_bench_part_without_graphs_after_an_invalidated_capture(tmp_path):
@@ -533,6 +537,31 @@ echo '{"run": 2}' > "$out"
                     "gpu_llama-1b-shape_bf16.json.invalidated": b'{"run": 1}\n'}
     log = (out / "gpu_suite.log").read_text()
     assert "== bench_1b_bf16: rc=3" in log and "== bench_1b_bf16_eager: rc=0" in log
+
+
+def test_gpu_suite_stops_when_the_stack_does_not_import(tmp_path):
+    """A stack that does not import (a peft too old for the machine's transformers) fails every part: the suite
+    stops after its version line with exit 3, the error in its log, without running a part."""
+    import subprocess
+
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text("""#!/usr/bin/env bash
+echo "$*" >> "$SHIM_LOG"
+if [[ "$1" == -c && "$2" == *"import torch, triton, transformers, peft"* ]]; then
+  echo "ImportError: cannot import name 'HybridCache' from 'transformers'" >&2; exit 1
+fi
+exit 0
+""")
+    (shim / "python3").chmod(0o755)
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "SHIM_LOG": str(calls), "OUT": str(out)}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3, (run.stdout, run.stderr)
+    log = (out / "gpu_suite.log").read_text()
+    assert "HybridCache" in log and "the stack does not import (above): stopping" in log, log
+    assert not [c for c in calls.read_text().splitlines() if "booster_fast bench" in c or "preflight" in c]
 
 
 def test_gpu_suite_refuses_an_unknown_part():

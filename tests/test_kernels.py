@@ -7,6 +7,7 @@ and every output is poisoned with NaN before the op so a missed element cannot p
 from __future__ import annotations
 
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -345,3 +346,69 @@ def test_measure_bandwidth_on_cuda():
     for op in ("copy", "sumsq", "normalize_perturb_", "restore_combine_"):
         assert res[f"{op}_GBps"] > 0 and res[f"{op}_ms"] > 0, res
     print(res)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a Triton that cannot launch (no C compiler for its launcher, a GPU it does not know): the torch paths
+# ---------------------------------------------------------------------------------------------------------
+def test_the_launch_check_passes_where_triton_runs_and_names_what_failed(monkeypatch, caplog):
+    """_launch_error launches sumsq once per device: None where it runs (here the interpreter on the CPU), the
+    first line of the error where it does not, logged once."""
+    import logging
+
+    from booster_fast.kernels import booster_kernels as bk
+
+    if not bk._use_triton("triton", torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it without CUDA)")
+    bk._launch_error.cache_clear()
+    try:
+        assert bk._launch_error(torch.device("cpu")) is None
+        assert bk.triton_unusable("cpu") is None, "the check is for CUDA devices only"
+
+        def broken(x, *, out=None, backend="auto"):
+            raise RuntimeError("Failed to compile the launcher: gcc: command not found\ncompilation terminated")
+
+        monkeypatch.setattr(bk, "sumsq", broken)
+        bk._launch_error.cache_clear()
+        with caplog.at_level(logging.WARNING, logger="booster_fast"):
+            for _ in range(2):
+                why = bk._launch_error(torch.device("cpu"))
+                assert why == "RuntimeError: Failed to compile the launcher: gcc: command not found"
+        assert caplog.text.count("Triton kernels cannot launch on cpu") == 1
+        assert "run as torch ops" in caplog.text
+
+        monkeypatch.setattr(bk, "sumsq", lambda x, *, out=None, backend="auto": x.sum() + 1)
+        bk._launch_error.cache_clear()
+        assert bk._launch_error(torch.device("cpu")) == "sumsq of 4096 ones gave 4097.0"
+    finally:
+        bk._launch_error.cache_clear()
+
+
+def test_auto_runs_the_torch_paths_and_no_fused_ops_where_triton_cannot_launch(monkeypatch):
+    """On a CUDA device whose launch check failed, "auto" picks the torch path, the fused model ops are not
+    available, and pinning them on is refused with the reason."""
+    from booster_fast import fused_ops
+    from booster_fast.cli import UsageError
+    from booster_fast.kernels import booster_kernels as bk, model_kernels as mk
+    from booster_fast.run_args import check_device_flags
+
+    cuda = torch.device("cuda", 0)
+    reason = "RuntimeError: Failed to compile the launcher"
+    monkeypatch.setattr(bk, "_launch_error", lambda device: reason)
+    assert bk.triton_unusable(cuda) == reason
+    assert not bk._use_triton("auto", cuda)
+    assert not mk.available(cuda)
+    monkeypatch.setattr(bk, "_launch_error", lambda device: None)
+    assert bk._use_triton("auto", cuda) and mk.available(cuda)
+
+    monkeypatch.setattr(bk, "_launch_error", lambda device: reason)
+
+    class OnCuda:  # install reads the model's device from its first parameter
+        def parameters(self):
+            return iter([SimpleNamespace(device=cuda)])
+
+    with pytest.raises(ValueError, match="fused ops need Triton, which cannot launch on cuda:0: RuntimeError: Fail"):
+        fused_ops.install(OnCuda())
+    with pytest.raises(UsageError, match="--fused-ops on needs Triton, which cannot launch on cuda:0: RuntimeError"):
+        check_device_flags(SimpleNamespace(graphs="auto", fused_ops="on"), cuda)
+    check_device_flags(SimpleNamespace(graphs="auto", fused_ops="auto"), cuda)  # auto: the torch paths, no error

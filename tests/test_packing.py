@@ -341,8 +341,9 @@ def test_sliding_window_models_pack_the_batches_the_window_does_not_touch(batch,
 
 
 def _fake_flash_apis():
-    """Stand-ins for the two shapes torch's varlen_attn has had (2.10: is_causal and no scale; later: window_size,
-    scale, enable_gqa), computing with the exact grid path, recording what they were called with."""
+    """Stand-ins for the three shapes torch's varlen_attn has had (2.10: is_causal and no scale; 2.11: window_size
+    and scale, equal head counts only; later: enable_gqa too), computing with the exact grid path, recording what
+    they were called with."""
     calls = []
 
     def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
@@ -357,17 +358,24 @@ def _fake_flash_apis():
         return segment_attention(query.float(), key.float(), value.float(), cu_seq_q, max_q,
                                  scale=scale).to(query.dtype)
 
-    return old, new, calls
+    def no_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+               window_size=(-1, -1)):
+        calls.append({"window_size": window_size, "scale": scale, "kv_heads": key.shape[1]})
+        assert window_size == (-1, 0) and key.shape[1] == query.shape[1], "grouped k/v reached a kernel without GQA"
+        return segment_attention(query.float(), key.float(), value.float(), cu_seq_q, max_q,
+                                 scale=scale).to(query.dtype)
+
+    return old, new, no_gqa, calls
 
 
-@pytest.mark.parametrize("api", ["old", "new"])
+@pytest.mark.parametrize("api", ["old", "no_gqa", "new"])
 def test_flash_varlen_is_called_the_way_each_torch_takes_it(monkeypatch, caplog, api):
     """The packed attention finds flash's variable-length kernel whichever shape its API has, falls back to the
     grid (one log line) where the kernel cannot compute the model's attention, and after a run-time failure."""
     from booster_fast import attention
 
-    old, new, calls = _fake_flash_apis()
-    fake = {"old": old, "new": new}[api]
+    old, new, no_gqa, calls = _fake_flash_apis()
+    fake = {"old": old, "no_gqa": no_gqa, "new": new}[api]
     import torch.nn.attention.varlen as varlen
 
     monkeypatch.setattr(varlen, "varlen_attn", fake)
@@ -414,7 +422,7 @@ def test_flash_probe_accepts_a_sound_kernel_and_rejects_a_wrong_one(monkeypatch)
     from booster_fast import attention
     import torch.nn.attention.varlen as varlen
 
-    _, new, calls = _fake_flash_apis()
+    _, new, _, calls = _fake_flash_apis()
 
     def wrong(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
               enable_gqa=False):
@@ -544,7 +552,7 @@ def test_the_flash_path_inside_a_model_step(monkeypatch, batch):
 
     padded, _ = gradient(False, [])
     grid, _ = gradient(True, [])
-    _, new, calls = _fake_flash_apis()
+    _, new, _, calls = _fake_flash_apis()
     monkeypatch.setattr(varlen, "varlen_attn", new)
     monkeypatch.setattr(attention, "_flash_failed", None)
     monkeypatch.setattr(attention, "_on_cuda", lambda t: True)

@@ -16,6 +16,9 @@ references of the same maths live in ``reference.py``.
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +26,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from .launches import launch
 
-__all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_"]
+__all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_", "triton_unusable"]
+log = logging.getLogger("booster_fast")
 
 # Elements per program for the element-wise kernels and the first sumsq stage. 4096 fp32 = 16 KiB per
 # buffer per program; with num_warps=8 (256 threads) each thread moves 16 elements = four 16-byte vector
@@ -88,7 +92,7 @@ def _use_triton(backend: str, device: torch.device) -> bool:
     if backend == "torch":
         return False
     if backend == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" and triton_unusable(device) is None
     # backend == "triton": CUDA tensors, or CPU tensors when the kernels were built by the interpreter.
     if device.type != "cuda" and not (device.type == "cpu" and isinstance(_sumsq_partial_kernel, InterpretedFunction)):
         raise ValueError(
@@ -96,6 +100,34 @@ def _use_triton(backend: str, device: torch.device) -> bool:
             f"booster_fast.kernels is imported; got tensors on {device}"
         )
     return True
+
+
+def triton_unusable(device) -> str | None:
+    """Why this package's Triton kernels cannot launch on the CUDA `device`, or None (also for any other device:
+    there the torch paths run unless the interpreter is asked for). Triton builds a small C launcher with the
+    host's C compiler and Python headers at its first launch, and compiles each kernel for the GPU, so a machine
+    without a compiler, or a Triton too old for the GPU, fails there. Found once per device and process by one
+    sumsq of 4096 ones; the failure is logged in one line, and "auto" then runs the torch paths and the fused
+    model ops stay off."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _launch_error(torch.device("cuda", torch.cuda.current_device()) if device.index is None else device)
+
+
+@functools.cache
+def _launch_error(device: torch.device) -> str | None:
+    """The launch check of triton_unusable on `device`, once per device: None, or the first line of what failed."""
+    try:
+        x = torch.ones(4096, device=device)
+        got = float(sumsq(x, backend="triton"))  # a host sync: once per device and process, before any step
+        why = None if got == 4096.0 else f"sumsq of 4096 ones gave {got}"
+    except Exception as e:  # noqa: BLE001 - no compiler, no Python headers, an unknown GPU: reported, not hidden
+        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    if why is not None:
+        log.warning("Triton kernels cannot launch on %s (%s): the flat-buffer kernels run as torch ops and the "
+                    "fused model ops stay off", device, why)
+    return why
 
 
 # ---------------------------------------------------------------------------------------------------------

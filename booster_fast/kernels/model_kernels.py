@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .booster_kernels import triton_unusable
 from .launches import launch
 
 __all__ = ["rms_norm", "silu_mul", "gelu_tanh_mul", "rope", "available"]
@@ -36,9 +37,12 @@ NUM_WARPS = 8
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernels can run on `device`: CUDA, or the CPU under the Triton interpreter."""
+    """Whether the kernels can run on `device`: CUDA where Triton launches (triton_unusable), or the CPU under
+    the Triton interpreter."""
     device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and isinstance(_rms_norm_fwd_kernel, InterpretedFunction))
+    if device.type == "cuda":
+        return triton_unusable(device) is None
+    return device.type == "cpu" and isinstance(_rms_norm_fwd_kernel, InterpretedFunction)
 
 
 def _row_settings(n: int) -> tuple[int, int]:
