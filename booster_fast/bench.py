@@ -193,12 +193,14 @@ def graph_pool_bytes(engine) -> int:
 
 
 def _estimated_mb(name: str, booster, args) -> float | None:
-    """memory.py's estimate of the entry's peak (MB), beside the measured peak_mem_mb: the GPU suite checks it."""
+    """memory.py's estimate of the entry's peak (MB), beside the measured peak_mem_mb: the GPU suite checks it.
+    Both are of the steady state, graphs replayed: the estimate's eager warm-up of a new packed length beside the
+    graphs' pool is left out, as warm_graphs captures every length before anything is measured."""
     from .memory import of_booster
 
     try:
         est = of_booster(booster, args.batch_size, args.harmful_batch_size, args.max_length,
-                         "sft" if name in SFT else "booster")
+                         "sft" if name in SFT else "booster", graph_warmup=False)
     except Exception as e:  # noqa: BLE001 - an estimate must not cost the entry its measurements
         log.warning("bench: no memory estimate for %s (%s)", name, e)
         return None

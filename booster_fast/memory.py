@@ -1,6 +1,6 @@
 """Device memory of one Booster step, estimated from the model's shape before any of it is allocated.
 
-A step's peak is four parts:
+A step's peak is four parts, and a fifth with CUDA graphs and packed batches:
 - the weights (exact, from the parameter counts: models.weight_bytes);
 - the training state: the LoRA weights in fp32, AdamW's two moments and each engine's own copies, 12-24 bytes
   per LoRA parameter (STATE_BYTES);
@@ -8,7 +8,11 @@ A step's peak is four parts:
   batches at once; the reference runs one batch per pass;
 - what lives only within that pass: the LM head's logits and the cross entropy's fp32 copies (about 12 bytes
   per vocabulary entry and position), or, where more, a layer's MLP backward (the gradients of act(gate)·up,
-  gate and up: 3 bytes·i per token in bf16), with gradient checkpointing on top of that layer's recompute.
+  gate and up: 3 bytes·i per token in bf16), with gradient checkpointing on top of that layer's recompute;
+- with CUDA graphs and packing (graphs.py): packed batches come in a few bucketed lengths, and a length met
+  after the first capture runs its warm-up steps eagerly, outside the captured graphs' private pool, which
+  stays reserved (about one step's activations and transient memory): so a second working set, for as long
+  as that warm-up lasts, and once per new length. Padded batches have one shape, graphs off none of it.
 
 Per token and decoder layer of a Llama-style model (a = 2 bytes in bf16 or NF4, 4 in fp32; h the hidden size,
 q = heads·head_dim, kv = kv_heads·head_dim, i the MLP width), the backward keeps:
@@ -27,9 +31,6 @@ upper bound there, and a LoRA target named by its full path (one layer's module)
 tests/test_memory.py checks it against the bytes a CPU step allocates; the bench reports it beside the measured
 peak. The GPU adds what the counts leave out (not yet measured against them):
 - the allocator's rounding and cached blocks, cuBLAS workspaces, for NF4 one dequantised weight per backward;
-- with CUDA graphs and packing, the captured graphs' private pool stays reserved while a new bucketed length
-  warms up eagerly outside it: up to about one more step's activations once per new length (bench's
-  peak_mem_mb counts the pool);
 - fp32 with grouped-query heads on CUDA: no fused attention kernel takes it, and the math kernel also keeps
   the [rows, heads, length, length] probabilities (fp32 is for exact comparisons; bf16 and NF4 are unaffected).
 """
@@ -90,17 +91,21 @@ class StepMemory:
     state: int
     activations: int
     transient: int
+    warmup: int = 0  # CUDA graphs + packing: a new length's eager warm-up beside the graphs' reserved pool
+
+    PARTS = ("weights", "state", "activations", "transient", "warmup", "total")
 
     @property
     def total(self) -> int:
-        return self.weights + self.state + self.activations + self.transient
+        return self.weights + self.state + self.activations + self.transient + self.warmup
 
     def parts(self) -> tuple[int, ...]:
-        return self.weights, self.state, self.activations, self.transient, self.total
+        return self.weights, self.state, self.activations, self.transient, self.warmup, self.total
 
     def describe(self) -> str:
+        warmup = f", a new length's warm-up beside the CUDA graphs {size(self.warmup)}" if self.warmup else ""
         return (f"~{size(self.total)} (weights {size(self.weights)}, LoRA + AdamW {size(self.state)}, activations "
-                f"{size(self.activations)}, logits and backward {size(self.transient)})")
+                f"{size(self.activations)}, logits and backward {size(self.transient)}{warmup})")
 
 
 def size(n: int) -> str:
@@ -174,14 +179,15 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
              lora_dropout: float = 0.0, impl: str = "fast", method: str = "booster", merged: bool = True,
              fused: bool = True, checkpointing: bool = False, perturb_aware: bool = False,
              grouped_kv: bool | None = None, quant: str = "none", micro_batches: int = 1,
-             cuda: bool = True) -> StepMemory | None:
+             cuda: bool = True, graph_warmup: bool = False) -> StepMemory | None:
     """The peak of one step (StepMemory), or None when the targets are not all Llama linears.
 
     rows / harmful_rows: alignment / harmful rows per micro-batch, `micro_batches` of them per update (Vaccine
     keeps the attention-output gradients of all of them); compute_bytes: 2 for a bf16 or NF4 base, 4 for fp32;
     merged: the fast engine runs both batches as one pass; grouped_kv (default: for the fast engine, which gives
     the attention no mask) see layer_bytes_per_token; quant "nf4" and cuda: peft's 4-bit LoRA layer casts no
-    input under CUDA's autocast (it does under the CPU's)."""
+    input under CUDA's autocast (it does under the CPU's); graph_warmup: CUDA graphs over packed batches (the
+    fast engine), whose new lengths warm up beside the captured graphs' pool."""
     names = lora_targets(targets)
     if names is None:
         return None
@@ -202,7 +208,8 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
               for n in batches]  # the last position of a row predicts nothing
     saved, transient = max(passes, key=sum)
     state = STATE_BYTES[impl, method] * lora_parameters(shape, names, r)
-    return StepMemory(weights=weights, state=state, activations=saved, transient=transient)
+    warmup = saved + transient if graph_warmup and impl == "fast" else 0
+    return StepMemory(weights=weights, state=state, activations=saved, transient=transient, warmup=warmup)
 
 
 def frozen_bytes(model) -> int:
@@ -219,8 +226,9 @@ def of_booster(booster, batch_size: int, harmful_batch_size: int, max_length: in
                **overrides) -> StepMemory | None:
     """The estimate for a built Booster, given the rows of an update (its micro-batches are the engine's
     grad_accum-th part): its model's shape, LoRA settings and compute dtype, and its engine's choices (merged
-    pass, fused ops, packing). None for a model that is not Llama-shaped or has no LoRA adapter of plain target
-    names. `overrides`: estimate's keywords to change (checkpointing=True: what checkpointing would take)."""
+    pass, fused ops, packing, CUDA graphs). None for a model that is not Llama-shaped or has no LoRA adapter of
+    plain target names. `overrides`: estimate's keywords to change (checkpointing=True: what checkpointing would
+    take)."""
     from .attention import packed_kv_grouped
     from .models import compute_dtype
     from .nf4 import is_quantized
@@ -239,7 +247,8 @@ def of_booster(booster, batch_size: int, harmful_batch_size: int, max_length: in
                     checkpointing=any(getattr(m, "gradient_checkpointing", False) for m in model.modules()),
                     perturb_aware=cfg.perturb_aware, micro_batches=micro,
                     quant="nf4" if is_quantized(model) else "none", cuda=engine.device.type == "cuda",
-                    grouped_kv=cfg.impl == "fast" and (not pack or packed_kv_grouped(engine.device)))
+                    grouped_kv=cfg.impl == "fast" and (not pack or packed_kv_grouped(engine.device)),
+                    graph_warmup=pack and getattr(engine, "graphs", None) is not None)
     return estimate(shape, weights=frozen_bytes(model), **{**settings, **overrides})
 
 
@@ -266,9 +275,12 @@ def log_fit(booster, batch_size: int, harmful_batch_size: int, max_length: int, 
     if est.total > holds:
         checkpointed = of_booster(booster, *sizes, checkpointing=True)
         nf4 = "" if is_quantized(booster.model) else " (or --quant nf4)"
-        way = (f"--gradient-checkpointing brings it to ~{size(checkpointed.total)}"
-               if checkpointed.total < est.total and checkpointed.total <= holds
-               else f"a smaller --batch-size or --max-length{nf4} needs less")
+        ways = ([f"--gradient-checkpointing brings it to ~{size(checkpointed.total)}"]
+                if checkpointed.total < est.total and checkpointed.total <= holds else []) \
+            + ([f"the eager warm-up of each new packed length beside the CUDA graphs takes {size(est.warmup)}: "
+                f"--packing off (one shape) or --graphs off avoids it"] if est.warmup and est.total - est.warmup <= holds
+               else [])
+        way = "; or ".join(ways) or f"a smaller --batch-size or --max-length{nf4} needs less"
         log.warning("memory: the estimate exceeds what %s can hold, expect it to run out of memory: %s", device, way)
     return est
 
@@ -291,7 +303,8 @@ def for_args(args) -> str:
     common = dict(rows=rows, harmful_rows=harmful_rows, max_length=args.max_length, targets=args.targets,
                   r=args.lora_r, impl=impl, method=args.method, merged=merged, fused=fused,
                   perturb_aware=args.perturb_aware and args.method == "booster", micro_batches=args.grad_accum,
-                  cuda=cuda, grouped_kv=impl == "fast" and (not pack or packed_kv_grouped(device)))
+                  cuda=cuda, grouped_kv=impl == "fast" and (not pack or packed_kv_grouped(device)),
+                  graph_warmup=cuda and pack and args.graphs != "off")
     lines = []
     for quant in (args.quant,) if args.quant == "nf4" else ("none", "nf4"):
         a = 2 if quant == "nf4" or dtype == torch.bfloat16 else 4
@@ -310,17 +323,22 @@ def for_args(args) -> str:
     free = (cuda_free_bytes(device) if cuda and torch.cuda.is_available()
             and (device.index or 0) < torch.cuda.device_count() else None)
     if getattr(args, "json", False):
-        parts = ("weights", "state", "activations", "transient", "total")
         return json.dumps({"model": args.model, "step": title.split(": ", 1)[1], "device": str(device),
                            "free_bytes": free,
-                           "settings": [{"setting": label, "given": mark == "*", **dict(zip(parts, est.parts()))}
-                                        for mark, label, est in lines]})
-    out = [title,
-           f"  {'':34}{'weights':>11}{'LoRA+AdamW':>12}{'activations':>13}{'logits+bwd':>12}{'peak':>11}"]
-    out += [f"{mark} {label:34}" + "".join(f"{size(n):>{w}}" for n, w in zip(est.parts(), (11, 12, 13, 12, 11)))
+                           "settings": [{"setting": label, "given": mark == "*",
+                                         **dict(zip(StepMemory.PARTS, est.parts()))} for mark, label, est in lines]})
+    columns = dict(zip(StepMemory.PARTS, ("weights", "LoRA+AdamW", "activations", "logits+bwd", "warm-up", "peak")))
+    if not common["graph_warmup"]:
+        del columns["warmup"]
+    widths = [max(11, len(c) + 2) for c in columns.values()]
+    out = [title, f"  {'':34}" + "".join(f"{c:>{w}}" for c, w in zip(columns.values(), widths))]
+    out += [f"{mark} {label:34}" + "".join(f"{size(getattr(est, k)):>{w}}" for k, w in zip(columns, widths))
             for mark, label, est in lines]
     out.append("An estimate from the model's shape, every row counted at --max-length (packed batches hold fewer "
                "tokens); the allocator's rounding and CUDA's workspaces come on top.")
+    if common["graph_warmup"]:
+        out.append("warm-up: with CUDA graphs over packed batches, each new bucketed length warms up eagerly beside "
+                   "the captured graphs' reserved pool (--packing off or --graphs off: none).")
     if free is not None:
         out.append(f"{device} has {size(free)} free.")
     return "\n".join(out)

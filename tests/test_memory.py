@@ -198,8 +198,17 @@ def test_memory_command_prints_the_estimate_and_its_alternatives(capsys):
     from booster_fast.models import preset_weight_bytes
 
     want = memory.estimate(shape, weights=preset_weight_bytes("llama-7b-shape", "nf4"), rows=10, harmful_rows=10,
-                           max_length=256, checkpointing=True)
+                           max_length=256, checkpointing=True, graph_warmup=True)  # CUDA graphs, packed: the default
+    assert want.warmup == want.activations + want.transient > 0
     assert rows["NF4, --gradient-checkpointing"].split()[-2:] == memory.size(want.total).split()
+    assert "warm-up" in out[1] and any(line.startswith("warm-up: with CUDA graphs over packed batches") for line in out)
+    for off in (["--graphs", "off"], ["--packing", "off"], ["--device", "cpu"]):  # no graphs, or one shape: none
+        assert main(["memory", "--model", "llama-7b-shape", "--quant", "nf4", "--gradient-checkpointing", *off]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert "warm-up" not in lines[1], off
+        if off[0] == "--graphs":
+            row = next(line for line in lines if line.startswith("* "))
+            assert row.split()[-2:] == memory.size(want.total - want.warmup).split()
 
 
 def test_memory_command_json_is_the_table_in_bytes(capsys):
@@ -212,6 +221,7 @@ def test_memory_command_json_is_the_table_in_bytes(capsys):
                                                        "NF4, --gradient-checkpointing"]
     assert [s["given"] for s in doc["settings"]] == [True, False, False, False]
     for s, line in zip(doc["settings"], table[2:6]):
+        assert s["warmup"] == 0  # the reference engine captures no graphs
         assert s["total"] == s["weights"] + s["state"] + s["activations"] + s["transient"]
         assert line.split()[-2:] == memory.size(s["total"]).split()
 
@@ -273,6 +283,22 @@ def test_log_fit_warns_and_names_checkpointing(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         memory.log_fit(booster, 8, 8, 128, "booster", "cuda")
     assert [r.levelname for r in caplog.records] == ["INFO"]  # it fits: no warning
+    caplog.clear()
+
+    # CUDA graphs over packed batches (faked: this engine has none on the CPU): the warm-up term, and where it
+    # alone does not fit, the ways to avoid it
+    monkeypatch.setattr(booster.engine, "graphs", object())
+    monkeypatch.setattr(booster.engine, "pack", True)
+    warm = memory.of_booster(booster, 8, 8, 128)
+    assert warm.warmup == warm.activations + warm.transient and warm.total == full.total + warm.warmup
+    monkeypatch.setattr("booster_fast.models.cuda_free_bytes", lambda device: full.total)
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        memory.log_fit(booster, 8, 8, 128, "booster", "cuda")
+    warning = caplog.records[-1].getMessage()
+    assert caplog.records[-1].levelname == "WARNING" and warning.endswith(
+        f"the eager warm-up of each new packed length beside the CUDA graphs takes {memory.size(warm.warmup)}: "
+        f"--packing off (one shape) or --graphs off avoids it"), warning
+    assert "a new length's warm-up beside the CUDA graphs" in caplog.records[0].getMessage()
     caplog.clear()
 
     def broken(*args, **kwargs):
