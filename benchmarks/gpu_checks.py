@@ -27,9 +27,12 @@ from booster_fast.packing import pack
 
 
 def machine() -> dict:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"gpu": gpu, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d")}
+    from booster_fast.kernels import triton_unusable
+
+    cuda = torch.cuda.is_available()
+    return {"gpu": torch.cuda.get_device_name() if cuda else None, "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
+            "triton_unusable": triton_unusable("cuda") if cuda else None}
 
 
 def write(out_dir: str, name: str, doc: dict):

@@ -304,7 +304,7 @@ def for_args(args) -> str:
                   r=args.lora_r, impl=impl, method=args.method, merged=merged, fused=fused,
                   perturb_aware=args.perturb_aware and args.method == "booster", micro_batches=args.grad_accum,
                   cuda=cuda, grouped_kv=impl == "fast" and (not pack or packed_kv_grouped(device)),
-                  graph_warmup=cuda and pack and args.graphs != "off")
+                  graph_warmup=impl == "fast" and cuda and pack and args.graphs != "off")
     lines = []
     for quant in (args.quant,) if args.quant == "nf4" else ("none", "nf4"):
         a = 2 if quant == "nf4" or dtype == torch.bfloat16 else 4

@@ -33,6 +33,7 @@ def test_bench_json_smoke(capsys, tmp_path):
     assert set(doc) == {"machine", "config", "results", "speedup", "complete"} and doc["complete"] is True
     assert doc == json.loads(out_file.read_text())  # --output holds the same document
     assert doc["machine"]["gpu"] is None and doc["machine"]["torch"] == torch.__version__
+    assert "triton_unusable" in doc["machine"] and doc["machine"]["triton_unusable"] is None  # the CPU: no check
     assert doc["config"]["steps"] == 2 and doc["config"]["impls"] == ["reference", "fast", "sft", "fast-graphs",
                                                                       "fast-padded", "fast-sft"]
     assert "tokens_per_s_counts" in doc["config"]

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.interpreter import InterpretedFunction
 
 from booster_fast.kernels import BLOCK, measure_bandwidth, normalize_perturb_, restore_combine_, sumsq
 from booster_fast.kernels.reference import normalize_perturb_ref, restore_combine_ref, sumsq_ref
@@ -358,7 +359,7 @@ def test_the_launch_check_passes_where_triton_runs_and_names_what_failed(monkeyp
 
     from booster_fast.kernels import booster_kernels as bk
 
-    if not bk._use_triton("triton", torch.device("cpu")):
+    if not isinstance(bk._sumsq_partial_kernel, InterpretedFunction):
         pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it without CUDA)")
     bk._launch_error.cache_clear()
     try:
@@ -412,3 +413,19 @@ def test_auto_runs_the_torch_paths_and_no_fused_ops_where_triton_cannot_launch(m
     with pytest.raises(UsageError, match="--fused-ops on needs Triton, which cannot launch on cuda:0: RuntimeError"):
         check_device_flags(SimpleNamespace(graphs="auto", fused_ops="on"), cuda)
     check_device_flags(SimpleNamespace(graphs="auto", fused_ops="auto"), cuda)  # auto: the torch paths, no error
+
+
+def test_auto_leaves_the_fused_model_ops_off_where_triton_cannot_launch(monkeypatch):
+    """The fast engine's default ('auto') skips the fused model ops on a device where the kernels are not
+    available (a CUDA device whose launch check failed), where pinning them on raises."""
+    import booster_fast as bf
+    from booster_fast import fast, fused_ops
+
+    model, _ = bf.load_model("tiny", device="cpu", num_hidden_layers=1)
+    booster = bf.Booster(bf.add_lora(model), bf.BoosterConfig(fused_ops=False, graphs="off"))
+    monkeypatch.setattr(fast, "default_fused_ops", lambda device: True)  # as on CUDA
+    monkeypatch.setattr(fast, "available", lambda device: False)
+    monkeypatch.setattr(fused_ops, "available", lambda device: False)
+    assert booster.engine._fused_ops_for(None) is False
+    with pytest.raises(ValueError, match="fused ops need"):
+        booster.engine._fused_ops_for(True)

@@ -217,6 +217,7 @@ def test_memory_command_json_is_the_table_in_bytes(capsys):
     assert main(["memory", "--model", "llama-1b-shape", "--impl", "reference", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert table[0] == f"llama-1b-shape: {doc['step']}" and doc["device"] == "cuda"
+    assert "warm-up" not in "\n".join(table)  # the reference engine captures no graphs
     assert [s["setting"] for s in doc["settings"]] == ["bf16", "bf16, --gradient-checkpointing", "NF4",
                                                        "NF4, --gradient-checkpointing"]
     assert [s["given"] for s in doc["settings"]] == [True, False, False, False]

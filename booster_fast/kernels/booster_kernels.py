@@ -16,6 +16,7 @@ references of the same maths live in ``reference.py``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -117,10 +118,15 @@ def triton_unusable(device) -> str | None:
 
 @functools.cache
 def _launch_error(device: torch.device) -> str | None:
-    """The launch check of triton_unusable on `device`, once per device: None, or the first line of what failed."""
+    """The launch check of triton_unusable on `device`, once per device: None, or the first line of what failed.
+    Never inside a graph capture (its host sync would end the capture, and the verdict would be cached)."""
+    cuda = device.type == "cuda"  # (the tests check the logic on the CPU, with the interpreter)
+    if cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the Triton launch check ran inside a CUDA graph capture: call triton_unusable before")
     try:
-        x = torch.ones(4096, device=device)
-        got = float(sumsq(x, backend="triton"))  # a host sync: once per device and process, before any step
+        with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # Triton launches on the current one
+            x = torch.ones(4096, device=device)
+            got = float(sumsq(x, backend="triton"))  # a host sync: once per device and process, before any step
         why = None if got == 4096.0 else f"sumsq of 4096 ones gave {got}"
     except Exception as e:  # noqa: BLE001 - no compiler, no Python headers, an unknown GPU: reported, not hidden
         why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
