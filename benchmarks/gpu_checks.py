@@ -1,7 +1,8 @@
 """GPU checks that are not unit tests: kernel bandwidth, graph-vs-eager equivalence, a profiler table.
 
     python benchmarks/gpu_checks.py bandwidth   --out DIR     # each kernel's GB/s against a d2d copy
-    python benchmarks/gpu_checks.py equivalence --out DIR     # 5 steps graphs='on' (2 warm-up, 3 replays) vs eager
+    python benchmarks/gpu_checks.py equivalence --out DIR     # graphs='on' vs eager: padded, packed (two lengths),
+                                                              # packed with graphs.POOL_WARMUP
     python benchmarks/gpu_checks.py profile     --out DIR     # top kernels and GPU idle share per step
 
 Each writes one JSON file into DIR (and `profile` a text table too); the last stdout line is the JSON
@@ -22,6 +23,7 @@ import torch
 
 import booster_fast as bf
 from booster_fast.batches import to_device, without_mask
+from booster_fast import graphs as step_graphs
 from booster_fast.graphs import CaptureInvalidated
 from booster_fast.packing import pack
 
@@ -81,26 +83,31 @@ def _booster(name, quant, device, graphs, packing, seed=0):
 
 def _equivalence(name, packing, args) -> dict:
     """Graph replays vs eager steps. Padded batches share one shape: every step brings fresh data. Packed ones
-    come in bucketed lengths, so two fresh pairs alternate: each length warms up, is captured, and replays."""
+    come in bucketed lengths: one pair warms up, is captured and replays, then a second pair of another length
+    warms up (in the graphs' pool with graphs.POOL_WARMUP), is captured, and the two alternate. Every step's
+    outputs are read only at the end, as align reads them once per log interval: a warm-up output left in the
+    pool would be overwritten by the replays after it."""
     gen = torch.Generator().manual_seed(0)
     m_g, b_g = _booster(name, "none", args.device, "on" if args.device == "cuda" else "off", packing)
     m_e, b_e = _booster(name, "none", args.device, "off", packing)
     vocab = m_g.config.vocab_size if name != "tiny" else 2000
-    fresh = args.steps if not packing else 2
     form = pack if packing else without_mask  # packed even where packing would not shrink it
-    pairs = [tuple(to_device(form(random_batch(args.batch, args.length, vocab, gen)), args.device) for _ in "ah")
-             for _ in range(fresh)]
-    steps = args.steps if not packing else 2 * (3 + 1)  # per length: 2 warm-up steps, the capture, one replay
-    for i in range(steps):
-        og, oe = b_g.step(*pairs[i % fresh]), b_e.step(*pairs[i % fresh])
+    pairs = [tuple(to_device(form(random_batch(args.batch, length, vocab, gen)), args.device) for _ in "ah")
+             for length in ((args.length, args.length // 2) if packing else [args.length] * args.steps)]
+    # per length: 2 warm-up steps, the capture, a replay; then the second length's, then both replayed in turn
+    order = [0] * 4 + [1] * 4 + [0, 1] if packing else range(args.steps)
+    outs = [(b_g.step(*pairs[i]), b_e.step(*pairs[i])) for i in order]
     errors = [((p - q).norm() / q.norm()).item() for (_, p), (_, q) in zip(m_g.named_parameters(),
                                                                           m_e.named_parameters()) if p.requires_grad]
     worst = max(errors) if all(math.isfinite(e) for e in errors) else float("nan")  # max() would drop a NaN
+    losses = [abs(og[k].item() - oe[k].item()) / max(abs(oe[k].item()), 1e-12)
+              for og, oe in outs for k in ("loss", "harmful_loss")]
     graphs = b_g.engine.graphs
-    return {"steps": steps, "packed": packing,
-            "worst_relative_l2": worst, "loss_graph": og["loss"].item(), "loss_eager": oe["loss"].item(),
+    return {"steps": len(outs), "packed": packing, "worst_relative_l2": worst,
+            "worst_loss_relative": max(losses) if all(math.isfinite(x) for x in losses) else float("nan"),
+            "loss_graph": outs[-1][0]["loss"].item(), "loss_eager": outs[-1][1]["loss"].item(),
             "captured": bool(graphs and graphs._graphs), "replays": graphs.replays if graphs else 0,
-            "fallback": graphs.fallback if graphs else None}
+            "pool_warmups": getattr(graphs, "pool_warmups", 0), "fallback": graphs.fallback if graphs else None}
 
 
 def _free_device_memory():
@@ -110,21 +117,25 @@ def _free_device_memory():
 
 
 def cmd_equivalence(args):
-    results = {}
-    for name in args.models.split(","):
-        for packing in (False, True):
-            label = f"{name}{' packed' if packing else ''}"
-            try:
-                results[label] = _equivalence(name, packing, args)
-            except Exception as e:  # noqa: BLE001 - one model's failure (e.g. graphs='on' refusing) is a result
-                if isinstance(e, CaptureInvalidated):  # but CUDA memory is suspect after this one: stop here
-                    write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
-                    raise
-                results[label] = {"steps": args.steps, "worst_relative_l2": None, "captured": False,
-                                  "fallback": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
-            _free_device_memory()
-            # after each model: a part stopped by its time limit keeps what it has measured
-            write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
+    results, default = {}, step_graphs.POOL_WARMUP
+    try:
+        for name in args.models.split(","):
+            for packing, in_pool in ((False, False), (True, False), (True, True)):
+                label = f"{name}{' packed' if packing else ''}{', warm-up in the pool' if in_pool else ''}"
+                step_graphs.POOL_WARMUP = in_pool  # read when the engine builds its StepGraphs
+                try:
+                    results[label] = _equivalence(name, packing, args)
+                except Exception as e:  # noqa: BLE001 - one model's failure (e.g. graphs='on' refusing) is a result
+                    if isinstance(e, CaptureInvalidated):  # but CUDA memory is suspect after this one: stop here
+                        write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
+                        raise
+                    results[label] = {"steps": args.steps, "worst_relative_l2": None, "captured": False,
+                                      "fallback": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+                _free_device_memory()
+                # after each run: a part stopped by its time limit keeps what it has measured
+                write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
+    finally:
+        step_graphs.POOL_WARMUP = default
 
 
 def _profile_one(args, impl, graphs, gen):

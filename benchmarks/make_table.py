@@ -159,11 +159,12 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
         elif doc.get("model_kernels_error"):
             blocks.append(f"Fused model ops: not measured ({doc['model_kernels_error']}).")
     for name, doc in checks.get("graph_equivalence", []):
-        body = [[model, r.get("steps"), _num(r.get("worst_relative_l2"), ".2e"), r.get("captured"),
-                 r.get("replays", "—"), r.get("fallback") or "—"] for model, r in doc["results"].items()]
+        body = [[model, r.get("steps"), _num(r.get("worst_relative_l2"), ".2e"),
+                 _num(r.get("worst_loss_relative"), ".2e"), r.get("captured"), r.get("replays", "—"),
+                 r.get("pool_warmups", "—"), r.get("fallback") or "—"] for model, r in doc["results"].items()]
         blocks.append(f"CUDA-graph replays vs eager steps, fast engine (`{name}`):\n\n"
-                      + "\n".join(_grid(("model", "steps", "worst LoRA rel. L2", "captured", "replays", "fallback"),
-                                         body)))
+                      + "\n".join(_grid(("model", "steps", "worst LoRA rel. L2", "worst loss rel.", "captured",
+                                          "replays", "warm-ups in the pool", "fallback"), body)))
     for name, doc in checks.get("profile", []):
         body = [[impl, _num(r.get("wall_ms_per_step"), ".1f"), _num(r.get("gpu_busy_ms_per_step"), ".1f"),
                  _num(r.get("gpu_idle_share"), ".0%"),

@@ -104,9 +104,7 @@ def _dist_setup(device_flag):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         _created_group = True
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return dist.get_rank(), world, device
+    return dist.get_rank(), world, device  # (resolve_device made a CUDA device the current one)
 
 
 def load_data(args):

@@ -86,6 +86,9 @@ class FastBooster:
         keep_nf4_trainable_(model)  # before the probes below run the model in eval mode
         self.flat = FlatLoRA(model)
         self.device = self.flat.W.device
+        if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
+            log.info("%s made the current CUDA device: Triton launches its kernels on the current one", self.device)
+            torch.cuda.set_device(self.device)
         triton_unusable(self.device)  # the kernels' launch check (a host sync, once) here rather than in a step
         self.autocast = Autocast(model, self.device)
         self.merge = default_merge(self.device) if cfg.merge_passes is None else cfg.merge_passes

@@ -26,6 +26,14 @@ shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the
   allocator and the current stream in a bad state). The capture restores the current stream whatever happens;
 - all graphs share one private memory pool (replays never overlap, outputs are cloned at once), and at most
   MAX_GRAPHS are kept, the least recently replayed going first;
+- a key met after the first capture (a new bucketed length of packed batches) warms up eagerly while the pool,
+  which holds a step's working set, stays reserved: a second working set beside it. With POOL_WARMUP (off by
+  default until the GPU suite has verified it) the warm-up's allocations go into that pool instead, as torch's
+  compiled-graph trees warm up. Nothing of the warm-up may then outlive it there (a later replay writes over
+  its blocks): its outputs are cloned out, and what else the step leaves behind (the optimizer's grad_scale and
+  found_inf) is written anew before any read. A model that builds state lazily on a longer input (transformers'
+  dynamic RoPE rebuilds inv_freq) would break that rule. The backward runs on autograd's own thread, whose
+  allocations stay in the general pool (torch routes only the current thread's);
 - a step that syncs with the host (found in the watched warm-up) runs eagerly for that key only: other shapes
   are still captured (a sliding-window model's batches with rows longer than the window build their windowed
   mask on the host; its packed batches do not). A step that fails inside the capture turns graphs off for the
@@ -50,6 +58,24 @@ WARMUP = 2
 # costs its captured kernel list, not activation memory.
 MAX_GRAPHS = 32
 SYNC_WARNING = "synchronizing CUDA operation"  # the text of torch's sync debug-mode warning
+# Warm up keys met after the first capture inside the graphs' memory pool (the module docstring says what that
+# saves and assumes). Read when a StepGraphs is built; benchmarks/gpu_checks.py's equivalence part checks it.
+POOL_WARMUP = False
+# torch's routing of the current thread's allocations to a private pool (what torch.cuda.use_mem_pool calls)
+_POOL_ROUTING = ("_cuda_beginAllocateCurrentThreadToPool", "_cuda_endAllocateToPool", "_cuda_releasePool")
+
+
+@contextlib.contextmanager
+def _allocating_in(pool):
+    """The current thread's CUDA allocations go to `pool` (an existing graph pool) inside."""
+    device = torch.cuda.current_device()
+    begin, end, release = (getattr(torch._C, name) for name in _POOL_ROUTING)
+    begin(device, pool)
+    try:
+        yield
+    finally:
+        end(device, pool)
+        release(device, pool)  # begin counted one more user of the pool
 
 
 def _first_line(e: BaseException) -> str:
@@ -101,10 +127,13 @@ class StepGraphs:
         self._stream = None      # the side stream of warm-ups and captures (one, as PyTorch's recipe has it)
         self._pool = None        # one memory pool for all graphs: replays never overlap and outputs are cloned
         self.replays = 0         # steps run as a graph replay so far
+        self.pool_warmups = 0    # warm-up steps whose allocations went to the graphs' pool
+        self._pool_warmup = POOL_WARMUP  # (turned off for the run if routing fails)
 
     def reset(self):
         """Forget every captured graph (after tensors they captured were replaced, e.g. a loaded state)."""
         self._graphs.clear()
+        self._pool = None  # the next capture starts a pool of its own: this one goes when its graphs do
         self._seen.clear()
         self.eager_keys.clear()
 
@@ -191,8 +220,31 @@ class StepGraphs:
         return self._stream
 
     def _eager(self, fn, batches, watch: bool):
-        """One eager step on the side stream. With `watch`, under torch's sync debug mode "warn": returns
-        (output, the first host-sync warning's text or None); other warnings are passed on."""
+        """One eager step on the side stream; with POOL_WARMUP, in the graphs' pool once a graph exists. With
+        `watch`, under torch's sync debug mode "warn": returns (output, the first host-sync warning's text or
+        None); other warnings are passed on."""
+        if not (self._graphs and self._pool_warmup):
+            return self._eager_step(fn, batches, watch)
+        # host syncs, once per warm-up step: every replay is done with the pool's blocks before they are handed
+        # out again, and the general pool's cached blocks go back to the driver (the allocator cannot free them
+        # on its own while allocations are routed to a pool)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        with contextlib.ExitStack() as in_pool:
+            try:
+                in_pool.enter_context(_allocating_in(self._pool))
+            except Exception as e:  # noqa: BLE001 - an allocator API that moved: warm up beside the pool instead
+                self._pool_warmup = False
+                log.warning("CUDA graphs: cannot warm up in the graphs' memory pool (%s); new shapes warm up "
+                            "beside it, which needs about one step's activations more", _first_line(e))
+                return self._eager_step(fn, batches, watch)
+            out, sync = self._eager_step(fn, batches, watch)
+        self.pool_warmups += 1
+        # out of the pool (a later replay writes over the blocks it frees), on the caller's stream, which has
+        # waited for the step: the clones are in the general pool
+        return {k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()}, sync
+
+    def _eager_step(self, fn, batches, watch: bool):
         side = self._side()
         side.wait_stream(torch.cuda.current_stream())
         with warnings.catch_warnings(record=True) if watch else contextlib.nullcontext([]) as caught:

@@ -10,9 +10,11 @@ A step's peak is four parts, and a fifth with CUDA graphs and packed batches:
   per vocabulary entry and position), or, where more, a layer's MLP backward (the gradients of act(gate)·up,
   gate and up: 3 bytes·i per token in bf16), with gradient checkpointing on top of that layer's recompute;
 - with CUDA graphs and packing (graphs.py): packed batches come in a few bucketed lengths, and a length met
-  after the first capture runs its warm-up steps eagerly, outside the captured graphs' private pool, which
-  stays reserved (about one step's activations and transient memory): so a second working set, for as long
-  as that warm-up lasts, and once per new length. Padded batches have one shape, graphs off none of it.
+  after the first capture warms up eagerly while the captured graphs' private pool, which holds a step's
+  activations and transient memory, stays reserved: a second working set, once per new length. With
+  graphs.POOL_WARMUP the warm-up's forward allocates in that pool, and only its backward (autograd's thread,
+  which torch does not route) beside it: about one more transient part. Padded batches have one shape, graphs
+  off none of it.
 
 Per token and decoder layer of a Llama-style model (a = 2 bytes in bf16 or NF4, 4 in fp32; h the hidden size,
 q = heads·head_dim, kv = kv_heads·head_dim, i the MLP width), the backward keeps:
@@ -208,7 +210,11 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
               for n in batches]  # the last position of a row predicts nothing
     saved, transient = max(passes, key=sum)
     state = STATE_BYTES[impl, method] * lora_parameters(shape, names, r)
-    warmup = saved + transient if graph_warmup and impl == "fast" else 0
+    warmup = 0
+    if graph_warmup and impl == "fast":
+        from . import graphs
+
+        warmup = transient if graphs.POOL_WARMUP else saved + transient
     return StepMemory(weights=weights, state=state, activations=saved, transient=transient, warmup=warmup)
 
 
@@ -275,11 +281,12 @@ def log_fit(booster, batch_size: int, harmful_batch_size: int, max_length: int, 
     if est.total > holds:
         checkpointed = of_booster(booster, *sizes, checkpointing=True)
         nf4 = "" if is_quantized(booster.model) else " (or --quant nf4)"
-        ways = ([f"--gradient-checkpointing brings it to ~{size(checkpointed.total)}"]
-                if checkpointed.total < est.total and checkpointed.total <= holds else []) \
-            + ([f"the eager warm-up of each new packed length beside the CUDA graphs takes {size(est.warmup)}: "
-                f"--packing off (one shape) or --graphs off avoids it"] if est.warmup and est.total - est.warmup <= holds
-               else [])
+        ways = []
+        if checkpointed.total < est.total and checkpointed.total <= holds:
+            ways.append(f"--gradient-checkpointing brings it to ~{size(checkpointed.total)}")
+        if est.warmup and est.total - est.warmup <= holds:
+            ways.append(f"the eager warm-up of each new packed length beside the CUDA graphs takes "
+                        f"{size(est.warmup)}: --packing off (one shape) or --graphs off avoids it")
         way = "; or ".join(ways) or f"a smaller --batch-size or --max-length{nf4} needs less"
         log.warning("memory: the estimate exceeds what %s can hold, expect it to run out of memory: %s", device, way)
     return est

@@ -77,6 +77,8 @@ def check_run_args(args, cfg: BoosterConfig) -> int | None:
 
 
 def resolve_device(name: str | None, rank_local: int = 0) -> torch.device:
+    """--device as a torch.device (default: cuda if there is one, else cpu; cuda without an index: the local
+    rank's GPU). A CUDA device becomes the current one: Triton launches its kernels on the current device."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -88,6 +90,9 @@ def resolve_device(name: str | None, rank_local: int = 0) -> torch.device:
             raise UsageError("--device cuda asked for, but no CUDA device is available")
         if device.index is None:
             device = torch.device("cuda", rank_local)
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UsageError(f"unsupported device {name!r} (cpu or cuda)")
     return device

@@ -305,7 +305,7 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path):
     assert [name for name, _ in mt.load_results(results)] == ["cpu_tiny.json"]
     assert "| sumsq | 1,001 | 500 | 100% |" in table and "Kernels on Test GPU, 67,108,864" in table
     assert "| rope bwd | 3,000 | 0.100 | 0.500 | 5.00× | 75% |" in table and "16,384 tokens" in table
-    assert "| tiny | 5 | 3.00e-07 | True | — |" in table
+    assert "| tiny | 5 | 3.00e-07 | — | True | — | — | — |" in table  # an older document: fewer fields
     assert "| fast+graphs | 10.0 | 9.0 | 10% | gemm_kernel 5.0 ms |" in table
     header = next(line for line in table.splitlines() if line.startswith("| machine"))
     assert header.endswith("| MFU | HFU |")
@@ -354,15 +354,19 @@ def test_gpu_checks_run_on_the_cpu_as_a_smoke_test(tmp_path, capsys):
     checks.main(["equivalence", "--device", "cpu", "--models", "tiny", "--steps", "2", *small])
     checks.main(["profile", "--device", "cpu", "--model", "tiny", "--steps", "1", *small])
     eq = json.loads((tmp_path / "graph_equivalence.json").read_text())["results"]
-    for row in (eq["tiny"], eq["tiny packed"]):  # eager vs eager on the CPU: identical
+    from booster_fast import graphs
+
+    assert graphs.POOL_WARMUP is False, "the equivalence check left POOL_WARMUP switched on"
+    for row in eq.values():  # eager vs eager on the CPU: identical
         assert row["worst_relative_l2"] == 0.0 and row["captured"] is False, row
     prof = json.loads((tmp_path / "profile_tiny.json").read_text())["results"]
     assert set(prof) == {"reference", "fast"} and all(r["top_kernels"] for r in prof.values())
     assert (tmp_path / "profile_tiny.txt").read_text().startswith("## reference")
     mt = _make_table_module()
     table = "\n".join(mt.check_tables(mt.check_documents(tmp_path)))
-    assert "| tiny | 2 | 0.00e+00 | False | 0 | — |" in table and "| fast |" in table
-    assert "| tiny packed | 8 | 0.00e+00 | False | 0 | — |" in table
+    assert "| tiny | 2 | 0.00e+00 | 0.00e+00 | False | 0 | 0 | — |" in table and "| fast |" in table
+    assert "| tiny packed | 10 | 0.00e+00 | 0.00e+00 | False | 0 | 0 | — |" in table
+    assert "| tiny packed, warm-up in the pool | 10 | 0.00e+00 | 0.00e+00 | False | 0 | 0 | — |" in table
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             checks.main(["bandwidth", "--out", str(tmp_path)])

@@ -423,3 +423,20 @@ def test_sample_counts_take_the_first_rows_and_the_default_length_is_saved(tmp_p
     cfg = json.loads((out / "run_config.json").read_text())
     assert (cfg["steps"], cfg["epochs"]) == (None, 20.0)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 40
+
+
+def test_a_cuda_device_becomes_the_current_one(monkeypatch):
+    """--device cuda:N is made the current CUDA device (Triton launches its kernels on the current one), and an
+    index beyond the machine's devices is one usage error (the CUDA calls faked: this machine has none)."""
+    from booster_fast.cli import UsageError
+    from booster_fast.run_args import resolve_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert resolve_device("cuda", rank_local=1) == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu") and len(current) == 2
+    with pytest.raises(UsageError, match="--device cuda:2: this machine has 2 CUDA device"):
+        resolve_device("cuda:2")

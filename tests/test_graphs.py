@@ -188,6 +188,107 @@ def test_step_graphs_warm_up_capture_replay_and_keys(monkeypatch):
     assert not g._graphs
 
 
+def _fake_streams(monkeypatch, events):
+    """The CUDA stream and sync-debug calls of StepGraphs' eager step, as CPU stand-ins (the debug mode logged)."""
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: events.append(f"debug {mode}"))
+
+
+def test_warm_ups_after_a_capture_allocate_in_the_graphs_pool(monkeypatch, caplog):
+    """With POOL_WARMUP, a shape met after the first capture warms up with its allocations routed to the graphs'
+    pool: after a sync, the routing wraps the whole step and the sync watch inside it, and the outputs come back
+    as clones (a later replay writes over the pool's free blocks). Before any capture there is no pool to route
+    to; where routing fails, one warning, and warm-ups run beside the pool from then on; without POOL_WARMUP
+    (the default) they always do."""
+    from booster_fast import graphs
+
+    events, returned = [], []
+    _fake_streams(monkeypatch, events)
+
+    def capture(self, fn, batches):
+        events.append("capture")
+        self._pool = "pool"
+        static_in = tuple({k: v.clone() for k, v in b.items()} for b in batches)
+        out = fn(*static_in)
+        static_out = torch.stack([out[k].float().reshape(()) for k in out])
+        return static_in, static_out, list(out), _ReplayByRecompute(fn, static_in, static_out, list(out))
+
+    @contextlib.contextmanager
+    def routing(pool):
+        events.append(f"into {pool}")
+        yield
+        events.append(f"out of {pool}")
+
+    def step(batch):
+        events.append("step")
+        returned.append({"total": batch["input_ids"].sum()})
+        return returned[-1]
+
+    monkeypatch.setattr(StepGraphs, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(graphs, "_allocating_in", routing)
+    batch = _batch_maker()
+    off = StepGraphs("on")  # built before the switch: warm-ups beside the pool
+    monkeypatch.setattr(graphs, "POOL_WARMUP", True)
+    g = StepGraphs("on")
+    watched = ["debug warn", "step", "debug 0"]
+    for _ in range(WARMUP + 1):
+        g.run("step", step, (batch(3, 7),))
+    # (the stand-in capture runs the step, its replay once more); no pool to route to before a capture
+    assert events == ["step"] * (WARMUP - 1) + watched + ["capture", "step", "step"], events
+    events.clear()
+    for _ in range(WARMUP):
+        b = batch(2, 7)
+        out = g.run("step", step, (b,))
+        assert out["total"].item() == b["input_ids"].sum().item()
+        assert out["total"] is not returned[-1]["total"], "a warm-up's output came back from inside the pool"
+    routed = ["sync", "into pool", "step", "out of pool"]
+    assert events == routed * (WARMUP - 1) + ["sync", "into pool", *watched, "out of pool"], events
+    assert g.pool_warmups == WARMUP
+
+    events.clear()
+    for rows in (3, 3, 3, 3, 2, 2):
+        off.run("step", step, (batch(rows, 7),))
+    assert "capture" in events and "into pool" not in events and not off.pool_warmups, events
+
+    def broken(pool):
+        raise RuntimeError("no such allocator call")
+
+    monkeypatch.setattr(graphs, "_allocating_in", broken)
+    events.clear()
+    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+        for rows in (4, 4, 5):
+            g.run("step", step, (batch(rows, 7),))
+    assert events == ["sync", "step"] + watched + ["step"], events  # the routing failed once: never tried again
+    assert caplog.text.count("cannot warm up in the graphs' memory pool (no such allocator call)") == 1
+    assert g.pool_warmups == WARMUP and not g._pool_warmup
+
+
+def test_pool_routing_calls_torchs_allocator_in_pairs(monkeypatch):
+    """_allocating_in begins routing the current thread's allocations to the pool, and ends and releases it
+    (begin counts a user of the pool) also when the body raises."""
+    from booster_fast import graphs
+
+    calls = []
+    for name in graphs._POOL_ROUTING:
+        monkeypatch.setattr(torch._C, name, lambda *a, name=name: calls.append((name, *a)), raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    with pytest.raises(ValueError):
+        with graphs._allocating_in((7, 8)):
+            calls.append("body")
+            raise ValueError("the step failed")
+    assert calls == [(graphs._POOL_ROUTING[0], 1, (7, 8)), "body", (graphs._POOL_ROUTING[1], 1, (7, 8)),
+                     (graphs._POOL_ROUTING[2], 1, (7, 8))]
+
+
 @pytest.mark.parametrize("mode", ["auto", "on"])
 def test_step_graphs_give_up_on_a_syncing_step(monkeypatch, caplog, mode):
     """A host sync seen in the watched warm-up: 'auto' logs one line naming it and runs that shape eagerly from

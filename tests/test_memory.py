@@ -199,7 +199,7 @@ def test_memory_command_prints_the_estimate_and_its_alternatives(capsys):
 
     want = memory.estimate(shape, weights=preset_weight_bytes("llama-7b-shape", "nf4"), rows=10, harmful_rows=10,
                            max_length=256, checkpointing=True, graph_warmup=True)  # CUDA graphs, packed: the default
-    assert want.warmup == want.activations + want.transient > 0
+    assert want.warmup == want.activations + want.transient > 0  # a second working set beside the graphs' pool
     assert rows["NF4, --gradient-checkpointing"].split()[-2:] == memory.size(want.total).split()
     assert "warm-up" in out[1] and any(line.startswith("warm-up: with CUDA graphs over packed batches") for line in out)
     for off in (["--graphs", "off"], ["--packing", "off"], ["--device", "cpu"]):  # no graphs, or one shape: none
@@ -292,6 +292,9 @@ def test_log_fit_warns_and_names_checkpointing(monkeypatch, caplog):
     monkeypatch.setattr(booster.engine, "pack", True)
     warm = memory.of_booster(booster, 8, 8, 128)
     assert warm.warmup == warm.activations + warm.transient and warm.total == full.total + warm.warmup
+    monkeypatch.setattr("booster_fast.graphs.POOL_WARMUP", True)  # the forward in the pool: the backward beside it
+    assert memory.of_booster(booster, 8, 8, 128).warmup == warm.transient
+    monkeypatch.setattr("booster_fast.graphs.POOL_WARMUP", False)
     monkeypatch.setattr("booster_fast.models.cuda_free_bytes", lambda device: full.total)
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         memory.log_fit(booster, 8, 8, 128, "booster", "cuda")
