@@ -68,7 +68,6 @@ from types import SimpleNamespace
 import torch
 
 from .align import build_streams
-from .run_args import check_common_args, check_device_flags, config_from_args, resolve_device
 from .batches import tokens
 from .bench_measure import (HFU_FLOPS, MFU_FLOPS, SFT, cpu_gauge, held_bytes, matmul_params, matmul_tflops,
                             method_flops, micro, model_flops, pass_batches, peak_tflops, sync,
@@ -79,8 +78,9 @@ from .cli import UsageError
 from .config import BoosterConfig
 from .data import DataError
 from .models import ModelError
-from .nf4 import quant_state_tensors
 from .graphs import CaptureInvalidated
+from .nf4 import quant_state_tensors
+from .run_args import check_common_args, check_device_flags, config_from_args, resolve_device
 
 log = logging.getLogger("booster_fast")
 IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "fast-padded", "fast-unfused", "sft",

@@ -31,9 +31,10 @@ shape (PyTorch's CUDA-graph notes: whole-network capture). `StepGraphs` does the
   default until the GPU suite has verified it) the warm-up's allocations go into that pool instead, as torch's
   compiled-graph trees warm up. Nothing of the warm-up may then outlive it there (a later replay writes over
   its blocks): its outputs are cloned out, and what else the step leaves behind (the optimizer's grad_scale and
-  found_inf) is written anew before any read. A model that builds state lazily on a longer input (transformers'
-  dynamic RoPE rebuilds inv_freq) would break that rule. The backward runs on autograd's own thread, whose
-  allocations stay in the general pool (torch routes only the current thread's);
+  found_inf) is written anew before any read. A model that built state lazily on a longer input would break
+  that rule: transformers' dynamic RoPE rebuilds inv_freq so, but its check reads the device every step, so
+  such a model's steps are never captured (no graph, so no routed warm-up). The backward runs on autograd's own
+  thread, whose allocations stay in the general pool (torch routes only the current thread's);
 - a step that syncs with the host (found in the watched warm-up) runs eagerly for that key only: other shapes
   are still captured (a sliding-window model's batches with rows longer than the window build their windowed
   mask on the host; its packed batches do not). A step that fails inside the capture turns graphs off for the

@@ -664,3 +664,18 @@ def test_failed_capture_restores_the_stream_and_falls_back(caplog):
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     assert all(torch.isfinite(o["loss"]) for o in outs)
     assert sum("CUDA graphs off" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_dynamic_rope_models_step_reads_the_device():
+    """transformers' dynamic RoPE rebuilds its frequencies lazily on a longer input, which a warm-up routed into
+    the graphs' pool must not do (POOL_WARMUP); its length check reads the device every step, so its steps are
+    found syncing in the watched warm-up and never captured (graphs.py relies on this)."""
+    from booster_fast.opcount import count_ops
+
+    model, tok = bf.load_model("tiny", device="cpu", num_hidden_layers=1,
+                               rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert model.model.rotary_emb.rope_type == "dynamic"
+    booster = bf.Booster(bf.add_lora(model), bf.BoosterConfig(packing=True, graphs="off"))
+    (batch,) = builtin_batches(tok, 1, batch_size=4, max_length=64)
+    a, h = (booster.to_device(b, "cpu") for b in batch)
+    assert sum(count_ops(booster.step, a, h)["host_syncs"].values()) > 0
