@@ -48,7 +48,17 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 # the stack: every part needs it, so a failure here ends the suite (its time is better spent on a rerun)
 # (bitsandbytes is not part of it: only the NF4 parts need it, and they fail on their own without it)
-if ! stack=$(python3 -c "import torch, triton, transformers, peft, booster_fast, importlib.util as u; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', __import__('bitsandbytes').__version__ if u.find_spec('bitsandbytes') else None)" 2>&1); then
+if ! stack=$(python3 - 2>&1 <<'PY'
+import torch, triton, transformers, peft, booster_fast
+try:
+    import bitsandbytes
+    bnb = bitsandbytes.__version__
+except Exception as e:  # absent, or its CUDA libraries do not load: the NF4 parts will say so
+    bnb = f"not usable ({type(e).__name__}: {e})"
+print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,
+      "peft", peft.__version__, "bnb", bnb)
+PY
+); then
   tail -n 5 <<< "$stack" | tee -a "$LOG"; echo "the stack does not import (above): stopping" | tee -a "$LOG"; pack; exit 3
 fi
 tail -n 3 <<< "$stack" | tee -a "$LOG"
