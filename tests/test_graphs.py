@@ -586,6 +586,35 @@ def test_graph_replays_equal_eager_steps_on_packed_batches(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("in_pool", [False, True])
+def test_a_length_met_after_the_first_capture_warms_up_and_replays_exactly(monkeypatch, in_pool):
+    """fp32, packed: one length warms up, is captured and replays; a second length then warms up (with
+    POOL_WARMUP, in the graphs' pool) and is captured; the two alternate. Every step's outputs, read only at
+    the end, and the final LoRA weights equal the eager engine's."""
+    from booster_fast import graphs
+
+    monkeypatch.setattr(graphs, "POOL_WARMUP", in_pool)
+    _, tok = bf.load_model("tiny", device="cpu")
+    pairs = [tuple(to_device(pack(b), "cuda") for b in p) for p in builtin_batches(tok, 8, max_length=160)]
+    first, second = pairs[0], next(p for p in pairs[1:] if p[0]["input_ids"].shape != pairs[0][0]["input_ids"].shape)
+    boosters = {}
+    for mode in ("on", "off"):
+        model, _ = bf.load_model("tiny", seed=SEED, device="cuda")
+        torch.manual_seed(SEED)
+        model = bf.add_lora(model, r=8, alpha=16)
+        boosters[mode] = model, bf.Booster(model, bf.BoosterConfig(graphs=mode, merge_passes=True))
+    order = [first] * 4 + [second] * 4 + [first, second]
+    outs = [(boosters["on"][1].step(*p), boosters["off"][1].step(*p)) for p in order]
+    engine = boosters["on"][1].engine.graphs
+    assert engine.replays >= 4 and engine.pool_warmups == (2 if in_pool else 0), (engine.replays, engine.pool_warmups)
+    for i, (og, oe) in enumerate(outs):
+        for k in ("loss", "harmful_loss", "harmful_grad_norm"):
+            torch.testing.assert_close(og[k], oe[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"step {i} {k}: {m}")
+    err, name = worst_relative_error(lora_state(boosters["on"][0]), lora_state(boosters["off"][0]))
+    assert err <= 1e-5, f"in_pool={in_pool}: the weights differ from eager steps at {name} by {err:.3g}"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_graph_replays_equal_eager_steps(quant):
     _, tok = bf.load_model("tiny", device="cpu")
