@@ -311,7 +311,7 @@ def for_args(args) -> str:
                   r=args.lora_r, impl=impl, method=args.method, merged=merged, fused=fused,
                   perturb_aware=args.perturb_aware and args.method == "booster", micro_batches=args.grad_accum,
                   cuda=cuda, grouped_kv=impl == "fast" and (not pack or packed_kv_grouped(device)),
-                  graph_warmup=impl == "fast" and cuda and pack and args.graphs != "off")
+                  graph_warmup=cuda and pack and args.graphs != "off")  # (estimate: the fast engine only)
     lines = []
     for quant in (args.quant,) if args.quant == "nf4" else ("none", "nf4"):
         a = 2 if quant == "nf4" or dtype == torch.bfloat16 else 4
@@ -335,7 +335,8 @@ def for_args(args) -> str:
                            "settings": [{"setting": label, "given": mark == "*",
                                          **dict(zip(StepMemory.PARTS, est.parts()))} for mark, label, est in lines]})
     columns = dict(zip(StepMemory.PARTS, ("weights", "LoRA+AdamW", "activations", "logits+bwd", "warm-up", "peak")))
-    if not common["graph_warmup"]:
+    warmup = any(est.warmup for _, _, est in lines)
+    if not warmup:
         del columns["warmup"]
     widths = [max(11, len(c) + 2) for c in columns.values()]
     out = [title, f"  {'':34}" + "".join(f"{c:>{w}}" for c, w in zip(columns.values(), widths))]
@@ -343,7 +344,7 @@ def for_args(args) -> str:
             for mark, label, est in lines]
     out.append("An estimate from the model's shape, every row counted at --max-length (packed batches hold fewer "
                "tokens); the allocator's rounding and CUDA's workspaces come on top.")
-    if common["graph_warmup"]:
+    if warmup:
         out.append("warm-up: with CUDA graphs over packed batches, each new bucketed length warms up eagerly beside "
                    "the captured graphs' reserved pool (--packing off or --graphs off: none).")
     if free is not None:
