@@ -37,8 +37,9 @@ from .flat import ALL_TOKENS, FlatLoRA
 from .kernels import normalize_perturb_, restore_combine_, sumsq, triton_unusable
 from .kernels.model_kernels import available
 from .losses import attention_for, label_count, logits_of, loss_sum, targets_of, token_losses
-from .models import Autocast, checkpoint_reads_rng
+from .models import Autocast, checkpoint_reads_rng, trainable_parameters
 from .nf4 import keep_nf4_trainable_
+from .reference import exempt_from_decay
 
 log = logging.getLogger("booster_fast")
 # the BoosterConfig fields the step reads at every call (the others are read once, when the engine is built)
@@ -80,12 +81,26 @@ def default_packing(device: torch.device) -> bool:
     return True
 
 
+def _check_all_decay(model) -> None:
+    """The flat buffer is one AdamW parameter, so the fast engine decays every LoRA weight; the HF Trainer (the
+    original's optimizer, and the reference's) exempts names that look like a bias or a norm, which a plain
+    LoRA weight has only by its adapter's or module's name (an adapter named "bias_free")."""
+    exempt = sorted(exempt_from_decay(model, trainable_parameters(model)))
+    if exempt:
+        raise ValueError(f"impl='fast' applies weight decay to every LoRA weight, but the HF Trainer's rule, which "
+                         f"the original and impl='reference' follow, leaves {len(exempt)} of them without it by "
+                         f"name ({exempt[0]}, ...): rename the adapter or module, or use impl='reference' or "
+                         f"weight_decay=0")
+
+
 class FastBooster:
     def __init__(self, model, cfg: BoosterConfig):
         self.model, self.cfg = model, cfg
         keep_nf4_trainable_(model)  # before the probes below run the model in eval mode
         self.flat = FlatLoRA(model)
         self.device = self.flat.W.device
+        if cfg.weight_decay:
+            _check_all_decay(model)
         if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
             log.info("%s made the current CUDA device: Triton launches its kernels on the current one", self.device)
             torch.cuda.set_device(self.device)
@@ -341,10 +356,15 @@ class FastBooster:
             grad_norm = normalize_perturb_(fl.W, fl.B, fl.G_h, fl.G_f, ss, cfg.alpha, cfg.lamb, cfg.perturb_eps)
 
             # ---- pass 2 at w~: ∇h(w~) -> G_h ------------------------------------------------------------------
-            for h in hs:
-                lp = self._backward(h, n_h, ALL_TOKENS)
-                perturbed_loss = lp if perturbed_loss is None else perturbed_loss + lp
-            self._all_reduce(fl.G_h)
+            try:
+                for h in hs:
+                    lp = self._backward(h, n_h, ALL_TOKENS)
+                    perturbed_loss = lp if perturbed_loss is None else perturbed_loss + lp
+                self._all_reduce(fl.G_h)
+            except BaseException:  # out of memory, an interrupt: the model must not stay at w~ (under capture
+                if not (fl.W.is_cuda and torch.cuda.is_current_stream_capturing()):  # nothing ran: W holds w)
+                    fl.W.copy_(fl.B)
+                raise
 
             # ---- restore W from B (bit-exact), G_f -= λ ∇h(w~) ------------------------------------------------
             restore_combine_(fl.W, fl.B, fl.G_h, fl.G_f, cfg.lamb)

@@ -247,12 +247,28 @@ def hub_reachable() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def hub_offline():
+    """The hub's offline mode (what HF_HUB_OFFLINE=1 sets) for the duration: files from the cache, no request.
+    `local_files_only` alone does not reach every lookup: transformers' AutoModel loads probe for a peft adapter
+    config without it, which offline costs ~25 s of retries even when the cache holds the model."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def from_hub(load, name: str, **kwargs):
     """`load(name, **kwargs)` (a transformers from_pretrained) from a local directory or the local cache first,
-    and from the hub only when that fails and the hub can be reached (its retry lines silenced); OSError at once
-    when it cannot."""
+    without a request, and from the hub only when that fails and the hub can be reached (its retry lines
+    silenced); OSError at once when it cannot."""
     try:
-        return load(name, local_files_only=True, **kwargs)
+        with hub_offline():
+            return load(name, local_files_only=True, **kwargs)
     except OSError:
         if os.path.isdir(os.path.expanduser(name)):
             raise
@@ -419,7 +435,7 @@ class Autocast:
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.device_type = torch.device(device).type
-        self.enabled = compute_dtype(model) != torch.float32
+        self.enabled = compute_dtype(model) not in (torch.float32, torch.float64)
 
     def __call__(self):
         # no weight-cast cache: it must be off inside CUDA-graph capture, and LoRA weights are small

@@ -31,13 +31,19 @@ from .nf4 import keep_nf4_trainable_
 NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")  # HF Trainer's name patterns
 
 
-def decay_groups(model, params, weight_decay: float) -> list[dict]:
-    """The HF Trainer's AdamW groups: weight decay on every trainable tensor except biases and norm weights
-    (by name, or inside an nn.LayerNorm). For LoRA's A/B weights that is all of them, one group; the rest
-    (peft's modules_to_save, trainable biases) get a second group without decay."""
+def exempt_from_decay(model, params) -> set[str]:
+    """The names among `params` (name, parameter) that the HF Trainer leaves without weight decay: biases and
+    norm weights, by name or inside an nn.LayerNorm."""
     in_layer_norm = {f"{m}.{n}".lstrip(".") for m, mod in model.named_modules() if isinstance(mod, nn.LayerNorm)
                      for n, _ in mod.named_parameters(recurse=False)}
-    exempt = {n for n, _ in params if NO_DECAY.search(n.lower()) or n in in_layer_norm}
+    return {n for n, _ in params if NO_DECAY.search(n.lower()) or n in in_layer_norm}
+
+
+def decay_groups(model, params, weight_decay: float) -> list[dict]:
+    """The HF Trainer's AdamW groups: weight decay on every trainable tensor but those `exempt_from_decay`
+    names. For LoRA's A/B weights that is all of them, one group; the rest (peft's modules_to_save, trainable
+    biases) get a second group without decay."""
+    exempt = exempt_from_decay(model, params)
     groups = [{"params": [p for n, p in params if n not in exempt], "weight_decay": weight_decay}]
     if exempt:
         groups.append({"params": [p for n, p in params if n in exempt], "weight_decay": 0.0})
@@ -107,14 +113,16 @@ class ReferenceBooster:
             with torch.no_grad():
                 for n, p in self.params:
                     p.data -= cfg.alpha * g1[n] / norm
-            # 4. harmful gradient at w~, cloned into a second dict
-            perturbed_loss = self._forward_backward(harmful_batch)
-            g2 = self._clone_grads()
-            model.zero_grad(set_to_none=True)
-            # 5. restore in place (inexact, as the original)
-            with torch.no_grad():
-                for n, p in self.params:
-                    p.data += cfg.alpha * g1[n] / norm
+            try:
+                # 4. harmful gradient at w~, cloned into a second dict
+                perturbed_loss = self._forward_backward(harmful_batch)
+                g2 = self._clone_grads()
+                model.zero_grad(set_to_none=True)
+            finally:  # also when step 4 raises (out of memory, an interrupt): the model must not stay at w~
+                # 5. restore in place (inexact, as the original)
+                with torch.no_grad():
+                    for n, p in self.params:
+                        p.data += cfg.alpha * g1[n] / norm
 
         # 6. alignment gradient at w (perturb_aware: under the attention-output perturbation)
         out = {}

@@ -12,7 +12,8 @@ from booster_fast.batches import check_right_padded, to_device
 from booster_fast.graphs import MAX_GRAPHS, WARMUP, CaptureInvalidated, StepGraphs
 from booster_fast.packing import pack
 
-from test_fast import builtin_batches, lora_state, worst_relative_error, SEED
+from test_fast import SEED, assert_tracks_the_exact_run, builtin_batches, lora_state, make_model, \
+    worst_relative_error
 
 
 def tiny_booster(device, quant="none", **cfg):
@@ -498,20 +499,18 @@ def test_a_changed_step_knob_gets_a_graph_of_its_own(monkeypatch, knob, value):
     monkeypatch.setattr(FastBooster, "_graphs_for", lambda self, mode: types.SimpleNamespace(run=run))
     extra = dict(perturb_aware=True, rho=2.0) if knob == "rho" else {}
     _, tok, booster = tiny_booster("cpu", graphs="off", **extra)
-    model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
-    torch.manual_seed(SEED)
-    ref = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(impl="reference", **extra))
+    ref, exact = (bf.Booster(make_model()[0].to(dtype), bf.BoosterConfig(impl="reference", **extra))
+                  for dtype in (torch.float32, torch.float64))
     for i, (a, h) in enumerate(builtin_batches(tok, 3)):
         if i == 2:
-            for b in (booster, ref):
+            for b in (booster, ref, exact):
                 setattr(b.cfg, knob, value)
-        booster.step(a, h)
-        ref.step(a, h)
+        for b in (booster, ref, exact):
+            b.step(a, h)
     assert kinds[0] == kinds[1] != kinds[2]
     if knob == "max_grad_norm" and value > 0:
         assert booster.engine._clip_offset.item() == pytest.approx(1e-6 / value)
-    err, name = worst_relative_error(lora_state(booster.model), lora_state(ref.model))
-    assert err < 1e-5, f"{name}: {err:.3g}"
+    assert_tracks_the_exact_run(*(lora_state(b.model) for b in (booster, ref, exact)), f"{knob}={value}")
 
 
 def test_packed_batches_get_a_graph_per_length_and_replay_the_eager_step(monkeypatch):

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -347,16 +350,43 @@ def test_a_pretrained_nf4_model_trains_on_the_cpu(tmp_path):
     assert abs(outs[0]["harmful_grad_norm"] / outs[1]["harmful_grad_norm"] - 1) < 2e-2
 
 
+def test_a_model_in_the_hub_cache_loads_by_its_id_without_a_request(tmp_path):
+    """A model id whose files are in the Hugging Face cache loads offline at once: transformers' probe for a peft
+    adapter config ignores local_files_only and, with the hub out of reach, retried ~25 s (a stderr line per try)
+    before the load went on. The hub here is an address that never resolves."""
+    model, tok = load_model("tiny", device="cpu")
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    model.save_pretrained(repo / "snapshots" / revision)
+    tok.save_pretrained(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "https://hub.invalid"}
+    env.pop("HF_HUB_OFFLINE", None)
+    code = ("import booster_fast as bf; m, t = bf.load_model('someone/tiny', device='cpu'); "
+            "print(type(m).__name__, m.config.num_hidden_layers)")
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - t0
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["LlamaForCausalLM", str(model.config.num_hidden_layers)]
+    assert "hub.invalid" not in run.stderr and "Retry" not in run.stderr, run.stderr[-2000:]
+    assert elapsed < 20, f"{elapsed:.0f} s: the load waited on the hub"
+
+
 def test_hub_loads_try_the_cache_first_and_never_retry_an_unreachable_hub(monkeypatch, tmp_path):
     """from_hub: the local cache first (no request at all when it has the files); the hub only when it can be
     reached, else an OSError at once (offline, huggingface_hub retried each file with back-off, ~25 s and a stderr
     line per try, before the one-line error)."""
     import booster_fast.models as models
 
-    calls = []
+    from huggingface_hub import constants
+
+    calls, offline = [], []
 
     def loader(name, local_files_only=False, **kw):
         calls.append(local_files_only)
+        offline.append(constants.HF_HUB_OFFLINE)
         if local_files_only and name != "cached/model":
             raise OSError(f"{name} is not cached")
         return ("loaded", name, kw)
@@ -366,6 +396,7 @@ def test_hub_loads_try_the_cache_first_and_never_retry_an_unreachable_hub(monkey
     calls.clear()
     monkeypatch.setattr(models, "hub_reachable", lambda: True)
     assert models.from_hub(loader, "online/model")[1] == "online/model" and calls == [True, False]
+    assert offline[-2:] == [True, constants.HF_HUB_OFFLINE]  # the cache attempt requests nothing at all
     calls.clear()
     monkeypatch.setattr(models, "hub_reachable", lambda: False)
     with pytest.raises(OSError, match="hub cannot be reached"):
