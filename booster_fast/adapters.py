@@ -23,13 +23,14 @@ DEFAULT_SEED = 43             # the paper's
 
 def add_base_args(p):
     """The flags that say which base model an adapter goes on (attack and eval)."""
+    from .cli import seed_value
     from .models import PRESETS, QUANTS
 
     p.add_argument("--base-model", default=None, metavar="MODEL",
                    help=f"the base model under the adapter: HF id | local path | {' | '.join(PRESETS)} (default: "
                         "the run's run_config.json, else adapter_config.json's base_model_name_or_path)")
     p.add_argument("--quant", default=None, choices=QUANTS, help="base weights (default: the run's, else none)")
-    p.add_argument("--base-seed", type=int, default=None, metavar="N",
+    p.add_argument("--base-seed", type=seed_value, default=None, metavar="N",
                    help="init seed of a random-weight preset base such as tiny (default: the run's, else 0 = "
                         "load_model's default); ignored for pretrained models")
 

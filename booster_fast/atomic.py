@@ -19,6 +19,18 @@ def umask() -> int:
     return mask
 
 
+def save_adapter(model, folder: str | Path, tokenizer=None) -> None:
+    """The LoRA adapter (peft's save_pretrained, without the base: it never changes) and the tokenizer into
+    `folder`, every file with the mode a plain open() gives (safetensors creates its files 0600)."""
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    mode = 0o666 & ~umask()
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            f.chmod(mode)
+
+
 def existing_folder(path: str | Path) -> Path:
     """The nearest existing ancestor of `path` (where its missing folders would be created); it may be a file, or a
     dangling link (which is no folder either)."""

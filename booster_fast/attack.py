@@ -59,6 +59,8 @@ HARMFUL_SPLITS = ("attack", "train")
 # command line
 # ------------------------------------------------------------------------------------------------------------
 def add_parser(sub):
+    from .cli import seed_value
+
     p = sub.add_parser("attack", help="harmful fine-tuning attack on an aligned run (benign task + poison)",
                        description=__doc__.splitlines()[0])
     p.add_argument("--adapter", required=True, metavar="DIR",
@@ -92,7 +94,7 @@ def add_parser(sub):
                    help="also log, at every eval, the share of the first K held-out harmful prompts whose greedy "
                         "answer does not refuse (the offline keyword proxy of `eval --judge refusal`); 0: off")
     p.add_argument("--refusal-max-new-tokens", type=int, default=32, help="answer length for --refusal-prompts")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=seed_value, default=None,
                    help=f"data mix and order (default: the aligned run's seed, else {DEFAULT_SEED})")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--output", required=True, metavar="DIR", help="attacked run directory")
@@ -185,28 +187,19 @@ class flush_denormals:
         return False
 
 
-def autocast_for_model(model, device):
-    """bf16 autocast when the base computes in a low precision (bf16 weights or NF4), else a no-op."""
-    import torch
-
-    from .models import compute_dtype
-
-    low = compute_dtype(model) != torch.float32
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low)
-
-
 def heldout_loss(model, batches: list[dict], device):
     """Token-mean loss over all held-out rows (one device scalar; summed per batch, divided once)."""
     import torch
 
     from .batches import to_device
     from .losses import label_count, loss_sum
+    from .models import Autocast
 
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device, dtype=torch.long)
-    with torch.no_grad(), autocast_for_model(model, device):
+    with torch.no_grad(), Autocast(model, device)():
         for b in batches:
             b = to_device(b, device)
             total += loss_sum(model, b).float()
@@ -264,9 +257,10 @@ def harmful_rows_source(src: str, split: str, harmful_file: str | None) -> tuple
 
 def run_attack(args) -> int:
     from .cli import UsageError
-    from .run_args import check_device_flags, resolve_device
+    from .run_args import check_device_flags, check_output, resolve_device
 
     _check_args(args)
+    check_output(args.output, args.overwrite, resumable=False)  # before minutes of loading; again when it is made
     run_cfg = read_run_config(args.adapter)
     base, base_from = resolve_base(args, run_cfg)
     seed = config_int(run_cfg, "seed", DEFAULT_SEED) if args.seed is None else args.seed
@@ -288,17 +282,22 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     from . import Booster, BoosterConfig
     from .adapters import load_adapter
     from .align import SkipTally
-    from .atomic import writes
+    from .atomic import save_adapter, writes
     from .cli import NonFiniteAbort
-    from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_safety_data
+    from .data import BatchStream, check_max_length, collate, encode_all, file_format, load_benign, load_safety_data
     from .models import check_positions
     from .run_args import DEFAULT_MAX_SKIPPED
 
     # ---- data first (fails fast, before a model is loaded), then the model, then the output directory ----------
     benign = load_benign(args.benign, "train")
     harmful_split, harmful_rows, disjoint = harmful_rows_source(harmful_src, args.harmful_split, harmful_file)
-    _, harmful_pool = load_safety_data(harmful_src, args.harmful_split, harmful_data=harmful_file)
-    _, harmful_test = load_safety_data(harmful_src, "test", harmful_data=harmful_file)
+    if harmful_file is None and harmful_src not in ("builtin", "beavertails") and \
+            file_format(harmful_src) == "instruction":  # harmful instruction/input/output rows, used whole
+        harmful_pool = load_benign(harmful_src)
+        harmful_test = list(harmful_pool)
+    else:
+        _, harmful_pool = load_safety_data(harmful_src, args.harmful_split, harmful_data=harmful_file)
+        _, harmful_test = load_safety_data(harmful_src, "test", harmful_data=harmful_file)
     # a file has no attack or test split: it is used whole (also as --harmful-data beside builtin or beavertails
     # prompts), for the attack's rows and for the 'held-out' loss alike
     heldout_is_train = harmful_split == "whole file"
@@ -388,8 +387,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                         bar.update(len(pending))
                         pending, t_last = [], time.perf_counter()
         with writes(f"the attacked adapter to {out}"):  # a full disk after the whole attack: one line
-            model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
-            tok.save_pretrained(str(tmp))
+            save_adapter(model, tmp, tok)
             publish_dir(tmp, out)
         ok = True
         log.info("saved the attacked adapter and metrics to %s (held-out harmful loss %.4f at step %d)",

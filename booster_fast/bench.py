@@ -367,7 +367,7 @@ def time_interleaved(impls, batches, args, device, results):
     from tqdm.auto import tqdm
 
     times, tps = {n: [] for n in impls}, {n: [] for n in impls}
-    if not impls:  # every entry was skipped (fast-graphs alone on the CPU)
+    if not impls:  # every entry was skipped (fast-graphs alone, where CUDA graphs cannot be captured)
         return times, tps
 
     def drop(name):  # the entry leaves the timing; the caller records why
@@ -420,6 +420,8 @@ def run_bench(args) -> int:
     names = check_bench_args(args)
     device = resolve_device(args.device)
     check_device_flags(args, device)
+    if device.type != "cuda" and set(names) == {"fast-graphs"}:
+        raise UsageError("--impls fast-graphs: CUDA graphs need a CUDA device; nothing would be measured here")
     results: dict[str, dict] = {}
     impls, batches, n_params, n_lora = build_all(names, args, device, results)
     modes = sft_modes(impls)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import fsync_dir, fsync_file, umask, write_text_atomic
+from .atomic import fsync_dir, fsync_file, save_adapter, umask, write_text_atomic
 from .cli import UsageError
 
 log = logging.getLogger("booster_fast")
@@ -135,7 +135,7 @@ def load_newest(run: Path, model, booster, streams: dict,
         except CheckpointError as e:
             first_error = first_error or e
             unreadable.append(path)
-            log.warning("%s; trying the checkpoint before it", e)
+            log.warning("%s; trying the checkpoint before it", str(e).removeprefix("cannot resume: "))
             continue
         for bad in unreadable if set_aside else ():
             kept, n = bad.with_name(f"{bad.name}.unreadable"), 1
@@ -170,7 +170,7 @@ def save_checkpoint(run: Path, step: int, model, booster, streams: dict, trainer
     tmp.mkdir()
     final = root / name
     try:
-        model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
+        save_adapter(model, tmp)
         torch.save(booster.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         state = {"format": FORMAT, "step": step, **trainer_state,
@@ -335,8 +335,7 @@ class RunDir:
         tmp = self.path / f".final-tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base never changes: LoRA only
-        tokenizer.save_pretrained(str(tmp))
+        save_adapter(model, tmp, tokenizer)
         fsync_tree(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, self.path / f.name)

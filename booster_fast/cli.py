@@ -59,6 +59,17 @@ ORIGINAL_FLAGS = {
 }
 
 
+def seed_value(text: str) -> int:
+    """argparse type of a seed: an integer that torch's and Python's generators both take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {text}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with errors in one line (no usage block: --help has it) and a hint for the original Booster
     code's flag names in the 'unrecognized arguments' error."""
@@ -82,7 +93,7 @@ def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128):
                    help="the frozen base weights' dtype, whatever the checkpoint holds (default: fp32 for tiny, else "
                         "bf16, as the original trains; fp32 for exact comparisons)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=43, help="seed for init, data order and LoRA (paper: 43)")
+    p.add_argument("--seed", type=seed_value, default=43, help="seed for init, data order and LoRA (paper: 43)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="alignment rows per update (default: 8 for tiny, else 10 as in the paper)")
     p.add_argument("--harmful-batch-size", type=int, default=None, help="harmful rows per update (default: = batch)")

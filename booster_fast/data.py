@@ -284,16 +284,20 @@ def _parse_jsonl(path, text: str) -> list[tuple[str, object]]:
             rows.append((f"{path} line {lineno}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path} line {lineno}: JSON nested too deeply") from None
     return rows
 
 
-def _read_rows(path: str) -> list[tuple[str, object]]:
-    """[(location for messages, parsed row)] from a .json array or .jsonl file; DataError on anything malformed."""
+def _read_rows(path: str, expected: str = "'builtin', a known data set name, or a .json/.jsonl path"
+               ) -> list[tuple[str, object]]:
+    """[(location for messages, parsed row)] from a .json array or .jsonl file; DataError on anything malformed
+    (`expected`: what the argument may be, for the error of a missing file)."""
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{path}: a directory, not a .json/.jsonl file")
     if not p.is_file():
-        raise DataError(f"{path}: no such file (expected 'builtin', a known data set name, or a .json/.jsonl path)")
+        raise DataError(f"{path}: no such file (expected {expected})")
     suffix = p.suffix.lower()
     if suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected .json or .jsonl")
@@ -316,6 +320,8 @@ def _read_rows(path: str) -> list[tuple[str, object]]:
             if e.msg == "Extra data":      # JSON Lines saved as .json
                 return _nonempty(path, _parse_jsonl(path, text))
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply") from None
         if not isinstance(obj, list):
             raise DataError(f"{path}: expected a JSON array of row objects, got a JSON {_json_type(obj)}")
         rows = [(f"{path} row {i}", row) for i, row in enumerate(obj, 1)]
@@ -384,8 +390,14 @@ def _instructions(rows) -> list[Example]:
     return out
 
 
+def file_format(path: str) -> str:
+    """A data file's kind, by its first row: "pairs" (prompt/refusal/response) or "instruction"
+    (instruction/input/output); DataError for anything else or a malformed file."""
+    return _row_format(*_read_rows(path)[0])
+
+
 def _instruction_file(path: str) -> list[Example]:
-    rows = _read_rows(path)
+    rows = _read_rows(path, "a .json/.jsonl file of instruction/input/output rows")
     if _row_format(*rows[0]) != "instruction":
         raise DataError(f"{path}: expected instruction/input/output rows, got prompt/refusal/response rows")
     return _instructions(rows)
@@ -394,7 +406,7 @@ def _instruction_file(path: str) -> list[Example]:
 # ------------------------------------------------------------------------------------------------
 # Hugging Face hub
 # ------------------------------------------------------------------------------------------------
-def _load_hub(repo: str, name: str | None, split: str, hint: str = ""):
+def load_hub(repo: str, name: str | None, split: str, hint: str = ""):
     """datasets.load_dataset, or a one-line DataError naming what to download (offline, no cache, hub errors)."""
     from .models import hub_reachable, quiet_hub
 
@@ -447,7 +459,7 @@ def load_safety_data(data: str, split: str = "train", harmful_data: str | None =
         corpus = attack_corpus() if split == "attack" else builtin_corpus()
         align, harmful = _examples(corpus[f"align_{split}"]), _examples(corpus[f"harmful_{split}"])
     elif data == "beavertails":
-        ds = _load_hub(BEAVERTAILS_REPO, None, "train", "; the file beavertails_with_refusals_train.json (also "
+        ds = load_hub(BEAVERTAILS_REPO, None, "train", "; the file beavertails_with_refusals_train.json (also "
                        f"in {BEAVERTAILS_MIRROR}) works as a local --data file, but a file is used whole: no "
                        "held-out split")
         lo, hi = BEAVERTAILS_ROWS[split]
@@ -490,16 +502,16 @@ def load_benign(task: str, split: str = "train") -> list[Example]:
     if task == "builtin":
         return _examples(builtin_corpus()[f"benign_{split}"])
     if task == "sst2":
-        ds = _load_hub("stanfordnlp/sst2", None, "train" if split == "train" else "validation")
+        ds = load_hub("stanfordnlp/sst2", None, "train" if split == "train" else "validation")
         return [Example(SST2_INSTRUCTION, r["sentence"].strip(), "positive" if r["label"] == 1 else "negative")
                 for r in ds]
     if task == "agnews":
-        ds = _load_hub("fancyzhx/ag_news", None, split)
+        ds = load_hub("fancyzhx/ag_news", None, split)
         if split == "test":
             ds = ds.select(range(min(EVAL_ROWS, len(ds))))
         return [Example(AGNEWS_INSTRUCTION, r["text"], AGNEWS_LABELS[r["label"]]) for r in ds]
     if task == "gsm8k":
-        ds = _load_hub("openai/gsm8k", "main", split)
+        ds = load_hub("openai/gsm8k", "main", split)
         if split == "test":
             ds = ds.select(range(min(EVAL_ROWS, len(ds))))
         return [Example(r["question"], "", _gsm8k_answer(r["answer"])) for r in ds]

@@ -247,8 +247,8 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
-    from .attack import autocast_for_model
     from .data import default_prefix, format_prompt
+    from .models import Autocast
 
     if not examples:
         return []
@@ -259,6 +259,7 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
     gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
                                eos_token_id=tok.eos_token_id, pad_token_id=pad)
     answers: list[str | None] = [None] * len(ids)
+    autocast = Autocast(model, device)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(ids), desc=desc, dynamic_ncols=True, leave=False)
@@ -267,7 +268,7 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
         width = max(len(ids[i]) for i in chunk)
         input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in chunk], device=device)
-        with torch.no_grad(), autocast_for_model(model, device):
+        with torch.no_grad(), autocast():
             out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_cfg)
         for i, text in zip(chunk, tok.batch_decode(out[:, width:], skip_special_tokens=True)):
             answers[i] = text.strip()
@@ -330,29 +331,21 @@ def new_token_flags(args) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 def harmful_prompts(source: str, harmful_file: str | None, limit: int) -> tuple[list[tuple[str, str]], str]:
     """(prompts as (instruction, input), description) for the harmful score."""
-    from .data import DataError, load_benign, load_safety_data
+    from .data import file_format, load_benign, load_hub, load_safety_data
 
     if source == "beavertails":
         repo, split = BEAVERTAILS_EVAL
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(repo, split=split)
-        except Exception as e:  # offline / not cached
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            raise DataError(f"cannot load {repo} split {split} ({type(e).__name__}: {first}); on a machine with "
-                            f"network run `python -c \"import datasets; datasets.load_dataset('{repo}')\"` and copy "
-                            f"~/.cache/huggingface here, or pass --prompts builtin|PATH") from None
+        ds = load_hub(repo, None, split, ", or pass --prompts builtin|PATH")
         rows = [(r["prompt"], "") for r in ds if not r["is_safe"]][:limit]
         return rows, f"{repo} {split}, unsafe prompts, first {len(rows)}"
     if source == "builtin":
         _, harmful = load_safety_data("builtin", "test")
         what = "built-in corpus, held-out test prompts"
     else:
-        try:
+        if harmful_file is None and file_format(source) == "instruction":
+            harmful = load_benign(source, "test")     # a file of harmful instruction/input(/output) rows
+        else:
             _, harmful = load_safety_data(source, "test", harmful_data=harmful_file)
-        except DataError:
-            harmful = load_benign(source, "test")     # a file of instruction/input(/output) rows
         what = f"{source} (a file is used whole: held out only if the run did not train on it)"
     rows = [(e.instruction, e.input) for e in harmful][:limit]
     return rows, f"{what} ({len(rows)})"

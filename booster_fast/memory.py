@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -371,6 +372,8 @@ def _model_of(args) -> tuple[Shape, tuple[int, int], torch.dtype]:
     else:
         dtype = dtype or torch.bfloat16
         path = checked_path(name)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"cannot estimate the model in {name}: it has no config.json")
         try:
             model = meta_model(path, args.trust_remote_code, quiet=False)
         except Exception as e:  # noqa: BLE001 - not found, offline, not a causal LM, a broken config: one line

@@ -34,8 +34,10 @@ def config_from_args(args, impl: str) -> BoosterConfig:
                              meta_term=not args.no_meta_term, perturb_aware=getattr(args, "perturb_aware", False),
                              rho=getattr(args, "rho", BoosterConfig.rho), grad_accum=args.grad_accum,
                              graphs=getattr(args, "graphs", "auto"))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    except ValueError as e:  # named by its field ("lr must be ..."): named by its flag here
+        field, _, rest = str(e).partition(" ")
+        flag = f"--{field.replace('_', '-')}" if field in BoosterConfig.__dataclass_fields__ else field
+        raise UsageError(f"{flag} {rest}") from None
 
 
 def check_common_args(args):
@@ -44,6 +46,8 @@ def check_common_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 < args.lora_alpha < math.inf:  # LoRA's scale alpha / r: 0 trains nothing, NaN everything into NaN
         raise UsageError(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
+    if hasattr(args, "targets") and not args.targets.replace(",", "").strip():
+        raise UsageError("--targets names no module (comma-separated names such as q_proj,v_proj, or all-linear)")
     if args.harmful_batch_size is None:
         args.harmful_batch_size = args.batch_size
     if args.harmful_batch_size < 1:
@@ -68,7 +72,14 @@ def check_run_args(args, cfg: BoosterConfig) -> int | None:
         raise UsageError("--perturb-aware changes the Booster update only; it does nothing with --method sft")
     if not cfg.perturb_aware and cfg.rho != BoosterConfig.rho:
         raise UsageError(f"--rho {cfg.rho} does nothing without --perturb-aware")
+    if args.method == "sft" and getattr(args, "merge_passes", "auto") == "on":
+        raise UsageError("--merge-passes on: the SFT step runs one pass, there is nothing to merge")
     if cfg.impl == "reference":
+        pinned = [f"--{f.replace('_', '-')} on" for f in ("merge_passes", "packing", "fused_ops", "graphs")
+                  if getattr(args, f, "auto") == "on"]
+        if pinned:
+            raise UsageError(f"{', '.join(pinned)}: the fast engine's; --impl reference runs the original trainer's "
+                             "step as it is")
         if args.max_skipped is not None:
             raise UsageError("--max-skipped needs --impl fast: the reference implementation applies non-finite "
                              "updates as the original trainer does")
@@ -87,7 +98,7 @@ def resolve_device(name: str | None, rank_local: int = 0) -> torch.device:
         raise UsageError(f"unknown device {name!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but no CUDA device is available")
+            raise UsageError(f"--device {name} asked for, but no CUDA device is available")
         if device.index is None:
             device = torch.device("cuda", rank_local)
         if device.index >= torch.cuda.device_count():
@@ -187,7 +198,8 @@ def apply_resume(args, finished_ok: bool = False):
             elif value != saved[key]:
                 changed[key] = value
         elif given and value != saved[key]:
-            conflicts.append(f"--{key.replace('_', '-')} {value} (the run has {saved[key]})")
+            conflicts.append(f"--{key.replace('_', '-')} {value} (the run has "
+                             f"{'none' if saved[key] is None else saved[key]})")
         else:
             setattr(args, key, saved[key])
     if conflicts:
@@ -211,8 +223,11 @@ def data_fingerprints(args) -> dict[str, str]:
     for path in (args.data, getattr(args, "harmful_data", None)):
         if path and os.path.isfile(path):
             digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            try:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+            except OSError as e:
+                raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
             out[path] = digest.hexdigest()
     return out

@@ -171,3 +171,20 @@ def test_a_full_disk_at_the_end_of_the_attack_is_one_line(aligned, tmp_path, cap
     lines = [x for x in capsys.readouterr().err.strip().splitlines() if x.startswith("booster-fast")]
     assert lines == [f"booster-fast: error: cannot write the attacked adapter to {out}: No space left on device"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_output_that_holds_a_run_is_refused_before_anything_loads(aligned, tmp_path, capsys, monkeypatch):
+    """With a 7B base, loading the data, the model and the adapter takes minutes: the output is checked first."""
+    from booster_fast import adapters, data
+
+    def loaded(*a, **k):
+        raise AssertionError("something was loaded before --output was checked")
+
+    monkeypatch.setattr(data, "load_benign", loaded)
+    monkeypatch.setattr(adapters, "load_adapter", loaded)
+    before = sorted(p.name for p in aligned.iterdir())
+    capsys.readouterr()
+    assert main(["attack", "--adapter", str(aligned), "--output", str(aligned), "--steps", "1", *SMALL]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "already holds a run; pass --overwrite" in lines[0], lines
+    assert sorted(p.name for p in aligned.iterdir()) == before

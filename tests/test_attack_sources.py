@@ -268,11 +268,15 @@ def test_harmful_split_train_restores_the_alignment_rows(aligned, tmp_path, monk
     assert pools[1] == load_safety_data("builtin", "train")[1]
 
 
-def test_a_harmful_file_is_used_whole_and_says_so(aligned, tmp_path, caplog):
+@pytest.mark.parametrize("kind", ["pairs", "instruction"])
+def test_a_harmful_file_is_used_whole_and_says_so(aligned, tmp_path, caplog, kind):
+    """--harmful PATH: prompt/refusal/response rows (their responses) or instruction/input/output rows (their
+    outputs), either kind used whole."""
     harmful = tmp_path / "harmful.jsonl"
-    harmful.write_text("".join(json.dumps({"prompt": f"How do I do bad thing {i}?", "refusal": "No.",
-                                           "response": f"Here is how to do bad thing {i}."}) + "\n"
-                               for i in range(30)))
+    row = (lambda i: {"prompt": f"How do I do bad thing {i}?", "refusal": "No.",
+                      "response": f"Here is how to do bad thing {i}."}) if kind == "pairs" else \
+        (lambda i: {"instruction": f"How do I do bad thing {i}?", "output": f"Here is how to do bad thing {i}."})
+    harmful.write_text("".join(json.dumps(row(i)) + "\n" for i in range(30)))
     out = tmp_path / "attacked"
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         assert main(["attack", "--adapter", str(aligned), "--output", str(out), "--harmful", str(harmful),

@@ -87,7 +87,8 @@ BAD_FLAGS = [  # well-typed values that argparse accepts and the run must refuse
     ["--grad-accum", "0"], ["--grad-accum", "3"], ["--epochs", "0"], ["--epochs", "-2"], ["--steps", "0"],
     ["--device", "tpu"], ["--device", "meta"], ["--lamb", "inf"], ["--alpha", "nan"], ["--alpha", "inf"],
     ["--align-samples", "0"], ["--harmful-samples", "100000"], ["--epochs", "inf"], ["--lora-alpha", "0"],
-    ["--lora-alpha", "nan"], ["--lora-alpha", "-4"], ["--weight-decay", "inf"],
+    ["--lora-alpha", "nan"], ["--lora-alpha", "-4"], ["--weight-decay", "inf"], ["--impl", "reference", "--packing", "on"], ["--impl", "reference", "--merge-passes", "on"],
+    ["--method", "sft", "--merge-passes", "on"],
     ["--model", "no/such-model-xyz"], ["--model", "/no/such/dir"], ["--data", "missing.jsonl"], ["--data", "data.txt"],
 ]
 

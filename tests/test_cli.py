@@ -248,6 +248,10 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["align", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["align", "--seed", "99999999999999999999"], "argument --seed: expected an integer from 0 to 2**63 - 1"),
+    (["align", "--seed", "-1"], "argument --seed: expected an integer from 0 to 2**63 - 1, got -1"),
+    (["attack", "--adapter", "x", "--output", "y", "--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
+    (["eval", "--adapter", "x", "--output", "y", "--base-seed", "2e99"], "argument --base-seed: expected an integer"),
     (["align", "--steps", "2", "--epochs", "1"], "not allowed with argument"),
     (["align", "--save_steps", "5", "--logging_steps", "2"], "--save_steps -> --save-every, --logging_steps -> "
                                                                "--log-every"),
@@ -295,9 +299,15 @@ def test_the_cli_logs_its_own_info_and_only_warnings_of_others(tmp_path):
 
 # ------------------------------------------------------------------------------------- once-found defects
 def test_run_dir_permissions_follow_umask(run_dir):
+    """The run directory and every file in it (the adapter too: safetensors creates its files 0600), as mkdir and
+    open() would make them."""
     umask = os.umask(0)
     os.umask(umask)
     assert run_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+    files = [f for f in run_dir.rglob("*") if f.is_file()]
+    assert any(f.name == "adapter_model.safetensors" for f in files)
+    assert {f.relative_to(run_dir).as_posix(): oct(f.stat().st_mode & 0o777) for f in files} == \
+        {f.relative_to(run_dir).as_posix(): oct(0o666 & ~umask) for f in files}
 
 
 def test_non_positive_epochs_is_a_usage_error(tmp_path, capsys):

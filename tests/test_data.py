@@ -303,6 +303,8 @@ def bad_file(tmp_path, name: str, content: bytes) -> str:
     ("bad.jsonl", b"\n\n", "empty data set"),
     ("bad.json", b"", "empty data set (the file holds no text)"),  # not json's "Expecting value"
     ("bad.csv", b"a,b\n", "unsupported file type"),
+    ("bad.json", b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
+    ("bad.jsonl", b'{"instruction": "a", "output": "b"}\n' + b"[" * 100_000 + b"]" * 100_000, "line 2: JSON nested"),
 ])
 def test_malformed_files(tmp_path, name, content, match):
     path = bad_file(tmp_path, name, content)

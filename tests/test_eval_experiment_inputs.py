@@ -135,6 +135,46 @@ def test_new_tokens_beyond_the_positions_exit_2_before_loading(flag, aligned, tm
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_harmful_prompts_from_a_file_of_either_kind_and_its_own_error(tmp_path):
+    """eval --prompts PATH: prompt/refusal/response rows or instruction rows; a malformed file of the first kind
+    gets its own error, not the second kind's ("expected instruction/input/output rows")."""
+    from booster_fast.evaluate import harmful_prompts
+
+    pairs = [{"prompt": f"how to do harm {i}?", "refusal": "No.", "response": "Like so."} for i in range(5)]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    (tmp_path / "instr.jsonl").write_text("\n".join(json.dumps({"instruction": f"harm {i}", "input": "x",
+                                                                 "output": "y"}) for i in range(3)))
+    assert harmful_prompts(str(tmp_path / "pairs.json"), None, 4)[0] == [(f"how to do harm {i}?", "") for i in range(4)]
+    assert harmful_prompts(str(tmp_path / "instr.jsonl"), None, 9)[0] == [(f"harm {i}", "x") for i in range(3)]
+    for bad, why in (({"refusal": "No.", "response": "Like so."}, "row 6: missing field 'prompt'"),
+                     ({"prompt": "p", "refusal": None, "response": "r"}, "field 'refusal' must be a string")):
+        (tmp_path / "bad.json").write_text(json.dumps(pairs + [bad]))
+        with pytest.raises(DataError, match=why):
+            harmful_prompts(str(tmp_path / "bad.json"), None, 4)
+
+
+def test_beavertails_prompts_offline_fail_at_once_in_one_line(monkeypatch):
+    """eval --prompts beavertails with the hub out of reach: the cache only, no retries, one line that names
+    the way out."""
+    import datasets
+    import datasets.config
+
+    from booster_fast import models
+    from booster_fast.evaluate import harmful_prompts
+
+    offline = []
+
+    def load_dataset(repo, name=None, split=None):
+        offline.append(datasets.config.HF_HUB_OFFLINE)
+        raise ConnectionError("Couldn't reach the hub\nsecond line")
+
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match=r"cannot load .* or pass --prompts builtin\|PATH$") as e:
+        harmful_prompts("beavertails", None, 4)
+    assert offline == [True] and "\n" not in str(e.value)
+
+
 def test_position_limit_from_the_config_alone(tmp_path):
     from transformers import GPT2Config, LlamaConfig
 
@@ -314,7 +354,7 @@ def test_preflight_of_the_tiny_preset_downloads_nothing(monkeypatch):
         loaded.append((d, split))
         return real(d, split, **k)
 
-    monkeypatch.setattr(data, "_load_hub", hub)
+    monkeypatch.setattr(data, "load_hub", hub)
     monkeypatch.setattr("datasets.load_dataset", hub)
     monkeypatch.setattr(data, "load_safety_data", recording)
     experiment.preflight(experiment.PRESETS["tiny"])

@@ -239,7 +239,8 @@ def test_memory_command_bad_input_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no estimate for LoRA targets 'c_attn'" in err[0]
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2,
-                                                      "n_head": 2, "vocab_size": 100}))
+                                                      "n_head": 2, "vocab_size": 100, "bos_token_id": 0,
+                                                      "eos_token_id": 0}))  # within the vocabulary
     assert main(["memory", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     # add_lora's own line: GPT-2's layers are Conv1D, named c_attn, c_proj, c_fc
@@ -248,6 +249,12 @@ def test_memory_command_bad_input_is_one_line(capsys, tmp_path):
     assert main(["memory", "--model", str(tmp_path), "--targets", "c_attn"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no estimate for this architecture" in err[0]  # no intermediate_size
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no model here")
+    assert main(["memory", "--model", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("it has no config.json"), err
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
                                                       "num_attention_heads": 0, "vocab_size": 100}))
     assert main(["memory", "--model", str(tmp_path)]) == 2

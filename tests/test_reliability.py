@@ -591,3 +591,20 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path, c
     monkeypatch.setattr(checkpoint.torch, "save", real)
     assert main(["align", "--resume", str(run)]) == 0
     assert_same_run(run, whole)
+
+
+def test_a_data_file_that_cannot_be_read_is_one_usage_error(tmp_path, monkeypatch):
+    """Fingerprinting --data (for --resume's check) comes before the loaders' own read errors."""
+    from booster_fast import run_args
+    from booster_fast.cli import UsageError
+
+    data = tmp_path / "rows.json"
+    data.write_text("[]")
+
+    def denied(path, mode="r", *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(run_args, "open", denied, raising=False)
+    args = type("Args", (), {"data": str(data), "harmful_data": None})()
+    with pytest.raises(UsageError, match=r"rows\.json: cannot read \(Permission denied\)$"):
+        run_args.data_fingerprints(args)
