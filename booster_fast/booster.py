@@ -78,8 +78,13 @@ class Booster:
         # saved by an engine on another device must not turn, say, CUDA graphs' capturable AdamW off. Set in the
         # saved groups, since torch places the loaded step counters by those (on the device for fused/capturable)
         saved = self._checked(state["optimizer"])
-        saved["param_groups"] = [{**g, **{k: own[k] for k in HOW_IT_RUNS if k in own}}
-                                 for g, own in zip(saved["param_groups"], self.optimizer.param_groups)]
+        groups = []
+        for g, own in zip(saved["param_groups"], self.optimizer.param_groups):
+            g = {**g, **{k: own[k] for k in HOW_IT_RUNS if k in own}}
+            if torch.is_tensor(g.get("lr")) and not torch.is_tensor(own["lr"]):  # saved under CUDA graphs, whose
+                g["lr"] = g["lr"].item()  # lr is a device tensor; this engine keeps a float (no device in checkpoints)
+            groups.append(g)
+        saved["param_groups"] = groups
         self.optimizer.load_state_dict(saved)
         graphs = getattr(self.engine, "graphs", None)
         if graphs is not None:  # captured graphs point at the old optimizer-state tensors: capture again

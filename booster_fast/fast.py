@@ -231,7 +231,8 @@ class FastBooster:
         if record is not None:  # f's rows follow h's (padded) or its positions follow h's (packed, one row)
             packed, n = "cu_seqlens" in h, h["input_ids"].shape["cu_seqlens" in h]
             around = self.hidden.recording(record, (lambda g: g[:, n:]) if packed else (lambda g: g[n:]))
-        with self.flat.route(tokens(h), head_positions), model_pass(), around:
+        merged = tokens(h) + tokens(f), head_positions + (f["keep"].numel() if "keep" in f else tokens(f))
+        with self.flat.route(tokens(h), head_positions, merged), model_pass(), around:
             both = concat(h, f)
             with attention_for(self.model, both):
                 with self.autocast():

@@ -86,6 +86,7 @@ class FlatLoRA:
             a.grad = gh
             self._alias[id(p)] = a
         self.harmful_tokens = self.harmful_head_positions = 0
+        self.merged = None  # (positions, LM head positions) of the merged batch being routed
         # the LM head of a packed batch sees only its labelled positions (losses.kept_positions): routed by those
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.head = head if any(head is m for m in layers) else None
@@ -109,17 +110,21 @@ class FlatLoRA:
         return self.params[0].grad is self._gf_views[0]
 
     @contextlib.contextmanager
-    def route(self, harmful_tokens: int, harmful_head_positions: int | None = None):
+    def route(self, harmful_tokens: int, harmful_head_positions: int | None = None,
+              merged: tuple[int, int] | None = None):
         """Inside: the first `harmful_tokens` positions of every batch get their LoRA gradient in G_h; in the LM
         head, when it has LoRA, the first `harmful_head_positions` (default: the same count; fewer for a
-        packed batch, whose LM head runs on the labelled positions only)."""
-        prev = self.harmful_tokens, self.harmful_head_positions
+        packed batch, whose LM head runs on the labelled positions only). `merged`: the positions of a merged
+        batch in the body and in the LM head; a LoRA layer that sees another count raises (it runs on a subset
+        of the tokens, as a mixture-of-experts expert does, so its first positions are not the harmful ones)."""
+        prev = self.harmful_tokens, self.harmful_head_positions, self.merged
         self.harmful_tokens = harmful_tokens
         self.harmful_head_positions = harmful_tokens if harmful_head_positions is None else harmful_head_positions
+        self.merged = merged
         try:
             yield
         finally:
-            self.harmful_tokens, self.harmful_head_positions = prev
+            self.harmful_tokens, self.harmful_head_positions, self.merged = prev
 
     def close(self):
         """Give the LoRA layers their own forward back (the weights stay views of W)."""
@@ -170,8 +175,15 @@ def _routed_forward(self, x, *args, **kwargs):
     if self.disable_adapters or self.merged:
         return result
     route = self._booster_route
-    n = route.harmful_head_positions if self is route.head else route.harmful_tokens
-    n = max(0, min(n, x.numel() // x.shape[-1]))
+    head = self is route.head
+    n = route.harmful_head_positions if head else route.harmful_tokens
+    positions = x.numel() // x.shape[-1]
+    if route.merged is not None and positions != route.merged[head]:
+        raise ValueError(f"merged pass: a LoRA layer saw {positions} positions of a batch of {route.merged[head]}, "
+                         "so it cannot tell the harmful rows from the alignment rows (a layer that runs on a subset "
+                         "of the tokens, as a mixture-of-experts expert does); use merge_passes=False "
+                         "(--merge-passes off)")
+    n = max(0, min(n, positions))
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue

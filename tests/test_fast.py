@@ -362,6 +362,22 @@ def test_a_loaded_optimizer_state_keeps_the_engines_own_way_of_running(batches):
     fresh.step(*batches[1])  # and it steps
 
 
+def test_a_state_saved_under_cuda_graphs_gives_an_eager_engine_a_float_lr(batches):
+    """Under CUDA graphs the learning rate is a device tensor that replays read, and the saved state holds it; an
+    engine that runs eagerly takes its value as the float it keeps (its checkpoints then hold no device tensor)."""
+    model, _ = make_model()
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast"))
+    booster.step(*batches[0])
+    saved = booster.state_dict()
+    saved["optimizer"]["param_groups"][0]["lr"] = torch.tensor(3e-4)  # as a graph engine's state holds it
+    fresh = bf.Booster(make_model()[0], bf.BoosterConfig(impl="fast"))
+    fresh.load_state_dict(saved)
+    lr = fresh.optimizer.param_groups[0]["lr"]
+    assert type(lr) is float and lr == torch.tensor(3e-4).item()
+    fresh.step(*batches[1])
+    assert type(fresh.state_dict()["optimizer"]["param_groups"][0]["lr"]) is float
+
+
 def test_fast_restore_is_exact_and_base_untouched(batches):
     model, _ = make_model()
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -516,6 +532,39 @@ def test_fast_engine_refuses_lora_it_cannot_route(extra, why):
     with pytest.raises(ValueError, match=why):
         bf.Booster(model(), bf.BoosterConfig(impl="fast"))
     bf.Booster(model(), bf.BoosterConfig(impl="reference"))
+
+
+class EveryOtherToken(torch.nn.Module):
+    """Runs a layer on every other token, as a mixture-of-experts layer runs an expert on the tokens routed to it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        picked = torch.arange(0, flat.shape[0], 2)
+        out = torch.zeros(flat.shape[0], self.inner.out_features, dtype=x.dtype).index_copy(
+            0, picked, self.inner(flat[picked]))
+        return out.view(*x.shape[:-1], -1)
+
+
+def test_the_merged_pass_refuses_a_lora_layer_that_runs_on_a_subset_of_the_tokens(batches):
+    """The merged pass routes a LoRA layer's first positions to ∇h: a layer that sees a gathered subset of the
+    tokens (an expert) would mix the two batches' gradients, so it raises, naming merge_passes=False; unmerged,
+    each pass is one batch and the fast engine gives the reference's gradient."""
+    def engine(impl, **cfg):
+        model, _ = make_model()
+        attention = model.base_model.model.model.layers[1].self_attn
+        attention.q_proj = EveryOtherToken(attention.q_proj)
+        return bf.Booster(model, bf.BoosterConfig(impl=impl, packing=False, **cfg))
+
+    a, h = batches[0]
+    with pytest.raises(ValueError, match=r"merged pass: a LoRA layer saw \d+ positions .* merge_passes=False"):
+        engine("fast", merge_passes=True).step(a, h)
+    ref, fast = (step_gradient(engine(impl, **cfg), a, h)[0] for impl, cfg in
+                 (("reference", {}), ("fast", {"merge_passes": False})))
+    assert ref.norm() > 0 and relative(fast[:ref.numel()], ref) <= 1e-5
 
 
 def test_fast_engine_refuses_lora_weights_the_trainers_rule_leaves_without_decay():
