@@ -345,7 +345,8 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
 def check_positions(model: nn.Module, max_length: int, flag: str = "--max-length"):
     """ModelError when rows of `max_length` tokens do not fit a model's learned absolute position table (GPT-2's
     wpe, OPT's embed_positions, ...): the lookup would fail in the first step. Only the table beside the token
-    embeddings counts (not an audio or vision encoder's); rotary and sinusoidal models have none."""
+    embeddings counts (not an audio or vision encoder's); rotary and sinusoidal models have none, and rows longer
+    than a rotary model's max_position_embeddings get one warning (they run, on positions it never trained on)."""
     tokens = model.get_input_embeddings()
     parent = next((m for m in model.modules() if any(c is tokens for c in m.children())), None)
     for name, m in (parent.named_children() if parent is not None else ()):
@@ -356,6 +357,11 @@ def check_positions(model: nn.Module, max_length: int, flag: str = "--max-length
             if max_length > positions:
                 raise ModelError(f"{flag} {max_length} exceeds the model's {positions} learned positions; "
                                  f"use {flag} {positions} or less")
+            return
+    trained = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(trained, int) and max_length > trained:  # rotary: runs, beyond what the model was trained on
+        log.warning("%s %d exceeds the model's max_position_embeddings (%d): positions beyond it were never "
+                    "trained", flag, max_length, trained)
 
 
 def storage_bytes(tensors) -> int:

@@ -435,6 +435,24 @@ def test_sample_counts_take_the_first_rows_and_the_default_length_is_saved(tmp_p
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 40
 
 
+def test_rows_with_an_empty_answer_are_counted_in_one_warning(tmp_path, caplog):
+    """A data file whose answers are empty trains as the original would (EOS is the only target), said once."""
+    from types import SimpleNamespace
+
+    from booster_fast import align as al
+
+    rows = [{"prompt": f"question {i}?", "refusal": " " if i % 3 == 0 else "No.", "response": "Sure."}
+            for i in range(9)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    args = SimpleNamespace(data=str(tmp_path / "rows.json"), harmful_data=None, align_samples=None,
+                           harmful_samples=None)
+    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+        al.load_data(args)
+    warned = [r.getMessage() for r in caplog.records if "empty answer" in r.getMessage()]
+    assert warned == ["3 of the 9 alignment rows have an empty answer: their only target is the end-of-sequence "
+                      "token"]
+
+
 def test_a_cuda_device_becomes_the_current_one(monkeypatch):
     """--device cuda:N is made the current CUDA device (Triton launches its kernels on the current one), and an
     index beyond the machine's devices is one usage error (the CUDA calls faked: this machine has none)."""

@@ -194,3 +194,18 @@ def test_a_pretrained_model_too_big_for_the_gpu_is_refused_before_it_loads(model
     with pytest.raises(ModelError, match=r"needs ~0.0 GiB for its bfloat16 weights alone and cuda has 0.0 GiB "
                                          r"free; with --quant nf4"):
         load_model(str(model_dir), device="cuda")
+
+
+def test_rows_beyond_a_rotary_models_trained_positions_get_one_warning(caplog):
+    """Rotary positions have no table to overflow: rows longer than the model was trained on run, said once."""
+    import logging
+
+    model, _ = load_model("tiny", device="cpu")
+    n = model.config.max_position_embeddings
+    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+        check_positions(model, n)
+        assert not caplog.records
+        check_positions(model, n + 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--max-length {n + 1} exceeds the model's max_position_embeddings ({n}): positions beyond it were never "
+        "trained"]
