@@ -61,6 +61,11 @@ class FlatLoRA:
             raise ValueError("the model has no trainable parameters; call add_lora first")
         layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
         _check_plain_lora(model, layers)
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:  # a model split across devices (device_map="auto"): one flat buffer cannot hold them
+            raise ValueError(f"impl='fast' keeps every LoRA weight in one buffer on one device; this model's are on "
+                             f"{', '.join(sorted(map(str, devices)))}: load the model on one device (in 4 bits, "
+                             f"quant='nf4', where it does not fit)")
         device = self.params[0].device
         self.sizes = [p.numel() for p in self.params]
         n = sum(self.sizes)

@@ -293,6 +293,12 @@ class BoosterTrainer(Trainer):
             (a.n_gpu > 1, "DataParallel over several GPUs in one process (use torchrun / accelerate launch)"),
             (a.torch_compile, "torch_compile"),
             (a.label_smoothing_factor > 0, "label_smoothing_factor (the engine's loss is plain cross-entropy)"),
+            (getattr(self, "compute_loss_func", None) is not None,
+             "compute_loss_func (the engine's loss is plain cross-entropy)"),
+            (type(self).compute_loss is not Trainer.compute_loss,
+             "a subclass's compute_loss (the engine's loss is plain cross-entropy)"),
+            (a.world_size > 1 and getattr(a, "booster_impl", "fast") == "reference",
+             "booster_impl='reference' with several processes (it reduces nothing across them)"),
         ]
         bad = [what for on, what in reasons if on]
         if bad:

@@ -53,6 +53,10 @@ def decay_groups(model, params, weight_decay: float) -> list[dict]:
 class ReferenceBooster:
     def __init__(self, model, cfg: BoosterConfig):
         self.model, self.cfg = model, cfg
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:  # the original leaves that to DDP's wrapper
+            raise ValueError("impl='reference' runs in one process: it reduces no gradient across processes; use "
+                             "impl='fast' with several")
         keep_nf4_trainable_(model)
         self.params = trainable_parameters(model)
         if not self.params:

@@ -549,6 +549,16 @@ class EveryOtherToken(torch.nn.Module):
         return out.view(*x.shape[:-1], -1)
 
 
+def test_lora_weights_on_several_devices_are_refused():
+    """A model split across devices (device_map="auto") has LoRA weights on each: the fast engine's one flat
+    buffer cannot hold them, so it says so at build time instead of failing inside the first forward."""
+    model, _ = make_model()
+    layer = model.base_model.model.model.layers[-1].self_attn.v_proj
+    layer.lora_A.default.to("meta")
+    with pytest.raises(ValueError, match=r"one buffer on one device; this model's are on cpu, meta"):
+        bf.Booster(model, bf.BoosterConfig(impl="fast"))
+
+
 def test_the_merged_pass_refuses_a_lora_layer_that_runs_on_a_subset_of_the_tokens(batches):
     """The merged pass routes a LoRA layer's first positions to ∇h: a layer that sees a gathered subset of the
     tokens (an expert) would mix the two batches' gradients, so it raises, naming merge_passes=False; unmerged,

@@ -178,6 +178,42 @@ def test_label_smoothing_is_refused(tmp_path, data):
         make_trainer(tmp_path, data, label_smoothing_factor=0.1)
 
 
+def test_a_loss_of_the_users_own_is_refused(tmp_path, data):
+    """The original ran every pass through Trainer.compute_loss; the engine runs its own cross-entropy, so a
+    compute_loss_func or a subclass's compute_loss (each would be ignored in training) is refused."""
+    rows_a, rows_h, pad = data
+
+    def own_loss(outputs, labels, num_items_in_batch=None):
+        raise AssertionError("never called in training")
+
+    class OwnLoss(bf.BoosterTrainer):
+        def compute_loss(self, model, inputs, **kw):
+            raise AssertionError("never called in training")
+
+    for cls, extra, why in ((bf.BoosterTrainer, {"compute_loss_func": own_loss}, "compute_loss_func"),
+                            (OwnLoss, {}, "a subclass's compute_loss")):
+        with pytest.raises(ValueError, match=f"does not support {why}"):
+            cls(model=make_model()[0], args=trainer_args(tmp_path), train_dataset=rows_a, harmful_dataset=rows_h,
+                data_collator=FixedLengthCollator(pad, MAX_LEN), **extra)
+
+
+def test_the_reference_engine_refuses_several_processes(tmp_path, data, monkeypatch):
+    """The reference engine all-reduces nothing (the original relies on DDP's wrapper, which the engine's passes
+    bypass): with several processes each would train on its own shard. Refused, in the Trainer and in Booster."""
+    import torch.distributed as dist
+
+    rows_a, rows_h, pad = data
+    args = trainer_args(tmp_path, booster_impl="reference")
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="booster_impl='reference' with several processes"):
+        bf.BoosterTrainer(model=make_model()[0], args=args, train_dataset=rows_a, harmful_dataset=rows_h,
+                          data_collator=FixedLengthCollator(pad, MAX_LEN))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="impl='reference' runs in one process"):
+        bf.Booster(make_model()[0], bf.BoosterConfig(impl="reference"))
+
+
 class _Recorder(FixedLengthCollator):
     """The train collator, recording each batch's set ("a" or "h") and rows (by their token ids)."""
 
