@@ -297,6 +297,8 @@ class BoosterTrainer(Trainer):
              "compute_loss_func (the engine's loss is plain cross-entropy)"),
             (type(self).compute_loss is not Trainer.compute_loss,
              "a subclass's compute_loss (the engine's loss is plain cross-entropy)"),
+            (a.bf16_full_eval or a.fp16_full_eval, "bf16_full_eval / fp16_full_eval (they cast the LoRA weights, "
+             "which the engine keeps in fp32; bf16=True evaluates under autocast)"),
             (a.world_size > 1 and getattr(a, "booster_impl", "fast") == "reference",
              "booster_impl='reference' with several processes (it reduces nothing across them)"),
         ]

@@ -197,6 +197,13 @@ def test_a_loss_of_the_users_own_is_refused(tmp_path, data):
                 data_collator=FixedLengthCollator(pad, MAX_LEN), **extra)
 
 
+def test_a_full_precision_cast_for_evaluation_is_refused(tmp_path, data):
+    """bf16_full_eval casts the whole model, LoRA weights included, which then no longer share the engine's fp32
+    flat buffer (a later train() would step a buffer the model does not read)."""
+    with pytest.raises(ValueError, match="bf16_full_eval / fp16_full_eval"):
+        make_trainer(tmp_path, data, bf16_full_eval=True)
+
+
 def test_the_reference_engine_refuses_several_processes(tmp_path, data, monkeypatch):
     """The reference engine all-reduces nothing (the original relies on DDP's wrapper, which the engine's passes
     bypass): with several processes each would train on its own shard. Refused, in the Trainer and in Booster."""
