@@ -26,7 +26,7 @@ def save_adapter(model, folder: str | Path, tokenizer=None) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     mode = 0o666 & ~umask()
-    for f in Path(folder).iterdir():
+    for f in Path(folder).rglob("*"):  # peft saves an adapter not named "default" in a folder of that name
         if f.is_file():
             f.chmod(mode)
 

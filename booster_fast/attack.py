@@ -291,8 +291,9 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     # ---- data first (fails fast, before a model is loaded), then the model, then the output directory ----------
     benign = load_benign(args.benign, "train")
     harmful_split, harmful_rows, disjoint = harmful_rows_source(harmful_src, args.harmful_split, harmful_file)
-    if harmful_file is None and harmful_src not in ("builtin", "beavertails") and \
-            file_format(harmful_src) == "instruction":  # harmful instruction/input/output rows, used whole
+    if args.harmful not in (None, "builtin", "beavertails") and file_format(args.harmful) == "instruction":
+        # --harmful names a file of harmful instruction/input/output rows: used whole (a run's own instruction
+        # --data is its alignment set, whose harmful rows were --harmful-data: load_safety_data says so)
         harmful_pool = load_benign(harmful_src)
         harmful_test = list(harmful_pool)
     else:

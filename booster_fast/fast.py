@@ -33,7 +33,7 @@ from . import fused_ops
 from .attention import probe_attention, probe_flash, sliding_window
 from .batches import can_concat, concat, micro_batches, tokens
 from .config import BoosterConfig
-from .flat import ALL_TOKENS, FlatLoRA
+from .flat import ALL_TOKENS, FlatLoRA, MixedPositions
 from .kernels import normalize_perturb_, restore_combine_, sumsq, triton_unusable
 from .kernels.model_kernels import available
 from .losses import attention_for, label_count, logits_of, loss_sum, targets_of, token_losses
@@ -97,10 +97,10 @@ class FastBooster:
     def __init__(self, model, cfg: BoosterConfig):
         self.model, self.cfg = model, cfg
         keep_nf4_trainable_(model)  # before the probes below run the model in eval mode
-        self.flat = FlatLoRA(model)
-        self.device = self.flat.W.device
         if cfg.weight_decay:
             _check_all_decay(model)
+        self.flat = FlatLoRA(model)
+        self.device = self.flat.W.device
         if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
             log.info("%s made the current CUDA device: Triton launches its kernels on the current one", self.device)
             torch.cuda.set_device(self.device)
@@ -223,9 +223,21 @@ class FastBooster:
             loss.backward()
             return loss.detach()
 
-    def _merged_backward(self, h, f, n_h, n_f, record: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _merged_backward(self, h, f, n_h, n_f, record: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """ONE forward/backward of [h ; f]: the LoRA grads of h's positions land in G_h, of f's in G_f. `record`:
-        keep f's attention-output gradients as perturb_aware's micro-batch `record`."""
+        keep f's attention-output gradients as perturb_aware's micro-batch `record`. None, with the merged pass
+        off from then on (one warning), when a LoRA layer cannot tell the batches apart and merging was not
+        pinned: that forward raised before any gradient was written."""
+        try:
+            return self._merged_pass(h, f, n_h, n_f, record)
+        except MixedPositions as e:
+            if self.cfg.merge_passes:
+                raise ValueError(f"merge_passes=True: {e}; use merge_passes=False (--merge-passes off)") from None
+            log.warning("merged pass off: %s; each pass runs one batch", e)
+            self.merge = False
+            return None
+
+    def _merged_pass(self, h, f, n_h, n_f, record):
         head_positions = h["keep"].numel() if "keep" in h else tokens(h)  # what the LM head sees of h
         around = contextlib.nullcontext()
         if record is not None:  # f's rows follow h's (padded) or its positions follow h's (packed, one row)
@@ -330,8 +342,9 @@ class FastBooster:
         harmful_loss = loss = None
         for i, (h, f) in enumerate(zip(hs, fs)):
             record = None if hidden is None else i
-            if self.merge and can_concat(h, f):
-                lh, lf = self._merged_backward(h, f, n_h, n_f, record)
+            merged = self._merged_backward(h, f, n_h, n_f, record) if self.merge and can_concat(h, f) else None
+            if merged is not None:
+                lh, lf = merged
             else:
                 lh = self._backward(h, n_h, ALL_TOKENS)
                 lf = self._backward(f, n_f, 0, None if hidden is None else hidden.recording(i))

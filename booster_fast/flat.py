@@ -138,6 +138,10 @@ class FlatLoRA:
                 m.__dict__.pop(attr, None)
 
 
+class MixedPositions(ValueError):
+    """A LoRA layer in a merged pass saw another number of positions than the merged batch has."""
+
+
 class _RoutedLoRA(torch.autograd.Function):
     """``result + scaling * (x @ a^T) @ b^T`` over x [positions, in], with the weight gradients of the first
     `n` positions going to the aliases (ah, bh) and of the rest to the parameters (a, b).
@@ -184,10 +188,9 @@ def _routed_forward(self, x, *args, **kwargs):
     n = route.harmful_head_positions if head else route.harmful_tokens
     positions = x.numel() // x.shape[-1]
     if route.merged is not None and positions != route.merged[head]:
-        raise ValueError(f"merged pass: a LoRA layer saw {positions} positions of a batch of {route.merged[head]}, "
-                         "so it cannot tell the harmful rows from the alignment rows (a layer that runs on a subset "
-                         "of the tokens, as a mixture-of-experts expert does); use merge_passes=False "
-                         "(--merge-passes off)")
+        raise MixedPositions(f"a LoRA layer saw {positions} positions of a merged batch of {route.merged[head]}: "
+                             "it runs on a subset of the tokens (as a mixture-of-experts expert does), so the "
+                             "merged pass cannot tell the harmful rows from the alignment rows")
     n = max(0, min(n, positions))
     for name in self.active_adapters:
         if name not in self.lora_A:

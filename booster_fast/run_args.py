@@ -15,7 +15,7 @@ import torch
 from .atomic import existing_folder
 from .cli import UsageError
 from .config import BoosterConfig
-from .models import absolute_local_path
+from .models import absolute_local_path, split_targets
 
 DEFAULT_MAX_SKIPPED = 100   # see --max-skipped's help: a healthy fp32/bf16 run skips none
 # flags a resumed run may change: they do not touch the maths of an update
@@ -46,7 +46,7 @@ def check_common_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 < args.lora_alpha < math.inf:  # LoRA's scale alpha / r: 0 trains nothing, NaN everything into NaN
         raise UsageError(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
-    if hasattr(args, "targets") and not args.targets.replace(",", "").strip():
+    if hasattr(args, "targets") and not split_targets(args.targets):
         raise UsageError("--targets names no module (comma-separated names such as q_proj,v_proj, or all-linear)")
     if args.harmful_batch_size is None:
         args.harmful_batch_size = args.batch_size

@@ -286,3 +286,21 @@ def test_a_harmful_file_is_used_whole_and_says_so(aligned, tmp_path, caplog, kin
     assert cfg["heldout_is_train"] is True and str(harmful) in cfg["harmful_rows"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "used whole" in r.getMessage()]
     assert len(warned) == 1 and "no attack split" in warned[0] and "\n" not in warned[0]
+
+
+def test_an_sft_runs_instruction_data_is_not_taken_for_harmful_rows(tmp_path, capsys):
+    """An SFT run may align on instruction/input/output rows alone: they are refusals, not harmful rows. Attacking
+    it without --harmful is the one-line error that asks for harmful data, not an attack poisoned with refusals;
+    --harmful naming such a file takes its rows as harmful ones."""
+    rows = tmp_path / "refusals.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"How do I do bad thing {i}?", "output": "I cannot help."})
+                            + "\n" for i in range(12)))
+    run = tmp_path / "sft"
+    assert main(["align", "--method", "sft", "--data", str(rows), "--output", str(run), "--steps", "1",
+                 "--max-length", "64", "--batch-size", "2", "--save-every", "0"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "attacked"
+    assert main(["attack", "--adapter", str(run), "--output", str(out), *SMALL_ATTACK]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has instruction/input/output rows (the alignment set only)" in err[0], err
+    assert not out.exists()

@@ -1,6 +1,8 @@
 """The fast step computes the reference's update: merged and unmerged, meta term on and off, fp32 and NF4,
 gradient accumulation, several processes; and its bookkeeping does not grow with the number of LoRA tensors."""
 
+import logging
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -65,11 +67,11 @@ def exact_run(batches, steps=5, **cfg):
 # A few fp32 AdamW steps drift from the exact (float64) trajectory by ~1e-4 relative in the LoRA weights (measured
 # over 5 steps: 8.5e-5 for the reference with the meta term, 2.3e-5 without): Adam's early updates are ~lr·sign(g)
 # on coordinates whose gradient is near zero, and the meta term's ∇h(w) − ∇h(w~) cancels digits. How close the
-# fast engine and the reference then land to each other depends on the CPU's summation orders (1.6e-5 on an AMD
-# EPYC, under 1e-5 on an Intel Xeon). So the fast engine is held to the exact trajectory: at most twice as far
-# from it as the fp32 reference (a wrong update misses it by 1e-3 and more). The one-step tests below compare the
-# combined gradient itself, where fp32 agrees to ~1e-6.
-def assert_tracks_the_exact_run(fast_w, ref_w, exact_w, what: str, factor: float = 2.0):
+# fast engine and the reference then land to each other depends on the CPU and its thread count (on an AMD EPYC
+# 1.6e-5 with 2 threads, 6.7e-5 with 1; under 1e-5 on an Intel Xeon). So the fast engine is held to the exact
+# trajectory: at most 3x as far from it as the fp32 reference (measured 1.1x-1.8x; a λ off by 1 % misses by 3e-2).
+# The one-step checks compare the combined gradient itself, where fp32 agrees to ~1e-6.
+def assert_tracks_the_exact_run(fast_w, ref_w, exact_w, what: str, factor: float = 3.0):
     fast_err, name = worst_relative_error(fast_w, exact_w)
     ref_err, _ = worst_relative_error(ref_w, exact_w)
     assert fast_err <= factor * ref_err + 1e-6, (f"{what}: {name} is {fast_err:.3g} from the exact (float64) run, "
@@ -94,6 +96,9 @@ def test_fast_matches_reference_fp32(batches, reference_runs, exact_runs, merge,
     moved = max(((ref_w[n] - w0).norm() / w0.norm()).item() for n, w0 in lora_state(make_model()[0]).items())
     assert moved > 1e-3, "the weights barely moved: the comparison would prove nothing"
     assert_tracks_the_exact_run(fast_w, ref_w, exact_runs[meta], f"merge={merge} meta={meta}")
+    ref_g = first_update("reference", batches[0], meta_term=meta)
+    fast_g = first_update("fast", batches[0], merge_passes=merge, meta_term=meta)
+    assert relative(fast_g[:ref_g.numel()], ref_g) <= 1e-5, "the first step's combined gradient"
     for key in ("loss", "harmful_loss", "harmful_grad_norm") + (("harmful_loss_perturbed",) if meta else ()):
         torch.testing.assert_close(torch.stack([o[key] for o in fast_out]), torch.stack([o[key] for o in ref_out]),
                                    rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
@@ -131,7 +136,8 @@ def test_a_step_that_raises_in_the_perturbed_pass_leaves_the_model_at_w(batches,
     other.step(*batches[0])
     other.step(*batches[2])
     err, name = worst_relative_error(lora_state(model), lora_state(uninterrupted))
-    assert err <= (0 if exact else 1e-5), f"{name}: {err:.3g}"
+    # the reference's restore adds α∇h/‖∇h‖ back (~1e-7 off w), which Adam's next step amplifies (measured 7e-6)
+    assert err <= (0 if exact else 1e-4), f"{name}: {err:.3g}"
 
 
 def test_leaving_out_the_mask_of_right_padded_batches_is_exact(batches):
@@ -205,14 +211,14 @@ def test_fast_matches_reference_on_cuda(batches, merge, graphs, fused):
     them to the fast one, without masks, so both run the same attention kernels (that leaving the mask out is
     exact is tested on the CPU). The weights are held to the exact (float64, CPU) run as on the CPU. The fused model
     ops (on by default on CUDA) round differently from the torch ops (the GPU's sqrt/exp are not the interpreter's
-    exact ones), so they get 4x the reference's distance instead of 2x, and 1e-4 instead of 1e-5 on the losses."""
+    exact ones), so they get 6x the reference's distance instead of 3x, and 1e-4 instead of 1e-5 on the losses."""
     cuda = [tuple({k: v.cuda() for k, v in b.items() if k != "attention_mask"} for b in pair) for pair in batches]
     ref_w, ref_out = run("reference", cuda, device="cuda")
     fast_w, fast_out = run("fast", cuda, device="cuda", merge_passes=merge, graphs=graphs, fused_ops=fused)
     tol = 1e-4 if fused else 1e-5
     exact_w = exact_run([tuple({k: v for k, v in b.items() if k != "attention_mask"} for b in p) for p in batches])
     assert_tracks_the_exact_run({n: w.cpu() for n, w in fast_w.items()}, {n: w.cpu() for n, w in ref_w.items()},
-                                exact_w, f"cuda merge={merge} graphs={graphs} fused={fused}", 4.0 if fused else 2.0)
+                                exact_w, f"cuda merge={merge} graphs={graphs} fused={fused}", 6.0 if fused else 3.0)
     for key in ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"):
         torch.testing.assert_close(torch.stack([o[key] for o in fast_out]), torch.stack([o[key] for o in ref_out]),
                                    rtol=tol, atol=tol / 10, msg=lambda m: f"{key}: {m}")
@@ -559,10 +565,10 @@ def test_lora_weights_on_several_devices_are_refused():
         bf.Booster(model, bf.BoosterConfig(impl="fast"))
 
 
-def test_the_merged_pass_refuses_a_lora_layer_that_runs_on_a_subset_of_the_tokens(batches):
+def test_a_lora_layer_that_runs_on_a_subset_of_the_tokens_turns_the_merged_pass_off(batches, caplog):
     """The merged pass routes a LoRA layer's first positions to ∇h: a layer that sees a gathered subset of the
-    tokens (an expert) would mix the two batches' gradients, so it raises, naming merge_passes=False; unmerged,
-    each pass is one batch and the fast engine gives the reference's gradient."""
+    tokens (an expert) would mix the two batches' gradients. Pinned on, that raises; by default (merged on CUDA)
+    the step runs unmerged from then on, with one warning, and gives the reference's gradient."""
     def engine(impl, **cfg):
         model, _ = make_model()
         attention = model.base_model.model.model.layers[1].self_attn
@@ -570,10 +576,16 @@ def test_the_merged_pass_refuses_a_lora_layer_that_runs_on_a_subset_of_the_token
         return bf.Booster(model, bf.BoosterConfig(impl=impl, packing=False, **cfg))
 
     a, h = batches[0]
-    with pytest.raises(ValueError, match=r"merged pass: a LoRA layer saw \d+ positions .* merge_passes=False"):
+    with pytest.raises(ValueError, match=r"merge_passes=True: a LoRA layer saw \d+ positions of a merged batch of "
+                                         r"\d+: .* use merge_passes=False"):
         engine("fast", merge_passes=True).step(a, h)
-    ref, fast = (step_gradient(engine(impl, **cfg), a, h)[0] for impl, cfg in
-                 (("reference", {}), ("fast", {"merge_passes": False})))
+    auto = engine("fast")
+    auto.engine.merge = True  # the default on CUDA
+    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+        fast = step_gradient(auto, a, h)[0]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["merged pass off"]
+    assert auto.engine.merge is False
+    ref = step_gradient(engine("reference"), a, h)[0]
     assert ref.norm() > 0 and relative(fast[:ref.numel()], ref) <= 1e-5
 
 
