@@ -122,7 +122,7 @@ def load_data(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be between 1 and the {len(rows)} rows of {source}, "
                              f"got {n}")
         kept.append(rows[:n])
-    for what, rows in zip(("alignment", "harmful"), kept):
+    for what, rows in zip(("alignment", "harmful")[:1 if sft else 2], kept):
         blank = sum(not ex.output.strip() for ex in rows)
         if blank:  # trained on as they are, as the original does: said once
             log.warning("%d of the %d %s rows have an empty answer: their only target is the end-of-sequence "

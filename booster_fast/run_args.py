@@ -72,12 +72,13 @@ def check_run_args(args, cfg: BoosterConfig) -> int | None:
         raise UsageError("--perturb-aware changes the Booster update only; it does nothing with --method sft")
     if not cfg.perturb_aware and cfg.rho != BoosterConfig.rho:
         raise UsageError(f"--rho {cfg.rho} does nothing without --perturb-aware")
-    if args.method == "sft" and getattr(args, "merge_passes", "auto") == "on":
+    resumed = getattr(args, "resume", None) is not None  # a run saved before the checks below resumes as it ran
+    if args.method == "sft" and getattr(args, "merge_passes", "auto") == "on" and not resumed:
         raise UsageError("--merge-passes on: the SFT step runs one pass, there is nothing to merge")
     if cfg.impl == "reference":
         pinned = [f"--{f.replace('_', '-')} on" for f in ("merge_passes", "packing", "fused_ops", "graphs")
                   if getattr(args, f, "auto") == "on"]
-        if pinned:
+        if pinned and not resumed:
             raise UsageError(f"{', '.join(pinned)}: the fast engine's; --impl reference runs the original trainer's "
                              "step as it is")
         if args.max_skipped is not None:
