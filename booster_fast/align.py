@@ -218,9 +218,8 @@ def run_align(args) -> int:
     check_positions(model, args.max_length)
     if getattr(args, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     torch.manual_seed(args.seed)
-    model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=targets)
+    model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.targets)
     streams = {k: s for k, s in zip(("align", "harmful"), build_streams(args, tok, rank, world, data))
                if s is not None}
     if args.steps is None and args.epochs is None:  # resolved here and saved so, for --resume
