@@ -299,6 +299,10 @@ class BoosterTrainer(Trainer):
              "a subclass's compute_loss (the engine's loss is plain cross-entropy)"),
             (a.bf16_full_eval or a.fp16_full_eval, "bf16_full_eval / fp16_full_eval (they cast the LoRA weights, "
              "which the engine keeps in fp32; bf16=True evaluates under autocast)"),
+            (a.auto_find_batch_size, "auto_find_batch_size (the harmful batches would keep their size)"),
+            (bool(getattr(a, "optim_args", None) or getattr(a, "optim_target_modules", None)),
+             "optim_args / optim_target_modules (the engine's AdamW takes the learning rate, betas, epsilon and "
+             "weight decay arguments)"),
             (a.world_size > 1 and getattr(a, "booster_impl", "fast") == "reference",
              "booster_impl='reference' with several processes (it reduces nothing across them)"),
         ]

@@ -204,6 +204,13 @@ def test_a_full_precision_cast_for_evaluation_is_refused(tmp_path, data):
         make_trainer(tmp_path, data, bf16_full_eval=True)
 
 
+@pytest.mark.parametrize("kw, why", [({"auto_find_batch_size": True}, "auto_find_batch_size"),
+                                     ({"optim_args": "amsgrad=True"}, "optim_args / optim_target_modules")])
+def test_arguments_the_engine_would_ignore_are_refused(tmp_path, data, kw, why):
+    with pytest.raises(ValueError, match=f"does not support {why}"):
+        make_trainer(tmp_path, data, **kw)
+
+
 def test_the_reference_engine_refuses_several_processes(tmp_path, data, monkeypatch):
     """The reference engine all-reduces nothing (the original relies on DDP's wrapper, which the engine's passes
     bypass): with several processes each would train on its own shard. Refused, in the Trainer and in Booster."""
