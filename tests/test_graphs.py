@@ -457,24 +457,22 @@ def test_a_changed_learning_rate_reaches_the_same_graph(monkeypatch):
     # what a CUDA engine has, recording instead of capturing
     monkeypatch.setattr(FastBooster, "_graphs_for", lambda self, mode: types.SimpleNamespace(run=run))
     _, tok, booster = tiny_booster("cpu", graphs="off")
-    model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
-    torch.manual_seed(SEED)
-    ref = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(impl="reference"))
+    ref, exact = (bf.Booster(make_model()[0].to(dtype), bf.BoosterConfig(impl="reference"))
+                  for dtype in (torch.float32, torch.float64))
     engine = booster.engine
-    scheds = [torch.optim.lr_scheduler.LambdaLR(b.optimizer, lambda i: 0.5 ** i) for b in (booster, ref)]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(b.optimizer, lambda i: 0.5 ** i) for b in (booster, ref, exact)]
     lr = engine.optimizer.param_groups[0]["lr"]
     for i, (a, h) in enumerate(builtin_batches(tok, 4)):
         if i == 3:
-            for b in (booster, ref):
+            for b in (booster, ref, exact):
                 b.optimizer.param_groups[0]["lr"] = 1e-2  # by hand, a float
-        booster.step(a, h)
-        ref.step(a, h)
+        for b in (booster, ref, exact):
+            b.step(a, h)
         for sched in scheds:
             sched.step()
     assert engine.optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(5e-4 * 0.5 ** 4)
     assert len(set(kinds)) == 1 and kinds[0][0] == "booster"
-    err, name = worst_relative_error(lora_state(booster.model), lora_state(ref.model))
-    assert err < 1e-5, f"{name}: {err:.3g}"
+    assert_tracks_the_exact_run(*(lora_state(b.model) for b in (booster, ref, exact)), "lr changed")
     engine.optimizer.param_groups[0]["weight_decay"] = 0.05
     booster.step(a, h)
     assert kinds[-1] != kinds[0]
