@@ -253,13 +253,19 @@ def hub_offline():
     `local_files_only` alone does not reach every lookup: transformers' AutoModel loads probe for a peft adapter
     config without it, which offline costs ~25 s of retries even when the cache holds the model."""
     from huggingface_hub import constants
+    from transformers.utils import hub
 
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+    flags = [(constants, "HF_HUB_OFFLINE")]
+    if hasattr(hub, "_is_offline_mode"):  # transformers before 5 kept its own copy of the flag, taken at import
+        flags.append((hub, "_is_offline_mode"))
+    before = [getattr(module, name) for module, name in flags]
+    for module, name in flags:
+        setattr(module, name, True)
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = before
+        for (module, name), value in zip(flags, before):
+            setattr(module, name, value)
 
 
 def from_hub(load, name: str, **kwargs):
