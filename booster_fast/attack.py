@@ -284,17 +284,18 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     from .align import SkipTally
     from .atomic import save_adapter, writes
     from .cli import NonFiniteAbort
-    from .data import BatchStream, check_max_length, collate, encode_all, file_format, load_benign, load_safety_data
+    from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_harmful_file, \
+        load_safety_data
     from .models import check_positions
     from .run_args import DEFAULT_MAX_SKIPPED
 
     # ---- data first (fails fast, before a model is loaded), then the model, then the output directory ----------
     benign = load_benign(args.benign, "train")
     harmful_split, harmful_rows, disjoint = harmful_rows_source(harmful_src, args.harmful_split, harmful_file)
-    if args.harmful not in (None, "builtin", "beavertails") and file_format(args.harmful) == "instruction":
-        # --harmful names a file of harmful instruction/input/output rows: used whole (a run's own instruction
-        # --data is its alignment set, whose harmful rows were --harmful-data: load_safety_data says so)
-        harmful_pool = load_benign(harmful_src)
+    if args.harmful not in (None, "builtin", "beavertails"):
+        # --harmful names a file of harmful rows of either kind, used whole (a run's own instruction --data is its
+        # alignment set, whose harmful rows were --harmful-data: load_safety_data below says so)
+        harmful_pool = load_harmful_file(args.harmful)
         harmful_test = list(harmful_pool)
     else:
         _, harmful_pool = load_safety_data(harmful_src, args.harmful_split, harmful_data=harmful_file)

@@ -390,10 +390,11 @@ def _instructions(rows) -> list[Example]:
     return out
 
 
-def file_format(path: str) -> str:
-    """A data file's kind, by its first row: "pairs" (prompt/refusal/response) or "instruction"
-    (instruction/input/output); DataError for anything else or a malformed file."""
-    return _row_format(*_read_rows(path)[0])
+def load_harmful_file(path: str) -> list[Example]:
+    """The harmful rows of a file of either kind, used whole (read once): the prompt -> response pairs of
+    prompt/refusal/response rows, or instruction/input/output rows as they are; DataError for a malformed file."""
+    rows = _read_rows(path)
+    return _pairs(rows)[1] if _row_format(*rows[0]) == "pairs" else _instructions(rows)
 
 
 def _instruction_file(path: str) -> list[Example]:

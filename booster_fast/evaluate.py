@@ -331,7 +331,7 @@ def new_token_flags(args) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 def harmful_prompts(source: str, harmful_file: str | None, limit: int) -> tuple[list[tuple[str, str]], str]:
     """(prompts as (instruction, input), description) for the harmful score."""
-    from .data import file_format, load_benign, load_hub, load_safety_data
+    from .data import load_harmful_file, load_hub, load_safety_data
 
     if source == "beavertails":
         repo, split = BEAVERTAILS_EVAL
@@ -342,8 +342,8 @@ def harmful_prompts(source: str, harmful_file: str | None, limit: int) -> tuple[
         _, harmful = load_safety_data("builtin", "test")
         what = "built-in corpus, held-out test prompts"
     else:
-        if harmful_file is None and file_format(source) == "instruction":
-            harmful = load_benign(source, "test")     # a file of harmful instruction/input(/output) rows
+        if harmful_file is None:
+            harmful = load_harmful_file(source)
         else:
             _, harmful = load_safety_data(source, "test", harmful_data=harmful_file)
         what = f"{source} (a file is used whole: held out only if the run did not train on it)"
