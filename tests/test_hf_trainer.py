@@ -391,6 +391,10 @@ rank = torch.distributed.get_rank()
 state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 torch.save({"seen": trainer.seen, "state": state, "world": torch.distributed.get_world_size(),
             "logs": trainer.state.log_history}, f"{out}/rank{rank}.pt")
+# an explicit end: a gloo group left to the interpreter's exit can abort a worker ("terminate called without an
+# active exception") while its threads are torn down
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 '''
 
 
