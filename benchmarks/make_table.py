@@ -116,6 +116,8 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
                 continue
             if "failed" in r:  # timed, then failed while its memory and ops were measured
                 head[-1] += f" (failed after the timing: {r['failed']})"
+            if r.get("first_step_agrees") is False:  # its speed is not the same computation's
+                head[-1] += f" (first step {r['first_step_rel_diff']:.1%} off its baseline's)"
             booster = impl not in SFT  # speed-up and the SFT ratio describe Booster steps
             out.append(head + [
                 _num(r.get("step_ms"), ".1f"),

@@ -39,6 +39,13 @@ Peak memory (peak_mem_mb): what one implementation would need alone in a process
 it is measured on CUDA and on the CPU); est_peak_mb beside it is memory.py's estimate from the model's shape,
 the one `booster-fast memory` prints and align checks before its first step.
 
+Agreement. Every entry starts from the same weights and gets the same rows, so its first step's outputs (losses,
+harmful gradient norm: `first_step`) must match its baseline's (the reference's; sft's for fast-sft) up to
+rounding. `first_step_rel_diff` is the largest relative difference; beyond FIRST_STEP_RTOL the entry is flagged
+(`first_step_agrees` false, in the tables too) and the bench exits 1: a gross-error check on the machine where
+the speed is measured, not the tests' equivalence. Entries that step before the timing to capture their graphs
+have no first step from the initial weights (benchmarks/gpu_checks.py's equivalence part checks them).
+
 ops_per_step: aten ops dispatched by one more step (booster_fast.opcount); launches_per_step: those of them
 that launch a kernel on a GPU (views, other metadata ops and bare allocations left out), plus the package's
 Triton kernels (launched past the dispatcher, counted at their launch sites): what a step pays in
@@ -59,6 +66,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -88,6 +96,11 @@ IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "fa
 TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmful rows for Booster steps "
                   "(harmful rows counted once), alignment rows for sft and fast-sft")
 GRAPHS_NOT_CAPTURED = "the step was not captured into a CUDA graph after the warm-up steps"
+# How far an entry's first-step outputs (losses, harmful gradient norm) may lie from its baseline's before the
+# bench flags the entry: a check for gross errors (a fused kernel that computes something else), not the tests'
+# equivalence. bf16 steps with other kernels (flash attention, fused norms) differ by ~1e-2 at most; fp32 ~1e-6.
+FIRST_STEP_RTOL = 0.05
+FIRST_STEP_OUTPUTS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "loss_perturbed")
 
 
 # ---- implementations and batches -------------------------------------------------------------------------
@@ -363,12 +376,15 @@ def build_all(names, args, device, results):
 
 
 def time_interleaved(impls, batches, args, device, results):
-    """Per entry: the timed step times (s) and tokens/s. One step of each per round, the first one rotating."""
+    """Per entry: the timed step times (s), tokens/s, and the outputs of its first step where that step started
+    from the initial weights (not for entries that stepped before, to capture their graphs). One step of each per
+    round, the first one rotating."""
     from tqdm.auto import tqdm
 
-    times, tps = {n: [] for n in impls}, {n: [] for n in impls}
+    times, tps, first = {n: [] for n in impls}, {n: [] for n in impls}, {}
     if not impls:  # every entry was skipped (fast-graphs alone, where CUDA graphs cannot be captured)
-        return times, tps
+        return times, tps, first
+    fresh = {n for n, (booster, _, _) in impls.items() if getattr(booster.engine, "graphs", None) is None}
 
     def drop(name):  # the entry leaves the timing; the caller records why
         del impls[name], times[name], tps[name]
@@ -393,7 +409,7 @@ def time_interleaved(impls, batches, args, device, results):
             sync(device)
             t0 = time.perf_counter()
             try:
-                impls[name][1](*impls[name][2][i])
+                out = impls[name][1](*impls[name][2][i])
             except Exception as e:  # noqa: BLE001
                 drop(name)
                 if isinstance(e, CaptureInvalidated):  # nothing measured after it in this process can be trusted
@@ -406,12 +422,34 @@ def time_interleaved(impls, batches, args, device, results):
                 continue
             sync(device)
             dt = time.perf_counter() - t0
+            if i == 0 and name in fresh:
+                first[name] = out  # device tensors, read after the timing
             if i >= args.warmup:
                 times[name].append(dt)
                 tps[name].append((na if name in SFT else na + nh) / dt)
             bar.update(1)
     bar.close()
-    return times, tps
+    return times, tps, first
+
+
+def first_step_agreement(first: dict) -> dict[str, dict]:
+    """Per entry: its first step's outputs (floats), and for an entry with a baseline that ran too (sft for
+    fast-sft, the reference for the other Booster entries) the largest relative difference from the baseline's,
+    over the outputs both have, and whether it is within FIRST_STEP_RTOL. All entries start from the same weights
+    and get the same rows, so the outputs must agree up to rounding."""
+    values = {n: {k: float(out[k]) for k in FIRST_STEP_OUTPUTS if k in out}
+              for n, out in first.items()}  # .item()-like reads: host syncs, after the timing
+    report = {}
+    for name, mine in values.items():
+        report[name] = {"first_step": {k: round(v, 6) for k, v in mine.items()}}
+        base = values.get("sft" if name in SFT else "reference")
+        if base is None or name in ("sft", "reference"):
+            continue
+        diffs = [abs(mine[k] - base[k]) / max(abs(base[k]), 1e-6) for k in mine.keys() & base.keys()]
+        if diffs:
+            rel = max(d if d == d else math.inf for d in diffs)  # a NaN (either side) is no agreement
+            report[name].update(first_step_rel_diff=round(rel, 6), first_step_agrees=rel <= FIRST_STEP_RTOL)
+    return report
 
 
 def run_bench(args) -> int:
@@ -445,7 +483,7 @@ def run_bench(args) -> int:
         return doc
 
     try:
-        times, tps = time_interleaved(impls, batches, args, device, results)
+        times, tps, first = time_interleaved(impls, batches, args, device, results)
         # ---- the times first; then separate passes, one step each for memory and for the op count ----
         rate = matmul_tflops(device) if device.type == "cuda" and impls else None
         peak = peak_tflops(device, rate) if rate else (None, None)
@@ -454,6 +492,9 @@ def run_bench(args) -> int:
             results[name] = {"step_ms": round(ms, 3), "step_ms_p20": round(_pct(times[name], 20) * 1e3, 3),
                              "step_ms_p80": round(_pct(times[name], 80) * 1e3, 3),
                              "tokens_per_s": round(statistics.median(tps[name]), 1)}
+        for name, check in first_step_agreement(first).items():
+            if name in impls:
+                results[name].update(check)
         publish()
         raw = batches[args.warmup:args.warmup + args.steps]  # the timed batches as collated: mfu's numerator
         for name, (booster, fn, mine) in impls.items():
@@ -495,11 +536,15 @@ def run_bench(args) -> int:
         return 3
     doc = publish(complete=True)
     print(format_table(doc))
+    off = [n for n, r in results.items() if r.get("first_step_agrees") is False]
+    if off:
+        print(f"booster-fast: error: the first step of {', '.join(off)} is more than {FIRST_STEP_RTOL:.0%} off its "
+              "baseline's (first_step in the document): it computes something else", file=sys.stderr)
     if getattr(args, "plot", None):
         plot(doc, args.plot)
     if args.json:
         print(json.dumps(doc))  # the last stdout line: one JSON document
-    return 1 if any("failed" in r for r in results.values()) else 0
+    return 1 if off or any("failed" in r for r in results.values()) else 0
 
 
 # ---- what the run was (bench_report.py has the rest of the reporting) -----------------------------------

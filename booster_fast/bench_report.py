@@ -69,7 +69,9 @@ def format_table(doc: dict) -> str:
                      f"{_fmt(r.get('launches_per_step'), 'd'):>10}"
                      f"{_fmt(r.get('ratio_to_sft'), '.2f'):>7}{_fmt(r.get('mfu'), '.1%'):>7}"
                      f"{_fmt(r.get('hfu'), '.1%'):>7}"
-                     + (f"  FAILED {r['failed']}" if "failed" in r else ""))
+                     + (f"  FAILED {r['failed']}" if "failed" in r else "")
+                     + (f"  FIRST STEP {r['first_step_rel_diff']:.1%} OFF" if r.get("first_step_agrees") is False
+                        else ""))
     return "\n".join(lines)
 
 

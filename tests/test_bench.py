@@ -13,7 +13,9 @@ from booster_fast.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {"step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ops_per_step",
                "bookkeeping_ops", "host_syncs_per_step", "ratio_to_sft", "sft_baseline", "cuda_graphs", "mfu",
-               "hfu", "packed_share", "positions_per_step", "launches_per_step", "graphs_fallback", "est_peak_mb"}
+               "hfu", "packed_share", "positions_per_step", "launches_per_step", "graphs_fallback", "est_peak_mb",
+               "first_step", "first_step_rel_diff", "first_step_agrees"}
+BASELINES = ("reference", "sft")  # the entries others' first steps are compared with
 SFT = ("sft", "fast-sft")
 
 
@@ -43,7 +45,13 @@ def test_bench_json_smoke(capsys, tmp_path):
     assert set(res["fast-graphs"]) == {"skipped"} and "CUDA" in res["fast-graphs"]["skipped"]
     for name in ("reference", "fast", "sft", "fast-padded", "fast-sft"):
         r = res[name]
-        assert set(r) == RESULT_KEYS - ({"ratio_to_sft", "sft_baseline"} if name in SFT else set()), name
+        assert set(r) == RESULT_KEYS - ({"ratio_to_sft", "sft_baseline"} if name in SFT else set()) \
+            - ({"first_step_rel_diff", "first_step_agrees"} if name in BASELINES else set()), name
+        # the same first step from the same weights and rows: fp32 on the CPU agrees to rounding
+        if name not in BASELINES:
+            assert r["first_step_agrees"] is True and r["first_step_rel_diff"] < 1e-4, (name, r["first_step"])
+        assert set(r["first_step"]) == ({"loss"} if name in SFT else
+                                        {"loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"})
         for key in ("step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ratio_to_sft"):
             assert name in SFT and key == "ratio_to_sft" or _is_number(r[key]) and r[key] > 0, (name, key, r[key])
         # memory.py's estimate beside the measured peak (the CPU gauge samples: a loose band)
@@ -467,6 +475,31 @@ def test_an_entry_failing_after_its_timing_keeps_its_times(monkeypatch, capsys, 
     assert "failed after the timing" in row and f"{ref['step_ms']:.1f}" in row
 
 
+def test_an_entry_computing_something_else_is_flagged(monkeypatch, capsys):
+    """fast-padded built with another perturbation radius α: its first step's perturbed harmful loss leaves the
+    reference's, so the entry is flagged in the document and both tables, and the bench exits 1; fast agrees."""
+    import dataclasses
+
+    import booster_fast.bench as bench
+
+    config = bench.impl_config
+    monkeypatch.setattr(bench, "impl_config", lambda name, args: dataclasses.replace(config(name, args), alpha=10.0)
+                        if name == "fast-padded" else config(name, args))
+    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch-size", "2",
+               "--lora-r", "4", "--impls", "reference,fast,fast-padded", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    doc = json.loads(captured.out.strip().splitlines()[-1])
+    bad, good = doc["results"]["fast-padded"], doc["results"]["fast"]
+    assert bad["first_step_agrees"] is False and bad["first_step_rel_diff"] > bench.FIRST_STEP_RTOL
+    assert bad["first_step"]["loss"] == pytest.approx(doc["results"]["reference"]["first_step"]["loss"], rel=1e-5)
+    assert good["first_step_agrees"] is True
+    assert "FIRST STEP" in next(line for line in captured.out.splitlines() if line.startswith("fast-padded"))
+    assert captured.err.strip().splitlines()[-1].startswith("booster-fast: error: the first step of fast-padded ")
+    table = _make_table_module().markdown_table([("bench.json", doc)], {})
+    assert "off its baseline's" in next(line for line in table.splitlines() if "| fast-padded" in line)
+
+
 def test_bench_runs_packed_micro_batches(capsys):
     """--grad-accum with packing hands the fast step lists of packed micro-batches: measured like any other
     (positions, packed share), not a crash in the FLOP count."""
@@ -499,6 +532,20 @@ def test_make_table_names_settings_and_partial_runs(tmp_path):
     assert label.endswith("partial run, Triton kernels off: RuntimeError: Failed to compile the launcher)"), label
 
 
+def _suite_shim(tmp_path, bench_body: str):
+    """A python3 stand-in on PATH for gpu_suite.sh: it records its calls and runs `bench_body` (bash, with $out
+    the --output path) for a bench; (PATH, the calls file, $OUT)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text("""#!/usr/bin/env bash
+echo "$*" >> "$SHIM_LOG"
+[[ "$1 $2 $3" == "-m booster_fast bench" ]] || exit 0
+prev=""; for a in "$@"; do [[ $prev == --output ]] && out=$a; prev=$a; done
+""" + bench_body)
+    (shim / "python3").chmod(0o755)
+    return f"{shim}:{os.environ['PATH']}", tmp_path / "calls.txt", tmp_path / "out"
+
+
 def test_gpu_suite_reruns_a_bench_part_without_graphs_after_an_invalidated_capture(tmp_path):
     """Exit code 3 from the bench (a capture CUDA invalidated) makes the suite run that part once more in a new
     process without fast-graphs, keeping the first document beside. python3 is a stand-in here that records
@@ -506,18 +553,11 @@ def test_gpu_suite_reruns_a_bench_part_without_graphs_after_an_invalidated_captu
     import subprocess
     import tarfile
 
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "python3").write_text("""#!/usr/bin/env bash
-echo "$*" >> "$SHIM_LOG"
-[[ "$1 $2 $3" == "-m booster_fast bench" ]] || exit 0
-prev=""; for a in "$@"; do [[ $prev == --output ]] && out=$a; prev=$a; done
+    path, calls, out = _suite_shim(tmp_path, """
 if [[ "$*" == *fast-graphs* ]]; then echo '{"run": 1}' > "$out"; exit 3; fi
 echo '{"run": 2}' > "$out"
 """)
-    (shim / "python3").chmod(0o755)
-    calls, out = tmp_path / "calls.txt", tmp_path / "out"
-    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "SHIM_LOG": str(calls), "OUT": str(out)}
+    env = {**os.environ, "PATH": path, "SHIM_LOG": str(calls), "OUT": str(out)}
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
@@ -534,6 +574,47 @@ echo '{"run": 2}' > "$out"
                     "gpu_llama-1b-shape_bf16.json.invalidated": b'{"run": 1}\n'}
     log = (out / "gpu_suite.log").read_text()
     assert "== bench_1b_bf16: rc=3" in log and "== bench_1b_bf16_eager: rc=0" in log
+
+
+def test_gpu_suite_keeps_its_deadline_for_named_parts(tmp_path):
+    """Named parts answer to the deadline too, and a bench part needs 80 % of its limit to start (it writes
+    nothing before its timing ends): with 30 s left, the 60 s part is skipped, not started and cut off."""
+    import subprocess
+
+    path, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\n')
+    env = {**os.environ, "PATH": path, "SHIM_LOG": str(calls), "OUT": str(out), "SUITE_DEADLINE": "30"}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "== bench_1b_bf16: skipped, " in (out / "gpu_suite.log").read_text()
+    assert not [c for c in calls.read_text().splitlines() if "booster_fast bench" in c]
+
+
+def test_gpu_suite_packs_what_a_running_part_wrote(tmp_path):
+    """A part still running when the machine's time runs out has its files in $OUT already: the suite packs
+    every PACK_EVERY seconds, not only after each part."""
+    import subprocess
+    import tarfile
+    import time
+
+    path, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\nsleep 60\n')
+    env = {**os.environ, "PATH": path, "SHIM_LOG": str(calls), "OUT": str(out), "PACK_EVERY": "1"}
+    proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    names, deadline = [], time.monotonic() + 30
+    try:
+        while "./gpu_llama-1b-shape_bf16.json" not in names and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                with tarfile.open(out / "gpu_suite.tgz") as tar:
+                    names = tar.getnames()
+            except (OSError, tarfile.TarError):  # not there yet
+                pass
+        assert proc.poll() is None, "the part should still be running"
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    assert "./gpu_llama-1b-shape_bf16.json" in names, names
 
 
 def test_gpu_suite_stops_when_the_stack_does_not_import(tmp_path):
