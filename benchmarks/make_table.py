@@ -145,10 +145,12 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
     for name, doc in checks.get("kernel_bandwidth", []):
         res, frac, gpu = doc["results"], doc.get("fraction_of_copy", {}), doc.get("machine", {}).get("gpu")
         body = [[op, _num(res.get(f"{op}_GBps"), ",.0f"), _num(res.get(f"{op}_torch_GBps"), ",.0f"),
-                 _num(frac.get(op), ".0%")] for op in ("copy", "sumsq", "normalize_perturb_", "restore_combine_")]
+                 _num(frac.get(op), ".0%"), _num(res.get(f"{op}_max_rel_err"), ".1e")]
+                for op in ("copy", "sumsq", "normalize_perturb_", "restore_combine_")]
         blocks.append(f"Kernels on {gpu}, {res.get('n', '?'):,} fp32 elements (`{name}`; target: each kernel "
                       f"≥ {doc.get('target', 0.7):.0%} of the copy):\n\n"
-                      + "\n".join(_grid(("op", "Triton GB/s", "torch GB/s", "of copy"), body)))
+                      + "\n".join(_grid(("op", "Triton GB/s", "torch GB/s", "of copy", "max rel. error vs torch"),
+                                         body)))
         model = doc.get("model_kernels")
         if model:
             timed = [(f"{op} {d}", model[f"{op}_{d}"]) for op in ("rms_norm", "silu_mul", "rope")

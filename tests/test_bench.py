@@ -295,7 +295,8 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path):
     results.mkdir()
     ops = ("copy", "sumsq", "normalize_perturb_", "restore_combine_")
     bw = {"n": 2**26, **{f"{op}_GBps": 1000.0 + i for i, op in enumerate(ops)},
-          **{f"{op}_torch_GBps": 500.0 + i for i, op in enumerate(ops[1:])}}
+          **{f"{op}_torch_GBps": 500.0 + i for i, op in enumerate(ops[1:])},
+          **{f"{op}_max_rel_err": 1.5e-7 for op in ops[1:]}}
     (results / "kernel_bandwidth.json").write_text(json.dumps({
         "machine": {"gpu": "Test GPU"}, "numel": 2**26, "results": bw, "target": 0.7,
         "fraction_of_copy": {op: bw[f"{op}_GBps"] / bw["copy_GBps"] for op in ops[1:]},
@@ -312,7 +313,8 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path):
     (results / "cpu_tiny.json").write_text(json.dumps(SAMPLE))
     table = mt.markdown_table(mt.load_results(results), mt.check_documents(results))
     assert [name for name, _ in mt.load_results(results)] == ["cpu_tiny.json"]
-    assert "| sumsq | 1,001 | 500 | 100% |" in table and "Kernels on Test GPU, 67,108,864" in table
+    assert "| sumsq | 1,001 | 500 | 100% | 1.5e-07 |" in table and "| copy | 1,000 | — | — | — |" in table
+    assert "Kernels on Test GPU, 67,108,864" in table
     assert "| rope bwd | 3,000 | 0.100 | 0.500 | 5.00× | 75% |" in table and "16,384 tokens" in table
     assert "| tiny | 5 | 3.00e-07 | — | True | — | — | — |" in table  # an older document: fewer fields
     assert "| fast+graphs | 10.0 | 9.0 | 10% | gemm_kernel 5.0 ms |" in table

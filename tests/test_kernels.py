@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 
-from booster_fast.kernels import BLOCK, measure_bandwidth, normalize_perturb_, restore_combine_, sumsq
+from booster_fast.kernels import BLOCK, kernel_errors, measure_bandwidth, normalize_perturb_, restore_combine_, sumsq
 from booster_fast.kernels.reference import normalize_perturb_ref, restore_combine_ref, sumsq_ref
 
 ALPHA, LAMB, EPS = 0.1, 5.0, 1e-7
@@ -286,6 +286,21 @@ def test_measure_bandwidth_refuses_cpu():
         measure_bandwidth(n=1024, device="cpu")
 
 
+def test_kernel_errors_compare_every_output_with_the_torch_path(monkeypatch):
+    """The bandwidth part's correctness check (here the kernels under the interpreter): fp32 rounding only; a
+    kernel given λ 1 % off is caught in the output it writes wrongly (G_f), by ~1e-2."""
+    import booster_fast.kernels.bandwidth as bw
+
+    n = 3 * BLOCK + 17  # a partial last block
+    errors = kernel_errors(n=n, device="cpu")
+    assert set(errors) == {"sumsq", "normalize_perturb_", "restore_combine_"}
+    assert all(0 <= e < 1e-6 for e in errors.values()), errors
+    real = bw.restore_combine_
+    monkeypatch.setattr(bw, "restore_combine_", lambda W, B, G_h, G_f, lamb, backend: real(
+        W, B, G_h, G_f, lamb * 1.01 if backend == "triton" else lamb, backend=backend))
+    assert kernel_errors(n=n, device="cpu")["restore_combine_"] > 5e-3
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CUDA only
 # ---------------------------------------------------------------------------------------------------------
@@ -350,6 +365,8 @@ def test_measure_bandwidth_on_cuda():
     res = measure_bandwidth(n=2**22, iters=5, warmup=2)
     for op in ("copy", "sumsq", "normalize_perturb_", "restore_combine_"):
         assert res[f"{op}_GBps"] > 0 and res[f"{op}_ms"] > 0, res
+    for op in ("sumsq", "normalize_perturb_", "restore_combine_"):
+        assert res[f"{op}_max_rel_err"] < 1e-5, res  # the compiled kernels against the torch path
     print(res)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .booster_kernels import normalize_perturb_, restore_combine_, sumsq
 
-__all__ = ["BYTES_PER_ELEM", "MODEL_BYTES_PER_ELEM", "measure_bandwidth", "measure_model_kernels"]
+__all__ = ["BYTES_PER_ELEM", "MODEL_BYTES_PER_ELEM", "kernel_errors", "measure_bandwidth", "measure_model_kernels"]
 
 # Bytes each op must move per element (reads + writes of 4-byte fp32), as counted above each kernel.
 BYTES_PER_ELEM = {
@@ -45,13 +45,43 @@ def _time_ms(fn, iters: int, warmup: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def kernel_errors(n: int = 1823 * 781, device: str = "cuda", *, alpha: float = 0.1, lamb: float = 5.0) -> dict:
+    """Each flat-buffer kernel against the torch path on the same random inputs (``n`` irregular, so the last
+    block is partial): the largest difference over every tensor the op writes, relative to that tensor's largest
+    magnitude. A check that the compiled kernels compute what they are timed for, on the machine that times
+    them (the GPU tests hold them to float64 references); fp32 rounding gives ~1e-7."""
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(1)
+    W, G_h, G_f = (torch.randn(n, device=dev, generator=g) for _ in range(3))
+    ss = torch.dot(G_h, G_h)
+
+    def run(op, backend):
+        bufs = {"W": W.clone(), "B": W + 0.5, "G_h": G_h.clone(), "G_f": G_f.clone()}  # B differs from W
+        if op == "sumsq":
+            return {"ss": sumsq(bufs["G_h"], backend=backend)}
+        if op == "normalize_perturb_":
+            norm = normalize_perturb_(bufs["W"], bufs["B"], bufs["G_h"], bufs["G_f"], ss, alpha, lamb,
+                                      backend=backend)
+            return {**bufs, "norm": norm}
+        restore_combine_(bufs["W"], bufs["B"], bufs["G_h"], bufs["G_f"], lamb, backend=backend)
+        return bufs
+
+    errors = {}
+    for op in ("sumsq", "normalize_perturb_", "restore_combine_"):
+        got, want = run(op, "triton"), run(op, "torch")
+        errors[op] = max(((got[k] - want[k]).abs().max() / want[k].abs().max().clamp(min=1e-30)).item()
+                         for k in want)  # .item(): host syncs, a check outside any timing
+    return errors
+
+
 def measure_bandwidth(n: int = 2**26, device: str = "cuda", *, iters: int = 50, warmup: int = 5,
                       alpha: float = 0.1, lamb: float = 5.0) -> dict:
     """Time each op on flat fp32 buffers of ``n`` elements; return ms and GB/s (1 GB = 1e9 bytes).
 
     Keys: ``n``, ``device_name``, ``bytes_per_elem``, and per op (``copy``, ``sumsq``,
     ``normalize_perturb_``, ``restore_combine_``) ``{op}_ms`` and ``{op}_GBps`` for the Triton kernel, plus
-    ``{op}_torch_ms`` / ``{op}_torch_GBps`` (effective, same byte count) for the torch path.
+    ``{op}_torch_ms`` / ``{op}_torch_GBps`` (effective, same byte count) for the torch path, and
+    ``{op}_max_rel_err``: the kernel against the torch path (`kernel_errors`).
     Raises RuntimeError when ``device`` is not an available CUDA device.
     """
     dev = torch.device(device)
@@ -77,6 +107,7 @@ def measure_bandwidth(n: int = 2**26, device: str = "cuda", *, iters: int = 50, 
                              lambda: restore_combine_(W, B, G_h, G_f, lamb, backend="torch")),
     }
     result: dict = {"n": n, "device_name": torch.cuda.get_device_name(dev), "bytes_per_elem": dict(BYTES_PER_ELEM)}
+    result.update({f"{op}_max_rel_err": err for op, err in kernel_errors(device=device).items()})
     for op, (fused, unfused) in ops.items():
         nbytes = BYTES_PER_ELEM[op] * n
         ms = _time_ms(fused, iters, warmup)
