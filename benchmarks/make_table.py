@@ -156,10 +156,12 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
             timed = [(f"{op} {d}", model[f"{op}_{d}"]) for op in ("rms_norm", "silu_mul", "rope")
                      for d in ("fwd", "bwd") if f"{op}_{d}" in model]
             rows = [[label, _num(r["GBps"], ",.0f"), _num(r["ms"], ".3f"), _num(r["eager_ms"], ".3f"),
-                     _num(r["speedup"], ".2f") + "×", _num(r["fraction_of_copy"], ".0%")] for label, r in timed]
+                     _num(r["speedup"], ".2f") + "×", _num(r["fraction_of_copy"], ".0%"),
+                     _num(r.get("max_rel_err"), ".1e")] for label, r in timed]
             blocks.append(f"Fused model ops on {gpu}, bf16, {model['tokens']:,} tokens of the 7B shape "
                           f"(bf16 copy: {_num(model['copy_GBps'], ',.0f')} GB/s):\n\n"
-                          + "\n".join(_grid(("op", "GB/s", "ms", "eager ms", "speed-up", "of copy"), rows)))
+                          + "\n".join(_grid(("op", "GB/s", "ms", "eager ms", "speed-up", "of copy",
+                                             "max rel. error vs eager"), rows)))
         elif doc.get("model_kernels_error"):
             blocks.append(f"Fused model ops: not measured ({doc['model_kernels_error']}).")
     for name, doc in checks.get("graph_equivalence", []):

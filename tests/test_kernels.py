@@ -301,6 +301,21 @@ def test_kernel_errors_compare_every_output_with_the_torch_path(monkeypatch):
     assert kernel_errors(n=n, device="cpu")["restore_combine_"] > 5e-3
 
 
+def test_model_kernel_errors_compare_fused_ops_with_the_eager_formulas():
+    """The bandwidth part's check of the fused model ops (here under the interpreter, fp32, irregular sizes):
+    forward and backward agree with transformers' formulas to rounding; an op that drifts by 1 % is caught."""
+    from booster_fast.kernels.bandwidth import _fused_errors, model_cases
+
+    g = torch.Generator().manual_seed(5)
+    cases = model_cases(tokens=37, hidden=96, intermediate=200, heads=3, head_dim=32, g=g, dtype=torch.float32)
+    for op, (inputs, fused, eager) in cases.items():
+        errors = _fused_errors(inputs, fused, eager, g)
+        assert set(errors) == {"fwd", "bwd"} and all(0 <= e < 1e-5 for e in errors.values()), (op, errors)
+    inputs, fused, eager = cases["silu_mul"]
+    errors = _fused_errors(inputs, lambda: fused() * 1.01, eager, g)
+    assert errors["fwd"] > 5e-3 and errors["bwd"] > 5e-3, errors
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CUDA only
 # ---------------------------------------------------------------------------------------------------------
@@ -358,6 +373,18 @@ def test_kernels_capture_in_cuda_graph():
     assert torch.equal(W, W0)
     assert_close(norm, sumsq_ref(G_h0).sqrt(), "graph norm", SUMSQ_TOLERANCES)
     assert_close(G_f, G_f0.double() + LAMB * G_h0.double(), "graph G_f")  # G_h was zero at restore
+
+
+@pytest.mark.gpu
+def test_measure_model_kernels_on_cuda():
+    """Every fused model op timed both ways and checked against the eager formula (bf16 rounding: ~1e-2)."""
+    from booster_fast.kernels import measure_model_kernels
+
+    res = measure_model_kernels(tokens=1024, iters=3, warmup=1)
+    for op in ("rms_norm", "silu_mul", "rope"):
+        for d in ("fwd", "bwd"):
+            r = res[f"{op}_{d}"]
+            assert r["GBps"] > 0 and r["eager_ms"] > 0 and r["max_rel_err"] < 2e-2, (op, d, r)
 
 
 @pytest.mark.gpu

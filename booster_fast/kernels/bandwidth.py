@@ -127,35 +127,14 @@ def measure_model_kernels(tokens: int = 32768, hidden: int = 4096, intermediate:
     tensor far above the H200's 50 MB L2, so that the GB/s are HBM's, and make the smallest kernel, the rotary
     backward, ~130 µs at 4 TB/s: well above the host time of one `torch.autograd.grad` call (tens of µs), so the
     GPU's queue never runs dry between the timed backward calls). Returns per op and direction the ms, the
-    GB/s over the fused kernel's bytes, and the eager ms; plus a bf16 copy's GB/s of the same size."""
-    from transformers.models.llama.modeling_llama import rotate_half
-
-    from .model_kernels import rms_norm, rope, silu_mul
-
+    GB/s over the fused kernel's bytes, the eager ms, and the fused op's largest relative difference from the
+    eager formula (`max_rel_err`); plus a bf16 copy's GB/s of the same size."""
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError(f"measure_model_kernels needs a CUDA device, got {device!r}")
     g = torch.Generator(device=dev).manual_seed(0)
-    bf16, eps = torch.bfloat16, 1e-5
-
-    def rand(*shape):
-        return torch.randn(*shape, device=dev, generator=g).to(bf16).requires_grad_()
-
-    x, weight = rand(tokens, hidden), (torch.rand(hidden, device=dev, generator=g) + 0.5).to(bf16)
-    gate, up = rand(tokens, intermediate), rand(tokens, intermediate)
-    q = torch.randn(1, tokens, heads, head_dim, device=dev, generator=g).to(bf16).transpose(1, 2).requires_grad_()
-    angles = torch.rand(1, tokens, head_dim // 2, device=dev, generator=g) * 100
-    cos, sin = (f(torch.cat([angles, angles], -1)).to(bf16) for f in (torch.cos, torch.sin))
-
-    def eager_norm():
-        xf = x.float()
-        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(bf16)
-
-    cases = {
-        "rms_norm": ((x,), lambda: rms_norm(x, weight, eps), eager_norm),
-        "silu_mul": ((gate, up), lambda: silu_mul(gate, up), lambda: torch.nn.functional.silu(gate) * up),
-        "rope": ((q,), lambda: rope(q, cos, sin), lambda: q * cos[:, None] + rotate_half(q) * sin[:, None]),
-    }
+    bf16 = torch.bfloat16
+    cases = model_cases(tokens, hidden, intermediate, heads, head_dim, g)
     src = torch.empty(tokens * intermediate, dtype=bf16, device=dev)
     dst = torch.empty_like(src)
     copy_ms = _time_ms(lambda: dst.copy_(src), iters, warmup)
@@ -164,6 +143,7 @@ def measure_model_kernels(tokens: int = 32768, hidden: int = 4096, intermediate:
                     "copy_GBps": 4 * src.numel() / (copy_ms * 1e-3) / 1e9}
     for op, (inputs, fused, eager) in cases.items():
         numel = inputs[0].numel()
+        errors = _fused_errors(inputs, fused, eager, g)
         for direction, nbytes in zip(("fwd", "bwd"), MODEL_BYTES_PER_ELEM[op]):
             timed = {}
             for kind, fn in (("fused", fused), ("eager", eager)):
@@ -178,5 +158,48 @@ def measure_model_kernels(tokens: int = 32768, hidden: int = 4096, intermediate:
             gbps = nbytes * numel / (timed["fused"] * 1e-3) / 1e9
             result[f"{op}_{direction}"] = {"ms": timed["fused"], "GBps": gbps, "eager_ms": timed["eager"],
                                            "speedup": timed["eager"] / timed["fused"],
-                                           "fraction_of_copy": gbps / result["copy_GBps"]}
+                                           "fraction_of_copy": gbps / result["copy_GBps"],
+                                           "max_rel_err": errors[direction]}
     return result
+
+
+def model_cases(tokens: int, hidden: int, intermediate: int, heads: int, head_dim: int, g: torch.Generator,
+                dtype: torch.dtype = torch.bfloat16, eps: float = 1e-5) -> dict:
+    """op -> (inputs that take gradients, fused op, transformers' eager formula), on random data on `g`'s device."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from .model_kernels import rms_norm, rope, silu_mul
+
+    dev = g.device
+
+    def rand(*shape):
+        return torch.randn(*shape, device=dev, generator=g).to(dtype).requires_grad_()
+
+    x, weight = rand(tokens, hidden), (torch.rand(hidden, device=dev, generator=g) + 0.5).to(dtype)
+    gate, up = rand(tokens, intermediate), rand(tokens, intermediate)
+    q = torch.randn(1, tokens, heads, head_dim, device=dev, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    angles = torch.rand(1, tokens, head_dim // 2, device=dev, generator=g) * 100
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+
+    def eager_norm():
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+    return {
+        "rms_norm": ((x,), lambda: rms_norm(x, weight, eps), eager_norm),
+        "silu_mul": ((gate, up), lambda: silu_mul(gate, up), lambda: torch.nn.functional.silu(gate) * up),
+        "rope": ((q,), lambda: rope(q, cos, sin), lambda: q * cos[:, None] + rotate_half(q) * sin[:, None]),
+    }
+
+
+def _fused_errors(inputs, fused, eager, g) -> dict:
+    """The fused op against the eager formula on the same inputs and output gradient, forward and backward: the
+    largest difference relative to the eager result's largest magnitude (bf16 rounding: a few 1e-3)."""
+    def rel(a, b):
+        a, b = a.float(), b.float()
+        return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()  # host sync: outside any timing
+
+    y_fused, y_eager = fused(), eager()
+    dy = torch.randn(y_eager.shape, device=y_eager.device, generator=g).to(y_eager.dtype)
+    grads = zip(torch.autograd.grad(y_fused, inputs, dy), torch.autograd.grad(y_eager, inputs, dy))
+    return {"fwd": rel(y_fused, y_eager), "bwd": max(rel(a, b) for a, b in grads)}
