@@ -66,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -77,11 +76,11 @@ import torch
 
 from .align import build_streams
 from .batches import tokens
-from .bench_measure import (HFU_FLOPS, MFU_FLOPS, SFT, cpu_gauge, held_bytes, matmul_params, matmul_tflops,
-                            method_flops, micro, model_flops, pass_batches, peak_tflops, sync,
-                            transient_bytes)
+from .bench_measure import (FIRST_STEP_RTOL, SFT, first_step_agreement, graph_pool_bytes, graphs_captured,
+                            held_bytes, matmul_params, matmul_tflops, method_flops, micro, model_flops, pass_batches,
+                            peak_tflops, sync, transient_bytes)
 from .atomic import check_writable_file, write_json_atomic
-from .bench_report import format_table, machine_info, plot
+from .bench_report import format_table, machine_info, plot, run_config
 from .cli import UsageError
 from .config import BoosterConfig
 from .data import DataError
@@ -93,14 +92,7 @@ from .run_args import check_common_args, check_device_flags, config_from_args, r
 log = logging.getLogger("booster_fast")
 IMPLS = ("reference", "fast", "fast-merged", "fast-unmerged", "fast-graphs", "fast-padded", "fast-unfused", "sft",
          "fast-sft")
-TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmful rows for Booster steps "
-                  "(harmful rows counted once), alignment rows for sft and fast-sft")
 GRAPHS_NOT_CAPTURED = "the step was not captured into a CUDA graph after the warm-up steps"
-# How far an entry's first-step outputs (losses, harmful gradient norm) may lie from its baseline's before the
-# bench flags the entry: a check for gross errors (a fused kernel that computes something else), not the tests'
-# equivalence. bf16 steps with other kernels (flash attention, fused norms) differ by ~1e-2 at most; fp32 ~1e-6.
-FIRST_STEP_RTOL = 0.05
-FIRST_STEP_OUTPUTS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "loss_perturbed")
 
 
 # ---- implementations and batches -------------------------------------------------------------------------
@@ -184,25 +176,6 @@ def share_frozen_weights(src, dst) -> int:
             if getattr(getattr(p, "module", None), "quant_state", None) is not None:  # bitsandbytes' back link
                 p.module.quant_state = q.quant_state
     return freed
-
-
-def graphs_captured(engine) -> bool:
-    """True once a fast engine replays a captured CUDA graph (booster_fast.graphs.StepGraphs holds one)."""
-    g = getattr(engine, "graphs", None)
-    return g is not None and getattr(g, "disabled", None) is None and bool(getattr(g, "_graphs", None))
-
-
-def graph_pool_bytes(engine) -> int:
-    """Bytes reserved in the private pools of an engine's captured CUDA graphs: a replay works in that memory,
-    which memory_allocated does not show."""
-    if not graphs_captured(engine):
-        return 0
-    try:
-        pools = {tuple(entry[-1].pool()) for entry in engine.graphs._graphs.values()}
-        return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) in pools)
-    except Exception as e:  # noqa: BLE001 - an allocator API that moved must not cost the whole benchmark
-        log.warning("bench: cannot size the CUDA graph pool (%s); peak_mem_mb leaves it out", e)
-        return 0
 
 
 def _estimated_mb(name: str, booster, args) -> float | None:
@@ -432,26 +405,6 @@ def time_interleaved(impls, batches, args, device, results):
     return times, tps, first
 
 
-def first_step_agreement(first: dict) -> dict[str, dict]:
-    """Per entry: its first step's outputs (floats), and for an entry with a baseline that ran too (sft for
-    fast-sft, the reference for the other Booster entries) the largest relative difference from the baseline's,
-    over the outputs both have, and whether it is within FIRST_STEP_RTOL. All entries start from the same weights
-    and get the same rows, so the outputs must agree up to rounding."""
-    values = {n: {k: float(out[k]) for k in FIRST_STEP_OUTPUTS if k in out}
-              for n, out in first.items()}  # .item()-like reads: host syncs, after the timing
-    report = {}
-    for name, mine in values.items():
-        report[name] = {"first_step": {k: round(v, 6) for k, v in mine.items()}}
-        base = values.get("sft" if name in SFT else "reference")
-        if base is None or name in ("sft", "reference"):
-            continue
-        diffs = [abs(mine[k] - base[k]) / max(abs(base[k]), 1e-6) for k in mine.keys() & base.keys()]
-        if diffs:
-            rel = max(d if d == d else math.inf for d in diffs)  # a NaN (either side) is no agreement
-            report[name].update(first_step_rel_diff=round(rel, 6), first_step_agrees=rel <= FIRST_STEP_RTOL)
-    return report
-
-
 def run_bench(args) -> int:
     from .opcount import count_ops, host_resident_scalars
 
@@ -545,26 +498,3 @@ def run_bench(args) -> int:
     if args.json:
         print(json.dumps(doc))  # the last stdout line: one JSON document
     return 1 if off or any("failed" in r for r in results.values()) else 0
-
-
-# ---- what the run was (bench_report.py has the rest of the reporting) -----------------------------------
-def run_config(args, names, device, n_params, n_lora, rate, peak=(None, None)) -> dict:
-    knobs = ("model", "quant", "dtype", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
-             "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum", "merge_passes",
-             "packing", "fused_ops", "graphs", "steps", "warmup")
-    gauge = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
-    return {**{k: getattr(args, k) for k in knobs}, "device": str(device), "meta_term": not args.no_meta_term,
-            "perturb_aware": bool(getattr(args, "perturb_aware", False)),
-            "rho": getattr(args, "rho", None) if getattr(args, "perturb_aware", False) else None,
-            "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)), "impls": names,
-            "data": "builtin" if args.model == "tiny" else "random tokens, right-padded, rows 60-100% real, each "
-                                                           "batch 80% real in total",
-            "order": "interleaved step by step, first impl rotating each round",
-            "tokens_per_s_counts": TOKENS_COUNTED,
-            "peak_mem_mb_means": f"held tensors + CUDA graph pools (at their reserved size: a replay owns that "
-                                 f"memory) + step transient ({gauge})",
-            "mfu_flops": MFU_FLOPS if rate else None, "hfu_flops": HFU_FLOPS if rate else None,
-            "mfu_peak_tflops": peak[0], "mfu_peak": peak[1],
-            "matmul_bf16_tflops": round(rate, 1) if rate else None,
-            "matmul_params": n_params and n_params[0], "lm_head_params": n_params and n_params[1],
-            "lora_params": n_lora}

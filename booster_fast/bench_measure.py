@@ -1,5 +1,6 @@
-"""The bench's measurements: memory an implementation holds and needs (peak_mem_mb), and the FLOPs of a step with
-the matmul rate they are divided by (mfu: the FLOPs the method needs; hfu: those the entry computes).
+"""The bench's measurements: memory an implementation holds and needs (peak_mem_mb), the FLOPs of a step with
+the matmul rate they are divided by (mfu: the FLOPs the method needs; hfu: those the entry computes), and how far
+an entry's first step lies from its baseline's (first_step_agreement).
 
 Peak memory (peak_mem_mb) estimates what one implementation would need alone in a process: the bytes it holds
 between steps (model, LoRA weights, gradient buffers, optimizer state; counted tensor by tensor, storages
@@ -14,6 +15,8 @@ the transient of a step that reuses pages an earlier step freed.
 from __future__ import annotations
 
 import ctypes
+import logging
+import math
 import resource
 import threading
 import time
@@ -24,7 +27,13 @@ from .batches import tokens
 from .models import storage_bytes
 from .nf4 import quant_state_tensors
 
+log = logging.getLogger("booster_fast")
 SFT = ("sft", "fast-sft")  # the bench entries that time the plain SFT step
+# How far an entry's first-step outputs (losses, harmful gradient norm) may lie from its baseline's before the
+# bench flags the entry: a check for gross errors (a fused kernel that computes something else), not the tests'
+# equivalence. bf16 steps with other kernels (flash attention, fused norms) differ by ~1e-2 at most; fp32 ~1e-6.
+FIRST_STEP_RTOL = 0.05
+FIRST_STEP_OUTPUTS = ("loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "loss_perturbed")
 FLOPS_PER_POSITION = ("4N per position and pass: 2N forward + 2N backward to the activations (the base is frozen, "
                       "so no weight gradient; a checkpointed layer's recompute is not counted, as MFU has it); N = "
                       "base matmul parameters (LM head in, input embedding and LoRA out); attention-score FLOPs "
@@ -161,3 +170,43 @@ def model_flops(name: str, args, params: tuple[int, int], pair) -> float:
     n, head = params
     return 4.0 * sum((n - head) * tokens(b) + head * (b["keep"].numel() if "keep" in b else tokens(b))
                      for b in pass_batches(name, args, pair))
+
+
+# ---- the entries' CUDA graphs, and their first step against the baseline's ------------------------------
+def graphs_captured(engine) -> bool:
+    """True once a fast engine replays a captured CUDA graph (booster_fast.graphs.StepGraphs holds one)."""
+    g = getattr(engine, "graphs", None)
+    return g is not None and getattr(g, "disabled", None) is None and bool(getattr(g, "_graphs", None))
+
+
+def graph_pool_bytes(engine) -> int:
+    """Bytes reserved in the private pools of an engine's captured CUDA graphs: a replay works in that memory,
+    which memory_allocated does not show."""
+    if not graphs_captured(engine):
+        return 0
+    try:
+        pools = {tuple(entry[-1].pool()) for entry in engine.graphs._graphs.values()}
+        return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) in pools)
+    except Exception as e:  # noqa: BLE001 - an allocator API that moved must not cost the whole benchmark
+        log.warning("bench: cannot size the CUDA graph pool (%s); peak_mem_mb leaves it out", e)
+        return 0
+
+
+def first_step_agreement(first: dict) -> dict[str, dict]:
+    """Per entry: its first step's outputs (floats), and for an entry with a baseline that ran too (sft for
+    fast-sft, the reference for the other Booster entries) the largest relative difference from the baseline's,
+    over the outputs both have, and whether it is within FIRST_STEP_RTOL. All entries start from the same weights
+    and get the same rows, so the outputs must agree up to rounding."""
+    values = {n: {k: float(out[k]) for k in FIRST_STEP_OUTPUTS if k in out}
+              for n, out in first.items()}  # .item()-like reads: host syncs, after the timing
+    report = {}
+    for name, mine in values.items():
+        report[name] = {"first_step": {k: round(v, 6) for k, v in mine.items()}}
+        base = values.get("sft" if name in SFT else "reference")
+        if base is None or name in ("sft", "reference"):
+            continue
+        diffs = [abs(mine[k] - base[k]) / max(abs(base[k]), 1e-6) for k in mine.keys() & base.keys()]
+        if diffs:
+            rel = max(d if d == d else math.inf for d in diffs)  # a NaN (either side) is no agreement
+            report[name].update(first_step_rel_diff=round(rel, 6), first_step_agrees=rel <= FIRST_STEP_RTOL)
+    return report

@@ -10,6 +10,7 @@ import subprocess
 import torch
 
 from .atomic import write_atomic
+from .bench_measure import HFU_FLOPS, MFU_FLOPS, cpu_gauge
 from .kernels import triton_unusable
 
 
@@ -90,3 +91,29 @@ def plot(doc: dict, path: str):
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
+
+
+TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmful rows for Booster steps "
+                  "(harmful rows counted once), alignment rows for sft and fast-sft")
+
+
+def run_config(args, names, device, n_params, n_lora, rate, peak=(None, None)) -> dict:
+    knobs = ("model", "quant", "dtype", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
+             "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum", "merge_passes",
+             "packing", "fused_ops", "graphs", "steps", "warmup")
+    gauge = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
+    return {**{k: getattr(args, k) for k in knobs}, "device": str(device), "meta_term": not args.no_meta_term,
+            "perturb_aware": bool(getattr(args, "perturb_aware", False)),
+            "rho": getattr(args, "rho", None) if getattr(args, "perturb_aware", False) else None,
+            "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)), "impls": names,
+            "data": "builtin" if args.model == "tiny" else "random tokens, right-padded, rows 60-100% real, each "
+                                                           "batch 80% real in total",
+            "order": "interleaved step by step, first impl rotating each round",
+            "tokens_per_s_counts": TOKENS_COUNTED,
+            "peak_mem_mb_means": f"held tensors + CUDA graph pools (at their reserved size: a replay owns that "
+                                 f"memory) + step transient ({gauge})",
+            "mfu_flops": MFU_FLOPS if rate else None, "hfu_flops": HFU_FLOPS if rate else None,
+            "mfu_peak_tflops": peak[0], "mfu_peak": peak[1],
+            "matmul_bf16_tflops": round(rate, 1) if rate else None,
+            "matmul_params": n_params and n_params[0], "lm_head_params": n_params and n_params[1],
+            "lora_params": n_lora}
