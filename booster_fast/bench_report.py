@@ -1,4 +1,4 @@
-"""Reporting for `booster-fast bench`: the machine a run measured, its table, plot and atomic file writes."""
+"""Reporting for `booster-fast bench`: the machine and the settings a run measured (run_config), its table and plot."""
 from __future__ import annotations
 
 import datetime
