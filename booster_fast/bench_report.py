@@ -98,9 +98,10 @@ TOKENS_COUNTED = ("real (non-pad) tokens per step / step time: alignment + harmf
 
 
 def run_config(args, names, device, n_params, n_lora, rate, peak=(None, None)) -> dict:
-    knobs = ("model", "quant", "dtype", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r", "lora_alpha",
-             "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum", "merge_passes",
-             "packing", "fused_ops", "graphs", "steps", "warmup")
+    """The document's `config`: the bench's settings and what its numbers mean."""
+    knobs = ("model", "quant", "dtype", "seed", "batch_size", "harmful_batch_size", "max_length", "lora_r",
+             "lora_alpha", "targets", "lr", "weight_decay", "max_grad_norm", "lamb", "alpha", "grad_accum",
+             "merge_passes", "packing", "fused_ops", "graphs", "steps", "warmup")
     gauge = "CUDA max_memory_allocated" if device.type == "cuda" else cpu_gauge()[0] + " sampled every 0.5 ms"
     return {**{k: getattr(args, k) for k in knobs}, "device": str(device), "meta_term": not args.no_meta_term,
             "perturb_aware": bool(getattr(args, "perturb_aware", False)),
