@@ -396,7 +396,8 @@ def time_interleaved(impls, batches, args, device, results):
             sync(device)
             dt = time.perf_counter() - t0
             if i == 0 and name in fresh:
-                first[name] = out  # device tensors, read after the timing
+                # device tensors, read after the timing (cloned: an engine may reuse an output's buffer)
+                first[name] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.items()}
             if i >= args.warmup:
                 times[name].append(dt)
                 tps[name].append((na if name in SFT else na + nh) / dt)
