@@ -578,6 +578,49 @@ echo '{"run": 2}' > "$out"
     assert "== bench_1b_bf16: rc=3" in log and "== bench_1b_bf16_eager: rc=0" in log
 
 
+def test_every_command_of_the_gpu_suite_parses(tmp_path, monkeypatch):
+    """Each command the suite would run on the GPU (every part, the opt-in one too), recorded by a python3
+    stand-in, is parsed here as the real programs parse it: the bench's flags through the CLI parser and
+    check_bench_args, gpu_checks' through its own main (its work stubbed), the test files named must exist. A
+    flag renamed since the suite was written would otherwise cost a lent machine's run."""
+    import shlex
+    import subprocess
+
+    from booster_fast.bench import check_bench_args
+    from booster_fast.cli import build_parser
+
+    path, calls, out = _suite_shim(tmp_path, "exit 0\n")
+    env = {**os.environ, "PATH": path, "SHIM_LOG": str(calls), "OUT": str(out), "SUITE_DEADLINE": "100000"}
+    for named in ([], ["bench_70b_nf4_ckpt"]):
+        run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), *named], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    seen = []
+    for cmd in ("cmd_bandwidth", "cmd_equivalence", "cmd_profile"):
+        monkeypatch.setattr(checks, cmd, lambda args, cmd=cmd: seen.append((cmd, args)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kinds = []
+    for line in calls.read_text().splitlines():
+        argv = shlex.split(line)
+        if argv[:3] == ["-m", "booster_fast", "bench"]:
+            kinds.append("bench")
+            args = build_parser().parse_args(argv[2:])
+            check_bench_args(args)
+            assert args.device == "cuda" and args.graphs == "off", line  # fast-graphs is its own entry
+        elif argv[0] == "benchmarks/gpu_checks.py":
+            kinds.append("checks")
+            checks.main(argv[1:])
+        elif argv[:2] == ["-m", "pytest"]:
+            kinds.append("pytest")
+            files = [a for a in argv if a.startswith("tests/")]
+            assert files and all((ROOT / f).is_file() for f in files), line
+    assert kinds.count("bench") == 5 and kinds.count("checks") == 3 and kinds.count("pytest") == 1, kinds
+    assert [cmd for cmd, _ in seen] == ["cmd_bandwidth", "cmd_equivalence", "cmd_profile"]
+
+
 def test_gpu_suite_keeps_its_deadline_for_named_parts(tmp_path):
     """Named parts answer to the deadline too, and a bench part needs 80 % of its limit to start (it writes
     nothing before its timing ends): with 30 s left, the 60 s part is skipped, not started and cut off."""
