@@ -28,9 +28,16 @@ fi
 mkdir -p "$RES/gpu_logs"
 LOG="$RES/gpu_suite.log"
 : > "$LOG"
-pack() {  # the results so far, as the two files that come back (each written whole, then renamed: the packer
-  # below may run at the same time)
+pack() {  # the results so far, as the two files that come back. One pack at a time (the packer below runs
+  # beside the parts: an older snapshot must not land after a newer one), each file written whole, then renamed
   [[ -n "$DEST" ]] || return 0
+  if command -v flock > /dev/null; then
+    ( flock 9; pack_now ) 9> "$RES.pack.lock"
+  else
+    pack_now
+  fi
+}
+pack_now() {
   local tmp="$DEST/.pack.$BASHPID"
   tar czf "$tmp" -C "$RES" --exclude=./.stop_packing . && mv "$tmp" "$DEST/gpu_suite.tgz"
   cp "$LOG" "$tmp" && mv "$tmp" "$DEST/gpu_suite.log"
@@ -75,8 +82,8 @@ print('preflight: Triton', triton_unusable(torch.device('cuda')) or 'launches')"
 # the whole suite's deadline (seconds from its start): a part gets at most what is left, and none starts with
 # under half its limit (or 20 s) left, a bench part with under 80 % (it writes nothing before its timing ends),
 # so that the results come back before the machine's own limit however the parts run, and no part is started
-# only to be cut off before it writes anything. Named parts get a longer deadline (the 70B part alone needs
-# ~7 minutes): give the machine's call a limit at least 30 s above it
+# only to be cut off before it writes anything. Named parts get a longer deadline (the 70B part alone has a
+# 420 s limit): give the machine's call a limit at least 30 s above it
 if [[ "$ONLY" == "  " ]]; then DEADLINE=${SUITE_DEADLINE:-345}; else DEADLINE=${SUITE_DEADLINE:-540}; fi
 # and what each part writes comes back even if the machine's limit cuts a part short: packed every 20 s too
 packer() {
@@ -86,12 +93,13 @@ packer() {
     (( ++i % ${PACK_EVERY:-20} )) || pack
   done
 }
-stop_packer() {  # before the last pack, so that no older pack lands after it
+stop_packer() {  # before the last pack; also on any exit of this shell (a signal), so that none outlives it
   [[ -n "${PACKER:-}" ]] || return 0
   touch "$RES/.stop_packing"; wait "$PACKER"; rm -f "$RES/.stop_packing"
+  PACKER=""
 }
 PACKER=""
-[[ -n "$DEST" ]] && { packer & PACKER=$!; }
+[[ -n "$DEST" ]] && { packer & PACKER=$!; trap stop_packer EXIT; }
 wanted() { [[ ( "$ONLY" == "  " && "$OPT_IN" != *" $1 "* ) || "$ONLY" == *" $1 "* ]]; }
 part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its tail, never abort the suite
   wanted "$1" && run_part "$@"

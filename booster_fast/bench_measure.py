@@ -194,19 +194,29 @@ def graph_pool_bytes(engine) -> int:
 
 def first_step_agreement(first: dict) -> dict[str, dict]:
     """Per entry: its first step's outputs (floats), and for an entry with a baseline that ran too (sft for
-    fast-sft, the reference for the other Booster entries) the largest relative difference from the baseline's,
-    over the outputs both have, and whether it is within FIRST_STEP_RTOL. All entries start from the same weights
-    and get the same rows, so the outputs must agree up to rounding."""
+    fast-sft, the reference for the other Booster entries) the largest relative difference from the baseline's
+    over the outputs both have (None when infinite), and whether it is within FIRST_STEP_RTOL. All entries start
+    from the same weights and get the same rows, so the outputs must agree up to rounding."""
     values = {n: {k: float(out[k]) for k in FIRST_STEP_OUTPUTS if k in out}
               for n, out in first.items()}  # .item()-like reads: host syncs, after the timing
     report = {}
     for name, mine in values.items():
-        report[name] = {"first_step": {k: round(v, 6) for k, v in mine.items()}}
+        # JSON has no NaN or infinity: such a value is written as its name ("nan")
+        report[name] = {"first_step": {k: round(v, 6) if math.isfinite(v) else str(v) for k, v in mine.items()}}
         base = values.get("sft" if name in SFT else "reference")
         if base is None or name in ("sft", "reference"):
             continue
-        diffs = [abs(mine[k] - base[k]) / max(abs(base[k]), 1e-6) for k in mine.keys() & base.keys()]
+        diffs = [_rel_diff(mine[k], base[k]) for k in mine.keys() & base.keys()]
         if diffs:
-            rel = max(d if d == d else math.inf for d in diffs)  # a NaN (either side) is no agreement
-            report[name].update(first_step_rel_diff=round(rel, 6), first_step_agrees=rel <= FIRST_STEP_RTOL)
+            rel = max(diffs)
+            report[name].update(first_step_rel_diff=round(rel, 6) if math.isfinite(rel) else None,
+                                first_step_agrees=rel <= FIRST_STEP_RTOL)
     return report
+
+
+def _rel_diff(x: float, ref: float) -> float:
+    """|x - ref| relative to |ref|. Non-finite values agree only with themselves (both NaN: an output the step
+    leaves undefined, harmful_loss_perturbed without the meta term) and are infinitely far from anything else."""
+    if not (math.isfinite(x) and math.isfinite(ref)):
+        return 0.0 if x == ref or (math.isnan(x) and math.isnan(ref)) else math.inf
+    return abs(x - ref) / max(abs(ref), 1e-6)

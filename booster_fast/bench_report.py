@@ -49,8 +49,8 @@ def machine_info(device) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
 
 
 def format_table(doc: dict) -> str:
@@ -71,8 +71,8 @@ def format_table(doc: dict) -> str:
                      f"{_fmt(r.get('ratio_to_sft'), '.2f'):>7}{_fmt(r.get('mfu'), '.1%'):>7}"
                      f"{_fmt(r.get('hfu'), '.1%'):>7}"
                      + (f"  FAILED {r['failed']}" if "failed" in r else "")
-                     + (f"  FIRST STEP {r['first_step_rel_diff']:.1%} OFF" if r.get("first_step_agrees") is False
-                        else ""))
+                     + (f"  FIRST STEP OFF BY {_fmt(r['first_step_rel_diff'], '.1%', none='NaN/inf')}"
+                        if r.get("first_step_agrees") is False else ""))
     return "\n".join(lines)
 
 

@@ -496,10 +496,28 @@ def test_an_entry_computing_something_else_is_flagged(monkeypatch, capsys):
     assert bad["first_step_agrees"] is False and bad["first_step_rel_diff"] > bench.FIRST_STEP_RTOL
     assert bad["first_step"]["loss"] == pytest.approx(doc["results"]["reference"]["first_step"]["loss"], rel=1e-5)
     assert good["first_step_agrees"] is True
-    assert "FIRST STEP" in next(line for line in captured.out.splitlines() if line.startswith("fast-padded"))
+    assert f"FIRST STEP OFF BY {bad['first_step_rel_diff']:.1%}" in next(
+        line for line in captured.out.splitlines() if line.startswith("fast-padded"))
     assert captured.err.strip().splitlines()[-1].startswith("booster-fast: error: the first step of fast-padded ")
     table = _make_table_module().markdown_table([("bench.json", doc)], {})
-    assert "off its baseline's" in next(line for line in table.splitlines() if "| fast-padded" in line)
+    assert f"first step off its baseline's by {bad['first_step_rel_diff']:.1%}" in next(
+        line for line in table.splitlines() if "| fast-padded" in line)
+
+
+def test_first_step_agreement_with_undefined_outputs():
+    """Without the meta term both engines leave harmful_loss_perturbed NaN: that agrees. A NaN on one side only
+    does not, and the report stays strict JSON (no NaN or Infinity in it)."""
+    from booster_fast.bench_measure import first_step_agreement
+
+    nan = torch.tensor(float("nan"))
+    ref = {"loss": torch.tensor(2.0), "harmful_loss_perturbed": nan}
+    report = first_step_agreement({"reference": ref, "fast": {"loss": torch.tensor(2.0 + 1e-7),
+                                                              "harmful_loss_perturbed": nan.clone()},
+                                   "fast-padded": {"loss": nan.clone(), "harmful_loss_perturbed": nan.clone()}})
+    assert report["fast"]["first_step_agrees"] is True and report["fast"]["first_step_rel_diff"] < 1e-6
+    assert report["fast-padded"]["first_step_agrees"] is False and report["fast-padded"]["first_step_rel_diff"] is None
+    assert report["reference"] == {"first_step": {"loss": 2.0, "harmful_loss_perturbed": "nan"}}
+    json.dumps(report, allow_nan=False)
 
 
 def test_bench_runs_packed_micro_batches(capsys):
@@ -534,9 +552,10 @@ def test_make_table_names_settings_and_partial_runs(tmp_path):
     assert label.endswith("partial run, Triton kernels off: RuntimeError: Failed to compile the launcher)"), label
 
 
-def _suite_shim(tmp_path, bench_body: str):
+def _suite_shim(tmp_path, bench_body: str, **env):
     """A python3 stand-in on PATH for gpu_suite.sh: it records its calls and runs `bench_body` (bash, with $out
-    the --output path) for a bench; (PATH, the calls file, $OUT)."""
+    the --output path) for a bench. Returns (the suite's environment, with `env` added; the calls file; $OUT).
+    The suite's own temporary folder goes under tmp_path."""
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "python3").write_text("""#!/usr/bin/env bash
@@ -545,7 +564,9 @@ echo "$*" >> "$SHIM_LOG"
 prev=""; for a in "$@"; do [[ $prev == --output ]] && out=$a; prev=$a; done
 """ + bench_body)
     (shim / "python3").chmod(0o755)
-    return f"{shim}:{os.environ['PATH']}", tmp_path / "calls.txt", tmp_path / "out"
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+    return ({**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "SHIM_LOG": str(calls), "OUT": str(out),
+             "TMPDIR": str(tmp_path), **env}, calls, out)
 
 
 def test_gpu_suite_reruns_a_bench_part_without_graphs_after_an_invalidated_capture(tmp_path):
@@ -555,11 +576,10 @@ def test_gpu_suite_reruns_a_bench_part_without_graphs_after_an_invalidated_captu
     import subprocess
     import tarfile
 
-    path, calls, out = _suite_shim(tmp_path, """
+    env, calls, out = _suite_shim(tmp_path, """
 if [[ "$*" == *fast-graphs* ]]; then echo '{"run": 1}' > "$out"; exit 3; fi
 echo '{"run": 2}' > "$out"
 """)
-    env = {**os.environ, "PATH": path, "SHIM_LOG": str(calls), "OUT": str(out)}
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
@@ -589,8 +609,7 @@ def test_every_command_of_the_gpu_suite_parses(tmp_path, monkeypatch):
     from booster_fast.bench import check_bench_args
     from booster_fast.cli import build_parser
 
-    path, calls, out = _suite_shim(tmp_path, "exit 0\n")
-    env = {**os.environ, "PATH": path, "SHIM_LOG": str(calls), "OUT": str(out), "SUITE_DEADLINE": "100000"}
+    env, calls, out = _suite_shim(tmp_path, "exit 0\n", SUITE_DEADLINE="100000")
     for named in ([], ["bench_70b_nf4_ckpt"]):
         run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), *named], env=env,
                              capture_output=True, text=True, timeout=60)
@@ -623,11 +642,11 @@ def test_every_command_of_the_gpu_suite_parses(tmp_path, monkeypatch):
 
 def test_gpu_suite_keeps_its_deadline_for_named_parts(tmp_path):
     """Named parts answer to the deadline too, and a bench part needs 80 % of its limit to start (it writes
-    nothing before its timing ends): with 30 s left, the 60 s part is skipped, not started and cut off."""
+    nothing before its timing ends): with 40 s left, the 60 s part is skipped (half its limit would have let it
+    start), not started and cut off."""
     import subprocess
 
-    path, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\n')
-    env = {**os.environ, "PATH": path, "SHIM_LOG": str(calls), "OUT": str(out), "SUITE_DEADLINE": "30"}
+    env, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\n', SUITE_DEADLINE="40")
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
@@ -642,8 +661,10 @@ def test_gpu_suite_packs_what_a_running_part_wrote(tmp_path):
     import tarfile
     import time
 
-    path, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\nsleep 60\n')
-    env = {**os.environ, "PATH": path, "SHIM_LOG": str(calls), "OUT": str(out), "PACK_EVERY": "1"}
+    hold = tmp_path / "hold"  # the bench stand-in runs until the test removes it
+    hold.touch()
+    env, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\nwhile [[ -e "$HOLD" ]]; do sleep 0.2; done\n',
+                                  PACK_EVERY="1", HOLD=str(hold))
     proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     names, deadline = [], time.monotonic() + 30
@@ -657,9 +678,14 @@ def test_gpu_suite_packs_what_a_running_part_wrote(tmp_path):
                 pass
         assert proc.poll() is None, "the part should still be running"
     finally:
-        os.killpg(proc.pid, 9)
-        proc.wait()
+        hold.unlink()
+        try:
+            proc.wait(timeout=30)  # the suite ends on its own: its packer stopped, a last pack
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            raise
     assert "./gpu_llama-1b-shape_bf16.json" in names, names
+    assert proc.returncode == 0 and "suite done" in (out / "gpu_suite.log").read_text()
 
 
 def test_gpu_suite_stops_when_the_stack_does_not_import(tmp_path):
