@@ -329,8 +329,9 @@ def test_gpu_suite_parses_and_the_readme_names_its_parts():
     import subprocess
 
     script = ROOT / "benchmarks" / "gpu_suite.sh"
-    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    for name in ("gpu_suite.sh", "prepare_wheels.sh"):
+        proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / name)], capture_output=True, text=True)
+        assert proc.returncode == 0, (name, proc.stderr)
     text = script.read_text()
     parts = re.findall(r"^(?:bench_)?part (\w+) \d+ ", text, flags=re.M)
     assert len(parts) == 9 and len(set(parts)) == 9, parts
