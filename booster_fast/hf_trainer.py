@@ -68,13 +68,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .batches import labelled_pads, left_padded, to_device, without_mask
 from .config import BoosterConfig
+from .hf_batches import FixedLengthCollator  # noqa: F401 - importable from here, as it always was
+from .hf_batches import EpochShuffle, model_batch, packed_if_exact, without_masks_if_right_padded
 
 logger = logging.getLogger("booster_fast")
 HARMFUL_STATE = "booster_harmful_stream.json"
 BOOSTER_METRICS = ("harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm")
-MODEL_KEYS = ("input_ids", "labels", "attention_mask")
 # the `optim` values that name torch's AdamW, which is what the engine steps (fused on the fast engine's flat buffer)
 ENGINE_OPTIMS = ("adamw_torch", "adamw_torch_fused")
 # transformers 5 dropped Trainer(tokenizer=) for processing_class=; the original still passes tokenizer=
@@ -175,86 +175,6 @@ def build_engine(model, cfg: BoosterConfig):
     return _gradient_only(Engine)(model, cfg)
 
 
-# keys a collator may add that the model's forward would use: the engine feeds the model its own keys only, so a
-# batch that carries one (DataCollatorWithFlattening's position_ids, say) would be trained on something else
-FOREIGN_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
-                "inputs_embeds")
-
-
-def _plain_positions(pos) -> bool:
-    """position_ids that say nothing the engine does not assume: 0, 1, 2, ... in every row."""
-    return pos.dim() == 2 and bool((pos == torch.arange(pos.shape[1], device=pos.device)).all())  # a host read
-
-
-def _model_batch(inputs, which: str = "training") -> dict:
-    """The batch as the engine takes it (MODEL_KEYS); a ValueError for one it would train wrongly."""
-    foreign = [k for k in FOREIGN_KEYS if k in inputs
-               and not (k == "position_ids" and _plain_positions(inputs[k]))]
-    if foreign:
-        raise ValueError(f"BoosterTrainer: the {which} batches carry {', '.join(foreign)}, which the Booster step does "
-                         "not feed the model; use a collator that pads rows (input_ids, attention_mask, labels), "
-                         "not one that flattens them")
-    if "labels" not in inputs or "input_ids" not in inputs:
-        raise ValueError(f"BoosterTrainer: the {which} batches need input_ids and labels (label -100 on prompt and "
-                         f"padding); they have {', '.join(sorted(inputs))}")
-    return {k: inputs[k] for k in MODEL_KEYS if k in inputs}
-
-
-def _packed_if_exact(groups, device, window):
-    """The micro-batches packed without pads (or without their masks, where packing would not shrink them), as
-    `Booster.to_device` prepares them, when every one is right-padded with unlabelled pads; else unchanged. The
-    micro-batches are copied to the host for that: one host read per update."""
-    host = [[{k: v.cpu() for k, v in b.items()} for b in g] for g in groups]  # a host sync, once per update
-    try:
-        return tuple([to_device(b, device, pack=True, bucketed=False, window=window) for b in g]  # eager: exact sizes
-                     for g in host)
-    except ValueError:  # packing.pack refused one (left padding, a labelled pad): not exact, keep the masks
-        return groups
-
-
-def _without_masks_if_right_padded(*groups):
-    """The micro-batches without their attention masks when every mask is right-padded and no pad carries a
-    label (as Booster.to_device prepares batches for the fast engine: exact for a causal decoder, and the forward
-    then builds no mask and reads nothing back), else unchanged. One host read per update decides, instead of
-    transformers' reads in every forward."""
-    masked = [b for g in groups for b in g if b.get("attention_mask") is not None]
-    if masked:
-        flags = [f for b in masked for f in (left_padded(b["attention_mask"]), labelled_pads(b))]
-        if bool(torch.stack(flags).any()):  # a host sync, once per update
-            return groups
-    return tuple([without_mask(b) for b in g] for g in groups)
-
-
-class _EpochShuffle(torch.utils.data.Sampler):
-    """A new random order of range(n) on each pass, drawn from `seed + pass`: the same on every process (accelerate
-    shards its batches), independent of the train loader's, and positionable for a resume (`passes`)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.passes = n, seed, 0
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.passes)
-        self.passes += 1
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
-class FixedLengthCollator:
-    """Right-pads rows of `input_ids`/`labels` to exactly `max_length` (labels −100, attention mask 0 on pads):
-    one static shape for the whole run, as `booster_fast.data.collate` does for `Booster`."""
-
-    def __init__(self, pad_id: int, max_length: int):
-        self.pad_id, self.max_length = pad_id, max_length
-
-    def __call__(self, rows):
-        from .data import collate
-
-        rows = [{"input_ids": list(map(int, r["input_ids"])), "labels": list(map(int, r["labels"]))} for r in rows]
-        return collate(rows, self.max_length, self.pad_id)
-
-
 class BoosterTrainer(Trainer):
     """`transformers.Trainer` whose `training_step` is a Booster update (see the module docstring)."""
 
@@ -350,7 +270,7 @@ class BoosterTrainer(Trainer):
         if isinstance(train, torch.utils.data.SequentialSampler):
             self._harmful_order = None
             return train
-        self._harmful_order = _EpochShuffle(len(dataset), self.args.seed + 1)
+        self._harmful_order = EpochShuffle(len(dataset), self.args.seed + 1)
         return self._harmful_order
 
     def sample_from_harmful(self) -> dict:
@@ -451,17 +371,17 @@ class BoosterTrainer(Trainer):
         if self._zero is None:
             self._rebind_flat_storage()
             self._zero = torch.zeros((), device=self.args.device)
-        self._align_micro.append(_model_batch(self._prepare_inputs(inputs)))
-        self._harmful_micro.append(_model_batch(self._prepare_inputs(self.sample_from_harmful()), "harmful"))
+        self._align_micro.append(model_batch(self._prepare_inputs(inputs)))
+        self._harmful_micro.append(model_batch(self._prepare_inputs(self.sample_from_harmful()), "harmful"))
         if not self.accelerator.sync_gradients:  # not the last micro-batch of this update
             return self._zero
         align, harmful = self._align_micro, self._harmful_micro
         self._align_micro, self._harmful_micro = [], []
         if getattr(self.engine, "flat", None) is not None:  # the fast engine (as in _rebind_flat_storage)
             if self.engine.pack:
-                align, harmful = _packed_if_exact((align, harmful), self.args.device, self.engine.window)
+                align, harmful = packed_if_exact((align, harmful), self.args.device, self.engine.window)
             elif self.engine.drop_mask:
-                align, harmful = _without_masks_if_right_padded(align, harmful)
+                align, harmful = without_masks_if_right_padded(align, harmful)
         with self.compute_loss_context_manager():
             out = self.engine.step(align, harmful)
         values = torch.stack([out[k].detach().float().reshape(()) for k in BOOSTER_METRICS])

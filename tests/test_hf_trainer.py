@@ -490,7 +490,7 @@ def test_trainer_packs_the_fast_engines_batches(tmp_path):
 def test_fast_engine_gets_right_padded_batches_without_masks():
     """BoosterTrainer drops the masks of an update's micro-batches only when every one is right-padded and no
     pad carries a label."""
-    from booster_fast.hf_trainer import _without_masks_if_right_padded
+    from booster_fast.hf_batches import without_masks_if_right_padded
 
     def batch(mask_rows):
         mask = torch.tensor(mask_rows)
@@ -498,19 +498,19 @@ def test_fast_engine_gets_right_padded_batches_without_masks():
                 "attention_mask": mask}
 
     right, left = batch([[1, 1, 0], [1, 1, 1]]), batch([[0, 1, 1], [1, 1, 1]])
-    align, harmful = _without_masks_if_right_padded([right, right], [right])
+    align, harmful = without_masks_if_right_padded([right, right], [right])
     assert not any("attention_mask" in b for b in align + harmful) and set(align[0]) == {"input_ids", "labels"}
-    align, harmful = _without_masks_if_right_padded([right], [left])
+    align, harmful = without_masks_if_right_padded([right], [left])
     assert all("attention_mask" in b for b in align + harmful)
     labelled = dict(right, labels=torch.ones_like(right["labels"]))  # the pad's label is 1: the mask must stay
-    align, harmful = _without_masks_if_right_padded([right], [labelled])
+    align, harmful = without_masks_if_right_padded([right], [labelled])
     assert all("attention_mask" in b for b in align + harmful)
 
 
 def test_trainer_packs_only_what_packs_exactly():
-    """_packed_if_exact packs an update's micro-batches, unless one is left-padded or labels a pad: then all of
+    """packed_if_exact packs an update's micro-batches, unless one is left-padded or labels a pad: then all of
     them keep their masks."""
-    from booster_fast.hf_trainer import _packed_if_exact
+    from booster_fast.hf_batches import packed_if_exact
 
     def batch(lengths, width=64):
         real = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
@@ -518,12 +518,12 @@ def test_trainer_packs_only_what_packs_exactly():
         return {"input_ids": ids, "labels": ids.masked_fill(~real, -100), "attention_mask": real.long()}
 
     good = batch([30, 5, 64, 1])  # 100 real of 256 positions: packing shrinks it
-    align, harmful = _packed_if_exact(([good], [good]), "cpu", None)
+    align, harmful = packed_if_exact(([good], [good]), "cpu", None)
     assert all("cu_seqlens" in b for b in align + harmful)
     left = {k: v.flip(1) for k, v in good.items()}
     labelled = dict(good, labels=good["labels"].masked_fill(good["attention_mask"] == 0, 7))
     for bad in (left, labelled):
-        align, harmful = _packed_if_exact(([good], [bad]), "cpu", None)
+        align, harmful = packed_if_exact(([good], [bad]), "cpu", None)
         assert align[0] is good and harmful[0] is bad, "a batch packing refuses must leave the update as it was"
 
 

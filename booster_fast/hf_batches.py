@@ -1,0 +1,88 @@
+"""How BoosterTrainer's batches reach the engine: the keys it feeds the model (a batch it would train wrongly is
+refused), an update's micro-batches packed or stripped of their masks where that is exact, the harmful loader's
+own shuffle, and a collator that pads rows to one fixed length."""
+from __future__ import annotations
+
+import torch
+
+from .batches import labelled_pads, left_padded, to_device, without_mask
+
+MODEL_KEYS = ("input_ids", "labels", "attention_mask")
+# keys a collator may add that the model's forward would use: the engine feeds the model its own keys only, so a
+# batch that carries one (DataCollatorWithFlattening's position_ids, say) would be trained on something else
+FOREIGN_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+                "inputs_embeds")
+
+
+def _plain_positions(pos) -> bool:
+    """position_ids that say nothing the engine does not assume: 0, 1, 2, ... in every row."""
+    return pos.dim() == 2 and bool((pos == torch.arange(pos.shape[1], device=pos.device)).all())  # a host read
+
+
+def model_batch(inputs, which: str = "training") -> dict:
+    """The batch as the engine takes it (MODEL_KEYS); a ValueError for one it would train wrongly."""
+    foreign = [k for k in FOREIGN_KEYS if k in inputs
+               and not (k == "position_ids" and _plain_positions(inputs[k]))]
+    if foreign:
+        raise ValueError(f"BoosterTrainer: the {which} batches carry {', '.join(foreign)}, which the Booster step does "
+                         "not feed the model; use a collator that pads rows (input_ids, attention_mask, labels), "
+                         "not one that flattens them")
+    if "labels" not in inputs or "input_ids" not in inputs:
+        raise ValueError(f"BoosterTrainer: the {which} batches need input_ids and labels (label -100 on prompt and "
+                         f"padding); they have {', '.join(sorted(inputs))}")
+    return {k: inputs[k] for k in MODEL_KEYS if k in inputs}
+
+
+def packed_if_exact(groups, device, window):
+    """The micro-batches packed without pads (or without their masks, where packing would not shrink them), as
+    `Booster.to_device` prepares them, when every one is right-padded with unlabelled pads; else unchanged. The
+    micro-batches are copied to the host for that: one host read per update."""
+    host = [[{k: v.cpu() for k, v in b.items()} for b in g] for g in groups]  # a host sync, once per update
+    try:
+        return tuple([to_device(b, device, pack=True, bucketed=False, window=window) for b in g]  # eager: exact sizes
+                     for g in host)
+    except ValueError:  # packing.pack refused one (left padding, a labelled pad): not exact, keep the masks
+        return groups
+
+
+def without_masks_if_right_padded(*groups):
+    """The micro-batches without their attention masks when every mask is right-padded and no pad carries a
+    label (as Booster.to_device prepares batches for the fast engine: exact for a causal decoder, and the forward
+    then builds no mask and reads nothing back), else unchanged. One host read per update decides, instead of
+    transformers' reads in every forward."""
+    masked = [b for g in groups for b in g if b.get("attention_mask") is not None]
+    if masked:
+        flags = [f for b in masked for f in (left_padded(b["attention_mask"]), labelled_pads(b))]
+        if bool(torch.stack(flags).any()):  # a host sync, once per update
+            return groups
+    return tuple([without_mask(b) for b in g] for g in groups)
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A new random order of range(n) on each pass, drawn from `seed + pass`: the same on every process (accelerate
+    shards its batches), independent of the train loader's, and positionable for a resume (`passes`)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.passes = n, seed, 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class FixedLengthCollator:
+    """Right-pads rows of `input_ids`/`labels` to exactly `max_length` (labels −100, attention mask 0 on pads):
+    one static shape for the whole run, as `booster_fast.data.collate` does for `Booster`."""
+
+    def __init__(self, pad_id: int, max_length: int):
+        self.pad_id, self.max_length = pad_id, max_length
+
+    def __call__(self, rows):
+        from .data import collate
+
+        rows = [{"input_ids": list(map(int, r["input_ids"])), "labels": list(map(int, r["labels"]))} for r in rows]
+        return collate(rows, self.max_length, self.pad_id)
