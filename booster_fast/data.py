@@ -13,20 +13,20 @@ padding under a causal mask the pads never influence a real token.
 one process with batch n·b (rank r takes the r-th contiguous slice of each global batch).
 
 Loaders accept "builtin" (the generated corpus, works offline), the Hugging Face data sets of the paper
-(which fail offline with a `DataError` that names what to download), or a local .json/.jsonl file. Bad input
-raises `DataError` with a one-line message; the CLI prints it and exits 2.
+(which fail offline with a `DataError` that names what to download), or a local .json/.jsonl file (read by
+data_files.py). Bad input raises `DataError` with a one-line message; the CLI prints it and exits 2.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from booster_fast.corpus import attack_corpus, builtin_corpus
+# (DataError, Example, clean_refusal and load_harmful_file are imported from here too, as before data_files.py)
+from booster_fast.data_files import (DataError, Example, clean_refusal, instruction_file, instructions,  # noqa: F401
+                                     load_harmful_file, pairs, read_rows, row_format)
 
 IGNORE_INDEX = -100
 
@@ -66,10 +66,6 @@ SPLITS = ("train", "test")
 SAFETY_SPLITS = SPLITS + ("attack",)   # the safety data also has rows kept apart for the attack stage
 
 
-class DataError(ValueError):
-    """Bad data or data arguments; the message is one line, fit to print before exiting with status 2."""
-
-
 def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
@@ -79,13 +75,6 @@ def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002  (Alp
     if input:
         return PROMPT_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-@dataclass(frozen=True)
-class Example:
-    instruction: str
-    input: str
-    output: str
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,143 +257,6 @@ class BatchStream:
 
 
 # ------------------------------------------------------------------------------------------------
-# files
-# ------------------------------------------------------------------------------------------------
-def _json_type(v) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _parse_jsonl(path, text: str) -> list[tuple[str, object]]:
-    rows = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path} line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise DataError(f"{path} line {lineno}: JSON nested too deeply") from None
-    return rows
-
-
-def _read_rows(path: str, expected: str = "'builtin', a known data set name, or a .json/.jsonl path"
-               ) -> list[tuple[str, object]]:
-    """[(location for messages, parsed row)] from a .json array or .jsonl file; DataError on anything malformed
-    (`expected`: what the argument may be, for the error of a missing file)."""
-    p = Path(path)
-    if p.is_dir():
-        raise DataError(f"{path}: a directory, not a .json/.jsonl file")
-    if not p.is_file():
-        raise DataError(f"{path}: no such file (expected {expected})")
-    suffix = p.suffix.lower()
-    if suffix not in (".json", ".jsonl"):
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected .json or .jsonl")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start})") from None
-    if not text.strip():
-        raise DataError(f"{path}: empty data set (the file holds no text)")
-    if suffix == ".jsonl":
-        rows = _parse_jsonl(path, text)
-    else:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg == "Extra data":      # JSON Lines saved as .json
-                return _nonempty(path, _parse_jsonl(path, text))
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        except RecursionError:
-            raise DataError(f"{path}: JSON nested too deeply") from None
-        if not isinstance(obj, list):
-            raise DataError(f"{path}: expected a JSON array of row objects, got a JSON {_json_type(obj)}")
-        rows = [(f"{path} row {i}", row) for i, row in enumerate(obj, 1)]
-    return _nonempty(path, rows)
-
-
-def _nonempty(path, rows):
-    if not rows:
-        raise DataError(f"{path}: empty data set (no rows)")
-    return rows
-
-
-def _fields(loc: str, row, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, str]:
-    if not isinstance(row, dict):
-        raise DataError(f"{loc}: expected a JSON object, got a JSON {_json_type(row)}")
-    out = {}
-    for name in required + optional:
-        if name not in row or (name in optional and row[name] is None):
-            if name in required:
-                raise DataError(f"{loc}: missing field {name!r}")
-            out[name] = ""
-            continue
-        if not isinstance(row[name], str):
-            raise DataError(f"{loc}: field {name!r} must be a string, got a JSON {_json_type(row[name])}")
-        out[name] = row[name]
-    return out
-
-
-PAIR_FIELDS = ("prompt", "refusal", "response")
-INSTRUCTION_FIELDS = ("instruction", "output")
-
-
-def _row_format(loc: str, row) -> str:
-    if isinstance(row, dict):
-        if any(k in row for k in PAIR_FIELDS):
-            return "pairs"
-        if any(k in row for k in ("instruction", "output")):
-            return "instruction"
-        keys = ", ".join(map(str, list(row)[:8])) or "none"
-        raise DataError(f"{loc}: unrecognised row: expected fields prompt/refusal/response or "
-                        f"instruction/input/output, got {keys}")
-    raise DataError(f"{loc}: expected a JSON object, got a JSON {_json_type(row)}")
-
-
-def clean_refusal(refusal: str) -> str:
-    """RepNoise refusals read "Question: <prompt>\\nAnswer: <refusal>"; keep the answer."""
-    if refusal.startswith("Question:") and "\nAnswer:" in refusal:
-        return refusal.split("\nAnswer:", 1)[1].lstrip(" ")
-    return refusal
-
-
-def _pairs(rows) -> tuple[list[Example], list[Example]]:
-    align, harmful = [], []
-    for loc, row in rows:
-        f = _fields(loc, row, PAIR_FIELDS)
-        align.append(Example(f["prompt"], "", clean_refusal(f["refusal"])))
-        harmful.append(Example(f["prompt"], "", f["response"]))
-    return align, harmful
-
-
-def _instructions(rows) -> list[Example]:
-    out = []
-    for loc, row in rows:
-        f = _fields(loc, row, INSTRUCTION_FIELDS, ("input",))
-        out.append(Example(f["instruction"], f["input"], f["output"]))
-    return out
-
-
-def load_harmful_file(path: str) -> list[Example]:
-    """The harmful rows of a file of either kind, used whole (read once): the prompt -> response pairs of
-    prompt/refusal/response rows, or instruction/input/output rows as they are; DataError for a malformed file."""
-    rows = _read_rows(path)
-    return _pairs(rows)[1] if _row_format(*rows[0]) == "pairs" else _instructions(rows)
-
-
-def _instruction_file(path: str) -> list[Example]:
-    rows = _read_rows(path, "a .json/.jsonl file of instruction/input/output rows")
-    if _row_format(*rows[0]) != "instruction":
-        raise DataError(f"{path}: expected instruction/input/output rows, got prompt/refusal/response rows")
-    return _instructions(rows)
-
-
-# ------------------------------------------------------------------------------------------------
 # Hugging Face hub
 # ------------------------------------------------------------------------------------------------
 def load_hub(repo: str, name: str | None, split: str, hint: str = ""):
@@ -468,24 +320,24 @@ def load_safety_data(data: str, split: str = "train", harmful_data: str | None =
             raise DataError(f"{BEAVERTAILS_REPO} has {len(ds)} rows; the {split} split needs rows from {lo}")
         picked = ds.select(range(lo, min(hi, len(ds))))
         rows = [(f"{BEAVERTAILS_REPO} row {lo + i}", row) for i, row in enumerate(picked)]
-        align, harmful = _pairs(rows)
+        align, harmful = pairs(rows)
     else:
-        rows = _read_rows(data)
-        if _row_format(*rows[0]) == "pairs":
+        rows = read_rows(data)
+        if row_format(*rows[0]) == "pairs":
             if harmful_data is not None:
                 raise DataError(f"{data} already holds harmful answers (prompt/refusal/response rows); "
                                 f"do not also pass --harmful-data {harmful_data}")
-            align, harmful = _pairs(rows)
+            align, harmful = pairs(rows)
         else:
-            align = _instructions(rows)
+            align = instructions(rows)
             if harmful_data is None and not need_harmful:
                 return align, []
             if harmful_data is None:
                 raise DataError(f"{data} has instruction/input/output rows (the alignment set only); "
                                 f"pass --harmful-data <.json/.jsonl file of harmful instruction/input/output rows>")
-            harmful = _instruction_file(harmful_data)
+            harmful = instruction_file(harmful_data)
     if harmful_data is not None and data in ("builtin", "beavertails"):
-        harmful = _instruction_file(harmful_data)
+        harmful = instruction_file(harmful_data)
     return align, harmful
 
 
@@ -516,4 +368,4 @@ def load_benign(task: str, split: str = "train") -> list[Example]:
         if split == "test":
             ds = ds.select(range(min(EVAL_ROWS, len(ds))))
         return [Example(r["question"], "", _gsm8k_answer(r["answer"])) for r in ds]
-    return _instruction_file(task)
+    return instruction_file(task)
