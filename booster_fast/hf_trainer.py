@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .atomic import write_text_atomic
 from .config import BoosterConfig
 from .hf_batches import FixedLengthCollator  # noqa: F401 - importable from here, as it always was
 from .hf_batches import EpochShuffle, model_batch, packed_if_exact, without_masks_if_right_padded
@@ -319,8 +320,8 @@ class BoosterTrainer(Trainer):
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         if self.args.should_save:
-            with open(os.path.join(output_dir, HARMFUL_STATE), "w") as f:
-                json.dump({"harmful_batches_drawn": self._harmful_drawn}, f)
+            write_text_atomic(os.path.join(output_dir, HARMFUL_STATE),
+                              json.dumps({"harmful_batches_drawn": self._harmful_drawn}))
 
     def _load_rng_state(self, checkpoint) -> None:
         super()._load_rng_state(checkpoint)
