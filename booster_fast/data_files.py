@@ -105,6 +105,7 @@ INSTRUCTION_FIELDS = ("instruction", "output")
 
 
 def row_format(loc: str, row) -> str:
+    """"pairs" or "instruction": the kind of a file's row (its first decides for the file); DataError otherwise."""
     if isinstance(row, dict):
         if any(k in row for k in PAIR_FIELDS):
             return "pairs"
@@ -124,6 +125,7 @@ def clean_refusal(refusal: str) -> str:
 
 
 def pairs(rows) -> tuple[list[Example], list[Example]]:
+    """(alignment rows: prompt -> refusal, harmful rows: prompt -> response) of prompt/refusal/response rows."""
     align, harmful = [], []
     for loc, row in rows:
         f = _fields(loc, row, PAIR_FIELDS)
@@ -133,6 +135,7 @@ def pairs(rows) -> tuple[list[Example], list[Example]]:
 
 
 def instructions(rows) -> list[Example]:
+    """Examples of instruction/input/output rows (input optional)."""
     out = []
     for loc, row in rows:
         f = _fields(loc, row, INSTRUCTION_FIELDS, ("input",))
@@ -148,6 +151,7 @@ def load_harmful_file(path: str) -> list[Example]:
 
 
 def instruction_file(path: str) -> list[Example]:
+    """A file of instruction/input/output rows; DataError for the other kind or a malformed file."""
     rows = read_rows(path, "a .json/.jsonl file of instruction/input/output rows")
     if row_format(*rows[0]) != "instruction":
         raise DataError(f"{path}: expected instruction/input/output rows, got prompt/refusal/response rows")
