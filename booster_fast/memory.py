@@ -133,15 +133,19 @@ def lora_parameters(shape: Shape, targets: tuple[str, ...], r: int) -> int:
 
 
 def layer_bytes_per_token(shape: Shape, a: int, targets: tuple[str, ...], r: int, fused: bool,
-                          lora_dropout: float = 0.0, grouped_kv: bool = True, input_copies: bool = False) -> int:
+                          lora_dropout: float = 0.0, grouped_kv: bool = True, input_copies: bool = False,
+                          res: int | None = None) -> int:
     """Bytes one decoder layer saves for its backward per token (module docstring). `a`: the activations'
-    element size; `grouped_kv`: attention keeps k/v at kv_heads (False: repeated to every head first, as
+    element size; `res`: the residual stream's (default `a`; 4 where NF4 linears sit beside fp32 embeddings and
+    norms: the norms and the quantised linears' outputs are then fp32, attention and LoRA bf16 under autocast);
+    `grouped_kv`: attention keeps k/v at kv_heads (False: repeated to every head first, as
     transformers does for a masked batch); `input_copies`: each adapter keeps its own copy of its input (peft's
     forward casts the input to the fp32 LoRA weights and autocast back, as the reference runs it in bf16; the
     fast engine's routed LoRA reads the shared input)."""
     h, q, i = shape.hidden, shape.width("q"), shape.intermediate
     kv = shape.width("kv") if grouped_kv else q
-    norm = (a if fused else 4) * h + 4  # input (fp32 copy unfused) and the fp32 rstd
+    res = a if res is None else res
+    norm = (res if fused else 4) * h + 4  # input (fp32 copy unfused) and the fp32 rstd
     total = 2 * norm
     if input_copies or lora_dropout > 0:  # per adapter: its input (copied or dropped); a dropout's 1-byte mask
         total += sum((a + (lora_dropout > 0)) * shape.width(LINEARS[t][0]) for t in targets)
@@ -151,7 +155,7 @@ def layer_bytes_per_token(shape: Shape, a: int, targets: tuple[str, ...], r: int
         total += a * i * ("down_proj" in targets)  # (o_proj's input is attention's output, kept anyway)
     total += a * r * len(targets)  # LoRA's x·A, kept for B's gradient
     total += a * (2 * q + 2 * kv) + 4 * shape.heads  # q, k, v, output; log-sum-exp in fp32
-    total += a * (2 if fused else 3) * i  # gate and up (and eager silu(gate))
+    total += res * (2 if fused else 3) * i  # gate and up (and eager silu(gate))
     return total
 
 
@@ -162,23 +166,27 @@ def layer_bytes_fixed(shape: Shape, a: int, targets: tuple[str, ...], r: int) ->
 
 def pass_bytes(shape: Shape, tokens: int, positions: int, a: int, targets: tuple[str, ...], r: int,
                fused: bool, checkpointing: bool, lora_dropout: float = 0.0, grouped_kv: bool = True,
-               input_copies: bool = False, recorded_tokens: int = 0) -> tuple[int, int]:
+               input_copies: bool = False, recorded_tokens: int = 0, res: int | None = None) -> tuple[int, int]:
     """(saved, transient) bytes of one forward/backward over `tokens` tokens whose LM head sees `positions`
-    positions. `recorded_tokens`: alignment tokens whose attention-output gradients perturb_aware keeps."""
-    per_layer = layer_bytes_per_token(shape, a, targets, r, fused, lora_dropout, grouped_kv, input_copies) * tokens
+    positions. `recorded_tokens`: alignment tokens whose attention-output gradients perturb_aware keeps; `res`:
+    the residual stream's element size (layer_bytes_per_token)."""
+    res = a if res is None else res
+    per_layer = layer_bytes_per_token(shape, a, targets, r, fused, lora_dropout, grouped_kv, input_copies,
+                                      res) * tokens
     fixed = layer_bytes_fixed(shape, a, targets, r) * shape.layers
-    head_in = ((a if fused else 4) * shape.hidden + 4) * tokens  # the final norm's input
+    head_in = ((res if fused else 4) * shape.hidden + 4) * tokens  # the final norm's input
     logits = HEAD_BYTES_PER_LOGIT * shape.vocab * positions
     recorded = a * shape.hidden * shape.layers * recorded_tokens
-    working = 3 * a * shape.intermediate * tokens  # a layer's MLP backward: gradients of act(gate)·up, gate, up
+    working = 3 * res * shape.intermediate * tokens  # a layer's MLP backward: gradients of act(gate)·up, gate, up
     if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
-        saved = a * shape.hidden * shape.layers * tokens + head_in + recorded
+        saved = res * shape.hidden * shape.layers * tokens + head_in + recorded
         return saved, max(logits, per_layer + fixed // shape.layers + working)
     return per_layer * shape.layers + fixed + head_in + recorded, max(logits, working)
 
 
 def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_length: int,
-             compute_bytes: int = 2, targets=("q_proj", "k_proj", "v_proj"), r: int = 32,
+             compute_bytes: int = 2, residual_bytes: int | None = None, targets=("q_proj", "k_proj", "v_proj"),
+             r: int = 32,
              lora_dropout: float = 0.0, impl: str = "fast", method: str = "booster", merged: bool = True,
              fused: bool = True, checkpointing: bool = False, perturb_aware: bool = False,
              grouped_kv: bool | None = None, quant: str = "none", micro_batches: int = 1,
@@ -187,6 +195,7 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
 
     rows / harmful_rows: alignment / harmful rows per micro-batch, `micro_batches` of them per update (Vaccine
     keeps the attention-output gradients of all of them); compute_bytes: 2 for a bf16 or NF4 base, 4 for fp32;
+    residual_bytes: the residual stream's (default compute_bytes; 4 for NF4 beside fp32 unquantised weights);
     merged: the fast engine runs both batches as one pass; grouped_kv (default: for the fast engine, which gives
     the attention no mask) see layer_bytes_per_token; quant "nf4" and cuda: peft's 4-bit LoRA layer casts no
     input under CUDA's autocast (it does under the CPU's); graph_warmup: CUDA graphs over packed batches (the
@@ -197,9 +206,13 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
     a = compute_bytes
     fused = fused and impl == "fast"
     grouped_kv = impl == "fast" if grouped_kv is None else grouped_kv
-    one = dict(a=a, targets=names, r=r, fused=fused, checkpointing=checkpointing, lora_dropout=lora_dropout,
-               grouped_kv=grouped_kv, input_copies=impl == "reference" and a == 2
-                                                  and not (quant == "nf4" and cuda))
+    res = a if residual_bytes is None else residual_bytes
+    # each adapter keeps its own input copy where the input is cast for it: peft's reference layer in bf16 (but
+    # not its 4-bit layer under CUDA's autocast), and every adapter when the residual stream is wider than the
+    # adapters' dtype (autocast casts an activation anew for each use)
+    copies = res > a or (impl == "reference" and a == 2 and not (quant == "nf4" and cuda))
+    one = dict(a=a, res=res, targets=names, r=r, fused=fused, checkpointing=checkpointing,
+               lora_dropout=lora_dropout, grouped_kv=grouped_kv, input_copies=copies)
     record = max_length * rows * micro_batches if perturb_aware and method == "booster" else 0
     if method == "sft":
         batches = [rows]
@@ -248,7 +261,8 @@ def of_booster(booster, batch_size: int, harmful_batch_size: int, max_length: in
     targets = "all-linear" if targets == "all-linear" else sorted(targets)
     pack, micro = getattr(engine, "pack", False), cfg.grad_accum
     settings = dict(rows=batch_size // micro, harmful_rows=harmful_batch_size // micro, max_length=max_length,
-                    compute_bytes=torch.finfo(compute_dtype(model)).bits // 8, targets=targets, r=r,
+                    compute_bytes=torch.finfo(compute_dtype(model)).bits // 8,
+                    residual_bytes=model.get_input_embeddings().weight.element_size(), targets=targets, r=r,
                     lora_dropout=lora.lora_dropout, impl=cfg.impl, method=method,
                     merged=getattr(engine, "merge", False), fused=getattr(engine, "fused", False),
                     checkpointing=any(getattr(m, "gradient_checkpointing", False) for m in model.modules()),
@@ -316,10 +330,11 @@ def for_args(args) -> str:
     lines = []
     for quant in (args.quant,) if args.quant == "nf4" else ("none", "nf4"):
         a = 2 if quant == "nf4" or dtype == torch.bfloat16 else 4
+        res = 2 if dtype == torch.bfloat16 else 4  # NF4 keeps the embeddings and norms in the given dtype
         kind = "NF4" if quant == "nf4" else next(k for k, v in DTYPES.items() if v == dtype)
         for ckpt in (False, True):
-            est = estimate(shape, weights=weight_bytes(*counts, quant, dtype), compute_bytes=a, checkpointing=ckpt,
-                           quant=quant, **common)
+            est = estimate(shape, weights=weight_bytes(*counts, quant, dtype), compute_bytes=a, residual_bytes=res,
+                           checkpointing=ckpt, quant=quant, **common)
             given = quant == args.quant and ckpt == args.gradient_checkpointing
             lines.append(("*" if given else " ", kind + (", --gradient-checkpointing" if ckpt else ""), est))
     what = "SFT step" if args.method == "sft" else "Booster step" + (" + Vaccine" if common["perturb_aware"] else "")

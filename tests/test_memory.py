@@ -110,6 +110,11 @@ CASES = {  # (layers of the two models, settings)
     "reference, fp32, checkpointing": ((2, 4), dict(impl="reference", dtype=torch.float32, checkpointing=True)),
     "reference, sft": ((2, 4), dict(impl="reference", method="sft")),
     "reference, NF4": ((2, 4), dict(impl="reference", quant="nf4")),
+    "fast, NF4": ((2, 4), dict(quant="nf4")),
+    # NF4 beside fp32 unquantised weights (the tiny model's default dtype): the residual stream, the norms and the
+    # quantised linears' outputs stay fp32, attention and LoRA run in bf16 under autocast
+    "fast, NF4, fp32 residual": ((2, 4), dict(quant="nf4", dtype=torch.float32)),
+    "reference, NF4, fp32 residual": ((2, 4), dict(impl="reference", quant="nf4", dtype=torch.float32)),
 }
 
 
