@@ -147,8 +147,7 @@ def build_impl(name: str, args, device):
         # non-reentrant (before add_lora): needs no enable_input_require_grads(), it recomputes under autograd
         enable_gradient_checkpointing(model)
     torch.manual_seed(args.seed)
-    model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha,
-                     targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
+    model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.targets)  # (add_lora splits it)
     lora0 = {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)}
     return Booster(model, cfg), tok, lora0
 
