@@ -11,7 +11,9 @@ norm of the attention-output gradients, the perturbation of one big batch, where
 micro-batch (and each process) on its own.
 
 `perturb_aware` (Booster + Vaccine) runs the original's two extra alignment passes (perturb_aware.py): one at w
-that records each attention output's gradient, one with the outputs perturbed by ρ along it.
+that records each attention output's gradient, one with the outputs perturbed by ρ along it. The original's
+training step then returns the perturbed alignment loss f(w; e); here `loss` stays f(w), as without Vaccine,
+and f(w; e) is logged beside it as `loss_perturbed` (the fast engine logs the same two).
 """
 from __future__ import annotations
 

@@ -145,11 +145,11 @@ def test_leaving_out_the_mask_of_right_padded_batches_is_exact(batches):
     the update must not change (real tokens never see the pads after them; pads carry no label)."""
     assert any((a["attention_mask"] == 0).any() for a, _ in batches), "no padding: the test would prove nothing"
     model, _ = make_model()
-    booster = bf.Booster(model, bf.BoosterConfig(impl="fast"))
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", packing=False))  # padded batches, masks left out
     unmasked = [(booster.to_device(a, "cpu"), booster.to_device(h, "cpu")) for a, h in batches]
-    assert not any("attention_mask" in b for pair in unmasked for b in pair)
-    masked_w, _ = run("fast", batches, steps=3)
-    unmasked_w, _ = run("fast", unmasked, steps=3)
+    assert not any("attention_mask" in b or "cu_seqlens" in b for pair in unmasked for b in pair)
+    masked_w, _ = run("fast", batches, steps=3, packing=False)
+    unmasked_w, _ = run("fast", unmasked, steps=3, packing=False)
     err, name = worst_relative_error(unmasked_w, masked_w)
     assert err <= 1e-5, f"leaving the mask out changed {name} by {err:.3g}"
     left = {k: v.flip(1) for k, v in batches[0][0].items()}  # left-padded: the mask cannot be left out
@@ -632,11 +632,17 @@ def test_zero_harmful_gradient_gives_no_nan(batches):
     assert torch.isfinite(booster.engine.flat.W).all() and out["skipped"].item() == 0.0
 
 
-def test_meta_term_off_uses_two_passes(batches):
+@pytest.mark.parametrize("meta, merge, passes", [(True, False, 3), (True, True, 2), (False, False, 2),
+                                                  (False, True, 1)])
+def test_model_passes_per_step(batches, meta, merge, passes):
+    """The perturbed pass runs only with the meta term; merging runs the harmful and alignment batches as one."""
     model, _ = make_model()
-    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", meta_term=False, merge_passes=False))
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", meta_term=meta, merge_passes=merge))
+    calls = [0]
+    booster.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     out = booster.step(*batches[0])
-    assert torch.isnan(out["harmful_loss_perturbed"])
+    assert calls[0] == passes
+    assert torch.isnan(out["harmful_loss_perturbed"]) != meta
     assert torch.isfinite(out["loss"]) and torch.isfinite(out["harmful_grad_norm"])
 
 
