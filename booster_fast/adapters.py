@@ -62,12 +62,32 @@ def read_run_config(run_dir: str | Path) -> dict:
     if not any((d / f).is_file() for f in ADAPTER_WEIGHTS):  # peft would look for them on the Hub instead
         raise UsageError(f"--adapter {run_dir}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
     if (d / "run_config.json").is_file():
-        return _read_json(d, "run_config.json", run_dir)
+        return _checked_fields(_read_json(d, "run_config.json", run_dir), run_dir)
     run = d.absolute().parent.parent
     if d.absolute().parent.name == "checkpoints" and (run / "run_config.json").is_file():  # a checkpoint of a run
         log.info("adapter %s: a checkpoint of %s, whose run_config.json gives the base and settings", run_dir, run)
-        return _read_json(run, "run_config.json", run_dir)
+        return _checked_fields(_read_json(run, "run_config.json", run_dir), run_dir)
     return {}
+
+
+# run_config.json's fields that attack and eval read as names (of a model, a data set or file, a method, a command)
+_NAME_FIELDS = ("command", "model", "quant", "dtype", "data", "harmful_data", "harmful", "benign", "method",
+                "aligned_with")
+
+
+def _checked_fields(cfg: dict, run_dir) -> dict:
+    """cfg, once the fields attack and eval read have their types (an edited file gets one line, not a traceback);
+    the integers are checked where they are read (config_int)."""
+    for where, fields in (("", cfg), ("base.", cfg.get("base"))):
+        if fields is None:
+            continue
+        if not isinstance(fields, dict):
+            raise UsageError(f"--adapter {run_dir}: run_config.json's base is {fields!r}, not a JSON object")
+        for key in _NAME_FIELDS:
+            if fields.get(key) is not None and not isinstance(fields[key], str):
+                raise UsageError(f"--adapter {run_dir}: run_config.json's {where}{key} is {fields[key]!r}, not a "
+                                 "string")
+    return cfg
 
 
 def config_int(cfg: dict, key: str, default: int) -> int:

@@ -68,8 +68,8 @@ def add_parser(sub):
     add_base_args(p)
     p.add_argument("--benign", default="builtin", help="builtin | sst2 | agnews | gsm8k | PATH (.json/.jsonl)")
     p.add_argument("--harmful", default=None,
-                   help="harmful samples: builtin | beavertails | PATH (default: the aligned run's --data; without "
-                        "run_config.json builtin on a preset base, else beavertails)")
+                   help="harmful samples: builtin | beavertails | PATH (default: the aligned run's --data, an attack "
+                        "run's own harmful rows; without run_config.json builtin on a preset base, else beavertails)")
     p.add_argument("--harmful-split", default="attack", choices=HARMFUL_SPLITS,
                    help="attack: rows kept apart from the alignment's (BeaverTails rows 1-4999 as the original; "
                         "built-in: prompts in neither train nor test); train: the alignment's own rows. A file is "
@@ -264,8 +264,10 @@ def run_attack(args) -> int:
     run_cfg = read_run_config(args.adapter)
     base, base_from = resolve_base(args, run_cfg)
     seed = config_int(run_cfg, "seed", DEFAULT_SEED) if args.seed is None else args.seed
-    harmful_src = args.harmful or run_cfg.get("data") or default_harmful_data(base["model"])
     harmful_file = run_cfg.get("harmful_data") if args.harmful is None else None
+    if args.harmful is None and run_cfg.get("command") == "attack":  # an attack run again: its own harmful rows
+        args.harmful = run_cfg.get("harmful")
+    harmful_src = args.harmful or run_cfg.get("data") or default_harmful_data(base["model"])
     max_length = args.max_length or config_int(run_cfg, "max_length", DEFAULT_MAX_LENGTH)
     if max_length < 1:
         raise UsageError(f"run_config.json: max_length must be >= 1, got {max_length}")

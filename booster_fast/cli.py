@@ -262,8 +262,9 @@ def main(argv=None) -> int:
     for flag in ("model", "base_model"):  # a local model directory is recorded absolute
         if getattr(args, flag, None):
             setattr(args, flag, absolute_local_path(getattr(args, flag)))
-    if args.command in ("align", "memory"):  # so are local data files: a resume may start in another directory
-        for flag in ("data", "harmful_data"):
+    if args.command in ("align", "memory", "attack", "eval"):  # so are local data files: a resume, or an eval of
+        # an attack run (which reads the run's data), may start in another directory
+        for flag in ("data", "harmful_data", "harmful", "benign", "prompts"):
             if getattr(args, flag, None):
                 setattr(args, flag, absolute_local_path(getattr(args, flag)))
     if args.command in ("attack", "eval", "experiment"):  # own defaults; one-line errors, exit 2

@@ -333,8 +333,9 @@ def load_safety_data(data: str, split: str = "train", harmful_data: str | None =
             if harmful_data is None and not need_harmful:
                 return align, []
             if harmful_data is None:
-                raise DataError(f"{data} has instruction/input/output rows (the alignment set only); "
-                                f"pass --harmful-data <.json/.jsonl file of harmful instruction/input/output rows>")
+                raise DataError(f"{data} has instruction/input/output rows (the alignment set only); name a "
+                                f".json/.jsonl file of harmful instruction/input/output rows (align's --harmful-data, "
+                                f"attack's --harmful)")
             harmful = instruction_file(harmful_data)
     if harmful_data is not None and data in ("builtin", "beavertails"):
         harmful = instruction_file(harmful_data)

@@ -89,8 +89,13 @@ def _copy_adapter(src: Path, dst: Path, weights: bytes | None = None) -> Path:
     return dst
 
 
+EDITED_RUN_CONFIG = {"seed_not_int": ({"seed": "abc"}, "seed is 'abc', not an integer"),
+                     "data_not_str": ({"data": 5}, "run_config.json's data is 5, not a string"),
+                     "base_not_object": ({"base": "x"}, "run_config.json's base is 'x', not a JSON object")}
+
+
 @pytest.mark.parametrize("case", ["lr_inf", "epochs_inf", "max_length_0", "corrupt_weights", "no_weights",
-                                  "seed_not_int"])
+                                  *EDITED_RUN_CONFIG])
 def test_bad_attack_input_is_one_line(case, aligned, tmp_path, capsys):
     adapter, extra, needle = aligned, [], None
     if case == "lr_inf":
@@ -106,14 +111,14 @@ def test_bad_attack_input_is_one_line(case, aligned, tmp_path, capsys):
         adapter = _copy_adapter(aligned, tmp_path / "empty")
         extra, needle = ["--base-model", "tiny"], "no adapter weights"
     else:
-        adapter = tmp_path / "badseed"
+        adapter = tmp_path / "edited"
         adapter.mkdir()
         for f in aligned.iterdir():
             if f.is_file():
                 (adapter / f.name).write_bytes(f.read_bytes())
+        edit, needle = EDITED_RUN_CONFIG[case]
         cfg = json.loads((adapter / "run_config.json").read_text())
-        (adapter / "run_config.json").write_text(json.dumps({**cfg, "seed": "abc"}))
-        needle = "seed is 'abc', not an integer"
+        (adapter / "run_config.json").write_text(json.dumps({**cfg, **edit}))
     out = tmp_path / "out"
     capsys.readouterr()
     steps = [] if case == "epochs_inf" else ["--steps", "1"]

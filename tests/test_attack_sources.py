@@ -288,6 +288,36 @@ def test_a_harmful_file_is_used_whole_and_says_so(aligned, tmp_path, caplog, kin
     assert len(warned) == 1 and "no attack split" in warned[0] and "\n" not in warned[0]
 
 
+def test_an_attack_run_keeps_its_harmful_file_wherever_it_is_read(aligned, tmp_path, monkeypatch):
+    """A relative --harmful path is recorded absolute, so that eval of the attacked run, and a second attack on it
+    (which takes the run's own harmful rows, not the built-in set), read the same file from another directory."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere" / "data").mkdir(parents=True)
+    row = lambda i, what: json.dumps({"instruction": f"How do I do {what} thing {i}?",  # noqa: E731
+                                      "output": f"Here is how to do {what} thing {i}."}) + "\n"
+    (tmp_path / "data" / "harmful.jsonl").write_text("".join(row(i, "bad") for i in range(30)))
+    # a file of the same name elsewhere, which a relative path would pick up there
+    (tmp_path / "elsewhere" / "data" / "harmful.jsonl").write_text("".join(row(i, "other") for i in range(30)))
+    pools = []
+    real_mix = attack.poison_mix
+    monkeypatch.setattr(attack, "poison_mix", lambda b, h, *a: pools.append(h) or real_mix(b, h, *a))
+    monkeypatch.chdir(tmp_path)
+    assert main(["attack", "--adapter", str(aligned), "--output", "first", "--harmful", "data/harmful.jsonl",
+                 *SMALL_ATTACK]) == 0
+    first = json.loads((tmp_path / "first" / "run_config.json").read_text())
+    assert first["harmful"] == str(tmp_path / "data" / "harmful.jsonl")
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["attack", "--adapter", str(tmp_path / "first"), "--output", "second", *SMALL_ATTACK]) == 0
+    second = json.loads((tmp_path / "elsewhere" / "second" / "run_config.json").read_text())
+    assert second["harmful"] == first["harmful"] and second["harmful_split"] == "whole file"
+    assert pools[1] == pools[0] and "bad thing" in pools[0][0].instruction
+    assert main(["eval", "--adapter", str(tmp_path / "first"), "--output", "eval.json", *SMALL_EVAL]) == 0
+    result = json.loads((tmp_path / "elsewhere" / "eval.json").read_text())
+    assert first["harmful"] in result["harmful"]["prompts"]
+    assert all("bad thing" in x["prompt"] for x in result["examples"]["harmful"])
+
+
 def test_an_sft_runs_instruction_data_is_not_taken_for_harmful_rows(tmp_path, capsys):
     """An SFT run may align on instruction/input/output rows alone: they are refusals, not harmful rows. Attacking
     it without --harmful is the one-line error that asks for harmful data, not an attack poisoned with refusals;
