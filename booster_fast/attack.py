@@ -208,7 +208,8 @@ def heldout_loss(model, batches: list[dict], device):
     return total / count.clamp(min=1)
 
 
-def _check_args(args):
+def check_attack_args(args):
+    """The attack's flags on their own (one-line UsageError); experiment checks them too, before its alignment."""
     from .cli import UsageError
 
     if not 0 <= args.poison_ratio <= 1:
@@ -259,7 +260,7 @@ def run_attack(args) -> int:
     from .cli import UsageError
     from .run_args import check_device_flags, check_output, resolve_device
 
-    _check_args(args)
+    check_attack_args(args)
     check_output(args.output, args.overwrite, resumable=False)  # before minutes of loading; again when it is made
     run_cfg = read_run_config(args.adapter)
     base, base_from = resolve_base(args, run_cfg)

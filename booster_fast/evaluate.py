@@ -367,6 +367,14 @@ def _defaults(args, run_cfg: dict, base_model: str):
 
 
 def check_eval_args(args):
+    from .atomic import check_writable_file
+
+    check_eval_flags(args)
+    check_writable_file(args.output, "--output")
+
+
+def check_eval_flags(args):
+    """eval's flags on their own (one-line UsageError); experiment checks them too, before its alignment."""
     from .cli import UsageError
 
     if args.judge is not None and args.judge not in JUDGES:
@@ -377,9 +385,6 @@ def check_eval_args(args):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    from .atomic import check_writable_file
-
-    check_writable_file(args.output, "--output")
 
 
 def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:

@@ -373,14 +373,23 @@ def run_experiment(args) -> int:
 
 
 def check_settings(p: dict):
-    """The settings that only the eval stage would refuse, after the alignment: the judge and the task."""
-    from .cli import UsageError
-    from .evaluate import JUDGES, TASKS
+    """The settings that the attack and eval stages would refuse only after the alignment (hours, on a paper
+    preset): the judge, the task, and every attack.* and eval.* value, through the stages' own flag checks."""
+    from .attack import check_attack_args
+    from .cli import UsageError, build_parser
+    from .evaluate import JUDGES, TASKS, check_eval_flags
 
     if p["judge"] not in JUDGES:
         raise UsageError(f"judge {p['judge']!r}: choose one of {', '.join(JUDGES)}")
     if p["benign"] not in TASKS:
         raise UsageError(f"benign {p['benign']!r}: eval scores only the tasks {', '.join(TASKS)}")
+    parser, unused = build_parser(), Path("not-read")  # the paths are only parsed
+    for check, argv in ((check_attack_args, attack_argv(p, unused, p["seed"], unused, None)),
+                        (check_eval_flags, eval_argv(p, unused, unused, None))):
+        try:
+            check(parser.parse_args(argv))
+        except UsageError as e:
+            raise UsageError(f"{argv[0]} stage: {e}") from None
 
 
 def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None) -> int:

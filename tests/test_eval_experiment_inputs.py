@@ -371,6 +371,28 @@ def test_preflight_refuses_new_tokens_beyond_the_positions(tmp_path, monkeypatch
     assert code == 2 and "eval.max_new_tokens 100000" in line and stages.calls == []
 
 
+@pytest.mark.parametrize("setting, needle", [
+    ("attack.poison_ratio=2", "attack stage: --poison-ratio must lie in [0, 1], got 2"),
+    ("attack.lr=-1", "attack stage: --lr must be a finite number > 0"),
+    ("attack.batch_size=5000", "attack stage: --batch-size 5000 is larger than --samples"),
+    ("eval.batch_size=0", "eval stage: --batch-size must be >= 1, got 0"),
+])
+def test_attack_and_eval_settings_are_checked_before_the_alignment(setting, needle, tmp_path, monkeypatch, capsys):
+    stages = NoStage()
+    monkeypatch.setattr(experiment, "_run", stages)
+    capsys.readouterr()
+    code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
+                 "--output", str(tmp_path / "x.json"), "--set", setting])
+    line = one_error_line(capsys)
+    assert code == 2 and needle in line and stages.calls == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("preset", list(experiment.PRESETS))
+def test_every_preset_passes_the_stages_checks(preset):
+    experiment.check_settings(experiment.PRESETS[preset])
+
+
 # ------------------------------------------------------------------------------------------- experiment: --workdir
 @pytest.mark.parametrize("where", ["is-a-file", "under-a-file"])
 def test_workdir_that_is_a_file_exits_2_up_front(where, tmp_path, monkeypatch, capsys):
