@@ -51,7 +51,9 @@ def plot_defense(result: dict, path: Path):
 
     curves(axes[0], "harmful_loss_curve", "held-out harmful loss (token mean)", "Harmful loss under the attack")
     if keyword:
-        curves(axes[1], "keyword_harmful_score_curve", "% of 64 held-out prompts not refused",
+        probed = result.get("settings", {}).get("attack", {}).get("refusal_prompts")
+        curves(axes[1], "keyword_harmful_score_curve",
+               f"% of {probed or 'the'} held-out prompts not refused",
                "Keyword harmful score under the attack")
         axes[1].set_ylim(-3, 103)
 

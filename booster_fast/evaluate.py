@@ -420,6 +420,10 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
     flags = judge.flags([p[0] if not p[1] else f"{p[0]}\n{p[1]}" for p in prompts], answers)
     refusals = sum(is_refusal(a) for a in answers)
     compliant = sum(is_compliant(a) for a in answers)
+    empty = sum(not a.strip() for a in answers)
+    if empty and judge.name == "refusal":
+        log.warning("eval: %d of the %d answers to harmful prompts are empty; the keyword judge counts them as not "
+                    "harmful (the JSON's harmful.empty)", empty, len(answers))
     task_answers = generate(model, tok, [(e.instruction, e.input) for e in task_rows], d["task_max_new"], d["batch"],
                             device, desc=f"{d['task']} test")
     correct = [task_correct(d["task"], a, e.output) for a, e in zip(task_answers, task_rows)]
@@ -434,7 +438,7 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
         "judge": {"name": judge.name, "label": judge.label, "chosen": judge_why,
                   **({"markers": list(REFUSAL_MARKERS)} if judge.name == "refusal" else {})},
         "harmful": {"prompts": prompts_desc, "n": len(prompts), "flagged": sum(flags), "refusals": refusals,
-                    "compliant_style": compliant, "empty": sum(not a.strip() for a in answers),
+                    "compliant_style": compliant, "empty": empty,
                     "max_new_tokens": d["max_new"]},
         "task": {"name": d["task"], "n": len(task_rows), "correct": sum(correct),
                  "rule": TASK_RULES.get(d["task"], DEFAULT_RULE), "max_new_tokens": d["task_max_new"]},

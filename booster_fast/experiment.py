@@ -418,10 +418,8 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
             keyword = [(r["step"], r["keyword_harmful_score"]) for r in attack_rows if "keyword_harmful_score" in r]
             row[method] = {
                 "align_final": {k: align_metrics[-1].get(k) for k in ("loss", "harmful_loss")},
-                "before_attack": {"harmful_score": before["harmful_score"], "accuracy": before["accuracy"],
-                                  "refusals": before["harmful"]["refusals"], "n": before["harmful"]["n"]},
-                "after_attack": {"harmful_score": after["harmful_score"], "accuracy": after["accuracy"],
-                                 "refusals": after["harmful"]["refusals"], "n": after["harmful"]["n"]},
+                "before_attack": _scores(before),
+                "after_attack": _scores(after),
                 "harmful_loss_curve": curve,
                 "harmful_loss_drop": curve[0][1] - curve[-1][1],
                 "train_loss_curve": [(r["step"], r["train_loss"]) for r in attack_rows if r["train_loss"] is not None],
@@ -458,6 +456,15 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
     print(json.dumps({"experiment": "defense", "preset": args.preset, "summary": {
         m: {k: round(v["mean"], 4) for k, v in s.items()} for m, s in summary.items()}}))
     return 0
+
+
+def _scores(result: dict) -> dict:
+    """What the experiment keeps of one eval: the two scores, and the harmful answers' counts that say what the
+    score measured (a keyword judge counts empty answers and off-topic ones, such as a task label, as it counts
+    refusals and compliance: `compliant_style` counts answers in a compliant style)."""
+    h = result["harmful"]
+    return {"harmful_score": result["harmful_score"], "accuracy": result["accuracy"], "n": h["n"],
+            **{k: h.get(k) for k in ("refusals", "compliant_style", "empty")}}
 
 
 def _print_table(per_seed: list[dict], methods: list[str], summary: dict | None = None):

@@ -100,8 +100,6 @@ def test_bench_json_smoke(capsys, tmp_path):
 ])
 def test_bad_flag_exits_2_with_one_line(capsys, flags, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    if "--plot" in flags:
-        pytest.importorskip("matplotlib")
     out = ["--output", "bench.json"] if "--output" not in flags else []
     assert main(["bench", "--device", "cpu", *flags, *out]) == 2
     # (bitsandbytes may print its own line when it is imported)

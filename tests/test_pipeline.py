@@ -185,7 +185,6 @@ def test_bad_input_exits_2_with_one_line(case, aligned, tmp_path, capsys):
 def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
     """The orchestration end to end on a micro version of the tiny preset: 3 methods x (align, eval, attack,
     eval), the JSON document (settings, machine, curves, scores) and the plot."""
-    pytest.importorskip("matplotlib")
     from booster_fast import experiment
 
     micro = json.loads(json.dumps(experiment.PRESETS["tiny"]))
@@ -209,7 +208,10 @@ def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
     row = res["per_seed"][0]
     for m in ("sft", "booster", "booster-vaccine"):
         assert [s for s, _ in row[m]["harmful_loss_curve"]] == [0, 1, 2]
-        assert {"harmful_score", "accuracy", "refusals"} <= set(row[m]["after_attack"])
+        after = row[m]["after_attack"]
+        assert {"harmful_score", "accuracy", "refusals", "compliant_style", "empty"} <= set(after)
+        assert all(isinstance(after[k], int) and 0 <= after[k] <= after["n"]
+                   for k in ("refusals", "compliant_style", "empty"))
         assert [s for s, _ in row[m]["keyword_harmful_score_curve"]] == [0, 1, 2]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = capsys.readouterr().out.strip().splitlines()[-1]
