@@ -409,6 +409,10 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
     # data and judge before the model: the likeliest failures come first
     harmful_file = run_cfg.get("harmful_data") if args.prompts is None else None
     prompts, prompts_desc = harmful_prompts(d["prompts"], harmful_file, args.num_prompts)
+    if args.prompts is None and d["prompts"] not in ("builtin", "beavertails"):
+        log.warning("eval: the harmful prompts are the run's own data file %s, which it trained on: the harmful "
+                    "score is not measured on held-out prompts (--prompts builtin|beavertails|PATH for others)",
+                    d["prompts"])
     task_rows = load_benign(d["task"], "test")[: args.num_task]
     judge = RefusalJudge() if judge_name == "refusal" else BeaverDamJudge(args.judge_model, device)
     if model is None:

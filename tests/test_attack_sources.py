@@ -288,9 +288,10 @@ def test_a_harmful_file_is_used_whole_and_says_so(aligned, tmp_path, caplog, kin
     assert len(warned) == 1 and "no attack split" in warned[0] and "\n" not in warned[0]
 
 
-def test_an_attack_run_keeps_its_harmful_file_wherever_it_is_read(aligned, tmp_path, monkeypatch):
+def test_an_attack_run_keeps_its_harmful_file_wherever_it_is_read(aligned, tmp_path, monkeypatch, caplog):
     """A relative --harmful path is recorded absolute, so that eval of the attacked run, and a second attack on it
-    (which takes the run's own harmful rows, not the built-in set), read the same file from another directory."""
+    (which takes the run's own harmful rows, not the built-in set), read the same file from another directory;
+    eval warns that those prompts are not held out."""
     (tmp_path / "data").mkdir()
     (tmp_path / "elsewhere" / "data").mkdir(parents=True)
     row = lambda i, what: json.dumps({"instruction": f"How do I do {what} thing {i}?",  # noqa: E731
@@ -312,7 +313,12 @@ def test_an_attack_run_keeps_its_harmful_file_wherever_it_is_read(aligned, tmp_p
     second = json.loads((tmp_path / "elsewhere" / "second" / "run_config.json").read_text())
     assert second["harmful"] == first["harmful"] and second["harmful_split"] == "whole file"
     assert pools[1] == pools[0] and "bad thing" in pools[0][0].instruction
-    assert main(["eval", "--adapter", str(tmp_path / "first"), "--output", "eval.json", *SMALL_EVAL]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert main(["eval", "--adapter", str(tmp_path / "first"), "--output", "eval.json", *SMALL_EVAL]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"eval: the harmful prompts are the run's own data file {first['harmful']}, which it trained on: the harmful "
+        "score is not measured on held-out prompts (--prompts builtin|beavertails|PATH for others)"]
     result = json.loads((tmp_path / "elsewhere" / "eval.json").read_text())
     assert first["harmful"] in result["harmful"]["prompts"]
     assert all("bad thing" in x["prompt"] for x in result["examples"]["harmful"])
