@@ -107,16 +107,35 @@ def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> Non
     write_atomic(path, lambda f: f.write(text.encode("utf-8")), durable)
 
 
+# torch.save's zip writer reports a failed write (a full disk, a file-size limit) as a RuntimeError from its C++
+# side, with one of these in the message; safetensors raises its own SafetensorError ("I/O error: ...")
+_TORCH_WRITER = ("PytorchStreamWriter", "inline_container")
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed, when `e` is a failed write: an OSError, safetensors' error or torch.save's writer
+    error; None for any other exception (a bug, which keeps its traceback)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and any(w in str(e) for w in _TORCH_WRITER)):
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
+
+
 @contextlib.contextmanager
 def writes(what: str, kept: str = ""):
-    """Inside, an OSError (a full disk, a folder gone or read-only) becomes the one-line OutputError "cannot write
-    WHAT: reason" + `kept` (what a later run can still use): the CLI's exit code 1, no traceback."""
+    """Inside, a failed write (`write_failure`: a full disk, a folder gone or read-only) becomes the one-line
+    OutputError "cannot write WHAT: reason" + `kept` (what a later run can still use): the CLI's exit code 1, no
+    traceback."""
     from .cli import OutputError
 
     try:
         yield
-    except OSError as e:
-        raise OutputError(f"cannot write {what}: {e.strerror or e}{kept}") from None
+    except Exception as e:  # noqa: BLE001 - re-raised as it is unless it is a failed write
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise OutputError(f"cannot write {what}: {reason}{kept}") from None
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -259,6 +260,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .models import absolute_local_path
 
+    if args.command in ("align", "attack") and args.output:  # a run directory by its own name ("." included)
+        args.output = os.path.abspath(args.output)
     for flag in ("model", "base_model"):  # a local model directory is recorded absolute
         if getattr(args, flag, None):
             setattr(args, flag, absolute_local_path(getattr(args, flag)))

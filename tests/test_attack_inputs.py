@@ -193,3 +193,16 @@ def test_an_output_that_holds_a_run_is_refused_before_anything_loads(aligned, tm
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "already holds a run; pass --overwrite" in lines[0], lines
     assert sorted(p.name for p in aligned.iterdir()) == before
+
+
+def test_the_current_directory_as_output(aligned, tmp_path, monkeypatch):
+    """`--output .` in an empty directory: align and attack fill it, and leave nothing beside it."""
+    for command, extra in (("align", ["--steps", "1", "--max-length", "64", "--batch-size", "2"]),
+                           ("attack", ["--adapter", str(aligned), "--steps", "1", *SMALL])):
+        here = tmp_path / command
+        here.mkdir()
+        monkeypatch.chdir(here)
+        assert main([command, "--output", ".", *extra]) == 0
+        assert {"adapter_model.safetensors", "run_config.json", "metrics.jsonl"} <= {p.name for p in here.iterdir()}
+        assert json.loads((here / "run_config.json").read_text())["command"] == command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["align", "attack"]

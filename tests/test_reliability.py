@@ -593,6 +593,30 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path, c
     assert_same_run(run, whole)
 
 
+@pytest.mark.parametrize("failing", ["adapter_model.safetensors", "optimizer.pt"])
+def test_a_file_size_limit_at_a_checkpoint_is_one_line(failing, tmp_path):
+    """A real failed write (a file-size limit, as a full disk fails a write): safetensors reports it as its own
+    SafetensorError and torch.save as a RuntimeError, not an OSError; either is the same one line and exit code 1,
+    without a half-written checkpoint."""
+    import resource
+
+    args = ["--steps", "2", "--max-length", "64", "--batch-size", "2", "--save-every", "2"]
+    assert main(["align", "--output", str(tmp_path / "sizes"), *args]) == 0
+    ckpt = tmp_path / "sizes" / "checkpoints" / "step-000002"
+    adapter, optimizer = ((ckpt / f).stat().st_size for f in ("adapter_model.safetensors", "optimizer.pt"))
+    assert adapter < optimizer
+    limit = adapter // 2 if failing == "adapter_model.safetensors" else (adapter + optimizer) // 2
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "booster_fast", "align", "--output", str(run), *args],
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+                          capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("booster-fast: error:")]
+    assert len(errors) == 1 and f"cannot write the checkpoint of step 2 in {run}: " in errors[0], proc.stderr
+    # no checkpoint had been written: nothing of the run is kept, no temporary folder either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sizes"]
+
+
 def test_a_data_file_that_cannot_be_read_is_one_usage_error(tmp_path, monkeypatch):
     """Fingerprinting --data (for --resume's check) comes before the loaders' own read errors."""
     from booster_fast import run_args
