@@ -165,6 +165,16 @@ def _add_align_args(a: argparse.ArgumentParser):
                         "--impl reference, which applies them as the original trainer does")
 
 
+def given_flags(command: str, argv: list[str]) -> set[str]:
+    """The destinations of the flags on the command line of `command`, a default value included (a flag left out
+    and one given at its default are two things to --resume)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(sub.parse_args(argv[argv.index(command) + 1:])))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="booster-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +268,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("booster_fast").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    if getattr(args, "resume", None):  # --resume compares the flags given with the run's, at whatever value
+        args.given_flags = given_flags(args.command, sys.argv[1:] if argv is None else list(argv))
     from .models import absolute_local_path
 
     if args.command in ("align", "attack") and args.output:  # a run directory by its own name ("." included)

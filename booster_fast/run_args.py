@@ -181,7 +181,14 @@ def apply_resume(args, finished_ok: bool = False):
     if args.overwrite:
         raise UsageError("--resume continues a run; --overwrite would replace it: pass one of them")
     defaults = _cli_defaults(args.model)
-    if args.output != defaults["output"] and Path(args.output).absolute() != run.absolute():
+    # a flag counts as given when it is on the command line (cli.given_flags), else (the Python API) when its value
+    # is not the default
+    on_line = vars(args).pop("given_flags", None)
+
+    def given(key: str, value) -> bool:
+        return key in on_line if on_line is not None else value != defaults.get(key)
+
+    if given("output", args.output) and Path(args.output).absolute() != run.absolute():
         raise UsageError(f"--resume {args.resume} and --output {args.output} name different runs")
     conflicts, changed = [], {}
     for key in ("model", "data", "harmful_data"):  # a run recorded before local paths were absolute
@@ -192,13 +199,12 @@ def apply_resume(args, finished_ok: bool = False):
             continue
         if key not in saved:  # a flag newer than the run: it ran at the flag's default
             saved[key] = defaults[key]
-        given = value != defaults.get(key)
         if key in RESUME_FREE:
-            if not given:
+            if not given(key, value):
                 setattr(args, key, saved[key])
             elif value != saved[key]:
                 changed[key] = value
-        elif given and value != saved[key]:
+        elif given(key, value) and value != saved[key]:
             conflicts.append(f"--{key.replace('_', '-')} {value} (the run has "
                              f"{'none' if saved[key] is None else saved[key]})")
         else:

@@ -491,6 +491,38 @@ def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(tmp_path):
     assert plain.perturb_aware is False and plain.rho == 5.0 and plain.resume_changes == {}
 
 
+def test_resume_tells_a_flag_given_at_its_default_from_one_left_out(tmp_path, capsys):
+    """`--lr 5e-4` on the command line is a value given, even though it is the default: resuming a run made at
+    another lr with it is a conflict (it was silently kept at the run's), and a free flag given at its default
+    (--save-every) changes the run's."""
+    from booster_fast.checkpoint import CONFIG
+    from booster_fast.cli import build_parser, given_flags
+    from booster_fast.run_args import _cli_defaults, apply_resume
+
+    defaults = _cli_defaults("tiny")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CONFIG).write_text(json.dumps({**defaults, "output": str(run), "lr": 1e-3, "lamb": 3.0, "save_every": 5}))
+    (run / MARKER).write_text("")
+    capsys.readouterr()
+    assert main(["align", "--resume", str(run), "--lr", str(defaults["lr"]), "--lamb", str(defaults["lamb"])]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"--lr {defaults['lr']} (the run has 0.001)" in line and f"--lamb {defaults['lamb']} (the run has 3.0)" in line
+
+    def resumed(*flags):
+        argv = ["align", "--resume", str(run), *flags]
+        args = build_parser().parse_args(argv)
+        args.given_flags = given_flags("align", argv)
+        apply_resume(args)
+        return args
+
+    kept = resumed()
+    assert (kept.save_every, kept.lr, kept.resume_changes) == (5, 1e-3, {})
+    changed = resumed("--save-every", str(defaults["save_every"]))
+    assert changed.save_every == defaults["save_every"] != 5
+    assert changed.resume_changes == {"save_every": defaults["save_every"]} and not hasattr(changed, "given_flags")
+
+
 def test_resume_of_a_run_recorded_with_a_relative_model_directory(tmp_path, monkeypatch):
     """Runs recorded before model directories were made absolute hold the relative name: resuming one from the
     same folder with that --model given again (made absolute by the command line) is no conflict."""
