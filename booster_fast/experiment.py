@@ -295,6 +295,8 @@ def method_flags(p: dict, method: str) -> list[str]:
 
 def align_argv(p: dict, method: str, seed: int, out: Path, device) -> list[str]:
     a = dict(p["align"])
+    if method == "sft":  # Booster's own knobs: align refuses them with --method sft
+        a = {k: v for k, v in a.items() if k not in ("lamb", "alpha")}
     argv = ["align", "--model", p["model"], "--quant", p["quant"], "--data", p["data"], *method_flags(p, method),
             "--seed", str(seed), "--output", str(out), "--overwrite", "--log-every", "10", "--save-every", "0",
             *_flags(a)]

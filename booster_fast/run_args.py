@@ -75,6 +75,11 @@ def check_run_args(args, cfg: BoosterConfig) -> int | None:
     resumed = getattr(args, "resume", None) is not None  # a run saved before the checks below resumes as it ran
     if args.method == "sft" and getattr(args, "merge_passes", "auto") == "on" and not resumed:
         raise UsageError("--merge-passes on: the SFT step runs one pass, there is nothing to merge")
+    idle = [flag for flag, set_ in (("--lamb", cfg.lamb != BoosterConfig.lamb),
+                                    ("--alpha", cfg.alpha != BoosterConfig.alpha),
+                                    ("--no-meta-term", not cfg.meta_term)) if set_]
+    if args.method == "sft" and idle and not resumed:
+        raise UsageError(f"{', '.join(idle)}: Booster's own; they do nothing with --method sft")
     if cfg.impl == "reference":
         pinned = [f"--{f.replace('_', '-')} on" for f in ("merge_passes", "packing", "fused_ops", "graphs")
                   if getattr(args, f, "auto") == "on"]

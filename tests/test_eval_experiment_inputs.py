@@ -276,7 +276,9 @@ def test_set_overrides_the_preset_and_moves_the_default_outputs(explicit, tmp_pa
     assert _value(stages.flags("attack"), "--eval-rows") == "16"
     assert _value(stages.flags("eval"), "--num-prompts") == "8"
     vaccine = next(a for a in stages.calls if a[0] == "align" and "--perturb-aware" in a)
-    assert _value(vaccine, "--rho") == "1"
+    assert _value(vaccine, "--rho") == "1" and _value(vaccine, "--lamb") == "5.0"
+    sft = next(a for a in stages.calls if a[0] == "align" and _value(a, "--method") == "sft")
+    assert "--lamb" not in sft and "--alpha" not in sft  # align refuses Booster's knobs with --method sft
 
 
 def test_apply_overrides_parses_values():

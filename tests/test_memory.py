@@ -269,6 +269,11 @@ def test_memory_command_bad_input_is_one_line(capsys, tmp_path):
     assert capsys.readouterr().err.strip() == "booster-fast: error: --batch-size 3 is not a multiple of --grad-accum 2"
     assert main(["memory", "--method", "sft", "--perturb-aware"]) == 2
     assert "does nothing with --method sft" in capsys.readouterr().err
+    assert main(["memory", "--method", "sft", "--lamb", "3", "--no-meta-term"]) == 2
+    assert capsys.readouterr().err.strip() == ("booster-fast: error: --lamb, --no-meta-term: Booster's own; they do "
+                                               "nothing with --method sft")
+    assert main(["memory", "--method", "sft", "--alpha", "0.2"]) == 2
+    assert "--alpha: Booster's own" in capsys.readouterr().err
     assert main(["memory", "--model", str(tmp_path / "absent")]) == 2
     assert capsys.readouterr().err.startswith(f"booster-fast: error: --model {tmp_path / 'absent'}: no such directory")
     assert main(["memory", "--device", "mps"]) == 2
