@@ -78,6 +78,10 @@ def test_truncation_cuts_response_first(tok):
     assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
     one = encode_example(tok, EX, n_prompt + 1)                      # room for exactly one response token
     assert one["truncated"] and sum(t != IGNORE_INDEX for t in one["labels"]) == 1
+    # room for the prompt alone: the prompt body gives way, so that a response token is still learnt
+    exact = encode_example(tok, Example(EX.instruction, "", "word " * 100), n_prompt)
+    assert exact["truncated"] and len(exact["input_ids"]) == n_prompt
+    assert sum(t != IGNORE_INDEX for t in exact["labels"]) >= 1
 
 
 def test_long_prompt_keeps_template_tail(tok):

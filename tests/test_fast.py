@@ -40,10 +40,11 @@ def worst_relative_error(a: dict, b: dict) -> tuple[float, str]:
     return errs[name], name
 
 
-def run(impl, batches, quant="none", steps=5, device="cpu", **cfg):
+def run(impl, batches, quant="none", steps=5, device="cpu", sft=False, **cfg):
+    """LoRA weights and step outputs after `steps` Booster steps (sft: SFT steps on the alignment batches)."""
     model, _ = make_model(quant, device=device)
     booster = bf.Booster(model, bf.BoosterConfig(impl=impl, **cfg))
-    outs = [booster.step(a, h) for a, h in batches[:steps]]
+    outs = [booster.sft_step(a) if sft else booster.step(a, h) for a, h in batches[:steps]]
     return lora_state(model), outs
 
 
@@ -53,14 +54,14 @@ def batches():
     return builtin_batches(tok, 5)
 
 
-def exact_run(batches, steps=5, **cfg):
+def exact_run(batches, steps=5, sft=False, **cfg):
     """The reference engine's LoRA weights after `steps` steps in float64 (make_model's fp32 model and LoRA, cast):
     the exact trajectory that the fp32 runs approximate."""
     model, _ = make_model()
     booster = bf.Booster(model.double(), bf.BoosterConfig(impl="reference", **cfg))
     assert not booster.engine.autocast.enabled, "a float64 model must compute in float64"
     for a, h in batches[:steps]:
-        booster.step(a, h)
+        booster.sft_step(a) if sft else booster.step(a, h)
     return lora_state(model)
 
 
@@ -622,14 +623,34 @@ def test_a_process_group_started_after_the_booster_is_refused(tmp_path, batches)
     booster.step(*batches[0])  # as built again
 
 
-def test_zero_harmful_gradient_gives_no_nan(batches):
-    model, _ = make_model()  # peft starts lora_B at 0, so ∇h is zero for lora_A; make it zero everywhere
-    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", lamb=5.0))
+def test_fast_sft_matches_reference_fp32(batches):
+    """Several SFT steps (each must start from a zeroed gradient buffer), against the exact trajectory."""
+    ref_w, ref_out = run("reference", batches, sft=True)
+    fast_w, fast_out = run("fast", batches, sft=True)
+    moved = max(((ref_w[n] - w0).norm() / w0.norm()).item() for n, w0 in lora_state(make_model()[0]).items())
+    assert moved > 1e-3, "the weights barely moved: the comparison would prove nothing"
+    assert_tracks_the_exact_run(fast_w, ref_w, exact_run(batches, sft=True), "sft")
+    for r, f in zip(ref_out, fast_out):
+        assert abs(f["loss"].item() - r["loss"].item()) <= 1e-4 * abs(r["loss"].item())
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_zero_harmful_gradient_gives_no_nan(batches, impl):
+    """An all-masked harmful batch: h = 0 (the token count is clamped to 1, not 0/0), ∇h = 0, and the
+    normalisation's ε keeps w~ = w; the update is the alignment one, finite."""
+    model, _ = make_model()
+    booster = bf.Booster(model, bf.BoosterConfig(impl=impl, lamb=5.0))
+    before = lora_state(model)
     a, h = batches[0]
     h = {**h, "labels": torch.full_like(h["labels"], -100)}  # no labelled token: h = 0, ∇h = 0
     out = booster.step(a, h)
     assert out["harmful_grad_norm"].item() == 0.0 and out["harmful_loss"].item() == 0.0
-    assert torch.isfinite(booster.engine.flat.W).all() and out["skipped"].item() == 0.0
+    assert out["harmful_loss_perturbed"].item() == 0.0 and torch.isfinite(out["loss"])
+    after = lora_state(model)
+    assert all(torch.isfinite(w).all() for w in after.values())
+    assert any(not torch.equal(after[n], before[n]) for n in before), "the alignment update did not apply"
+    if impl == "fast":
+        assert out["skipped"].item() == 0.0
 
 
 @pytest.mark.parametrize("meta, merge, passes", [(True, False, 3), (True, True, 2), (False, False, 2),
@@ -700,3 +721,22 @@ def test_reference_batches_are_padded_to_their_longest_row(batches):
     odd["labels"][0, width - 2] = 5
     assert trim_to_longest(odd)["input_ids"].shape[1] == width - 1
     assert trim_to_longest(trimmed)["input_ids"] is trimmed["input_ids"]
+
+
+def test_token_losses_are_taken_in_fp32_from_bf16_logits():
+    """Under bf16 autocast (NF4, bf16 models) the logits are bf16; the cross entropy must still run in fp32, for
+    both engines alike (they share losses.py, so comparing them with each other would not show it)."""
+    import torch.nn.functional as F
+
+    from booster_fast.losses import token_losses
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 9, 50, generator=g) * 4).bfloat16()
+    labels = torch.randint(0, 50, (2, 9), generator=g)
+    labels[:, :3] = -100
+    out = token_losses(logits, {"labels": labels})
+    expected = F.cross_entropy(logits[:, :8].double().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                               reduction="none").view(2, 8)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), expected, rtol=1e-6, atol=1e-6)
+    assert (out[:, :2] == 0).all() and (out[:, 2:] > 0).all()

@@ -32,6 +32,7 @@ def ragged_batch(lengths, width, vocab=1000, seed=0):
 def test_pack_layout():
     lengths = [37, 0, 53, 53, 11]  # an empty row and a full one among irregular lengths
     batch = ragged_batch(lengths, 53)
+    batch["labels"][3] = batch["input_ids"][3]  # a full row labelled from its first token: nothing to wrap around to
     p = pack(batch)
     total, size = sum(lengths), p["input_ids"].shape[1]
     step = bucket_size(5, 53)

@@ -133,6 +133,10 @@ def test_scoring_rules():
     assert task_correct("gsm8k", "48 + 24 = 72", gold)                  # no marker: the last number
     assert not task_correct("gsm8k", "The final answer is: 1,000", gold)
     assert gsm8k_number("The final answer is: 1,000") == 1000.0 and gsm8k_number("no number") == math.inf
+    negative = "It lost 5, then 3 more.\nThe final answer is: -8"  # signs and decimals count, in either place
+    assert gsm8k_number(negative) == -8.0 and gsm8k_number("it ends at -2.5") == -2.5
+    assert task_correct("gsm8k", "The final answer is: -8", negative)
+    assert not task_correct("gsm8k", "The final answer is: 8", negative)
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -428,6 +428,27 @@ def test_sft_needs_no_harmful_data_and_resumes(tmp_path, capsys):
 
 
 # ---- atomic writes (every JSON, PNG and cache file the commands write) ---------------------------------------
+def test_rng_states_round_trip_through_a_checkpoint_file(tmp_path):
+    """torch's, Python's and NumPy's generators continue after a save and load as if never interrupted (the CLI's
+    runs draw nothing from them after the start, so the resume tests alone could not tell)."""
+    import random
+
+    import numpy as np
+
+    from booster_fast.checkpoint import rng_state, set_rng_state
+
+    def draws():
+        return torch.rand(5).tolist(), random.random(), np.random.rand(3).tolist(), torch.randn(2).tolist()
+
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    draws()
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = draws()
+    draws()  # move every generator on
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draws() == expected
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     from booster_fast.atomic import write_atomic, write_json_atomic
 
