@@ -55,6 +55,38 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False, 
             if torch.is_tensor(v) else v for k, v in batch.items() if k in KEYS}
 
 
+def check_batch(batch, what: str, device: torch.device) -> None:
+    """ValueError (one line) for a batch a step cannot run: no input_ids or labels, no rows or no columns, labels
+    of another shape, float or int32 ids and labels, another device than the model's. Shapes, dtypes and devices
+    only: nothing is read from the device. A packed batch (Booster.to_device made it) is taken as it is."""
+    if isinstance(batch, (list, tuple)):  # micro-batches (packed, under gradient accumulation)
+        for i, b in enumerate(batch):
+            check_batch(b, f"{what}[{i}]", device)
+        return
+    if not isinstance(batch, dict):
+        raise ValueError(f"{what}: a dict of tensors (input_ids, labels, attention_mask) expected, got "
+                         f"{type(batch).__name__}")
+    if "targets" in batch:
+        return
+    missing = [k for k in ("input_ids", "labels") if not torch.is_tensor(batch.get(k))]
+    if missing:
+        raise ValueError(f"{what} has no {' or '.join(missing)} tensor (labels: the token ids to learn, -100 where "
+                         "none)")
+    ids = batch["input_ids"]
+    if ids.dim() != 2 or 0 in ids.shape:
+        raise ValueError(f"{what}: input_ids of shape {tuple(ids.shape)}; [rows >= 1, length >= 1] expected")
+    for key in ("labels", "attention_mask"):
+        if torch.is_tensor(batch.get(key)) and batch[key].shape != ids.shape:
+            raise ValueError(f"{what}: {key} of shape {tuple(batch[key].shape)}, input_ids {tuple(ids.shape)}: one "
+                             "per token expected")
+    for key in ("input_ids", "labels"):
+        if batch[key].dtype != torch.long:
+            raise ValueError(f"{what}: {key} are {batch[key].dtype}, token ids are torch.long (int64)")
+    if ids.device != torch.device(device):
+        raise ValueError(f"{what} is on {ids.device}, the model on {device}: move it there "
+                         "(Booster.to_device(batch, device) also prepares it as this engine runs best)")
+
+
 def trim_to_longest(batch: dict) -> dict:
     """A CPU batch without its trailing pad columns: padded to its longest row, as the original trainer's collator
     (torch's pad_sequence) pads its batches. Exact: the columns dropped hold no real token and no label. A batch

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import torch
 
+from .batches import check_batch
 from .config import BoosterConfig
 
 HOW_IT_RUNS = ("fused", "foreach", "capturable", "differentiable")  # optimizer options that are not training state
 
 
 class Booster:
+    """Runs Booster (or SFT) updates of a peft LoRA model with one optimizer over its trainable weights; the engine
+    (cfg.impl) is the reference's op-for-op step or the fast one."""
+
     def __init__(self, model, cfg: BoosterConfig | None = None):
         self.cfg = cfg = cfg or BoosterConfig()
         if cfg.impl == "reference":
@@ -51,13 +55,18 @@ class Booster:
                 for b in micro_batches(batch, self.cfg.grad_accum)]
 
     def step(self, align_batch, harmful_batch):
-        """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed, harmful_grad_norm (0-dim
-        device tensors), loss_perturbed with perturb_aware (the alignment loss under the attention-output
-        perturbation) and, from the fast engine, skipped (1.0 when a non-finite update was skipped)."""
+        """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed (NaN without the meta term),
+        harmful_grad_norm (0-dim device tensors), loss_perturbed with perturb_aware (the alignment loss under the
+        attention-output perturbation) and, from the fast engine, skipped (1.0 when a non-finite update was
+        skipped). A batch is a dict of input_ids, labels (-100 where no token is learnt) and attention_mask on the
+        model's device, or what `to_device` makes of one."""
+        check_batch(align_batch, "align_batch", self.engine.device)
+        check_batch(harmful_batch, "harmful_batch", self.engine.device)
         return self.engine.step(align_batch, harmful_batch)
 
     def sft_step(self, align_batch):
         """One plain SFT update on the alignment batch (the baseline), same optimizer and clipping."""
+        check_batch(align_batch, "align_batch", self.engine.device)
         return self.engine.sft_step(align_batch)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
@@ -72,6 +81,8 @@ class Booster:
         return {"impl": self.cfg.impl, "optimizer": state}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` saved (the LoRA weights are loaded into the model separately), checked against
+        this engine and model: ValueError for another engine's state or another model's shapes."""
         if state.get("impl") != self.cfg.impl:
             raise ValueError(f"optimizer state of the {state.get('impl')!r} engine, this Booster is {self.cfg.impl!r}")
         # how the optimizer runs (fused, capturable, ...) is this engine's choice, not training state: a state

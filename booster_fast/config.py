@@ -94,6 +94,14 @@ class BoosterConfig:
         for flag in ("meta_term", "perturb_aware", "skip_nonfinite"):
             if not isinstance(getattr(self, flag), bool):  # a string such as "False" would read as on
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        for flag in ("merge_passes", "packing", "fused_ops"):
+            if getattr(self, flag) is not None and not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True, False or None (the device's default), got "
+                                 f"{getattr(self, flag)!r}")
+        if not (self.perturb_eps > 0 and math.isfinite(self.perturb_eps)):  # 0: a zero ∇h would give 0/0
+            raise ValueError(f"perturb_eps must be a finite number > 0, got {self.perturb_eps}")
+        if not (self.adam_eps >= 0 and math.isfinite(self.adam_eps)):
+            raise ValueError(f"adam_eps must be a finite number >= 0, got {self.adam_eps}")
         if not (self.rho > 0 and math.isfinite(self.rho)):
             raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -97,9 +97,9 @@ class FastBooster:
     def __init__(self, model, cfg: BoosterConfig):
         self.model, self.cfg = model, cfg
         keep_nf4_trainable_(model)  # before the probes below run the model in eval mode
+        self.flat = FlatLoRA(model)  # first: a model without LoRA is told so, not that its norms lack decay
         if cfg.weight_decay:
             _check_all_decay(model)
-        self.flat = FlatLoRA(model)
         self.device = self.flat.W.device
         if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
             log.info("%s made the current CUDA device: Triton launches its kernels on the current one", self.device)

@@ -60,6 +60,8 @@ class FlatLoRA:
         if not self.params:
             raise ValueError("the model has no trainable parameters; call add_lora first")
         layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        if not layers:
+            raise ValueError("the model has no LoRA layers; call add_lora first (the fast engine trains LoRA weights)")
         _check_plain_lora(model, layers)
         devices = {p.device for p in self.params}
         if len(devices) > 1:  # a model split across devices (device_map="auto"): one flat buffer cannot hold them

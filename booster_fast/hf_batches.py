@@ -27,7 +27,7 @@ def model_batch(inputs, which: str = "training") -> dict:
         raise ValueError(f"BoosterTrainer: the {which} batches carry {', '.join(foreign)}, which the Booster step does "
                          "not feed the model; use a collator that pads rows (input_ids, attention_mask, labels), "
                          "not one that flattens them")
-    if "labels" not in inputs or "input_ids" not in inputs:
+    if inputs.get("labels") is None or inputs.get("input_ids") is None:  # a collator may set labels to None
         raise ValueError(f"BoosterTrainer: the {which} batches need input_ids and labels (label -100 on prompt and "
                          f"padding); they have {', '.join(sorted(inputs))}")
     return {k: inputs[k] for k in MODEL_KEYS if k in inputs}

@@ -120,6 +120,27 @@ def test_perturb_aware_as_the_original_spells_it(tmp_path, data):
     assert all(r["loss"] > r["loss_unperturbed"] for r in logs)
 
 
+def test_a_seq2seq_collator_trains_as_the_fixed_length_one(tmp_path, data):
+    """Rows as a tokenised HF dataset holds them (input_ids and labels of different lengths) with transformers'
+    DataCollatorForSeq2Seq, which pads each batch to its longest row: the same updates as FixedLengthCollator's
+    (the engine computes no pad position either way)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    _, tok = make_model()
+    align, harmful = load_safety_data("builtin", "train")
+    rows = [[{k: r[k] for k in ("input_ids", "labels")} for r in encode_all(tok, part, 256)[0]]
+            for part in (align[:12], harmful[100:112])]
+    assert len({len(r["input_ids"]) for r in rows[0]}) > 1, "rows of one length would prove nothing"
+    models = []
+    for collator in (FixedLengthCollator(tok.pad_token_id, 256), DataCollatorForSeq2Seq(tok)):
+        model, _ = make_model()
+        bf.BoosterTrainer(model=model, args=trainer_args(tmp_path / type(collator).__name__, max_steps=3),
+                          train_dataset=rows[0], harmful_dataset=rows[1], data_collator=collator).train()
+        models.append(model)
+    err, name = worst_relative_error(lora_state(models[1]), lora_state(models[0]))
+    assert err <= 1e-5, f"{name} differs by {err:.3g}"
+
+
 def test_init_path_and_missing_harmful(tmp_path, data):
     """The original's API: its own TrainingArguments subclass (with `lamb`, `alpha`, ...), no harmful data in the
     constructor, then `trainer.init(harmful_dataset)`: code written for the original swaps in by the import."""
@@ -678,6 +699,9 @@ def test_batches_the_step_would_train_wrongly_are_refused(tmp_path, data):
     def without_labels(rows):
         return {k: v for k, v in plain(rows).items() if k != "labels"}
 
+    def labels_none(rows):  # what a seq2seq collator gives rows without labels
+        return {**plain(rows), "labels": None}
+
     def with_plain_positions(rows):
         out = plain(rows)
         out["position_ids"] = torch.arange(MAX_LEN).expand_as(out["input_ids"])
@@ -692,7 +716,8 @@ def test_batches_the_step_would_train_wrongly_are_refused(tmp_path, data):
     bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=rows_a,
                       harmful_dataset=rows_h, data_collator=with_plain_positions).train()
     for collator, message in ((with_restarting_positions, "position_ids"),
-                              (without_labels, "need input_ids and labels")):
+                              (without_labels, "need input_ids and labels"),
+                              (labels_none, "need input_ids and labels")):
         model, _ = make_model()
         trainer = bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=rows_a,
                                     harmful_dataset=rows_h, data_collator=collator)

@@ -1,0 +1,100 @@
+"""BoosterConfig's defaults and checks, and the checks of the batches a step is given: a value or a batch that
+cannot work is a one-line ValueError, not a silent no-op or a traceback from deep inside the model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import booster_fast as bf
+from booster_fast.run_args import _cli_defaults
+
+# the paper's hyperparameters (Huang et al., 2409.01586, and the original scripts): λ 5, α 0.1, lr 5e-4, AdamW
+# weight decay 0.1, clipping at 1.0 (the HF Trainer's), ε 1e-7 on ‖∇h‖; Booster + Vaccine's ρ 5
+PAPER = {"lamb": 5.0, "alpha": 0.1, "lr": 5e-4, "weight_decay": 0.1, "max_grad_norm": 1.0, "perturb_eps": 1e-7,
+         "rho": 5.0}
+
+
+def test_defaults_are_the_papers_in_the_config_and_on_the_command_line():
+    cfg, cli = bf.BoosterConfig(), _cli_defaults("tiny")
+    assert {k: getattr(cfg, k) for k in PAPER} == PAPER
+    assert {k: cli[k] for k in PAPER if k in cli} == {k: v for k, v in PAPER.items() if k in cli}
+    assert {"lamb", "alpha", "lr", "weight_decay", "max_grad_norm", "rho"} <= set(cli)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"packing": "False"}, "packing must be True, False or None"),
+    ({"merge_passes": "False"}, "merge_passes must be True, False or None"),
+    ({"fused_ops": 1}, "fused_ops must be True, False or None"),
+    ({"perturb_eps": float("nan")}, "perturb_eps must be a finite number > 0"),
+    ({"perturb_eps": 0.0}, "perturb_eps must be a finite number > 0"),
+    ({"adam_eps": -1e-8}, "adam_eps must be a finite number >= 0"),
+    ({"adam_eps": float("inf")}, "adam_eps must be a finite number >= 0"),
+])
+def test_values_that_cannot_work_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bf.BoosterConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = bf.load_model("tiny", dtype=torch.float32, seed=0, device="cpu")
+    torch.manual_seed(0)
+    return bf.add_lora(model, r=4, alpha=8), tok
+
+
+def _batch(rows=2, length=12, vocab=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[:, : length // 3] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def _without(batch, key):
+    return {k: v for k, v in batch.items() if k != key}
+
+
+BAD_BATCHES = {
+    "no labels": (lambda b: _without(b, "labels"), "align_batch has no labels tensor"),
+    "no input_ids": (lambda b: _without(b, "input_ids"), "align_batch has no input_ids tensor"),
+    "narrow labels": (lambda b: {**b, "labels": b["labels"][:, :5]}, r"labels of shape \(2, 5\), input_ids \(2, 12\)"),
+    "mask of another shape": (lambda b: {**b, "attention_mask": b["attention_mask"][:1]}, "attention_mask of shape"),
+    "no rows": (lambda b: {k: v[:0] for k, v in b.items()}, r"input_ids of shape \(0, 12\)"),
+    "int32 labels": (lambda b: {**b, "labels": b["labels"].int()}, "labels are torch.int32"),
+    "float ids": (lambda b: {**b, "input_ids": b["input_ids"].float()}, "input_ids are torch.float32"),
+    "meta device": (lambda b: {k: v.to("meta") for k, v in b.items()}, "align_batch is on meta, the model on cpu"),
+    "not a dict": (lambda b: list(b.values()), "a dict of tensors"),
+}
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_a_batch_a_step_cannot_run_is_one_value_error(tiny, impl, case):
+    model, _ = tiny
+    booster = bf.Booster(model, bf.BoosterConfig(impl=impl))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    make, message = BAD_BATCHES[case]
+    with pytest.raises(ValueError, match=message):
+        booster.step(make(_batch()), _batch(seed=1))
+    with pytest.raises(ValueError, match=message.replace("align_batch", "harmful_batch")):
+        booster.step(_batch(), make(_batch(seed=1)))
+    with pytest.raises(ValueError, match=message):
+        booster.sft_step(make(_batch()))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad), "a step ran"
+
+
+def test_batches_of_different_shapes_and_prepared_ones_still_run(tiny):
+    model, _ = tiny
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", grad_accum=2))
+    out = booster.step(_batch(rows=4, length=12), _batch(rows=2, length=9, seed=1))
+    prepared = [booster.to_device(b, "cpu") for b in (_batch(rows=4), _batch(rows=4, seed=1))]
+    assert isinstance(prepared[0], list)  # packed micro-batches
+    out2 = booster.step(*prepared)
+    assert all(torch.isfinite(o["loss"]) for o in (out, out2))
+
+
+@pytest.mark.parametrize("weight_decay", [0.1, 0.0])
+def test_the_fast_engine_on_a_model_without_lora_says_so(weight_decay):
+    model, _ = bf.load_model("tiny", dtype=torch.float32, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="the model has no LoRA layers; call add_lora first"):
+        bf.Booster(model, bf.BoosterConfig(impl="fast", weight_decay=weight_decay))
