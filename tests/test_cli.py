@@ -435,6 +435,34 @@ def test_sample_counts_take_the_first_rows_and_the_default_length_is_saved(tmp_p
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 40
 
 
+def test_step_time_is_the_intervals_time_per_step(tmp_path, monkeypatch):
+    """Metrics reach the host once per --log-every steps: each row's step_time_s is that interval's time divided
+    by its steps (a clock that moves 1 s per reading: 1/3 s per step at --log-every 3)."""
+    from types import SimpleNamespace
+
+    from booster_fast import align as al
+
+    ticks = iter(range(1, 1000))
+    monkeypatch.setattr(al, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    out = tmp_path / "run"
+    assert main(["align", "--output", str(out), "--steps", "6", "--max-length", "64", "--batch-size", "2",
+                 "--log-every", "3", "--save-every", "0"]) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["step_time_s"] == pytest.approx(1 / 3) for r in rows), [r["step_time_s"] for r in rows]
+
+
+@pytest.mark.parametrize("epochs, steps", [(1.25, 3), (0.01, 1)])
+def test_a_fraction_of_an_epoch_rounds_up_to_whole_steps(tmp_path, epochs, steps):
+    """4 rows in batches of 2 are 2 steps per epoch: 1.25 epochs are 3 steps (a part step counts), and any
+    positive --epochs at least one."""
+    out = tmp_path / "run"
+    assert main(["align", "--output", str(out), "--max-length", "64", "--batch-size", "2", "--align-samples", "4",
+                 "--epochs", str(epochs), "--save-every", "0", "--log-every", "1"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, steps + 1))
+
+
 def test_rows_with_an_empty_answer_are_counted_in_one_warning(tmp_path, caplog):
     """A data file whose answers are empty trains as the original would (EOS is the only target), said once."""
     from types import SimpleNamespace

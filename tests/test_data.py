@@ -153,6 +153,32 @@ def test_tokenizer_round_trip_corpus(tok):
         assert tok.decode(ids) == text
 
 
+def test_the_tokenizer_is_trained_on_every_field_of_the_corpus():
+    """instruction, input (the benign reviews) and output of every split, and the prompt templates."""
+    from booster_fast.data import PROMPT_INPUT, PROMPT_NO_INPUT
+
+    texts = set(corpus_texts())
+    rows = [r for split in builtin_corpus(0).values() for r in split]
+    assert all(r[f] in texts for r in rows for f in ("instruction", "input", "output") if r[f])
+    assert any(r["input"] for r in rows), "no row has an input: the check would miss that field"
+    assert PROMPT_NO_INPUT.format(instruction="", input="") in texts and PROMPT_INPUT.format(instruction="",
+                                                                                             input="") in texts
+
+
+def test_the_tokenizer_cache_key_follows_its_recipe(monkeypatch):
+    """A cached vocabulary is reused only for the same texts, recipe and tokenizers release."""
+    from booster_fast import tokenizer as T
+
+    key = T.corpus_key(["a", "b"])
+    assert T.corpus_key(["a", "b"]) == key and T.corpus_key(["a", "c"]) != key and T.corpus_key(["ab"]) != key
+    for name, value in (("TOKENIZER_VERSION", "2"), ("TINY_VOCAB_SIZE", 1234), ("MIN_FREQUENCY", 3)):
+        with monkeypatch.context() as m:
+            m.setattr(T, name, value)
+            assert T.corpus_key(["a", "b"]) != key, name
+    monkeypatch.setattr(T.tokenizers, "__version__", "0.0.0")
+    assert T.corpus_key(["a", "b"]) != key
+
+
 def test_tokenizer_deterministic(tok):
     assert build_tiny_tokenizer().get_vocab() == tok.get_vocab()
     assert train_tiny_tokenizer_json() == train_tiny_tokenizer_json()     # uncached, in process

@@ -284,6 +284,20 @@ def test_varlen_attention_takes_one_row():
                                  max_length_q=8)
 
 
+def test_packed_attention_applies_the_layers_dropout():
+    """A model trained with attention dropout gets it in its packed batches too (the layer passes its rate in
+    training mode): the output depends on the seed, and reproducibly so."""
+    q, k, v = (torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+
+    def attend(dropout, seed=0):
+        torch.manual_seed(seed)
+        return varlen_attention_forward(None, q, k, v, dropout=dropout, cu_seq_lens_q=cu, max_length_q=5)[0]
+
+    assert torch.equal(attend(0.5), attend(0.5)) and not torch.equal(attend(0.5), attend(0.5, seed=1))
+    assert not torch.allclose(attend(0.5), attend(0.0)) and torch.equal(attend(0.0), attend(0.0, seed=1))
+
+
 @pytest.mark.parametrize("extra, why", [({"sliding_window": 4}, "sliding window of 4"), ({"softcap": 50.0}, "softcap"),
                                         ({"s_aux": torch.zeros(4)}, "s_aux")])
 def test_varlen_attention_refuses_what_it_does_not_implement(extra, why):
@@ -339,6 +353,24 @@ def test_sliding_window_models_pack_the_batches_the_window_does_not_touch(batch,
     assert relative(grad[:ref.numel()], ref) <= 1e-5
     if a["input_ids"].shape[1] <= window:
         assert not count_ops(padded.step, a, h)["host_syncs"], "the mask-free padded step reads back to the host"
+
+
+def test_the_mask_free_attention_at_the_window_boundary():
+    """Rows exactly as long as the sliding window are causal only (the window reaches back window - 1 tokens): the
+    mask-free causal SDPA runs them, with the model's own windowed result; one token more keeps the model's mask."""
+    from booster_fast import attention
+
+    model = _mistral(8, 50).eval()
+    ids = torch.randint(1, 50, (2, 9), generator=torch.Generator().manual_seed(SEED))
+    for width, expected in ((8, attention.CAUSAL_SDPA), (9, "sdpa")):
+        batch = {"input_ids": ids[:, :width]}
+        with torch.no_grad(), attention.unmasked_causal(model, batch):
+            assert model.config._attn_implementation == expected, width
+            free = model(input_ids=batch["input_ids"]).logits
+        with torch.no_grad():
+            own = model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"])).logits
+        assert model.config._attn_implementation == "sdpa"
+        assert torch.allclose(free, own, atol=1e-5), width
 
 
 def _fake_flash_apis():

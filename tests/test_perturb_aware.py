@@ -166,6 +166,29 @@ def test_rho_must_be_finite_and_positive(rho):
         bf.BoosterConfig(perturb_aware=True, rho=rho)
 
 
+def test_the_perturbation_is_rho_along_the_global_gradient_norm():
+    """e = ρ·g/(‖g‖ + ε) with one norm over every recorded gradient (micro-batches and layers, any dtype), in the
+    fast engine's own bookkeeping (the reference computes its norm itself, so comparing the engines alone would
+    leave this to one side)."""
+    from booster_fast.perturb_aware import AttentionPerturbation
+
+    model, _ = make_model()
+    p = AttentionPerturbation(model)
+    g = torch.Generator().manual_seed(3)
+    layers = len(p.modules)
+    assert layers >= 2
+    p.grads = [[torch.randn(2, 5, 8, generator=g) for _ in range(layers)],
+               [None] + [torch.randn(1, 3, 8, generator=g).bfloat16() for _ in range(layers - 1)]]
+    kept = [t.double() for t in p.recorded()]
+    expected = sum(float((t ** 2).sum()) for t in kept) ** 0.5
+    norm = p.norm()
+    assert norm.dtype == torch.float32 and abs(norm.item() - expected) <= 1e-5 * expected
+    p.scale_(norm, rho=2.0)
+    for before, after in zip(kept, p.recorded()):
+        want = 2.0 * before / (norm.double() + p.eps)
+        assert torch.allclose(after.double(), want, rtol=1e-2 if after.dtype == torch.bfloat16 else 1e-6)
+
+
 def test_a_string_flag_is_refused():
     """BoosterConfig(perturb_aware="False") would otherwise read as on (a non-empty string)."""
     with pytest.raises(ValueError, match="perturb_aware must be True or False"):

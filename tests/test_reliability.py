@@ -8,6 +8,7 @@ adapter and optimizer state, bit for bit, and the same metrics.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -128,13 +129,16 @@ def test_uninterrupted_run_keeps_the_last_k_checkpoints(runs):
     assert all(r["skipped"] == 0.0 for r in read_metrics(run))
 
 
-def test_sigkill_then_resume_is_bit_exact(runs, capsys):
+def test_sigkill_then_resume_is_bit_exact(runs, capsys, caplog):
     run, rc, err = runs["kill"]
     assert rc == -signal.SIGKILL, err
     assert (run / MARKER).exists() and not (run / "adapter_model.safetensors").exists()
     saved = [s for s, _ in list_checkpoints(run)]
     assert saved and 4 <= saved[-1] < STEPS and len(saved) <= 2
-    assert main(["align", "--resume", str(run)]) == 0, capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert main(["align", "--resume", str(run)]) == 0, capsys.readouterr().err
+    newest = run / "checkpoints" / f"step-{saved[-1]:06d}"
+    assert any(f"resumed at step {saved[-1]} from {newest}" in r.getMessage() for r in caplog.records)
     assert not (run / MARKER).exists()
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]   # killed writes cleaned
     assert_same_run(runs["reference"][0], run)
@@ -253,6 +257,8 @@ def test_too_many_skipped_updates_exit_3_keeping_the_last_good_checkpoint(tmp_pa
     line = one_error_line(capsys.readouterr().err, progress=True)
     assert code == 3
     assert "--max-skipped 1" in line and "step-000002" in line, line
+    # saved at the update before the skipped ones, which may itself have diverged: said so
+    assert "(saved within the last 2 skipped updates or at the one before them" in line, line
     assert [s for s, _ in list_checkpoints(out)] == [2]             # nothing saved past the limit
     assert (out / MARKER).exists()
     # the kept run refuses conflicting flags, a second run into it, and resumes when asked
@@ -263,6 +269,14 @@ def test_too_many_skipped_updates_exit_3_keeping_the_last_good_checkpoint(tmp_pa
     assert "--resume" in one_error_line(capsys.readouterr().err)
     assert main(["align", "--resume", str(out), "--overwrite"]) == 2
     one_error_line(capsys.readouterr().err)
+    # a checkpoint older than the update before the skipped ones (step 3; 4 was good, 5 and 6 skipped): no such note
+    poison.__self__.clear()
+    poison(set(range(5, 100)))
+    older = tmp_path / "older"
+    assert main(["align", "--output", str(older), "--steps", "12", *SMALL, "--save-every", "3", "--log-every", "1",
+                 "--max-skipped", "1"]) == 3
+    line = one_error_line(capsys.readouterr().err, progress=True)
+    assert "step-000003" in line and "saved within" not in line, line
 
 
 def test_a_flag_changed_at_resume_holds_for_the_next_resume(tmp_path, poison, capsys):
