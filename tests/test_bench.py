@@ -517,6 +517,29 @@ def test_first_step_agreement_with_undefined_outputs():
     assert report["fast-padded"]["first_step_agrees"] is False and report["fast-padded"]["first_step_rel_diff"] is None
     assert report["reference"] == {"first_step": {"loss": 2.0, "harmful_loss_perturbed": "nan"}}
     json.dumps(report, allow_nan=False)
+    # the SFT entries are held to the SFT baseline, the Booster entries to the reference
+    report = first_step_agreement({"reference": {"loss": torch.tensor(3.0)}, "sft": {"loss": torch.tensor(2.0)},
+                                   "fast-sft": {"loss": torch.tensor(2.0)}, "fast": {"loss": torch.tensor(3.0)}})
+    assert report["fast-sft"]["first_step_rel_diff"] == 0 and report["fast-sft"]["first_step_agrees"] is True
+    assert report["fast"]["first_step_rel_diff"] == 0 and "first_step_agrees" not in report["sft"]
+
+
+def test_the_table_puts_each_figure_under_its_column():
+    """A GPU row's MFU and HFU (None on the CPU, so the CPU runs never show them) under their own headings."""
+    from booster_fast.bench_report import format_table
+
+    doc = {"machine": {"gpu": "NVIDIA H200", "cpu": "x"},
+           "config": {"model": "llama-7b-shape", "quant": "none", "device": "cuda", "batch_size": 10,
+                      "harmful_batch_size": 10, "max_length": 256, "steps": 10, "warmup": 2},
+           "speedup": {"fast": 1.25},
+           "results": {"fast": {"step_ms": 100.0, "step_ms_p20": 99.0, "step_ms_p80": 101.0, "tokens_per_s": 5000,
+                                "peak_mem_mb": 1234.5, "est_peak_mb": 1300.0, "launches_per_step": 42,
+                                "ratio_to_sft": 2.5, "mfu": 0.1, "hfu": 0.2}}}
+    head, _, row = format_table(doc).splitlines()[1:4]
+    for heading, value in (("speedup", "1.25"), ("peak MB", "1234.5"), ("est. MB", "1300.0"), ("launches", "42"),
+                           ("xSFT", "2.50"), ("MFU", "10.0%"), ("HFU", "20.0%")):
+        end = head.index(heading) + len(heading)  # right-aligned: the value ends where its heading does
+        assert row[:end].endswith(value), (heading, row)
 
 
 def test_bench_runs_packed_micro_batches(capsys):
@@ -814,6 +837,9 @@ def test_model_flops_count_4n_per_computed_position_and_the_peak_is_the_data_she
     assert bm.method_flops("fast", args, (n, head), (raw, raw)) == 3 * 4 * ((n - head) * 13 + head * 6)
     assert bm.method_flops("reference", args, (n, head), (raw, raw)) == 3 * 4 * ((n - head) * 13 + head * 6)
     assert bm.method_flops("fast-sft", args, (n, head), (raw, raw)) == 4 * ((n - head) * 13 + head * 6)
+    # a row labelled from its first token: that label is the one no position predicts (7 of 8 after the shift)
+    first = {**raw, "labels": torch.tensor([[1] * 8, [-100] * 8])}
+    assert bm.method_flops("fast-sft", args, (n, head), (first, first)) == 4 * ((n - head) * 13 + head * 7)
 
     for name, want in (("NVIDIA H200", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4),
                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H200 NVL", 835.5), ("Tesla T4", 55.5)):

@@ -176,6 +176,11 @@ def test_install_fuses_inside_active_only(monkeypatch):
     assert relative(inside, before) <= 1e-5
     with fused_ops.active(False):
         assert not fused_ops._active
+    with fused_ops.active():  # nested: an inner active(False) (the engine's, fused ops off) leaves the outer on
+        with fused_ops.active(False):
+            assert fused_ops._active
+        assert fused_ops._active
+    assert not fused_ops._active
 
 
 def test_a_kind_whose_fused_forward_disagrees_keeps_its_own(monkeypatch, caplog):

@@ -8,6 +8,7 @@ both sets, and the `Booster` side is fed the same rows collated the same way.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -90,9 +91,11 @@ def test_trainer_equals_booster_5_steps(tmp_path, data, impl):
     assert all(r["grad_norm"] > 0 for r in logs)   # the Trainer clipped the combined gradient
 
 
-def test_perturb_aware_as_the_original_spells_it(tmp_path, data):
+@pytest.mark.parametrize("every", [1, 3])
+def test_perturb_aware_as_the_original_spells_it(tmp_path, data, every):
     """The original's arguments say perturb_aware="True" (a string) and rho: the Trainer takes the Booster + Vaccine
-    update, and logs as `loss` the perturbed pass's loss, as the original returns it."""
+    update, and logs as `loss` the perturbed pass's loss, as the original returns it; every logged value is the
+    mean over the updates since the last log (`every` of them)."""
     from dataclasses import dataclass, field
 
     @dataclass
@@ -100,7 +103,7 @@ def test_perturb_aware_as_the_original_spells_it(tmp_path, data):
         perturb_aware: str = field(default="False")
 
     rows_a, rows_h, pad = data
-    base = {k: v for k, v in vars(trainer_args(tmp_path, max_steps=3)).items() if k in
+    base = {k: v for k, v in vars(trainer_args(tmp_path, max_steps=3, logging_steps=every)).items() if k in
             {f.name for f in dataclasses.fields(bf.BoosterTrainingArguments) if f.init}}
     model, _ = make_model()
     args = OriginalArguments(**{**base, "perturb_aware": "True", "rho": 2.0})
@@ -114,9 +117,11 @@ def test_perturb_aware_as_the_original_spells_it(tmp_path, data):
     err, name = worst_relative_error(lora_state(model), lora_state(ref_model))
     assert err <= 1e-5, f"{name} differs from Booster(perturb_aware) by {err:.3g}"
     logs = [r for r in trainer.state.log_history if "harmful_loss" in r]
-    for key, logged in (("loss_perturbed", "loss"), ("loss", "loss_unperturbed")):
-        torch.testing.assert_close(torch.tensor([r[logged] for r in logs]),
-                                   torch.stack([o[key] for o in outs]).float(), rtol=1e-5, atol=1e-6)
+    assert len(logs) == 3 // every
+    for key, logged in (("loss_perturbed", "loss"), ("loss", "loss_unperturbed"), ("harmful_loss", "harmful_loss")):
+        per_step = torch.stack([o[key] for o in outs]).float()
+        torch.testing.assert_close(torch.tensor([r[logged] for r in logs]), per_step.view(-1, every).mean(1),
+                                   rtol=1e-5, atol=1e-6)
     assert all(r["loss"] > r["loss_unperturbed"] for r in logs)
 
 
@@ -280,24 +285,35 @@ def test_harmful_rows_are_shuffled_on_their_own(tmp_path, data):
     assert sorted(sum(harmful[:3], ())) == sorted(sum(align[:3], ())), "a pass must cover every row once"
 
 
-@pytest.mark.parametrize("sampling, accum, rows, dropout", [("random", 1, 24, 0.0), ("sequential", 1, 24, 0.0),
-                                                            ("random", 2, 20, 0.0), ("random", 1, 24, 0.1)])
-def test_resume_from_checkpoint_continues_the_harmful_stream(tmp_path, data, sampling, accum, rows, dropout):
+@pytest.mark.parametrize("sampling, accum, rows, dropout, lost", [
+    ("random", 1, 24, 0.0, False), ("sequential", 1, 24, 0.0, False), ("random", 2, 20, 0.0, False),
+    ("random", 1, 24, 0.1, False), ("random", 2, 24, 0.0, True)])
+def test_resume_from_checkpoint_continues_the_harmful_stream(tmp_path, data, sampling, accum, rows, dropout, lost,
+                                                             caplog):
     """train(resume_from_checkpoint=...) gives the uninterrupted run's updates: the harmful loader continues
     where the checkpoint left it (here inside its second pass: 3 batches a pass; with accumulation over 5
     micro-batches an epoch, the epoch's last update takes one micro-batch, not two). With LoRA dropout the
     masks must be the same too: the harmful passes, which start at other steps in the resumed run, must not
-    draw from the random state the dropout draws from."""
+    draw from the random state the dropout draws from. A checkpoint without the stream's file (`lost`: one
+    from elsewhere) is resumed after an estimate, one draw per micro-batch, exact where every update took all
+    of its micro-batches, and says so."""
+    from booster_fast.hf_trainer import HARMFUL_STATE
+
     rows_a, rows_h, pad = data
     runs = {}
     for name, resume in (("full", None), ("resumed", "checkpoint-4")):
+        if resume and lost:
+            (tmp_path / "run" / resume / HARMFUL_STATE).unlink()
         model, _ = make_model(dropout)
         args = trainer_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=4, gradient_accumulation_steps=accum,
                             train_sampling_strategy=sampling, output_dir=str(tmp_path / "run"))
         trainer = bf.BoosterTrainer(model=model, args=args, train_dataset=rows_a[:rows], harmful_dataset=rows_h[:12],
                                     data_collator=FixedLengthCollator(pad, MAX_LEN))
-        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / resume) if resume else None)
+        with caplog.at_level(logging.WARNING, logger="booster_fast"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "run" / resume) if resume else None)
         runs[name] = lora_state(model), [r["harmful_loss"] for r in trainer.state.log_history if "harmful_loss" in r]
+    warned = [r.getMessage() for r in caplog.records if HARMFUL_STATE in r.getMessage()]
+    assert len(warned) == lost and (not lost or f"after an estimated {4 * accum} batches" in warned[0])
     # the resumed run's log history holds the checkpoint's first 4 steps, then its own 2
     assert runs["resumed"][1] == runs["full"][1], (runs["resumed"][1], runs["full"][1])
     err, name = worst_relative_error(runs["resumed"][0], runs["full"][0])

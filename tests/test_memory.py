@@ -167,6 +167,21 @@ def test_seven_b_layer_by_hand():
     # unmerged, one batch per pass: half the activations (but for the adapters' bf16 weights, kept per pass)
     unmerged = memory.estimate(shape, weights=0, rows=10, harmful_rows=10, max_length=256, merged=False)
     assert unmerged.activations == pytest.approx(full.activations / 2, rel=5e-3)
+    # the transient peak here is the logits' (12 bytes per logit: bf16 logits, their fp32 copy and its gradient),
+    # on the positions that predict a token: 255 of a row's 256
+    assert full.transient == memory.HEAD_BYTES_PER_LOGIT * 32000 * 20 * 255 and memory.HEAD_BYTES_PER_LOGIT == 12
+
+
+def test_a_grouped_query_layer_by_hand():
+    """Llama-70B's shape: 64 query heads over 8 key/value heads. k and v are 1024 wide where the attention keeps
+    them grouped (the fast engine's), 8192 where they are repeated first (a masked batch); the log-sum-exp is per
+    query head."""
+    shape = memory.Shape.of(PRESETS["llama-70b-shape"])
+    h, i, heads, kv, r = 8192, 28672, 64, 1024, 32
+    fixed = 2 * (2 * h + 4) + 2 * h + 3 * 2 * r + 4 * heads + 2 * 2 * i  # norms, adapters' input, x·A, lse, MLP
+    targets = ("q_proj", "k_proj", "v_proj")
+    assert memory.layer_bytes_per_token(shape, 2, targets, r, fused=True) == fixed + 2 * (2 * h + 2 * kv)
+    assert memory.layer_bytes_per_token(shape, 2, targets, r, fused=True, grouped_kv=False) == fixed + 2 * 4 * h
 
 
 @pytest.mark.parametrize("dtype, quant", [(torch.float32, "none"), (torch.bfloat16, "none"), (None, "nf4")])
@@ -230,6 +245,12 @@ def test_memory_command_json_is_the_table_in_bytes(capsys):
         assert s["warmup"] == 0  # the reference engine captures no graphs
         assert s["total"] == s["weights"] + s["state"] + s["activations"] + s["transient"]
         assert line.split()[-2:] == memory.size(s["total"]).split()
+    # an fp32 model (tiny's default): NF4 computes the adapters and attention in bf16 (autocast), so it saves less
+    # than fp32 does, though its residual stream stays fp32
+    assert main(["memory", "--model", "tiny", "--json"]) == 0
+    by = {s["setting"]: s for s in json.loads(capsys.readouterr().out)["settings"]}
+    assert set(by) == {"fp32", "fp32, --gradient-checkpointing", "NF4", "NF4, --gradient-checkpointing"}
+    assert by["NF4"]["activations"] < by["fp32"]["activations"]
 
 
 def test_memory_command_reads_a_runs_flags(capsys, aligned):

@@ -105,6 +105,16 @@ def test_add_lora_only_lora_trainable_fp32(dtype):
     assert shapes == {"A": (4, 192), "B": (192, 4)}
 
 
+def test_add_lora_defaults_are_the_papers():
+    """The original's Booster scripts: LoRA r 32, alpha 4 (scale 1/8) on q, k and v, no dropout."""
+    model = add_lora(load_model("tiny", device="cpu", num_hidden_layers=1)[0])
+    cfg = model.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (32, 4, 0.0)
+    assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj"}
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == 4 / 32
+
+
 @pytest.mark.parametrize("targets", [("nonexistent_proj",), ("q_proj", "nonexistent_proj")])
 def test_add_lora_unknown_target_raises_model_error(targets):
     base, _ = load_model("tiny", device="cpu", num_hidden_layers=1)
@@ -203,6 +213,12 @@ def test_nf4_size_estimate_and_the_fit_check():
                  num_key_value_heads=2)
     model, _ = load_model("llama-70b-shape", quant="nf4", device="cpu", **small)
     held = [t for p in model.parameters() for t in (p, *quant_state_tensors(p))]
+    # every statistic, the doubly quantised ones (state2) included: too small for the size check to see them
+    weight = next(m.weight for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state"))
+    qs, found = weight.quant_state, quant_state_tensors(weight)
+    assert qs.state2 is not None, "double quantisation is off"
+    for t in (qs.absmax, qs.code, qs.state2.absmax, qs.state2.code):
+        assert any(t is f for f in found)
     real = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}.values())
     assert abs(preset_weight_bytes("llama-70b-shape", "nf4", **small) / real - 1) < 0.005
     assert preset_weight_bytes("llama-70b-shape", "nf4") < 0.27 * preset_weight_bytes("llama-70b-shape")
