@@ -11,8 +11,8 @@ from .booster import Booster  # noqa: E402
 from .config import BoosterConfig  # noqa: E402
 from .models import ModelError, add_lora, load_model  # noqa: E402
 
-__all__ = ["Booster", "BoosterConfig", "BoosterTrainer", "BoosterTrainingArguments", "FixedLengthCollator", "ModelError",
-           "add_lora", "load_model"]
+__all__ = ["Booster", "BoosterConfig", "BoosterTrainer", "BoosterTrainingArguments", "FixedLengthCollator",
+           "ModelError", "add_lora", "load_model"]
 __version__ = "0.1.0"
 
 _LAZY = {"BoosterTrainer": "hf_trainer", "BoosterTrainingArguments": "hf_trainer", "FixedLengthCollator": "hf_batches"}

@@ -117,7 +117,8 @@ def write_failure(e: BaseException) -> str | None:
     error; None for any other exception (a bug, which keeps its traceback)."""
     if isinstance(e, OSError):
         return e.strerror or str(e)
-    if type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and any(w in str(e) for w in _TORCH_WRITER)):
+    torch_writer = isinstance(e, RuntimeError) and any(w in str(e) for w in _TORCH_WRITER)
+    if type(e).__name__ == "SafetensorError" or torch_writer:
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
     return None
 

@@ -124,8 +124,8 @@ def test_normalize_perturb(n, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", [1e-4, 1e-6])
 def test_normalize_perturb_at_a_small_norm(norm, backend):
-    """Where ‖G_h‖ is near eps the step's scale α/(‖G_h‖ + eps) depends on where eps is added (random normals have
-    norms of ~30, where it is invisible): at 1e-4 eps under the root would shrink the step by two thirds."""
+    """Where ‖G_h‖ is near eps the step's scale α/(‖G_h‖ + eps) depends on where eps is added (random normals
+    have norms of ~30, where it is invisible): at 1e-4 eps under the root would shrink the step by two thirds."""
     n = 1025
     W, B, G_h, G_f = _buffers(n, _gen("small-norm", norm, backend))
     G_h.mul_(norm / G_h.norm())

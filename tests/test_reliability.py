@@ -542,7 +542,8 @@ def test_resume_tells_a_flag_given_at_its_default_from_one_left_out(tmp_path, ca
     capsys.readouterr()
     assert main(["align", "--resume", str(run), "--lr", str(defaults["lr"]), "--lamb", str(defaults["lamb"])]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert f"--lr {defaults['lr']} (the run has 0.001)" in line and f"--lamb {defaults['lamb']} (the run has 3.0)" in line
+    assert f"--lr {defaults['lr']} (the run has 0.001)" in line
+    assert f"--lamb {defaults['lamb']} (the run has 3.0)" in line
 
     def resumed(*flags):
         argv = ["align", "--resume", str(run), *flags]
