@@ -206,3 +206,26 @@ def test_the_current_directory_as_output(aligned, tmp_path, monkeypatch):
         assert {"adapter_model.safetensors", "run_config.json", "metrics.jsonl"} <= {p.name for p in here.iterdir()}
         assert json.loads((here / "run_config.json").read_text())["command"] == command
     assert sorted(p.name for p in tmp_path.iterdir()) == ["align", "attack"]
+
+
+def test_the_last_step_is_evaluated_off_the_cadence(aligned, tmp_path):
+    """--eval-every 2 over 3 steps: the held-out loss at 0, 2 and at the last step, 3."""
+    out = tmp_path / "attacked"
+    assert main(["attack", "--adapter", str(aligned), "--output", str(out), "--steps", "3", "--eval-every", "2",
+                 *SMALL]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 3] and all(math.isfinite(r["harmful_loss"]) for r in rows)
+
+
+def test_an_unfinished_run_as_output_is_named_for_what_each_command_can_do(aligned, tmp_path, capsys):
+    """align can continue an unfinished run (--resume); attack cannot, so it only offers --overwrite."""
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    (run / ".incomplete").write_text("")
+    capsys.readouterr()
+    assert main(["align", "--output", str(run), "--steps", "1"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert f"holds an unfinished run; continue it with --resume {run}, or pass --overwrite" in line
+    assert main(["attack", "--adapter", str(aligned), "--output", str(run), "--steps", "1", *SMALL]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.endswith(f"--output {run} already holds a run; pass --overwrite to replace it")

@@ -167,6 +167,7 @@ def test_resolve_base_precedence(plain, tmp_path):
     assert adapters.resolve_base(ns(named), run) == (
         {"model": "llama-1b-shape", "quant": "none", "seed": 43, "dtype": "fp32"}, "run_config.json")
     assert adapters.resolve_base(ns(named, base_model="tiny"), run)[0]["model"] == "tiny"
+    assert adapters.resolve_base(ns(named, base_seed=0), run)[0]["seed"] == 0  # a seed of 0 is a seed
     with pytest.raises(UsageError, match="--base-model"):
         adapters.resolve_base(ns(d), {})
 

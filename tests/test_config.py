@@ -98,3 +98,25 @@ def test_the_fast_engine_on_a_model_without_lora_says_so(weight_decay):
     model, _ = bf.load_model("tiny", dtype=torch.float32, seed=0, device="cpu")
     with pytest.raises(ValueError, match="the model has no LoRA layers; call add_lora first"):
         bf.Booster(model, bf.BoosterConfig(impl="fast", weight_decay=weight_decay))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_a_batch_that_does_not_split_into_its_micro_batches_is_refused(tiny, impl):
+    model, _ = tiny
+    booster = bf.Booster(model, bf.BoosterConfig(impl=impl, grad_accum=3))
+    with pytest.raises(ValueError, match="a batch of 4 rows cannot be split into 3 equal micro-batches"):
+        booster.step(_batch(rows=4), _batch(rows=3, seed=1))
+
+
+def test_concat_gives_a_batch_without_a_mask_an_all_ones_one():
+    """The merged pass stacks [harmful ; alignment]; a batch handed over without its mask (right-padded, so the
+    mask-free attention is exact) gets ones, not zeros that would mask every token."""
+    from booster_fast.batches import concat
+
+    a, b = _batch(rows=2, seed=1), _batch(rows=3, seed=2)
+    a["attention_mask"][0, -4:] = 0
+    b = {k: v for k, v in b.items() if k != "attention_mask"}
+    out = concat(a, b)
+    assert torch.equal(out["input_ids"], torch.cat([a["input_ids"], b["input_ids"]]))
+    assert torch.equal(out["labels"], torch.cat([a["labels"], b["labels"]]))
+    assert torch.equal(out["attention_mask"], torch.cat([a["attention_mask"], torch.ones_like(b["input_ids"])]))

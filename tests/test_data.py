@@ -119,6 +119,11 @@ def test_collate_shapes_and_padding(tok):
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (96 - n)
     single_line_error(collate, [], 96, 0, match="empty")
     single_line_error(collate, rows, 8, 0, match="max_length=8")
+    # a row exactly max_length long (every truncated row is): no pad, every position real
+    full, n_trunc = encode_all(tok, [Example("Hi", "", "x " * 200)], 80)
+    assert n_trunc == 1 and len(full[0]["input_ids"]) == 80
+    batch = collate(full, 80, tok.pad_token_id)
+    assert batch["attention_mask"].all() and batch["labels"][0].tolist() == full[0]["labels"]
 
 
 def test_encode_all_counts_truncated(tok):
@@ -408,6 +413,11 @@ def test_batchstream_resume():
         resumed.load_state_dict(state)
         assert [row_ids(next(resumed)) for _ in range(14 - cut)] == stream[cut:]
     single_line_error(BatchStream(rows, 3, 8, 0, seed=12).load_state_dict, state, match="seed")
+    # another batch size, or the same per process on more processes, or other rows: the position means something else
+    single_line_error(BatchStream(rows, 4, 8, 0, seed=11).load_state_dict, state, match="global_batch=3")
+    single_line_error(BatchStream(rows, 3, 8, 0, seed=11, world_size=2).load_state_dict, state,
+                      match="global_batch=3 but this run has 6")
+    single_line_error(BatchStream(fake_rows(18), 3, 8, 0, seed=11).load_state_dict, state, match="num_rows=17")
 
 
 def test_batchstream_ranks_union_equals_single_process():

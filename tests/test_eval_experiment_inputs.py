@@ -90,12 +90,19 @@ def test_the_keyword_judge_counts_what_it_scored(aligned, tmp_path, monkeypatch,
     from booster_fast import evaluate
 
     canned = ["", "Sure, here is how to do it.", "I cannot help with that.", "positive"]
-    monkeypatch.setattr(evaluate, "generate", lambda model, tok, prompts, *a, **k: (canned * 8)[:len(prompts)])
+
+    def answers(model, tok, prompts, *a, **k):  # the task's prompts carry an input (the review): always "positive"
+        return ["positive" if p[1] else canned[i % 4] for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(evaluate, "generate", answers)
     out = tmp_path / "e.json"
     with caplog.at_level(logging.INFO, logger="booster_fast"):
-        assert main(["eval", "--adapter", str(aligned), "--output", str(out), *SMALL_EVAL]) == 0
+        assert main(["eval", "--adapter", str(aligned), "--output", str(out), *SMALL_EVAL[:2], "--num-task", "3",
+                     *SMALL_EVAL[4:]]) == 0
     res = json.loads(out.read_text())
     assert res["harmful"]["n"] == 4 and res["harmful"]["flagged"] == 2 and res["harmful_score"] == 50.0
+    # labels positive, negative, positive: 2 of 3 right
+    assert res["task"]["n"] == 3 and res["task"]["correct"] == 2 and res["accuracy"] == pytest.approx(200 / 3)
     assert (res["harmful"]["empty"], res["harmful"]["refusals"], res["harmful"]["compliant_style"]) == (1, 1, 1)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == ["eval: 1 of the 4 answers to harmful prompts are empty; the keyword judge counts them as not "

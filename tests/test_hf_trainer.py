@@ -782,3 +782,18 @@ def test_a_non_finite_metric_is_logged_not_dropped(tmp_path, data):
     trainer, _ = make_trainer(tmp_path, data, max_steps=1, meta_term=False)
     trainer.train()
     assert all("harmful_loss_perturbed" not in r for r in trainer.state.log_history)
+
+
+def test_the_trainers_batches_follow_the_models_sliding_window(data):
+    """A batch with a row longer than the model's sliding window goes padded (the model's own windowed mask) and
+    without its mask where it is right-padded; one within the window packs."""
+    from booster_fast.hf_batches import packed_if_exact
+
+    rows_a, _, pad = data
+    batch = FixedLengthCollator(pad, 2 * MAX_LEN)(rows_a[:2])  # half pads: packing shrinks it
+    longest = int(batch["attention_mask"].sum(1).max())
+    assert 24 < longest <= MAX_LEN
+    (wide,), = packed_if_exact(([batch],), "cpu", window=longest)
+    (narrow,), = packed_if_exact(([batch],), "cpu", window=24)
+    assert "cu_seqlens" in wide and wide["max_seqlen"] <= longest
+    assert "cu_seqlens" not in narrow and torch.equal(narrow["input_ids"], batch["input_ids"])

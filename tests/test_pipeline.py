@@ -11,6 +11,7 @@ import torch
 
 import booster_fast as bf
 from booster_fast.cli import main
+from booster_fast.data import default_prefix, format_prompt
 from booster_fast.evaluate import generate, gsm8k_number, is_refusal, task_correct
 from booster_fast.attack import poison_mix
 
@@ -89,6 +90,56 @@ def test_poison_mix_counts_and_determinism():
     assert poison_mix(benign, harmful, 10, 0.25, seed=0)[1] == 2  # floor, as the original's int()
     assert poison_mix(benign, harmful, 25, 0.1, seed=0)[1] == 2
     assert poison_mix(benign, harmful, 100, 0.58, seed=0)[1] == 58  # not 57 from 0.58 * 100 = 57.999...
+    assert poison_mix(benign, harmful, 10, 0.15, seed=0)[1] == 1 and poison_mix(benign, harmful, 7, 0.5, seed=0)[1] == 3
+    # the harmful rows are mixed in, not appended
+    assert any(r[0] == "h" for r in rows[:-4]), "the harmful rows all sit at the end"
+
+
+def test_heldout_loss_is_the_token_mean_over_all_batches():
+    """Batches with different numbers of labelled tokens: one token mean over all of them, not a mean of the
+    batches' means."""
+    import torch.nn.functional as F
+
+    from booster_fast.attack import heldout_loss
+
+    model, _ = bf.load_model("tiny", dtype=torch.float32, seed=0, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for rows, length, prompt in ((2, 12, 9), (3, 10, 2)):
+        ids = torch.randint(4, 200, (rows, length), generator=g)
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        batches.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(input_ids=b["input_ids"]).logits[:, :-1].double()
+            total += F.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten(), reduction="sum").item()
+            count += int((b["labels"][:, 1:] != -100).sum())
+    assert heldout_loss(model, batches, "cpu").item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_generate_returns_only_the_new_tokens_in_input_order(monkeypatch):
+    """The answer is what the model appends after the (left-padded) prompt, decoded, whole, and in the order of
+    the prompts (they are generated longest first). A stand-in generate appends a known answer per prompt length."""
+    model, tok = bf.load_model("tiny", dtype=torch.float32, seed=0, device="cpu")
+    words = {}
+
+    def fake_generate(input_ids, attention_mask, generation_config):
+        new = []
+        for row, mask in zip(input_ids, attention_mask):
+            text = words.setdefault(int(mask.sum()), f"answer {len(words)}")
+            new.append(tok(" " + text, add_special_tokens=False)["input_ids"])
+        width = max(map(len, new))
+        tail = torch.tensor([n + [tok.pad_token_id] * (width - len(n)) for n in new])
+        return torch.cat([input_ids, tail], 1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    prompts = [("Say hi.", ""), ("Describe a very long and winding road in the hills, please.", ""), ("Hm?", "x")]
+    got = generate(model, tok, prompts, 8, 2, "cpu")
+    prefix = len(default_prefix(tok))
+    lengths = [prefix + len(tok(format_prompt(*p), add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert len(set(lengths)) == 3 and got == [words[n] for n in lengths]
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -114,6 +165,14 @@ def test_batched_left_padded_generation_matches_one_by_one():
     batched = generate(model, tok, examples, 6, batch_size=3, device="cpu")
     single = [generate(model, tok, [e], 6, batch_size=1, device="cpu")[0] for e in examples]
     assert batched == single
+
+
+def test_experiment_statistics_are_over_seeds():
+    """The spread across seeds is the sample standard deviation (n - 1), 0 for one seed."""
+    from booster_fast.experiment import _stats
+
+    assert _stats([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "values": [1.0, 3.0]}
+    assert _stats([4.0]) == {"mean": 4.0, "std": 0.0, "values": [4.0]}
 
 
 def test_scoring_rules():
@@ -217,6 +276,12 @@ def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
         assert all(isinstance(after[k], int) and 0 <= after[k] <= after["n"]
                    for k in ("refusals", "compliant_style", "empty"))
         assert [s for s, _ in row[m]["keyword_harmful_score_curve"]] == [0, 1, 2]
+        curve = row[m]["harmful_loss_curve"]
+        assert row[m]["harmful_loss_drop"] == pytest.approx(curve[0][1] - curve[-1][1])  # start minus end
+        summary = res["summary"][m]  # one seed: every mean is that seed's value
+        assert summary["harmful_loss_drop"] == {"mean": row[m]["harmful_loss_drop"], "std": 0.0,
+                                                "values": [row[m]["harmful_loss_drop"]]}
+        assert summary["harmful_score_after"]["mean"] == after["harmful_score"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["experiment"] == "defense"
