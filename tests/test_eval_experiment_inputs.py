@@ -433,3 +433,21 @@ def test_workdir_that_is_a_file_exits_2_up_front(where, tmp_path, monkeypatch, c
     line = one_error_line(capsys)
     assert code == 2 and f"--workdir {work}" in line and "not a directory" in line
     assert stages.calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+def test_eval_defaults_follow_the_base_model():
+    """The paper's budgets on a real model (512 new tokens for harmful prompts, as the original's pred.py; 200 for
+    the task; BeaverTails' prompts), small ones on the tiny preset; a run's own data and task where it has them."""
+    from types import SimpleNamespace
+
+    from booster_fast.evaluate import _defaults
+
+    args = SimpleNamespace(task=None, prompts=None, max_new_tokens=None, task_max_new_tokens=None, batch_size=None)
+    assert _defaults(args, {}, "meta-llama/Llama-2-7b-hf") == dict(task="builtin", prompts="beavertails", max_new=512,
+                                                                   task_max_new=200, batch=16)
+    assert _defaults(args, {}, "tiny") == dict(task="builtin", prompts="builtin", max_new=48, task_max_new=8, batch=64)
+    run = {"benign": "sst2", "data": "beavertails"}
+    assert _defaults(args, run, "tiny") == dict(task="sst2", prompts="beavertails", max_new=48, task_max_new=8,
+                                              batch=64)
+    given = SimpleNamespace(task="gsm8k", prompts="x.json", max_new_tokens=5, task_max_new_tokens=6, batch_size=7)
+    assert _defaults(given, run, "tiny") == dict(task="gsm8k", prompts="x.json", max_new=5, task_max_new=6, batch=7)
