@@ -120,3 +120,15 @@ def test_concat_gives_a_batch_without_a_mask_an_all_ones_one():
     assert torch.equal(out["input_ids"], torch.cat([a["input_ids"], b["input_ids"]]))
     assert torch.equal(out["labels"], torch.cat([a["labels"], b["labels"]]))
     assert torch.equal(out["attention_mask"], torch.cat([a["attention_mask"], torch.ones_like(b["input_ids"])]))
+
+
+@pytest.mark.parametrize("flag", ["merge_passes", "packing", "fused_ops", "graphs"])
+def test_the_fast_engines_switches_pinned_on_are_refused_with_the_reference(flag):
+    """--impl reference runs the original trainer's step as it is: a fast-engine feature pinned on would be
+    silently ignored (on the CPU --fused-ops on and --graphs on are refused earlier, by the device check)."""
+    from booster_fast.cli import UsageError, build_parser
+    from booster_fast.run_args import check_run_args
+
+    args = build_parser().parse_args(["align", "--impl", "reference", f"--{flag.replace('_', '-')}", "on"])
+    with pytest.raises(UsageError, match=f"--{flag.replace('_', '-')} on: the fast engine's"):
+        check_run_args(args, bf.BoosterConfig(impl="reference"))

@@ -485,6 +485,16 @@ def test_nonfinite_update_is_skipped_on_device(batches, poison):
     assert torch.equal(engine.optimizer.state[engine.W]["step"], step_before)
     out = booster.step(a, h)  # and training goes on
     assert out["skipped"].item() == 0.0 and not torch.equal(engine.flat.W, before_w)
+    # the guard switched off after a skipped step: no skip flag of that step is left for the optimizer to read
+    with torch.no_grad():
+        lm_head[0, 0] = float(poison)
+    assert booster.step(a, h)["skipped"].item() == 1.0
+    with torch.no_grad():
+        lm_head.copy_(saved)
+    booster.cfg.skip_nonfinite = False
+    w, step = engine.flat.W.clone(), engine.optimizer.state[engine.W]["step"].clone()
+    booster.step(a, h)
+    assert not torch.equal(engine.flat.W, w) and engine.optimizer.state[engine.W]["step"] == step + 1
 
 
 def test_each_step_returns_its_own_skip_flag(batches):

@@ -319,6 +319,13 @@ def test_step_graphs_give_up_on_a_syncing_step(monkeypatch, caplog, mode):
         g.run("step", step, (batch(3, 5),))
     assert "capture" not in events and len(g.eager_keys) == 2
     assert sum(r.levelno == logging.WARNING for r in caplog.records if "runs eagerly" in r.getMessage()) == 1
+    # reset (new state loaded): everything a key learnt is forgotten; the shape that synced is tried afresh
+    g.reset()
+    assert not g.eager_keys and not g._seen and not g._graphs and g._pool is None
+    events.clear()
+    for _ in range(WARMUP):
+        g.run("step", step, (batch(2, 5),))
+    assert events == ["eager", "watched"] and len(g.eager_keys) == 1  # warmed up and watched again, found again
 
 
 def test_step_graphs_evict_the_least_recently_replayed(monkeypatch):
@@ -336,6 +343,23 @@ def test_step_graphs_evict_the_least_recently_replayed(monkeypatch):
     rows_kept = {k[2][0][1][0] for k in g._graphs}
     assert len(rows_kept) == MAX_GRAPHS and 1 in rows_kept and 2 not in rows_kept, sorted(rows_kept)
     assert events.count("capture") == MAX_GRAPHS + 1
+
+
+def test_step_graphs_forget_the_oldest_keys_first(monkeypatch):
+    """The warm-up counts and the eager keys are bounded (4 x MAX_GRAPHS): past that, the key seen longest ago
+    goes, not the newest."""
+    from booster_fast.graphs import _drop_oldest
+
+    d = {k: k for k in range(10)}
+    _drop_oldest(d, 7)
+    assert list(d) == [3, 4, 5, 6, 7, 8, 9]
+    _fake_cuda(monkeypatch)
+    step, batch = _sum_step([]), _batch_maker()
+    g = StepGraphs("on")
+    for rows in range(1, 4 * MAX_GRAPHS + 2):  # each shape once: warm-up counts only
+        g.run("step", step, (batch(rows, 3),))
+    kept = [k[2][0][1][0] for k in g._seen]
+    assert len(kept) == 4 * MAX_GRAPHS and kept[0] == 2 and kept[-1] == 4 * MAX_GRAPHS + 1
 
 
 def test_step_graphs_hand_the_mask_to_a_model_that_needs_it(monkeypatch):
@@ -460,6 +484,7 @@ def test_a_changed_learning_rate_reaches_the_same_graph(monkeypatch):
     ref, exact = (bf.Booster(make_model()[0].to(dtype), bf.BoosterConfig(impl="reference"))
                   for dtype in (torch.float32, torch.float64))
     engine = booster.engine
+    assert engine._lr.dtype == torch.float64  # the CPU's fused AdamW reads a tensor lr as fp64: a float lr's value
     scheds = [torch.optim.lr_scheduler.LambdaLR(b.optimizer, lambda i: 0.5 ** i) for b in (booster, ref, exact)]
     lr = engine.optimizer.param_groups[0]["lr"]
     for i, (a, h) in enumerate(builtin_batches(tok, 4)):
@@ -473,14 +498,15 @@ def test_a_changed_learning_rate_reaches_the_same_graph(monkeypatch):
     assert engine.optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(5e-4 * 0.5 ** 4)
     assert len(set(kinds)) == 1 and kinds[0][0] == "booster"
     assert_tracks_the_exact_run(*(lora_state(b.model) for b in (booster, ref, exact)), "lr changed")
-    engine.optimizer.param_groups[0]["weight_decay"] = 0.05
-    booster.step(a, h)
-    assert kinds[-1] != kinds[0]
+    for key, value in (("weight_decay", 0.05), ("eps", 1e-6), ("betas", (0.8, 0.99))):  # each a new key
+        engine.optimizer.param_groups[0][key] = value
+        booster.step(a, h)
+        assert kinds[-1] != kinds[-2], key
 
 
 @pytest.mark.parametrize("knob, value", [("lamb", 2.0), ("alpha", 0.3), ("max_grad_norm", 0.25), ("grad_accum", 2),
                                          ("meta_term", False), ("max_grad_norm", 0.0), ("skip_nonfinite", False),
-                                         ("rho", 0.5)])
+                                         ("rho", 0.5), ("perturb_eps", 1e-3)])
 def test_a_changed_step_knob_gets_a_graph_of_its_own(monkeypatch, knob, value):
     """The step reads λ, α, the clip norm, the micro-batch count, ρ... from the config at every call, and a
     capture bakes them in: a changed one changes the graph key (a replay would ignore it), and the step follows

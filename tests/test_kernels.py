@@ -276,6 +276,8 @@ def _bad_cases():
         "normalize aliased W/B": lambda: normalize_perturb_(W, W, G_h, G_f, ss, ALPHA, LAMB),
         "normalize overlapping views": lambda: (lambda buf: normalize_perturb_(W, B, buf[:n], buf[1:n + 1], ss,
                                                                                ALPHA, LAMB))(torch.randn(n + 1)),
+        "normalize views sharing their last element": lambda: (lambda buf: normalize_perturb_(
+            W, B, buf[:n], buf[n - 1:], ss, ALPHA, LAMB))(torch.randn(2 * n - 1)),
         "normalize bad backend": lambda: normalize_perturb_(W, B, G_h, G_f, ss, ALPHA, LAMB, backend="numpy"),
         "restore 2-D": lambda: restore_combine_(W.view(1, n), B.view(1, n), G_h.view(1, n), G_f.view(1, n), LAMB),
         "restore length mismatch": lambda: restore_combine_(W, B[:-1], G_h, G_f, LAMB),

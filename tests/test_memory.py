@@ -288,6 +288,9 @@ def test_memory_command_bad_input_is_one_line(capsys, tmp_path):
     assert len(err) == 1 and "cannot build it from its config" in err[0]
     assert main(["memory", "--batch-size", "3", "--grad-accum", "2"]) == 2  # align's own checks
     assert capsys.readouterr().err.strip() == "booster-fast: error: --batch-size 3 is not a multiple of --grad-accum 2"
+    assert main(["memory", "--batch-size", "4", "--harmful-batch-size", "3", "--grad-accum", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("booster-fast: error: --harmful-batch-size 3 is not a multiple of "
+                                               "--grad-accum 2")
     assert main(["memory", "--method", "sft", "--perturb-aware"]) == 2
     assert "does nothing with --method sft" in capsys.readouterr().err
     assert main(["memory", "--method", "sft", "--lamb", "3", "--no-meta-term"]) == 2

@@ -115,13 +115,14 @@ def test_add_lora_defaults_are_the_papers():
     assert layer.scaling["default"] == 4 / 32
 
 
-@pytest.mark.parametrize("targets", [("nonexistent_proj",), ("q_proj", "nonexistent_proj")])
+@pytest.mark.parametrize("targets", [("nonexistent_proj",), ("q_proj", "nonexistent_proj"), ("proj",), "_proj"])
 def test_add_lora_unknown_target_raises_model_error(targets):
     base, _ = load_model("tiny", device="cpu", num_hidden_layers=1)
     with pytest.raises(ModelError) as e:
         add_lora(base, targets=targets)
     msg = str(e.value)
-    assert "\n" not in msg and "nonexistent_proj" in msg
+    missing = [t for t in ([targets] if isinstance(targets, str) else targets) if t != "q_proj"]
+    assert "\n" not in msg and f"LoRA targets {missing} not found" in msg  # peft matches whole names only
     # the failed call left the model as it was
     assert all(p.requires_grad for p in base.parameters())
 
