@@ -321,17 +321,24 @@ def test_a_paper_preset_can_be_run_small():
     assert PRESETS["paper-sst2"]["align"]["epochs"] == 20.0  # the preset itself is untouched
 
 
-@pytest.mark.parametrize("case", list(BAD_SETS))
-def test_bad_set_exits_2_with_one_line(case, tmp_path, monkeypatch, capsys):
-    item, says = BAD_SETS[case]
+def refused_before_any_stage(setting: str, tmp_path, monkeypatch, capsys) -> str:
+    """The one error line of `experiment defense --set SETTING`, which must exit 2 before any stage runs and
+    leave nothing behind."""
     stages = NoStage()
     monkeypatch.setattr(experiment, "_run", stages)
     capsys.readouterr()
     code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
-                 "--output", str(tmp_path / "x.json"), "--set", item])
+                 "--output", str(tmp_path / "x.json"), "--set", setting])
     line = one_error_line(capsys)
-    assert code == 2 and "--set" in line and says in line, line
-    assert stages.calls == [] and list(tmp_path.iterdir()) == []
+    assert code == 2 and stages.calls == [] and list(tmp_path.iterdir()) == [], line
+    return line
+
+
+@pytest.mark.parametrize("case", list(BAD_SETS))
+def test_bad_set_exits_2_with_one_line(case, tmp_path, monkeypatch, capsys):
+    item, says = BAD_SETS[case]
+    line = refused_before_any_stage(item, tmp_path, monkeypatch, capsys)
+    assert "--set" in line and says in line, line
 
 
 # ------------------------------------------------------------------------------------------- experiment: preflight
@@ -404,14 +411,7 @@ def test_preflight_refuses_new_tokens_beyond_the_positions(tmp_path, monkeypatch
     ("eval.batch_size=0", "eval stage: --batch-size must be >= 1, got 0"),
 ])
 def test_attack_and_eval_settings_are_checked_before_the_alignment(setting, needle, tmp_path, monkeypatch, capsys):
-    stages = NoStage()
-    monkeypatch.setattr(experiment, "_run", stages)
-    capsys.readouterr()
-    code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
-                 "--output", str(tmp_path / "x.json"), "--set", setting])
-    line = one_error_line(capsys)
-    assert code == 2 and needle in line and stages.calls == []
-    assert list(tmp_path.iterdir()) == []
+    assert needle in refused_before_any_stage(setting, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("preset", list(experiment.PRESETS))
