@@ -168,7 +168,7 @@ def save_checkpoint(run: Path, step: int, model, booster, streams: dict, trainer
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    final = root / name
+    final, old = root / name, None
     try:
         save_adapter(model, tmp)
         torch.save(booster.state_dict(), tmp / "optimizer.pt")
@@ -187,10 +187,12 @@ def save_checkpoint(run: Path, step: int, model, booster, streams: dict, trainer
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not final.exists():  # the new copy did not land: the old one back
+            old.rename(final)
         raise
-    for _, old in list_checkpoints(run)[:-keep]:  # set aside first: a kill mid-delete leaves no half checkpoint
-        aside = root / f".old-{old.name}-{os.getpid()}"
-        old.rename(aside)
+    for _, stale in list_checkpoints(run)[:-keep]:  # set aside first: a kill mid-delete leaves no half checkpoint
+        aside = root / f".old-{stale.name}-{os.getpid()}"
+        stale.rename(aside)
         shutil.rmtree(aside, ignore_errors=True)
     fsync_dir(root)
     return final

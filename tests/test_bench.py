@@ -23,12 +23,23 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def test_bench_json_smoke(capsys, tmp_path):
+def test_bench_json_smoke(capsys, tmp_path, monkeypatch):
+    from booster_fast import bench
+
+    timed, real = {}, bench.time_interleaved
+
+    def counting(*a, **k):  # how many steps each entry had timed: --steps, after --warmup untimed ones
+        out = real(*a, **k)
+        timed.update({n: len(t) for n, t in out[0].items()})
+        return out
+
+    monkeypatch.setattr(bench, "time_interleaved", counting)
     out_file = tmp_path / "res" / "cpu.json"
     rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
                "--max-length", "160", "--lora-r", "4",
                "--impls", "reference,fast,sft,fast-graphs,fast-padded,fast-sft", "--json", "--output", str(out_file)])
     assert rc == 0
+    assert timed == {n: 2 for n in ("reference", "fast", "sft", "fast-padded", "fast-sft")}  # fast-graphs: skipped
     out = capsys.readouterr().out.strip().splitlines()
     doc = json.loads(out[-1])
     assert "peak MB   est. MB" in next(line for line in out if line.startswith("impl"))  # the console table

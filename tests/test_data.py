@@ -331,6 +331,7 @@ def bad_file(tmp_path, name: str, content: bytes) -> str:
     ("bad.json", b'[{"prompt": "a", "refusal": "b", "response": "c"}, {"prompt": "a", "refusal": "b"}]',
      "row 2: missing field 'response'"),
     ("bad.json", b'[{"prompt": "a", "refusal": 3, "response": "c"}]', "row 1: field 'refusal' must be a string"),
+    ("bad.json", b'[{"prompt": "a", "refusal": "b"}]', "row 1: missing field 'response'"),  # the row that decides
     ("bad.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": null}\n',
      "line 2: field 'output' must be a string"),
     ("bad.json", b'[{"text": "a"}]', "unrecognised row"),
@@ -345,6 +346,17 @@ def test_malformed_files(tmp_path, name, content, match):
     path = bad_file(tmp_path, name, content)
     msg = single_line_error(load_safety_data, path, harmful_data=None, match=match)
     assert path in msg
+
+
+def test_json_lines_in_a_json_file_and_a_null_input_are_read(tmp_path):
+    """A .json file holding JSON Lines (one object per line) is read as such, with line numbers in messages; an
+    instruction row's optional input may be null (as exported data sets write a missing one)."""
+    from booster_fast.data_files import instruction_file, read_rows
+
+    path = tmp_path / "d.json"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": null, "output": "d"}\n')
+    assert instruction_file(str(path)) == [Example("a", "", "b"), Example("c", "", "d")]
+    assert [loc.rsplit(" ", 2)[-2:] for loc, _ in read_rows(str(path))] == [["line", "1"], ["line", "2"]]
 
 
 def test_missing_file_and_harmful_format(tmp_path):

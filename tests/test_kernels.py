@@ -305,6 +305,15 @@ def test_measure_bandwidth_refuses_cpu():
         measure_bandwidth(n=1024, device="cpu")
 
 
+def test_the_byte_counts_are_each_kernels_reads_and_writes():
+    """The GB/s figures divide these bytes by the time: every fp32 (booster kernels) or bf16 (model kernels)
+    element each kernel must read or write once, as listed above the kernels."""
+    from booster_fast.kernels.bandwidth import BYTES_PER_ELEM, MODEL_BYTES_PER_ELEM
+
+    assert BYTES_PER_ELEM == {"copy": 8, "sumsq": 4, "normalize_perturb_": 28, "restore_combine_": 20}
+    assert MODEL_BYTES_PER_ELEM == {"rms_norm": (4, 6), "silu_mul": (6, 10), "rope": (4, 4)}
+
+
 def test_kernel_errors_compare_every_output_with_the_torch_path(monkeypatch):
     """The bandwidth part's correctness check (here the kernels under the interpreter): fp32 rounding only; a
     kernel given λ 1 % off is caught in the output it writes wrongly (G_f), by ~1e-2."""

@@ -178,6 +178,33 @@ def _fresh(lora_seed=43):
     return model, tok, bf.Booster(model, bf.BoosterConfig(impl="fast"))
 
 
+def test_a_failed_resave_of_a_step_keeps_its_earlier_copy(tmp_path, monkeypatch):
+    """The same step saved again (a resume that ends where its checkpoint was): the old copy is set aside until
+    the new one is in place, and put back when the new one cannot be; a good re-save leaves nothing aside."""
+    model, tok, booster = _fresh()
+    streams = _batches(tok)
+    booster.step(next(streams["align"]), next(streams["harmful"]))
+    (tmp_path / "checkpoints").mkdir()
+    first = save_checkpoint(tmp_path, 3, model, booster, streams, {"skipped": 0, "metrics_bytes": 0}, keep=2)
+    saved = (first / "trainer_state.json").read_text()
+    real = Path.rename
+
+    def failing(self, target):
+        if self.name.startswith(".tmp-"):
+            raise OSError(28, "No space left on device")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 3, model, booster, streams, {"skipped": 1, "metrics_bytes": 0}, keep=2)
+    assert (first / "trainer_state.json").read_text() == saved
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003"]
+    monkeypatch.setattr(Path, "rename", real)
+    save_checkpoint(tmp_path, 3, model, booster, streams, {"skipped": 1, "metrics_bytes": 0}, keep=2)
+    assert json.loads((first / "trainer_state.json").read_text())["skipped"] == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003"]
+
+
 def test_loading_the_adapter_restores_the_flat_buffer(tmp_path):
     """The fast engine's optimizer has ONE parameter, W; the LoRA parameters are views of it, so loading the
     peft adapter in place restores W, and the next update equals the uninterrupted one bit for bit."""
