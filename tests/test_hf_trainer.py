@@ -429,9 +429,13 @@ state = {n: p.detach().clone() for n, p in model.named_parameters() if p.require
 torch.save({"seen": trainer.seen, "state": state, "world": torch.distributed.get_world_size(),
             "logs": trainer.state.log_history}, f"{out}/rank{rank}.pt")
 # an explicit end: a gloo group left to the interpreter's exit can abort a worker ("terminate called without an
-# active exception") while its threads are torn down
+# active exception") while its threads are torn down; and no teardown at all once the results are written
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
+import os, sys
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 '''
 
 
