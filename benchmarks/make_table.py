@@ -73,13 +73,8 @@ def hardware(machine: dict) -> str:
     return f"{machine.get('cpu') or 'unknown CPU'} ({machine.get('cores') or '?'} cores)"
 
 
-def _off(r: dict) -> str:
-    """How far an entry's first step lies from its baseline's (None: a NaN or an infinity on one side)."""
-    return "NaN/inf" if r.get("first_step_rel_diff") is None else f"{r['first_step_rel_diff']:.1%}"
-
-
-def _num(v, spec: str, suffix: str = "") -> str:
-    return "—" if v is None else format(v, spec) + suffix
+def _num(v, spec: str, suffix: str = "", none: str = "—") -> str:
+    return none if v is None else format(v, spec) + suffix
 
 
 def settings(c: dict) -> list[str]:
@@ -122,7 +117,8 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
             if "failed" in r:  # timed, then failed while its memory and ops were measured
                 head[-1] += f" (failed after the timing: {r['failed']})"
             if r.get("first_step_agrees") is False:  # its speed is not the same computation's
-                head[-1] += f" (first step off its baseline's by {_off(r)})"
+                off = _num(r["first_step_rel_diff"], ".1%", none="NaN/inf")  # None: a NaN or infinity on one side
+                head[-1] += f" (first step off its baseline's by {off})"
             booster = impl not in SFT  # speed-up and the SFT ratio describe Booster steps
             out.append(head + [
                 _num(r.get("step_ms"), ".1f"),
