@@ -801,3 +801,20 @@ def test_the_trainers_batches_follow_the_models_sliding_window(data):
     (narrow,), = packed_if_exact(([batch],), "cpu", window=24)
     assert "cu_seqlens" in wide and wide["max_seqlen"] <= longest
     assert "cu_seqlens" not in narrow and torch.equal(narrow["input_ids"], batch["input_ids"])
+
+
+def test_the_trainer_snippet_in_the_docs_runs(tmp_path, monkeypatch):
+    """docs/usage.md's drop-in Trainer example is run as written, for 2 of its 20 steps, so that it stays true."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    start = text.index("```python", text.index("## The drop-in Trainer")) + len("```python")
+    code = text[start:text.index("```", start)]
+    assert "max_steps=20" in code
+    monkeypatch.chdir(tmp_path)  # its output_dir is relative
+    scope: dict = {}
+    exec(compile(code.replace("max_steps=20", "max_steps=2"), "docs/usage.md (Trainer)", "exec"), scope)
+    trainer = scope["trainer"]
+    assert trainer.state.global_step == 2
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.isfinite(p).all() for p in lora_b)
+    assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: the update reached the weights

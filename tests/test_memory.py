@@ -354,3 +354,22 @@ def test_log_fit_warns_and_names_checkpointing(monkeypatch, caplog):
         assert memory.log_fit(booster, 8, 8, 128, "booster", "cuda") is None
     assert [r.getMessage() for r in caplog.records] == [
         "memory: no estimate for this model (an adapter config without target_modules)"]
+
+
+def test_the_readme_memory_table_is_what_booster_fast_memory_says(capsys):
+    """README's 7B table (bf16 and NF4, with and without checkpointing) is `booster-fast memory`'s estimate, column
+    by column, so that it follows any change of the estimate."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## How much memory"):]
+    section = section[:section.index("\n## ")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith(("| bf16 |", "| NF4 |"))]
+    assert main(["memory", "--model", "llama-7b-shape", "--quant", "none", "--json"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    gib = lambda b: f"{b / 2 ** 30:.1f} GiB"  # noqa: E731
+    want = [[s["setting"].split(",")[0], "on" if "checkpointing" in s["setting"] else "off", gib(s["weights"]),
+             gib(s["state"]), gib(s["activations"]), gib(s["transient"]), gib(s["warmup"]), gib(s["total"]),
+             gib(s["total"] - s["warmup"])] for s in settings]
+    assert rows == want
