@@ -8,7 +8,10 @@ import torch
 import torch.multiprocessing as mp
 
 import booster_fast as bf
+from booster_fast import attention
 from booster_fast.flat import ALIGN
+from booster_fast.losses import logits_of
+from booster_fast.packing import pack
 from booster_fast.data import BatchStream, encode_all, load_safety_data
 from booster_fast.models import enable_gradient_checkpointing
 from booster_fast.opcount import count_ops
@@ -759,3 +762,45 @@ def test_token_losses_are_taken_in_fp32_from_bf16_logits():
     assert out.dtype == torch.float32
     assert torch.allclose(out.double(), expected, rtol=1e-6, atol=1e-6)
     assert (out[:, :2] == 0).all() and (out[:, 2:] > 0).all()
+
+
+def test_a_masked_batch_keeps_the_models_own_attention():
+    """[A4] attention.py unmasked_causal: a batch that carries its mask (left-padded here, as a caller may hand
+    the fast step directly) must keep the model's masked attention; the mask-free path would let real tokens
+    attend to the pads before them."""
+    model = make_model()[0].eval()
+    ids = torch.randint(1, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with attention.unmasked_causal(model, batch):
+        assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        got = logits_of(model, batch)
+        want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real])
+
+
+def test_a_forward_after_a_merged_step_is_not_taken_for_the_merged_batch():
+    """[F4] flat.py FlatLoRA.route: leaving the route must restore `merged` too. Without the meta term the
+    merged pass is a step's last routed pass, so a stale `merged` made any later forward of another token
+    count (evaluation, generation) raise MixedPositions."""
+    model, tok = make_model()
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", packing=True, merge_passes=True, meta_term=False))
+    (a, h), = builtin_batches(tok, 1)
+    booster.step(pack(a), pack(h))  # packed batches always concatenate: the step's passes are one merged pass
+    assert booster.engine.merge and booster.engine.flat.merged is None
+    with torch.no_grad():
+        model(input_ids=torch.ones(1, 5, dtype=torch.long))
+
+
+def test_a_merged_step_on_padded_batches_of_different_lengths():
+    """[B8] batches.py can_concat: padded batches trimmed to their longest rows (to_device without graphs) have
+    different widths and cannot be stacked; the merged engine must run them as two passes, not crash in cat."""
+    model, tok = make_model()
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", packing=False, merge_passes=True))
+    (a, h), = builtin_batches(tok, 1)
+    a, h = (booster.to_device(b, "cpu") for b in (a, h))
+    assert a["input_ids"].shape[1] != h["input_ids"].shape[1], "equal widths: the test would prove nothing"
+    assert torch.isfinite(booster.step(a, h)["loss"])

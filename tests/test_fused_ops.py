@@ -344,3 +344,34 @@ def test_fused_step_in_bf16_on_the_cpu(small_batch):
     for key in ("loss", "harmful_loss", "harmful_loss_perturbed"):
         torch.testing.assert_close(o1[key], o0[key], rtol=1e-3, atol=0, msg=lambda m: f"{key}: {m}")
     assert relative(g1, g0) <= 5e-2, f"bf16 fused gradient differs by {relative(g1, g0):.3g}"
+
+
+def test_rope_with_tables_whose_halves_differ():
+    """[K9] model_kernels.py _rope_kernel: the backward's transposed rotation pairs dy1 with sin's second half
+    and dy2 with its first. Llama's tables repeat the angles over both halves, so the existing tests cannot
+    tell the halves apart; rope_ref is written per half."""
+    from booster_fast.kernels.model_kernels import rope
+    from booster_fast.kernels.reference import rope_ref
+    from test_kernels import assert_close
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 7, 10, generator=g).requires_grad_()
+    cos, sin = (f(torch.rand(2, 7, 10, generator=g, dtype=torch.float64) * 20).float() for f in (torch.cos, torch.sin))
+    dy = torch.randn(2, 3, 7, 10, generator=g)
+    y = rope(x, cos, sin)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    want = rope_ref(x, cos, sin, dy)
+    tol = {torch.float32: (1e-5, 1e-5)}
+    assert_close(y, want["y"], "y", tol)
+    assert_close(dx, want["dx"], "dx", tol)
+
+
+def test_gemma_rms_norm_returns_the_dtype_of_its_input():
+    """[K12] model_kernels.py _RMSNorm: Gemma's norm computes in fp32 and rounds once to the dtype of x
+    (GemmaRMSNorm: output.type_as(x)), whatever the weight's dtype; Llama's promotes x and the weight."""
+    from booster_fast.kernels.model_kernels import rms_norm
+
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    w = torch.zeros(64)  # fp32
+    assert rms_norm(x, w, 1e-6, unit_offset=True).dtype == torch.bfloat16
+    assert rms_norm(x, w + 1, 1e-6).dtype == torch.float32

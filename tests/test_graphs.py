@@ -731,3 +731,113 @@ def test_a_dynamic_rope_models_step_reads_the_device():
     (batch,) = builtin_batches(tok, 1, batch_size=4, max_length=64)
     a, h = (booster.to_device(b, "cpu") for b in batch)
     assert sum(count_ops(booster.step, a, h)["host_syncs"].values()) > 0
+
+
+def test_replay_outputs_are_the_callers_own(monkeypatch):
+    """[G1] graphs.py run: each replay's outputs are cloned out of the static output tensor, so a later replay
+    does not change what an earlier step returned."""
+    _fake_cuda(monkeypatch)
+    step, batch = _sum_step([]), _batch_maker()
+    g = StepGraphs("on")
+    outs = []
+    for _ in range(WARMUP + 3):
+        b = batch(3, 7)
+        outs.append((g.run("step", step, (b,)), b["input_ids"].sum().item()))
+    assert g.replays == 3  # the capture's step, then two more
+    for i, (out, want) in enumerate(outs):
+        assert out["total"].item() == want, f"step {i}'s output was overwritten by a later replay"
+
+
+def test_replays_read_the_mask_check_without_a_host_sync(monkeypatch):
+    """[G2] graphs.py run: right padding is checked with a host read (sync_ok) during warm-up and capture only;
+    replays must not sync (a CUDA mask is then left unchecked)."""
+    from booster_fast import graphs
+
+    _fake_cuda(monkeypatch)
+    seen = []
+    real_check = graphs.check_right_padded
+    monkeypatch.setattr(graphs, "check_right_padded", lambda b, sync_ok=False: seen.append(sync_ok)
+                        or real_check(b, sync_ok=sync_ok))
+    step, batch = _sum_step([]), _batch_maker()
+    g = StepGraphs("on")
+    for _ in range(WARMUP + 3):
+        g.run("step", step, (batch(2, 5),))
+    assert seen == [True] * (WARMUP + 1) + [False] * 2, seen
+
+
+def _stub_capture(monkeypatch):
+    """torch.cuda's capture calls as CPU stand-ins; the graph's replay does nothing."""
+    class Graph:
+        def capture_begin(self, pool=None):
+            pass
+
+        def capture_end(self):
+            pass
+
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", 1))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(StepGraphs, "_side", lambda self: None)
+    monkeypatch.setattr(StepGraphs, "_eager", lambda self, fn, b, watch: (fn(*b), None))
+
+
+def test_capture_gives_the_graph_static_inputs_of_its_own(monkeypatch):
+    """[G8] graphs.py _capture: the static inputs are clones; a replay copies each new batch into them, which
+    must not write into the batch the capture ran on (the caller's tensors)."""
+    _stub_capture(monkeypatch)
+    step, batch = _sum_step([]), _batch_maker()
+    g = StepGraphs("on")
+    batches = [batch(2, 5) for _ in range(WARMUP + 3)]
+    before = [b["input_ids"].clone() for b in batches]
+    for b in batches:
+        g.run("step", step, (b,))
+    assert g.replays == WARMUP + 3 - WARMUP
+    for i, (b, ids) in enumerate(zip(batches, before)):
+        assert torch.equal(b["input_ids"], ids), f"batch {i} was overwritten by a later replay's inputs"
+
+
+def test_the_eager_step_hands_the_side_streams_work_back(monkeypatch):
+    """[G10] graphs.py _eager_step: the caller's stream waits for the side stream after the step, also when the
+    step raised (its queued work may still use the caller's tensors)."""
+    waits = []
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            waits.append((self.name, other.name))
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream("current"))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    g = StepGraphs("auto")
+    g._eager_step(lambda: {"x": torch.zeros(())}, (), watch=False)
+    assert waits == [("side", "current"), ("current", "side")]
+
+    def broken():
+        raise RuntimeError("step broke")
+    waits.clear()
+    with pytest.raises(RuntimeError, match="step broke"):
+        g._eager_step(broken, (), watch=False)
+    assert waits == [("side", "current"), ("current", "side")]
+
+
+def test_a_key_seen_again_is_not_the_first_forgotten(monkeypatch):
+    """[G4] graphs.py run: the warm-up counts are ordered by last sighting (`pop` then re-insert), so a key that
+    keeps coming back is not dropped as the oldest."""
+    _fake_cuda(monkeypatch)
+    step, batch = _sum_step([]), _batch_maker()
+    g = StepGraphs("on")
+    g.run("step", step, (batch(1, 3),))  # the key of interest, seen once
+    for rows in range(2, 4 * MAX_GRAPHS + 1):  # fill the bound
+        g.run("step", step, (batch(rows, 3),))
+    g.run("step", step, (batch(1, 3),))  # seen again: now the most recent
+    g.run("step", step, (batch(4 * MAX_GRAPHS + 1, 3),))  # one key too many: the oldest goes
+    kept = [k[2][0][1][0] for k in g._seen]
+    assert 1 in kept and 2 not in kept, kept[:3]

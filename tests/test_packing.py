@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import booster_fast as bf
+from booster_fast import attention
 from booster_fast.attention import segment_attention, varlen_attention_forward
 from booster_fast.batches import micro_batches, to_device
 from booster_fast.models import enable_gradient_checkpointing
@@ -602,3 +603,67 @@ def test_the_flash_path_inside_a_model_step(monkeypatch, batch):
     # torch 2.13 on the CPU, 6e-3 with 2.11); one bf16 rounding is 4e-3
     err = relative(flash, padded)
     assert err <= 2e-2, f"the packed bf16 step differs from the padded one by {err:.3g}"
+
+
+def test_concat_packed_bounds_the_segments_of_either_batch():
+    """[P1] packing.py concat_packed: max_seqlen must cover the second batch's segments too (the existing test
+    puts the longer rows first, so `out["max_seqlen"] = a["max_seqlen"]` passes it). A bound shorter than a
+    segment makes segment_attention's grid slots spill into the next segment."""
+    short, long = pack(ragged_batch([3, 7, 2], 7, seed=2)), pack(ragged_batch([5, 9], 9, seed=1))
+    both = concat_packed(short, long)
+    assert both["max_seqlen"] == 9
+    g = torch.Generator().manual_seed(0)
+    tokens = both["input_ids"].shape[1]
+    q, k, v = (torch.randn(tokens, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    out = segment_attention(q, k, v, both["cu_seqlens"], both["max_seqlen"])
+    torch.testing.assert_close(out, per_segment_reference(q, k, v, both["cu_seqlens"], None))
+
+
+def test_packed_attention_leaves_flash_alone_when_the_layer_has_dropout(monkeypatch):
+    """[A5] attention.py _flash: flash's varlen kernel takes no dropout, so a layer with attention dropout must
+    take the grid path even where flash could run (CUDA, bf16): dropout applied, seed-dependent."""
+    import torch.nn.attention.varlen as varlen
+
+    _, new, _, calls = _fake_flash_apis()
+    monkeypatch.setattr(varlen, "varlen_attn", new)
+    monkeypatch.setattr(attention, "_flash_failed", None)
+    monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
+    attention._flash_varlen.cache_clear()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 8, 16, generator=g).bfloat16() for _ in range(3))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+
+    def attend(dropout, seed=0):
+        torch.manual_seed(seed)
+        return varlen_attention_forward(None, q, k, v, dropout=dropout, cu_seq_lens_q=cu, max_length_q=5)[0]
+
+    try:
+        attend(0.0)
+        assert len(calls) == 1, "the stand-in flash kernel was not used without dropout: the test proves nothing"
+        first, second = attend(0.5, seed=0), attend(0.5, seed=1)
+    finally:
+        attention._flash_varlen.cache_clear()
+    assert len(calls) == 1, "a layer with attention dropout reached flash's kernel, which drops no attention"
+    assert not torch.equal(first, second), "attention dropout was not applied"
+
+
+def test_to_device_packs_a_batch_whose_rows_fill_the_window_exactly():
+    """[B1] batches.py to_device: segments as long as the sliding window are exact (the window reaches back
+    window - 1 tokens), so such a batch packs (`<= window`, not `< window`)."""
+    batch = ragged_batch([40, 7, 64], 64)
+    assert "cu_seqlens" in to_device(batch, "cpu", pack=True, window=64)
+    assert "cu_seqlens" not in to_device(batch, "cpu", pack=True, window=63)
+
+
+def test_a_device_batch_meant_for_packing_is_checked_and_loses_its_mask(caplog):
+    """[B6] batches.py to_device: a batch already on a device cannot be packed; it must go padded *without its
+    mask* after the host-side check (the GPU-only test_a_batch_already_on_the_gpu_runs_padded says so, but is
+    skipped on the CPU). Stood in for by input_ids on the meta device."""
+    batch = ragged_batch([5, 8, 3], 8)
+    on_device = dict(batch, input_ids=batch["input_ids"].to("meta"))
+    sent = to_device(on_device, "meta", pack=True)
+    assert "cu_seqlens" not in sent and "attention_mask" not in sent
+    left = {k: v.flip(1) for k, v in batch.items()}
+    left["input_ids"] = left["input_ids"].to("meta")
+    with pytest.raises(ValueError, match="right-padded"):
+        to_device(left, "meta", pack=True)
