@@ -804,3 +804,31 @@ def test_a_merged_step_on_padded_batches_of_different_lengths():
     a, h = (booster.to_device(b, "cpu") for b in (a, h))
     assert a["input_ids"].shape[1] != h["input_ids"].shape[1], "equal widths: the test would prove nothing"
     assert torch.isfinite(booster.step(a, h)["loss"])
+
+
+def test_host_read_probe_sees_the_remaining_kinds():
+    """[O1, O2, O4] opcount.py: torch.equal, a boolean index_put and a boolean index in any position (not only the
+    first) are host reads too; [O3] a copy is a kernel launch; [O5] bookkeeping_ops names every bookkeeping op."""
+
+    g = torch.Generator().manual_seed(7)
+    x, m = torch.randn(10, generator=g), torch.randn(3, 4, generator=g)
+    for what, fn in (("equal", lambda: torch.equal(x, x + 0)),
+                     ("index_put", lambda: x.clone().index_put_((x > 0,), torch.tensor(0.0))),
+                     ("mask in dim 1", lambda: m[:, m[0] > 0])):
+        assert sum(count_ops(fn)["host_syncs"].values()) >= 1, what
+    y = torch.empty(10)
+    assert count_ops(lambda: y.copy_(x))["launches"] == 1
+    ops = count_ops(lambda: torch._foreach_mul_([x.clone(), m.clone()], 2.0))
+    assert sum(ops["bookkeeping_ops"].values()) == ops["bookkeeping"] == ops["total"]
+
+
+def test_mean_loss_is_zero_not_nan_for_an_all_masked_batch():
+    """[L2] losses.py mean_loss: the count is clamped to one token (as the module docstring promises)."""
+    from booster_fast.losses import label_count, loss_sum, mean_loss
+
+    model, tok = make_model()
+    (a, _), = builtin_batches(tok, 1, batch_size=2, max_length=48)
+    with torch.no_grad():
+        assert torch.allclose(mean_loss(model, a), loss_sum(model, a) / label_count(a))
+        masked = {**a, "labels": torch.full_like(a["labels"], -100)}
+        assert mean_loss(model, masked).item() == 0.0

@@ -375,3 +375,76 @@ def test_gemma_rms_norm_returns_the_dtype_of_its_input():
     w = torch.zeros(64)  # fp32
     assert rms_norm(x, w, 1e-6, unit_offset=True).dtype == torch.bfloat16
     assert rms_norm(x, w + 1, 1e-6).dtype == torch.float32
+
+
+def test_a_kind_whose_fused_forward_gives_nan_keeps_its_own(monkeypatch):
+    """[F1, F2] fused_ops.py install/_install_rope: a NaN verdict (`not err <= tol`) refuses, as a large one does;
+    `err > tol` would install a kernel that returns NaN."""
+
+    monkeypatch.setattr(fused_ops, "rms_norm", lambda x, weight, eps: x * float("nan"))
+    monkeypatch.setattr(fused_ops, "rope", lambda x, cos, sin: x * float("nan"))
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "_booster_original", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)
+    model, _ = make_model()
+    assert fused_ops.install(model) == {"LlamaMLP": model.config.num_hidden_layers}
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+
+def test_a_module_with_its_own_instance_forward_is_left_alone():
+    """[F3] fused_ops.py install: a module whose instance forward someone else set keeps it."""
+
+    model, _ = make_model()
+    norm = model.get_base_model().model.norm
+    own = norm.forward
+
+    def theirs(x):
+        return own(x)
+
+    norm.forward = theirs
+    counts = fused_ops.install(model)
+    assert counts["LlamaRMSNorm"] == 2 * model.config.num_hidden_layers
+    assert vars(norm)["forward"] is theirs and not getattr(norm, "_booster_fused", False)
+
+
+def test_the_fused_norm_uses_the_models_epsilon():
+    """[F5] fused_ops.py _norm_forward: the module's variance_epsilon (Llama-2's is 1e-5, the tiny model's 1e-6:
+    the tests above cannot tell them apart; install's agreement check, on unit-variance input, does not see it)."""
+
+    model, tok = make_model(rms_norm_eps=1e-2)
+    ids = torch.randint(4, tok.vocab_size, (2, 19), generator=_gen("ids"))
+    before = model(input_ids=ids).logits
+    assert fused_ops.install(model)["LlamaRMSNorm"] == 2 * model.config.num_hidden_layers + 1
+    with fused_ops.active():
+        inside = model(input_ids=ids).logits
+    assert relative(inside, before) <= 1e-5
+
+
+def test_active_is_off_again_after_an_error():
+    """[F6] fused_ops.py active(): an error inside (out of memory in a step) must not leave the fused forwards on
+    for evaluation and generation."""
+
+    with pytest.raises(RuntimeError):
+        with fused_ops.active():
+            raise RuntimeError("out of memory, say")
+    assert not fused_ops._active
+
+
+def test_rope_tables_that_need_a_gradient_run_the_original():
+    """[F7] fused_ops.py _rope_wrapper: the fused kernel gives no gradient to cos/sin, so tables that require one
+    take transformers' function, also inside active()."""
+
+    fused_ops.install(make_model()[0])
+    fn = modeling_llama.apply_rotary_pos_emb
+    assert getattr(fn, "_booster_fused", False)
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 5, 3, 8, generator=g).transpose(1, 2) for _ in range(2))
+    angles = torch.rand(2, 5, 4, generator=g) * 6
+    seed = torch.randn(2, 3, 5, 8, generator=g)
+    grads = {}
+    for name, f, on in (("original", fn._booster_original, False), ("wrapped", fn, True)):
+        cos, sin = (f_(torch.cat([angles, angles], -1)).requires_grad_() for f_ in (torch.cos, torch.sin))
+        with fused_ops.active(on):
+            qe, ke = f(q, k, cos, sin)
+        grads[name] = torch.autograd.grad(((qe + ke) * seed).sum(), (cos, sin), allow_unused=True)
+    for got, want in zip(grads["wrapped"], grads["original"]):
+        assert got is not None and torch.allclose(got, want, atol=1e-6)

@@ -380,7 +380,7 @@ def test_a_model_in_the_hub_cache_loads_by_its_id_without_a_request(tmp_path):
     (repo / "refs" / "main").write_text(revision)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "https://hub.invalid"}
     env.pop("HF_HUB_OFFLINE", None)
-    code = ("import booster_fast as bf; m, t = bf.load_model('someone/tiny', device='cpu'); "
+    code = ("import booster_fast as bf; m, t = load_model('someone/tiny', device='cpu'); "
             "print(type(m).__name__, m.config.num_hidden_layers)")
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -428,3 +428,38 @@ def test_hub_loads_try_the_cache_first_and_never_retry_an_unreachable_hub(monkey
     with pytest.raises(ModelError, match="cannot be reached"):
         load_model("someone/not-a-model-xyz", device="cpu")
     assert time.perf_counter() - t0 < 20
+
+
+def test_nf4_models_compute_in_bf16_with_double_quantisation(tmp_path):
+    """[N1, N6, M4, M6] nf4.py quantize_linears_/quantize_nf4_ and models.py compute_dtype/_load_pretrained: every
+    NF4 layer (tiny, a shape preset built layer by layer, a pretrained checkpoint) computes in bf16 with doubly
+    quantised statistics, the model says it is 4-bit, and the step's autocast is on."""
+    import bitsandbytes as bnb
+
+    from booster_fast.models import Autocast, compute_dtype
+
+    model, tok = load_model("tiny", quant="nf4", device="cpu", num_hidden_layers=2)
+    assert getattr(model, "is_loaded_in_4bit", False)
+    assert compute_dtype(model) == torch.bfloat16 and Autocast(model, "cpu").enabled
+    preset, _ = load_model("llama-1b-shape", quant="nf4", device="cpu", num_hidden_layers=1, hidden_size=128,
+                              intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
+    base, _ = load_model("tiny", device="cpu", num_hidden_layers=1)
+    base.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    pretrained, _ = load_model(str(tmp_path), quant="nf4", device="cpu")
+    for m in (model, preset, pretrained):
+        layers = [x for x in m.modules() if isinstance(x, bnb.nn.Linear4bit)]
+        assert layers and all(x.compute_dtype == torch.bfloat16 for x in layers)
+        assert all(x.weight.quant_state.nested for x in layers)
+
+
+def test_a_boolean_config_flag_named_like_dropout_is_no_dropout():
+    """[M7] models.py has_dropout: only numbers count as probabilities (bool is an int subclass)."""
+    from booster_fast.models import has_dropout
+
+    model, _ = load_model("tiny", device="cpu", num_hidden_layers=1)
+    assert not has_dropout(model)
+    model.config.use_dropout = True
+    assert not has_dropout(model)
+    model.config.hidden_dropout = 0.1
+    assert has_dropout(model)

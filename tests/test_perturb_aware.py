@@ -261,3 +261,42 @@ def test_bookkeeping_does_not_grow_with_depth(batches):
         counts[layers] = count_ops(booster.step, a, h)["bookkeeping"]
     assert counts[2] == counts[8], counts
     assert counts[2] <= 30, counts
+
+
+def test_a_zero_attention_gradient_gives_a_zero_perturbation():
+    """[P2] perturb_aware.py scale_: e = ρ g / (‖g‖ + ε). An alignment batch without a labelled token gives g = 0:
+    the ε keeps e = 0 (not 0/0 = NaN) and the step finite, in both engines."""
+    from booster_fast.perturb_aware import AttentionPerturbation
+
+    model, tok = make_model()
+    p = AttentionPerturbation(model)
+    p.grads = [[torch.zeros(2, 5, 8) for _ in p.modules]]
+    p.scale_(p.norm(), rho=2.0)
+    assert all(torch.equal(e, torch.zeros(2, 5, 8)) for e in p.recorded())
+
+    (a, h), = builtin_batches(tok, 1, batch_size=2, max_length=48)
+    a = {**a, "labels": torch.full_like(a["labels"], -100)}
+    for impl in ("reference", "fast"):
+        model, _ = make_model()
+        booster = bf.Booster(model, bf.BoosterConfig(impl=impl, perturb_aware=True, rho=2.0))
+        out = booster.step(*(booster.to_device(b, "cpu") for b in (a, h)))
+        assert float(out["loss_perturbed"]) == 0.0, (impl, out["loss_perturbed"])
+        assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad), impl
+
+
+def test_layers_below_every_lora_weight_are_left_unperturbed():
+    """[P8] perturb_aware.py recording: an attention output that needs no gradient (LoRA only on down_proj: layer
+    0's attention sits below every LoRA weight) gets no hook and no perturbation; both engines step and agree."""
+
+    _, tok = bf.load_model("tiny", device="cpu")
+    (batch,) = builtin_batches(tok, 1, batch_size=2, max_length=48)
+    grads = {}
+    for impl in ("reference", "fast"):
+        model, _ = bf.load_model("tiny", seed=7, device="cpu")
+        torch.manual_seed(7)
+        model = bf.add_lora(model, r=8, alpha=16, targets=("down_proj",))
+        booster = bf.Booster(model, bf.BoosterConfig(impl=impl, perturb_aware=True, rho=2.0))
+        grads[impl], out = step_gradient(booster, *(booster.to_device(b, "cpu") for b in batch))
+        assert torch.isfinite(out["loss_perturbed"]) and out["loss_perturbed"] > out["loss"], impl
+    n = grads["reference"].numel()
+    assert relative(grads["fast"][:n], grads["reference"]) <= 1e-5

@@ -209,3 +209,18 @@ def test_rows_beyond_a_rotary_models_trained_positions_get_one_warning(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"--max-length {n + 1} exceeds the model's max_position_embeddings ({n}): positions beyond it were never "
         "trained"]
+
+
+def test_a_left_padding_tokenizer_pads_on_the_right(tmp_path):
+    """[M10] models.py _load_pretrained: a checkpoint whose tokenizer pads on the left (common for chat models)
+    comes back padding on the right, as the training batches and the fast engine's mask-free path expect."""
+    from booster_fast.models import load_model
+
+    model, tok = load_model("tiny", device="cpu", num_hidden_layers=1)
+    tok.padding_side = "left"
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    _, loaded = load_model(str(tmp_path), device="cpu")
+    assert loaded.padding_side == "right"
+    ids = loaded(["a b c", "a"], padding=True)["attention_mask"]
+    assert ids[1][0] == 1 and ids[1][-1] == 0

@@ -31,6 +31,7 @@ import types
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from booster_fast import Booster, BoosterConfig, add_lora
@@ -508,3 +509,57 @@ def test_weight_decay_is_grouped_as_the_hf_trainer_groups_it():
     booster.optimizer.step()
     assert torch.equal(bias, before[1])
     torch.testing.assert_close(lora.detach(), before[0] * (1 - 1e-2 * 0.5))
+
+
+def test_decay_exemptions_follow_the_hf_trainer_on_other_architectures():
+    """[R4, R6] reference.py exempt_from_decay: HF's `_norm` name pattern (Qwen3/Gemma3's q_norm, k_norm) and its
+    by-type rule (nn.LayerNorm under any name, GPT-2's ln_f) - the Llama test above has neither."""
+    from transformers import Trainer
+
+    from booster_fast.reference import exempt_from_decay
+
+    class RMS(nn.Module):  # not an nn.LayerNorm: only its name tells
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.q_norm = nn.Linear(4, 4), RMS()
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.ln_f = Attn(), nn.LayerNorm(4)
+
+    model = Toy()
+    params = list(model.named_parameters())
+    exempt = exempt_from_decay(model, params)
+    assert {"attn.q_norm.weight", "ln_f.weight"} <= exempt
+    assert exempt == {n for n, _ in params} - set(Trainer.get_decay_parameter_names(None, model))
+
+
+def test_a_step_started_in_eval_mode_trains_with_dropout():
+    """[R9] reference.py step: model.train() first. A model left in eval mode (after an evaluation, or fresh from
+    from_pretrained) must take the same update as one in train mode: LoRA dropout on."""
+
+
+    def run(eval_first):
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=False, pad_token_id=0, attn_implementation="sdpa")
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).float()
+        model.config.use_cache = False
+        model = add_lora(model, r=2, alpha=4, targets=("q_proj", "v_proj"), dropout=0.5)
+        if eval_first:
+            model.eval()
+        booster = Booster(model, BoosterConfig(impl="reference"))
+        torch.manual_seed(1)
+        booster.step(make_batch(10), make_batch(11))
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, model.training
+
+    (trained, mode), (from_eval, eval_mode) = run(False), run(True)
+    assert mode and eval_mode, "the step left the model in eval mode"
+    assert all(torch.equal(from_eval[n], trained[n]) for n in trained), "the eval-mode start trained without dropout"
