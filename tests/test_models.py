@@ -380,7 +380,7 @@ def test_a_model_in_the_hub_cache_loads_by_its_id_without_a_request(tmp_path):
     (repo / "refs" / "main").write_text(revision)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "https://hub.invalid"}
     env.pop("HF_HUB_OFFLINE", None)
-    code = ("import booster_fast as bf; m, t = load_model('someone/tiny', device='cpu'); "
+    code = ("import booster_fast as bf; m, t = bf.load_model('someone/tiny', device='cpu'); "
             "print(type(m).__name__, m.config.num_hidden_layers)")
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
