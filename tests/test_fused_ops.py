@@ -198,6 +198,22 @@ def test_a_kind_whose_fused_forward_disagrees_keeps_its_own(monkeypatch, caplog)
     assert modeling_llama.apply_rotary_pos_emb is original
 
 
+def test_a_norm_that_places_its_epsilon_otherwise_keeps_its_own(caplog):
+    """A norm class of a recognised name whose own forward divides by (RMS + eps) instead of sqrt(mean + eps): at
+    unit variance the two agree to ~1e-5, so only the install check's small-scale input tells them apart."""
+    class LlamaRMSNorm(modeling_llama.LlamaRMSNorm):  # the name the kernels are chosen by
+        def forward(self, x):
+            rms = x.float().pow(2).mean(-1, keepdim=True).sqrt()
+            return self.weight * (x.float() / (rms + self.variance_epsilon)).to(x.dtype)
+
+    model = nn.Sequential(LlamaRMSNorm(64, eps=1e-5))
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert fused_ops.install(model) == {}
+    assert "LlamaRMSNorm kept its own forward" in caplog.text
+    model = nn.Sequential(modeling_llama.LlamaRMSNorm(64, eps=1e-5))  # transformers' own: fused
+    assert fused_ops.install(model) == {"LlamaRMSNorm": 1}
+
+
 def test_nothing_to_fuse_and_no_device_for_it(monkeypatch):
     assert fused_ops.install(nn.Sequential(nn.Linear(4, 4), nn.SiLU())) == {}
     monkeypatch.setattr(fused_ops, "available", lambda device: False)
