@@ -4,6 +4,7 @@ import json
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -124,6 +125,12 @@ def _make_table_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+def _gpu_checks_module():
+    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    return checks
 
 
 SAMPLE = {
@@ -368,9 +375,7 @@ def test_gpu_checks_run_on_the_cpu_as_a_smoke_test(tmp_path, capsys):
     """benchmarks/gpu_checks.py's equivalence and profile code, run on the CPU (graphs off) so that a Python
     slip surfaces here and not on the lent GPU; make_table reads what they write. The bandwidth check refuses
     the CPU with one line."""
-    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
-    checks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(checks)
+    checks = _gpu_checks_module()
     small = ["--batch", "2", "--length", "32", "--out", str(tmp_path)]
     checks.main(["equivalence", "--device", "cpu", "--models", "tiny", "--steps", "2", *small])
     checks.main(["profile", "--device", "cpu", "--model", "tiny", "--steps", "1", *small])
@@ -647,9 +652,7 @@ def test_every_command_of_the_gpu_suite_parses(tmp_path, monkeypatch):
         run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), *named], env=env,
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
-    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
-    checks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(checks)
+    checks = _gpu_checks_module()
     seen = []
     for cmd in ("cmd_bandwidth", "cmd_equivalence", "cmd_profile"):
         monkeypatch.setattr(checks, cmd, lambda args, cmd=cmd: seen.append((cmd, args)))
@@ -872,3 +875,263 @@ def test_op_counts_do_not_depend_on_the_width():
     assert counts[64] == counts[128]
     ref, fast = counts[64]["reference"], counts[64]["fast-merged"]
     assert fast["host_syncs"] == 0 and fast["launches"] < ref["launches"] < ref["aten_ops"]
+
+
+def test_time_interleaved_rotates_times_after_the_warmup_and_counts_real_tokens(monkeypatch):
+    """A fake clock that each step advances by a known amount: only the rounds after --warmup are timed, each
+    step's time is its own, tokens/s counts alignment + harmful real tokens (alignment only for SFT), the first
+    entry rotates each round, and first_step holds the outputs of round 0."""
+    import booster_fast.bench as bench
+
+    clock, calls = [0.0], []
+    cost = {"reference": 0.5, "fast": 0.25, "sft": 0.125}  # s per step, times (1 + round)
+
+    def step_of(name):
+        def fn(a, h):
+            calls.append((name, a["i"]))
+            clock[0] += cost[name] * (1 + a["i"])
+            return {"loss": torch.tensor(float(a["i"]))}
+        return fn
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    eager = SimpleNamespace(engine=SimpleNamespace(graphs=None))
+    pairs = [({"i": i}, {"i": i}) for i in range(5)]
+    impls = {n: (eager, step_of(n), pairs) for n in cost}
+    batches = [(None, None, 10 * (i + 1), 3) for i in range(5)]  # (align, harmful, their real tokens)
+    times, tps, first = bench.time_interleaved(impls, batches, SimpleNamespace(warmup=2, steps=3),
+                                               torch.device("cpu"), {})
+    for name, c in cost.items():
+        assert times[name] == [c * (1 + i) for i in (2, 3, 4)], name
+        want = [(10 * (i + 1) + (0 if name == "sft" else 3)) / (c * (1 + i)) for i in (2, 3, 4)]
+        assert tps[name] == pytest.approx(want, rel=1e-12), name
+        assert float(first[name]["loss"]) == 0.0
+    names = list(cost)
+    assert calls == [(n, i) for i in range(5) for n in names[i % 3:] + names[:i % 3]]
+
+
+def test_make_batches_count_the_real_tokens_not_the_pads():
+    """tokens_per_s's numerator: the real tokens of each random batch (80 % of rows x length), not its pads."""
+    from booster_fast.bench import make_batches
+
+    args = SimpleNamespace(model="llama-1b-shape", warmup=1, steps=2, seed=0, batch_size=4, harmful_batch_size=3,
+                           max_length=50)
+    out = make_batches(args, SimpleNamespace(pad_token_id=0), SimpleNamespace(config=SimpleNamespace(vocab_size=1000)))
+    assert len(out) == 1 + 2 + 2  # warm-up, timed, the memory and op-count passes
+    for a, h, na, nh in out:
+        assert (na, nh) == (160, 120) == (int(a["attention_mask"].sum()), int(h["attention_mask"].sum()))
+
+
+def test_run_bench_reports_the_median_and_inclusive_percentiles(monkeypatch, capsys):
+    """Step times and tokens/s injected after the real timing: step_ms is the median (not the mean), p20/p80 the
+    inclusive percentiles, speed-up reference / entry, ratio_to_sft entry / its baseline; peak_mem_mb the held +
+    transient bytes in MiB; est_peak_mb memory.py's estimate for the entry's own method (sft for the SFT entries)."""
+    import booster_fast.bench as bench
+    from booster_fast import memory
+
+    fake = {"reference": [0.010, 0.020, 0.090], "fast": [0.005, 0.010, 0.045], "sft": [0.002, 0.004, 0.100],
+            "fast-sft": [0.004, 0.005, 0.006]}
+    real_time, real_build, built = bench.time_interleaved, bench.build_impl, {}
+
+    def timing(*a, **k):
+        times, tps, first = real_time(*a, **k)
+        return {n: list(fake[n]) for n in times}, {n: [100.0, 150.0, 500.0] for n in times}, first
+
+    def build(name, args, device):
+        out = real_build(name, args, device)
+        built[name] = out[0]
+        return out
+
+    monkeypatch.setattr(bench, "time_interleaved", timing)
+    monkeypatch.setattr(bench, "build_impl", build)
+    monkeypatch.setattr(bench, "held_bytes", lambda booster: 3 * 2**20)
+    monkeypatch.setattr(bench, "transient_bytes", lambda fn, device: 2**19)
+    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "0", "--batch-size", "2",
+               "--max-length", "64", "--lora-r", "4", "--impls", "reference,fast,sft,fast-sft", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    res = doc["results"]
+    assert [res["reference"][k] for k in ("step_ms", "step_ms_p20", "step_ms_p80")] == [20.0, 14.0, 62.0]
+    assert res["fast"]["step_ms"] == 10.0 and res["sft"]["step_ms"] == 4.0 and res["fast-sft"]["step_ms"] == 5.0
+    assert all(r["tokens_per_s"] == 150.0 for r in res.values())
+    assert doc["speedup"] == {"reference": 1.0, "fast": 2.0, "sft": None, "fast-sft": None}
+    assert res["reference"]["ratio_to_sft"] == 5.0
+    assert res["fast"]["ratio_to_sft"] == {"fast-sft": 2.0, "sft": 2.5}[res["fast"]["sft_baseline"]]
+    assert all(r["peak_mem_mb"] == 3.5 for r in res.values())
+    for name, booster in built.items():
+        est = memory.of_booster(booster, 2, 2, 64, "sft" if name in ("sft", "fast-sft") else "booster",
+                                graph_warmup=False)
+        assert res[name]["est_peak_mb"] == round(est.total / 2**20, 1), name
+    # the SFT step holds fewer activations than the Booster step: the method matters
+    assert memory.of_booster(built["sft"], 2, 2, 64, "booster").total > \
+        memory.of_booster(built["sft"], 2, 2, 64, "sft").total
+
+
+def test_first_step_tolerance_is_inclusive_and_relative_to_the_baseline():
+    """Exactly FIRST_STEP_RTOL (5 %) off agrees; 5.26 % off the baseline's value (4.997 % of the entry's own) does
+    not; 20 % off does not."""
+    from booster_fast.bench_measure import first_step_agreement
+
+    report = first_step_agreement({"reference": {"loss": torch.tensor(20.0)}, "fast": {"loss": torch.tensor(21.0)}})
+    assert report["fast"]["first_step_rel_diff"] == 0.05 and report["fast"]["first_step_agrees"] is True
+    report = first_step_agreement({"reference": {"loss": torch.tensor(1.0)}, "fast": {"loss": torch.tensor(1.0526)},
+                                   "fast-padded": {"loss": torch.tensor(1.2)}})
+    assert report["fast"]["first_step_rel_diff"] == pytest.approx(0.0526, abs=1e-6)
+    assert report["fast"]["first_step_agrees"] is False and report["fast-padded"]["first_step_agrees"] is False
+
+
+def test_cuda_transient_is_the_peak_above_what_was_allocated_before(monkeypatch):
+    """On CUDA: the step's peak allocation (after resetting a stale peak) minus what was allocated before it."""
+    from booster_fast import bench_measure as bm
+
+    mem = {"alloc": 100, "peak": 10_000}  # a stale peak from an earlier step
+
+    def alloc(n):
+        mem["alloc"] += n
+        mem["peak"] = max(mem["peak"], mem["alloc"])
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: mem.update(peak=mem["alloc"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: mem["alloc"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["peak"])
+    assert bm.transient_bytes(lambda: (alloc(700), alloc(-500)), SimpleNamespace(type="cuda")) == 700
+
+
+def test_cpu_transient_is_the_sampled_peak_not_the_rise_at_the_end(monkeypatch):
+    import time
+
+    from booster_fast import bench_measure as bm
+
+    level = [1000]
+    monkeypatch.setattr(bm, "cpu_gauge", lambda: ("fake", lambda: level[0]))
+
+    def step():
+        level[0] = 6000
+        time.sleep(0.5)  # the sampler (every 0.5 ms) sees it, even on a loaded machine
+        level[0] = 1200
+    assert bm.transient_bytes(step, torch.device("cpu")) == 5000
+
+
+def test_the_console_table_shows_p20_then_p80_and_tokens_per_s():
+    from booster_fast.bench_report import format_table
+
+    doc = {"machine": {"gpu": None, "cpu": "x"},
+           "config": {"model": "tiny", "quant": "none", "device": "cpu", "batch_size": 2,
+                      "harmful_batch_size": 2, "max_length": 64, "steps": 3, "warmup": 1},
+           "speedup": {"fast": 1.25},
+           "results": {"fast": {"step_ms": 100.0, "step_ms_p20": 99.0, "step_ms_p80": 101.5, "tokens_per_s": 5432.4}}}
+    head, _, row = format_table(doc).splitlines()[1:4]
+    assert "99.00-101.50" in row
+    end = head.index("tokens/s") + len("tokens/s")
+    assert row[:end].endswith(" 5432"), row
+
+
+def test_make_table_puts_each_figure_under_its_column():
+    mt = _make_table_module()
+    doc = {"machine": {"gpu": "Test GPU"},
+           "config": {"model": "llama-7b-shape", "quant": "none", "batch_size": 10, "harmful_batch_size": 10,
+                      "max_length": 256},
+           "speedup": {"reference": 1.0, "fast": 1.25, "fast-sft": None},
+           "results": {"reference": {"step_ms": 150.0},
+                       "fast": {"step_ms": 120.04, "tokens_per_s": 37512.0, "peak_mem_mb": 51234.0,
+                                "launches_per_step": 1650, "host_syncs_per_step": 3, "ratio_to_sft": 2.4,
+                                "sft_baseline": "fast-sft", "mfu": 0.1234, "hfu": 0.2351},
+                       "fast-sft": {"step_ms": 50.0}}}
+    rows = {r[3]: dict(zip(mt.COLUMNS, r)) for r in mt.rows([("gpu.json", doc)])}
+    assert rows["fast"] == {"machine": "Test GPU", "model": "llama-7b-shape (10+10 × 256)", "quant": "none",
+                            "impl": "fast", "ms/step (median)": "120.0", "speed-up vs reference": "1.25×",
+                            "tokens/s": "37,512", "peak MB": "51,234", "launches/step": "1,650",
+                            "host syncs/step": "3", "Booster/SFT": "2.40×", "MFU": "12.3%", "HFU": "23.5%"}
+
+
+def test_gpu_checks_bandwidth_fractions_are_each_kernel_over_the_copy(tmp_path, monkeypatch, capsys):
+    import booster_fast.kernels as kernels
+
+    checks = _gpu_checks_module()
+    res = {"n": 8, "copy_GBps": 4000.0, "sumsq_GBps": 3000.0, "normalize_perturb__GBps": 2000.0,
+           "restore_combine__GBps": 1000.0}
+    monkeypatch.setattr(kernels, "measure_bandwidth", lambda n: dict(res))
+
+    def no_model_kernels():
+        raise RuntimeError("not here")
+    monkeypatch.setattr(kernels, "measure_model_kernels", no_model_kernels)
+    monkeypatch.setattr(checks, "machine", lambda: {"gpu": "Test GPU"})
+    checks.cmd_bandwidth(SimpleNamespace(numel=8, out=str(tmp_path)))
+    doc = json.loads((tmp_path / "kernel_bandwidth.json").read_text())
+    assert doc["fraction_of_copy"] == {"sumsq": 0.75, "normalize_perturb_": 0.5, "restore_combine_": 0.25}
+    assert doc["target"] == 0.7 and doc["numel"] == 8 and doc["results"] == res
+    table = "\n".join(_make_table_module().check_tables({"kernel_bandwidth": [("kernel_bandwidth.json", doc)]}))
+    assert "| sumsq | 3,000 | — | 75% | — |" in table and "| restore_combine_ | 1,000 | — | 25% | — |" in table
+
+
+def test_gpu_checks_equivalence_reports_the_worst_error_relative_to_eager(monkeypatch):
+    """The two sides made to differ (noise on the first model's LoRA weights): worst_relative_l2 is the largest
+    over the LoRA tensors of |graph - eager| / |eager|, worst_loss_relative the largest loss difference over the
+    eager loss."""
+    import booster_fast as bf
+
+    checks = _gpu_checks_module()
+    models, outs, real_add, real_booster = [], [], bf.add_lora, bf.Booster
+
+    def noisy_add(model, *a, **k):
+        model = real_add(model, *a, **k)
+        models.append(model)
+        if len(models) == 1:  # the graphs side
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return model
+
+    class Recording(real_booster):
+        def step(self, a, h):
+            out = super().step(a, h)
+            outs.append({k: float(out[k]) for k in ("loss", "harmful_loss")})
+            return out
+
+    monkeypatch.setattr(checks.bf, "add_lora", noisy_add)
+    monkeypatch.setattr(checks.bf, "Booster", Recording)
+    r = checks._equivalence("tiny", False, SimpleNamespace(device="cpu", batch=2, length=32, steps=3))
+    m_g, m_e = models
+    errors = [((p - q).norm() / q.norm()).item() for p, q in zip(m_g.parameters(), m_e.parameters())
+              if p.requires_grad]
+    assert max(errors) > 1.5 * min(errors)
+    assert r["worst_relative_l2"] == pytest.approx(max(errors), rel=1e-9)
+    graph, eager = outs[0::2], outs[1::2]
+    want = max(abs(g[k] - e[k]) / abs(e[k]) for g, e in zip(graph, eager) for k in ("loss", "harmful_loss"))
+    assert want > 1e-4 and r["worst_loss_relative"] == pytest.approx(want, rel=1e-9)
+
+
+def test_gpu_checks_profile_times_only_the_profiled_steps(monkeypatch):
+    """A fake clock each step advances by 10 ms: wall_ms_per_step is 10, the three warm-up steps left out."""
+    import time as real_time
+
+    import booster_fast as bf
+
+    checks = _gpu_checks_module()
+    clock, real_booster = [0.0], bf.Booster
+
+    class Ticking(real_booster):
+        def step(self, a, h):
+            clock[0] += 0.010
+            return super().step(a, h)
+
+    monkeypatch.setattr(checks.bf, "Booster", Ticking)
+    monkeypatch.setattr(checks, "time", SimpleNamespace(perf_counter=lambda: clock[0], strftime=real_time.strftime))
+    args = SimpleNamespace(device="cpu", model="tiny", quant="none", batch=2, length=32, steps=2)
+    summary, _ = checks._profile_one(args, "fast", "off", torch.Generator().manual_seed(0))
+    assert summary["wall_ms_per_step"] == pytest.approx(10.0)
+
+
+def test_flops_without_the_meta_term_count_the_harmful_batch_once():
+    """--no-meta-term: the harmful batch runs once (no perturbed pass), in both FLOP counts."""
+    from booster_fast import bench_measure as bm
+
+    args = SimpleNamespace(no_meta_term=True, perturb_aware=False)
+    padded = {"input_ids": torch.ones(2, 8, dtype=torch.long)}
+    raw = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+           "labels": torch.ones(2, 8, dtype=torch.long)}
+    n, head = 1000, 100
+    assert bm.model_flops("fast", args, (n, head), (padded, padded)) == 2 * 4 * n * 16
+    assert bm.method_flops("reference", args, (n, head), (raw, raw)) == 2 * 4 * ((n - head) * 16 + head * 14)
+    assert len(bm.pass_batches("fast", args, (padded, padded))) == 2

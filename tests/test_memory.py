@@ -373,3 +373,11 @@ def test_the_readme_memory_table_is_what_booster_fast_memory_says(capsys):
              gib(s["state"]), gib(s["activations"]), gib(s["transient"]), gib(s["warmup"]), gib(s["total"]),
              gib(s["total"] - s["warmup"])] for s in settings]
     assert rows == want
+
+
+def test_the_peak_pass_is_the_larger_batch_of_an_unmerged_step():
+    """The reference runs one batch per pass: a harmful batch larger than the alignment batch sets the peak."""
+    shape = memory.Shape.of(PRESETS["llama-7b-shape"] | {"vocab_size": 32000})
+    est = {rows: memory.estimate(shape, weights=0, rows=rows, harmful_rows=h, max_length=256, impl="reference")
+           for rows, h in ((2, 10), (10, 10))}
+    assert (est[2].activations, est[2].transient) == (est[10].activations, est[10].transient)
