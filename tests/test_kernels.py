@@ -314,6 +314,16 @@ def test_the_byte_counts_are_each_kernels_reads_and_writes():
     assert MODEL_BYTES_PER_ELEM == {"rms_norm": (4, 6), "silu_mul": (6, 10), "rope": (4, 4)}
 
 
+def test_bandwidth_arithmetic():
+    """GB/s are 1e9 bytes per second, and a copy moves each element twice (read and write): the copy baselines
+    the kernels' fractions are taken against, bf16 for the model kernels and fp32 for the flat buffers."""
+    from booster_fast.kernels.bandwidth import BYTES_PER_ELEM, copy_bytes, gb_per_s
+
+    assert gb_per_s(6e9, 1500.0) == pytest.approx(4.0, rel=1e-12)
+    assert copy_bytes(torch.empty(7, 3, dtype=torch.bfloat16)) == 84
+    assert copy_bytes(torch.empty(5)) == 5 * BYTES_PER_ELEM["copy"] == 40
+
+
 def test_kernel_errors_compare_every_output_with_the_torch_path(monkeypatch):
     """The bandwidth part's correctness check (here the kernels under the interpreter): fp32 rounding only; a
     kernel given λ 1 % off is caught in the output it writes wrongly (G_f), by ~1e-2."""

@@ -32,6 +32,16 @@ MODEL_BYTES_PER_ELEM = {
 }
 
 
+def gb_per_s(nbytes: float, ms: float) -> float:
+    """Bytes moved in `ms` milliseconds, as GB/s (1 GB = 1e9 bytes, as bandwidths are quoted)."""
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def copy_bytes(t: torch.Tensor) -> int:
+    """What copying `t` moves: every element read once and written once."""
+    return 2 * t.numel() * t.element_size()
+
+
 def _time_ms(fn, iters: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
@@ -112,11 +122,11 @@ def measure_bandwidth(n: int = 2**26, device: str = "cuda", *, iters: int = 50, 
         nbytes = BYTES_PER_ELEM[op] * n
         ms = _time_ms(fused, iters, warmup)
         result[f"{op}_ms"] = ms
-        result[f"{op}_GBps"] = nbytes / (ms * 1e-3) / 1e9
+        result[f"{op}_GBps"] = gb_per_s(nbytes, ms)
         if unfused is not None:
             ms_t = _time_ms(unfused, iters, warmup)
             result[f"{op}_torch_ms"] = ms_t
-            result[f"{op}_torch_GBps"] = nbytes / (ms_t * 1e-3) / 1e9
+            result[f"{op}_torch_GBps"] = gb_per_s(nbytes, ms_t)
     return result
 
 
@@ -140,7 +150,7 @@ def measure_model_kernels(tokens: int = 32768, hidden: int = 4096, intermediate:
     copy_ms = _time_ms(lambda: dst.copy_(src), iters, warmup)
     result: dict = {"tokens": tokens, "hidden": hidden, "intermediate": intermediate, "heads": heads,
                     "head_dim": head_dim, "dtype": "bfloat16", "device_name": torch.cuda.get_device_name(dev),
-                    "copy_GBps": 4 * src.numel() / (copy_ms * 1e-3) / 1e9}
+                    "copy_GBps": gb_per_s(copy_bytes(src), copy_ms)}
     for op, (inputs, fused, eager) in cases.items():
         numel = inputs[0].numel()
         errors = _fused_errors(inputs, fused, eager, g)
@@ -155,7 +165,7 @@ def measure_model_kernels(tokens: int = 32768, hidden: int = 4096, intermediate:
                     timed[kind] = _time_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), iters,
                                            warmup)
                     del y
-            gbps = nbytes * numel / (timed["fused"] * 1e-3) / 1e9
+            gbps = gb_per_s(nbytes * numel, timed["fused"])
             result[f"{op}_{direction}"] = {"ms": timed["fused"], "GBps": gbps, "eager_ms": timed["eager"],
                                            "speedup": timed["eager"] / timed["fused"],
                                            "fraction_of_copy": gbps / result["copy_GBps"],
