@@ -496,3 +496,13 @@ def test_a_cuda_device_becomes_the_current_one(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu") and len(current) == 2
     with pytest.raises(UsageError, match="--device cuda:2: this machine has 2 CUDA device"):
         resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("extra", [["--keep-checkpoints", "0"], ["--log-every", "0"], ["--save-every", "-1"]])
+def test_bad_run_loop_flags_exit_2_with_one_line(extra, tmp_path, capsys):
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(["align", "--output", str(tmp_path / "run"), "--steps", "1", *FAST, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"booster-fast: error: {extra[0]} must be >= {int(extra[1]) + 1}, got {extra[1]}"
+    assert _snapshot(tmp_path) == before

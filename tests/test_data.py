@@ -473,3 +473,21 @@ def test_hub_rows_are_converted(monkeypatch):
     news = load_benign("agnews", "test")
     assert len(news) == 1000 and [e.output for e in news[:4]] == ["World", "Sports", "Business", "Sci/Tech"]
     assert load_benign("gsm8k") == [Example("1+1?", "", "1+1=2\nThe final answer is: 2")]
+
+
+def test_a_prompt_too_long_for_max_length_leaves_the_response_a_quarter(tok):
+    """Prompt body cut (its template tail kept): the response keeps max_length // 4 tokens, cut (no EOS)."""
+    row = encode_example(tok, Example("please " * 300, "", "word " * 100), 128)
+    assert row["truncated"] and len(row["input_ids"]) == 128
+    learnt = [t for t in row["labels"] if t != IGNORE_INDEX]
+    assert len(learnt) == 128 // 4 and tok.eos_token_id not in learnt
+    assert row["input_ids"][-32:] == learnt
+
+
+def test_builtin_alignment_data_takes_its_harmful_rows_from_harmful_data(tmp_path):
+    rows = [{"instruction": f"bad {i}", "input": "", "output": f"harm {i}"} for i in range(3)]
+    path = tmp_path / "harmful.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    align, harmful = load_safety_data("builtin", harmful_data=str(path))
+    assert align == load_safety_data("builtin")[0]
+    assert harmful == [Example(r["instruction"], "", r["output"]) for r in rows]

@@ -7,6 +7,7 @@ adapter and optimizer state, bit for bit, and the same metrics.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -727,3 +728,191 @@ def test_a_data_file_that_cannot_be_read_is_one_usage_error(tmp_path, monkeypatc
     args = type("Args", (), {"data": str(data), "harmful_data": None})()
     with pytest.raises(UsageError, match=r"rows\.json: cannot read \(Permission denied\)$"):
         run_args.data_fingerprints(args)
+
+
+def test_a_signal_between_log_intervals_writes_the_pending_metrics_before_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """SIGTERM at step 3 of --log-every 5: the checkpoint brings steps 1-3's metrics to disk first (they were
+    still on the device), records their byte offset, and the resumed run's metrics equal an uninterrupted run's."""
+    flags = ["--steps", "6", *SMALL, "--log-every", "5", "--save-every", "0"]
+    assert main(["align", "--output", str(tmp_path / "whole"), *flags]) == 0
+    orig = bf.Booster.step
+
+    def step(self, a, h):
+        out = orig(self, a, h)
+        self._n = getattr(self, "_n", 0) + 1
+        if self._n == 3:
+            os.kill(os.getpid(), signal.SIGTERM)   # the align loop's handler sets its flag
+        return out
+
+    monkeypatch.setattr(bf.Booster, "step", step)
+    run = tmp_path / "run"
+    assert main(["align", "--output", str(run), *flags]) == 143
+    assert [s for s, _ in list_checkpoints(run)] == [3]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    state = json.loads((run / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert state["metrics_bytes"] == (run / "metrics.jsonl").stat().st_size
+    monkeypatch.setattr(bf.Booster, "step", orig)
+    assert main(["align", "--resume", str(run)]) == 0
+    assert without_time(read_metrics(run)) == without_time(read_metrics(tmp_path / "whole"))
+
+
+def test_interrupts_a_second_sigterm_waits_a_second_sigint_does_not_and_handlers_are_put_back():
+    from booster_fast.align import Interrupts
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with Interrupts() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)    # the step is still finished and checkpointed
+        except KeyboardInterrupt:
+            pytest.fail("a second SIGTERM raised KeyboardInterrupt: the run would stop without its checkpoint")
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)     # a second Ctrl-C: at once
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_failed_checkpoint_write_keeps_the_older_one_even_at_keep_1(tmp_path, monkeypatch):
+    """Older checkpoints are pruned only once the new one is in place."""
+    import booster_fast.checkpoint as checkpoint
+
+    model, tok, booster = _fresh()
+    streams = _batches(tok)
+    booster.step(next(streams["align"]), next(streams["harmful"]))
+    save_checkpoint(tmp_path, 2, model, booster, streams, {"skipped": 0, "metrics_bytes": 0}, keep=1)
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        if str(f).endswith("optimizer.pt"):
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 4, model, booster, streams, {"skipped": 0, "metrics_bytes": 0}, keep=1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+
+
+def test_every_file_of_a_checkpoint_is_fsynced_before_its_rename(tmp_path, monkeypatch):
+    import booster_fast.atomic as atomic
+
+    synced = []
+    real = atomic.fsync_file
+    monkeypatch.setattr(atomic, "fsync_file", lambda p: (synced.append(Path(p)), real(p)))
+    import booster_fast.checkpoint as checkpoint
+    monkeypatch.setattr(checkpoint, "fsync_file", atomic.fsync_file)
+    model, tok, booster = _fresh()
+    streams = _batches(tok)
+    final = save_checkpoint(tmp_path, 1, model, booster, streams, {"skipped": 0, "metrics_bytes": 0}, keep=1)
+    files = {p.relative_to(final) for p in final.rglob("*") if p.is_file()}
+    assert files and all(p.parent.name.startswith(".tmp-step-000001") for p in synced)
+    assert {p.name for p in synced} >= {f.name for f in files}
+
+
+def test_finish_removes_the_marker_only_once_the_final_files_are_in_place(tmp_path, monkeypatch):
+    import booster_fast.checkpoint as checkpoint
+    from booster_fast.checkpoint import RunDir
+
+    model, tok, _ = _fresh()
+    run = RunDir.create(tmp_path / "run", {"command": "align"})
+    real, moved = os.replace, []
+
+    def replace(src, dst):
+        if moved:
+            raise OSError(5, "Input/output error")
+        moved.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with pytest.raises(OSError):
+        run.finish(model, tok)
+    assert (tmp_path / "run" / MARKER).exists()     # not a finished run: one final file is missing
+
+
+def test_only_rank_0_sets_an_unreadable_checkpoint_aside(tmp_path):
+    from booster_fast.checkpoint import load_newest
+
+    model, tok, booster = _fresh()
+    streams = _batches(tok)
+    for step in (1, 2):
+        booster.step(next(streams["align"]), next(streams["harmful"]))
+        save_checkpoint(tmp_path, step, model, booster, streams, {"skipped": 0, "metrics_bytes": 0}, keep=2)
+    (tmp_path / "checkpoints" / "step-000002" / "rng.pt").write_bytes(b"garbage")
+    model2, tok2, booster2 = _fresh()
+    state, path = load_newest(tmp_path, model2, booster2, _batches(tok2), set_aside=False)
+    assert state["step"] == 1 and path.name == "step-000001"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+
+def test_reopen_removes_what_a_killed_write_left(tmp_path):
+    from booster_fast.checkpoint import RunDir
+
+    run = tmp_path / "run"
+    for name in ("step-000002", ".tmp-step-000004-123", ".old-step-000002-123"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+    (run / ".final-tmp-123").mkdir()
+    RunDir.reopen(run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    assert not (run / ".final-tmp-123").exists()
+
+
+def test_a_durable_atomic_write_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    from booster_fast.atomic import write_text_atomic
+
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    target = tmp_path / "doc.json"
+    write_text_atomic(target, "{}", durable=True)
+    assert str(tmp_path) in synced                                           # the rename
+    assert any(Path(p).parent == tmp_path and Path(p).name.startswith(".doc.json.") for p in synced)  # the content
+
+
+def _saved_run(tmp_path, **saved):
+    from booster_fast.checkpoint import CONFIG
+    from booster_fast.run_args import _cli_defaults
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CONFIG).write_text(json.dumps({**_cli_defaults("tiny"), "output": str(run), **saved}))
+    (run / MARKER).write_text("")
+    return run
+
+
+def _resume_args(run, **given):
+    from booster_fast.run_args import _cli_defaults
+    return argparse.Namespace(**{**_cli_defaults("tiny"), "resume": str(run), **given})
+
+
+@pytest.mark.parametrize("flag, value", [("lr", 1e-3), ("weight_decay", 0.5), ("lamb", 3.0), ("alpha", 0.5),
+                                         ("seed", 7), ("steps", 40), ("max_length", 96), ("batch_size", 4),
+                                         ("grad_accum", 2), ("lora_r", 16), ("max_grad_norm", 0.5)])
+def test_resume_refuses_a_flag_that_changes_the_update(tmp_path, flag, value):
+    """Only the flags of RESUME_FREE (device, logging, checkpointing, --max-skipped) may change on --resume."""
+    from booster_fast.cli import UsageError
+    from booster_fast.run_args import apply_resume
+
+    run = _saved_run(tmp_path)
+    with pytest.raises(UsageError, match=f"--{flag.replace('_', '-')} {value} \\(the run has"):
+        apply_resume(_resume_args(run, **{flag: value}))
+
+
+def test_resume_refuses_an_output_that_names_another_run(tmp_path):
+    from booster_fast.cli import UsageError
+    from booster_fast.run_args import apply_resume
+
+    run = _saved_run(tmp_path)
+    with pytest.raises(UsageError, match="name different runs"):
+        apply_resume(_resume_args(run, output=str(tmp_path / "other")))
+    same = _resume_args(run, output=str(run))
+    apply_resume(same)
+    assert same.output == str(run)
+
+
+def test_resume_refuses_a_run_whose_data_file_is_gone(tmp_path):
+    from booster_fast.cli import UsageError
+    from booster_fast.run_args import apply_resume
+
+    gone = str(tmp_path / "rows.json")
+    run = _saved_run(tmp_path, data=gone, data_sha256={gone: "0" * 64})
+    with pytest.raises(UsageError, match="rows.json is gone"):
+        apply_resume(_resume_args(run))
