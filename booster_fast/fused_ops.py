@@ -153,10 +153,11 @@ def _agrees(module: nn.Module, fused, autocast) -> float:
     x = torch.randn(2, 5, width, generator=g, device=device)
     worst = torch.zeros((), device=device)
     for scale in (1.0, 1e-3):
+        xs = (x * scale).to(dtype)
         with autocast():
-            want = type(module).forward(module, (x * scale).to(dtype)).float()
+            want = type(module).forward(module, xs).float()
             with active():
-                got = fused(module, (x * scale).to(dtype)).float()
+                got = fused(module, xs).float()
         worst = torch.maximum(worst, (got - want).norm() / want.norm().clamp_min(1e-30))
     return float(worst)
 
