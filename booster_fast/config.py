@@ -84,13 +84,15 @@ class BoosterConfig:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.graphs not in GRAPH_MODES:
             raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {self.graphs!r}")
-        if not (self.lamb >= 0 and math.isfinite(self.lamb)):
-            raise ValueError(f"lamb must be a finite number >= 0, got {self.lamb}")
         if self.alpha == 0:
             raise ValueError("alpha must be > 0: at alpha 0 the perturbed point is w itself and the update is plain "
                              "fine-tuning (method sft)")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}")
+        # finite numbers, > 0 where 0 means nothing sensible (perturb_eps 0: a zero ∇h would give 0/0), else >= 0
+        for name, positive in (("lamb", False), ("alpha", True), ("perturb_eps", True), ("adam_eps", False),
+                               ("rho", True), ("lr", True), ("weight_decay", False)):
+            value = getattr(self, name)
+            if not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
         for flag in ("meta_term", "perturb_aware", "skip_nonfinite"):
             if not isinstance(getattr(self, flag), bool):  # a string such as "False" would read as on
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -98,16 +100,6 @@ class BoosterConfig:
             if getattr(self, flag) is not None and not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True, False or None (the device's default), got "
                                  f"{getattr(self, flag)!r}")
-        if not (self.perturb_eps > 0 and math.isfinite(self.perturb_eps)):  # 0: a zero ∇h would give 0/0
-            raise ValueError(f"perturb_eps must be a finite number > 0, got {self.perturb_eps}")
-        if not (self.adam_eps >= 0 and math.isfinite(self.adam_eps)):
-            raise ValueError(f"adam_eps must be a finite number >= 0, got {self.adam_eps}")
-        if not (self.rho > 0 and math.isfinite(self.rho)):
-            raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if int(self.grad_accum) != self.grad_accum or self.grad_accum < 1:
