@@ -529,27 +529,37 @@ def test_an_output_under_a_dangling_link_is_refused_before_any_work(tmp_path):
         check_writable_file(tmp_path / "gone" / "sub" / "doc.json", "--output")
 
 
-def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(tmp_path):
-    """A run saved before a flag existed ran at its default: resuming it with another value is a conflict (it
-    was let through, changing the update mid-run), and a plain resume keeps the default."""
-    import argparse
-
-    from booster_fast.run_args import _cli_defaults, apply_resume
+def _saved_run(tmp_path, without=(), **saved):
+    """An unfinished run folder holding only run_config.json: the CLI defaults for tiny, less `without`, plus
+    `saved`."""
     from booster_fast.checkpoint import CONFIG
-    from booster_fast.cli import UsageError
+    from booster_fast.run_args import _cli_defaults
 
     run = tmp_path / "run"
     run.mkdir()
-    old = {k: v for k, v in _cli_defaults("tiny").items() if k not in ("perturb_aware", "rho")}
-    (run / CONFIG).write_text(json.dumps({**old, "output": str(run)}))
+    config = {k: v for k, v in _cli_defaults("tiny").items() if k not in without}
+    (run / CONFIG).write_text(json.dumps({**config, "output": str(run), **saved}))
     (run / MARKER).write_text("")
+    return run
 
-    def args(**given):
-        return argparse.Namespace(**{**_cli_defaults("tiny"), "resume": str(run), **given})
 
+def _resume_args(run, **given):
+    """align's parsed arguments for `--resume run`, with `given` on the command line."""
+    from booster_fast.run_args import _cli_defaults
+
+    return argparse.Namespace(**{**_cli_defaults("tiny"), "resume": str(run), **given})
+
+
+def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(tmp_path):
+    """A run saved before a flag existed ran at its default: resuming it with another value is a conflict (it
+    was let through, changing the update mid-run), and a plain resume keeps the default."""
+    from booster_fast.cli import UsageError
+    from booster_fast.run_args import apply_resume
+
+    run = _saved_run(tmp_path, without=("perturb_aware", "rho"))
     with pytest.raises(UsageError, match=r"--perturb-aware True \(the run has False\)"):
-        apply_resume(args(perturb_aware=True))
-    plain = args()
+        apply_resume(_resume_args(run, perturb_aware=True))
+    plain = _resume_args(run)
     apply_resume(plain)
     assert plain.perturb_aware is False and plain.rho == 5.0 and plain.resume_changes == {}
 
@@ -558,15 +568,11 @@ def test_resume_tells_a_flag_given_at_its_default_from_one_left_out(tmp_path, ca
     """`--lr 5e-4` on the command line is a value given, even though it is the default: resuming a run made at
     another lr with it is a conflict (it was silently kept at the run's), and a free flag given at its default
     (--save-every) changes the run's."""
-    from booster_fast.checkpoint import CONFIG
     from booster_fast.cli import build_parser, given_flags
     from booster_fast.run_args import _cli_defaults, apply_resume
 
     defaults = _cli_defaults("tiny")
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / CONFIG).write_text(json.dumps({**defaults, "output": str(run), "lr": 1e-3, "lamb": 3.0, "save_every": 5}))
-    (run / MARKER).write_text("")
+    run = _saved_run(tmp_path, lr=1e-3, lamb=3.0, save_every=5)
     capsys.readouterr()
     assert main(["align", "--resume", str(run), "--lr", str(defaults["lr"]), "--lamb", str(defaults["lamb"])]) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -590,19 +596,12 @@ def test_resume_tells_a_flag_given_at_its_default_from_one_left_out(tmp_path, ca
 def test_resume_of_a_run_recorded_with_a_relative_model_directory(tmp_path, monkeypatch):
     """Runs recorded before model directories were made absolute hold the relative name: resuming one from the
     same folder with that --model given again (made absolute by the command line) is no conflict."""
-    import argparse
-
-    from booster_fast.run_args import _cli_defaults, apply_resume
-    from booster_fast.checkpoint import CONFIG
+    from booster_fast.run_args import apply_resume
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "x").mkdir(parents=True)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / CONFIG).write_text(json.dumps({**_cli_defaults("tiny"), "model": "models/x", "output": str(run)}))
-    (run / MARKER).write_text("")
-    args = argparse.Namespace(**{**_cli_defaults("tiny"), "resume": str(run),
-                                 "model": str(tmp_path / "models" / "x")})
+    run = _saved_run(tmp_path, model="models/x")
+    args = _resume_args(run, model=str(tmp_path / "models" / "x"))
     apply_resume(args)
     assert args.model == str(tmp_path / "models" / "x")
 
@@ -865,22 +864,6 @@ def test_a_durable_atomic_write_fsyncs_the_file_and_its_folder(tmp_path, monkeyp
     write_text_atomic(target, "{}", durable=True)
     assert str(tmp_path) in synced                                           # the rename
     assert any(Path(p).parent == tmp_path and Path(p).name.startswith(".doc.json.") for p in synced)  # the content
-
-
-def _saved_run(tmp_path, **saved):
-    from booster_fast.checkpoint import CONFIG
-    from booster_fast.run_args import _cli_defaults
-
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / CONFIG).write_text(json.dumps({**_cli_defaults("tiny"), "output": str(run), **saved}))
-    (run / MARKER).write_text("")
-    return run
-
-
-def _resume_args(run, **given):
-    from booster_fast.run_args import _cli_defaults
-    return argparse.Namespace(**{**_cli_defaults("tiny"), "resume": str(run), **given})
 
 
 @pytest.mark.parametrize("flag, value", [("lr", 1e-3), ("weight_decay", 0.5), ("lamb", 3.0), ("alpha", 0.5),
