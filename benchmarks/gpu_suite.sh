@@ -8,8 +8,9 @@
 # limit, even inside a part) still returns what it has, plus
 # $OUT/gpu_suite.log; unpack with `tar xzf gpu_suite.tgz -C benchmarks/results`. Without $OUT, the files go
 # straight into benchmarks/results/. Either way each part's full output is in gpu_logs/. Wheels in .whl/ are
-# installed first, ahead of the machine's own packages: bitsandbytes (the machine has none), and peft 0.21.2
-# (pure Python; a peft older than 0.18 cannot import under transformers 5). Every part has its own time limit and
+# installed first, ahead of the machine's own packages: bitsandbytes (the machine has none), peft 0.21.2
+# (pure Python; a peft older than 0.18 cannot import under transformers 5) and accelerate 1.15.0, which that peft
+# imports from (pure Python; an old accelerate lacks some of what it imports). Every part has its own time limit and
 # the suite goes on when one part fails; it stops at once when the stack itself does not import.
 set -uo pipefail
 ONLY=" $* "
@@ -39,7 +40,9 @@ pack() {  # the results so far, as the two files that come back. One pack at a t
 }
 pack_now() {
   local tmp="$DEST/.pack.$BASHPID"
-  tar czf "$tmp" -C "$RES" --exclude=./.stop_packing . && mv "$tmp" "$DEST/gpu_suite.tgz"
+  # (tar's exit 1, a file that changed or went while it read, still leaves a whole archive: keep it)
+  tar czf "$tmp" -C "$RES" --exclude=./.stop_packing . 2> /dev/null
+  (( $? <= 1 )) && mv "$tmp" "$DEST/gpu_suite.tgz"
   cp "$LOG" "$tmp" && mv "$tmp" "$DEST/gpu_suite.log"
 }
 
@@ -59,14 +62,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # the stack: every part needs it, so a failure here ends the suite (its time is better spent on a rerun)
 # (bitsandbytes is not part of it: only the NF4 parts need it, and they fail on their own without it)
 if ! stack=$(python3 - 2>&1 <<'PY'
-import torch, triton, transformers, peft, booster_fast
+import torch, triton, transformers, accelerate, peft, booster_fast
 try:
     import bitsandbytes
     bnb = bitsandbytes.__version__
 except Exception as e:  # absent, or its CUDA libraries do not load: the NF4 parts will say so
     bnb = f"not usable ({type(e).__name__}: {e})"
 print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,
-      "peft", peft.__version__, "bnb", bnb)
+      "accelerate", accelerate.__version__, "peft", peft.__version__, "bnb", bnb)
 PY
 ); then
   tail -n 5 <<< "$stack" | tee -a "$LOG"; echo "the stack does not import (above): stopping" | tee -a "$LOG"; pack; exit 3

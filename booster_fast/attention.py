@@ -246,9 +246,14 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
     layers = getattr(config, "num_hidden_layers", None)
     from .models import compute_dtype
 
-    tolerance = 1e-4 if compute_dtype(model) == torch.float32 else 3e-2
+    # bf16 rounding differs between attention kernels (the padded run's takes a mask, the others none), and a
+    # deep random-init model amplifies that ~20x into its logits: measured on the CPU, llama-7b-shape's packed
+    # logits differ by 3e-3, by 5e-2 with 0.2 % noise on every attention output, and by 0.8 when the two rows
+    # leak into each other (one segment). So bf16 gets 1e-1; the layer counts below catch a bypassed registry
+    tolerance = 1e-4 if compute_dtype(model) == torch.float32 else 1e-1
 
     switched = {}  # whether the mask-free run had our function switched in (not where a window is narrower)
+    errors = {}  # the relative error of each form that ran, for the log line
 
     def check(name, run, counter):
         before = _calls[counter]
@@ -261,7 +266,7 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
         if switched.get(counter, True) and (calls == 0 or (layers and calls != layers)):
             return (f"its attention reached the {name} function {calls} times for {layers} layers (it does not look "
                     f"attention up in transformers' registry)")
-        err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+        err = errors[name] = float((got - want).norm() / want.norm().clamp_min(1e-30))
         return None if err <= tolerance else f"the {name} logits differ from the padded ones by {err:.2g} relative"
 
     # eval mode (no dropout), except bitsandbytes' 4-bit layers: on the CPU an eval-mode forward without grad
@@ -293,6 +298,9 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
     finally:
         for m, mode in modes.items():
             m.training = mode
+    if errors:  # the margin, in the log of every engine that probed (the GPU's kernels differ from the CPU's)
+        log.info("attention probe: the %s logits differ from the padded ones by %s relative (tolerance %.0e)",
+                 " and ".join(errors), " and ".join(f"{e:.1e}" for e in errors.values()), tolerance)
     return why_pack, why_mask
 
 
