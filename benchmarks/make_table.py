@@ -40,8 +40,8 @@ def _read(path: Path):
 
 def load_results(results_dir) -> list[tuple[str, dict]]:
     """(file name, document) of every bench file, sorted by name; other files are skipped (the GPU checks' files
-    silently: check_documents reads those)."""
-    docs = []
+    silently: check_documents reads those; the other scripts' named in one line)."""
+    docs, others = [], []
     for path in sorted(Path(results_dir).glob("*.json")):
         if path.name.startswith(CHECKS):
             continue
@@ -49,9 +49,11 @@ def load_results(results_dir) -> list[tuple[str, dict]]:
         if doc is None:
             continue
         if not isinstance(doc, dict) or not {"machine", "config", "results"} <= doc.keys():
-            print(f"make_table: skipping {path}: not a `booster-fast bench` document", file=sys.stderr)
+            others.append(path.name)
             continue
         docs.append((path.name, doc))
+    if others:
+        print(f"make_table: left out, not `booster-fast bench` documents: {', '.join(others)}", file=sys.stderr)
     return docs
 
 
@@ -191,8 +193,9 @@ def markdown_table(docs: list[tuple[str, dict]], checks: dict | None = None) -> 
                                   "`python benchmarks/make_table.py`."
 
 
-def update_readme(readme, table: str) -> bool:
-    """Replace the block between the markers; False (README untouched) when the README or a marker is missing."""
+def update_readme(readme, table: str) -> bool | None:
+    """Replace the block between the markers: True when that changed the README, None when it held the table
+    already, False (README untouched) when the README or a marker is missing."""
     path = Path(readme)
     try:
         text = path.read_text()
@@ -202,6 +205,8 @@ def update_readme(readme, table: str) -> bool:
     if i < 0 or j < i:
         return False
     new = text[: i + len(START)] + "\n" + table + "\n" + text[j:]
+    if new == text:
+        return None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(new)
@@ -213,8 +218,9 @@ def update_readme(readme, table: str) -> bool:
 def make_table(results_dir=ROOT / "benchmarks" / "results", readme=ROOT / "README.md") -> str:
     """Build the table and write it into `readme` between the markers (or print it if they are missing)."""
     table = markdown_table(load_results(results_dir), check_documents(results_dir))
-    if update_readme(readme, table):
-        print(f"make_table: updated {readme}", file=sys.stderr)
+    updated = update_readme(readme, table)
+    if updated is not False:
+        print(f"make_table: {'updated' if updated else 'the table is up to date in'} {readme}", file=sys.stderr)
     else:
         print(table)
         print(f"make_table: {readme} has no {START} ... {END} block; printed the table, README untouched",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from .cli import UsageError
@@ -50,7 +51,10 @@ def read_run_config(run_dir: str | Path) -> dict:
     run_config.json); UsageError (one line) for anything else."""
     d = Path(run_dir)
     if not d.is_dir():
-        raise UsageError(f"--adapter {run_dir}: no such adapter directory")
+        step = re.fullmatch(r"step-(\d+)", d.name)
+        named = d.with_name(f"step-{int(step.group(1)):06d}") if step else None
+        hint = f" (checkpoints have six digits: {named})" if named is not None and named.is_dir() else ""
+        raise UsageError(f"--adapter {run_dir}: no such adapter directory{hint}")
     if (d / INCOMPLETE).exists():
         raise UsageError(f"--adapter {run_dir}: the run has not finished (resume it with booster-fast align --resume)")
     if not (d / "adapter_config.json").is_file():

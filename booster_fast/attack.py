@@ -62,7 +62,11 @@ def add_parser(sub):
     from .cli import seed_value
 
     p = sub.add_parser("attack", help="harmful fine-tuning attack on an aligned run (benign task + poison)",
-                       description=__doc__.splitlines()[0])
+                       description=__doc__.splitlines()[0],
+                       epilog="exit codes: 0 done; 1 the attacked adapter could not be written (one line); 2 bad "
+                              "input (one line on stderr, nothing written); 3 more than --max-skipped non-finite "
+                              "updates, or 10 in a row; 4 out of GPU memory (one line); 130 / 143 stopped by SIGINT "
+                              "/ SIGTERM. Whatever stops it, --output gets the whole run or nothing")
     p.add_argument("--adapter", required=True, metavar="DIR",
                    help="an aligned run directory (booster-fast align) or any peft LoRA adapter directory")
     add_base_args(p)

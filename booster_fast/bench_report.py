@@ -58,7 +58,7 @@ def format_table(doc: dict) -> str:
     lines = [f"{c['model']} ({c['quant']}) on {m['gpu'] or m['cpu']} [{c['device']}], batch {c['batch_size']}+"
              f"{c['harmful_batch_size']} x {c['max_length']}, {c['steps']} steps after {c['warmup']} warmup",
              f"{'impl':<14}{'ms/step':>10}{'p20-p80':>18}{'speedup':>9}{'tokens/s':>11}{'peak MB':>10}"
-             f"{'est. MB':>10}{'launches':>10}{'xSFT':>7}{'MFU':>7}{'HFU':>7}"]
+             f"{'est. MB':>10}{'launches':>10}{'syncs':>7}{'xSFT':>7}{'MFU':>7}{'HFU':>7}"]
     lines.append("-" * len(lines[1]))
     for name, r in doc["results"].items():
         if "skipped" in r or "step_ms" not in r:
@@ -67,7 +67,7 @@ def format_table(doc: dict) -> str:
         lines.append(f"{name:<14}{r['step_ms']:>10.2f}{r['step_ms_p20']:>9.2f}-{r['step_ms_p80']:<8.2f}"
                      f"{_fmt(doc['speedup'].get(name), '.2f'):>9}{r['tokens_per_s']:>11.0f}"
                      f"{_fmt(r.get('peak_mem_mb'), '.1f'):>10}{_fmt(r.get('est_peak_mb'), '.1f'):>10}"
-                     f"{_fmt(r.get('launches_per_step'), 'd'):>10}"
+                     f"{_fmt(r.get('launches_per_step'), 'd'):>10}{_fmt(r.get('host_syncs_per_step'), 'd'):>7}"
                      f"{_fmt(r.get('ratio_to_sft'), '.2f'):>7}{_fmt(r.get('mfu'), '.1%'):>7}"
                      f"{_fmt(r.get('hfu'), '.1%'):>7}"
                      + (f"  FAILED {r['failed']}" if "failed" in r else "")

@@ -52,7 +52,8 @@ ORIGINAL_FLAGS = {
     "--gradient_accumulation_steps": "--grad-accum", "--model_max_length": "--max-length",
     "--weight_decay": "--weight-decay", "--max_grad_norm": "--max-grad-norm",
     "--perturb_aware": "--perturb-aware (a switch: no True after it)",
-    "--sample_num": "--align-samples", "--bad_sample_num": "--harmful-samples", "--data_path": "--data",
+    "--sample_num": "--align-samples", "--bad_sample_num": "--harmful-samples",
+    "--data_path": "--data (beavertails for PKU-Alignment/BeaverTails_safe)",
     "--optimizer": "--method (booster is the default)", "--lora_r": "--lora-r", "--lora_alpha": "--lora-alpha",
     "--bf16": "nothing (the base loads in bf16, --dtype fp32 to keep fp32; --quant nf4 for 4-bit)", "--tf32": "nothing",
     "--lr_scheduler_type": "nothing (the schedule is constant, as the paper's)",
@@ -71,9 +72,33 @@ def seed_value(text: str) -> int:
     return value
 
 
+class _Help(argparse.HelpFormatter):
+    """--help with each flag's default, where its text does not give it already (or the paper's value, which the
+    defaults are)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS)
+                or "default" in text or "paper:" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, with errors in one line (no usage block: --help has it) and a hint for the original Booster
-    code's flag names in the 'unrecognized arguments' error."""
+    """argparse, with errors in one line (no usage block: --help has it), naming the subcommand's --help, and a
+    hint for the original Booster code's flag names in the 'unrecognized arguments' error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        args, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the subcommand's parser, so that the error names its --help
+            subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            parser = subs[0].choices[args.command] if subs and getattr(args, "command", None) else self
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return args
 
     def error(self, message):
         if message.startswith("unrecognized arguments:"):
@@ -96,8 +121,10 @@ def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128):
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=seed_value, default=43, help="seed for init, data order and LoRA (paper: 43)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="alignment rows per update (default: 8 for tiny, else 10 as in the paper)")
-    p.add_argument("--harmful-batch-size", type=int, default=None, help="harmful rows per update (default: = batch)")
+                   help="alignment rows per update, on each process under torchrun (default: 8 for tiny, else 10 "
+                        "as in the paper)")
+    p.add_argument("--harmful-batch-size", type=int, default=None,
+                   help="harmful rows per update, on each process under torchrun (default: = --batch-size)")
     p.add_argument("--max-length", type=int, default=None,
                    help=f"tokens per row, right-padded to it (default: {tiny_length} for tiny, else 256 as in the "
                         "paper)")
@@ -135,7 +162,9 @@ def _add_align_args(a: argparse.ArgumentParser):
     """align's flags (also memory's, which takes align's command line as it is)."""
     _add_model_args(a)
     a.add_argument("--data", default="builtin", help="builtin | beavertails | PATH (.json/.jsonl)")
-    a.add_argument("--harmful-data", default=None, help="harmful set for an instruction/input/output --data file")
+    a.add_argument("--harmful-data", default=None,
+                   help="harmful set (instruction/input/output rows) for such a --data file, or in place of "
+                        "builtin's or beavertails' own")
     a.add_argument("--impl", default="fast", choices=["reference", "fast"])
     a.add_argument("--method", default="booster", choices=["booster", "sft"])
     g = a.add_mutually_exclusive_group()

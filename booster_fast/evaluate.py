@@ -60,7 +60,11 @@ ANSWER_PROMPT = "The final answer is: "
 # ------------------------------------------------------------------------------------------------------------
 def add_parser(sub):
     p = sub.add_parser("eval", help="harmful score (judge) and fine-tune accuracy of a run; writes JSON",
-                       description=__doc__.splitlines()[0])
+                       description=__doc__.splitlines()[0],
+                       epilog="exit codes: 0 done; 1 the result could not be written (one line); 2 bad input, a "
+                              "judge or data set that cannot be loaded (one line on stderr, nothing written); 4 out "
+                              "of GPU memory (one line); 130 / 143 stopped by SIGINT / SIGTERM. --output is "
+                              "written whole, replacing an older file of that name")
     from .adapters import add_base_args
 
     p.add_argument("--adapter", required=True, metavar="DIR",
@@ -158,7 +162,7 @@ class BeaverDamJudge:
         except Exception as e:  # offline, not downloaded, gated, wrong id: one line that says what to do
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ModelError(f"cannot load the beaver-dam judge {model_id} ({type(e).__name__}: {first}); download "
-                             f"it first (`huggingface-cli download {BEAVER_DAM}`, ~14 GB) and pass --judge-model "
+                             f"it first (`hf download {BEAVER_DAM}`, ~14 GB) and pass --judge-model "
                              f"PATH if it is a local copy, or use --judge refusal (offline keyword proxy)") from None
         self.model.to(device).eval()
         if self.tok.pad_token is None:   # as QAModeration: a real pad token, embeddings resized

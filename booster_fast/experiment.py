@@ -104,10 +104,11 @@ def add_parser(sub):
                         "it parses (numbers, null, true/false), else a string, of the field's type")
     p.add_argument("--workdir", default=None, help="run directories (default runs/defense-PRESET)")
     p.add_argument("--output", default=None, metavar="FILE.json",
-                   help="result (default benchmarks/results/defense_PRESET.json, '-' for hyphens -> '_'; with "
-                        "--set: WORKDIR/defense_PRESET.json)")
+                   help="result (default benchmarks/results/defense_PRESET.json, '-' for hyphens -> '_', replacing "
+                        "the committed one; with --set: WORKDIR/defense_PRESET.json)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="plot (default docs/defense_PRESET.png; with --set: WORKDIR/defense_PRESET.png)")
+                   help="plot (default docs/defense_PRESET.png, replacing the committed one; with --set: "
+                        "WORKDIR/defense_PRESET.png)")
     p.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     return p
@@ -181,7 +182,7 @@ def preflight_models(p: dict):
         except Exception as e:  # offline, gated, not downloaded
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ModelError(f"preset needs {name}, which cannot be loaded here ({type(e).__name__}: {first}); "
-                             f"download it first (`huggingface-cli download {name}`)") from None
+                             f"download it first (`hf download {name}`)") from None
 
 
 def preflight_data(p: dict):

@@ -341,7 +341,7 @@ def for_args(args) -> str:
     engine = f"{impl} engine" + (f" ({', '.join(k for k, v in (('merged pass', merged), ('fused ops', fused)) if v)})"
                                   if impl == "fast" and (merged or fused) else "")
     batch = f"{rows} rows" if args.method == "sft" else f"{rows} + {harmful_rows} rows"
-    title = (f"{args.model}: one {what}, {engine}, {batch} x {args.max_length} tokens"
+    title = (f"{args.model} on {device}: one {what}, {engine}, {batch} x {args.max_length} tokens"
              f"{' per micro-batch' if args.grad_accum > 1 else ''}, LoRA r={args.lora_r} on {args.targets}")
     free = (cuda_free_bytes(device) if cuda and torch.cuda.is_available()
             and (device.index or 0) < torch.cuda.device_count() else None)

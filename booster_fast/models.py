@@ -287,7 +287,8 @@ def from_hub(load, name: str, **kwargs):
 
 def checked_path(name: str) -> str:
     """A model name with `~` expanded; ModelError for one that looks like a local path and is no directory."""
-    looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+    looks_like_path = (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith("/")
+                       or name.count("/") > 1)
     path = os.path.expanduser(name)
     if looks_like_path and not os.path.isdir(path):
         raise ModelError(f"--model {name}: no such directory (built-in presets: {', '.join(PRESETS)}; or a "
@@ -328,7 +329,7 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
             raise ModelError(f"cannot load the model in {name}: "
                              + (f"it has no {' and no '.join(missing)}" if missing else first)) from None
         raise ModelError(f"cannot load model {name!r} (a Hugging Face id; built-in presets: {', '.join(PRESETS)}): "
-                         f"{first} — download it first (e.g. `huggingface-cli download {name}`)") from None
+                         f"{first} — download it first (e.g. `hf download {name}`)") from None
     if quant == "none" and len(set((getattr(model, "hf_device_map", None) or {}).values())) == 1:
         del model.hf_device_map  # one device: not a model split across devices (which the HF Trainer would assume)
     if tok.pad_token is None:

@@ -223,7 +223,7 @@ def apply_resume(args, finished_ok: bool = False):
             what = "changed since the run started (its SHA-256 differs)" if os.path.isfile(path) else "is gone"
             raise UsageError(f"--resume {args.resume}: {path} {what}: the resumed steps would not train on the "
                              f"run's rows; start a new run")
-    args.output, args.overwrite, args.resume_changes = str(run), False, changed
+    args.output, args.overwrite, args.resume_changes = str(run.absolute()), False, changed
 
 
 def data_fingerprints(args) -> dict[str, str]:

@@ -81,6 +81,17 @@ def test_a_checkpoint_of_an_align_run_is_attacked_with_the_runs_settings(aligned
     assert step0["ckpt"] == step0["run"]
 
 
+@pytest.mark.parametrize("name, hint", [("step-2", True), ("step-02", True), ("step-3", False)])
+def test_a_checkpoint_named_without_its_six_digits_gets_the_right_name(aligned, tmp_path, capsys, name, hint):
+    """`--adapter RUN/checkpoints/step-2` names no folder: the error gives the six-digit one where it exists."""
+    assert main(["attack", "--adapter", str(aligned / "checkpoints" / name), "--output", str(tmp_path / "out"),
+                 "--steps", "1", *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{name}: no such adapter directory" in err and "\n" not in err
+    assert (f"(checkpoints have six digits: {aligned / 'checkpoints' / 'step-000002'})" in err) == hint, err
+    assert not (tmp_path / "out").exists()
+
+
 def _copy_adapter(src: Path, dst: Path, weights: bytes | None = None) -> Path:
     dst.mkdir()
     (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())

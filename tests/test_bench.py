@@ -158,9 +158,16 @@ def test_make_table_rewrites_only_the_marked_block(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nbefore\n{mt.START}\nold table\n{mt.END}\nafter\n")
 
+    capsys.readouterr()
     mt.make_table(results, readme)
+    err = capsys.readouterr().err
+    assert "left out, not `booster-fast bench` documents: notes.json" in err and "make_table: updated" in err, err
     text = readme.read_text()
     assert text.startswith("# Title\n\nbefore\n" + mt.START) and text.endswith(mt.END + "\nafter\n")
+    stamp = readme.stat().st_mtime_ns
+    mt.make_table(results, readme)  # again: the same table, the file left alone and the line says so
+    assert readme.read_text() == text and readme.stat().st_mtime_ns == stamp
+    assert "the table is up to date in" in capsys.readouterr().err
     assert "old table" not in text
     body = text.split(mt.START)[1].split(mt.END)[0]
     rows = [line for line in body.splitlines() if line.startswith("| Test CPU")]
@@ -550,10 +557,10 @@ def test_the_table_puts_each_figure_under_its_column():
            "speedup": {"fast": 1.25},
            "results": {"fast": {"step_ms": 100.0, "step_ms_p20": 99.0, "step_ms_p80": 101.0, "tokens_per_s": 5000,
                                 "peak_mem_mb": 1234.5, "est_peak_mb": 1300.0, "launches_per_step": 42,
-                                "ratio_to_sft": 2.5, "mfu": 0.1, "hfu": 0.2}}}
+                                "host_syncs_per_step": 3, "ratio_to_sft": 2.5, "mfu": 0.1, "hfu": 0.2}}}
     head, _, row = format_table(doc).splitlines()[1:4]
     for heading, value in (("speedup", "1.25"), ("peak MB", "1234.5"), ("est. MB", "1300.0"), ("launches", "42"),
-                           ("xSFT", "2.50"), ("MFU", "10.0%"), ("HFU", "20.0%")):
+                           ("syncs", "3"), ("xSFT", "2.50"), ("MFU", "10.0%"), ("HFU", "20.0%")):
         end = head.index(heading) + len(heading)  # right-aligned: the value ends where its heading does
         assert row[:end].endswith(value), (heading, row)
 

@@ -391,13 +391,26 @@ def test_the_original_codes_flag_names_get_a_hint(capsys):
         main(["align", "--learning_rate", "1e-4", "--num_train_epochs=3", "--sample_num", "500", "--tf32", "True"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("booster-fast: error: unrecognized arguments: --learning_rate 1e-4")
+    assert err.startswith("booster-fast align: error: unrecognized arguments: --learning_rate 1e-4")
+    assert err.endswith("(see booster-fast align --help)"), err  # the subcommand's help, where its flags are
     for hint in ("--learning_rate -> --lr", "--num_train_epochs -> --epochs", "--sample_num -> --align-samples",
                  "--tf32 -> nothing"):
         assert hint in err, err
     with pytest.raises(SystemExit):
         main(["align", "--no-such-flag"])
     assert "original" not in capsys.readouterr().err
+
+
+def test_help_gives_each_flags_default(capsys):
+    """--help names a flag's default where its text does not already (nor the paper's value, which it is)."""
+    with pytest.raises(SystemExit):
+        main(["align", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--log-every LOG_EVERY read metrics from the device every N steps (default: 10)",
+                 "--output OUTPUT run directory (adapter, metrics.jsonl) (default: runs/demo)",
+                 "--keep-checkpoints K keep the newest K checkpoints (default: 2)"):
+        assert flag in text, flag
+    assert "(paper: 5e-4) (default" not in text and "(default: False)" not in text and "(default: None)" not in text
 
 
 def test_sample_counts_take_the_first_rows_and_the_default_length_is_saved(tmp_path):

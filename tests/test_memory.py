@@ -209,8 +209,8 @@ def test_memory_command_prints_the_estimate_and_its_alternatives(capsys):
     assert main(["memory", "--model", "llama-7b-shape", "--quant", "nf4", "--gradient-checkpointing",
                  "--steps", "5", "--output", "ignored"]) == 0  # align's command line, as it is
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("llama-7b-shape: one Booster step, fast engine (merged pass, fused ops), 10 + 10 rows "
-                             "x 256 tokens")
+    assert out[0].startswith("llama-7b-shape on cuda: one Booster step, fast engine (merged pass, fused ops), "
+                             "10 + 10 rows x 256 tokens")
     rows = {line[2:].split("  ")[0]: line for line in out if line[:1] in "* " and "GiB" in line}
     assert set(rows) == {"NF4", "NF4, --gradient-checkpointing"}
     assert rows["NF4, --gradient-checkpointing"].startswith("* ") and rows["NF4"].startswith("  ")
@@ -226,6 +226,7 @@ def test_memory_command_prints_the_estimate_and_its_alternatives(capsys):
         assert main(["memory", "--model", "llama-7b-shape", "--quant", "nf4", "--gradient-checkpointing", *off]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert "warm-up" not in lines[1], off
+        assert lines[0].startswith(f"llama-7b-shape on {'cpu' if off[0] == '--device' else 'cuda'}: "), lines[0]
         if off[0] == "--graphs":
             row = next(line for line in lines if line.startswith("* "))
             assert row.split()[-2:] == memory.size(want.total - want.warmup).split()
@@ -236,7 +237,7 @@ def test_memory_command_json_is_the_table_in_bytes(capsys):
     table = capsys.readouterr().out.splitlines()
     assert main(["memory", "--model", "llama-1b-shape", "--impl", "reference", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert table[0] == f"llama-1b-shape: {doc['step']}" and doc["device"] == "cuda"
+    assert table[0] == f"llama-1b-shape on cuda: {doc['step']}" and doc["device"] == "cuda"
     assert "warm-up" not in "\n".join(table)  # the reference engine captures no graphs
     assert [s["setting"] for s in doc["settings"]] == ["bf16", "bf16, --gradient-checkpointing", "NF4",
                                                        "NF4, --gradient-checkpointing"]
@@ -256,8 +257,8 @@ def test_memory_command_json_is_the_table_in_bytes(capsys):
 def test_memory_command_reads_a_runs_flags(capsys, aligned):
     """--resume RUN: the estimate for that run's own settings (a finished one too)."""
     assert main(["memory", "--resume", str(aligned)]) == 0
-    assert capsys.readouterr().out.startswith("tiny: one Booster step, fast engine (merged pass, fused ops), 2 + 2 "
-                                              "rows x 64 tokens")
+    assert capsys.readouterr().out.startswith("tiny on cuda: one Booster step, fast engine (merged pass, fused ops), "
+                                              "2 + 2 rows x 64 tokens")  # the run's --device: auto, cuda here
 
 
 def test_memory_command_bad_input_is_one_line(capsys, tmp_path):
@@ -315,6 +316,7 @@ def test_log_fit_warns_and_names_checkpointing(monkeypatch, caplog):
     holds = (full.total + ckpt.total) // 2
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     monkeypatch.setattr("booster_fast.models.cuda_free_bytes", lambda device: holds)
+    caplog.clear()  # (the engine's own lines, where an earlier test left the logger at INFO)
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         assert memory.log_fit(booster, 8, 8, 128, "booster", "cuda") == full
     lines = [r.getMessage() for r in caplog.records]

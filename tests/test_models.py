@@ -135,6 +135,15 @@ def test_unknown_model_fails_fast_offline():
     msg = str(e.value)
     assert "\n" not in msg.strip()
     assert "no/such-model-xyz" in msg
+    assert "`hf download no/such-model-xyz`" in msg  # the hub's current command (huggingface-cli is gone)
+
+
+@pytest.mark.parametrize("name", ["no-such-dir/", "./no-such-dir", "a/b/c"])
+def test_a_missing_local_directory_is_named_as_one(name):
+    """A name that can only be a path (a trailing slash, a leading dot, two slashes) gets "no such directory",
+    not the hub's advice to download a repository of that name."""
+    with pytest.raises(ModelError, match=f"--model {name}: no such directory"):
+        load_model(name, device="cpu")
 
 
 def test_unknown_quant_raises_model_error():
