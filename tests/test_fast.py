@@ -597,7 +597,8 @@ def test_a_lora_layer_that_runs_on_a_subset_of_the_tokens_turns_the_merged_pass_
     auto.engine.merge = True  # the default on CUDA
     with caplog.at_level(logging.WARNING, logger="booster_fast"):
         fast = step_gradient(auto, a, h)[0]
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["merged pass off"]
+    warned = [r.getMessage().split(":")[0] for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == ["merged pass off"]
     assert auto.engine.merge is False
     ref = step_gradient(engine("reference"), a, h)[0]
     assert ref.norm() > 0 and relative(fast[:ref.numel()], ref) <= 1e-5
