@@ -371,7 +371,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                 if probe:  # keyword proxy of the harmful score along the attack (greedy answers, no refusal phrase)
                     from .evaluate import RefusalJudge, generate
 
-                    answers = generate(model, tok, probe, args.refusal_max_new_tokens, 64, device, desc="probe")
+                    answers = generate(model, tok, probe, args.refusal_max_new_tokens, 64, device, desc=None)
                     flags = RefusalJudge().flags([q for q, _ in probe], answers)
                     rec["keyword_harmful_score"] = 100.0 * sum(flags) / len(flags)
                 metrics.write(json.dumps(rec) + "\n")

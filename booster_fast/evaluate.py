@@ -245,8 +245,10 @@ DEFAULT_RULE = ("exact match of the stripped answer with the gold label as writt
 # generation
 # ------------------------------------------------------------------------------------------------------------
 def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, batch_size: int, device,
-             desc: str = "generate") -> list[str]:
-    """Greedy answers to Alpaca prompts (instruction, input), batched with left padding; in input order."""
+             desc: str | None = "generate") -> list[str]:
+    """Greedy answers to Alpaca prompts (instruction, input), batched with left padding; in input order. A
+    progress bar named `desc` (None: none, for a call inside another bar, whose lines it would break where
+    stderr is no terminal)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -266,7 +268,7 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
     autocast = Autocast(model, device)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(ids), desc=desc, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=len(ids), desc=desc, dynamic_ncols=True, leave=False, disable=desc is None)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(ids[i]) for i in chunk)

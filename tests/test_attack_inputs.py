@@ -92,6 +92,17 @@ def test_a_checkpoint_named_without_its_six_digits_gets_the_right_name(aligned, 
     assert not (tmp_path / "out").exists()
 
 
+def test_the_refusal_probe_draws_no_bar_inside_the_attacks(aligned, tmp_path, capsys):
+    """--refusal-prompts generates at every eval inside the attack's progress bar: a second bar there leaves
+    cursor-up codes in a log (stderr not a terminal); the probe's generation draws none."""
+    assert main(["attack", "--adapter", str(aligned), "--output", str(tmp_path / "out"), "--steps", "2",
+                 "--eval-every", "1", "--refusal-prompts", "2", "--refusal-max-new-tokens", "4", *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "attack" in err and "\x1b[A" not in err and "probe" not in err, err
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("keyword_harmful_score" in r for r in rows)
+
+
 def _copy_adapter(src: Path, dst: Path, weights: bytes | None = None) -> Path:
     dst.mkdir()
     (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
