@@ -81,7 +81,7 @@ class _Help(argparse.HelpFormatter):
         if (not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS)
                 or "default" in text or "paper:" in text):
             return text
-        return f"{text} (default: %(default)s)"
+        return f"{text[:-1]} (default: %(default)s)." if text.endswith(".") else f"{text} (default: %(default)s)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -165,8 +165,10 @@ def _add_align_args(a: argparse.ArgumentParser):
     a.add_argument("--harmful-data", default=None,
                    help="harmful set (instruction/input/output rows) for such a --data file, or in place of "
                         "builtin's or beavertails' own")
-    a.add_argument("--impl", default="fast", choices=["reference", "fast"])
-    a.add_argument("--method", default="booster", choices=["booster", "sft"])
+    a.add_argument("--impl", default="fast", choices=["reference", "fast"],
+                   help="fast: this project's step; reference: the original trainer's, op for op")
+    a.add_argument("--method", default="booster", choices=["booster", "sft"],
+                   help="booster: the defence; sft: plain alignment SFT, the paper's baseline")
     g = a.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None,
                    help="number of updates (default: 20 for the built-in models, a demo; else --epochs 20)")

@@ -408,7 +408,9 @@ def test_help_gives_each_flags_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--log-every LOG_EVERY read metrics from the device every N steps (default: 10)",
                  "--output OUTPUT run directory (adapter, metrics.jsonl) (default: runs/demo)",
-                 "--keep-checkpoints K keep the newest K checkpoints (default: 2)"):
+                 "--keep-checkpoints K keep the newest K checkpoints (default: 2)",
+                 "the original trainer's, op for op (default: fast)",
+                 "k micro-batches of b equal one batch of k·b (default: 1)."):
         assert flag in text, flag
     assert "(paper: 5e-4) (default" not in text and "(default: False)" not in text and "(default: None)" not in text
 
