@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shutil
 
 import pytest
@@ -341,3 +342,44 @@ def test_an_sft_runs_instruction_data_is_not_taken_for_harmful_rows(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has instruction/input/output rows (the alignment set only)" in err[0], err
     assert not out.exists()
+
+
+def _fake_adapter(d, run_config=None):
+    """A directory read_run_config takes for a LoRA adapter (it reads no weights)."""
+    d.mkdir(parents=True)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (d / "adapter_model.safetensors").write_bytes(b"")
+    if run_config is not None:
+        (d / "run_config.json").write_text(json.dumps(run_config))
+    return d
+
+
+def test_an_unfinished_run_is_no_adapter(tmp_path):
+    """A run directory still marked .incomplete (an interrupted align) is refused, naming --resume."""
+    d = _fake_adapter(tmp_path / "run", {"model": "tiny"})
+    assert adapters.read_run_config(d) == {"model": "tiny"}
+    (d / adapters.INCOMPLETE).write_text("")
+    with pytest.raises(UsageError, match="has not finished .*--resume"):
+        adapters.read_run_config(d)
+
+
+def test_only_a_checkpoint_folder_takes_its_runs_config(tmp_path):
+    """RUN/checkpoints/step-N reads RUN's run_config.json; an adapter at RUN/other/x is a plain adapter."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"model": "tiny", "seed": 7}))
+    assert adapters.read_run_config(_fake_adapter(run / "checkpoints" / "step-000002"))["seed"] == 7
+    assert adapters.read_run_config(_fake_adapter(run / "exports" / "adapter")) == {}
+
+
+@pytest.mark.parametrize("value", [True, 1.5, "3", [3]])
+def test_config_int_refuses_what_is_not_an_integer(value):
+    with pytest.raises(UsageError, match=re.escape(f"seed is {value!r}, not an integer")):
+        adapters.config_int({"seed": value}, "seed", 43)
+    assert adapters.config_int({"seed": 3.0}, "seed", 43) == 3 and adapters.config_int({}, "seed", 43) == 43
+
+
+def test_a_run_config_without_a_seed_takes_the_papers():
+    """run_config.json written without a seed: the base is built with 43 (align's default), not load_model's 0."""
+    assert adapters.base_of({"model": "tiny"}) == {"model": "tiny", "quant": "none", "seed": 43, "dtype": None}
+    assert adapters.base_of({"model": "x", "base": {"model": "tiny", "seed": 5}})["seed"] == 5  # attack's "base"

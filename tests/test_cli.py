@@ -5,13 +5,16 @@ Runs `booster_fast.cli.main([...])` in-process; one subprocess checks `python -m
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -521,3 +524,101 @@ def test_bad_run_loop_flags_exit_2_with_one_line(extra, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip() == f"booster-fast: error: {extra[0]} must be >= {int(extra[1]) + 1}, got {extra[1]}"
     assert _snapshot(tmp_path) == before
+
+
+def test_the_seed_range_ends_at_2_to_the_63_minus_1():
+    """--seed takes 0 .. 2**63 - 1, the bounds its error names; 2**63 is one past."""
+    from booster_fast.cli import seed_value
+
+    assert seed_value("0") == 0 and seed_value(str(2**63 - 1)) == 2**63 - 1
+    with pytest.raises(argparse.ArgumentTypeError, match="from 0 to 2\\*\\*63 - 1"):
+        seed_value(str(2**63))
+
+
+def test_every_original_flag_name_gets_its_hint(capsys):
+    """Each of the original trainer's names in ORIGINAL_FLAGS is answered with its hint, and every hint that names
+    one of our flags names one that align has."""
+    from booster_fast.cli import ORIGINAL_FLAGS, build_parser
+
+    # the original train.py's / scripts' names a swap-in command line uses (the HF TrainingArguments and its own)
+    assert set(ORIGINAL_FLAGS) == {
+        "--model_name_or_path", "--output_dir", "--learning_rate", "--num_train_epochs", "--max_steps",
+        "--per_device_train_batch_size", "--gradient_accumulation_steps", "--model_max_length", "--weight_decay",
+        "--max_grad_norm", "--perturb_aware", "--sample_num", "--bad_sample_num", "--data_path", "--optimizer",
+        "--lora_r", "--lora_alpha", "--bf16", "--tf32", "--lr_scheduler_type", "--save_steps", "--save_total_limit",
+        "--logging_steps"}
+    align_flags = {s for a in build_parser()._subparsers._group_actions[0].choices["align"]._actions
+                   for s in a.option_strings}
+    for flag, hint in ORIGINAL_FLAGS.items():
+        ours = hint.split()[0]
+        assert ours == "nothing" or ours in align_flags, (flag, hint)
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(["align", flag, "1"])
+        assert f"{flag} -> {hint}" in capsys.readouterr().err, flag
+
+
+def test_ctrl_c_in_a_command_is_exit_130_with_one_line(capsys):
+    """Ctrl-C in a command without a handler of its own (attack, eval, bench): exit code 130, one line."""
+    from booster_fast.cli import run_reporting
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    capsys.readouterr()
+    assert run_reporting(interrupted) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["booster-fast: interrupted"]
+
+
+def test_a_callers_own_sigterm_handler_is_put_back():
+    """A process that embeds the CLI with a SIGTERM handler of its own gets that handler back (not the default)."""
+    from booster_fast.cli import run_reporting
+
+    def own(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, own)
+    try:
+        assert run_reporting(lambda: 0) == 0
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_command_run_outside_the_main_thread_installs_no_handler():
+    """run_reporting in another thread (where signal.signal raises ValueError) runs the command as it is."""
+    from booster_fast.cli import run_reporting
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(run_reporting(lambda: 7)))
+    t.start()
+    t.join(60)
+    assert got == [7]
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["align"], (8, 128)), (["align", "--model", "llama-7b-shape"], (10, 256)),
+    (["bench"], (8, 64)), (["bench", "--model", "llama-7b-shape"], (10, 256)),
+    (["align", "--batch-size", "3", "--max-length", "40"], (3, 40)),
+])
+def test_the_batch_size_and_length_defaults_follow_the_model_and_command(argv, want, monkeypatch):
+    """tiny: 8 rows of 128 tokens (the bench's quick 64); any other model the paper's 10 x 256; given values kept."""
+    from booster_fast import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_align", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(cli, "_bench", lambda args: seen.append(args) or 0)
+    assert main(argv) == 0
+    assert (seen[0].batch_size, seen[0].max_length) == want
+
+
+def test_relative_local_files_of_eval_are_made_absolute(tmp_path, monkeypatch):
+    """eval's --prompts (and the other data flags) naming a local file are recorded absolute, as align's --data."""
+    from booster_fast import evaluate
+
+    (tmp_path / "prompts.json").write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(evaluate, "main", lambda args: seen.append(args) or 0)
+    assert main(["eval", "--adapter", "x", "--output", "y.json", "--prompts", "prompts.json"]) == 0
+    assert seen[0].prompts == str(tmp_path / "prompts.json")

@@ -132,3 +132,25 @@ def test_the_fast_engines_switches_pinned_on_are_refused_with_the_reference(flag
     args = build_parser().parse_args(["align", "--impl", "reference", f"--{flag.replace('_', '-')}", "on"])
     with pytest.raises(UsageError, match=f"--{flag.replace('_', '-')} on: the fast engine's"):
         check_run_args(args, bf.BoosterConfig(impl="reference"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"grad_accum": 1.5}, "grad_accum must be a positive integer, got 1.5"),
+    ({"grad_accum": 0}, "grad_accum must be a positive integer, got 0"),
+    ({"betas": (0.9, 1.0)}, r"betas must lie in \[0, 1\)"),
+    ({"betas": (1.0, 0.999)}, r"betas must lie in \[0, 1\)"),
+    ({"lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
+    ({"graphs": "yes"}, "graphs must be one of"),
+    ({"impl": "turbo"}, "impl must be one of"),
+    ({"alpha": 0.0}, r"alpha must be > 0: at alpha 0 .* plain fine-tuning \(method sft\)"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
+])
+def test_more_values_that_cannot_work_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bf.BoosterConfig(**kwargs)
+
+
+def test_boundary_values_that_work_are_taken():
+    """The edges of each range: no clipping (0), no weight decay, β 0, one micro-batch."""
+    cfg = bf.BoosterConfig(max_grad_norm=0.0, weight_decay=0.0, lamb=0.0, betas=(0.0, 0.0), grad_accum=1)
+    assert cfg.max_grad_norm == 0.0 and cfg.betas == (0.0, 0.0)

@@ -491,3 +491,31 @@ def test_builtin_alignment_data_takes_its_harmful_rows_from_harmful_data(tmp_pat
     align, harmful = load_safety_data("builtin", harmful_data=str(path))
     assert align == load_safety_data("builtin")[0]
     assert harmful == [Example(r["instruction"], "", r["output"]) for r in rows]
+
+
+def test_a_byte_order_mark_and_an_upper_case_suffix_are_read(tmp_path):
+    """A file saved with a UTF-8 byte order mark (Windows editors), or named .JSON/.JSONL, is read as any other."""
+    from booster_fast.data_files import instruction_file
+
+    row = '{"instruction": "a", "output": "b"}'
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf[" + row.encode() + b"]")
+    (tmp_path / "UPPER.JSONL").write_text(row + "\n")
+    for name in ("bom.json", "UPPER.JSONL"):
+        assert instruction_file(str(tmp_path / name)) == [Example("a", "", "b")], name
+
+
+def test_a_refusal_that_only_starts_like_repnoises_is_kept_whole():
+    assert clean_refusal("Question: why not?") == "Question: why not?"
+
+
+def test_a_harmful_file_of_pairs_gives_the_harmful_responses(tmp_path):
+    """load_harmful_file on prompt/refusal/response rows: prompt -> response (the harmful answer), not the refusal;
+    instruction rows as they are."""
+    from booster_fast.data_files import load_harmful_file
+
+    p = tmp_path / "pairs.jsonl"
+    p.write_text('{"prompt": "How?", "refusal": "No.", "response": "Like so."}\n')
+    assert load_harmful_file(str(p)) == [Example("How?", "", "Like so.")]
+    q = tmp_path / "inst.json"
+    q.write_text('[{"instruction": "Do it.", "input": "x", "output": "Done."}]')
+    assert load_harmful_file(str(q)) == [Example("Do it.", "x", "Done.")]

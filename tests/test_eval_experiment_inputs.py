@@ -451,3 +451,39 @@ def test_eval_defaults_follow_the_base_model():
                                               batch=64)
     given = SimpleNamespace(task="gsm8k", prompts="x.json", max_new_tokens=5, task_max_new_tokens=6, batch_size=7)
     assert _defaults(given, run, "tiny") == dict(task="gsm8k", prompts="x.json", max_new=5, task_max_new=6, batch=7)
+
+
+@pytest.mark.parametrize("kw", ["all", "some", "none"])
+def test_the_defense_figure_is_drawn_from_a_result(kw, tmp_path, monkeypatch):
+    """plot_defense (otherwise replaced in these tests) draws a result into a PNG: the per-seed mean curve, the
+    keyword panel only where every curve has points, the bars of each seed."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from booster_fast.defense_plot import plot_defense
+
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig) or close(fig))
+
+    def method(loss, name):
+        has_kw = kw == "all" or (kw == "some" and name == "sft")
+        return {"harmful_loss_curve": [[0, loss], [2, loss + 0.5]],
+                "keyword_harmful_score_curve": [[0, 10.0], [2, 40.0]] if has_kw else [],
+                "after_attack": {"harmful_score": 40.0, "accuracy": 60.0}}
+
+    seeds = [0, 1, 2]  # three seeds, two eval steps
+    result = {"per_seed": [{"sft": method(1.0 + s, "sft"), "booster": method(2.0, "booster")} for s in seeds],
+              "methods": ["sft", "booster"], "seeds": seeds, "judge": {"name": "keyword"}, "preset": "tiny",
+              "machine": {"gpu": None, "cpu_count": 2}, "overrides": {"attack.lr": 1e-4},
+              "settings": {"attack": {"refusal_prompts": 8}}}
+    out = tmp_path / "defense.png"
+    plot_defense(result, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["defense.png"]  # written atomically
+    axes = figs[0].axes
+    assert len(axes) == (3 if kw == "all" else 2)
+    mean = [line for line in axes[0].get_lines() if line.get_linewidth() == 2.2][0]  # the sft mean: seeds 1, 2, 3
+    assert list(mean.get_xdata()) == [0, 2] and list(mean.get_ydata()) == [2.0, 2.5]
+    if kw == "all":
+        assert axes[1].get_ylim() == (-3, 103)
+    assert axes[-1].get_ylim() == (0, 125)

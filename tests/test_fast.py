@@ -833,3 +833,17 @@ def test_mean_loss_is_zero_not_nan_for_an_all_masked_batch():
         assert torch.allclose(mean_loss(model, a), loss_sum(model, a) / label_count(a))
         masked = {**a, "labels": torch.full_like(a["labels"], -100)}
         assert mean_loss(model, masked).item() == 0.0
+
+
+def test_an_optimizer_state_of_the_other_engine_is_refused(batches):
+    """Booster.load_state_dict: a state saved by the reference engine (one moment per LoRA matrix) does not load
+    into the fast one (one flat buffer), and the reverse: one ValueError naming both engines."""
+    states = {}
+    for impl in ("reference", "fast"):
+        model, _ = make_model()
+        booster = bf.Booster(model, bf.BoosterConfig(impl=impl))
+        booster.step(*[booster.to_device(b, "cpu") for b in batches[0]])
+        states[impl] = (booster, booster.state_dict())
+    for into, other in (("fast", "reference"), ("reference", "fast")):
+        with pytest.raises(ValueError, match=f"optimizer state of the '{other}' engine, this Booster is '{into}'"):
+            states[into][0].load_state_dict(states[other][1])

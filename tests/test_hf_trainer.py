@@ -818,3 +818,15 @@ def test_the_trainer_snippet_in_the_docs_runs(tmp_path, monkeypatch):
     lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
     assert lora_b and all(torch.isfinite(p).all() for p in lora_b)
     assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: the update reached the weights
+
+
+def test_a_batch_without_input_ids_is_refused_by_name():
+    """model_batch: input_ids and labels are both needed (a batch of inputs_embeds-only rows, say), in one line."""
+    from booster_fast.hf_batches import model_batch
+
+    ids = torch.ones(2, 4, dtype=torch.long)
+    assert set(model_batch({"input_ids": ids, "labels": ids, "attention_mask": ids, "extra": ids})) == {
+        "input_ids", "labels", "attention_mask"}
+    for batch in ({"labels": ids, "attention_mask": ids}, {"input_ids": ids}):
+        with pytest.raises(ValueError, match="the harmful batches need input_ids and labels"):
+            model_batch(batch, "harmful")
