@@ -273,21 +273,18 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         if path.exists() and path.stat().st_size > metrics_bytes:
             os.truncate(path, metrics_bytes)
         metrics_file = open(path, "ab")
-        engine = booster.engine
-        how = "".join(text for on, text in ((getattr(engine, "merge", False) and args.method != "sft", ", merged pass"),
-                                            (getattr(engine, "pack", False), ", batches packed without their pads"))
-                      if on)
+        merged = getattr(booster.engine, "merge", False) and args.method != "sft"
+        how = ((", merged pass" if merged else "")
+               + (", batches packed without their pads" if getattr(booster.engine, "pack", False) else ""))
         resumed = (f", resumed at step {start}" + (f" from {last_ckpt}" if last_ckpt else " (no checkpoint yet)")
                    if args.resume else "")
         method = f"{args.method} + Vaccine (rho {cfg.rho:g})" if cfg.perturb_aware else args.method
         sizes = (args.batch_size,) if args.method == "sft" else (args.batch_size, args.harmful_batch_size)
-        rows = "+".join(map(str, sizes))  # (SFT draws no harmful batch)
+        rows = "+".join(map(str, sizes)) + " rows"  # (SFT draws no harmful batch)
         if world > 1:  # the batch sizes are per process
-            rows += f" rows per process ({'+'.join(str(n * world) for n in sizes)} per update)"
-        else:
-            rows += " rows"
-        log.info("align: %s on %s, %s/%s, %d steps of %s x %d tokens%s%s", args.model, device, method,
-                 cfg.impl, steps, rows, args.max_length, how, resumed)
+            rows += f" per process ({'+'.join(str(n * world) for n in sizes)} per update)"
+        log.info("align: %s on %s, %s/%s, %d step%s of %s x %d tokens%s%s", args.model, device, method,
+                 cfg.impl, steps, "" if steps == 1 else "s", rows, args.max_length, how, resumed)
         if device.type == "cuda":
             from .memory import log_fit
 

@@ -250,7 +250,8 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
     # deep random-init model amplifies that ~20x into its logits: measured on the CPU, llama-7b-shape's packed
     # logits differ by 3e-3, by 5e-2 with 0.2 % noise on every attention output, and by 0.8 when the two rows
     # leak into each other (one segment). So bf16 gets 1e-1; the layer counts below catch a bypassed registry
-    tolerance = 1e-4 if compute_dtype(model) == torch.float32 else 1e-1
+    low_precision = compute_dtype(model) != torch.float32
+    tolerance = 1e-1 if low_precision else 1e-4
 
     switched = {}  # whether the mask-free run had our function switched in (not where a window is narrower)
     errors = {}  # the relative error of each form that ran, for the log line
@@ -298,8 +299,8 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
     finally:
         for m, mode in modes.items():
             m.training = mode
-    if compute_dtype(model) != torch.float32 and any(errors.values()):  # the margin in bf16, where the forms do
-        # not agree bit for bit (a GPU's kernels round apart)
+    if low_precision and any(errors.values()):  # the margin in bf16, where the forms do not agree bit for bit
+        # (a GPU's kernels round apart)
         log.info("attention probe: the %s logits differ from the padded ones by %s relative (tolerance %.0e)",
                  " and ".join(errors), " and ".join(f"{e:.1e}" for e in errors.values()), tolerance)
     return why_pack, why_mask
