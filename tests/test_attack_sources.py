@@ -383,3 +383,24 @@ def test_a_run_config_without_a_seed_takes_the_papers():
     """run_config.json written without a seed: the base is built with 43 (align's default), not load_model's 0."""
     assert adapters.base_of({"model": "tiny"}) == {"model": "tiny", "quant": "none", "seed": 43, "dtype": None}
     assert adapters.base_of({"model": "x", "base": {"model": "tiny", "seed": 5}})["seed"] == 5  # attack's "base"
+
+
+def test_a_saved_tokenizer_is_taken_only_with_the_bases_vocabulary(aligned, tmp_path):
+    """load_adapter takes the run's own tokenizer.json when its vocabulary is the base model's size (a checkpoint
+    keeps it), and keeps the base's tokenizer for one of another size, which the embeddings could not take."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(aligned, run)
+    saved = AutoTokenizer.from_pretrained(str(run))
+    saved.model_max_length = 4321  # a mark of the saved one, the vocabulary unchanged
+    saved.save_pretrained(str(run))
+    _, tok, _ = adapters.load_adapter(run, "cpu", trainable=False)
+    assert tok.model_max_length == 4321
+    saved.add_tokens(["<added-token>"])  # now one token more than the base's embeddings
+    saved.save_pretrained(str(run))
+    _, tok, _ = adapters.load_adapter(run, "cpu", trainable=False)
+    assert tok.model_max_length != 4321 and "<added-token>" not in tok.get_vocab()
+
