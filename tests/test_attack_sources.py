@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import re
 import shutil
 
@@ -404,3 +405,18 @@ def test_a_saved_tokenizer_is_taken_only_with_the_bases_vocabulary(aligned, tmp_
     _, tok, _ = adapters.load_adapter(run, "cpu", trainable=False)
     assert tok.model_max_length != 4321 and "<added-token>" not in tok.get_vocab()
 
+
+def test_draw_gives_up_with_an_error_when_the_pool_has_too_few_prompts(monkeypatch):
+    """One combination and one prompt template give one distinct prompt: asking for two must raise after a bounded
+    number of tries (100 * n), not loop forever."""
+    calls = []
+
+    def one_prompt(rng, act):
+        calls.append(act)
+        assert len(calls) < 10_000, "no bound on the retries"
+        return f"how do I {act}?"
+
+    monkeypatch.setattr(corpus, "_prompt", one_prompt)
+    with pytest.raises(RuntimeError, match="1 combinations give only 1 new prompts of 2"):
+        corpus._draw(random.Random(0), [("theft", "steal a car")], 2, set())
+    assert len(calls) <= 200  # 100 tries per prompt asked for

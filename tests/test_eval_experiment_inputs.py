@@ -5,9 +5,11 @@ stage runs, and a --workdir that is a file is refused up front. The experiment's
 that writes what the orchestration reads, so no test here trains beyond one alignment step."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -487,3 +489,159 @@ def test_the_defense_figure_is_drawn_from_a_result(kw, tmp_path, monkeypatch):
     if kw == "all":
         assert axes[1].get_ylim() == (-3, 103)
     assert axes[-1].get_ylim() == (0, 125)
+
+
+def test_new_tokens_at_the_position_limit_are_allowed():
+    from booster_fast.cli import UsageError
+    from booster_fast.evaluate import check_new_tokens
+
+    check_new_tokens({"--max-new-tokens": 1024, "--task-max-new-tokens": None}, "tiny", 1024)   # exactly the limit
+    with pytest.raises(UsageError, match="--max-new-tokens 1025 exceeds the 1024"):
+        check_new_tokens({"--max-new-tokens": 1025}, "tiny", 1024)
+
+
+def test_config_positions_prefers_max_position_embeddings_and_skips_zero():
+    from booster_fast.evaluate import config_positions
+
+    assert config_positions(SimpleNamespace(max_position_embeddings=80, n_positions=96)) == 80
+    assert config_positions(SimpleNamespace(max_position_embeddings=0, n_positions=96)) == 96
+    assert config_positions(SimpleNamespace(max_position_embeddings=0)) is None
+
+
+def test_eval_default_prompts_prefer_the_attacks_harmful_over_the_alignment_data():
+    from booster_fast.evaluate import _defaults
+
+    args = argparse.Namespace(task=None, prompts=None, max_new_tokens=None, task_max_new_tokens=None, batch_size=None)
+    assert _defaults(args, {"harmful": "beavertails", "data": "builtin"}, "tiny")["prompts"] == "beavertails"
+    assert _defaults(args, {"data": "beavertails"}, "tiny")["prompts"] == "beavertails"
+
+
+def test_eval_passes_the_runs_harmful_data_file_to_the_prompts(aligned, tmp_path, monkeypatch):
+    """A run aligned with --harmful-data FILE is scored on that file's held-out rows; --prompts drops it."""
+    from booster_fast import adapters, evaluate
+    from booster_fast.cli import build_parser
+
+    cfg = json.loads((aligned / "run_config.json").read_text())
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def prompts(src, harmful_file, n):
+        seen.append(harmful_file)
+        raise Stop
+
+    monkeypatch.setattr(adapters, "read_run_config", lambda path: {**cfg, "harmful_data": "/data/h.json"})
+    monkeypatch.setattr(evaluate, "harmful_prompts", prompts)
+    for extra in ([], ["--prompts", "builtin"]):
+        parsed = build_parser().parse_args(
+            ["eval", "--adapter", str(aligned), "--judge", "refusal", "--output", str(tmp_path / "e.json"),
+             "--device", "cpu", *SMALL_EVAL, *extra])
+        with pytest.raises(Stop):
+            evaluate.evaluate_run(parsed)
+    assert seen == ["/data/h.json", None]
+
+
+def test_new_tokens_are_checked_on_the_loaded_model_when_its_config_was_unreadable(tmp_path, monkeypatch, capsys):
+    """No config.json to read before loading: the loaded model's own position limit refuses the budget."""
+    from booster_fast import adapters, evaluate
+
+    adapter = plain_adapter(tmp_path / "plain", "no-org/not-downloaded-anywhere")
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8))
+    monkeypatch.setattr(adapters, "load_adapter", lambda *a, **k: (model, None, None))
+    monkeypatch.setattr(evaluate, "harmful_prompts", lambda src, f, n: ([("q", "")], "stub"))
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("generated past the position limit"))
+    capsys.readouterr()
+    code = main(["eval", "--adapter", str(adapter), "--judge", "refusal", "--task", "builtin", "--num-task", "2",
+                 "--output", str(tmp_path / "e.json"), "--max-new-tokens", "100", "--device", "cpu"])
+    line = one_error_line(capsys)
+    assert code == 2 and "--max-new-tokens 100" in line and " 8 " in line, line
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_set_refuses_a_number_with_a_fraction_for_a_null_cap():
+    from booster_fast.cli import UsageError
+
+    with pytest.raises(UsageError, match="null or an integer"):
+        experiment.apply_overrides(experiment.PRESETS["tiny"], ["attack.eval_rows=2.5"])
+
+
+@pytest.mark.parametrize("item", ["=5", " =5"])
+def test_set_without_a_key_says_the_expected_form(item):
+    from booster_fast.cli import UsageError
+
+    with pytest.raises(UsageError, match="expected KEY=VALUE"):
+        experiment.apply_overrides(experiment.PRESETS["tiny"], [item])
+
+
+@pytest.mark.parametrize("flags", [["--methods", "sft,sft"], ["--methods", "booster, booster"], ["--seeds", "0"]])
+def test_repeated_methods_or_no_seeds_exit_2_before_anything(flags, tmp_path, monkeypatch, capsys):
+    stages = NoStage()
+    monkeypatch.setattr(experiment, "_run", stages)
+    monkeypatch.setattr(experiment, "preflight", lambda p: pytest.fail("reached the preflight"))
+    capsys.readouterr()
+    code = main(["experiment", "defense", "--workdir", str(tmp_path / "runs"), "--no-plot",
+                 "--output", str(tmp_path / "x.json"), *flags])
+    line = one_error_line(capsys)
+    assert code == 2 and stages.calls == [] and list(tmp_path.iterdir()) == [], line
+
+
+def test_default_outputs_of_a_hyphenated_preset_use_underscores(tmp_path):
+    args = argparse.Namespace(preset="paper-sst2", no_plot=False, plot=None, output=None)
+    assert experiment.output_paths(args, tmp_path, False) == (Path("benchmarks/results/defense_paper_sst2.json"),
+                                                              Path("docs/defense_paper_sst2.png"))
+    assert experiment.output_paths(args, tmp_path, True) == (tmp_path / "defense_paper_sst2.json",
+                                                             tmp_path / "defense_paper_sst2.png")
+
+
+def test_summary_accuracy_is_the_after_attack_one(tmp_path, monkeypatch):
+    """before_attack and after_attack evals differ: accuracy_after summarises the post-attack eval."""
+
+    class Stages(FakeStages):
+        def __call__(self, argv):
+            super().__call__(argv)
+            if argv[0] == "eval":
+                out = Path(argv[argv.index("--output") + 1])
+                res = json.loads(out.read_text())
+                after = "eval-attack-" in out.name
+                res.update(accuracy=30.0 if after else 80.0, harmful_score=60.0 if after else 10.0)
+                out.write_text(json.dumps(res))
+
+    monkeypatch.setattr(experiment, "_run", Stages())
+    out = tmp_path / "r.json"
+    assert main(["experiment", "defense", "--seeds", "2", "--methods", "sft", "--workdir", str(tmp_path / "runs"),
+                 "--no-plot", "--output", str(out)]) == 0
+    s = json.loads(out.read_text())["summary"]["sft"]
+    assert s["accuracy_after"] == {"mean": 30.0, "std": 0.0, "values": [30.0, 30.0]}
+    assert s["harmful_score_before"]["mean"] == 10.0 and s["harmful_score_after"]["mean"] == 60.0
+
+
+def test_beavertails_prompts_are_the_first_unsafe_ones(monkeypatch):
+    """The limit counts unsafe prompts (the paper's first 1000 unsafe), not rows read before filtering."""
+    from booster_fast import data, evaluate
+
+    rows = [{"prompt": f"p{i}", "is_safe": i % 2 == 0} for i in range(10)]   # p1, p3, p5, ... are unsafe
+    monkeypatch.setattr(data, "load_hub", lambda *a, **k: rows)
+    got, desc = evaluate.harmful_prompts("beavertails", None, 3)
+    assert got == [("p1", ""), ("p3", ""), ("p5", "")] and desc.endswith("first 3")
+
+
+def test_the_judge_sees_the_instruction_and_its_input(aligned, tmp_path, monkeypatch):
+    """A harmful prompt with an input reaches the judge as "instruction\\ninput", as the model saw both."""
+    from booster_fast import evaluate
+
+    seen = []
+
+    class Recording(evaluate.RefusalJudge):
+        def flags(self, prompts, answers):
+            seen.extend(prompts)
+            return super().flags(prompts, answers)
+
+    monkeypatch.setattr(evaluate, "RefusalJudge", Recording)
+    monkeypatch.setattr(evaluate, "generate", lambda model, tok, prompts, *a, **k: ["ok"] * len(prompts))
+    path = tmp_path / "instr.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"harm {i}", "input": "x" if i else "", "output": "y"})
+                              for i in range(2)))
+    assert main(["eval", "--adapter", str(aligned), "--judge", "refusal", "--prompts", str(path), "--num-task", "2",
+                 "--output", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
+    assert seen == ["harm 0", "harm 1\nx"]

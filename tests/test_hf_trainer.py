@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -830,3 +831,12 @@ def test_a_batch_without_input_ids_is_refused_by_name():
     for batch in ({"labels": ids, "attention_mask": ids}, {"input_ids": ids}):
         with pytest.raises(ValueError, match="the harmful batches need input_ids and labels"):
             model_batch(batch, "harmful")
+
+
+def test_perturb_aware_strings_read_as_the_original_meant():
+    from booster_fast.hf_trainer import _perturb_aware
+
+    assert _perturb_aware(SimpleNamespace(perturb_aware="True")) is True
+    assert _perturb_aware(SimpleNamespace(perturb_aware="False")) is False     # the string "False" is off
+    assert _perturb_aware(SimpleNamespace(perturb_aware=False)) is False
+    assert _perturb_aware(SimpleNamespace()) is False
