@@ -25,6 +25,8 @@ from booster_fast.cli import UsageError, main
 from booster_fast.corpus import ATTACK_SIZE, attack_corpus, builtin_corpus
 from booster_fast.data import Example, load_safety_data
 
+from test_eval_experiment_inputs import plain_adapter  # an adapter directory peft would write, no weights
+
 SMALL_ATTACK = ["--samples", "20", "--steps", "1", "--eval-every", "1", "--batch-size", "4", "--eval-rows", "8",
                 "--lr", "1e-3"]
 SMALL_EVAL = ["--judge", "refusal", "--num-prompts", "4", "--num-task", "4", "--max-new-tokens", "4",
@@ -345,19 +347,10 @@ def test_an_sft_runs_instruction_data_is_not_taken_for_harmful_rows(tmp_path, ca
     assert not out.exists()
 
 
-def _fake_adapter(d, run_config=None):
-    """A directory read_run_config takes for a LoRA adapter (it reads no weights)."""
-    d.mkdir(parents=True)
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    (d / "adapter_model.safetensors").write_bytes(b"")
-    if run_config is not None:
-        (d / "run_config.json").write_text(json.dumps(run_config))
-    return d
-
-
 def test_an_unfinished_run_is_no_adapter(tmp_path):
     """A run directory still marked .incomplete (an interrupted align) is refused, naming --resume."""
-    d = _fake_adapter(tmp_path / "run", {"model": "tiny"})
+    d = plain_adapter(tmp_path / "run", "tiny")
+    (d / "run_config.json").write_text(json.dumps({"model": "tiny"}))
     assert adapters.read_run_config(d) == {"model": "tiny"}
     (d / adapters.INCOMPLETE).write_text("")
     with pytest.raises(UsageError, match="has not finished .*--resume"):
@@ -369,8 +362,8 @@ def test_only_a_checkpoint_folder_takes_its_runs_config(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "run_config.json").write_text(json.dumps({"model": "tiny", "seed": 7}))
-    assert adapters.read_run_config(_fake_adapter(run / "checkpoints" / "step-000002"))["seed"] == 7
-    assert adapters.read_run_config(_fake_adapter(run / "exports" / "adapter")) == {}
+    assert adapters.read_run_config(plain_adapter(run / "checkpoints" / "step-000002", "tiny"))["seed"] == 7
+    assert adapters.read_run_config(plain_adapter(run / "exports" / "adapter", "tiny")) == {}
 
 
 @pytest.mark.parametrize("value", [True, 1.5, "3", [3]])

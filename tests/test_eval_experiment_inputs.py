@@ -440,8 +440,6 @@ def test_workdir_that_is_a_file_exits_2_up_front(where, tmp_path, monkeypatch, c
 def test_eval_defaults_follow_the_base_model():
     """The paper's budgets on a real model (512 new tokens for harmful prompts, as the original's pred.py; 200 for
     the task; BeaverTails' prompts), small ones on the tiny preset; a run's own data and task where it has them."""
-    from types import SimpleNamespace
-
     from booster_fast.evaluate import _defaults
 
     args = SimpleNamespace(task=None, prompts=None, max_new_tokens=None, task_max_new_tokens=None, batch_size=None)
