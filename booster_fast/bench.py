@@ -149,7 +149,9 @@ def build_impl(name: str, args, device):
     torch.manual_seed(args.seed)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.targets)  # (add_lora splits it)
     lora0 = {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)}
-    return Booster(model, cfg), tok, lora0
+    booster = Booster(model, cfg)
+    booster.check_length(args.max_length, f"--max-length {args.max_length}")
+    return booster, tok, lora0
 
 
 def share_frozen_weights(src, dst) -> int:

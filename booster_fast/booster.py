@@ -54,6 +54,13 @@ class Booster:
         return [to_device(b, device, pack=True, bucketed=static, window=window)
                 for b in micro_batches(batch, self.cfg.grad_accum)]
 
+    def check_length(self, length: int, what: str = "rows of max_length") -> None:
+        """ModelError (a ValueError) where this engine cannot run rows of `length` tokens exactly: the fast engine
+        beyond the original length of a RoPE that rescales with the sequence (FastBooster.check_length). Each step
+        checks its own batches; the commands check --max-length before anything is written."""
+        if self.cfg.impl == "fast":
+            self.engine.check_length(length, what)
+
     def step(self, align_batch, harmful_batch):
         """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed (NaN without the meta term),
         harmful_grad_norm (0-dim device tensors), loss_perturbed with perturb_aware (the alignment loss under the

@@ -37,7 +37,7 @@ from .flat import ALL_TOKENS, FlatLoRA, MixedPositions
 from .kernels import normalize_perturb_, restore_combine_, sumsq, triton_unusable
 from .kernels.model_kernels import available
 from .losses import attention_for, label_count, logits_of, loss_sum, targets_of, token_losses
-from .models import Autocast, checkpoint_reads_rng, trainable_parameters
+from .models import Autocast, ModelError, checkpoint_reads_rng, length_dependent_rope, trainable_parameters
 from .nf4 import keep_nf4_trainable_
 from .reference import exempt_from_decay
 
@@ -113,6 +113,7 @@ class FastBooster:
             log.info("attention masks kept: the mask-free attention does not run this model exactly (%s)", why_mask)
         self.pack = self._packing_for(cfg.packing, why_pack)
         self.window = sliding_window(model)  # batches with longer sequences go padded (Booster.to_device)
+        self.rope = length_dependent_rope(model)  # batches longer than its L are refused (check_length)
         self.fused = self._fused_ops_for(cfg.fused_ops)
         self.distributed = dist.is_available() and dist.is_initialized()
         cuda = self.device.type == "cuda"
@@ -300,9 +301,33 @@ class FastBooster:
             self._lr.fill_(group["lr"])  # between steps, outside any graph; fill_ takes a float or a 0-dim tensor
             group["lr"] = self._lr
 
+    def check_length(self, length: int, what: str) -> None:
+        """ModelError (a ValueError) where `length` positions pass the L of a RoPE whose frequencies follow each
+        forward's longest position beyond L (models.length_dependent_rope): the fast engine's forwards span other
+        rows than the reference's (the merged [h ; f], packed micro-batches, batches kept at max_length for CUDA
+        graphs) and, for the "dynamic" types, whose rescaling carries over, run f before the perturbed pass where
+        the reference runs it last. Measured with rows twice L: the first gradient 6e-4 to 2e-2 off the reference's.
+        Host-side numbers only."""
+        if self.rope is not None and length > self.rope[1]:
+            kind, limit = self.rope
+            raise ModelError(f"{what}: this model's {kind!r} RoPE changes its frequencies beyond {limit} positions, "
+                             f"by each forward's longest row, and there the fast engine's passes would not compute "
+                             f"the reference's update; use max_length <= {limit} (--max-length) or impl='reference' "
+                             f"(--impl reference)")
+
+    def _check_lengths(self, *batches) -> None:
+        """check_length for each batch (or list of packed micro-batches), from the shapes the host holds."""
+        if self.rope is None:
+            return
+        for batch in batches:
+            for b in batch if isinstance(batch, list) else (batch,):
+                length = b["max_seqlen"] if "cu_seqlens" in b else b["input_ids"].shape[-1]
+                self.check_length(length, f"a batch {length} positions long")
+
     # -- the Booster step ------------------------------------------------------------------------------------
     def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
         """One Booster update (one CUDA-graph replay once captured)."""
+        self._check_lengths(align_batch, harmful_batch)
         self._prepare()
         with fused_ops.active(self.fused):  # held across every backward, and a checkpointed layer's recompute
             if self.graphs is not None:
@@ -311,6 +336,7 @@ class FastBooster:
 
     def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
         """One SFT update on the same flat buffers, optimizer and clipping."""
+        self._check_lengths(align_batch)
         self._prepare()
         with fused_ops.active(self.fused):
             if self.graphs is not None:

@@ -68,6 +68,9 @@ class FlatLoRA:
             raise ValueError(f"impl='fast' keeps every LoRA weight in one buffer on one device; this model's are on "
                              f"{', '.join(sorted(map(str, devices)))}: load the model on one device (in 4 bits, "
                              f"quant='nf4', where it does not fit)")
+        if any(p.dtype == torch.float64 for p in self.params):  # the masters are fp32, as are the kernels
+            raise ValueError("impl='fast' keeps the LoRA weights in fp32 (its flat buffers and kernels); this model's "
+                             "are float64: use impl='reference' for a float64 run")
         device = self.params[0].device
         self.sizes = [p.numel() for p in self.params]
         n = sum(self.sizes)

@@ -632,3 +632,21 @@ def test_relative_local_files_of_eval_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "main", lambda args: seen.append(args) or 0)
     assert main(["eval", "--adapter", "x", "--output", "y.json", "--prompts", "prompts.json"]) == 0
     assert seen[0].prompts == str(tmp_path / "prompts.json")
+
+
+def test_max_length_beyond_a_rescaling_ropes_length_is_refused_by_the_fast_engine(tmp_path, capsys):
+    """A local model whose dynamic RoPE rescales past 32 positions: --max-length 64 ends in one line and exit 2 with
+    nothing written under the fast engine (whose passes would not give the reference's update there), and runs
+    under the reference."""
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    model, tok = load_model("tiny", device="cpu", max_position_embeddings=32, rope_parameters=rope)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    common = ["align", "--model", str(tmp_path / "model"), "--dtype", "fp32", "--max-length", "64", "--steps", "1",
+              "--batch-size", "2", "--save-every", "0"]
+    assert main(common + ["--output", str(tmp_path / "fast")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("booster-fast: error: --max-length 64: this model's 'dynamic' RoPE changes its "
+                              "frequencies beyond 32 positions"), err
+    assert not (tmp_path / "fast").exists()
+    assert main(common + ["--impl", "reference", "--output", str(tmp_path / "reference")]) == 0

@@ -579,6 +579,16 @@ def test_lora_weights_on_several_devices_are_refused():
         bf.Booster(model, bf.BoosterConfig(impl="fast"))
 
 
+def test_float64_lora_weights_are_refused_by_the_fast_engine(batches):
+    """The fast engine's masters are fp32: a float64 model would train in fp32 without a word (and Vaccine's fp32
+    norm failed on it), so it is refused at build time; the reference runs it."""
+    model, _ = make_model()
+    with pytest.raises(ValueError, match=r"LoRA weights in fp32 .*this model's are float64: use impl='reference'"):
+        bf.Booster(model.double(), bf.BoosterConfig(impl="fast", perturb_aware=True))
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    bf.Booster(model, bf.BoosterConfig(impl="reference", perturb_aware=True)).step(*batches[0])
+
+
 def test_a_lora_layer_that_runs_on_a_subset_of_the_tokens_turns_the_merged_pass_off(batches, caplog):
     """The merged pass routes a LoRA layer's first positions to ∇h: a layer that sees a gathered subset of the
     tokens (an expert) would mix the two batches' gradients. Pinned on, that raises; by default (merged on CUDA)
@@ -847,3 +857,83 @@ def test_an_optimizer_state_of_the_other_engine_is_refused(batches):
     for into, other in (("fast", "reference"), ("reference", "fast")):
         with pytest.raises(ValueError, match=f"optimizer state of the '{other}' engine, this Booster is '{into}'"):
             states[into][0].load_state_dict(states[other][1])
+
+
+# RoPE that rescales with the sequence (transformers' types), past L = 8 positions; tiny's head_dim is 48
+RESCALING_ROPE = {
+    "dynamic": dict(max_position_embeddings=8,
+                    rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+    "longrope": dict(max_position_embeddings=32,
+                     rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 24, "long_factor": [4.0] * 24,
+                                      "original_max_position_embeddings": 8, "factor": 4.0, "rope_theta": 10000.0}),
+}
+
+
+def random_rows(lengths, width, seed):
+    """A right-padded CPU batch of random tokens: rows of `lengths` real tokens in `width` columns, all labelled."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 200, (len(lengths), width), generator=g)
+    mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids * mask, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("kind", RESCALING_ROPE)
+def test_a_rope_that_rescales_with_length_is_exact_up_to_its_length_and_refused_beyond(kind):
+    """Past L such a RoPE takes its frequencies from each forward's longest row, and the fast engine's forwards span
+    other rows than the reference's (measured on these models with align rows of 16: 6e-4 off for dynamic, 2e-2
+    merged and packed for longrope): a batch longer than L is refused by name before any work, and --max-length
+    by the commands. Up to L the step is the reference's, merged and packed, in one batch or in micro-batches."""
+    from booster_fast.models import ModelError, length_dependent_rope
+
+    def booster(impl, **cfg):
+        model, _ = make_model(**RESCALING_ROPE[kind])
+        assert length_dependent_rope(model) == (kind, 8)
+        return bf.Booster(model, bf.BoosterConfig(impl=impl, **cfg))
+
+    def gradient(impl, a, h, **cfg):
+        b = booster(impl, **cfg)
+        return step_gradient(b, *(b.to_device(x, "cpu") for x in (a, h)))[0]
+
+    a, h = random_rows([8, 5, 3, 7], 8, 1), random_rows([6, 8, 2, 4], 8, 2)
+    for cfg in (dict(merge_passes=True, packing=True), dict(grad_accum=2, packing=True)):
+        ref = gradient("reference", a, h, grad_accum=cfg.get("grad_accum", 1))
+        fast = gradient("fast", a, h, **cfg)
+        assert relative(fast[:ref.numel()], ref) <= 1e-5, cfg
+
+    fast = booster("fast", merge_passes=True, packing=True)
+    before = fast.engine.flat.W.clone()
+    long_a = random_rows([16, 5], 16, 3)
+    with pytest.raises(ModelError, match=f"a batch 16 positions long: this model's '{kind}' RoPE changes its "
+                                         f"frequencies beyond 8 positions.*max_length <= 8.*impl='reference'"):
+        fast.step(*(fast.to_device(x, "cpu") for x in (long_a, h)))
+    with pytest.raises(ModelError, match="a batch 16 positions long"):
+        fast.sft_step(fast.to_device(long_a, "cpu"))
+    with pytest.raises(ModelError, match="--max-length 9: "):
+        fast.check_length(9, "--max-length 9")
+    fast.check_length(8, "--max-length 8")
+    assert torch.equal(fast.engine.flat.W, before)
+    ref = booster("reference")
+    ref.check_length(16, "--max-length 16")  # the reference runs them: it is the yardstick
+    ref.step(*(ref.to_device(x, "cpu") for x in (long_a, h)))
+
+
+def test_which_ropes_rescale_with_length():
+    """Plain and statically scaled RoPE (yarn) never depend on the length; Gemma 3's per-layer types are each read,
+    with longrope's original length from its own layer type's parameters."""
+    import transformers as T
+
+    from booster_fast.models import length_dependent_rope
+
+    assert length_dependent_rope(make_model()[0]) is None
+    yarn = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 512}
+    assert length_dependent_rope(make_model(rope_parameters=yarn)[0]) is None
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+                "original_max_position_embeddings": 12, "factor": 4.0, "rope_theta": 1e6}
+    for full, want in ((longrope, ("longrope", 12)), ({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6},
+                                                      ("dynamic", 32))):
+        config = T.Gemma3TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=32, layer_types=["sliding_attention", "full_attention"],
+                                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                     "full_attention": full})
+        assert length_dependent_rope(T.Gemma3ForCausalLM(config)) == want
