@@ -375,21 +375,22 @@ def length_dependent_rope(model: nn.Module) -> tuple[str, int] | None:
     """(rope type, L) for a model whose rotary embedding takes its frequencies from each forward's longest position
     once that passes L, else None. transformers' "dynamic" types rescale to the longest sequence seen so far (kept
     from forward to forward until one shorter than L resets them; L = max_position_embeddings), and "longrope"
-    switches to its long factors (L = original_max_position_embeddings). Up to L positions both are the plain
-    rotary embedding."""
+    switches from its short factors to its long ones (L = original_max_position_embeddings). Up to L positions
+    both are a fixed rotary embedding (dynamic's plain one, longrope's short factors)."""
     found = []
     for m in model.modules():
         types = getattr(m, "rope_type", None)
         if not hasattr(m, "original_max_seq_len") or not isinstance(types, (str, dict)):
             continue
-        params = getattr(getattr(m, "config", None), "rope_parameters", None) or {}
+        config = getattr(m, "config", None)
+        params = getattr(config, "rope_parameters", None) or {}
         for layer_type, kind in (types.items() if isinstance(types, dict) else [(None, types)]):
             if "dynamic" in kind:
                 found.append((kind, int(m.original_max_seq_len)))
             elif kind == "longrope":
                 own = params.get(layer_type, {}) if layer_type is not None else params
                 limit = (own.get("original_max_position_embeddings") if isinstance(own, dict) else None) or \
-                    getattr(m.config, "original_max_position_embeddings", None) or m.original_max_seq_len
+                    getattr(config, "original_max_position_embeddings", None) or m.original_max_seq_len
                 found.append((kind, int(limit)))
     return min(found, key=lambda f: f[1]) if found else None
 
