@@ -869,14 +869,6 @@ RESCALING_ROPE = {
 }
 
 
-def random_rows(lengths, width, seed):
-    """A right-padded CPU batch of random tokens: rows of `lengths` real tokens in `width` columns, all labelled."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 200, (len(lengths), width), generator=g)
-    mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
-    return {"input_ids": ids * mask, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask}
-
-
 @pytest.mark.parametrize("kind", RESCALING_ROPE)
 def test_a_rope_that_rescales_with_length_is_exact_up_to_its_length_and_refused_beyond(kind):
     """Past L such a RoPE takes its frequencies from each forward's longest row, and the fast engine's forwards span
@@ -884,6 +876,7 @@ def test_a_rope_that_rescales_with_length_is_exact_up_to_its_length_and_refused_
     merged and packed for longrope): a batch longer than L is refused by name before any work, and --max-length
     by the commands. Up to L the step is the reference's, merged and packed, in one batch or in micro-batches."""
     from booster_fast.models import ModelError, length_dependent_rope
+    from test_packing import ragged_batch
 
     def booster(impl, **cfg):
         model, _ = make_model(**RESCALING_ROPE[kind])
@@ -894,7 +887,7 @@ def test_a_rope_that_rescales_with_length_is_exact_up_to_its_length_and_refused_
         b = booster(impl, **cfg)
         return step_gradient(b, *(b.to_device(x, "cpu") for x in (a, h)))[0]
 
-    a, h = random_rows([8, 5, 3, 7], 8, 1), random_rows([6, 8, 2, 4], 8, 2)
+    a, h = ragged_batch([8, 5, 3, 7], 8, vocab=200, seed=1), ragged_batch([6, 8, 2, 4], 8, vocab=200, seed=2)
     for cfg in (dict(merge_passes=True, packing=True), dict(grad_accum=2, packing=True)):
         ref = gradient("reference", a, h, grad_accum=cfg.get("grad_accum", 1))
         fast = gradient("fast", a, h, **cfg)
@@ -902,7 +895,7 @@ def test_a_rope_that_rescales_with_length_is_exact_up_to_its_length_and_refused_
 
     fast = booster("fast", merge_passes=True, packing=True)
     before = fast.engine.flat.W.clone()
-    long_a = random_rows([16, 5], 16, 3)
+    long_a = ragged_batch([16, 5], 16, vocab=200, seed=3)
     with pytest.raises(ModelError, match=f"a batch 16 positions long: this model's '{kind}' RoPE changes its "
                                          f"frequencies beyond 8 positions.*max_length <= 8.*impl='reference'"):
         fast.step(*(fast.to_device(x, "cpu") for x in (long_a, h)))
