@@ -232,7 +232,7 @@ def run_align(args) -> int:
         steps = max(1, math.ceil(args.epochs * streams["align"].batches_per_epoch))
     try:
         booster = Booster(model, cfg)
-        booster.check_length(args.max_length, f"--max-length {args.max_length}")
+        booster.check_length(args.max_length)
     except ValueError as e:  # a pinned feature this model cannot run (packing, fused ops): nothing written yet
         raise UsageError(str(e)) from None
 

@@ -332,7 +332,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     steps = args.steps if args.steps is not None else max(1, math.ceil((args.epochs or 20) * stream.batches_per_epoch))
     cfg = BoosterConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
     booster = Booster(model, cfg)  # plain SFT steps (sft_step): AdamW, clipping, no Booster term
-    booster.check_length(max_length, f"--max-length {max_length}")
+    booster.check_length(max_length)
     out = Path(args.output)
     tmp = new_output_dir(args.output, args.overwrite)
     ok = False

@@ -150,7 +150,7 @@ def build_impl(name: str, args, device):
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.targets)  # (add_lora splits it)
     lora0 = {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)}
     booster = Booster(model, cfg)
-    booster.check_length(args.max_length, f"--max-length {args.max_length}")
+    booster.check_length(args.max_length)
     return booster, tok, lora0
 
 

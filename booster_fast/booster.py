@@ -54,12 +54,12 @@ class Booster:
         return [to_device(b, device, pack=True, bucketed=static, window=window)
                 for b in micro_batches(batch, self.cfg.grad_accum)]
 
-    def check_length(self, length: int, what: str = "rows of max_length") -> None:
-        """ModelError (a ValueError) where this engine cannot run rows of `length` tokens exactly: the fast engine
-        beyond the original length of a RoPE that rescales with the sequence (FastBooster.check_length). Each step
-        checks its own batches; the commands check --max-length before anything is written."""
+    def check_length(self, max_length: int) -> None:
+        """ModelError (a ValueError) where this engine cannot run rows of `max_length` tokens exactly: the fast
+        engine beyond the original length of a RoPE that rescales with the sequence (FastBooster.check_length). Each
+        step checks its own batches; the commands check --max-length with this before anything is written."""
         if self.cfg.impl == "fast":
-            self.engine.check_length(length, what)
+            self.engine.check_length(max_length, f"--max-length {max_length}")
 
     def step(self, align_batch, harmful_batch):
         """One Booster update; returns loss, harmful_loss, harmful_loss_perturbed (NaN without the meta term),
