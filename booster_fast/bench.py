@@ -84,7 +84,7 @@ from .bench_report import format_table, machine_info, plot, run_config
 from .cli import UsageError
 from .config import BoosterConfig
 from .data import DataError
-from .models import ModelError
+from .models import ModelError, check_rope_length, length_dependent_rope
 from .graphs import CaptureInvalidated
 from .nf4 import quant_state_tensors
 from .run_args import check_common_args, check_device_flags, config_from_args, resolve_device
@@ -325,6 +325,10 @@ def build_all(names, args, device, results):
             continue
         try:
             booster, tok, lora0 = build_impl(name, args, device)
+            if first is None and any(impl_config(n, args).impl == "fast" for n in names):
+                # a fast entry's check_length, at the first entry: bad input ends the bench before any is timed
+                check_rope_length(length_dependent_rope(booster.model), args.max_length,
+                                  f"--max-length {args.max_length}")
         except (UsageError, DataError, ModelError):
             if first is None:  # bad input (a model or target that does not exist): one line, exit 2, nothing
                 raise          # written; for a later entry (out of GPU memory, say) the others still run

@@ -37,7 +37,7 @@ from .flat import ALL_TOKENS, FlatLoRA, MixedPositions
 from .kernels import normalize_perturb_, restore_combine_, sumsq, triton_unusable
 from .kernels.model_kernels import available
 from .losses import attention_for, label_count, logits_of, loss_sum, targets_of, token_losses
-from .models import Autocast, ModelError, checkpoint_reads_rng, length_dependent_rope, trainable_parameters
+from .models import Autocast, check_rope_length, checkpoint_reads_rng, length_dependent_rope, trainable_parameters
 from .nf4 import keep_nf4_trainable_
 from .reference import exempt_from_decay
 
@@ -308,12 +308,7 @@ class FastBooster:
         graphs) and, for the "dynamic" types, whose rescaling carries over, run f before the perturbed pass where
         the reference runs it last. Measured with rows twice L: the first gradient 6e-4 to 2e-2 off the reference's.
         Host-side numbers only."""
-        if self.rope is not None and length > self.rope[1]:
-            kind, limit = self.rope
-            raise ModelError(f"{what}: this model's {kind!r} RoPE changes its frequencies beyond {limit} positions, "
-                             f"by each forward's longest row, and there the fast engine's passes would not compute "
-                             f"the reference's update; use max_length <= {limit} (--max-length) or impl='reference' "
-                             f"(--impl reference)")
+        check_rope_length(self.rope, length, what)
 
     def _check_lengths(self, *batches) -> None:
         """check_length for each batch (or list of packed micro-batches), from the shapes the host holds."""

@@ -395,6 +395,18 @@ def length_dependent_rope(model: nn.Module) -> tuple[str, int] | None:
     return min(found, key=lambda f: f[1]) if found else None
 
 
+def check_rope_length(rope: tuple[str, int] | None, length: int, what: str) -> None:
+    """ModelError (a ValueError) where `length` positions pass the L of `rope` (length_dependent_rope's answer):
+    beyond L the fast engine's forwards (the merged [h ; f], packed micro-batches, batches kept at max_length for
+    CUDA graphs) span other rows than the reference's, and so get other frequencies (FastBooster.check_length)."""
+    if rope is not None and length > rope[1]:
+        kind, limit = rope
+        raise ModelError(f"{what}: this model's {kind!r} RoPE changes its frequencies beyond {limit} positions, "
+                         f"by each forward's longest row, and there the fast engine's passes would not compute "
+                         f"the reference's update; use max_length <= {limit} (--max-length) or impl='reference' "
+                         f"(--impl reference)")
+
+
 def storage_bytes(tensors) -> int:
     """Bytes of the storages behind `tensors`, each storage counted once (views and shared buffers)."""
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())

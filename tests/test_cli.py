@@ -637,7 +637,7 @@ def test_relative_local_files_of_eval_are_made_absolute(tmp_path, monkeypatch):
 def test_max_length_beyond_a_rescaling_ropes_length_is_refused_by_the_fast_engine(tmp_path, capsys):
     """A local model whose dynamic RoPE rescales past 32 positions: --max-length 64 ends in one line and exit 2 with
     nothing written under the fast engine (whose passes would not give the reference's update there), and runs
-    under the reference."""
+    under the reference; the same for bench."""
     rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     model, tok = load_model("tiny", device="cpu", max_position_embeddings=32, rope_parameters=rope)
     model.save_pretrained(tmp_path / "model")
@@ -650,3 +650,12 @@ def test_max_length_beyond_a_rescaling_ropes_length_is_refused_by_the_fast_engin
                               "frequencies beyond 32 positions"), err
     assert not (tmp_path / "fast").exists()
     assert main(common + ["--impl", "reference", "--output", str(tmp_path / "reference")]) == 0
+    # bench: refused with the reference entry first too (built before any fast one), not one failed entry of many
+    bench = ["bench", "--model", str(tmp_path / "model"), "--dtype", "fp32", "--device", "cpu", "--max-length", "64",
+             "--steps", "1", "--warmup", "0", "--batch-size", "2", "--output", str(tmp_path / "bench.json")]
+    capsys.readouterr()
+    assert main(bench + ["--impls", "reference,fast"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "booster-fast: error: --max-length 64: this model's 'dynamic' RoPE")
+    assert not (tmp_path / "bench.json").exists()
+    assert main(bench + ["--impls", "reference,sft"]) == 0 and (tmp_path / "bench.json").exists()
