@@ -109,7 +109,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
-def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128):
+def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128,
+                    device_default: str = "cuda when available"):
     from .models import PRESETS
 
     p.add_argument("--model", default="tiny", help=f"{' | '.join(PRESETS)} (random weights, no download) | "
@@ -118,7 +119,7 @@ def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128):
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
                    help="the frozen base weights' dtype, whatever the checkpoint holds (default: fp32 for tiny, else "
                         "bf16, as the original trains; fp32 for exact comparisons)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--device", default=None, help=f"cpu | cuda | cuda:N (default: {device_default})")
     p.add_argument("--seed", type=seed_value, default=43, help="seed for init, data order and LoRA (paper: 43)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="alignment rows per update, on each process under torchrun (default: 8 for tiny, else 10 "
@@ -158,9 +159,9 @@ def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128):
                    help="allow a Hugging Face model to run its own Python code (off unless asked)")
 
 
-def _add_align_args(a: argparse.ArgumentParser):
+def _add_align_args(a: argparse.ArgumentParser, **model_args):
     """align's flags (also memory's, which takes align's command line as it is)."""
-    _add_model_args(a)
+    _add_model_args(a, **model_args)
     a.add_argument("--data", default="builtin", help="builtin | beavertails | PATH (.json/.jsonl)")
     a.add_argument("--harmful-data", default=None,
                    help="harmful set (instruction/input/output rows) for such a --data file, or in place of "
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The peak memory of one align step on the GPU (weights, LoRA state, activations, "
                                    "logits), estimated from the model's config alone, beside what --gradient-"
                                    "checkpointing and --quant nf4 would change. Takes align's command line as it is.")
-    _add_align_args(m)
+    _add_align_args(m, device_default="cuda; the estimate needs no GPU")
     m.add_argument("--json", action="store_true", help="print one JSON document (bytes per part) instead")
 
     from . import attack, evaluate, experiment  # the defence pipeline: each module declares its own flags

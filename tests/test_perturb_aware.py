@@ -260,7 +260,7 @@ def test_bookkeeping_does_not_grow_with_depth(batches):
         booster.step(a, h)
         counts[layers] = count_ops(booster.step, a, h)["bookkeeping"]
     assert counts[2] == counts[8], counts
-    assert counts[2] <= 30, counts
+    assert counts[2] <= 28, counts  # README: "at most 18 ops per step (28 with Vaccine)"
 
 
 def test_a_zero_attention_gradient_gives_a_zero_perturbation():
