@@ -164,8 +164,9 @@ part kernel_bandwidth 45 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
 part graph_equivalence 70 python3 benchmarks/gpu_checks.py equivalence --out "$RES"
 # (5) where the time goes on llama-7b-shape: reference vs fast+graphs
 part profile_7b 65 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$RES"
-# (1) the GPU-marked tests (kernels compiled for real; a module that fails to import costs its own tests only)
-part gpu_tests 120 python3 -m pytest -q -rfE -p no:cacheprovider --continue-on-collection-errors -m gpu \
+# (1) the GPU-marked tests (kernels compiled for real; a module that fails to import costs its own tests only;
+# -v: a line per test as it ends, so that a part cut short by its limit still says what passed)
+part gpu_tests 120 python3 -m pytest -v -rfE -p no:cacheprovider --continue-on-collection-errors -m gpu \
   tests/test_kernels.py tests/test_fast.py tests/test_graphs.py tests/test_packing.py tests/test_fused_ops.py \
   tests/test_perturb_aware.py
 bench_part bench_7b_nf4 50 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \

@@ -609,7 +609,7 @@ def test_graph_replays_equal_eager_steps_on_packed_batches(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("in_pool", [False, True])
+@pytest.mark.parametrize("in_pool", [False, pytest.param(True, marks=pytest.mark.pool_warmup)])
 def test_a_length_met_after_the_first_capture_warms_up_and_replays_exactly(monkeypatch, in_pool):
     """fp32, packed: one length warms up, is captured and replays; a second length then warms up (with
     POOL_WARMUP, in the graphs' pool) and is captured; the two alternate. Every step's outputs, read only at

@@ -54,7 +54,7 @@ from booster_fast.kernels import booster_kernels as bk, model_kernels as mk
 rows = {"BLOCK_N": 4096}  # the 7B shape's hidden size: _row_settings gives 16 warps
 row_warps = mk._row_settings(4096)[1]
 launch = {"_sumsq_partial_kernel": (bk, None, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
-          "_sumsq_finish_kernel": (bk, None, {"BLOCK_R": bk.BLOCK_R}, 4, "*fp32"),
+          "_sumsq_finish_kernel": (bk, None, {"BLOCK_R": bk.BLOCK_R}, bk.NUM_WARPS, "*fp32"),
           "_normalize_perturb_kernel": (bk, None, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
           "_restore_combine_kernel": (bk, None, {"BLOCK": bk.BLOCK}, bk.NUM_WARPS, "*fp32"),
           "_rms_norm_fwd_kernel": (mk, None, {"ROUND": True, **rows}, row_warps, "*bf16"),

@@ -83,7 +83,7 @@ def kernel_errors(n: int = 1823 * 781, device: str = "cuda", *, alpha: float = 0
     return errors
 
 
-def measure_bandwidth(n: int = 2**26, device: str = "cuda", *, iters: int = 50, warmup: int = 5,
+def measure_bandwidth(n: int = 2**27, device: str = "cuda", *, iters: int = 50, warmup: int = 5,
                       alpha: float = 0.1, lamb: float = 5.0) -> dict:
     """Time each op on flat fp32 buffers of ``n`` elements; return ms and GB/s (1 GB = 1e9 bytes).
 
