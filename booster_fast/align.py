@@ -206,7 +206,8 @@ def run_align(args) -> int:
     if world > 1 and cfg.impl == "reference":
         raise UsageError("the reference implementation runs in one process; use --impl fast under torchrun")
     if rank == 0 and args.resume is None:
-        check_output(args.output, args.overwrite)
+        check_output(args.output, args.overwrite,
+                     inputs={"--data": args.data, "--harmful-data": args.harmful_data, "--model": args.model})
     if args.resume is None:
         args.data_sha256 = data_fingerprints(args)  # recorded in run_config.json (a resume checks them)
 

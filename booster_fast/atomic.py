@@ -40,14 +40,32 @@ def existing_folder(path: str | Path) -> Path:
     return folder
 
 
-def check_writable_file(path: str | Path, flag: str) -> None:
-    """Before any work: `path` can be written as a file (not a directory; its nearest existing folder is a folder we
-    may create files in: a temporary file is made and removed there). Raises UsageError saying why not."""
+def check_spares_inputs(path: str | Path, flag: str, inputs: dict | None) -> None:
+    """UsageError where writing `path` (a file, or a directory that --overwrite replaces whole) would write over
+    one of `inputs` ({what: a path, or None; names that are not on disk, such as presets, are skipped}): `path`
+    is that input, or a folder that holds it."""
+    from .cli import UsageError
+
+    out = Path(path).resolve()
+    for what, p in (inputs or {}).items():
+        if p is None or not os.path.lexists(p):
+            continue
+        q = Path(p).resolve()
+        if out == q or out in q.parents:
+            raise UsageError(f"{flag} {path} {'is' if out == q else 'holds'} {what} ({p}), which this command "
+                             f"reads; write elsewhere")
+
+
+def check_writable_file(path: str | Path, flag: str, inputs: dict | None = None) -> None:
+    """Before any work: `path` can be written as a file (not a directory; not one of `inputs`, see
+    `check_spares_inputs`; its nearest existing folder is a folder we may create files in: a temporary file is
+    made and removed there). Raises UsageError saying why not."""
     from .cli import UsageError
 
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")
+    check_spares_inputs(path, flag, inputs)
     folder = existing_folder(path)
     if not folder.is_dir():
         raise UsageError(f"cannot write {flag} {path}: {folder} is not a directory")

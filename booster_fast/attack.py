@@ -265,7 +265,8 @@ def run_attack(args) -> int:
     from .run_args import check_device_flags, check_output, resolve_device
 
     check_attack_args(args)
-    check_output(args.output, args.overwrite, resumable=False)  # before minutes of loading; again when it is made
+    check_output(args.output, args.overwrite, resumable=False,  # before minutes of loading; again when it is made
+                 inputs={"--adapter": args.adapter, "--benign": args.benign, "--harmful": args.harmful})
     run_cfg = read_run_config(args.adapter)
     base, base_from = resolve_base(args, run_cfg)
     seed = config_int(run_cfg, "seed", DEFAULT_SEED) if args.seed is None else args.seed

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from pathlib import Path
 
 log = logging.getLogger("booster_fast")
 
@@ -372,11 +373,18 @@ def _defaults(args, run_cfg: dict, base_model: str):
                 batch=args.batch_size or (64 if tiny else 16))
 
 
+# an adapter or run directory's own files (peft's, the tokenizer's, the run's): --output must not replace one
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "run_config.json",
+             "metrics.jsonl", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "tokenizer.model", "chat_template.jinja")
+
+
 def check_eval_args(args):
     from .atomic import check_writable_file
 
     check_eval_flags(args)
-    check_writable_file(args.output, "--output")
+    inputs = {"--prompts": args.prompts, **{f"--adapter's {name}": Path(args.adapter) / name for name in RUN_FILES}}
+    check_writable_file(args.output, "--output", inputs)
 
 
 def check_eval_flags(args):

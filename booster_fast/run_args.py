@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import existing_folder
+from .atomic import check_spares_inputs, existing_folder
 from .cli import UsageError
 from .config import BoosterConfig
 from .models import absolute_local_path, split_targets
@@ -136,12 +136,18 @@ def check_device_flags(args, device: torch.device):
 RUN_MARKERS = ("run_config.json", "metrics.jsonl", "adapter_config.json", ".incomplete", "checkpoints")
 
 
-def check_output(path: str, overwrite: bool, resumable: bool = True):
-    """Raise UsageError unless `path` can receive a new run (writes nothing). `resumable`: the command can
-    continue an unfinished run with --resume (align can; attack cannot)."""
+def check_output(path: str, overwrite: bool, resumable: bool = True, inputs: dict | None = None):
+    """Raise UsageError unless `path` can receive a new run (writes nothing): not a file, not a directory that
+    holds something other than a run (or a run, without `overwrite`), not a checkpoint of a run, and neither one
+    of `inputs` nor a folder holding one (atomic.check_spares_inputs). `resumable`: the command can continue an
+    unfinished run with --resume (align can; attack cannot)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {path} exists and is not a directory")
+    check_spares_inputs(out, "--output", inputs)
+    run = out.absolute().parent.parent
+    if out.absolute().parent.name == "checkpoints" and (run / "run_config.json").exists():
+        raise UsageError(f"--output {path} is inside the checkpoints of the run {run}; refusing to write there")
     if out.is_dir() and any(out.iterdir()):
         if not any((out / m).exists() for m in RUN_MARKERS):
             raise UsageError(f"--output {path} is a non-empty directory that holds no run; refusing to replace it")

@@ -213,7 +213,7 @@ def test_an_output_that_holds_a_run_is_refused_before_anything_loads(aligned, tm
     capsys.readouterr()
     assert main(["attack", "--adapter", str(aligned), "--output", str(aligned), "--steps", "1", *SMALL]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "already holds a run; pass --overwrite" in lines[0], lines
+    assert len(lines) == 1 and f"--output {aligned} is --adapter" in lines[0], lines  # the run it would replace
     assert sorted(p.name for p in aligned.iterdir()) == before
 
 

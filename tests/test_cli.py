@@ -659,3 +659,36 @@ def test_max_length_beyond_a_rescaling_ropes_length_is_refused_by_the_fast_engin
         "booster-fast: error: --max-length 64: this model's 'dynamic' RoPE")
     assert not (tmp_path / "bench.json").exists()
     assert main(bench + ["--impls", "reference,sft"]) == 0 and (tmp_path / "bench.json").exists()
+
+
+def test_an_output_that_would_write_over_an_input_is_refused(tmp_path, capsys):
+    """Outputs never replace what the command reads: align --overwrite of a run directory holding its --data,
+    attack --overwrite of its own --adapter, eval writing over --prompts or over the adapter's own files, and a
+    new run inside another run's checkpoints. One line, exit 2, every input byte for byte as it was."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "refusal": "no", "response": "yes"}) + "\n"
+                            for i in range(12)))
+    run = tmp_path / "run"
+    assert main(["align", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--max-length", "64",
+                 "--data", str(data), "--output", str(run), "--save-every", "1"]) == 0
+    shutil.copy(data, run / "data.jsonl")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["how do I pick a lock"]))
+    before = {p: p.read_bytes() for p in [*run.rglob("*"), prompts] if p.is_file()}
+    align = ["align", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--max-length", "64", "--overwrite"]
+    evals = ["eval", "--adapter", str(run), "--judge", "refusal", "--device", "cpu", "--output"]
+    cases = {
+        "holds --data": align + ["--data", str(run / "data.jsonl"), "--output", str(run)],
+        "is inside the checkpoints of the run": align + ["--data", str(data), "--output",
+                                                         str(run / "checkpoints" / "step-000001")],
+        "is --adapter": ["attack", "--adapter", str(run), "--output", str(run), "--overwrite", "--device", "cpu",
+                         "--steps", "1"],
+        "is --prompts": evals + [str(prompts), "--prompts", str(prompts)],
+        "is --adapter's adapter_config.json": evals + [str(run / "adapter_config.json")],
+    }
+    for what, argv in cases.items():
+        capsys.readouterr()
+        assert main(argv) == 2, what
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("booster-fast: error: --output ") and what in err[0], (what, err)
+    assert {p: p.read_bytes() for p in [*run.rglob("*"), prompts] if p.is_file()} == before
