@@ -131,10 +131,12 @@ _TORCH_WRITER = ("PytorchStreamWriter", "inline_container")
 
 
 def write_failure(e: BaseException) -> str | None:
-    """Why a write failed, when `e` is a failed write: an OSError, safetensors' error or torch.save's writer
-    error; None for any other exception (a bug, which keeps its traceback)."""
+    """Why a write failed, when `e` is a failed write: an OSError, safetensors' error, torch.save's writer error
+    or the tokenizers library's; None for any other exception (a bug, which keeps its traceback)."""
     if isinstance(e, OSError):
         return e.strerror or str(e)
+    if type(e) is Exception and "(os error " in str(e):  # the tokenizers library's (Rust's) I/O errors
+        return str(e).strip().split(" (os error ")[0]
     torch_writer = isinstance(e, RuntimeError) and any(w in str(e) for w in _TORCH_WRITER)
     if type(e).__name__ == "SafetensorError" or torch_writer:
         return (str(e).strip().splitlines() or [type(e).__name__])[0]

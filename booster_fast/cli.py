@@ -8,6 +8,7 @@ place (checkpoints inside it let an interrupted run resume).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -273,6 +274,11 @@ def run_reporting(fn, *args) -> int:
     except OutputError as e:
         print(f"booster-fast: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a path the system cannot even look up (Python 3.11's Path.exists raises for it)
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"booster-fast: error: a file name too long for this system: {e.filename}", file=sys.stderr)
+        return 2
     except NonFiniteAbort as e:
         print(f"booster-fast: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE

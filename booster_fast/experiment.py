@@ -55,6 +55,7 @@ log = logging.getLogger("booster_fast")
 METHODS = ("sft", "booster", "booster-vaccine")  # booster-vaccine: Booster with the original's perturb_aware
 DEFAULT_METHODS = "sft,booster"
 NAMES = {"sft": "SFT", "booster": "Booster", "booster-vaccine": "Booster + Vaccine"}
+MAX_SEEDS = 100  # each seed is a whole align + attack + eval per method
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -348,8 +349,8 @@ def run_experiment(args) -> int:
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise UsageError(f"--seeds must be between 1 and {MAX_SEEDS}, got {args.seeds}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or len(set(methods)) != len(methods):

@@ -692,3 +692,37 @@ def test_an_output_that_would_write_over_an_input_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("booster-fast: error: --output ") and what in err[0], (what, err)
     assert {p: p.read_bytes() for p in [*run.rglob("*"), prompts] if p.is_file()} == before
+
+
+def test_a_file_name_too_long_for_the_system_is_one_line(tmp_path, capsys):
+    """Python 3.11's Path.exists raises ENAMETOOLONG where it would say False for a missing file: an input or an
+    output named beyond the system's limit ends in one line and exit 2, nothing written."""
+    long = "x" * 300
+    for argv in (["align", "--device", "cpu", "--steps", "1", "--data", str(tmp_path / f"{long}.jsonl"),
+                  "--output", str(tmp_path / "out")],
+                 ["align", "--device", "cpu", "--steps", "1", "--output", str(tmp_path / long)],
+                 ["eval", "--adapter", str(tmp_path / long), "--judge", "refusal", "--output",
+                  str(tmp_path / "e.json")]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("booster-fast: error: "), err
+        assert "Traceback" not in err[0] and list(tmp_path.iterdir()) == [], (err, list(tmp_path.iterdir()))
+
+
+def test_a_full_disk_while_the_tokenizer_saves_is_one_line(tmp_path, capsys, monkeypatch):
+    """The tokenizers library reports a failed write as a plain Exception carrying Rust's "(os error N)": a full
+    disk at the final save is one line and exit 1, as for the adapter's own files, and the run stays resumable."""
+    import transformers
+
+    def full(self, *a, **k):
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", full)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["align", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--max-length", "64",
+                 "--save-every", "1", "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the progress bar's lines)
+    assert err.startswith(f"booster-fast: error: cannot write the adapter in {out}: No space left on device"), err
+    assert (out / ".incomplete").exists() and (out / "checkpoints" / "step-000001").is_dir()
