@@ -323,16 +323,21 @@ def main(argv=None) -> int:
     if args.command in ("attack", "eval", "experiment"):  # own defaults; one-line errors, exit 2
         from . import attack, evaluate, experiment
         return {"attack": attack, "eval": evaluate, "experiment": experiment}[args.command].main(args)
-    tiny = args.model == "tiny"
-    if args.batch_size is None:
-        args.batch_size = 8 if tiny else 10
-    if args.max_length is None:
-        args.max_length = (BENCH_TINY_LENGTH if args.command == "bench" else 128) if tiny else 256
+    size_defaults(args)
     if args.command == "align":
         return run_reporting(_align, args)
     if args.command == "memory":
         return run_reporting(_memory, args)
     return run_reporting(_bench, args)
+
+
+def size_defaults(args):
+    """The defaults of --batch-size and --max-length, which depend on the model (align, memory and bench)."""
+    tiny = args.model == "tiny"
+    if args.batch_size is None:
+        args.batch_size = 8 if tiny else 10
+    if args.max_length is None:
+        args.max_length = (BENCH_TINY_LENGTH if args.command == "bench" else 128) if tiny else 256
 
 
 def _on_cpu(args) -> bool:

@@ -356,7 +356,7 @@ def run_experiment(args) -> int:
     if unknown or not methods or len(set(methods)) != len(methods):
         raise UsageError(f"--methods {args.methods!r}: give distinct names of {', '.join(METHODS)}")
     p, overrides = apply_overrides(PRESETS[args.preset], args.overrides)
-    check_settings(p)
+    check_settings(p, methods)
     work = Path(args.workdir or f"runs/defense-{args.preset}")
     check_workdir(work)
     out_json, out_png = output_paths(args, work, bool(overrides))
@@ -370,25 +370,34 @@ def run_experiment(args) -> int:
         log.info("experiment: preset %s with --set %s; results to %s%s", args.preset,
                  " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()), out_json,
                  f" and {out_png}" if out_png else "")
+    device = resolve_device(args.device)  # (an unknown device: one line, before the preflight's)
     preflight(p)
     seeds = [p["seed"] + i for i in range(args.seeds)]
-    with flush_denormals(resolve_device(args.device)):
+    with flush_denormals(device):
         return _experiment(args, p, seeds, methods, work, out_json, out_png, overrides)
 
 
-def check_settings(p: dict):
-    """The settings that the attack and eval stages would refuse only after the alignment (hours, on a paper
-    preset): the judge, the task, and every attack.* and eval.* value, through the stages' own flag checks."""
+def check_settings(p: dict, methods=METHODS):
+    """The settings that a stage would refuse only after the model and data load (minutes, on a paper preset)
+    or after the alignment (hours): the judge, the task, and every align.* (per method), attack.* and eval.*
+    value, through the stages' own flag checks."""
     from .attack import check_attack_args
-    from .cli import UsageError, build_parser
+    from .cli import UsageError, build_parser, size_defaults
     from .evaluate import JUDGES, TASKS, check_eval_flags
+    from .run_args import check_common_args, check_run_args, config_from_args
+
+    def check_align_args(args):
+        size_defaults(args)
+        check_common_args(args)
+        check_run_args(args, config_from_args(args, args.impl))
 
     if p["judge"] not in JUDGES:
         raise UsageError(f"judge {p['judge']!r}: choose one of {', '.join(JUDGES)}")
     if p["benign"] not in TASKS:
         raise UsageError(f"benign {p['benign']!r}: eval scores only the tasks {', '.join(TASKS)}")
     parser, unused = build_parser(), Path("not-read")  # the paths are only parsed
-    for check, argv in ((check_attack_args, attack_argv(p, unused, p["seed"], unused, None)),
+    stages = [(check_align_args, align_argv(p, m, p["seed"], unused, None)) for m in methods]
+    for check, argv in (*stages, (check_attack_args, attack_argv(p, unused, p["seed"], unused, None)),
                         (check_eval_flags, eval_argv(p, unused, unused, None))):
         try:
             check(parser.parse_args(argv))

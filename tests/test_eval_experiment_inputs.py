@@ -407,13 +407,26 @@ def test_preflight_refuses_new_tokens_beyond_the_positions(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("setting, needle", [
+    ("align.steps=-1", "align stage: --steps must be >= 1, got -1"),
+    ("align.lr=NaN", "align stage: --lr must be a finite number > 0, got nan"),
+    ("align.batch_size=0", "align stage: --batch-size must be >= 1, got 0"),
     ("attack.poison_ratio=2", "attack stage: --poison-ratio must lie in [0, 1], got 2"),
     ("attack.lr=-1", "attack stage: --lr must be a finite number > 0"),
     ("attack.batch_size=5000", "attack stage: --batch-size 5000 is larger than --samples"),
     ("eval.batch_size=0", "eval stage: --batch-size must be >= 1, got 0"),
 ])
-def test_attack_and_eval_settings_are_checked_before_the_alignment(setting, needle, tmp_path, monkeypatch, capsys):
+def test_every_stages_settings_are_checked_before_the_first_stage(setting, needle, tmp_path, monkeypatch, capsys):
     assert needle in refused_before_any_stage(setting, tmp_path, monkeypatch, capsys)
+
+
+def test_an_unknown_device_is_refused_before_the_preflight(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiment, "preflight", lambda p: pytest.fail("reached the preflight"))
+    monkeypatch.setattr(experiment, "_run", NoStage())
+    capsys.readouterr()
+    code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
+                 "--output", str(tmp_path / "x.json"), "--device", "bogus"])
+    line = one_error_line(capsys)
+    assert code == 2 and "bogus" in line and list(tmp_path.iterdir()) == [], line
 
 
 @pytest.mark.parametrize("preset", list(experiment.PRESETS))
