@@ -210,6 +210,32 @@ def _load_training_state(path: Path, device) -> dict:
                               f"({type(e).__name__}: {first})") from None
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _trainer_state_fault(state, streams: dict) -> str | None:
+    """What in a trainer_state.json this run cannot use (a hand edit, a damaged disk), or None: the fields the
+    resume reads, each of the type save_checkpoint wrote."""
+    if not isinstance(state, dict):
+        return f"holds {type(state).__name__}, not a JSON object"
+    for key in ("step", "metrics_bytes", "skipped", "skipped_in_a_row"):
+        if key == "skipped_in_a_row" and key not in state:  # absent from checkpoints of older versions
+            continue
+        if not _count(state.get(key)):
+            return f"{key} is {json.dumps(state.get(key))}, not a count" if key in state else f"no {key}"
+    saved = state.get("streams")
+    if not isinstance(saved, dict):
+        return f"streams is {json.dumps(saved)}, not a JSON object" if "streams" in state else "no streams"
+    for key in streams:
+        if not isinstance(saved.get(key), dict):
+            return f"no {key} stream" if key not in saved else f"the {key} stream is not a JSON object"
+        for field in ("epoch", "position"):
+            if not _count(saved[key].get(field)):
+                return f"the {key} stream's {field} is {json.dumps(saved[key].get(field))}, not a count"
+    return None
+
+
 def load_checkpoint(path: Path, model, booster, streams: dict) -> dict:
     """Restore LoRA weights (in place, so the fast engine's flat W too), optimizer, streams and RNGs from `path`;
     returns its trainer_state."""
@@ -222,9 +248,12 @@ def load_checkpoint(path: Path, model, booster, streams: dict) -> dict:
         state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot resume: {path / 'trainer_state.json'} is unreadable ({e})") from None
-    if state.get("format") != FORMAT:
+    if isinstance(state, dict) and state.get("format") != FORMAT:
         raise CheckpointError(f"cannot resume: {path} has checkpoint format {state.get('format')!r}, "
                               f"this version reads {FORMAT}")
+    fault = _trainer_state_fault(state, streams)  # checked before anything is loaded into the run
+    if fault:
+        raise CheckpointError(f"cannot resume: {path / 'trainer_state.json'} is unreadable ({fault})")
     device = booster.engine.device
     try:
         adapter = load_file(str(path / "adapter_model.safetensors"), device=str(device))
@@ -239,12 +268,22 @@ def load_checkpoint(path: Path, model, booster, streams: dict) -> dict:
         raise CheckpointError(f"cannot resume: the adapter in {path} did not load into the LoRA weights")
     saved = _load_training_state(path / "optimizer.pt", device)  # its own CheckpointError when unreadable
     try:
+        if not isinstance(saved, dict):
+            raise TypeError(f"{type(saved).__name__}, not a dict")
         booster.load_state_dict(saved)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"cannot resume: the optimizer state in {path} does not fit ({e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # whatever shape the file has
+        raise CheckpointError(f"cannot resume: the optimizer state in {path} does not fit "
+                              f"({type(e).__name__}: {e})") from None
     for key, stream in streams.items():
         stream.load_state_dict(state["streams"][key])
-    set_rng_state(_load_training_state(path / "rng.pt", "cpu"))
+    rng = _load_training_state(path / "rng.pt", "cpu")
+    try:  # (torch refuses a state of the wrong size or dtype with a RuntimeError)
+        if not isinstance(rng, dict):
+            raise TypeError(f"{type(rng).__name__}, not a dict")
+        set_rng_state(rng)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"cannot resume: the RNG states in {path / 'rng.pt'} do not fit "
+                              f"({type(e).__name__}: {e})") from None
     return state
 
 

@@ -899,3 +899,72 @@ def test_resume_refuses_a_run_whose_data_file_is_gone(tmp_path):
     run = _saved_run(tmp_path, data=gone, data_sha256={gone: "0" * 64})
     with pytest.raises(UsageError, match="rows.json is gone"):
         apply_resume(_resume_args(run))
+
+
+# ------------------------------------------------------------------------------ resume: damaged contents
+def _json_edit(path: Path, edit):
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+
+
+# what a hand edit or a damaged disk can leave in a checkpoint whose files all still parse
+CONTENT_DAMAGE = {
+    "trainer_state_list": lambda c: (c / "trainer_state.json").write_text("[]"),
+    "no_streams": lambda c: _json_edit(c / "trainer_state.json", lambda s: s.pop("streams")),
+    "no_metrics_bytes": lambda c: _json_edit(c / "trainer_state.json", lambda s: s.pop("metrics_bytes")),
+    "step_a_string": lambda c: _json_edit(c / "trainer_state.json", lambda s: s.update(step="abc")),
+    "stream_state_empty": lambda c: _json_edit(c / "trainer_state.json", lambda s: s["streams"].update(align={})),
+    "optimizer_a_list": lambda c: torch.save([1, 2, 3], c / "optimizer.pt"),
+    "rng_another_dict": lambda c: torch.save({"x": torch.zeros(3)}, c / "rng.pt"),
+}
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A run folder with checkpoints of steps 1 and 2 (read-only: copy it), and a model, Booster and streams to
+    load them into."""
+    run = tmp_path_factory.mktemp("two_checkpoints")
+    model, tok, booster = _fresh()
+    streams = _batches(tok)
+    for step in (1, 2):
+        booster.step(next(streams["align"]), next(streams["harmful"]))
+        save_checkpoint(run, step, model, booster, streams, {"skipped": 0, "metrics_bytes": 0}, keep=2)
+    return run, model, booster, streams
+
+
+@pytest.mark.parametrize("damage", CONTENT_DAMAGE)
+def test_a_checkpoint_whose_contents_do_not_fit_is_unreadable(two_checkpoints, tmp_path, damage):
+    """A checkpoint whose files parse but hold the wrong structure is unreadable as a corrupt one is (it gave an
+    AttributeError, KeyError or TypeError): with none left, the newest one's error in one line and nothing
+    renamed; with a good older one, that one loads and the damaged one is set aside."""
+    from booster_fast.checkpoint import CheckpointError, load_newest
+
+    pristine, model, booster, streams = two_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(pristine, run)
+    for _, path in list_checkpoints(run):
+        CONTENT_DAMAGE[damage](path)
+    with pytest.raises(CheckpointError, match="^cannot resume: [^\n]*step-000002") as e:
+        load_newest(run, model, booster, streams)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    shutil.rmtree(run / "checkpoints" / "step-000001")
+    shutil.copytree(pristine / "checkpoints" / "step-000001", run / "checkpoints" / "step-000001")
+    state, path = load_newest(run, model, booster, streams)
+    assert state["step"] == 1 and path.name == "step-000001"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002.unreadable"]
+
+
+def test_a_resume_whose_every_checkpoint_does_not_fit_changes_nothing(tmp_path, capsys):
+    """Every checkpoint's trainer_state.json a JSON list: one line, exit 2, the run as it was."""
+    run = tmp_path / "run"
+    assert main(["align", "--output", str(run), "--steps", "2", *SMALL, "--save-every", "1"]) == 0
+    (run / MARKER).write_text("")
+    for _, path in list_checkpoints(run):
+        (path / "trainer_state.json").write_text("[]")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["align", "--resume", str(run), "--log-every", "3"]) == 2
+    assert "trainer_state.json is unreadable" in one_error_line(capsys.readouterr().err)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
