@@ -5,6 +5,7 @@ Every error is a one-line UsageError (exit 2).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -172,6 +173,54 @@ def _cli_defaults(model: str) -> dict:
     return d
 
 
+def _align_flags() -> dict:
+    """align's flags by destination: their parser actions."""
+    from .cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {action.dest: action for action in sub.choices["align"]._actions}
+
+
+def _saved_fault(key: str, value, action, default) -> str | None:
+    """Why `value`, read from run_config.json for `key`, is not a value align's flag (its parser `action`) could
+    have recorded, or None when it is one. None stands for a flag left out, where its default is None."""
+    if value is None and default is None:
+        return None
+    if action.nargs == 0 and isinstance(action.const, bool):  # a switch (store_true)
+        return None if isinstance(value, bool) else f"{key} is {json.dumps(value)}, not true or false"
+    if action.type is None:  # a string flag
+        ok = isinstance(value, str)
+        what = "a string"
+    else:  # read back through the flag's own type: the value must come back as it is (so 2.0 is no int)
+        try:
+            ok = not isinstance(value, (str, bool)) and action.type(str(value)) == value
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            ok = False
+        what = {int: "an int", float: "a number"}.get(action.type, f"a valid --{key.replace('_', '-')}")
+    if ok and action.choices is not None and value not in action.choices:
+        ok, what = False, f"one of {', '.join(map(str, action.choices))}"
+    return None if ok else f"{key} is {json.dumps(value)}, not {what}"
+
+
+def _check_saved(resume: str, saved, defaults: dict):
+    """One-line UsageError unless run_config.json holds what align records: a JSON object whose flags have
+    values their parser could have given, and a {path: SHA-256} data_sha256."""
+    from .checkpoint import CONFIG
+
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume {resume}: {CONFIG} holds {json.dumps(saved)[:40]}, not a JSON object")
+    flags = _align_flags()
+    for key, value in saved.items():
+        if key in flags and key not in RESUME_IGNORED:
+            fault = _saved_fault(key, value, flags[key], defaults.get(key))
+            if fault:
+                raise UsageError(f"--resume {resume}: {CONFIG}: {fault}")
+    sums = saved.get("data_sha256")
+    if sums is not None and not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
+        raise UsageError(f"--resume {resume}: {CONFIG}: data_sha256 is {json.dumps(sums)[:40]}, not a JSON object "
+                         f"of SHA-256 digests")
+
+
 def apply_resume(args, finished_ok: bool = False):
     """Take the flags of the run in args.resume: a flag given with a value other than its default and the
     saved one is a conflict (one-line UsageError), except the few in RESUME_FREE. finished_ok: a finished run's
@@ -192,6 +241,7 @@ def apply_resume(args, finished_ok: bool = False):
     if args.overwrite:
         raise UsageError("--resume continues a run; --overwrite would replace it: pass one of them")
     defaults = _cli_defaults(args.model)
+    _check_saved(args.resume, saved, defaults)
     # a flag counts as given when it is on the command line (cli.given_flags), else (the Python API) when its value
     # is not the default
     on_line = vars(args).pop("given_flags", None)

@@ -968,3 +968,34 @@ def test_a_resume_whose_every_checkpoint_does_not_fit_changes_nothing(tmp_path, 
     assert main(["align", "--resume", str(run), "--log-every", "3"]) == 2
     assert "trainer_state.json is unreadable" in one_error_line(capsys.readouterr().err)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("saved, error", [
+    ({"batch_size": "abc"}, 'batch_size is "abc", not an int'),
+    ({"lr": None}, "lr is null, not a number"),
+    ({"steps": None, "epochs": "x"}, 'epochs is "x", not a number'),
+    ({"lora_r": 2.5}, "lora_r is 2.5, not an int"),
+    ({"model": 5}, "model is 5, not a string"),
+    ({"impl": "zzz"}, 'impl is "zzz", not one of reference, fast'),
+    ({"no_meta_term": "no"}, 'no_meta_term is "no", not true or false'),
+    ({"data_sha256": [1]}, r"data_sha256 is \[1\], not a JSON object"),
+])
+def test_resume_refuses_a_hand_edited_run_config(tmp_path, saved, error):
+    """Each flag read back from run_config.json must be a value align's parser could have given (they went on
+    into the run and failed there with a traceback); the error names the file and the key."""
+    from booster_fast.cli import UsageError
+    from booster_fast.run_args import apply_resume
+
+    run = _saved_run(tmp_path, **saved)
+    with pytest.raises(UsageError, match=f"^--resume {re.escape(str(run))}: run_config.json: {error}"):
+        apply_resume(_resume_args(run))
+
+
+def test_resume_refuses_a_run_config_that_is_no_json_object(tmp_path, capsys):
+    run = _saved_run(tmp_path)
+    (run / "run_config.json").write_text("[]")
+    for command in ("align", "memory"):
+        capsys.readouterr()
+        assert main([command, "--resume", str(run)]) == 2
+        assert "run_config.json holds [], not a JSON object" in one_error_line(capsys.readouterr().err)
+    assert (run / "run_config.json").read_text() == "[]"
