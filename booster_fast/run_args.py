@@ -225,7 +225,7 @@ def apply_resume(args, finished_ok: bool = False):
     """Take the flags of the run in args.resume: a flag given with a value other than its default and the
     saved one is a conflict (one-line UsageError), except the few in RESUME_FREE. finished_ok: a finished run's
     flags too (`booster-fast memory` reads them; align can only resume an unfinished run)."""
-    from .checkpoint import CONFIG, MARKER
+    from .checkpoint import CHECKPOINTS, CONFIG, MARKER, METRICS
 
     run = Path(args.resume)
     if not run.is_dir():
@@ -240,6 +240,10 @@ def apply_resume(args, finished_ok: bool = False):
         raise UsageError(f"--resume {args.resume}: the run is finished, nothing to resume")
     if args.overwrite:
         raise UsageError("--resume continues a run; --overwrite would replace it: pass one of them")
+    for name, fits, kind in ((CHECKPOINTS, Path.is_dir, "a directory"), (METRICS, Path.is_file, "a file")):
+        found = run / name  # what the resumed run writes into (absent: created)
+        if not finished_ok and (found.exists() or found.is_symlink()) and not fits(found):
+            raise UsageError(f"--resume {args.resume}: {name} is not {kind}; the run cannot continue in it")
     defaults = _cli_defaults(args.model)
     _check_saved(args.resume, saved, defaults)
     # a flag counts as given when it is on the command line (cli.given_flags), else (the Python API) when its value

@@ -999,3 +999,18 @@ def test_resume_refuses_a_run_config_that_is_no_json_object(tmp_path, capsys):
         assert main([command, "--resume", str(run)]) == 2
         assert "run_config.json holds [], not a JSON object" in one_error_line(capsys.readouterr().err)
     assert (run / "run_config.json").read_text() == "[]"
+
+
+def test_resume_refuses_checkpoints_or_metrics_of_the_wrong_kind(tmp_path, capsys):
+    """A resumed run writes checkpoints/ and metrics.jsonl: a file in place of the one (it trained, then failed at
+    its checkpoint) or a directory in place of the other (an IsADirectoryError traceback) is refused first."""
+    run = _saved_run(tmp_path)
+    (run / "checkpoints").write_text("")
+    capsys.readouterr()
+    assert main(["align", "--resume", str(run)]) == 2
+    assert "checkpoints is not a directory" in one_error_line(capsys.readouterr().err)
+    (run / "checkpoints").unlink()
+    (run / "metrics.jsonl").mkdir()
+    assert main(["align", "--resume", str(run)]) == 2
+    assert "metrics.jsonl is not a file" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in run.iterdir()) == [MARKER, "metrics.jsonl", "run_config.json"]
