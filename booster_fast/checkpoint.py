@@ -138,15 +138,22 @@ def load_newest(run: Path, model, booster, streams: dict,
             log.warning("%s; trying the checkpoint before it", str(e).removeprefix("cannot resume: "))
             continue
         for bad in unreadable if set_aside else ():
-            kept, n = bad.with_name(f"{bad.name}.unreadable"), 1
-            while kept.exists():  # the same step was set aside before
-                kept, n = bad.with_name(f"{bad.name}.unreadable-{n}"), n + 1
-            bad.rename(kept)
+            kept = keep_aside(bad, "unreadable")
             log.warning("resuming from %s; the unreadable %s is kept as %s", path.name, bad.name, kept.name)
         return state, path
     if first_error is not None:
         raise first_error
     return None, None
+
+
+def keep_aside(path: Path, tag: str) -> Path:
+    """Rename `path` to NAME.TAG (NAME.TAG-1, -2, ... when that name is taken) and return the new path: what a
+    resume cannot use is kept for inspection rather than deleted."""
+    kept, n = path.with_name(f"{path.name}.{tag}"), 1
+    while kept.exists() or kept.is_symlink():  # set aside before (the same step unreadable again, say)
+        kept, n = path.with_name(f"{path.name}.{tag}-{n}"), n + 1
+    path.rename(kept)
+    return kept
 
 
 def remove_partial(run: Path):
@@ -339,12 +346,18 @@ class RunDir:
     def reopen(cls, path: Path) -> RunDir:
         """The run to resume, cleaned of what a killed process left half-written. A run that `--overwrite` set
         aside when this one was created, and that a kill left there, goes: this run, the one meant to replace
-        it, is being continued."""
+        it, is being continued. A run without a checkpoint starts again from step 0, said in a warning; the
+        metrics it had recorded are kept as metrics.jsonl.before-restart, since the restart rewrites the file."""
         run = cls(path, committed=True)
         remove_partial(run.path)
         for old in run.path.absolute().parent.glob(f".{run.path.name}.old-*"):
             shutil.rmtree(old, ignore_errors=True)
             log.info("removed %s: the run that --overwrite replaced with this one", old)
+        if not list_checkpoints(run.path):  # killed before its first checkpoint, or its checkpoints were removed
+            metrics, kept = run.path / METRICS, ""
+            if metrics.is_file() and metrics.stat().st_size:
+                kept = f"; the metrics recorded so far are kept as {keep_aside(metrics, 'before-restart').name}"
+            log.warning("resume: %s holds no checkpoint, so the run starts again from step 0%s", run.path, kept)
         return run
 
     def record_changes(self, changed: dict):

@@ -1014,3 +1014,17 @@ def test_resume_refuses_checkpoints_or_metrics_of_the_wrong_kind(tmp_path, capsy
     assert main(["align", "--resume", str(run)]) == 2
     assert "metrics.jsonl is not a file" in one_error_line(capsys.readouterr().err)
     assert sorted(p.name for p in run.iterdir()) == [MARKER, "metrics.jsonl", "run_config.json"]
+
+
+def test_a_resume_without_a_checkpoint_keeps_the_metrics_it_restarts(tmp_path, caplog):
+    """A run killed before its first checkpoint (or whose checkpoints were removed) starts again from step 0; the
+    metrics it had recorded were truncated in silence: they are kept aside, and a warning says so."""
+    run = tmp_path / "run"
+    assert main(["align", "--output", str(run), "--steps", "2", *SMALL, "--log-every", "1"]) == 0
+    (run / MARKER).write_text("")
+    shutil.rmtree(run / "checkpoints")
+    recorded = (run / "metrics.jsonl").read_bytes()
+    assert main(["align", "--resume", str(run)]) == 0
+    assert "holds no checkpoint, so the run starts again from step 0" in caplog.text
+    assert (run / "metrics.jsonl.before-restart").read_bytes() == recorded
+    assert without_time(read_metrics(run)) == without_time(json.loads(line) for line in recorded.splitlines())
