@@ -389,8 +389,12 @@ class RunDir:
         tmp = self.path / f".final-tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_adapter(model, tmp, tokenizer)
-        fsync_tree(tmp)
+        try:
+            save_adapter(model, tmp, tokenizer)
+            fsync_tree(tmp)
+        except BaseException:  # a full disk, an interrupt: no half-saved adapter left in the run (still resumable)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         for f in sorted(tmp.iterdir()):
             os.replace(f, self.path / f.name)
         tmp.rmdir()

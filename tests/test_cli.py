@@ -726,3 +726,4 @@ def test_a_full_disk_while_the_tokenizer_saves_is_one_line(tmp_path, capsys, mon
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the progress bar's lines)
     assert err.startswith(f"booster-fast: error: cannot write the adapter in {out}: No space left on device"), err
     assert (out / ".incomplete").exists() and (out / "checkpoints" / "step-000001").is_dir()
+    assert not list(out.glob(".final-tmp-*")), list(out.iterdir())  # no half-saved adapter left behind
