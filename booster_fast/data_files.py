@@ -96,6 +96,10 @@ def _fields(loc: str, row, required: tuple[str, ...], optional: tuple[str, ...] 
             continue
         if not isinstance(row[name], str):
             raise DataError(f"{loc}: field {name!r} must be a string, got a JSON {_json_type(row[name])}")
+        try:  # JSON's \ud800 escapes parse to lone surrogates, which no tokenizer takes
+            row[name].encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{loc}: field {name!r} is not valid UTF-8 text (a lone surrogate)") from None
         out[name] = row[name]
     return out
 

@@ -200,3 +200,28 @@ def test_generated_flags_and_outputs(flags, output, batch):
             return
         assert_complete_run(code, err, out, root)
         assert sorted(p.name for p in root.iterdir()) == ["data.txt", "runs"]
+
+
+# ------------------------------------------------------------------------------ single bad inputs, one each
+def assert_error_line(code, err, before, root, *needles, logged=()):
+    """One bad input: exit 2, its error as the last stderr line and holding every needle, no other line but the
+    command's own log lines that start with one of `logged` (attack and eval name their data first), and the
+    directory as it was."""
+    assert code == 2, err
+    *logs, last = err.strip().splitlines() or [""]
+    assert all(line.startswith(logged) for line in logs), err
+    assert last.startswith("booster-fast: error:") and all(n in last for n in needles), err
+    assert snapshot(root) == before, "a failed run changed the disk"
+
+
+@pytest.mark.parametrize("bad, field", [({**ROW, "prompt": "\ud800"}, "prompt"),
+                                        ({"instruction": "Say hi", "input": "a\udfff", "output": "hi"}, "input")])
+def test_a_lone_surrogate_in_a_text_field_is_one_line(tmp_path, bad, field):
+    """JSON's \\ud800 escapes parse to lone surrogates, which the tokenizer refused with a TypeError: the row
+    reader names the file, row and field (both kinds of row)."""
+    good = ROW if field == "prompt" else {"instruction": "Say hello", "output": "hello"}
+    (tmp_path / "data.jsonl").write_bytes(_jsonl(good, bad))
+    before = snapshot(tmp_path)
+    code, err = run_cli(["align", "--data", "data.jsonl", "--output", "out", "--batch-size", "1", *SHAPE], tmp_path)
+    assert_error_line(code, err, before, tmp_path,
+                      f"data.jsonl line 2: field '{field}' is not valid UTF-8 text (a lone surrogate)")
