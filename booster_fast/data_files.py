@@ -5,6 +5,7 @@ instruction/input/output rows. data.py's loaders take either from here."""
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,16 @@ def _parse_jsonl(path, text: str) -> list[tuple[str, object]]:
     return rows
 
 
+def _special_kind(p: Path) -> str:
+    """What a path that exists but is neither a directory nor a regular file is, in words."""
+    mode = p.stat().st_mode
+    for test, kind in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
 def read_rows(path: str, expected: str = "'builtin', a known data set name, or a .json/.jsonl path"
                ) -> list[tuple[str, object]]:
     """[(location for messages, parsed row)] from a .json array or .jsonl file; DataError on anything malformed
@@ -46,6 +57,8 @@ def read_rows(path: str, expected: str = "'builtin', a known data set name, or a
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{path}: a directory, not a .json/.jsonl file")
+    if p.exists() and not p.is_file():
+        raise DataError(f"{path}: {_special_kind(p)}, not a regular .json/.jsonl file")
     if not p.is_file():
         raise DataError(f"{path}: no such file (expected {expected})")
     suffix = p.suffix.lower()

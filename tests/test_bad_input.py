@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -225,3 +226,11 @@ def test_a_lone_surrogate_in_a_text_field_is_one_line(tmp_path, bad, field):
     code, err = run_cli(["align", "--data", "data.jsonl", "--output", "out", "--batch-size", "1", *SHAPE], tmp_path)
     assert_error_line(code, err, before, tmp_path,
                       f"data.jsonl line 2: field '{field}' is not valid UTF-8 text (a lone surrogate)")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_as_data_is_named_as_such(tmp_path):
+    os.mkfifo(tmp_path / "data.jsonl")
+    before = snapshot(tmp_path)
+    code, err = run_cli(["align", "--data", "data.jsonl", "--output", "out", *SHAPE], tmp_path)
+    assert_error_line(code, err, before, tmp_path, "data.jsonl: a named pipe (FIFO), not a regular .json/.jsonl file")
