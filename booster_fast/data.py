@@ -133,7 +133,9 @@ def _encode_batch(tokenizer, examples, max_length: int, prefix: list[int]) -> tu
         raise DataError(f"max_length must be an integer >= 2, got {max_length!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise DataError("the tokenizer has no eos_token; set one before encoding")
+        src = getattr(tokenizer, "name_or_path", "")  # a model directory's or hub id's tokenizer: name it
+        raise DataError(f"the tokenizer{f' in {src}' if src else ''} has no eos_token (a saved one names it in its "
+                        "tokenizer_config.json); set one before encoding")
     prompts = _ids(tokenizer, [format_prompt(ex.instruction, ex.input) for ex in examples])
     responses = _ids(tokenizer, [ex.output for ex in examples])
     tail = _ids(tokenizer, [RESPONSE_TAIL])[0]

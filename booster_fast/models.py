@@ -296,6 +296,29 @@ def checked_path(name: str) -> str:
     return path
 
 
+def reason(e: BaseException, limit: int = 300) -> str:
+    """An exception's message in one line: its first line, joined by the next where the first ends in a colon (a
+    header such as "Validation error for field 'x':" or "Error(s) in loading state_dict for ...:", whose next
+    line says what is wrong); the type's name for an empty message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:limit]
+
+
+def _check_config(path: str, where: str, trust_remote_code: bool) -> None:
+    """Load a pretrained model's config alone: a missing or unreachable one stays an OSError (for the caller to
+    explain); a malformed one (a field of the wrong type, an unknown model_type) is a ModelError with the reason.
+    transformers' and huggingface_hub's validation errors share no base class below Exception."""
+    from transformers import AutoConfig
+
+    try:
+        from_hub(AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load config.json {where} ({type(e).__name__}: {reason(e)})") from None
+
+
 def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -315,11 +338,22 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
+    tok = None
     try:
+        # the config alone first: a malformed one is named as such (and never reaches the tokenizer's fallbacks,
+        # which warn); a directory without one is left to the loads below and the missing files named
+        if not local or os.path.isfile(os.path.join(path, "config.json")):
+            _check_config(path, f"in {name}" if local else f"of {name!r}", trust_remote_code)
         tok = from_hub(AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code)
         model = from_hub(AutoModelForCausalLM.from_pretrained, path, **kwargs)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed tokenizer file raises KeyError, tokenizers' Exception, ...
+        if tok is not None and not isinstance(e, (OSError, ValueError)):
+            raise  # the weights' load failing otherwise (out of memory, say) is no bad input
+        first = reason(e)
+        if tok is None and not isinstance(e, OSError):
+            first = f"its tokenizer does not load ({type(e).__name__}: {first})"
         if local:
             files = os.listdir(path)
             missing = [what for what, there in (

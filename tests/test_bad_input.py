@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -234,3 +235,46 @@ def test_a_named_pipe_as_data_is_named_as_such(tmp_path):
     before = snapshot(tmp_path)
     code, err = run_cli(["align", "--data", "data.jsonl", "--output", "out", *SHAPE], tmp_path)
     assert_error_line(code, err, before, tmp_path, "data.jsonl: a named pipe (FIFO), not a regular .json/.jsonl file")
+
+
+@pytest.mark.parametrize("config, needle", [
+    ({"model_type": "llama", "hidden_size": "abc"}, "Field 'hidden_size' expected int, got str"),
+    ({"model_type": "nonexistent_arch_xyz"}, "model type `nonexistent_arch_xyz`")])
+@pytest.mark.parametrize("command", ["align", "bench"])
+def test_a_malformed_model_config_is_one_line(tmp_path, config, needle, command):
+    """A wrong-typed config field (huggingface_hub's StrictDataclassFieldValidationError) or an unknown model_type:
+    one line naming config.json and the reason, before the tokenizer's fallbacks; bench too, at its first entry."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    before = snapshot(tmp_path)
+    extra = ["--device", "cpu", "--warmup", "0", "--batch-size", "2"] if command == "bench" else []
+    code, err = run_cli([command, "--model", "model", "--output", "out", *extra, *SHAPE], tmp_path)
+    assert_error_line(code, err, before, tmp_path, f"cannot load config.json in {tmp_path / 'model'} (", needle)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny model and its tokenizer saved as a local model directory (read-only: tests copy it)."""
+    from booster_fast import load_model
+
+    model, tok = load_model("tiny", device="cpu")
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("tokenizer.json", "{garbage", "its tokenizer does not load (JSONDecodeError: Expecting property name"),
+    ("tokenizer.json", "{}", "its tokenizer does not load (KeyError: 'added_tokens')"),
+    ("tokenizer_config.json", '{"tokenizer_class": "NoSuchTokenizer"}', "has no eos_token")])
+def test_a_corrupt_tokenizer_in_a_model_directory_is_one_line(tiny_model_dir, tmp_path, name, text, needle):
+    """A tokenizer file that does not load names the directory and the reason (a KeyError was a traceback); one that
+    lost its special tokens loads, and the data layer's missing EOS names the directory too."""
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (tmp_path / "model" / name).write_text(text)
+    before = snapshot(tmp_path)
+    code, err = run_cli(["align", "--model", "model", "--output", "out", *SHAPE], tmp_path)
+    where = "cannot load the model in" if name == "tokenizer.json" else "the tokenizer in"
+    # the last case loads the weights, whose progress bar transformers draws on stderr
+    assert_error_line(code, err, before, tmp_path, f"{where} {tmp_path / 'model'}", needle, logged=("Loading weights",))
