@@ -149,7 +149,7 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
     `cfg`: the run's config when the caller has read it already (read_run_config)."""
     from peft import PeftModel
 
-    from .models import ModelError, load_model
+    from .models import ModelError, load_model, reason
     from .nf4 import keep_nf4_trainable_
 
     if cfg is None:
@@ -161,7 +161,7 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
     try:
         model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
     except Exception as e:  # noqa: BLE001 - shape mismatch, missing modules, a corrupt weights file: one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = reason(e)  # a state_dict error's header with its first mismatch (which tensor, which shapes)
         if "safetensor" in type(e).__name__.lower() or "pickl" in type(e).__name__.lower():
             raise ModelError(f"cannot read the adapter weights in {run_dir} ({type(e).__name__}: {first})") from None
         raise ModelError(f"cannot load the adapter {run_dir} onto {base['model']} ({type(e).__name__}: {first}); "
@@ -174,7 +174,12 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
     if (Path(run_dir) / "tokenizer.json").is_file():  # the run's own tokenizer (a checkpoint keeps its vocabulary)
         from transformers import AutoTokenizer
 
-        saved = AutoTokenizer.from_pretrained(str(run_dir))
+        try:
+            saved = AutoTokenizer.from_pretrained(str(run_dir))
+        except Exception as e:  # noqa: BLE001 - a corrupt tokenizer.json or tokenizer_config.json: one line
+            raise ModelError(f"cannot load the tokenizer in {run_dir} ({type(e).__name__}: {reason(e)})") from None
+        if saved.eos_token_id is None:  # every example ends with EOS (a tokenizer_config.json that lost its tokens)
+            raise ModelError(f"the tokenizer in {run_dir} has no eos_token; check its tokenizer_config.json")
         if len(saved) == len(tok):
             tok = saved
     if tok.pad_token is None:

@@ -278,3 +278,35 @@ def test_a_corrupt_tokenizer_in_a_model_directory_is_one_line(tiny_model_dir, tm
     where = "cannot load the model in" if name == "tokenizer.json" else "the tokenizer in"
     # the last case loads the weights, whose progress bar transformers draws on stderr
     assert_error_line(code, err, before, tmp_path, f"{where} {tmp_path / 'model'}", needle, logged=("Loading weights",))
+
+
+def _adapter_copy(aligned: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in aligned.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("command", ["attack", "eval"])
+@pytest.mark.parametrize("case", ["tokenizer.json", "tokenizer_config.json", "lora_rank"])
+def test_a_broken_adapter_is_one_line_that_says_why(aligned, tmp_path, command, case):
+    """An adapter's own tokenizer that does not load, or one that lost its special tokens (the data layer then
+    found no EOS), and LoRA weights of another rank than its adapter_config.json says: one line with the reason
+    (the first mismatching tensor and its shapes, not the bare header of torch's state_dict error)."""
+    adapter = _adapter_copy(aligned, tmp_path / "adapter")
+    if case == "tokenizer.json":
+        (adapter / "tokenizer.json").write_text("{garbage")
+        needles = ("cannot load the tokenizer in adapter (JSONDecodeError",)
+    elif case == "tokenizer_config.json":
+        (adapter / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizer"}')
+        needles = ("the tokenizer in adapter has no eos_token",)
+    else:
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "r": cfg["r"] // 2}))
+        needles = ("cannot load the adapter adapter onto tiny (RuntimeError: ", "size mismatch for ",
+                   f"torch.Size([{cfg['r']}, ", f"torch.Size([{cfg['r'] // 2}, ")
+    before = snapshot(tmp_path)
+    tail = ["--steps", "1", "--samples", "20", "--batch-size", "4", "--eval-rows", "8"] if command == "attack" else []
+    code, err = run_cli([command, "--adapter", "adapter", "--output", "out", "--device", "cpu", *tail], tmp_path)
+    assert_error_line(code, err, before, tmp_path, *needles, logged=(f"{command}: ",))
