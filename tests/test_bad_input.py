@@ -310,3 +310,12 @@ def test_a_broken_adapter_is_one_line_that_says_why(aligned, tmp_path, command, 
     tail = ["--steps", "1", "--samples", "20", "--batch-size", "4", "--eval-rows", "8"] if command == "attack" else []
     code, err = run_cli([command, "--adapter", "adapter", "--output", "out", "--device", "cpu", *tail], tmp_path)
     assert_error_line(code, err, before, tmp_path, *needles, logged=(f"{command}: ",))
+
+
+def test_a_lora_rank_above_a_targeted_layer_is_refused(tmp_path):
+    """A rank above min(in, out) of a targeted layer adds nothing (--lora-r 100000000 tried to allocate 77 GB): one
+    line naming the limit, before LoRA is added (the tiny model's q_proj is 192 x 192)."""
+    before = snapshot(tmp_path)
+    code, err = run_cli(["align", "--lora-r", "193", "--targets", "q_proj", "--output", "out", *SHAPE], tmp_path)
+    assert_error_line(code, err, before, tmp_path, "LoRA rank 193 (--lora-r) is above 192, the smaller side of the "
+                      "targeted layer model.layers.0.self_attn.q_proj (192 -> 192)")
