@@ -311,12 +311,6 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     # a file has no attack or test split: it is used whole (also as --harmful-data beside builtin or beavertails
     # prompts), for the attack's rows and for the 'held-out' loss alike
     heldout_is_train = harmful_split == "whole file"
-    if heldout_is_train:
-        log.warning("attack: %s is used whole: the attack trains on its rows, which may be the alignment's own (a "
-                    "file has no attack split), and the 'held-out' harmful loss is measured on them too (the "
-                    "built-in and BeaverTails sets have both splits)", harmful_file or harmful_src)
-    else:
-        log.info("attack: harmful rows from %s", harmful_rows)
     rows, n_harm = poison_mix(benign, harmful_pool, args.samples, args.poison_ratio, seed)
     probe = [(e.instruction, e.input) for e in harmful_test[: args.refusal_prompts]]
     if args.eval_rows is not None:
@@ -334,6 +328,12 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     cfg = BoosterConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
     booster = Booster(model, cfg)  # plain SFT steps (sft_step): AdamW, clipping, no Booster term
     booster.check_length(max_length)
+    if heldout_is_train:  # (said once every input has been checked: an error is then the only line)
+        log.warning("attack: %s is used whole: the attack trains on its rows, which may be the alignment's own (a "
+                    "file has no attack split), and the 'held-out' harmful loss is measured on them too (the "
+                    "built-in and BeaverTails sets have both splits)", harmful_file or harmful_src)
+    else:
+        log.info("attack: harmful rows from %s", harmful_rows)
     out = Path(args.output)
     tmp = new_output_dir(args.output, args.overwrite)
     ok = False

@@ -415,7 +415,6 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
     limit = position_limit(base["model"])
     check_new_tokens(new_token_flags(args), base["model"], limit)
     judge_name, judge_why = choose_judge(args.judge, base["model"])
-    log.info("eval: judge %s (%s)", judge_name, judge_why)
     d = _defaults(args, run_cfg, base["model"])
     if d["task"] not in TASKS:
         raise UsageError(f"the run's task {d['task']!r} is not one of {', '.join(TASKS)}; pass --task")
@@ -433,6 +432,7 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
         model, tok, _ = load_adapter(args.adapter, device, trainable=False, base=base)
     if limit is None:  # its config could not be read without loading the model: check the loaded one's
         check_new_tokens(new_token_flags(args), base["model"], config_positions(getattr(model, "config", None)))
+    log.info("eval: judge %s (%s)", judge_name, judge_why)  # (once every input has been checked)
 
     answers = generate(model, tok, prompts, d["max_new"], d["batch"], device, desc="harmful prompts")
     flags = judge.flags([p[0] if not p[1] else f"{p[0]}\n{p[1]}" for p in prompts], answers)

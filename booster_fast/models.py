@@ -452,39 +452,16 @@ def split_targets(targets) -> tuple[str, ...]:
     return tuple(n.strip() for n in names if n.strip())
 
 
-def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """{name: module} of the layers LoRA can target: Linear (NF4's Linear4bit among them) and GPT-2's Conv1D."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Conv1D")}
-
-
-def _matches(target: str, name: str) -> bool:  # peft's rule: the module's full name, or its last dotted components
-    return name == target or name.endswith("." + target)
-
-
-def check_lora_rank(model: nn.Module, targets: tuple[str, ...], r: int) -> None:
-    """ModelError for a LoRA rank above min(in, out) of a layer it targets (checked targets, as add_lora takes
-    them): B·A cannot have a higher rank, so the rest only costs memory (a huge one would be allocated first)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, m in _linear_layers(model).items():
-        if (targets == ("all-linear",) and m is not head) or any(_matches(t, name) for t in targets):
-            # Linear and Linear4bit know their sides (an NF4 weight is packed); Conv1D's weight is [in, out]
-            sides = (m.in_features, m.out_features) if hasattr(m, "in_features") else tuple(m.weight.shape)
-            if r > min(sides):
-                raise ModelError(f"LoRA rank {r} (--lora-r) is above {min(sides)}, the smaller side of the targeted "
-                                 f"layer {name} ({sides[0]} -> {sides[1]}): a rank above min(in, out) adds nothing; "
-                                 f"use {min(sides)} or less")
-
-
 def check_lora_targets(model: nn.Module, targets) -> tuple[str, ...]:
     """`targets` (split_targets) as add_lora takes them, after checking that each names linear layers of `model`
     by peft's rule; ModelError, one line, naming the linear layers there are."""
     targets = split_targets(targets)
     modules = dict(model.named_modules())
-    linear = list(_linear_layers(model))
+    linear = [n for n, m in modules.items()
+              if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Conv1D")]  # Conv1D: GPT-2's
 
-    def matches(t: str, names) -> bool:
-        return any(_matches(t, n) for n in names)
+    def matches(t: str, names) -> bool:  # peft's rule: the module's full name, or its last dotted components
+        return any(n == t or n.endswith("." + t) for n in names)
 
     missing = [t for t in targets if t != "all-linear" and not matches(t, linear)]
     if missing or not targets:
@@ -506,13 +483,17 @@ def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj",
     targets = check_lora_targets(model, targets)
     if r < 1:
         raise ModelError(f"LoRA rank must be >= 1, got {r}")
-    check_lora_rank(model, targets, r)
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                      target_modules="all-linear" if targets == ("all-linear",) else list(targets))  # peft's form
     checkpointed = getattr(model, "_booster_checkpointing", False)
-    model = get_peft_model(model, cfg)
+    try:
+        model = get_peft_model(model, cfg)
+    except (RuntimeError, MemoryError) as e:  # a rank whose LoRA weights do not fit (--lora-r 10**8 asked 77 GB)
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        raise ModelError(f"LoRA rank {r} (--lora-r): its weights do not fit in memory ({reason(e)})") from None
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
