@@ -198,11 +198,15 @@ def _add_align_args(a: argparse.ArgumentParser, **model_args):
                         "--impl reference, which applies them as the original trainer does")
 
 
+def subparser(command: str) -> argparse.ArgumentParser:
+    """A fresh parser of one subcommand's flags (argparse keeps them in private attributes)."""
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
 def given_flags(command: str, argv: list[str]) -> set[str]:
     """The destinations of the flags on the command line of `command`, a default value included (a flag left out
     and one given at its default are two things to --resume)."""
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    sub = subparser(command)
     for action in sub._actions:
         action.default = argparse.SUPPRESS
     return set(vars(sub.parse_args(argv[argv.index(command) + 1:])))

@@ -175,10 +175,9 @@ def _cli_defaults(model: str) -> dict:
 
 def _align_flags() -> dict:
     """align's flags by destination: their parser actions."""
-    from .cli import build_parser
+    from .cli import subparser
 
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {action.dest: action for action in sub.choices["align"]._actions}
+    return {action.dest: action for action in subparser("align")._actions}
 
 
 def _saved_fault(key: str, value, action, default) -> str | None:
