@@ -366,11 +366,11 @@ def run_experiment(args) -> int:
     if out_png is not None:
         need_matplotlib()
         check_writable_file(out_png, "--plot")
+    device = resolve_device(args.device)  # (an unknown device: one line, before any other)
     if overrides:
         log.info("experiment: preset %s with --set %s; results to %s%s", args.preset,
                  " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()), out_json,
                  f" and {out_png}" if out_png else "")
-    device = resolve_device(args.device)  # (an unknown device: one line, before the preflight's)
     preflight(p)
     seeds = [p["seed"] + i for i in range(args.seeds)]
     with flush_denormals(device):
