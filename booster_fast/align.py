@@ -131,7 +131,8 @@ def load_data(args):
 
 
 def build_streams(args, tok, rank, world, data=None):
-    """(alignment stream, harmful stream; None for --method sft, which never draws a harmful batch)."""
+    """(alignment stream, harmful stream (None for --method sft, which never draws a harmful batch), the numbers
+    of alignment and harmful rows truncated to --max-length)."""
     from .data import BatchStream, check_max_length, encode_all
 
     check_max_length(tok, args.max_length)
@@ -148,9 +149,7 @@ def build_streams(args, tok, rank, world, data=None):
     sa = BatchStream(enc_a, args.batch_size, args.max_length, tok.pad_token_id, args.seed, rank, world)
     sh = None if sft else BatchStream(enc_h, args.harmful_batch_size, args.max_length, tok.pad_token_id,
                                       args.seed + 1, rank, world)
-    if (trunc_a or trunc_h) and rank == 0:  # logged once the streams exist: a failed check prints one line only
-        log.info("truncated to --max-length %d: %d alignment and %d harmful rows", args.max_length, trunc_a, trunc_h)
-    return sa, sh
+    return sa, sh, (trunc_a, trunc_h)
 
 
 class Interrupts:
@@ -221,8 +220,8 @@ def run_align(args) -> int:
         enable_gradient_checkpointing(model)
     torch.manual_seed(args.seed)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.targets)
-    streams = {k: s for k, s in zip(("align", "harmful"), build_streams(args, tok, rank, world, data))
-               if s is not None}
+    *pair, truncated = build_streams(args, tok, rank, world, data)
+    streams = {k: s for k, s in zip(("align", "harmful"), pair) if s is not None}
     if args.steps is None and args.epochs is None:  # resolved here and saved so, for --resume
         # a demo on the built-in models; the paper's 20 epochs on a real one (a run saved with neither flag
         # came from an older version, whose default was 20 steps)
@@ -244,7 +243,7 @@ def run_align(args) -> int:
                 run = (RunDir.reopen(args.output) if args.resume
                        else RunDir.create(args.output, vars(args)))
             code = _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world,
-                          device)
+                          device, truncated)
             _dist_teardown()
             return code
     finally:
@@ -252,7 +251,8 @@ def run_align(args) -> int:
             run.abandon()   # removes a run that failed before its first checkpoint; a no-op after one
 
 
-def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world, device) -> int:
+def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world, device,
+           truncated=(0, 0)) -> int:
     from tqdm.auto import tqdm
 
     from .checkpoint import METRICS as METRICS_FILE
@@ -287,6 +287,8 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             rows += f" per process ({'+'.join(str(n * world) for n in sizes)} per update)"
         log.info("align: %s on %s, %s/%s, %d step%s of %s x %d tokens%s%s", args.model, device, method,
                  cfg.impl, steps, "" if steps == 1 else "s", rows, args.max_length, how, resumed)
+        if any(truncated):  # (said once every input has been checked: an error is then the only line)
+            log.info("truncated to --max-length %d: %d alignment and %d harmful rows", args.max_length, *truncated)
         if device.type == "cuda":
             from .memory import log_fit
 

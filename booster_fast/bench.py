@@ -266,7 +266,7 @@ def make_batches(args, tok, model) -> list[tuple[dict, dict, int, int]]:
 
     n = args.warmup + args.steps + 2
     if args.model == "tiny":
-        sa, sh = build_streams(SimpleNamespace(**vars(args), data="builtin", harmful_data=None), tok, 0, 1)
+        sa, sh, _ = build_streams(SimpleNamespace(**vars(args), data="builtin", harmful_data=None), tok, 0, 1)
         pairs = [(next(sa), next(sh)) for _ in range(n)]
     else:
         g = torch.Generator().manual_seed(args.seed)
