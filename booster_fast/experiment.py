@@ -182,8 +182,10 @@ def preflight_models(p: dict):
             from_hub(AutoConfig.from_pretrained, name)
         except Exception as e:  # offline, gated, not downloaded
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            hint = ("check that it holds the model's config.json" if os.path.isdir(name)
+                    else f"download it first (`hf download {name}`)")
             raise ModelError(f"preset needs {name}, which cannot be loaded here ({type(e).__name__}: {first}); "
-                             f"download it first (`hf download {name}`)") from None
+                             f"{hint}") from None
 
 
 def preflight_data(p: dict):
@@ -349,6 +351,8 @@ def run_experiment(args) -> int:
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    if args.no_plot and args.plot:
+        raise UsageError(f"--plot {args.plot} and --no-plot: give one of them")
     if not 1 <= args.seeds <= MAX_SEEDS:
         raise UsageError(f"--seeds must be between 1 and {MAX_SEEDS}, got {args.seeds}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

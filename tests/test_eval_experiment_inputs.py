@@ -585,8 +585,8 @@ def test_set_without_a_key_says_the_expected_form(item):
 
 
 @pytest.mark.parametrize("flags", [["--methods", "sft,sft"], ["--methods", "booster, booster"], ["--seeds", "0"],
-                                   ["--seeds", "1000000000000"]])
-def test_repeated_methods_or_a_seed_count_out_of_range_exit_2_before_anything(flags, tmp_path, monkeypatch, capsys):
+                                   ["--seeds", "1000000000000"], ["--plot", "p.png"]])
+def test_contradicting_or_out_of_range_flags_exit_2_before_anything(flags, tmp_path, monkeypatch, capsys):
     stages = NoStage()
     monkeypatch.setattr(experiment, "_run", stages)
     monkeypatch.setattr(experiment, "preflight", lambda p: pytest.fail("reached the preflight"))
