@@ -220,11 +220,7 @@ class BatchStream:
         if batch_size * world_size > len(encoded):
             raise DataError(f"batch larger than the data set: batch_size*world_size = {batch_size}*{world_size} "
                             f"= {batch_size * world_size} > {len(encoded)} rows")
-        # batches are padded to max_length (one shape for CUDA graphs), or to the data's longest row where that is
-        # shorter: the engines drop the pads either way, and a --max-length far beyond the rows costs no memory
-        longest = max((len(r["input_ids"]) for r in encoded), default=max_length)
-        self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
-        self.max_length = min(max_length, longest)
+        self.encoded, self.batch_size, self.max_length, self.pad_id = encoded, batch_size, max_length, pad_id
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = len(encoded) // self.global_batch
