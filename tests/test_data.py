@@ -519,3 +519,13 @@ def test_a_harmful_file_of_pairs_gives_the_harmful_responses(tmp_path):
     q = tmp_path / "inst.json"
     q.write_text('[{"instruction": "Do it.", "input": "x", "output": "Done."}]')
     assert load_harmful_file(str(q)) == [Example("Do it.", "x", "Done.")]
+
+
+def test_a_batch_beyond_the_machines_memory_is_refused_up_front():
+    """Every batch is padded to max_length: a max_length whose batches alone would fill memory (1e9 was killed
+    for it) is one DataError naming the flag and the data's longest row, before any batch is made."""
+    rows = fake_rows(8)
+    with pytest.raises(DataError, match=r"max_length 1000000000000 \(--max-length\) pads each batch of 4 rows to "
+                                        r".* GiB, more than 25% of this machine's .* the longest row here has 2 "):
+        BatchStream(rows, 4, 10**12, 0, seed=1)
+    assert next(BatchStream(rows, 4, 4096, 0, seed=1))["input_ids"].shape == (4, 4096)  # a usual length still pads
