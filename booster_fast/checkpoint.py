@@ -124,25 +124,26 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
 def load_newest(run: Path, model, booster, streams: dict,
                 set_aside: bool = True) -> tuple[dict | None, Path | None]:
     """(trainer_state, path) of the newest checkpoint that loads, or (None, None) when the run has none. A newer
-    one that does not load (a disk fault, a hand edit: checkpoints are written atomically) is skipped with one
-    warning and, once an older one has loaded, renamed `step-N.unreadable` (kept for inspection) so that the
-    run can write step N again; `set_aside` False leaves that to another process (rank 0). When none loads, the
-    newest one's error is raised and nothing is renamed."""
-    unreadable, first_error = [], None
+    one that does not load (a disk fault, a hand edit: checkpoints are written atomically) is skipped and, once an
+    older one has loaded, named in one warning and renamed `step-N.unreadable` (kept for inspection) so that the
+    run can write step N again; `set_aside` False leaves the renaming to another process (rank 0). When none
+    loads, the newest one's error is raised, counting the others, and nothing is renamed or logged."""
+    unreadable = []  # (path, its CheckpointError), newest first
     for _, path in reversed(list_checkpoints(run)):
         try:
             state = load_checkpoint(path, model, booster, streams)
         except CheckpointError as e:
-            first_error = first_error or e
-            unreadable.append(path)
-            log.warning("%s; trying the checkpoint before it", str(e).removeprefix("cannot resume: "))
+            unreadable.append((path, e))
             continue
-        for bad in unreadable if set_aside else ():
-            kept = keep_aside(bad, "unreadable")
-            log.warning("resuming from %s; the unreadable %s is kept as %s", path.name, bad.name, kept.name)
+        for bad, error in unreadable:  # said only now: when none loads, the error is the one line
+            why = str(error).removeprefix("cannot resume: ")
+            kept = f"; it is kept as {keep_aside(bad, 'unreadable').name}" if set_aside else ""
+            log.warning("resuming from %s, as %s does not load (%s)%s", path.name, bad.name, why, kept)
         return state, path
-    if first_error is not None:
-        raise first_error
+    if unreadable:
+        newest, older = unreadable[0][1], len(unreadable) - 1
+        raise CheckpointError(f"{newest}" + ("" if not older else f" (and the {older} older checkpoint"
+                                             f"{'s do' if older > 1 else ' does'} not load either)"))
     return None, None
 
 

@@ -415,7 +415,7 @@ def test_resume_falls_back_past_an_unreadable_checkpoint(tmp_path, caplog):
     shutil.rmtree(run / "checkpoints" / "step-000004")
     (run / "checkpoints" / "step-000003" / "rng.pt").write_bytes(b"garbage")
     assert main(["align", "--resume", str(run)]) == 0
-    assert "trying the checkpoint before it" in caplog.text
+    assert "resuming from step-000002, as step-000003 does not load (" in caplog.text
     assert (run / "checkpoints" / "step-000003.unreadable").is_dir()
     assert [s for s, _ in list_checkpoints(run)] == [2, 3, 4]
     wa, wb = (load_file(str(r / "adapter_model.safetensors")) for r in (tmp_path / "whole", run))
@@ -956,8 +956,9 @@ def test_a_checkpoint_whose_contents_do_not_fit_is_unreadable(two_checkpoints, t
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002.unreadable"]
 
 
-def test_a_resume_whose_every_checkpoint_does_not_fit_changes_nothing(tmp_path, capsys):
-    """Every checkpoint's trainer_state.json a JSON list: one line, exit 2, the run as it was."""
+def test_a_resume_whose_every_checkpoint_does_not_fit_changes_nothing(tmp_path, capsys, caplog):
+    """Every checkpoint's trainer_state.json a JSON list: one line (no warning before it), exit 2, the run as it
+    was."""
     run = tmp_path / "run"
     assert main(["align", "--output", str(run), "--steps", "2", *SMALL, "--save-every", "1"]) == 0
     (run / MARKER).write_text("")
@@ -965,8 +966,12 @@ def test_a_resume_whose_every_checkpoint_does_not_fit_changes_nothing(tmp_path, 
         (path / "trainer_state.json").write_text("[]")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
+    caplog.clear()
     assert main(["align", "--resume", str(run), "--log-every", "3"]) == 2
-    assert "trainer_state.json is unreadable" in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert "step-000002/trainer_state.json is unreadable" in line and "(and the 1 older checkpoint does not load " \
+        "either)" in line, line
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
