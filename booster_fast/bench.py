@@ -149,9 +149,7 @@ def build_impl(name: str, args, device):
     torch.manual_seed(args.seed)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.targets)  # (add_lora splits it)
     lora0 = {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)}
-    booster = Booster(model, cfg)
-    booster.check_length(args.max_length)
-    return booster, tok, lora0
+    return Booster(model, cfg), tok, lora0
 
 
 def share_frozen_weights(src, dst) -> int:
@@ -326,7 +324,8 @@ def build_all(names, args, device, results):
         try:
             booster, tok, lora0 = build_impl(name, args, device)
             if first is None and any(impl_config(n, args).impl == "fast" for n in names):
-                # a fast entry's check_length, at the first entry: bad input ends the bench before any is timed
+                # the fast entries' check_length, once, at the first entry (all share the model): bad input ends
+                # the bench before any entry is timed, whichever comes first
                 check_rope_length(length_dependent_rope(booster.model), args.max_length,
                                   f"--max-length {args.max_length}")
         except (UsageError, DataError, ModelError):

@@ -205,10 +205,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def check_batch_memory(batch_size: int, max_length: int, longest: int, share: float = 0.25) -> None:
+def check_batch_memory(batch_size: int, max_length: int, encoded: list[dict], share: float = 0.25) -> None:
     """DataError where one collated batch ([batch_size, max_length], three int64 tensors) would take more than
     `share` of this machine's memory: every batch is padded to max_length (one shape for CUDA graphs, and the
-    merged pass concatenates the two batches), so a max_length far beyond the rows only exhausts memory."""
+    merged pass concatenates the two batches), so a max_length far beyond the rows only exhausts memory. The
+    message names the longest of the `encoded` rows."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
@@ -217,7 +218,7 @@ def check_batch_memory(batch_size: int, max_length: int, longest: int, share: fl
     if need > share * memory:
         raise DataError(f"max_length {max_length} (--max-length) pads each batch of {batch_size} rows to "
                         f"{need / 2**30:.1f} GiB, more than {share:.0%} of this machine's {memory / 2**30:.0f} GiB; "
-                        f"the longest row here has {longest} tokens")
+                        f"the longest row here has {max((len(r['input_ids']) for r in encoded), default=0)} tokens")
 
 
 class BatchStream:
@@ -236,7 +237,7 @@ class BatchStream:
         if batch_size * world_size > len(encoded):
             raise DataError(f"batch larger than the data set: batch_size*world_size = {batch_size}*{world_size} "
                             f"= {batch_size * world_size} > {len(encoded)} rows")
-        check_batch_memory(batch_size, max_length, max((len(r["input_ids"]) for r in encoded), default=0))
+        check_batch_memory(batch_size, max_length, encoded)
         self.encoded, self.batch_size, self.max_length, self.pad_id = encoded, batch_size, max_length, pad_id
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.global_batch = batch_size * world_size
