@@ -9,7 +9,8 @@ _warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", cate
 
 from .booster import Booster  # noqa: E402
 from .config import BoosterConfig  # noqa: E402
-from .models import ModelError, add_lora, load_model  # noqa: E402
+from .lora import add_lora  # noqa: E402
+from .models import ModelError, load_model  # noqa: E402
 
 __all__ = ["Booster", "BoosterConfig", "BoosterTrainer", "BoosterTrainingArguments", "FixedLengthCollator",
            "ModelError", "add_lora", "load_model"]

@@ -192,7 +192,8 @@ class Interrupts:
 # ------------------------------------------------------------------------------------------------
 def run_align(args) -> int:
     from . import Booster, add_lora, load_model
-    from .models import check_positions, enable_gradient_checkpointing
+    from .compute import enable_gradient_checkpointing
+    from .models import check_positions
     from .checkpoint import RunDir
 
     if args.resume is not None:

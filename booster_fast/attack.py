@@ -197,7 +197,7 @@ def heldout_loss(model, batches: list[dict], device):
 
     from .batches import to_device
     from .losses import label_count, loss_sum
-    from .models import Autocast
+    from .compute import Autocast
 
     was_training = model.training
     model.eval()

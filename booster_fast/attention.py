@@ -244,7 +244,7 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
     real = torch.arange(longest) < lengths[:, None]
     ids = torch.randint(min(3, config.vocab_size - 1), config.vocab_size, (2, longest), generator=g) * real
     layers = getattr(config, "num_hidden_layers", None)
-    from .models import compute_dtype
+    from .compute import compute_dtype
 
     # bf16 rounding differs between attention kernels (the padded run's takes a mask, the others none), and a
     # deep random-init model amplifies that ~20x into its logits: measured on the CPU, llama-7b-shape's packed

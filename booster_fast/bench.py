@@ -137,7 +137,9 @@ def sft_baselines(name: str, modes: dict) -> tuple[str, ...]:
 def build_impl(name: str, args, device):
     """(Booster, tokenizer, initial LoRA weights on the CPU), built from scratch with the bench seed."""
     from . import Booster, add_lora, load_model
-    from .models import check_positions, enable_gradient_checkpointing, trainable_parameters
+    from .compute import enable_gradient_checkpointing
+    from .lora import trainable_parameters
+    from .models import check_positions
 
     cfg = impl_config(name, args)
     model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device,

@@ -24,7 +24,7 @@ import time
 import torch
 
 from .batches import tokens
-from .models import storage_bytes
+from .memory import storage_bytes
 from .nf4 import quant_state_tensors
 
 log = logging.getLogger("booster_fast")

@@ -255,7 +255,7 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
     from transformers import GenerationConfig
 
     from .data import default_prefix, format_prompt
-    from .models import Autocast
+    from .compute import Autocast
 
     if not examples:
         return []

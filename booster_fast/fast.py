@@ -37,7 +37,9 @@ from .flat import ALL_TOKENS, FlatLoRA, MixedPositions
 from .kernels import normalize_perturb_, restore_combine_, sumsq, triton_unusable
 from .kernels.model_kernels import available
 from .losses import attention_for, label_count, logits_of, loss_sum, targets_of, token_losses
-from .models import Autocast, check_rope_length, checkpoint_reads_rng, length_dependent_rope, trainable_parameters
+from .compute import Autocast, checkpoint_reads_rng
+from .lora import trainable_parameters
+from .models import check_rope_length, length_dependent_rope
 from .nf4 import keep_nf4_trainable_
 from .reference import exempt_from_decay
 

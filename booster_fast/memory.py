@@ -118,7 +118,7 @@ def size(n: int) -> str:
 
 def lora_targets(targets) -> tuple[str, ...] | None:
     """The LoRA targets as LINEARS names ("all-linear" is all of them), or None if one is not a Llama linear."""
-    from .models import split_targets
+    from .lora import split_targets
 
     names = split_targets(targets)
     if names == ("all-linear",):
@@ -232,10 +232,14 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
     return StepMemory(weights=weights, state=state, activations=saved, transient=transient, warmup=warmup)
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`, each storage counted once (views and shared buffers)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def frozen_bytes(model) -> int:
     """Bytes of a loaded model's frozen tensors: parameters that do not train, buffers, bitsandbytes'
     statistics (storages counted once)."""
-    from .models import storage_bytes
     from .nf4 import quant_state_tensors
 
     ts = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
@@ -250,7 +254,7 @@ def of_booster(booster, batch_size: int, harmful_batch_size: int, max_length: in
     plain target names. `overrides`: estimate's keywords to change (checkpointing=True: what checkpointing would
     take)."""
     from .attention import packed_kv_grouped
-    from .models import compute_dtype
+    from .compute import compute_dtype
     from .nf4 import is_quantized
 
     model, engine, cfg = booster.model, booster.engine, booster.cfg
@@ -372,8 +376,8 @@ def _model_of(args) -> tuple[Shape, tuple[int, int], torch.dtype]:
     """(shape, weight counts, dtype of the unquantised weights) of --model: a preset's from its fields, a
     pretrained model's built on the meta device from its config (which also checks --targets against its linear
     layers). ModelError, one line, for what has no estimate."""
-    from .models import (DTYPES, PRESETS, ModelError, check_lora_targets, checked_path, meta_model,
-                         preset_weight_counts, weight_counts)
+    from .lora import check_lora_targets
+    from .models import DTYPES, PRESETS, ModelError, checked_path, meta_model, preset_weight_counts, weight_counts
 
     name, dtype = args.model, DTYPES[args.dtype] if args.dtype else None
     if name in PRESETS:

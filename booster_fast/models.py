@@ -1,22 +1,21 @@
-"""Models: the embedded tiny Llama, download-free shape presets, Hugging Face loading, NF4 and LoRA.
+"""Models: the embedded tiny Llama, download-free shape presets, Hugging Face loading, the weights' size.
 
 `load_model("tiny")` builds a ~3 M-parameter Llama from a config with a seeded init and the project's own
 tokenizer, so everything runs offline on a CPU. `llama-1b-shape` / `-7b-` / `-13b-` / `-70b-shape` have the
 layer shapes of TinyLlama-1.1B and Llama-2-7B/13B/70B with random weights (for benchmarks: the cost of a step
 does not depend on the values). Anything else is a Hugging Face id or a local directory. `quant="nf4"` stores
-the decoder's linear layers as bitsandbytes NF4 (nf4.py).
+the decoder's linear layers as bitsandbytes NF4 (nf4.py); LoRA is added by lora.py.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import warnings
 
 import torch
 from torch import nn
 
-from .nf4 import is_quantized, quantize_linears_, quantize_nf4_
+from .nf4 import quantize_linears_, quantize_nf4_
 
 log = logging.getLogger("booster_fast")
 
@@ -439,137 +438,3 @@ def check_rope_length(rope: tuple[str, int] | None, length: int, what: str) -> N
                          f"by each forward's longest row, and there the fast engine's passes would not compute "
                          f"the reference's update; use max_length <= {limit} (--max-length) or impl='reference' "
                          f"(--impl reference)")
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the storages behind `tensors`, each storage counted once (views and shared buffers)."""
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
-def split_targets(targets) -> tuple[str, ...]:
-    """LoRA target names from a sequence or one comma-separated string, stripped, empty ones dropped."""
-    names = targets.split(",") if isinstance(targets, str) else targets
-    return tuple(n.strip() for n in names if n.strip())
-
-
-def check_lora_targets(model: nn.Module, targets) -> tuple[str, ...]:
-    """`targets` (split_targets) as add_lora takes them, after checking that each names linear layers of `model`
-    by peft's rule; ModelError, one line, naming the linear layers there are."""
-    targets = split_targets(targets)
-    modules = dict(model.named_modules())
-    linear = [n for n, m in modules.items()
-              if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Conv1D")]  # Conv1D: GPT-2's
-
-    def matches(t: str, names) -> bool:  # peft's rule: the module's full name, or its last dotted components
-        return any(n == t or n.endswith("." + t) for n in names)
-
-    missing = [t for t in targets if t != "all-linear" and not matches(t, linear)]
-    if missing or not targets:
-        others = [t for t in missing if matches(t, modules)]
-        kind = f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} not a linear layer" if others else ""
-        raise ModelError(f"LoRA targets {missing or list(targets)} not found in the model{kind}; it has linear "
-                         f"layers named {sorted({n.rsplit('.', 1)[-1] for n in linear})} (or all-linear)")
-    if "all-linear" in targets and len(targets) > 1:
-        raise ModelError(f"LoRA targets {list(targets)}: all-linear names every linear layer; give it alone")
-    return targets
-
-
-def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj", "k_proj", "v_proj"),
-             dropout: float = 0.0):
-    """Wrap `model` with a peft LoRA adapter (paper defaults); only LoRA weights stay trainable, in fp32.
-    `targets`: module names in peft's spellings, as a sequence or one comma-separated string ("all-linear")."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = check_lora_targets(model, targets)
-    if r < 1:
-        raise ModelError(f"LoRA rank must be >= 1, got {r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                     target_modules="all-linear" if targets == ("all-linear",) else list(targets))  # peft's form
-    checkpointed = getattr(model, "_booster_checkpointing", False)
-    try:
-        model = get_peft_model(model, cfg)
-    except (RuntimeError, MemoryError) as e:  # a rank whose LoRA weights do not fit (--lora-r 10**8 asked 77 GB)
-        if not isinstance(e, MemoryError) and "allocate" not in str(e):
-            raise
-        raise ModelError(f"LoRA rank {r} (--lora-r): its weights do not fit in memory ({reason(e)})") from None
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if checkpointed and dropout > 0:  # the recompute must now replay the dropout masks
-        enable_gradient_checkpointing(model.get_base_model())
-    return model
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def compute_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the base model computes in: bf16 for NF4, else the dtype of its frozen floating weights."""
-    if is_quantized(model):
-        return torch.bfloat16
-    for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-class Autocast:
-    """bf16 autocast when the base computes in a low precision (bf16 weights or NF4), else a no-op.
-
-    Decided once per model (walking a 7B model's modules every pass would cost milliseconds of Python)."""
-
-    def __init__(self, model: nn.Module, device: torch.device):
-        self.device_type = torch.device(device).type
-        self.enabled = compute_dtype(model) not in (torch.float32, torch.float64)
-
-    def __call__(self):
-        # no weight-cast cache: it must be off inside CUDA-graph capture, and LoRA weights are small
-        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled, cache_enabled=False)
-
-
-def has_dropout(model: nn.Module) -> bool:
-    """Whether a training forward may draw random numbers: a dropout module with p > 0, or any config value
-    named like a dropout probability (`*dropout*`, `*pdrop*`) above zero (some models call F.dropout with it)."""
-    config = getattr(model, "config", None)
-    values = config.to_dict() if hasattr(config, "to_dict") else {}
-    if any(("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-           for k, v in values.items()):
-        return True
-    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each decoder layer's activations in the backward (non-reentrant, so the recompute runs under
-    autograd and the routed LoRA forward sees the same routing, since backward runs inside the route).
-
-    The RNG state is saved for the recompute only when the forward draws random numbers (`has_dropout`):
-    saving it reads the CUDA generator's state on the host, which CUDA-graph capture refuses (the fast engine
-    then runs eagerly: checkpoint_reads_rng). add_lora calls this again when it adds LoRA dropout to a
-    checkpointed model."""
-    kwargs = {"use_reentrant": False, "preserve_rng_state": has_dropout(model)}
-    # transformers' name from 5.2x on (the old one warns); a model that overrides the old method (remote code)
-    # keeps it: the new one would call that override with arguments it does not take
-    overridden = getattr(model, "_is_overridden", lambda name: True)("gradient_checkpointing_enable")
-    if hasattr(model, "activation_checkpointing_enable") and not overridden:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
-    model._booster_checkpointing = True
-    return model
-
-
-def checkpoint_reads_rng(model: nn.Module) -> bool:
-    """Whether the model's gradient checkpointing saves the RNG states for its recompute (torch's
-    `preserve_rng_state`, on unless turned off, as enable_gradient_checkpointing does for a model without
-    dropout): that reads the CUDA generator's state on the host, which CUDA-graph capture refuses."""
-    for m in model.modules():
-        func = getattr(m, "_gradient_checkpointing_func", None)
-        if getattr(m, "gradient_checkpointing", False) and func is not None:
-            return bool(getattr(func, "keywords", {}).get("preserve_rng_state", True))
-    return False

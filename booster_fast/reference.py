@@ -26,7 +26,8 @@ import torch.nn as nn
 from .batches import micro_batches
 from .config import BoosterConfig
 from .losses import label_count, loss_sum
-from .models import Autocast, trainable_parameters
+from .compute import Autocast
+from .lora import trainable_parameters
 from .nf4 import keep_nf4_trainable_
 
 

@@ -16,7 +16,8 @@ import torch
 from .atomic import check_spares_inputs, existing_folder
 from .cli import UsageError
 from .config import BoosterConfig
-from .models import absolute_local_path, split_targets
+from .lora import split_targets
+from .models import absolute_local_path
 
 DEFAULT_MAX_SKIPPED = 100   # see --max-skipped's help: a healthy fp32/bf16 run skips none
 # flags a resumed run may change: they do not touch the maths of an update

@@ -13,7 +13,7 @@ from booster_fast.flat import ALIGN
 from booster_fast.losses import logits_of
 from booster_fast.packing import pack
 from booster_fast.data import BatchStream, encode_all, load_safety_data
-from booster_fast.models import enable_gradient_checkpointing
+from booster_fast.compute import enable_gradient_checkpointing
 from booster_fast.opcount import count_ops
 
 SEED = 7
@@ -258,7 +258,7 @@ def test_fast_matches_reference_nf4(batches, nf4_reference, merge):
 def test_gradient_checkpointing_gives_the_same_update(batches, reference_runs, exact_runs, merge):
     ref_w, _ = reference_runs[True]
     model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
-    bf.models.enable_gradient_checkpointing(model)
+    enable_gradient_checkpointing(model)
     assert model.is_gradient_checkpointing
     torch.manual_seed(SEED)
     model = bf.add_lora(model, r=8, alpha=16)
@@ -275,7 +275,7 @@ def test_checkpointing_saves_the_rng_state_only_for_dropout(batches):
     def run_dropout(checkpointing, dropout):
         model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
         if checkpointing:
-            bf.models.enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model)
         torch.manual_seed(SEED)
         model = bf.add_lora(model, r=8, alpha=16, dropout=dropout)
         booster = bf.Booster(model, bf.BoosterConfig(impl="fast", merge_passes=True))

@@ -16,7 +16,7 @@ import booster_fast as bf
 from booster_fast import fused_ops
 from booster_fast.kernels.model_kernels import gelu_tanh_mul, rms_norm, rope, silu_mul
 from booster_fast.kernels.reference import gelu_tanh_mul_ref, rms_norm_ref, rope_ref, silu_mul_ref
-from booster_fast.models import enable_gradient_checkpointing
+from booster_fast.compute import enable_gradient_checkpointing
 from booster_fast.packing import pack
 
 from test_fast import SEED, builtin_batches, first_update, make_model, relative, step_gradient

@@ -41,7 +41,7 @@ def test_checkpointing_that_saves_the_rng_state_is_not_captured(how, caplog):
     """Checkpointing that saves the RNG state for its recompute reads the CUDA generator on the host, which capture
     refuses: graphs are declined when the engine is built ("auto": one log line; "on": an error), not at a failed
     capture after two steps. Checkpointing without dropout saves no RNG state and is captured."""
-    from booster_fast.models import checkpoint_reads_rng, enable_gradient_checkpointing
+    from booster_fast.compute import checkpoint_reads_rng, enable_gradient_checkpointing
 
     def engine(dropout, ours=True):
         model, _ = bf.load_model("tiny", seed=SEED, device="cpu")

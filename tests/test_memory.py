@@ -21,8 +21,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from booster_fast import Booster, BoosterConfig, memory
 from booster_fast.cli import main
 from booster_fast.kernels.model_kernels import available as kernels_available
-from booster_fast.models import (PRESETS, add_lora, enable_gradient_checkpointing, load_model, preset_weight_counts,
-                                 weight_bytes)
+from booster_fast.compute import enable_gradient_checkpointing
+from booster_fast.lora import add_lora
+from booster_fast.models import PRESETS, load_model, preset_weight_counts, weight_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

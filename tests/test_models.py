@@ -301,7 +301,7 @@ def test_checkpointing_a_model_that_overrides_the_old_method():
     """Remote-code models may override `gradient_checkpointing_enable` with transformers 4's signature: they get
     that method called (transformers' new `activation_checkpointing_enable` would call it with arguments it does
     not take)."""
-    from booster_fast.models import enable_gradient_checkpointing
+    from booster_fast.compute import enable_gradient_checkpointing
 
     model, _ = load_model("tiny", device="cpu")
     calls = []
@@ -440,12 +440,12 @@ def test_hub_loads_try_the_cache_first_and_never_retry_an_unreachable_hub(monkey
 
 
 def test_nf4_models_compute_in_bf16_with_double_quantisation(tmp_path):
-    """[N1, N6, M4, M6] nf4.py quantize_linears_/quantize_nf4_ and models.py compute_dtype/_load_pretrained: every
+    """[N1, N6, M4, M6] nf4.py quantize_linears_/quantize_nf4_ and compute.py compute_dtype, models.py _load_pretrained: every
     NF4 layer (tiny, a shape preset built layer by layer, a pretrained checkpoint) computes in bf16 with doubly
     quantised statistics, the model says it is 4-bit, and the step's autocast is on."""
     import bitsandbytes as bnb
 
-    from booster_fast.models import Autocast, compute_dtype
+    from booster_fast.compute import Autocast, compute_dtype
 
     model, tok = load_model("tiny", quant="nf4", device="cpu", num_hidden_layers=2)
     assert getattr(model, "is_loaded_in_4bit", False)
@@ -463,8 +463,8 @@ def test_nf4_models_compute_in_bf16_with_double_quantisation(tmp_path):
 
 
 def test_a_boolean_config_flag_named_like_dropout_is_no_dropout():
-    """[M7] models.py has_dropout: only numbers count as probabilities (bool is an int subclass)."""
-    from booster_fast.models import has_dropout
+    """[M7] compute.py has_dropout: only numbers count as probabilities (bool is an int subclass)."""
+    from booster_fast.compute import has_dropout
 
     model, _ = load_model("tiny", device="cpu", num_hidden_layers=1)
     assert not has_dropout(model)

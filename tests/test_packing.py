@@ -10,7 +10,7 @@ import booster_fast as bf
 from booster_fast import attention
 from booster_fast.attention import segment_attention, varlen_attention_forward
 from booster_fast.batches import micro_batches, to_device
-from booster_fast.models import enable_gradient_checkpointing
+from booster_fast.compute import enable_gradient_checkpointing
 from booster_fast.opcount import count_ops
 from booster_fast.packing import bucket_size, concat_packed, pack
 

@@ -7,7 +7,7 @@ import torch
 
 import booster_fast as bf
 from booster_fast.packing import pack
-from booster_fast.models import enable_gradient_checkpointing
+from booster_fast.compute import enable_gradient_checkpointing
 from booster_fast.opcount import count_ops
 from test_fast import (builtin_batches, first_update, lora_state, make_model, relative, step_gradient,
                        worst_relative_error)
