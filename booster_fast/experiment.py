@@ -156,24 +156,29 @@ def _run(argv: list[str]):
         raise StageFailed(rc)
 
 
-def preflight(p: dict):
+def preflight(p: dict, announce=lambda: None):
     """Before hours of training: can the base model, the judge and every data set be resolved at all? Also the
-    eval stage's new-token budgets against the model's position limit."""
+    LoRA targets against the model's layers and the eval stage's new-token budgets against its position limit.
+    `announce()` logs the run's first line, after the checks that log nothing (so that their error is the only
+    line) and before the data sets load."""
     from .evaluate import check_new_tokens, position_limit
 
     preflight_models(p)
     check_new_tokens({f"eval.{k}": p["eval"].get(k) for k in ("max_new_tokens", "task_max_new_tokens")} |
                      {"attack.refusal_max_new_tokens": p["attack"].get("refusal_max_new_tokens")},
                      p["model"], position_limit(p["model"]))
+    announce()
     preflight_data(p)
 
 
 def preflight_models(p: dict):
-    """The base model and the judge (config files only)."""
+    """The base model and the judge (config files only), and the alignment's LoRA targets against the base's
+    layers (add_lora's own check, on the base built on the meta device)."""
     from transformers import AutoConfig
 
     from .evaluate import BEAVER_DAM
-    from .models import PRESETS as MODEL_PRESETS, ModelError, from_hub
+    from .lora import check_lora_targets
+    from .models import PRESETS as MODEL_PRESETS, ModelError, from_hub, meta_model
 
     needed = [p["model"]] if p["model"] not in MODEL_PRESETS else []
     needed += [BEAVER_DAM] if p["judge"] == "beaver-dam" else []
@@ -186,6 +191,12 @@ def preflight_models(p: dict):
                     else f"download it first (`hf download {name}`)")
             raise ModelError(f"preset needs {name}, which cannot be loaded here ({type(e).__name__}: {first}); "
                              f"{hint}") from None
+    model = meta_model(p["model"])
+    if model is not None:  # (None: a checkpoint quantised already; the align stage checks its targets)
+        try:
+            check_lora_targets(model, p["align"]["targets"])
+        except ModelError as e:
+            raise ModelError(f"align.targets: {e}") from None
 
 
 def preflight_data(p: dict):
@@ -371,11 +382,14 @@ def run_experiment(args) -> int:
         need_matplotlib()
         check_writable_file(out_png, "--plot")
     device = resolve_device(args.device)  # (an unknown device: one line, before any other)
-    if overrides:
-        log.info("experiment: preset %s with --set %s; results to %s%s", args.preset,
-                 " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()), out_json,
-                 f" and {out_png}" if out_png else "")
-    preflight(p)
+
+    def announce():
+        if overrides:
+            log.info("experiment: preset %s with --set %s; results to %s%s", args.preset,
+                     " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()), out_json,
+                     f" and {out_png}" if out_png else "")
+
+    preflight(p, announce)
     seeds = [p["seed"] + i for i in range(args.seeds)]
     with flush_denormals(device):
         return _experiment(args, p, seeds, methods, work, out_json, out_png, overrides)

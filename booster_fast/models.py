@@ -112,11 +112,15 @@ def pretrained_weight_counts(path: str, trust_remote_code: bool = False) -> tupl
 
 
 def meta_model(path: str, trust_remote_code: bool = False, quiet: bool = True) -> nn.Module | None:
-    """A pretrained model built from its config alone on the meta device (no memory, no weight read); None when
-    the checkpoint is quantised already, or (quiet) when it cannot be built; not quiet, that error is raised."""
+    """A preset, or a pretrained model built from its config alone, on the meta device (no memory, no weight
+    read); None when the checkpoint is quantised already, or (quiet) when it cannot be built; not quiet, that
+    error is raised."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    if path in PRESETS:  # the layers' names and shapes (the tiny model's vocabulary size aside)
+        with init_empty_weights():
+            return LlamaForCausalLM(LlamaConfig(**PRESETS[path]))
     try:
         config = from_hub(AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
         if getattr(config, "quantization_config", None):

@@ -419,13 +419,30 @@ def test_every_stages_settings_are_checked_before_the_first_stage(setting, needl
 
 
 def test_an_unknown_device_is_refused_before_the_preflight(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(experiment, "preflight", lambda p: pytest.fail("reached the preflight"))
+    monkeypatch.setattr(experiment, "preflight", lambda p, *announce: pytest.fail("reached the preflight"))
     monkeypatch.setattr(experiment, "_run", NoStage())
     capsys.readouterr()
     code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
                  "--output", str(tmp_path / "x.json"), "--device", "bogus"])
     line = one_error_line(capsys)
     assert code == 2 and "bogus" in line and list(tmp_path.iterdir()) == [], line
+
+
+@pytest.mark.parametrize("targets, needle", [("bogus_proj", "['bogus_proj'] not found"),
+                                             ("q_proj,norm", "norm is not a linear layer")])
+def test_lora_targets_the_model_lacks_are_refused_before_any_line(targets, needle, tmp_path, monkeypatch, capsys,
+                                                                   caplog):
+    stages = NoStage()
+    monkeypatch.setattr(experiment, "_run", stages)
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
+                     "--set", f"align.targets={targets}", "--set", "align.steps=2"])
+    line = one_error_line(capsys)
+    assert code == 2 and line.startswith("booster-fast: error: align.targets: LoRA targets") and needle in line
+    assert "q_proj" in line.split("linear layers named")[1], line  # what the model has
+    assert stages.calls == [] and list(tmp_path.iterdir()) == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []  # the --set line too
 
 
 @pytest.mark.parametrize("preset", list(experiment.PRESETS))
@@ -589,7 +606,7 @@ def test_set_without_a_key_says_the_expected_form(item):
 def test_contradicting_or_out_of_range_flags_exit_2_before_anything(flags, tmp_path, monkeypatch, capsys):
     stages = NoStage()
     monkeypatch.setattr(experiment, "_run", stages)
-    monkeypatch.setattr(experiment, "preflight", lambda p: pytest.fail("reached the preflight"))
+    monkeypatch.setattr(experiment, "preflight", lambda p, *announce: pytest.fail("reached the preflight"))
     capsys.readouterr()
     code = main(["experiment", "defense", "--workdir", str(tmp_path / "runs"), "--no-plot",
                  "--output", str(tmp_path / "x.json"), *flags])
