@@ -216,12 +216,16 @@ def run_align(args) -> int:
     model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device,
                             dtype=getattr(args, "dtype", None),
                             trust_remote_code=getattr(args, "trust_remote_code", False))
-    check_positions(model, args.max_length)
+    beyond = check_positions(model, args.max_length)  # (a warning, said with the run's first lines)
     if getattr(args, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
     torch.manual_seed(args.seed)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.targets)
     *pair, truncated = build_streams(args, tok, rank, world, data)
+    notes = [(logging.WARNING, beyond)] if beyond else []
+    if any(truncated):
+        notes.append((logging.INFO, "truncated to --max-length %d: %d alignment and %d harmful rows"
+                      % (args.max_length, *truncated)))
     streams = {k: s for k, s in zip(("align", "harmful"), pair) if s is not None}
     if args.steps is None and args.epochs is None:  # resolved here and saved so, for --resume
         # a demo on the built-in models; the paper's 20 epochs on a real one (a run saved with neither flag
@@ -244,7 +248,7 @@ def run_align(args) -> int:
                 run = (RunDir.reopen(args.output) if args.resume
                        else RunDir.create(args.output, vars(args)))
             code = _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world,
-                          device, truncated)
+                          device, notes)
             _dist_teardown()
             return code
     finally:
@@ -253,7 +257,7 @@ def run_align(args) -> int:
 
 
 def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world, device,
-           truncated=(0, 0)) -> int:
+           notes=()) -> int:
     from tqdm.auto import tqdm
 
     from .checkpoint import METRICS as METRICS_FILE
@@ -288,8 +292,8 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
             rows += f" per process ({'+'.join(str(n * world) for n in sizes)} per update)"
         log.info("align: %s on %s, %s/%s, %d step%s of %s x %d tokens%s%s", args.model, device, method,
                  cfg.impl, steps, "" if steps == 1 else "s", rows, args.max_length, how, resumed)
-        if any(truncated):  # (said once every input has been checked: an error is then the only line)
-            log.info("truncated to --max-length %d: %d alignment and %d harmful rows", args.max_length, *truncated)
+        for level, note in notes:  # (said once every input has been checked: an error is then the only line)
+            log.log(level, note)
         if device.type == "cuda":
             from .memory import log_fit
 

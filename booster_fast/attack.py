@@ -317,7 +317,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
         harmful_test = harmful_test[: args.eval_rows]
     model, tok, _ = load_adapter(args.adapter, device, trainable=True, base=base, cfg=run_cfg)
     check_max_length(tok, max_length)
-    check_positions(model, max_length)
+    beyond = check_positions(model, max_length)
     encoded, n_trunc = encode_all(tok, rows, max_length)
     test_enc, _ = encode_all(tok, harmful_test, max_length)
     stream = BatchStream(encoded, args.batch_size, max_length, tok.pad_token_id, seed)
@@ -328,7 +328,9 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     cfg = BoosterConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
     booster = Booster(model, cfg)  # plain SFT steps (sft_step): AdamW, clipping, no Booster term
     booster.check_length(max_length)
-    if heldout_is_train:  # (said once every input has been checked: an error is then the only line)
+    if beyond:  # (said once every input has been checked: an error is then the only line)
+        log.warning(beyond)
+    if heldout_is_train:
         log.warning("attack: %s is used whole: the attack trains on its rows, which may be the alignment's own (a "
                     "file has no attack split), and the 'held-out' harmful loss is measured on them too (the "
                     "built-in and BeaverTails sets have both splits)", harmful_file or harmful_src)

@@ -144,7 +144,9 @@ def build_impl(name: str, args, device):
     cfg = impl_config(name, args)
     model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device,
                             dtype=getattr(args, "dtype", None))
-    check_positions(model, args.max_length)
+    beyond = check_positions(model, args.max_length)
+    if beyond:
+        log.warning(beyond)
     if getattr(args, "gradient_checkpointing", False):
         # non-reentrant (before add_lora): needs no enable_input_require_grads(), it recomputes under autograd
         enable_gradient_checkpointing(model)

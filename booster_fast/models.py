@@ -386,11 +386,12 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
     return model, tok
 
 
-def check_positions(model: nn.Module, max_length: int, flag: str = "--max-length"):
+def check_positions(model: nn.Module, max_length: int, flag: str = "--max-length") -> str | None:
     """ModelError when rows of `max_length` tokens do not fit a model's learned absolute position table (GPT-2's
     wpe, OPT's embed_positions, ...): the lookup would fail in the first step. Only the table beside the token
-    embeddings counts (not an audio or vision encoder's); rotary and sinusoidal models have none, and rows longer
-    than a rotary model's max_position_embeddings get one warning (they run, on positions it never trained on)."""
+    embeddings counts (not an audio or vision encoder's); rotary and sinusoidal models have none. Rows longer
+    than a rotary model's max_position_embeddings run, on positions it never trained on: the warning to log for
+    them is returned (None otherwise), for the caller to log once every input is checked."""
     tokens = model.get_input_embeddings()
     parent = next((m for m in model.modules() if any(c is tokens for c in m.children())), None)
     for name, m in (parent.named_children() if parent is not None else ()):
@@ -404,8 +405,9 @@ def check_positions(model: nn.Module, max_length: int, flag: str = "--max-length
             return
     trained = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(trained, int) and max_length > trained:  # rotary: runs, beyond what the model was trained on
-        log.warning("%s %d exceeds the model's max_position_embeddings (%d): positions beyond it were never "
-                    "trained", flag, max_length, trained)
+        return (f"{flag} {max_length} exceeds the model's max_position_embeddings ({trained}): positions beyond it "
+                f"were never trained")
+    return None
 
 
 def length_dependent_rope(model: nn.Module) -> tuple[str, int] | None:

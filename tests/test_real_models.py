@@ -196,19 +196,28 @@ def test_a_pretrained_model_too_big_for_the_gpu_is_refused_before_it_loads(model
         load_model(str(model_dir), device="cuda")
 
 
-def test_rows_beyond_a_rotary_models_trained_positions_get_one_warning(caplog):
-    """Rotary positions have no table to overflow: rows longer than the model was trained on run, said once."""
+def test_rows_beyond_a_rotary_models_trained_positions_get_one_warning(tmp_path, caplog, capsys):
+    """Rotary positions have no table to overflow: rows longer than the model was trained on run, said once, with
+    the run's first lines (after every input is checked: a --max-length that is refused is the only line)."""
     import logging
 
     model, _ = load_model("tiny", device="cpu")
     n = model.config.max_position_embeddings
-    with caplog.at_level(logging.WARNING, logger="booster_fast"):
-        check_positions(model, n)
-        assert not caplog.records
-        check_positions(model, n + 1)
-    assert [r.getMessage() for r in caplog.records] == [
-        f"--max-length {n + 1} exceeds the model's max_position_embeddings ({n}): positions beyond it were never "
-        "trained"]
+    assert check_positions(model, n) is None
+    warning = (f"--max-length {n + 1} exceeds the model's max_position_embeddings ({n}): positions beyond it were "
+               "never trained")
+    assert check_positions(model, n + 1) == warning
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        code = main(["align", "--output", str(tmp_path / "run"), *SMALL[:2], "--max-length", str(n + 1),
+                     "--batch-size", "2", "--align-samples", "4", "--save-every", "0"])
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+    assert code == 0 and said.count((logging.WARNING, warning)) == 1, said
+    assert said[0][1].startswith("align: tiny on cpu") and said[1] == (logging.WARNING, warning), said
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="booster_fast"):  # refused by the batches' memory check
+        code = main(["align", "--output", str(tmp_path / "big"), "--max-length", str(10**12)])
+    assert code == 2 and [r for r in caplog.records if r.levelno >= logging.INFO] == []
+    assert "--max-length" in capsys.readouterr().err and not (tmp_path / "big").exists()
 
 
 def test_a_left_padding_tokenizer_pads_on_the_right(tmp_path):
