@@ -23,6 +23,7 @@ import torch
 
 import booster_fast as bf
 from booster_fast.batches import to_device, without_mask
+from booster_fast.errors import described
 from booster_fast import graphs as step_graphs
 from booster_fast.graphs import CaptureInvalidated
 from booster_fast.packing import pack
@@ -133,7 +134,7 @@ def cmd_equivalence(args):
                     write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
                     raise
                 results[label] = {"steps": args.steps, "worst_relative_l2": None, "captured": False,
-                                  "fallback": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+                                  "fallback": described(e)}
             _free_device_memory()
             # after each run: a part stopped by its time limit keeps what it has measured
             write(args.out, "graph_equivalence.json", {"machine": machine(), "results": results})
@@ -204,7 +205,7 @@ def cmd_profile(args):
             docs[label], table = _profile_one(args, impl, graphs, torch.Generator().manual_seed(0))
             tables.append(f"## {label} on {args.model} ({args.quant}), {args.steps} steps\n{table}\n")
         except Exception as e:  # noqa: BLE001 - recorded: the other implementation's table still comes back
-            docs[label] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+            docs[label] = {"error": described(e)}
             print(f"profile {label} failed: {docs[label]['error']}", file=sys.stderr)
         _free_device_memory()
         # after each implementation: a part stopped by its time limit keeps what it has measured

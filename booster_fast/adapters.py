@@ -149,7 +149,8 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
     `cfg`: the run's config when the caller has read it already (read_run_config)."""
     from peft import PeftModel
 
-    from .models import ModelError, load_model, reason
+    from .errors import reason
+    from .models import ModelError, load_model
     from .nf4 import keep_nf4_trainable_
 
     if cfg is None:

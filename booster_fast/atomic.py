@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from .errors import reason
+
 
 def umask() -> int:
     mask = os.umask(0)
@@ -139,7 +141,7 @@ def write_failure(e: BaseException) -> str | None:
         return str(e).strip().split(" (os error ")[0]
     torch_writer = isinstance(e, RuntimeError) and any(w in str(e) for w in _TORCH_WRITER)
     if type(e).__name__ == "SafetensorError" or torch_writer:
-        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return reason(e)
     return None
 
 
@@ -153,10 +155,10 @@ def writes(what: str, kept: str = ""):
     try:
         yield
     except Exception as e:  # noqa: BLE001 - re-raised as it is unless it is a failed write
-        reason = write_failure(e)
-        if reason is None:
+        why = write_failure(e)
+        if why is None:
             raise
-        raise OutputError(f"cannot write {what}: {reason}{kept}") from None
+        raise OutputError(f"cannot write {what}: {why}{kept}") from None
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import described, reason
+
 log = logging.getLogger("booster_fast")
 CAUSAL_SDPA = "booster_causal_sdpa"
 VARLEN = "booster_varlen"
@@ -111,7 +113,7 @@ def _flash(q, k, v, cu, max_seqlen: int, scaling, dropout: float):
         # API that refuses these arguments: found by probe_flash or the eager warm-up, before any capture
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise
-        _flash_failed = f"flash varlen failed: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+        _flash_failed = f"flash varlen failed: {reason(e)}"
         return None, _flash_failed
 
 
@@ -134,7 +136,7 @@ def probe_flash(device, dtype, heads: int, kv_heads: int, head_dim: int) -> str 
         try:
             got = (out, *torch.autograd.grad(out, (q, k, v), grad))
         except (RuntimeError, NotImplementedError) as e:  # a forward without a backward (an early API)
-            _flash_failed = f"flash varlen backward failed: {(str(e).strip().splitlines() or [''])[0]}"
+            _flash_failed = f"flash varlen backward failed: {reason(e)}"
             return _flash_failed
         exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
         ref = segment_attention(*exact, cu, 27, scale=scale)
@@ -221,10 +223,6 @@ def supports_packing(model) -> str | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
 @torch.no_grad()
 def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None, str | None]:
     """(why packed batches cannot run on `model`, why right-padded batches cannot leave their mask out), each
@@ -262,7 +260,7 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
             with autocast():
                 got = run().float()
         except Exception as e:  # any model code that cannot take this form: the reason, logged by the caller
-            return _first_line(e)
+            return described(e)
         calls = _calls[counter] - before
         if switched.get(counter, True) and (calls == 0 or (layers and calls != layers)):
             return (f"its attention reached the {name} function {calls} times for {layers} layers (it does not look "

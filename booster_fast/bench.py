@@ -76,6 +76,7 @@ import torch
 
 from .align import build_streams
 from .batches import tokens
+from .errors import reason
 from .bench_measure import (FIRST_STEP_RTOL, SFT, first_step_agreement, graph_pool_bytes, graphs_captured,
                             held_bytes, matmul_params, matmul_tflops, method_flops, micro, model_flops, pass_batches,
                             peak_tflops, sync, transient_bytes)
@@ -196,10 +197,6 @@ def _estimated_mb(name: str, booster, args) -> float | None:
     return None if est is None else round(est.total / 2**20, 1)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def warm_graphs(name: str, booster, fn, pairs, tries: int = 4) -> str | None:
     """Extra untimed steps until a graph-using entry has captured the step for every batch shape it will meet
     (one for padded batches, a few bucketed lengths for packed ones), so that no capture lands in the timing.
@@ -220,7 +217,7 @@ def warm_graphs(name: str, booster, fn, pairs, tries: int = 4) -> str | None:
     except Exception as e:  # noqa: BLE001 - graphs='on' raises when the capture fails: reported, not fatal
         if name != "fast-graphs" or isinstance(e, CaptureInvalidated):  # the latter: CUDA memory is suspect
             raise
-        return "not captured: " + _first_line(e)
+        return "not captured: " + reason(e)
     return GRAPHS_NOT_CAPTURED if name == "fast-graphs" and not graphs_captured(booster.engine) else None
 
 
@@ -314,7 +311,7 @@ def _failed(results, name, stage, e):
     """Record that entry `name` failed (one log line; run_bench then exits 1), keeping what was measured of it
     before (its step times when the memory pass fails): on a borrowed GPU, one broken entry must not cost the
     others' numbers, nor its own timing."""
-    results[name] = {**results.get(name, {}), "failed": f"{stage}: {type(e).__name__}: {_first_line(e)}"}
+    results[name] = {**results.get(name, {}), "failed": f"{stage}: {type(e).__name__}: {reason(e)}"}
     log.error("bench: %s failed while %s", name, results[name]["failed"])
 
 
@@ -339,7 +336,7 @@ def build_all(names, args, device, results):
             continue
         except Exception as e:  # noqa: BLE001 -- reported in the results and the exit code, the others still run
             if name == "fast-graphs" and isinstance(e, (ValueError, RuntimeError)):
-                results[name] = {"skipped": f"graphs='on' unavailable: {_first_line(e)}"}
+                results[name] = {"skipped": f"graphs='on' unavailable: {reason(e)}"}
             else:
                 _failed(results, name, "building it", e)
             continue
@@ -397,7 +394,7 @@ def time_interleaved(impls, batches, args, device, results):
                     _failed(results, name, f"step {i}", e)
                     raise
                 if name == "fast-graphs":  # graphs='on' raises when capture is impossible: skipped, not failed
-                    results[name] = {"skipped": "not captured: " + _first_line(e)}
+                    results[name] = {"skipped": "not captured: " + reason(e)}
                 else:
                     _failed(results, name, f"step {i}", e)
                 continue
@@ -494,7 +491,7 @@ def run_bench(args) -> int:
     except CaptureInvalidated as e:  # CUDA memory is suspect: nothing more is measured in this process
         publish()
         kept = f"; what was measured before is in {args.output}" if getattr(args, "output", None) else ""
-        print(f"booster-fast: error: bench stopped: {_first_line(e)}{kept}", file=sys.stderr)
+        print(f"booster-fast: error: bench stopped: {reason(e)}{kept}", file=sys.stderr)
         return 3
     doc = publish(complete=True)
     print(format_table(doc))

@@ -37,6 +37,7 @@ import torch
 
 from .atomic import fsync_dir, fsync_file, save_adapter, umask, write_text_atomic
 from .cli import UsageError
+from .errors import reason
 
 log = logging.getLogger("booster_fast")
 
@@ -213,7 +214,7 @@ def _load_training_state(path: Path, device) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"cannot resume: {path} is missing") from None
     except Exception as e:  # noqa: BLE001 - UnpicklingError (refused globals), truncated or corrupt files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = reason(e, 200)
         raise CheckpointError(f"cannot resume: {path} is not a plain tensor checkpoint "
                               f"({type(e).__name__}: {first})") from None
 

@@ -16,6 +16,7 @@ import sys
 import threading
 
 from .config import BoosterConfig
+from .errors import reason
 
 log = logging.getLogger("booster_fast")
 
@@ -288,7 +289,7 @@ def run_reporting(fn, *args) -> int:
         return EXIT_NONFINITE
     except torch.cuda.OutOfMemoryError as e:  # a configuration too big for the GPU, found at its first step or
         # at a long batch hours in: one line with the ways to need less, not a traceback
-        first = (str(e).strip().splitlines() or ["CUDA out of memory"])[0]
+        first = reason(e)
         print(f"booster-fast: error: out of GPU memory ({first.split('. Tried')[0].rstrip('.')}): a smaller "
               f"--batch-size or --max-length, --quant nf4 or --gradient-checkpointing (where the command has them) "
               f"need less", file=sys.stderr)

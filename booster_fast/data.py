@@ -28,6 +28,7 @@ from booster_fast.corpus import attack_corpus, builtin_corpus
 # (DataError, Example, clean_refusal and load_harmful_file are imported from here too, as before data_files.py)
 from booster_fast.data_files import (DataError, Example, clean_refusal, instruction_file, instructions,  # noqa: F401
                                      load_harmful_file, pairs, read_rows, row_format)
+from booster_fast.errors import described
 
 IGNORE_INDEX = -100
 
@@ -296,11 +297,10 @@ def load_hub(repo: str, name: str | None, split: str, hint: str = ""):
         finally:
             datasets.config.HF_HUB_OFFLINE = before
     except Exception as e:  # ConnectionError offline, DatasetNotFoundError, FileNotFoundError, hub HTTP errors
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
         cfg = f", '{name}'" if name else ""
         raise DataError(_one_line(
             f"cannot load the Hugging Face data set {repo}{f' ({name})' if name else ''} split {split!r} "
-            f"({type(e).__name__}: {reason}); no network or cached copy here: on a machine with network run "
+            f"({described(e, 160)}); no network or cached copy here: on a machine with network run "
             f"`python -c \"import datasets; datasets.load_dataset('{repo}'{cfg})\"` and copy ~/.cache/huggingface "
             f"here{hint}")) from None
 

@@ -34,6 +34,8 @@ import re
 import time
 from pathlib import Path
 
+from .errors import reason
+
 log = logging.getLogger("booster_fast")
 
 TASKS = ("builtin", "sst2", "agnews", "gsm8k")
@@ -161,7 +163,7 @@ class BeaverDamJudge:
             self.model = from_hub(AutoModelForSequenceClassification.from_pretrained, model_id, dtype=dtype)
             self.tok = self._tokenizer(model_id, max_length)
         except Exception as e:  # offline, not downloaded, gated, wrong id: one line that says what to do
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            first = reason(e, 160)
             raise ModelError(f"cannot load the beaver-dam judge {model_id} ({type(e).__name__}: {first}); download "
                              f"it first (`hf download {BEAVER_DAM}`, ~14 GB) and pass --judge-model "
                              f"PATH if it is a local copy, or use --judge refusal (offline keyword proxy)") from None

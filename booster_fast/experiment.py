@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 from .defense_plot import need_matplotlib, plot_defense
+from .errors import reason
 
 log = logging.getLogger("booster_fast")
 METHODS = ("sft", "booster", "booster-vaccine")  # booster-vaccine: Booster with the original's perturb_aware
@@ -186,7 +187,7 @@ def preflight_models(p: dict):
         try:
             from_hub(AutoConfig.from_pretrained, name)
         except Exception as e:  # offline, gated, not downloaded
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            first = reason(e, 160)
             hint = ("check that it holds the model's config.json" if os.path.isdir(name)
                     else f"download it first (`hf download {name}`)")
             raise ModelError(f"preset needs {name}, which cannot be loaded here ({type(e).__name__}: {first}); "

@@ -51,6 +51,7 @@ import warnings
 import torch
 
 from .batches import check_right_padded, without_mask
+from .errors import reason
 
 log = logging.getLogger("booster_fast")
 WARMUP = 2
@@ -77,10 +78,6 @@ def _allocating_in(pool):
     finally:
         end(device, pool)
         release(device, pool)  # begin counted one more user of the pool
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _kind_name(kind) -> str:
@@ -180,7 +177,7 @@ class StepGraphs:
             except Exception as e:  # noqa: BLE001 - a failure before CUDA saw anything: fall back (auto)
                 if self.mode == "on":
                     raise
-                self._give_up(f"capture failed ({_first_line(e)})")
+                self._give_up(f"capture failed ({reason(e)})")
                 return fn(*batches)
             if len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))  # the least recently replayed graph
@@ -198,22 +195,22 @@ class StepGraphs:
         self.replays += 1
         return dict(zip(keys, static_out.clone().unbind()))
 
-    def _keep_eager(self, key, kind, batches, reason: str):
+    def _keep_eager(self, key, kind, batches, why: str):
         """Steps of this key run eagerly from now on; other keys are still captured. One warning per reason."""
         if self.mode == "on":
-            raise RuntimeError(f"graphs='on': {reason}")
-        new_reason = reason not in self.eager_keys.values()
-        self.eager_keys[key] = reason
+            raise RuntimeError(f"graphs='on': {why}")
+        new_reason = why not in self.eager_keys.values()
+        self.eager_keys[key] = why
         _drop_oldest(self.eager_keys, 4 * MAX_GRAPHS)
         (log.warning if new_reason else log.info)(
             "CUDA graphs: %s; the %s step for batches of %s runs eagerly (other shapes are still captured)",
-            reason, _kind_name(kind), _shapes(batches))
+            why, _kind_name(kind), _shapes(batches))
 
-    def _give_up(self, reason: str):
+    def _give_up(self, why: str):
         if self.mode == "on":
-            raise RuntimeError(f"graphs='on': {reason}")
-        self.disabled = reason
-        log.warning("CUDA graphs off: %s; running the fast step eagerly", reason)
+            raise RuntimeError(f"graphs='on': {why}")
+        self.disabled = why
+        log.warning("CUDA graphs off: %s; running the fast step eagerly", why)
 
     def _side(self):
         if self._stream is None:
@@ -237,7 +234,7 @@ class StepGraphs:
             except Exception as e:  # noqa: BLE001 - an allocator API that moved: warm up beside the pool instead
                 self._pool_warmup = False
                 log.warning("CUDA graphs: cannot warm up in the graphs' memory pool (%s); new shapes warm up "
-                            "beside it, which needs about one step's activations more", _first_line(e))
+                            "beside it, which needs about one step's activations more", reason(e))
                 return self._eager_step(fn, batches, watch)
             out, sync = self._eager_step(fn, batches, watch)
         self.pool_warmups += 1
@@ -265,7 +262,7 @@ class StepGraphs:
         for w in caught:
             if w not in syncs:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return out, (_first_line(syncs[0].message) if syncs else None)
+        return out, (reason(syncs[0].message) if syncs else None)
 
     def _capture(self, fn, batches):
         static_in = tuple({k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches)
@@ -291,7 +288,7 @@ class StepGraphs:
             try:
                 graph.capture_end()
             except Exception as e:  # noqa: BLE001
-                raise CaptureInvalidated(_first_line(failed or e)) from (failed or e)
+                raise CaptureInvalidated(reason(failed or e)) from (failed or e)
         if failed is not None:
             raise failed
         return static_in, static_out, keys, graph

@@ -8,7 +8,8 @@ from __future__ import annotations
 from torch import nn
 
 from .compute import enable_gradient_checkpointing
-from .models import ModelError, reason
+from .errors import reason
+from .models import ModelError
 
 
 def split_targets(targets) -> tuple[str, ...]:

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import reason
+
 log = logging.getLogger("booster_fast")
 
 # LoRA target names (peft's spellings of a Llama layer's linears) -> (input, output) width: "h", "q", "kv" or "i"
@@ -397,7 +399,7 @@ def _model_of(args) -> tuple[Shape, tuple[int, int], torch.dtype]:
             model = meta_model(path, args.trust_remote_code, quiet=False)
         except Exception as e:  # noqa: BLE001 - not found, offline, not a causal LM, a broken config: one line
             raise ModelError(f"{name}: cannot build it from its config: "
-                             f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
+                             f"{reason(e)}") from e
         if model is None:
             raise ModelError(f"{name}: a checkpoint quantised already; estimate its unquantised original")
         config, counts = model.config, weight_counts(model)

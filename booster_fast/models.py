@@ -15,6 +15,7 @@ import os
 import torch
 from torch import nn
 
+from .errors import reason
 from .nf4 import quantize_linears_, quantize_nf4_
 
 log = logging.getLogger("booster_fast")
@@ -297,15 +298,6 @@ def checked_path(name: str) -> str:
         raise ModelError(f"--model {name}: no such directory (built-in presets: {', '.join(PRESETS)}; or a "
                          f"Hugging Face id such as meta-llama/Llama-2-7b-hf)")
     return path
-
-
-def reason(e: BaseException, limit: int = 300) -> str:
-    """An exception's message in one line: its first line, joined by the next where the first ends in a colon (a
-    header such as "Validation error for field 'x':" or "Error(s) in loading state_dict for ...:", whose next
-    line says what is wrong); the type's name for an empty message."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    return text[:limit]
 
 
 def _check_config(path: str, where: str, trust_remote_code: bool) -> None:

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from ..errors import described
 from .launches import launch
 
 __all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_", "triton_unusable"]
@@ -130,7 +131,7 @@ def _launch_error(device: torch.device) -> str | None:
             got = float(sumsq(x, backend="triton"))  # a host sync: once per device and process, before any step
         why = None if got == 4096.0 else f"sumsq of 4096 ones gave {got}"
     except Exception as e:  # noqa: BLE001 - no compiler, no Python headers, an unknown GPU: reported, not hidden
-        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        why = described(e, 200)
     if why is not None:
         log.warning("Triton kernels cannot launch on %s (%s): the flat-buffer kernels run as torch ops and the "
                     "fused model ops stay off", device, why)
