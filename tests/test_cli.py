@@ -727,3 +727,18 @@ def test_a_full_disk_while_the_tokenizer_saves_is_one_line(tmp_path, capsys, mon
     assert err.startswith(f"booster-fast: error: cannot write the adapter in {out}: No space left on device"), err
     assert (out / ".incomplete").exists() and (out / "checkpoints" / "step-000001").is_dir()
     assert not list(out.glob(".final-tmp-*")), list(out.iterdir())  # no half-saved adapter left behind
+
+
+def test_an_exception_in_one_line():
+    """errors.reason keeps a message's first line, joined by the next where the first is a header ending in a
+    colon (what is wrong is on the line after it), and cuts at the limit; described adds the type's name."""
+    from booster_fast.errors import described, reason
+
+    header = RuntimeError("Error(s) in loading state_dict for Linear:\n\tsize mismatch for weight: [4, 3] vs [4, 5]"
+                          "\n\tsize mismatch for bias")
+    assert reason(header) == ("Error(s) in loading state_dict for Linear: size mismatch for weight: [4, 3] vs "
+                              "[4, 5]")
+    assert reason(ValueError("\n  first line  \nsecond line")) == "first line"
+    assert reason(OSError()) == "OSError" and described(OSError()) == "OSError"
+    assert reason(KeyError("x" * 50), limit=10) == "'" + "x" * 9
+    assert described(TypeError("bad: \n\n  why")) == "TypeError: bad: why"
