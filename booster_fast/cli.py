@@ -88,7 +88,10 @@ class _Help(argparse.HelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     """argparse, with errors in one line (no usage block: --help has it), naming the subcommand's --help, and a
-    hint for the original Booster code's flag names in the 'unrecognized arguments' error."""
+    hint for the original Booster code's flag names in the 'unrecognized arguments' error. With `raises` set, an
+    error is a UsageError instead (a command line that another command built and checks)."""
+
+    raises = False
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Help)
@@ -108,6 +111,8 @@ class Parser(argparse.ArgumentParser):
                      if flag in ORIGINAL_FLAGS]
             if hints:
                 message += " (the original Booster code's names; here: " + ", ".join(hints) + ")"
+        if self.raises:
+            raise UsageError(" ".join(message.split()))
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 

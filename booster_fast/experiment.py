@@ -401,7 +401,7 @@ def check_settings(p: dict, methods=METHODS):
     or after the alignment (hours): the judge, the task, and every align.* (per method), attack.* and eval.*
     value, through the stages' own flag checks."""
     from .attack import check_attack_args
-    from .cli import UsageError, build_parser, size_defaults
+    from .cli import UsageError, size_defaults, subparser
     from .evaluate import JUDGES, TASKS, check_eval_flags
     from .run_args import check_common_args, check_run_args, config_from_args
 
@@ -414,12 +414,14 @@ def check_settings(p: dict, methods=METHODS):
         raise UsageError(f"judge {p['judge']!r}: choose one of {', '.join(JUDGES)}")
     if p["benign"] not in TASKS:
         raise UsageError(f"benign {p['benign']!r}: eval scores only the tasks {', '.join(TASKS)}")
-    parser, unused = build_parser(), Path("not-read")  # the paths are only parsed
+    unused = Path("not-read")  # the paths are only parsed
     stages = [(check_align_args, align_argv(p, m, p["seed"], unused, None)) for m in methods]
     for check, argv in (*stages, (check_attack_args, attack_argv(p, unused, p["seed"], unused, None)),
                         (check_eval_flags, eval_argv(p, unused, unused, None))):
+        parser = subparser(argv[0])
+        parser.raises = True  # (its error names the stage, not the stage's --help)
         try:
-            check(parser.parse_args(argv))
+            check(parser.parse_args(argv[1:]))
         except UsageError as e:
             raise UsageError(f"{argv[0]} stage: {e}") from None
 

@@ -413,6 +413,8 @@ def test_preflight_refuses_new_tokens_beyond_the_positions(tmp_path, monkeypatch
     ("attack.lr=-1", "attack stage: --lr must be a finite number > 0"),
     ("attack.batch_size=5000", "attack stage: --batch-size 5000 is larger than --samples"),
     ("eval.batch_size=0", "eval stage: --batch-size must be >= 1, got 0"),
+    ("seed=-1", "align stage: argument --seed: expected an integer from 0"),  # the stages' parsers' own errors
+    ("attack.harmful_split=bogus", "attack stage: argument --harmful-split: invalid choice: 'bogus'"),
 ])
 def test_every_stages_settings_are_checked_before_the_first_stage(setting, needle, tmp_path, monkeypatch, capsys):
     assert needle in refused_before_any_stage(setting, tmp_path, monkeypatch, capsys)
