@@ -1,0 +1,80 @@
+"""The fast step against the reference over random combinations of its options, on random ragged batches.
+
+The other equivalence tests vary one or two options on the built-in data; this one draws every option at once
+(merged pass, packing, meta term, Booster + Vaccine, gradient accumulation, clipping, weight decay, the harmful
+batch's own size, grouped-query heads, LoRA targets and rank, the depth) from a seeded generator, so that a
+combination nobody thought of is tried too. Each case compares the first step's combined gradient, the one the
+optimizer receives before clipping, and the logged losses and norm, in fp32. The batches are fresh random
+tokens of irregular lengths (one token to the full width), right-padded, prompts unlabelled.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import booster_fast as bf
+
+from test_fast import relative, step_gradient
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CASES = 40
+TARGETS = ["q_proj,k_proj,v_proj", "all-linear", "o_proj,down_proj", "q_proj,gate_proj", "v_proj,up_proj"]
+
+
+def draw(case: int) -> dict:
+    """One combination of options, model shape and batch sizes, from a generator seeded by the case number."""
+    rng = random.Random(1000 + case)
+    accum = rng.choice([1, 1, 2, 3])
+    return {
+        "model": {"num_hidden_layers": rng.choice([1, 2, 3]), "hidden_size": 64, "intermediate_size": 96,
+                  "num_attention_heads": 4, "num_key_value_heads": rng.choice([4, 2, 1])},
+        "lora": {"r": rng.choice([1, 4, 8]), "alpha": rng.choice([4.0, 16.0]), "targets": rng.choice(TARGETS)},
+        "cfg": {"merge_passes": rng.random() < 0.5, "packing": rng.random() < 0.5, "meta_term": rng.random() < 0.8,
+                "perturb_aware": rng.random() < 0.3, "rho": rng.choice([0.5, 2.0]), "grad_accum": accum,
+                "lamb": rng.choice([0.5, 5.0]), "alpha": rng.choice([0.01, 0.1, 1.0]),
+                "max_grad_norm": rng.choice([0.0, 1.0, 0.05]), "weight_decay": rng.choice([0.0, 0.1])},
+        "rows": (accum * rng.randint(1, 3), accum * rng.randint(1, 3)),  # (alignment, harmful), each k·m
+        "width": rng.randint(9, 70),
+        "seed": rng.randrange(2**31),
+    }
+
+
+def ragged(rows: int, width: int, vocab: int, g: torch.Generator) -> dict:
+    """Right-padded random tokens, real lengths 1..width (one row always full); the first third of each row is an
+    unlabelled prompt."""
+    n = torch.randint(1, width + 1, (rows, 1), generator=g)
+    n[torch.randint(rows, (1,), generator=g)] = width
+    pos = torch.arange(width).expand(rows, width)
+    real = pos < n
+    ids = torch.randint(3, vocab, (rows, width), generator=g).masked_fill(~real, 0)
+    return {"input_ids": ids, "labels": ids.masked_fill(~real | (pos < n // 3), -100), "attention_mask": real.long()}
+
+
+def booster(case: dict, impl: str):
+    model, tok = bf.load_model("tiny", seed=case["seed"] % 1000, device="cpu", **case["model"])
+    torch.manual_seed(case["seed"])
+    model = bf.add_lora(model, **case["lora"])
+    return bf.Booster(model, bf.BoosterConfig(impl=impl, **case["cfg"])), len(tok)
+
+
+@pytest.mark.parametrize("number", range(CASES))
+def test_fast_matches_reference_for_drawn_options(number):
+    case = draw(number)
+    ref, vocab = booster(case, "reference")
+    fast, _ = booster(case, "fast")
+    g = torch.Generator().manual_seed(case["seed"])
+    align, harmful = (ragged(rows, case["width"], vocab, g) for rows in case["rows"])
+    grad_ref, out_ref = step_gradient(ref, *(ref.to_device(b, "cpu") for b in (align, harmful)))
+    grad_fast, out_fast = step_gradient(fast, *(fast.to_device(b, "cpu") for b in (align, harmful)))
+    assert grad_ref.norm() > 0, case
+    err = relative(grad_fast[:grad_ref.numel()], grad_ref)
+    assert err <= 2e-5, f"case {number}: the fast gradient differs from the reference's by {err:.3g}: {case}"
+    assert not grad_fast[grad_ref.numel():].any(), "the flat buffer's padding holds a gradient"
+    assert set(out_fast) == set(out_ref) | {"skipped"}, (sorted(out_fast), sorted(out_ref))  # (fast skips NaNs)
+    assert out_fast["skipped"] == 0
+    for key in out_ref:
+        torch.testing.assert_close(out_fast[key], out_ref[key], rtol=2e-5, atol=1e-6, equal_nan=True,
+                                   msg=lambda m: f"case {number}, {key}: {m}; {case}")
