@@ -244,7 +244,8 @@ class FastBooster:
         head_positions = h["keep"].numel() if "keep" in h else tokens(h)  # what the LM head sees of h
         around = contextlib.nullcontext()
         if record is not None:  # f's rows follow h's (padded) or its positions follow h's (packed, one row)
-            packed, n = "cu_seqlens" in h, h["input_ids"].shape["cu_seqlens" in h]
+            packed = "cu_seqlens" in h
+            n = h["input_ids"].shape[1 if packed else 0]  # h's positions (packed) or rows (padded)
             around = self.hidden.recording(record, (lambda g: g[:, n:]) if packed else (lambda g: g[n:]))
         merged = tokens(h) + tokens(f), head_positions + (f["keep"].numel() if "keep" in f else tokens(f))
         with self.flat.route(tokens(h), head_positions, merged), model_pass(), around:
