@@ -40,6 +40,11 @@ _registered = False
 _calls = {CAUSAL_SDPA: 0, VARLEN: 0}  # calls of our registered functions: probe_attention counts them
 _logged: set[str] = set()
 _flash_failed: str | None = None  # why flash's kernel failed at run time, once: the grid path from then on
+# Grouped-query k/v where varlen_attn takes no enable_gqa (torch 2.11): the flash kernel behind it divides the query
+# heads into groups by itself (FlashAttention-2's varlen kernels take fewer k/v heads), though the API does not
+# say so. probe_flash tries them as they are, and only where that fails or disagrees repeats them to every query
+# head from then on (the backward then also keeps them repeated).
+_gqa_repeat = False
 
 
 def _register():
@@ -76,10 +81,10 @@ def _flash_varlen():
 
 def packed_kv_grouped(device) -> bool:
     """Whether packed attention on `device` keeps grouped-query k/v at their own head count (memory.py counts
-    what the backward keeps): the grid path and a flash varlen that takes enable_gqa do; an older varlen gets
-    them repeated to every query head."""
+    what the backward keeps): the grid path and a flash varlen that takes grouped k/v do; one that took them
+    wrongly in probe_flash gets them repeated to every query head."""
     flash, params, _ = _flash_varlen()
-    return torch.device(device).type != "cuda" or flash is None or "enable_gqa" in params
+    return torch.device(device).type != "cuda" or flash is None or "enable_gqa" in params or not _gqa_repeat
 
 
 def _on_cuda(t: torch.Tensor) -> bool:
@@ -104,7 +109,7 @@ def _flash(q, k, v, cu, max_seqlen: int, scaling, dropout: float):
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        else:  # grouped-query heads without the API's help: repeat the kv heads
+        elif _gqa_repeat:  # a kernel that took grouped heads wrongly (probe_flash): repeat the kv heads
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     try:
@@ -120,8 +125,22 @@ def _flash(q, k, v, cu, max_seqlen: int, scaling, dropout: float):
 def probe_flash(device, dtype, heads: int, kv_heads: int, head_dim: int) -> str | None:
     """Run flash's variable-length kernel once, forward and backward, on a few random segments (an empty one
     among them) of the model's head shape, against the exact grid path. Returns None when it agrees, else why
-    not; after a failure every packed attention takes the grid path (one log line says so). Called once when
-    an engine that packs is built on CUDA, outside any step: it reads its verdict back to the host."""
+    not; after a failure every packed attention takes the grid path (one log line says so). Grouped-query k/v
+    on an API without enable_gqa go in as they are first and, where that fails, repeated (_gqa_repeat). Called
+    once when an engine that packs is built on CUDA, outside any step: it reads its verdict back to the host."""
+    global _flash_failed, _gqa_repeat
+    why = _probe_flash(device, dtype, heads, kv_heads, head_dim)
+    flash, params, _ = _flash_varlen()
+    if why is None or kv_heads == heads or flash is None or "enable_gqa" in params or _gqa_repeat:
+        return why
+    log.info("flash varlen with %d k/v heads for %d query heads: %s; the k/v heads go in repeated", kv_heads, heads,
+             why)
+    _flash_failed, _gqa_repeat = None, True
+    return _probe_flash(device, dtype, heads, kv_heads, head_dim)
+
+
+def _probe_flash(device, dtype, heads: int, kv_heads: int, head_dim: int) -> str | None:
+    """probe_flash's one check, as _flash runs the kernel now."""
     global _flash_failed
     g = torch.Generator(device=device).manual_seed(0)
     cu = torch.tensor([0, 7, 7, 20, 21, 48], dtype=torch.int32, device=device)

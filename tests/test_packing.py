@@ -399,8 +399,9 @@ def test_the_mask_free_attention_at_the_window_boundary():
 
 def _fake_flash_apis():
     """Stand-ins for the three shapes torch's varlen_attn has had (2.10: is_causal and no scale; 2.11: window_size
-    and scale, equal head counts only; later: enable_gqa too), computing with the exact grid path, recording what
-    they were called with."""
+    and scale, no enable_gqa; later: enable_gqa too), computing with the exact grid path, recording what they were
+    called with. Without enable_gqa, `no_gqa` refuses grouped k/v as a kernel of equal head counts would, and
+    `no_gqa_native` takes them (as the flash kernel behind torch 2.11's does)."""
     calls = []
 
     def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
@@ -415,31 +416,44 @@ def _fake_flash_apis():
         return segment_attention(query.float(), key.float(), value.float(), cu_seq_q, max_q,
                                  scale=scale).to(query.dtype)
 
-    def no_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-               window_size=(-1, -1)):
+    def no_gqa_native(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1)):
         calls.append({"window_size": window_size, "scale": scale, "kv_heads": key.shape[1]})
-        assert window_size == (-1, 0) and key.shape[1] == query.shape[1], "grouped k/v reached a kernel without GQA"
+        assert window_size == (-1, 0)
         return segment_attention(query.float(), key.float(), value.float(), cu_seq_q, max_q,
                                  scale=scale).to(query.dtype)
 
-    return old, new, no_gqa, calls
+    def no_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+               window_size=(-1, -1)):
+        if key.shape[1] != query.shape[1]:
+            raise RuntimeError("Number of heads in key/value must equal the number of heads in query")
+        return no_gqa_native(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                             window_size=window_size)
+
+    return old, new, no_gqa, no_gqa_native, calls
 
 
-@pytest.mark.parametrize("api", ["old", "no_gqa", "new"])
+@pytest.mark.parametrize("api", ["old", "no_gqa", "no_gqa_native", "new"])
 def test_flash_varlen_is_called_the_way_each_torch_takes_it(monkeypatch, caplog, api):
-    """The packed attention finds flash's variable-length kernel whichever shape its API has, falls back to the
-    grid (one log line) where the kernel cannot compute the model's attention, and after a run-time failure."""
+    """The packed attention finds flash's variable-length kernel whichever shape its API has (after the probe an
+    engine runs when it is built: grouped k/v heads go in as they are where the kernel takes them, else
+    repeated), falls back to the grid (one log line) where the kernel cannot compute the model's attention, and
+    after a run-time failure."""
     from booster_fast import attention
 
-    old, new, no_gqa, calls = _fake_flash_apis()
-    fake = {"old": old, "no_gqa": no_gqa, "new": new}[api]
+    old, new, no_gqa, no_gqa_native, calls = _fake_flash_apis()
+    fake = {"old": old, "no_gqa": no_gqa, "no_gqa_native": no_gqa_native, "new": new}[api]
     import torch.nn.attention.varlen as varlen
 
     monkeypatch.setattr(varlen, "varlen_attn", fake)
     attention._flash_varlen.cache_clear()
     monkeypatch.setattr(attention, "_flash_failed", None)
+    monkeypatch.setattr(attention, "_gqa_repeat", False)
     monkeypatch.setattr(attention, "_logged", set())
     monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
+    assert attention.probe_flash("cpu", torch.bfloat16, 4, 2, 16) is None
+    assert attention._gqa_repeat == (api == "no_gqa") and attention.packed_kv_grouped("cuda") == (api != "no_gqa")
+    calls.clear()
     g = torch.Generator().manual_seed(9)
     cu = torch.tensor([0, 30, 31, 70], dtype=torch.int32)
     q = torch.randn(1, 4, 70, 16, generator=g).bfloat16()
@@ -450,6 +464,8 @@ def test_flash_varlen_is_called_the_way_each_torch_takes_it(monkeypatch, caplog,
         with caplog.at_level(logging.INFO, logger="booster_fast"):
             out, _ = varlen_attention_forward(None, q, kv, kv, scaling=0.25, cu_seq_lens_q=cu, max_length_q=40)
             assert len(calls) == 1, "flash was not used for a bf16 batch with the default scale"
+            if api.startswith("no_gqa"):
+                assert calls[0]["kv_heads"] == (4 if api == "no_gqa" else 2), calls
             torch.testing.assert_close(out[0].float(), want, rtol=2e-2, atol=2e-2)
             varlen_attention_forward(None, q.float(), kv.float(), kv.float(), scaling=0.25, cu_seq_lens_q=cu,
                                      max_length_q=40)
@@ -479,7 +495,7 @@ def test_flash_probe_accepts_a_sound_kernel_and_rejects_a_wrong_one(monkeypatch)
     from booster_fast import attention
     import torch.nn.attention.varlen as varlen
 
-    _, new, _, calls = _fake_flash_apis()
+    _, new, _, _, calls = _fake_flash_apis()
 
     def wrong(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
               enable_gqa=False):
@@ -504,6 +520,48 @@ def test_flash_probe_accepts_a_sound_kernel_and_rejects_a_wrong_one(monkeypatch)
                 assert why is None and calls, "a sound kernel was rejected"
             else:
                 assert verdict in why and attention._flash_failed == why, (fake.__name__, why)
+    finally:
+        attention._flash_varlen.cache_clear()
+
+
+def test_flash_probe_repeats_grouped_kv_only_where_the_kernel_needs_it(monkeypatch, caplog):
+    """Where varlen_attn takes no enable_gqa, grouped k/v heads go in as they are; a kernel that refuses them, or
+    takes them and computes something else, gets them repeated to every query head (one log line), and one that
+    is wrong either way is switched off."""
+    from booster_fast import attention
+    import torch.nn.attention.varlen as varlen
+
+    _, _, no_gqa, no_gqa_native, calls = _fake_flash_apis()
+
+    def grouped_wrong(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1)):  # takes grouped k/v but pairs each query head with k/v head 0
+        if key.shape[1] != query.shape[1]:
+            key, value = (x[:, :1].expand(-1, query.shape[1], -1) for x in (key, value))
+        return no_gqa_native(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                             window_size=window_size)
+
+    def always_wrong(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+        return no_gqa_native(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                             window_size=window_size) * 1.1
+
+    monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
+    try:
+        for fake, repeat, verdict in ((no_gqa_native, False, None), (no_gqa, True, None),
+                                      (grouped_wrong, True, None), (always_wrong, True, "disagrees")):
+            monkeypatch.setattr(varlen, "varlen_attn", fake)
+            monkeypatch.setattr(attention, "_flash_failed", None)
+            monkeypatch.setattr(attention, "_gqa_repeat", False)
+            attention._flash_varlen.cache_clear()
+            calls.clear()
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="booster_fast"):
+                why = attention.probe_flash("cpu", torch.bfloat16, 4, 2, 16)
+            assert attention._gqa_repeat == repeat, fake.__name__
+            assert (verdict is None and why is None) or (verdict in why and attention._flash_failed == why), why
+            assert ("the k/v heads go in repeated" in caplog.text) == repeat, caplog.text
+            assert calls and calls[-1]["kv_heads"] == (4 if repeat else 2), (fake.__name__, calls)
+            assert attention.probe_flash("cpu", torch.bfloat16, 4, 4, 16) == why  # equal heads: nothing to repeat
     finally:
         attention._flash_varlen.cache_clear()
 
@@ -609,7 +667,7 @@ def test_the_flash_path_inside_a_model_step(monkeypatch, batch):
 
     padded, _ = gradient(False, [])
     grid, _ = gradient(True, [])
-    _, new, _, calls = _fake_flash_apis()
+    _, new, _, _, calls = _fake_flash_apis()
     monkeypatch.setattr(varlen, "varlen_attn", new)
     monkeypatch.setattr(attention, "_flash_failed", None)
     monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
@@ -647,7 +705,7 @@ def test_packed_attention_leaves_flash_alone_when_the_layer_has_dropout(monkeypa
     take the grid path even where flash could run (CUDA, bf16): dropout applied, seed-dependent."""
     import torch.nn.attention.varlen as varlen
 
-    _, new, _, calls = _fake_flash_apis()
+    _, new, _, _, calls = _fake_flash_apis()
     monkeypatch.setattr(varlen, "varlen_attn", new)
     monkeypatch.setattr(attention, "_flash_failed", None)
     monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
