@@ -402,8 +402,9 @@ def test_fast_restore_is_exact_and_base_untouched(batches):
             assert torch.equal(p, base[n]), f"base weight {n} changed"
 
 
-def step_gradient(booster, *batches):
-    """(the combined gradient the optimizer receives, before clipping, and the output) of one booster.step."""
+def step_gradient(booster, *batches, sft: bool = False):
+    """(the combined gradient the optimizer receives, before clipping, and the output) of one booster.step (sft:
+    of one booster.sft_step)."""
     engine, seen = booster.engine, []
     update = engine._clip_and_update
 
@@ -414,7 +415,7 @@ def step_gradient(booster, *batches):
 
     engine._clip_and_update = spy
     try:
-        out = booster.step(*batches)
+        out = booster.sft_step(*batches) if sft else booster.step(*batches)
     finally:
         del engine._clip_and_update
     return seen[0], out

@@ -78,3 +78,18 @@ def test_fast_matches_reference_for_drawn_options(number):
     for key in out_ref:
         torch.testing.assert_close(out_fast[key], out_ref[key], rtol=2e-5, atol=1e-6, equal_nan=True,
                                    msg=lambda m: f"case {number}, {key}: {m}; {case}")
+
+
+@pytest.mark.parametrize("number", range(0, CASES, 3))
+def test_fast_sft_matches_reference_for_drawn_options(number):
+    """The SFT step (the baseline, on the same flat buffers) over the drawn options that apply to it."""
+    case = draw(number)
+    ref, vocab = booster(case, "reference")
+    fast, _ = booster(case, "fast")
+    align = ragged(case["rows"][0], case["width"], vocab, torch.Generator().manual_seed(case["seed"]))
+    grad_ref, out_ref = step_gradient(ref, ref.to_device(align, "cpu"), sft=True)
+    grad_fast, out_fast = step_gradient(fast, fast.to_device(align, "cpu"), sft=True)
+    assert grad_ref.norm() > 0, case
+    err = relative(grad_fast[:grad_ref.numel()], grad_ref)
+    assert err <= 2e-5, f"case {number}: the fast SFT gradient differs from the reference's by {err:.3g}: {case}"
+    torch.testing.assert_close(out_fast["loss"], out_ref["loss"], rtol=2e-5, atol=1e-6)
