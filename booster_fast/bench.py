@@ -235,6 +235,9 @@ def entry_batches(booster, pairs, device) -> list[tuple]:
     return [(booster.to_device(a, device), booster.to_device(h, device)) for a, h, _, _ in pairs]
 
 
+MIN_RANDOM_LENGTH = 8  # the random rows' shortest --max-length: a prompt and a labelled answer, 60-100% of it
+
+
 def row_lengths(rows: int, length: int, g: torch.Generator) -> torch.Tensor:
     """Real lengths of `rows` rows: each 60-100% of `length`, together exactly 80% of rows x length. Rows vary,
     the total does not, so a packed entry meets one packed length (one CUDA graph) in every step, as padded ones
@@ -284,6 +287,9 @@ def _pct(xs: list[float], q: int) -> float:
 # ---- the run ---------------------------------------------------------------------------------------------
 def check_bench_args(args) -> list[str]:
     check_common_args(args)
+    if args.model != "tiny" and args.max_length < MIN_RANDOM_LENGTH:
+        raise UsageError(f"--max-length {args.max_length}: bench's random rows need at least {MIN_RANDOM_LENGTH} "
+                         f"tokens (a prompt and a labelled answer)")
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.warmup < 0:

@@ -219,7 +219,7 @@ def _load_training_state(path: Path, device) -> dict:
                               f"({type(e).__name__}: {first})") from None
 
 
-def _count(value) -> bool:
+def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -231,7 +231,7 @@ def _trainer_state_fault(state, streams: dict) -> str | None:
     for key in ("step", "metrics_bytes", "skipped", "skipped_in_a_row"):
         if key == "skipped_in_a_row" and key not in state:  # absent from checkpoints of older versions
             continue
-        if not _count(state.get(key)):
+        if not _is_count(state.get(key)):
             return f"{key} is {json.dumps(state.get(key))}, not a count" if key in state else f"no {key}"
     saved = state.get("streams")
     if not isinstance(saved, dict):
@@ -240,7 +240,7 @@ def _trainer_state_fault(state, streams: dict) -> str | None:
         if not isinstance(saved.get(key), dict):
             return f"no {key} stream" if key not in saved else f"the {key} stream is not a JSON object"
         for field in ("epoch", "position"):
-            if not _count(saved[key].get(field)):
+            if not _is_count(saved[key].get(field)):
                 return f"the {key} stream's {field} is {json.dumps(saved[key].get(field))}, not a count"
     return None
 

@@ -44,10 +44,10 @@ def _terminate(signum, frame):
     raise Terminated
 
 
-# the original Booster code's command-line names (its train.py and scripts) -> ours, for the error a swap-in
-# user meets first
 BENCH_TINY_LENGTH = 64  # the bench's tiny default, a quick CPU run: it cuts most built-in rows (256 keeps them whole)
 
+# the original Booster code's command-line names (its train.py and scripts) -> ours, for the error a swap-in
+# user meets first
 ORIGINAL_FLAGS = {
     "--model_name_or_path": "--model", "--output_dir": "--output", "--learning_rate": "--lr",
     "--num_train_epochs": "--epochs", "--max_steps": "--steps", "--per_device_train_batch_size": "--batch-size",

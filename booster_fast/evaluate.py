@@ -403,8 +403,8 @@ def check_eval_flags(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
 
 
-def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
-    """The evaluation as a dict (`run_eval` writes it); model/tok/run_cfg may be passed in already loaded."""
+def evaluate_run(args) -> dict:
+    """The evaluation as a dict (`run_eval` writes it)."""
     from .run_args import resolve_device
     from .adapters import load_adapter, read_run_config, resolve_base
     from .cli import UsageError
@@ -412,7 +412,7 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
 
     check_eval_args(args)
     t0 = time.perf_counter()
-    run_cfg = run_cfg if run_cfg is not None else read_run_config(args.adapter)
+    run_cfg = read_run_config(args.adapter)
     base, base_from = resolve_base(args, run_cfg)
     limit = position_limit(base["model"])
     check_new_tokens(new_token_flags(args), base["model"], limit)
@@ -430,8 +430,7 @@ def evaluate_run(args, model=None, tok=None, run_cfg=None) -> dict:
                     d["prompts"])
     task_rows = load_benign(d["task"], "test")[: args.num_task]
     judge = RefusalJudge() if judge_name == "refusal" else BeaverDamJudge(args.judge_model, device)
-    if model is None:
-        model, tok, _ = load_adapter(args.adapter, device, trainable=False, base=base)
+    model, tok, _ = load_adapter(args.adapter, device, trainable=False, base=base)
     if limit is None:  # its config could not be read without loading the model: check the loaded one's
         check_new_tokens(new_token_flags(args), base["model"], config_positions(getattr(model, "config", None)))
     log.info("eval: judge %s (%s)", judge_name, judge_why)  # (once every input has been checked)

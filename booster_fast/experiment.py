@@ -65,7 +65,7 @@ def _paper(benign: str) -> dict:
         "model": "meta-llama/Llama-2-7b-hf", "quant": "none", "data": "beavertails", "benign": benign,
         "judge": "beaver-dam", "seed": 43, "vaccine_rho": 5.0,  # the original's Booster + Vaccine script
         "align": {"epochs": 20.0, "batch_size": 10, "max_length": 256, "lr": 5e-4, "weight_decay": 0.1,
-                  "lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "lamb": 5.0, "alpha": 0.1},
+                  "lora_r": 32, "lora_alpha": 4.0, "targets": "q_proj,k_proj,v_proj", "lamb": 5.0, "alpha": 0.1},
         "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-5, "epochs": 20.0, "batch_size": 10,
                    "weight_decay": 0.1, "eval_every": 50, "eval_rows": None, "refusal_prompts": 0,
                    "harmful_split": "attack"},
@@ -78,7 +78,7 @@ PRESETS = {
         "model": "tiny", "quant": "none", "data": "builtin", "benign": "builtin", "judge": "refusal", "seed": 43,
         "vaccine_rho": 0.5,  # 5 (the original's script) keeps the tiny model from learning its alignment at all
         "align": {"steps": 200, "batch_size": 8, "max_length": 128, "lr": 3e-3, "weight_decay": 0.1,
-                  "lora_r": 32, "lora_alpha": 64, "targets": ALL_LINEAR, "lamb": 5.0, "alpha": 0.1},
+                  "lora_r": 32, "lora_alpha": 64.0, "targets": ALL_LINEAR, "lamb": 5.0, "alpha": 0.1},
         "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-3, "steps": 100, "batch_size": 10,
                    "weight_decay": 0.1, "eval_every": 10, "eval_rows": None, "refusal_prompts": 64,
                    "refusal_max_new_tokens": 24, "harmful_split": "attack"},

@@ -136,12 +136,6 @@ class FlatLoRA:
         finally:
             self.harmful_tokens, self.harmful_head_positions, self.merged = prev
 
-    def close(self):
-        """Give the LoRA layers their own forward back (the weights stay views of W)."""
-        for m in self._layers:
-            for attr in ("forward", "_booster_alias", "_booster_route"):
-                m.__dict__.pop(attr, None)
-
 
 class MixedPositions(ValueError):
     """A LoRA layer in a merged pass saw another number of positions than the merged batch has."""

@@ -14,7 +14,7 @@ How it fits into the Trainer. The Trainer's loop does, per update: `training_ste
 - `create_optimizer` builds the engine (the fast or reference step of `Booster`) on the model; the Trainer's
   optimizer IS the engine's AdamW (for the fast engine: one fused AdamW over the flat LoRA buffer W, whose
   `.grad` is the flat buffer G_f that every LoRA parameter's `.grad` is a view of). The engine's own
-  clip-and-update is switched off (`_GradientOnly` below), so clipping happens once, in the Trainer, on the
+  clip-and-update is switched off (`_gradient_only` below), so clipping happens once, in the Trainer, on the
   combined gradient (the same `max_grad_norm` semantics as the original; logged `grad_norm` is its norm), and
   the Trainer's `optimizer.step()`, scheduler and `zero_grad()` drive the engine's optimizer unchanged.
 - Gradient accumulation: Booster's perturbation needs ∇h summed over ALL micro-batches of the update before
@@ -243,7 +243,7 @@ class BoosterTrainer(Trainer):
         self.harmful_dataloader = self.get_harmful_dataloader(harmful_dataset)
         self.harmful_data_iter = None
         self._harmful_drawn = 0
-        self.steps = 0
+        self.steps = 0  # the original trainer's step counter, kept for code that reads it
 
     def get_harmful_dataloader(self, harmful_dataset):
         """A training DataLoader over the harmful set: the train collator and sampling strategy, sharded across
@@ -388,7 +388,7 @@ class BoosterTrainer(Trainer):
         values = torch.stack([out[k].detach().float().reshape(()) for k in BOOSTER_METRICS])
         self._metric_sum = values if self._metric_sum is None else self._metric_sum + values
         self._metric_count += 1
-        self.steps = getattr(self, "steps", 0) + 1
+        self.steps = getattr(self, "steps", 0) + 1  # (the original's counter: see init)
         if "loss_perturbed" in out:  # perturb_aware: the original returns the perturbed pass's loss
             at_w = out["loss"].detach()
             self._unperturbed_sum = at_w if self._unperturbed_sum is None else self._unperturbed_sum + at_w

@@ -76,8 +76,3 @@ def token_losses(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 def loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed token loss of one batch (divide by the total label count for the mean)."""
     return token_losses(logits_of(model, batch), batch).sum()
-
-
-def mean_loss(model, batch: dict) -> torch.Tensor:
-    """Token-mean loss of one batch; 0 (not NaN) when no token is labelled."""
-    return loss_sum(model, batch) / label_count(batch).clamp(min=1)

@@ -109,6 +109,7 @@ def test_bench_json_smoke(capsys, tmp_path, monkeypatch):
     (["--model", "tiny", "--targets", "nosuch", "--steps", "1", "--warmup", "0"], "LoRA targets ['nosuch'] not found"),
     (["--model", "/nonexistent/booster-model", "--steps", "1", "--warmup", "0"], "no such directory"),
     (["--impls", "fast-graphs"], "CUDA graphs need a CUDA device; nothing would be measured"),
+    (["--model", "llama-1b-shape", "--max-length", "1"], "random rows need at least 8 tokens"),  # (a traceback)
 ])
 def test_bad_flag_exits_2_with_one_line(capsys, flags, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

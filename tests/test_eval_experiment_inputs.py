@@ -448,6 +448,22 @@ def test_lora_targets_the_model_lacks_are_refused_before_any_line(targets, needl
 
 
 @pytest.mark.parametrize("preset", list(experiment.PRESETS))
+def test_preset_fields_have_their_flags_types(preset):
+    """--set takes a value of the preset field's type: a float flag's field must hold a float (align.lora_alpha
+    held an int, so --set align.lora_alpha=4.5 was refused), an int flag's an int."""
+    from booster_fast.cli import subparser
+
+    for stage in ("align", "attack", "eval"):
+        flags = {a.dest: a.type for a in subparser(stage)._actions}
+        for key, value in experiment.PRESETS[preset][stage].items():
+            assert key in flags, f"{stage}.{key} is no flag of the {stage} stage"
+            if value is not None and flags[key] in (int, float):
+                assert type(value) is flags[key], f"{preset}: {stage}.{key} = {value!r}, its flag takes {flags[key]}"
+    assert experiment.apply_overrides(experiment.PRESETS[preset], ["align.lora_alpha=4.5"])[1] == {
+        "align.lora_alpha": 4.5}
+
+
+@pytest.mark.parametrize("preset", list(experiment.PRESETS))
 def test_every_preset_passes_the_stages_checks(preset):
     experiment.check_settings(experiment.PRESETS[preset])
 

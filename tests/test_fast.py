@@ -834,18 +834,6 @@ def test_host_read_probe_sees_the_remaining_kinds():
     assert sum(ops["bookkeeping_ops"].values()) == ops["bookkeeping"] == ops["total"]
 
 
-def test_mean_loss_is_zero_not_nan_for_an_all_masked_batch():
-    """[L2] losses.py mean_loss: the count is clamped to one token (as the module docstring promises)."""
-    from booster_fast.losses import label_count, loss_sum, mean_loss
-
-    model, tok = make_model()
-    (a, _), = builtin_batches(tok, 1, batch_size=2, max_length=48)
-    with torch.no_grad():
-        assert torch.allclose(mean_loss(model, a), loss_sum(model, a) / label_count(a))
-        masked = {**a, "labels": torch.full_like(a["labels"], -100)}
-        assert mean_loss(model, masked).item() == 0.0
-
-
 def test_an_optimizer_state_of_the_other_engine_is_refused(batches):
     """Booster.load_state_dict: a state saved by the reference engine (one moment per LoRA matrix) does not load
     into the fast one (one flat buffer), and the reverse: one ValueError naming both engines."""
