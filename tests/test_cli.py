@@ -398,6 +398,23 @@ def test_denormals_are_flushed_for_every_cpu_device_name(device, cuda, on_cpu, m
     assert _on_cpu(argparse.Namespace(device=device)) is on_cpu
 
 
+@pytest.mark.parametrize("command", ["align", "bench"])
+def test_align_and_bench_run_with_denormals_flushed_on_the_cpu_only(command, monkeypatch, tmp_path):
+    """The flush is on for the whole run on the CPU and off again after it; on CUDA it is never touched."""
+    import booster_fast.align
+    import booster_fast.bench
+
+    calls, seen = [], []
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: calls.append(on) or True)
+    runner = {"align": (booster_fast.align, "run_align"), "bench": (booster_fast.bench, "run_bench")}[command]
+    monkeypatch.setattr(*runner, lambda args: seen.append(list(calls)) or 0)
+    for device, during, after in (("cpu", [True], [True, False]), ("cuda", [], [])):
+        calls.clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+        assert main([command, "--device", device, "--output", str(tmp_path / "out")]) == 0
+        assert seen[-1] == during and calls == after, (device, seen[-1], calls)
+
+
 def test_the_original_codes_flag_names_get_a_hint(capsys):
     """A swap-in user's first command uses the original train.py's names: the error names ours."""
     with pytest.raises(SystemExit) as e:

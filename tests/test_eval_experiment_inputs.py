@@ -512,14 +512,15 @@ def test_the_defense_figure_is_drawn_from_a_result(kw, tmp_path, monkeypatch):
     figs, close = [], plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig) or close(fig))
 
-    def method(loss, name):
+    def method(loss, name, seed):
         has_kw = kw == "all" or (kw == "some" and name == "sft")
+        offset = 10 * seed + (5 if name == "booster" else 0)  # every bar its own height
         return {"harmful_loss_curve": [[0, loss], [2, loss + 0.5]],
                 "keyword_harmful_score_curve": [[0, 10.0], [2, 40.0]] if has_kw else [],
-                "after_attack": {"harmful_score": 40.0, "accuracy": 60.0}}
+                "after_attack": {"harmful_score": 40.0 + offset, "accuracy": 30.0 + offset}}
 
     seeds = [0, 1, 2]  # three seeds, two eval steps
-    result = {"per_seed": [{"sft": method(1.0 + s, "sft"), "booster": method(2.0, "booster")} for s in seeds],
+    result = {"per_seed": [{"sft": method(1.0 + s, "sft", s), "booster": method(2.0, "booster", s)} for s in seeds],
               "methods": ["sft", "booster"], "seeds": seeds, "judge": {"name": "keyword"}, "preset": "tiny",
               "machine": {"gpu": None, "cpu_count": 2}, "overrides": {"attack.lr": 1e-4},
               "settings": {"attack": {"refusal_prompts": 8}}}
@@ -534,6 +535,11 @@ def test_the_defense_figure_is_drawn_from_a_result(kw, tmp_path, monkeypatch):
     if kw == "all":
         assert axes[1].get_ylim() == (-3, 103)
     assert axes[-1].get_ylim() == (0, 125)
+    # the bars: per method, its harmful scores then its accuracies, seed by seed, each beside its seed's tick
+    heights = [round(bar.get_height(), 6) for bar in axes[-1].patches]
+    assert heights == [40, 50, 60, 30, 40, 50, 45, 55, 65, 35, 45, 55], heights
+    centres = [bar.get_x() + bar.get_width() / 2 for bar in axes[-1].patches]
+    assert [round(c) for c in centres] == [0, 1, 2] * 4, centres
 
 
 def test_new_tokens_at_the_position_limit_are_allowed():

@@ -19,10 +19,22 @@ from booster_fast.opcount import count_ops
 SEED = 7
 
 
+def randomize_lora_b_(model, seed: int, std: float = 0.02):
+    """peft starts every LoRA B at zero, so at that init no LoRA layer changes the forward and every A's
+    gradient is zero: a first-step check would see B's gradients only. A seeded random B makes both count."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 def make_model(quant="none", seed=SEED, device="cpu", **overrides):
+    """The tiny model with LoRA r 8 on q/k/v, its B random (randomize_lora_b_), the same for every call."""
     model, tok = bf.load_model("tiny", quant=quant, seed=seed, device=device, **overrides)
     torch.manual_seed(seed)
-    return bf.add_lora(model, r=8, alpha=16), tok
+    return randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), seed + 1), tok
 
 
 def builtin_batches(tok, n, batch_size=4, max_length=96, seed=SEED):
@@ -261,7 +273,7 @@ def test_gradient_checkpointing_gives_the_same_update(batches, reference_runs, e
     enable_gradient_checkpointing(model)
     assert model.is_gradient_checkpointing
     torch.manual_seed(SEED)
-    model = bf.add_lora(model, r=8, alpha=16)
+    model = randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), SEED + 1)  # make_model's LoRA
     booster = bf.Booster(model, bf.BoosterConfig(impl="fast", merge_passes=merge))
     for a, h in batches:
         booster.step(a, h)
@@ -525,8 +537,8 @@ def test_lora_on_the_lm_head_is_routed_by_the_positions_it_sees():
     def gradient(impl, **cfg):
         model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
         torch.manual_seed(SEED)
-        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16, targets=("q_proj", "v_proj", "lm_head")),
-                             bf.BoosterConfig(impl=impl, **cfg))
+        lora = bf.add_lora(model, r=8, alpha=16, targets=("q_proj", "v_proj", "lm_head"))
+        booster = bf.Booster(randomize_lora_b_(lora, SEED + 1), bf.BoosterConfig(impl=impl, **cfg))
         return step_gradient(booster, *(booster.to_device(b, "cpu") for b in batch))[0]
 
     ref = gradient("reference")

@@ -19,7 +19,7 @@ from booster_fast.kernels.reference import gelu_tanh_mul_ref, rms_norm_ref, rope
 from booster_fast.compute import enable_gradient_checkpointing
 from booster_fast.packing import pack
 
-from test_fast import SEED, builtin_batches, first_update, make_model, relative, step_gradient
+from test_fast import SEED, builtin_batches, first_update, make_model, randomize_lora_b_, relative, step_gradient
 from test_kernels import _gen, assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -247,7 +247,7 @@ def _gemma(arch: str, vocab_size: int):
             if type(m).__name__.endswith("RMSNorm"):
                 m.weight.copy_(torch.rand(m.weight.shape) - 0.5)
     torch.manual_seed(SEED)
-    return bf.add_lora(model, r=8, alpha=16)
+    return randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), SEED + 1)
 
 
 @pytest.mark.parametrize("arch, norms_per_layer", [("gemma", 2), ("gemma2", 4)])
@@ -312,7 +312,8 @@ def test_checkpointed_recompute_runs_fused(small_batch, monkeypatch):
         if checkpointing:
             enable_gradient_checkpointing(model)
         torch.manual_seed(SEED)
-        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(fused_ops=True, merge_passes=True))
+        booster = bf.Booster(randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), SEED + 1),
+                             bf.BoosterConfig(fused_ops=True, merge_passes=True))
         calls[checkpointing] = _counting(monkeypatch)
         grads[checkpointing] = step_gradient(booster, *small_batch)[0]
         monkeypatch.undo()
@@ -334,7 +335,8 @@ def test_fused_step_on_cuda_matches_unfused(small_batch, graphs):
     for fused in (False, True):
         model, _ = bf.load_model("tiny", seed=SEED, device="cuda", dtype=torch.bfloat16)
         torch.manual_seed(SEED)
-        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(fused_ops=fused, graphs=graphs))
+        booster = bf.Booster(randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), SEED + 1),
+                             bf.BoosterConfig(fused_ops=fused, graphs=graphs))
         assert booster.engine.fused is fused
         a, h = (booster.to_device(b, "cuda") for b in small_batch)
         outs[fused] = [booster.step(a, h) for _ in range(5)]
@@ -353,7 +355,7 @@ def test_fused_step_in_bf16_on_the_cpu(small_batch):
     for fused in (False, True):
         model, _ = bf.load_model("tiny", seed=SEED, device="cpu", dtype=torch.bfloat16)
         torch.manual_seed(SEED)
-        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16),
+        booster = bf.Booster(randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), SEED + 1),
                              bf.BoosterConfig(fused_ops=fused, merge_passes=True, packing=True))
         runs[fused] = step_gradient(booster, *(booster.to_device(b, "cpu") for b in small_batch))
     (g0, o0), (g1, o1) = runs[False], runs[True]

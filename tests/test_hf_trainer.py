@@ -20,7 +20,7 @@ import booster_fast as bf
 from booster_fast.data import collate, encode_all, load_safety_data
 from booster_fast.hf_trainer import FixedLengthCollator
 
-from test_fast import lora_state, worst_relative_error  # the same helpers as the step tests
+from test_fast import lora_state, randomize_lora_b_, worst_relative_error  # the same helpers as the step tests
 
 SEED = 7
 MAX_LEN = 64
@@ -30,7 +30,7 @@ LR = 5e-4
 def make_model(dropout: float = 0.0):
     model, tok = bf.load_model("tiny", seed=SEED, device="cpu")
     torch.manual_seed(SEED)
-    return bf.add_lora(model, r=8, alpha=16, dropout=dropout), tok
+    return randomize_lora_b_(bf.add_lora(model, r=8, alpha=16, dropout=dropout), SEED + 1), tok
 
 
 @pytest.fixture(scope="module")
@@ -399,6 +399,11 @@ out, seed, max_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model, tok = bf.load_model("tiny", seed=seed, device="cpu")
 torch.manual_seed(seed)
 model = bf.add_lora(model, r=8, alpha=16)
+g = torch.Generator().manual_seed(seed + 1)  # make_model's random LoRA B (test_fast.randomize_lora_b_)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_B" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 align, harmful = load_safety_data("builtin", "train")
 rows_a, _ = encode_all(tok, align[:48], max_len)
 rows_h, _ = encode_all(tok, harmful[100:148], max_len)

@@ -122,20 +122,22 @@ def test_normalize_perturb(n, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("norm", [1e-4, 1e-6])
-def test_normalize_perturb_at_a_small_norm(norm, backend):
+@pytest.mark.parametrize("norm, eps", [(1e-4, EPS), (1e-6, EPS), (1e-6, 1e-5)])
+def test_normalize_perturb_at_a_small_norm(norm, eps, backend):
     """Where ‖G_h‖ is near eps the step's scale α/(‖G_h‖ + eps) depends on where eps is added (random normals
-    have norms of ~30, where it is invisible): at 1e-4 eps under the root would shrink the step by two thirds."""
+    have norms of ~30, where it is invisible): at 1e-4 eps under the root would shrink the step by two thirds.
+    An eps other than the default, larger than the norm, must be the one used (the step is then 11x smaller)."""
     n = 1025
     W, B, G_h, G_f = _buffers(n, _gen("small-norm", norm, backend))
     G_h.mul_(norm / G_h.norm())
     ss = sumsq_ref(G_h).to(torch.float32)
     W0, G_h0, G_f0 = W.clone(), G_h.clone(), G_f.clone()
-    normalize_perturb_(W, B, G_h, G_f, ss, ALPHA, LAMB, EPS, backend=backend)
-    ref = normalize_perturb_ref(W0, G_h0, G_f0, ss, ALPHA, LAMB, EPS)
-    expected_step = ALPHA * G_h0.double() / (norm + EPS)
+    normalize_perturb_(W, B, G_h, G_f, ss, ALPHA, LAMB, eps, backend=backend)
+    ref = normalize_perturb_ref(W0, G_h0, G_f0, ss, ALPHA, LAMB, eps)
+    expected_step = ALPHA * G_h0.double() / (norm + eps)
     assert torch.allclose(ref["B"] - ref["W"], expected_step, rtol=1e-6, atol=0), "the float64 reference's step"
-    assert_close(W0 - W, expected_step, f"normalize_perturb_[{backend}, norm={norm}] step W0 - W", STEP_TOLERANCES)
+    assert_close(W0 - W, expected_step, f"normalize_perturb_[{backend}, norm={norm}, eps={eps}] step W0 - W",
+                 STEP_TOLERANCES)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

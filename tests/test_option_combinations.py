@@ -3,9 +3,11 @@
 The other equivalence tests vary one or two options on the built-in data; this one draws every option at once
 (merged pass, packing, meta term, Booster + Vaccine, gradient accumulation, clipping, weight decay, the harmful
 batch's own size, grouped-query heads, LoRA targets and rank, the depth) from a seeded generator, so that a
-combination nobody thought of is tried too. Each case compares the first step's combined gradient, the one the
-optimizer receives before clipping, and the logged losses and norm, in fp32. The batches are fresh random
-tokens of irregular lengths (one token to the full width), right-padded, prompts unlabelled.
+combination nobody thought of is tried too. Each case compares, in fp32, the first step's combined gradient (the
+one the optimizer receives before clipping), the logged losses and norm, AdamW's first moment after the update
+(the clipped gradient) and the weights after it (decay included). The batches are fresh random tokens of
+irregular lengths (one token to the full width), right-padded, prompts unlabelled; every LoRA weight starts
+nonzero (randomize_lora_b_), so that the A weights' gradients and the LoRA forward count too.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 import booster_fast as bf
 
-from test_fast import relative, step_gradient
+from test_fast import randomize_lora_b_, relative, step_gradient
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,10 +55,21 @@ def ragged(rows: int, width: int, vocab: int, g: torch.Generator) -> dict:
     return {"input_ids": ids, "labels": ids.masked_fill(~real | (pos < n // 3), -100), "attention_mask": real.long()}
 
 
+def after_update(booster) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the LoRA weights, AdamW's first moment), flat in parameter order, as either engine holds them."""
+    engine = booster.engine
+    if hasattr(engine, "flat"):
+        n = engine.flat.numel
+        return engine.flat.W[:n].clone(), engine.optimizer.state[engine.W]["exp_avg"][:n].clone()
+    params = [p for _, p in engine.params]
+    return (torch.cat([p.detach().reshape(-1) for p in params]),
+            torch.cat([engine.optimizer.state[p]["exp_avg"].reshape(-1) for p in params]))
+
+
 def booster(case: dict, impl: str):
     model, tok = bf.load_model("tiny", seed=case["seed"] % 1000, device="cpu", **case["model"])
     torch.manual_seed(case["seed"])
-    model = bf.add_lora(model, **case["lora"])
+    model = randomize_lora_b_(bf.add_lora(model, **case["lora"]), case["seed"] + 1)
     return bf.Booster(model, bf.BoosterConfig(impl=impl, **case["cfg"])), len(tok)
 
 
@@ -78,6 +91,9 @@ def test_fast_matches_reference_for_drawn_options(number):
     for key in out_ref:
         torch.testing.assert_close(out_fast[key], out_ref[key], rtol=2e-5, atol=1e-6, equal_nan=True,
                                    msg=lambda m: f"case {number}, {key}: {m}; {case}")
+    (w_ref, m_ref), (w_fast, m_fast) = after_update(ref), after_update(fast)
+    assert relative(m_fast, m_ref) <= 2e-5, f"case {number}: AdamW's first moment (the clipped gradient): {case}"
+    assert relative(w_fast, w_ref) <= 1e-5, f"case {number}: the weights after the update: {case}"
 
 
 @pytest.mark.parametrize("number", range(0, CASES, 3))

@@ -14,7 +14,7 @@ from booster_fast.compute import enable_gradient_checkpointing
 from booster_fast.opcount import count_ops
 from booster_fast.packing import bucket_size, concat_packed, pack
 
-from test_fast import SEED, builtin_batches, first_update, make_model, relative, step_gradient
+from test_fast import SEED, builtin_batches, first_update, make_model, randomize_lora_b_, relative, step_gradient
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -209,7 +209,8 @@ def test_packed_step_matches_padded_and_reads_nothing_back(batch, quant, checkpo
         if checkpointing:
             enable_gradient_checkpointing(model)
         torch.manual_seed(SEED)
-        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(packing=packing, merge_passes=True))
+        booster = bf.Booster(randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), SEED + 1),
+                             bf.BoosterConfig(packing=packing, merge_passes=True))
         a, h = (pack(b) if packing else booster.to_device(b, "cpu") for b in batch)
         grads[packing] = step_gradient(booster, a, h)[0]
         if packing:
@@ -254,7 +255,7 @@ def _own_attention_model(arch: str, vocab_size: int):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=vocab_size, **shapes[arch]),
                                              attn_implementation="sdpa" if arch == "falcon" else "eager")
     torch.manual_seed(SEED)
-    return bf.add_lora(model.float(), r=8, alpha=16, targets=targets)
+    return randomize_lora_b_(bf.add_lora(model.float(), r=8, alpha=16, targets=targets), SEED + 1)
 
 
 @pytest.mark.parametrize("arch", ["xglm", "gpt_neo", "bloom", "falcon"])
@@ -346,7 +347,7 @@ def _mistral(window: int, vocab_size: int):
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              sliding_window=window, max_position_embeddings=512))
     torch.manual_seed(SEED)
-    return bf.add_lora(model, r=8, alpha=16)
+    return randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), SEED + 1)
 
 
 @pytest.mark.parametrize("window", [200, 24])
@@ -470,8 +471,13 @@ def test_flash_varlen_is_called_the_way_each_torch_takes_it(monkeypatch, caplog,
             varlen_attention_forward(None, q.float(), kv.float(), kv.float(), scaling=0.25, cu_seq_lens_q=cu,
                                      max_length_q=40)
             assert len(calls) == 1, "flash was called with fp32 inputs"
-            varlen_attention_forward(None, q, kv, kv, scaling=0.1, cu_seq_lens_q=cu, max_length_q=40)
+            out, _ = varlen_attention_forward(None, q, kv, kv, scaling=0.1, cu_seq_lens_q=cu, max_length_q=40)
             assert len(calls) == (1 if api == "old" else 2), "a scale the API cannot take reached it"
+            if api != "old":
+                assert calls[-1]["scale"] == 0.1, calls[-1]
+            want_01 = segment_attention(q[0].transpose(0, 1).float(), kv[0].transpose(0, 1).float(),
+                                        kv[0].transpose(0, 1).float(), cu, 40, scale=0.1)
+            torch.testing.assert_close(out[0].float(), want_01, rtol=2e-2, atol=2e-2)  # the model's scale, either way
 
             def broken(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
                 raise RuntimeError("no kernel image is available for execution on the device\nmore")
@@ -596,7 +602,7 @@ def test_packed_step_matches_padded_on_cuda(batch):
         for packing in (False, True):
             model, _ = bf.load_model("tiny", dtype=dtype, seed=SEED, device="cuda")
             torch.manual_seed(SEED)
-            booster = bf.Booster(bf.add_lora(model, r=8, alpha=16),
+            booster = bf.Booster(randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), SEED + 1),
                                  bf.BoosterConfig(packing=packing, graphs="off", merge_passes=True))
             a, h = (to_device(pack(b) if packing else b, "cuda", drop_mask=not packing) for b in batch)
             grads[packing] = step_gradient(booster, a, h)[0]
@@ -659,8 +665,8 @@ def test_the_flash_path_inside_a_model_step(monkeypatch, batch):
     def gradient(packing: bool, calls: list):
         model, _ = bf.load_model("tiny", dtype=torch.bfloat16, seed=SEED, device="cpu", num_key_value_heads=2)
         torch.manual_seed(SEED)
-        booster = bf.Booster(bf.add_lora(model, r=8, alpha=16), bf.BoosterConfig(packing=packing,
-                                                                                    merge_passes=True))
+        booster = bf.Booster(randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), SEED + 1),
+                             bf.BoosterConfig(packing=packing, merge_passes=True))
         a, h = (pack(b) if packing else booster.to_device(b, "cpu") for b in batch)
         del calls[:]  # building the engine probes the attention: count the step's calls only
         return step_gradient(booster, a, h)[0], model.config.num_hidden_layers

@@ -9,8 +9,8 @@ import booster_fast as bf
 from booster_fast.packing import pack
 from booster_fast.compute import enable_gradient_checkpointing
 from booster_fast.opcount import count_ops
-from test_fast import (builtin_batches, first_update, lora_state, make_model, relative, step_gradient,
-                       worst_relative_error)
+from test_fast import (builtin_batches, first_update, lora_state, make_model, randomize_lora_b_, relative,
+                       step_gradient, worst_relative_error)
 
 RHO = 2.0  # large enough that the update differs from plain Booster's by ~90% on the tiny model
 KEYS = ("loss", "loss_perturbed", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm")
@@ -32,7 +32,7 @@ def build(impl, checkpointing=False, device="cpu", **cfg):
     if checkpointing:
         enable_gradient_checkpointing(model)
     torch.manual_seed(7)
-    model = bf.add_lora(model, r=8, alpha=16)
+    model = randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), 8)  # make_model's LoRA
     return bf.Booster(model, bf.BoosterConfig(impl=impl, perturb_aware=True, rho=RHO, **cfg))
 
 
@@ -294,7 +294,7 @@ def test_layers_below_every_lora_weight_are_left_unperturbed():
     for impl in ("reference", "fast"):
         model, _ = bf.load_model("tiny", seed=7, device="cpu")
         torch.manual_seed(7)
-        model = bf.add_lora(model, r=8, alpha=16, targets=("down_proj",))
+        model = randomize_lora_b_(bf.add_lora(model, r=8, alpha=16, targets=("down_proj",)), 8)
         booster = bf.Booster(model, bf.BoosterConfig(impl=impl, perturb_aware=True, rho=2.0))
         grads[impl], out = step_gradient(booster, *(booster.to_device(b, "cpu") for b in batch))
         assert torch.isfinite(out["loss_perturbed"]) and out["loss_perturbed"] > out["loss"], impl
