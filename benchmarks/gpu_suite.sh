@@ -168,7 +168,7 @@ part profile_7b 65 python3 benchmarks/gpu_checks.py profile --model llama-7b-sha
 # -v: a line per test as it ends, so that a part cut short by its limit still says what passed)
 part gpu_tests 120 python3 -m pytest -v -rfE -p no:cacheprovider --continue-on-collection-errors -m gpu \
   tests/test_kernels.py tests/test_fast.py tests/test_graphs.py tests/test_packing.py tests/test_fused_ops.py \
-  tests/test_perturb_aware.py
+  tests/test_perturb_aware.py tests/test_option_combinations.py
 bench_part bench_7b_nf4 50 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
 # opt-in: Llama-2-70B's shape in NF4 with checkpointing on this one GPU, the entries sharing one 34 GB packed base
