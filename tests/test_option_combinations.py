@@ -73,14 +73,20 @@ def booster(case: dict, impl: str, device: str = "cpu", **cfg):
     return bf.Booster(model, bf.BoosterConfig(impl=impl, **case["cfg"], **cfg)), len(tok)
 
 
+def drawn(number: int, device: str = "cpu", **cfg):
+    """(the case, its reference engine, its fast engine (with `cfg`), its alignment batch, its harmful batch)."""
+    case = draw(number)
+    ref, vocab = booster(case, "reference", device)
+    fast, _ = booster(case, "fast", device, **cfg)
+    g = torch.Generator().manual_seed(case["seed"])
+    align, harmful = (ragged(rows, case["width"], vocab, g) for rows in case["rows"])
+    return case, ref, fast, align, harmful
+
+
 def several_steps(number: int, device: str, graphs: str, steps: int = 4):
     """Both engines, `steps` updates on the same drawn batches (one shape, so that under graphs='on' the fast step
     warms up, is captured and replays): every step's logged values, then the weights and AdamW's first moment."""
-    case = draw(number)
-    ref, vocab = booster(case, "reference", device)
-    fast, _ = booster(case, "fast", device, graphs=graphs)
-    g = torch.Generator().manual_seed(case["seed"])
-    align, harmful = (ragged(rows, case["width"], vocab, g) for rows in case["rows"])
+    case, ref, fast, align, harmful = drawn(number, device, graphs=graphs)
     for step in range(steps):
         out_ref = ref.step(*(ref.to_device(b, device) for b in (align, harmful)))
         out_fast = fast.step(*(fast.to_device(b, device) for b in (align, harmful)))
@@ -97,11 +103,7 @@ def several_steps(number: int, device: str, graphs: str, steps: int = 4):
 
 @pytest.mark.parametrize("number", range(CASES))
 def test_fast_matches_reference_for_drawn_options(number):
-    case = draw(number)
-    ref, vocab = booster(case, "reference")
-    fast, _ = booster(case, "fast")
-    g = torch.Generator().manual_seed(case["seed"])
-    align, harmful = (ragged(rows, case["width"], vocab, g) for rows in case["rows"])
+    case, ref, fast, align, harmful = drawn(number)
     grad_ref, out_ref = step_gradient(ref, *(ref.to_device(b, "cpu") for b in (align, harmful)))
     grad_fast, out_fast = step_gradient(fast, *(fast.to_device(b, "cpu") for b in (align, harmful)))
     assert grad_ref.norm() > 0, case
@@ -121,10 +123,7 @@ def test_fast_matches_reference_for_drawn_options(number):
 @pytest.mark.parametrize("number", range(0, CASES, 3))
 def test_fast_sft_matches_reference_for_drawn_options(number):
     """The SFT step (the baseline, on the same flat buffers) over the drawn options that apply to it."""
-    case = draw(number)
-    ref, vocab = booster(case, "reference")
-    fast, _ = booster(case, "fast")
-    align = ragged(case["rows"][0], case["width"], vocab, torch.Generator().manual_seed(case["seed"]))
+    case, ref, fast, align, _ = drawn(number)
     grad_ref, out_ref = step_gradient(ref, ref.to_device(align, "cpu"), sft=True)
     grad_fast, out_fast = step_gradient(fast, fast.to_device(align, "cpu"), sft=True)
     assert grad_ref.norm() > 0, case
