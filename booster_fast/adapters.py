@@ -149,7 +149,7 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
     `cfg`: the run's config when the caller has read it already (read_run_config)."""
     from peft import PeftModel
 
-    from .errors import reason
+    from .errors import described
     from .models import ModelError, load_model
     from .nf4 import keep_nf4_trainable_
 
@@ -162,10 +162,10 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
     try:
         model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
     except Exception as e:  # noqa: BLE001 - shape mismatch, missing modules, a corrupt weights file: one line
-        first = reason(e)  # a state_dict error's header with its first mismatch (which tensor, which shapes)
+        first = described(e)  # a state_dict error's header with its first mismatch (which tensor, which shapes)
         if "safetensor" in type(e).__name__.lower() or "pickl" in type(e).__name__.lower():
-            raise ModelError(f"cannot read the adapter weights in {run_dir} ({type(e).__name__}: {first})") from None
-        raise ModelError(f"cannot load the adapter {run_dir} onto {base['model']} ({type(e).__name__}: {first}); "
+            raise ModelError(f"cannot read the adapter weights in {run_dir} ({first})") from None
+        raise ModelError(f"cannot load the adapter {run_dir} onto {base['model']} ({first}); "
                          f"is that the base model it was trained on? (--base-model)") from None
     if trainable:  # LoRA weights are fp32 masters, as add_lora makes them
         for p in model.parameters():
@@ -178,7 +178,7 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
         try:
             saved = AutoTokenizer.from_pretrained(str(run_dir))
         except Exception as e:  # noqa: BLE001 - a corrupt tokenizer.json or tokenizer_config.json: one line
-            raise ModelError(f"cannot load the tokenizer in {run_dir} ({type(e).__name__}: {reason(e)})") from None
+            raise ModelError(f"cannot load the tokenizer in {run_dir} ({described(e)})") from None
         if saved.eos_token_id is None:  # every example ends with EOS (a tokenizer_config.json that lost its tokens)
             raise ModelError(f"the tokenizer in {run_dir} has no eos_token; check its tokenizer_config.json")
         if len(saved) == len(tok):

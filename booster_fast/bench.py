@@ -76,7 +76,7 @@ import torch
 
 from .align import build_streams
 from .batches import tokens
-from .errors import reason
+from .errors import described, reason
 from .bench_measure import (FIRST_STEP_RTOL, SFT, first_step_agreement, graph_pool_bytes, graphs_captured,
                             held_bytes, matmul_params, matmul_tflops, method_flops, micro, model_flops, pass_batches,
                             peak_tflops, sync, transient_bytes)
@@ -317,7 +317,7 @@ def _failed(results, name, stage, e):
     """Record that entry `name` failed (one log line; run_bench then exits 1), keeping what was measured of it
     before (its step times when the memory pass fails): on a borrowed GPU, one broken entry must not cost the
     others' numbers, nor its own timing."""
-    results[name] = {**results.get(name, {}), "failed": f"{stage}: {type(e).__name__}: {reason(e)}"}
+    results[name] = {**results.get(name, {}), "failed": f"{stage}: {described(e)}"}
     log.error("bench: %s failed while %s", name, results[name]["failed"])
 
 

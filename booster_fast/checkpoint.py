@@ -37,7 +37,7 @@ import torch
 
 from .atomic import fsync_dir, fsync_file, save_adapter, umask, write_text_atomic
 from .cli import UsageError
-from .errors import reason
+from .errors import described
 
 log = logging.getLogger("booster_fast")
 
@@ -214,9 +214,8 @@ def _load_training_state(path: Path, device) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"cannot resume: {path} is missing") from None
     except Exception as e:  # noqa: BLE001 - UnpicklingError (refused globals), truncated or corrupt files
-        first = reason(e, 200)
         raise CheckpointError(f"cannot resume: {path} is not a plain tensor checkpoint "
-                              f"({type(e).__name__}: {first})") from None
+                              f"({described(e, 200)})") from None
 
 
 def _is_count(value) -> bool:

@@ -34,7 +34,7 @@ import re
 import time
 from pathlib import Path
 
-from .errors import reason
+from .errors import described
 
 log = logging.getLogger("booster_fast")
 
@@ -163,8 +163,7 @@ class BeaverDamJudge:
             self.model = from_hub(AutoModelForSequenceClassification.from_pretrained, model_id, dtype=dtype)
             self.tok = self._tokenizer(model_id, max_length)
         except Exception as e:  # offline, not downloaded, gated, wrong id: one line that says what to do
-            first = reason(e, 160)
-            raise ModelError(f"cannot load the beaver-dam judge {model_id} ({type(e).__name__}: {first}); download "
+            raise ModelError(f"cannot load the beaver-dam judge {model_id} ({described(e, 160)}); download "
                              f"it first (`hf download {BEAVER_DAM}`, ~14 GB) and pass --judge-model "
                              f"PATH if it is a local copy, or use --judge refusal (offline keyword proxy)") from None
         self.model.to(device).eval()

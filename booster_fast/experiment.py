@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 from .defense_plot import need_matplotlib, plot_defense
-from .errors import reason
+from .errors import described
 from .preset_overrides import apply_overrides
 
 log = logging.getLogger("booster_fast")
@@ -187,10 +187,10 @@ def preflight_models(p: dict):
         try:
             from_hub(AutoConfig.from_pretrained, name)
         except Exception as e:  # offline, gated, not downloaded
-            first = reason(e, 160)
+            first = described(e, 160)
             hint = ("check that it holds the model's config.json" if os.path.isdir(name)
                     else f"download it first (`hf download {name}`)")
-            raise ModelError(f"preset needs {name}, which cannot be loaded here ({type(e).__name__}: {first}); "
+            raise ModelError(f"preset needs {name}, which cannot be loaded here ({first}); "
                              f"{hint}") from None
     model = meta_model(p["model"])
     if model is not None:  # (None: a checkpoint quantised already; the align stage checks its targets)

@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from .errors import reason
+from .errors import described, reason
 from .nf4 import quantize_linears_, quantize_nf4_
 
 log = logging.getLogger("booster_fast")
@@ -311,7 +311,7 @@ def _check_config(path: str, where: str, trust_remote_code: bool) -> None:
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot load config.json {where} ({type(e).__name__}: {reason(e)})") from None
+        raise ModelError(f"cannot load config.json {where} ({described(e)})") from None
 
 
 def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
@@ -348,7 +348,7 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
             raise  # the weights' load failing otherwise (out of memory, say) is no bad input
         first = reason(e)
         if tok is None and not isinstance(e, OSError):
-            first = f"its tokenizer does not load ({type(e).__name__}: {first})"
+            first = f"its tokenizer does not load ({described(e)})"
         if local:
             files = os.listdir(path)
             missing = [what for what, there in (
