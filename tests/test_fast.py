@@ -31,10 +31,13 @@ def randomize_lora_b_(model, seed: int, std: float = 0.02):
 
 
 def make_model(quant="none", seed=SEED, device="cpu", **overrides):
-    """The tiny model with LoRA r 8 on q/k/v, its B random (randomize_lora_b_), the same for every call."""
-    model, tok = bf.load_model("tiny", quant=quant, seed=seed, device=device, **overrides)
+    """The tiny model with LoRA r 8 on q/k/v, its B random (randomize_lora_b_), the same for every call. Unquantised
+    it is built on the CPU and then moved, so that on CUDA it holds the CPU model's weights (CUDA's generator draws
+    other numbers from the same seed) and CUDA runs can be held to the CPU's float64 run."""
+    model, tok = bf.load_model("tiny", quant=quant, seed=seed, device="cpu" if quant == "none" else device,
+                               **overrides)
     torch.manual_seed(seed)
-    return randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), seed + 1), tok
+    return randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), seed + 1).to(device), tok
 
 
 def builtin_batches(tok, n, batch_size=4, max_length=96, seed=SEED):
@@ -228,6 +231,8 @@ def test_fast_matches_reference_on_cuda(batches, merge, graphs, fused):
     exact is tested on the CPU). The weights are held to the exact (float64, CPU) run as on the CPU. The fused model
     ops (on by default on CUDA) round differently from the torch ops (the GPU's sqrt/exp are not the interpreter's
     exact ones), so they get 6x the reference's distance instead of 3x, and 1e-4 instead of 1e-5 on the losses."""
+    on_cpu, on_cuda = make_model()[0].state_dict(), make_model(device="cuda")[0].state_dict()
+    assert all(torch.equal(on_cpu[k], on_cuda[k].cpu()) for k in on_cpu), "the exact run would start elsewhere"
     cuda = [tuple({k: v.cuda() for k, v in b.items() if k != "attention_mask"} for b in pair) for pair in batches]
     ref_w, ref_out = run("reference", cuda, device="cuda")
     fast_w, fast_out = run("fast", cuda, device="cuda", merge_passes=merge, graphs=graphs, fused_ops=fused)
