@@ -215,7 +215,18 @@ def _load_training_state(path: Path, device) -> dict:
         raise CheckpointError(f"cannot resume: {path} is missing") from None
     except Exception as e:  # noqa: BLE001 - UnpicklingError (refused globals), truncated or corrupt files
         raise CheckpointError(f"cannot resume: {path} is not a plain tensor checkpoint "
-                              f"({described(e, 200)})") from None
+                              f"({_load_failure(e)})") from None
+
+
+def _load_failure(e: Exception) -> str:
+    """Why torch.load refused a file, in one sentence: the unpickler's own reason where weights_only refused it
+    (torch's message around it advises loading the file without weights_only, which would run its code)."""
+    text = str(e)
+    mark = "WeightsUnpickler error:"
+    if mark in text:
+        detail = next((line.strip() for line in text.split(mark, 1)[1].splitlines() if line.strip()), "")
+        return f"{type(e).__name__}: {detail.split('. ')[0].rstrip('.')[:200]}" if detail else type(e).__name__
+    return described(e, 200).split(". ")[0].rstrip(".")
 
 
 def _is_count(value) -> bool:

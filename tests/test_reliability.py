@@ -381,7 +381,10 @@ def test_training_state_is_loaded_without_pickled_code(tmp_path, capsys):
     torch.save({"impl": "fast", "optimizer": Evil()}, run / "checkpoints" / "step-000002" / "optimizer.pt")
     capsys.readouterr()
     assert main(["align", "--resume", str(run)]) == 2
-    assert "not a plain tensor checkpoint" in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    # the unpickler's reason, without torch's advice around it to load the file without weights_only
+    assert "not a plain tensor checkpoint (UnpicklingError: Unsupported global" in line, line
+    assert "weights_only" not in line, line
     assert not touched.exists()
 
 
@@ -416,6 +419,7 @@ def test_resume_falls_back_past_an_unreadable_checkpoint(tmp_path, caplog):
     (run / "checkpoints" / "step-000003" / "rng.pt").write_bytes(b"garbage")
     assert main(["align", "--resume", str(run)]) == 0
     assert "resuming from step-000002, as step-000003 does not load (" in caplog.text
+    assert "(UnpicklingError: Unsupported operand" in caplog.text and "weights_only" not in caplog.text
     assert (run / "checkpoints" / "step-000003.unreadable").is_dir()
     assert [s for s, _ in list_checkpoints(run)] == [2, 3, 4]
     wa, wb = (load_file(str(r / "adapter_model.safetensors")) for r in (tmp_path / "whole", run))
