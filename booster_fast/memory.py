@@ -344,8 +344,8 @@ def for_args(args) -> str:
             given = quant == args.quant and ckpt == args.gradient_checkpointing
             lines.append(("*" if given else " ", kind + (", --gradient-checkpointing" if ckpt else ""), est))
     what = "SFT step" if args.method == "sft" else "Booster step" + (" + Vaccine" if common["perturb_aware"] else "")
-    engine = f"{impl} engine" + (f" ({', '.join(k for k, v in (('merged pass', merged), ('fused ops', fused)) if v)})"
-                                  if impl == "fast" and (merged or fused) else "")
+    traits = [k for k, v in (("merged pass", merged and args.method != "sft"), ("fused ops", fused)) if v]
+    engine = f"{impl} engine" + (f" ({', '.join(traits)})" if impl == "fast" and traits else "")
     batch = f"{rows} rows" if args.method == "sft" else f"{rows} + {harmful_rows} rows"
     title = (f"{args.model} on {device}: one {what}, {engine}, {batch} x {args.max_length} tokens"
              f"{' per micro-batch' if args.grad_accum > 1 else ''}, LoRA r={args.lora_r} on {args.targets}")
