@@ -114,10 +114,28 @@ def impl_config(name: str, args):
     pins packing off; fast-unfused the fused model ops; fast follows --merge-passes, --packing, --fused-ops and the
     default graphs mode."""
     cfg = config_from_args(args, "reference" if name in ("reference", "sft") else "fast")  # fast-sft: fast
-    pinned = {"fast-merged": dict(merge_passes=True, graphs="off"),
-              "fast-unmerged": dict(merge_passes=False, graphs="off"), "fast-graphs": dict(graphs="on"),
-              "fast-padded": dict(packing=False), "fast-unfused": dict(fused_ops=False)}
-    return dataclasses.replace(cfg, **pinned.get(name, {}))
+    return dataclasses.replace(cfg, **PINNED.get(name, {}))
+
+
+PINNED = {"fast-merged": dict(merge_passes=True, graphs="off"), "fast-unmerged": dict(merge_passes=False, graphs="off"),
+          "fast-graphs": dict(graphs="on"), "fast-padded": dict(packing=False), "fast-unfused": dict(fused_ops=False)}
+KNOBS = ("merge_passes", "packing", "fused_ops", "graphs")  # the fast engine's flags, which entries follow or pin
+
+
+def check_knobs_followed(names: list[str], args) -> None:
+    """UsageError for a fast-engine flag given (not auto) that no listed entry follows: the reference entries
+    run the original step, and an entry that pins the flag ignores it."""
+    for knob in KNOBS:
+        value = getattr(args, knob, "auto")
+        if value == "auto" or any(n not in ("reference", "sft") and knob not in PINNED.get(n, {}) for n in names):
+            continue
+        original = [n for n in names if n in ("reference", "sft")]
+        pinning = [n for n in names if knob in PINNED.get(n, {})]
+        why = [f"{' and '.join(original)} {'run' if len(original) > 1 else 'runs'} the original trainer's step"
+               if original else "",
+               f"{', '.join(pinning)} {'pin' if len(pinning) > 1 else 'pins'} it" if pinning else ""]
+        raise UsageError(f"--{knob.replace('_', '-')} {value}: no entry of --impls follows it "
+                         f"({'; '.join(w for w in why if w)})")
 
 
 def sft_modes(impls) -> dict:
@@ -295,6 +313,7 @@ def check_bench_args(args) -> list[str]:
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     names = parse_impls(args.impls)
+    check_knobs_followed(names, args)
     for name in names:
         impl_config(name, args)  # bad knob values fail here, in one line
     if getattr(args, "plot", None):

@@ -110,6 +110,10 @@ def test_bench_json_smoke(capsys, tmp_path, monkeypatch):
     (["--model", "/nonexistent/booster-model", "--steps", "1", "--warmup", "0"], "no such directory"),
     (["--impls", "fast-graphs"], "CUDA graphs need a CUDA device; nothing would be measured"),
     (["--model", "llama-1b-shape", "--max-length", "1"], "random rows need at least 8 tokens"),  # (a traceback)
+    (["--impls", "reference", "--merge-passes", "on"],  # (was ignored)
+     "--merge-passes on: no entry of --impls follows it (reference runs the original trainer's step)"),
+    (["--impls", "sft,fast-padded", "--packing", "off"],
+     "--packing off: no entry of --impls follows it (sft runs the original trainer's step; fast-padded pins it)"),
 ])
 def test_bad_flag_exits_2_with_one_line(capsys, flags, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
