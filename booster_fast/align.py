@@ -145,7 +145,8 @@ def build_streams(args, tok, rank, world, data=None):
     for flag, size, rows, what in checks:
         if size * world > len(rows):
             each = f" on each of {world} processes" if world > 1 else ""
-            raise UsageError(f"{flag} {size}{each} needs more than the {len(rows)} {what} rows")
+            raise UsageError(f"{flag} {size}{each} needs at least {size * world} {what} rows; the data has "
+                             f"{len(rows)}")
     sa = BatchStream(enc_a, args.batch_size, args.max_length, tok.pad_token_id, args.seed, rank, world)
     sh = None if sft else BatchStream(enc_h, args.harmful_batch_size, args.max_length, tok.pad_token_id,
                                       args.seed + 1, rank, world)

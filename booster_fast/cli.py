@@ -56,7 +56,7 @@ ORIGINAL_FLAGS = {
     "--perturb_aware": "--perturb-aware (a switch: no True after it)",
     "--sample_num": "--align-samples", "--bad_sample_num": "--harmful-samples",
     "--data_path": "--data (beavertails for PKU-Alignment/BeaverTails_safe)",
-    "--optimizer": "--method (booster is the default)", "--lora_r": "--lora-r", "--lora_alpha": "--lora-alpha",
+    "--optimizer": "--method (booster, the default, or sft)", "--lora_r": "--lora-r", "--lora_alpha": "--lora-alpha",
     "--bf16": "nothing (the base loads in bf16, --dtype fp32 to keep fp32; --quant nf4 for 4-bit)", "--tf32": "nothing",
     "--lr_scheduler_type": "nothing (the schedule is constant, as the paper's)",
     "--save_steps": "--save-every", "--save_total_limit": "--keep-checkpoints", "--logging_steps": "--log-every",

@@ -143,6 +143,8 @@ def check_output(path: str, overwrite: bool, resumable: bool = True, inputs: dic
     holds something other than a run (or a run, without `overwrite`), not a checkpoint of a run, and neither one
     of `inputs` nor a folder holding one (atomic.check_spares_inputs). `resumable`: the command can continue an
     unfinished run with --resume (align can; attack cannot)."""
+    if not str(path).strip():
+        raise UsageError(f"--output {path!r} is empty: name the run's directory")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {path} exists and is not a directory")

@@ -90,7 +90,7 @@ BAD_FLAGS = [  # well-typed values that argparse accepts and the run must refuse
     ["--device", "tpu"], ["--device", "meta"], ["--lamb", "inf"], ["--alpha", "nan"], ["--alpha", "inf"],
     ["--align-samples", "0"], ["--harmful-samples", "100000"], ["--epochs", "inf"], ["--lora-alpha", "0"],
     ["--lora-alpha", "nan"], ["--lora-alpha", "-4"], ["--weight-decay", "inf"], ["--impl", "reference", "--packing", "on"], ["--impl", "reference", "--merge-passes", "on"],
-    ["--method", "sft", "--merge-passes", "on"],
+    ["--method", "sft", "--merge-passes", "on"], ["--output", ""],
     ["--model", "no/such-model-xyz"], ["--model", "/no/such/dir"], ["--data", "missing.jsonl"], ["--data", "data.txt"],
 ]
 
@@ -160,6 +160,8 @@ def test_generated_data_files(data, batch):
                              *SHAPE], root)
         if rows is None or batch > rows:
             assert_refused(code, err, before, root)
+            if rows is not None:
+                assert f"--batch-size {batch} needs at least {batch} alignment rows; the data has {rows}" in err, err
             return
         assert_complete_run(code, err, root / "out" / "run", root)
         m = re.search(r"truncated to --max-length 64: (\d+) alignment and (\d+) harmful rows", err)

@@ -759,3 +759,13 @@ def test_an_exception_in_one_line():
     assert reason(OSError()) == "OSError" and described(OSError()) == "OSError"
     assert reason(KeyError("x" * 50), limit=10) == "'" + "x" * 9
     assert described(TypeError("bad: \n\n  why")) == "TypeError: bad: why"
+
+
+def test_an_empty_output_is_named_as_such(tmp_path, monkeypatch, capsys):
+    """--output '' (a variable left unset in a script) is told as empty, not as the current directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("keep")
+    assert main(["align", "--steps", "1", "--output", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["booster-fast: error: --output '' is empty: name the run's directory"], err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
