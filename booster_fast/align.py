@@ -326,6 +326,8 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         for i, row in enumerate(values):
             rec = {"step": step - len(values) + 1 + i, **dict(zip(names, row)), "step_time_s": dt,
                    **({} if peak is None else {"peak_mem_gib": peak})}
+            if math.isfinite(rec.get("skipped", math.nan)):
+                rec["skipped"] = round(rec["skipped"])  # a flag, 0 or 1 (attack's metrics count them too)
             lines.append(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                      for k, v in rec.items()}) + "\n")
         skips.add(row[SKIPPED] for row in values)

@@ -53,8 +53,9 @@ def test_align_writes_metrics_and_adapter(run_dir):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert set(r) == METRIC_KEYS
-        for k in METRIC_KEYS - {"step"}:
+        for k in METRIC_KEYS - {"step", "skipped"}:
             assert isinstance(r[k], float) and math.isfinite(r[k]), (r["step"], k, r[k])
+        assert type(r["skipped"]) is int and r["skipped"] == 0, r  # a flag, as attack's metrics count them
         assert r["harmful_grad_norm"] > 0 and r["step_time_s"] > 0
     # nothing but the run itself beside it (the temporary directory was renamed, not left behind)
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]
