@@ -144,6 +144,10 @@ def publish_dir(tmp: Path, out: Path):
 # ------------------------------------------------------------------------------------------------------------
 # the attack
 # ------------------------------------------------------------------------------------------------------------
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
 def poison_mix(benign: list, harmful: list, samples: int, ratio: float, seed: int) -> tuple[list, int]:
     """`samples` rows: floor(ratio·samples) harmful (as the original's int(); a hair of slack absorbs float error
     such as 0.29·100 = 28.999...) + the rest benign, each drawn without replacement with the seed, then shuffled
@@ -153,10 +157,10 @@ def poison_mix(benign: list, harmful: list, samples: int, ratio: float, seed: in
     n_harm = math.floor(ratio * samples + 1e-9)
     n_benign = samples - n_harm
     if n_benign > len(benign):
-        raise DataError(f"the benign set has {len(benign)} rows; {n_benign} are needed "
+        raise DataError(f"the benign set has {_rows(len(benign))}; {n_benign} are needed "
                         f"(--samples {samples}, --poison-ratio {ratio})")
     if n_harm > len(harmful):
-        raise DataError(f"the harmful set has {len(harmful)} rows; {n_harm} are needed "
+        raise DataError(f"the harmful set has {_rows(len(harmful))}; {n_harm} are needed "
                         f"(--samples {samples}, --poison-ratio {ratio})")
     rng = random.Random(f"booster_fast.attack:{seed}")
     rows = rng.sample(list(benign), n_benign) + rng.sample(list(harmful), n_harm)
@@ -354,9 +358,9 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                   "refusal_prompts": len(probe), "refusal_max_new_tokens": args.refusal_max_new_tokens,
                   "device": str(device), "model": base["model"], "quant": base["quant"]}
         (tmp / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        log.info("attack: %s on %s, %d steps of %d rows (%d harmful of %d samples), lr %g; held-out harmful "
-                 "loss over %d rows every %d steps", args.adapter, device, steps, args.batch_size, n_harm,
-                 args.samples, args.lr, len(test_enc), args.eval_every)
+        log.info("attack: %s on %s, %d step%s of %d rows (%d harmful of %d samples), lr %g; held-out harmful "
+                 "loss over %d rows every %d steps", args.adapter, device, steps, "s"[:steps != 1], args.batch_size,
+                 n_harm, args.samples, args.lr, len(test_enc), args.eval_every)
         max_skipped = DEFAULT_MAX_SKIPPED if args.max_skipped is None else args.max_skipped
         skips = SkipTally()
         with open(tmp / "metrics.jsonl", "w") as metrics:

@@ -81,7 +81,8 @@ def check_run_args(args, cfg: BoosterConfig) -> int | None:
                                     ("--alpha", cfg.alpha != BoosterConfig.alpha),
                                     ("--no-meta-term", not cfg.meta_term)) if set_]
     if args.method == "sft" and idle and not resumed:
-        raise UsageError(f"{', '.join(idle)}: Booster's own; they do nothing with --method sft")
+        raise UsageError(f"{', '.join(idle)}: Booster's own; {'they do' if len(idle) > 1 else 'it does'} nothing "
+                         f"with --method sft")
     if cfg.impl == "reference":
         pinned = [f"--{f.replace('_', '-')} on" for f in ("merge_passes", "packing", "fused_ops", "graphs")
                   if getattr(args, f, "auto") == "on"]
@@ -238,6 +239,8 @@ def apply_resume(args, finished_ok: bool = False):
         raise UsageError(f"--resume {args.resume}: holds no run ({CONFIG} is missing)") from None
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume {args.resume}: cannot read {CONFIG} ({e})") from None
+    if isinstance(saved, dict) and saved.get("command", "align") != "align":
+        raise UsageError(f"--resume {args.resume}: {saved['command']!r} wrote this run; --resume takes an align run")
     if not finished_ok and not (run / MARKER).exists():
         raise UsageError(f"--resume {args.resume}: the run is finished, nothing to resume")
     if args.overwrite:

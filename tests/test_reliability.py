@@ -363,6 +363,14 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["align", "--resume", str(done)]) == 2
     assert "finished" in one_error_line(capsys.readouterr().err)
+    attacked = tmp_path / "attacked"  # another command's run (its config; as if unfinished): not an align run
+    attacked.mkdir()
+    (attacked / "run_config.json").write_text(json.dumps({**json.loads((done / "run_config.json").read_text()),
+                                                          "command": "attack"}))
+    (attacked / MARKER).write_text("")
+    for command in ("align", "memory"):
+        assert main([command, "--resume", str(attacked)]) == 2
+        assert "'attack' wrote this run; --resume takes an align run" in one_error_line(capsys.readouterr().err)
 
 
 def test_training_state_is_loaded_without_pickled_code(tmp_path, capsys):
