@@ -104,7 +104,8 @@ def add_parser(sub):
                    help="override one preset field (repeatable); dotted keys for the stages' settings, e.g. "
                         "align.steps=20, attack.steps=10, eval.num_prompts=8, vaccine_rho=1; the value is JSON when "
                         "it parses (numbers, null, true/false), else a string, of the field's type")
-    p.add_argument("--workdir", default=None, help="run directories (default runs/defense-PRESET)")
+    p.add_argument("--workdir", default=None,
+                   help="the stages' run directories, replaced on a rerun (default runs/defense-PRESET)")
     p.add_argument("--output", default=None, metavar="FILE.json",
                    help="result (default benchmarks/results/defense_PRESET.json, '-' for hyphens -> '_', replacing "
                         "the committed one; with --set: WORKDIR/defense_PRESET.json)")
@@ -321,14 +322,19 @@ def run_experiment(args) -> int:
         check_writable_file(out_png, "--plot")
     device = resolve_device(args.device)  # (an unknown device: one line, before any other)
 
+    seeds = [p["seed"] + i for i in range(args.seeds)]
+
     def announce():
         if overrides:
             log.info("experiment: preset %s with --set %s; results to %s%s", args.preset,
                      " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()), out_json,
                      f" and {out_png}" if out_png else "")
+        earlier = [str(d) for d in (work / f"seed{s}" for s in seeds) if d.is_dir() and any(d.iterdir())]
+        if earlier:
+            log.info("experiment: the stage runs of an earlier experiment in %s are replaced as each stage starts "
+                     "(another --workdir keeps them)", ", ".join(earlier))
 
     preflight(p, announce)
-    seeds = [p["seed"] + i for i in range(args.seeds)]
     with flush_denormals(device):
         return _experiment(args, p, seeds, methods, work, out_json, out_png, overrides)
 

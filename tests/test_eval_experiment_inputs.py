@@ -228,7 +228,7 @@ class FakeStages:
             out.write_text(json.dumps({"harmful_score": 50.0, "accuracy": 25.0, "harmful": {"refusals": 1, "n": 2},
                                        "examples": {"harmful": []}, "judge": {"name": "refusal"}}))
             return
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)  # (the real stages replace it: --overwrite)
         rows = ([{"loss": 1.0, "harmful_loss": 2.0}] if argv[0] == "align" else
                 [{"step": s, "harmful_loss": 2.0 - s, "train_loss": None if s == 0 else 1.0} for s in (0, 1)])
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -697,3 +697,20 @@ def test_the_judge_sees_the_instruction_and_its_input(aligned, tmp_path, monkeyp
     assert main(["eval", "--adapter", str(aligned), "--judge", "refusal", "--prompts", str(path), "--num-task", "2",
                  "--output", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
     assert seen == ["harm 0", "harm 1\nx"]
+
+
+def test_a_rerun_in_the_same_workdir_says_it_replaces_the_earlier_stage_runs(tmp_path, monkeypatch, caplog):
+    """The stages run with --overwrite: a second experiment in the same --workdir replaces the first one's runs,
+    and says so in one line before its first stage (nothing is said on a fresh workdir)."""
+    work = tmp_path / "runs"
+    argv = ["experiment", "defense", "--seeds", "2", "--methods", "sft", "--workdir", str(work), "--no-plot",
+            "--output", str(tmp_path / "r.json")]
+    replaced = "the stage runs of an earlier experiment in"
+    for rerun in (False, True):
+        monkeypatch.setattr(experiment, "_run", FakeStages())
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="booster_fast"):
+            assert main(argv) == 0
+        lines = [r.getMessage() for r in caplog.records if replaced in r.getMessage()]
+        assert lines == ([f"experiment: {replaced} {work / 'seed43'}, {work / 'seed44'} are replaced as each stage "
+                          "starts (another --workdir keeps them)"] if rerun else []), lines
