@@ -108,18 +108,18 @@ def parse_impls(text: str) -> list[str]:
     return names
 
 
-def impl_config(name: str, args):
-    """BoosterConfig of one entry. sft runs the reference engine's plain step (torch AdamW, per-tensor clipping),
-    fast-sft the fast engine's with fast's settings; fast-merged/-unmerged pin the merge and stay eager; fast-padded
-    pins packing off; fast-unfused the fused model ops; fast follows --merge-passes, --packing, --fused-ops and the
-    default graphs mode."""
-    cfg = config_from_args(args, "reference" if name in ("reference", "sft") else "fast")  # fast-sft: fast
-    return dataclasses.replace(cfg, **PINNED.get(name, {}))
-
-
 PINNED = {"fast-merged": dict(merge_passes=True, graphs="off"), "fast-unmerged": dict(merge_passes=False, graphs="off"),
           "fast-graphs": dict(graphs="on"), "fast-padded": dict(packing=False), "fast-unfused": dict(fused_ops=False)}
 KNOBS = ("merge_passes", "packing", "fused_ops", "graphs")  # the fast engine's flags, which entries follow or pin
+
+
+def impl_config(name: str, args):
+    """BoosterConfig of one entry. sft runs the reference engine's plain step (torch AdamW, per-tensor clipping),
+    fast-sft the fast engine's with fast's settings; fast-merged/-unmerged pin the merge and stay eager; fast-padded
+    pins packing off; fast-unfused the fused model ops (PINNED); fast follows --merge-passes, --packing, --fused-ops
+    and --graphs."""
+    cfg = config_from_args(args, "reference" if name in ("reference", "sft") else "fast")  # fast-sft: fast
+    return dataclasses.replace(cfg, **PINNED.get(name, {}))
 
 
 def check_knobs_followed(names: list[str], args) -> None:
