@@ -34,6 +34,11 @@ value is JSON when it parses (numbers, null, true/false), else a string, and mus
 only where the preset has null). The output records the changes under "overrides", and, unless --output / --plot
 say otherwise, goes into the work directory, never over the committed results of the untouched preset.
 
+Each stage's run goes into the work directory (--workdir), with a record beside it of the command line, the
+content of the files it names and the package version. Run again there (after an interruption, or with another
+attack setting), the experiment keeps each stage whose record matches and whose output is whole, as long as every
+stage before it in its chain (align -> eval -> attack -> eval) was kept too, and runs the rest; --rerun runs all.
+
 Before any training, a preflight resolves what the preset needs: the base model and judge (config files only),
 and every data set the stages will load, through the stages' own loaders (built-in data is generated, nothing
 downloaded; a missing hub data set is a one-line error now instead of hours later).
@@ -105,7 +110,9 @@ def add_parser(sub):
                         "align.steps=20, attack.steps=10, eval.num_prompts=8, vaccine_rho=1; the value is JSON when "
                         "it parses (numbers, null, true/false), else a string, of the field's type")
     p.add_argument("--workdir", default=None,
-                   help="the stages' run directories, replaced on a rerun (default runs/defense-PRESET)")
+                   help="the stages' run directories (default runs/defense-PRESET); a stage that finished there "
+                        "with the same command line and inputs is kept, any other replaced")
+    p.add_argument("--rerun", action="store_true", help="run every stage again, none kept from --workdir")
     p.add_argument("--output", default=None, metavar="FILE.json",
                    help="result (default benchmarks/results/defense_PRESET.json, '-' for hyphens -> '_', replacing "
                         "the committed one; with --set: WORKDIR/defense_PRESET.json)")
@@ -156,6 +163,55 @@ def _run(argv: list[str]):
     rc = cli_main(argv)
     if rc != 0:  # the stage printed its one-line reason; the command line above says which stage it was
         raise StageFailed(rc)
+
+
+class Chain:
+    """One method's stages for one seed, in order: a stage can be kept from an earlier experiment only while every
+    stage before it in the chain was (each reads the one before it)."""
+
+    def __init__(self, rerun: bool):
+        self.keeping, self.kept, self.seconds = not rerun, [], {}
+
+    def stage(self, name: str, argv: list[str], out: Path):
+        """Run one stage (`_run`), or keep `out` where the record beside it says it was made by this command
+        line, from inputs of the same content, by this version; record a stage that finished."""
+        from . import __version__
+        from .atomic import write_json_atomic
+
+        record = out.parent / f".{out.name}.stage.json"
+        want = {"argv": argv, "inputs": _input_digests(argv, out), "version": __version__}
+        try:
+            done = json.loads(record.read_text())
+        except (OSError, ValueError):
+            done = None
+        finished = out.is_file() or ((out / "metrics.jsonl").is_file() and not (out / ".incomplete").exists())
+        if self.keeping and finished and isinstance(done, dict) and {k: done.get(k) for k in want} == want:
+            log.info("experiment: %s kept: it finished before with this command line (--rerun runs it again)", out)
+            self.kept.append(name)
+            self.seconds[name] = done.get("seconds")
+            return
+        self.keeping = False
+        record.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        _run(argv)
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        write_json_atomic(record, {**want, "seconds": self.seconds[name]})
+
+
+def _input_digests(argv: list[str], out: Path) -> dict[str, str]:
+    """{path: SHA-256} of the files a stage's command line names (data files, prompts), its output aside."""
+    import hashlib
+
+    digests = {}
+    for value in argv:
+        path = Path(value)
+        if path.is_file() and path.absolute() != out.absolute():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digests[value] = digest.hexdigest()
+    return digests
 
 
 def preflight(p: dict, announce=lambda: None):
@@ -322,19 +378,14 @@ def run_experiment(args) -> int:
         check_writable_file(out_png, "--plot")
     device = resolve_device(args.device)  # (an unknown device: one line, before any other)
 
-    seeds = [p["seed"] + i for i in range(args.seeds)]
-
     def announce():
         if overrides:
             log.info("experiment: preset %s with --set %s; results to %s%s", args.preset,
                      " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()), out_json,
                      f" and {out_png}" if out_png else "")
-        earlier = [str(d) for d in (work / f"seed{s}" for s in seeds) if d.is_dir() and any(d.iterdir())]
-        if earlier:
-            log.info("experiment: the stage runs of an earlier experiment in %s are replaced as each stage starts "
-                     "(another --workdir keeps them)", ", ".join(earlier))
 
     preflight(p, announce)
+    seeds = [p["seed"] + i for i in range(args.seeds)]
     with flush_denormals(device):
         return _experiment(args, p, seeds, methods, work, out_json, out_png, overrides)
 
@@ -378,15 +429,14 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
         row = {"seed": seed}
         for method in methods:
             d = work / f"seed{seed}"
-            t0 = time.perf_counter()
-            _run(align_argv(p, method, seed, d / f"align-{method}", args.device))
-            t1 = time.perf_counter()
-            _run(eval_argv(p, d / f"align-{method}", d / f"eval-align-{method}.json", args.device))
-            t2 = time.perf_counter()
-            _run(attack_argv(p, d / f"align-{method}", seed, d / f"attack-{method}", args.device))
-            t3 = time.perf_counter()
-            _run(eval_argv(p, d / f"attack-{method}", d / f"eval-attack-{method}.json", args.device))
-            t4 = time.perf_counter()
+            chain = Chain(args.rerun)
+            chain.stage("align", align_argv(p, method, seed, d / f"align-{method}", args.device), d / f"align-{method}")
+            chain.stage("eval_before", eval_argv(p, d / f"align-{method}", d / f"eval-align-{method}.json",
+                                                 args.device), d / f"eval-align-{method}.json")
+            chain.stage("attack", attack_argv(p, d / f"align-{method}", seed, d / f"attack-{method}", args.device),
+                        d / f"attack-{method}")
+            chain.stage("eval_after", eval_argv(p, d / f"attack-{method}", d / f"eval-attack-{method}.json",
+                                                args.device), d / f"eval-attack-{method}.json")
             align_metrics = _read_jsonl(d / f"align-{method}" / "metrics.jsonl")
             before = json.loads((d / f"eval-align-{method}.json").read_text())
             after = json.loads((d / f"eval-attack-{method}.json").read_text())
@@ -402,8 +452,8 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
                 "train_loss_curve": [(r["step"], r["train_loss"]) for r in attack_rows if r["train_loss"] is not None],
                 "keyword_harmful_score_curve": keyword,
                 "examples_after_attack": after["examples"]["harmful"][:2],
-                "seconds": {"align": round(t1 - t0, 1), "eval_before": round(t2 - t1, 1),
-                            "attack": round(t3 - t2, 1), "eval_after": round(t4 - t3, 1)},
+                "seconds": chain.seconds,  # a kept stage's from the run that made it
+                "kept_from_earlier": chain.kept,
             }
         per_seed.append(row)
         _print_table(per_seed, methods)

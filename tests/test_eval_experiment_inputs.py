@@ -699,18 +699,44 @@ def test_the_judge_sees_the_instruction_and_its_input(aligned, tmp_path, monkeyp
     assert seen == ["harm 0", "harm 1\nx"]
 
 
-def test_a_rerun_in_the_same_workdir_says_it_replaces_the_earlier_stage_runs(tmp_path, monkeypatch, caplog):
-    """The stages run with --overwrite: a second experiment in the same --workdir replaces the first one's runs,
-    and says so in one line before its first stage (nothing is said on a fresh workdir)."""
-    work = tmp_path / "runs"
-    argv = ["experiment", "defense", "--seeds", "2", "--methods", "sft", "--workdir", str(work), "--no-plot",
-            "--output", str(tmp_path / "r.json")]
-    replaced = "the stage runs of an earlier experiment in"
-    for rerun in (False, True):
-        monkeypatch.setattr(experiment, "_run", FakeStages())
+def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_path, monkeypatch, caplog):
+    """An experiment run again in its --workdir (after an interruption, say) keeps each stage that finished there
+    with the same command line and inputs, and runs the rest: a changed attack setting runs the attack and the eval
+    after it again, not the alignment; a changed data file, a stage's output gone or unfinished, and --rerun run
+    every stage that depends on it; the result says which stages were kept."""
+    work, out = tmp_path / "runs", tmp_path / "r.json"
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "refusal": "no", "response": "yes"}) + "\n"
+                            for i in range(16)))
+
+    def experiment_run(*extra):
+        stages = FakeStages()
+        monkeypatch.setattr(experiment, "_run", stages)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="booster_fast"):
-            assert main(argv) == 0
-        lines = [r.getMessage() for r in caplog.records if replaced in r.getMessage()]
-        assert lines == ([f"experiment: {replaced} {work / 'seed43'}, {work / 'seed44'} are replaced as each stage "
-                          "starts (another --workdir keeps them)"] if rerun else []), lines
+            assert main(["experiment", "defense", "--seeds", "1", "--methods", "sft,booster", "--workdir", str(work),
+                         "--no-plot", "--output", str(out), "--set", f"data={data}", *extra]) == 0
+        kept = json.loads(out.read_text())["per_seed"][0]
+        return ([(argv[0], Path(argv[argv.index("--output") + 1]).name) for argv in stages.calls],
+                {m: kept[m]["kept_from_earlier"] for m in ("sft", "booster")})
+
+    everything = [(c, f"{what}-{m}") for m in ("sft", "booster")
+                  for c, what in (("align", "align"), ("eval", "eval-align"), ("attack", "attack"),
+                                  ("eval", "eval-attack"))]
+    everything = [(c, n + ".json" if c == "eval" else n) for c, n in everything]
+    all_kept = {m: ["align", "eval_before", "attack", "eval_after"] for m in ("sft", "booster")}
+    assert experiment_run() == (everything, {"sft": [], "booster": []})
+    assert experiment_run() == ([], all_kept)
+    assert sum("kept: it finished before with this command line" in r.getMessage() for r in caplog.records) == 8
+    ran, kept = experiment_run("--set", "attack.steps=3")
+    assert ran == [s for s in everything if "attack" in s[1]]
+    assert kept == {m: ["align", "eval_before"] for m in ("sft", "booster")}
+    (work / "seed43" / "align-booster" / ".incomplete").write_text("")  # as if interrupted: booster's chain again
+    (work / "seed43" / "eval-attack-sft.json").unlink()                  # sft's last stage gone
+    assert experiment_run("--set", "attack.steps=3") == (
+        [("eval", "eval-attack-sft.json")] + [s for s in everything if s[1].endswith("booster") or
+                                              s[1].endswith("booster.json")],
+        {"sft": ["align", "eval_before", "attack"], "booster": []})
+    data.write_text(data.read_text() + json.dumps({"prompt": "q", "refusal": "no", "response": "yes"}) + "\n")
+    assert experiment_run("--set", "attack.steps=3")[0] == everything  # the alignment data changed
+    assert experiment_run("--set", "attack.steps=3", "--rerun")[0] == everything
