@@ -37,7 +37,9 @@ say otherwise, goes into the work directory, never over the committed results of
 Each stage's run goes into the work directory (--workdir), with a record beside it of the command line, the
 content of the files it names and the package version. Run again there (after an interruption, or with another
 attack setting), the experiment keeps each stage whose record matches and whose output is whole, as long as every
-stage before it in its chain (align -> eval -> attack -> eval) was kept too, and runs the rest; --rerun runs all.
+stage before it in its chain (align -> eval -> attack -> eval) was kept too, and runs the rest; an alignment it
+started that was interrupted after a checkpoint (`align.save_every`: an epoch on the paper presets) goes on with
+`align --resume`. --rerun runs every stage from the start.
 
 Before any training, a preflight resolves what the preset needs: the base model and judge (config files only),
 and every data set the stages will load, through the stages' own loaders (built-in data is generated, nothing
@@ -70,7 +72,8 @@ def _paper(benign: str) -> dict:
         "model": "meta-llama/Llama-2-7b-hf", "quant": "none", "data": "beavertails", "benign": benign,
         "judge": "beaver-dam", "seed": 43, "vaccine_rho": 5.0,  # the original's Booster + Vaccine script
         "align": {"epochs": 20.0, "batch_size": 10, "max_length": 256, "lr": 5e-4, "weight_decay": 0.1,
-                  "lora_r": 32, "lora_alpha": 4.0, "targets": "q_proj,k_proj,v_proj", "lamb": 5.0, "alpha": 0.1},
+                  "lora_r": 32, "lora_alpha": 4.0, "targets": "q_proj,k_proj,v_proj", "lamb": 5.0, "alpha": 0.1,
+                  "save_every": 500},  # a checkpoint per epoch (5000 rows), which an interrupted experiment resumes
         "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-5, "epochs": 20.0, "batch_size": 10,
                    "weight_decay": 0.1, "eval_every": 50, "eval_rows": None, "refusal_prompts": 0,
                    "harmful_split": "attack"},
@@ -83,7 +86,8 @@ PRESETS = {
         "model": "tiny", "quant": "none", "data": "builtin", "benign": "builtin", "judge": "refusal", "seed": 43,
         "vaccine_rho": 0.5,  # 5 (the original's script) keeps the tiny model from learning its alignment at all
         "align": {"steps": 200, "batch_size": 8, "max_length": 128, "lr": 3e-3, "weight_decay": 0.1,
-                  "lora_r": 32, "lora_alpha": 64.0, "targets": ALL_LINEAR, "lamb": 5.0, "alpha": 0.1},
+                  "lora_r": 32, "lora_alpha": 64.0, "targets": ALL_LINEAR, "lamb": 5.0, "alpha": 0.1,
+                  "save_every": 0},
         "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-3, "steps": 100, "batch_size": 10,
                    "weight_decay": 0.1, "eval_every": 10, "eval_rows": None, "refusal_prompts": 64,
                    "refusal_max_new_tokens": 24, "harmful_split": "attack"},
@@ -174,7 +178,8 @@ class Chain:
 
     def stage(self, name: str, argv: list[str], out: Path):
         """Run one stage (`_run`), or keep `out` where the record beside it says it was made by this command
-        line, from inputs of the same content, by this version; record a stage that finished."""
+        line, from inputs of the same content, by this version, and finished; an alignment that this command
+        line started and that was interrupted after a checkpoint goes on with align --resume."""
         from . import __version__
         from .atomic import write_json_atomic
 
@@ -184,18 +189,25 @@ class Chain:
             done = json.loads(record.read_text())
         except (OSError, ValueError):
             done = None
-        finished = out.is_file() or ((out / "metrics.jsonl").is_file() and not (out / ".incomplete").exists())
-        if self.keeping and finished and isinstance(done, dict) and {k: done.get(k) for k in want} == want:
+        same = self.keeping and isinstance(done, dict) and {k: done.get(k) for k in want} == want
+        whole = out.is_file() or ((out / "metrics.jsonl").is_file() and not (out / ".incomplete").exists())
+        if same and done.get("finished") is True and whole:
             log.info("experiment: %s kept: it finished before with this command line (--rerun runs it again)", out)
             self.kept.append(name)
             self.seconds[name] = done.get("seconds")
             return
         self.keeping = False
-        record.unlink(missing_ok=True)
+        if same and argv[0] == "align" and (out / ".incomplete").exists():
+            log.info("experiment: %s was interrupted: it goes on from its newest checkpoint", out)
+            device = argv[argv.index("--device"):][:2] if "--device" in argv else []
+            run_argv = ["align", "--resume", str(out), *device]
+        else:
+            run_argv = argv
+        write_json_atomic(record, {**want, "finished": False})
         t0 = time.perf_counter()
-        _run(argv)
-        self.seconds[name] = round(time.perf_counter() - t0, 1)
-        write_json_atomic(record, {**want, "seconds": self.seconds[name]})
+        _run(run_argv)
+        self.seconds[name] = round(time.perf_counter() - t0, 1)  # (a resumed alignment: since it went on)
+        write_json_atomic(record, {**want, "finished": True, "seconds": self.seconds[name]})
 
 
 def _input_digests(argv: list[str], out: Path) -> dict[str, str]:
@@ -308,8 +320,7 @@ def align_argv(p: dict, method: str, seed: int, out: Path, device) -> list[str]:
     if method == "sft":  # Booster's own knobs: align refuses them with --method sft
         a = {k: v for k, v in a.items() if k not in ("lamb", "alpha")}
     argv = ["align", "--model", p["model"], "--quant", p["quant"], "--data", p["data"], *method_flags(p, method),
-            "--seed", str(seed), "--output", str(out), "--overwrite", "--log-every", "10", "--save-every", "0",
-            *_flags(a)]
+            "--seed", str(seed), "--output", str(out), "--overwrite", "--log-every", "10", *_flags(a)]
     return argv + (["--device", device] if device else [])
 
 

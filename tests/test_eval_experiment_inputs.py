@@ -223,7 +223,9 @@ class FakeStages:
 
     def __call__(self, argv):
         self.calls.append(argv)
-        out = Path(argv[argv.index("--output") + 1])
+        out = Path(argv[argv.index("--resume" if "--resume" in argv else "--output") + 1])
+        if "--resume" in argv:
+            (out / ".incomplete").unlink()  # (a resumed run ends finished)
         if argv[0] == "eval":
             out.write_text(json.dumps({"harmful_score": 50.0, "accuracy": 25.0, "harmful": {"refusals": 1, "n": 2},
                                        "examples": {"harmful": []}, "judge": {"name": "refusal"}}))
@@ -717,8 +719,9 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
             assert main(["experiment", "defense", "--seeds", "1", "--methods", "sft,booster", "--workdir", str(work),
                          "--no-plot", "--output", str(out), "--set", f"data={data}", *extra]) == 0
         kept = json.loads(out.read_text())["per_seed"][0]
-        return ([(argv[0], Path(argv[argv.index("--output") + 1]).name) for argv in stages.calls],
-                {m: kept[m]["kept_from_earlier"] for m in ("sft", "booster")})
+        return ([(argv[0] + (" --resume" if "--resume" in argv else ""),
+                  Path(argv[argv.index("--resume" if "--resume" in argv else "--output") + 1]).name)
+                 for argv in stages.calls], {m: kept[m]["kept_from_earlier"] for m in ("sft", "booster")})
 
     everything = [(c, f"{what}-{m}") for m in ("sft", "booster")
                   for c, what in (("align", "align"), ("eval", "eval-align"), ("attack", "attack"),
@@ -731,12 +734,21 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     ran, kept = experiment_run("--set", "attack.steps=3")
     assert ran == [s for s in everything if "attack" in s[1]]
     assert kept == {m: ["align", "eval_before"] for m in ("sft", "booster")}
-    (work / "seed43" / "align-booster" / ".incomplete").write_text("")  # as if interrupted: booster's chain again
-    (work / "seed43" / "eval-attack-sft.json").unlink()                  # sft's last stage gone
+    # booster's alignment interrupted after a checkpoint (its record unfinished, the run marked so): it goes on
+    # with align --resume and the chain after it runs; sft's last stage gone: it alone runs
+    record = work / "seed43" / ".align-booster.stage.json"
+    unfinished = {**json.loads(record.read_text()), "finished": False}
+    record.write_text(json.dumps(unfinished))
+    (work / "seed43" / "align-booster" / ".incomplete").write_text("")
+    (work / "seed43" / "eval-attack-sft.json").unlink()
+    booster_chain = [s for s in everything if s[1].endswith(("booster", "booster.json"))]
     assert experiment_run("--set", "attack.steps=3") == (
-        [("eval", "eval-attack-sft.json")] + [s for s in everything if s[1].endswith("booster") or
-                                              s[1].endswith("booster.json")],
+        [("eval", "eval-attack-sft.json"), ("align --resume", "align-booster"), *booster_chain[1:]],
         {"sft": ["align", "eval_before", "attack"], "booster": []})
+    assert "align-booster was interrupted: it goes on from its newest checkpoint" in caplog.text
+    # interrupted before its first checkpoint (align put the run it replaced back): it runs again from the start
+    record.write_text(json.dumps(unfinished))
+    assert experiment_run("--set", "attack.steps=3") == (booster_chain, {"sft": all_kept["sft"], "booster": []})
     data.write_text(data.read_text() + json.dumps({"prompt": "q", "refusal": "no", "response": "yes"}) + "\n")
     assert experiment_run("--set", "attack.steps=3")[0] == everything  # the alignment data changed
     assert experiment_run("--set", "attack.steps=3", "--rerun")[0] == everything
