@@ -52,6 +52,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -146,6 +147,9 @@ def _run_or_stage_code(args) -> int:
     try:
         return run_experiment(args)
     except StageFailed as e:  # a stage already reported its own error line
+        if e.code in (130, 143):  # stopped by a signal: the experiment, not the stage alone, is what goes on
+            print("booster-fast: experiment stopped; the same command goes on from there (finished stages kept, an "
+                  "interrupted alignment resumed)", file=sys.stderr)
         return e.code
 
 

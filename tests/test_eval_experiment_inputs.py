@@ -752,3 +752,18 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     data.write_text(data.read_text() + json.dumps({"prompt": "q", "refusal": "no", "response": "yes"}) + "\n")
     assert experiment_run("--set", "attack.steps=3")[0] == everything  # the alignment data changed
     assert experiment_run("--set", "attack.steps=3", "--rerun")[0] == everything
+
+
+@pytest.mark.parametrize("code, hint", [(130, True), (143, True), (2, False)])
+def test_a_stage_stopped_by_a_signal_says_the_experiment_goes_on(code, hint, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (130) or SIGTERM (143) in a stage: the stage's own line says `align --resume`, and one more line says
+    that the experiment's command goes on from there; exit with the stage's code. Other failures add nothing."""
+    def stopped(argv):
+        raise experiment.StageFailed(code)
+
+    monkeypatch.setattr(experiment, "_run", stopped)
+    capsys.readouterr()
+    assert main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
+                 "--output", str(tmp_path / "r.json")]) == code
+    said = "experiment stopped; the same command goes on from there" in capsys.readouterr().err
+    assert said is hint
