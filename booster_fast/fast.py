@@ -123,7 +123,8 @@ class FastBooster:
         self.W = torch.nn.Parameter(self.flat.W, requires_grad=True)
         self.W.grad = self.flat.G_f
         self.graphs = self._graphs_for(cfg.graphs)
-        captured = cuda and self.graphs is not None  # AdamW capturable only then (uncaptured, it just costs)
+        captured = cuda and self.graphs is not None  # AdamW says capturable where the step is captured (fused
+        # AdamW runs the same kernel either way, its step count on the device; the flag is torch's capture check's)
         # Where the step is captured, the learning rate is a device tensor that every replay reads, so a scheduler
         # (which fills a tensor lr in place) or a user's new value needs no new graph (_prepare keeps it this
         # tensor). CUDA's fused AdamW reads a tensor lr as fp32, as it rounds a float one (the CPU's takes fp64,
@@ -136,8 +137,6 @@ class FastBooster:
                                            eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay, fused=True,
                                            **({"capturable": True} if captured else {}))
-        if captured:  # warm-up steps (and shapes left eager) run uncaptured by design: torch's one-time warning
-            self.optimizer._warned_capturable_if_run_uncaptured = True  # that capturable=True is then moot is noise
         self._skipped = torch.zeros((), device=self.device)
         # the constant of the clip's one add (_clip_and_update), filled by _prepare for the clip norm in force
         self._clip_offset, self._clip_offset_for = torch.zeros((), device=self.device), None
