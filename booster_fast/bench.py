@@ -110,6 +110,7 @@ def parse_impls(text: str) -> list[str]:
 
 PINNED = {"fast-merged": dict(merge_passes=True, graphs="off"), "fast-unmerged": dict(merge_passes=False, graphs="off"),
           "fast-graphs": dict(graphs="on"), "fast-padded": dict(packing=False), "fast-unfused": dict(fused_ops=False)}
+ONE_PASS = ("fast-sft",)  # an SFT step has no passes to merge: --merge-passes is not followed there
 KNOBS = ("merge_passes", "packing", "fused_ops", "graphs")  # the fast engine's flags, which entries follow or pin
 
 
@@ -127,13 +128,16 @@ def check_knobs_followed(names: list[str], args) -> None:
     run the original step, and an entry that pins the flag ignores it."""
     for knob in KNOBS:
         value = getattr(args, knob, "auto")
-        if value == "auto" or any(n not in ("reference", "sft") and knob not in PINNED.get(n, {}) for n in names):
+        if value == "auto" or any(n not in ("reference", "sft") and knob not in PINNED.get(n, {})
+                                  and not (knob == "merge_passes" and n in ONE_PASS) for n in names):
             continue
         original = [n for n in names if n in ("reference", "sft")]
         pinning = [n for n in names if knob in PINNED.get(n, {})]
+        one_pass = [n for n in names if knob == "merge_passes" and n in ONE_PASS]
         why = [f"{' and '.join(original)} {'run' if len(original) > 1 else 'runs'} the original trainer's step"
                if original else "",
-               f"{', '.join(pinning)} {'pin' if len(pinning) > 1 else 'pins'} it" if pinning else ""]
+               f"{', '.join(pinning)} {'pin' if len(pinning) > 1 else 'pins'} it" if pinning else "",
+               f"{', '.join(one_pass)} runs one pass" if one_pass else ""]
         raise UsageError(f"--{knob.replace('_', '-')} {value}: no entry of --impls follows it "
                          f"({'; '.join(w for w in why if w)})")
 

@@ -112,6 +112,8 @@ def test_bench_json_smoke(capsys, tmp_path, monkeypatch):
     (["--model", "llama-1b-shape", "--max-length", "1"], "random rows need at least 8 tokens"),  # (a traceback)
     (["--impls", "reference", "--merge-passes", "on"],  # (was ignored)
      "--merge-passes on: no entry of --impls follows it (reference runs the original trainer's step)"),
+    (["--impls", "fast-sft,fast-merged", "--merge-passes", "on"],
+     "--merge-passes on: no entry of --impls follows it (fast-merged pins it; fast-sft runs one pass)"),
     (["--impls", "sft,fast-padded", "--packing", "off"],
      "--packing off: no entry of --impls follows it (sft runs the original trainer's step; fast-padded pins it)"),
 ])
