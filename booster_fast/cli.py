@@ -315,9 +315,23 @@ def main(argv=None) -> int:
     # model or data download at INFO)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("booster_fast").setLevel(logging.INFO)
+    args = parse(sys.argv[1:] if argv is None else list(argv))
+    if args.command in ("attack", "eval", "experiment"):  # own defaults; one-line errors, exit 2
+        from . import attack, evaluate, experiment
+        return {"attack": attack, "eval": evaluate, "experiment": experiment}[args.command].main(args)
+    size_defaults(args)
+    if args.command == "align":
+        return run_reporting(_align, args)
+    if args.command == "memory":
+        return run_reporting(_memory, args)
+    return run_reporting(_bench, args)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """A command line as the commands take it: parsed, the flags given noted for --resume, local paths absolute."""
     args = build_parser().parse_args(argv)
     if getattr(args, "resume", None):  # --resume compares the flags given with the run's, at whatever value
-        args.given_flags = given_flags(args.command, sys.argv[1:] if argv is None else list(argv))
+        args.given_flags = given_flags(args.command, argv)
     from .models import absolute_local_path
 
     if args.command in ("align", "attack") and args.output:  # a run directory by its own name ("." included)
@@ -330,15 +344,7 @@ def main(argv=None) -> int:
         for flag in ("data", "harmful_data", "harmful", "benign", "prompts"):
             if getattr(args, flag, None):
                 setattr(args, flag, absolute_local_path(getattr(args, flag)))
-    if args.command in ("attack", "eval", "experiment"):  # own defaults; one-line errors, exit 2
-        from . import attack, evaluate, experiment
-        return {"attack": attack, "eval": evaluate, "experiment": experiment}[args.command].main(args)
-    size_defaults(args)
-    if args.command == "align":
-        return run_reporting(_align, args)
-    if args.command == "memory":
-        return run_reporting(_memory, args)
-    return run_reporting(_bench, args)
+    return args
 
 
 def size_defaults(args):

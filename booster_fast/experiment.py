@@ -34,12 +34,13 @@ value is JSON when it parses (numbers, null, true/false), else a string, and mus
 only where the preset has null). The output records the changes under "overrides", and, unless --output / --plot
 say otherwise, goes into the work directory, never over the committed results of the untouched preset.
 
-Each stage's run goes into the work directory (--workdir), with a record beside it of the command line, the
-content of the files it names and the package version. Run again there (after an interruption, or with another
-attack setting), the experiment keeps each stage whose record matches and whose output is whole, as long as every
-stage before it in its chain (align -> eval -> attack -> eval) was kept too, and runs the rest; an alignment it
-started that was interrupted after a checkpoint (`align.save_every`: an epoch on the paper presets) goes on with
-`align --resume`. --rerun runs every stage from the start.
+Each stage's run goes into the work directory (--workdir), with a record beside it of the command line (--device
+aside), the SHA-256 of the files it names and of this package's code. Run again there (after an interruption, or
+with another attack setting), the experiment keeps each stage whose record matches and whose output is whole, as
+long as every stage before it in its chain (align -> eval -> attack -> eval) was kept too, and runs the rest; an
+alignment it started that stopped after a checkpoint (`align.save_every`: an epoch on the paper presets; Ctrl-C
+saves one) goes on with `align --resume`, whose own check first confirms the run has this command line's settings
+and data. Not checked: a local model directory's files and downloaded data sets. --rerun runs every stage again.
 
 Before any training, a preflight resolves what the preset needs: the base model and judge (config files only),
 and every data set the stages will load, through the stages' own loaders (built-in data is generated, nothing
@@ -178,40 +179,81 @@ class Chain:
     stage before it in the chain was (each reads the one before it)."""
 
     def __init__(self, rerun: bool):
-        self.keeping, self.kept, self.seconds = not rerun, [], {}
+        self.keeping, self.kept, self.resumed, self.seconds = not rerun, [], [], {}
 
     def stage(self, name: str, argv: list[str], out: Path):
         """Run one stage (`_run`), or keep `out` where the record beside it says it was made by this command
-        line, from inputs of the same content, by this version, and finished; an alignment that this command
-        line started and that was interrupted after a checkpoint goes on with align --resume."""
-        from . import __version__
+        line (--device aside), from inputs of the same content, by this code, and finished; an alignment that
+        this command line started and that stopped after a checkpoint goes on with align --resume, once align's own
+        check finds the run's settings and data are this command line's."""
         from .atomic import write_json_atomic
 
         record = out.parent / f".{out.name}.stage.json"
-        want = {"argv": argv, "inputs": _input_digests(argv, out), "version": __version__}
+        want = {"argv": _without_device(argv), "inputs": _input_digests(argv, out), "code": _code_digest()}
         try:
             done = json.loads(record.read_text())
         except (OSError, ValueError):
             done = None
         same = self.keeping and isinstance(done, dict) and {k: done.get(k) for k in want} == want
         whole = out.is_file() or ((out / "metrics.jsonl").is_file() and not (out / ".incomplete").exists())
-        if same and done.get("finished") is True and whole:
+        kept, run_argv = same and done.get("finished") is True and whole, argv
+        if same and not kept and argv[0] == "align" and (whole or (out / ".incomplete").exists()):
+            why = _align_run_differs(argv, out, whole)
+            if why:
+                log.info("experiment: %s runs again from the start: %s", out, why)
+            elif whole:  # finished since, by the align --resume that the stopped stage's line suggested
+                kept = True
+            else:
+                log.info("experiment: %s was interrupted: it goes on from its newest checkpoint", out)
+                run_argv = ["align", *(a for a in argv[1:] if a != "--overwrite"), "--resume", str(out)]
+                self.resumed.append(name)
+        if kept:
             log.info("experiment: %s kept: it finished before with this command line (--rerun runs it again)", out)
             self.kept.append(name)
             self.seconds[name] = done.get("seconds")
             return
         self.keeping = False
-        if same and argv[0] == "align" and (out / ".incomplete").exists():
-            log.info("experiment: %s was interrupted: it goes on from its newest checkpoint", out)
-            device = argv[argv.index("--device"):][:2] if "--device" in argv else []
-            run_argv = ["align", "--resume", str(out), *device]
-        else:
-            run_argv = argv
         write_json_atomic(record, {**want, "finished": False})
         t0 = time.perf_counter()
         _run(run_argv)
         self.seconds[name] = round(time.perf_counter() - t0, 1)  # (a resumed alignment: since it went on)
         write_json_atomic(record, {**want, "finished": True, "seconds": self.seconds[name]})
+
+
+def _without_device(argv: list[str]) -> list[str]:
+    """A stage's command line less --device: a run goes on, or is kept, on another device."""
+    i = argv.index("--device") if "--device" in argv else len(argv)
+    return argv[:i] + argv[i + 2:]
+
+
+def _align_run_differs(argv: list[str], out: Path, finished: bool) -> str | None:
+    """Why the align run in `out` is not the one `argv` makes (align --resume's own check: every flag given, and the
+    data files' SHA-256), or None."""
+    from .cli import UsageError, parse, size_defaults
+    from .run_args import apply_resume
+
+    args = parse([a for a in argv if a != "--overwrite"] + ["--resume", str(out)])
+    size_defaults(args)
+    try:
+        apply_resume(args, finished_ok=finished)
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+_CODE = []
+
+
+def _code_digest() -> str:
+    """SHA-256 of this package's sources: a stage made by other code is not kept."""
+    import hashlib
+
+    if not _CODE:
+        digest = hashlib.sha256()
+        for path in sorted(Path(__file__).parent.rglob("*.py")):
+            digest.update(path.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + path.read_bytes())
+        _CODE.append(digest.hexdigest())
+    return _CODE[0]
 
 
 def _input_digests(argv: list[str], out: Path) -> dict[str, str]:
@@ -382,7 +424,7 @@ def run_experiment(args) -> int:
         raise UsageError(f"--methods {args.methods!r}: give distinct names of {', '.join(METHODS)}")
     p, overrides = apply_overrides(PRESETS[args.preset], args.overrides)
     check_settings(p, methods)
-    work = Path(args.workdir or f"runs/defense-{args.preset}")
+    work = Path(args.workdir or f"runs/defense-{args.preset}").absolute()  # (stage records compare paths)
     check_workdir(work)
     out_json, out_png = output_paths(args, work, bool(overrides))
     from .atomic import check_writable_file
@@ -469,6 +511,7 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
                 "examples_after_attack": after["examples"]["harmful"][:2],
                 "seconds": chain.seconds,  # a kept stage's from the run that made it
                 "kept_from_earlier": chain.kept,
+                "resumed": chain.resumed,  # (seconds: since it went on)
             }
         per_seed.append(row)
         _print_table(per_seed, methods)

@@ -704,12 +704,16 @@ def test_the_judge_sees_the_instruction_and_its_input(aligned, tmp_path, monkeyp
 def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_path, monkeypatch, caplog):
     """An experiment run again in its --workdir (after an interruption, say) keeps each stage that finished there
     with the same command line and inputs, and runs the rest: a changed attack setting runs the attack and the eval
-    after it again, not the alignment; a changed data file, a stage's output gone or unfinished, and --rerun run
+    after it again, not the alignment; an interrupted alignment goes on with align --resume where align's check
+    finds its run is this command line's; a changed data file, a stage's output gone or unfinished, and --rerun run
     every stage that depends on it; the result says which stages were kept."""
     work, out = tmp_path / "runs", tmp_path / "r.json"
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "refusal": "no", "response": "yes"}) + "\n"
                             for i in range(16)))
+
+    differs = {"why": None}  # align's own check of a run against the command line: the real one is tested below
+    monkeypatch.setattr(experiment, "_align_run_differs", lambda argv, run, finished: differs["why"])
 
     def experiment_run(*extra):
         stages = FakeStages()
@@ -746,9 +750,16 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
         [("eval", "eval-attack-sft.json"), ("align --resume", "align-booster"), *booster_chain[1:]],
         {"sft": ["align", "eval_before", "attack"], "booster": []})
     assert "align-booster was interrupted: it goes on from its newest checkpoint" in caplog.text
-    # interrupted before its first checkpoint (align put the run it replaced back): it runs again from the start
+    # stopped, then finished by hand with the align --resume that its line suggests: kept
     record.write_text(json.dumps(unfinished))
+    assert experiment_run("--set", "attack.steps=3") == ([], all_kept)
+    # interrupted before its first checkpoint, align put back the run it was replacing, made with other settings:
+    # not continued, run again from the start
+    record.write_text(json.dumps(unfinished))
+    differs["why"] = "--resume x: flags that differ from the saved run: --lr 0.001 (the run has 0.003)"
     assert experiment_run("--set", "attack.steps=3") == (booster_chain, {"sft": all_kept["sft"], "booster": []})
+    assert "align-booster runs again from the start: --resume x: flags that differ" in caplog.text
+    differs["why"] = None
     data.write_text(data.read_text() + json.dumps({"prompt": "q", "refusal": "no", "response": "yes"}) + "\n")
     assert experiment_run("--set", "attack.steps=3")[0] == everything  # the alignment data changed
     assert experiment_run("--set", "attack.steps=3", "--rerun")[0] == everything
@@ -767,3 +778,30 @@ def test_a_stage_stopped_by_a_signal_says_the_experiment_goes_on(code, hint, tmp
                  "--output", str(tmp_path / "r.json")]) == code
     said = "experiment stopped; the same command goes on from there" in capsys.readouterr().err
     assert said is hint
+
+
+def test_an_interrupted_alignment_is_continued_only_with_its_own_settings(tmp_path):
+    """The check before an experiment continues an alignment is align --resume's own, on the real run: a run
+    made with another learning rate, or from a data file that changed since, is not continued; the run the
+    command line made is, unfinished or (finished_ok) finished."""
+    from booster_fast.checkpoint import MARKER
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "refusal": "no", "response": "yes"}) + "\n"
+                            for i in range(8)))
+    p = json.loads(json.dumps(experiment.PRESETS["tiny"]))
+    p["data"] = str(data)
+    p["align"].update(steps=2, batch_size=2, max_length=64, lr=3e-3, save_every=1)
+    run = tmp_path / "align-booster"
+    argv = experiment.align_argv(p, "booster", 43, run, "cpu")
+    assert main(argv) == 0
+    (run / MARKER).write_text("")  # as if stopped after a checkpoint
+    assert experiment._align_run_differs(argv, run, finished=False) is None
+    other = experiment.align_argv({**p, "align": {**p["align"], "lr": 1e-3}}, "booster", 43, run, "cpu")
+    why = experiment._align_run_differs(other, run, finished=False)
+    assert why and "--lr 0.001 (the run has 0.003)" in why, why
+    (run / MARKER).unlink()
+    assert experiment._align_run_differs(argv, run, finished=True) is None
+    data.write_text(data.read_text() + data.read_text())
+    why = experiment._align_run_differs(argv, run, finished=True)
+    assert why and "changed since the run started" in why, why
