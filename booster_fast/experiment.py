@@ -197,7 +197,8 @@ class Chain:
         same = self.keeping and isinstance(done, dict) and {k: done.get(k) for k in want} == want
         whole = out.is_file() or ((out / "metrics.jsonl").is_file() and not (out / ".incomplete").exists())
         kept, run_argv = same and done.get("finished") is True and whole, argv
-        if same and not kept and argv[0] == "align" and (whole or (out / ".incomplete").exists()):
+        if (same and not kept and argv[0] == "align" and (whole or (out / ".incomplete").exists())
+                and _started_since(out, record)):
             why = _align_run_differs(argv, out, whole)
             if why:
                 log.info("experiment: %s runs again from the start: %s", out, why)
@@ -213,7 +214,8 @@ class Chain:
             self.seconds[name] = done.get("seconds")
             return
         self.keeping = False
-        write_json_atomic(record, {**want, "finished": False})
+        if not self.resumed or self.resumed[-1] != name:  # (a resumed run keeps the record of its start)
+            write_json_atomic(record, {**want, "finished": False})
         t0 = time.perf_counter()
         _run(run_argv)
         self.seconds[name] = round(time.perf_counter() - t0, 1)  # (a resumed alignment: since it went on)
@@ -224,6 +226,15 @@ def _without_device(argv: list[str]) -> list[str]:
     """A stage's command line less --device: a run goes on, or is kept, on another device."""
     i = argv.index("--device") if "--device" in argv else len(argv)
     return argv[:i] + argv[i + 2:]
+
+
+def _started_since(out: Path, record: Path) -> bool:
+    """Whether the align run in `out` began after `record` was written, i.e. is the run of the stage it records:
+    not an older run that align put back when the stage failed before its first checkpoint."""
+    try:
+        return (out / "run_config.json").stat().st_mtime_ns >= record.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def _align_run_differs(argv: list[str], out: Path, finished: bool) -> str | None:

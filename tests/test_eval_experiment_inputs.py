@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -234,6 +235,8 @@ class FakeStages:
         rows = ([{"loss": 1.0, "harmful_loss": 2.0}] if argv[0] == "align" else
                 [{"step": s, "harmful_loss": 2.0 - s, "train_loss": None if s == 0 else 1.0} for s in (0, 1)])
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if argv[0] == "align" and "--resume" not in argv:
+            (out / "run_config.json").write_text("{}")  # (align writes it as the run starts)
 
     def flags(self, command: str) -> list[str]:
         return next(argv for argv in self.calls if argv[0] == command)
@@ -738,11 +741,20 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     ran, kept = experiment_run("--set", "attack.steps=3")
     assert ran == [s for s in everything if "attack" in s[1]]
     assert kept == {m: ["align", "eval_before"] for m in ("sft", "booster")}
-    # booster's alignment interrupted after a checkpoint (its record unfinished, the run marked so): it goes on
-    # with align --resume and the chain after it runs; sft's last stage gone: it alone runs
     record = work / "seed43" / ".align-booster.stage.json"
     unfinished = {**json.loads(record.read_text()), "finished": False}
-    record.write_text(json.dumps(unfinished))
+
+    def stopped(run_started_since: bool):
+        """booster's record says its alignment started and did not finish; its run began after that record was
+        written (the stage's own run), or before it (an older run that align put back)."""
+        record.write_text(json.dumps(unfinished))
+        t = (work / "seed43" / "align-booster" / "run_config.json").stat().st_mtime_ns
+        t += -10**9 if run_started_since else 10**9
+        os.utime(record, ns=(t, t))
+
+    # booster's alignment interrupted after a checkpoint (the run marked so): it goes on with align --resume and
+    # the chain after it runs; sft's last stage gone: it alone runs
+    stopped(run_started_since=True)
     (work / "seed43" / "align-booster" / ".incomplete").write_text("")
     (work / "seed43" / "eval-attack-sft.json").unlink()
     booster_chain = [s for s in everything if s[1].endswith(("booster", "booster.json"))]
@@ -751,11 +763,14 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
         {"sft": ["align", "eval_before", "attack"], "booster": []})
     assert "align-booster was interrupted: it goes on from its newest checkpoint" in caplog.text
     # stopped, then finished by hand with the align --resume that its line suggests: kept
-    record.write_text(json.dumps(unfinished))
+    stopped(run_started_since=True)
     assert experiment_run("--set", "attack.steps=3") == ([], all_kept)
-    # interrupted before its first checkpoint, align put back the run it was replacing, made with other settings:
-    # not continued, run again from the start
-    record.write_text(json.dumps(unfinished))
+    # stopped before its first checkpoint: align put back the run it was replacing, older than the record: not
+    # kept, not continued, run again from the start
+    stopped(run_started_since=False)
+    assert experiment_run("--set", "attack.steps=3") == (booster_chain, {"sft": all_kept["sft"], "booster": []})
+    # the stage's own run, which align --resume's check refuses (here: its settings differ): run again, saying why
+    stopped(run_started_since=True)
     differs["why"] = "--resume x: flags that differ from the saved run: --lr 0.001 (the run has 0.003)"
     assert experiment_run("--set", "attack.steps=3") == (booster_chain, {"sft": all_kept["sft"], "booster": []})
     assert "align-booster runs again from the start: --resume x: flags that differ" in caplog.text
