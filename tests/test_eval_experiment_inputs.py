@@ -707,9 +707,10 @@ def test_the_judge_sees_the_instruction_and_its_input(aligned, tmp_path, monkeyp
 def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_path, monkeypatch, caplog):
     """An experiment run again in its --workdir (after an interruption, say) keeps each stage that finished there
     with the same command line and inputs, and runs the rest: a changed attack setting runs the attack and the eval
-    after it again, not the alignment; an interrupted alignment goes on with align --resume where align's check
-    finds its run is this command line's; a changed data file, a stage's output gone or unfinished, and --rerun run
-    every stage that depends on it; the result says which stages were kept."""
+    after it again, not the alignment; an interrupted alignment goes on with align --resume where its run is the
+    stage's own (begun after the stage's record) and align's check finds it is this command line's; a changed data
+    file, a stage's output gone or unfinished, and --rerun run every stage that depends on it; the result says
+    which stages were kept."""
     work, out = tmp_path / "runs", tmp_path / "r.json"
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "refusal": "no", "response": "yes"}) + "\n"

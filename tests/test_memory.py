@@ -214,9 +214,9 @@ def test_memory_command_prints_the_estimate_and_its_alternatives(capsys):
                              "10 + 10 rows x 256 tokens")
     rows = {line[2:].split("  ")[0]: line for line in out if line[:1] in "* " and "GiB" in line}
     assert set(rows) == {"NF4", "NF4, --gradient-checkpointing"}
+    assert rows["NF4, --gradient-checkpointing"].startswith("* ") and rows["NF4"].startswith("  ")
     assert main(["memory", "--model", "llama-7b-shape", "--method", "sft"]) == 0  # one pass: nothing merged
     assert capsys.readouterr().out.startswith("llama-7b-shape on cuda: one SFT step, fast engine (fused ops), 10 rows")
-    assert rows["NF4, --gradient-checkpointing"].startswith("* ") and rows["NF4"].startswith("  ")
     shape = memory.Shape.of(PRESETS["llama-7b-shape"])
     from booster_fast.models import preset_weight_bytes
 
