@@ -48,6 +48,7 @@ downloaded; a missing hub data set is a one-line error now instead of hours late
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -252,19 +253,15 @@ def _align_run_differs(argv: list[str], out: Path, finished: bool) -> str | None
     return None
 
 
-_CODE = []
-
-
+@functools.cache
 def _code_digest() -> str:
     """SHA-256 of this package's sources: a stage made by other code is not kept."""
     import hashlib
 
-    if not _CODE:
-        digest = hashlib.sha256()
-        for path in sorted(Path(__file__).parent.rglob("*.py")):
-            digest.update(path.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + path.read_bytes())
-        _CODE.append(digest.hexdigest())
-    return _CODE[0]
+    digest, package = hashlib.sha256(), Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _input_digests(argv: list[str], out: Path) -> dict[str, str]:
