@@ -40,7 +40,8 @@ with another attack setting), the experiment keeps each stage whose record match
 long as every stage before it in its chain (align -> eval -> attack -> eval) was kept too, and runs the rest; an
 alignment it started that stopped after a checkpoint (`align.save_every`: an epoch on the paper presets; Ctrl-C
 saves one) goes on with `align --resume`, whose own check first confirms the run has this command line's settings
-and data. Not checked: a local model directory's files and downloaded data sets. --rerun runs every stage again.
+and data (an alignment that starts afresh does so in an emptied directory, so what is there later is its own).
+Not checked: a local model directory's files and downloaded data sets. --rerun runs every stage again.
 
 Before any training, a preflight resolves what the preset needs: the base model and judge (config files only),
 and every data set the stages will load, through the stages' own loaders (built-in data is generated, nothing
@@ -53,6 +54,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -197,26 +199,32 @@ class Chain:
             done = None
         same = self.keeping and isinstance(done, dict) and {k: done.get(k) for k in want} == want
         whole = out.is_file() or ((out / "metrics.jsonl").is_file() and not (out / ".incomplete").exists())
-        kept, run_argv = same and done.get("finished") is True and whole, argv
-        if (same and not kept and argv[0] == "align" and (whole or (out / ".incomplete").exists())
-                and _started_since(out, record)):
-            why = _align_run_differs(argv, out, whole)
-            if why:
-                log.info("experiment: %s runs again from the start: %s", out, why)
-            elif whole:  # finished since, by the align --resume that the stopped stage's line suggested
-                kept = True
-            else:
-                log.info("experiment: %s was interrupted: it goes on from its newest checkpoint", out)
-                run_argv = ["align", *(a for a in argv[1:] if a != "--overwrite"), "--resume", str(out)]
-                self.resumed.append(name)
-        if kept:
+        if same and done.get("finished") is True and whole:
             log.info("experiment: %s kept: it finished before with this command line (--rerun runs it again)", out)
             self.kept.append(name)
             self.seconds[name] = done.get("seconds")
             return
-        self.keeping = False
-        if not self.resumed or self.resumed[-1] != name:  # (a resumed run keeps the record of its start)
+        self.keeping = False  # the stages after this one read what it makes now
+        run_argv = argv
+        if same and argv[0] == "align" and (whole or (out / ".incomplete").exists()):
+            # the stage's own run (a fresh alignment starts without the old directory, below), unfinished
+            why = _align_run_differs(argv, out, whole)
+            if why:
+                log.info("experiment: %s runs again from the start: %s", out, why)
+            elif whole:  # finished since, by the align --resume that the stopped stage's line suggested
+                log.info("experiment: %s kept: finished since with this command line's settings", out)
+                self.kept.append(name)
+                self.seconds[name] = None
+                write_json_atomic(record, {**want, "finished": True, "seconds": None})
+                return
+            else:
+                log.info("experiment: %s was interrupted: it goes on from its newest checkpoint", out)
+                run_argv = ["align", *(a for a in argv[1:] if a != "--overwrite"), "--resume", str(out)]
+                self.resumed.append(name)
+        if run_argv is argv:
             write_json_atomic(record, {**want, "finished": False})
+            if argv[0] == "align" and out.is_dir():  # not kept by align when the new run stops before its first
+                shutil.rmtree(out)  # checkpoint: what is here later is this stage's own run
         t0 = time.perf_counter()
         _run(run_argv)
         self.seconds[name] = round(time.perf_counter() - t0, 1)  # (a resumed alignment: since it went on)
@@ -227,15 +235,6 @@ def _without_device(argv: list[str]) -> list[str]:
     """A stage's command line less --device: a run goes on, or is kept, on another device."""
     i = argv.index("--device") if "--device" in argv else len(argv)
     return argv[:i] + argv[i + 2:]
-
-
-def _started_since(out: Path, record: Path) -> bool:
-    """Whether the align run in `out` began after `record` was written, i.e. is the run of the stage it records:
-    not an older run that align put back when the stage failed before its first checkpoint."""
-    try:
-        return (out / "run_config.json").stat().st_mtime_ns >= record.stat().st_mtime_ns
-    except OSError:
-        return False
 
 
 def _align_run_differs(argv: list[str], out: Path, finished: bool) -> str | None:

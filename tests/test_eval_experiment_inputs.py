@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -220,11 +219,12 @@ class FakeStages:
     """Replaces experiment._run: records each stage's argv and writes the files the orchestration reads."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.found = [], []
 
     def __call__(self, argv):
         self.calls.append(argv)
         out = Path(argv[argv.index("--resume" if "--resume" in argv else "--output") + 1])
+        self.found.append(out.exists())
         if "--resume" in argv:
             (out / ".incomplete").unlink()  # (a resumed run ends finished)
         if argv[0] == "eval":
@@ -235,8 +235,6 @@ class FakeStages:
         rows = ([{"loss": 1.0, "harmful_loss": 2.0}] if argv[0] == "align" else
                 [{"step": s, "harmful_loss": 2.0 - s, "train_loss": None if s == 0 else 1.0} for s in (0, 1)])
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if argv[0] == "align" and "--resume" not in argv:
-            (out / "run_config.json").write_text("{}")  # (align writes it as the run starts)
 
     def flags(self, command: str) -> list[str]:
         return next(argv for argv in self.calls if argv[0] == command)
@@ -707,10 +705,10 @@ def test_the_judge_sees_the_instruction_and_its_input(aligned, tmp_path, monkeyp
 def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_path, monkeypatch, caplog):
     """An experiment run again in its --workdir (after an interruption, say) keeps each stage that finished there
     with the same command line and inputs, and runs the rest: a changed attack setting runs the attack and the eval
-    after it again, not the alignment; an interrupted alignment goes on with align --resume where its run is the
-    stage's own (begun after the stage's record) and align's check finds it is this command line's; a changed data
-    file, a stage's output gone or unfinished, and --rerun run every stage that depends on it; the result says
-    which stages were kept."""
+    after it again, not the alignment; an interrupted alignment goes on with align --resume where align's check
+    finds its run is this command line's, else it starts again in an emptied directory; a changed data file, a
+    stage's output gone or unfinished, and --rerun run every stage that depends on it; the result says which
+    stages were kept."""
     work, out = tmp_path / "runs", tmp_path / "r.json"
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "refusal": "no", "response": "yes"}) + "\n"
@@ -718,6 +716,8 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
 
     differs = {"why": None}  # align's own check of a run against the command line: the real one is tested below
     monkeypatch.setattr(experiment, "_align_run_differs", lambda argv, run, finished: differs["why"])
+
+    found_before = []  # per align stage run: whether its output directory was there when it started
 
     def experiment_run(*extra):
         stages = FakeStages()
@@ -727,6 +727,7 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
             assert main(["experiment", "defense", "--seeds", "1", "--methods", "sft,booster", "--workdir", str(work),
                          "--no-plot", "--output", str(out), "--set", f"data={data}", *extra]) == 0
         kept = json.loads(out.read_text())["per_seed"][0]
+        found_before[:] = [f for argv, f in zip(stages.calls, stages.found) if argv[0] == "align"]
         return ([(argv[0] + (" --resume" if "--resume" in argv else ""),
                   Path(argv[argv.index("--resume" if "--resume" in argv else "--output") + 1]).name)
                  for argv in stages.calls], {m: kept[m]["kept_from_earlier"] for m in ("sft", "booster")})
@@ -744,37 +745,29 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     assert kept == {m: ["align", "eval_before"] for m in ("sft", "booster")}
     record = work / "seed43" / ".align-booster.stage.json"
     unfinished = {**json.loads(record.read_text()), "finished": False}
-
-    def stopped(run_started_since: bool):
-        """booster's record says its alignment started and did not finish; its run began after that record was
-        written (the stage's own run), or before it (an older run that align put back)."""
-        record.write_text(json.dumps(unfinished))
-        t = (work / "seed43" / "align-booster" / "run_config.json").stat().st_mtime_ns
-        t += -10**9 if run_started_since else 10**9
-        os.utime(record, ns=(t, t))
-
-    # booster's alignment interrupted after a checkpoint (the run marked so): it goes on with align --resume and
-    # the chain after it runs; sft's last stage gone: it alone runs
-    stopped(run_started_since=True)
+    booster_chain = [s for s in everything if s[1].endswith(("booster", "booster.json"))]
+    # booster's alignment interrupted after a checkpoint (its record unfinished, the run marked so): it goes on
+    # with align --resume and the chain after it runs; sft's last stage gone: it alone runs
+    record.write_text(json.dumps(unfinished))
     (work / "seed43" / "align-booster" / ".incomplete").write_text("")
     (work / "seed43" / "eval-attack-sft.json").unlink()
-    booster_chain = [s for s in everything if s[1].endswith(("booster", "booster.json"))]
     assert experiment_run("--set", "attack.steps=3") == (
         [("eval", "eval-attack-sft.json"), ("align --resume", "align-booster"), *booster_chain[1:]],
         {"sft": ["align", "eval_before", "attack"], "booster": []})
     assert "align-booster was interrupted: it goes on from its newest checkpoint" in caplog.text
-    # stopped, then finished by hand with the align --resume that its line suggests: kept
-    stopped(run_started_since=True)
+    # stopped, then finished by hand with the align --resume that its line suggests: the alignment is kept, and
+    # the stages after it run (their outputs were made from the adapter before it)
+    record.write_text(json.dumps(unfinished))
+    assert experiment_run("--set", "attack.steps=3") == (booster_chain[1:], {"sft": all_kept["sft"],
+                                                                             "booster": ["align"]})
     assert experiment_run("--set", "attack.steps=3") == ([], all_kept)
-    # stopped before its first checkpoint: align put back the run it was replacing, older than the record: not
-    # kept, not continued, run again from the start
-    stopped(run_started_since=False)
-    assert experiment_run("--set", "attack.steps=3") == (booster_chain, {"sft": all_kept["sft"], "booster": []})
-    # the stage's own run, which align --resume's check refuses (here: its settings differ): run again, saying why
-    stopped(run_started_since=True)
+    # a run that align --resume's check refuses (here: its settings differ): run again from the start, saying why,
+    # in a directory of its own (align would put the old run back if the new one stopped before a checkpoint)
+    record.write_text(json.dumps(unfinished))
     differs["why"] = "--resume x: flags that differ from the saved run: --lr 0.001 (the run has 0.003)"
     assert experiment_run("--set", "attack.steps=3") == (booster_chain, {"sft": all_kept["sft"], "booster": []})
     assert "align-booster runs again from the start: --resume x: flags that differ" in caplog.text
+    assert found_before[0] is False, "the new alignment found the old run in its directory"
     differs["why"] = None
     data.write_text(data.read_text() + json.dumps({"prompt": "q", "refusal": "no", "response": "yes"}) + "\n")
     assert experiment_run("--set", "attack.steps=3")[0] == everything  # the alignment data changed
