@@ -219,7 +219,7 @@ class Chain:
                 return
             else:
                 log.info("experiment: %s was interrupted: it goes on from its newest checkpoint", out)
-                run_argv = ["align", *(a for a in argv[1:] if a != "--overwrite"), "--resume", str(out)]
+                run_argv = _resume_argv(argv, out)
                 self.resumed.append(name)
         if run_argv is argv:
             write_json_atomic(record, {**want, "finished": False})
@@ -237,13 +237,18 @@ def _without_device(argv: list[str]) -> list[str]:
     return argv[:i] + argv[i + 2:]
 
 
+def _resume_argv(argv: list[str], out: Path) -> list[str]:
+    """An align stage's command line as `align --resume out`: every flag kept, for align to check against the run."""
+    return [a for a in argv if a != "--overwrite"] + ["--resume", str(out)]
+
+
 def _align_run_differs(argv: list[str], out: Path, finished: bool) -> str | None:
     """Why the align run in `out` is not the one `argv` makes (align --resume's own check: every flag given, and the
     data files' SHA-256), or None."""
     from .cli import UsageError, parse, size_defaults
     from .run_args import apply_resume
 
-    args = parse([a for a in argv if a != "--overwrite"] + ["--resume", str(out)])
+    args = parse(_resume_argv(argv, out))
     size_defaults(args)
     try:
         apply_resume(args, finished_ok=finished)
@@ -265,18 +270,10 @@ def _code_digest() -> str:
 
 def _input_digests(argv: list[str], out: Path) -> dict[str, str]:
     """{path: SHA-256} of the files a stage's command line names (data files, prompts), its output aside."""
-    import hashlib
+    from .run_args import file_sha256
 
-    digests = {}
-    for value in argv:
-        path = Path(value)
-        if path.is_file() and path.absolute() != out.absolute():
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            digests[value] = digest.hexdigest()
-    return digests
+    return {value: file_sha256(value) for value in argv
+            if Path(value).is_file() and Path(value).absolute() != out.absolute()}
 
 
 def preflight(p: dict, announce=lambda: None):
@@ -493,18 +490,17 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
         row = {"seed": seed}
         for method in methods:
             d = work / f"seed{seed}"
+            aligned, attacked = d / f"align-{method}", d / f"attack-{method}"
+            eval_aligned, eval_attacked = d / f"eval-align-{method}.json", d / f"eval-attack-{method}.json"
             chain = Chain(args.rerun)
-            chain.stage("align", align_argv(p, method, seed, d / f"align-{method}", args.device), d / f"align-{method}")
-            chain.stage("eval_before", eval_argv(p, d / f"align-{method}", d / f"eval-align-{method}.json",
-                                                 args.device), d / f"eval-align-{method}.json")
-            chain.stage("attack", attack_argv(p, d / f"align-{method}", seed, d / f"attack-{method}", args.device),
-                        d / f"attack-{method}")
-            chain.stage("eval_after", eval_argv(p, d / f"attack-{method}", d / f"eval-attack-{method}.json",
-                                                args.device), d / f"eval-attack-{method}.json")
-            align_metrics = _read_jsonl(d / f"align-{method}" / "metrics.jsonl")
-            before = json.loads((d / f"eval-align-{method}.json").read_text())
-            after = json.loads((d / f"eval-attack-{method}.json").read_text())
-            attack_rows = _read_jsonl(d / f"attack-{method}" / "metrics.jsonl")
+            chain.stage("align", align_argv(p, method, seed, aligned, args.device), aligned)
+            chain.stage("eval_before", eval_argv(p, aligned, eval_aligned, args.device), eval_aligned)
+            chain.stage("attack", attack_argv(p, aligned, seed, attacked, args.device), attacked)
+            chain.stage("eval_after", eval_argv(p, attacked, eval_attacked, args.device), eval_attacked)
+            align_metrics = _read_jsonl(aligned / "metrics.jsonl")
+            before = json.loads(eval_aligned.read_text())
+            after = json.loads(eval_attacked.read_text())
+            attack_rows = _read_jsonl(attacked / "metrics.jsonl")
             curve = [(r["step"], r["harmful_loss"]) for r in attack_rows]
             keyword = [(r["step"], r["keyword_harmful_score"]) for r in attack_rows if "keyword_harmful_score" in r]
             row[method] = {

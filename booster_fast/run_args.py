@@ -294,17 +294,19 @@ def apply_resume(args, finished_ok: bool = False):
 def data_fingerprints(args) -> dict[str, str]:
     """{path: SHA-256} of the local data files of a run (--data, --harmful-data), recorded in run_config.json so
     that a resume can tell whether they changed (the streams check only the row counts)."""
+    return {path: file_sha256(path) for path in (args.data, getattr(args, "harmful_data", None))
+            if path and os.path.isfile(path)}
+
+
+def file_sha256(path) -> str:
+    """A file's SHA-256 (hex), read in 1 MiB blocks; an unreadable file is a one-line UsageError."""
     import hashlib
 
-    out = {}
-    for path in (args.data, getattr(args, "harmful_data", None)):
-        if path and os.path.isfile(path):
-            digest = hashlib.sha256()
-            try:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-            except OSError as e:
-                raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
-            out[path] = digest.hexdigest()
-    return out
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
+    return digest.hexdigest()
