@@ -128,12 +128,11 @@ def check_knobs_followed(names: list[str], args) -> None:
     run the original step, and an entry that pins the flag ignores it."""
     for knob in KNOBS:
         value = getattr(args, knob, "auto")
-        if value == "auto" or any(n not in ("reference", "sft") and knob not in PINNED.get(n, {})
-                                  and not (knob == "merge_passes" and n in ONE_PASS) for n in names):
-            continue
         original = [n for n in names if n in ("reference", "sft")]
         pinning = [n for n in names if knob in PINNED.get(n, {})]
         one_pass = [n for n in names if knob == "merge_passes" and n in ONE_PASS]
+        if value == "auto" or set(names) - set(original + pinning + one_pass):  # an entry follows it
+            continue
         why = [f"{' and '.join(original)} {'run' if len(original) > 1 else 'runs'} the original trainer's step"
                if original else "",
                f"{', '.join(pinning)} {'pin' if len(pinning) > 1 else 'pins'} it" if pinning else "",
