@@ -144,8 +144,8 @@ def publish_dir(tmp: Path, out: Path):
 # ------------------------------------------------------------------------------------------------------------
 # the attack
 # ------------------------------------------------------------------------------------------------------------
-def _rows(n: int) -> str:
-    return f"{n} row" if n == 1 else f"{n} rows"
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def poison_mix(benign: list, harmful: list, samples: int, ratio: float, seed: int) -> tuple[list, int]:
@@ -157,10 +157,10 @@ def poison_mix(benign: list, harmful: list, samples: int, ratio: float, seed: in
     n_harm = math.floor(ratio * samples + 1e-9)
     n_benign = samples - n_harm
     if n_benign > len(benign):
-        raise DataError(f"the benign set has {_rows(len(benign))}; {n_benign} are needed "
+        raise DataError(f"the benign set has {_counted(len(benign), 'row')}; {n_benign} are needed "
                         f"(--samples {samples}, --poison-ratio {ratio})")
     if n_harm > len(harmful):
-        raise DataError(f"the harmful set has {_rows(len(harmful))}; {n_harm} are needed "
+        raise DataError(f"the harmful set has {_counted(len(harmful), 'row')}; {n_harm} are needed "
                         f"(--samples {samples}, --poison-ratio {ratio})")
     rng = random.Random(f"booster_fast.attack:{seed}")
     rows = rng.sample(list(benign), n_benign) + rng.sample(list(harmful), n_harm)
@@ -358,8 +358,8 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                   "refusal_prompts": len(probe), "refusal_max_new_tokens": args.refusal_max_new_tokens,
                   "device": str(device), "model": base["model"], "quant": base["quant"]}
         (tmp / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        log.info("attack: %s on %s, %d step%s of %d rows (%d harmful of %d samples), lr %g; held-out harmful "
-                 "loss over %d rows every %d steps", args.adapter, device, steps, "s"[:steps != 1], args.batch_size,
+        log.info("attack: %s on %s, %s of %d rows (%d harmful of %d samples), lr %g; held-out harmful "
+                 "loss over %d rows every %d steps", args.adapter, device, _counted(steps, "step"), args.batch_size,
                  n_harm, args.samples, args.lr, len(test_enc), args.eval_every)
         max_skipped = DEFAULT_MAX_SKIPPED if args.max_skipped is None else args.max_skipped
         skips = SkipTally()
