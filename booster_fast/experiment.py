@@ -34,14 +34,14 @@ value is JSON when it parses (numbers, null, true/false), else a string, and mus
 only where the preset has null). The output records the changes under "overrides", and, unless --output / --plot
 say otherwise, goes into the work directory, never over the committed results of the untouched preset.
 
-Each stage's run goes into the work directory (--workdir), with a record beside it of the command line (--device
-aside), the SHA-256 of the files it names and of this package's code. Run again there (after an interruption, or
-with another attack setting), the experiment keeps each stage whose record matches and whose output is whole, as
-long as every stage before it in its chain (align -> eval -> attack -> eval) was kept too, and runs the rest; an
-alignment it started that stopped after a checkpoint (`align.save_every`: an epoch on the paper presets; Ctrl-C
-saves one) goes on with `align --resume`, whose own check first confirms the run has this command line's settings
-and data (an alignment that starts afresh does so in an emptied directory, so what is there later is its own).
-Not checked: a local model directory's files and downloaded data sets. --rerun runs every stage again.
+Each stage's run goes into the work directory (--workdir), with a record beside it (stages.py) of the command line
+(--device aside), the SHA-256 of the files it names and of this package's code. Run again there (after an
+interruption, or with another attack setting), the experiment keeps each stage whose record matches and whose output
+is whole, as long as every stage before it in its chain (align -> eval -> attack -> eval) was kept too, and runs the
+rest; an alignment it started that stopped after a checkpoint (`align.save_every`: an epoch on the paper presets;
+Ctrl-C saves one) goes on with `align --resume`, whose own check first confirms the run has this command line's
+settings and data (an alignment that starts afresh does so in an emptied directory, so what is there later is its
+own). Not checked: a local model directory's files and downloaded data sets. --rerun runs every stage again.
 
 Before any training, a preflight resolves what the preset needs: the base model and judge (config files only),
 and every data set the stages will load, through the stages' own loaders (built-in data is generated, nothing
@@ -49,12 +49,10 @@ downloaded; a missing hub data set is a one-line error now instead of hours late
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -63,6 +61,7 @@ from pathlib import Path
 from .defense_plot import need_matplotlib, plot_defense
 from .errors import described
 from .preset_overrides import apply_overrides
+from .stages import Chain, StageFailed
 
 log = logging.getLogger("booster_fast")
 METHODS = ("sft", "booster", "booster-vaccine")  # booster-vaccine: Booster with the original's perturb_aware
@@ -133,14 +132,6 @@ def add_parser(sub):
     return p
 
 
-class StageFailed(RuntimeError):
-    """A stage (align / attack / eval) exited non-zero; it has already printed its one-line reason."""
-
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
-
-
 def main(args) -> int:
     from .cli import run_reporting
 
@@ -158,124 +149,8 @@ def _run_or_stage_code(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the stages, each one a command line
+# before any stage: what the preset needs
 # ------------------------------------------------------------------------------------------------------------
-def _flags(d: dict) -> list[str]:
-    out = []
-    for k, v in d.items():
-        if v is not None:
-            out += [f"--{k.replace('_', '-')}", str(v)]
-    return out
-
-
-def _run(argv: list[str]):
-    from .cli import main as cli_main
-
-    log.info("$ booster-fast %s", " ".join(argv))
-    rc = cli_main(argv)
-    if rc != 0:  # the stage printed its one-line reason; the command line above says which stage it was
-        raise StageFailed(rc)
-
-
-class Chain:
-    """One method's stages for one seed, in order: a stage can be kept from an earlier experiment only while every
-    stage before it in the chain was (each reads the one before it)."""
-
-    def __init__(self, rerun: bool):
-        self.keeping, self.kept, self.resumed, self.seconds = not rerun, [], [], {}
-
-    def stage(self, name: str, argv: list[str], out: Path):
-        """Run one stage (`_run`), or keep `out` where the record beside it says it was made by this command
-        line (--device aside), from inputs of the same content, by this code, and finished; an alignment that
-        this command line started and that stopped after a checkpoint goes on with align --resume, once align's own
-        check finds the run's settings and data are this command line's."""
-        from .atomic import write_json_atomic
-
-        record = out.parent / f".{out.name}.stage.json"
-        want = {"argv": _without_device(argv), "inputs": _input_digests(argv, out), "code": _code_digest()}
-        try:
-            done = json.loads(record.read_text())
-        except (OSError, ValueError):
-            done = None
-        same = self.keeping and isinstance(done, dict) and {k: done.get(k) for k in want} == want
-        whole = out.is_file() or ((out / "metrics.jsonl").is_file() and not (out / ".incomplete").exists())
-        if same and done.get("finished") is True and whole:
-            log.info("experiment: %s kept: it finished before with this command line (--rerun runs it again)", out)
-            self.kept.append(name)
-            self.seconds[name] = done.get("seconds")
-            return
-        self.keeping = False  # the stages after this one read what it makes now
-        run_argv = argv
-        if same and argv[0] == "align" and (whole or (out / ".incomplete").exists()):
-            # the stage's own run (a fresh alignment starts without the old directory, below), unfinished
-            why = _align_run_differs(argv, out, whole)
-            if why:
-                log.info("experiment: %s runs again from the start: %s", out, why)
-            elif whole:  # finished since, by the align --resume that the stopped stage's line suggested
-                log.info("experiment: %s kept: finished since with this command line's settings", out)
-                self.kept.append(name)
-                self.seconds[name] = None
-                write_json_atomic(record, {**want, "finished": True, "seconds": None})
-                return
-            else:
-                log.info("experiment: %s was interrupted: it goes on from its newest checkpoint", out)
-                run_argv = _resume_argv(argv, out)
-                self.resumed.append(name)
-        if run_argv is argv:
-            write_json_atomic(record, {**want, "finished": False})
-            if argv[0] == "align" and out.is_dir():  # not kept by align when the new run stops before its first
-                shutil.rmtree(out)  # checkpoint: what is here later is this stage's own run
-        t0 = time.perf_counter()
-        _run(run_argv)
-        self.seconds[name] = round(time.perf_counter() - t0, 1)  # (a resumed alignment: since it went on)
-        write_json_atomic(record, {**want, "finished": True, "seconds": self.seconds[name]})
-
-
-def _without_device(argv: list[str]) -> list[str]:
-    """A stage's command line less --device: a run goes on, or is kept, on another device."""
-    i = argv.index("--device") if "--device" in argv else len(argv)
-    return argv[:i] + argv[i + 2:]
-
-
-def _resume_argv(argv: list[str], out: Path) -> list[str]:
-    """An align stage's command line as `align --resume out`: every flag kept, for align to check against the run."""
-    return [a for a in argv if a != "--overwrite"] + ["--resume", str(out)]
-
-
-def _align_run_differs(argv: list[str], out: Path, finished: bool) -> str | None:
-    """Why the align run in `out` is not the one `argv` makes (align --resume's own check: every flag given, and the
-    data files' SHA-256), or None."""
-    from .cli import UsageError, parse, size_defaults
-    from .run_args import apply_resume
-
-    args = parse(_resume_argv(argv, out))
-    size_defaults(args)
-    try:
-        apply_resume(args, finished_ok=finished)
-    except UsageError as e:
-        return str(e)
-    return None
-
-
-@functools.cache
-def _code_digest() -> str:
-    """SHA-256 of this package's sources: a stage made by other code is not kept."""
-    import hashlib
-
-    digest, package = hashlib.sha256(), Path(__file__).parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _input_digests(argv: list[str], out: Path) -> dict[str, str]:
-    """{path: SHA-256} of the files a stage's command line names (data files, prompts), its output aside."""
-    from .run_args import file_sha256
-
-    return {value: file_sha256(value) for value in argv
-            if Path(value).is_file() and Path(value).absolute() != out.absolute()}
-
-
 def preflight(p: dict, announce=lambda: None):
     """Before hours of training: can the base model, the judge and every data set be resolved at all? Also the
     LoRA targets against the model's layers and the eval stage's new-token budgets against its position limit.
@@ -357,6 +232,18 @@ def output_paths(args, work: Path, tweaked: bool) -> tuple[Path, Path | None]:
     png_default = work / f"defense_{tag}.png" if tweaked else Path(f"docs/defense_{tag}.png")
     out_png = None if args.no_plot else Path(args.plot or png_default)
     return Path(args.output or json_default), out_png
+
+
+# ------------------------------------------------------------------------------------------------------------
+# each stage's command line (stages.py runs them, or keeps what they made before)
+# ------------------------------------------------------------------------------------------------------------
+def _flags(d: dict) -> list[str]:
+    """A preset section as flags, its null fields left out (the command's own default)."""
+    out = []
+    for k, v in d.items():
+        if v is not None:
+            out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
 
 
 def method_flags(p: dict, method: str) -> list[str]:

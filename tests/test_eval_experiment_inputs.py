@@ -16,6 +16,7 @@ import pytest
 from booster_fast import experiment
 from booster_fast.cli import main
 from booster_fast.data import DataError
+from booster_fast.stages import StageFailed, align_run_differs
 
 FAST = ["--max-length", "64", "--batch-size", "2"]
 SMALL_EVAL = ["--num-prompts", "4", "--num-task", "4", "--max-new-tokens", "2", "--task-max-new-tokens", "2"]
@@ -216,7 +217,7 @@ def test_position_limit_from_the_config_alone(tmp_path):
 
 # ------------------------------------------------------------------------------------------- experiment: stages
 class FakeStages:
-    """Replaces experiment._run: records each stage's argv and writes the files the orchestration reads."""
+    """Replaces stages.run_stage: records each stage's argv and writes the files the orchestration reads."""
 
     def __init__(self):
         self.calls, self.found = [], []
@@ -241,14 +242,14 @@ class FakeStages:
 
 
 class NoStage:
-    """Replaces experiment._run where no stage may run: records, then fails as a stage would."""
+    """Replaces stages.run_stage where no stage may run: records, then fails as a stage would."""
 
     def __init__(self):
         self.calls = []
 
     def __call__(self, argv):
         self.calls.append(argv)
-        raise experiment.StageFailed(2)
+        raise StageFailed(2)
 
 
 def _value(argv: list[str], flag: str) -> str:
@@ -262,7 +263,7 @@ SETS = ["--set", "align.steps=2", "--set", "attack.steps=3", "--set", "eval.num_
 @pytest.mark.parametrize("explicit", [False, True])
 def test_set_overrides_the_preset_and_moves_the_default_outputs(explicit, tmp_path, monkeypatch):
     stages, plots = FakeStages(), []
-    monkeypatch.setattr(experiment, "_run", stages)
+    monkeypatch.setattr("booster_fast.stages.run_stage", stages)
     monkeypatch.setattr(experiment, "need_matplotlib", lambda: None)
     monkeypatch.setattr(experiment, "plot_defense", lambda result, path: plots.append(Path(path)))
     monkeypatch.chdir(tmp_path)      # a default that were still the committed one would land in tmp_path, not the repo
@@ -329,7 +330,7 @@ def refused_before_any_stage(setting: str, tmp_path, monkeypatch, capsys) -> str
     """The one error line of `experiment defense --set SETTING`, which must exit 2 before any stage runs and
     leave nothing behind."""
     stages = NoStage()
-    monkeypatch.setattr(experiment, "_run", stages)
+    monkeypatch.setattr("booster_fast.stages.run_stage", stages)
     capsys.readouterr()
     code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
                  "--output", str(tmp_path / "x.json"), "--set", setting])
@@ -355,7 +356,7 @@ def test_preflight_stops_on_missing_data_before_any_stage(loader, tmp_path, monk
 
     stages = NoStage()
     monkeypatch.setattr(data, loader, missing)
-    monkeypatch.setattr(experiment, "_run", stages)
+    monkeypatch.setattr("booster_fast.stages.run_stage", stages)
     capsys.readouterr()
     code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
                  "--output", str(tmp_path / "x.json")])
@@ -400,7 +401,7 @@ def test_preflight_of_the_tiny_preset_downloads_nothing(monkeypatch):
 
 def test_preflight_refuses_new_tokens_beyond_the_positions(tmp_path, monkeypatch, capsys):
     stages = NoStage()
-    monkeypatch.setattr(experiment, "_run", stages)
+    monkeypatch.setattr("booster_fast.stages.run_stage", stages)
     capsys.readouterr()
     code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
                  "--output", str(tmp_path / "x.json"), "--set", "eval.max_new_tokens=100000"])
@@ -425,7 +426,7 @@ def test_every_stages_settings_are_checked_before_the_first_stage(setting, needl
 
 def test_an_unknown_device_is_refused_before_the_preflight(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiment, "preflight", lambda p, *announce: pytest.fail("reached the preflight"))
-    monkeypatch.setattr(experiment, "_run", NoStage())
+    monkeypatch.setattr("booster_fast.stages.run_stage", NoStage())
     capsys.readouterr()
     code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
                  "--output", str(tmp_path / "x.json"), "--device", "bogus"])
@@ -438,7 +439,7 @@ def test_an_unknown_device_is_refused_before_the_preflight(tmp_path, monkeypatch
 def test_lora_targets_the_model_lacks_are_refused_before_any_line(targets, needle, tmp_path, monkeypatch, capsys,
                                                                    caplog):
     stages = NoStage()
-    monkeypatch.setattr(experiment, "_run", stages)
+    monkeypatch.setattr("booster_fast.stages.run_stage", stages)
     capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         code = main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
@@ -475,7 +476,7 @@ def test_every_preset_passes_the_stages_checks(preset):
 @pytest.mark.parametrize("where", ["is-a-file", "under-a-file"])
 def test_workdir_that_is_a_file_exits_2_up_front(where, tmp_path, monkeypatch, capsys):
     stages = NoStage()
-    monkeypatch.setattr(experiment, "_run", stages)
+    monkeypatch.setattr("booster_fast.stages.run_stage", stages)
     blocker = tmp_path / "blocker"
     blocker.write_text("not a directory")
     work = blocker if where == "is-a-file" else blocker / "runs"
@@ -632,7 +633,7 @@ def test_set_without_a_key_says_the_expected_form(item):
                                    ["--seeds", "1000000000000"], ["--plot", "p.png"]])
 def test_contradicting_or_out_of_range_flags_exit_2_before_anything(flags, tmp_path, monkeypatch, capsys):
     stages = NoStage()
-    monkeypatch.setattr(experiment, "_run", stages)
+    monkeypatch.setattr("booster_fast.stages.run_stage", stages)
     monkeypatch.setattr(experiment, "preflight", lambda p, *announce: pytest.fail("reached the preflight"))
     capsys.readouterr()
     code = main(["experiment", "defense", "--workdir", str(tmp_path / "runs"), "--no-plot",
@@ -662,7 +663,7 @@ def test_summary_accuracy_is_the_after_attack_one(tmp_path, monkeypatch):
                 res.update(accuracy=30.0 if after else 80.0, harmful_score=60.0 if after else 10.0)
                 out.write_text(json.dumps(res))
 
-    monkeypatch.setattr(experiment, "_run", Stages())
+    monkeypatch.setattr("booster_fast.stages.run_stage", Stages())
     out = tmp_path / "r.json"
     assert main(["experiment", "defense", "--seeds", "2", "--methods", "sft", "--workdir", str(tmp_path / "runs"),
                  "--no-plot", "--output", str(out)]) == 0
@@ -715,13 +716,13 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
                             for i in range(16)))
 
     differs = {"why": None}  # align's own check of a run against the command line: the real one is tested below
-    monkeypatch.setattr(experiment, "_align_run_differs", lambda argv, run, finished: differs["why"])
+    monkeypatch.setattr("booster_fast.stages.align_run_differs", lambda argv, run, finished: differs["why"])
 
     found_before = []  # per align stage run: whether its output directory was there when it started
 
     def experiment_run(*extra):
         stages = FakeStages()
-        monkeypatch.setattr(experiment, "_run", stages)
+        monkeypatch.setattr("booster_fast.stages.run_stage", stages)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="booster_fast"):
             assert main(["experiment", "defense", "--seeds", "1", "--methods", "sft,booster", "--workdir", str(work),
@@ -779,9 +780,9 @@ def test_a_stage_stopped_by_a_signal_says_the_experiment_goes_on(code, hint, tmp
     """Ctrl-C (130) or SIGTERM (143) in a stage: the stage's own line says `align --resume`, and one more line says
     that the experiment's command goes on from there; exit with the stage's code. Other failures add nothing."""
     def stopped(argv):
-        raise experiment.StageFailed(code)
+        raise StageFailed(code)
 
-    monkeypatch.setattr(experiment, "_run", stopped)
+    monkeypatch.setattr("booster_fast.stages.run_stage", stopped)
     capsys.readouterr()
     assert main(["experiment", "defense", "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--no-plot",
                  "--output", str(tmp_path / "r.json")]) == code
@@ -805,12 +806,12 @@ def test_an_interrupted_alignment_is_continued_only_with_its_own_settings(tmp_pa
     argv = experiment.align_argv(p, "booster", 43, run, "cpu")
     assert main(argv) == 0
     (run / MARKER).write_text("")  # as if stopped after a checkpoint
-    assert experiment._align_run_differs(argv, run, finished=False) is None
+    assert align_run_differs(argv, run, finished=False) is None
     other = experiment.align_argv({**p, "align": {**p["align"], "lr": 1e-3}}, "booster", 43, run, "cpu")
-    why = experiment._align_run_differs(other, run, finished=False)
+    why = align_run_differs(other, run, finished=False)
     assert why and "--lr 0.001 (the run has 0.003)" in why, why
     (run / MARKER).unlink()
-    assert experiment._align_run_differs(argv, run, finished=True) is None
+    assert align_run_differs(argv, run, finished=True) is None
     data.write_text(data.read_text() + data.read_text())
-    why = experiment._align_run_differs(argv, run, finished=True)
+    why = align_run_differs(argv, run, finished=True)
     assert why and "changed since the run started" in why, why

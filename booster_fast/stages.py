@@ -1,0 +1,139 @@
+"""An experiment's stages, and what a rerun keeps of them.
+
+Each stage (`booster-fast align / attack / eval`) is a command line, run in process through `cli.main`
+(`run_stage`). Beside each stage's output a hidden record (`.{output}.stage.json`) keeps what made it: the command
+line less --device (a run goes on, or is kept, on another device), the SHA-256 of every file that command line
+names (data files, prompts) and of this package's sources, whether it finished, and its seconds. Run again in the
+same work directory, a chain of stages (align -> eval -> attack -> eval for one method and seed, each reading the one
+before it) keeps every stage whose record matches and whose output is whole, until the first one that does not;
+that one and every stage after it in its chain run again. An alignment this command line started that stopped after a
+checkpoint goes on with `align --resume`, once align's own check (every flag, the data files' SHA-256) confirms
+that the run is this command line's; otherwise it starts afresh in an emptied directory, so that align cannot put
+an older run back there. Not checked: a local model directory's files and downloaded data sets.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger("booster_fast")
+
+
+class StageFailed(RuntimeError):
+    """A stage (align / attack / eval) exited non-zero; it has already printed its one-line reason."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def run_stage(argv: list[str]):
+    from .cli import main as cli_main
+
+    log.info("$ booster-fast %s", " ".join(argv))
+    rc = cli_main(argv)
+    if rc != 0:  # the stage printed its one-line reason; the command line above says which stage it was
+        raise StageFailed(rc)
+
+
+class Chain:
+    """One method's stages for one seed, in order: a stage can be kept from an earlier experiment only while every
+    stage before it in the chain was (each reads the one before it)."""
+
+    def __init__(self, rerun: bool):
+        self.keeping, self.kept, self.resumed, self.seconds = not rerun, [], [], {}
+
+    def stage(self, name: str, argv: list[str], out: Path):
+        """Run one stage (`_run`), or keep `out` where the record beside it says it was made by this command
+        line (--device aside), from inputs of the same content, by this code, and finished; an alignment that
+        this command line started and that stopped after a checkpoint goes on with align --resume, once align's own
+        check finds the run's settings and data are this command line's."""
+        from .atomic import write_json_atomic
+
+        record = out.parent / f".{out.name}.stage.json"
+        want = {"argv": without_device(argv), "inputs": input_digests(argv, out), "code": code_digest()}
+        try:
+            done = json.loads(record.read_text())
+        except (OSError, ValueError):
+            done = None
+        same = self.keeping and isinstance(done, dict) and {k: done.get(k) for k in want} == want
+        whole = out.is_file() or ((out / "metrics.jsonl").is_file() and not (out / ".incomplete").exists())
+        if same and done.get("finished") is True and whole:
+            log.info("experiment: %s kept: it finished before with this command line (--rerun runs it again)", out)
+            self.kept.append(name)
+            self.seconds[name] = done.get("seconds")
+            return
+        self.keeping = False  # the stages after this one read what it makes now
+        run_argv = argv
+        if same and argv[0] == "align" and (whole or (out / ".incomplete").exists()):
+            # the stage's own run (a fresh alignment starts without the old directory, below), unfinished
+            why = align_run_differs(argv, out, whole)
+            if why:
+                log.info("experiment: %s runs again from the start: %s", out, why)
+            elif whole:  # finished since, by the align --resume that the stopped stage's line suggested
+                log.info("experiment: %s kept: finished since with this command line's settings", out)
+                self.kept.append(name)
+                self.seconds[name] = None
+                write_json_atomic(record, {**want, "finished": True, "seconds": None})
+                return
+            else:
+                log.info("experiment: %s was interrupted: it goes on from its newest checkpoint", out)
+                run_argv = resume_argv(argv, out)
+                self.resumed.append(name)
+        if run_argv is argv:
+            write_json_atomic(record, {**want, "finished": False})
+            if argv[0] == "align" and out.is_dir():  # not kept by align when the new run stops before its first
+                shutil.rmtree(out)  # checkpoint: what is here later is this stage's own run
+        t0 = time.perf_counter()
+        run_stage(run_argv)
+        self.seconds[name] = round(time.perf_counter() - t0, 1)  # (a resumed alignment: since it went on)
+        write_json_atomic(record, {**want, "finished": True, "seconds": self.seconds[name]})
+
+
+def without_device(argv: list[str]) -> list[str]:
+    """A stage's command line less --device: a run goes on, or is kept, on another device."""
+    i = argv.index("--device") if "--device" in argv else len(argv)
+    return argv[:i] + argv[i + 2:]
+
+
+def resume_argv(argv: list[str], out: Path) -> list[str]:
+    """An align stage's command line as `align --resume out`: every flag kept, for align to check against the run."""
+    return [a for a in argv if a != "--overwrite"] + ["--resume", str(out)]
+
+
+def align_run_differs(argv: list[str], out: Path, finished: bool) -> str | None:
+    """Why the align run in `out` is not the one `argv` makes (align --resume's own check: every flag given, and the
+    data files' SHA-256), or None."""
+    from .cli import UsageError, parse, size_defaults
+    from .run_args import apply_resume
+
+    args = parse(resume_argv(argv, out))
+    size_defaults(args)
+    try:
+        apply_resume(args, finished_ok=finished)
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+@functools.cache
+def code_digest() -> str:
+    """SHA-256 of this package's sources: a stage made by other code is not kept."""
+    import hashlib
+
+    digest, package = hashlib.sha256(), Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def input_digests(argv: list[str], out: Path) -> dict[str, str]:
+    """{path: SHA-256} of the files a stage's command line names (data files, prompts), its output aside."""
+    from .run_args import file_sha256
+
+    return {value: file_sha256(value) for value in argv
+            if Path(value).is_file() and Path(value).absolute() != out.absolute()}
