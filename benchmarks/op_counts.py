@@ -20,7 +20,7 @@ import torch
 
 import booster_fast as bf
 from booster_fast.atomic import write_text_atomic
-from booster_fast.bench import random_batch
+from booster_fast.bench_data import random_batch
 from booster_fast.models import PRESETS
 from booster_fast.opcount import count_ops, host_resident_scalars
 

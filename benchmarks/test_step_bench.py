@@ -5,7 +5,7 @@ built-in rows fill them) and of 256 tokens (~36% real: where packing pays).
 
 CI does not collect this file (pyproject's testpaths is tests/). Each case builds its model the way
 `booster-fast bench` does (same seed, so identical initial weights, and the same pre-generated batches in the
-form its engine runs: `bench.entry_batches`) and records the aten ops of one step in `benchmark.extra_info`.
+form its engine runs: `bench_data.entry_batches`) and records the aten ops of one step in `benchmark.extra_info`.
 pytest-benchmark runs the cases one after the other, so machine drift is not cancelled here: for side-by-side
 numbers use `booster-fast bench`, which interleaves.
 """
@@ -14,7 +14,7 @@ import itertools
 import pytest
 import torch
 
-from booster_fast import bench
+from booster_fast import bench, bench_data
 from booster_fast.cli import build_parser
 from booster_fast.opcount import count_ops
 
@@ -43,7 +43,7 @@ def pairs():
     from booster_fast import load_model
 
     model, tok = load_model("tiny", seed=parsed(64).seed, device="cpu")
-    return {n: bench.make_batches(parsed(n), tok, model) for n in LENGTHS}
+    return {n: bench_data.make_batches(parsed(n), tok, model) for n in LENGTHS}
 
 
 @pytest.mark.parametrize("length", LENGTHS)
@@ -54,7 +54,7 @@ def test_step(benchmark, pairs, case, length):
     device = bench.resolve_device(args.device)
     booster, _, _ = bench.build_impl(name, args, device)
     fn = bench.step_fn(name, booster)
-    batches = bench.entry_batches(booster, pairs[length], device)
+    batches = bench_data.entry_batches(booster, pairs[length], device)
     fn(*batches[0])  # the first step also creates the optimizer state: count a later one, as the bench does
     ops = count_ops(fn, *batches[1])
     benchmark.extra_info.update(impl=name, perturb_aware=args.perturb_aware, device=str(device), max_length=length,

@@ -70,17 +70,16 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
-from .align import build_streams
 from .batches import tokens
 from .errors import described, reason
 from .bench_measure import (FIRST_STEP_RTOL, SFT, first_step_agreement, graph_pool_bytes, graphs_captured,
                             held_bytes, matmul_params, matmul_tflops, method_flops, micro, model_flops, pass_batches,
                             peak_tflops, sync, transient_bytes)
 from .atomic import check_writable_file, write_json_atomic
+from .bench_data import MIN_RANDOM_LENGTH, entry_batches, make_batches
 from .bench_report import format_table, machine_info, plot, run_config
 from .cli import UsageError
 from .config import BoosterConfig
@@ -247,58 +246,6 @@ def step_fn(name: str, booster):
     if name in SFT:
         return lambda a, h: booster.sft_step(a)
     return booster.step
-
-
-def entry_batches(booster, pairs, device) -> list[tuple]:
-    """The (align, harmful) device batches of one entry, in the form its engine runs (`Booster.to_device`): for fast
-    engines without the mask, or packed; for the reference and sft with the mask and padded to the longest row,
-    as the original trainer's collator pads them."""
-    return [(booster.to_device(a, device), booster.to_device(h, device)) for a, h, _, _ in pairs]
-
-
-MIN_RANDOM_LENGTH = 8  # the random rows' shortest --max-length: a prompt and a labelled answer, 60-100% of it
-
-
-def row_lengths(rows: int, length: int, g: torch.Generator) -> torch.Tensor:
-    """Real lengths of `rows` rows: each 60-100% of `length`, together exactly 80% of rows x length. Rows vary,
-    the total does not, so a packed entry meets one packed length (one CUDA graph) in every step, as padded ones
-    do: the timing is the steady state of a run, after each length it meets has been captured."""
-    low = max(2, int(0.6 * length))
-    n = torch.randint(low, length + 1, (rows,), generator=g)
-    target = max(low * rows, min(length * rows, round(0.8 * rows * length)))
-    while (diff := target - int(n.sum())) != 0:  # move the total to the target, a row at a time, within bounds
-        i = int(torch.randint(rows, (1,), generator=g))
-        n[i] = min(length, max(low, int(n[i]) + diff))
-    return n
-
-
-def random_batch(rows: int, length: int, vocab: int, pad_id: int, g: torch.Generator) -> dict:
-    """Right-padded random tokens (row lengths from `row_lengths`: 80% real), the first half of a row a prompt."""
-    n = row_lengths(rows, length, g)[:, None]
-    pos = torch.arange(length).expand(rows, length)
-    real = pos < n
-    ids = torch.randint(0, vocab, (rows, length), generator=g).masked_fill(~real, pad_id)
-    labels = ids.masked_fill(~real | (pos < n // 2), -100)
-    return {"input_ids": ids, "labels": labels, "attention_mask": real.long()}
-
-
-def make_batches(args, tok, model) -> list[tuple[dict, dict, int, int]]:
-    """warmup + steps + 2 (memory and op-count passes) of (align, harmful, align tokens, harmful tokens), on the
-    CPU. tiny: the built-in data set, exactly as `align` streams it; anything else: random token batches."""
-    from .batches import check_right_padded
-
-    n = args.warmup + args.steps + 2
-    if args.model == "tiny":
-        sa, sh, _ = build_streams(SimpleNamespace(**vars(args), data="builtin", harmful_data=None), tok, 0, 1)
-        pairs = [(next(sa), next(sh)) for _ in range(n)]
-    else:
-        g = torch.Generator().manual_seed(args.seed)
-        vocab, pad = model.config.vocab_size, tok.pad_token_id if tok.pad_token_id is not None else 0
-        pairs = [tuple(random_batch(b, args.max_length, vocab, pad, g)
-                       for b in (args.batch_size, args.harmful_batch_size)) for _ in range(n)]
-    for a, h in pairs:
-        check_right_padded(a), check_right_padded(h)
-    return [(a, h, int(a["attention_mask"].sum()), int(h["attention_mask"].sum())) for a, h in pairs]
 
 
 def _pct(xs: list[float], q: int) -> float:

@@ -429,7 +429,7 @@ def test_gpu_checks_run_on_the_cpu_as_a_smoke_test(tmp_path, capsys):
 
 def test_random_batches_vary_rows_but_not_the_total():
     """The shape presets' random batches: rows 60-100% real, exactly 80% in total (one packed length per run)."""
-    from booster_fast.bench import random_batch
+    from booster_fast.bench_data import random_batch
     from booster_fast.packing import pack
 
     g = torch.Generator().manual_seed(0)
@@ -925,7 +925,7 @@ def test_time_interleaved_rotates_times_after_the_warmup_and_counts_real_tokens(
 
 def test_make_batches_count_the_real_tokens_not_the_pads():
     """tokens_per_s's numerator: the real tokens of each random batch (80 % of rows x length), not its pads."""
-    from booster_fast.bench import make_batches
+    from booster_fast.bench_data import make_batches
 
     args = SimpleNamespace(model="llama-1b-shape", warmup=1, steps=2, seed=0, batch_size=4, harmful_batch_size=3,
                            max_length=50)
