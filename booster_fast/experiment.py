@@ -35,13 +35,14 @@ only where the preset has null). The output records the changes under "overrides
 say otherwise, goes into the work directory, never over the committed results of the untouched preset.
 
 Each stage's run goes into the work directory (--workdir), with a record beside it (stages.py) of the command line
-(--device aside), the SHA-256 of the files it names and of this package's code. Run again there (after an
-interruption, or with another attack setting), the experiment keeps each stage whose record matches and whose output
-is whole, as long as every stage before it in its chain (align -> eval -> attack -> eval) was kept too, and runs the
-rest; an alignment it started that stopped after a checkpoint (`align.save_every`: an epoch on the paper presets;
-Ctrl-C saves one) goes on with `align --resume`, whose own check first confirms the run has this command line's
-settings and data (an alignment that starts afresh does so in an emptied directory, so what is there later is its
-own). Not checked: a local model directory's files and downloaded data sets. --rerun runs every stage again.
+(--device aside), the SHA-256 of the files it names and of this package's code (a local model directory: its files'
+names, sizes and times). Run again there (after an interruption, or with another attack setting), the experiment
+keeps each stage whose record matches and whose output is whole, as long as every stage before it in its chain
+(align -> eval -> attack -> eval) was kept too, and runs the rest; an alignment it started that stopped after a
+checkpoint (`align.save_every`: an epoch on the paper presets; Ctrl-C saves one) goes on with `align --resume`,
+whose own check first confirms the run has this command line's settings and data (an alignment that starts afresh
+does so in an emptied directory, so what is there later is its own). Not checked: models and data sets from the
+hub's cache. --rerun runs every stage again.
 
 Before any training, a preflight resolves what the preset needs: the base model and judge (config files only),
 and every data set the stages will load, through the stages' own loaders (built-in data is generated, nothing

@@ -2,14 +2,15 @@
 
 Each stage (`booster-fast align / attack / eval`) is a command line, run in process through `cli.main`
 (`run_stage`). Beside each stage's output a hidden record (`.{output}.stage.json`) keeps what made it: the command
-line less --device (a run goes on, or is kept, on another device), the SHA-256 of every file that command line
-names (data files, prompts) and of this package's sources, whether it finished, and its seconds. Run again in the
-same work directory, a chain of stages (align -> eval -> attack -> eval for one method and seed, each reading the one
-before it) keeps every stage whose record matches and whose output is whole, until the first one that does not;
-that one and every stage after it in its chain run again. An alignment this command line started that stopped after a
-checkpoint goes on with `align --resume`, once align's own check (every flag, the data files' SHA-256) confirms
-that the run is this command line's; otherwise it starts afresh in an emptied directory, so that align cannot put
-an older run back there. Not checked: a local model directory's files and downloaded data sets.
+line less --device (a run goes on, or is kept, on another device), the SHA-256 of every file that command line names
+(data files, prompts) and of this package's sources, a local model directory's file names, sizes and times, whether
+it finished, and its seconds. Run again in the same work directory, a chain of stages (align -> eval -> attack ->
+eval for one method and seed, each reading the one before it) keeps every stage whose record matches and whose
+output is whole, until the first one that does not; that one and every stage after it in its chain run again. An
+alignment this command line started that stopped after a checkpoint goes on with `align --resume`, once align's own
+check (every flag, the data files' SHA-256) confirms that the run is this command line's; otherwise it starts afresh
+in an emptied directory, so that align cannot put an older run back there. Not checked: models and data sets from
+the hub's cache.
 """
 from __future__ import annotations
 
@@ -132,8 +133,28 @@ def code_digest() -> str:
 
 
 def input_digests(argv: list[str], out: Path) -> dict[str, str]:
-    """{path: SHA-256} of the files a stage's command line names (data files, prompts), its output aside."""
+    """{path: digest} of what a stage's command line names, its output aside: each file's SHA-256 (data files,
+    prompts), and for a local model directory (--model) its listing's (listing_digest)."""
     from .run_args import file_sha256
 
-    return {value: file_sha256(value) for value in argv
-            if Path(value).is_file() and Path(value).absolute() != out.absolute()}
+    files = {value: file_sha256(value) for value in argv
+             if Path(value).is_file() and Path(value).absolute() != out.absolute()}
+    model = argv[argv.index("--model") + 1] if "--model" in argv else None
+    return files | ({model: listing_digest(Path(model))} if model and Path(model).is_dir() else {})
+
+
+def listing_digest(folder: Path) -> str:
+    """SHA-256 of a folder's file names, sizes and modification times, not of their content: a 7B model's 13 GB
+    would take minutes to hash at every rerun, while a replaced or rewritten file changes its size or time."""
+    import hashlib
+
+    from .cli import UsageError
+
+    digest = hashlib.sha256()
+    try:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            st = path.stat()
+            digest.update(f"{path.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError as e:
+        raise UsageError(f"{folder}: cannot list ({e.strerror or e})") from None
+    return "listing:" + digest.hexdigest()

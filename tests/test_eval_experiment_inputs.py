@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -773,6 +774,46 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     data.write_text(data.read_text() + json.dumps({"prompt": "q", "refusal": "no", "response": "yes"}) + "\n")
     assert experiment_run("--set", "attack.steps=3")[0] == everything  # the alignment data changed
     assert experiment_run("--set", "attack.steps=3", "--rerun")[0] == everything
+
+
+def test_a_local_model_directory_is_an_input_of_the_stages(tmp_path, monkeypatch):
+    """A local --model directory counts among a stage's inputs by its files' names, sizes and modification times:
+    a rerun with the directory as it was keeps every stage; a model file rewritten since (another time, another
+    size) or added runs every stage again."""
+    from transformers import LlamaConfig
+
+    from booster_fast.stages import input_digests
+
+    model = tmp_path / "llama"
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+                max_position_embeddings=256).save_pretrained(model)
+    (model / "weights").mkdir()
+    weights = model / "weights" / "part-1.bin"
+    weights.write_bytes(b"\x01" * 64)
+    work, out = tmp_path / "runs", tmp_path / "r.json"
+
+    def ran(*extra) -> list[str]:
+        stages = FakeStages()
+        monkeypatch.setattr("booster_fast.stages.run_stage", stages)
+        assert main(["experiment", "defense", "--seeds", "1", "--methods", "sft", "--workdir", str(work), "--no-plot",
+                     "--output", str(out), "--set", f"model={model}", *extra]) == 0
+        return [argv[0] for argv in stages.calls]
+
+    everything = ["align", "eval", "attack", "eval"]
+    assert ran() == everything
+    assert ran() == []
+    argv = ["align", "--model", str(model), "--output", str(tmp_path / "o")]
+    before = input_digests(argv, tmp_path / "o")
+    assert list(before) == [str(model)] and before[str(model)].startswith("listing:")
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten: same size, a later time
+    assert input_digests(argv, tmp_path / "o") != before
+    assert ran() == everything
+    weights.write_bytes(b"\x01" * 65)
+    assert ran() == everything
+    (model / "weights" / "part-2.bin").write_bytes(b"")
+    assert ran() == everything
+    assert ran() == []
 
 
 @pytest.mark.parametrize("code, hint", [(130, True), (143, True), (2, False)])
