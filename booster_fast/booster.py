@@ -49,9 +49,12 @@ class Booster:
         if not getattr(self.engine, "pack", False):
             return to_device(batch if static else trim_to_longest(batch), device, drop_mask=self.engine.drop_mask)
         window = self.engine.window
+        # (without graphs a batch that packing would not shrink, or whose rows pass a sliding window, goes padded
+        # to its longest row, as above)
         if self.cfg.grad_accum == 1:
-            return to_device(batch, device, pack=True, bucketed=static, window=window)
-        return [to_device(b, device, pack=True, bucketed=static, window=window)
+            return to_device(batch if static else trim_to_longest(batch), device, pack=True, bucketed=static,
+                             window=window)
+        return [to_device(b if static else trim_to_longest(b), device, pack=True, bucketed=static, window=window)
                 for b in micro_batches(batch, self.cfg.grad_accum)]
 
     def check_length(self, max_length: int) -> None:

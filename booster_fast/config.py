@@ -6,6 +6,7 @@ rejects values that cannot work with a one-line ValueError (the CLI turns it int
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 
 IMPLS = ("reference", "fast")
@@ -102,8 +103,10 @@ class BoosterConfig:
                                  f"{getattr(self, flag)!r}")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
-        if int(self.grad_accum) != self.grad_accum or self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be a positive integer, got {self.grad_accum}")
+        # an integral type, not an integral value: a float 2.0 would reach torch's chunk() in the step
+        if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, numbers.Integral) \
+                or self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be a positive integer, got {self.grad_accum!r}")
         b1, b2 = self.betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")

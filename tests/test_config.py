@@ -137,6 +137,9 @@ def test_the_fast_engines_switches_pinned_on_are_refused_with_the_reference(flag
 @pytest.mark.parametrize("kwargs, message", [
     ({"grad_accum": 1.5}, "grad_accum must be a positive integer, got 1.5"),
     ({"grad_accum": 0}, "grad_accum must be a positive integer, got 0"),
+    ({"grad_accum": 2.0}, "grad_accum must be a positive integer, got 2.0"),
+    ({"grad_accum": True}, "grad_accum must be a positive integer, got True"),
+    ({"grad_accum": "2"}, "grad_accum must be a positive integer, got '2'"),
     ({"betas": (0.9, 1.0)}, r"betas must lie in \[0, 1\)"),
     ({"betas": (1.0, 0.999)}, r"betas must lie in \[0, 1\)"),
     ({"lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
