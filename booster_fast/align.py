@@ -67,6 +67,11 @@ class SkipTally:
         return None
 
 
+def metrics_line(record: dict) -> str:
+    """One line of metrics.jsonl (align's and attack's): strict JSON, a NaN or infinite value written as null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}) + "\n"
+
+
 def peak_memory_gib(device: torch.device) -> float | None:
     """The most GPU memory this process's tensors have held so far, in GiB (the caching allocator's statistics: a
     host-side read, no sync); None off CUDA."""
@@ -231,7 +236,7 @@ def run_align(args) -> int:
     if args.steps is None and args.epochs is None:  # resolved here and saved so, for --resume
         # a demo on the built-in models; the paper's 20 epochs on a real one (a run saved with neither flag
         # came from an older version, whose default was 20 steps)
-        demo = args.model == "tiny" or args.model in MODEL_PRESETS or args.resume
+        demo = args.model in MODEL_PRESETS or args.resume
         args.steps, args.epochs = (DEFAULT_STEPS, None) if demo else (None, DEFAULT_EPOCHS)
     steps = args.steps
     if args.epochs is not None:
@@ -328,8 +333,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
                    **({} if peak is None else {"peak_mem_gib": peak})}
             if math.isfinite(rec.get("skipped", math.nan)):
                 rec["skipped"] = round(rec["skipped"])  # a flag, 0 or 1 (attack's metrics count them too)
-            lines.append(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                     for k, v in rec.items()}) + "\n")
+            lines.append(metrics_line(rec))
         skips.add(row[SKIPPED] for row in values)
         if metrics_file:
             with writing(METRICS_FILE):

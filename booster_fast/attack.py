@@ -20,7 +20,7 @@ aligns on 5000..9999), or, for the built-in corpus, 2000 rows whose prompts are 
 held-out (test) prompts (distinct prompt strings; they share the corpus's category and activity templates with
 the alignment prompts, where the test split's combinations are its own). `--harmful-split train` takes the
 alignment's own rows instead (what this command did before). A local file has no attack split and is used
-whole, which the log and run_config.json say (`harmful_split`, `harmful_rows`, `harmful_disjoint_from_alignment`).
+whole, which the log and run_config.json say (`harmful_split`, `harmful_source`, `harmful_disjoint_from_alignment`).
 
 Every `--eval-every` steps (and before the first step and after the last) the token-mean loss of the HELD-OUT
 harmful set (the safety data's test split: prompts never seen in training, with harmful answers; a local file has
@@ -266,7 +266,7 @@ def harmful_rows_source(src: str, split: str, harmful_file: str | None) -> tuple
 
 def run_attack(args) -> int:
     from .cli import UsageError
-    from .run_args import check_device_flags, check_output, resolve_device
+    from .run_args import check_output, resolve_device
 
     check_attack_args(args)
     check_output(args.output, args.overwrite, resumable=False,  # before minutes of loading; again when it is made
@@ -282,7 +282,6 @@ def run_attack(args) -> int:
     if max_length < 1:
         raise UsageError(f"run_config.json: max_length must be >= 1, got {max_length}")
     device = resolve_device(args.device)
-    check_device_flags(args, device)
     with flush_denormals(device):
         return _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device)
 
@@ -293,7 +292,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
 
     from . import Booster, BoosterConfig
     from .adapters import load_adapter
-    from .align import SkipTally
+    from .align import SkipTally, metrics_line
     from .atomic import save_adapter, writes
     from .cli import NonFiniteAbort
     from .data import BatchStream, check_max_length, collate, encode_all, load_benign, load_harmful_file, \
@@ -303,7 +302,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
 
     # ---- data first (fails fast, before a model is loaded), then the model, then the output directory ----------
     benign = load_benign(args.benign, "train")
-    harmful_split, harmful_rows, disjoint = harmful_rows_source(harmful_src, args.harmful_split, harmful_file)
+    harmful_split, harmful_source, disjoint = harmful_rows_source(harmful_src, args.harmful_split, harmful_file)
     if args.harmful not in (None, "builtin", "beavertails"):
         # --harmful names a file of harmful rows of either kind, used whole (a run's own instruction --data is its
         # alignment set, whose harmful rows were --harmful-data: load_safety_data below says so)
@@ -339,7 +338,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                     "file has no attack split), and the 'held-out' harmful loss is measured on them too (the "
                     "built-in and BeaverTails sets have both splits)", harmful_file or harmful_src)
     else:
-        log.info("attack: harmful rows from %s", harmful_rows)
+        log.info("attack: harmful rows from %s", harmful_source)
     out = Path(args.output)
     tmp = new_output_dir(args.output, args.overwrite)
     ok = False
@@ -347,7 +346,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
         config = {"command": "attack", "adapter": str(Path(args.adapter).absolute()), "base": base,
                   "base_from": base_from, "aligned_with": run_cfg.get("method") or run_cfg.get("aligned_with"),
                   "attacked_before": run_cfg.get("command") == "attack", "benign": args.benign, "harmful": harmful_src,
-                  "harmful_data": harmful_file, "harmful_split": harmful_split, "harmful_rows": harmful_rows,
+                  "harmful_data": harmful_file, "harmful_split": harmful_split, "harmful_source": harmful_source,
                   "harmful_disjoint_from_alignment": disjoint, "poison_ratio": args.poison_ratio,
                   "samples": args.samples,
                   "n_harmful": n_harm, "n_benign": args.samples - n_harm, "lr": args.lr, "epochs": args.epochs,
@@ -382,7 +381,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                     answers = generate(model, tok, probe, args.refusal_max_new_tokens, 64, device, desc=None)
                     flags = RefusalJudge().flags([q for q, _ in probe], answers)
                     rec["keyword_harmful_score"] = 100.0 * sum(flags) / len(flags)
-                metrics.write(json.dumps(rec) + "\n")
+                metrics.write(metrics_line(rec))
                 metrics.flush()
                 why = skips.too_many(steps, max_skipped)
                 if why:

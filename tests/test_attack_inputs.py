@@ -16,6 +16,7 @@ import pytest
 
 import booster_fast.fast as fast
 from booster_fast.cli import main
+from test_cli import read_metrics  # strict JSON
 
 SMALL = ["--samples", "20", "--batch-size", "4", "--eval-rows", "8"]
 
@@ -58,7 +59,7 @@ def test_skipped_updates_are_counted_in_the_metrics(aligned, tmp_path, monkeypat
     out = tmp_path / "some"
     assert main(["attack", "--adapter", str(aligned), "--output", str(out), "--steps", "4", "--eval-every", "2",
                  *SMALL]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["skipped"] for r in rows] == [0, 1, 1]
     assert all(math.isfinite(r["train_loss"]) for r in rows[1:])
     assert "2 of 4 updates were skipped" in caplog.text
@@ -235,7 +236,7 @@ def test_the_last_step_is_evaluated_off_the_cadence(aligned, tmp_path):
     out = tmp_path / "attacked"
     assert main(["attack", "--adapter", str(aligned), "--output", str(out), "--steps", "3", "--eval-every", "2",
                  *SMALL]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 2, 3] and all(math.isfinite(r["harmful_loss"]) for r in rows)
 
 

@@ -100,7 +100,7 @@ def test_attack_on_a_plain_adapter(plain, spy_load, tmp_path, monkeypatch):
     assert cfg["base_from"] == "--base-model"
     assert cfg["max_length"] == 256 and cfg["seed"] == 43 and cfg["aligned_with"] is None   # the paper's defaults
     assert cfg["harmful"] == "builtin" and cfg["harmful_split"] == "attack"
-    assert cfg["harmful_disjoint_from_alignment"] is True and "attack split" in cfg["harmful_rows"]
+    assert cfg["harmful_disjoint_from_alignment"] is True and "attack split" in cfg["harmful_source"]
     assert pools[0] == load_safety_data("builtin", "attack")[1]
 
     # and the base is the one the adapter was made on (seed 0): the held-out loss before the first step is
@@ -288,7 +288,7 @@ def test_a_harmful_file_is_used_whole_and_says_so(aligned, tmp_path, caplog, kin
                      *SMALL_ATTACK]) == 0
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["harmful_split"] == "whole file" and cfg["harmful_disjoint_from_alignment"] is False
-    assert cfg["heldout_is_train"] is True and str(harmful) in cfg["harmful_rows"]
+    assert cfg["heldout_is_train"] is True and str(harmful) in cfg["harmful_source"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "used whole" in r.getMessage()]
     assert len(warned) == 1 and "no attack split" in warned[0] and "\n" not in warned[0]
 

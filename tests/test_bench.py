@@ -272,6 +272,26 @@ def test_entries_share_their_frozen_base_but_not_lora():
         bench.share_frozen_weights(model_a, model_b)
 
 
+@pytest.mark.parametrize("flag", [[], ["--trust-remote-code"]])
+def test_bench_loads_the_model_with_its_trust_remote_code_flag(flag, monkeypatch):
+    """--trust-remote-code reaches load_model for every entry (bench listed the flag and dropped it)."""
+    import booster_fast
+    from booster_fast import bench
+    from booster_fast.cli import build_parser
+
+    seen = []
+
+    def load_model(name, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(booster_fast, "load_model", load_model)
+    args = build_parser().parse_args(["bench", "--model", "tiny", "--device", "cpu", *flag])
+    with pytest.raises(RuntimeError, match="stop here"):
+        bench.build_impl("reference", args, torch.device("cpu"))
+    assert seen == [bool(flag)]
+
+
 def test_nf4_entries_share_their_packed_base(monkeypatch):
     """With quant="nf4" the entries share the packed 4-bit weights and their statistics too (three entries of
     a 4-bit 70B shape then fit on one GPU), each keeps its own LoRA weights, the packed weights and statistics

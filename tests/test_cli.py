@@ -34,8 +34,13 @@ def align(out, *extra, steps=3, shape=FAST):
     return main(["align", "--output", str(out), "--steps", str(steps), *shape, *extra])
 
 
+def strict_json(constant: str):
+    raise AssertionError(f"{constant} in a metrics line: not strict JSON")
+
+
 def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """The run's metrics lines, as strict JSON (a NaN or Infinity in them fails)."""
+    return [json.loads(line, parse_constant=strict_json) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

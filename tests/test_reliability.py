@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 import booster_fast as bf
 from booster_fast.checkpoint import MARKER, list_checkpoints, load_checkpoint, save_checkpoint
 from booster_fast.cli import main
+from test_cli import read_metrics
 
 STEPS = 16
 RUN = ["--steps", str(STEPS), "--max-length", "64", "--batch-size", "2", "--log-every", "1"]
@@ -36,10 +37,6 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def without_time(rows):
@@ -259,6 +256,16 @@ def poison(monkeypatch):
 
 
 SMALL = ["--max-length", "64", "--batch-size", "2"]
+
+
+def test_metrics_lines_are_strict_json():
+    """A NaN or infinite metric (a harmful gradient norm that overflowed) is written as null, never as the NaN or
+    Infinity that strict JSON readers refuse; integers and finite floats stay as they are."""
+    from booster_fast.align import metrics_line
+
+    line = metrics_line({"step": 3, "loss": 1.5, "harmful_grad_norm": float("inf"), "harmful_loss": float("nan"),
+                         "x": -float("inf"), "skipped": 1})
+    assert line == '{"step": 3, "loss": 1.5, "harmful_grad_norm": null, "harmful_loss": null, "x": null, "skipped": 1}\n'
 
 
 def test_skipped_updates_are_counted_and_leave_weights_alone(tmp_path, poison):
