@@ -8,7 +8,8 @@
         adapter_model.safetensors, adapter_config.json   the LoRA weights (peft's format: a usable adapter)
         optimizer.pt              Booster.state_dict(): the optimizer state (torch.save; read weights_only=True)
         rng.pt                    torch CPU / CUDA, Python and NumPy RNG states (same)
-        trainer_state.json        step, skipped count, both BatchStreams' positions, metrics.jsonl byte offset
+        trainer_state.json        step, skipped count and streak, each BatchStream's position (one for SFT),
+                                  metrics.jsonl byte offset, the run's total steps
       adapter_model.safetensors, adapter_config.json, tokenizer files   the final adapter (when complete)
 
 Atomicity. A checkpoint is written into `checkpoints/.tmp-step-000040-PID`, every file and the directory are

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_align_args(a)
 
     b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process",
-                       epilog="exit codes: 0 done; 1 an entry failed (the others are reported); 2 bad input (one "
+                       epilog="exit codes: 0 done; 1 an entry failed, or its first step disagrees with its baseline's (the others "
+                              "are reported); 2 bad input (one "
                               "line on stderr, nothing written); 3 a CUDA graph capture was invalidated, so nothing "
                               "more could be measured in the process (--output keeps what was; rerun without "
                               "fast-graphs)")

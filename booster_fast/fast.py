@@ -44,7 +44,8 @@ from .nf4 import keep_nf4_trainable_
 from .reference import exempt_from_decay
 
 log = logging.getLogger("booster_fast")
-# the BoosterConfig fields the step reads at every call (the others are read once, when the engine is built)
+# the BoosterConfig fields the step reads at every call (the others are read once, when the engine is built;
+# merge_passes also where a merged pass cannot tell its batches apart, to raise or to go on unmerged)
 STEP_KNOBS = ("lamb", "alpha", "perturb_eps", "meta_term", "grad_accum", "max_grad_norm", "skip_nonfinite", "rho")
 _pass_marker = None  # set by ops-counting tools to tell model passes from bookkeeping
 
@@ -61,9 +62,9 @@ def model_pass():
 
 def default_merge(device: torch.device) -> bool:
     """Default per device. CPU, measured (benchmarks/results/cpu_tiny.json): a 2B-row pass costs as much as two
-    B-row passes, so merging only adds work (unmerged 0.99-1.03x the reference over runs, merged 0.97-1.01x).
-    CUDA: merging halves pass 1's launches and weight reads (dequantisation under NF4); on by design until the GPU
-    suite measures it."""
+    B-row passes (merged 1.02x the reference there, unmerged 1.01x; 0.97-1.03x both over runs), while it holds
+    both batches' activations at once (peak 89 MB against 52): off. CUDA: merging halves pass 1's launches and
+    weight reads (dequantisation under NF4); on by design until the GPU suite measures it."""
     return torch.device(device).type == "cuda"
 
 
@@ -77,8 +78,8 @@ def default_fused_ops(device: torch.device) -> bool:
 def default_packing(device: torch.device) -> bool:
     """Default per device: on for both (to_device packs only the batches it shrinks). Packing removes the pad
     positions from every matmul. CPU, measured (benchmarks/results/cpu_tiny_len256.json: the built-in data at
-    max_length 256, the reference padded to each batch's longest row as the original is): 1.13x the reference
-    (1.11-1.16x in earlier runs). CUDA: the attention runs flash's variable-length kernel, which computes nothing
+    max_length 256, the reference padded to each batch's longest row as the original is): 1.12x the reference
+    (1.11-1.16x over runs). CUDA: the attention runs flash's variable-length kernel, which computes nothing
     twice; on by design until the GPU suite has measured it."""
     return True
 

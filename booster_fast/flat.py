@@ -55,7 +55,6 @@ def _check_plain_lora(model, layers) -> None:
 
 class FlatLoRA:
     def __init__(self, model):
-        self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters; call add_lora first")
@@ -100,8 +99,7 @@ class FlatLoRA:
         # the LM head of a packed batch sees only its labelled positions (losses.kept_positions): routed by those
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.head = head if any(head is m for m in layers) else None
-        self._layers = layers
-        for m in self._layers:
+        for m in layers:
             m.forward = types.MethodType(_routed_forward, m)
             m._booster_alias = self._alias
             m._booster_route = self

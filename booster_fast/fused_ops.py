@@ -84,7 +84,7 @@ def _rope_wrapper(original):
 
 
 @torch.no_grad()
-def _rope_agrees(namespace, device, dtype) -> float:
+def _rope_difference(namespace, device, dtype) -> float:
     """Relative difference between the wrapped and the original rotary function of a transformers module, on
     random queries in the attention's layout (a host read, once per module when installing)."""
     fused = namespace.__dict__[ROPE]
@@ -114,7 +114,7 @@ def _install_rope(model: nn.Module, tolerance: float) -> int:
             continue
         if not getattr(function, "_booster_fused", False):
             setattr(namespace, ROPE, _rope_wrapper(function))
-            err = _rope_agrees(namespace, next(module.parameters()).device, dtype)
+            err = _rope_difference(namespace, next(module.parameters()).device, dtype)
             if not err <= tolerance:
                 setattr(namespace, ROPE, function)
                 refused.add(namespace.__name__)
@@ -140,7 +140,7 @@ def _kind(module: nn.Module):
 
 
 @torch.no_grad()
-def _agrees(module: nn.Module, fused, autocast) -> float:
+def _fused_difference(module: nn.Module, fused, autocast) -> float:
     """Relative difference between the fused and the class forward of `module` on random input (a host read,
     once per class when installing), the worse of two scales: unit variance, and an RMS of 1e-3, where a norm's
     epsilon (1e-6 to 1e-5) weighs as much as the variance and a kernel that placed it otherwise would show."""
@@ -189,7 +189,7 @@ def install(model: nn.Module, autocast=contextlib.nullcontext, tolerance: float 
         if "forward" in vars(module):  # someone else's instance forward: leave it
             continue
         if name not in verdicts:
-            verdicts[name] = _agrees(module, fused, autocast)
+            verdicts[name] = _fused_difference(module, fused, autocast)
             if not verdicts[name] <= tolerance:
                 log.info("fused ops: %s kept its own forward (the fused one differs by %.2g relative)", name,
                          verdicts[name])

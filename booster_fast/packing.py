@@ -22,7 +22,7 @@ padded batch's, up to floating-point summation order.
 Buckets. CUDA graphs need static shapes, so P is the real-token count rounded up to a multiple of 1/BUCKETS of
 the padded size (and of 64, for tensor-core tiles): a batch keeps at most ~1/BUCKETS of its padded positions as
 filler, and a run meets only a handful of distinct P (one graph each). A batch without pads packs to its padded
-size, with empty filler segments (empty segments, like empty rows, attend to nothing). K is bucketed the same
+size rounded up to the bucket step; empty filler segments (like empty rows) attend to nothing. K is bucketed the same
 way, capped at P. Without graphs (`bucketed=False`: the CPU, or graphs off) nothing is rounded: P is the real
 tokens, K the labelled ones, and max_seqlen the longest row, which is what the exact grid attention pays for.
 
@@ -67,7 +67,7 @@ def pack(batch: dict, bucketed: bool = True) -> dict:
     lengths = real.sum(1)
     total = int(lengths.sum())
     step = bucket_size(rows, length) if bucketed else 1
-    size = max(-(-total // step) * step, step)  # at least one position: an all-pad batch packs to one filler token
+    size = max(-(-total // step) * step, step)  # an all-pad batch packs to one step of filler (a token unbucketed)
     fill = size - total
     # the filler as segments of at most `length` tokens (a fixed number of them per batch shape), so that no
     # segment is longer than a row and max_seqlen stays the row length

@@ -225,9 +225,10 @@ def _check_saved(resume: str, saved, defaults: dict):
 
 
 def apply_resume(args, finished_ok: bool = False):
-    """Take the flags of the run in args.resume: a flag given with a value other than its default and the
-    saved one is a conflict (one-line UsageError), except the few in RESUME_FREE. finished_ok: a finished run's
-    flags too (`booster-fast memory` reads them; align can only resume an unfinished run)."""
+    """Take the flags of the run in args.resume: a flag given on the command line (cli.given_flags: also at its
+    default; from Python, a value other than the default) with a value other than the saved one is a conflict
+    (one-line UsageError), except the few in RESUME_FREE. finished_ok: a finished run's flags too (`booster-fast
+    memory` reads them; align can only resume an unfinished run)."""
     from .checkpoint import CHECKPOINTS, CONFIG, MARKER, METRICS
 
     run = Path(args.resume)

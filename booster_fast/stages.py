@@ -49,7 +49,7 @@ class Chain:
         self.keeping, self.kept, self.resumed, self.seconds = not rerun, [], [], {}
 
     def stage(self, name: str, argv: list[str], out: Path):
-        """Run one stage (`_run`), or keep `out` where the record beside it says it was made by this command
+        """Run one stage (`run_stage`), or keep `out` where the record beside it says it was made by this command
         line (--device aside), from inputs of the same content, by this code, and finished; an alignment that
         this command line started and that stopped after a checkpoint goes on with align --resume, once align's own
         check finds the run's settings and data are this command line's."""

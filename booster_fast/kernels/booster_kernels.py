@@ -1,18 +1,18 @@
 """Fused flat-buffer kernels for the Booster step: ``sumsq``, ``normalize_perturb_``, ``restore_combine_``.
 
 Booster keeps every LoRA weight as a view into one flat fp32 buffer ``W``, with a backup ``B`` and two flat
-gradient buffers, ``G_h`` (harmful loss) and ``G_f`` (alignment loss), all 1-D, contiguous, the same length
-and on the same device. The per-step bookkeeping is then three memory-bound passes over those buffers, each
-one launch regardless of how many LoRA tensors exist: ``sumsq`` puts ``||G_h||^2`` into a 0-dim device tensor
-(no ``.item()``, so nothing syncs the host and the step stays CUDA-graph capturable), ``normalize_perturb_``
-reads that scalar on the device, backs ``W`` up into ``B``, steps ``W`` to the perturbed point, folds
-``lamb * G_h`` into ``G_f`` and zeroes ``G_h`` in one pass, and ``restore_combine_`` copies ``B`` back into
-``W`` (bit-exact, unlike the original trainer's ``p += alpha * g / norm``) and subtracts ``lamb * G_h`` (the
-gradient at the perturbed point) from ``G_f``. Each op has three layers, as in Liger-Kernel:
-``@triton.jit _name_kernel`` -> launcher ``name(..., backend=)`` -> the caller. ``backend="auto"`` runs the
-Triton kernel for CUDA tensors and a plain-torch sequence otherwise; the torch sequences are deliberately
-short (1, 6 and 2 dispatched aten ops) because the whole training step has an op budget. Pure float64
-references of the same maths live in ``reference.py``.
+gradient buffers, ``G_h`` (harmful loss) and ``G_f`` (alignment loss), all 1-D, contiguous, the same length and on
+the same device. The per-step bookkeeping is then three memory-bound passes over those buffers, whose launches do
+not grow with the number of LoRA tensors (one each; ``sumsq`` two past one block of elements): ``sumsq`` puts
+``||G_h||^2`` into a 0-dim device tensor (no ``.item()``, so nothing syncs the host and the step stays CUDA-graph
+capturable), ``normalize_perturb_`` reads that scalar on the device, backs ``W`` up into ``B``, steps ``W`` to the
+perturbed point, folds ``lamb * G_h`` into ``G_f`` and zeroes ``G_h`` in one pass, and ``restore_combine_`` copies
+``B`` back into ``W`` (bit-exact, unlike the original trainer's ``p += alpha * g / norm``) and subtracts
+``lamb * G_h`` (the gradient at the perturbed point) from ``G_f``. Each op has three layers, as in Liger-Kernel:
+``@triton.jit _name_kernel`` -> launcher ``name(..., backend=)`` -> the caller. ``backend="auto"`` runs the Triton
+kernel for CUDA tensors and a plain-torch sequence otherwise; the torch sequences are deliberately short (1, 6 and
+2 dispatched aten ops) because the whole training step has an op budget. Pure float64 references of the same maths
+live in ``reference.py``.
 """
 from __future__ import annotations
 

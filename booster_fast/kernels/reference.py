@@ -1,5 +1,5 @@
-"""Pure-torch float64 references for the fused kernels (booster_kernels.py, model_kernels.py), shared by tests
-and benchmarks.
+"""Pure-torch float64 references for the fused kernels (booster_kernels.py, model_kernels.py), which the kernel
+tests compare against.
 
 Every function is functional (inputs are never modified), upcasts to float64 and returns float64 tensors,
 so the fp32 kernels can be compared against a result whose own rounding error is negligible. The maths is
