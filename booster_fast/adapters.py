@@ -24,7 +24,7 @@ DEFAULT_SEED = 43             # the paper's
 
 def add_base_args(p):
     """The flags that say which base model an adapter goes on (attack and eval)."""
-    from .cli import seed_value
+    from .cli import TRUST_REMOTE_CODE_HELP, seed_value
     from .models import PRESETS, QUANTS
 
     p.add_argument("--base-model", default=None, metavar="MODEL",
@@ -34,6 +34,8 @@ def add_base_args(p):
     p.add_argument("--base-seed", type=seed_value, default=None, metavar="N",
                    help="init seed of a random-weight preset base such as tiny (default: the run's, else 0 = "
                         "load_model's default); ignored for pretrained models")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP + "; asked again here, "
+                   "not taken from the run")
 
 
 def _read_json(d: Path, name: str, run_dir) -> dict:
@@ -144,7 +146,8 @@ def default_harmful_data(base_model: str) -> str:
     return "builtin" if base_model in PRESETS else "beavertails"
 
 
-def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None = None, cfg: dict | None = None):
+def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None = None, cfg: dict | None = None,
+                 trust_remote_code: bool = False):
     """(peft model, tokenizer, run config): the base model (`base`, else the run's) with the adapter on top.
     `cfg`: the run's config when the caller has read it already (read_run_config)."""
     from peft import PeftModel
@@ -158,7 +161,7 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
     if base is None:
         base = base_of(cfg)
     model, tok = load_model(base["model"], quant=base["quant"], seed=base["seed"], device=device,
-                            dtype=base.get("dtype"))
+                            dtype=base.get("dtype"), trust_remote_code=trust_remote_code)
     try:
         model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
     except Exception as e:  # noqa: BLE001 - shape mismatch, missing modules, a corrupt weights file: one line

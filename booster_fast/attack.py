@@ -318,7 +318,8 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     probe = [(e.instruction, e.input) for e in harmful_test[: args.refusal_prompts]]
     if args.eval_rows is not None:
         harmful_test = harmful_test[: args.eval_rows]
-    model, tok, _ = load_adapter(args.adapter, device, trainable=True, base=base, cfg=run_cfg)
+    model, tok, _ = load_adapter(args.adapter, device, trainable=True, base=base, cfg=run_cfg,
+                                   trust_remote_code=getattr(args, "trust_remote_code", False))
     check_max_length(tok, max_length)
     beyond = check_positions(model, max_length)
     encoded, n_trunc = encode_all(tok, rows, max_length)

@@ -162,8 +162,10 @@ def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128,
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward (non-reentrant): less memory, ~1/3 "
                         "more compute; the merged pass holds activations of both batches at once")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a Hugging Face model to run its own Python code (off unless asked)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
+
+
+TRUST_REMOTE_CODE_HELP = "allow a Hugging Face model to run its own Python code (off unless asked)"
 
 
 def _add_align_args(a: argparse.ArgumentParser, **model_args):

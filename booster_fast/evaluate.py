@@ -430,7 +430,8 @@ def evaluate_run(args) -> dict:
                     d["prompts"])
     task_rows = load_benign(d["task"], "test")[: args.num_task]
     judge = RefusalJudge() if judge_name == "refusal" else BeaverDamJudge(args.judge_model, device)
-    model, tok, _ = load_adapter(args.adapter, device, trainable=False, base=base)
+    model, tok, _ = load_adapter(args.adapter, device, trainable=False, base=base,
+                                   trust_remote_code=getattr(args, "trust_remote_code", False))
     if limit is None:  # its config could not be read without loading the model: check the loaded one's
         check_new_tokens(new_token_flags(args), base["model"], config_positions(getattr(model, "config", None)))
     log.info("eval: judge %s (%s)", judge_name, judge_why)  # (once every input has been checked)

@@ -138,6 +138,27 @@ def test_eval_on_a_plain_adapter(plain, spy_load, tmp_path):
     assert [x["answer"] for x in result["examples"]["harmful"]] == answers
 
 
+@pytest.mark.parametrize("command", ["attack", "eval"])
+@pytest.mark.parametrize("flag", [[], ["--trust-remote-code"]])
+def test_the_base_is_loaded_with_its_trust_remote_code_flag(command, flag, plain, tmp_path, monkeypatch):
+    """attack and eval take --trust-remote-code for the base under the adapter, as align does for the model it
+    aligns; without it, no model code runs."""
+    import booster_fast.models
+
+    seen = []
+
+    def load_model(name, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(booster_fast.models, "load_model", load_model)
+    small = SMALL_ATTACK if command == "attack" else SMALL_EVAL
+    with pytest.raises(RuntimeError, match="stop here"):
+        main([command, "--adapter", str(plain[0]), "--base-model", "tiny", "--output", str(tmp_path / "out"),
+              *small, *flag])
+    assert seen == [bool(flag)]
+
+
 def test_base_model_from_adapter_config(plain, tmp_path):
     """adapter_config.json's base_model_name_or_path names the base when there is no run_config.json."""
     d, _ = plain
