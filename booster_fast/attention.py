@@ -66,7 +66,7 @@ def _register():
 def _flash_varlen():
     """(torch's variable-length flash attention, the names of its parameters, the keyword that makes it causal),
     or (None, None, why not). The API moved between releases: torch 2.10 takes `is_causal` (and no `scale`),
-    later ones a `window_size`, `scale` and `enable_gqa`."""
+    2.11 a `window_size` and `scale`, 2.13 `enable_gqa` too."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
