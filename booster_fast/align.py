@@ -262,6 +262,22 @@ def run_align(args) -> int:
             run.abandon()   # removes a run that failed before its first checkpoint; a no-op after one
 
 
+def _start_line(args, cfg, booster, steps, world, device, start, last_ckpt) -> str:
+    """The run's first log line: model, device, method and engine, steps, batch, and how the step runs."""
+    merged = getattr(booster.engine, "merge", False) and args.method != "sft"
+    how = ((", merged pass" if merged else "")
+           + (", batches packed without their pads" if getattr(booster.engine, "pack", False) else ""))
+    resumed = (f", resumed at step {start}" + (f" from {last_ckpt}" if last_ckpt else " (no checkpoint yet)")
+               if args.resume else "")
+    method = f"{args.method} + Vaccine (rho {cfg.rho:g})" if cfg.perturb_aware else args.method
+    sizes = (args.batch_size,) if args.method == "sft" else (args.batch_size, args.harmful_batch_size)
+    rows = "+".join(map(str, sizes)) + " rows"  # (SFT draws no harmful batch)
+    if world > 1:  # the batch sizes are per process
+        rows += f" per process ({'+'.join(str(n * world) for n in sizes)} per update)"
+    return (f"align: {args.model} on {device}, {method}/{cfg.impl}, {steps} step{'' if steps == 1 else 's'} of "
+            f"{rows} x {args.max_length} tokens{how}{resumed}")
+
+
 def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world, device,
            notes=()) -> int:
     from tqdm.auto import tqdm
@@ -286,18 +302,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         if path.exists() and path.stat().st_size > metrics_bytes:
             os.truncate(path, metrics_bytes)
         metrics_file = open(path, "ab")
-        merged = getattr(booster.engine, "merge", False) and args.method != "sft"
-        how = ((", merged pass" if merged else "")
-               + (", batches packed without their pads" if getattr(booster.engine, "pack", False) else ""))
-        resumed = (f", resumed at step {start}" + (f" from {last_ckpt}" if last_ckpt else " (no checkpoint yet)")
-                   if args.resume else "")
-        method = f"{args.method} + Vaccine (rho {cfg.rho:g})" if cfg.perturb_aware else args.method
-        sizes = (args.batch_size,) if args.method == "sft" else (args.batch_size, args.harmful_batch_size)
-        rows = "+".join(map(str, sizes)) + " rows"  # (SFT draws no harmful batch)
-        if world > 1:  # the batch sizes are per process
-            rows += f" per process ({'+'.join(str(n * world) for n in sizes)} per update)"
-        log.info("align: %s on %s, %s/%s, %d step%s of %s x %d tokens%s%s", args.model, device, method,
-                 cfg.impl, steps, "" if steps == 1 else "s", rows, args.max_length, how, resumed)
+        log.info(_start_line(args, cfg, booster, steps, world, device, start, last_ckpt))
         for level, note in notes:  # (said once every input has been checked: an error is then the only line)
             log.log(level, note)
         if device.type == "cuda":

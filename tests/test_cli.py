@@ -365,6 +365,7 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "batches packed without their pads" in proc.stderr
+    assert "of 2+2 rows per process (4+4 per update) x 160 tokens" in proc.stderr  # the start line
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert (out / "adapter_model.safetensors").exists()
