@@ -33,6 +33,7 @@ class StageFailed(RuntimeError):
 
 
 def run_stage(argv: list[str]):
+    """Run one `booster-fast` command line in this process; StageFailed with its exit code unless it exits 0."""
     from .cli import main as cli_main
 
     log.info("$ booster-fast %s", " ".join(argv))
