@@ -69,7 +69,8 @@ class SkipTally:
 
 def metrics_line(record: dict) -> str:
     """One line of metrics.jsonl (align's and attack's): strict JSON, a NaN or infinite value written as null."""
-    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}) + "\n"
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(finite) + "\n"
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

@@ -164,7 +164,8 @@ def build_impl(name: str, args, device):
 
     cfg = impl_config(name, args)
     model, tok = load_model(args.model, quant=args.quant, seed=args.seed, device=device,
-                            dtype=getattr(args, "dtype", None), trust_remote_code=getattr(args, "trust_remote_code", False))
+                            dtype=getattr(args, "dtype", None),
+                            trust_remote_code=getattr(args, "trust_remote_code", False))
     beyond = check_positions(model, args.max_length)
     if beyond:
         log.warning(beyond)

@@ -44,6 +44,7 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+TRUST_REMOTE_CODE_HELP = "allow a Hugging Face model to run its own Python code (off unless asked)"
 BENCH_TINY_LENGTH = 64  # the bench's tiny default, a quick CPU run: it cuts most built-in rows (256 keeps them whole)
 
 # the original Booster code's command-line names (its train.py and scripts) -> ours, for the error a swap-in
@@ -165,9 +166,6 @@ def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128,
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
 
 
-TRUST_REMOTE_CODE_HELP = "allow a Hugging Face model to run its own Python code (off unless asked)"
-
-
 def _add_align_args(a: argparse.ArgumentParser, **model_args):
     """align's flags (also memory's, which takes align's command line as it is)."""
     _add_model_args(a, **model_args)
@@ -234,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_align_args(a)
 
     b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process",
-                       epilog="exit codes: 0 done; 1 an entry failed, or its first step disagrees with its baseline's (the others "
-                              "are reported); 2 bad input (one "
+                       epilog="exit codes: 0 done; 1 an entry failed, or its first step disagrees with its "
+                              "baseline's (the others are reported); 2 bad input (one "
                               "line on stderr, nothing written); 3 a CUDA graph capture was invalidated, so nothing "
                               "more could be measured in the process (--output keeps what was; rerun without "
                               "fast-graphs)")

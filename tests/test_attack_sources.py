@@ -154,8 +154,8 @@ def test_the_base_is_loaded_with_its_trust_remote_code_flag(command, flag, plain
     monkeypatch.setattr(booster_fast.models, "load_model", load_model)
     small = SMALL_ATTACK if command == "attack" else SMALL_EVAL
     with pytest.raises(RuntimeError, match="stop here"):
-        main([command, "--adapter", str(plain[0]), "--base-model", "tiny", "--output", str(tmp_path / "out"),
-              *small, *flag])
+        main([command, "--adapter", str(plain[0]), "--base-model", "tiny", "--output", str(tmp_path / "out"), *small,
+              *flag])
     assert seen == [bool(flag)]
 
 
