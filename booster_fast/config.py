@@ -11,6 +11,12 @@ from dataclasses import dataclass, field, fields
 
 IMPLS = ("reference", "fast")
 GRAPH_MODES = ("auto", "on", "off")
+NUMBERS = ("lamb", "alpha", "lr", "weight_decay", "adam_eps", "max_grad_norm", "perturb_eps", "rho")
+# read once, when an engine is built (the optimizer's hyperparameters live in its param_groups from then on); the
+# others are read at every step (fast.STEP_KNOBS)
+BUILD_FIELDS = ("impl", "graphs", "merge_passes", "packing", "fused_ops", "perturb_aware", "lr", "weight_decay",
+                "betas", "adam_eps")
+OPTIMIZER_FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "betas": "betas", "adam_eps": "eps"}
 
 
 @dataclass
@@ -81,6 +87,22 @@ class BoosterConfig:
     )
 
     def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """ValueError (one line, naming the field) for a value that cannot work. Numbers may come as numpy or 0-dim
+        torch scalars (kept as floats from then on), never as bools or strings."""
+        for name in NUMBERS:
+            value = getattr(self, name)
+            if getattr(value, "shape", None) == ():  # a numpy or 0-dim torch scalar
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+                and all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in self.betas)):
+            raise ValueError(f"betas must be a pair of numbers (beta1, beta2), got {self.betas!r}")
+        self.betas = tuple(float(b) for b in self.betas)
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.graphs not in GRAPH_MODES:
@@ -110,6 +132,27 @@ class BoosterConfig:
         b1, b2 = self.betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+
+    def snapshot(self) -> tuple:
+        """Every field's value: an engine compares it between steps to see a changed config (`recheck`)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def recheck(self, built: tuple, seen: tuple) -> tuple:
+        """The snapshot to compare the next step with. Where the config changed since `seen` (the last step's
+        snapshot), its values are checked again (check()), and a changed field that the engine reads only when it
+        is built (BUILD_FIELDS; `built`: the snapshot then) is refused, since the step would not follow it.
+        Host-side Python values only."""
+        if self.snapshot() == seen:
+            return seen
+        self.check()
+        now = self.snapshot()
+        for f, before, after in zip(fields(self), built, now):
+            if f.name in BUILD_FIELDS and before != after:
+                where = (f"set it in the optimizer's param_groups['{OPTIMIZER_FIELDS[f.name]}'], as a scheduler does"
+                         if f.name in OPTIMIZER_FIELDS else "build a new Booster with it")
+                raise ValueError(f"BoosterConfig.{f.name} changed from {before!r} to {after!r} after the engine was "
+                                 f"built, which reads it only then: {where}")
+        return now
 
     @classmethod
     def help(cls) -> dict[str, str]:

@@ -99,6 +99,7 @@ def _check_all_decay(model) -> None:
 class FastBooster:
     def __init__(self, model, cfg: BoosterConfig):
         self.model, self.cfg = model, cfg
+        self._cfg_built = self._cfg_seen = cfg.snapshot()  # a config changed between steps is checked again
         keep_nf4_trainable_(model)  # before the probes below run the model in eval mode
         self.flat = FlatLoRA(model)  # first: a model without LoRA is told so, not that its norms lack decay
         if cfg.weight_decay:
@@ -287,6 +288,7 @@ class FastBooster:
         return skipped
 
     def _prepare(self):
+        self._cfg_seen = self.cfg.recheck(self._cfg_built, self._cfg_seen)
         if self.distributed != (dist.is_available() and dist.is_initialized()):
             raise ValueError("the process group was started or ended after this Booster was built: build the "
                              "Booster after init_process_group, so that it all-reduces its gradients")

@@ -62,6 +62,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -107,8 +109,14 @@ class BoosterTrainingArguments(TrainingArguments):
         super().__post_init__()
         booster_config(self)  # λ, α, ρ, learning_rate, ... refused here, not at train()
         _check_optim(self)
-        if self.harmful_batch_size is not None and self.harmful_batch_size < 1:
-            raise ValueError(f"harmful_batch_size must be >= 1, got {self.harmful_batch_size}")
+        n = self.harmful_batch_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+            raise ValueError(f"harmful_batch_size must be an integer >= 1, got {n!r}")
+        # the Trainer clips the combined gradient only where max_grad_norm > 0: NaN or -1 would switch it off unsaid
+        m = self.max_grad_norm
+        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Real)
+                              or not (m >= 0 and math.isfinite(m))):
+            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0 or None: no clipping), got {m!r}")
 
 
 def booster_config(a) -> BoosterConfig:

@@ -56,6 +56,7 @@ def decay_groups(model, params, weight_decay: float) -> list[dict]:
 class ReferenceBooster:
     def __init__(self, model, cfg: BoosterConfig):
         self.model, self.cfg = model, cfg
+        self._cfg_built = self._cfg_seen = cfg.snapshot()  # a config changed between steps is checked again
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() > 1:  # the original leaves that to DDP's wrapper
             raise ValueError("impl='reference' runs in one process: it reduces no gradient across processes; use "
@@ -64,6 +65,9 @@ class ReferenceBooster:
         self.params = trainable_parameters(model)
         if not self.params:
             raise ValueError("the model has no trainable parameters; call add_lora first")
+        if not any("lora_" in name for name, _ in self.params):  # the original trains a LoRA adapter
+            raise ValueError(f"the model has no LoRA weights, only {len(self.params)} trainable tensors of its own; "
+                             "call add_lora first (or freeze the base model)")
         self.device = self.params[0][1].device
         self.autocast = Autocast(model, self.device)
         self.optimizer = torch.optim.AdamW(decay_groups(model, self.params, cfg.weight_decay), lr=cfg.lr,
@@ -101,6 +105,7 @@ class ReferenceBooster:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
+        self._cfg_seen = self.cfg.recheck(self._cfg_built, self._cfg_seen)
         cfg, model = self.cfg, self.model
         model.train()
         model.zero_grad(set_to_none=True)
@@ -162,6 +167,7 @@ class ReferenceBooster:
 
     def sft_step(self, align_batch) -> dict[str, torch.Tensor]:
         """Plain SFT (perturb_aware does not apply: it changes only the Booster update)."""
+        self._cfg_seen = self.cfg.recheck(self._cfg_built, self._cfg_seen)
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         loss = self._forward_backward(align_batch)

@@ -93,6 +93,50 @@ def test_batches_of_different_shapes_and_prepared_ones_still_run(tiny):
     assert all(torch.isfinite(o["loss"]) for o in (out, out2))
 
 
+def test_numpy_and_0_dim_torch_numbers_are_taken_as_floats():
+    """(numpy's float32 betas passed the check and then failed in torch's AdamW: "betas must be either both floats
+    or both Tensors")"""
+    import numpy as np
+
+    cfg = bf.BoosterConfig(lr=np.float32(1e-3), max_grad_norm=torch.tensor(0.5), betas=[np.float32(0.5), 0.99])
+    assert type(cfg.lr) is float and cfg.max_grad_norm == 0.5 and type(cfg.max_grad_norm) is float
+    assert cfg.betas == (0.5, 0.99) and all(type(b) is float for b in cfg.betas)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("knob, value, message", [
+    ("lamb", "3", "lamb must be a number, got '3'"),
+    ("grad_accum", 2.0, "grad_accum must be a positive integer, got 2.0"),     # (failed in torch's chunk())
+    ("meta_term", "False", "meta_term must be True or False"),                 # (ran the meta term)
+    ("max_grad_norm", -1.0, "max_grad_norm must be >= 0"),                      # (switched clipping off)
+    ("lr", 10.0, r"BoosterConfig.lr changed from 0.0005 to 10.0 after the engine was built.*param_groups\['lr'\]"),
+    ("perturb_aware", True, "BoosterConfig.perturb_aware changed from False to True .*build a new Booster"),
+])
+def test_a_config_changed_between_steps_is_checked_again(tiny, impl, knob, value, message):
+    """The step reads most knobs at every call (a change is followed: test_graphs), so a change between steps is
+    checked as the constructor checks it; a field the engine reads only when it is built is refused, not ignored
+    (cfg.lr = 10 trained on at 5e-4; perturb_aware = True crashed the reference engine). The config can be put
+    back and the steps go on."""
+    model, _ = tiny
+    booster = bf.Booster(model, bf.BoosterConfig(impl=impl))
+    booster.step(_batch(), _batch(seed=1))
+    before = getattr(booster.cfg, knob)
+    setattr(booster.cfg, knob, value)
+    for step in (lambda: booster.step(_batch(), _batch(seed=1)), lambda: booster.sft_step(_batch())):
+        with pytest.raises(ValueError, match=message):
+            step()
+    setattr(booster.cfg, knob, before)
+    booster.cfg.lamb = 2.0  # a knob the step reads: taken
+    assert torch.isfinite(booster.step(_batch(), _batch(seed=1))["loss"])
+
+
+def test_the_reference_engine_on_a_model_without_lora_says_so():
+    """(It trained every weight of the model, where the fast engine refused.)"""
+    model, _ = bf.load_model("tiny", dtype=torch.float32, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="the model has no LoRA weights, only 39 trainable tensors of its own"):
+        bf.Booster(model, bf.BoosterConfig(impl="reference"))
+
+
 @pytest.mark.parametrize("weight_decay", [0.1, 0.0])
 def test_the_fast_engine_on_a_model_without_lora_says_so(weight_decay):
     model, _ = bf.load_model("tiny", dtype=torch.float32, seed=0, device="cpu")
@@ -147,6 +191,12 @@ def test_the_fast_engines_switches_pinned_on_are_refused_with_the_reference(flag
     ({"impl": "turbo"}, "impl must be one of"),
     ({"alpha": 0.0}, r"alpha must be > 0: at alpha 0 .* plain fine-tuning \(method sft\)"),
     ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
+    ({"lr": True}, "lr must be a number, got True"),                 # (trained at lr 1.0)
+    ({"lamb": "5"}, "lamb must be a number, got '5'"),               # (a TypeError that named no field)
+    ({"rho": None}, "rho must be a number, got None"),
+    ({"betas": 0.9}, r"betas must be a pair of numbers \(beta1, beta2\), got 0.9"),
+    ({"betas": (0.9,)}, r"betas must be a pair of numbers"),
+    ({"betas": (0.9, "0.999")}, r"betas must be a pair of numbers"),
 ])
 def test_more_values_that_cannot_work_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -649,9 +649,17 @@ def test_adamw_optims_and_hyperparameters_reach_the_engine(tmp_path, data):
             bf.BoosterTrainer(model=model, args=trainer_args(tmp_path), train_dataset=data[0], **kw)
 
 
-def test_harmful_batch_size_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="harmful_batch_size must be >= 1"):
-        trainer_args(tmp_path, harmful_batch_size=0)
+@pytest.mark.parametrize("value", [0, 2.5, 1.0, True, "2"])
+def test_harmful_batch_size_must_be_a_positive_integer(tmp_path, value):
+    """(2.5 or 1.0 failed inside torch's sampler when the Trainer was built; True meant 1.)"""
+    with pytest.raises(ValueError, match="harmful_batch_size must be an integer >= 1, got"):
+        trainer_args(tmp_path, harmful_batch_size=value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), -1.0, float("inf")])
+def test_max_grad_norm_that_would_switch_clipping_off_unsaid_is_refused(tmp_path, value):
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number >= 0"):
+        trainer_args(tmp_path, max_grad_norm=value)
 
 
 class FlatGradCapture(GradCapture):
