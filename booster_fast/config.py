@@ -19,6 +19,16 @@ BUILD_FIELDS = ("impl", "graphs", "merge_passes", "packing", "fused_ops", "pertu
 OPTIMIZER_FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "betas": "betas", "adam_eps": "eps"}
 
 
+def is_integer(value) -> bool:
+    """An int or a numpy integer, not a bool (True would count as 1): what a count or a seed must be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real number (int, float, numpy), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass
 class BoosterConfig:
     lamb: float = field(default=5.0, metadata={"help": "λ, weight of the harmful-perturbation regulariser (paper: 5)."})
@@ -96,11 +106,11 @@ class BoosterConfig:
             value = getattr(self, name)
             if getattr(value, "shape", None) == ():  # a numpy or 0-dim torch scalar
                 value = value.item()
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if not is_number(value):
                 raise ValueError(f"{name} must be a number, got {value!r}")
             setattr(self, name, float(value))
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
-                and all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in self.betas)):
+                and all(is_number(b) for b in self.betas)):
             raise ValueError(f"betas must be a pair of numbers (beta1, beta2), got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
         if self.impl not in IMPLS:
@@ -126,8 +136,7 @@ class BoosterConfig:
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         # an integral type, not an integral value: a float 2.0 would reach torch's chunk() in the step
-        if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, numbers.Integral) \
-                or self.grad_accum < 1:
+        if not is_integer(self.grad_accum) or self.grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive integer, got {self.grad_accum!r}")
         b1, b2 = self.betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):

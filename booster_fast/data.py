@@ -24,6 +24,7 @@ import re
 
 import torch
 
+from booster_fast.config import is_integer
 from booster_fast.corpus import attack_corpus, builtin_corpus
 # (DataError, Example, clean_refusal and load_harmful_file are imported from here too, as before data_files.py)
 from booster_fast.data_files import (DataError, Example, clean_refusal, instruction_file, instructions,  # noqa: F401
@@ -104,7 +105,7 @@ def check_max_length(tokenizer, max_length: int, prefix: list[int] | None = None
     if prefix is None:
         prefix = default_prefix(tokenizer)
     template = len(prefix) + len(_ids(tokenizer, [format_prompt("")])[0])
-    if not isinstance(max_length, int) or max_length < template + 1:
+    if not is_integer(max_length) or max_length < template + 1:
         raise DataError(f"max_length={max_length} is too short for the prompt template: the template alone "
                         f"takes {template} tokens, so max_length must be at least {template + 1}")
     return template
@@ -131,8 +132,13 @@ def _assemble(prompt: list[int], response: list[int], eos: int, max_length: int,
 
 
 def _encode_batch(tokenizer, examples, max_length: int, prefix: list[int]) -> tuple[list[dict], int]:
-    if not isinstance(max_length, int) or max_length < 2:
+    if not is_integer(max_length) or max_length < 2:
         raise DataError(f"max_length must be an integer >= 2, got {max_length!r}")
+    max_length = int(max_length)
+    bad = next((i for i, ex in enumerate(examples) if not isinstance(ex, Example)), None)
+    if bad is not None:
+        raise DataError(f"example {bad} is a {type(examples[bad]).__name__} ({examples[bad]!r:.60}), not a "
+                        f"booster_fast.data.Example(instruction, input, output); a dict row becomes Example(**row)")
     eos = tokenizer.eos_token_id
     if eos is None:
         src = getattr(tokenizer, "name_or_path", "")  # a model directory's or hub id's tokenizer: name it
@@ -172,6 +178,8 @@ def encode_all(tokenizer, examples: list[Example], max_length: int, *,
 
 
 def _prefix(tokenizer, add_bos: bool | None) -> list[int]:
+    if add_bos is not None and not isinstance(add_bos, bool):  # the string "False" would read as true
+        raise DataError(f"add_bos must be True, False or None, got {add_bos!r}")
     if add_bos is None:
         return default_prefix(tokenizer)
     if add_bos and tokenizer.bos_token_id is None:
@@ -232,9 +240,19 @@ class BatchStream:
 
     def __init__(self, encoded: list[dict], batch_size: int, max_length: int, pad_id: int, seed: int,
                  rank: int = 0, world_size: int = 1):
+        given = {"batch_size": batch_size, "max_length": max_length, "pad_id": pad_id, "seed": seed, "rank": rank,
+                 "world_size": world_size}
+        for key, value in given.items():
+            if not is_integer(value):  # 2.0 failed in the first next(), True meant 1, seed 0.0 was not seed 0
+                raise DataError(f"BatchStream: {key} must be an integer, got {value!r}")
+        batch_size, max_length, pad_id, seed = int(batch_size), int(max_length), int(pad_id), int(seed)
+        rank, world_size = int(rank), int(world_size)
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"need batch_size >= 1, world_size >= 1 and 0 <= rank < world_size; "
                             f"got batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        if max_length < 1 or pad_id < 0:
+            raise DataError(f"BatchStream: need max_length >= 1 and pad_id >= 0; got max_length={max_length}, "
+                            f"pad_id={pad_id}")
         if batch_size * world_size > len(encoded):
             raise DataError(f"batch larger than the data set: batch_size*world_size = {batch_size}*{world_size} "
                             f"= {batch_size * world_size} > {len(encoded)} rows")

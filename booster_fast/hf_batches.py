@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .batches import labelled_pads, left_padded, to_device, without_mask
+from .config import is_integer
 
 MODEL_KEYS = ("input_ids", "labels", "attention_mask")
 # keys a collator may add that the model's forward would use: the engine feeds the model its own keys only, so a
@@ -79,7 +80,14 @@ class FixedLengthCollator:
     one static shape for the whole run, as `booster_fast.data.collate` does for `Booster`."""
 
     def __init__(self, pad_id: int, max_length: int):
-        self.pad_id, self.max_length = pad_id, max_length
+        if not is_integer(pad_id) or pad_id < 0:
+            hint = ("; a tokenizer without a pad token gives None: set tokenizer.pad_token first, e.g. "
+                    "tokenizer.pad_token = tokenizer.eos_token" if pad_id is None else "")
+            raise ValueError(f"FixedLengthCollator: pad_id must be an integer >= 0 (the tokenizer's pad_token_id), "
+                             f"got {pad_id!r}{hint}")
+        if not is_integer(max_length) or max_length < 1:
+            raise ValueError(f"FixedLengthCollator: max_length must be an integer >= 1, got {max_length!r}")
+        self.pad_id, self.max_length = int(pad_id), int(max_length)
 
     def __call__(self, rows):
         from .data import collate

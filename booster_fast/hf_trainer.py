@@ -63,7 +63,6 @@ import inspect
 import json
 import logging
 import math
-import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -71,7 +70,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .atomic import write_text_atomic
-from .config import BoosterConfig
+from .config import BoosterConfig, is_integer, is_number
 from .hf_batches import FixedLengthCollator  # noqa: F401 - importable from here, as it always was
 from .hf_batches import EpochShuffle, model_batch, packed_if_exact, without_masks_if_right_padded
 
@@ -110,12 +109,11 @@ class BoosterTrainingArguments(TrainingArguments):
         booster_config(self)  # λ, α, ρ, learning_rate, ... refused here, not at train()
         _check_optim(self)
         n = self.harmful_batch_size
-        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        if n is not None and (not is_integer(n) or n < 1):
             raise ValueError(f"harmful_batch_size must be an integer >= 1, got {n!r}")
         # the Trainer clips the combined gradient only where max_grad_norm > 0: NaN or -1 would switch it off unsaid
         m = self.max_grad_norm
-        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Real)
-                              or not (m >= 0 and math.isfinite(m))):
+        if m is not None and not (is_number(m) and m >= 0 and math.isfinite(m)):
             raise ValueError(f"max_grad_norm must be a finite number >= 0 (0 or None: no clipping), got {m!r}")
 
 

@@ -5,9 +5,12 @@ the LoRA weights trainable, as fp32 masters whatever the base computes in; both 
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .compute import enable_gradient_checkpointing
+from .config import is_integer, is_number
 from .errors import reason
 from .models import ModelError
 
@@ -47,8 +50,15 @@ def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj",
     from peft import LoraConfig, get_peft_model
 
     targets = check_lora_targets(model, targets)
-    if r < 1:
-        raise ModelError(f"LoRA rank must be >= 1, got {r}")
+    if not is_integer(r) or r < 1:
+        raise ModelError(f"add_lora: r (the LoRA rank) must be an integer >= 1, got {r!r}")
+    if not is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise ModelError(f"add_lora: alpha must be a finite number > 0 (the scale is alpha / r), got {alpha!r}")
+    if not is_number(dropout) or not 0 <= dropout < 1:
+        raise ModelError(f"add_lora: dropout must be a number with 0 <= dropout < 1, got {dropout!r}")
+    # plain Python numbers for peft (numpy ones would not serialise into adapter_config.json)
+    r, dropout = int(r), float(dropout)
+    alpha = int(alpha) if is_integer(alpha) else float(alpha)
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",

@@ -9,12 +9,14 @@ the decoder's linear layers as bitsandbytes NF4 (nf4.py); LoRA is added by lora.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 
 import torch
 from torch import nn
 
+from .config import is_integer
 from .errors import described, reason
 from .nf4 import quantize_linears_, quantize_nf4_
 
@@ -47,8 +49,9 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
 
     dtype (a torch dtype, or a name of DTYPES) defaults to float32 for `tiny` and bfloat16 for everything else:
     a pretrained checkpoint is loaded in bf16 whatever it was saved in, as the original trains it; fp32 is for
-    exact comparisons. `config_overrides` change preset fields (e.g. `num_hidden_layers=8`). With quant="nf4"
-    the compute dtype is bf16 whatever `dtype` says.
+    exact comparisons. `config_overrides` change preset fields (e.g. `num_hidden_layers=8`; a name that is no
+    LlamaConfig field is refused; pretrained models ignore them). With quant="nf4" the compute dtype is bf16
+    whatever `dtype` says.
     """
     if quant not in QUANTS:
         raise ModelError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
@@ -56,8 +59,14 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
         if dtype not in DTYPES:
             raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ModelError(f"load_model: dtype must be a floating torch dtype or one of {', '.join(DTYPES)}, "
+                         f"got {dtype!r}")
+    if not is_integer(seed):  # 1.7 would be seed 1
+        raise ModelError(f"load_model: seed must be an integer, got {seed!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name in PRESETS:
+        config_overrides = _checked_overrides(name, config_overrides)
         dtype = dtype or (torch.float32 if name == "tiny" else torch.bfloat16)
         if device.type == "cuda":  # one line now rather than an out-of-memory error halfway through the build
             check_fits(name, quant, dtype, cuda_free_bytes(device), device, **config_overrides)
@@ -68,6 +77,36 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
             quantize_nf4_(model)
         return model, tok
     return _load_pretrained(name, quant, dtype or torch.bfloat16, device, trust_remote_code)
+
+
+def _checked_overrides(name: str, overrides: dict) -> dict:
+    """`load_model`'s config overrides of a preset, numpy integers as ints (LlamaConfig takes no others); ModelError
+    for ones no LlamaConfig of the preset can take: a name that is no field of it (LlamaConfig keeps any keyword as
+    an attribute, so a typo such as num_layers=2 would go unused), num_hidden_layers, num_attention_heads or
+    num_key_value_heads below 1, or heads not a multiple of kv heads."""
+    from transformers import LlamaConfig
+
+    overrides = {k: int(v) if is_integer(v) else v for k, v in overrides.items()}
+    fields = {**PRESETS[name], **overrides}
+    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+        value = fields[key]
+        if not (key == "num_key_value_heads" and value is None) and (not is_integer(value) or value < 1):
+            raise ModelError(f"load_model({name!r}): {key} must be an integer >= 1, got {value!r}")
+    heads, kv_heads = fields["num_attention_heads"], fields["num_key_value_heads"] or fields["num_attention_heads"]
+    if heads % kv_heads:
+        raise ModelError(f"load_model({name!r}): num_attention_heads={heads} is not a multiple of "
+                         f"num_key_value_heads={kv_heads}")
+    # a field is an attribute of the default config; a legacy name it converts (rope_theta into rope_parameters
+    # in transformers 5) is no attribute of the built one, while a name it does not know is kept as one
+    defaults, built = LlamaConfig(), LlamaConfig(**fields)
+    unknown = [k for k in overrides if not hasattr(defaults, k) and k in vars(built)]
+    if unknown:
+        known = [k for k in vars(defaults) if not k.startswith("_")]
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ModelError(f"load_model({name!r}): {unknown[0]}={overrides[unknown[0]]!r} is not a LlamaConfig "
+                         f"field{hint}; the preset's fields are {', '.join(PRESETS[name])}")
+    return overrides
 
 
 def absolute_local_path(name: str) -> str:

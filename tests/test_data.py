@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from booster_fast.data import (
     IGNORE_INDEX, SST2_INSTRUCTION, BatchStream, DataError, Example, check_max_length, clean_refusal, collate,
     encode_all, encode_example, format_prompt, load_benign, load_safety_data,
 )
+from booster_fast.hf_batches import FixedLengthCollator
 from booster_fast.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer, train_tiny_tokenizer_json
 
 EX = Example("How do I pick a lock?", "", "I can't help with that.")
@@ -102,6 +104,30 @@ def test_too_short_for_template(tok):
     assert str(template + 1) in msg and "template" in msg
     msg = single_line_error(encode_example, tok, EX, 10, match="max_length=10")
     assert str(template) in msg
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(add_bos="False"), "add_bos must be True, False or None, got 'False'"),
+    (dict(add_bos=1), "add_bos must be True, False or None, got 1"),
+    (dict(examples=[EX, {"instruction": "Hi", "input": "", "output": "Hello"}]),
+     "example 1 is a dict ({'instruction': 'Hi', "),
+    (dict(examples=[("Hi", "", "Hello")]), "example 0 is a tuple (('Hi', '', 'Hello')), not a "
+                                           "booster_fast.data.Example(instruction, input, output)"),
+    (dict(max_length=256.0), "max_length must be an integer >= 2, got 256.0"),
+    (dict(max_length=True), "max_length must be an integer >= 2, got True"),
+])
+def test_encode_all_refuses_bad_arguments(tok, kwargs, match):
+    """A string add_bos (which would read as true), rows that are no Example (which would fail on an attribute)
+    and a fractional max_length are one DataError naming what is expected."""
+    args = {"examples": [EX], "max_length": 256, **kwargs}
+    single_line_error(encode_all, tok, match=match, **args)
+
+
+def test_encode_all_takes_a_numpy_max_length(tok):
+    for max_length in (256, 40):  # whole, and cut to fit
+        assert encode_all(tok, [EX], np.int64(max_length)) == encode_all(tok, [EX], max_length)
+    assert encode_all(tok, [EX], np.int64(40))[1] == 1
+    assert encode_example(tok, EX, np.int32(256), add_bos=False) == encode_example(tok, EX, 256)
 
 
 def test_collate_shapes_and_padding(tok):
@@ -447,6 +473,59 @@ def test_batchstream_ranks_union_equals_single_process():
 def test_batchstream_errors():
     single_line_error(BatchStream, fake_rows(5), 3, 8, 0, seed=0, world_size=2, match="batch larger than the data set")
     single_line_error(BatchStream, fake_rows(5), 2, 8, 0, seed=0, rank=2, world_size=2, match="rank")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(batch_size=2.0), "BatchStream: batch_size must be an integer, got 2.0"),
+    (dict(batch_size=True), "BatchStream: batch_size must be an integer, got True"),
+    (dict(max_length=8.0), "BatchStream: max_length must be an integer, got 8.0"),
+    (dict(max_length=0), "BatchStream: need max_length >= 1 and pad_id >= 0; got max_length=0, pad_id=0"),
+    (dict(pad_id=None), "BatchStream: pad_id must be an integer, got None"),
+    (dict(pad_id=-1), "BatchStream: need max_length >= 1 and pad_id >= 0; got max_length=8, pad_id=-1"),
+    (dict(seed=0.0), "BatchStream: seed must be an integer, got 0.0"),
+    (dict(seed="3"), "BatchStream: seed must be an integer, got '3'"),
+    (dict(rank=0.0), "BatchStream: rank must be an integer, got 0.0"),
+    (dict(world_size=True), "BatchStream: world_size must be an integer, got True"),
+])
+def test_batchstream_refuses_bad_numbers_at_the_call(kwargs, match):
+    """2.0 would fail in the first next() (slice indices), True would mean 1, seed 0.0 would shuffle otherwise
+    than seed 0 yet resume as if equal: one DataError naming the argument and its value."""
+    args = {"batch_size": 4, "max_length": 8, "pad_id": 0, "seed": 3, **kwargs}
+    single_line_error(BatchStream, fake_rows(12), match=match, **args)
+
+
+def test_batchstream_takes_numpy_integers():
+    rows = fake_rows(23)
+    a = BatchStream(rows, np.int64(4), np.int32(8), np.int64(0), seed=np.int64(3), rank=np.int64(0),
+                    world_size=np.int64(1))
+    b = BatchStream(rows, 4, 8, 0, seed=3)
+    assert [row_ids(next(a)) for _ in range(7)] == [row_ids(next(b)) for _ in range(7)]
+    assert a.state_dict() == b.state_dict() and type(a.state_dict()["seed"]) is int
+    json.dumps(a.state_dict())  # a checkpoint's JSON takes it
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(pad_id=None), "FixedLengthCollator: pad_id must be an integer >= 0 (the tokenizer's pad_token_id), got "
+                        "None; a tokenizer without a pad token gives None: set tokenizer.pad_token first, e.g. "
+                        "tokenizer.pad_token = tokenizer.eos_token"),
+    (dict(pad_id=True), "FixedLengthCollator: pad_id must be an integer >= 0 (the tokenizer's pad_token_id), got True"),
+    (dict(pad_id=0.0), "FixedLengthCollator: pad_id must be an integer >= 0 (the tokenizer's pad_token_id), got 0.0"),
+    (dict(pad_id=-1), "FixedLengthCollator: pad_id must be an integer >= 0 (the tokenizer's pad_token_id), got -1"),
+    (dict(max_length=0), "FixedLengthCollator: max_length must be an integer >= 1, got 0"),
+    (dict(max_length=64.0), "FixedLengthCollator: max_length must be an integer >= 1, got 64.0"),
+    (dict(max_length=None), "FixedLengthCollator: max_length must be an integer >= 1, got None"),
+])
+def test_fixed_length_collator_refuses_bad_arguments(kwargs, match):
+    """A tokenizer without a pad token gives pad_id None, which would fail only inside trainer.train()."""
+    with pytest.raises(ValueError) as e:
+        FixedLengthCollator(**{"pad_id": 0, "max_length": 8, **kwargs})
+    assert str(e.value) == match
+
+
+def test_fixed_length_collator_takes_numpy_integers():
+    rows = [{"input_ids": [5, 6], "labels": [-100, 6]}]
+    batch = FixedLengthCollator(np.int64(1), np.int64(4))(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 1, 1]] and batch["labels"].tolist() == [[-100, 6, -100, -100]]
 
 
 def test_hub_rows_are_converted(monkeypatch):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -127,6 +128,41 @@ def test_add_lora_unknown_target_raises_model_error(targets):
     assert all(p.requires_grad for p in base.parameters())
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(r=2.5), "r (the LoRA rank) must be an integer >= 1, got 2.5"),
+    (dict(r="8"), "r (the LoRA rank) must be an integer >= 1, got '8'"),
+    (dict(r=None), "r (the LoRA rank) must be an integer >= 1, got None"),
+    (dict(r=True), "r (the LoRA rank) must be an integer >= 1, got True"),
+    (dict(r=0), "r (the LoRA rank) must be an integer >= 1, got 0"),
+    (dict(alpha=0), "alpha must be a finite number > 0 (the scale is alpha / r), got 0"),
+    (dict(alpha=-4.0), "alpha must be a finite number > 0 (the scale is alpha / r), got -4.0"),
+    (dict(alpha=float("nan")), "alpha must be a finite number > 0 (the scale is alpha / r), got nan"),
+    (dict(alpha=float("inf")), "alpha must be a finite number > 0 (the scale is alpha / r), got inf"),
+    (dict(alpha="4"), "alpha must be a finite number > 0 (the scale is alpha / r), got '4'"),
+    (dict(alpha=True), "alpha must be a finite number > 0 (the scale is alpha / r), got True"),
+    (dict(dropout=1.0), "dropout must be a number with 0 <= dropout < 1, got 1.0"),
+    (dict(dropout=-0.1), "dropout must be a number with 0 <= dropout < 1, got -0.1"),
+    (dict(dropout=float("nan")), "dropout must be a number with 0 <= dropout < 1, got nan"),
+    (dict(dropout=True), "dropout must be a number with 0 <= dropout < 1, got True"),
+    (dict(dropout="0.1"), "dropout must be a number with 0 <= dropout < 1, got '0.1'"),
+])
+def test_add_lora_refuses_bad_numbers_at_the_call(kwargs, match):
+    """A rank, alpha or dropout that would fail inside torch or peft, or silently train nothing (alpha 0, dropout
+    1) or something else (True as rank 1), is one ModelError naming the argument and its value."""
+    base, _ = load_model("tiny", device="cpu", num_hidden_layers=1)
+    with pytest.raises(ModelError) as e:
+        add_lora(base, **kwargs)
+    assert str(e.value) == f"add_lora: {match}"
+    assert all(p.requires_grad for p in base.parameters())  # the model as it was
+
+
+def test_add_lora_takes_numpy_numbers():
+    base, _ = load_model("tiny", device="cpu", num_hidden_layers=1)
+    cfg = add_lora(base, r=np.int64(4), alpha=np.float64(8.0), dropout=np.float32(0.25)).peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8.0, 0.25)
+    assert type(cfg.r) is int and type(cfg.lora_alpha) is float and type(cfg.lora_dropout) is float
+
+
 def test_unknown_model_fails_fast_offline():
     t = time.perf_counter()
     with pytest.raises(ModelError) as e:
@@ -149,6 +185,45 @@ def test_a_missing_local_directory_is_named_as_one(name):
 def test_unknown_quant_raises_model_error():
     with pytest.raises(ModelError):
         load_model("tiny", quant="int3")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_layers=2), "load_model('tiny'): num_layers=2 is not a LlamaConfig field (did you mean "
+                         "num_hidden_layers?); the preset's fields are hidden_size, intermediate_size, "),
+    (dict(hidden_sise=64), "load_model('tiny'): hidden_sise=64 is not a LlamaConfig field (did you mean hidden_size?)"),
+    (dict(num_hidden_layers=0), "load_model('tiny'): num_hidden_layers must be an integer >= 1, got 0"),
+    (dict(num_hidden_layers=1.5), "load_model('tiny'): num_hidden_layers must be an integer >= 1, got 1.5"),
+    (dict(num_hidden_layers=True), "load_model('tiny'): num_hidden_layers must be an integer >= 1, got True"),
+    (dict(num_key_value_heads=0), "load_model('tiny'): num_key_value_heads must be an integer >= 1, got 0"),
+    (dict(num_key_value_heads=3), "load_model('tiny'): num_attention_heads=4 is not a multiple of "
+                                  "num_key_value_heads=3"),
+    (dict(hidden_size=96, num_attention_heads=6), "load_model('tiny'): num_attention_heads=6 is not a multiple of "
+                                                  "num_key_value_heads=4"),
+    (dict(seed=1.7), "load_model: seed must be an integer, got 1.7"),
+    (dict(seed="0"), "load_model: seed must be an integer, got '0'"),
+    (dict(seed=True), "load_model: seed must be an integer, got True"),
+    (dict(dtype=torch.int64), "load_model: dtype must be a floating torch dtype or one of bf16, fp32, got torch.int64"),
+    (dict(dtype=torch.bool), "load_model: dtype must be a floating torch dtype or one of bf16, fp32, got torch.bool"),
+])
+def test_load_model_refuses_bad_arguments_at_the_call(kwargs, match):
+    """A config override no LlamaConfig field takes (a typo would go unused), too few layers, heads that kv heads
+    do not divide, a fractional seed or an integer dtype: one ModelError naming the argument and its value."""
+    with pytest.raises(ModelError) as e:
+        load_model("tiny", device="cpu", **kwargs)
+    assert str(e.value).startswith(match) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(seed=1.7), dict(dtype=torch.int64)])
+def test_a_pretrained_models_seed_and_dtype_are_checked_before_the_load(kwargs):
+    with pytest.raises(ModelError, match="^load_model: (seed|dtype) must be"):
+        load_model("no/such-model-xyz", device="cpu", **kwargs)
+
+
+def test_load_model_takes_numpy_integers_and_grouped_kv_heads():
+    a = load_model("tiny", device="cpu", seed=np.int64(3), num_hidden_layers=np.int64(1), num_key_value_heads=2)[0]
+    b = load_model("tiny", device="cpu", seed=3, num_hidden_layers=1, num_key_value_heads=2)[0]
+    assert a.config.num_key_value_heads == 2 and len(a.model.layers) == 1
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 # -------------------------------------------------------------------------------------------------- NF4
