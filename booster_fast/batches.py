@@ -55,13 +55,15 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False, 
             if torch.is_tensor(v) else v for k, v in batch.items() if k in KEYS}
 
 
-def check_batch(batch, what: str, device: torch.device) -> None:
+def check_batch(batch, what: str, device: torch.device | None, vocab: tuple[int, int] | None = None) -> None:
     """ValueError (one line) for a batch a step cannot run: no input_ids or labels, no rows or no columns, labels
-    of another shape, float or int32 ids and labels, another device than the model's. Shapes, dtypes and devices
-    only: nothing is read from the device. A packed batch (Booster.to_device made it) is taken as it is."""
+    of another shape, float or int32 ids and labels, another device than the model's (device None: any). Shapes,
+    dtypes and devices only: nothing is read from the device. With `vocab` (sizes of the model's input embedding
+    and LM head; Booster.to_device, before the batch moves), also the token ids of a CPU batch, which would fail
+    deep inside the model. A packed batch (Booster.to_device made it) is taken as it is."""
     if isinstance(batch, (list, tuple)):  # micro-batches (packed, under gradient accumulation)
         for i, b in enumerate(batch):
-            check_batch(b, f"{what}[{i}]", device)
+            check_batch(b, f"{what}[{i}]", device, vocab)
         return
     if not isinstance(batch, dict):
         raise ValueError(f"{what}: a dict of tensors (input_ids, labels, attention_mask) expected, got "
@@ -82,9 +84,20 @@ def check_batch(batch, what: str, device: torch.device) -> None:
     for key in ("input_ids", "labels"):
         if batch[key].dtype != torch.long:
             raise ValueError(f"{what}: {key} are {batch[key].dtype}, token ids are torch.long (int64)")
-    if ids.device != torch.device(device):
+    if device is not None and ids.device != torch.device(device):
         raise ValueError(f"{what} is on {ids.device}, the model on {device}: move it there "
                          "(Booster.to_device(batch, device) also prepares it as this engine runs best)")
+    if vocab is not None and ids.device.type == "cpu":
+        n_in, n_out = vocab
+        outside = ids[(ids < 0) | (ids >= n_in)]
+        if outside.numel():
+            raise ValueError(f"{what}: input_ids hold {int(outside[0])}, outside the model's {n_in} token "
+                             "embeddings (a token added to the tokenizer without resizing the model's embeddings?)")
+        labels = batch["labels"]
+        outside = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= n_out))]
+        if outside.numel():
+            raise ValueError(f"{what}: labels hold {int(outside[0])}; a label is a token id below {n_out} (the "
+                             f"LM head's outputs), or {IGNORE_INDEX} where no token is learnt")
 
 
 def trim_to_longest(batch: dict) -> dict:

@@ -22,12 +22,16 @@ class Booster:
 
     def __init__(self, model, cfg: BoosterConfig | None = None):
         self.cfg = cfg = cfg or BoosterConfig()
+        if not isinstance(cfg, BoosterConfig):
+            raise ValueError(f"cfg must be a BoosterConfig, got {type(cfg).__name__} (BoosterConfig(**that) makes one)")
         if cfg.impl == "reference":
             from .reference import ReferenceBooster as Engine
         else:
             from .fast import FastBooster as Engine
         self.model = model
         self.engine = Engine(model, cfg)
+        self.vocab = _vocab(model)  # for to_device's token-id check (a read of the CPU batch; none in a step)
+
 
     @property
     def optimizer(self):
@@ -40,9 +44,18 @@ class Booster:
         list of packed micro-batches, captured as one graph like a single batch); the packed lengths are rounded
         to buckets, and padded batches keep max_length, only when the engine captures CUDA graphs (few shapes).
         The reference gets the batch as the original trainer's collator makes it: with its mask, padded to its
-        longest row (batches.trim_to_longest)."""
+        longest row (batches.trim_to_longest). A batch a step cannot run (keys, shapes, dtypes, token ids outside
+        the model's vocabulary) is one ValueError here."""
         from .batches import micro_batches, to_device, trim_to_longest
 
+        micro = isinstance(batch, (list, tuple)) and batch and all(isinstance(b, dict) for b in batch)
+        if micro or (isinstance(batch, dict) and "targets" in batch):
+            raise ValueError("to_device takes a collated batch; this one is to_device's output already: pass it to "
+                             "step as it is")
+        if not isinstance(batch, dict):
+            raise ValueError(f"batch: a dict of tensors (input_ids, labels, attention_mask) expected, got "
+                             f"{type(batch).__name__}")
+        check_batch(batch, "batch", None, self.vocab)
         if self.cfg.impl == "reference":
             return to_device(trim_to_longest(batch), device)
         static = getattr(self.engine, "graphs", None) is not None  # CUDA graphs: few shapes, so buckets
@@ -133,3 +146,10 @@ class Booster:
                                      f"{tuple(p.shape)}: the state belongs to another model or LoRA setting")
             state[i] = entry
         return {**saved, "state": state}
+
+
+def _vocab(model) -> tuple[int, int] | None:
+    """(input embeddings, LM head outputs) of a causal LM, or None where it has no such layers to read."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    n_in, n_out = getattr(emb, "num_embeddings", None), getattr(head, "out_features", None)
+    return (n_in, n_out) if n_in and n_out else None

@@ -83,6 +83,40 @@ def test_a_batch_a_step_cannot_run_is_one_value_error(tiny, impl, case):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad), "a step ran"
 
 
+TO_DEVICE_CASES = {k: (make, message.replace("align_batch", "batch")) for k, (make, message) in BAD_BATCHES.items()
+                   if k != "meta device"}  # (to_device moves a batch from any device)
+TO_DEVICE_CASES.update({
+    "ids past the vocabulary": (lambda b: {**b, "input_ids": b["input_ids"].clone().index_fill_(1, torch.tensor([3]),
+                                                                                             2485)},
+                                "input_ids hold 2485, outside the model's 2485 token embeddings"),
+    "a negative label": (lambda b: {**b, "labels": b["labels"].clone().fill_(-1)},
+                         "labels hold -1; a label is a token id below 2485 .*or -100 where no token is learnt"),
+    "a label past the head": (lambda b: {**b, "labels": b["labels"].clone().fill_(3000)}, "labels hold 3000"),
+})
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("case", sorted(TO_DEVICE_CASES))
+def test_to_device_checks_the_batch_it_prepares(tiny, impl, case):
+    """Booster.to_device checks a collated batch as a step does, and the token ids too, on the CPU where reading
+    them is free (ids past the embeddings failed with an IndexError deep inside the model; a packed batch skipped
+    the step's own checks, so float labels failed in cross_entropy and a missing one with a KeyError)."""
+    model, _ = tiny
+    booster = bf.Booster(model, bf.BoosterConfig(impl=impl))
+    make, message = TO_DEVICE_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        booster.to_device(make(_batch()), "cpu")
+
+
+def test_to_device_output_is_not_prepared_again(tiny):
+    model, _ = tiny
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast", grad_accum=2))
+    with pytest.raises(ValueError, match="to_device's output already: pass it to step as it is"):
+        booster.to_device(booster.to_device(_batch(rows=4), "cpu"), "cpu")
+    with pytest.raises(ValueError, match="cfg must be a BoosterConfig, got dict"):
+        bf.Booster(model, {"lamb": 5.0})
+
+
 def test_batches_of_different_shapes_and_prepared_ones_still_run(tiny):
     model, _ = tiny
     booster = bf.Booster(model, bf.BoosterConfig(impl="fast", grad_accum=2))
