@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .batches import check_batch
-from .config import BoosterConfig
+from .config import BoosterConfig, is_integer
 
 HOW_IT_RUNS = ("fused", "foreach", "capturable", "differentiable")  # optimizer options that are not training state
 
@@ -74,6 +74,8 @@ class Booster:
         """ModelError (a ValueError) where this engine cannot run rows of `max_length` tokens exactly: the fast
         engine beyond the original length of a RoPE that rescales with the sequence (FastBooster.check_length). Each
         step checks its own batches; the commands check --max-length with this before anything is written."""
+        if not is_integer(max_length) or max_length < 1:
+            raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
         if self.cfg.impl == "fast":
             self.engine.check_length(max_length, f"--max-length {max_length}")
 
@@ -106,6 +108,10 @@ class Booster:
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` saved (the LoRA weights are loaded into the model separately), checked against
         this engine and model: ValueError for another engine's state or another model's shapes."""
+        if not (isinstance(state, dict) and isinstance(state.get("optimizer"), dict)):
+            keys = f" with keys {sorted(state)}" if isinstance(state, dict) else ""
+            raise ValueError(f"a state_dict() of a Booster expected (a dict with the optimizer's state), got "
+                             f"{type(state).__name__}{keys}")
         if state.get("impl") != self.cfg.impl:
             raise ValueError(f"optimizer state of the {state.get('impl')!r} engine, this Booster is {self.cfg.impl!r}")
         # how the optimizer runs (fused, capturable, ...) is this engine's choice, not training state: a state

@@ -117,6 +117,23 @@ def test_to_device_output_is_not_prepared_again(tiny):
         bf.Booster(model, {"lamb": 5.0})
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_check_length_and_load_state_dict_refuse_what_they_cannot_use(tiny, impl):
+    """(check_length("x") returned without a word where the model's RoPE does not depend on the length;
+    load_state_dict(None) was an AttributeError.)"""
+    model, _ = tiny
+    booster = bf.Booster(model, bf.BoosterConfig(impl=impl))
+    for value in ("256", 2.5, 0, True):
+        with pytest.raises(ValueError, match=f"max_length must be an integer >= 1, got {value!r}"):
+            booster.check_length(value)
+    booster.check_length(256)
+    with pytest.raises(ValueError, match="a state_dict.. of a Booster expected .*, got NoneType"):
+        booster.load_state_dict(None)
+    with pytest.raises(ValueError, match=r"got dict with keys \['impl'\]"):
+        booster.load_state_dict({"impl": impl})
+    booster.load_state_dict(booster.state_dict())
+
+
 def test_batches_of_different_shapes_and_prepared_ones_still_run(tiny):
     model, _ = tiny
     booster = bf.Booster(model, bf.BoosterConfig(impl="fast", grad_accum=2))
