@@ -8,6 +8,8 @@ on flat buffers with fused kernels and the merged pass (fast.py).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .batches import check_batch
@@ -21,7 +23,7 @@ class Booster:
     (cfg.impl) is the reference's op-for-op step or the fast one."""
 
     def __init__(self, model, cfg: BoosterConfig | None = None):
-        self.cfg = cfg = cfg or BoosterConfig()
+        self.cfg = cfg = BoosterConfig() if cfg is None else cfg
         if not isinstance(cfg, BoosterConfig):
             raise ValueError(f"cfg must be a BoosterConfig, got {type(cfg).__name__} (BoosterConfig(**that) makes one)")
         if cfg.impl == "reference":
@@ -44,31 +46,39 @@ class Booster:
         list of packed micro-batches, captured as one graph like a single batch); the packed lengths are rounded
         to buckets, and padded batches keep max_length, only when the engine captures CUDA graphs (few shapes).
         The reference gets the batch as the original trainer's collator makes it: with its mask, padded to its
-        longest row (batches.trim_to_longest). A batch a step cannot run (keys, shapes, dtypes, token ids outside
-        the model's vocabulary) is one ValueError here."""
-        from .batches import micro_batches, to_device, trim_to_longest
+        longest row (batches.trim_to_longest). A list of collated batches (micro-batches cut already) comes back as
+        a list, each prepared so. A batch a step cannot run (keys, shapes, dtypes, token ids outside the model's
+        vocabulary) is one ValueError here."""
+        from .batches import micro_batches
 
-        micro = isinstance(batch, (list, tuple)) and batch and all(isinstance(b, dict) for b in batch)
-        if micro or (isinstance(batch, dict) and "targets" in batch):
+        parts = batch if isinstance(batch, (list, tuple)) else [batch]
+        if any(isinstance(b, Mapping) and ("targets" in b or "cu_seqlens" in b) for b in parts):
             raise ValueError("to_device takes a collated batch; this one is to_device's output already: pass it to "
                              "step as it is")
-        if not isinstance(batch, dict):
+        if not (parts and all(isinstance(b, Mapping) for b in parts)):
             raise ValueError(f"batch: a dict of tensors (input_ids, labels, attention_mask) expected, got "
                              f"{type(batch).__name__}")
-        check_batch(batch, "batch", None, self.vocab)
+        parts = [dict(b) for b in parts]  # (a collator's BatchEncoding is a Mapping, not a dict)
+        check_batch(parts if isinstance(batch, (list, tuple)) else parts[0], "batch", None, self.vocab)
+        if isinstance(batch, (list, tuple)):
+            return [self._prepared(b, device) for b in parts]
+        if getattr(self.engine, "pack", False) and self.cfg.grad_accum > 1:  # each micro-batch packed on its own
+            return [self._prepared(b, device) for b in micro_batches(parts[0], self.cfg.grad_accum)]
+        return self._prepared(parts[0], device)
+
+    def _prepared(self, batch: dict, device) -> dict:
+        """One collated (micro-)batch in this engine's form (to_device)."""
+        from .batches import to_device, trim_to_longest
+
         if self.cfg.impl == "reference":
             return to_device(trim_to_longest(batch), device)
         static = getattr(self.engine, "graphs", None) is not None  # CUDA graphs: few shapes, so buckets
+        trimmed = batch if static else trim_to_longest(batch)
         if not getattr(self.engine, "pack", False):
-            return to_device(batch if static else trim_to_longest(batch), device, drop_mask=self.engine.drop_mask)
-        window = self.engine.window
+            return to_device(trimmed, device, drop_mask=self.engine.drop_mask)
         # (without graphs a batch that packing would not shrink, or whose rows pass a sliding window, goes padded
         # to its longest row, as above)
-        if self.cfg.grad_accum == 1:
-            return to_device(batch if static else trim_to_longest(batch), device, pack=True, bucketed=static,
-                             window=window)
-        return [to_device(b if static else trim_to_longest(b), device, pack=True, bucketed=static, window=window)
-                for b in micro_batches(batch, self.cfg.grad_accum)]
+        return to_device(trimmed, device, pack=True, bucketed=static, window=self.engine.window)
 
     def check_length(self, max_length: int) -> None:
         """ModelError (a ValueError) where this engine cannot run rows of `max_length` tokens exactly: the fast
@@ -156,6 +166,9 @@ class Booster:
 
 def _vocab(model) -> tuple[int, int] | None:
     """(input embeddings, LM head outputs) of a causal LM, or None where it has no such layers to read."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    try:
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # a model of one's own, not a transformers one
+        return None
     n_in, n_out = getattr(emb, "num_embeddings", None), getattr(head, "out_features", None)
     return (n_in, n_out) if n_in and n_out else None

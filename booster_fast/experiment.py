@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -389,7 +390,8 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
             before = json.loads(eval_aligned.read_text())
             after = json.loads(eval_attacked.read_text())
             attack_rows = _read_jsonl(attacked / "metrics.jsonl")
-            curve = [(r["step"], r["harmful_loss"]) for r in attack_rows]
+            # (a non-finite held-out loss is null in the metrics: NaN here, so that the drop and the means say so)
+            curve = [(r["step"], math.nan if r["harmful_loss"] is None else r["harmful_loss"]) for r in attack_rows]
             keyword = [(r["step"], r["keyword_harmful_score"]) for r in attack_rows if "keyword_harmful_score" in r]
             row[method] = {
                 "align_final": {k: align_metrics[-1].get(k) for k in ("loss", "harmful_loss")},

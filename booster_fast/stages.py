@@ -146,14 +146,16 @@ def input_digests(argv: list[str], out: Path) -> dict[str, str]:
 
 def listing_digest(folder: Path) -> str:
     """SHA-256 of a folder's file names, sizes and modification times, not of their content: a 7B model's 13 GB
-    would take minutes to hash at every rerun, while a replaced or rewritten file changes its size or time."""
+    would take minutes to hash at every rerun, while a replaced or rewritten file changes its size or time. Hidden
+    files and folders (.git, .cache of a hub download) are left out: a fetch there changes no weight."""
     import hashlib
 
     from .cli import UsageError
 
     digest = hashlib.sha256()
     try:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        for path in sorted(p for p in folder.rglob("*")
+                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
             st = path.stat()
             digest.update(f"{path.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     except OSError as e:

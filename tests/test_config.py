@@ -111,10 +111,15 @@ def test_to_device_checks_the_batch_it_prepares(tiny, impl, case):
 def test_to_device_output_is_not_prepared_again(tiny):
     model, _ = tiny
     booster = bf.Booster(model, bf.BoosterConfig(impl="fast", grad_accum=2))
-    with pytest.raises(ValueError, match="to_device's output already: pass it to step as it is"):
-        booster.to_device(booster.to_device(_batch(rows=4), "cpu"), "cpu")
-    with pytest.raises(ValueError, match="cfg must be a BoosterConfig, got dict"):
-        bf.Booster(model, {"lamb": 5.0})
+    padded = _batch(rows=4)
+    padded["attention_mask"][:, 8:], padded["labels"][:, 8:] = 0, -100  # rows of 8 and 4 tokens: the engine
+    padded["attention_mask"][1::2, 4:], padded["labels"][1::2, 4:] = 0, -100  # packs them
+    for prepared in (booster.to_device(padded, "cpu"), booster.to_device(padded, "cpu")[0]):
+        with pytest.raises(ValueError, match="to_device's output already: pass it to step as it is"):
+            booster.to_device(prepared, "cpu")
+    for cfg in ({"lamb": 5.0}, {}):  # (an empty dict built with the defaults)
+        with pytest.raises(ValueError, match="cfg must be a BoosterConfig, got dict"):
+            bf.Booster(model, cfg)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
@@ -132,6 +137,47 @@ def test_check_length_and_load_state_dict_refuse_what_they_cannot_use(tiny, impl
     with pytest.raises(ValueError, match=r"got dict with keys \['impl'\]"):
         booster.load_state_dict({"impl": impl})
     booster.load_state_dict(booster.state_dict())
+
+
+@pytest.mark.parametrize("impl, grad_accum", [("reference", 1), ("fast", 1), ("fast", 2)])
+def test_to_device_takes_a_collators_batch_encoding_and_lists_of_micro_batches(tiny, impl, grad_accum):
+    """A transformers collator hands over a BatchEncoding (a Mapping, not a dict): to_device takes it as it took it
+    before its checks, and a list of collated micro-batches comes back as a list, each prepared as one."""
+    from transformers import DataCollatorForSeq2Seq
+
+    model, tok = tiny
+    booster = bf.Booster(model, bf.BoosterConfig(impl=impl, grad_accum=grad_accum))
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (6, 9, 7, 8)]
+    encoded = DataCollatorForSeq2Seq(tok, padding="longest")(rows)
+    assert not isinstance(encoded, dict)
+    a, h = booster.to_device(encoded, "cpu"), booster.to_device(encoded, "cpu")
+    assert torch.isfinite(booster.step(a, h)["loss"])
+    parts = [_batch(), _batch(seed=1)]
+    prepared = booster.to_device(parts, "cpu")
+    assert isinstance(prepared, list) and len(prepared) == 2
+    assert torch.isfinite(booster.step(prepared, booster.to_device(parts, "cpu"))["loss"])
+
+
+def test_a_model_of_ones_own_without_transformers_embeddings_still_builds():
+    """(Booster read the vocabulary size from get_input_embeddings, which a plain nn.Module under peft lacks.)"""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.q_proj, self.head = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 50)
+
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kw):
+            return SimpleNamespace(logits=self.head(self.q_proj(self.emb(input_ids))))
+
+    torch.manual_seed(0)
+    booster = bf.Booster(get_peft_model(Tiny(), LoraConfig(r=4, target_modules=["q_proj"])),
+                         bf.BoosterConfig(impl="reference"))
+    ids = torch.randint(0, 50, (2, 8))
+    batch = booster.to_device({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}, "cpu")
+    assert booster.vocab is None and torch.isfinite(booster.step(batch, batch)["loss"])
 
 
 def test_batches_of_different_shapes_and_prepared_ones_still_run(tiny):

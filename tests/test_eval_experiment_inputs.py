@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -814,6 +815,32 @@ def test_a_local_model_directory_is_an_input_of_the_stages(tmp_path, monkeypatch
     (model / "weights" / "part-2.bin").write_bytes(b"")
     assert ran() == everything
     assert ran() == []
+    (model / ".git").mkdir()  # a git fetch or a hub download's .cache changes no weight: the stages are kept
+    (model / ".git" / "FETCH_HEAD").write_text("x")
+    (model / ".cache").mkdir()
+    assert ran() == []
+
+
+def test_an_attack_whose_held_out_loss_is_not_finite_is_summarised(tmp_path, monkeypatch):
+    """The attack writes a non-finite held-out loss as null (strict JSON): the experiment's drop and means are
+    NaN for that chain, where a None made them a TypeError after every stage had run."""
+
+    class NullLoss(FakeStages):
+        def __call__(self, argv):
+            super().__call__(argv)
+            if argv[0] == "attack":
+                out = Path(argv[argv.index("--output") + 1]) / "metrics.jsonl"
+                rows = [json.loads(line) for line in out.read_text().splitlines()]
+                rows[-1]["harmful_loss"] = None
+                out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    monkeypatch.setattr("booster_fast.stages.run_stage", NullLoss())
+    out = tmp_path / "r.json"
+    assert main(["experiment", "defense", "--seeds", "1", "--methods", "sft", "--workdir", str(tmp_path / "w"),
+                 "--no-plot", "--output", str(out), *SETS]) == 0
+    result = json.loads(out.read_text())
+    assert math.isnan(result["per_seed"][0]["sft"]["harmful_loss_drop"])
+    assert math.isnan(result["summary"]["sft"]["harmful_loss_drop"]["mean"])
 
 
 @pytest.mark.parametrize("code, hint", [(130, True), (143, True), (2, False)])
