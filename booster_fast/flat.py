@@ -57,7 +57,9 @@ class FlatLoRA:
     def __init__(self, model):
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
-            raise ValueError("the model has no trainable parameters; call add_lora first")
+            from .lora import no_trainable_reason
+
+            raise ValueError(no_trainable_reason(model))
         layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
         if not layers:
             raise ValueError("the model has no LoRA layers; call add_lora first (the fast engine trains LoRA weights)")

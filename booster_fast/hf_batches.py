@@ -31,6 +31,19 @@ def model_batch(inputs, which: str = "training") -> dict:
     if inputs.get("labels") is None or inputs.get("input_ids") is None:  # a collator may set labels to None
         raise ValueError(f"BoosterTrainer: the {which} batches need input_ids and labels (label -100 on prompt and "
                          f"padding); they have {', '.join(sorted(inputs))}")
+    ids = inputs["input_ids"]
+    # shapes and dtypes only (nothing read from the device): labels cut to the response (a seq2seq collator's)
+    # would score the first positions against the answer in the reference engine, without an error
+    for key in ("input_ids", "labels", "attention_mask"):
+        value = inputs.get(key)
+        if value is None:
+            continue
+        if value.dim() != 2 or value.shape != ids.shape:
+            raise ValueError(f"BoosterTrainer: the {which} batches' {key} have shape {tuple(value.shape)}; a "
+                             f"[rows, length] tensor like input_ids {tuple(ids.shape)} expected, a label per token "
+                             "(-100 on the prompt and padding), as a causal LM's collator makes them")
+        if key != "attention_mask" and (value.dtype.is_floating_point or value.dtype == torch.bool):
+            raise ValueError(f"BoosterTrainer: the {which} batches' {key} are {value.dtype}; token ids are integers")
     return {k: inputs[k] for k in MODEL_KEYS if k in inputs}
 
 
@@ -92,5 +105,20 @@ class FixedLengthCollator:
     def __call__(self, rows):
         from .data import collate
 
-        rows = [{"input_ids": list(map(int, r["input_ids"])), "labels": list(map(int, r["labels"]))} for r in rows]
-        return collate(rows, self.max_length, self.pad_id)
+        return collate([self._row(i, r) for i, r in enumerate(rows)], self.max_length, self.pad_id)
+
+    @staticmethod
+    def _row(i: int, row) -> dict:
+        """One row's input_ids and labels as lists of ints; ValueError naming the row and field otherwise."""
+        out = {}
+        for key in ("input_ids", "labels"):
+            value = row.get(key) if hasattr(row, "get") else None
+            if value is None:
+                raise ValueError(f"FixedLengthCollator: row {i} has no {key} (token ids; labels -100 where no token "
+                                 "is learnt)")
+            ids = value.tolist() if hasattr(value, "tolist") else list(value)  # a tensor or array: its values
+            if not (isinstance(ids, list) and all(is_integer(x) for x in ids)):
+                raise ValueError(f"FixedLengthCollator: row {i}'s {key} must be a flat list of integer token ids, "
+                                 f"got {str(value)[:60]}")
+            out[key] = ids
+        return out

@@ -64,6 +64,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -156,6 +157,21 @@ def _check_optim(args):
                          f"adam_beta1/adam_beta2/adam_epsilon/weight_decay")
 
 
+def _labels_none(dataset) -> bool:
+    """True where every row of a list or datasets.Dataset has only -100 labels (a read of its labels; other
+    datasets are not read here)."""
+    if isinstance(dataset, list):
+        labels = [row.get("labels") if hasattr(row, "get") else None for row in dataset]
+    elif "labels" in (getattr(dataset, "column_names", None) or ()):
+        labels = dataset["labels"]
+    else:
+        return False
+    if not labels or any(x is None for x in labels):
+        return False  # (a row without labels is model_batch's error, with its own message)
+    flat = (x for row in labels for x in (row.tolist() if hasattr(row, "tolist") else row))
+    return all(x == -100 for x in flat)
+
+
 def _gradient_only(engine_cls):
     """The engine with its clip-and-update removed: a step leaves the combined gradient in `.grad` (for the fast
     engine: in the flat buffer G_f, which the parameters' and W's `.grad` are views of) for the Trainer to clip
@@ -242,6 +258,12 @@ class BoosterTrainer(Trainer):
     def init(self, harmful_dataset):
         """Attach the harmful dataset (as the original BoosterAlignmentTrainer.init); same collator as training."""
         batch_size = self._harmful_batch_size()
+        if isinstance(harmful_dataset, Mapping):  # columns (a tokenizer's output), or a DatasetDict of splits
+            raise ValueError(f"BoosterTrainer: the harmful dataset is a mapping ({', '.join(map(str, harmful_dataset))}"
+                             "); pass a list of rows or a datasets.Dataset (one split)")
+        if _labels_none(harmful_dataset):
+            raise ValueError("BoosterTrainer: no harmful row has a label other than -100, so the harmful loss and "
+                             "its gradient are 0 and Booster's term does nothing; label the harmful answers' tokens")
         rows = len(harmful_dataset) if hasattr(harmful_dataset, "__len__") else None
         if rows == 0 or (rows is not None and rows < batch_size and self.args.dataloader_drop_last):
             raise ValueError(f"BoosterTrainer: the harmful dataset has {rows} rows, too few for one batch of "
@@ -277,7 +299,8 @@ class BoosterTrainer(Trainer):
         if isinstance(train, torch.utils.data.SequentialSampler):
             self._harmful_order = None
             return train
-        self._harmful_order = EpochShuffle(len(dataset), self.args.seed + 1)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed  # as the train sampler
+        self._harmful_order = EpochShuffle(len(dataset), seed + 1)
         return self._harmful_order
 
     def sample_from_harmful(self) -> dict:

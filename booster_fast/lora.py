@@ -80,3 +80,11 @@ def add_lora(model: nn.Module, r: int = 32, alpha: float = 4, targets=("q_proj",
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def no_trainable_reason(model: nn.Module) -> str:
+    """Why a model has nothing to train: no LoRA at all, or LoRA weights that were loaded frozen."""
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        return ("the model's LoRA weights are frozen (PeftModel.from_pretrained loads an adapter so unless "
+                "is_trainable=True is passed)")
+    return "the model has no trainable parameters; call add_lora first"

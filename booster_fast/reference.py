@@ -27,7 +27,7 @@ from .batches import micro_batches
 from .config import BoosterConfig
 from .losses import label_count, loss_sum
 from .compute import Autocast
-from .lora import trainable_parameters
+from .lora import no_trainable_reason, trainable_parameters
 from .nf4 import keep_nf4_trainable_
 
 
@@ -64,7 +64,7 @@ class ReferenceBooster:
         keep_nf4_trainable_(model)
         self.params = trainable_parameters(model)
         if not self.params:
-            raise ValueError("the model has no trainable parameters; call add_lora first")
+            raise ValueError(no_trainable_reason(model))
         if not any("lora_" in name for name, _ in self.params):  # the original trains a LoRA adapter
             raise ValueError(f"the model has no LoRA weights, only {len(self.params)} trainable tensors of its own; "
                              "call add_lora first (or freeze the base model)")

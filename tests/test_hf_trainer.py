@@ -749,9 +749,24 @@ def test_batches_the_step_would_train_wrongly_are_refused(tmp_path, data):
     model, _ = make_model()  # 0, 1, 2, ... in every row is what the engine assumes: accepted
     bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=rows_a,
                       harmful_dataset=rows_h, data_collator=with_plain_positions).train()
+    def response_labels(rows):  # a seq2seq collator's labels: the answer only, shorter than the row
+        out = plain(rows)
+        return {**out, "labels": out["labels"][:, -3:]}
+
+    def float_labels(rows):
+        out = plain(rows)
+        return {**out, "labels": out["labels"].float()}
+
+    def rows_of_one(rows):  # rows stored as [1, n] tensors, stacked by default_data_collator: [rows, 1, n]
+        out = plain(rows)
+        return {k: v[:, None] for k, v in out.items()}
+
     for collator, message in ((with_restarting_positions, "position_ids"),
                               (without_labels, "need input_ids and labels"),
-                              (labels_none, "need input_ids and labels")):
+                              (labels_none, "need input_ids and labels"),
+                              (response_labels, r"labels have shape \(4, 3\); a \[rows, length\] tensor like input_ids"),
+                              (float_labels, "labels are torch.float32; token ids are integers"),
+                              (rows_of_one, r"input_ids have shape \(4, 1, 64\)")):
         model, _ = make_model()
         trainer = bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=rows_a,
                                     harmful_dataset=rows_h, data_collator=collator)
@@ -769,6 +784,72 @@ def test_a_harmful_set_too_small_for_one_batch_is_named(tmp_path, data):
                                     data_collator=FixedLengthCollator(pad, MAX_LEN))
         with pytest.raises(ValueError, match=f"harmful dataset has {len(rows)} rows"):
             trainer.init(rows)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_harmful_sets_that_cannot_work_are_refused_at_init(tmp_path, data, impl):
+    """A harmful set of columns (a tokenizer's dict output) was counted by its keys and failed in the DataLoader;
+    one whose labels are all -100 (answers cut off by truncation) trained as plain SFT, harmful loss and gradient 0,
+    without a word."""
+    rows_a, rows_h, pad = data
+    model, _ = make_model()
+    trainer = bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, max_steps=1, booster_impl=impl),
+                                train_dataset=rows_a, data_collator=FixedLengthCollator(pad, MAX_LEN))
+    columns = {"input_ids": [r["input_ids"] for r in rows_h], "labels": [r["labels"] for r in rows_h]}
+    with pytest.raises(ValueError, match=r"the harmful dataset is a mapping \(input_ids, labels\); pass a list"):
+        trainer.init(columns)
+    unlabelled = [{**r, "labels": [-100] * len(r["labels"])} for r in rows_h]
+    from datasets import Dataset
+
+    for dataset in (unlabelled, Dataset.from_list(unlabelled)):
+        with pytest.raises(ValueError, match="no harmful row has a label other than -100"):
+            trainer.init(dataset)
+    trainer.init(Dataset.from_list(rows_h))  # labelled: taken
+
+
+def test_the_harmful_order_follows_data_seed(tmp_path, data):
+    """data_seed orders the training rows in the Trainer; the harmful rows' own order follows it too (it
+    followed seed only)."""
+    rows_a, _, pad = data
+    orders = []
+    for data_seed in (1, 2, 1):
+        seen = []
+        model, _ = make_model()
+        args = trainer_args(tmp_path, train_sampling_strategy="random", max_steps=3, remove_unused_columns=False,
+                            data_seed=data_seed)
+        bf.BoosterTrainer(model=model, args=args, train_dataset=[{**r, "set": "a"} for r in rows_a[:12]],
+                          harmful_dataset=[{**r, "set": "h"} for r in rows_a[:12]],
+                          data_collator=_Recorder(pad, seen)).train()
+        orders.append([rows for s, rows in seen if s == "h"])
+    assert orders[0] == orders[2] != orders[1]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"input_ids": [5, 6, 7]}, "row 0 has no labels"),
+    ({"input_ids": [5, 6, 7], "labels": "abc"}, "row 0's labels must be a flat list of integer token ids"),
+    ({"input_ids": torch.tensor([[5, 6, 7]]), "labels": [5, 6, 7]}, "row 0's input_ids must be a flat list"),
+    ({"input_ids": [5, 6, 7], "labels": [-99.3, 6.0, 7.0]}, "row 0's labels must be a flat list"),
+])
+def test_the_fixed_length_collator_names_a_row_it_cannot_use(row, message):
+    """(A bare KeyError, int() errors, or a -99.3 label cut to -99 and an IndexError in the loss.)"""
+    with pytest.raises(ValueError, match=f"FixedLengthCollator: {message}"):
+        FixedLengthCollator(0, 8)([row])
+    out = FixedLengthCollator(0, 8)([{"input_ids": torch.tensor([5, 6, 7]), "labels": [-100, 6, 7]}])
+    assert out["input_ids"].shape == (1, 8) and out["labels"][0, :3].tolist() == [-100, 6, 7]
+
+
+def test_frozen_lora_weights_are_named_as_such(tmp_path):
+    """An adapter loaded without is_trainable=True has LoRA weights, frozen: the engines say that, not "call
+    add_lora first"."""
+    from peft import PeftModel
+
+    model, _ = make_model()
+    model.save_pretrained(str(tmp_path / "adapter"))
+    base, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+    frozen = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    for impl in ("fast", "reference"):
+        with pytest.raises(ValueError, match="LoRA weights are frozen .*is_trainable=True"):
+            bf.Booster(frozen, bf.BoosterConfig(impl=impl))
 
 
 def test_train_twice_with_model_init_builds_a_new_engine(tmp_path, data):
