@@ -215,6 +215,8 @@ class BoosterTrainer(Trainer):
             raise ValueError("BoosterTrainer builds its own optimizer (the engine's AdamW over the flat LoRA "
                              "buffer); do not pass `optimizers=` or `optimizer_cls_and_kwargs=`")
         self._check_supported()
+        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
+            raise ValueError("BoosterTrainer: the train dataset has no rows")  # (torch's sampler said num_samples=0)
         self.engine = None
         self.harmful_dataloader = self.harmful_data_iter = None
         self._harmful_drawn = 0  # harmful micro-batches drawn: saved with each checkpoint, where a resume goes on

@@ -774,6 +774,14 @@ def test_batches_the_step_would_train_wrongly_are_refused(tmp_path, data):
             trainer.train()
 
 
+def test_an_empty_train_set_is_named(tmp_path, data):
+    _, rows_h, pad = data
+    model, _ = make_model()
+    with pytest.raises(ValueError, match="BoosterTrainer: the train dataset has no rows"):
+        bf.BoosterTrainer(model=model, args=trainer_args(tmp_path), train_dataset=[], harmful_dataset=rows_h,
+                          data_collator=FixedLengthCollator(pad, MAX_LEN))
+
+
 def test_a_harmful_set_too_small_for_one_batch_is_named(tmp_path, data):
     """Fewer harmful rows than one batch with drop_last (or none at all): an error that names the harmful set,
     at init, instead of a bare StopIteration in the first step."""
