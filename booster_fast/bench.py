@@ -125,9 +125,9 @@ def impl_config(name: str, args):
 def check_knobs_followed(names: list[str], args) -> None:
     """UsageError for a fast-engine flag given (not auto) that no listed entry follows: the reference entries
     run the original step, and an entry that pins the flag ignores it."""
+    original = [n for n in names if n in ("reference", "sft")]
     for knob in KNOBS:
         value = getattr(args, knob, "auto")
-        original = [n for n in names if n in ("reference", "sft")]
         pinning = [n for n in names if knob in PINNED.get(n, {})]
         one_pass = [n for n in names if knob == "merge_passes" and n in ONE_PASS]
         if value == "auto" or set(names) - set(original + pinning + one_pass):  # an entry follows it

@@ -38,6 +38,7 @@ import torch
 
 from .atomic import fsync_dir, fsync_file, save_adapter, umask, write_text_atomic
 from .cli import UsageError
+from .config import is_integer
 from .errors import described
 
 log = logging.getLogger("booster_fast")
@@ -231,7 +232,7 @@ def _load_failure(e: Exception) -> str:
 
 
 def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_integer(value) and value >= 0
 
 
 def _trainer_state_fault(state, streams: dict) -> str | None:

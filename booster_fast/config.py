@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, fields
 
 IMPLS = ("reference", "fast")
 GRAPH_MODES = ("auto", "on", "off")
-NUMBERS = ("lamb", "alpha", "lr", "weight_decay", "adam_eps", "max_grad_norm", "perturb_eps", "rho")
+# the number fields, each with its range: True > 0 (0 means nothing sensible: perturb_eps 0 would give 0/0 for a
+# zero ∇h), False >= 0, None checked on its own (max_grad_norm, whose 0 disables clipping)
+NUMBERS = {"lamb": False, "alpha": True, "lr": True, "weight_decay": False, "adam_eps": False, "max_grad_norm": None,
+           "perturb_eps": True, "rho": True}
 # read once, when an engine is built (the optimizer's hyperparameters live in its param_groups from then on); the
 # others are read at every step (fast.STEP_KNOBS)
 BUILD_FIELDS = ("impl", "graphs", "merge_passes", "packing", "fused_ops", "perturb_aware", "lr", "weight_decay",
@@ -120,11 +123,9 @@ class BoosterConfig:
         if self.alpha == 0:
             raise ValueError("alpha must be > 0: at alpha 0 the perturbed point is w itself and the update is plain "
                              "fine-tuning (method sft)")
-        # finite numbers, > 0 where 0 means nothing sensible (perturb_eps 0: a zero ∇h would give 0/0), else >= 0
-        for name, positive in (("lamb", False), ("alpha", True), ("perturb_eps", True), ("adam_eps", False),
-                               ("rho", True), ("lr", True), ("weight_decay", False)):
+        for name, positive in NUMBERS.items():  # finite, in its range
             value = getattr(self, name)
-            if not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
+            if positive is not None and not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
         for flag in ("meta_term", "perturb_aware", "skip_nonfinite"):
             if not isinstance(getattr(self, flag), bool):  # a string such as "False" would read as on
