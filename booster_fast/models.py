@@ -50,8 +50,8 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
     dtype (a torch dtype, or a name of DTYPES) defaults to float32 for `tiny` and bfloat16 for everything else:
     a pretrained checkpoint is loaded in bf16 whatever it was saved in, as the original trains it; fp32 is for
     exact comparisons. `config_overrides` change preset fields (e.g. `num_hidden_layers=8`; a name that is no
-    LlamaConfig field is refused; pretrained models ignore them). With quant="nf4" the compute dtype is bf16
-    whatever `dtype` says.
+    LlamaConfig field is refused, and so is any override of a pretrained model, whose shape is its checkpoint's).
+    With quant="nf4" the compute dtype is bf16 whatever `dtype` says.
     """
     if quant not in QUANTS:
         raise ModelError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
@@ -76,6 +76,10 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
         if quant == "nf4" and not layer_by_layer:
             quantize_nf4_(model)
         return model, tok
+    if config_overrides:  # they would go unused: from_pretrained builds the checkpoint's own config
+        first = next(iter(config_overrides))
+        raise ModelError(f"load_model({name!r}): {first}={config_overrides[first]!r}: config overrides change a "
+                         f"built-in preset ({', '.join(PRESETS)}); a pretrained model keeps its checkpoint's config")
     return _load_pretrained(name, quant, dtype or torch.bfloat16, device, trust_remote_code)
 
 

@@ -219,6 +219,13 @@ def test_a_pretrained_models_seed_and_dtype_are_checked_before_the_load(kwargs):
         load_model("no/such-model-xyz", device="cpu", **kwargs)
 
 
+def test_a_pretrained_model_refuses_config_overrides_before_the_load():
+    """from_pretrained builds the checkpoint's own config: an override would go unused without a word."""
+    with pytest.raises(ModelError, match=r"^load_model\('no/such-model-xyz'\): num_hidden_layers=2: config "
+                                         r"overrides change a built-in preset \(tiny, "):
+        load_model("no/such-model-xyz", device="cpu", num_hidden_layers=2)
+
+
 def test_load_model_takes_numpy_integers_and_grouped_kv_heads():
     a = load_model("tiny", device="cpu", seed=np.int64(3), num_hidden_layers=np.int64(1), num_key_value_heads=2)[0]
     b = load_model("tiny", device="cpu", seed=3, num_hidden_layers=1, num_key_value_heads=2)[0]
