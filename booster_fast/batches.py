@@ -55,15 +55,17 @@ def to_device(batch: dict, device, drop_mask: bool = False, pack: bool = False, 
             if torch.is_tensor(v) else v for k, v in batch.items() if k in KEYS}
 
 
-def check_batch(batch, what: str, device: torch.device | None, vocab: tuple[int, int] | None = None) -> None:
+def check_batch(batch, what: str, device: torch.device | None, vocab: tuple[int, int] | None = None,
+                any_int: bool = False) -> None:
     """ValueError (one line) for a batch a step cannot run: no input_ids or labels, no rows or no columns, labels
     of another shape, float or int32 ids and labels, another device than the model's (device None: any). Shapes,
     dtypes and devices only: nothing is read from the device. With `vocab` (sizes of the model's input embedding
     and LM head; Booster.to_device, before the batch moves), also the token ids of a CPU batch, which would fail
-    deep inside the model. A packed batch (Booster.to_device made it) is taken as it is."""
+    deep inside the model. A packed batch (Booster.to_device made it) is taken as it is. any_int: ids and labels
+    of any integer dtype (the HF Trainer's batches, which the model's embedding and loss take as they are)."""
     if isinstance(batch, (list, tuple)):  # micro-batches (packed, under gradient accumulation)
         for i, b in enumerate(batch):
-            check_batch(b, f"{what}[{i}]", device, vocab)
+            check_batch(b, f"{what}[{i}]", device, vocab, any_int)
         return
     if not isinstance(batch, dict):
         raise ValueError(f"{what}: a dict of tensors (input_ids, labels, attention_mask) expected, got "
@@ -78,12 +80,16 @@ def check_batch(batch, what: str, device: torch.device | None, vocab: tuple[int,
     if ids.dim() != 2 or 0 in ids.shape:
         raise ValueError(f"{what}: input_ids of shape {tuple(ids.shape)}; [rows >= 1, length >= 1] expected")
     for key in ("labels", "attention_mask"):
+        # labels cut to the response (a seq2seq collator's) would score the first positions against the answer
         if torch.is_tensor(batch.get(key)) and batch[key].shape != ids.shape:
             raise ValueError(f"{what}: {key} of shape {tuple(batch[key].shape)}, input_ids {tuple(ids.shape)}: one "
-                             "per token expected")
+                             "per token expected (labels -100 on the prompt and padding, as a causal LM's collator "
+                             "makes them)")
     for key in ("input_ids", "labels"):
-        if batch[key].dtype != torch.long:
-            raise ValueError(f"{what}: {key} are {batch[key].dtype}, token ids are torch.long (int64)")
+        dtype = batch[key].dtype
+        if (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool) if any_int else dtype != torch.long:
+            raise ValueError(f"{what}: {key} are {dtype}, token ids are "
+                             + ("integers" if any_int else "torch.long (int64)"))
     if device is not None and ids.device != torch.device(device):
         raise ValueError(f"{what} is on {ids.device}, the model on {device}: move it there "
                          "(Booster.to_device(batch, device) also prepares it as this engine runs best)")

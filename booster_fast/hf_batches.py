@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .batches import labelled_pads, left_padded, to_device, without_mask
+from .batches import check_batch, labelled_pads, left_padded, to_device, without_mask
 from .config import is_integer
 
 MODEL_KEYS = ("input_ids", "labels", "attention_mask")
@@ -31,20 +31,9 @@ def model_batch(inputs, which: str = "training") -> dict:
     if inputs.get("labels") is None or inputs.get("input_ids") is None:  # a collator may set labels to None
         raise ValueError(f"BoosterTrainer: the {which} batches need input_ids and labels (label -100 on prompt and "
                          f"padding); they have {', '.join(sorted(inputs))}")
-    ids = inputs["input_ids"]
-    # shapes and dtypes only (nothing read from the device): labels cut to the response (a seq2seq collator's)
-    # would score the first positions against the answer in the reference engine, without an error
-    for key in ("input_ids", "labels", "attention_mask"):
-        value = inputs.get(key)
-        if value is None:
-            continue
-        if value.dim() != 2 or value.shape != ids.shape:
-            raise ValueError(f"BoosterTrainer: the {which} batches' {key} have shape {tuple(value.shape)}; a "
-                             f"[rows, length] tensor like input_ids {tuple(ids.shape)} expected, a label per token "
-                             "(-100 on the prompt and padding), as a causal LM's collator makes them")
-        if key != "attention_mask" and (value.dtype.is_floating_point or value.dtype == torch.bool):
-            raise ValueError(f"BoosterTrainer: the {which} batches' {key} are {value.dtype}; token ids are integers")
-    return {k: inputs[k] for k in MODEL_KEYS if k in inputs}
+    batch = {k: inputs[k] for k in MODEL_KEYS if inputs.get(k) is not None}
+    check_batch(batch, f"BoosterTrainer: the {which} batches", None, any_int=True)  # shapes and dtypes: no read
+    return batch
 
 
 def packed_if_exact(groups, device, window):

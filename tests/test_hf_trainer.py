@@ -764,9 +764,9 @@ def test_batches_the_step_would_train_wrongly_are_refused(tmp_path, data):
     for collator, message in ((with_restarting_positions, "position_ids"),
                               (without_labels, "need input_ids and labels"),
                               (labels_none, "need input_ids and labels"),
-                              (response_labels, r"labels have shape \(4, 3\); a \[rows, length\] tensor like input_ids"),
-                              (float_labels, "labels are torch.float32; token ids are integers"),
-                              (rows_of_one, r"input_ids have shape \(4, 1, 64\)")):
+                              (response_labels, r"labels of shape \(4, 3\), input_ids \(4, 64\): one per token expected"),
+                              (float_labels, "labels are torch.float32, token ids are integers"),
+                              (rows_of_one, r"input_ids of shape \(4, 1, 64\); \[rows >= 1, length >= 1\] expected")):
         model, _ = make_model()
         trainer = bf.BoosterTrainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=rows_a,
                                     harmful_dataset=rows_h, data_collator=collator)
