@@ -63,6 +63,9 @@ EVAL_ROWS = 1000        # AGNEWS / GSM8K test: the first 1000 rows, as in the pa
 # row 0. Ours is every row that condition can reach below the alignment rows, [1, 5000); the attack draws its
 # floor(p * samples) rows from it with its seed, so they are the original's kind of rows, not its exact ones.
 BEAVERTAILS_REPO = "anonymous4486/booster_dataset"
+# the data sets named by a word that the hub holds: align's --data, attack's --benign, eval's --task
+HUB_DATA_SETS = {"beavertails": BEAVERTAILS_REPO, "sst2": "stanfordnlp/sst2", "agnews": "fancyzhx/ag_news",
+                 "gsm8k": "openai/gsm8k"}
 BEAVERTAILS_MIRROR = "anonymous4486/repnoise_beavertail"
 BEAVERTAILS_ROWS = {"train": (5000, 10000), "test": (10000, 10500), "attack": (1, 5000)}
 SPLITS = ("train", "test")
@@ -394,16 +397,16 @@ def load_benign(task: str, split: str = "train") -> list[Example]:
     if task == "builtin":
         return _examples(builtin_corpus()[f"benign_{split}"])
     if task == "sst2":
-        ds = load_hub("stanfordnlp/sst2", None, "train" if split == "train" else "validation")
+        ds = load_hub(HUB_DATA_SETS["sst2"], None, "train" if split == "train" else "validation")
         return [Example(SST2_INSTRUCTION, r["sentence"].strip(), "positive" if r["label"] == 1 else "negative")
                 for r in ds]
     if task == "agnews":
-        ds = load_hub("fancyzhx/ag_news", None, split)
+        ds = load_hub(HUB_DATA_SETS["agnews"], None, split)
         if split == "test":
             ds = ds.select(range(min(EVAL_ROWS, len(ds))))
         return [Example(AGNEWS_INSTRUCTION, r["text"], AGNEWS_LABELS[r["label"]]) for r in ds]
     if task == "gsm8k":
-        ds = load_hub("openai/gsm8k", "main", split)
+        ds = load_hub(HUB_DATA_SETS["gsm8k"], "main", split)
         if split == "test":
             ds = ds.select(range(min(EVAL_ROWS, len(ds))))
         return [Example(r["question"], "", _gsm8k_answer(r["answer"])) for r in ds]

@@ -41,8 +41,9 @@ keeps each stage whose record matches and whose output is whole, as long as ever
 (align -> eval -> attack -> eval) was kept too, and runs the rest; an alignment it started that stopped after a
 checkpoint (`align.save_every`: an epoch on the paper presets; Ctrl-C saves one) goes on with `align --resume`,
 whose own check first confirms the run has this command line's settings and data (an alignment that starts afresh
-does so in an emptied directory, so what is there later is its own). Not checked: models and data sets from the
-hub's cache. --rerun runs every stage again.
+does so in an emptied directory, so what is there later is its own). Models and data sets from the Hugging Face
+hub count by the commit the cache holds of each (`hub_repos` says which stage reads which): one downloaded again
+at a newer commit runs the stages that read it, and those after them. --rerun runs every stage again.
 
 Before any training, a preflight resolves what the preset needs: the base model and judge (config files only),
 and every data set the stages will load, through the stages' own loaders (built-in data is generated, nothing
@@ -275,6 +276,25 @@ def eval_argv(p: dict, adapter: Path, out: Path, device) -> list[str]:
     return argv + (["--device", device] if device else [])
 
 
+def hub_repos(p: dict, command: str) -> tuple[tuple[str, str], ...]:
+    """The (kind, repo) pairs a stage reads from the Hugging Face hub beyond what the stages before it in its chain
+    read: align the base model and its data; attack the benign task (its harmful rows are align's data set); eval
+    the task's test split, the judge and the harmful prompts."""
+    from .data import HUB_DATA_SETS
+    from .evaluate import BEAVER_DAM, BEAVERTAILS_EVAL
+    from .models import PRESETS as MODEL_PRESETS
+
+    task = (("dataset", HUB_DATA_SETS[p["benign"]]),) if p["benign"] in HUB_DATA_SETS else ()
+    if command == "align":
+        model = p["model"] not in MODEL_PRESETS and not os.path.exists(os.path.expanduser(p["model"]))
+        return ((("model", p["model"]),) if model else ()) + (
+            (("dataset", HUB_DATA_SETS[p["data"]]),) if p["data"] in HUB_DATA_SETS else ())
+    if command == "attack":
+        return task
+    return task + ((("model", BEAVER_DAM),) if p["judge"] == "beaver-dam" else ()) + (
+        (("dataset", BEAVERTAILS_EVAL[0]),) if p["data"] == "beavertails" else ())
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -382,10 +402,13 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
             aligned, attacked = d / f"align-{method}", d / f"attack-{method}"
             eval_aligned, eval_attacked = d / f"eval-align-{method}.json", d / f"eval-attack-{method}.json"
             chain = Chain(args.rerun)
-            chain.stage("align", align_argv(p, method, seed, aligned, args.device), aligned)
-            chain.stage("eval_before", eval_argv(p, aligned, eval_aligned, args.device), eval_aligned)
-            chain.stage("attack", attack_argv(p, aligned, seed, attacked, args.device), attacked)
-            chain.stage("eval_after", eval_argv(p, attacked, eval_attacked, args.device), eval_attacked)
+            chain.stage("align", align_argv(p, method, seed, aligned, args.device), aligned, hub_repos(p, "align"))
+            chain.stage("eval_before", eval_argv(p, aligned, eval_aligned, args.device), eval_aligned,
+                        hub_repos(p, "eval"))
+            chain.stage("attack", attack_argv(p, aligned, seed, attacked, args.device), attacked,
+                        hub_repos(p, "attack"))
+            chain.stage("eval_after", eval_argv(p, attacked, eval_attacked, args.device), eval_attacked,
+                        hub_repos(p, "eval"))
             align_metrics = _read_jsonl(aligned / "metrics.jsonl")
             before = json.loads(eval_aligned.read_text())
             after = json.loads(eval_attacked.read_text())

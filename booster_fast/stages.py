@@ -49,15 +49,19 @@ class Chain:
     def __init__(self, rerun: bool):
         self.keeping, self.kept, self.resumed, self.seconds = not rerun, [], [], {}
 
-    def stage(self, name: str, argv: list[str], out: Path):
+    def stage(self, name: str, argv: list[str], out: Path, hub: tuple[tuple[str, str], ...] = ()):
         """Run one stage (`run_stage`), or keep `out` where the record beside it says it was made by this command
-        line (--device aside), from inputs of the same content, by this code, and finished; an alignment that
+        line (--device aside), from inputs of the same content (`hub`: the (kind, repo) pairs it reads from the
+        Hugging Face cache, by their cached revision), by this code, and finished; an alignment that
         this command line started and that stopped after a checkpoint goes on with align --resume, once align's own
         check finds the run's settings and data are this command line's."""
         from .atomic import write_json_atomic
 
         record = out.parent / f".{out.name}.stage.json"
-        want = {"argv": without_device(argv), "inputs": input_digests(argv, out), "code": code_digest()}
+        def inputs():
+            return input_digests(argv, out) | hub_revisions(hub)
+
+        want = {"argv": without_device(argv), "inputs": inputs(), "code": code_digest()}
         try:
             done = json.loads(record.read_text())
         except (OSError, ValueError):
@@ -93,7 +97,8 @@ class Chain:
         t0 = time.perf_counter()
         run_stage(run_argv)
         self.seconds[name] = round(time.perf_counter() - t0, 1)  # (a resumed alignment: since it went on)
-        write_json_atomic(record, {**want, "finished": True, "seconds": self.seconds[name]})
+        # the inputs again: a first run may have downloaded what it read from the hub
+        write_json_atomic(record, {**want, "inputs": inputs(), "finished": True, "seconds": self.seconds[name]})
 
 
 def without_device(argv: list[str]) -> list[str]:
@@ -142,6 +147,23 @@ def input_digests(argv: list[str], out: Path) -> dict[str, str]:
              if Path(value).is_file() and Path(value).absolute() != out.absolute()}
     model = argv[argv.index("--model") + 1] if "--model" in argv else None
     return files | ({model: listing_digest(Path(model))} if model and Path(model).is_dir() else {})
+
+
+def hub_revisions(repos) -> dict[str, str]:
+    """{"<kind>s/<repo>": "hub:<commit>"} of each (kind, repo) pair ("model" or "dataset") whose main revision the
+    Hugging Face cache holds, read from the cache's refs/main file (nothing downloaded, nothing hashed): a repo
+    downloaded again at a newer commit makes the stage run again. One not in the cache is left out (the stage
+    fetches it, or says it cannot)."""
+    from huggingface_hub import constants
+
+    out = {}
+    for kind, repo in repos:
+        ref = Path(constants.HF_HUB_CACHE) / f"{kind}s--{repo.replace('/', '--')}" / "refs" / "main"
+        try:
+            out[f"{kind}s/{repo}"] = "hub:" + ref.read_text().strip()
+        except OSError:
+            pass
+    return out
 
 
 def listing_digest(folder: Path) -> str:

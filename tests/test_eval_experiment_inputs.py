@@ -883,3 +883,59 @@ def test_an_interrupted_alignment_is_continued_only_with_its_own_settings(tmp_pa
     data.write_text(data.read_text() + data.read_text())
     why = align_run_differs(argv, run, finished=True)
     assert why and "changed since the run started" in why, why
+
+
+def test_hub_models_and_data_sets_count_by_their_cached_revision(tmp_path, monkeypatch):
+    """A stage reading a model or data set from the Hugging Face cache records the commit the cache holds of it
+    (its refs/main): the same commit keeps the stage, a newer one (downloaded again) runs it again, and a repo
+    the cache does not hold yet is recorded as it is after the stage downloaded it."""
+    from huggingface_hub import constants
+
+    from booster_fast.experiment import PRESETS, hub_repos
+    from booster_fast.stages import Chain
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    def cache_holds(kind: str, repo: str, commit: str):
+        ref = cache / f"{kind}s--{repo.replace('/', '--')}" / "refs" / "main"
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit + "\n")
+
+    paper = PRESETS["paper-sst2"]
+    assert hub_repos(paper, "align") == (("model", "meta-llama/Llama-2-7b-hf"),
+                                         ("dataset", "anonymous4486/booster_dataset"))
+    assert hub_repos(paper, "attack") == (("dataset", "stanfordnlp/sst2"),)
+    assert hub_repos(paper, "eval") == (("dataset", "stanfordnlp/sst2"), ("model", "PKU-Alignment/beaver-dam-7b"),
+                                        ("dataset", "PKU-Alignment/BeaverTails"))
+    assert all(hub_repos(PRESETS["tiny"], c) == () for c in ("align", "attack", "eval"))
+    local = tmp_path / "llama"
+    local.mkdir()
+    assert hub_repos({**paper, "model": str(local)}, "align") == (("dataset", "anonymous4486/booster_dataset"),)
+
+    calls = []
+
+    def fake_stage(argv):  # the stage downloads the model the first time it runs
+        calls.append(argv)
+        cache_holds("model", "org/base", "a" * 40)
+        out.mkdir(exist_ok=True)
+        (out / "metrics.jsonl").write_text("{}\n")
+
+    monkeypatch.setattr("booster_fast.stages.run_stage", fake_stage)
+    out = tmp_path / "align-sft"
+    argv = ["align", "--model", "org/base", "--data", "sst2", "--output", str(out)]
+    hub = (("model", "org/base"), ("dataset", "stanfordnlp/sst2"))
+    cache_holds("dataset", "stanfordnlp/sst2", "1" * 40)
+
+    def runs() -> int:
+        before = len(calls)
+        Chain(rerun=False).stage("align", argv, out, hub)
+        return len(calls) - before
+
+    assert runs() == 1
+    record = json.loads((tmp_path / ".align-sft.stage.json").read_text())
+    assert record["inputs"] == {"models/org/base": "hub:" + "a" * 40, "datasets/stanfordnlp/sst2": "hub:" + "1" * 40}
+    assert runs() == 0
+    cache_holds("dataset", "stanfordnlp/sst2", "2" * 40)  # downloaded again at a newer commit
+    assert runs() == 1
+    assert runs() == 0
