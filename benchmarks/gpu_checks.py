@@ -66,6 +66,7 @@ def cmd_bandwidth(args):
     res = measure_bandwidth(n=args.numel)
     ratios = {op: res[f"{op}_GBps"] / res["copy_GBps"] for op in ("sumsq", "normalize_perturb_", "restore_combine_")}
     doc = {"machine": machine(), "numel": args.numel, "results": res, "fraction_of_copy": ratios, "target": 0.70}
+    write(args.out, "kernel_bandwidth.json", doc)  # now, and again below: a part cut short keeps these numbers
     try:  # the model's fused ops (RMSNorm, SwiGLU, RoPE), forward and backward, against the eager formulas
         doc["model_kernels"] = measure_model_kernels()
     except Exception as e:  # recorded in the file and printed: the flat-buffer numbers above still count

@@ -2,6 +2,7 @@
 # The GPU suite: ONE prepared script for a lent GPU machine (H200 class), at most ~6 minutes (a deadline).
 #   bash benchmarks/gpu_suite.sh                  # every part, within 345 s
 #   bash benchmarks/gpu_suite.sh bench_7b_bf16    # only the named parts (a rerun after a fix), within 540 s
+#   SUITE_DEADLINE=300 bash benchmarks/gpu_suite.sh ...  # another deadline: keep it 30 s under the machine's limit
 #   bash benchmarks/gpu_suite.sh bench_70b_nf4_ckpt   # an opt-in part (OPT_IN below): runs only when named
 # Results: with $OUT set (a machine that hands back only a few files from it), everything goes into
 # $OUT/gpu_suite.tgz, repacked after each part and every 20 s, so that a suite stopped early (by the machine's
@@ -16,7 +17,8 @@ set -uo pipefail
 ONLY=" $* "
 OPT_IN=" bench_70b_nf4_ckpt "  # parts beyond the 6-minute budget of a full run
 cd "$(dirname "$0")/.."
-PARTS=" $(sed -n 's/^\(bench_\)\{0,1\}part \([a-z0-9_]*\) .*/\2/p' benchmarks/gpu_suite.sh | tr '\n' ' ')"
+PARTS=" $(sed -n 's/^\(NEED_PERCENT=[0-9]* \)\{0,1\}\(bench_\)\{0,1\}part \([a-z0-9_]*\) .*/\3/p' benchmarks/gpu_suite.sh \
+  | tr '\n' ' ')"
 for name in "$@"; do  # a typo must not cost a borrowed machine's start-up for nothing
   [[ "$PARTS" == *" $name "* ]] || { echo "gpu_suite.sh: no part named '$name'; parts:$PARTS" >&2; exit 2; }
 done
@@ -46,22 +48,56 @@ pack_now() {
   cp "$LOG" "$tmp" && mv "$tmp" "$DEST/gpu_suite.log"
 }
 
+# what each part writes comes back even if the machine's limit cuts a part short: packed every 20 s too, from
+# before the install on (a setup step that hangs still leaves its log). On SIGTERM (the machine's limit) the part
+# running is stopped and the results packed once more before the suite exits
+packer() {
+  local i=0
+  while [[ ! -e "$RES/.stop_packing" ]]; do
+    sleep 1
+    (( ++i % ${PACK_EVERY:-20} )) || pack
+  done
+}
+stop_packer() {  # before the last pack; also on any exit of this shell (a signal), so that none outlives it
+  [[ -n "${PACKER:-}" ]] || return 0
+  touch "$RES/.stop_packing"; wait "$PACKER"; rm -f "$RES/.stop_packing"
+  PACKER=""
+}
+PACKER="" CHILD=""
+on_exit() { stop_packer; pack; }
+on_term() {
+  [[ -n "$CHILD" ]] && kill -TERM "$CHILD" 2> /dev/null  # `timeout` passes it on to the part
+  echo "== stopped by a signal after ${SECONDS}s" | tee -a "$LOG"; exit 143
+}
+[[ -n "$DEST" ]] && { packer & PACKER=$!; trap on_exit EXIT; }
+trap on_term TERM INT
+
 # -- install: the carried wheels, then the project itself (no dependencies: the machine has them) ----------------
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+# (no network there: pip never looks at an index, nor for its own newer version; each step has a time limit)
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+  TOKENIZERS_PARALLELISM=false
+SITE=${SUITE_SITE:-/tmp/site} WHEELS=${SUITE_WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl \
     || { echo "pip could not install the wheels: unpacking them" | tee -a "$LOG"
-         for w in .whl/*.whl; do python3 -m zipfile -e "$w" /tmp/site; done; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+         for w in "$WHEELS"/*.whl; do python3 -m zipfile -e "$w" "$SITE"; done; }
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  # peft imports bitsandbytes whenever it finds one: one that fails to import would fail the bf16 parts too, so
+  # it goes (and only the NF4 parts fail, on their own)
+  if ! bnb=$(timeout 120 python3 -c "import bitsandbytes" 2>&1); then
+    echo "bitsandbytes does not import (removed; the NF4 parts will fail): $(tail -n 1 <<< "$bnb")" | tee -a "$LOG"
+    rm -rf "$SITE"/bitsandbytes "$SITE"/bitsandbytes-*
+  fi
 elif ! python3 -c "import bitsandbytes" 2>/dev/null; then
   echo "no bitsandbytes here and no wheel in .whl/: the NF4 parts (and the NF4 tests) will fail" | tee -a "$LOG"
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+timeout 120 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || { echo "project install failed: importing it from the checkout" | tee -a "$LOG"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; }
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 # the stack: every part needs it, so a failure here ends the suite (its time is better spent on a rerun)
 # (bitsandbytes is not part of it: only the NF4 parts need it, and they fail on their own without it)
-if ! stack=$(python3 - 2>&1 <<'PY'
+if ! stack=$(timeout 120 python3 - 2>&1 <<'PY'
 import torch, triton, transformers, accelerate, peft, booster_fast
 try:
     import bitsandbytes
@@ -79,8 +115,21 @@ tail -n 3 <<< "$stack" | tee -a "$LOG"
 # preflight: one Triton kernel launched for real (Triton builds a small C launcher at its first launch: it needs a
 # C compiler and Python's headers). Where it cannot, the fast engine runs its torch paths without fused model ops,
 # and every bench document says so (machine.triton_unusable)
-python3 -c "import torch; from booster_fast.kernels import triton_unusable; \
+timeout 120 python3 -c "import torch; from booster_fast.kernels import triton_unusable; \
 print('preflight: Triton', triton_unusable(torch.device('cuda')) or 'launches')" 2>&1 | tail -n 3 | tee -a "$LOG"
+# and one NF4 round trip on the GPU: bitsandbytes may import with its CUDA library missing (it warns, then fails at
+# the first 4-bit call), which this line states before the NF4 parts meet it
+timeout 120 python3 - 2>&1 <<'PY' | tail -n 3 | tee -a "$LOG"
+import torch
+try:
+    import bitsandbytes.functional as F
+    w = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
+    q, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    err = ((F.dequantize_4bit(q, state) - w).float().norm() / w.float().norm()).item()
+    print(f"preflight: bitsandbytes NF4 on the GPU: relative error {err:.3f}" + ("" if err < 0.2 else " (too large)"))
+except Exception as e:  # noqa: BLE001
+    print(f"preflight: bitsandbytes NF4 on the GPU fails ({type(e).__name__}: {e}); the NF4 parts will fail")
+PY
 
 # the whole suite's deadline (seconds from its start): a part gets at most what is left, and none starts with
 # under half its limit (or 20 s) left, a bench part with under 80 % (it writes nothing before its timing ends),
@@ -88,21 +137,6 @@ print('preflight: Triton', triton_unusable(torch.device('cuda')) or 'launches')"
 # only to be cut off before it writes anything. Named parts get a longer deadline (the 70B part alone has a
 # 420 s limit): give the machine's call a limit at least 30 s above it
 if [[ "$ONLY" == "  " ]]; then DEADLINE=${SUITE_DEADLINE:-345}; else DEADLINE=${SUITE_DEADLINE:-540}; fi
-# and what each part writes comes back even if the machine's limit cuts a part short: packed every 20 s too
-packer() {
-  local i=0
-  while [[ ! -e "$RES/.stop_packing" ]]; do
-    sleep 1
-    (( ++i % ${PACK_EVERY:-20} )) || pack
-  done
-}
-stop_packer() {  # before the last pack; also on any exit of this shell (a signal), so that none outlives it
-  [[ -n "${PACKER:-}" ]] || return 0
-  touch "$RES/.stop_packing"; wait "$PACKER"; rm -f "$RES/.stop_packing"
-  PACKER=""
-}
-PACKER=""
-[[ -n "$DEST" ]] && { packer & PACKER=$!; trap stop_packer EXIT; }
 wanted() { [[ ( "$ONLY" == "  " && "$OPT_IN" != *" $1 "* ) || "$ONLY" == *" $1 "* ]]; }
 part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its tail, never abort the suite
   wanted "$1" && run_part "$@"
@@ -115,8 +149,11 @@ run_part() {  # returns the part's exit code (0 when skipped for time)
   fi
   (( left < limit )) && limit=$left
   echo "== $name (limit ${limit}s)" | tee -a "$LOG"
-  timeout -k 10 "$limit" "$@" > "$RES/gpu_logs/$name.out" 2>&1
+  timeout -k 10 "$limit" "$@" > "$RES/gpu_logs/$name.out" 2>&1 &
+  CHILD=$!
+  wait "$CHILD"
   local rc=$?
+  CHILD=""
   tail -n 5 "$RES/gpu_logs/$name.out" >> "$LOG"
   echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
   pack
@@ -145,35 +182,36 @@ bench_part() {  # bench_part NAME SECONDS BENCH-ARGS...: a part running the benc
 }
 
 # the parts in the order of what the issue's targets need most, so that a suite cut short by its deadline still
-# has the headline numbers: (3)+(4) the step benchmark with peak memory, reference / fast eager / fast graphs
-# (/ sft and fast-sft at 1B); fast entries pack their batches and fuse RMSNorm/SwiGLU/RoPE (the defaults):
-# fast-padded shows what packing buys, fast-unfused what the fused model ops buy. Timed steps are a multiple of
-# the entries, so that every entry goes first equally often in the rotating order
-bench_part bench_7b_bf16 95 --model llama-7b-shape --quant none \
-  --impls reference,fast,fast-graphs,fast-padded,fast-unfused \
-  --steps 5 --warmup 2 --output "$RES/gpu_llama-7b-shape_bf16.json"
+# has the headline numbers: (3)+(4) the step benchmark with peak memory, reference / fast eager / fast graphs, at
+# 7B in bf16, in NF4 with and without checkpointing, then at 1B (where fast-padded shows what packing buys,
+# fast-unfused what the fused model ops buy, sft / fast-sft what Booster costs over plain SFT). Fast entries pack
+# their batches and fuse RMSNorm/SwiGLU/RoPE (the defaults). Timed steps are a multiple of the entries, so that
+# every entry goes first equally often in the rotating order
+bench_part bench_7b_bf16 70 --model llama-7b-shape --quant none --impls reference,fast,fast-graphs \
+  --steps 6 --warmup 2 --output "$RES/gpu_llama-7b-shape_bf16.json"
 bench_part bench_7b_nf4_ckpt 70 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --gradient-checkpointing --output "$RES/gpu_llama-7b-shape_nf4_ckpt.json"
+bench_part bench_7b_nf4 50 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
+  --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
 bench_part bench_1b_bf16 60 --model llama-1b-shape --quant none \
   --impls reference,fast,fast-graphs,fast-padded,fast-unfused,sft,fast-sft \
   --steps 7 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
+bench_part bench_1b_nf4 40 --model llama-1b-shape --quant nf4 --impls reference,fast,fast-graphs \
+  --steps 6 --warmup 2 --output "$RES/gpu_llama-1b-shape_nf4.json"
 # (1) each kernel's GB/s against a d2d copy (the model ops too), each checked against its torch formula
 part kernel_bandwidth 45 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
 # (2) graph vs eager on tiny and llama-1b-shape: 5 padded steps; packed, a second length warming up after the
 # first capture, beside the graphs' pool and (POOL_WARMUP) inside it
 part graph_equivalence 70 python3 benchmarks/gpu_checks.py equivalence --out "$RES"
-# (5) where the time goes on llama-7b-shape: reference vs fast+graphs
-part profile_7b 65 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$RES"
 # (1) the GPU-marked tests (kernels compiled for real; a module that fails to import costs its own tests only;
-# -v: a line per test as it ends, so that a part cut short by its limit still says what passed)
-part gpu_tests 120 python3 -m pytest -v -rfE -p no:cacheprovider --continue-on-collection-errors -m gpu \
+# -v: a line per test as it ends, so that a part cut short by its limit still says what passed: it starts with a
+# quarter of its limit left)
+NEED_PERCENT=25 part gpu_tests 120 python3 -m pytest -v -rfE -p no:cacheprovider --continue-on-collection-errors -m gpu \
   tests/test_kernels.py tests/test_fast.py tests/test_graphs.py tests/test_packing.py tests/test_fused_ops.py \
   tests/test_perturb_aware.py tests/test_option_combinations.py
-bench_part bench_7b_nf4 50 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
-  --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
+# (5) where the time goes on llama-7b-shape: reference vs fast+graphs
+part profile_7b 65 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$RES"
 # opt-in: Llama-2-70B's shape in NF4 with checkpointing on this one GPU, the entries sharing one 34 GB packed base
 bench_part bench_70b_nf4_ckpt 420 --model llama-70b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 1 --gradient-checkpointing --output "$RES/gpu_llama-70b-shape_nf4_ckpt.json"
 echo "suite done in ${SECONDS}s" | tee -a "$LOG"
-stop_packer
-pack

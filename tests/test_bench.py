@@ -383,8 +383,8 @@ def test_gpu_suite_parses_and_the_readme_names_its_parts():
         proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / name)], capture_output=True, text=True)
         assert proc.returncode == 0, (name, proc.stderr)
     text = script.read_text()
-    parts = re.findall(r"^(?:bench_)?part (\w+) \d+ ", text, flags=re.M)
-    assert len(parts) == 9 and len(set(parts)) == 9, parts
+    parts = re.findall(r"^(?:NEED_PERCENT=\d+ )?(?:bench_)?part (\w+) \d+ ", text, flags=re.M)
+    assert len(parts) == 10 and len(set(parts)) == 10, parts
     opt_in = re.search(r'^OPT_IN=" (.*) "', text, flags=re.M).group(1).split()
     assert opt_in == ["bench_70b_nf4_ckpt"]
     readme_row = next(line for line in (ROOT / "README.md").read_text().splitlines() if "gpu_suite.sh [PART" in line)
@@ -398,7 +398,8 @@ def test_gpu_suite_runs_every_file_with_gpu_tests():
     import re
 
     text = (ROOT / "benchmarks" / "gpu_suite.sh").read_text()
-    part = re.search(r"^part gpu_tests \d+ python3 -m pytest (.*?)\n(?!\s)", text, flags=re.M | re.S).group(1)
+    part = re.search(r"^(?:NEED_PERCENT=\d+ )?part gpu_tests \d+ python3 -m pytest (.*?)\n(?!\s)", text,
+                     flags=re.M | re.S).group(1)
     named = set(re.findall(r"tests/\w+\.py", part))
     marker = "@pytest.mark." + "gpu"  # spelled in two pieces, so that this file does not count itself
     marked = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if marker in p.read_text()}
@@ -706,7 +707,7 @@ def test_every_command_of_the_gpu_suite_parses(tmp_path, monkeypatch):
             kinds.append("pytest")
             files = [a for a in argv if a.startswith("tests/")]
             assert files and all((ROOT / f).is_file() for f in files), line
-    assert kinds.count("bench") == 5 and kinds.count("checks") == 3 and kinds.count("pytest") == 1, kinds
+    assert kinds.count("bench") == 6 and kinds.count("checks") == 3 and kinds.count("pytest") == 1, kinds
     assert [cmd for cmd, _ in seen] == ["cmd_bandwidth", "cmd_equivalence", "cmd_profile"]
 
 
@@ -756,6 +757,65 @@ def test_gpu_suite_packs_what_a_running_part_wrote(tmp_path):
             raise
     assert "./gpu_llama-1b-shape_bf16.json" in names, names
     assert proc.returncode == 0 and "suite done" in (out / "gpu_suite.log").read_text()
+
+
+def test_gpu_suite_stops_a_running_part_and_packs_on_sigterm(tmp_path):
+    """The machine's limit arrives as SIGTERM while a part runs: the suite stops that part (its process ends, not
+    left running on the GPU), packs what it wrote and exits 143 at once, not after the part's own limit."""
+    import signal
+    import subprocess
+    import tarfile
+    import time
+
+    pid_file = tmp_path / "bench.pid"
+    env, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\necho $$ > "$PID_FILE"\nwhile :; do sleep 0.2; done\n',
+                                  PID_FILE=str(pid_file), PACK_EVERY="1000")
+    proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pid_file.exists(), "the bench stand-in never started"
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 143
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    bench = int(pid_file.read_text())
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the part was stopped with the suite
+        os.kill(bench, 0)
+    with tarfile.open(out / "gpu_suite.tgz") as tar:
+        assert "./gpu_llama-1b-shape_bf16.json" in tar.getnames()
+    assert "== stopped by a signal after" in (out / "gpu_suite.log").read_text()
+
+
+def test_gpu_suite_removes_a_bitsandbytes_that_does_not_import(tmp_path):
+    """A carried bitsandbytes whose import fails would fail peft's import, and with it every part: the suite
+    removes it, says so in one line, and runs the parts (only the NF4 ones would fail)."""
+    import subprocess
+
+    wheels, site = tmp_path / "whl", tmp_path / "site"
+    wheels.mkdir()
+    (wheels / "bitsandbytes-0.50.2-py3-none-any.whl").write_bytes(b"")
+    env, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\n', SUITE_WHEELS=str(wheels), SUITE_SITE=str(site))
+    shim = tmp_path / "bin" / "python3"
+    shim.write_text(shim.read_text().replace("echo \"$*\" >> \"$SHIM_LOG\"\n", """echo "$*" >> "$SHIM_LOG"
+if [[ "$*" == "-m pip install"*"--target"* ]]; then mkdir -p "$SUITE_SITE/bitsandbytes" "$SUITE_SITE/bitsandbytes-0.50.2.dist-info" "$SUITE_SITE/peft"; exit 0; fi
+if [[ "$*" == "-c import bitsandbytes" ]]; then echo "RuntimeError: libcudart.so.13: cannot open" >&2; exit 1; fi
+""", 1))
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    log = (out / "gpu_suite.log").read_text()
+    assert ("bitsandbytes does not import (removed; the NF4 parts will fail): RuntimeError: libcudart.so.13: "
+            "cannot open") in log, log
+    assert sorted(p.name for p in site.iterdir()) == ["peft"]
+    assert "== bench_1b_bf16: rc=0" in log
 
 
 def test_gpu_suite_stops_when_the_stack_does_not_import(tmp_path):
