@@ -24,6 +24,7 @@ import types
 import torch
 import torch.nn as nn
 
+from .errors import described
 from .kernels.booster_kernels import triton_unusable
 from .kernels.model_kernels import available, gelu_tanh_mul, rms_norm, rope, silu_mul
 
@@ -83,28 +84,51 @@ def _rope_wrapper(original):
     return apply_rotary_pos_emb
 
 
-@torch.no_grad()
+def _relative(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    return (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)
+
+
+def _both_ways(run, inputs: list[torch.Tensor], seed: int = 1) -> torch.Tensor:
+    """The relative difference between run(False, *inputs) (the original) and run(True, *inputs) (fused), in the
+    outputs and in the inputs' gradients under one random output gradient: the backward kernels compile and run
+    here too, once when installing, and not first inside a step."""
+    results = []
+    for fused in (False, True):
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        with torch.enable_grad():
+            ys = run(fused, *xs)
+            g = torch.Generator(device=ys[0].device).manual_seed(seed)
+            dys = [torch.randn(y.shape, generator=g, device=y.device) for y in ys]
+            grads = torch.autograd.grad([y.float() for y in ys], xs, dys)
+        results.append([y.detach() for y in ys] + list(grads))
+    return torch.stack([_relative(got, want) for want, got in zip(*results)]).max()
+
+
 def _rope_difference(namespace, device, dtype) -> float:
     """Relative difference between the wrapped and the original rotary function of a transformers module, on
-    random queries in the attention's layout (a host read, once per module when installing)."""
+    random queries in the attention's layout, forward and backward (a host read, once per module when
+    installing)."""
     fused = namespace.__dict__[ROPE]
     original = fused._booster_original
     g = torch.Generator(device=device).manual_seed(0)
     q, k = (torch.randn(2, 5, 3, 8, generator=g, device=device).to(dtype).transpose(1, 2) for _ in range(2))
     angles = torch.rand(2, 5, 4, generator=g, device=device) * 6
     cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
-    want = torch.cat(original(q, k, cos, sin)).float()
-    with active():
-        got = torch.cat(fused(q, k, cos, sin)).float()
-    return float((got - want).norm() / want.norm())
+
+    def run(on, q, k):
+        if not on:
+            return original(q, k, cos, sin)
+        with active():
+            return fused(q, k, cos, sin)
+
+    return float(_both_ways(run, [q, k]))
 
 
 def _install_rope(model: nn.Module, tolerance: float) -> int:
     """Wrap apply_rotary_pos_emb in the transformers module of each Llama-style attention of `model`; returns
     how many attention modules it covers."""
     covered, refused = 0, set()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad),
-                 torch.bfloat16)
+    dtype = _hidden_dtype(model)
     for module in model.modules():
         if type(module).__name__ not in ATTENTIONS:
             continue
@@ -114,15 +138,30 @@ def _install_rope(model: nn.Module, tolerance: float) -> int:
             continue
         if not getattr(function, "_booster_fused", False):
             setattr(namespace, ROPE, _rope_wrapper(function))
-            err = _rope_difference(namespace, next(module.parameters()).device, dtype)
+            err = _checked(f"{namespace.__name__}.{ROPE}", _rope_difference, namespace,
+                           next(module.parameters()).device, dtype)
             if not err <= tolerance:
                 setattr(namespace, ROPE, function)
                 refused.add(namespace.__name__)
-                log.info("fused ops: %s.%s kept (the fused one differs by %.2g relative)", namespace.__name__, ROPE,
-                         err)
+                if err is not FAILED:
+                    log.info("fused ops: %s.%s kept (the fused one differs by %.2g relative)", namespace.__name__,
+                             ROPE, err)
                 continue
         covered += 1
     return covered
+
+
+FAILED = float("nan")  # the verdict on a kind whose fused kernels raised in the install check
+
+
+def _checked(what: str, difference, *args) -> float:
+    """difference(*args), or FAILED, with one log line, where the fused kernels raise (one that does not compile
+    or launch on this GPU): that kind keeps its own forward, instead of failing the first step."""
+    try:
+        return difference(*args)
+    except Exception as e:  # noqa: BLE001 - Triton's compile and launch errors share no base class
+        log.warning("fused ops: %s kept its own (the fused kernels fail: %s)", what, described(e, 200))
+        return FAILED
 
 
 def _kind(module: nn.Module):
@@ -139,34 +178,31 @@ def _kind(module: nn.Module):
     return None
 
 
-@torch.no_grad()
-def _fused_difference(module: nn.Module, fused, autocast) -> float:
-    """Relative difference between the fused and the class forward of `module` on random input (a host read,
-    once per class when installing), the worse of two scales: unit variance, and an RMS of 1e-3, where a norm's
-    epsilon (1e-6 to 1e-5) weighs as much as the variance and a kernel that placed it otherwise would show."""
+def _fused_difference(module: nn.Module, fused, autocast, hidden: torch.dtype) -> float:
+    """Relative difference between the fused and the class forward of `module` on random input, forward and
+    backward (a host read, once per class when installing), the worse of two scales: unit variance, and an RMS of
+    1e-3, where a norm's epsilon (1e-6 to 1e-5) weighs as much as the variance and a kernel that placed it
+    otherwise would show. `hidden`: the dtype of the hidden states an MLP receives."""
     device = next(module.parameters()).device
     if fused is not _mlp_forward:
         width, dtype = module.weight.shape[0], module.weight.dtype
     else:
-        width, dtype = module.gate_proj.in_features, _hidden_dtype(module)
+        width, dtype = module.gate_proj.in_features, _hidden_dtype(module, hidden)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(2, 5, width, generator=g, device=device)
-    worst = torch.zeros((), device=device)
-    for scale in (1.0, 1e-3):
-        xs = (x * scale).to(dtype)
-        with autocast():
-            want = type(module).forward(module, xs).float()
-            with active():
-                got = fused(module, xs).float()
-        worst = torch.maximum(worst, (got - want).norm() / want.norm().clamp_min(1e-30))
-    return float(worst)
+
+    def run(on, xs):
+        with autocast(), active(on):
+            return [fused(module, xs) if on else type(module).forward(module, xs)]
+
+    return float(max(_both_ways(run, [(x * scale).to(dtype)]) for scale in (1.0, 1e-3)))
 
 
-def _hidden_dtype(mlp: nn.Module) -> torch.dtype:
-    """The dtype of the hidden states an MLP receives: that of its frozen float weights (fp32 for the tiny
-    model, bf16 for the shape presets), bf16 when they are all 4-bit."""
-    return next((p.dtype for p in mlp.parameters() if p.is_floating_point() and not p.requires_grad),
-                torch.bfloat16)
+def _hidden_dtype(model: nn.Module, otherwise: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """The dtype of the hidden states in `model` (or in a module of it): that of its frozen float weights (norms,
+    embeddings: fp32 for the tiny model, in NF4 too; bf16 for the shape presets), `otherwise` when it has none
+    (an MLP of 4-bit weights: then the model's)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), otherwise)
 
 
 def install(model: nn.Module, autocast=contextlib.nullcontext, tolerance: float = 2e-2) -> dict[str, int]:
@@ -178,6 +214,7 @@ def install(model: nn.Module, autocast=contextlib.nullcontext, tolerance: float 
             raise ValueError(f"fused ops need Triton, which cannot launch on {device}: {triton_unusable(device)}")
         raise ValueError(f"fused ops need CUDA (or TRITON_INTERPRET=1 on the CPU), not {device}")
     verdicts: dict[str, float] = {}
+    hidden = _hidden_dtype(model)
     counts: dict[str, int] = {}
     for module in model.modules():
         fused, name = _kind(module), type(module).__name__
@@ -189,8 +226,8 @@ def install(model: nn.Module, autocast=contextlib.nullcontext, tolerance: float 
         if "forward" in vars(module):  # someone else's instance forward: leave it
             continue
         if name not in verdicts:
-            verdicts[name] = _fused_difference(module, fused, autocast)
-            if not verdicts[name] <= tolerance:
+            verdicts[name] = _checked(name, _fused_difference, module, fused, autocast, hidden)
+            if not verdicts[name] <= tolerance and verdicts[name] is not FAILED:
                 log.info("fused ops: %s kept its own forward (the fused one differs by %.2g relative)", name,
                          verdicts[name])
         if verdicts[name] <= tolerance:

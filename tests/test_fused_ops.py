@@ -198,6 +198,41 @@ def test_a_kind_whose_fused_forward_disagrees_keeps_its_own(monkeypatch, caplog)
     assert modeling_llama.apply_rotary_pos_emb is original
 
 
+def test_a_kind_whose_fused_backward_disagrees_keeps_its_own(monkeypatch, caplog):
+    """The install check runs the backward too: a kernel whose forward is right and whose gradient is not (here
+    half the output gradient added to the input's) is not installed."""
+    real_norm, real_rope = fused_ops.rms_norm, fused_ops.rope
+    def skewed(real):  # the same output, and half the output gradient more for the input
+        return lambda x, *rest: real(x, *rest) + 0.5 * (x - x.detach())
+
+    monkeypatch.setattr(fused_ops, "rms_norm", skewed(real_norm))
+    monkeypatch.setattr(fused_ops, "rope", skewed(real_rope))
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "_booster_original", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)
+    model, _ = make_model()
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        counts = fused_ops.install(model)
+    assert counts == {"LlamaMLP": model.config.num_hidden_layers}
+    assert "LlamaRMSNorm kept its own forward (the fused one differs by" in caplog.text
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+
+def test_a_kind_whose_fused_kernels_fail_keeps_its_own(monkeypatch, caplog):
+    """A kernel that does not compile or launch on this GPU fails the install check, not the first step: that
+    kind keeps its own forward, with one warning naming the error; the other kinds are fused."""
+    def broken(gate, up):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_120\n(more lines)")
+
+    monkeypatch.setattr(fused_ops, "silu_mul", broken)
+    model, _ = make_model()
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        counts = fused_ops.install(model)
+    layers = model.config.num_hidden_layers
+    assert counts == {"LlamaRMSNorm": 2 * layers + 1, "apply_rotary_pos_emb": layers}
+    assert caplog.text.count("fused ops: LlamaMLP kept its own (the fused kernels fail: RuntimeError: PTX "
+                             ".version 8.7 does not support .target sm_120)") == 1, caplog.text
+
+
 def test_a_norm_that_places_its_epsilon_otherwise_keeps_its_own(caplog):
     """A norm class of a recognised name whose own forward divides by (RMS + eps) instead of sqrt(mean + eps): at
     unit variance the two agree to ~1e-5, so only the install check's small-scale input tells them apart."""
@@ -466,3 +501,20 @@ def test_rope_tables_that_need_a_gradient_run_the_original():
         grads[name] = torch.autograd.grad(((qe + ke) * seed).sum(), (cos, sin), allow_unused=True)
     for got, want in zip(grads["wrapped"], grads["original"]):
         assert got is not None and torch.allclose(got, want, atol=1e-6)
+
+
+def test_the_install_check_of_a_4bit_mlp_runs_in_the_models_hidden_dtype(monkeypatch):
+    """An MLP of 4-bit weights has no float weight of its own to tell its input's dtype: the check takes the
+    model's (fp32 for the tiny model's norms and embeddings), the dtype its forward meets in training, so that
+    the kernel variant checked is the one that runs."""
+    real, seen = fused_ops.silu_mul, []
+
+    def recording(gate, up):
+        seen.append(gate.dtype)
+        return real(gate, up)
+
+    monkeypatch.setattr(fused_ops, "silu_mul", recording)
+    model, _ = bf.load_model("tiny", quant="nf4", device="cpu", num_hidden_layers=1)
+    model = bf.add_lora(model)  # (the base frozen, as the engines install them)
+    assert fused_ops.install(model)["LlamaMLP"] == 1
+    assert seen and set(seen) == {torch.float32}, seen

@@ -441,8 +441,9 @@ def test_measure_bandwidth_on_cuda():
 # a Triton that cannot launch (no C compiler for its launcher, a GPU it does not know): the torch paths
 # ---------------------------------------------------------------------------------------------------------
 def test_the_launch_check_passes_where_triton_runs_and_names_what_failed(monkeypatch, caplog):
-    """_launch_error launches sumsq once per device: None where it runs (here the interpreter on the CPU), the
-    first line of the error where it does not, logged once."""
+    """_launch_error launches each flat-buffer kernel once per device: None where they run and compute what they
+    should on ones (here the interpreter on the CPU), the first line of the error, or the wrong sums, where not,
+    logged once."""
     import logging
 
     from booster_fast.kernels import booster_kernels as bk
@@ -466,9 +467,24 @@ def test_the_launch_check_passes_where_triton_runs_and_names_what_failed(monkeyp
         assert caplog.text.count("Triton kernels cannot launch on cpu") == 1
         assert "run as torch ops" in caplog.text
 
-        monkeypatch.setattr(bk, "sumsq", lambda x, *, out=None, backend="auto": x.sum() + 1)
+        monkeypatch.undo()
+        for name, wrong in (("sumsq", lambda x, *, out=None, backend="auto": x.sum() + 1),
+                            ("restore_combine_", lambda W, B, G_h, G_f, lamb, *, backend="auto": None)):
+            with monkeypatch.context() as m:  # a kernel that runs but computes something else: named too
+                m.setattr(bk, name, wrong)
+                bk._launch_error.cache_clear()
+                why = bk._launch_error(torch.device("cpu"))
+            assert why.startswith("Triton kernels gave wrong results on ones: sumsq, norm², perturbed, restored, "
+                                  "combined sums [")
+        # every kernel launches, the second sumsq stage too (past one block)
+        from booster_fast.kernels.launches import observed
+
+        launched = []
         bk._launch_error.cache_clear()
-        assert bk._launch_error(torch.device("cpu")) == "sumsq of 4096 ones gave 4097.0"
+        with observed(launched.append):
+            assert bk._launch_error(torch.device("cpu")) is None
+        assert sorted(set(launched)) == sorted(["_sumsq_partial_kernel", "_sumsq_finish_kernel",
+                                                "_normalize_perturb_kernel", "_restore_combine_kernel"]), launched
     finally:
         bk._launch_error.cache_clear()
 

@@ -110,8 +110,8 @@ def triton_unusable(device) -> str | None:
     there the torch paths run unless the interpreter is asked for). Triton builds a small C launcher with the
     host's C compiler and Python headers at its first launch, and compiles each kernel for the GPU, so a machine
     without a compiler, or a Triton too old for the GPU, fails there. Found once per device and process by one
-    sumsq of 4096 ones; the failure is logged in one line, and "auto" then runs the torch paths and the fused
-    model ops stay off."""
+    launch of each kernel on ones (_launch_all); the failure is logged in one line, and "auto" then runs the torch
+    paths and the fused model ops stay off (fused_ops checks their own kernels when it installs them)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
@@ -127,15 +127,31 @@ def _launch_error(device: torch.device) -> str | None:
         raise RuntimeError("the Triton launch check ran inside a CUDA graph capture: call triton_unusable before")
     try:
         with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # Triton launches on the current one
-            x = torch.ones(4096, device=device)
-            got = float(sumsq(x, backend="triton"))  # a host sync: once per device and process, before any step
-        why = None if got == 4096.0 else f"sumsq of 4096 ones gave {got}"
+            why = _launch_all(device)
     except Exception as e:  # noqa: BLE001 - no compiler, no Python headers, an unknown GPU: reported, not hidden
         why = described(e, 200)
     if why is not None:
         log.warning("Triton kernels cannot launch on %s (%s): the flat-buffer kernels run as torch ops and the "
                     "fused model ops stay off", device, why)
     return why
+
+
+def _launch_all(device: torch.device) -> str | None:
+    """Each kernel of this module launched once on `device` (both sumsq stages: past one block), on ones, where
+    the results are exact: None, or what came out otherwise. One host read."""
+    n = 2 * BLOCK + 5
+    ones = torch.ones(n, device=device)
+    ss = sumsq(ones, backend="triton")
+    W, B, G_h, G_f = ones.clone(), torch.zeros_like(ones), ones.clone(), torch.zeros_like(ones)
+    norm = normalize_perturb_(W, B, G_h, G_f, ss, alpha=1.0, lamb=2.0, backend="triton")  # W: 1 - 1/sqrt(n)
+    perturbed = W.sum()
+    restore_combine_(W, B, G_h, G_f, 1.0, backend="triton")  # G_h is 0 now: W back to 1, G_f stays 2
+    got = torch.stack([ss, norm * norm, perturbed, W.sum(), G_f.sum()]).tolist()  # a host sync, once per device
+    want = [n, n, n - n / (n ** 0.5 + 1e-7), n, 2 * n]
+    if all(abs(g - w) <= 1e-4 * w for g, w in zip(got, want)):
+        return None
+    return ("Triton kernels gave wrong results on ones: sumsq, norm², perturbed, restored, combined sums "
+            f"{[round(g, 3) for g in got]}, expected {[round(w, 3) for w in want]}")
 
 
 # ---------------------------------------------------------------------------------------------------------
