@@ -139,6 +139,9 @@ class FastBooster:
                                            eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay, fused=True,
                                            **({"capturable": True} if captured else {}))
+        # its warm-up steps run uncaptured by design: torch's advice against capturable then (once per optimizer,
+        # as a UserWarning) does not apply
+        self.optimizer._warned_capturable_if_run_uncaptured = captured
         self._skipped = torch.zeros((), device=self.device)
         # the constant of the clip's one add (_clip_and_update), filled by _prepare for the clip norm in force
         self._clip_offset, self._clip_offset_for = torch.zeros((), device=self.device), None
