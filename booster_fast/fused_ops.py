@@ -91,11 +91,14 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 def _both_ways(run, inputs: list[torch.Tensor], seed: int = 1) -> torch.Tensor:
     """The relative difference between run(False, *inputs) (the original) and run(True, *inputs) (fused), in the
     outputs and in the inputs' gradients under one random output gradient: the backward kernels compile and run
-    here too, once when installing, and not first inside a step."""
+    here too, once when installing, and not first inside a step. Both runs draw the same random numbers (LoRA
+    dropout on an MLP's projections), from a forked generator: the caller's stream is left as it was."""
     results = []
+    device = inputs[0].device
     for fused in (False, True):
         xs = [x.detach().clone().requires_grad_() for x in inputs]
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
             ys = run(fused, *xs)
             g = torch.Generator(device=ys[0].device).manual_seed(seed)
             dys = [torch.randn(y.shape, generator=g, device=y.device) for y in ys]

@@ -518,3 +518,18 @@ def test_the_install_check_of_a_4bit_mlp_runs_in_the_models_hidden_dtype(monkeyp
     model = bf.add_lora(model)  # (the base frozen, as the engines install them)
     assert fused_ops.install(model)["LlamaMLP"] == 1
     assert seen and set(seen) == {torch.float32}, seen
+
+
+def test_mlps_under_lora_dropout_are_fused_and_the_callers_generator_is_untouched():
+    """LoRA dropout on the MLP's projections draws random masks: the install check draws the same ones for both
+    forwards (a forked generator), so the MLP is fused, and the caller's random stream goes on as before."""
+    model, _ = bf.load_model("tiny", device="cpu", num_hidden_layers=1)
+    torch.manual_seed(0)
+    model = bf.add_lora(model, r=4, alpha=8, targets="gate_proj,up_proj,down_proj", dropout=0.3)
+    model.train()
+    torch.manual_seed(5)
+    counts = fused_ops.install(model)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3)), "the install check moved the caller's generator"
+    assert counts["LlamaMLP"] == 1, counts
