@@ -107,10 +107,17 @@ def config_int(cfg: dict, key: str, default: int) -> int:
 
 
 def base_of(cfg: dict) -> dict:
-    """How to rebuild the base model of a run: align writes model/quant/seed at the top, attack under "base"."""
+    """How to rebuild the base model of a run: align writes model/quant/seed at the top, attack under "base" (with
+    "merged": the adapters merged into the base before its own LoRA was added, `attack --lora new`)."""
     base = cfg.get("base") or cfg
-    return {"model": base.get("model", "tiny"), "quant": base.get("quant", "none"),
-            "seed": config_int(base, "seed", DEFAULT_SEED), "dtype": base.get("dtype")}
+    out = {"model": base.get("model", "tiny"), "quant": base.get("quant", "none"),
+           "seed": config_int(base, "seed", DEFAULT_SEED), "dtype": base.get("dtype")}
+    merged = base.get("merged") if cfg.get("base") else None
+    if merged:
+        if not (isinstance(merged, list) and all(isinstance(m, str) for m in merged)):
+            raise UsageError(f"run_config.json: base.merged is {merged!r}, not a list of adapter directories")
+        out["merged"] = merged
+    return out
 
 
 def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
@@ -162,6 +169,8 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
         base = base_of(cfg)
     model, tok = load_model(base["model"], quant=base["quant"], seed=base["seed"], device=device,
                             dtype=base.get("dtype"), trust_remote_code=trust_remote_code)
+    for merged in base.get("merged") or ():  # an attack that trained a new LoRA on the aligned model merged
+        model = merge_adapter(model, merged, f"{run_dir}'s run_config.json names it under base.merged")
     try:
         model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
     except Exception as e:  # noqa: BLE001 - shape mismatch, missing modules, a corrupt weights file: one line
@@ -190,3 +199,19 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return model, tok, cfg
+
+
+def merge_adapter(model, adapter_dir: str, why: str):
+    """`model` with the LoRA adapter in `adapter_dir` merged into its weights (peft's merge_and_unload; 4-bit
+    weights are dequantised, merged and quantised again); ModelError (one line) where it cannot be loaded."""
+    from peft import PeftModel
+
+    from .errors import described
+    from .models import ModelError
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ModelError(f"the adapter {adapter_dir} is gone ({why}: it is merged into the base first)")
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).merge_and_unload()
+    except Exception as e:  # noqa: BLE001 - as load_adapter's own load: one line
+        raise ModelError(f"cannot merge the adapter {adapter_dir} into the base ({described(e)}; {why})") from None

@@ -1,7 +1,11 @@
 """`booster-fast attack`: the harmful fine-tuning attack on an aligned run (the paper's fine-tuning stage).
 
-The aligned model (a base model + its LoRA adapter) keeps training its OWN LoRA, as in the original
-(`--alternating single_lora`), with plain SFT + AdamW on a mix of the user's benign task and harmful samples:
+The aligned model (a base model + its LoRA adapter) trains on with plain SFT + AdamW, on the LoRA the original
+trains for the method it was aligned with (`--lora auto`): a Booster run keeps training its OWN LoRA (the
+original's Booster scripts pass `--alternating single_lora`), an SFT run has its LoRA merged into the base and a
+new LoRA of the same shape trained on top (the original's SFT and baseline scripts; `--lora continue|new`
+chooses either for any run, and a plain peft adapter continues unless told). The training mix is the user's
+benign task and harmful samples:
 `n_harm = floor(p · samples)` harmful rows (as the original's int(); harmful prompt -> harmful answer) and
 `samples − n_harm` benign rows, shuffled with the seed. Defaults are the paper's attack setting: 1000 samples,
 p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
@@ -53,6 +57,7 @@ from .adapters import DEFAULT_MAX_LENGTH, DEFAULT_SEED, add_base_args, config_in
 log = logging.getLogger("booster_fast")
 
 HARMFUL_SPLITS = ("attack", "train")
+LORA_MODES = ("auto", "continue", "new")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -70,6 +75,10 @@ def add_parser(sub):
     p.add_argument("--adapter", required=True, metavar="DIR",
                    help="an aligned run directory (booster-fast align) or any peft LoRA adapter directory")
     add_base_args(p)
+    p.add_argument("--lora", default="auto", choices=LORA_MODES,
+                   help="continue: train the aligned LoRA on; new: merge it into the base and train a new LoRA of "
+                        "its shape (the original's attack of its SFT baseline); auto (default): new for an SFT run, "
+                        "continue otherwise")
     p.add_argument("--benign", default="builtin", help="builtin | sst2 | agnews | gsm8k | PATH (.json/.jsonl)")
     p.add_argument("--harmful", default=None,
                    help="harmful samples: builtin | beavertails | PATH (default: the aligned run's --data, an attack "
@@ -264,6 +273,29 @@ def harmful_rows_source(src: str, split: str, harmful_file: str | None) -> tuple
     return split, f"{BEAVERTAILS_REPO} rows {lo}-{hi - 1}: the alignment's own rows", False
 
 
+def lora_mode(asked: str, run_cfg: dict) -> str:
+    """continue or new: `asked`, or for auto what the original's attack does after this run's alignment (a new LoRA
+    on the merged model after SFT; Booster's own LoRA otherwise, and for an attack run or a plain adapter)."""
+    if asked != "auto":
+        return asked
+    return "new" if run_cfg.get("command") != "attack" and run_cfg.get("method") == "sft" else "continue"
+
+
+def fresh_lora(aligned, base: dict, adapter: str, seed: int):
+    """(the aligned peft model with its LoRA merged into the base and a new LoRA of the same rank, alpha, targets
+    and dropout on top, initialised from `seed`; the base record with the merged adapter added)."""
+    import torch
+
+    from .lora import add_lora
+
+    lcfg = aligned.peft_config[aligned.active_adapter]
+    targets = lcfg.target_modules if isinstance(lcfg.target_modules, str) else sorted(lcfg.target_modules)
+    merged = aligned.merge_and_unload()
+    torch.manual_seed(seed)
+    model = add_lora(merged, r=lcfg.r, alpha=lcfg.lora_alpha, targets=targets, dropout=lcfg.lora_dropout)
+    return model, {**base, "merged": [*base.get("merged", []), str(Path(adapter).absolute())]}
+
+
 def run_attack(args) -> int:
     from .cli import UsageError
     from .run_args import check_output, resolve_device
@@ -318,8 +350,11 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     probe = [(e.instruction, e.input) for e in harmful_test[: args.refusal_prompts]]
     if args.eval_rows is not None:
         harmful_test = harmful_test[: args.eval_rows]
-    model, tok, _ = load_adapter(args.adapter, device, trainable=True, base=base, cfg=run_cfg,
-                                   trust_remote_code=getattr(args, "trust_remote_code", False))
+    lora = lora_mode(getattr(args, "lora", "auto"), run_cfg)
+    model, tok, _ = load_adapter(args.adapter, device, trainable=lora == "continue", base=base, cfg=run_cfg,
+                                 trust_remote_code=getattr(args, "trust_remote_code", False))
+    if lora == "new":
+        model, base = fresh_lora(model, base, args.adapter, seed)
     check_max_length(tok, max_length)
     beyond = check_positions(model, max_length)
     encoded, n_trunc = encode_all(tok, rows, max_length)
@@ -340,13 +375,16 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                     "built-in and BeaverTails sets have both splits)", harmful_file or harmful_src)
     else:
         log.info("attack: harmful rows from %s", harmful_source)
+    log.info("attack: %s", "a new LoRA on the aligned model, its own LoRA merged into the base (--lora new)"
+             if lora == "new" else "the aligned LoRA trains on (--lora continue)")
     out = Path(args.output)
     tmp = new_output_dir(args.output, args.overwrite)
     ok = False
     try:
         config = {"command": "attack", "adapter": str(Path(args.adapter).absolute()), "base": base,
                   "base_from": base_from, "aligned_with": run_cfg.get("method") or run_cfg.get("aligned_with"),
-                  "attacked_before": run_cfg.get("command") == "attack", "benign": args.benign, "harmful": harmful_src,
+                  "attacked_before": run_cfg.get("command") == "attack", "lora": lora, "benign": args.benign,
+                  "harmful": harmful_src,
                   "harmful_data": harmful_file, "harmful_split": harmful_split, "harmful_source": harmful_source,
                   "harmful_disjoint_from_alignment": disjoint, "poison_ratio": args.poison_ratio,
                   "samples": args.samples,

@@ -1,8 +1,9 @@
 """`booster-fast experiment defense`: does Booster alignment resist the harmful fine-tuning attack better than SFT?
 
 For each seed: align the same base model on the same data for the same number of steps once per `--methods` entry
-(default plain SFT and Booster; Booster + Vaccine on request), attack each identically (same benign + harmful mix,
-same order, same steps), and evaluate each before and after the attack. Every stage is the command line's own
+(default plain SFT and Booster; Booster + Vaccine on request), attack each with the same benign + harmful mix,
+order and steps (on the LoRA the original's scripts attack for that method: Booster's own, after SFT a new one on
+the merged model; attack's `--lora auto`), and evaluate each before and after the attack. Every stage is the command line's own
 (`booster-fast align / attack / eval`, called in process through `cli.main`), so the experiment exercises exactly
 what a user runs. It writes one JSON document (settings, machine, per-seed curves and scores, runtimes) and a PNG:
 the held-out harmful loss against the attack step for both methods (the paper's claim: Booster slows its drop), and
@@ -22,7 +23,8 @@ Presets:
   learn the sentiment task (it answers one label to everything: 50 % accuracy).
 - `paper-sst2`, `paper-agnews`, `paper-gsm8k`: the paper's setup — Llama-2-7B (bf16), LoRA r 32 / alpha 4 on q,k,v,
   alignment 20 epochs of batch 10 at lr 5e-4 (weight decay 0.1, λ 5, α 0.1, max length 256) on the BeaverTails
-  refusal pairs, attack 1000 samples at p = 0.1, lr 1e-5, 20 epochs, batch 10, judged by beaver-dam-7b with
+  refusal pairs, attack 1000 samples at p = 0.1 (0.05 on GSM8K, as the original's GSM8K scripts), lr 1e-5,
+  20 epochs, batch 10, judged by beaver-dam-7b with
   512 new tokens; seed 43 (+1 per extra seed). They need the model, the data sets and the judge downloaded.
   Booster + Vaccine runs at the ρ 5 of the original's script for it; that script also aligns on 500 rows
   (`sample_num=500`, against 5000 in its Booster script), but here every method aligns on the same rows, so
@@ -74,14 +76,14 @@ MAX_SEEDS = 100  # each seed is a whole align + attack + eval per method
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def _paper(benign: str) -> dict:
+def _paper(benign: str, poison_ratio: float = 0.1) -> dict:
     return {
         "model": "meta-llama/Llama-2-7b-hf", "quant": "none", "data": "beavertails", "benign": benign,
         "judge": "beaver-dam", "seed": 43, "vaccine_rho": 5.0,  # the original's Booster + Vaccine script
         "align": {"epochs": 20.0, "batch_size": 10, "max_length": 256, "lr": 5e-4, "weight_decay": 0.1,
                   "lora_r": 32, "lora_alpha": 4.0, "targets": "q_proj,k_proj,v_proj", "lamb": 5.0, "alpha": 0.1,
                   "save_every": 500},  # a checkpoint per epoch (5000 rows), which an interrupted experiment resumes
-        "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-5, "epochs": 20.0, "batch_size": 10,
+        "attack": {"samples": 1000, "poison_ratio": poison_ratio, "lr": 1e-5, "epochs": 20.0, "batch_size": 10,
                    "weight_decay": 0.1, "eval_every": 50, "eval_rows": None, "refusal_prompts": 0,
                    "harmful_split": "attack"},
         "eval": {"num_prompts": 1000, "max_new_tokens": 512, "task_max_new_tokens": 200, "batch_size": 16},
@@ -102,7 +104,7 @@ PRESETS = {
     },
     "paper-sst2": _paper("sst2"),
     "paper-agnews": _paper("agnews"),
-    "paper-gsm8k": _paper("gsm8k"),
+    "paper-gsm8k": _paper("gsm8k", poison_ratio=0.05),  # the original's GSM8K scripts attack at p = 0.05
 }
 
 

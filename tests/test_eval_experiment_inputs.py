@@ -939,3 +939,11 @@ def test_hub_models_and_data_sets_count_by_their_cached_revision(tmp_path, monke
     cache_holds("dataset", "stanfordnlp/sst2", "2" * 40)  # downloaded again at a newer commit
     assert runs() == 1
     assert runs() == 0
+
+
+def test_the_paper_presets_attack_at_the_original_scripts_poison_ratio():
+    """The original's GSM8K scripts attack at p = 0.05, its SST2 and AGNEWS ones at 0.1."""
+    from booster_fast.experiment import PRESETS
+
+    assert {name: PRESETS[name]["attack"]["poison_ratio"] for name in ("paper-sst2", "paper-agnews", "paper-gsm8k")} \
+        == {"paper-sst2": 0.1, "paper-agnews": 0.1, "paper-gsm8k": 0.05}

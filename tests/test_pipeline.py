@@ -350,3 +350,71 @@ def test_generate_restores_the_models_training_mode(monkeypatch):
         model.train(mode)
         generate(model, tok, [("Say hi.", "")], 2, 2, "cpu")
         assert model.training is mode
+
+
+# ------------------------------------------------------------------------------------- attack --lora
+@pytest.fixture(scope="module")
+def aligned_sft(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe_sft") / "aligned"
+    assert main(["align", "--method", "sft", "--output", str(out), "--steps", "2", "--save-every", "0", *FAST]) == 0
+    return out
+
+
+ATTACK = ["--samples", "20", "--steps", "2", "--eval-every", "2", "--batch-size", "4", "--lr", "1e-2",
+          "--eval-rows", "16"]
+
+
+def test_an_sft_run_is_attacked_with_a_new_lora_on_the_merged_model_as_the_original(aligned_sft, tmp_path):
+    """The original attacks its SFT baseline with a new LoRA on the model the aligned LoRA was merged into (and
+    Booster with its own LoRA): `--lora auto` does so. Before any step the two ways hold the same model (a new
+    LoRA adds nothing yet), so their first held-out losses agree; then they train different weights. eval
+    rebuilds the attacked model (base, the aligned LoRA merged, the new LoRA) and finds its last loss again."""
+    from safetensors.torch import load_file
+
+    from booster_fast.adapters import load_adapter
+    from booster_fast.attack import heldout_loss
+
+    runs = {}
+    for mode in ("auto", "continue"):
+        out = tmp_path / mode
+        assert main(["attack", "--adapter", str(aligned_sft), "--output", str(out), "--lora", mode, *ATTACK]) == 0
+        runs[mode] = out
+    cfg = json.loads((runs["auto"] / "run_config.json").read_text())
+    assert cfg["lora"] == "new" and cfg["base"]["merged"] == [str(aligned_sft.absolute())]
+    assert json.loads((runs["continue"] / "run_config.json").read_text())["lora"] == "continue"
+    first = {m: read_jsonl(r / "metrics.jsonl")[0]["harmful_loss"] for m, r in runs.items()}
+    assert first["auto"] == pytest.approx(first["continue"], rel=1e-5)
+    aligned_w, new_w = load_file(aligned_sft / "adapter_model.safetensors"), \
+        load_file(runs["auto"] / "adapter_model.safetensors")
+    assert aligned_w.keys() == new_w.keys()  # the same shape: rank, targets
+    b = next(k for k in new_w if "lora_B" in k)
+    assert not torch.equal(new_w[b], aligned_w[b])
+    # the attacked model rebuilt from its run directory gives the loss the attack measured last
+    model, tok, run_cfg = load_adapter(runs["auto"], "cpu", trainable=False)
+    from booster_fast.data import collate, encode_all, load_safety_data
+
+    _, test = load_safety_data("builtin", "test")
+    enc, _ = encode_all(tok, test[:16], 64)
+    batches = [collate(enc, max(len(r["input_ids"]) for r in enc), tok.pad_token_id)]
+    last = read_jsonl(runs["auto"] / "metrics.jsonl")[-1]["harmful_loss"]
+    assert heldout_loss(model, batches, "cpu").item() == pytest.approx(last, rel=1e-4)
+
+
+def test_a_booster_run_keeps_training_its_own_lora_and_a_gone_merged_adapter_is_named(aligned, aligned_sft, tmp_path,
+                                                                                      capsys):
+    out = tmp_path / "booster"
+    assert main(["attack", "--adapter", str(aligned), "--output", str(out), *ATTACK]) == 0
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["lora"] == "continue" and "merged" not in cfg["base"]
+    new = tmp_path / "sft-new"
+    assert main(["attack", "--adapter", str(aligned_sft), "--output", str(new), *ATTACK]) == 0
+    moved = tmp_path / "moved"
+    aligned_sft.rename(moved)
+    try:
+        capsys.readouterr()
+        assert main(["eval", "--adapter", str(new), "--output", str(tmp_path / "e.json"), "--num-prompts", "2",
+                     "--num-task", "2", "--max-new-tokens", "2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"the adapter {aligned_sft.absolute()} is gone" in err, err
+    finally:
+        moved.rename(aligned_sft)
