@@ -1,10 +1,13 @@
 """The data layer: Alpaca prompts, label masking, fixed-shape batches, and loaders that fail in one line.
 
 Every example becomes `prompt + response + eos` with the prompt in the Alpaca template the paper uses; prompt
-positions get label -100, so the loss is on the response and its EOS only. Prompt and response are
-tokenized separately (no special tokens; a BOS is prepended only when the tokenizer itself adds one by
-default, as Llama's does and the tiny tokenizer does not), which makes the label boundary exact by
-construction instead of by re-tokenizing the concatenation. Batches are right-padded to exactly
+positions get label -100, so the loss is on the response and its EOS only. As in the original, the prompt and
+the response are tokenized together and the first len(tokenize(prompt)) positions are the prompt's (no special
+tokens; a BOS is prepended only when the tokenizer itself adds one by default, as Llama's does and the tiny
+tokenizer does not). Tokenized apart, the response would differ wherever the tokenizer marks the start of a
+text: Llama-2's SentencePiece would start every answer with a space-prefixed token ("▁positive") that the
+prompt-then-answer text of training and generation never has. The prompt ends in a newline, which no tokenizer
+of these models merges with the next word, so the boundary is the same either way. Batches are right-padded to exactly
 `max_length`: one static shape for the whole run, which CUDA graphs need (graphs.py), and with right
 padding under a causal mask the pads never influence a real token.
 
@@ -147,8 +150,11 @@ def _encode_batch(tokenizer, examples, max_length: int, prefix: list[int]) -> tu
         src = getattr(tokenizer, "name_or_path", "")  # a model directory's or hub id's tokenizer: name it
         raise DataError(f"the tokenizer{f' in {src}' if src else ''} has no eos_token (a saved one names it in its "
                         "tokenizer_config.json); set one before encoding")
-    prompts = _ids(tokenizer, [format_prompt(ex.instruction, ex.input) for ex in examples])
-    responses = _ids(tokenizer, [ex.output for ex in examples])
+    texts = [format_prompt(ex.instruction, ex.input) for ex in examples]
+    prompts = _ids(tokenizer, texts)
+    joint = _ids(tokenizer, [t + ex.output for t, ex in zip(texts, examples)])
+    # the prompt's positions are its own token count, as the original masks them
+    prompts, responses = [j[:len(p)] for p, j in zip(prompts, joint)], [j[len(p):] for p, j in zip(prompts, joint)]
     tail = _ids(tokenizer, [RESPONSE_TAIL])[0]
     cache: list[int] = []
 
@@ -176,7 +182,8 @@ def encode_example(tokenizer, ex: Example, max_length: int, *, add_bos: bool | N
 
 def encode_all(tokenizer, examples: list[Example], max_length: int, *,
                add_bos: bool | None = None) -> tuple[list[dict], int]:
-    """encode_example over a list (tokenized in two batched calls); returns (rows, number truncated)."""
+    """encode_example over a list (tokenized in two batched calls: the prompts, and prompt + response); returns
+    (rows, number truncated)."""
     return _encode_batch(tokenizer, list(examples), max_length, _prefix(tokenizer, add_bos))
 
 

@@ -608,3 +608,40 @@ def test_a_batch_beyond_the_machines_memory_is_refused_up_front():
                                         r".* GiB, more than 25% of this machine's .* the longest row here has 2 "):
         BatchStream(rows, 4, 10**12, 0, seed=1)
     assert next(BatchStream(rows, 4, 4096, 0, seed=1))["input_ids"].shape == (4, 4096)  # a usual length still pads
+
+
+def _metaspace_tokenizer():
+    """A small SentencePiece-style tokenizer (a '▁' marks each word start, and the start of every text, as
+    Llama-2's does), trained here on Alpaca prompts and answers; newlines are tokens of their own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [format_prompt("Analyze the sentiment", "great movie") + "positive",
+             format_prompt("Say no") + "negative answer"] * 50
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                 pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                       special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def test_the_response_is_tokenized_after_its_prompt_as_the_original_does():
+    """The original tokenizes prompt + response together and masks the prompt's own token count. Tokenized on
+    its own, a SentencePiece answer would start with a word-start token ('▁', 'negative') that the prompt-then-
+    answer text never has ('negative' after the newline)."""
+    tok = _metaspace_tokenizer()
+    ex = Example("Say no", "", "negative")
+    row = encode_example(tok, ex, 64)
+    prompt = tok(format_prompt("Say no"), add_special_tokens=False)["input_ids"]
+    joint = tok(format_prompt("Say no") + "negative", add_special_tokens=False)["input_ids"]
+    learnt = [t for t in row["labels"] if t != -100]
+    assert row["input_ids"] == joint + [tok.eos_token_id] and learnt == joint[len(prompt):] + [tok.eos_token_id]
+    assert tok.convert_ids_to_tokens(learnt[:-1]) == ["negative"]
+    assert tok("negative", add_special_tokens=False)["input_ids"] != learnt[:-1]  # what tokenizing apart gave
+    assert row["labels"][:len(prompt)] == [-100] * len(prompt) and row["labels"][len(prompt)] != -100
+    # batched encoding agrees row by row
+    rows, _ = encode_all(tok, [ex, Example("Analyze the sentiment", "great movie", "positive")], 64)
+    assert rows[0]["input_ids"] == row["input_ids"] and rows[0]["labels"] == row["labels"]
