@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 
 import torch
 
@@ -391,8 +390,9 @@ def load_safety_data(data: str, split: str = "train", harmful_data: str | None =
 
 
 def _gsm8k_answer(answer: str) -> str:
-    """GSM8K puts the result after "#### "; we put it after "The final answer is: "."""
-    return re.sub(r"####\s*", ANSWER_PROMPT, answer)
+    """GSM8K puts the result after "#### "; the original puts "The final answer is: " in place of the "####"
+    (the space after it stays: two spaces before the number), and so do we."""
+    return answer.replace("####", ANSWER_PROMPT)
 
 
 def load_benign(task: str, split: str = "train") -> list[Example]:
@@ -405,7 +405,8 @@ def load_benign(task: str, split: str = "train") -> list[Example]:
         return _examples(builtin_corpus()[f"benign_{split}"])
     if task == "sst2":
         ds = load_hub(HUB_DATA_SETS["sst2"], None, "train" if split == "train" else "validation")
-        return [Example(SST2_INSTRUCTION, r["sentence"].strip(), "positive" if r["label"] == 1 else "negative")
+        # the sentence as the hub has it (most end in a space), as the original passes it
+        return [Example(SST2_INSTRUCTION, r["sentence"], "positive" if r["label"] == 1 else "negative")
                 for r in ds]
     if task == "agnews":
         ds = load_hub(HUB_DATA_SETS["agnews"], None, split)

@@ -407,7 +407,7 @@ def test_hub_loaders_fail_offline_with_one_line():
 def test_gsm8k_answer_format():
     from booster_fast.data import _gsm8k_answer
     assert _gsm8k_answer("She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7") == \
-        "She has 3 + 4 = <<3+4=7>>7 apples.\nThe final answer is: 7"
+        "She has 3 + 4 = <<3+4=7>>7 apples.\nThe final answer is:  7"  # the original's two spaces
 
 
 # ------------------------------------------------------------------------------------------------
@@ -547,11 +547,11 @@ def test_hub_rows_are_converted(monkeypatch):
     assert len(align) == len(harmful) == 5000
     assert align[0] == Example("p5000", "", "no 5000") and harmful[-1] == Example("p9999", "", "sure 9999")
     assert len(load_safety_data("beavertails", "test")[0]) == 300           # rows 10000.. as far as they go
-    assert load_benign("sst2") == [Example(SST2_INSTRUCTION, "a fine film", "positive"),
+    assert load_benign("sst2") == [Example(SST2_INSTRUCTION, "a fine film ", "positive"),  # as the hub has it
                                    Example(SST2_INSTRUCTION, "bad", "negative")]
     news = load_benign("agnews", "test")
     assert len(news) == 1000 and [e.output for e in news[:4]] == ["World", "Sports", "Business", "Sci/Tech"]
-    assert load_benign("gsm8k") == [Example("1+1?", "", "1+1=2\nThe final answer is: 2")]
+    assert load_benign("gsm8k") == [Example("1+1?", "", "1+1=2\nThe final answer is:  2")]
 
 
 def test_a_prompt_too_long_for_max_length_leaves_the_response_a_quarter(tok):

@@ -142,6 +142,19 @@ def test_generate_returns_only_the_new_tokens_in_input_order(monkeypatch):
     assert len(set(lengths)) == 3 and got == [words[n] for n in lengths]
 
 
+def test_an_answer_ends_where_the_model_starts_another_response(monkeypatch):
+    """The original cuts the decoded text at the next "### Response:" (split(...)[1]): what a model writes after
+    starting another turn is not its answer, to the judge or to the task's exact match."""
+    model, tok = bf.load_model("tiny", dtype=torch.float32, seed=0, device="cpu")
+
+    def fake_generate(input_ids, attention_mask, generation_config):
+        tail = tok(" positive\n\n### Response:\nnegative", add_special_tokens=False)["input_ids"]
+        return torch.cat([input_ids, torch.tensor([tail] * len(input_ids))], 1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    assert generate(model, tok, [("Say hi.", "")], 8, 2, "cpu") == ["positive"]
+
+
 # ------------------------------------------------------------------------------------------- eval
 def test_eval_refusal_judge_writes_json(attacked, tmp_path, capsys):
     out = tmp_path / "res" / "eval.json"
