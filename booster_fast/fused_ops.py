@@ -94,17 +94,24 @@ def _both_ways(run, inputs: list[torch.Tensor], seed: int = 1) -> torch.Tensor:
     here too, once when installing, and not first inside a step. Both runs draw the same random numbers (LoRA
     dropout on an MLP's projections), from a forked generator: the caller's stream is left as it was."""
     results = []
-    device = inputs[0].device
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []  # manual_seed seeds them all
     for fused in (False, True):
         xs = [x.detach().clone().requires_grad_() for x in inputs]
-        with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            ys = run(fused, *xs)
-            g = torch.Generator(device=ys[0].device).manual_seed(seed)
-            dys = [torch.randn(y.shape, generator=g, device=y.device) for y in ys]
-            grads = torch.autograd.grad([y.float() for y in ys], xs, dys)
+        try:
+            with torch.enable_grad(), torch.random.fork_rng(devices=gpus):
+                torch.manual_seed(seed)
+                ys = run(fused, *xs)
+                g = torch.Generator(device=ys[0].device).manual_seed(seed)
+                dys = [torch.randn(y.shape, generator=g, device=y.device) for y in ys]
+                grads = torch.autograd.grad([y.float() for y in ys], xs, dys)
+        except torch.AcceleratorError:  # the device is unusable now (an illegal address, say): nothing to fall back to
+            raise
+        except Exception as e:
+            if not fused:  # the module's own forward failed: no verdict on the kernels
+                raise
+            raise FusedKernelError(described(e, 200)) from e
         results.append([y.detach() for y in ys] + list(grads))
-    return torch.stack([_relative(got, want) for want, got in zip(*results)]).max()
+    return torch.stack([_relative(got, want) for want, got in zip(*results)]).max()  # (a NaN stays NaN)
 
 
 def _rope_difference(namespace, device, dtype) -> float:
@@ -157,13 +164,18 @@ def _install_rope(model: nn.Module, tolerance: float) -> int:
 FAILED = float("nan")  # the verdict on a kind whose fused kernels raised in the install check
 
 
+class FusedKernelError(RuntimeError):
+    """The fused side of an install check raised (Triton's compile and launch errors share no base class)."""
+
+
 def _checked(what: str, difference, *args) -> float:
     """difference(*args), or FAILED, with one log line, where the fused kernels raise (one that does not compile
-    or launch on this GPU): that kind keeps its own forward, instead of failing the first step."""
+    or launch on this GPU): that kind keeps its own forward, instead of failing the first step. What the module's
+    own forward raises, or a CUDA error that leaves the device unusable, is raised as it is."""
     try:
         return difference(*args)
-    except Exception as e:  # noqa: BLE001 - Triton's compile and launch errors share no base class
-        log.warning("fused ops: %s kept its own (the fused kernels fail: %s)", what, described(e, 200))
+    except FusedKernelError as e:
+        log.warning("fused ops: %s kept its own (the fused kernels fail: %s)", what, e)
         return FAILED
 
 
@@ -198,7 +210,8 @@ def _fused_difference(module: nn.Module, fused, autocast, hidden: torch.dtype) -
         with autocast(), active(on):
             return [fused(module, xs) if on else type(module).forward(module, xs)]
 
-    return float(max(_both_ways(run, [(x * scale).to(dtype)]) for scale in (1.0, 1e-3)))
+    # torch's max, not Python's: a NaN at either scale must give NaN (Python's max may skip it)
+    return float(torch.stack([_both_ways(run, [(x * scale).to(dtype)]) for scale in (1.0, 1e-3)]).max())
 
 
 def _hidden_dtype(model: nn.Module, otherwise: torch.dtype = torch.bfloat16) -> torch.dtype:

@@ -58,10 +58,8 @@ class Chain:
         from .atomic import write_json_atomic
 
         record = out.parent / f".{out.name}.stage.json"
-        def inputs():
-            return input_digests(argv, out) | hub_revisions(hub)
-
-        want = {"argv": without_device(argv), "inputs": inputs(), "code": code_digest()}
+        want = {"argv": without_device(argv), "inputs": input_digests(argv, out) | hub_revisions(hub),
+                "code": code_digest()}
         try:
             done = json.loads(record.read_text())
         except (OSError, ValueError):
@@ -97,8 +95,10 @@ class Chain:
         t0 = time.perf_counter()
         run_stage(run_argv)
         self.seconds[name] = round(time.perf_counter() - t0, 1)  # (a resumed alignment: since it went on)
-        # the inputs again: a first run may have downloaded what it read from the hub
-        write_json_atomic(record, {**want, "inputs": inputs(), "finished": True, "seconds": self.seconds[name]})
+        # a first run may have downloaded what it read from the hub: its revision now (the local files' digests
+        # stay those from before the run, which it read; one edited meanwhile makes the next run differ)
+        done_inputs = {**hub_revisions(hub), **want["inputs"]}
+        write_json_atomic(record, {**want, "inputs": done_inputs, "finished": True, "seconds": self.seconds[name]})
 
 
 def without_device(argv: list[str]) -> list[str]:

@@ -947,3 +947,28 @@ def test_the_paper_presets_attack_at_the_original_scripts_poison_ratio():
 
     assert {name: PRESETS[name]["attack"]["poison_ratio"] for name in ("paper-sst2", "paper-agnews", "paper-gsm8k")} \
         == {"paper-sst2": 0.1, "paper-agnews": 0.1, "paper-gsm8k": 0.05}
+
+
+def test_a_data_file_edited_while_its_stage_ran_runs_the_stage_again(tmp_path, monkeypatch):
+    """The record keeps the digest of the file as the stage read it, from before the run: a file edited while an
+    alignment ran makes the next experiment run that stage again, not keep one trained on the old content."""
+    from booster_fast.stages import Chain
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "q", "refusal": "no", "response": "yes"}\n')
+    out = tmp_path / "align-sft"
+
+    def stage(argv):
+        out.mkdir(exist_ok=True)
+        (out / "metrics.jsonl").write_text("{}\n")
+        if len(calls) == 0:
+            data.write_text(data.read_text() * 2)  # edited meanwhile
+        calls.append(argv)
+
+    calls = []
+    monkeypatch.setattr("booster_fast.stages.run_stage", stage)
+    argv = ["align", "--data", str(data), "--output", str(out)]
+    Chain(rerun=False).stage("align", argv, out)
+    Chain(rerun=False).stage("align", argv, out)
+    Chain(rerun=False).stage("align", argv, out)
+    assert len(calls) == 2  # run, run again (the file changed under the first), then kept

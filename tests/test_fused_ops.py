@@ -533,3 +533,27 @@ def test_mlps_under_lora_dropout_are_fused_and_the_callers_generator_is_untouche
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(3)), "the install check moved the caller's generator"
     assert counts["LlamaMLP"] == 1, counts
+
+
+def test_a_kernel_that_gives_nan_at_the_small_scale_only_keeps_its_own(monkeypatch):
+    """The check's second scale (an RMS of 1e-3) counts even when it alone gives NaN: the worse of the two is
+    taken with NaN kept, as a NaN verdict refuses."""
+    real = fused_ops.rms_norm
+
+    def nan_when_small(x, weight, eps):
+        y = real(x, weight, eps)
+        return y * float("nan") if float(x.float().pow(2).mean()) < 1e-4 else y
+
+    monkeypatch.setattr(fused_ops, "rms_norm", nan_when_small)
+    assert "LlamaRMSNorm" not in fused_ops.install(make_model()[0])
+
+
+def test_an_error_of_the_modules_own_forward_is_not_blamed_on_the_kernels(monkeypatch):
+    """The install check runs the module's own forward first: what that raises is raised as it is, not logged as
+    a fused kernel that fails."""
+    class LlamaRMSNorm(modeling_llama.LlamaRMSNorm):
+        def forward(self, x):
+            raise KeyError("broken custom norm")
+
+    with pytest.raises(KeyError, match="broken custom norm"):
+        fused_ops.install(nn.Sequential(LlamaRMSNorm(64, eps=1e-5)))

@@ -469,13 +469,15 @@ def test_the_launch_check_passes_where_triton_runs_and_names_what_failed(monkeyp
 
         monkeypatch.undo()
         for name, wrong in (("sumsq", lambda x, *, out=None, backend="auto": x.sum() + 1),
-                            ("restore_combine_", lambda W, B, G_h, G_f, lamb, *, backend="auto": None)):
+                            ("restore_combine_", lambda W, B, G_h, G_f, lamb, *, backend="auto": W.copy_(B)),
+                            ("normalize_perturb_", lambda W, B, G_h, G_f, ss, alpha, lamb, *, backend="auto":
+                             (B.copy_(W), ss.sqrt())[1])):  # a restore that forgets the combine; no perturb
             with monkeypatch.context() as m:  # a kernel that runs but computes something else: named too
                 m.setattr(bk, name, wrong)
                 bk._launch_error.cache_clear()
                 why = bk._launch_error(torch.device("cpu"))
-            assert why.startswith("Triton kernels gave wrong results on ones: sumsq, norm², perturbed, restored, "
-                                  "combined sums [")
+            assert why.startswith("Triton kernels gave wrong results on ones: sumsq, norm², perturbed, zeroed, "
+                                  "restored, combined sums [")
         # every kernel launches, the second sumsq stage too (past one block)
         from booster_fast.kernels.launches import observed
 

@@ -138,19 +138,20 @@ def _launch_error(device: torch.device) -> str | None:
 
 def _launch_all(device: torch.device) -> str | None:
     """Each kernel of this module launched once on `device` (both sumsq stages: past one block), on ones, where
-    the results are exact: None, or what came out otherwise. One host read."""
+    every sum it checks is exact up to fp32 rounding: None, or what came out otherwise. One host read."""
     n = 2 * BLOCK + 5
     ones = torch.ones(n, device=device)
     ss = sumsq(ones, backend="triton")
     W, B, G_h, G_f = ones.clone(), torch.zeros_like(ones), ones.clone(), torch.zeros_like(ones)
     norm = normalize_perturb_(W, B, G_h, G_f, ss, alpha=1.0, lamb=2.0, backend="triton")  # W: 1 - 1/sqrt(n)
-    perturbed = W.sum()
-    restore_combine_(W, B, G_h, G_f, 1.0, backend="triton")  # G_h is 0 now: W back to 1, G_f stays 2
-    got = torch.stack([ss, norm * norm, perturbed, W.sum(), G_f.sum()]).tolist()  # a host sync, once per device
-    want = [n, n, n - n / (n ** 0.5 + 1e-7), n, 2 * n]
+    perturbed, zeroed = W.sum(), G_h.abs().sum()
+    G_h.fill_(1.0)  # (the perturbed pass's gradient)
+    restore_combine_(W, B, G_h, G_f, 1.0, backend="triton")  # W back to 1, G_f = 2 - 1
+    got = torch.stack([ss, norm * norm, perturbed, zeroed, W.sum(), G_f.sum()]).tolist()  # a host sync, once
+    want = [n, n, n - n / (n ** 0.5 + 1e-7), 0.0, n, n]
     if all(abs(g - w) <= 1e-4 * w for g, w in zip(got, want)):
         return None
-    return ("Triton kernels gave wrong results on ones: sumsq, norm², perturbed, restored, combined sums "
+    return ("Triton kernels gave wrong results on ones: sumsq, norm², perturbed, zeroed, restored, combined sums "
             f"{[round(g, 3) for g in got]}, expected {[round(w, 3) for w in want]}")
 
 
