@@ -108,7 +108,8 @@ def config_int(cfg: dict, key: str, default: int) -> int:
 
 def base_of(cfg: dict) -> dict:
     """How to rebuild the base model of a run: align writes model/quant/seed at the top, attack under "base" (with
-    "merged": the adapters merged into the base before its own LoRA was added, `attack --lora new`)."""
+    "merged": the adapters merged into the base before its own LoRA was added, `attack --lora new`, as folders of
+    the run directory)."""
     base = cfg.get("base") or cfg
     out = {"model": base.get("model", "tiny"), "quant": base.get("quant", "none"),
            "seed": config_int(base, "seed", DEFAULT_SEED), "dtype": base.get("dtype")}
@@ -136,6 +137,10 @@ def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
         base["quant"] = args.quant
     if getattr(args, "base_seed", None) is not None:
         base["seed"] = args.base_seed
+    for merged in base.get("merged") or ():  # (before minutes of loading: load_adapter merges them)
+        if not (Path(args.adapter) / merged / "adapter_config.json").is_file():
+            raise UsageError(f"--adapter {args.adapter}: the adapter its base merged, {merged}, is missing from it "
+                             "(run_config.json's base.merged)")
     if not base["model"]:
         raise UsageError(f"--adapter {args.adapter}: no run_config.json, and adapter_config.json names no base model; "
                          f"pass --base-model (HF id, local directory, or one of {', '.join(PRESETS)})")
@@ -170,7 +175,8 @@ def load_adapter(run_dir: str | Path, device, trainable: bool, base: dict | None
     model, tok = load_model(base["model"], quant=base["quant"], seed=base["seed"], device=device,
                             dtype=base.get("dtype"), trust_remote_code=trust_remote_code)
     for merged in base.get("merged") or ():  # an attack that trained a new LoRA on the aligned model merged
-        model = merge_adapter(model, merged, f"{run_dir}'s run_config.json names it under base.merged")
+        model = merge_adapter(model, str(Path(run_dir) / merged), f"{run_dir}'s run_config.json names it under "
+                              "base.merged")
     try:
         model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=trainable)
     except Exception as e:  # noqa: BLE001 - shape mismatch, missing modules, a corrupt weights file: one line
@@ -209,8 +215,6 @@ def merge_adapter(model, adapter_dir: str, why: str):
     from .errors import described
     from .models import ModelError
 
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise ModelError(f"the adapter {adapter_dir} is gone ({why}: it is merged into the base first)")
     try:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).merge_and_unload()
     except Exception as e:  # noqa: BLE001 - as load_adapter's own load: one line

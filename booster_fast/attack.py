@@ -58,6 +58,7 @@ log = logging.getLogger("booster_fast")
 
 HARMFUL_SPLITS = ("attack", "train")
 LORA_MODES = ("auto", "continue", "new")
+MERGED_DIR = "merged"  # in a --lora new run: the adapters merged into its base, in order
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -281,19 +282,45 @@ def lora_mode(asked: str, run_cfg: dict) -> str:
     return "new" if run_cfg.get("command") != "attack" and run_cfg.get("method") == "sft" else "continue"
 
 
-def fresh_lora(aligned, base: dict, adapter: str, seed: int):
-    """(the aligned peft model with its LoRA merged into the base and a new LoRA of the same rank, alpha, targets
-    and dropout on top, initialised from `seed`; the base record with the merged adapter added)."""
+def fresh_lora(aligned, seed: int):
+    """The aligned peft model with its LoRA merged into the base and a new LoRA of the same rank, alpha, targets
+    and dropout on top, initialised from `seed`. An adapter with more to its shape than those (DoRA, rsLoRA,
+    per-module ranks, a regex of targets) is refused: the new LoRA would not be of its kind."""
     import torch
 
+    from .cli import UsageError
     from .lora import add_lora
 
     lcfg = aligned.peft_config[aligned.active_adapter]
+    extra = [name for name, on in (("DoRA", getattr(lcfg, "use_dora", False)),
+                                   ("rsLoRA", getattr(lcfg, "use_rslora", False)),
+                                   ("per-module ranks", getattr(lcfg, "rank_pattern", None)),
+                                   ("per-module alphas", getattr(lcfg, "alpha_pattern", None)),
+                                   ("a regex of target modules", isinstance(lcfg.target_modules, str)
+                                    and lcfg.target_modules != "all-linear")) if on]
+    if extra:
+        raise UsageError(f"attack --lora new: the adapter uses {', '.join(extra)}, which the new LoRA (rank, alpha, "
+                         "targets, dropout) would not copy; pass --lora continue")
     targets = lcfg.target_modules if isinstance(lcfg.target_modules, str) else sorted(lcfg.target_modules)
     merged = aligned.merge_and_unload()
     torch.manual_seed(seed)
-    model = add_lora(merged, r=lcfg.r, alpha=lcfg.lora_alpha, targets=targets, dropout=lcfg.lora_dropout)
-    return model, {**base, "merged": [*base.get("merged", []), str(Path(adapter).absolute())]}
+    return add_lora(merged, r=lcfg.r, alpha=lcfg.lora_alpha, targets=targets, dropout=lcfg.lora_dropout)
+
+
+def keep_merged(adapter: str, base: dict, out: Path) -> dict:
+    """Copy the adapters a `--lora new` attack merged into its base (the ones `adapter` merged before, then
+    `adapter` itself) into out/merged/0, 1, ...: the attacked run rebuilds from its own directory, whatever
+    happens to the aligned run later. Returns the base record naming them."""
+    from .adapters import ADAPTER_WEIGHTS
+
+    sources = [Path(adapter) / m for m in base.get("merged", [])] + [Path(adapter)]
+    names = [f"{MERGED_DIR}/{i}" for i in range(len(sources))]
+    for src, name in zip(sources, names):
+        (out / name).mkdir(parents=True)
+        for f in ("adapter_config.json", *ADAPTER_WEIGHTS):
+            if (src / f).is_file():
+                shutil.copyfile(src / f, out / name / f)
+    return {**base, "merged": names}
 
 
 def run_attack(args) -> int:
@@ -354,7 +381,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     model, tok, _ = load_adapter(args.adapter, device, trainable=lora == "continue", base=base, cfg=run_cfg,
                                  trust_remote_code=getattr(args, "trust_remote_code", False))
     if lora == "new":
-        model, base = fresh_lora(model, base, args.adapter, seed)
+        model = fresh_lora(model, seed)
     check_max_length(tok, max_length)
     beyond = check_positions(model, max_length)
     encoded, n_trunc = encode_all(tok, rows, max_length)
@@ -381,6 +408,8 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     tmp = new_output_dir(args.output, args.overwrite)
     ok = False
     try:
+        if lora == "new":
+            base = keep_merged(args.adapter, base, tmp)
         config = {"command": "attack", "adapter": str(Path(args.adapter).absolute()), "base": base,
                   "base_from": base_from, "aligned_with": run_cfg.get("method") or run_cfg.get("aligned_with"),
                   "attacked_before": run_cfg.get("command") == "attack", "lora": lora, "benign": args.benign,

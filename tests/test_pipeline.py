@@ -393,7 +393,9 @@ def test_an_sft_run_is_attacked_with_a_new_lora_on_the_merged_model_as_the_origi
         assert main(["attack", "--adapter", str(aligned_sft), "--output", str(out), "--lora", mode, *ATTACK]) == 0
         runs[mode] = out
     cfg = json.loads((runs["auto"] / "run_config.json").read_text())
-    assert cfg["lora"] == "new" and cfg["base"]["merged"] == [str(aligned_sft.absolute())]
+    assert cfg["lora"] == "new" and cfg["base"]["merged"] == ["merged/0"]
+    assert (runs["auto"] / "merged" / "0" / "adapter_model.safetensors").read_bytes() == \
+        (aligned_sft / "adapter_model.safetensors").read_bytes()  # the run keeps what its base merged
     assert json.loads((runs["continue"] / "run_config.json").read_text())["lora"] == "continue"
     first = {m: read_jsonl(r / "metrics.jsonl")[0]["harmful_loss"] for m, r in runs.items()}
     assert first["auto"] == pytest.approx(first["continue"], rel=1e-5)
@@ -413,21 +415,45 @@ def test_an_sft_run_is_attacked_with_a_new_lora_on_the_merged_model_as_the_origi
     assert heldout_loss(model, batches, "cpu").item() == pytest.approx(last, rel=1e-4)
 
 
-def test_a_booster_run_keeps_training_its_own_lora_and_a_gone_merged_adapter_is_named(aligned, aligned_sft, tmp_path,
-                                                                                      capsys):
+def test_a_booster_run_keeps_training_its_own_lora_and_a_new_lora_run_stands_on_its_own(aligned, aligned_sft,
+                                                                                         tmp_path, capsys):
+    """Booster's run: its own LoRA trains on. An SFT run's attack keeps the adapter it merged: attacking it again
+    with a new LoRA merges both in order, with the aligned run moved away; a run missing one is named in one line
+    before anything loads."""
+    from booster_fast.adapters import load_adapter
+
     out = tmp_path / "booster"
     assert main(["attack", "--adapter", str(aligned), "--output", str(out), *ATTACK]) == 0
     cfg = json.loads((out / "run_config.json").read_text())
-    assert cfg["lora"] == "continue" and "merged" not in cfg["base"]
+    assert cfg["lora"] == "continue" and "merged" not in cfg["base"] and not (out / "merged").exists()
     new = tmp_path / "sft-new"
     assert main(["attack", "--adapter", str(aligned_sft), "--output", str(new), *ATTACK]) == 0
     moved = tmp_path / "moved"
     aligned_sft.rename(moved)
     try:
-        capsys.readouterr()
-        assert main(["eval", "--adapter", str(new), "--output", str(tmp_path / "e.json"), "--num-prompts", "2",
-                     "--num-task", "2", "--max-new-tokens", "2"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and f"the adapter {aligned_sft.absolute()} is gone" in err, err
+        again = tmp_path / "again"
+        assert main(["attack", "--adapter", str(new), "--lora", "new", "--output", str(again), *ATTACK]) == 0
+        assert json.loads((again / "run_config.json").read_text())["base"]["merged"] == ["merged/0", "merged/1"]
+        load_adapter(again, "cpu", trainable=False)
     finally:
         moved.rename(aligned_sft)
+    (new / "merged" / "0" / "adapter_config.json").unlink()
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(new), "--output", str(tmp_path / "e.json"), "--num-prompts", "2",
+                 "--num-task", "2", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the adapter its base merged, merged/0, is missing from it" in err, err
+
+
+def test_a_new_lora_is_refused_for_an_adapter_it_would_not_copy():
+    """--lora new copies rank, alpha, targets and dropout: an adapter with more to its shape (here DoRA) is
+    refused in one line, naming --lora continue."""
+    from peft import LoraConfig, get_peft_model
+
+    from booster_fast.attack import fresh_lora
+    from booster_fast.cli import UsageError
+
+    model, _ = bf.load_model("tiny", device="cpu", num_hidden_layers=1)
+    dora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(UsageError, match=r"the adapter uses DoRA, .*pass --lora continue$"):
+        fresh_lora(dora, 0)
