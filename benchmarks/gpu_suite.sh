@@ -64,13 +64,14 @@ stop_packer() {  # before the last pack; also on any exit of this shell (a signa
   PACKER=""
 }
 PACKER="" CHILD=""
-on_exit() { stop_packer; pack; }
-on_term() {
+on_exit() { stop_packer; pack; [[ -z "$DEST" ]] || rm -f "$DEST"/.pack.*; }  # (a pack the packer left half-done)
+on_signal() {  # on_signal CODE: a signal arrived (during a part, at once; during a setup step, when it ends)
   [[ -n "$CHILD" ]] && kill -TERM "$CHILD" 2> /dev/null  # `timeout` passes it on to the part
-  echo "== stopped by a signal after ${SECONDS}s" | tee -a "$LOG"; exit 143
+  echo "== stopped by a signal after ${SECONDS}s" | tee -a "$LOG"; exit "$1"
 }
-[[ -n "$DEST" ]] && { packer & PACKER=$!; trap on_exit EXIT; }
-trap on_term TERM INT
+trap 'on_signal 143' TERM
+trap 'on_signal 130' INT
+[[ -n "$DEST" ]] && { trap on_exit EXIT; packer & PACKER=$!; }
 
 # -- install: the carried wheels, then the project itself (no dependencies: the machine has them) ----------------
 # (no network there: pip never looks at an index, nor for its own newer version; each step has a time limit)
@@ -78,26 +79,26 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DA
   TOKENIZERS_PARALLELISM=false
 SITE=${SUITE_SITE:-/tmp/site} WHEELS=${SUITE_WHEELS:-.whl}
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+  timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     "$WHEELS"/*.whl \
     || { echo "pip could not install the wheels: unpacking them" | tee -a "$LOG"
          for w in "$WHEELS"/*.whl; do python3 -m zipfile -e "$w" "$SITE"; done; }
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   # peft imports bitsandbytes whenever it finds one: one that fails to import would fail the bf16 parts too, so
   # it goes (and only the NF4 parts fail, on their own)
-  if ! bnb=$(timeout 120 python3 -c "import bitsandbytes" 2>&1); then
+  if compgen -G "$WHEELS/bitsandbytes-*.whl" > /dev/null && ! bnb=$(timeout 60 python3 -c "import bitsandbytes" 2>&1); then
     echo "bitsandbytes does not import (removed; the NF4 parts will fail): $(tail -n 1 <<< "$bnb")" | tee -a "$LOG"
     rm -rf "$SITE"/bitsandbytes "$SITE"/bitsandbytes-*
   fi
 elif ! python3 -c "import bitsandbytes" 2>/dev/null; then
   echo "no bitsandbytes here and no wheel in .whl/: the NF4 parts (and the NF4 tests) will fail" | tee -a "$LOG"
 fi
-timeout 120 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+timeout 60 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || { echo "project install failed: importing it from the checkout" | tee -a "$LOG"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 # the stack: every part needs it, so a failure here ends the suite (its time is better spent on a rerun)
 # (bitsandbytes is not part of it: only the NF4 parts need it, and they fail on their own without it)
-if ! stack=$(timeout 120 python3 - 2>&1 <<'PY'
+if ! stack=$(timeout 90 python3 - 2>&1 <<'PY'
 import torch, triton, transformers, accelerate, peft, booster_fast
 try:
     import bitsandbytes
@@ -119,7 +120,7 @@ timeout 120 python3 -c "import torch; from booster_fast.kernels import triton_un
 print('preflight: Triton', triton_unusable(torch.device('cuda')) or 'launches')" 2>&1 | tail -n 3 | tee -a "$LOG"
 # and one NF4 round trip on the GPU: bitsandbytes may import with its CUDA library missing (it warns, then fails at
 # the first 4-bit call), which this line states before the NF4 parts meet it
-timeout 120 python3 - 2>&1 <<'PY' | tail -n 3 | tee -a "$LOG"
+timeout 60 python3 - 2>&1 <<'PY' | tail -n 3 | tee -a "$LOG"
 import torch
 try:
     import bitsandbytes.functional as F
