@@ -10,8 +10,8 @@ inputs (plus one fp32 scalar per row for the norm). They follow transformers' ro
 normalised row to the input dtype before the weight multiplies it, the gate rounds ``silu(gate)`` before the
 product, the rotation rounds each product before the sum; so in fp32 they equal the eager ops up to summation
 order (and, on the GPU, the few ulps of the approximate sqrt, division and exp Triton compiles by default: ~1e-7
-relative, as eager CUDA's own rsqrt), and in bf16 up to about one rounding. Gemma's norm (``unit_offset``: ``(1 + w) * x * rstd``, all in fp32
-and rounded once at the end) is the same kernel with another rounding.
+relative, as eager CUDA's own rsqrt), and in bf16 up to about one rounding. Gemma's norm (``unit_offset``:
+``(1 + w) * x * rstd``, all in fp32 and rounded once at the end) is the same kernel with another rounding.
 
 Three layers each, as in booster_kernels.py: ``@triton.jit`` kernels -> an ``autograd.Function`` -> the
 function the model calls (fused_ops.py installs it). Triton only: these run where Triton runs (CUDA, or the
