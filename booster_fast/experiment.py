@@ -5,9 +5,9 @@ For each seed: align the same base model on the same data for the same number of
 order and steps (on the LoRA the original's scripts attack for that method: Booster's own, after SFT a new one on
 the merged model; attack's `--lora auto`), and evaluate each before and after the attack. Every stage is the
 command line's own (`booster-fast align / attack / eval`, called in process through `cli.main`), so the experiment
-exercises exactly what a user runs. It writes one JSON document (settings, machine, per-seed curves and scores, runtimes) and a PNG:
-the held-out harmful loss against the attack step for both methods (the paper's claim: Booster slows its drop), and
-the post-attack harmful score and task accuracy per seed.
+exercises exactly what a user runs. It writes one JSON document (settings, machine, per-seed curves and scores,
+runtimes) and a PNG: the held-out harmful loss against the attack step for both methods (the paper's claim:
+Booster slows its drop), and the post-attack harmful score and task accuracy per seed.
 
 Presets:
 - `tiny` (default; offline, CPU, minutes): the embedded random-initialised tiny Llama. With the paper's LoRA
