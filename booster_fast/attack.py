@@ -7,7 +7,8 @@ new LoRA of the same shape trained on top (the original's SFT and baseline scrip
 chooses either for any run, and a plain peft adapter continues unless told). The training mix is the user's
 benign task and harmful samples:
 `n_harm = floor(p · samples)` harmful rows (as the original's int(); harmful prompt -> harmful answer) and
-`samples − n_harm` benign rows, shuffled with the seed. Defaults are the paper's attack setting: 1000 samples,
+`samples − n_harm` benign rows, the first rows of each set in file order as the original takes them (`--rows
+sample`: a sample of each drawn with the seed), shuffled with the seed. Defaults are the paper's attack setting: 1000 samples,
 p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
 
 --adapter takes a `booster-fast align` (or attack) run directory, whose run_config.json names the base model and
@@ -35,9 +36,8 @@ is a run directory like align's: adapter, tokenizer, run_config.json, metrics.js
 name and renamed when complete (an interrupted or failed attack leaves nothing). An update whose loss or gradient
 is not finite is skipped on the device, counted in metrics.jsonl (`skipped`), and more than `--max-skipped` of
 them, or 10 in a row, end the attack with exit code 3: a stalled attack would otherwise read as
-a defence that held. Data difference from the original: it takes the first rows of its range in
-file order (poison_num − 1 of them, an off-by-one of its `<`), ours are a seeded sample of floor(p · samples)
-rows of the same range.
+a defence that held. Data difference from the original: its harmful rows are poison_num − 1 (an off-by-one of
+its `<`: rows 1..99 at p = 0.1 of 1000), ours floor(p · samples) (rows 1..100).
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ log = logging.getLogger("booster_fast")
 
 HARMFUL_SPLITS = ("attack", "train")
 LORA_MODES = ("auto", "continue", "new")
+ROW_CHOICES = ("first", "sample")
 MERGED_DIR = "merged"  # in a --lora new run: the adapters merged into its base, in order
 
 
@@ -88,6 +89,9 @@ def add_parser(sub):
                    help="attack: rows kept apart from the alignment's (BeaverTails rows 1-4999 as the original; "
                         "built-in: prompts in neither train nor test); train: the alignment's own rows. A file is "
                         "used whole either way")
+    p.add_argument("--rows", default="first", choices=ROW_CHOICES,
+                   help="first (default): the first rows of the benign task's train split and of the harmful rows, "
+                        "in file order, as the original takes them; sample: a sample of each drawn with --seed")
     p.add_argument("--poison-ratio", type=float, default=0.1, help="share of harmful samples p (paper: 0.1)")
     p.add_argument("--samples", type=int, default=1000, help="fine-tuning samples in all (paper: 1000)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
@@ -158,10 +162,12 @@ def _counted(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def poison_mix(benign: list, harmful: list, samples: int, ratio: float, seed: int) -> tuple[list, int]:
+def poison_mix(benign: list, harmful: list, samples: int, ratio: float, seed: int, first: bool = False
+               ) -> tuple[list, int]:
     """`samples` rows: floor(ratio·samples) harmful (as the original's int(); a hair of slack absorbs float error
-    such as 0.29·100 = 28.999...) + the rest benign, each drawn without replacement with the seed, then shuffled
-    together. Returns (rows, number of harmful rows)."""
+    such as 0.29·100 = 28.999...) + the rest benign, each the first rows of its set in order (`first`, as the
+    original takes them) or drawn without replacement with the seed, then shuffled together with the seed.
+    Returns (rows, number of harmful rows)."""
     from .data import DataError
 
     n_harm = math.floor(ratio * samples + 1e-9)
@@ -173,7 +179,10 @@ def poison_mix(benign: list, harmful: list, samples: int, ratio: float, seed: in
         raise DataError(f"the harmful set has {_counted(len(harmful), 'row')}; {n_harm} are needed "
                         f"(--samples {samples}, --poison-ratio {ratio})")
     rng = random.Random(f"booster_fast.attack:{seed}")
-    rows = rng.sample(list(benign), n_benign) + rng.sample(list(harmful), n_harm)
+    if first:
+        rows = list(benign[:n_benign]) + list(harmful[:n_harm])
+    else:
+        rows = rng.sample(list(benign), n_benign) + rng.sample(list(harmful), n_harm)
     rng.shuffle(rows)
     return rows, n_harm
 
@@ -373,7 +382,8 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
     # a file has no attack or test split: it is used whole (also as --harmful-data beside builtin or beavertails
     # prompts), for the attack's rows and for the 'held-out' loss alike
     heldout_is_train = harmful_split == "whole file"
-    rows, n_harm = poison_mix(benign, harmful_pool, args.samples, args.poison_ratio, seed)
+    rows, n_harm = poison_mix(benign, harmful_pool, args.samples, args.poison_ratio, seed,
+                              first=getattr(args, "rows", "first") == "first")
     probe = [(e.instruction, e.input) for e in harmful_test[: args.refusal_prompts]]
     if args.eval_rows is not None:
         harmful_test = harmful_test[: args.eval_rows]
@@ -415,7 +425,8 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                   "attacked_before": run_cfg.get("command") == "attack", "lora": lora, "benign": args.benign,
                   "harmful": harmful_src,
                   "harmful_data": harmful_file, "harmful_split": harmful_split, "harmful_source": harmful_source,
-                  "harmful_disjoint_from_alignment": disjoint, "poison_ratio": args.poison_ratio,
+                  "harmful_disjoint_from_alignment": disjoint, "rows": getattr(args, "rows", "first"),
+                  "poison_ratio": args.poison_ratio,
                   "samples": args.samples,
                   "n_harmful": n_harm, "n_benign": args.samples - n_harm, "lr": args.lr, "epochs": args.epochs,
                   "steps": steps, "batch_size": args.batch_size, "weight_decay": args.weight_decay,

@@ -62,8 +62,9 @@ EVAL_ROWS = 1000        # AGNEWS / GSM8K test: the first 1000 rows, as in the pa
 # rows below 5000 feed its fine-tuning attack. We take [5000, 10000) for train and the next 500 for test.
 # The attack split: the original's attack (poison_data_start=0) takes the rows with `0 < index < poison_num`,
 # i.e. rows 1 .. poison_num-1 in file order (one row fewer than int(p * samples): 99 at p = 0.1 of 1000), never
-# row 0. Ours is every row that condition can reach below the alignment rows, [1, 5000); the attack draws its
-# floor(p * samples) rows from it with its seed, so they are the original's kind of rows, not its exact ones.
+# row 0. Ours is every row that condition can reach below the alignment rows, [1, 5000); the attack takes its
+# floor(p * samples) rows from its start (rows 1..100 at p = 0.1: the original's and one more; `attack --rows
+# sample` draws them with its seed instead).
 BEAVERTAILS_REPO = "anonymous4486/booster_dataset"
 # the data sets named by a word that the hub holds: align's --data, attack's --benign, eval's --task
 HUB_DATA_SETS = {"beavertails": BEAVERTAILS_REPO, "sst2": "stanfordnlp/sst2", "agnews": "fancyzhx/ag_news",

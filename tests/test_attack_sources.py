@@ -87,7 +87,7 @@ def test_attack_on_a_plain_adapter(plain, spy_load, tmp_path, monkeypatch):
     d, model = plain
     pools = []
     real_mix = attack.poison_mix
-    monkeypatch.setattr(attack, "poison_mix", lambda b, h, *a: pools.append(h) or real_mix(b, h, *a))
+    monkeypatch.setattr(attack, "poison_mix", lambda b, h, *a, **k: pools.append(h) or real_mix(b, h, *a, **k))
     out = tmp_path / "attacked"
     assert main(["attack", "--adapter", str(d), "--base-model", "tiny", "--output", str(out), *SMALL_ATTACK]) == 0
 
@@ -281,7 +281,7 @@ def test_beavertails_attack_rows_are_the_originals(monkeypatch):
 def test_harmful_split_train_restores_the_alignment_rows(aligned, tmp_path, monkeypatch):
     pools = []
     real_mix = attack.poison_mix
-    monkeypatch.setattr(attack, "poison_mix", lambda b, h, *a: pools.append(h) or real_mix(b, h, *a))
+    monkeypatch.setattr(attack, "poison_mix", lambda b, h, *a, **k: pools.append(h) or real_mix(b, h, *a, **k))
     for split in ("attack", "train"):
         out = tmp_path / split
         assert main(["attack", "--adapter", str(aligned), "--output", str(out), "--harmful-split", split,
@@ -327,7 +327,7 @@ def test_an_attack_run_keeps_its_harmful_file_wherever_it_is_read(aligned, tmp_p
     (tmp_path / "elsewhere" / "data" / "harmful.jsonl").write_text("".join(row(i, "other") for i in range(30)))
     pools = []
     real_mix = attack.poison_mix
-    monkeypatch.setattr(attack, "poison_mix", lambda b, h, *a: pools.append(h) or real_mix(b, h, *a))
+    monkeypatch.setattr(attack, "poison_mix", lambda b, h, *a, **k: pools.append(h) or real_mix(b, h, *a, **k))
     monkeypatch.chdir(tmp_path)
     assert main(["attack", "--adapter", str(aligned), "--output", "first", "--harmful", "data/harmful.jsonl",
                  *SMALL_ATTACK]) == 0

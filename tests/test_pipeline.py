@@ -93,6 +93,10 @@ def test_poison_mix_counts_and_determinism():
     assert poison_mix(benign, harmful, 10, 0.15, seed=0)[1] == 1 and poison_mix(benign, harmful, 7, 0.5, seed=0)[1] == 3
     # the harmful rows are mixed in, not appended
     assert any(r[0] == "h" for r in rows[:-4]), "the harmful rows all sit at the end"
+    # first (the attack's default, as the original): the first rows of each set, in another order per seed
+    first, n = poison_mix(benign, harmful, 40, 0.1, seed=1, first=True)
+    assert n == 4 and sorted(first) == sorted(benign[:36] + harmful[:4])
+    assert poison_mix(benign, harmful, 40, 0.1, seed=2, first=True)[0] != first
 
 
 def test_heldout_loss_is_the_token_mean_over_all_batches():
@@ -457,3 +461,23 @@ def test_a_new_lora_is_refused_for_an_adapter_it_would_not_copy():
     dora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(UsageError, match=r"the adapter uses DoRA, .*pass --lora continue$"):
         fresh_lora(dora, 0)
+
+
+def test_the_attack_takes_the_first_rows_of_each_set_by_default(aligned, tmp_path, monkeypatch):
+    """As the original: the first benign rows of the task's train split and the first harmful rows of the attack
+    split, in file order (`--rows sample` draws them with the seed); run_config.json says which."""
+    from booster_fast import attack
+    from booster_fast.data import load_benign, load_safety_data
+
+    mixes = []
+    real = attack.poison_mix
+    monkeypatch.setattr(attack, "poison_mix", lambda *a, **k: mixes.append(real(*a, **k)) or mixes[-1])
+    for rows in ("first", "sample"):
+        out = tmp_path / rows
+        extra = [] if rows == "first" else ["--rows", "sample"]
+        assert main(["attack", "--adapter", str(aligned), "--output", str(out), *extra, *ATTACK]) == 0
+        assert json.loads((out / "run_config.json").read_text())["rows"] == rows
+    benign, (_, harmful) = load_benign("builtin", "train"), load_safety_data("builtin", "attack")
+    (first, n), (sampled, _) = mixes
+    assert n == 2 and sorted(map(repr, first)) == sorted(map(repr, benign[:18] + harmful[:2]))
+    assert sorted(map(repr, sampled)) != sorted(map(repr, first))
