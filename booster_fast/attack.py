@@ -8,8 +8,8 @@ chooses either for any run, and a plain peft adapter continues unless told). The
 benign task and harmful samples:
 `n_harm = floor(p · samples)` harmful rows (as the original's int(); harmful prompt -> harmful answer) and
 `samples − n_harm` benign rows, the first rows of each set in file order as the original takes them (`--rows
-sample`: a sample of each drawn with the seed), shuffled with the seed. Defaults are the paper's attack setting: 1000 samples,
-p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
+sample`: a sample of each drawn with the seed), shuffled with the seed. Defaults are the paper's attack setting:
+1000 samples, p = 0.1, lr 1e-5, 20 epochs, batch 10, weight decay 0.1, clipping 1.0, constant lr.
 
 --adapter takes a `booster-fast align` (or attack) run directory, whose run_config.json names the base model and
 the settings, one of an align run's checkpoints (`RUN/checkpoints/step-000020`: the run's run_config.json applies), or
