@@ -418,8 +418,11 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
             # (a non-finite held-out loss is null in the metrics: NaN here, so that the drop and the means say so)
             curve = [(r["step"], math.nan if r["harmful_loss"] is None else r["harmful_loss"]) for r in attack_rows]
             keyword = [(r["step"], r["keyword_harmful_score"]) for r in attack_rows if "keyword_harmful_score" in r]
+            attack_cfg = json.loads((attacked / "run_config.json").read_text())
             row[method] = {
                 "align_final": {k: align_metrics[-1].get(k) for k in ("loss", "harmful_loss")},
+                # how it was attacked: which LoRA (a new one after SFT, as the original), which rows
+                "attack": {k: attack_cfg.get(k) for k in ("lora", "rows", "n_benign", "n_harmful", "harmful_source")},
                 "before_attack": _scores(before),
                 "after_attack": _scores(after),
                 "harmful_loss_curve": curve,

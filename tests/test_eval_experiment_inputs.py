@@ -235,6 +235,9 @@ class FakeStages:
                                        "examples": {"harmful": []}, "judge": {"name": "refusal"}}))
             return
         out.mkdir(parents=True, exist_ok=True)  # (the real stages replace it: --overwrite)
+        if argv[0] == "attack":
+            (out / "run_config.json").write_text(json.dumps({"command": "attack", "lora": "continue", "rows": "first",
+                                                             "n_benign": 9, "n_harmful": 1}))
         rows = ([{"loss": 1.0, "harmful_loss": 2.0}] if argv[0] == "align" else
                 [{"step": s, "harmful_loss": 2.0 - s, "train_loss": None if s == 0 else 1.0} for s in (0, 1)])
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -286,6 +286,8 @@ def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
     assert res["seeds"] == [43] and res["settings"] == micro and res["judge"]["name"] == "refusal"
     assert {"platform", "torch", "cpu_count"} <= set(res["machine"])
     row = res["per_seed"][0]
+    assert {m: (row[m]["attack"]["lora"], row[m]["attack"]["rows"]) for m in row if m != "seed"} == {
+        "sft": ("new", "first"), "booster": ("continue", "first"), "booster-vaccine": ("continue", "first")}
     for m in ("sft", "booster", "booster-vaccine"):
         assert [s for s, _ in row[m]["harmful_loss_curve"]] == [0, 1, 2]
         after = row[m]["after_attack"]
