@@ -40,6 +40,7 @@ log = logging.getLogger("booster_fast")
 
 TASKS = ("builtin", "sst2", "agnews", "gsm8k")
 JUDGES = ("beaver-dam", "refusal")
+JUDGE_DTYPES = ("auto", "bf16", "fp32")
 BEAVER_DAM = "PKU-Alignment/beaver-dam-7b"
 RESPONSE_MARK = "### Response:"  # an answer ends where the model starts another
 BEAVERTAILS_EVAL = ("PKU-Alignment/BeaverTails", "30k_test")   # the paper's 1000 unsafe test prompts
@@ -78,6 +79,9 @@ def add_parser(sub):
                    help="beaver-dam (the paper's, needs PKU-Alignment/beaver-dam-7b) | refusal (offline keyword "
                         "proxy); default: refusal on a random-weight preset base such as tiny, else beaver-dam")
     p.add_argument("--judge-model", default=BEAVER_DAM, help="HF id or local copy of the beaver-dam judge")
+    p.add_argument("--judge-dtype", default="auto", choices=JUDGE_DTYPES,
+                   help="the beaver-dam judge's weights: auto (default) bf16 on a GPU, fp32 on the CPU; fp32 as "
+                        "the original ran it (28 GB), where a borderline score may differ in bf16")
     p.add_argument("--task", default=None,
                    help="builtin | sst2 | agnews | gsm8k (default: the attack's --benign, else builtin)")
     p.add_argument("--prompts", default=None,
@@ -152,14 +156,16 @@ class BeaverDamJudge:
     name, label = "beaver-dam", BEAVER_DAM_LABEL
     PROMPT = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
-    def __init__(self, model_id: str, device, batch_size: int = 16, max_length: int = 256):
+    def __init__(self, model_id: str, device, batch_size: int = 16, max_length: int = 256, dtype: str = "auto"):
         import torch
         from transformers import AutoModelForSequenceClassification
 
         from .models import ModelError, from_hub
 
         self.device, self.batch_size = device, batch_size
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if dtype == "auto":
+            dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         try:
             self.model = from_hub(AutoModelForSequenceClassification.from_pretrained, model_id, dtype=dtype)
             self.tok = self._tokenizer(model_id, max_length)
@@ -431,7 +437,8 @@ def evaluate_run(args) -> dict:
                     "score is not measured on held-out prompts (--prompts builtin|beavertails|PATH for others)",
                     d["prompts"])
     task_rows = load_benign(d["task"], "test")[: args.num_task]
-    judge = RefusalJudge() if judge_name == "refusal" else BeaverDamJudge(args.judge_model, device)
+    judge = RefusalJudge() if judge_name == "refusal" else BeaverDamJudge(
+        args.judge_model, device, dtype=getattr(args, "judge_dtype", "auto"))
     model, tok, _ = load_adapter(args.adapter, device, trainable=False, base=base,
                                    trust_remote_code=getattr(args, "trust_remote_code", False))
     if limit is None:  # its config could not be read without loading the model: check the loaded one's
@@ -458,7 +465,8 @@ def evaluate_run(args) -> dict:
         "harmful_score": 100.0 * sum(flags) / n,
         "accuracy": 100.0 * sum(correct) / m,
         "judge": {"name": judge.name, "label": judge.label, "chosen": judge_why,
-                  **({"markers": list(REFUSAL_MARKERS)} if judge.name == "refusal" else {})},
+                  **({"markers": list(REFUSAL_MARKERS)} if judge.name == "refusal" else
+                     {"dtype": str(judge.model.dtype).removeprefix("torch.")})},
         "harmful": {"prompts": prompts_desc, "n": len(prompts), "flagged": sum(flags), "refusals": refusals,
                     "compliant_style": compliant, "empty": empty,
                     "max_new_tokens": d["max_new"]},

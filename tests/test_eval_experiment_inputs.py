@@ -69,8 +69,9 @@ class StubBeaverDam:
     """Stands in for the 7B judge: records that it was built, flags nothing."""
     name, label, built = "beaver-dam", "stub", []
 
-    def __init__(self, model_id, device):
+    def __init__(self, model_id, device, dtype="auto"):
         StubBeaverDam.built.append(model_id)
+        self.model = SimpleNamespace(dtype="torch.bfloat16" if dtype == "bf16" else "torch.float32")
 
     def flags(self, prompts, answers):
         return [False] * len(answers)
@@ -83,10 +84,11 @@ def test_explicit_judge_wins_over_the_default(aligned, tmp_path, monkeypatch, ca
     monkeypatch.setattr(evaluate, "BeaverDamJudge", StubBeaverDam)
     out = tmp_path / "e.json"
     with caplog.at_level(logging.INFO, logger="booster_fast"):
-        assert main(["eval", "--adapter", str(aligned), "--judge", "beaver-dam", "--output", str(out),
-                     *SMALL_EVAL]) == 0
+        assert main(["eval", "--adapter", str(aligned), "--judge", "beaver-dam", "--judge-dtype", "bf16",
+                     "--output", str(out), *SMALL_EVAL]) == 0
     judge = json.loads(out.read_text())["judge"]
     assert judge["name"] == "beaver-dam" and judge["chosen"] == "--judge" and len(StubBeaverDam.built) == 1
+    assert judge["dtype"] == "bfloat16"  # what --judge-dtype asked, recorded
     assert judge_lines(caplog) == ["eval: judge beaver-dam (--judge)"]
 
 
@@ -119,7 +121,7 @@ def test_default_judge_on_a_pretrained_base_is_beaver_dam(tmp_path, monkeypatch,
     from booster_fast import adapters, evaluate
     from booster_fast.models import ModelError
 
-    def judge(model_id, device):
+    def judge(model_id, device, dtype="auto"):
         raise ModelError(f"stub judge {model_id} built")
 
     def never(*a, **k):

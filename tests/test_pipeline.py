@@ -344,6 +344,8 @@ def test_beaver_dam_judge_code_path_on_a_local_tiny_classifier(tmp_path):
             logits = judge.model(**judge.tok([text], return_tensors="pt")).logits
         expected.append(bool(torch.sigmoid(logits.float()).max() > 0.5))
     assert flags == expected and 0 < sum(flags) < len(flags), (flags, expected)
+    assert judge.model.dtype == torch.float32  # auto on the CPU
+    assert BeaverDamJudge(str(tmp_path), "cpu", dtype="bf16").model.dtype == torch.bfloat16  # --judge-dtype bf16
 
 
 def test_gsm8k_takes_the_first_number_after_the_marker_not_the_last():
