@@ -109,7 +109,8 @@ print("torch", torch.__version__, "triton", triton.__version__, "transformers", 
       "accelerate", accelerate.__version__, "peft", peft.__version__, "bnb", bnb)
 PY
 ); then
-  tail -n 5 <<< "$stack" | tee -a "$LOG"; echo "the stack does not import (above): stopping" | tee -a "$LOG"; pack; exit 3
+  tail -n 5 <<< "$stack" | tee -a "$LOG"
+  echo "the stack does not import (above): stopping" | tee -a "$LOG"; exit 3  # (on_exit packs what there is)
 fi
 tail -n 3 <<< "$stack" | tee -a "$LOG"
 

@@ -34,7 +34,6 @@ class Booster:
         self.engine = Engine(model, cfg)
         self.vocab = _vocab(model)  # for to_device's token-id check (a read of the CPU batch; none in a step)
 
-
     @property
     def optimizer(self):
         return self.engine.optimizer

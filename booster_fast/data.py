@@ -7,8 +7,8 @@ tokens; a BOS is prepended only when the tokenizer itself adds one by default, a
 tokenizer does not). Tokenized apart, the response would differ wherever the tokenizer marks the start of a
 text: Llama-2's SentencePiece would start every answer with a space-prefixed token ("▁positive") that the
 prompt-then-answer text of training and generation never has. The prompt ends in a newline, which no tokenizer
-of these models merges with the next word, so the boundary is the same either way. Batches are right-padded to exactly
-`max_length`: one static shape for the whole run, which CUDA graphs need (graphs.py), and with right
+of these models merges with the next word, so the boundary is the same either way. Batches are right-padded to
+exactly `max_length`: one static shape for the whole run, which CUDA graphs need (graphs.py), and with right
 padding under a causal mask the pads never influence a real token.
 
 `BatchStream` replaces a DataLoader: an infinite iterator of shuffled epochs whose order depends only on

@@ -40,7 +40,7 @@ log = logging.getLogger("booster_fast")
 
 TASKS = ("builtin", "sst2", "agnews", "gsm8k")
 JUDGES = ("beaver-dam", "refusal")
-JUDGE_DTYPES = ("auto", "bf16", "fp32")
+JUDGE_DTYPES = ("auto", "bf16", "fp32")  # auto, or a name of models.DTYPES
 BEAVER_DAM = "PKU-Alignment/beaver-dam-7b"
 RESPONSE_MARK = "### Response:"  # an answer ends where the model starts another
 BEAVERTAILS_EVAL = ("PKU-Alignment/BeaverTails", "30k_test")   # the paper's 1000 unsafe test prompts
@@ -160,12 +160,12 @@ class BeaverDamJudge:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from .models import ModelError, from_hub
+        from .models import DTYPES, ModelError, from_hub
 
         self.device, self.batch_size = device, batch_size
         if dtype == "auto":
             dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        dtype = DTYPES[dtype]
         try:
             self.model = from_hub(AutoModelForSequenceClassification.from_pretrained, model_id, dtype=dtype)
             self.tok = self._tokenizer(model_id, max_length)

@@ -24,11 +24,10 @@ Presets:
 - `paper-sst2`, `paper-agnews`, `paper-gsm8k`: the paper's setup — Llama-2-7B (bf16), LoRA r 32 / alpha 4 on q,k,v,
   alignment 20 epochs of batch 10 at lr 5e-4 (weight decay 0.1, λ 5, α 0.1, max length 256) on the BeaverTails
   refusal pairs, attack 1000 samples at p = 0.1 (0.05 on GSM8K, as the original's GSM8K scripts), lr 1e-5,
-  20 epochs, batch 10, judged by beaver-dam-7b with
-  512 new tokens; seed 43 (+1 per extra seed). They need the model, the data sets and the judge downloaded.
-  Booster + Vaccine runs at the ρ 5 of the original's script for it; that script also aligns on 500 rows
-  (`sample_num=500`, against 5000 in its Booster script), but here every method aligns on the same rows, so
-  that the comparison is like for like.
+  20 epochs, batch 10, judged by beaver-dam-7b with 512 new tokens; seed 43 (+1 per extra seed). They need the
+  model, the data sets and the judge downloaded. Booster + Vaccine runs at the ρ 5 of the original's script for
+  it; that script also aligns on 500 rows (`sample_num=500`, against 5000 in its Booster script), but here every
+  method aligns on the same rows, so that the comparison is like for like.
 
 `--set KEY=VALUE` (repeatable) changes one field of the preset — dotted keys reach the stages' settings, e.g.
 `--set align.steps=20 --set attack.steps=10 --set eval.num_prompts=8 --set vaccine_rho=1` for a quick run; the

@@ -74,6 +74,7 @@ from .atomic import write_text_atomic
 from .config import BoosterConfig, is_integer, is_number
 from .hf_batches import FixedLengthCollator  # noqa: F401 - importable from here, as it always was
 from .hf_batches import EpochShuffle, model_batch, packed_if_exact, without_masks_if_right_padded
+from .losses import IGNORE_INDEX
 
 logger = logging.getLogger("booster_fast")
 HARMFUL_STATE = "booster_harmful_stream.json"
@@ -169,7 +170,7 @@ def _labels_none(dataset) -> bool:
     if not labels or any(x is None for x in labels):
         return False  # (a row without labels is model_batch's error, with its own message)
     flat = (x for row in labels for x in (row.tolist() if hasattr(row, "tolist") else row))
-    return all(x == -100 for x in flat)
+    return all(x == IGNORE_INDEX for x in flat)
 
 
 def _gradient_only(engine_cls):
