@@ -32,6 +32,7 @@ import torch
 
 from .atomic import writes
 from .cli import NonFiniteAbort, UsageError
+from .data import ENCODING
 from .models import PRESETS as MODEL_PRESETS
 from .run_args import (apply_resume, check_common_args, check_device_flags, check_output, check_run_args,
                        config_from_args, data_fingerprints, resolve_device)
@@ -215,8 +216,8 @@ def run_align(args) -> int:
     if rank == 0 and args.resume is None:
         check_output(args.output, args.overwrite,
                      inputs={"--data": args.data, "--harmful-data": args.harmful_data, "--model": args.model})
-    if args.resume is None:
-        args.data_sha256 = data_fingerprints(args)  # recorded in run_config.json (a resume checks them)
+    if args.resume is None:  # recorded in run_config.json: a resume checks them
+        args.data_sha256, args.encoding = data_fingerprints(args), ENCODING
 
     # ---- every other input check, before anything is written ---------------------------------------------
     data = load_data(args)

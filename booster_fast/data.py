@@ -34,6 +34,9 @@ from booster_fast.data_files import (DataError, Example, clean_refusal, instruct
 from booster_fast.errors import described
 
 IGNORE_INDEX = -100
+# How examples become tokens, recorded in an align run's run_config.json ("encoding"): a resume refuses a run
+# whose tokens were made otherwise. Runs recorded without it tokenized the response apart (see above).
+ENCODING = "joint"
 
 # The Alpaca template, verbatim (the original's utils.PROMPT_DICT).
 PROMPT_INPUT = (

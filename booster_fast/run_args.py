@@ -283,6 +283,8 @@ def apply_resume(args, finished_ok: bool = False):
     if conflicts:
         raise UsageError(f"--resume {args.resume}: flags that differ from the saved run: {', '.join(conflicts)}; "
                          f"drop them or start a new run")
+    if not finished_ok:
+        _check_encoding(args.resume, saved)
     args.data_sha256 = data_fingerprints(args)
     for path, digest in (saved.get("data_sha256") or {}).items():
         if args.data_sha256.get(path) != digest:
@@ -290,6 +292,21 @@ def apply_resume(args, finished_ok: bool = False):
             raise UsageError(f"--resume {args.resume}: {path} {what}: the resumed steps would not train on the "
                              f"run's rows; start a new run")
     args.output, args.overwrite, args.resume_changes = str(run.absolute()), False, changed
+
+
+def _check_encoding(resume: str, saved: dict):
+    """One-line UsageError when the run's examples became tokens otherwise than this version makes them (a run
+    recorded without "encoding" tokenized the response apart from its prompt). The built-in models' tokenizer gives
+    the same tokens either way, so their runs go on."""
+    from .data import ENCODING
+    from .models import PRESETS
+
+    found = saved.get("encoding")
+    if found != ENCODING and not (found is None and saved.get("model") in PRESETS):
+        how = ("tokenized each response apart from its prompt" if found is None
+               else f"tokenized its examples as {json.dumps(found)[:40]}")
+        raise UsageError(f"--resume {resume}: the run {how}; this version tokenizes prompt and response together, "
+                         f"so the resumed steps would train on other tokens: start a new run")
 
 
 def data_fingerprints(args) -> dict[str, str]:

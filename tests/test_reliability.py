@@ -460,6 +460,7 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path, monkeypatch, capsys):
     cfg = json.loads(Path("run/run_config.json").read_text())
     data = str(tmp_path / "pairs.json")
     assert cfg["data"] == data and list(cfg["data_sha256"]) == [data] and len(cfg["data_sha256"][data]) == 64
+    assert cfg["encoding"] == "joint"
     (tmp_path / "run" / MARKER).write_text("")  # pretend it was interrupted after step 2
     shutil.copytree(tmp_path / "run", tmp_path / "copy")
     monkeypatch.chdir(tmp_path.parent)
@@ -918,6 +919,31 @@ def test_resume_refuses_a_run_whose_data_file_is_gone(tmp_path):
     run = _saved_run(tmp_path, data=gone, data_sha256={gone: "0" * 64})
     with pytest.raises(UsageError, match="rows.json is gone"):
         apply_resume(_resume_args(run))
+
+
+def test_resume_refuses_a_run_whose_tokens_were_made_otherwise(tmp_path, capsys):
+    """A run recorded without "encoding" tokenized each response apart from its prompt: a Hugging Face model's
+    tokenizer can give other tokens now, so its resume is refused in one line (the built-in models' tokenizer
+    gives the same tokens, so theirs goes on); `memory --resume` only reads the flags, and takes either."""
+    from booster_fast.cli import UsageError
+    from booster_fast.run_args import apply_resume
+
+    model = str(tmp_path / "llama")  # (not loaded: the check comes first)
+    for saved, refused in (({"model": model}, "tokenized each response apart from its prompt"),
+                           ({"model": model, "encoding": "joint"}, None),
+                           ({}, None),
+                           ({"encoding": "apart"}, 'tokenized its examples as "apart"')):
+        run = _saved_run(tmp_path, **saved)
+        if refused:
+            with pytest.raises(UsageError, match=f"^--resume {re.escape(str(run))}: the run {refused}; .*"
+                                                 "start a new run$"):
+                apply_resume(_resume_args(run))
+            apply_resume(_resume_args(run), finished_ok=True)
+        else:
+            args = _resume_args(run)
+            apply_resume(args)
+            assert args.model == saved.get("model", "tiny")
+        shutil.rmtree(run)
 
 
 # ------------------------------------------------------------------------------ resume: damaged contents
