@@ -150,10 +150,10 @@ def _install_rope(model: nn.Module, tolerance: float) -> int:
             setattr(namespace, ROPE, _rope_wrapper(function))
             err = _checked(f"{namespace.__name__}.{ROPE}", _rope_difference, namespace,
                            next(module.parameters()).device, dtype)
-            if not err <= tolerance:
+            if err is None or not err <= tolerance:  # (a NaN difference fails the test too)
                 setattr(namespace, ROPE, function)
                 refused.add(namespace.__name__)
-                if err is not FAILED:
+                if err is not None:
                     log.info("fused ops: %s.%s kept (the fused one differs by %.2g relative)", namespace.__name__,
                              ROPE, err)
                 continue
@@ -161,22 +161,19 @@ def _install_rope(model: nn.Module, tolerance: float) -> int:
     return covered
 
 
-FAILED = float("nan")  # the verdict on a kind whose fused kernels raised in the install check
-
-
 class FusedKernelError(RuntimeError):
     """The fused side of an install check raised (Triton's compile and launch errors share no base class)."""
 
 
-def _checked(what: str, difference, *args) -> float:
-    """difference(*args), or FAILED, with one log line, where the fused kernels raise (one that does not compile
+def _checked(what: str, difference, *args) -> float | None:
+    """difference(*args), or None, with one log line, where the fused kernels raise (one that does not compile
     or launch on this GPU): that kind keeps its own forward, instead of failing the first step. What the module's
     own forward raises, or a CUDA error that leaves the device unusable, is raised as it is."""
     try:
         return difference(*args)
     except FusedKernelError as e:
         log.warning("fused ops: %s kept its own (the fused kernels fail: %s)", what, e)
-        return FAILED
+        return None
 
 
 def _kind(module: nn.Module):
@@ -229,7 +226,7 @@ def install(model: nn.Module, autocast=contextlib.nullcontext, tolerance: float 
         if device.type == "cuda":
             raise ValueError(f"fused ops need Triton, which cannot launch on {device}: {triton_unusable(device)}")
         raise ValueError(f"fused ops need CUDA (or TRITON_INTERPRET=1 on the CPU), not {device}")
-    verdicts: dict[str, float] = {}
+    verdicts: dict[str, float | None] = {}  # per class: the difference, None where the fused kernels raised
     hidden = _hidden_dtype(model)
     counts: dict[str, int] = {}
     for module in model.modules():
@@ -242,11 +239,10 @@ def install(model: nn.Module, autocast=contextlib.nullcontext, tolerance: float 
         if "forward" in vars(module):  # someone else's instance forward: leave it
             continue
         if name not in verdicts:
-            verdicts[name] = _checked(name, _fused_difference, module, fused, autocast, hidden)
-            if not verdicts[name] <= tolerance and verdicts[name] is not FAILED:
-                log.info("fused ops: %s kept its own forward (the fused one differs by %.2g relative)", name,
-                         verdicts[name])
-        if verdicts[name] <= tolerance:
+            verdicts[name] = err = _checked(name, _fused_difference, module, fused, autocast, hidden)
+            if err is not None and not err <= tolerance:  # (a NaN difference fails the test too)
+                log.info("fused ops: %s kept its own forward (the fused one differs by %.2g relative)", name, err)
+        if verdicts[name] is not None and verdicts[name] <= tolerance:
             module.forward = types.MethodType(fused, module)
             module._booster_fused = True
             counts[name] = counts.get(name, 0) + 1
