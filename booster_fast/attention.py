@@ -115,8 +115,10 @@ def _flash(q, k, v, cu, max_seqlen: int, scaling, dropout: float):
     try:
         return flash(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen, **kwargs), None
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # a build without these kernels, an
-        # API that refuses these arguments: found by probe_flash or the eager warm-up, before any capture
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        # API that refuses these arguments: found by probe_flash or the eager warm-up, before any capture. Out of
+        # memory is the step's, not the kernel's: raised as it is, the kernel kept for the next step
+        if isinstance(e, torch.OutOfMemoryError) or (torch.cuda.is_available()
+                                                     and torch.cuda.is_current_stream_capturing()):
             raise
         _flash_failed = f"flash varlen failed: {reason(e)}"
         return None, _flash_failed

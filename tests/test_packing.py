@@ -497,6 +497,30 @@ def test_flash_varlen_is_called_the_way_each_torch_takes_it(monkeypatch, caplog,
     assert caplog.text.count("flash varlen failed: no kernel image is available for execution on the device") == 1
 
 
+def test_flash_out_of_memory_is_raised_and_keeps_the_kernel(monkeypatch):
+    """Out of memory inside flash's kernel is the step's failure (align reports it, exit 4), not the kernel's: it
+    is raised, and the packed attention keeps flash for the steps after it (a RuntimeError of its own switches
+    to the grid for the rest of the run)."""
+    from booster_fast import attention
+    import torch.nn.attention.varlen as varlen
+
+    def oom(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(varlen, "varlen_attn", oom)
+    attention._flash_varlen.cache_clear()
+    monkeypatch.setattr(attention, "_flash_failed", None)
+    monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(37, 4, 16, generator=g).bfloat16() for _ in range(3))
+    cu = torch.tensor([0, 12, 37], dtype=torch.int32)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            attention._flash(q, k, v, cu, 25, None, 0.0)
+        assert attention._flash_failed is None
+    finally:
+        attention._flash_varlen.cache_clear()
+
+
 def test_flash_probe_accepts_a_sound_kernel_and_rejects_a_wrong_one(monkeypatch):
     """probe_flash, run when a packing engine is built on CUDA, checks the kernel forward and backward against the
     exact grid path; a kernel that computes something else, or has no backward, is switched off with a reason."""
