@@ -3,6 +3,7 @@
 Same update as `reference.ReferenceBooster` (the original trainer's), computed with far less work:
 
     pass 1   one forward/backward of [harmful ; alignment] at w   ->  G_h = ∇h(w), G_f = ∇f(w)
+             (merged by default on CUDA; on the CPU, or merge_passes=False, one pass per batch)
     kernels  ss = ‖G_h‖²;  B = W;  W -= α G_h/(√ss+ε);  G_f += λ G_h;  G_h = 0
     pass 2   forward/backward of the harmful batch at w̃          ->  G_h = ∇h(w̃)
     kernels  W = B (bit-exact);  G_f -= λ G_h
@@ -44,8 +45,8 @@ from .nf4 import keep_nf4_trainable_
 from .reference import exempt_from_decay
 
 log = logging.getLogger("booster_fast")
-# the BoosterConfig fields the step reads at every call (the others are read once, when the engine is built;
-# merge_passes also where a merged pass cannot tell its batches apart, to raise or to go on unmerged)
+# the BoosterConfig fields the step reads at every call; the others are read once, when the engine is built
+# (merge_passes is read in a step too, but only to word the error when a merged pass cannot tell its batches apart)
 STEP_KNOBS = ("lamb", "alpha", "perturb_eps", "meta_term", "grad_accum", "max_grad_norm", "skip_nonfinite", "rho")
 _pass_marker = None  # set by ops-counting tools to tell model passes from bookkeeping
 
@@ -84,12 +85,12 @@ def default_packing(device: torch.device) -> bool:
     return True
 
 
-def _check_all_decay(model) -> None:
+def _check_all_decay(exempt: list[str], weight_decay: float) -> None:
     """The flat buffer is one AdamW parameter, so the fast engine decays every LoRA weight; the HF Trainer (the
-    original's optimizer, and the reference's) exempts names that look like a bias or a norm, which a plain
-    LoRA weight has only by its adapter's or module's name (an adapter named "bias_free")."""
-    exempt = sorted(exempt_from_decay(model, trainable_parameters(model)))
-    if exempt:
+    original's optimizer, and the reference's) exempts names that look like a bias or a norm (`exempt`), which a
+    plain LoRA weight has only by its adapter's or module's name (an adapter named "bias_free"). Checked when the
+    engine is built and before each step (a decay set in the optimizer's param_groups then)."""
+    if weight_decay and exempt:
         raise ValueError(f"impl='fast' applies weight decay to every LoRA weight, but the HF Trainer's rule, which "
                          f"the original and impl='reference' follow, leaves {len(exempt)} of them without it by "
                          f"name ({exempt[0]}, ...): rename the adapter or module, or use impl='reference' or "
@@ -102,8 +103,8 @@ class FastBooster:
         self._cfg_built = self._cfg_seen = cfg.snapshot()  # a config changed between steps is checked again
         keep_nf4_trainable_(model)  # before the probes below run the model in eval mode
         self.flat = FlatLoRA(model)  # first: a model without LoRA is told so, not that its norms lack decay
-        if cfg.weight_decay:
-            _check_all_decay(model)
+        self._exempt = sorted(exempt_from_decay(model, trainable_parameters(model)))
+        _check_all_decay(self._exempt, cfg.weight_decay)
         self.device = self.flat.W.device
         if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
             log.info("%s made the current CUDA device: Triton launches its kernels on the current one", self.device)
@@ -125,12 +126,13 @@ class FastBooster:
         self.W = torch.nn.Parameter(self.flat.W, requires_grad=True)
         self.W.grad = self.flat.G_f
         self.graphs = self._graphs_for(cfg.graphs)
-        captured = cuda and self.graphs is not None  # AdamW says capturable where the step is captured (fused
-        # AdamW runs the same kernel either way, its step count on the device; the flag is torch's capture check's)
+        # AdamW says capturable where the step will be captured (fused AdamW runs the same kernel either way, its
+        # step count on the device; the flag is for torch's capture check).
         # Where the step is captured, the learning rate is a device tensor that every replay reads, so a scheduler
         # (which fills a tensor lr in place) or a user's new value needs no new graph (_prepare keeps it this
         # tensor). CUDA's fused AdamW reads a tensor lr as fp32, as it rounds a float one (the CPU's takes fp64,
         # bit for bit a float lr). Elsewhere it stays a float: checkpoints then hold no device tensor
+        captured = cuda and self.graphs is not None
         self._lr = None
         if self.graphs is not None:
             lr_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
@@ -267,18 +269,21 @@ class FastBooster:
 
     def _clip_and_update(self) -> torch.Tensor:
         """Clip G_f to max_grad_norm with a device-side scale and take one fused AdamW step on W, skipped on the
-        device when the gradient is not finite. Returns the skip flag (0-dim float, 1.0 = skipped)."""
+        device when the gradient is not finite. Returns the skip flag (0-dim float, 1.0 = skipped). Fused AdamW
+        unscales in place: after the step G_f, and the LoRA parameters' .grad (its views), hold the clipped
+        gradient until the next step zeroes them (the reference sets .grad to None after its update)."""
         cfg = self.cfg
         if cfg.max_grad_norm > 0 or cfg.skip_nonfinite:
             norm = torch.linalg.vector_norm(self.flat.G_f)
         if cfg.max_grad_norm > 0:
             # fused AdamW divides the grad by grad_scale = max((‖g‖ + 1e-6)/max_norm, 1), the inverse of HF's clip
-            # coefficient; written as one add (bit-identical to HF's for the default max_norm 1.0)
+            # coefficient, written as one add (the same number as HF's denominator for the default max_norm 1.0;
+            # HF multiplies by the reciprocal, so a clipped element may differ from it in the last bit)
             m = cfg.max_grad_norm
             self.optimizer.grad_scale = torch.add(self._clip_offset, norm, alpha=1 / m).clamp_min_(1.0)
         else:  # also when clipping was switched off between steps: no scale of an earlier step left behind
             self.optimizer.grad_scale = None
-        skipped = self._skipped  # constant 0 when not guarded
+        skipped = self._skipped  # constant 0 when not guarded (the engine's own tensor: step() says so)
         if cfg.skip_nonfinite:
             # ‖g‖ − ‖g‖ is NaN exactly when ‖g‖ is inf or NaN; fused AdamW leaves W, m, v and step alone then.
             # A new tensor each step (ne_ in place on the difference keeps it float): a caller may keep the
@@ -308,6 +313,7 @@ class FastBooster:
             self._clip_offset.fill_(1e-6 / m if m > 0 else 0.0)
             self._clip_offset_for = m
         group = self.optimizer.param_groups[0]
+        _check_all_decay(self._exempt, group["weight_decay"])
         if self._lr is not None and group["lr"] is not self._lr:  # a float set by hand, or a loaded state's
             self._lr.fill_(group["lr"])  # between steps, outside any graph; fill_ takes a float or a 0-dim tensor
             group["lr"] = self._lr
@@ -332,7 +338,9 @@ class FastBooster:
 
     # -- the Booster step ------------------------------------------------------------------------------------
     def step(self, align_batch, harmful_batch) -> dict[str, torch.Tensor]:
-        """One Booster update (one CUDA-graph replay once captured)."""
+        """One Booster update (one CUDA-graph replay once captured). Returns the step's 0-dim device tensors
+        (losses, harmful_grad_norm, skipped), read but not written by the caller: uncaptured without
+        skip_nonfinite, `skipped` is the engine's own constant zero."""
         self._check_lengths(align_batch, harmful_batch)
         self._prepare()
         with fused_ops.active(self.fused):  # held across every backward, and a checkpointed layer's recompute
@@ -398,6 +406,9 @@ class FastBooster:
         # ---- perturb: B = W, W = w~, G_f += λ G_h, G_h = 0 ---------------------------------------------------
         ss = sumsq(fl.G_h)
         perturbed_loss = None
+        # (on the torch path the perturb is several ops: an interrupt between them and the try below leaves W
+        # part-way to w~, as the reference's loop of per-tensor ops may; B cannot restore it there, since it may
+        # still hold the last step's weights)
         if cfg.meta_term:
             grad_norm = normalize_perturb_(fl.W, fl.B, fl.G_h, fl.G_f, ss, cfg.alpha, cfg.lamb, cfg.perturb_eps)
 

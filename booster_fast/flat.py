@@ -87,6 +87,9 @@ class FlatLoRA:
         with torch.no_grad():
             for view, p in zip(self._w_views, self.params):
                 view.copy_(p.detach().reshape(-1))
+                # each parameter keeps a version counter of its own: an in-place write to W between a forward and
+                # its backward would go unseen by autograd's check. The step writes W only between passes
+                # (perturb, restore, AdamW), never inside one
                 p.data = view.view_as(p)
         self.attach_grads()
 
@@ -146,8 +149,9 @@ class _RoutedLoRA(torch.autograd.Function):
     `n` positions going to the aliases (ah, bh) and of the rest to the parameters (a, b).
 
     Two GEMMs forward, the second adding into the base layer's result in its epilogue (eager peft makes a delta
-    tensor, scales it and adds it: three more passes over [positions, out]); backward one GEMM for the input
-    gradient through the rank-r bottleneck and one per segment for each weight, on row slices (views, no copies).
+    tensor, scales it and adds it: three more passes over [positions, out]); backward two GEMMs for the input
+    gradient through the rank-r bottleneck (dout·B, then ·A) and one per segment for each weight, on row slices
+    (views, no copies).
     All in the dtype of x and result (bf16 under autocast: the fp32 masters are cast once per call)."""
 
     @staticmethod

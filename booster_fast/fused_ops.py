@@ -104,7 +104,8 @@ def _both_ways(run, inputs: list[torch.Tensor], seed: int = 1) -> torch.Tensor:
                 g = torch.Generator(device=ys[0].device).manual_seed(seed)
                 dys = [torch.randn(y.shape, generator=g, device=y.device) for y in ys]
                 grads = torch.autograd.grad([y.float() for y in ys], xs, dys)
-        except torch.AcceleratorError:  # the device is unusable now (an illegal address, say): nothing to fall back to
+        except (torch.AcceleratorError, torch.OutOfMemoryError):  # an unusable device (an illegal address, say), or
+            # no memory: nothing the kernels did
             raise
         except Exception as e:
             if not fused:  # the module's own forward failed: no verdict on the kernels

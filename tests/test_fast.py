@@ -632,7 +632,7 @@ def test_a_lora_layer_that_runs_on_a_subset_of_the_tokens_turns_the_merged_pass_
     assert ref.norm() > 0 and relative(fast[:ref.numel()], ref) <= 1e-5
 
 
-def test_fast_engine_refuses_lora_weights_the_trainers_rule_leaves_without_decay():
+def test_fast_engine_refuses_lora_weights_the_trainers_rule_leaves_without_decay(batches):
     """The HF Trainer (the original's optimizer, the reference's groups) exempts from weight decay every name
     that looks like a bias or a norm, an adapter's name included; the fast engine's one flat AdamW parameter
     cannot, so it refuses instead of decaying them (both engines once differed by 1.5e-2 after two steps)."""
@@ -645,7 +645,10 @@ def test_fast_engine_refuses_lora_weights_the_trainers_rule_leaves_without_decay
 
     with pytest.raises(ValueError, match=r"impl='fast' applies weight decay .*lora_A\.bias_free"):
         bf.Booster(model(), bf.BoosterConfig(impl="fast", weight_decay=0.1))
-    bf.Booster(model(), bf.BoosterConfig(impl="fast", weight_decay=0.0))
+    undecayed = bf.Booster(model(), bf.BoosterConfig(impl="fast", weight_decay=0.0))
+    undecayed.engine.optimizer.param_groups[0]["weight_decay"] = 0.1  # a decay set between steps: refused too
+    with pytest.raises(ValueError, match=r"impl='fast' applies weight decay .*lora_A\.bias_free"):
+        undecayed.step(*batches[0])
     reference = bf.Booster(model(), bf.BoosterConfig(impl="reference", weight_decay=0.1))
     assert [g["weight_decay"] for g in reference.engine.optimizer.param_groups if g["params"]] == [0.0]
 
