@@ -100,7 +100,7 @@ class FlatLoRA:
             a.grad = gh
             self._alias[id(p)] = a
         self.harmful_tokens = self.harmful_head_positions = 0
-        self.merged = None  # (positions, LM head positions) of the merged batch being routed
+        self.merged_positions = None  # (body, LM head) positions of the merged batch being routed (route)
         # the LM head of a packed batch sees only its labelled positions (losses.kept_positions): routed by those
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.head = head if any(head is m for m in layers) else None
@@ -130,14 +130,14 @@ class FlatLoRA:
         packed batch, whose LM head runs on the labelled positions only). `merged`: the positions of a merged
         batch in the body and in the LM head; a LoRA layer that sees another count raises (it runs on a subset
         of the tokens, as a mixture-of-experts expert does, so its first positions are not the harmful ones)."""
-        prev = self.harmful_tokens, self.harmful_head_positions, self.merged
+        prev = self.harmful_tokens, self.harmful_head_positions, self.merged_positions
         self.harmful_tokens = harmful_tokens
         self.harmful_head_positions = harmful_tokens if harmful_head_positions is None else harmful_head_positions
-        self.merged = merged
+        self.merged_positions = merged
         try:
             yield
         finally:
-            self.harmful_tokens, self.harmful_head_positions, self.merged = prev
+            self.harmful_tokens, self.harmful_head_positions, self.merged_positions = prev
 
 
 class MixedPositions(ValueError):
@@ -184,14 +184,15 @@ class _RoutedLoRA(torch.autograd.Function):
 def _routed_forward(self, x, *args, **kwargs):
     """peft LoRA Linear forward with per-token gradient routing (one active adapter, no variants)."""
     result = self.base_layer(x, *args, **kwargs)
-    if self.disable_adapters or self.merged:
+    if self.disable_adapters or self.merged:  # (peft's flag: the adapter merged into the base weights)
         return result
     route = self._booster_route
     head = self is route.head
     n = route.harmful_head_positions if head else route.harmful_tokens
     positions = x.numel() // x.shape[-1]
-    if route.merged is not None and positions != route.merged[head]:
-        raise MixedPositions(f"a LoRA layer saw {positions} positions of a merged batch of {route.merged[head]}: "
+    expected = None if route.merged_positions is None else route.merged_positions[1 if head else 0]
+    if expected is not None and positions != expected:
+        raise MixedPositions(f"a LoRA layer saw {positions} positions of a merged batch of {expected}: "
                              "it runs on a subset of the tokens (as a mixture-of-experts expert does), so the "
                              "merged pass cannot tell the harmful rows from the alignment rows")
     n = max(0, min(n, positions))

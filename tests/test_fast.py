@@ -815,14 +815,14 @@ def test_a_masked_batch_keeps_the_models_own_attention():
 
 
 def test_a_forward_after_a_merged_step_is_not_taken_for_the_merged_batch():
-    """[F4] flat.py FlatLoRA.route: leaving the route must restore `merged` too. Without the meta term the
-    merged pass is a step's last routed pass, so a stale `merged` made any later forward of another token
+    """[F4] flat.py FlatLoRA.route: leaving the route must restore `merged_positions` too. Without the meta term the
+    merged pass is a step's last routed pass, so a stale `merged_positions` made any later forward of another token
     count (evaluation, generation) raise MixedPositions."""
     model, tok = make_model()
     booster = bf.Booster(model, bf.BoosterConfig(impl="fast", packing=True, merge_passes=True, meta_term=False))
     (a, h), = builtin_batches(tok, 1)
     booster.step(pack(a), pack(h))  # packed batches always concatenate: the step's passes are one merged pass
-    assert booster.engine.merge and booster.engine.flat.merged is None
+    assert booster.engine.merge and booster.engine.flat.merged_positions is None
     with torch.no_grad():
         model(input_ids=torch.ones(1, 5, dtype=torch.long))
 
