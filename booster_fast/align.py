@@ -33,6 +33,7 @@ import torch
 from .atomic import writes
 from .cli import NonFiniteAbort, UsageError
 from .data import ENCODING
+from .errors import reason
 from .models import PRESETS as MODEL_PRESETS
 from .run_args import (apply_resume, check_common_args, check_device_flags, check_output, check_run_args,
                        config_from_args, data_fingerprints, resolve_device)
@@ -99,17 +100,34 @@ def _dist_teardown():
         dist.destroy_process_group()
 
 
+def _env_int(name: str, default: int, least: int) -> int:
+    """An integer environment variable (torchrun's), at least `least`; a one-line UsageError otherwise."""
+    value = os.environ.get(name, str(default))
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
+    if n is None or n < least:
+        raise UsageError(f"the environment variable {name} is {value!r}, not an integer >= {least} (torchrun sets "
+                         f"it; unset it for one process)")
+    return n
+
+
 def _dist_setup(device_flag):
     global _created_group
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", 1, 1)
     if world == 1:
         return 0, 1, resolve_device(device_flag)
     import torch.distributed as dist
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = _env_int("LOCAL_RANK", 0, 0)
     device = resolve_device(device_flag, local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        except ValueError as e:  # torch's env:// rendezvous without RANK, MASTER_ADDR or MASTER_PORT
+            raise UsageError(f"WORLD_SIZE={world} asks for several processes, but {reason(e, 160)}: launch them "
+                             f"with torchrun") from None
         _created_group = True
     return dist.get_rank(), world, device  # (resolve_device made a CUDA device the current one)
 
@@ -294,6 +312,9 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         state, ckpt = load_newest(args.output, model, booster, streams, set_aside=rank == 0)
         if ckpt is not None:
             start, metrics_bytes, last_ckpt = state["step"], state["metrics_bytes"], ckpt
+            if start > steps:
+                raise UsageError(f"--resume {args.resume}: {ckpt} is of step {start}, past the run's {steps} steps "
+                                 f"(a checkpoint of another run?)")
             # (the streak is absent from checkpoints of older versions)
             skips = SkipTally(state["skipped"], state.get("skipped_in_a_row", 0))
         if rank == 0:

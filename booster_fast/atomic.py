@@ -6,6 +6,7 @@ plain `open(path, "w")` would give it (0666 less the umask; the temporary file s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -48,14 +49,27 @@ def check_spares_inputs(path: str | Path, flag: str, inputs: dict | None) -> Non
     is that input, or a folder that holds it."""
     from .cli import UsageError
 
-    out = Path(path).resolve()
+    out = _resolved(path, flag)
     for what, p in (inputs or {}).items():
         if p is None or not os.path.lexists(p):
             continue
-        q = Path(p).resolve()
+        q = _resolved(p, what)
         if out == q or out in q.parents:
             raise UsageError(f"{flag} {path} {'is' if out == q else 'holds'} {what} ({p}), which this command "
                              f"reads; write elsewhere")
+
+
+def _resolved(path, flag: str) -> Path:
+    """Path(path).resolve(), or a one-line UsageError for a loop of symbolic links (Python 3.11 raises a
+    RuntimeError for one, 3.13 an OSError)."""
+    from .cli import UsageError
+
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:
+        loop = isinstance(e, RuntimeError) or e.errno == errno.ELOOP
+        raise UsageError(f"{flag} {path}: cannot follow its symbolic links "
+                         f"({'they form a loop' if loop else reason(e, 80)})") from None
 
 
 def check_writable_file(path: str | Path, flag: str, inputs: dict | None = None) -> None:

@@ -273,6 +273,9 @@ def load_checkpoint(path: Path, model, booster, streams: dict) -> dict:
         raise CheckpointError(f"cannot resume: {path} has checkpoint format {state.get('format')!r}, "
                               f"this version reads {FORMAT}")
     fault = _trainer_state_fault(state, streams)  # checked before anything is loaded into the run
+    named = _STEP_DIR.match(path.name)
+    if fault is None and named and int(named.group(1)) != state["step"]:
+        fault = f"step is {state['step']}, but the checkpoint is named {path.name}"
     if fault:
         raise CheckpointError(f"cannot resume: {path / 'trainer_state.json'} is unreadable ({fault})")
     device = booster.engine.device

@@ -37,7 +37,14 @@ def _parse_jsonl(path, text: str) -> list[tuple[str, object]]:
             raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
             raise DataError(f"{path} line {lineno}: JSON nested too deeply") from None
+        except ValueError as e:  # (after JSONDecodeError, its subclass) an integer beyond Python's digit limit
+            raise DataError(f"{path} line {lineno}: {_too_long(e)}") from None
     return rows
+
+
+def _too_long(e: ValueError) -> str:
+    """The one-line error for JSON that parses but holds an integer longer than Python converts."""
+    return f"a number too long to read ({str(e).split(':')[0]})"
 
 
 def _special_kind(p: Path) -> str:
@@ -85,6 +92,8 @@ def read_rows(path: str, expected: str = "'builtin', a known data set name, or a
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
         except RecursionError:
             raise DataError(f"{path}: JSON nested too deeply") from None
+        except ValueError as e:
+            raise DataError(f"{path}: {_too_long(e)}") from None
         if not isinstance(obj, list):
             raise DataError(f"{path}: expected a JSON array of row objects, got a JSON {_json_type(obj)}")
         rows = [(f"{path} row {i}", row) for i, row in enumerate(obj, 1)]

@@ -239,6 +239,54 @@ def test_a_named_pipe_as_data_is_named_as_such(tmp_path):
     assert_error_line(code, err, before, tmp_path, "data.jsonl: a named pipe (FIFO), not a regular .json/.jsonl file")
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["align", "--output", "loop"], "--output"),
+    (["align", "--output", "out", "--model", "loop"], "--model"),
+    (["align", "--output", "out", "--data", "loop"], "--data"),
+    (["eval", "--adapter", "base", "--output", "loop"], "--output"),
+    (["bench", "--impls", "fast", "--output", "loop"], "--output"),
+    (["attack", "--adapter", "loop", "--output", "out"], "--adapter"),
+])
+def test_a_loop_of_symbolic_links_is_one_line(tmp_path, argv, flag):
+    """Python 3.11's Path.resolve raises a RuntimeError on a loop of symbolic links (a traceback from every
+    command that checks its output against its inputs)."""
+    (tmp_path / "loop").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop")
+    before = snapshot(tmp_path)
+    code, err = run_cli(argv + ([] if argv[0] == "eval" else ["--steps", "1"]), tmp_path)
+    assert_error_line(code, err, before, tmp_path, f"{flag} ", "loop: cannot follow its symbolic links (they form a "
+                      "loop)")
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json"])
+def test_an_integer_too_long_for_python_is_one_line(tmp_path, name):
+    """json.loads raises a plain ValueError (not a JSONDecodeError) for an integer beyond Python's 4300 digits."""
+    row = json.dumps({**ROW, "x": 0}).replace('"x": 0', '"x": ' + "9" * 5000)
+    (tmp_path / name).write_text(row if name.endswith(".jsonl") else f"[{row}]")
+    before = snapshot(tmp_path)
+    code, err = run_cli(["align", "--data", name, "--output", "out", *SHAPE], tmp_path)
+    where = f"{name} line 1" if name.endswith(".jsonl") else name
+    assert_error_line(code, err, before, tmp_path, f"{where}: a number too long to read")
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "abc"}, "the environment variable WORLD_SIZE is 'abc', not an integer >= 1"),
+    ({"WORLD_SIZE": "0"}, "the environment variable WORLD_SIZE is '0', not an integer >= 1"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "the environment variable LOCAL_RANK is 'x', not an integer >= 0"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "WORLD_SIZE=2 asks for several processes, but "),
+])
+def test_torchruns_environment_is_checked_in_one_line(tmp_path, monkeypatch, env, needle):
+    """align reads WORLD_SIZE and LOCAL_RANK as torchrun sets them: a bad value, or several processes asked for
+    without torchrun's rendezvous variables, is one line before anything is written."""
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    before = snapshot(tmp_path)
+    code, err = run_cli(["align", "--output", "out", "--device", "cpu", *SHAPE], tmp_path)
+    assert_error_line(code, err, before, tmp_path, needle)
+
+
 @pytest.mark.parametrize("config, needle", [
     ({"model_type": "llama", "hidden_size": "abc"}, "Field 'hidden_size' expected int, got str"),
     ({"model_type": "nonexistent_arch_xyz"}, "model type `nonexistent_arch_xyz`")])

@@ -959,6 +959,7 @@ CONTENT_DAMAGE = {
     "no_streams": lambda c: _json_edit(c / "trainer_state.json", lambda s: s.pop("streams")),
     "no_metrics_bytes": lambda c: _json_edit(c / "trainer_state.json", lambda s: s.pop("metrics_bytes")),
     "step_a_string": lambda c: _json_edit(c / "trainer_state.json", lambda s: s.update(step="abc")),
+    "step_not_its_name": lambda c: _json_edit(c / "trainer_state.json", lambda s: s.update(step=999)),
     "stream_state_empty": lambda c: _json_edit(c / "trainer_state.json", lambda s: s["streams"].update(align={})),
     "optimizer_a_list": lambda c: torch.save([1, 2, 3], c / "optimizer.pt"),
     "rng_another_dict": lambda c: torch.save({"x": torch.zeros(3)}, c / "rng.pt"),
@@ -999,6 +1000,21 @@ def test_a_checkpoint_whose_contents_do_not_fit_is_unreadable(two_checkpoints, t
     state, path = load_newest(run, model, booster, streams)
     assert state["step"] == 1 and path.name == "step-000001"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002.unreadable"]
+
+
+def test_a_checkpoint_past_the_runs_steps_is_refused(tmp_path, capsys):
+    """A checkpoint whose step (its name and its state agreeing) lies past the run's length is no checkpoint of
+    this run: one line, exit 2, not a run marked finished with the weights of an earlier step."""
+    run = tmp_path / "run"
+    assert main(["align", "--output", str(run), "--steps", "3", *SMALL, "--save-every", "1"]) == 0
+    (run / MARKER).write_text("")
+    newest = list_checkpoints(run)[-1][1]
+    _json_edit(newest / "trainer_state.json", lambda s: s.update(step=40))
+    newest.rename(newest.with_name("step-000040"))
+    capsys.readouterr()
+    assert main(["align", "--resume", str(run)]) == 2
+    assert "step-000040 is of step 40, past the run's 3 steps" in one_error_line(capsys.readouterr().err)
+    assert (run / MARKER).exists()
 
 
 def test_a_resume_whose_every_checkpoint_does_not_fit_changes_nothing(tmp_path, capsys, caplog):
