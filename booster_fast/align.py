@@ -344,7 +344,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         """`writes` for an output of the run: the one-line error names the last checkpoint to resume from."""
         kept = (f"; the last checkpoint is {last_ckpt}: resume with booster-fast align --resume "
                 f"{shlex.quote(str(args.output))} once it can be written" if last_ckpt else "")
-        return writes(f"{what} in {run.path}", kept)
+        return writes(f"{what} in {run.path}", kept, where=run.path)
 
     def flush(step):
         """Bring the pending metrics to the host (the loop's one sync), write them, check --max-skipped."""

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -160,10 +161,11 @@ def write_failure(e: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def writes(what: str, kept: str = ""):
+def writes(what: str, kept: str = "", where: str | Path | None = None):
     """Inside, a failed write (`write_failure`: a full disk, a folder gone or read-only) becomes the one-line
     OutputError "cannot write WHAT: reason" + `kept` (what a later run can still use): the CLI's exit code 1, no
-    traceback."""
+    traceback. `where`: the folder written to, whose free space is named when torch.save's writer failed (it
+    reports a full disk as a short write, without the OS's error)."""
     from .cli import OutputError
 
     try:
@@ -172,6 +174,10 @@ def writes(what: str, kept: str = ""):
         why = write_failure(e)
         if why is None:
             raise
+        if where is not None and not isinstance(e, OSError) and any(w in str(e) for w in _TORCH_WRITER):
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(existing_folder(Path(where) / "x")).free
+                why += f" (torch.save stopped short, as on a full disk: {free / 2**20:.1f} MiB free there)"
         raise OutputError(f"cannot write {what}: {why}{kept}") from None
 
 

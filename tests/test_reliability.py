@@ -708,6 +708,25 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path, c
     assert_same_run(run, whole)
 
 
+def test_a_short_write_of_torch_save_names_the_free_space(tmp_path, capsys, monkeypatch):
+    """torch.save reports a full disk as its writer's short write ("unexpected pos"), without the OS's error: the
+    line says so and how much room the run's folder has."""
+    import booster_fast.checkpoint as checkpoint
+    from collections import namedtuple
+
+    def save(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1344 vs 1236")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    monkeypatch.setattr("booster_fast.atomic.shutil.disk_usage", lambda p: usage(10 << 20, 10 << 20, 3 << 19))
+    capsys.readouterr()
+    assert main(["align", "--output", str(tmp_path / "run"), "--steps", "2", *SMALL, "--save-every", "1"]) == 1
+    line = one_error_line(capsys.readouterr().err, progress=True)
+    assert "cannot write the checkpoint of step 1" in line and "unexpected pos 1344 vs 1236" in line, line
+    assert "(torch.save stopped short, as on a full disk: 1.5 MiB free there)" in line, line
+
+
 @pytest.mark.parametrize("failing", ["adapter_model.safetensors", "optimizer.pt"])
 def test_a_file_size_limit_at_a_checkpoint_is_one_line(failing, tmp_path):
     """A real failed write (a file-size limit, as a full disk fails a write): safetensors reports it as its own
