@@ -8,6 +8,7 @@ place (checkpoints inside it let an interrupted run resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -278,7 +279,13 @@ def run_reporting(fn, *args) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return fn(*args)
+        code = fn(*args)
+        sys.stdout.flush()  # a reader that has gone (`| head`) is found here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:  # stdout's reader stopped reading: what is left is not wanted, and no traceback
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush must not fail)
+        return 128 + signal.SIGPIPE
     except (UsageError, DataError, ModelError) as e:
         print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

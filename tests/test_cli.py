@@ -776,3 +776,16 @@ def test_an_empty_output_is_named_as_such(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["booster-fast: error: --output '' is empty: name the run's directory"], err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_reader_that_stops_reading_is_no_traceback():
+    """`booster-fast memory ... | head` where the reader has gone before the output: no BrokenPipeError traceback,
+    the shell's exit code of a process stopped by SIGPIPE (128 + 13)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes a byte
+    try:
+        proc = subprocess.run([sys.executable, "-m", "booster_fast", "memory", "--model", "llama-7b-shape"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 128 + signal.SIGPIPE and proc.stderr == "", (proc.returncode, proc.stderr)
