@@ -124,7 +124,7 @@ def base_of(cfg: dict) -> dict:
 def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
     """({model, quant, seed}, where the model name came from) for `args.adapter`: the run's run_config.json, or
     adapter_config.json's base_model_name_or_path, each overridden by --base-model / --quant / --base-seed."""
-    from .models import PRESETS
+    from .models import PRESETS, checked_path
 
     if run_cfg:
         base, source = base_of(run_cfg), "run_config.json"
@@ -132,6 +132,7 @@ def resolve_base(args, run_cfg: dict) -> tuple[dict, str]:
         name = _read_json(Path(args.adapter), "adapter_config.json", args.adapter).get("base_model_name_or_path")
         base, source = {"model": name or None, "quant": "none", "seed": 0, "dtype": None}, "adapter_config.json"
     if getattr(args, "base_model", None):
+        checked_path(args.base_model, "--base-model")  # (a local path that is not there: named by its own flag)
         base["model"], source = args.base_model, "--base-model"
     if getattr(args, "quant", None):
         base["quant"] = args.quant

@@ -79,6 +79,8 @@ def check_writable_file(path: str | Path, flag: str, inputs: dict | None = None)
     made and removed there). Raises UsageError saying why not."""
     from .cli import UsageError
 
+    if not str(path):  # (Path("") is the current directory)
+        raise UsageError(f"{flag} '' is empty: give a file name")
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")

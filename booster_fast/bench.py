@@ -277,8 +277,8 @@ def check_bench_args(args) -> list[str]:
     output, plot_to = getattr(args, "output", None), getattr(args, "plot", None)
     if output and plot_to and os.path.realpath(output) == os.path.realpath(plot_to):
         raise UsageError(f"--output and --plot name the same file: {output}")
-    for flag in ("output", "plot"):  # before the timing, not after it
-        if getattr(args, flag, None):
+    for flag in ("output", "plot"):  # before the timing, not after it ('' is refused, not taken for no file)
+        if getattr(args, flag, None) is not None:
             check_writable_file(getattr(args, flag), f"--{flag}")
     return names
 

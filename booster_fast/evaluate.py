@@ -425,6 +425,15 @@ def evaluate_run(args) -> dict:
     limit = position_limit(base["model"])
     check_new_tokens(new_token_flags(args), base["model"], limit)
     judge_name, judge_why = choose_judge(args.judge, base["model"])
+    if judge_name == "refusal":  # the beaver-dam judge's own flags would go unused without a word
+        given = [f for f, v, default in (("--judge-model", args.judge_model, BEAVER_DAM),
+                                         ("--judge-dtype", getattr(args, "judge_dtype", "auto"), "auto"))
+                 if v != default]
+        if given:
+            why = "--judge refusal" if args.judge else judge_why.split(":")[0]
+            raise UsageError(f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} the beaver-dam judge, but "
+                             f"this eval scores with the refusal judge ({why}): pass --judge beaver-dam, or drop "
+                             f"{'them' if len(given) > 1 else 'it'}")
     d = _defaults(args, run_cfg, base["model"])
     if d["task"] not in TASKS:
         raise UsageError(f"the run's task {d['task']!r} is not one of {', '.join(TASKS)}; pass --task")

@@ -126,11 +126,12 @@ def add_parser(sub):
                         "with the same command line and inputs is kept, any other replaced")
     p.add_argument("--rerun", action="store_true", help="run every stage again, none kept from --workdir")
     p.add_argument("--output", default=None, metavar="FILE.json",
-                   help="result (default benchmarks/results/defense_PRESET.json, '-' for hyphens -> '_', replacing "
-                        "the committed one; with --set: WORKDIR/defense_PRESET.json)")
+                   help="result (default benchmarks/results/defense_PRESET.json under the current directory, '-' "
+                        "-> '_': from the repository's root it replaces the committed one; with --set: "
+                        "WORKDIR/defense_PRESET.json)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="plot (default docs/defense_PRESET.png, replacing the committed one; with --set: "
-                        "WORKDIR/defense_PRESET.png)")
+                   help="plot (default docs/defense_PRESET.png under the current directory, the committed one from "
+                        "the repository's root; with --set: WORKDIR/defense_PRESET.png)")
     p.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     return p
@@ -234,8 +235,8 @@ def output_paths(args, work: Path, tweaked: bool) -> tuple[Path, Path | None]:
     tag = args.preset.replace("-", "_")
     json_default = work / f"defense_{tag}.json" if tweaked else Path(f"benchmarks/results/defense_{tag}.json")
     png_default = work / f"defense_{tag}.png" if tweaked else Path(f"docs/defense_{tag}.png")
-    out_png = None if args.no_plot else Path(args.plot or png_default)
-    return Path(args.output or json_default), out_png
+    out_png = None if args.no_plot else Path(png_default if args.plot is None else args.plot)
+    return Path(json_default if args.output is None else args.output), out_png
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -338,6 +339,9 @@ def run_experiment(args) -> int:
         raise UsageError(f"--methods {args.methods!r}: give distinct names of {', '.join(METHODS)}")
     p, overrides = apply_overrides(PRESETS[args.preset], args.overrides)
     check_settings(p, methods)
+    for flag in ("workdir", "output", "plot"):  # (Path("") is the current directory)
+        if getattr(args, flag) == "":
+            raise UsageError(f"--{flag} '' is empty: give a {'directory' if flag == 'workdir' else 'file'} name")
     work = Path(args.workdir or f"runs/defense-{args.preset}").absolute()  # (stage records compare paths)
     check_workdir(work)
     out_json, out_png = output_paths(args, work, bool(overrides))

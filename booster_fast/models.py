@@ -332,13 +332,14 @@ def from_hub(load, name: str, **kwargs):
         return load(name, **kwargs)
 
 
-def checked_path(name: str) -> str:
-    """A model name with `~` expanded; ModelError for one that looks like a local path and is no directory."""
+def checked_path(name: str, flag: str = "--model") -> str:
+    """A model name with `~` expanded; ModelError (naming `flag`) for one that looks like a local path and is no
+    directory."""
     looks_like_path = (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith("/")
                        or name.count("/") > 1)
     path = os.path.expanduser(name)
     if looks_like_path and not os.path.isdir(path):
-        raise ModelError(f"--model {name}: no such directory (built-in presets: {', '.join(PRESETS)}; or a "
+        raise ModelError(f"{flag} {name}: no such directory (built-in presets: {', '.join(PRESETS)}; or a "
                          f"Hugging Face id such as meta-llama/Llama-2-7b-hf)")
     return path
 

@@ -232,8 +232,11 @@ def apply_resume(args, finished_ok: bool = False):
     from .checkpoint import CHECKPOINTS, CONFIG, MARKER, METRICS
 
     run = Path(args.resume)
+    if not args.resume:  # (Path("") is the current directory)
+        raise UsageError("--resume '' is empty: name the run's directory")
     if not run.is_dir():
-        raise UsageError(f"--resume {args.resume}: no such run directory")
+        raise UsageError(f"--resume {args.resume}: " + ("a file, not a run directory" if run.exists()
+                                                       else "no such run directory"))
     try:
         saved = json.loads((run / CONFIG).read_text())
     except FileNotFoundError:

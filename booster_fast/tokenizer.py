@@ -39,7 +39,8 @@ TOKENIZER_VERSION = "1"      # bump when the training recipe changes (invalidate
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BOOSTER_FAST_CACHE", Path.home() / ".cache" / "booster_fast"))
+    """$BOOSTER_FAST_CACHE, or ~/.cache/booster_fast where it is unset or empty."""
+    return Path(os.environ.get("BOOSTER_FAST_CACHE") or Path.home() / ".cache" / "booster_fast")
 
 
 def corpus_key(texts: list[str]) -> str:

@@ -287,6 +287,42 @@ def test_torchruns_environment_is_checked_in_one_line(tmp_path, monkeypatch, env
     assert_error_line(code, err, before, tmp_path, needle)
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["align", "--resume", "afile"], "--resume afile: a file, not a run directory"),
+    (["align", "--resume", ""], "--resume '' is empty"),
+    (["memory", "--resume", "afile"], "--resume afile: a file, not a run directory"),
+    (["align", "--output", ""], "--output '' is empty"),
+    (["eval", "--adapter", "base", "--output", ""], "--output '' is empty"),  # (it said: --output . is a directory)
+    (["bench", "--output", ""], "--output '' is empty"),  # (it ran, and wrote nothing)
+    (["bench", "--plot", ""], "--plot '' is empty"),
+    (["experiment", "defense", "--output", ""], "--output '' is empty"),  # (it ran, into the default files)
+    (["experiment", "defense", "--plot", ""], "--plot '' is empty"),
+    (["experiment", "defense", "--workdir", ""], "--workdir '' is empty"),
+    (["attack", "--adapter", "ALIGNED", "--base-model", "./no/such", "--output", "out"],
+     "--base-model ./no/such: no such directory"),  # (it named --model)
+    (["eval", "--adapter", "ALIGNED", "--judge-model", "x", "--output", "e.json"],
+     "--judge-model sets the beaver-dam judge, but this eval scores with the refusal judge (the default on the "
+     "random-weight preset base tiny)"),  # (it went unused without a word)
+    (["eval", "--adapter", "ALIGNED", "--judge", "refusal", "--judge-dtype", "fp32", "--output", "e.json"],
+     "--judge-dtype sets the beaver-dam judge, but this eval scores with the refusal judge (--judge refusal)"),
+])
+def test_an_empty_or_misnamed_argument_is_one_line(tmp_path, aligned, argv, needle):
+    (tmp_path / "afile").write_text("")
+    before = snapshot(tmp_path)
+    quick = {"bench": ["--impls", "fast", "--steps", "1", "--warmup", "0"],  # should the check go: a short run
+             "experiment": ["--seeds", "1", "--methods", "sft", "--set", "align.steps=1", "--set", "attack.steps=1",
+                            "--set", "eval.num_prompts=1"]}.get(argv[0], [])
+    code, err = run_cli([str(aligned) if a == "ALIGNED" else a for a in argv] + quick, tmp_path)
+    assert_error_line(code, err, before, tmp_path, needle)
+
+
+def test_an_empty_cache_variable_is_taken_as_unset(monkeypatch):
+    from booster_fast.tokenizer import cache_dir
+
+    monkeypatch.setenv("BOOSTER_FAST_CACHE", "")
+    assert cache_dir() == Path.home() / ".cache" / "booster_fast"  # (it was the current directory)
+
+
 @pytest.mark.parametrize("config, needle", [
     ({"model_type": "llama", "hidden_size": "abc"}, "Field 'hidden_size' expected int, got str"),
     ({"model_type": "nonexistent_arch_xyz"}, "model type `nonexistent_arch_xyz`")])
