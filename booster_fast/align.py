@@ -294,7 +294,8 @@ def _start_line(args, cfg, booster, steps, world, device, start, last_ckpt) -> s
     rows = "+".join(map(str, sizes)) + " rows"  # (SFT draws no harmful batch)
     if world > 1:  # the batch sizes are per process
         rows += f" per process ({'+'.join(str(n * world) for n in sizes)} per update)"
-    return (f"align: {args.model} on {device}, {method}/{cfg.impl}, {steps} step{'' if steps == 1 else 's'} of "
+    model = args.model + (f" ({args.quant.upper()} base weights)" if getattr(args, "quant", "none") != "none" else "")
+    return (f"align: {model} on {device}, {method}/{cfg.impl}, {steps} step{'' if steps == 1 else 's'} of "
             f"{rows} x {args.max_length} tokens{how}{resumed}")
 
 

@@ -175,9 +175,11 @@ def test_packing_on_and_off_log_the_same_run(tmp_path, caplog):
         assert got == pytest.approx(want, rel=1e-5), key
 
 
-def test_nf4_on_cpu(tmp_path):
+def test_nf4_on_cpu(tmp_path, caplog):
     out = tmp_path / "nf4"
-    assert align(out, "--quant", "nf4", steps=2) == 0
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert align(out, "--quant", "nf4", steps=2) == 0
+    assert "align: tiny (NF4 base weights) on cpu, booster/fast" in caplog.text  # the start line says so
     rows = read_metrics(out)
     assert len(rows) == 2
     assert all(math.isfinite(r[k]) for r in rows for k in METRIC_KEYS)
