@@ -100,27 +100,26 @@ def _dist_teardown():
         dist.destroy_process_group()
 
 
-def _env_int(name: str, default: int, least: int) -> int:
-    """An integer environment variable (torchrun's), at least `least`; a one-line UsageError otherwise."""
+def _env_int(name: str, default: int, least: int, hint: str) -> int:
+    """An integer environment variable (torchrun's), at least `least`; a one-line UsageError with `hint` otherwise."""
     value = os.environ.get(name, str(default))
     try:
         n = int(value)
     except ValueError:
         n = None
     if n is None or n < least:
-        raise UsageError(f"the environment variable {name} is {value!r}, not an integer >= {least} (torchrun sets "
-                         f"it; unset it for one process)")
+        raise UsageError(f"the environment variable {name} is {value!r}, not an integer >= {least} ({hint})")
     return n
 
 
 def _dist_setup(device_flag):
     global _created_group
-    world = _env_int("WORLD_SIZE", 1, 1)
+    world = _env_int("WORLD_SIZE", 1, 1, "torchrun sets it; unset it for one process")
     if world == 1:
         return 0, 1, resolve_device(device_flag)
     import torch.distributed as dist
 
-    local = _env_int("LOCAL_RANK", 0, 0)
+    local = _env_int("LOCAL_RANK", 0, 0, "torchrun sets it: the process's GPU on its machine")
     device = resolve_device(device_flag, local)
     if not dist.is_initialized():
         try:

@@ -61,16 +61,19 @@ def check_spares_inputs(path: str | Path, flag: str, inputs: dict | None) -> Non
 
 
 def _resolved(path, flag: str) -> Path:
-    """Path(path).resolve(), or a one-line UsageError for a loop of symbolic links (Python 3.11 raises a
-    RuntimeError for one, 3.13 an OSError)."""
+    """Path(path).resolve(), or a one-line UsageError for a loop of symbolic links (which Python 3.11's resolve
+    raises a RuntimeError for, and 3.13's resolves to a path of the loop: asked of os.stat first)."""
     from .cli import UsageError
 
     try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"{flag} {path}: cannot follow its symbolic links (they form a loop)") from None
+    try:
         return Path(path).resolve()
     except (RuntimeError, OSError) as e:
-        loop = isinstance(e, RuntimeError) or e.errno == errno.ELOOP
-        raise UsageError(f"{flag} {path}: cannot follow its symbolic links "
-                         f"({'they form a loop' if loop else reason(e, 80)})") from None
+        raise UsageError(f"{flag} {path}: cannot follow its symbolic links ({reason(e, 80)})") from None
 
 
 def check_writable_file(path: str | Path, flag: str, inputs: dict | None = None) -> None:
@@ -166,8 +169,8 @@ def write_failure(e: BaseException) -> str | None:
 def writes(what: str, kept: str = "", where: str | Path | None = None):
     """Inside, a failed write (`write_failure`: a full disk, a folder gone or read-only) becomes the one-line
     OutputError "cannot write WHAT: reason" + `kept` (what a later run can still use): the CLI's exit code 1, no
-    traceback. `where`: the folder written to, whose free space is named when torch.save's writer failed (it
-    reports a full disk as a short write, without the OS's error)."""
+    traceback. `where`: the folder written to, whose free space is named when torch.save's writer stopped short
+    (how it reports a full disk, without the OS's error)."""
     from .cli import OutputError
 
     try:
@@ -176,8 +179,8 @@ def writes(what: str, kept: str = "", where: str | Path | None = None):
         why = write_failure(e)
         if why is None:
             raise
-        if where is not None and not isinstance(e, OSError) and any(w in str(e) for w in _TORCH_WRITER):
-            with contextlib.suppress(OSError):
+        if where is not None and not isinstance(e, OSError) and "unexpected pos" in str(e):
+            with contextlib.suppress(OSError):  # (torch.save's writer's words for a short write)
                 free = shutil.disk_usage(existing_folder(Path(where) / "x")).free
                 why += f" (torch.save stopped short, as on a full disk: {free / 2**20:.1f} MiB free there)"
         raise OutputError(f"cannot write {what}: {why}{kept}") from None

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -278,13 +279,23 @@ def run_reporting(fn, *args) -> int:
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    stdout = sys.stdout
+    if stdout is not None:  # (None: started with stdout closed, where print writes nothing)
+        sys.stdout = _CheckedStdout(stdout)
     try:
         code = fn(*args)
-        sys.stdout.flush()  # a reader that has gone (`| head`) is found here, not at the interpreter's exit
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a reader that has gone (`| head`) is found here, not at the interpreter's exit
         return code
-    except BrokenPipeError:  # stdout's reader stopped reading: what is left is not wanted, and no traceback
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # stdout's reader stopped reading: what is left is not wanted, and no traceback; the interpreter's own
+        # flush at exit then writes to nothing
         with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush must not fail)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
         return 128 + signal.SIGPIPE
     except (UsageError, DataError, ModelError) as e:
         print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -314,8 +325,45 @@ def run_reporting(fn, *args) -> int:
         print("booster-fast: interrupted", file=sys.stderr)
         return 130
     finally:
+        sys.stdout = stdout
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class _CheckedStdout:
+    """stdout, whose failed writes other than to a closed pipe (a full disk under `> file`) are a one-line
+    OutputError instead of a traceback; everything else is the stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _checked(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:  # (run_reporting: a reader that has gone)
+            raise
+        except OSError as e:
+            raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
+
+    def write(self, text):
+        return self._checked(self._stream.write, text)
+
+    def flush(self):
+        return self._checked(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it), as opposed to another pipe
+    or socket of the command's."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, ValueError, OSError):  # no stdout, no fd, no poll on this system
+        return False
 
 
 def main(argv=None) -> int:

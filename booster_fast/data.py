@@ -35,7 +35,8 @@ from booster_fast.errors import described
 
 IGNORE_INDEX = -100
 # How examples become tokens, recorded in an align run's run_config.json ("encoding"): a resume refuses a run
-# whose tokens were made otherwise. Runs recorded without it tokenized the response apart (see above).
+# whose tokens were made otherwise. Runs recorded without it come from before the record; the older of those
+# tokenized the response apart (see above).
 ENCODING = "joint"
 
 # The Alpaca template, verbatim (the original's utils.PROMPT_DICT).

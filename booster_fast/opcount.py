@@ -4,7 +4,8 @@ Every aten op is a kernel launch on a GPU without CUDA graphs, so the op count i
 `count_ops(fn)` runs `fn` under a TorchDispatchMode; regions that the fast step marks with `fast.model_pass()`
 (forward, loss, backward, and the label counts the losses divide by: per micro-batch work, as the passes are) are
 counted as "pass", the rest as "bookkeeping". The reference step has no markers, so there "bookkeeping" equals
-"total" and means nothing. Profiler bookkeeping ops (`profiler.*`) are not kernels and are skipped. Ops that read a value back to the host (`.item()`, `bool(t)`, `nonzero`, `equal`: a host sync on a GPU,
+"total" and means nothing. Profiler bookkeeping ops (`profiler.*`) are not kernels and are skipped.
+Ops that read a value back to the host (`.item()`, `bool(t)`, `nonzero`, `equal`: a host sync on a GPU,
 fatal inside a CUDA-graph capture) are counted apart as "host_syncs" — on the CPU too, where they cost nothing,
 so that a CPU test can prove a step free of them. Reads of tensors that stay on the host in a GPU run as well
 (`host_resident`, e.g. a non-fused optimizer's step counters) are no device sync and are left out.

@@ -298,18 +298,19 @@ def apply_resume(args, finished_ok: bool = False):
 
 
 def _check_encoding(resume: str, saved: dict):
-    """One-line UsageError when the run's examples became tokens otherwise than this version makes them (a run
-    recorded without "encoding" tokenized the response apart from its prompt). The built-in models' tokenizer gives
-    the same tokens either way, so their runs go on."""
+    """One-line UsageError when the run's examples may have become tokens otherwise than this version makes them: a
+    run recorded without "encoding" comes from a version before the record, and the older of those tokenized the
+    response apart from its prompt. The built-in models' tokenizer gives the same tokens either way, so their runs
+    go on."""
     from .data import ENCODING
     from .models import PRESETS
 
     found = saved.get("encoding")
     if found != ENCODING and not (found is None and saved.get("model") in PRESETS):
-        how = ("tokenized each response apart from its prompt" if found is None
-               else f"tokenized its examples as {json.dumps(found)[:40]}")
+        how = ("records no token encoding (versions before the record may have tokenized each response apart "
+               "from its prompt)" if found is None else f"tokenized its examples as {json.dumps(found)[:40]}")
         raise UsageError(f"--resume {resume}: the run {how}; this version tokenizes prompt and response together, "
-                         f"so the resumed steps would train on other tokens: start a new run")
+                         f"so the resumed steps could train on other tokens: start a new run")
 
 
 def data_fingerprints(args) -> dict[str, str]:

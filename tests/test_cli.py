@@ -790,4 +790,20 @@ def test_a_reader_that_stops_reading_is_no_traceback():
                               stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(write)
-    assert proc.returncode == 128 + signal.SIGPIPE and proc.stderr == "", (proc.returncode, proc.stderr)
+    assert proc.returncode == 128 + signal.SIGPIPE, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_a_closed_stdout_or_a_full_one_is_no_traceback(tmp_path):
+    """Started with stdout closed (`>&-`: sys.stdout is None), a command runs as before; a stdout that cannot be
+    written (a full disk under `> file`; here /dev/full) is one line and exit 1."""
+    base = [sys.executable, "-m", "booster_fast", "memory", "--model", "llama-7b-shape"]
+    closed = subprocess.run(base, stdout=None, stderr=subprocess.PIPE, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(base, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert proc.returncode == 1, (proc.returncode, proc.stderr)
+        assert proc.stderr.strip().splitlines()[-1] == ("booster-fast: error: cannot write to standard output: No "
+                                                        "space left on device"), proc.stderr

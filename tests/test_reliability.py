@@ -941,14 +941,15 @@ def test_resume_refuses_a_run_whose_data_file_is_gone(tmp_path):
 
 
 def test_resume_refuses_a_run_whose_tokens_were_made_otherwise(tmp_path, capsys):
-    """A run recorded without "encoding" tokenized each response apart from its prompt: a Hugging Face model's
-    tokenizer can give other tokens now, so its resume is refused in one line (the built-in models' tokenizer
+    """A run recorded without "encoding" may have tokenized each response apart from its prompt: a Hugging Face
+    model's tokenizer can give other tokens now, so its resume is refused in one line (the built-in models' tokenizer
     gives the same tokens, so theirs goes on); `memory --resume` only reads the flags, and takes either."""
     from booster_fast.cli import UsageError
     from booster_fast.run_args import apply_resume
 
     model = str(tmp_path / "llama")  # (not loaded: the check comes first)
-    for saved, refused in (({"model": model}, "tokenized each response apart from its prompt"),
+    for saved, refused in (({"model": model}, r"records no token encoding \(versions before the record may have "
+                                               r"tokenized each response apart from its prompt\)"),
                            ({"model": model, "encoding": "joint"}, None),
                            ({}, None),
                            ({"encoding": "apart"}, 'tokenized its examples as "apart"')):
