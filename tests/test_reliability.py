@@ -620,7 +620,7 @@ def test_resume_of_a_run_recorded_with_a_relative_model_directory(tmp_path, monk
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "x").mkdir(parents=True)
-    run = _saved_run(tmp_path, model="models/x")
+    run = _saved_run(tmp_path, model="models/x", encoding="joint")  # (a model directory's run records its encoding)
     args = _resume_args(run, model=str(tmp_path / "models" / "x"))
     apply_resume(args)
     assert args.model == str(tmp_path / "models" / "x")
