@@ -72,6 +72,7 @@ from transformers import Trainer, TrainingArguments
 
 from .atomic import write_text_atomic
 from .config import BoosterConfig, is_integer, is_number
+from .errors import reason
 from .hf_batches import FixedLengthCollator  # noqa: F401 - importable from here, as it always was
 from .hf_batches import EpochShuffle, model_batch, packed_if_exact, without_masks_if_right_padded
 from .losses import IGNORE_INDEX
@@ -113,10 +114,17 @@ class BoosterTrainingArguments(TrainingArguments):
         n = self.harmful_batch_size
         if n is not None and (not is_integer(n) or n < 1):
             raise ValueError(f"harmful_batch_size must be an integer >= 1, got {n!r}")
-        # the Trainer clips the combined gradient only where max_grad_norm > 0: NaN or -1 would switch it off unsaid
-        m = self.max_grad_norm
-        if m is not None and not (is_number(m) and m >= 0 and math.isfinite(m)):
-            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0 or None: no clipping), got {m!r}")
+        _check_max_grad_norm(self)
+
+
+def _check_max_grad_norm(args):
+    """The Trainer clips the combined gradient only where max_grad_norm > 0: NaN or -1 would switch it off unsaid.
+    None (no clipping, as transformers 4 took it, the original's) becomes 0, which transformers 5 compares."""
+    m = args.max_grad_norm
+    if m is None:
+        args.max_grad_norm = 0.0
+    elif not (is_number(m) and m >= 0 and math.isfinite(m)):
+        raise ValueError(f"max_grad_norm must be a finite number >= 0 (0 or None: no clipping), got {m!r}")
 
 
 def booster_config(a) -> BoosterConfig:
@@ -212,9 +220,12 @@ class BoosterTrainer(Trainer):
             raise TypeError(f"BoosterTrainer needs BoosterTrainingArguments (or arguments with `lamb` and `alpha`, "
                             f"as the original's), got {type(self.args).__name__}")
         _check_optim(self.args)  # again here: the original's arguments class is a plain TrainingArguments
-        if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+        _check_max_grad_norm(self.args)
+        if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None \
+                or self.lr_scheduler is not None:  # (a scheduler built on another optimizer would step nothing)
             raise ValueError("BoosterTrainer builds its own optimizer (the engine's AdamW over the flat LoRA "
-                             "buffer); do not pass `optimizers=` or `optimizer_cls_and_kwargs=`")
+                             "buffer) and its scheduler (lr_scheduler_type); do not pass `optimizers=` or "
+                             "`optimizer_cls_and_kwargs=`")
         self._check_supported()
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
             raise ValueError("BoosterTrainer: the train dataset has no rows")  # (torch's sampler said num_samples=0)
@@ -254,8 +265,7 @@ class BoosterTrainer(Trainer):
         ]
         bad = [what for on, what in reasons if on]
         if bad:
-            raise ValueError(f"BoosterTrainer does not support {', '.join(bad)}: its engine owns flat LoRA "
-                             f"buffers and reduces them itself")
+            raise ValueError(f"BoosterTrainer does not support {', '.join(bad)}")
 
     # -- the harmful data (the original's API: trainer.init(harmful_dataset)) ----------------------------------
     def init(self, harmful_dataset):
@@ -354,6 +364,16 @@ class BoosterTrainer(Trainer):
         if self.args.should_save:
             write_text_atomic(os.path.join(output_dir, HARMFUL_STATE),
                               json.dumps({"harmful_batches_drawn": self._harmful_drawn}))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        """The Trainer's load, with one line for an optimizer state this trainer did not write (a plain Trainer's,
+        the original's: per-tensor AdamW groups, where the engine's AdamW holds one flat buffer)."""
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"resume: the optimizer state in {checkpoint} does not fit BoosterTrainer's AdamW over "
+                             f"one flat LoRA buffer ({reason(e, 100)}); it was written by another trainer: start a "
+                             f"new run from its adapter instead") from None
 
     def _load_rng_state(self, checkpoint) -> None:
         super()._load_rng_state(checkpoint)

@@ -643,8 +643,10 @@ def test_adamw_optims_and_hyperparameters_reach_the_engine(tmp_path, data):
         assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.05), impl
         assert float(group["lr"]) == pytest.approx(3e-4), impl
     model, _ = make_model()
-    for kw in ({"optimizers": (torch.optim.SGD(model.parameters(), lr=0.1), None)},
-               {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.1})}):
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    for kw in ({"optimizers": (other, None)},
+               {"optimizers": (None, torch.optim.lr_scheduler.LambdaLR(other, lambda step: 0.0))},  # (it stepped
+               {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.1})}):                   # nothing, unsaid)
         with pytest.raises(ValueError, match="builds its own optimizer"):
             bf.BoosterTrainer(model=model, args=trainer_args(tmp_path), train_dataset=data[0], **kw)
 
@@ -660,6 +662,44 @@ def test_harmful_batch_size_must_be_a_positive_integer(tmp_path, value):
 def test_max_grad_norm_that_would_switch_clipping_off_unsaid_is_refused(tmp_path, value):
     with pytest.raises(ValueError, match="max_grad_norm must be a finite number >= 0"):
         trainer_args(tmp_path, max_grad_norm=value)
+
+
+def test_max_grad_norm_none_means_no_clipping_as_in_transformers_4(tmp_path, data):
+    """The original's transformers 4 took max_grad_norm=None as no clipping; transformers 5 compares it with 0 (a
+    TypeError at the first update): None becomes 0, for our arguments and the original's class alike."""
+    from transformers import TrainingArguments
+
+    trainer, _ = make_trainer(tmp_path, data, max_grad_norm=None, max_steps=1)
+    assert trainer.args.max_grad_norm == 0.0
+    trainer.train()
+
+    @dataclasses.dataclass
+    class OriginalArguments(TrainingArguments):
+        lamb: float = 5.0
+        alpha: float = 0.1
+
+    model, _ = make_model()
+    args = OriginalArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_grad_norm=None)
+    assert bf.BoosterTrainer(model=model, args=args, train_dataset=data[0]).args.max_grad_norm == 0.0
+
+
+def test_a_checkpoint_of_a_plain_trainer_is_refused_in_one_line(tmp_path, data):
+    """A checkpoint written by the Trainer itself (the original's) holds per-tensor AdamW groups, which the engine's
+    one flat AdamW cannot take: one line saying so, not torch's "different number of parameter groups"."""
+    from transformers import Trainer
+
+    rows_a, _, pad = data
+    model, _ = make_model()
+    plain = Trainer(model=model, args=trainer_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1),
+                    train_dataset=rows_a, data_collator=FixedLengthCollator(pad, MAX_LEN))
+    plain.train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert (checkpoint / "optimizer.pt").is_file()
+    trainer, _ = make_trainer(tmp_path, data, max_steps=2)
+    with pytest.raises(ValueError, match=r"^resume: the optimizer state in .*checkpoint-1 does not fit "
+                                         r"BoosterTrainer's AdamW over one flat LoRA buffer \(.*\); it was written "
+                                         r"by another trainer: start a new run from its adapter instead$"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
 class FlatGradCapture(GradCapture):
