@@ -370,10 +370,12 @@ class BoosterTrainer(Trainer):
         the original's: per-tensor AdamW groups, where the engine's AdamW holds one flat buffer)."""
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
+        except torch.OutOfMemoryError:  # (a RuntimeError, but no verdict on the file)
+            raise
         except (ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"resume: the optimizer state in {checkpoint} does not fit BoosterTrainer's AdamW over "
-                             f"one flat LoRA buffer ({reason(e, 100)}); it was written by another trainer: start a "
-                             f"new run from its adapter instead") from None
+            raise ValueError(f"resume: the optimizer state in {checkpoint} does not fit this trainer's optimizer "
+                             f"(the fast engine's AdamW holds one flat LoRA buffer; {reason(e, 100)}); it was written "
+                             f"by another trainer or engine: start a new run from its adapter instead") from None
 
     def _load_rng_state(self, checkpoint) -> None:
         super()._load_rng_state(checkpoint)

@@ -696,9 +696,10 @@ def test_a_checkpoint_of_a_plain_trainer_is_refused_in_one_line(tmp_path, data):
     checkpoint = tmp_path / "out" / "checkpoint-1"
     assert (checkpoint / "optimizer.pt").is_file()
     trainer, _ = make_trainer(tmp_path, data, max_steps=2)
-    with pytest.raises(ValueError, match=r"^resume: the optimizer state in .*checkpoint-1 does not fit "
-                                         r"BoosterTrainer's AdamW over one flat LoRA buffer \(.*\); it was written "
-                                         r"by another trainer: start a new run from its adapter instead$"):
+    with pytest.raises(ValueError, match=r"^resume: the optimizer state in .*checkpoint-1 does not fit this "
+                                         r"trainer's optimizer \(the fast engine's AdamW holds one flat LoRA buffer; "
+                                         r".*\); it was written by another trainer or engine: start a new run from its "
+                                         r"adapter instead$"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
