@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from transformers import TrainingArguments
+
 import booster_fast as bf
 from booster_fast.data import collate, encode_all, load_safety_data
 from booster_fast.hf_trainer import FixedLengthCollator
@@ -25,6 +27,14 @@ from test_fast import lora_state, randomize_lora_b_, worst_relative_error  # the
 SEED = 7
 MAX_LEN = 64
 LR = 5e-4
+
+
+@dataclasses.dataclass
+class OriginalArguments(TrainingArguments):   # as in the original's train.py: a plain TrainingArguments and its knobs
+    lamb: float = 5.0
+    alpha: float = 0.1
+    rho: float = 2.0
+    perturb_aware: str = "False"
 
 
 def make_model(dropout: float = 0.0):
@@ -100,14 +110,14 @@ def test_perturb_aware_as_the_original_spells_it(tmp_path, data, every):
     from dataclasses import dataclass, field
 
     @dataclass
-    class OriginalArguments(bf.BoosterTrainingArguments):
+    class StringFlagArguments(bf.BoosterTrainingArguments):
         perturb_aware: str = field(default="False")
 
     rows_a, rows_h, pad = data
     base = {k: v for k, v in vars(trainer_args(tmp_path, max_steps=3, logging_steps=every)).items() if k in
             {f.name for f in dataclasses.fields(bf.BoosterTrainingArguments) if f.init}}
     model, _ = make_model()
-    args = OriginalArguments(**{**base, "perturb_aware": "True", "rho": 2.0})
+    args = StringFlagArguments(**{**base, "perturb_aware": "True", "rho": 2.0})
     trainer = bf.BoosterTrainer(model=model, args=args, train_dataset=rows_a, harmful_dataset=rows_h,
                                 data_collator=FixedLengthCollator(pad, MAX_LEN))
     trainer.train()
@@ -150,17 +160,6 @@ def test_a_seq2seq_collator_trains_as_the_fixed_length_one(tmp_path, data):
 def test_init_path_and_missing_harmful(tmp_path, data):
     """The original's API: its own TrainingArguments subclass (with `lamb`, `alpha`, ...), no harmful data in the
     constructor, then `trainer.init(harmful_dataset)`: code written for the original swaps in by the import."""
-    from dataclasses import dataclass, field
-
-    from transformers import TrainingArguments
-
-    @dataclass
-    class OriginalArguments(TrainingArguments):   # as in the original's train.py
-        lamb: float = field(default=5.0)
-        alpha: float = field(default=0.1)
-        rho: float = field(default=2.0)
-        perturb_aware: str = field(default="False")
-
     rows_a, rows_h, pad = data
     base = vars(trainer_args(tmp_path, max_steps=2))
     kw = {k: base[k] for k in ("output_dir", "per_device_train_batch_size", "max_steps", "learning_rate",
@@ -194,7 +193,6 @@ def test_bad_arguments(tmp_path, data):
         trainer_args(tmp_path, learning_rate=0.0)  # in the Trainer's name, when the arguments are made
     model, _ = make_model()
     with pytest.raises(TypeError, match="lamb"):
-        from transformers import TrainingArguments
         bf.BoosterTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
                                                               report_to="none"))
 
@@ -608,16 +606,8 @@ def test_tokenizer_keyword_as_the_original_passes_it(tmp_path, data):
 def test_an_optimizer_other_than_adamw_is_refused(tmp_path, data, optim):
     """The engine always steps torch's AdamW: another `optim` would be ignored, so it is refused, by our arguments
     and, for the original's arguments class (a plain TrainingArguments), by the Trainer."""
-    from transformers import TrainingArguments
-
     with pytest.raises(ValueError, match=f"optim='{optim}' is not supported: .*AdamW.*adamw_torch"):
         trainer_args(tmp_path, optim=optim)
-
-    @dataclasses.dataclass
-    class OriginalArguments(TrainingArguments):
-        lamb: float = 5.0
-        alpha: float = 0.1
-
     model, _ = make_model()
     args = OriginalArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", optim=optim)
     with pytest.raises(ValueError, match=f"optim='{optim}' is not supported"):
@@ -628,8 +618,6 @@ def test_adamw_optims_and_hyperparameters_reach_the_engine(tmp_path, data):
     """optim "adamw_torch", "adamw_torch_fused" and the Trainer's default are taken; adam_beta1/2, adam_epsilon,
     learning_rate and weight_decay are those of the AdamW the Trainer steps, for both engines; optimizers= and
     optimizer_cls_and_kwargs= are refused (they would be ignored)."""
-    from transformers import TrainingArguments
-
     default = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
     for optim in ("adamw_torch", "adamw_torch_fused", default):
         trainer_args(tmp_path, optim=optim)
@@ -667,17 +655,9 @@ def test_max_grad_norm_that_would_switch_clipping_off_unsaid_is_refused(tmp_path
 def test_max_grad_norm_none_means_no_clipping_as_in_transformers_4(tmp_path, data):
     """The original's transformers 4 took max_grad_norm=None as no clipping; transformers 5 compares it with 0 (a
     TypeError at the first update): None becomes 0, for our arguments and the original's class alike."""
-    from transformers import TrainingArguments
-
     trainer, _ = make_trainer(tmp_path, data, max_grad_norm=None, max_steps=1)
     assert trainer.args.max_grad_norm == 0.0
     trainer.train()
-
-    @dataclasses.dataclass
-    class OriginalArguments(TrainingArguments):
-        lamb: float = 5.0
-        alpha: float = 0.1
-
     model, _ = make_model()
     args = OriginalArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_grad_norm=None)
     assert bf.BoosterTrainer(model=model, args=args, train_dataset=data[0]).args.max_grad_norm == 0.0
