@@ -76,14 +76,22 @@ def _resolved(path, flag: str) -> Path:
         raise UsageError(f"{flag} {path}: cannot follow its symbolic links ({reason(e, 80)})") from None
 
 
+def check_not_empty(path, flag: str, what: str) -> None:
+    """UsageError for a path given as '': Path("") is the current directory, which no flag means by it. `what`:
+    what to give instead."""
+    from .cli import UsageError
+
+    if path is not None and not str(path):
+        raise UsageError(f"{flag} '' is empty: {what}")
+
+
 def check_writable_file(path: str | Path, flag: str, inputs: dict | None = None) -> None:
     """Before any work: `path` can be written as a file (not a directory; not one of `inputs`, see
     `check_spares_inputs`; its nearest existing folder is a folder we may create files in: a temporary file is
     made and removed there). Raises UsageError saying why not."""
     from .cli import UsageError
 
-    if not str(path):  # (Path("") is the current directory)
-        raise UsageError(f"{flag} '' is empty: give a file name")
+    check_not_empty(path, flag, "give a file name")
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")

@@ -339,14 +339,14 @@ def run_experiment(args) -> int:
         raise UsageError(f"--methods {args.methods!r}: give distinct names of {', '.join(METHODS)}")
     p, overrides = apply_overrides(PRESETS[args.preset], args.overrides)
     check_settings(p, methods)
-    for flag in ("workdir", "output", "plot"):  # (Path("") is the current directory)
-        if getattr(args, flag) == "":
-            raise UsageError(f"--{flag} '' is empty: give a {'directory' if flag == 'workdir' else 'file'} name")
+    from .atomic import check_not_empty, check_writable_file
+
+    for flag in ("workdir", "output", "plot"):  # (before output_paths makes Paths of them)
+        kind = "directory" if flag == "workdir" else "file"
+        check_not_empty(getattr(args, flag), f"--{flag}", f"give a {kind} name")
     work = Path(args.workdir or f"runs/defense-{args.preset}").absolute()  # (stage records compare paths)
     check_workdir(work)
     out_json, out_png = output_paths(args, work, bool(overrides))
-    from .atomic import check_writable_file
-
     check_writable_file(out_json, "--output")
     if out_png is not None:
         need_matplotlib()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import check_spares_inputs, existing_folder
+from .atomic import check_not_empty, check_spares_inputs, existing_folder
 from .cli import UsageError
 from .config import BoosterConfig
 from .lora import split_targets
@@ -231,9 +231,8 @@ def apply_resume(args, finished_ok: bool = False):
     memory` reads them; align can only resume an unfinished run)."""
     from .checkpoint import CHECKPOINTS, CONFIG, MARKER, METRICS
 
+    check_not_empty(args.resume, "--resume", "name the run's directory")
     run = Path(args.resume)
-    if not args.resume:  # (Path("") is the current directory)
-        raise UsageError("--resume '' is empty: name the run's directory")
     if not run.is_dir():
         raise UsageError(f"--resume {args.resume}: " + ("a file, not a run directory" if run.exists()
                                                        else "no such run directory"))
