@@ -21,7 +21,9 @@ and the harmful prompts default to the built-in ones on a preset base, BeaverTai
 
 `--max-new-tokens` and `--task-max-new-tokens` may not exceed the base model's position limit
 (max_position_embeddings, or n_positions for GPT-2-like configs; read from the preset or the model's config.json
-before anything is loaded): a model that never emits EOS would otherwise generate for ages.
+before anything is loaded): a model that never emits EOS would otherwise generate for ages. On a model with a
+learned position table (GPT-2-like) the longest prompt and its budget must fit the table too, checked once the
+model is loaded and before the first answer.
 
 Generation is batched greedy decoding (`do_sample=False`, one beam) with left padding and a KV cache, prompts in
 the Alpaca template the model was trained on, sorted by length to waste little padding, with a progress bar.
@@ -263,13 +265,11 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
-    from .data import default_prefix, format_prompt
     from .compute import Autocast
 
     if not examples:
         return []
-    prefix = default_prefix(tok)
-    ids = [prefix + x for x in tok([format_prompt(i, x) for i, x in examples], add_special_tokens=False)["input_ids"]]
+    ids = prompt_ids(tok, examples)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
@@ -293,6 +293,15 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
     bar.close()
     model.train(was_training)
     return answers
+
+
+def prompt_ids(tok, examples: list[tuple[str, str]]) -> list[list[int]]:
+    """The token ids that generate feeds for Alpaca prompts (instruction, input): the tokenizer's BOS, if it
+    prepends one, then the prompt."""
+    from .data import default_prefix, format_prompt
+
+    prefix = default_prefix(tok)
+    return [prefix + x for x in tok([format_prompt(i, x) for i, x in examples], add_special_tokens=False)["input_ids"]]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -336,6 +345,25 @@ def check_new_tokens(values: dict, base_model: str, limit: int | None):
         if value is not None and value > limit:
             raise UsageError(f"{flag} {value} exceeds the {limit} positions of the model {base_model}; use {flag} "
                              f"{limit} or less")
+
+
+def check_answer_room(model, tok, budgets) -> None:
+    """UsageError when a prompt and its new-token budget do not fit a model's learned position table (GPT-2-like;
+    models.learned_positions), where generation would fail on its first position past the table, after all the
+    answers before. `budgets`: (flag, examples, new tokens, what the prompts are) per generation."""
+    from .cli import UsageError
+    from .models import learned_positions
+
+    positions = learned_positions(model)
+    for flag, examples, new, what in (budgets if positions is not None else ()):
+        longest = max(map(len, prompt_ids(tok, examples)), default=0)
+        room = positions - longest + 1  # the last new token is never fed back, so it takes no position
+        if room < 1:
+            raise UsageError(f"the longest of the {what} prompts takes {longest} tokens, more than the model's "
+                             f"{positions} learned positions")
+        if new > room:
+            raise UsageError(f"{flag} {new} with the longest of the {what} prompts ({longest} tokens) exceeds the "
+                             f"model's {positions} learned positions; use {flag} {room} or less")
 
 
 def new_token_flags(args) -> dict:
@@ -452,6 +480,9 @@ def evaluate_run(args) -> dict:
                                    trust_remote_code=getattr(args, "trust_remote_code", False))
     if limit is None:  # its config could not be read without loading the model: check the loaded one's
         check_new_tokens(new_token_flags(args), base["model"], config_positions(getattr(model, "config", None)))
+    check_answer_room(model, tok, [("--max-new-tokens", prompts, d["max_new"], "harmful"),
+                                   ("--task-max-new-tokens", [(e.instruction, e.input) for e in task_rows],
+                                    d["task_max_new"], f"{d['task']} test")])
     log.info("eval: judge %s (%s)", judge_name, judge_why)  # (once every input has been checked)
 
     answers = generate(model, tok, prompts, d["max_new"], d["batch"], device, desc="harmful prompts")

@@ -422,23 +422,31 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
     return model, tok
 
 
-def check_positions(model: nn.Module, max_length: int, flag: str = "--max-length") -> str | None:
-    """ModelError when rows of `max_length` tokens do not fit a model's learned absolute position table (GPT-2's
-    wpe, OPT's embed_positions, ...): the lookup would fail in the first step. Only the table beside the token
-    embeddings counts (not an audio or vision encoder's); rotary and sinusoidal models have none. Rows longer
-    than a rotary model's max_position_embeddings run, on positions it never trained on: the warning to log for
-    them is returned (None otherwise), for the caller to log once every input is checked."""
+def learned_positions(model: nn.Module) -> int | None:
+    """The number of positions in a model's learned absolute position table (GPT-2's wpe, OPT's embed_positions,
+    ...), None for a model without one (rotary, sinusoidal). Only the table beside the token embeddings counts
+    (not an audio or vision encoder's)."""
     tokens = model.get_input_embeddings()
     parent = next((m for m in model.modules() if any(c is tokens for c in m.children())), None)
     for name, m in (parent.named_children() if parent is not None else ()):
         if isinstance(m, nn.Embedding) and name in ("wpe", "embed_positions", "position_embeddings"):
             # OPT keeps 2 rows before position 0 (`offset`); RoBERTa-style tables start after padding_idx
             skip = int(getattr(m, "offset", 0)) or (m.padding_idx + 1 if m.padding_idx is not None else 0)
-            positions = m.num_embeddings - skip
-            if max_length > positions:
-                raise ModelError(f"{flag} {max_length} exceeds the model's {positions} learned positions; "
-                                 f"use {flag} {positions} or less")
-            return
+            return m.num_embeddings - skip
+    return None
+
+
+def check_positions(model: nn.Module, max_length: int, flag: str = "--max-length") -> str | None:
+    """ModelError when rows of `max_length` tokens do not fit a model's learned absolute position table
+    (learned_positions): the lookup would fail in the first step. Rows longer than a rotary model's
+    max_position_embeddings run, on positions it never trained on: the warning to log for them is returned (None
+    otherwise), for the caller to log once every input is checked."""
+    positions = learned_positions(model)
+    if positions is not None:
+        if max_length > positions:
+            raise ModelError(f"{flag} {max_length} exceeds the model's {positions} learned positions; "
+                             f"use {flag} {positions} or less")
+        return None
     trained = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(trained, int) and max_length > trained:  # rotary: runs, beyond what the model was trained on
         return (f"{flag} {max_length} exceeds the model's max_position_embeddings ({trained}): positions beyond it "

@@ -82,6 +82,39 @@ def test_rows_longer_than_a_learned_position_table_are_refused(tmp_path, capsys)
     assert "exceeds the model's 40 learned positions" in capsys.readouterr().err and not out.exists()
 
 
+def test_eval_refuses_answers_that_would_run_past_a_learned_position_table(tmp_path, capsys):
+    """GPT-2-style learned positions: a prompt and its new-token budget beyond the table are refused in one line
+    before any answer is generated (greedy decoding failed at the first position past it, after the answers
+    before); a budget that fits runs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from booster_fast.evaluate import harmful_prompts, prompt_ids
+
+    _, tok = load_model("tiny", device="cpu")
+    d = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=32, n_layer=1, n_head=2))
+    with torch.no_grad():  # EOS's logit 0 (tied head) below the top one: answers run to their budget
+        gpt2.transformer.wte.weight[tok.eos_token_id] = 0
+    gpt2.save_pretrained(d)
+    tok.save_pretrained(d)
+    run = tmp_path / "run"
+    assert main(["align", "--model", str(d), "--targets", "c_attn", "--output", str(run), *SMALL]) == 0
+    longest = max(map(len, prompt_ids(tok, harmful_prompts("builtin", None, 3)[0])))
+    assert 0 < longest < 96
+    out = tmp_path / "eval.json"
+    common = ["eval", "--adapter", str(run), "--output", str(out), "--prompts", "builtin", "--num-prompts", "3",
+              "--task", "builtin", "--num-task", "2", "--judge", "refusal", "--device", "cpu"]
+    capsys.readouterr()
+    room = 96 - longest + 1  # the last new token is never fed back
+    code = main([*common, "--max-new-tokens", str(room + 1), "--task-max-new-tokens", "1"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' loading bar)
+    assert code == 2 and f"use --max-new-tokens {room} or less" in line and not out.exists(), line
+    assert main([*common, "--max-new-tokens", str(room), "--task-max-new-tokens", "1", "--save-generations"]) == 0
+    answers = [g["answer"] for g in json.loads(out.read_text())["generations"]["harmful"]]
+    assert len(answers) == 3 and max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers) > 30
+
+
 def test_only_the_text_position_table_counts_and_its_offset():
     """RoBERTa-style tables start after the pad row (514 rows hold 512 positions); a table that does not sit
     beside the token embeddings (an encoder's of another modality) is not the text's limit."""
