@@ -309,12 +309,9 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
     # ---- resume: newest checkpoint, metrics cut back to it ---------------------------------------------------
     start, metrics_bytes, last_ckpt, skips = 0, 0, None, SkipTally()
     if args.resume:
-        state, ckpt = load_newest(args.output, model, booster, streams, set_aside=rank == 0)
+        state, ckpt = load_newest(args.output, model, booster, streams, steps, set_aside=rank == 0)
         if ckpt is not None:
             start, metrics_bytes, last_ckpt = state["step"], state["metrics_bytes"], ckpt
-            if start > steps:
-                raise UsageError(f"--resume {args.resume}: {ckpt} is of step {start}, past the run's {steps} steps "
-                                 f"(a checkpoint of another run?)")
             # (the streak is absent from checkpoints of older versions)
             skips = SkipTally(state["skipped"], state.get("skipped_in_a_row", 0))
         if rank == 0:

@@ -124,13 +124,14 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_newest(run: Path, model, booster, streams: dict,
+def load_newest(run: Path, model, booster, streams: dict, steps: int,
                 set_aside: bool = True) -> tuple[dict | None, Path | None]:
     """(trainer_state, path) of the newest checkpoint that loads, or (None, None) when the run has none. A newer
     one that does not load (a disk fault, a hand edit: checkpoints are written atomically) is skipped and, once an
     older one has loaded, named in one warning and renamed `step-N.unreadable` (kept for inspection) so that the
     run can write step N again; `set_aside` False leaves the renaming to another process (rank 0). When none
-    loads, the newest one's error is raised, counting the others, and nothing is renamed or logged."""
+    loads, the newest one's error is raised, counting the others, and nothing is renamed or logged; so too when
+    the one that loads lies past the run's `steps` (a checkpoint of another run)."""
     unreadable = []  # (path, its CheckpointError), newest first
     for _, path in reversed(list_checkpoints(run)):
         try:
@@ -138,6 +139,9 @@ def load_newest(run: Path, model, booster, streams: dict,
         except CheckpointError as e:
             unreadable.append((path, e))
             continue
+        if state["step"] > steps:
+            raise CheckpointError(f"cannot resume: {path} is of step {state['step']}, past the run's {steps} steps "
+                                  f"(a checkpoint of another run?)")
         for bad, error in unreadable:  # said only now: when none loads, the error is the one line
             why = str(error).removeprefix("cannot resume: ")
             kept = f"; it is kept as {keep_aside(bad, 'unreadable').name}" if set_aside else ""

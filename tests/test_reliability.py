@@ -877,7 +877,7 @@ def test_only_rank_0_sets_an_unreadable_checkpoint_aside(tmp_path):
         save_checkpoint(tmp_path, step, model, booster, streams, {"skipped": 0, "metrics_bytes": 0}, keep=2)
     (tmp_path / "checkpoints" / "step-000002" / "rng.pt").write_bytes(b"garbage")
     model2, tok2, booster2 = _fresh()
-    state, path = load_newest(tmp_path, model2, booster2, _batches(tok2), set_aside=False)
+    state, path = load_newest(tmp_path, model2, booster2, _batches(tok2), 2, set_aside=False)
     assert state["step"] == 1 and path.name == "step-000001"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
@@ -1012,29 +1012,33 @@ def test_a_checkpoint_whose_contents_do_not_fit_is_unreadable(two_checkpoints, t
     for _, path in list_checkpoints(run):
         CONTENT_DAMAGE[damage](path)
     with pytest.raises(CheckpointError, match="^cannot resume: [^\n]*step-000002") as e:
-        load_newest(run, model, booster, streams)
+        load_newest(run, model, booster, streams, 2)
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     shutil.rmtree(run / "checkpoints" / "step-000001")
     shutil.copytree(pristine / "checkpoints" / "step-000001", run / "checkpoints" / "step-000001")
-    state, path = load_newest(run, model, booster, streams)
+    state, path = load_newest(run, model, booster, streams, 2)
     assert state["step"] == 1 and path.name == "step-000001"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002.unreadable"]
 
 
 def test_a_checkpoint_past_the_runs_steps_is_refused(tmp_path, capsys):
     """A checkpoint whose step (its name and its state agreeing) lies past the run's length is no checkpoint of
-    this run: one line, exit 2, not a run marked finished with the weights of an earlier step."""
+    this run: one line, exit 2, not a run marked finished with the weights of an earlier step; and the run as it
+    was, an unreadable newer checkpoint not set aside."""
     run = tmp_path / "run"
     assert main(["align", "--output", str(run), "--steps", "3", *SMALL, "--save-every", "1"]) == 0
     (run / MARKER).write_text("")
     newest = list_checkpoints(run)[-1][1]
+    shutil.copytree(newest, newest.with_name("step-000050"))
+    (newest.with_name("step-000050") / "trainer_state.json").write_text("[]")
     _json_edit(newest / "trainer_state.json", lambda s: s.update(step=40))
     newest.rename(newest.with_name("step-000040"))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
     capsys.readouterr()
     assert main(["align", "--resume", str(run)]) == 2
     assert "step-000040 is of step 40, past the run's 3 steps" in one_error_line(capsys.readouterr().err)
-    assert (run / MARKER).exists()
+    assert (run / MARKER).exists() and sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
 def test_a_resume_whose_every_checkpoint_does_not_fit_changes_nothing(tmp_path, capsys, caplog):
