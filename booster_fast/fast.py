@@ -198,7 +198,10 @@ class FastBooster:
         if self.device.type != "cuda":
             reason = "CUDA graphs need a CUDA device"
         elif self.distributed:
-            reason = "CUDA graphs are not used with several processes"
+            reason = "several processes: the engine does not capture their gradients' all-reduce"
+        elif any(type(m).__name__ == "Linear8bitLt" for m in self.model.modules()):
+            reason = ("bitsandbytes' 8-bit layers (LLM.int8) look for outlier columns on the host in each forward, "
+                      "a read that capture refuses (4-bit NF4 layers are captured)")
         elif checkpoint_reads_rng(self.model):
             reason = ("gradient checkpointing saves the CUDA RNG state for its recompute (preserve_rng_state on; "
                       "enable_gradient_checkpointing turns it off where there is no dropout), a host read that "
@@ -300,6 +303,10 @@ class FastBooster:
         if self.distributed != (dist.is_available() and dist.is_initialized()):
             raise ValueError("the process group was started or ended after this Booster was built: build the "
                              "Booster after init_process_group, so that it all-reduces its gradients")
+        if not self.flat.views_intact():
+            raise ValueError("the model's LoRA weights are no longer views of the fast engine's flat buffer (the "
+                             "model was cast, moved or loaded with assign=True after the Booster was built): build "
+                             "the Booster once the model is cast, moved and loaded")
         if not self.flat.grads_attached():  # someone called zero_grad(set_to_none=True)
             self.flat.attach_grads()
         if self.W.grad is not self.flat.G_f:

@@ -55,7 +55,10 @@ def _check_plain_lora(model, layers) -> None:
 
 class FlatLoRA:
     def __init__(self, model):
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        # (module, attribute) that holds each parameter: views_intact checks that it still holds that one
+        self._owners = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n, _ in named]
         if not self.params:
             from .lora import no_trainable_reason
 
@@ -118,6 +121,13 @@ class FlatLoRA:
         """Point every parameter's .grad at its view of G_f (again, if someone set them to None)."""
         for p, g in zip(self.params, self._gf_views):
             p.grad = g
+
+    def views_intact(self) -> bool:
+        """Whether the model still holds every LoRA parameter, each still its view of W: a cast (`model.half()`),
+        a move or a `load_state_dict(assign=True)` after the engine was built gives the model parameters or
+        storage of their own, which the step would neither read nor update. Host-side only."""
+        return all(m._parameters.get(attr) is p and p.data_ptr() == v.data_ptr()
+                   for (m, attr), p, v in zip(self._owners, self.params, self._w_views))
 
     def grads_attached(self) -> bool:
         return self.params[0].grad is self._gf_views[0]

@@ -127,6 +127,7 @@ class StepGraphs:
         self.replays = 0         # steps run as a graph replay so far
         self.pool_warmups = 0    # warm-up steps whose allocations went to the graphs' pool
         self._pool_warmup = POOL_WARMUP  # (turned off for the run if routing fails)
+        self.dropped = 0         # graphs dropped for a newer shape (more than MAX_GRAPHS shapes met)
 
     def reset(self):
         """Forget every captured graph (after tensors they captured were replaced, e.g. a loaded state)."""
@@ -181,6 +182,11 @@ class StepGraphs:
                 return fn(*batches)
             if len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))  # the least recently replayed graph
+                if not self.dropped:
+                    log.warning("CUDA graphs: more than %d batch shapes met; the least recently replayed graph "
+                                "goes, and its shape warms up and is captured again if it comes back (batches of "
+                                "a few fixed widths avoid that)", MAX_GRAPHS)
+                self.dropped += 1
             log.info("CUDA graphs: captured the %s step for batches of %s; later steps of that shape replay it",
                      _kind_name(kind), _shapes(batches))
         else:

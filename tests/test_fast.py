@@ -939,3 +939,28 @@ def test_which_ropes_rescale_with_length():
                                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
                                                      "full_attention": full})
         assert length_dependent_rope(T.Gemma3ForCausalLM(config)) == want
+
+
+@pytest.mark.parametrize("how", ["assign", "clone", "in_place"])
+def test_lora_weights_given_storage_of_their_own_are_refused(batches, how):
+    """A LoRA parameter rebound after the engine was built (load_state_dict(assign=True), a cast or a move) no
+    longer is its view of W: the step would train W while the model kept its old weights. Refused in one line;
+    a load that copies in place (the default) trains on."""
+    model, _ = make_model()
+    booster = bf.Booster(model, bf.BoosterConfig(impl="fast"))
+    a, h = batches[0]
+    state = {n: p.detach() + 0.01 for n, p in model.named_parameters() if p.requires_grad}
+    if how == "assign":
+        model.load_state_dict(state, strict=False, assign=True)
+    elif how == "clone":
+        name, p = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        p.data = p.data.clone()
+    else:
+        model.load_state_dict(state, strict=False)
+    if how == "in_place":
+        before = lora_state(model)
+        booster.step(a, h)
+        assert all(not torch.equal(before[n], p) for n, p in lora_state(model).items())
+    else:
+        with pytest.raises(ValueError, match="no longer views of the fast engine's flat buffer"):
+            booster.step(a, h)

@@ -66,6 +66,34 @@ def test_checkpointing_that_saves_the_rng_state_is_not_captured(how, caplog):
     assert not checkpoint_reads_rng(plain.model) and isinstance(plain._graphs_for("auto"), StepGraphs)
 
 
+def test_a_model_with_8bit_layers_is_not_captured(caplog):
+    """bitsandbytes' LLM.int8 layers read their outlier columns back to the host in every forward: graphs are
+    declined when the engine is built ("auto": one log line; "on": an error), as for checkpointing's RNG read."""
+    model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+    e = bf.Booster(bf.add_lora(model, r=4, alpha=4), bf.BoosterConfig(impl="fast")).engine
+    e.device = torch.device("cuda")  # what _graphs_for decides on a GPU (nothing here touches CUDA)
+    assert isinstance(e._graphs_for("auto"), StepGraphs)
+    e.model.int8 = type("Linear8bitLt", (torch.nn.Module,), {})()  # stands for bitsandbytes' class, by its name
+    with pytest.raises(ValueError, match="graphs='on': bitsandbytes' 8-bit layers"):
+        e._graphs_for("on")
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert e._graphs_for("auto") is None
+    assert "CUDA graphs off: bitsandbytes' 8-bit layers" in caplog.text
+
+
+def test_several_processes_are_not_captured(caplog):
+    """Under torchrun the step all-reduces its gradients, which it does not capture: eager steps, said in one
+    log line ("auto"), an error for "on"."""
+    model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+    e = bf.Booster(bf.add_lora(model, r=4, alpha=4), bf.BoosterConfig(impl="fast")).engine
+    e.device, e.distributed = torch.device("cuda"), True  # what _graphs_for decides on (nothing touches CUDA)
+    with pytest.raises(ValueError, match="graphs='on': several processes"):
+        e._graphs_for("on")
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert e._graphs_for("auto") is None
+    assert "CUDA graphs off: several processes" in caplog.text
+
+
 def test_left_padding_is_refused_for_graphs():
     mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
     with pytest.raises(ValueError, match="right-padded"):
@@ -329,9 +357,9 @@ def test_step_graphs_give_up_on_a_syncing_step(monkeypatch, caplog, mode):
     assert events == ["eager", "watched"] and len(g.eager_keys) == 1  # warmed up and watched again, found again
 
 
-def test_step_graphs_evict_the_least_recently_replayed(monkeypatch):
+def test_step_graphs_evict_the_least_recently_replayed(monkeypatch, caplog):
     """Past MAX_GRAPHS graphs, the one replayed longest ago goes, not the first captured: a shape that keeps
-    coming back keeps its graph."""
+    coming back keeps its graph. The first eviction is said in one warning (later ones are counted)."""
     events = _fake_cuda(monkeypatch)
     step, batch = _sum_step([]), _batch_maker()
     g = StepGraphs("on")
@@ -339,11 +367,16 @@ def test_step_graphs_evict_the_least_recently_replayed(monkeypatch):
         for _ in range(WARMUP + 1):
             g.run("step", step, (batch(rows, 3),))
     g.run("step", step, (batch(1, 3),))  # the first shape replayed again: now the most recent
-    for _ in range(WARMUP + 1):
-        g.run("step", step, (batch(MAX_GRAPHS + 1, 3),))
+    assert g.dropped == 0
+    with caplog.at_level(logging.WARNING, logger="booster_fast"):
+        for rows in (MAX_GRAPHS + 1, MAX_GRAPHS + 2):
+            for _ in range(WARMUP + 1):
+                g.run("step", step, (batch(rows, 3),))
     rows_kept = {k[2][0][1][0] for k in g._graphs}
-    assert len(rows_kept) == MAX_GRAPHS and 1 in rows_kept and 2 not in rows_kept, sorted(rows_kept)
-    assert events.count("capture") == MAX_GRAPHS + 1
+    assert len(rows_kept) == MAX_GRAPHS and 1 in rows_kept and {2, 3}.isdisjoint(rows_kept), sorted(rows_kept)
+    assert events.count("capture") == MAX_GRAPHS + 2 and g.dropped == 2
+    lines = [r.getMessage() for r in caplog.records if "batch shapes met" in r.getMessage()]
+    assert len(lines) == 1 and f"more than {MAX_GRAPHS} batch shapes" in lines[0], lines
 
 
 def test_step_graphs_forget_the_oldest_keys_first(monkeypatch):
@@ -679,6 +712,39 @@ def test_graph_replays_follow_a_learning_rate_schedule():
     assert len(gb.engine.graphs._graphs) == 1 and gb.engine.graphs.replays == len(batches) - WARMUP
     err, name = worst_relative_error(lora_state(graphed), lora_state(eager))
     assert err <= 1e-5, f"replays under a schedule differ from eager steps at {name} by {err:.3g}"
+
+
+def _dropout_booster(graphs: str, lr: float = 5e-4):
+    """tiny with LoRA dropout 0.1 on CUDA (make_model's LoRA otherwise), its engine merged."""
+    model, _ = bf.load_model("tiny", seed=SEED, device="cuda")
+    torch.manual_seed(SEED)
+    model = randomize_lora_b_(bf.add_lora(model, r=8, alpha=16, dropout=0.1), SEED + 1)
+    return model, bf.Booster(model, bf.BoosterConfig(graphs=graphs, merge_passes=True, lr=lr))
+
+
+@pytest.mark.gpu
+def test_graph_replays_draw_fresh_dropout_masks_as_eager_steps_do():
+    """LoRA dropout inside a captured step: each replay draws new masks (the same batch at a zero learning rate
+    gives another loss each replay), from the generator state an eager step would use, so graphed and eager runs
+    from one seed agree. The runs go one after the other: both draw from the one CUDA generator."""
+    _, tok = bf.load_model("tiny", device="cpu")
+    batches = [tuple({k: v.cuda() for k, v in b.items() if k != "attention_mask"} for b in pair)
+               for pair in builtin_batches(tok, 6)]
+    _, frozen = _dropout_booster("on", lr=0.0)
+    losses = [frozen.step(*batches[0])["loss"] for _ in range(WARMUP + 4)]
+    assert frozen.engine.graphs.replays == 4
+    replayed = torch.stack(losses[WARMUP:]).tolist()  # the capturing step's replay and three more
+    assert len(set(replayed)) == len(replayed), f"replays drew the same dropout masks: {replayed}"
+    runs = {}
+    for graphs in ("on", "off"):
+        model, booster = _dropout_booster(graphs)
+        torch.manual_seed(SEED + 2)
+        outs = [booster.step(a, h) for a, h in batches]
+        runs[graphs] = model, booster, torch.stack([o["loss"] for o in outs])
+    assert runs["on"][1].engine.graphs.replays == len(batches) - WARMUP  # (the capturing step replays too)
+    torch.testing.assert_close(runs["on"][2], runs["off"][2], rtol=1e-5, atol=1e-6)
+    err, name = worst_relative_error(lora_state(runs["on"][0]), lora_state(runs["off"][0]))
+    assert err <= 1e-5, f"dropout: graph replays differ from eager steps at {name} by {err:.3g}"
 
 
 @pytest.mark.gpu
