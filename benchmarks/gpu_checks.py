@@ -4,6 +4,7 @@
     python benchmarks/gpu_checks.py equivalence --out DIR     # graphs='on' vs eager: padded, packed (two lengths),
                                                               # packed with graphs.POOL_WARMUP
     python benchmarks/gpu_checks.py profile     --out DIR     # top kernels and GPU idle share per step
+    python benchmarks/gpu_checks.py sweep       --out DIR     # the flat-buffer kernels' GB/s per BLOCK x num_warps
 
 Each writes one JSON file into DIR (and `profile` a text table too); the last stdout line is the JSON
 document. `--device cpu` runs the equivalence and profile code on the CPU (graphs off there) as a smoke test.
@@ -73,6 +74,23 @@ def cmd_bandwidth(args):
         doc["model_kernels_error"] = f"{type(e).__name__}: {e}"
         print(f"model kernels not measured: {doc['model_kernels_error']}", file=sys.stderr)
     write(args.out, "kernel_bandwidth.json", doc)
+
+
+def cmd_sweep(args):
+    """The flat-buffer kernels' GB/s for each (BLOCK, num_warps) pair, the module's own pair first; the file is
+    rewritten after each pair, so that a part cut short keeps the pairs it measured."""
+    from booster_fast.kernels import booster_kernels, measure_launch_constants
+
+    default = (booster_kernels.BLOCK, booster_kernels.NUM_WARPS)
+    pairs = [default] + [(b, w) for b in args.blocks for w in args.warps if (b, w) != default]
+    doc = {"machine": machine(), "numel": args.numel, "default": {"BLOCK": default[0], "num_warps": default[1]},
+           "target": 0.70, "results": []}
+    for block, warps in pairs:
+        try:
+            doc["results"].append(measure_launch_constants(block, warps, n=args.numel))
+        except Exception as e:  # one pair that does not compile or run costs its own row
+            doc["results"].append({"BLOCK": block, "num_warps": warps, "error": f"{type(e).__name__}: {e}"[:300]})
+        write(args.out, "kernel_sweep.json", doc)
 
 
 def _booster(name, quant, device, graphs, packing, seed=0):
@@ -236,13 +254,23 @@ def main(argv=None):
     pr.add_argument("--length", type=int, default=256)
     pr.add_argument("--steps", type=int, default=3)
     pr.add_argument("--device", default="cuda")
-    for s in (bw, eq, pr):
+    sw = sub.add_parser("sweep")
+    sw.add_argument("--numel", type=int, default=2**27)
+    sw.add_argument("--blocks", type=_ints, default=(1024, 2048, 4096, 8192))
+    sw.add_argument("--warps", type=_ints, default=(4, 8))
+    for s in (bw, eq, pr, sw):
         s.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = p.parse_args(argv)
     if getattr(args, "device", "cuda") == "cuda":
         if not torch.cuda.is_available():
             sys.exit(f"gpu_checks {args.cmd}: needs a CUDA device")
-    {"bandwidth": cmd_bandwidth, "equivalence": cmd_equivalence, "profile": cmd_profile}[args.cmd](args)
+    {"bandwidth": cmd_bandwidth, "equivalence": cmd_equivalence, "profile": cmd_profile,
+     "sweep": cmd_sweep}[args.cmd](args)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers (argparse type)."""
+    return tuple(int(x) for x in text.split(","))
 
 
 if __name__ == "__main__":

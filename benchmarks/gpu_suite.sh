@@ -186,7 +186,8 @@ bench_part() {  # bench_part NAME SECONDS BENCH-ARGS...: a part running the benc
 # the parts in the order of what the issue's targets need most, so that a suite cut short by its deadline still
 # has the headline numbers: (3)+(4) the step benchmark with peak memory, reference / fast eager / fast graphs, at
 # 7B in bf16, in NF4 with and without checkpointing, then at 1B (where fast-padded shows what packing buys,
-# fast-unfused what the fused model ops buy, sft / fast-sft what Booster costs over plain SFT). Fast entries pack
+# fast-unfused what the fused model ops buy, fast-unmerged what the merged pass buys, the CUDA default that this
+# row confirms or changes, sft / fast-sft what Booster costs over plain SFT). Fast entries pack
 # their batches and fuse RMSNorm/SwiGLU/RoPE (the defaults). Timed steps are a multiple of the entries, so that
 # every entry goes first equally often in the rotating order
 bench_part bench_7b_bf16 70 --model llama-7b-shape --quant none --impls reference,fast,fast-graphs \
@@ -195,9 +196,9 @@ bench_part bench_7b_nf4_ckpt 70 --model llama-7b-shape --quant nf4 --impls refer
   --steps 3 --warmup 2 --gradient-checkpointing --output "$RES/gpu_llama-7b-shape_nf4_ckpt.json"
 bench_part bench_7b_nf4 50 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
-bench_part bench_1b_bf16 60 --model llama-1b-shape --quant none \
-  --impls reference,fast,fast-graphs,fast-padded,fast-unfused,sft,fast-sft \
-  --steps 7 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
+bench_part bench_1b_bf16 65 --model llama-1b-shape --quant none \
+  --impls reference,fast,fast-graphs,fast-padded,fast-unfused,fast-unmerged,sft,fast-sft \
+  --steps 8 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
 bench_part bench_1b_nf4 40 --model llama-1b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 6 --warmup 2 --output "$RES/gpu_llama-1b-shape_nf4.json"
 # (1) each kernel's GB/s against a d2d copy (the model ops too), each checked against its torch formula
@@ -213,6 +214,8 @@ NEED_PERCENT=25 part gpu_tests 120 python3 -m pytest -v -rfE -p no:cacheprovider
   tests/test_perturb_aware.py tests/test_option_combinations.py
 # (5) where the time goes on llama-7b-shape: reference vs fast+graphs
 part profile_7b 65 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$RES"
+# the flat-buffer kernels' GB/s over BLOCK x num_warps, the pair they run with first: what confirms or replaces it
+part kernel_sweep 40 python3 benchmarks/gpu_checks.py sweep --out "$RES"
 # opt-in: Llama-2-70B's shape in NF4 with checkpointing on this one GPU, the entries sharing one 34 GB packed base
 bench_part bench_70b_nf4_ckpt 420 --model llama-70b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 1 --gradient-checkpointing --output "$RES/gpu_llama-70b-shape_nf4_ckpt.json"

@@ -3,8 +3,8 @@
     python benchmarks/make_table.py [--results benchmarks/results] [--readme README.md]
 
 Every `*.json` there written by `booster-fast bench --json --output FILE` becomes rows of the step table; the
-GPU suite's `kernel_bandwidth.json`, `graph_equivalence.json` and `profile_*.json` (benchmarks/gpu_checks.py)
-get a table each after it. The tables replace whatever lies between the markers `<!-- results:start -->` and
+GPU suite's `kernel_bandwidth.json`, `kernel_sweep.json`, `graph_equivalence.json` and `profile_*.json`
+(benchmarks/gpu_checks.py) get a table each after it; a kernel below its share of the copy's GB/s is flagged. The tables replace whatever lies between the markers `<!-- results:start -->` and
 `<!-- results:end -->` in the README; the rest of the README is left as it is. Without the markers the tables
 are printed and the README is not touched.
 """
@@ -27,7 +27,8 @@ DEFAULTS = {"lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "l
             "max_grad_norm": 1.0, "lamb": 5.0, "alpha": 0.1, "grad_accum": 1, "merge_passes": "auto",
             "packing": "auto", "fused_ops": "auto", "meta_term": True, "dtype": None}
 # (not graphs: the GPU suite pins --graphs off for its eager entries, and fast-graphs is its own row)
-CHECKS = ("kernel_bandwidth", "graph_equivalence", "profile")  # gpu_checks.py documents, by file-name prefix
+CHECKS = ("kernel_bandwidth", "kernel_sweep", "graph_equivalence", "profile")  # gpu_checks.py's, by name prefix
+FLAT_OPS = ("sumsq", "normalize_perturb_", "restore_combine_")
 
 
 def _read(path: Path):
@@ -142,14 +143,21 @@ def _grid(columns, body) -> list[str]:
     return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]
 
 
+def _of_copy(fraction, target: float, flag: str = " (below {})") -> str:
+    """A kernel's share of the copy's GB/s, with `flag` (naming the target) where it is below the target."""
+    below = fraction is not None and fraction < target
+    return _num(fraction, ".0%") + (flag.format(f"{target:.0%}") if below else "")
+
+
 def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
     """Markdown blocks for the GPU suite's kernel bandwidth, graph-equivalence and profile files."""
     blocks = []
     for name, doc in checks.get("kernel_bandwidth", []):
         res, frac, gpu = doc["results"], doc.get("fraction_of_copy", {}), doc.get("machine", {}).get("gpu")
+        target = doc.get("target", 0.7)
         body = [[op, _num(res.get(f"{op}_GBps"), ",.0f"), _num(res.get(f"{op}_torch_GBps"), ",.0f"),
-                 _num(frac.get(op), ".0%"), _num(res.get(f"{op}_max_rel_err"), ".1e")]
-                for op in ("copy", "sumsq", "normalize_perturb_", "restore_combine_")]
+                 _of_copy(frac.get(op), target), _num(res.get(f"{op}_max_rel_err"), ".1e")]
+                for op in ("copy", *FLAT_OPS)]
         blocks.append(f"Kernels on {gpu}, {res.get('n', '?'):,} fp32 elements (`{name}`; target: each kernel "
                       f"≥ {doc.get('target', 0.7):.0%} of the copy):\n\n"
                       + "\n".join(_grid(("op", "Triton GB/s", "torch GB/s", "of copy", "max rel. error vs torch"),
@@ -167,6 +175,25 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
                                              "max rel. error vs eager"), rows)))
         elif doc.get("model_kernels_error"):
             blocks.append(f"Fused model ops: not measured ({doc['model_kernels_error']}).")
+    for name, doc in checks.get("kernel_sweep", []):
+        gpu, default, target = doc.get("machine", {}).get("gpu"), doc.get("default", {}), doc.get("target", 0.7)
+        body = []
+        for r in doc["results"]:
+            pair = (r.get("BLOCK"), r.get("num_warps"))
+            label = [f"{pair[0]:,}" + (" (default)" if pair == (default.get("BLOCK"), default.get("num_warps"))
+                                         else ""), pair[1]]
+            if "error" in r:
+                body.append(label + [f"failed: {r['error']}"] + ["—"] * (len(FLAT_OPS) + 1))
+                continue
+            copy = r.get("copy_GBps")
+            body.append(label + [_num(copy, ",.0f")]
+                        + [_num(r.get(f"{op}_GBps"), ",.0f") + " (" + _of_copy(
+                            r[f"{op}_GBps"] / copy if copy and r.get(f"{op}_GBps") else None, target, ", below {}")
+                           + ")" for op in FLAT_OPS] + [_num(r.get("max_rel_err"), ".1e")])
+        blocks.append(f"Flat-buffer kernels on {gpu} per launch constants, {doc.get('numel', 0):,} fp32 elements "
+                      f"(`{name}`; GB/s, and of the copy timed beside them):\n\n"
+                      + "\n".join(_grid(("BLOCK", "num_warps", "copy GB/s", *FLAT_OPS, "max rel. error vs torch"),
+                                         body)))
     for name, doc in checks.get("graph_equivalence", []):
         body = [[model, r.get("steps"), _num(r.get("worst_relative_l2"), ".2e"),
                  _num(r.get("worst_loss_relative"), ".2e"), r.get("captured"), r.get("replays", "—"),

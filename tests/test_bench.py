@@ -384,7 +384,7 @@ def test_gpu_suite_parses_and_the_readme_names_its_parts():
         assert proc.returncode == 0, (name, proc.stderr)
     text = script.read_text()
     parts = re.findall(r"^(?:NEED_PERCENT=\d+ )?(?:bench_)?part (\w+) \d+ ", text, flags=re.M)
-    assert len(parts) == 10 and len(set(parts)) == 10, parts
+    assert len(parts) == 11 and len(set(parts)) == 11, parts
     opt_in = re.search(r'^OPT_IN=" (.*) "', text, flags=re.M).group(1).split()
     assert opt_in == ["bench_70b_nf4_ckpt"]
     readme_row = next(line for line in (ROOT / "README.md").read_text().splitlines() if "gpu_suite.sh [PART" in line)
@@ -659,8 +659,8 @@ echo '{"run": 2}' > "$out"
     benches = [c.split() for c in calls.read_text().splitlines() if c.startswith("-m booster_fast bench")]
     assert len(benches) == 2
     impls = [b[b.index("--impls") + 1] for b in benches]
-    assert impls == ["reference,fast,fast-graphs,fast-padded,fast-unfused,sft,fast-sft",
-                     "reference,fast,fast-padded,fast-unfused,sft,fast-sft"]
+    assert impls == ["reference,fast,fast-graphs,fast-padded,fast-unfused,fast-unmerged,sft,fast-sft",
+                     "reference,fast,fast-padded,fast-unfused,fast-unmerged,sft,fast-sft"]
     assert benches[0][:benches[0].index("--impls")] == benches[1][:benches[1].index("--impls")]
     with tarfile.open(out / "gpu_suite.tgz") as tar:
         docs = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if ".json" in m.name}
@@ -1154,7 +1154,40 @@ def test_gpu_checks_bandwidth_fractions_are_each_kernel_over_the_copy(tmp_path, 
     assert doc["fraction_of_copy"] == {"sumsq": 0.75, "normalize_perturb_": 0.5, "restore_combine_": 0.25}
     assert doc["target"] == 0.7 and doc["numel"] == 8 and doc["results"] == res
     table = "\n".join(_make_table_module().check_tables({"kernel_bandwidth": [("kernel_bandwidth.json", doc)]}))
-    assert "| sumsq | 3,000 | — | 75% | — |" in table and "| restore_combine_ | 1,000 | — | 25% | — |" in table
+    assert "| sumsq | 3,000 | — | 75% | — |" in table and "| restore_combine_ | 1,000 | — | 25% (below 70%) | — |" in table
+
+
+def test_gpu_checks_sweep_measures_each_pair_once_the_modules_first(tmp_path, monkeypatch, capsys):
+    """The sweep part: the kernels' own (BLOCK, num_warps) first, every other pair once, a pair that fails kept as
+    a row with its error, the file rewritten after each pair; make_table renders it, marks the default pair and
+    flags a kernel below the target share of the copy."""
+    import booster_fast.kernels as kernels
+    from booster_fast.kernels import booster_kernels as bk
+
+    checks = _gpu_checks_module()
+    measured = []
+
+    def fake(block, warps, n):
+        measured.append((block, warps))
+        assert json.loads((tmp_path / "kernel_sweep.json").read_text())["results"] if len(measured) > 1 else True
+        if block == 2048 and warps == 4:
+            raise RuntimeError("out of resources: shared memory")
+        return {"BLOCK": block, "num_warps": warps, "max_rel_err": 1e-7, "copy_GBps": 4000.0,
+                "sumsq_GBps": 3600.0, "normalize_perturb__GBps": 3200.0, "restore_combine__GBps": block / 2.0}
+    monkeypatch.setattr(kernels, "measure_launch_constants", fake)
+    monkeypatch.setattr(checks, "machine", lambda: {"gpu": "Test GPU"})
+    assert checks._ints("2048,4096") == (2048, 4096)
+    checks.cmd_sweep(SimpleNamespace(blocks=(2048, 4096), warps=(4, 8), numel=64, out=str(tmp_path)))
+    default = (bk.BLOCK, bk.NUM_WARPS)
+    assert measured[0] == default and sorted(measured) == sorted({(2048, 4), (2048, 8), (4096, 4), (4096, 8),
+                                                                   default})
+    doc = json.loads((tmp_path / "kernel_sweep.json").read_text())
+    assert doc["default"] == {"BLOCK": default[0], "num_warps": default[1]} and len(doc["results"]) == len(measured)
+    assert {"BLOCK": 2048, "num_warps": 4, "error": "RuntimeError: out of resources: shared memory"} in doc["results"]
+    table = "\n".join(_make_table_module().check_tables({"kernel_sweep": [("kernel_sweep.json", doc)]}))
+    assert f"| {default[0]:,} (default) | {default[1]} | 4,000 | 3,600 (90%) | 3,200 (80%) |" in table
+    assert "| 2,048 | 8 | 4,000 | 3,600 (90%) | 3,200 (80%) | 1,024 (26%, below 70%) | 1.0e-07 |" in table
+    assert "| 2,048 | 4 | failed: RuntimeError: out of resources: shared memory | — | — | — | — |" in table
 
 
 def test_gpu_checks_equivalence_reports_the_worst_error_relative_to_eager(monkeypatch):

@@ -14,7 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 
-from booster_fast.kernels import BLOCK, kernel_errors, measure_bandwidth, normalize_perturb_, restore_combine_, sumsq
+from booster_fast.kernels import (BLOCK, kernel_errors, launch_constants, measure_bandwidth, measure_launch_constants,
+                                  normalize_perturb_, restore_combine_, sumsq)
 from booster_fast.kernels.reference import normalize_perturb_ref, restore_combine_ref, sumsq_ref
 
 ALPHA, LAMB, EPS = 0.1, 5.0, 1e-7
@@ -305,6 +306,42 @@ def test_bad_inputs_raise_value_error(case):
 def test_measure_bandwidth_refuses_cpu():
     with pytest.raises(RuntimeError, match="CUDA"):
         measure_bandwidth(n=1024, device="cpu")
+    with pytest.raises(RuntimeError, match="measure_launch_constants needs a CUDA device"):
+        measure_launch_constants(1024, 4, n=1024, device="cpu")
+
+
+@pytest.mark.parametrize("block, warps", [(128, 4), (256, 2), (8192, 16)])
+def test_kernels_compute_the_same_at_other_launch_constants(block, warps):
+    """The GPU suite's sweep runs the kernels at other (BLOCK, num_warps) pairs (launch_constants): each pair
+    computes the float64 reference's results (here under the interpreter; 128: many programs, and sumsq's second
+    stage folding many partials), and the module's pair is back afterwards, after an error too."""
+    from booster_fast.kernels import booster_kernels as bk
+
+    default = bk.BLOCK, bk.NUM_WARPS
+    n = 5 * 1024 + 37
+    W, B, G_h, G_f = _buffers(n, _gen("launch constants", block, warps))
+    W0, G_h0, G_f0 = W.clone(), G_h.clone(), G_f.clone()
+    with launch_constants(block, warps):
+        assert (bk.BLOCK, bk.NUM_WARPS) == (block, warps)
+        ss = sumsq(G_h, backend="triton")
+        normalize_perturb_(W, B, G_h, G_f, ss, ALPHA, LAMB, EPS, backend="triton")
+        perturbed, folded = W.clone(), G_f.clone()
+        G_h.copy_(G_h0 * 0.5)  # (the perturbed pass's gradient)
+        restore_combine_(W, B, G_h, G_f, LAMB, backend="triton")
+    assert (bk.BLOCK, bk.NUM_WARPS) == default
+    assert_close(ss, sumsq_ref(G_h0), f"sumsq at {block}/{warps}", SUMSQ_TOLERANCES)
+    ref = normalize_perturb_ref(W0, G_h0, G_f0, sumsq_ref(G_h0).to(torch.float32), ALPHA, LAMB, EPS)
+    assert_close(perturbed, ref["W"], f"perturbed W at {block}/{warps}")
+    assert_close(folded, ref["G_f"], f"G_f at {block}/{warps}")
+    assert torch.equal(W, W0), "restore is not bit-exact"
+    assert_close(G_f, restore_combine_ref(ref["B"], G_h0 * 0.5, ref["G_f"], LAMB)["G_f"], "combined G_f")
+    with pytest.raises(KeyError), launch_constants(block, warps):
+        raise KeyError("inside")
+    assert (bk.BLOCK, bk.NUM_WARPS) == default
+    for bad in ((1000, 4), (8, 4), (1024, 3), (1024, 64)):
+        with pytest.raises(ValueError, match="must be a power of two"), launch_constants(*bad):
+            pass
+    assert (bk.BLOCK, bk.NUM_WARPS) == default
 
 
 def test_the_byte_counts_are_each_kernels_reads_and_writes():
@@ -425,6 +462,19 @@ def test_measure_model_kernels_on_cuda():
         for d in ("fwd", "bwd"):
             r = res[f"{op}_{d}"]
             assert r["GBps"] > 0 and r["eager_ms"] > 0 and r["max_rel_err"] < 2e-2, (op, d, r)
+
+
+@pytest.mark.gpu
+def test_measure_launch_constants_on_cuda():
+    """One row of the GPU suite's sweep, compiled for real at a pair other than the module's: GB/s for the copy
+    and each kernel, the kernels' error against the torch path at that pair, the module's pair back after."""
+    from booster_fast.kernels import booster_kernels as bk
+
+    default = bk.BLOCK, bk.NUM_WARPS
+    row = measure_launch_constants(1024, 4, n=2**22, iters=5, warmup=2)
+    assert (row["BLOCK"], row["num_warps"]) == (1024, 4) and (bk.BLOCK, bk.NUM_WARPS) == default
+    assert all(row[f"{op}_GBps"] > 0 for op in ("copy", "sumsq", "normalize_perturb_", "restore_combine_")), row
+    assert 0 <= row["max_rel_err"] < 1e-5, row
 
 
 @pytest.mark.gpu

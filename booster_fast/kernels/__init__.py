@@ -3,8 +3,8 @@
 Import as ``booster_fast.kernels``. Set ``TRITON_INTERPRET=1`` before importing to run the Triton kernels
 on CPU tensors (tests do this when no CUDA device is present).
 """
-from .bandwidth import kernel_errors, measure_bandwidth, measure_model_kernels
-from .booster_kernels import BLOCK, normalize_perturb_, restore_combine_, sumsq, triton_unusable
+from .bandwidth import kernel_errors, measure_bandwidth, measure_launch_constants, measure_model_kernels
+from .booster_kernels import BLOCK, launch_constants, normalize_perturb_, restore_combine_, sumsq, triton_unusable
 
-__all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_", "triton_unusable", "kernel_errors",
-           "measure_bandwidth", "measure_model_kernels"]
+__all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_", "triton_unusable", "launch_constants",
+           "kernel_errors", "measure_bandwidth", "measure_launch_constants", "measure_model_kernels"]

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from .booster_kernels import normalize_perturb_, restore_combine_, sumsq
+from . import booster_kernels
+from .booster_kernels import launch_constants, normalize_perturb_, restore_combine_, sumsq
 
-__all__ = ["BYTES_PER_ELEM", "MODEL_BYTES_PER_ELEM", "kernel_errors", "measure_bandwidth", "measure_model_kernels"]
+__all__ = ["BYTES_PER_ELEM", "MODEL_BYTES_PER_ELEM", "kernel_errors", "measure_bandwidth", "measure_launch_constants",
+           "measure_model_kernels"]
+FLAT_OPS = ("sumsq", "normalize_perturb_", "restore_combine_")
 
 # Bytes each op must move per element (reads + writes of 4-byte fp32), as counted above each kernel.
 BYTES_PER_ELEM = {
@@ -93,28 +96,8 @@ def measure_bandwidth(n: int = 2**27, device: str = "cuda", *, iters: int = 50, 
     ``{op}_max_rel_err``: the kernel against the torch path (`kernel_errors`).
     Raises RuntimeError when ``device`` is not an available CUDA device.
     """
-    dev = torch.device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"measure_bandwidth needs a CUDA device (CUDA events); got device={device!r}, "
-                           f"torch.cuda.is_available()={torch.cuda.is_available()}")
-    g = torch.Generator(device=dev).manual_seed(0)
-    W, G_h, G_f = (torch.randn(n, device=dev, generator=g) for _ in range(3))
-    B = torch.empty_like(W)
-    src, dst = torch.randn(n, device=dev, generator=g), torch.empty(n, device=dev)
-    ss = torch.empty((), device=dev)
-    norm_out = torch.empty((), device=dev)
-    sumsq(G_h, out=ss, backend="torch")
-
-    ops = {
-        "copy": (lambda: dst.copy_(src), None),
-        "sumsq": (lambda: sumsq(G_h, out=ss, backend="triton"),
-                  lambda: sumsq(G_h, out=ss, backend="torch")),
-        "normalize_perturb_": (
-            lambda: normalize_perturb_(W, B, G_h, G_f, ss, alpha, lamb, out=norm_out, backend="triton"),
-            lambda: normalize_perturb_(W, B, G_h, G_f, ss, alpha, lamb, out=norm_out, backend="torch")),
-        "restore_combine_": (lambda: restore_combine_(W, B, G_h, G_f, lamb, backend="triton"),
-                             lambda: restore_combine_(W, B, G_h, G_f, lamb, backend="torch")),
-    }
+    dev = _cuda_device(device, "measure_bandwidth")
+    ops = _flat_ops(n, dev, alpha, lamb)
     result: dict = {"n": n, "device_name": torch.cuda.get_device_name(dev), "bytes_per_elem": dict(BYTES_PER_ELEM)}
     result.update({f"{op}_max_rel_err": err
                    for op, err in kernel_errors(device=device, alpha=alpha, lamb=lamb).items()})
@@ -128,6 +111,54 @@ def measure_bandwidth(n: int = 2**27, device: str = "cuda", *, iters: int = 50, 
             result[f"{op}_torch_ms"] = ms_t
             result[f"{op}_torch_GBps"] = gb_per_s(nbytes, ms_t)
     return result
+
+
+def measure_launch_constants(block: int, num_warps: int, n: int = 2**27, device: str = "cuda", *, iters: int = 20,
+                             warmup: int = 3, alpha: float = 0.1, lamb: float = 5.0) -> dict:
+    """GB/s of the three flat-buffer kernels run with `block` elements per program and `num_warps` warps
+    (booster_kernels.launch_constants), on buffers of `n` fp32 elements, and their largest relative error
+    against the torch path at that pair (a block size changes which elements each program covers). Keys:
+    ``BLOCK``, ``num_warps``, ``{op}_GBps`` per op and ``copy_GBps`` (the ceiling, timed beside them),
+    ``max_rel_err``. RuntimeError without a CUDA device."""
+    dev = _cuda_device(device, "measure_launch_constants")
+    ops = _flat_ops(n, dev, alpha, lamb)
+    with launch_constants(block, num_warps):
+        row = {"BLOCK": booster_kernels.BLOCK, "num_warps": booster_kernels.NUM_WARPS,
+               "max_rel_err": max(kernel_errors(device=device, alpha=alpha, lamb=lamb).values())}
+        for op in ("copy", *FLAT_OPS):
+            row[f"{op}_GBps"] = gb_per_s(BYTES_PER_ELEM[op] * n, _time_ms(ops[op][0], iters, warmup))
+    return row
+
+
+def _cuda_device(device, who: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"{who} needs a CUDA device (CUDA events); got device={device!r}, "
+                           f"torch.cuda.is_available()={torch.cuda.is_available()}")
+    return dev
+
+
+def _flat_ops(n: int, dev: torch.device, alpha: float, lamb: float) -> dict:
+    """{op: (Triton launch, torch path or None)} over flat fp32 buffers of `n` random elements on `dev`, each call
+    one run of the op; "copy" (a device-to-device copy) is the ceiling they are measured against."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    W, G_h, G_f = (torch.randn(n, device=dev, generator=g) for _ in range(3))
+    B = torch.empty_like(W)
+    src, dst = torch.randn(n, device=dev, generator=g), torch.empty(n, device=dev)
+    ss = torch.empty((), device=dev)
+    norm_out = torch.empty((), device=dev)
+    sumsq(G_h, out=ss, backend="torch")
+
+    return {
+        "copy": (lambda: dst.copy_(src), None),
+        "sumsq": (lambda: sumsq(G_h, out=ss, backend="triton"),
+                  lambda: sumsq(G_h, out=ss, backend="torch")),
+        "normalize_perturb_": (
+            lambda: normalize_perturb_(W, B, G_h, G_f, ss, alpha, lamb, out=norm_out, backend="triton"),
+            lambda: normalize_perturb_(W, B, G_h, G_f, ss, alpha, lamb, out=norm_out, backend="torch")),
+        "restore_combine_": (lambda: restore_combine_(W, B, G_h, G_f, lamb, backend="triton"),
+                             lambda: restore_combine_(W, B, G_h, G_f, lamb, backend="torch")),
+    }
 
 
 def measure_model_kernels(tokens: int = 32768, hidden: int = 4096, intermediate: int = 11008, heads: int = 32,

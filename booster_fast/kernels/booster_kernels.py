@@ -28,7 +28,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from ..errors import described
 from .launches import launch
 
-__all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_", "triton_unusable"]
+__all__ = ["BLOCK", "sumsq", "normalize_perturb_", "restore_combine_", "triton_unusable", "launch_constants"]
 log = logging.getLogger("booster_fast")
 
 # Elements per program for the element-wise kernels and the first sumsq stage. 4096 fp32 = 16 KiB per
@@ -36,8 +36,9 @@ log = logging.getLogger("booster_fast")
 # accesses per buffer, enough bytes in flight per SM to stream HBM, and for LoRA-sized buffers (10^6..10^8
 # elements) the grid is hundreds to tens of thousands of programs, far more than the H200's 132 SMs, so the
 # tail wave costs little. It also keeps the number of programs (each one slow, in Python) low under
-# TRITON_INTERPRET=1. This is a reasoned choice, not yet a measurement: the GB/s sweep on the GPU
-# (bandwidth.measure_bandwidth) is still to come and should confirm it or replace it.
+# TRITON_INTERPRET=1. This is a reasoned choice, not yet a measurement: the GPU suite's kernel_sweep part
+# (bandwidth.measure_launch_constants, under `launch_constants`) times the kernels over BLOCK x num_warps, and
+# its first run on the GPU should confirm it or replace it.
 BLOCK = 4096
 NUM_WARPS = 8
 # Second sumsq stage: one program folds the per-block partials, BLOCK_R at a time. Its loads are serial, each
@@ -45,6 +46,24 @@ NUM_WARPS = 8
 BLOCK_R = 4096
 
 _BACKENDS = ("auto", "triton", "torch")
+
+
+@contextlib.contextmanager
+def launch_constants(block: int, num_warps: int):
+    """Inside: the element-wise kernels and sumsq's first stage run `block` elements per program with
+    `num_warps` warps (BLOCK and NUM_WARPS, which every launcher reads at its call), put back on exit whatever
+    happens. For the GPU suite's sweep of the two constants; each new pair compiles its kernels once."""
+    global BLOCK, NUM_WARPS
+    if not (isinstance(block, int) and block >= 16 and block & (block - 1) == 0):
+        raise ValueError(f"block must be a power of two >= 16 (a Triton block), got {block!r}")
+    if num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
+    saved = BLOCK, NUM_WARPS
+    BLOCK, NUM_WARPS = block, num_warps
+    try:
+        yield
+    finally:
+        BLOCK, NUM_WARPS = saved
 
 
 # ---------------------------------------------------------------------------------------------------------
