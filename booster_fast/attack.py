@@ -448,7 +448,7 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                 # .tolist() is a host sync, once per eval interval: the step time is taken after it
                 trained = torch.stack(pending).tolist() if pending else []
                 dt = (time.perf_counter() - t_last) / len(trained) if trained else None
-                h = heldout_loss(model, test_batches, device).item()
+                h = heldout_loss(model, test_batches, device).item()  # host sync: the held-out loss, once
                 losses = [loss for loss, skip in trained if not skip]
                 rec = {"step": step, "harmful_loss": h,
                        "train_loss": sum(losses) / len(losses) if losses else None, "step_time_s": dt,

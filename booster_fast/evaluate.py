@@ -205,7 +205,7 @@ class BeaverDamJudge:
             enc = self.tok(texts[i:i + self.batch_size], padding=True, truncation=True, return_tensors="pt")
             with torch.no_grad():
                 logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
-            out += (torch.sigmoid(logits.float()).max(dim=-1).values > 0.5).tolist()
+            out += (torch.sigmoid(logits.float()).max(dim=-1).values > 0.5).tolist()  # host sync, per batch
         return out
 
 
