@@ -20,7 +20,7 @@ from pathlib import Path
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("machine", "model", "quant", "impl", "ms/step (median)", "speed-up vs reference", "tokens/s",
-           "peak MB", "launches/step", "host syncs/step", "Booster/SFT", "MFU", "HFU")
+           "peak MiB", "launches/step", "host syncs/step", "Booster/SFT", "MFU", "HFU")
 SFT = ("sft", "fast-sft")  # entries timing the SFT step
 # the bench's defaults: a setting away from them is named in the row's label
 DEFAULTS = {"lora_r": 32, "lora_alpha": 4, "targets": "q_proj,k_proj,v_proj", "lr": 5e-4, "weight_decay": 0.1,

@@ -300,7 +300,7 @@ def _start_line(args, cfg, booster, steps, world, device, start, last_ckpt) -> s
 
 def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world, device,
            notes=()) -> int:
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .checkpoint import METRICS as METRICS_FILE
     from .atomic import fsync_file
@@ -335,7 +335,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
 
     names = METRICS + (PERTURB_AWARE_METRICS if cfg.perturb_aware else ())  # (refused with --method sft)
     pending, t_last, saved_at = [], time.perf_counter(), start if last_ckpt else None
-    bar = tqdm(total=steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc=args.method)
+    bar = progress_bar(steps, args.method, initial=start, enabled=rank == 0)
 
     def writing(what: str):
         """`writes` for an output of the run: the one-line error names the last checkpoint to resume from."""
@@ -365,16 +365,18 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
                 metrics_file.write("".join(lines).encode())
                 metrics_file.flush()  # readable as it grows (fsynced only at checkpoints)
         last = dict(zip(names, values[-1]))
-        post = dict(loss=f"{last['loss']:.3f}")
+        post = {"loss": f"{last['loss']:.3f}"}
         if args.method != "sft":  # SFT has no harmful pass: its harmful metrics are NaN
-            post.update(h=f"{last['harmful_loss']:.3f}", gnorm=f"{last['harmful_grad_norm']:.2f}")
-        post["it_s"] = f"{1 / dt:.2f}"
+            post.update(harmful=f"{last['harmful_loss']:.3f}", gnorm=f"{last['harmful_grad_norm']:.2f}")
         if peak is not None:
             post["mem_gib"] = peak
         if skips.total:
             post["skipped"] = skips.total
-        bar.set_postfix(**post)
+        bar.set_postfix(post, refresh=False)  # (a dict keeps its order; the update draws it)
         bar.update(len(values))
+        if bar.disable and rank == 0:  # stderr kept in a file: a plain line per interval instead of the bar
+            log.info("%s: step %d/%d, %s, %.2f steps/s", args.method, step, steps,
+                     ", ".join(f"{k} {v}" for k, v in post.items()), 1 / dt)
         pending, t_last = [], now
         why = max_skipped is not None and skips.too_many(steps, max_skipped)
         if why:

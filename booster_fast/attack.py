@@ -356,7 +356,7 @@ def run_attack(args) -> int:
 
 def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device) -> int:
     import torch
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from . import Booster, BoosterConfig
     from .adapters import load_adapter
@@ -470,16 +470,20 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
 
             rec = record(0, [], None)
             pending, t_last = [], time.perf_counter()
-            with tqdm(total=steps, dynamic_ncols=True, desc="attack") as bar:  # closed before an error's line
+            with progress_bar(steps, "attack") as bar:  # closed before an error's line
                 for step in range(1, steps + 1):
                     out_t = booster.sft_step(booster.to_device(next(stream), device))
                     pending.append(torch.stack([out_t["loss"].detach().float(), out_t["skipped"].float()]))
                     if step % args.eval_every == 0 or step == steps:
                         rec = record(step, pending, t_last)
-                        train = "-" if rec["train_loss"] is None else f"{rec['train_loss']:.3f}"
-                        bar.set_postfix(train=train, harmful=f"{rec['harmful_loss']:.3f}",
-                                        **({"skipped": skips.total} if skips.total else {}))
+                        post = {"loss": "-" if rec["train_loss"] is None else f"{rec['train_loss']:.3f}",
+                                "held-out harmful": f"{rec['harmful_loss']:.3f}",
+                                **({"skipped": skips.total} if skips.total else {})}
+                        bar.set_postfix(post, refresh=False)  # (a dict keeps its order; the update draws it)
                         bar.update(len(pending))
+                        if bar.disable:  # stderr kept in a file: a plain line per interval instead of the bar
+                            log.info("attack: step %d/%d, %s", step, steps,
+                                     ", ".join(f"{k} {v}" for k, v in post.items()))
                         pending, t_last = [], time.perf_counter()
         with writes(f"the attacked adapter to {out}"):  # a full disk after the whole attack: one line
             save_adapter(model, tmp, tok)

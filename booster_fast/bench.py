@@ -333,7 +333,7 @@ def time_interleaved(impls, batches, args, device, results):
     """Per entry: the timed step times (s), tokens/s, and the outputs of its first step where that step started
     from the initial weights (not for entries that stepped before, to capture their graphs). One step of each per
     round, the first one rotating."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     times, tps, first = {n: [] for n in impls}, {n: [] for n in impls}, {}
     if not impls:  # every entry was skipped (fast-graphs alone, where CUDA graphs cannot be captured)
@@ -343,7 +343,7 @@ def time_interleaved(impls, batches, args, device, results):
     def drop(name):  # the entry leaves the timing; the caller records why
         del impls[name], times[name], tps[name]
 
-    bar = tqdm(total=(args.warmup + args.steps) * len(impls), desc="bench", file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar((args.warmup + args.steps) * len(impls), "bench")
     for i in range(args.warmup + args.steps):
         # graphs capture lazily: get that done untimed, before the warm-up rounds (a capture empties torch's
         # allocator cache, which the eager entries then refill during the warm-up, not in a timed step)
@@ -396,6 +396,8 @@ def run_bench(args) -> int:
     if device.type != "cuda" and set(names) == {"fast-graphs"}:
         raise UsageError("--impls fast-graphs: CUDA graphs need a CUDA device; nothing would be measured here")
     results: dict[str, dict] = {}
+    log.info("bench: %s on %s, %s: %d warm-up and %d timed steps each, %d+%d rows x %d tokens", args.model, device,
+             ", ".join(names), args.warmup, args.steps, args.batch_size, args.harmful_batch_size, args.max_length)
     impls, batches, n_params, n_lora = build_all(names, args, device, results)
     modes = sft_modes(impls)
     rate, peak = None, (None, None)  # the GPU's matmul rate, measured after the timing
@@ -470,7 +472,7 @@ def run_bench(args) -> int:
         print(f"booster-fast: error: bench stopped: {reason(e)}{kept}", file=sys.stderr)
         return 3
     doc = publish(complete=True)
-    print(format_table(doc))
+    print(format_table(doc), file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the document alone
     off = [n for n, r in results.items() if r.get("first_step_agrees") is False]
     if off:
         print(f"booster-fast: error: the first step of {', '.join(off)} is more than {FIRST_STEP_RTOL:.0%} off its "
@@ -478,5 +480,5 @@ def run_bench(args) -> int:
     if getattr(args, "plot", None):
         plot(doc, args.plot)
     if args.json:
-        print(json.dumps(doc))  # the last stdout line: one JSON document
+        print(json.dumps(doc))
     return 1 if off or any("failed" in r for r in results.values()) else 0

@@ -55,10 +55,11 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 def format_table(doc: dict) -> str:
     m, c = doc["machine"], doc["config"]
-    lines = [f"{c['model']} ({c['quant']}) on {m['gpu'] or m['cpu']} [{c['device']}], batch {c['batch_size']}+"
-             f"{c['harmful_batch_size']} x {c['max_length']}, {c['steps']} steps after {c['warmup']} warmup",
-             f"{'impl':<14}{'ms/step':>10}{'p20-p80':>18}{'speedup':>9}{'tokens/s':>11}{'peak MB':>10}"
-             f"{'est. MB':>10}{'launches':>10}{'syncs':>7}{'xSFT':>7}{'MFU':>7}{'HFU':>7}"]
+    lines = [f"{c['model']} (quant {c['quant']}) on {m['gpu'] or m['cpu']} [{c['device']}], batch "
+             f"{c['batch_size']}+{c['harmful_batch_size']} x {c['max_length']}, {c['steps']} steps after "
+             f"{c['warmup']} warmup",
+             f"{'impl':<14}{'ms/step':>10}{'p20-p80':>18}{'speedup':>9}{'tokens/s':>11}{'peak MiB':>10}"
+             f"{'est. MiB':>10}{'launches':>10}{'syncs':>7}{'xSFT':>7}{'MFU':>7}{'HFU':>7}"]
     lines.append("-" * len(lines[1]))
     for name, r in doc["results"].items():
         if "skipped" in r or "step_ms" not in r:
@@ -73,6 +74,7 @@ def format_table(doc: dict) -> str:
                      + (f"  FAILED {r['failed']}" if "failed" in r else "")
                      + (f"  FIRST STEP OFF BY {_fmt(r['first_step_rel_diff'], '.1%', none='NaN/inf')}"
                         if r.get("first_step_agrees") is False else ""))
+    lines.append("est.: memory.py's estimate; launches, syncs: per step; xSFT: the step over its engine's SFT step")
     return "\n".join(lines)
 
 

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "SFT step), fast-sft (the fast engine's)")
     b.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
-    b.add_argument("--json", action="store_true", help="end stdout with one JSON document")
+    b.add_argument("--json", action="store_true", help="print one JSON document on stdout (the table goes to stderr)")
     b.add_argument("--output", default=None, metavar="FILE.json", help="also write the JSON document here (atomically)")
     b.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of ms/step (needs matplotlib)")
 

@@ -262,7 +262,7 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
     progress bar named `desc` (None: none, for a call inside another bar, whose lines it would break where
     stderr is no terminal)."""
     import torch
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
     from transformers import GenerationConfig
 
     from .compute import Autocast
@@ -278,7 +278,7 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
     autocast = Autocast(model, device)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(ids), desc=desc, dynamic_ncols=True, leave=False, disable=desc is None)
+    bar = progress_bar(len(ids), desc, leave=False, enabled=desc is not None)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(ids[i]) for i in chunk)

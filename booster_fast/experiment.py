@@ -438,7 +438,8 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
                 "resumed": chain.resumed,  # (seconds: since it went on)
             }
         per_seed.append(row)
-        _print_table(per_seed, methods)
+        if len(seeds) > 1 and len(per_seed) < len(seeds):  # the seeds so far, on stderr: stdout gets the final table
+            _print_table(per_seed, methods, file=sys.stderr)
 
     judge = json.loads((work / f"seed{seeds[0]}" / f"eval-attack-{methods[0]}.json").read_text())["judge"]
     summary = {m: {
@@ -461,7 +462,8 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
     if out_png is not None:
         plot_defense(result, out_png)
     _print_table(per_seed, methods, summary)
-    print(f"wrote {out_json}" + (f" and {out_png}" if out_png else "") + f" in {result['total_seconds']:.0f} s")
+    log.info("experiment: wrote %s%s in %.0f s", out_json, f" and {out_png}" if out_png else "",
+             result["total_seconds"])
     print(json.dumps({"experiment": "defense", "preset": args.preset, "summary": {
         m: {k: round(v["mean"], 4) for k, v in s.items()} for m, s in summary.items()}}))
     return 0
@@ -476,7 +478,7 @@ def _scores(result: dict) -> dict:
             **{k: h.get(k) for k in ("refusals", "compliant_style", "empty")}}
 
 
-def _print_table(per_seed: list[dict], methods: list[str], summary: dict | None = None):
+def _print_table(per_seed: list[dict], methods: list[str], summary: dict | None = None, file=None):
     head = (f"{'seed':>6} | {'method':>15} | {'HS before':>9} | {'HS after':>8} | {'acc after':>9} | "
             f"{'h-loss start':>12} | {'h-loss end':>10}")
     lines = [head, "-" * len(head)]
@@ -492,4 +494,6 @@ def _print_table(per_seed: list[dict], methods: list[str], summary: dict | None 
             lines.append(f"{'mean':>6} | {m:>15} | {s['harmful_score_before']['mean']:>9.1f} | "
                          f"{s['harmful_score_after']['mean']:>8.1f} | {s['accuracy_after']['mean']:>9.1f} | "
                          f"{s['harmful_loss_start']['mean']:>12.3f} | {s['harmful_loss_end']['mean']:>10.3f}")
-    print("\n".join(lines), flush=True)
+    lines.append("HS: harmful score (%) before and after the attack; acc: fine-tune accuracy (%) after it; h-loss: "
+                 "held-out harmful loss at the attack's start and end")
+    print("\n".join(lines), file=file, flush=True)

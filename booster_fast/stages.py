@@ -14,10 +14,12 @@ the hub's cache.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +35,14 @@ class StageFailed(RuntimeError):
 
 
 def run_stage(argv: list[str]):
-    """Run one `booster-fast` command line in this process; StageFailed with its exit code unless it exits 0."""
+    """Run one `booster-fast` command line in this process; StageFailed with its exit code unless it exits 0.
+    What the stage prints (eval's result line) goes to stderr with the log: the experiment's stdout is its own
+    results."""
     from .cli import main as cli_main
 
     log.info("$ booster-fast %s", " ".join(argv))
-    rc = cli_main(argv)
+    with contextlib.redirect_stdout(sys.stderr):
+        rc = cli_main(argv)
     if rc != 0:  # the stage printed its one-line reason; the command line above says which stage it was
         raise StageFailed(rc)
 

@@ -41,9 +41,10 @@ def test_bench_json_smoke(capsys, tmp_path, monkeypatch):
                "--impls", "reference,fast,sft,fast-graphs,fast-padded,fast-sft", "--json", "--output", str(out_file)])
     assert rc == 0
     assert timed == {n: 2 for n in ("reference", "fast", "sft", "fast-padded", "fast-sft")}  # fast-graphs: skipped
-    out = capsys.readouterr().out.strip().splitlines()
-    doc = json.loads(out[-1])
-    assert "peak MB   est. MB" in next(line for line in out if line.startswith("impl"))  # the console table
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # --json: stdout is the document alone
+    table = captured.err.splitlines()
+    assert "peak MiB  est. MiB" in next(line for line in table if line.startswith("impl"))  # the console table
     assert set(doc) == {"machine", "config", "results", "speedup", "complete"} and doc["complete"] is True
     assert doc == json.loads(out_file.read_text())  # --output holds the same document
     assert doc["machine"]["gpu"] is None and doc["machine"]["torch"] == torch.__version__
@@ -547,7 +548,7 @@ def test_an_entry_computing_something_else_is_flagged(monkeypatch, capsys):
     assert bad["first_step"]["loss"] == pytest.approx(doc["results"]["reference"]["first_step"]["loss"], rel=1e-5)
     assert good["first_step_agrees"] is True
     assert f"FIRST STEP OFF BY {bad['first_step_rel_diff']:.1%}" in next(
-        line for line in captured.out.splitlines() if line.startswith("fast-padded"))
+        line for line in captured.err.splitlines() if line.startswith("fast-padded"))
     assert captured.err.strip().splitlines()[-1].startswith("booster-fast: error: the first step of fast-padded ")
     table = _make_table_module().markdown_table([("bench.json", doc)], {})
     assert f"first step off its baseline's by {bad['first_step_rel_diff']:.1%}" in next(
@@ -587,7 +588,7 @@ def test_the_table_puts_each_figure_under_its_column():
                                 "peak_mem_mb": 1234.5, "est_peak_mb": 1300.0, "launches_per_step": 42,
                                 "host_syncs_per_step": 3, "ratio_to_sft": 2.5, "mfu": 0.1, "hfu": 0.2}}}
     head, _, row = format_table(doc).splitlines()[1:4]
-    for heading, value in (("speedup", "1.25"), ("peak MB", "1234.5"), ("est. MB", "1300.0"), ("launches", "42"),
+    for heading, value in (("speedup", "1.25"), ("peak MiB", "1234.5"), ("est. MiB", "1300.0"), ("launches", "42"),
                            ("syncs", "3"), ("xSFT", "2.50"), ("MFU", "10.0%"), ("HFU", "20.0%")):
         end = head.index(heading) + len(heading)  # right-aligned: the value ends where its heading does
         assert row[:end].endswith(value), (heading, row)
@@ -689,7 +690,7 @@ def test_every_command_of_the_gpu_suite_parses(tmp_path, monkeypatch):
         assert run.returncode == 0, run.stderr
     checks = _gpu_checks_module()
     seen = []
-    for cmd in ("cmd_bandwidth", "cmd_equivalence", "cmd_profile"):
+    for cmd in ("cmd_bandwidth", "cmd_equivalence", "cmd_profile", "cmd_sweep"):
         monkeypatch.setattr(checks, cmd, lambda args, cmd=cmd: seen.append((cmd, args)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     kinds = []
@@ -707,8 +708,8 @@ def test_every_command_of_the_gpu_suite_parses(tmp_path, monkeypatch):
             kinds.append("pytest")
             files = [a for a in argv if a.startswith("tests/")]
             assert files and all((ROOT / f).is_file() for f in files), line
-    assert kinds.count("bench") == 6 and kinds.count("checks") == 3 and kinds.count("pytest") == 1, kinds
-    assert [cmd for cmd, _ in seen] == ["cmd_bandwidth", "cmd_equivalence", "cmd_profile"]
+    assert kinds.count("bench") == 6 and kinds.count("checks") == 4 and kinds.count("pytest") == 1, kinds
+    assert [cmd for cmd, _ in seen] == ["cmd_bandwidth", "cmd_equivalence", "cmd_profile", "cmd_sweep"]
 
 
 def test_gpu_suite_keeps_its_deadline_for_named_parts(tmp_path):
@@ -1042,7 +1043,9 @@ def test_run_bench_reports_the_median_and_inclusive_percentiles(monkeypatch, cap
     rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "0", "--batch-size", "2",
                "--max-length", "64", "--lora-r", "4", "--impls", "reference,fast,sft,fast-sft", "--json"])
     assert rc == 0
-    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # --json: stdout is the document alone, the table on stderr
+    assert "ms/step" in captured.err
     res = doc["results"]
     assert [res["reference"][k] for k in ("step_ms", "step_ms_p20", "step_ms_p80")] == [20.0, 14.0, 62.0]
     assert res["fast"]["step_ms"] == 10.0 and res["sft"]["step_ms"] == 4.0 and res["fast-sft"]["step_ms"] == 5.0
@@ -1133,7 +1136,7 @@ def test_make_table_puts_each_figure_under_its_column():
     rows = {r[3]: dict(zip(mt.COLUMNS, r)) for r in mt.rows([("gpu.json", doc)])}
     assert rows["fast"] == {"machine": "Test GPU", "model": "llama-7b-shape (10+10 × 256)", "quant": "none",
                             "impl": "fast", "ms/step (median)": "120.0", "speed-up vs reference": "1.25×",
-                            "tokens/s": "37,512", "peak MB": "51,234", "launches/step": "1,650",
+                            "tokens/s": "37,512", "peak MiB": "51,234", "launches/step": "1,650",
                             "host syncs/step": "3", "Booster/SFT": "2.40×", "MFU": "12.3%", "HFU": "23.5%"}
 
 

@@ -308,6 +308,37 @@ def test_the_cli_logs_its_own_info_and_only_warnings_of_others(tmp_path):
     assert "third-party info" not in proc.stderr, proc.stderr
 
 
+def test_progress_is_plain_lines_where_stderr_is_kept_and_a_bar_on_a_terminal(tmp_path, monkeypatch):
+    """stderr to a file (here a pipe): no bar, whose carriage-return frames would glue into one line there, but
+    one plain line per --log-every interval, in the bar's order; a terminal gets the bar, TQDM_DISABLE none."""
+    from booster_fast import progress
+
+    proc = subprocess.run([sys.executable, "-m", "booster_fast", "align", "--output", str(tmp_path / "run"),
+                           "--steps", "4", "--log-every", "2", *FAST], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"})
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr, proc.stderr
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("booster: step ")]
+    assert [line.split(",")[0] for line in steps] == ["booster: step 2/4", "booster: step 4/4"], proc.stderr
+    assert all(" loss " in line and " harmful " in line and line.endswith(" steps/s") for line in steps), steps
+
+    class Terminal:
+        def isatty(self):
+            return True
+
+        def write(self, text):
+            pass
+
+        def flush(self):
+            pass
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert progress.shown() and not progress.progress_bar(4, "x").disable
+    assert progress.progress_bar(4, "x", enabled=False).disable  # a rank other than 0
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert not progress.shown() and progress.progress_bar(4, "x").disable
+
+
 # ------------------------------------------------------------------------------------- once-found defects
 def test_run_dir_permissions_follow_umask(run_dir):
     """The run directory and every file in it (the adapter too: safetensors creates its files 0600), as mkdir and

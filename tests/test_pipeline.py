@@ -302,8 +302,12 @@ def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
                                                 "values": [row[m]["harmful_loss_drop"]]}
         assert summary["harmful_score_after"]["mean"] == after["harmful_score"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last)["experiment"] == "defense"
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert json.loads(out[-1])["experiment"] == "defense"
+    # stdout: the final table (its header once, its legend) and the JSON line; the stages' lines on stderr
+    assert out[0].startswith("seed | ") and out[-2].startswith("HS: harmful score") and len(out) == 2 + 3 + 3 + 2
+    assert "finetune accuracy" in captured.err and "finetune accuracy" not in captured.out  # eval stages
 
 
 def test_beaver_dam_judge_code_path_on_a_local_tiny_classifier(tmp_path):
