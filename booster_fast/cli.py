@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import select
 import signal
 import sys
@@ -78,15 +79,26 @@ def seed_value(text: str) -> int:
 
 
 class _Help(argparse.HelpFormatter):
-    """--help with each flag's default, where its text does not give it already (or the paper's value, which the
-    defaults are)."""
+    """--help with each flag's default, where its text does not give it already; a text's "(paper: X)" becomes
+    "(default: X, the paper's)" where the default is the paper's value, as it is for every such flag."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS)
-                or "default" in text or "paper:" in text):
+        if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
             return text
+        paper = re.search(r"\(paper: ([^)]*)\)", text)
+        if paper:
+            same = _same_number(paper.group(1), action.default)
+            return text.replace(paper.group(0), "(default: %(default)s, the paper's)" if same
+                                else f"(default: %(default)s; paper: {paper.group(1)})")
         return f"{text[:-1]} (default: %(default)s)." if text.endswith(".") else f"{text} (default: %(default)s)"
+
+
+def _same_number(text: str, value) -> bool:
+    try:
+        return float(text) == float(value)
+    except (TypeError, ValueError):
+        return False
 
 
 class Parser(argparse.ArgumentParser):
@@ -168,8 +180,12 @@ def _add_model_args(p: argparse.ArgumentParser, tiny_length: int = 128,
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
 
 
-def _add_align_args(a: argparse.ArgumentParser, **model_args):
-    """align's flags (also memory's, which takes align's command line as it is)."""
+def _add_align_args(a: argparse.ArgumentParser, for_memory: bool = False, **model_args):
+    """align's flags (also memory's, which takes align's command line as it is: `for_memory` hides from its --help
+    the flags that change the run but not its step, which it accepts and does not use)."""
+    def run_only(text: str) -> str:
+        return argparse.SUPPRESS if for_memory else text
+
     _add_model_args(a, **model_args)
     a.add_argument("--data", default="builtin", help="builtin | beavertails | PATH (.json/.jsonl)")
     a.add_argument("--harmful-data", default=None,
@@ -180,6 +196,7 @@ def _add_align_args(a: argparse.ArgumentParser, **model_args):
     a.add_argument("--method", default="booster", choices=["booster", "sft"],
                    help="booster: the defence; sft: plain alignment SFT, the paper's baseline")
     g = a.add_mutually_exclusive_group()
+    # (shown to memory too: argparse's usage line fails on a hidden member of a mutually exclusive group)
     g.add_argument("--steps", type=int, default=None,
                    help="number of updates (default: 20 for the built-in models, a demo; else --epochs 20)")
     g.add_argument("--epochs", type=float, default=None,
@@ -188,22 +205,25 @@ def _add_align_args(a: argparse.ArgumentParser, **model_args):
                    help="use the first N alignment rows of --data (the original's --sample_num; default: all)")
     a.add_argument("--harmful-samples", type=int, default=None, metavar="N",
                    help="use the first N harmful rows (the original's --bad_sample_num; default: all)")
-    a.add_argument("--log-every", type=int, default=10, help="read metrics from the device every N steps")
-    a.add_argument("--output", default="runs/demo", help="run directory (adapter, metrics.jsonl)")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    a.add_argument("--log-every", type=int, default=10, metavar="N",
+                   help=run_only("read metrics from the device every N steps"))
+    a.add_argument("--output", default="runs/demo", metavar="DIR", help=run_only("run directory (adapter, metrics.jsonl)"))
+    a.add_argument("--overwrite", action="store_true", help=run_only("replace an existing run directory"))
     a.add_argument("--save-every", type=int, default=100, metavar="N",
-                   help="write a checkpoint every N steps (also at the end and on SIGINT/SIGTERM; 0: only then)")
-    a.add_argument("--keep-checkpoints", type=int, default=2, metavar="K", help="keep the newest K checkpoints")
+                   help=run_only("write a checkpoint every N steps (also at the end and on SIGINT/SIGTERM; 0: only "
+                                 "then)"))
+    a.add_argument("--keep-checkpoints", type=int, default=2, metavar="K",
+                   help=run_only("keep the newest K checkpoints"))
     a.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its newest checkpoint with its saved settings (the result "
                         "equals an uninterrupted run, bit for bit on the CPU); may change only --device, "
                         "--log-every, --save-every, --keep-checkpoints, --max-skipped")
     a.add_argument("--max-skipped", type=int, default=None, metavar="N",
-                   help="fast: updates with a NaN/inf loss or gradient are skipped on the device and counted; stop "
-                        "with exit code 3 once more than N are skipped (checked at log intervals; default 100: a "
-                        "healthy fp32/bf16 run skips none; 10 in a row also stop the run, or all of a shorter one: it "
-                        "has diverged). Not with "
-                        "--impl reference, which applies them as the original trainer does")
+                   help=run_only("fast: updates with a NaN/inf loss or gradient are skipped on the device and "
+                                 "counted; stop with exit code 3 once more than N are skipped (checked at log "
+                                 "intervals; default 100: a healthy fp32/bf16 run skips none; 10 in a row also stop "
+                                 "the run, or all of a shorter one: it has diverged). Not with --impl reference, "
+                                 "which applies them as the original trainer does"))
 
 
 def subparser(command: str) -> argparse.ArgumentParser:
@@ -253,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("memory", help="estimate a step's peak GPU memory for align's flags, without loading the model",
                        description="The peak memory of one align step on the GPU (weights, LoRA state, activations, "
                                    "logits), estimated from the model's config alone, beside what --gradient-"
-                                   "checkpointing and --quant nf4 would change. Takes align's command line as it is.")
-    _add_align_args(m, device_default="cuda; the estimate needs no GPU")
+                                   "checkpointing and --quant nf4 would change. Takes align's command line as it is "
+                                   "(its flags for the run alone, such as --output and --save-every, are accepted and "
+                                   "not shown here).")
+    _add_align_args(m, for_memory=True, device_default="cuda; the estimate needs no GPU")
     m.add_argument("--json", action="store_true", help="print one JSON document (bytes per part) instead")
 
     from . import attack, evaluate, experiment  # the defence pipeline: each module declares its own flags

@@ -111,7 +111,8 @@ def add_parser(sub):
     p = sub.add_parser("experiment", help="run an experiment end to end: `experiment defense` (SFT vs Booster, and "
                                           "Booster + Vaccine when asked)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=["defense"], help="defense: align (--methods) -> attack -> eval, per seed")
+    p.add_argument("name", choices=["defense"], metavar="{defense}",
+                   help="defense: align (--methods) -> attack -> eval, per seed")
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (preset seed, +1, +2, ...)")
     p.add_argument("--methods", default=DEFAULT_METHODS,

@@ -364,8 +364,8 @@ def for_args(args) -> str:
     out = [title, f"  {'':34}" + "".join(f"{c:>{w}}" for c, w in zip(columns.values(), widths))]
     out += [f"{mark} {label:34}" + "".join(f"{size(getattr(est, k)):>{w}}" for k, w in zip(columns, widths))
             for mark, label, est in lines]
-    out.append("An estimate from the model's shape, every row counted at --max-length (packed batches hold fewer "
-               "tokens); the allocator's rounding and CUDA's workspaces come on top.")
+    out.append("*: the settings given. An estimate from the model's shape, every row counted at --max-length (packed "
+               "batches hold fewer tokens); the allocator's rounding and CUDA's workspaces come on top.")
     if warmup:
         out.append("warm-up: with CUDA graphs over packed batches, each new bucketed length warms up eagerly beside "
                    "the captured graphs' reserved pool (--packing off or --graphs off: none).")

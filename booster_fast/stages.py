@@ -52,7 +52,19 @@ class Chain:
     stage before it in the chain was (each reads the one before it)."""
 
     def __init__(self, rerun: bool):
+        self.rerun = rerun
         self.keeping, self.kept, self.resumed, self.seconds = not rerun, [], [], {}
+
+    def _why_again(self, done, want: dict) -> str | None:
+        """Why a stage that ran before (its record `done`) is not kept, where `want` is not it; None without one."""
+        if not isinstance(done, dict) or self.rerun:
+            return None
+        if not self.keeping:
+            return "a stage before it ran again"
+        differs = [k for k in want if done.get(k) != want[k]]
+        what = {"argv": "its command line differs", "inputs": "its input files changed",
+                "code": "this package's code changed since it ran"}
+        return ", ".join(what[k] for k in differs) or None
 
     def stage(self, name: str, argv: list[str], out: Path, hub: tuple[tuple[str, str], ...] = ()):
         """Run one stage (`run_stage`), or keep `out` where the record beside it says it was made by this command
@@ -76,6 +88,11 @@ class Chain:
             self.kept.append(name)
             self.seconds[name] = done.get("seconds")
             return
+        why_again = self._why_again(done, want)
+        if why_again:
+            log.info("experiment: %s runs again: %s", out, why_again)
+        elif same and not (argv[0] == "align" and (whole or (out / ".incomplete").exists())):
+            log.info("experiment: %s runs again: it did not finish", out)
         self.keeping = False  # the stages after this one read what it makes now
         run_argv = argv
         if same and argv[0] == "align" and (whole or (out / ".incomplete").exists()):

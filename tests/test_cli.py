@@ -472,17 +472,39 @@ def test_the_original_codes_flag_names_get_a_hint(capsys):
 
 
 def test_help_gives_each_flags_default(capsys):
-    """--help names a flag's default where its text does not already (nor the paper's value, which it is)."""
+    """--help names a flag's default where its text does not already; "(paper: X)" becomes "(default: X, the
+    paper's)", or names both where they differ."""
     with pytest.raises(SystemExit):
         main(["align", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--log-every LOG_EVERY read metrics from the device every N steps (default: 10)",
-                 "--output OUTPUT run directory (adapter, metrics.jsonl) (default: runs/demo)",
+    for flag in ("--log-every N read metrics from the device every N steps (default: 10)",
+                 "--output DIR run directory (adapter, metrics.jsonl) (default: runs/demo)",
                  "--keep-checkpoints K keep the newest K checkpoints (default: 2)",
                  "the original trainer's, op for op (default: fast)",
                  "k micro-batches of b equal one batch of k·b (default: 1)."):
         assert flag in text, flag
     assert "(paper: 5e-4) (default" not in text and "(default: False)" not in text and "(default: None)" not in text
+    assert "--lr LR AdamW learning rate, constant (default: 0.0005, the paper's)" in text
+    assert "--lora-r LORA_R LoRA rank (default: 32, the paper's)" in text and "(paper:" not in text
+    from booster_fast.cli import Parser
+
+    p = Parser(prog="x")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (paper: 5e-4)")
+    assert "learning rate (default: 0.001; paper: 5e-4)" in " ".join(p.format_help().split())
+
+
+def test_memory_help_hides_the_flags_for_the_run_alone_and_accepts_them(capsys):
+    """memory takes align's command line as it is; the flags that change the run but not its step are accepted
+    without a word and left out of its --help (align's shows them)."""
+    run_only = ("--output", "--overwrite", "--save-every", "--keep-checkpoints", "--log-every", "--max-skipped")
+    for command in ("align", "memory"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        usage = capsys.readouterr().out.split("options:")[0]
+        assert all((f"[{flag}" in usage) == (command == "align") for flag in run_only), (command, usage)
+    assert main(["memory", "--model", "tiny", "--output", "x", "--overwrite", "--save-every", "3",
+                 "--keep-checkpoints", "1", "--log-every", "2", "--max-skipped", "4", "--steps", "5"]) == 0
+    assert "LoRA" in capsys.readouterr().out
 
 
 def test_sample_counts_take_the_first_rows_and_the_default_length_is_saved(tmp_path):

@@ -751,6 +751,9 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     ran, kept = experiment_run("--set", "attack.steps=3")
     assert ran == [s for s in everything if "attack" in s[1]]
     assert kept == {m: ["align", "eval_before"] for m in ("sft", "booster")}
+    again = [r.getMessage().split("seed43/")[1] for r in caplog.records if " runs again: " in r.getMessage()]
+    assert again == [f"{stage}-{m}{ext} runs again: {why}" for m in ("sft", "booster") for stage, ext, why in (
+        ("attack", "", "its command line differs"), ("eval-attack", ".json", "a stage before it ran again"))], again
     record = work / "seed43" / ".align-booster.stage.json"
     unfinished = {**json.loads(record.read_text()), "finished": False}
     booster_chain = [s for s in everything if s[1].endswith(("booster", "booster.json"))]
@@ -779,6 +782,10 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     differs["why"] = None
     data.write_text(data.read_text() + json.dumps({"prompt": "q", "refusal": "no", "response": "yes"}) + "\n")
     assert experiment_run("--set", "attack.steps=3")[0] == everything  # the alignment data changed
+    assert "align-sft runs again: its input files changed" in caplog.text
+    monkeypatch.setattr("booster_fast.stages.code_digest", lambda: "other code")
+    assert experiment_run("--set", "attack.steps=3")[0] == everything
+    assert "align-sft runs again: this package's code changed since it ran" in caplog.text
     assert experiment_run("--set", "attack.steps=3", "--rerun")[0] == everything
 
 
