@@ -455,7 +455,8 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                        "skipped": sum(round(skip) for _, skip in trained)}
                 skips.add(skip for _, skip in trained)
                 if probe:  # keyword proxy of the harmful score along the attack (greedy answers, no refusal phrase)
-                    from .evaluate import RefusalJudge, generate
+                    from .evaluate import generate
+                    from .judges import RefusalJudge
 
                     answers = generate(model, tok, probe, args.refusal_max_new_tokens, 64, device, desc=None)
                     flags = RefusalJudge().flags([q for q, _ in probe], answers)

@@ -177,7 +177,7 @@ def preflight_models(p: dict):
     layers (add_lora's own check, on the base built on the meta device)."""
     from transformers import AutoConfig
 
-    from .evaluate import BEAVER_DAM
+    from .judges import BEAVER_DAM
     from .lora import check_lora_targets
     from .models import PRESETS as MODEL_PRESETS, ModelError, from_hub, meta_model
 
@@ -284,7 +284,8 @@ def hub_repos(p: dict, command: str) -> tuple[tuple[str, str], ...]:
     read: align the base model and its data; attack the benign task (its harmful rows are align's data set); eval
     the task's test split, the judge and the harmful prompts."""
     from .data import HUB_DATA_SETS
-    from .evaluate import BEAVER_DAM, BEAVERTAILS_EVAL
+    from .evaluate import BEAVERTAILS_EVAL
+    from .judges import BEAVER_DAM
     from .models import PRESETS as MODEL_PRESETS
 
     task = (("dataset", HUB_DATA_SETS[p["benign"]]),) if p["benign"] in HUB_DATA_SETS else ()

@@ -93,9 +93,10 @@ def test_a_checkpoint_named_without_its_six_digits_gets_the_right_name(aligned, 
     assert not (tmp_path / "out").exists()
 
 
-def test_the_refusal_probe_draws_no_bar_inside_the_attacks(aligned, tmp_path, capsys):
-    """--refusal-prompts generates at every eval inside the attack's progress bar: a second bar there leaves
-    cursor-up codes in a log (stderr not a terminal); the probe's generation draws none."""
+def test_the_refusal_probe_draws_no_bar_inside_the_attacks(aligned, tmp_path, capsys, monkeypatch):
+    """--refusal-prompts generates at every eval inside the attack's progress bar: a second bar there would
+    break the bar's line with cursor-up codes; the probe's generation draws none (bars drawn as on a terminal)."""
+    monkeypatch.setattr("booster_fast.progress.shown", lambda: True)
     assert main(["attack", "--adapter", str(aligned), "--output", str(tmp_path / "out"), "--steps", "2",
                  "--eval-every", "1", "--refusal-prompts", "2", "--refusal-max-new-tokens", "4", *SMALL]) == 0
     err = capsys.readouterr().err

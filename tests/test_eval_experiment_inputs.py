@@ -138,7 +138,7 @@ def test_default_judge_on_a_pretrained_base_is_beaver_dam(tmp_path, monkeypatch,
 
 
 def test_choose_judge():
-    from booster_fast.evaluate import choose_judge
+    from booster_fast.judges import choose_judge
 
     assert choose_judge(None, "tiny")[0] == "refusal"
     assert choose_judge(None, "llama-7b-shape")[0] == "refusal"

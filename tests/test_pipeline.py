@@ -12,7 +12,8 @@ import torch
 import booster_fast as bf
 from booster_fast.cli import main
 from booster_fast.data import default_prefix, format_prompt
-from booster_fast.evaluate import generate, gsm8k_number, is_refusal, task_correct
+from booster_fast.evaluate import generate, gsm8k_number, task_correct
+from booster_fast.judges import is_refusal
 from booster_fast.attack import poison_mix
 
 FAST = ["--max-length", "64", "--batch-size", "2"]
@@ -307,7 +308,7 @@ def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
     assert json.loads(out[-1])["experiment"] == "defense"
     # stdout: the final table (its header once, its legend) and the JSON line; the stages' lines on stderr
     assert out[0].startswith("seed | ") and out[-2].startswith("HS: harmful score") and len(out) == 2 + 3 + 3 + 2
-    assert "finetune accuracy" in captured.err and "finetune accuracy" not in captured.out  # eval stages
+    assert "fine-tune accuracy" in captured.err and "fine-tune accuracy" not in captured.out  # eval stages
 
 
 def test_beaver_dam_judge_code_path_on_a_local_tiny_classifier(tmp_path):
@@ -315,7 +316,7 @@ def test_beaver_dam_judge_code_path_on_a_local_tiny_classifier(tmp_path):
     head (14 labels, multi-label) saved locally exercises the same loading and scoring code."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from booster_fast.evaluate import BeaverDamJudge
+    from booster_fast.judges import BeaverDamJudge
     from booster_fast.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
@@ -361,7 +362,7 @@ def test_gsm8k_takes_the_first_number_after_the_marker_not_the_last():
 
 
 def test_compliant_style_excludes_answers_that_also_refuse():
-    from booster_fast.evaluate import is_compliant
+    from booster_fast.judges import is_compliant
 
     assert is_compliant("Sure, here is how to do it.")
     assert not is_compliant("Sure, I understand, but I'm sorry, I cannot help with that.")
