@@ -32,6 +32,10 @@ class OutputError(RuntimeError):
     """An output a run could not write partway (a full disk, say): reported in one line, exit code 1."""
 
 
+class StdoutError(OutputError):
+    """stdout itself could not be written (a full disk under `> file`)."""
+
+
 class NonFiniteAbort(RuntimeError):
     """Too many updates were skipped as non-finite (align, attack: align.SkipTally.too_many): reported in one
     line, exit code 3."""
@@ -312,17 +316,14 @@ def run_reporting(fn, *args) -> int:
     except BrokenPipeError:
         if not _stdout_gone():
             raise
-        # stdout's reader stopped reading: what is left is not wanted, and no traceback; the interpreter's own
-        # flush at exit then writes to nothing
-        with contextlib.suppress(OSError):
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, sys.stdout.fileno())
-            os.close(null)
+        _stdout_to_null()  # stdout's reader stopped reading: what is left is not wanted, and no traceback
         return 128 + signal.SIGPIPE
     except (UsageError, DataError, ModelError) as e:
         print(f"booster-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OutputError as e:
+        if isinstance(e, StdoutError):
+            _stdout_to_null()
         print(f"booster-fast: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a path the system cannot even look up (Python 3.11's Path.exists raises for it)
@@ -352,6 +353,16 @@ def run_reporting(fn, *args) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def _stdout_to_null():
+    """Point stdout's file descriptor at /dev/null: what its buffer still holds (stdout buffered, as it is under
+    `> file` or a pipe) is flushed there at the interpreter's exit, instead of failing once more after the one
+    error line ("Exception ignored ... OSError", exit code 120)."""
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+
+
 class _CheckedStdout:
     """stdout, whose failed writes other than to a closed pipe (a full disk under `> file`) are a one-line
     OutputError instead of a traceback; everything else is the stream's own."""
@@ -365,7 +376,7 @@ class _CheckedStdout:
         except BrokenPipeError:  # (run_reporting: a reader that has gone)
             raise
         except OSError as e:
-            raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
+            raise StdoutError(f"cannot write to standard output: {e.strerror or e}") from None
 
     def write(self, text):
         return self._checked(self._stream.write, text)

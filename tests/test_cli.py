@@ -833,30 +833,79 @@ def test_an_empty_output_is_named_as_such(tmp_path, monkeypatch, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
-def test_a_reader_that_stops_reading_is_no_traceback():
-    """`booster-fast memory ... | head` where the reader has gone before the output: no BrokenPipeError traceback,
-    the shell's exit code of a process stopped by SIGPIPE (128 + 13)."""
+MEMORY_7B = [sys.executable, "-m", "booster_fast", "memory", "--model", "llama-7b-shape"]
+
+
+def stdout_env(buffered: bool) -> dict:
+    """The environment with stdout buffered, as a user's `> file` or pipe has it, or unbuffered (PYTHONUNBUFFERED)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return env if buffered else {**env, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+def test_a_reader_that_stops_reading_is_no_traceback(buffered):
+    """`booster-fast memory ... | head` where the reader has gone before the output: nothing on stderr, the
+    shell's exit code of a process stopped by SIGPIPE (128 + 13), with stdout buffered or not (buffered, the
+    interpreter's own flush at exit would hit the pipe again)."""
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the command writes a byte
     try:
-        proc = subprocess.run([sys.executable, "-m", "booster_fast", "memory", "--model", "llama-7b-shape"],
-                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+        proc = subprocess.run(MEMORY_7B, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env=stdout_env(buffered))
     finally:
         os.close(write)
-    assert proc.returncode == 128 + signal.SIGPIPE, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 128 + signal.SIGPIPE and proc.stderr == "", (proc.returncode, proc.stderr)
 
 
-def test_a_closed_stdout_or_a_full_one_is_no_traceback(tmp_path):
+@pytest.mark.parametrize("buffered", [True, False])
+def test_a_closed_stdout_or_a_full_one_is_no_traceback(tmp_path, buffered):
     """Started with stdout closed (`>&-`: sys.stdout is None), a command runs as before; a stdout that cannot be
-    written (a full disk under `> file`; here /dev/full) is one line and exit 1."""
-    base = [sys.executable, "-m", "booster_fast", "memory", "--model", "llama-7b-shape"]
-    closed = subprocess.run(base, stdout=None, stderr=subprocess.PIPE, text=True, timeout=120,
-                            preexec_fn=lambda: os.close(1))
+    written (a full disk under `> file`; here /dev/full) is exactly one line and exit 1, with stdout buffered or
+    not (buffered, the interpreter's flush at exit failed once more: "Exception ignored", exit 120)."""
+    closed = subprocess.run(MEMORY_7B, stdout=None, stderr=subprocess.PIPE, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(1), env=stdout_env(buffered))
     assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
     if os.path.exists("/dev/full"):
         with open("/dev/full", "w") as full:
-            proc = subprocess.run(base, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+            proc = subprocess.run(MEMORY_7B, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                                  env=stdout_env(buffered))
         assert proc.returncode == 1, (proc.returncode, proc.stderr)
-        assert proc.stderr.strip().splitlines()[-1] == ("booster-fast: error: cannot write to standard output: No "
-                                                        "space left on device"), proc.stderr
+        assert proc.stderr.strip().splitlines() == ["booster-fast: error: cannot write to standard output: No "
+                                                    "space left on device"], proc.stderr
+
+
+BROKEN_PIPE_CHILD = """
+import fcntl, os, sys
+from booster_fast.cli import run_reporting
+if sys.argv[1] == "full":  # fill stdout's pipe (nobody reads it yet): poll reports no event on it
+    fcntl.fcntl(1, fcntl.F_SETFL, fcntl.fcntl(1, fcntl.F_GETFL) | os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(1, b"x" * 4096)
+    except BlockingIOError:
+        pass
+def fn():
+    raise BrokenPipeError(32, "Broken pipe")  # a pipe or socket of the command's own, not stdout
+sys.exit(run_reporting(fn))
+"""
+
+
+@pytest.mark.parametrize("stdout", ["healthy", "full"])
+def test_a_broken_pipe_other_than_stdout_is_raised(stdout):
+    """Only a stdout whose reader has gone is exit 141 without a word: a BrokenPipeError of another stream is the
+    command's failure, raised, with stdout a live pipe (read later, or full and unread) or, in process, captured
+    (no file descriptor to poll). run_reporting puts sys.stdout back."""
+    proc = subprocess.Popen([sys.executable, "-c", BROKEN_PIPE_CHILD, stdout], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    rc = proc.wait(timeout=120)
+    err = proc.stderr.read().decode()
+    proc.stdout.close(), proc.stderr.close()
+    assert rc == 1 and "BrokenPipeError" in err, (rc, err)
+    from booster_fast.cli import run_reporting
+
+    def fn():
+        raise BrokenPipeError(32, "Broken pipe")
+    before = sys.stdout
+    with pytest.raises(BrokenPipeError):
+        run_reporting(fn)
+    assert run_reporting(lambda: 0) == 0 and sys.stdout is before
