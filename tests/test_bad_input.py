@@ -273,6 +273,7 @@ def test_an_integer_too_long_for_python_is_one_line(tmp_path, name):
     ({"WORLD_SIZE": "abc"}, "the environment variable WORLD_SIZE is 'abc', not an integer >= 1"),
     ({"WORLD_SIZE": "0"}, "the environment variable WORLD_SIZE is '0', not an integer >= 1"),
     ({"WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "the environment variable LOCAL_RANK is 'x', not an integer >= 0"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "the environment variable LOCAL_RANK is '-1', not an integer >= 0"),
     ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "WORLD_SIZE=2 asks for several processes, but "),
 ])
 def test_torchruns_environment_is_checked_in_one_line(tmp_path, monkeypatch, env, needle):
@@ -289,15 +290,15 @@ def test_torchruns_environment_is_checked_in_one_line(tmp_path, monkeypatch, env
 
 @pytest.mark.parametrize("argv, needle", [
     (["align", "--resume", "afile"], "--resume afile: a file, not a run directory"),
-    (["align", "--resume", ""], "--resume '' is empty"),
+    (["align", "--resume", ""], "--resume '' is empty: name the run's directory"),
     (["memory", "--resume", "afile"], "--resume afile: a file, not a run directory"),
-    (["align", "--output", ""], "--output '' is empty"),
+    (["align", "--output", ""], "--output '' is empty: name the run's directory"),
     (["eval", "--adapter", "base", "--output", ""], "--output '' is empty"),  # (it said: --output . is a directory)
-    (["bench", "--output", ""], "--output '' is empty"),  # (it ran, and wrote nothing)
+    (["bench", "--output", ""], "--output '' is empty: give a file name"),  # (it ran, and wrote nothing)
     (["bench", "--plot", ""], "--plot '' is empty"),
     (["experiment", "defense", "--output", ""], "--output '' is empty"),  # (it ran, into the default files)
     (["experiment", "defense", "--plot", ""], "--plot '' is empty"),
-    (["experiment", "defense", "--workdir", ""], "--workdir '' is empty"),
+    (["experiment", "defense", "--workdir", ""], "--workdir '' is empty: give a directory name"),
     (["attack", "--adapter", "ALIGNED", "--base-model", "./no/such", "--output", "out"],
      "--base-model ./no/such: no such directory"),  # (it named --model)
     (["eval", "--adapter", "ALIGNED", "--judge-model", "x", "--output", "e.json"],

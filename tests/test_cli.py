@@ -770,6 +770,9 @@ def test_an_output_that_would_write_over_an_input_is_refused(tmp_path, capsys):
         assert main(argv) == 2, what
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("booster-fast: error: --output ") and what in err[0], (what, err)
+    (tmp_path / "link").symlink_to(run)  # the run named through a link: the same run, holding --data
+    assert main(align + ["--data", str(run / "data.jsonl"), "--output", str(tmp_path / "link")]) == 2
+    assert "holds --data" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in [*run.rglob("*"), prompts] if p.is_file()} == before
 
 

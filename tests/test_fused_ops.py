@@ -233,6 +233,36 @@ def test_a_kind_whose_fused_kernels_fail_keeps_its_own(monkeypatch, caplog):
                              ".version 8.7 does not support .target sm_120)") == 1, caplog.text
 
 
+def test_a_rope_whose_kernel_fails_keeps_the_original_function(monkeypatch, caplog):
+    """The rotary kernel failing the install check: transformers' apply_rotary_pos_emb stays as it was (not
+    counted as fused), with the failure said once and no difference from the eager formula logged (there is
+    none to log); a kind that fails logs no "kept its own forward" line of a measured difference either."""
+    def broken(*args):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_120")
+
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "_booster_original", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)  # as if never installed in this process
+    monkeypatch.setattr(fused_ops, "rope", broken)
+    monkeypatch.setattr(fused_ops, "silu_mul", broken)
+    model, _ = make_model()
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        counts = fused_ops.install(model)
+    assert set(counts) == {"LlamaRMSNorm"} and modeling_llama.apply_rotary_pos_emb is original, counts
+    assert "apply_rotary_pos_emb kept its own (the fused kernels fail" in caplog.text
+    assert "LlamaMLP kept its own (the fused kernels fail" in caplog.text
+    assert "differs by" not in caplog.text and "kept its own forward" not in caplog.text, caplog.text
+
+
+def test_out_of_memory_in_the_install_check_is_raised(monkeypatch):
+    """Out of memory while the install check runs a kernel is the machine's limit, not a kernel that cannot run
+    here: raised as it is (the CLI's exit 4), not a kind quietly left unfused."""
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(fused_ops, "silu_mul", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        fused_ops.install(make_model()[0])
+
+
 def test_a_norm_that_places_its_epsilon_otherwise_keeps_its_own(caplog):
     """A norm class of a recognised name whose own forward divides by (RMS + eps) instead of sqrt(mean + eps): at
     unit variance the two agree to ~1e-5, so only the install check's small-scale input tells them apart."""

@@ -683,6 +683,18 @@ def test_a_checkpoint_of_a_plain_trainer_is_refused_in_one_line(tmp_path, data):
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_out_of_memory_while_resuming_is_raised_as_it_is(monkeypatch):
+    """Out of memory while the optimizer state loads is the machine's limit, not another trainer's checkpoint: it
+    is raised as it is (the CLI's exit 4), not turned into the "start a new run" refusal."""
+    from transformers import Trainer
+
+    def oom(self, checkpoint):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(Trainer, "_load_optimizer_and_scheduler", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        bf.BoosterTrainer._load_optimizer_and_scheduler(object.__new__(bf.BoosterTrainer), "checkpoint-1")
+
+
 class FlatGradCapture(GradCapture):
     """The combined gradient after the Trainer's clipping, as one vector over the LoRA parameters (either engine)."""
 

@@ -7,7 +7,7 @@ import torch
 
 import booster_fast as bf
 from booster_fast.cli import main
-from booster_fast.models import ModelError, check_positions, load_model
+from booster_fast.models import ModelError, check_positions, learned_positions, load_model
 
 SMALL = ["--steps", "1", "--max-length", "64", "--batch-size", "2", "--align-samples", "4", "--save-every", "0"]
 
@@ -115,10 +115,48 @@ def test_eval_refuses_answers_that_would_run_past_a_learned_position_table(tmp_p
     assert len(answers) == 3 and max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers) > 30
 
 
+def test_eval_checks_the_task_budget_and_names_a_prompt_longer_than_the_table(tmp_path, capsys, monkeypatch):
+    """The task's budget is checked as the harmful one is (before any answer); a prompt longer than the table
+    is named as such; prompt_ids put the tokenizer's BOS first, as generation feeds it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import booster_fast.data as data
+    from booster_fast.cli import UsageError
+    from booster_fast.data import format_prompt
+    from booster_fast.evaluate import check_answer_room, prompt_ids
+
+    _, tok = load_model("tiny", device="cpu")
+
+    def gpt2(n):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=n, n_embd=32, n_layer=1, n_head=2))
+
+    d = tmp_path / "gpt2"
+    gpt2(96).save_pretrained(d)
+    tok.save_pretrained(d)
+    run = tmp_path / "run"
+    assert main(["align", "--model", str(d), "--targets", "c_attn", "--output", str(run), *SMALL]) == 0
+    capsys.readouterr()
+    code = main(["eval", "--adapter", str(run), "--output", str(tmp_path / "e.json"), "--prompts", "builtin",
+                 "--num-prompts", "2", "--task", "builtin", "--num-task", "2", "--judge", "refusal", "--device",
+                 "cpu", "--max-new-tokens", "1", "--task-max-new-tokens", "96"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--task-max-new-tokens 96 with the longest of the builtin test prompts" in line, line
+    examples = [("Say hi to everyone in the room, please.", "")]
+    longest = len(prompt_ids(tok, examples)[0])
+    check_answer_room(gpt2(longest), tok, [("--max-new-tokens", examples, 1, "harmful")])
+    with pytest.raises(UsageError, match=f"takes {longest} tokens, more than the model's {longest - 1} learned"):
+        check_answer_room(gpt2(longest - 1), tok, [("--max-new-tokens", examples, 1, "harmful")])
+    monkeypatch.setattr(data, "default_prefix", lambda t: [t.bos_token_id])
+    assert prompt_ids(tok, examples) == [[tok.bos_token_id] + tok(format_prompt(*examples[0]),
+                                                                  add_special_tokens=False)["input_ids"]]
+
+
 def test_only_the_text_position_table_counts_and_its_offset():
-    """RoBERTa-style tables start after the pad row (514 rows hold 512 positions); a table that does not sit
-    beside the token embeddings (an encoder's of another modality) is not the text's limit."""
-    from transformers import RobertaConfig, RobertaForCausalLM
+    """RoBERTa-style tables start after the pad row (514 rows hold 512 positions), OPT's after its offset of 2; a
+    table that does not sit beside the token embeddings (an encoder's of another modality) is not the text's
+    limit."""
+    from transformers import OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForCausalLM
 
     roberta = RobertaForCausalLM(RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
                                                num_attention_heads=2, intermediate_size=32, is_decoder=True,
@@ -126,6 +164,11 @@ def test_only_the_text_position_table_counts_and_its_offset():
     check_positions(roberta, 40)
     with pytest.raises(ModelError, match="40 learned positions"):
         check_positions(roberta, 41)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                   num_attention_heads=2, max_position_embeddings=40, word_embed_proj_dim=16))
+    assert learned_positions(opt) == 40  # OPT's table holds 42 rows, the first 2 before position 0
+    with pytest.raises(ModelError, match="40 learned positions"):
+        check_positions(opt, 41)
     model, _ = load_model("tiny", device="cpu")
     model.audio_tower = torch.nn.Module()
     model.audio_tower.embed_positions = torch.nn.Embedding(8, 4)  # another modality's table

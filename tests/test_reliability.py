@@ -717,14 +717,42 @@ def test_a_short_write_of_torch_save_names_the_free_space(tmp_path, capsys, monk
     def save(obj, f, *a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1344 vs 1236")
 
-    usage = namedtuple("usage", "total used free")
+    usage, asked = namedtuple("usage", "total used free"), []
     monkeypatch.setattr(checkpoint.torch, "save", save)
-    monkeypatch.setattr("booster_fast.atomic.shutil.disk_usage", lambda p: usage(10 << 20, 10 << 20, 3 << 19))
+    monkeypatch.setattr("booster_fast.atomic.shutil.disk_usage",
+                        lambda p: asked.append(str(p)) or usage(10 << 20, 10 << 20, 3 << 19))
     capsys.readouterr()
     assert main(["align", "--output", str(tmp_path / "run"), "--steps", "2", *SMALL, "--save-every", "1"]) == 1
     line = one_error_line(capsys.readouterr().err, progress=True)
     assert "cannot write the checkpoint of step 1" in line and "unexpected pos 1344 vs 1236" in line, line
     assert "(torch.save stopped short, as on a full disk: 1.5 MiB free there)" in line, line
+    assert asked and set(asked) == {str(tmp_path / "run")}, asked  # the run's folder, not its parent's
+
+
+@pytest.mark.parametrize("case", ["free space unreadable", "another writer failure"])
+def test_the_free_space_note_only_where_it_is_known_and_fits(tmp_path, capsys, monkeypatch, case):
+    """The note is left out where the free space cannot be read (the error line as it was, no traceback), and
+    for torch's other writer failures, which are no short write."""
+    import booster_fast.checkpoint as checkpoint
+    from collections import namedtuple
+
+    short = case == "free space unreadable"
+    message = ("[enforce fail at inline_container.cc:672] . unexpected pos 1344 vs 1236" if short else
+               "[enforce fail at inline_container.cc:590] . PytorchStreamWriter failed writing central directory")
+
+    def save(obj, f, *a, **k):
+        raise RuntimeError(message)
+
+    def usage(p):
+        if short:
+            raise PermissionError(13, "Permission denied")
+        return namedtuple("usage", "total used free")(10 << 20, 10 << 20, 3 << 19)
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    monkeypatch.setattr("booster_fast.atomic.shutil.disk_usage", usage)
+    capsys.readouterr()
+    assert main(["align", "--output", str(tmp_path / "run"), "--steps", "2", *SMALL, "--save-every", "1"]) == 1
+    line = one_error_line(capsys.readouterr().err, progress=True)
+    assert message.split(". ", 1)[1] in line and "stopped short" not in line and "MiB free" not in line, line
 
 
 @pytest.mark.parametrize("failing", ["adapter_model.safetensors", "optimizer.pt"])
@@ -1032,12 +1060,12 @@ def test_a_checkpoint_past_the_runs_steps_is_refused(tmp_path, capsys):
     newest = list_checkpoints(run)[-1][1]
     shutil.copytree(newest, newest.with_name("step-000050"))
     (newest.with_name("step-000050") / "trainer_state.json").write_text("[]")
-    _json_edit(newest / "trainer_state.json", lambda s: s.update(step=40))
-    newest.rename(newest.with_name("step-000040"))
+    _json_edit(newest / "trainer_state.json", lambda s: s.update(step=4))  # one step past the run
+    newest.rename(newest.with_name("step-000004"))
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     capsys.readouterr()
     assert main(["align", "--resume", str(run)]) == 2
-    assert "step-000040 is of step 40, past the run's 3 steps" in one_error_line(capsys.readouterr().err)
+    assert "step-000004 is of step 4, past the run's 3 steps" in one_error_line(capsys.readouterr().err)
     assert (run / MARKER).exists() and sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
