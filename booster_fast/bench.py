@@ -396,9 +396,9 @@ def run_bench(args) -> int:
     if device.type != "cuda" and set(names) == {"fast-graphs"}:
         raise UsageError("--impls fast-graphs: CUDA graphs need a CUDA device; nothing would be measured here")
     results: dict[str, dict] = {}
-    log.info("bench: %s on %s, %s: %d warm-up and %d timed steps each, %d+%d rows x %d tokens", args.model, device,
-             ", ".join(names), args.warmup, args.steps, args.batch_size, args.harmful_batch_size, args.max_length)
     impls, batches, n_params, n_lora = build_all(names, args, device, results)
+    log.info("bench: %s on %s, %s: %d warm-up and %d timed steps each, %d+%d rows x %d tokens", args.model, device,
+             ", ".join(impls), args.warmup, args.steps, args.batch_size, args.harmful_batch_size, args.max_length)
     modes = sft_modes(impls)
     rate, peak = None, (None, None)  # the GPU's matmul rate, measured after the timing
 

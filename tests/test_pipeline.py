@@ -308,7 +308,8 @@ def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
     assert json.loads(out[-1])["experiment"] == "defense"
     # stdout: the final table (its header once, its legend) and the JSON line; the stages' lines on stderr
     assert out[0].startswith("seed | ") and out[-2].startswith("HS: harmful score") and len(out) == 2 + 3 + 3 + 2
-    assert "fine-tune accuracy" in captured.err and "fine-tune accuracy" not in captured.out  # eval stages
+    eval_line = "% (refusal), fine-tune accuracy "  # the eval stages' result lines
+    assert eval_line in captured.err and eval_line not in captured.out
 
 
 def test_beaver_dam_judge_code_path_on_a_local_tiny_classifier(tmp_path):
