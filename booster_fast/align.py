@@ -330,7 +330,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
 
             log_fit(booster, args.batch_size, args.harmful_batch_size, args.max_length, args.method, device)
         if cfg.impl == "reference":
-            log.info("reference: non-finite updates are applied as in the original trainer, not skipped "
+            log.info("align: the reference engine applies non-finite updates, as the original trainer does "
                      "(--impl fast skips them)")
 
     names = METRICS + (PERTURB_AWARE_METRICS if cfg.perturb_aware else ())  # (refused with --method sft)
