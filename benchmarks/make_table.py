@@ -4,9 +4,10 @@
 
 Every `*.json` there written by `booster-fast bench --json --output FILE` becomes rows of the step table; the
 GPU suite's `kernel_bandwidth.json`, `kernel_sweep.json`, `graph_equivalence.json` and `profile_*.json`
-(benchmarks/gpu_checks.py) get a table each after it; a kernel below its share of the copy's GB/s is flagged. The tables replace whatever lies between the markers `<!-- results:start -->` and
-`<!-- results:end -->` in the README; the rest of the README is left as it is. Without the markers the tables
-are printed and the README is not touched.
+(benchmarks/gpu_checks.py) get a table each after it; a kernel below its share of the copy's GB/s is flagged.
+The tables replace whatever lies between the markers `<!-- results:start -->` and `<!-- results:end -->` in the
+README; the rest of the README is left as it is. Without the markers the tables are printed and the README is
+not touched.
 """
 from __future__ import annotations
 

@@ -211,7 +211,8 @@ def _add_align_args(a: argparse.ArgumentParser, for_memory: bool = False, **mode
                    help="use the first N harmful rows (the original's --bad_sample_num; default: all)")
     a.add_argument("--log-every", type=int, default=10, metavar="N",
                    help=run_only("read metrics from the device every N steps"))
-    a.add_argument("--output", default="runs/demo", metavar="DIR", help=run_only("run directory (adapter, metrics.jsonl)"))
+    a.add_argument("--output", default="runs/demo", metavar="DIR",
+                   help=run_only("run directory (adapter, metrics.jsonl)"))
     a.add_argument("--overwrite", action="store_true", help=run_only("replace an existing run directory"))
     a.add_argument("--save-every", type=int, default=100, metavar="N",
                    help=run_only("write a checkpoint every N steps (also at the end and on SIGINT/SIGTERM; 0: only "

@@ -170,9 +170,7 @@ def measure_model_kernels(tokens: int = 32768, hidden: int = 4096, intermediate:
     GPU's queue never runs dry between the timed backward calls). Returns per op and direction the ms, the
     GB/s over the fused kernel's bytes, the eager ms, and the fused op's largest relative difference from the
     eager formula (`max_rel_err`); plus a bf16 copy's GB/s of the same size."""
-    dev = torch.device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"measure_model_kernels needs a CUDA device, got {device!r}")
+    dev = _cuda_device(device, "measure_model_kernels")
     g = torch.Generator(device=dev).manual_seed(0)
     bf16 = torch.bfloat16
     cases = model_cases(tokens, hidden, intermediate, heads, head_dim, g)
