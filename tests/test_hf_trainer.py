@@ -159,7 +159,9 @@ def test_a_seq2seq_collator_trains_as_the_fixed_length_one(tmp_path, data):
 
 def test_init_path_and_missing_harmful(tmp_path, data):
     """The original's API: its own TrainingArguments subclass (with `lamb`, `alpha`, ...), no harmful data in the
-    constructor, then `trainer.init(harmful_dataset)`: code written for the original swaps in by the import."""
+    constructor, then `trainer.init(harmful_dataset)`: code written for the original swaps in by the import, of
+    the original's class name too."""
+    assert bf.BoosterAlignmentTrainer is bf.BoosterTrainer
     rows_a, rows_h, pad = data
     base = vars(trainer_args(tmp_path, max_steps=2))
     kw = {k: base[k] for k in ("output_dir", "per_device_train_batch_size", "max_steps", "learning_rate",
@@ -168,8 +170,8 @@ def test_init_path_and_missing_harmful(tmp_path, data):
 
     def trainer():
         model, _ = make_model()
-        return bf.BoosterTrainer(model=model, args=OriginalArguments(**kw), train_dataset=rows_a,
-                                 data_collator=FixedLengthCollator(pad, MAX_LEN))
+        return bf.BoosterAlignmentTrainer(model=model, args=OriginalArguments(**kw), train_dataset=rows_a,
+                                          data_collator=FixedLengthCollator(pad, MAX_LEN))
 
     t = trainer()
     with pytest.raises(ValueError, match="harmful"):
