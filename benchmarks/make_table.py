@@ -60,13 +60,16 @@ def load_results(results_dir) -> list[tuple[str, dict]]:
 
 
 def check_documents(results_dir) -> dict[str, list[tuple[str, dict]]]:
-    """kind -> [(file name, document)] of the GPU suite's check files."""
+    """kind -> [(file name, document)] of the GPU suite's check files (`results`: a dict, or the sweep's list of
+    rows); one line names a check file of another shape."""
     found: dict[str, list[tuple[str, dict]]] = {}
     for path in sorted(Path(results_dir).glob("*.json")):
         kind = next((k for k in CHECKS if path.name.startswith(k)), None)
         doc = _read(path) if kind else None
-        if isinstance(doc, dict) and isinstance(doc.get("results"), dict):
+        if isinstance(doc, dict) and isinstance(doc.get("results"), (dict, list)):
             found.setdefault(kind, []).append((path.name, doc))
+        elif doc is not None:
+            print(f"make_table: left out {path.name}: no `results` in it", file=sys.stderr)
     return found
 
 

@@ -338,7 +338,7 @@ def test_nf4_entries_share_their_packed_base(monkeypatch):
         bench.share_frozen_weights(torch.nn.ModuleDict({"x": a}), torch.nn.ModuleDict({"x": b}))
 
 
-def test_make_table_renders_the_gpu_suite_checks(tmp_path):
+def test_make_table_renders_the_gpu_suite_checks(tmp_path, capsys):
     """The GPU suite's check files (shaped as benchmarks/gpu_checks.py writes them) get a table each; the values
     here are made up for the formatter, not results."""
     mt = _make_table_module()
@@ -362,7 +362,9 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path):
             "fast+graphs": {"wall_ms_per_step": 10.0, "gpu_busy_ms_per_step": 9.0, "gpu_idle_share": 0.1,
                             "top_kernels": [{"name": "gemm_kernel", "ms_per_step": 5.0, "calls_per_step": 3}]}}}))
     (results / "cpu_tiny.json").write_text(json.dumps(SAMPLE))
+    (results / "profile_broken.json").write_text(json.dumps({"machine": {}}))  # a check file without results
     table = mt.markdown_table(mt.load_results(results), mt.check_documents(results))
+    assert "make_table: left out profile_broken.json: no `results` in it" in capsys.readouterr().err
     assert [name for name, _ in mt.load_results(results)] == ["cpu_tiny.json"]
     assert "| sumsq | 1,001 | 500 | 100% | 1.5e-07 |" in table and "| copy | 1,000 | — | — | — |" in table
     assert "Kernels on Test GPU, 67,108,864" in table
@@ -1188,10 +1190,12 @@ def test_gpu_checks_sweep_measures_each_pair_once_the_modules_first(tmp_path, mo
     doc = json.loads((tmp_path / "kernel_sweep.json").read_text())
     assert doc["default"] == {"BLOCK": default[0], "num_warps": default[1]} and len(doc["results"]) == len(measured)
     assert {"BLOCK": 2048, "num_warps": 4, "error": "RuntimeError: out of resources: shared memory"} in doc["results"]
-    table = "\n".join(_make_table_module().check_tables({"kernel_sweep": [("kernel_sweep.json", doc)]}))
+    mt = _make_table_module()
+    table = "\n".join(mt.check_tables(mt.check_documents(tmp_path)))  # as make_table reads the results folder
     assert f"| {default[0]:,} (default) | {default[1]} | 4,000 | 3,600 (90%) | 3,200 (80%) |" in table
     assert "| 2,048 | 8 | 4,000 | 3,600 (90%) | 3,200 (80%) | 1,024 (26%, below 70%) | 1.0e-07 |" in table
     assert "| 2,048 | 4 | failed: RuntimeError: out of resources: shared memory | — | — | — | — |" in table
+    assert mt._of_copy(0.7, 0.7) == "70%" and mt._of_copy(0.69, 0.7) == "69% (below 70%)"  # the target itself passes
 
 
 def test_gpu_checks_equivalence_reports_the_worst_error_relative_to_eager(monkeypatch):
