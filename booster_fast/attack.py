@@ -394,6 +394,11 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
         model = fresh_lora(model, seed)
     check_max_length(tok, max_length)
     beyond = check_positions(model, max_length)
+    if probe:  # its answers must fit a learned position table (GPT-2-like), checked before any step
+        from .evaluate import check_answer_room
+
+        check_answer_room(model, tok, [("--refusal-max-new-tokens", probe, args.refusal_max_new_tokens,
+                                        "refusal-probe")])
     encoded, n_trunc = encode_all(tok, rows, max_length)
     test_enc, _ = encode_all(tok, harmful_test, max_length)
     stream = BatchStream(encoded, args.batch_size, max_length, tok.pad_token_id, seed)

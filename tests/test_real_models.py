@@ -85,7 +85,7 @@ def test_rows_longer_than_a_learned_position_table_are_refused(tmp_path, capsys)
 def test_eval_refuses_answers_that_would_run_past_a_learned_position_table(tmp_path, capsys):
     """GPT-2-style learned positions: a prompt and its new-token budget beyond the table are refused in one line
     before any answer is generated (greedy decoding failed at the first position past it, after the answers
-    before); a budget that fits runs."""
+    before); a budget that fits runs. The attack's refusal probe is checked the same way, before its first step."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from booster_fast.evaluate import harmful_prompts, prompt_ids
@@ -113,6 +113,17 @@ def test_eval_refuses_answers_that_would_run_past_a_learned_position_table(tmp_p
     assert main([*common, "--max-new-tokens", str(room), "--task-max-new-tokens", "1", "--save-generations"]) == 0
     answers = [g["answer"] for g in json.loads(out.read_text())["generations"]["harmful"]]
     assert len(answers) == 3 and max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers) > 30
+    # the attack's refusal probe generates too: its budget is checked before the first step
+    from booster_fast.data import load_safety_data
+
+    test_rows = load_safety_data("builtin", "test")[1][:2]
+    probe = max(map(len, prompt_ids(tok, [(e.instruction, e.input) for e in test_rows])))
+    attacked = tmp_path / "attacked"
+    code = main(["attack", "--adapter", str(run), "--output", str(attacked), "--steps", "2", "--refusal-prompts", "2",
+                 "--refusal-max-new-tokens", str(96 - probe + 2), "--max-length", "64", "--batch-size", "2"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"use --refusal-max-new-tokens {96 - probe + 1} or less" in line, line
+    assert not attacked.exists()
 
 
 def test_eval_checks_the_task_budget_and_names_a_prompt_longer_than_the_table(tmp_path, capsys, monkeypatch):
