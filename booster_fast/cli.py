@@ -88,7 +88,9 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+        default = action.default
+        if not action.option_strings or default is None or default is False or default in ([], argparse.SUPPRESS) \
+                or "default" in text:  # (by identity: a default of 0 is shown, though 0 == False)
             return text
         paper = re.search(r"\(paper: ([^)]*)\)", text)
         if paper:

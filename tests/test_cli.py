@@ -490,7 +490,16 @@ def test_help_gives_each_flags_default(capsys):
 
     p = Parser(prog="x")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (paper: 5e-4)")
-    assert "learning rate (default: 0.001; paper: 5e-4)" in " ".join(p.format_help().split())
+    p.add_argument("--targets", default="q,v", help="modules (paper: q,k,v)")  # not a number: not the paper's
+    p.add_argument("--probes", type=int, default=0, help="probes; 0: off")  # 0 is a default, though 0 == False
+    p.add_argument("--quiet", action="store_true", help="say less")
+    text = " ".join(p.format_help().split())
+    assert "learning rate (default: 0.001; paper: 5e-4)" in text and "modules (default: q,v; paper: q,k,v)" in text
+    assert "probes; 0: off (default: 0)" in text and "say less" in text and "(default: False)" not in text
+    with pytest.raises(SystemExit):  # a text that names its default keeps it, once
+        main(["experiment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default tiny)" in text and "(default: tiny)" not in text
 
 
 def test_memory_help_hides_the_flags_for_the_run_alone_and_accepts_them(capsys):
