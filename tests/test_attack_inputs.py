@@ -4,6 +4,7 @@ nothing half-written behind."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -93,12 +94,24 @@ def test_a_checkpoint_named_without_its_six_digits_gets_the_right_name(aligned, 
     assert not (tmp_path / "out").exists()
 
 
-def test_the_refusal_probe_draws_no_bar_inside_the_attacks(aligned, tmp_path, capsys, monkeypatch):
+def test_the_refusal_probe_draws_no_bar_inside_the_attacks(aligned, tmp_path, capsys, caplog, monkeypatch):
     """--refusal-prompts generates at every eval inside the attack's progress bar: a second bar there would
-    break the bar's line with cursor-up codes; the probe's generation draws none (bars drawn as on a terminal)."""
+    break the bar's line with cursor-up codes; the probe's generation draws none (bars drawn as on a terminal).
+    Where stderr is no terminal, the attack logs one plain line per eval instead of its bar."""
+    def attack(out):
+        with caplog.at_level(logging.INFO, logger="booster_fast"):
+            assert main(["attack", "--adapter", str(aligned), "--output", str(out), "--steps", "2", "--eval-every",
+                         "1", "--refusal-prompts", "2", "--refusal-max-new-tokens", "4", *SMALL]) == 0
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attack: step ")]
+        caplog.clear()
+        return lines
+
+    lines = attack(tmp_path / "plain")
+    assert [line.split(",")[0] for line in lines] == ["attack: step 1/2", "attack: step 2/2"], lines
+    assert all(", loss " in line and ", held-out harmful " in line for line in lines), lines
+    capsys.readouterr()
     monkeypatch.setattr("booster_fast.progress.shown", lambda: True)
-    assert main(["attack", "--adapter", str(aligned), "--output", str(tmp_path / "out"), "--steps", "2",
-                 "--eval-every", "1", "--refusal-prompts", "2", "--refusal-max-new-tokens", "4", *SMALL]) == 0
+    assert attack(tmp_path / "out") == []  # the bar says it
     err = capsys.readouterr().err
     assert "attack" in err and "\x1b[A" not in err and "probe" not in err, err
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -335,6 +335,10 @@ def test_progress_is_plain_lines_where_stderr_is_kept_and_a_bar_on_a_terminal(tm
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     assert progress.shown() and not progress.progress_bar(4, "x").disable
     assert progress.progress_bar(4, "x", enabled=False).disable  # a rank other than 0
+    bar = progress.progress_bar(5, "x", initial=2, leave=False)  # a resumed run's bar; eval's go when done
+    assert bar.n == 2 and bar.leave is False
+    monkeypatch.setenv("TQDM_DISABLE", "")  # empty counts as unset
+    assert progress.shown()
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert not progress.shown() and progress.progress_bar(4, "x").disable
 
@@ -399,6 +403,8 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "batches packed without their pads" in proc.stderr
     assert "of 2+2 rows per process (4+4 per update) x 160 tokens" in proc.stderr  # the start line
+    steps = [line.split(",")[0] for line in proc.stderr.splitlines() if line.startswith("booster: step ")]
+    assert steps == ["booster: step 1/2", "booster: step 2/2"], proc.stderr[-2000:]  # rank 0's lines alone
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert (out / "adapter_model.safetensors").exists()
