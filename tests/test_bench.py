@@ -589,7 +589,10 @@ def test_the_table_puts_each_figure_under_its_column():
            "results": {"fast": {"step_ms": 100.0, "step_ms_p20": 99.0, "step_ms_p80": 101.0, "tokens_per_s": 5000,
                                 "peak_mem_mb": 1234.5, "est_peak_mb": 1300.0, "launches_per_step": 42,
                                 "host_syncs_per_step": 3, "ratio_to_sft": 2.5, "mfu": 0.1, "hfu": 0.2}}}
-    head, _, row = format_table(doc).splitlines()[1:4]
+    lines = format_table(doc).splitlines()
+    head, _, row = lines[1:4]
+    assert "llama-7b-shape (quant none) on NVIDIA H200" in lines[0], lines[0]
+    assert lines[-1].startswith("est.: memory.py's estimate; launches, syncs: per step"), lines[-1]  # the legend
     for heading, value in (("speedup", "1.25"), ("peak MiB", "1234.5"), ("est. MiB", "1300.0"), ("launches", "42"),
                            ("syncs", "3"), ("xSFT", "2.50"), ("MFU", "10.0%"), ("HFU", "20.0%")):
         end = head.index(heading) + len(heading)  # right-aligned: the value ends where its heading does

@@ -372,6 +372,8 @@ def test_step_graphs_evict_the_least_recently_replayed(monkeypatch, caplog):
         for rows in (MAX_GRAPHS + 1, MAX_GRAPHS + 2):
             for _ in range(WARMUP + 1):
                 g.run("step", step, (batch(rows, 3),))
+            if rows == MAX_GRAPHS + 1:  # the warning comes with the first eviction
+                assert g.dropped == 1 and sum("batch shapes met" in r.getMessage() for r in caplog.records) == 1
     rows_kept = {k[2][0][1][0] for k in g._graphs}
     assert len(rows_kept) == MAX_GRAPHS and 1 in rows_kept and {2, 3}.isdisjoint(rows_kept), sorted(rows_kept)
     assert events.count("capture") == MAX_GRAPHS + 2 and g.dropped == 2

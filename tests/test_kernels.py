@@ -303,11 +303,18 @@ def test_bad_inputs_raise_value_error(case):
     assert all(torch.equal(a, b) for a, b in zip(buffers, before)), f"{case}: buffers changed before the error"
 
 
-def test_measure_bandwidth_refuses_cpu():
+def test_measure_bandwidth_refuses_cpu(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA"):
         measure_bandwidth(n=1024, device="cpu")
     with pytest.raises(RuntimeError, match="measure_launch_constants needs a CUDA device"):
         measure_launch_constants(1024, 4, n=1024, device="cpu")
+    # either condition alone refuses: a CPU device on a machine with CUDA, a CUDA device where none is usable
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="measure_bandwidth needs a CUDA device"):
+        measure_bandwidth(n=1024, device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="measure_launch_constants needs a CUDA device"):
+        measure_launch_constants(1024, 4, n=1024, device="cuda")
 
 
 @pytest.mark.parametrize("block, warps", [(128, 4), (256, 2), (8192, 16)])

@@ -215,6 +215,7 @@ def test_memory_command_prints_the_estimate_and_its_alternatives(capsys):
     rows = {line[2:].split("  ")[0]: line for line in out if line[:1] in "* " and "GiB" in line}
     assert set(rows) == {"NF4", "NF4, --gradient-checkpointing"}
     assert rows["NF4, --gradient-checkpointing"].startswith("* ") and rows["NF4"].startswith("  ")
+    assert any(line.startswith("*: the settings given.") for line in out), out  # what the star marks
     assert main(["memory", "--model", "llama-7b-shape", "--method", "sft"]) == 0  # one pass: nothing merged
     assert capsys.readouterr().out.startswith("llama-7b-shape on cuda: one SFT step, fast engine (fused ops), 10 rows")
     shape = memory.Shape.of(PRESETS["llama-7b-shape"])

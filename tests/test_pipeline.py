@@ -365,7 +365,7 @@ def test_gsm8k_takes_the_first_number_after_the_marker_not_the_last():
 def test_compliant_style_excludes_answers_that_also_refuse():
     from booster_fast.judges import is_compliant
 
-    assert is_compliant("Sure, here is how to do it.")
+    assert is_compliant("Sure, here is how to do it.") and is_compliant("Here\u2019s how to do it.")
     assert not is_compliant("Sure, I understand, but I'm sorry, I cannot help with that.")
 
 
