@@ -1,6 +1,7 @@
 """`booster-fast bench`: the JSON document's shape, one-line usage errors, and the README table builder."""
 import importlib.util
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -910,6 +911,19 @@ def test_a_capture_invalidated_while_warming_graphs_is_recorded_on_that_entry(mo
     assert doc["results"]["fast"]["failed"] == ("capturing its step: CaptureInvalidated: CUDA graph capture was "
                                                 "invalidated (operation not permitted)")
     assert doc["results"]["reference"] == {} and doc["speedup"] == {"reference": None, "fast": None}
+
+
+def test_bench_without_json_prints_its_table_on_stdout_after_a_start_line(capsys, caplog):
+    """Without --json the console table is the result, on stdout; a start line says what is timed before the
+    models load."""
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size",
+                     "2", "--max-length", "64", "--lora-r", "4", "--impls", "fast"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("impl") and "ms/step" in line for line in out), out
+    assert any(line.startswith("fast ") for line in out) and not any(line.startswith("{") for line in out), out
+    assert any(r.getMessage().startswith("bench: tiny on cpu, fast: 0 warm-up and 1 timed steps each")
+               for r in caplog.records), caplog.text
 
 
 def test_bucket_sizes_script_measures_filler_and_graph_keys(capsys):

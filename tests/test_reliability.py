@@ -1056,6 +1056,8 @@ def test_a_checkpoint_past_the_runs_steps_is_refused(tmp_path, capsys):
     was, an unreadable newer checkpoint not set aside."""
     run = tmp_path / "run"
     assert main(["align", "--output", str(run), "--steps", "3", *SMALL, "--save-every", "1"]) == 0
+    (run / MARKER).write_text("")  # stopped after its last checkpoint: that one, of step 3 of 3, resumes
+    assert main(["align", "--resume", str(run)]) == 0 and not (run / MARKER).exists()
     (run / MARKER).write_text("")
     newest = list_checkpoints(run)[-1][1]
     shutil.copytree(newest, newest.with_name("step-000050"))
