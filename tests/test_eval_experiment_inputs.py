@@ -772,6 +772,10 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     assert experiment_run("--set", "attack.steps=3") == (booster_chain[1:], {"sft": all_kept["sft"],
                                                                              "booster": ["align"]})
     assert experiment_run("--set", "attack.steps=3") == ([], all_kept)
+    last = work / "seed43" / ".eval-attack-sft.json.stage.json"  # a stage of this command line left unfinished
+    last.write_text(json.dumps({**json.loads(last.read_text()), "finished": False}))
+    assert experiment_run("--set", "attack.steps=3")[0] == [("eval", "eval-attack-sft.json")]
+    assert "eval-attack-sft.json runs again: it did not finish" in caplog.text
     # a run that align --resume's check refuses (here: its settings differ): run again from the start, saying why,
     # in a directory of its own (align would put the old run back if the new one stopped before a checkpoint)
     record.write_text(json.dumps(unfinished))
@@ -786,7 +790,12 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     monkeypatch.setattr("booster_fast.stages.code_digest", lambda: "other code")
     assert experiment_run("--set", "attack.steps=3")[0] == everything
     assert "align-sft runs again: this package's code changed since it ran" in caplog.text
+    data.write_text(data.read_text() + json.dumps({"prompt": "q2", "refusal": "no", "response": "yes"}) + "\n")
+    monkeypatch.setattr("booster_fast.stages.code_digest", lambda: "newer code")
+    assert experiment_run("--set", "attack.steps=3")[0] == everything  # every reason is named
+    assert "align-sft runs again: its input files changed, this package's code changed since it ran" in caplog.text
     assert experiment_run("--set", "attack.steps=3", "--rerun")[0] == everything
+    assert " runs again: " not in caplog.text  # --rerun asked for it: no reason to give
 
 
 def test_a_local_model_directory_is_an_input_of_the_stages(tmp_path, monkeypatch):
