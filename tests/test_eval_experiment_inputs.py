@@ -798,6 +798,25 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     assert " runs again: " not in caplog.text  # --rerun asked for it: no reason to give
 
 
+def test_several_seeds_show_the_seeds_so_far_on_stderr_and_the_final_table_on_stdout(tmp_path, monkeypatch, capsys):
+    """With several seeds the table of the seeds done so far goes to stderr after each seed but the last; stdout
+    holds the final table once (each seed and the means), then the JSON line."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "refusal": "no", "response": "yes"}) + "\n"
+                            for i in range(16)))
+    monkeypatch.setattr("booster_fast.stages.run_stage", FakeStages())
+    assert main(["experiment", "defense", "--seeds", "3", "--methods", "sft,booster", "--workdir",
+                 str(tmp_path / "runs"), "--no-plot", "--output", str(tmp_path / "r.json"),
+                 "--set", f"data={data}"]) == 0
+    captured = capsys.readouterr()
+    heads = {name: [line for line in text.splitlines() if line.strip().startswith("seed |")]
+             for name, text in (("out", captured.out), ("err", captured.err))}
+    assert len(heads["out"]) == 1 and len(heads["err"]) == 2, heads  # stderr: after seeds 1 and 2 of 3
+    out = captured.out.strip().splitlines()
+    assert sum(line.strip().startswith("mean |") for line in out) == 2 and set(json.loads(out[-1])["summary"]) == {
+        "sft", "booster"}
+
+
 def test_a_local_model_directory_is_an_input_of_the_stages(tmp_path, monkeypatch):
     """A local --model directory counts among a stage's inputs by its files' names, sizes and modification times:
     a rerun with the directory as it was keeps every stage; a model file rewritten since (another time, another
