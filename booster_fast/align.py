@@ -441,6 +441,14 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
                 run.finish(model, tok)
             log.info("saved adapter and metrics to %s%s", args.output,
                      f" ({skips.total} non-finite updates skipped)" if skips.total else "")
+        # a signal in the last step or the final save: the run is whole, and the caller (an experiment, a
+        # scheduler) still learns that it was asked to stop
+        signum = stop.agreed(world, device)
+        if signum is not None:
+            if rank == 0:
+                print(f"booster-fast: {signal.Signals(signum).name} arrived as the run ended; the run is complete "
+                      f"in {args.output}", file=sys.stderr)
+            return EXIT_SIGNAL[signum]
         return 0
     finally:
         bar.close()

@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "stderr, nothing written); 3 more than --max-skipped non-finite updates, or 10 in a "
                               "row (checkpoints are kept); 4 out of GPU memory (one line; checkpoints are kept); "
                               "130 / 143 stopped by SIGINT / SIGTERM after a checkpoint (the line says how to "
-                              "resume)")
+                              "resume), or as the run ended (the run is complete)")
     _add_align_args(a)
 
     b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process",

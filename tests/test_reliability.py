@@ -822,6 +822,41 @@ def test_a_signal_between_log_intervals_writes_the_pending_metrics_before_its_ch
     assert without_time(read_metrics(run)) == without_time(read_metrics(tmp_path / "whole"))
 
 
+@pytest.mark.parametrize("when", ["last step", "final save"])
+def test_a_signal_as_the_run_ends_is_not_lost(tmp_path, monkeypatch, capsys, when):
+    """SIGINT in the last step, or while the final checkpoint and adapter are written: the run completes (no step
+    is left to checkpoint before), and the exit code still says it was stopped, so that an experiment or a
+    scheduler that sent it stops too; the run is whole and a resume has nothing to do."""
+    from booster_fast.checkpoint import RunDir
+
+    flags = ["--steps", "3", *SMALL, "--save-every", "0"]
+    if when == "last step":
+        orig = bf.Booster.step
+
+        def step(self, a, h):
+            self._n = getattr(self, "_n", 0) + 1
+            if self._n == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return orig(self, a, h)
+
+        monkeypatch.setattr(bf.Booster, "step", step)
+    else:
+        finish = RunDir.finish
+
+        def finishing(self, *a, **k):
+            os.kill(os.getpid(), signal.SIGINT)
+            return finish(self, *a, **k)
+
+        monkeypatch.setattr(RunDir, "finish", finishing)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["align", "--output", str(run), *flags]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == f"booster-fast: SIGINT arrived as the run ended; the run is complete in {run}", line
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3] and (run / "adapter_model.safetensors").exists()
+    assert not (run / MARKER).exists()
+
+
 def test_interrupts_a_second_sigterm_waits_a_second_sigint_does_not_and_handlers_are_put_back():
     from booster_fast.align import Interrupts
 
