@@ -12,12 +12,12 @@ from .config import BoosterConfig  # noqa: E402
 from .lora import add_lora  # noqa: E402
 from .models import ModelError, load_model  # noqa: E402
 
-__all__ = ["Booster", "BoosterAlignmentTrainer", "BoosterConfig", "BoosterTrainer", "BoosterTrainingArguments", "FixedLengthCollator",
-           "ModelError", "add_lora", "load_model"]
+__all__ = ["Booster", "BoosterAlignmentTrainer", "BoosterConfig", "BoosterTrainer", "BoosterTrainingArguments",
+           "FixedLengthCollator", "ModelError", "add_lora", "load_model"]
 __version__ = "0.1.0"
 
-_LAZY = {"BoosterTrainer": "hf_trainer", "BoosterAlignmentTrainer": "hf_trainer", "BoosterTrainingArguments": "hf_trainer",
-         "FixedLengthCollator": "hf_batches"}
+_LAZY = {"BoosterTrainer": "hf_trainer", "BoosterAlignmentTrainer": "hf_trainer",
+         "BoosterTrainingArguments": "hf_trainer", "FixedLengthCollator": "hf_batches"}
 
 
 def __getattr__(name):
