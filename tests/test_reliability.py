@@ -826,7 +826,7 @@ def test_a_signal_between_log_intervals_writes_the_pending_metrics_before_its_ch
 def test_a_signal_as_the_run_ends_is_not_lost(tmp_path, monkeypatch, capsys, when):
     """SIGINT in the last step, or while the final checkpoint and adapter are written: the run completes (no step
     is left to checkpoint before), and the exit code still says it was stopped, so that an experiment or a
-    scheduler that sent it stops too; the run is whole and a resume has nothing to do."""
+    scheduler that sent it stops too; the run is whole (all its metrics, its adapter, no unfinished mark)."""
     from booster_fast.checkpoint import RunDir
 
     flags = ["--steps", "3", *SMALL, "--save-every", "0"]
