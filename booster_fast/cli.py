@@ -433,9 +433,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
             setattr(args, flag, absolute_local_path(getattr(args, flag)))
     if args.command in ("align", "memory", "attack", "eval"):  # so are local data files: a resume, or an eval of
         # an attack run (which reads the run's data), may start in another directory
+        from .data import DATA_SET_NAMES
+
         for flag in ("data", "harmful_data", "harmful", "benign", "prompts"):
-            if getattr(args, flag, None):
-                setattr(args, flag, absolute_local_path(getattr(args, flag)))
+            value = getattr(args, flag, None)
+            if value and value not in DATA_SET_NAMES:  # a name, even where a folder of that name is at hand
+                setattr(args, flag, absolute_local_path(value))
     return args
 
 

@@ -73,6 +73,7 @@ BEAVERTAILS_REPO = "anonymous4486/booster_dataset"
 # the data sets named by a word that the hub holds: align's --data, attack's --benign, eval's --task
 HUB_DATA_SETS = {"beavertails": BEAVERTAILS_REPO, "sst2": "stanfordnlp/sst2", "agnews": "fancyzhx/ag_news",
                  "gsm8k": "openai/gsm8k"}
+DATA_SET_NAMES = frozenset({"builtin", *HUB_DATA_SETS})  # what a data flag takes as a name, never as a path
 BEAVERTAILS_MIRROR = "anonymous4486/repnoise_beavertail"
 BEAVERTAILS_ROWS = {"train": (5000, 10000), "test": (10000, 10500), "attack": (1, 5000)}
 SPLITS = ("train", "test")

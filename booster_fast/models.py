@@ -115,8 +115,8 @@ def _checked_overrides(name: str, overrides: dict) -> dict:
 
 def absolute_local_path(name: str) -> str:
     """A relative local model directory or data file as an absolute path (what run_config.json and an adapter
-    record, so that the run loads from any working directory); presets, HF ids, data set names and absolute
-    paths as they are."""
+    record, so that the run loads from any working directory); presets, HF ids and absolute paths as they are.
+    (Data set names never come here: cli.parse keeps them as names.)"""
     if name in PRESETS or os.path.isabs(name) or not os.path.exists(os.path.expanduser(name)):
         return name
     return os.path.abspath(os.path.expanduser(name))

@@ -728,6 +728,23 @@ def test_relative_local_files_of_eval_are_made_absolute(tmp_path, monkeypatch):
     assert seen[0].prompts == str(tmp_path / "prompts.json")
 
 
+@pytest.mark.parametrize("command, flag, name", [
+    ("attack", "--benign", "sst2"), ("attack", "--harmful", "beavertails"), ("eval", "--prompts", "builtin"),
+    ("align", "--data", "beavertails"), ("memory", "--data", "builtin")])
+def test_a_data_set_name_stays_a_name_beside_a_folder_of_that_name(tmp_path, monkeypatch, command, flag, name):
+    """A folder named after a data set (`hf download stanfordnlp/sst2 --local-dir sst2`) in the working directory
+    must not turn the name into its path: an experiment's attack stage failed on it, after its alignment."""
+    from booster_fast.cli import parse
+
+    (tmp_path / name).mkdir()
+    (tmp_path / "rows.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    adapter = ["--adapter", "x", "--output", "y.json"] if command in ("attack", "eval") else []
+    args = parse([command, *adapter, flag, name])
+    assert getattr(args, flag[2:]) == name
+    assert getattr(parse([command, *adapter, flag, "rows.jsonl"]), flag[2:]) == str(tmp_path / "rows.jsonl")
+
+
 def test_max_length_beyond_a_rescaling_ropes_length_is_refused_by_the_fast_engine(tmp_path, capsys):
     """A local model whose dynamic RoPE rescales past 32 positions: --max-length 64 ends in one line and exit 2 with
     nothing written under the fast engine (whose passes would not give the reference's update there), and runs
