@@ -4,13 +4,14 @@ Each stage (`booster-fast align / attack / eval`) is a command line, run in proc
 (`run_stage`). Beside each stage's output a hidden record (`.{output}.stage.json`) keeps what made it: the command
 line less --device (a run goes on, or is kept, on another device), the SHA-256 of every file that command line names
 (data files, prompts) and of this package's sources, a local model directory's file names, sizes and times, whether
-it finished, and its seconds. Run again in the same work directory, a chain of stages (align -> eval -> attack ->
-eval for one method and seed, each reading the one before it) keeps every stage whose record matches and whose
-output is whole, until the first one that does not; that one and every stage after it in its chain run again. An
+it finished, and its seconds. Run again in the same work directory, a chain of stages (for one method and seed:
+align, then the eval of the aligned run and the attack, each reading the alignment, then the eval of the attacked
+run) keeps every stage whose record matches and whose output is whole, unless a stage it reads runs again: a stage
+that runs runs every stage that reads it, directly or not, and no other (a new eval setting leaves the attack). An
 alignment this command line started that stopped after a checkpoint goes on with `align --resume`, once align's own
 check (every flag, the data files' SHA-256) confirms that the run is this command line's; otherwise it starts afresh
-in an emptied directory, so that align cannot put an older run back there. Not checked: models and data sets from
-the hub's cache.
+in an emptied directory, so that align cannot put an older run back there. Models and data sets from the Hugging
+Face hub count by the commit the cache holds of each (`hub_revisions`).
 """
 from __future__ import annotations
 
@@ -48,28 +49,31 @@ def run_stage(argv: list[str]):
 
 
 class Chain:
-    """One method's stages for one seed, in order: a stage can be kept from an earlier experiment only while every
-    stage before it in the chain was (each reads the one before it)."""
+    """One method's stages for one seed, in order: a stage can be kept from an earlier experiment only where no
+    stage it reads ran again."""
 
     def __init__(self, rerun: bool):
         self.rerun = rerun
-        self.keeping, self.kept, self.resumed, self.seconds = not rerun, [], [], {}
+        self.ran, self.kept, self.resumed, self.seconds = [], [], [], {}
 
-    def _why_again(self, done, want: dict) -> str | None:
-        """Why a stage that ran before (its record `done`) is not kept, where `want` is not it; None without one."""
+    def _why_again(self, done, want: dict, ran_before: list[str]) -> str | None:
+        """Why a stage that ran before (its record `done`) is not kept, where `want` is not it or `ran_before` (the
+        stages it reads that ran again) is not empty; None without one."""
         if not isinstance(done, dict) or self.rerun:
             return None
-        if not self.keeping:
-            return "a stage before it ran again"
+        if ran_before:
+            return f"the {' and '.join(ran_before)} stage it reads ran again"
         differs = [k for k in want if done.get(k) != want[k]]
         what = {"argv": "its command line differs", "inputs": "its input files changed",
                 "code": "this package's code changed since it ran"}
         return ", ".join(what[k] for k in differs) or None
 
-    def stage(self, name: str, argv: list[str], out: Path, hub: tuple[tuple[str, str], ...] = ()):
-        """Run one stage (`run_stage`), or keep `out` where the record beside it says it was made by this command
-        line (--device aside), from inputs of the same content (`hub`: the (kind, repo) pairs it reads from the
-        Hugging Face cache, by their cached revision), by this code, and finished; an alignment that
+    def stage(self, name: str, argv: list[str], out: Path, hub: tuple[tuple[str, str], ...] = (),
+              reads: tuple[str, ...] = ()):
+        """Run one stage (`run_stage`), or keep `out` where no stage it `reads` (earlier stages of the chain, by
+        name) ran again and the record beside it says it was made by this command line (--device aside), from
+        inputs of the same content (`hub`: the (kind, repo) pairs it reads from the Hugging Face cache, by their
+        cached revision), by this code, and finished; an alignment that
         this command line started and that stopped after a checkpoint goes on with align --resume, once align's own
         check finds the run's settings and data are this command line's."""
         from .atomic import write_json_atomic
@@ -81,19 +85,20 @@ class Chain:
             done = json.loads(record.read_text())
         except (OSError, ValueError):
             done = None
-        same = self.keeping and isinstance(done, dict) and {k: done.get(k) for k in want} == want
+        ran_before = [stage for stage in reads if stage in self.ran]
+        same = not (self.rerun or ran_before) and isinstance(done, dict) and {k: done.get(k) for k in want} == want
         whole = out.is_file() or ((out / "metrics.jsonl").is_file() and not (out / ".incomplete").exists())
         if same and done.get("finished") is True and whole:
             log.info("experiment: %s kept: it finished before with this command line (--rerun runs it again)", out)
             self.kept.append(name)
             self.seconds[name] = done.get("seconds")
             return
-        why_again = self._why_again(done, want)
+        why_again = self._why_again(done, want, ran_before)
         if why_again:
             log.info("experiment: %s runs again: %s", out, why_again)
         elif same and not (argv[0] == "align" and (whole or (out / ".incomplete").exists())):
             log.info("experiment: %s runs again: it did not finish", out)
-        self.keeping = False  # the stages after this one read what it makes now
+        self.ran.append(name)  # the stages that read this one read what it makes now
         run_argv = argv
         if same and argv[0] == "align" and (whole or (out / ".incomplete").exists()):
             # the stage's own run (a fresh alignment starts without the old directory, below), unfinished

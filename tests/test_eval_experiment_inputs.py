@@ -713,7 +713,7 @@ def test_the_judge_sees_the_instruction_and_its_input(aligned, tmp_path, monkeyp
 def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_path, monkeypatch, caplog):
     """An experiment run again in its --workdir (after an interruption, say) keeps each stage that finished there
     with the same command line and inputs, and runs the rest: a changed attack setting runs the attack and the eval
-    after it again, not the alignment; an interrupted alignment goes on with align --resume where align's check
+    after it again, not the alignment; a changed eval setting runs the two evals alone; an interrupted alignment goes on with align --resume where align's check
     finds its run is this command line's, else it starts again in an emptied directory; a changed data file, a
     stage's output gone or unfinished, and --rerun run every stage that depends on it; the result says which
     stages were kept."""
@@ -753,7 +753,16 @@ def test_a_rerun_keeps_the_stages_that_finished_with_the_same_command_line(tmp_p
     assert kept == {m: ["align", "eval_before"] for m in ("sft", "booster")}
     again = [r.getMessage().split("seed43/")[1] for r in caplog.records if " runs again: " in r.getMessage()]
     assert again == [f"{stage}-{m}{ext} runs again: {why}" for m in ("sft", "booster") for stage, ext, why in (
-        ("attack", "", "its command line differs"), ("eval-attack", ".json", "a stage before it ran again"))], again
+        ("attack", "", "its command line differs"), ("eval-attack", ".json", "the attack stage it reads ran again"))
+                     ], again
+    # an eval setting runs both evals and leaves the attack, which reads the alignment alone
+    ran, kept = experiment_run("--set", "attack.steps=3", "--set", "eval.num_prompts=5")
+    assert ran == [s for s in everything if s[0] == "eval"]
+    assert kept == {m: ["align", "attack"] for m in ("sft", "booster")}
+    assert experiment_run("--set", "attack.steps=3")[0] == [s for s in everything if s[0] == "eval"]
+    (work / "seed43" / "align-sft" / "metrics.jsonl").unlink()  # an alignment's output gone: its chain runs
+    assert experiment_run("--set", "attack.steps=3")[0] == everything[:4]
+    assert "eval-align-sft.json runs again: the align stage it reads ran again" in caplog.text
     record = work / "seed43" / ".align-booster.stage.json"
     unfinished = {**json.loads(record.read_text()), "finished": False}
     booster_chain = [s for s in everything if s[1].endswith(("booster", "booster.json"))]
