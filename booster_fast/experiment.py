@@ -86,7 +86,8 @@ def _paper(benign: str, poison_ratio: float = 0.1) -> dict:
         "attack": {"samples": 1000, "poison_ratio": poison_ratio, "lr": 1e-5, "epochs": 20.0, "batch_size": 10,
                    "weight_decay": 0.1, "eval_every": 50, "eval_rows": None, "refusal_prompts": 0,
                    "harmful_split": "attack"},
-        "eval": {"num_prompts": 1000, "max_new_tokens": 512, "task_max_new_tokens": 200, "batch_size": 16},
+        "eval": {"num_prompts": 1000, "num_task": None, "max_new_tokens": 512, "task_max_new_tokens": 200,
+                 "batch_size": 16},  # num_task None: the whole test split (SST2's 872, the first 1000 otherwise)
     }
 
 
@@ -100,7 +101,8 @@ PRESETS = {
         "attack": {"samples": 1000, "poison_ratio": 0.1, "lr": 1e-3, "steps": 100, "batch_size": 10,
                    "weight_decay": 0.1, "eval_every": 10, "eval_rows": None, "refusal_prompts": 64,
                    "refusal_max_new_tokens": 24, "harmful_split": "attack"},
-        "eval": {"num_prompts": 200, "max_new_tokens": 48, "task_max_new_tokens": 8, "batch_size": 64},
+        "eval": {"num_prompts": 200, "num_task": None, "max_new_tokens": 48, "task_max_new_tokens": 8,
+                 "batch_size": 64},
     },
     "paper-sst2": _paper("sst2"),
     "paper-agnews": _paper("agnews"),

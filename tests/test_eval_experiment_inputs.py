@@ -324,13 +324,18 @@ BAD_SETS = {
 
 
 def test_a_paper_preset_can_be_run_small():
-    """The paper presets count epochs (floats, as the CLI's --epochs): a fraction of one makes a quick run."""
-    from booster_fast.experiment import PRESETS, apply_overrides
+    """The paper presets count epochs (floats, as the CLI's --epochs): a fraction of one makes a quick run. The
+    eval's task rows can be cut too (the whole test split by default: SST2's 872, at up to 200 new tokens each on
+    GSM8K)."""
+    from booster_fast.experiment import PRESETS, apply_overrides, eval_argv
 
     p, applied = apply_overrides(PRESETS["paper-sst2"], ["align.epochs=0.01", "attack.epochs=0.5",
-                                                         "attack.eval_rows=50"])
+                                                         "attack.eval_rows=50", "eval.num_task=8"])
     assert (p["align"]["epochs"], p["attack"]["epochs"], p["attack"]["eval_rows"]) == (0.01, 0.5, 50)
     assert PRESETS["paper-sst2"]["align"]["epochs"] == 20.0  # the preset itself is untouched
+    argv = eval_argv(p, Path("a"), Path("e.json"), None)
+    assert argv[argv.index("--num-task") + 1] == "8"
+    assert "--num-task" not in eval_argv(PRESETS["paper-sst2"], Path("a"), Path("e.json"), None)
 
 
 def refused_before_any_stage(setting: str, tmp_path, monkeypatch, capsys) -> str:
