@@ -32,6 +32,13 @@ class Booster:
             from .fast import FastBooster as Engine
         self.model = model
         self.engine = Engine(model, cfg)
+        if getattr(getattr(model, "config", None), "output_router_logits", False):
+            import logging
+
+            logging.getLogger("booster_fast").warning(
+                "booster: the model's config sets output_router_logits, but both engines train on the token loss "
+                "alone: the router's load-balancing loss, which Hugging Face's own loss adds (router_aux_loss_coef "
+                "times it), is left out")
         self.vocab = _vocab(model)  # for to_device's token-id check (a read of the CPU batch; none in a step)
 
     @property

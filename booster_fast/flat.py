@@ -32,9 +32,14 @@ ALIGN = 64
 def _check_plain_lora(model, layers) -> None:
     """Refuse what `_routed_forward` does not compute: trainable parameters other than the A/B weights of LoRA
     Linear layers (peft's modules_to_save, biases, DoRA's magnitudes, LoRA on embeddings), LoRA layers of another
-    kind (convolutions), DoRA. The reference engine trains any of them."""
+    kind (convolutions, LoRA on a module's weight tensor: peft's target_parameters), DoRA. The reference engine
+    trains any of them."""
     routed, why = set(), []
     for m in layers:
+        if getattr(m, "parameter_name", None):  # peft's ParamWrapper: LoRA added to a weight tensor (target_parameters,
+            # e.g. fused MoE experts), whose module's forward is no `x @ W.T`
+            why.append(f"LoRA on parameters ({type(m.get_base_layer()).__name__}.{m.parameter_name}: peft's "
+                       f"target_parameters, MoE experts)")
         if len(getattr(m, "lora_embedding_A", ())):
             why.append("LoRA on embeddings")
         for name in m.lora_A:

@@ -572,6 +572,45 @@ def test_fast_engine_refuses_lora_it_cannot_route(extra, why):
     bf.Booster(model(), bf.BoosterConfig(impl="reference"))
 
 
+def test_fast_engine_refuses_lora_on_moe_expert_weights():
+    """peft's target_parameters puts LoRA on a module's weight tensor (here a Mixtral's fused experts, which peft also
+    picks for a name like down_proj on some MoE models): the routed LoRA layer would compute `x @ W.T` for them, and
+    crashed on the shapes or, where they fit, trained another model (its first gradient 100x the reference's)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    def model():
+        torch.manual_seed(SEED)
+        base = MixtralForCausalLM(MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=32,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                num_local_experts=4, num_experts_per_tok=2))
+        base.requires_grad_(False)
+        return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"],
+                                               target_parameters=["mlp.experts.down_proj"]))
+
+    with pytest.raises(ValueError, match=r"not LoRA on parameters \(\w+\.down_proj: peft's target_parameters"):
+        bf.Booster(model(), bf.BoosterConfig(impl="fast"))
+    bf.Booster(model(), bf.BoosterConfig(impl="reference"))
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_a_router_loss_the_config_asks_for_is_said_to_be_left_out(impl, caplog):
+    """Both engines train on the token loss; a MoE config with output_router_logits (whose Hugging Face loss adds
+    the router's load-balancing term) gets one warning saying that the term is left out, and a plain one none."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    for router_loss in (False, True):
+        base = MixtralForCausalLM(MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                num_local_experts=4, num_experts_per_tok=2,
+                                                output_router_logits=router_loss))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="booster_fast"):
+            bf.Booster(bf.add_lora(base, r=4, alpha=8, targets=("q_proj",)), bf.BoosterConfig(impl=impl))
+        warned = [r.getMessage() for r in caplog.records if "output_router_logits" in r.getMessage()]
+        assert len(warned) == router_loss, warned
+
+
 class EveryOtherToken(torch.nn.Module):
     """Runs a layer on every other token, as a mixture-of-experts layer runs an expert on the tokens routed to it."""
 
