@@ -281,7 +281,7 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
             with autocast():
                 got = run().float()
         except Exception as e:  # any model code that cannot take this form: the reason, logged by the caller
-            return described(e)
+            return f"its {name} forward failed ({described(e)})"
         calls = _calls[counter] - before
         if switched.get(counter, True) and (calls == 0 or (layers and calls != layers)):
             return (f"its attention reached the {name} function {calls} times for {layers} layers (it does not look "
