@@ -4,10 +4,12 @@ Each stage (`booster-fast align / attack / eval`) is a command line, run in proc
 (`run_stage`). Beside each stage's output a hidden record (`.{output}.stage.json`) keeps what made it: the command
 line less --device (a run goes on, or is kept, on another device), the SHA-256 of every file that command line names
 (data files, prompts) and of this package's sources, a local model directory's file names, sizes and times, whether
-it finished, and its seconds. Run again in the same work directory, a chain of stages (for one method and seed:
-align, then the eval of the aligned run and the attack, each reading the alignment, then the eval of the attacked
-run) keeps every stage whose record matches and whose output is whole, unless a stage it reads runs again: a stage
-that runs runs every stage that reads it, directly or not, and no other (a new eval setting leaves the attack). An
+it finished, its seconds, and an id of the output it made, which the records of the stages reading it keep. Run
+again in the same work directory, a chain of stages (for one method and seed: align, then the eval of the aligned
+run and the attack, each reading the alignment, then the eval of the attacked run) keeps every stage whose record
+matches and whose output is whole, unless a stage it reads runs again or was made again since it ran (by an
+experiment that stopped before it): a stage that runs runs every stage that reads it, directly or not, and no
+other (a new eval setting leaves the attack). An
 alignment this command line started that stopped after a checkpoint goes on with `align --resume`, once align's own
 check (every flag, the data files' SHA-256) confirms that the run is this command line's; otherwise it starts afresh
 in an emptied directory, so that align cannot put an older run back there. Models and data sets from the Hugging
@@ -22,6 +24,7 @@ import logging
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 log = logging.getLogger("booster_fast")
@@ -55,6 +58,7 @@ class Chain:
     def __init__(self, rerun: bool):
         self.rerun = rerun
         self.ran, self.kept, self.resumed, self.seconds = [], [], [], {}
+        self.made = {}  # stage -> the id of its output as this chain has it (recorded by the stages that read it)
 
     def _why_again(self, done, want: dict, ran_before: list[str]) -> str | None:
         """Why a stage that ran before (its record `done`) is not kept, where `want` is not it or `ran_before` (the
@@ -65,7 +69,8 @@ class Chain:
             return f"the {' and '.join(ran_before)} stage it reads ran again"
         differs = [k for k in want if done.get(k) != want[k]]
         what = {"argv": "its command line differs", "inputs": "its input files changed",
-                "code": "this package's code changed since it ran"}
+                "code": "this package's code changed since it ran",
+                "reads": f"the {' and '.join(want.get('reads', ()))} stage it reads was made again since it ran"}
         return ", ".join(what[k] for k in differs) or None
 
     def stage(self, name: str, argv: list[str], out: Path, hub: tuple[tuple[str, str], ...] = (),
@@ -81,6 +86,8 @@ class Chain:
         record = out.parent / f".{out.name}.stage.json"
         want = {"argv": without_device(argv), "inputs": input_digests(argv, out) | hub_revisions(hub),
                 "code": code_digest()}
+        if reads:  # the outputs it reads, by the ids their records were given: one made again by an experiment
+            want["reads"] = {stage: self.made.get(stage) for stage in reads}  # that stopped before this stage differs
         try:
             done = json.loads(record.read_text())
         except (OSError, ValueError):
@@ -91,6 +98,7 @@ class Chain:
         if same and done.get("finished") is True and whole:
             log.info("experiment: %s kept: it finished before with this command line (--rerun runs it again)", out)
             self.kept.append(name)
+            self.made[name] = done.get("made")
             self.seconds[name] = done.get("seconds")
             return
         why_again = self._why_again(done, want, ran_before)
@@ -109,7 +117,8 @@ class Chain:
                 log.info("experiment: %s kept: finished since with this command line's settings", out)
                 self.kept.append(name)
                 self.seconds[name] = None
-                write_json_atomic(record, {**want, "finished": True, "seconds": None})
+                self.made[name] = uuid.uuid4().hex  # not the output its readers were made from
+                write_json_atomic(record, {**want, "finished": True, "seconds": None, "made": self.made[name]})
                 return
             else:
                 log.info("experiment: %s was interrupted: it goes on from its newest checkpoint", out)
@@ -125,7 +134,9 @@ class Chain:
         # a first run may have downloaded what it read from the hub: its revision now (the local files' digests
         # stay those from before the run, which it read; one edited meanwhile makes the next run differ)
         done_inputs = {**hub_revisions(hub), **want["inputs"]}
-        write_json_atomic(record, {**want, "inputs": done_inputs, "finished": True, "seconds": self.seconds[name]})
+        self.made[name] = uuid.uuid4().hex
+        write_json_atomic(record, {**want, "inputs": done_inputs, "finished": True, "seconds": self.seconds[name],
+                                   "made": self.made[name]})
 
 
 def without_device(argv: list[str]) -> list[str]:

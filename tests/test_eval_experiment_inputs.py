@@ -336,6 +336,8 @@ def test_a_paper_preset_can_be_run_small():
     argv = eval_argv(p, Path("a"), Path("e.json"), None)
     assert argv[argv.index("--num-task") + 1] == "8"
     assert "--num-task" not in eval_argv(PRESETS["paper-sst2"], Path("a"), Path("e.json"), None)
+    for name in PRESETS:  # every preset takes it
+        assert apply_overrides(PRESETS[name], ["eval.num_task=8"])[0]["eval"]["num_task"] == 8
 
 
 def refused_before_any_stage(setting: str, tmp_path, monkeypatch, capsys) -> str:
@@ -993,6 +995,40 @@ def test_hub_models_and_data_sets_count_by_their_cached_revision(tmp_path, monke
     cache_holds("dataset", "stanfordnlp/sst2", "2" * 40)  # downloaded again at a newer commit
     assert runs() == 1
     assert runs() == 0
+
+
+def test_a_stage_made_from_an_alignment_that_was_made_again_since_runs_again(tmp_path, monkeypatch, caplog):
+    """An experiment that aligned again and stopped before the attack (its eval failed: a judge's download, out of
+    memory, Ctrl-C) leaves the attack made from the alignment before: run again, it must attack the new alignment,
+    not keep the old attack beside it (each record keeps the id of the output it read)."""
+    from booster_fast.stages import StageFailed
+
+    class FailingEval(FakeStages):
+        def __call__(self, argv):
+            if argv[0] == "eval":
+                self.calls.append(argv)
+                raise StageFailed(1)
+            return super().__call__(argv)
+
+    work, out = tmp_path / "runs", tmp_path / "r.json"
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "refusal": "no", "response": "yes"}) + "\n"
+                            for i in range(16)))
+    command = ["experiment", "defense", "--seeds", "1", "--methods", "sft", "--workdir", str(work), "--no-plot",
+               "--output", str(out), "--set", f"data={data}"]
+
+    def run(stages, *extra):
+        monkeypatch.setattr("booster_fast.stages.run_stage", stages)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="booster_fast"):
+            code = main(command + list(extra))
+        return code, [argv[0] for argv in stages.calls]
+
+    assert run(FakeStages()) == (0, ["align", "eval", "attack", "eval"])
+    assert run(FailingEval(), "--set", "align.lr=0.002") == (1, ["align", "eval"])
+    assert run(FakeStages(), "--set", "align.lr=0.002") == (0, ["eval", "attack", "eval"])
+    assert "attack-sft runs again: the align stage it reads was made again since it ran" in caplog.text
+    assert run(FakeStages(), "--set", "align.lr=0.002") == (0, [])
 
 
 def test_the_paper_presets_attack_at_the_original_scripts_poison_ratio():
