@@ -729,7 +729,8 @@ def test_relative_local_files_of_eval_are_made_absolute(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command, flag, name", [
-    ("attack", "--benign", "sst2"), ("attack", "--harmful", "beavertails"), ("eval", "--prompts", "builtin"),
+    ("attack", "--benign", "sst2"), ("attack", "--benign", "agnews"), ("attack", "--benign", "gsm8k"),
+    ("attack", "--harmful", "beavertails"), ("eval", "--prompts", "builtin"),
     ("align", "--data", "beavertails"), ("memory", "--data", "builtin")])
 def test_a_data_set_name_stays_a_name_beside_a_folder_of_that_name(tmp_path, monkeypatch, command, flag, name):
     """A folder named after a data set (`hf download stanfordnlp/sst2 --local-dir sst2`) in the working directory

@@ -302,6 +302,18 @@ def test_the_attention_probe_in_bf16_logs_its_margin_and_refuses_a_leak(monkeypa
     assert "(tolerance 1e-01)" in caplog.text, caplog.text
 
 
+def test_the_attention_probe_names_the_form_whose_forward_failed(monkeypatch):
+    """A model whose forward cannot take a form (StableLM's packed forward raises KeyError: 'cu_seq_lens_q') is
+    refused that form with a reason naming it, not with the bare exception."""
+    model, _ = bf.load_model("tiny", seed=SEED)
+
+    def fails(q, k, v, cu, max_seqlen, scale=None, dropout=0.0):
+        raise KeyError("cu_seq_lens_q")
+
+    monkeypatch.setattr(attention, "segment_attention", fails)
+    assert attention.probe_attention(model) == ("its packed forward failed (KeyError: 'cu_seq_lens_q')", None)
+
+
 def test_varlen_attention_takes_one_row():
     q = torch.randn(2, 4, 8, 16)
     with pytest.raises(ValueError, match="one row"):
