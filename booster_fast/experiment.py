@@ -38,9 +38,9 @@ say otherwise, goes into the work directory, never over the committed results of
 Each stage's run goes into the work directory (--workdir), with a record beside it (stages.py) of the command line
 (--device aside), the SHA-256 of the files it names and of this package's code (a local model directory: its files'
 names, sizes and times). Run again there (after an interruption, or with another attack setting), the experiment
-keeps each stage whose record matches and whose output is whole, as long as the stage it reads was kept too (the
-eval of the aligned run and the attack read the alignment, the eval of the attacked run reads the attack), and runs
-the rest; an alignment it started that stopped after a
+keeps each stage whose record matches and whose output is whole, as long as the stage it reads was kept too and
+is the output it was made from (the eval of the aligned run and the attack read the alignment, the eval of the
+attacked run reads the attack), and runs the rest; an alignment it started that stopped after a
 checkpoint (`align.save_every`: an epoch on the paper presets; Ctrl-C saves one) goes on with `align --resume`,
 whose own check first confirms the run has this command line's settings and data (an alignment that starts afresh
 does so in an emptied directory, so what is there later is its own). Models and data sets from the Hugging Face
