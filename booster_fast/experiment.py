@@ -37,15 +37,15 @@ say otherwise, goes into the work directory, never over the committed results of
 
 Each stage's run goes into the work directory (--workdir), with a record beside it (stages.py) of the command line
 (--device aside), the SHA-256 of the files it names and of this package's code (a local model directory: its files'
-names, sizes and times). Run again there (after an interruption, or with another attack setting), the experiment
-keeps each stage whose record matches and whose output is whole, as long as the stage it reads was kept too and
-is the output it was made from (the eval of the aligned run and the attack read the alignment, the eval of the
-attacked run reads the attack), and runs the rest; an alignment it started that stopped after a
-checkpoint (`align.save_every`: an epoch on the paper presets; Ctrl-C saves one) goes on with `align --resume`,
-whose own check first confirms the run has this command line's settings and data (an alignment that starts afresh
-does so in an emptied directory, so what is there later is its own). Models and data sets from the Hugging Face
-hub count by the commit the cache holds of each (`hub_repos` says which stage reads which): one downloaded again
-at a newer commit runs the stages that read it, and those that read theirs. --rerun runs every stage again.
+names, sizes and times). Run again there (after an interruption, or with another attack setting), the experiment keeps
+each stage whose record matches and whose output is whole, as long as the stage it reads was kept too and is the output
+it was made from (the eval of the aligned run and the attack read the alignment, the eval of the attacked run reads the
+attack), and runs the rest; an alignment it started that stopped after a checkpoint (`align.save_every`: an epoch on the
+paper presets; Ctrl-C saves one) goes on with `align --resume`, whose own check first confirms the run has this command
+line's settings and data (an alignment that starts afresh does so in an emptied directory, so what is there later is its
+own). Models and data sets from the Hugging Face hub count by the commit the cache holds of each (`hub_repos` says which
+stage reads which): one downloaded again at a newer commit runs the stages that read it, and those that read theirs.
+--rerun runs every stage again.
 
 Before any training, a preflight resolves what the preset needs: the base model and judge (config files only),
 and every data set the stages will load, through the stages' own loaders (built-in data is generated, nothing
@@ -283,9 +283,9 @@ def eval_argv(p: dict, adapter: Path, out: Path, device) -> list[str]:
 
 
 def hub_repos(p: dict, command: str) -> tuple[tuple[str, str], ...]:
-    """The (kind, repo) pairs a stage reads from the Hugging Face hub beyond what the stages it reads, directly or
-    not, read (a newer revision of those runs them, and so the stage): align the base model and its data; attack the benign task (its harmful rows are align's data set); eval
-    the task's test split, the judge and the harmful prompts."""
+    """The (kind, repo) pairs a stage reads from the Hugging Face hub beyond what the stages it reads, directly or not,
+    read (a newer revision of those runs them, and so the stage): align the base model and its data; attack the benign
+    task (its harmful rows are align's data set); eval the task's test split, the judge and the harmful prompts."""
     from .data import HUB_DATA_SETS
     from .evaluate import BEAVERTAILS_EVAL
     from .judges import BEAVER_DAM

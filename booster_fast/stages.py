@@ -4,16 +4,15 @@ Each stage (`booster-fast align / attack / eval`) is a command line, run in proc
 (`run_stage`). Beside each stage's output a hidden record (`.{output}.stage.json`) keeps what made it: the command
 line less --device (a run goes on, or is kept, on another device), the SHA-256 of every file that command line names
 (data files, prompts) and of this package's sources, a local model directory's file names, sizes and times, whether
-it finished, its seconds, and an id of the output it made, which the records of the stages reading it keep. Run
-again in the same work directory, a chain of stages (for one method and seed: align, then the eval of the aligned
-run and the attack, each reading the alignment, then the eval of the attacked run) keeps every stage whose record
-matches and whose output is whole, unless a stage it reads runs again or was made again since it ran (by an
-experiment that stopped before it): a stage that runs runs every stage that reads it, directly or not, and no
-other (a new eval setting leaves the attack). An
-alignment this command line started that stopped after a checkpoint goes on with `align --resume`, once align's own
-check (every flag, the data files' SHA-256) confirms that the run is this command line's; otherwise it starts afresh
-in an emptied directory, so that align cannot put an older run back there. Models and data sets from the Hugging
-Face hub count by the commit the cache holds of each (`hub_revisions`).
+it finished, its seconds, and an id of the output it made, which the records of the stages reading it keep. Run again in
+the same work directory, a chain of stages (for one method and seed: align, then the eval of the aligned run and the
+attack, each reading the alignment, then the eval of the attacked run) keeps every stage whose record matches and whose
+output is whole, unless a stage it reads runs again or was made again since it ran (by an experiment that stopped before
+it): a stage that runs runs every stage that reads it, directly or not, and no other (a new eval setting leaves the
+attack). An alignment this command line started that stopped after a checkpoint goes on with `align --resume`, once
+align's own check (every flag, the data files' SHA-256) confirms that the run is this command line's; otherwise it
+starts afresh in an emptied directory, so that align cannot put an older run back there. Models and data sets from the
+Hugging Face hub count by the commit the cache holds of each (`hub_revisions`).
 """
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ def run_stage(argv: list[str]):
 
 class Chain:
     """One method's stages for one seed, in order: a stage can be kept from an earlier experiment only where no
-    stage it reads ran again."""
+    stage it reads ran again, or was made again since."""
 
     def __init__(self, rerun: bool):
         self.rerun = rerun
@@ -75,12 +74,12 @@ class Chain:
 
     def stage(self, name: str, argv: list[str], out: Path, hub: tuple[tuple[str, str], ...] = (),
               reads: tuple[str, ...] = ()):
-        """Run one stage (`run_stage`), or keep `out` where no stage it `reads` (earlier stages of the chain, by
-        name) ran again and the record beside it says it was made by this command line (--device aside), from
-        inputs of the same content (`hub`: the (kind, repo) pairs it reads from the Hugging Face cache, by their
-        cached revision), by this code, and finished; an alignment that
-        this command line started and that stopped after a checkpoint goes on with align --resume, once align's own
-        check finds the run's settings and data are this command line's."""
+        """Run one stage (`run_stage`), or keep `out` where the record beside it says it was made by this command
+        line (--device aside), from inputs of the same content (`hub`: the (kind, repo) pairs it reads from the
+        Hugging Face cache, by their cached revision; `reads`: the earlier stages of the chain whose outputs it
+        reads, as they are now), by this code, and finished; an alignment that this command line started and that
+        stopped after a checkpoint goes on with align --resume, once align's own check finds the run's settings and
+        data are this command line's."""
         from .atomic import write_json_atomic
 
         record = out.parent / f".{out.name}.stage.json"
