@@ -311,8 +311,8 @@ class FastBooster:
             self.flat.attach_grads()
         if self.W.grad is not self.flat.G_f:
             self.W.grad = self.flat.G_f
-        if not self.model.training:
-            self.model.train()
+        self.model.train()  # every module, as the reference: a wrapper made in training mode around a base that
+        # from_pretrained left in eval mode says training=True while the base's dropout is off
         # the step reads its knobs from cfg (STEP_KNOBS; a change gets a graph of its own): the clip's constant
         # lives in a tensor, refilled between steps when the clip norm changes
         if self._clip_offset_for != self.cfg.max_grad_norm:

@@ -572,6 +572,26 @@ def test_fast_engine_refuses_lora_it_cannot_route(extra, why):
     bf.Booster(model(), bf.BoosterConfig(impl="reference"))
 
 
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_a_base_left_in_eval_mode_trains_with_its_dropout(impl):
+    """from_pretrained leaves a model in eval mode, and the peft wrapper made around it says training=True: each
+    step puts every module in training mode (the fast engine looked at the wrapper's flag alone, so under the
+    Trainer a base with dropout trained without it), and its dropout then draws masks."""
+    losses = []
+    for seed in (1, 2):  # the same model and batches: only the dropout masks can differ
+        model, tok = bf.load_model("tiny", seed=SEED, attention_dropout=0.5)
+        model.eval()
+        torch.manual_seed(SEED)
+        lora = bf.add_lora(model, r=8, alpha=16)
+        assert lora.training and not model.training
+        booster = bf.Booster(lora, bf.BoosterConfig(impl=impl))
+        a, h = (booster.to_device(b, "cpu") for b in builtin_batches(tok, 1)[0])
+        torch.manual_seed(seed)
+        losses.append(float(booster.step(a, h)["loss"]))
+        assert all(m.training for m in lora.modules())
+    assert losses[0] != losses[1], losses
+
+
 def test_fast_engine_refuses_lora_on_moe_expert_weights():
     """peft's target_parameters puts LoRA on a module's weight tensor (here a Mixtral's fused experts, which peft also
     picks for a name like down_proj on some MoE models): the routed LoRA layer would compute `x @ W.T` for them, and
