@@ -142,7 +142,8 @@ def booster_config(a) -> BoosterConfig:
                              skip_nonfinite=False, graphs="off")
     except ValueError as e:
         msg = str(e)
-        for ours, theirs in (("lr ", "learning_rate "), ("adam_eps ", "adam_epsilon "), ("impl ", "booster_impl ")):
+        for ours, theirs in (("lr ", "learning_rate "), ("adam_eps ", "adam_epsilon "), ("impl ", "booster_impl "),
+                             ("betas ", "adam_beta1 and adam_beta2 ")):
             msg = theirs + msg[len(ours):] if msg.startswith(ours) else msg
         raise ValueError(msg) from None
 

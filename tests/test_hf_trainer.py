@@ -193,6 +193,8 @@ def test_bad_arguments(tmp_path, data):
         trainer_args(tmp_path, rho=float("inf"))
     with pytest.raises(ValueError, match="^learning_rate must be a finite number > 0, got 0"):
         trainer_args(tmp_path, learning_rate=0.0)  # in the Trainer's name, when the arguments are made
+    with pytest.raises(ValueError, match=r"^adam_beta1 and adam_beta2 must lie in \[0, 1\), got \(1.5, 0.999\)"):
+        trainer_args(tmp_path, adam_beta1=1.5)
     model, _ = make_model()
     with pytest.raises(TypeError, match="lamb"):
         bf.BoosterTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
