@@ -99,6 +99,17 @@ def snapshot(d: Path) -> dict:
     return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
 
 
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    """contextlib.chdir, which Python 3.10 lacks."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def run_cli(argv: list[str], cwd: Path) -> tuple[int, str]:
     """main(argv) with stderr and the package's log lines captured together, as on a terminal."""
     err = io.StringIO()
@@ -108,7 +119,7 @@ def run_cli(argv: list[str], cwd: Path) -> tuple[int, str]:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)           # as main()'s basicConfig does outside pytest
     try:
-        with contextlib.redirect_stderr(err), contextlib.chdir(cwd):
+        with contextlib.redirect_stderr(err), _working_directory(cwd):
             code = main(argv)
     finally:
         logger.removeHandler(handler)
