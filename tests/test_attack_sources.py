@@ -53,7 +53,8 @@ def plain(tmp_path_factory):
     d = tmp_path_factory.mktemp("plain") / "adapter"
     model.save_pretrained(str(d))
     assert not (d / "run_config.json").exists()
-    assert json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    # no base named: null, or "" on older peft/transformers stacks (resolve_base reads both as none)
+    assert json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] in (None, "")
     return d, model.eval()
 
 
