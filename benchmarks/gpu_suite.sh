@@ -107,6 +107,28 @@ except Exception as e:  # absent, or its CUDA libraries do not load: the NF4 par
     bnb = f"not usable ({type(e).__name__}: {e})"
 print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,
       "accelerate", accelerate.__version__, "peft", peft.__version__, "bnb", bnb)
+
+def below_floors() -> list[str]:
+    """The installed packages older than their floor in pyproject.toml (the project goes in without its
+    dependencies, so nothing else checks them here)."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+    from packaging.requirements import Requirement
+    below = []
+    for r in map(Requirement, requires("booster-fast")):
+        try:
+            have = version(r.name)
+        except PackageNotFoundError:  # (absent: the parts that need it say so)
+            continue
+        if r.marker is None and not r.specifier.contains(have, prereleases=True):
+            below.append(f"{r.name} {have} (pyproject.toml: {r.specifier})")
+    return below
+
+
+try:  # a line of information: nothing here stops the suite
+    if below := below_floors():
+        print("below the declared floors, results may differ:", "; ".join(below))
+except Exception as e:  # (the project imported from the checkout has no metadata)
+    print(f"floors not checked ({type(e).__name__}: {e})")
 PY
 ); then
   tail -n 5 <<< "$stack" | tee -a "$LOG"
