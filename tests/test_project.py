@@ -16,7 +16,7 @@ def dependencies() -> list[Requirement]:
     return [Requirement(r) for r in re.findall(r'"([^"]+)"', block.group(1))]
 
 
-def pins() -> dict[str, str]:
+def pins() -> dict[str, Version]:
     out = {}
     for line in FLOORS.read_text().splitlines():
         line = line.split("#")[0].strip()
