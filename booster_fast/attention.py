@@ -203,6 +203,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     cu_seq_lens_q and max_length_q come in through the model's forward kwargs (losses.logits_of passes them).
     Returns ([1, P, H, D], None)."""
     _calls[VARLEN] += 1
+    if "cu_seq_lens_q" not in kwargs or "max_length_q" not in kwargs:  # (probe_attention: packing off for it)
+        raise ValueError("packed attention: the layer was not handed the packed sequences' boundaries "
+                         "(cu_seq_lens_q, max_length_q): the model does not pass its forward's arguments on to it")
     cu, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     window = kwargs.get("sliding_window")
     if window is not None and max_seqlen > window:  # Booster.to_device sends such batches padded

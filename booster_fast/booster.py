@@ -18,6 +18,21 @@ from .config import BoosterConfig, is_integer
 HOW_IT_RUNS = ("fused", "foreach", "capturable", "differentiable")  # optimizer options that are not training state
 
 
+def _warn_about_what_the_engines_leave_out(model) -> None:
+    """One warning each for what a model brings that neither engine runs as its own forward would."""
+    import logging
+
+    log = logging.getLogger("booster_fast")
+    if getattr(getattr(model, "config", None), "output_router_logits", False):
+        log.warning("booster: the model's config sets output_router_logits, but both engines train on the token loss "
+                    "alone: the router's load-balancing loss, which Hugging Face's own loss adds (router_aux_loss_coef "
+                    "times it), is left out")
+    if any(getattr(m, "_use_kernels", False) for m in model.modules()):  # (what transformers' use_kernels reads)
+        log.warning("booster: the model was loaded with transformers' hub kernels (use_kernels, on by default from "
+                    "transformers 5.25): its layers run kernels fetched from the hub, which the engines' checks "
+                    "against the reference never ran; load it with use_kernels=False, as load_model does")
+
+
 class Booster:
     """Runs Booster (or SFT) updates of a peft LoRA model with one optimizer over its trainable weights; the engine
     (cfg.impl) is the reference's op-for-op step or the fast one."""
@@ -32,13 +47,7 @@ class Booster:
             from .fast import FastBooster as Engine
         self.model = model
         self.engine = Engine(model, cfg)
-        if getattr(getattr(model, "config", None), "output_router_logits", False):
-            import logging
-
-            logging.getLogger("booster_fast").warning(
-                "booster: the model's config sets output_router_logits, but both engines train on the token loss "
-                "alone: the router's load-balancing loss, which Hugging Face's own loss adds (router_aux_loss_coef "
-                "times it), is left out")
+        _warn_about_what_the_engines_leave_out(model)
         self.vocab = _vocab(model)  # for to_device's token-id check (a read of the CPU batch; none in a step)
 
     @property

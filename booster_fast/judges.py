@@ -68,14 +68,15 @@ class BeaverDamJudge:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from .models import DTYPES, ModelError, from_hub
+        from .models import DTYPES, NO_HUB_KERNELS, ModelError, from_hub
 
         self.device, self.batch_size = device, batch_size
         if dtype == "auto":
             dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"
         dtype = DTYPES[dtype]
         try:
-            self.model = from_hub(AutoModelForSequenceClassification.from_pretrained, model_id, dtype=dtype)
+            self.model = from_hub(AutoModelForSequenceClassification.from_pretrained, model_id, dtype=dtype,
+                                  **NO_HUB_KERNELS)
             self.tok = self._tokenizer(model_id, max_length)
         except Exception as e:  # offline, not downloaded, gated, wrong id: one line that says what to do
             raise ModelError(f"cannot load the beaver-dam judge {model_id} ({described(e, 160)}); download "

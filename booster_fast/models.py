@@ -315,6 +315,13 @@ def hub_offline():
             setattr(module, name, value)
 
 
+# Keyword arguments of every pretrained model's load. transformers 5.25 swaps layers for kernels it fetches from
+# the hub at load time unless told not to ("hub kernels", its `kernels` package); both engines run transformers'
+# own modules (the reference computes the original trainer's maths, the fast engine fuses those modules itself)
+# and nothing is fetched at run time. From transformers 5.2 (the floor) to 5.24 it is accepted and the default
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def from_hub(load, name: str, **kwargs):
     """`load(name, **kwargs)` (a transformers from_pretrained) from a local directory or the local cache first,
     without a request, and from the hub only when that fails and the hub can be reached (its retry lines
@@ -369,7 +376,7 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
             check_fits(name, quant, dtype, cuda_free_bytes(device), device, counts=counts)
     # the weights go straight to the device as they load (a 70B bf16 checkpoint never sits in host memory whole);
     # from the hub only the safetensors files (no pickled .bin), a local directory's .bin is the user's own
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device},
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device}, **NO_HUB_KERNELS,
                   **({} if local else {"use_safetensors": True}))
     if quant == "nf4":
         from transformers import BitsAndBytesConfig

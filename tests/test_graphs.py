@@ -413,15 +413,20 @@ def test_step_graphs_hand_the_mask_to_a_model_that_needs_it(monkeypatch):
     assert g.replays == 2
 
 
-def test_a_model_that_needs_its_masks_keeps_them_under_graphs():
+def test_a_model_that_needs_its_masks_keeps_them_under_graphs(monkeypatch, caplog):
     """The engine tells StepGraphs to keep the masks when probe_attention found the mask-free path inexact for
-    the model (here Falcon's own attention): stripping them would crash it or train it without the mask."""
-    from test_packing import _own_attention_model
+    the model (Falcon's own attention before transformers 5.25: test_packing): stripping them would crash it or
+    train it without the mask. Here the probe is made to say so of the tiny Llama, whose real probe passes."""
+    import booster_fast.fast as fast_module
 
-    falcon = bf.Booster(_own_attention_model("falcon", 300), bf.BoosterConfig()).engine
+    why = "the mask-free logits differ from the padded ones by 0.3 relative"
     llama = tiny_booster("cpu")[2].engine
-    for engine, keeps in ((falcon, True), (llama, False)):
-        assert engine.drop_mask is not keeps
+    monkeypatch.setattr(fast_module, "probe_attention", lambda model, autocast: ("not packed", why))
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        needs_masks = tiny_booster("cpu")[2].engine
+    assert f"attention masks kept: the mask-free attention does not run this model exactly ({why})" in caplog.text
+    for engine, keeps in ((needs_masks, True), (llama, False)):
+        assert engine.drop_mask is not keeps and engine.pack is not keeps  # (the probe refused packing too)
         engine.device = types.SimpleNamespace(type="cuda")  # what _graphs_for looks at
         assert engine._graphs_for("auto").keep_masks is keeps
 

@@ -5,6 +5,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 
 import booster_fast as bf
 from booster_fast import attention
@@ -236,10 +238,15 @@ def test_packing_default_and_unsupported_models(caplog):
         reference.sft_step(pack(batch))
 
 
+# Falcon's attention code is its own before transformers 5.25; from 5.25 on it looks its attention up in the
+# registry (so its right-padded batches may leave their masks out), but does not pass packing's arguments on
+FALCON_OWN_ATTENTION = Version(transformers.__version__) < Version("5.25")
+
+
 def _own_attention_model(arch: str, vocab_size: int):
     """A small random model of a family whose attention code does not go through transformers' registry, with
     LoRA on its query/value projections: XGLM, GPT-Neo, Bloom (eager), Falcon (sdpa, which breaks when its
-    attention implementation name is swapped)."""
+    attention implementation name is swapped, before transformers 5.25)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shapes = {"xglm": dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, dropout=0.0,
@@ -262,13 +269,16 @@ def _own_attention_model(arch: str, vocab_size: int):
 def test_models_with_their_own_attention_are_not_packed(batch, arch, caplog):
     """Packing (and leaving masks out) works through transformers' attention registry. Models with attention code
     of their own once packed silently wrong (sequences attending to each other) or crashed; the engine's probe
-    now finds them when it is built: they run padded (Falcon with its masks), and the step is the reference's."""
+    now finds them when it is built: they run padded (Falcon before transformers 5.25 with its masks), and the
+    step is the reference's."""
     vocab = int(max(b["input_ids"].max() for b in batch)) + 1
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         booster = bf.Booster(_own_attention_model(arch, vocab), bf.BoosterConfig())
     assert not booster.engine.pack and "packing off" in caplog.text, caplog.text
-    if arch == "falcon":  # its own code breaks under the mask-free attention: masks kept, nothing packed
+    if arch == "falcon" and FALCON_OWN_ATTENTION:  # its own code breaks under the mask-free attention: masks kept
         assert not booster.engine.drop_mask and "attention masks kept" in caplog.text, caplog.text
+    elif arch == "falcon":  # its attention goes through the registry, but without the packed batch's arguments
+        assert booster.engine.drop_mask and "not handed the packed sequences' boundaries" in caplog.text, caplog.text
     else:
         assert booster.engine.drop_mask and "registry" in caplog.text, caplog.text
     with pytest.raises(ValueError, match="packing=True"):
@@ -312,6 +322,15 @@ def test_the_attention_probe_names_the_form_whose_forward_failed(monkeypatch):
 
     monkeypatch.setattr(attention, "segment_attention", fails)
     assert attention.probe_attention(model) == ("its packed forward failed (KeyError: 'cu_seq_lens_q')", None)
+
+
+def test_varlen_attention_names_the_boundaries_a_layer_was_not_handed():
+    """A model that calls the registered attention without passing its forward's arguments on (Falcon from
+    transformers 5.25 on) is told so in words, which the probe's packing-off line then carries."""
+    q = torch.randn(1, 4, 8, 16)
+    for kwargs in ({}, {"cu_seq_lens_q": torch.tensor([0, 3, 8], dtype=torch.int32)}, {"max_length_q": 5}):
+        with pytest.raises(ValueError, match=r"not handed the packed sequences' boundaries \(cu_seq_lens_q"):
+            varlen_attention_forward(None, q, q, q, **kwargs)
 
 
 def test_varlen_attention_takes_one_row():

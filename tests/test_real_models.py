@@ -37,6 +37,29 @@ def test_a_relative_model_directory_is_recorded_absolute(model_dir, tmp_path, mo
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
+def spy_on_loads(monkeypatch, auto_class) -> list[dict]:
+    """The keyword arguments of every `auto_class.from_pretrained` call from now on (each call goes through)."""
+    seen, real = [], auto_class.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(auto_class, "from_pretrained", classmethod(spy))
+    return seen
+
+
+def test_pretrained_models_load_without_hub_kernels(model_dir, monkeypatch):
+    """transformers 5.25 swaps layers for kernels it fetches from the hub at load time unless use_kernels=False
+    (earlier releases default to False): both engines run transformers' own modules, and nothing is fetched."""
+    from transformers import AutoModelForCausalLM
+
+    seen = spy_on_loads(monkeypatch, AutoModelForCausalLM)
+    model, _ = load_model(str(model_dir), device="cpu")
+    assert [kwargs.get("use_kernels") for kwargs in seen] == [False], seen
+    assert not getattr(model, "use_kernels", False)
+
+
 def test_a_checkpoint_loads_in_bf16_unless_fp32_is_asked(model_dir, tmp_path):
     """The original trains in bf16: an fp32 checkpoint is converted to it by default; --dtype fp32 keeps it (and
     is recorded, for --resume and the attack)."""
