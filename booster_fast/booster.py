@@ -18,8 +18,9 @@ from .config import BoosterConfig, is_integer
 HOW_IT_RUNS = ("fused", "foreach", "capturable", "differentiable")  # optimizer options that are not training state
 
 
-def _warn_about_what_the_engines_leave_out(model) -> None:
-    """One warning each for what a model brings that neither engine runs as its own forward would."""
+def warn_about_what_the_engines_leave_out(model) -> None:
+    """One warning each for what a model brings that neither engine runs as its own forward would (Booster and
+    BoosterTrainer's engine call it when they are built)."""
     import logging
 
     log = logging.getLogger("booster_fast")
@@ -47,7 +48,7 @@ class Booster:
             from .fast import FastBooster as Engine
         self.model = model
         self.engine = Engine(model, cfg)
-        _warn_about_what_the_engines_leave_out(model)
+        warn_about_what_the_engines_leave_out(model)
         self.vocab = _vocab(model)  # for to_device's token-id check (a read of the CPU batch; none in a step)
 
     @property

@@ -205,7 +205,11 @@ def build_engine(model, cfg: BoosterConfig):
         from .reference import ReferenceBooster as Engine
     else:
         from .fast import FastBooster as Engine
-    return _gradient_only(Engine)(model, cfg)
+    from .booster import warn_about_what_the_engines_leave_out
+
+    engine = _gradient_only(Engine)(model, cfg)
+    warn_about_what_the_engines_leave_out(model)
+    return engine
 
 
 class BoosterTrainer(Trainer):

@@ -632,17 +632,22 @@ def test_a_router_loss_the_config_asks_for_is_said_to_be_left_out(impl, caplog):
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])
-def test_a_model_with_hub_kernels_gets_one_warning(impl, caplog):
+@pytest.mark.parametrize("builder", ["Booster", "BoosterTrainer"])
+def test_a_model_with_hub_kernels_gets_one_warning(impl, builder, caplog):
     """A model loaded with transformers' hub kernels (use_kernels, which transformers 5.25 turns on by default)
-    runs kernels no check here ran: one warning naming use_kernels=False; a model loaded without them none. The
-    flag is set as transformers' kernelize leaves it (kernelize itself needs the kernels package, which the
-    tests do not install)."""
+    runs kernels no check here ran: one warning naming use_kernels=False, from Booster and from the trainer's
+    engine (whose users load their models themselves); a model loaded without them none. The flag is set as
+    transformers' kernelize leaves it (kernelize itself needs the kernels package, which the tests do not
+    install)."""
+    from booster_fast.hf_trainer import build_engine
+
+    build = bf.Booster if builder == "Booster" else build_engine
     for kernels in (False, True):
         base, _ = bf.load_model("tiny", seed=SEED)
         base._use_kernels = kernels
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="booster_fast"):
-            bf.Booster(bf.add_lora(base, r=4, alpha=8), bf.BoosterConfig(impl=impl))
+            build(bf.add_lora(base, r=4, alpha=8), bf.BoosterConfig(impl=impl))
         warned = [r.getMessage() for r in caplog.records if "use_kernels=False" in r.getMessage()]
         assert len(warned) == kernels and base.use_kernels is kernels, warned
 
