@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -84,11 +85,26 @@ def _num(v, spec: str, suffix: str = "", none: str = "—") -> str:
     return none if v is None else format(v, spec) + suffix
 
 
+def data_label(c: dict) -> str | None:
+    """The rows' name where they are not the bench's default for the model (tiny: the built-in set; any other
+    model: random rows), local files by their file names."""
+    data, tiny = str(c.get("data") or ""), c.get("model") == "tiny"
+    random_rows = data.startswith("random tokens")
+    if not data or data == ("builtin" if tiny else None) or (random_rows and not tiny):
+        return None
+    if random_rows:
+        return "random rows"
+    main, harmful = re.fullmatch(r"(.*?)(?: \(harmful: (.*)\))?", data).groups()  # (bench_data.data_description)
+    return f"data {os.path.basename(main)}" + (f", harmful {os.path.basename(harmful)}" if harmful else "")
+
+
 def settings(c: dict) -> list[str]:
-    """What a run's label names besides model, batch and length: Vaccine, checkpointing, and every setting away
-    from the bench's defaults (two runs that differ in one get different labels)."""
+    """What a run's label names besides model, batch and length: Vaccine, checkpointing, the rows when they are
+    not the default ones, and every setting away from the bench's defaults (two runs that differ in one get
+    different labels)."""
     named = [x for x, on in ((f"Booster + Vaccine, ρ {c.get('rho')}", c.get("perturb_aware")),
                              ("grad. checkpointing", c.get("gradient_checkpointing"))) if on]
+    named += [x for x in (data_label(c),) if x]
     for key, default in DEFAULTS.items():
         if key in c and c[key] != default:
             named.append("no meta term" if key == "meta_term" else f"{key.replace('_', ' ')} {c[key]}")

@@ -79,7 +79,7 @@ from .bench_measure import (FIRST_STEP_RTOL, SFT, first_step_agreement, graph_po
                             held_bytes, matmul_params, matmul_tflops, method_flops, micro, model_flops, pass_batches,
                             peak_tflops, sync, transient_bytes)
 from .atomic import check_writable_file, write_json_atomic
-from .bench_data import MIN_RANDOM_LENGTH, entry_batches, make_batches
+from .bench_data import MIN_RANDOM_LENGTH, RANDOM, data_source, entry_batches, load_rows, make_batches
 from .bench_report import format_table, machine_info, plot, run_config
 from .cli import UsageError
 from .config import BoosterConfig
@@ -256,9 +256,13 @@ def _pct(xs: list[float], q: int) -> float:
 # ---- the run ---------------------------------------------------------------------------------------------
 def check_bench_args(args) -> list[str]:
     check_common_args(args)
-    if args.model != "tiny" and args.max_length < MIN_RANDOM_LENGTH:
+    random_rows = data_source(args) == RANDOM
+    if random_rows and args.max_length < MIN_RANDOM_LENGTH:
         raise UsageError(f"--max-length {args.max_length}: bench's random rows need at least {MIN_RANDOM_LENGTH} "
                          f"tokens (a prompt and a labelled answer)")
+    if random_rows and getattr(args, "harmful_data", None):
+        raise UsageError(f"--harmful-data {args.harmful_data} needs a --data set: the random rows have no harmful "
+                         f"set of their own to replace")
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.warmup < 0:
@@ -291,8 +295,9 @@ def _failed(results, name, stage, e):
     log.error("bench: %s failed while %s", name, results[name]["failed"])
 
 
-def build_all(names, args, device, results):
-    """Build every entry from identical initial weights; returns (impls, batches, matmul params, LoRA params)."""
+def build_all(names, args, device, results, rows=None):
+    """Build every entry from identical initial weights; returns (impls, batches, matmul params, LoRA params).
+    `rows`: the data set's rows (bench_data.load_rows), if already parsed."""
     impls, first = {}, None  # name -> (booster, step function, its batches)
     for name in names:
         if name == "fast-graphs" and device.type != "cuda":
@@ -317,7 +322,7 @@ def build_all(names, args, device, results):
                 _failed(results, name, "building it", e)
             continue
         if first is None:
-            first, first_name, batches = lora0, name, make_batches(args, tok, booster.model)
+            first, first_name, batches = lora0, name, make_batches(args, tok, booster.model, rows)
             sizes = matmul_params(booster.model), sum(v.numel() for v in lora0.values())
             base = booster.model
         else:
@@ -395,8 +400,9 @@ def run_bench(args) -> int:
     check_device_flags(args, device)
     if device.type != "cuda" and set(names) == {"fast-graphs"}:
         raise UsageError("--impls fast-graphs: CUDA graphs need a CUDA device; nothing would be measured here")
+    rows = load_rows(args)  # bad data fails here, before a model is loaded
     results: dict[str, dict] = {}
-    impls, batches, n_params, n_lora = build_all(names, args, device, results)
+    impls, batches, n_params, n_lora = build_all(names, args, device, results, rows)
     log.info("bench: %s on %s, %s: %d warm-up and %d timed steps each, %d+%d rows x %d tokens", args.model, device,
              ", ".join(impls), args.warmup, args.steps, args.batch_size, args.harmful_batch_size, args.max_length)
     modes = sft_modes(impls)

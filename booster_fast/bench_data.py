@@ -2,7 +2,9 @@
 
 `tiny` takes the built-in data set exactly as `align` streams it. Any other model gets random right-padded token
 batches whose rows vary in length but whose total of real tokens does not (`row_lengths`): a packed entry then
-meets one packed length, so one CUDA graph, in every step, as a padded entry does.
+meets one packed length, so one CUDA graph, in every step, as a padded entry does. `--data` gives any model a
+data set instead (builtin, beavertails, a local file), streamed as `align` streams it: its rows' own lengths, so
+what packing saves on that data, and a few packed lengths (one graph each) where the random rows give one.
 """
 from __future__ import annotations
 
@@ -10,7 +12,34 @@ from types import SimpleNamespace
 
 import torch
 
-from .align import build_streams
+from .align import build_streams, load_data
+
+RANDOM = "random"  # --data's name for the random rows
+RANDOM_ROWS = "random tokens, right-padded, rows 60-100% real, each batch 80% real in total"
+
+
+def data_source(args) -> str:
+    """What the bench's rows are: --data, else the built-in set for tiny and random rows for any other model."""
+    return getattr(args, "data", None) or ("builtin" if args.model == "tiny" else RANDOM)
+
+
+def data_description(args) -> str:
+    """The document's `config.data`: the random rows described, or the data set (and --harmful-data) named."""
+    source = data_source(args)
+    harmful = getattr(args, "harmful_data", None)
+    return RANDOM_ROWS if source == RANDOM else source + (f" (harmful: {harmful})" if harmful else "")
+
+
+def _as_align_args(args) -> SimpleNamespace:
+    """align's view of the bench's flags: its data set, every row of it (no --align-samples here)."""
+    return SimpleNamespace(**{**vars(args), "data": data_source(args), "harmful_data": getattr(args, "harmful_data", None),
+                              "align_samples": None, "harmful_samples": None})
+
+
+def load_rows(args):
+    """The data set's (alignment, harmful) rows, parsed before any model is loaded, so that bad data fails first;
+    None for the random rows."""
+    return None if data_source(args) == RANDOM else load_data(_as_align_args(args))
 
 
 def entry_batches(booster, pairs, device) -> list[tuple]:
@@ -46,14 +75,15 @@ def random_batch(rows: int, length: int, vocab: int, pad_id: int, g: torch.Gener
     return {"input_ids": ids, "labels": labels, "attention_mask": real.long()}
 
 
-def make_batches(args, tok, model) -> list[tuple[dict, dict, int, int]]:
+def make_batches(args, tok, model, rows=None) -> list[tuple[dict, dict, int, int]]:
     """warmup + steps + 2 (memory and op-count passes) of (align, harmful, align tokens, harmful tokens), on the
-    CPU. tiny: the built-in data set, exactly as `align` streams it; anything else: random token batches."""
+    CPU. A data set (data_source; `rows`, load_rows' parse of it, if at hand) exactly as `align` streams it;
+    the random rows: random token batches."""
     from .batches import check_right_padded
 
     n = args.warmup + args.steps + 2
-    if args.model == "tiny":
-        sa, sh, _ = build_streams(SimpleNamespace(**vars(args), data="builtin", harmful_data=None), tok, 0, 1)
+    if data_source(args) != RANDOM:
+        sa, sh, _ = build_streams(_as_align_args(args), tok, 0, 1, data=rows)
         pairs = [(next(sa), next(sh)) for _ in range(n)]
     else:
         g = torch.Generator().manual_seed(args.seed)

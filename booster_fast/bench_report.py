@@ -10,6 +10,7 @@ import subprocess
 import torch
 
 from .atomic import write_atomic
+from .bench_data import data_description
 from .bench_measure import HFU_FLOPS, MFU_FLOPS, cpu_gauge
 from .kernels import triton_unusable
 
@@ -109,8 +110,7 @@ def run_config(args, names, device, n_params, n_lora, rate, peak=(None, None)) -
             "perturb_aware": bool(getattr(args, "perturb_aware", False)),
             "rho": getattr(args, "rho", None) if getattr(args, "perturb_aware", False) else None,
             "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)), "impls": names,
-            "data": "builtin" if args.model == "tiny" else "random tokens, right-padded, rows 60-100% real, each "
-                                                           "batch 80% real in total",
+            "data": data_description(args),
             "order": "interleaved step by step, first impl rotating each round",
             "tokens_per_s_counts": TOKENS_COUNTED,
             "peak_mem_mb_means": f"held tensors + CUDA graph pools (at their reserved size: a replay owns that "

@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "more could be measured in the process (--output keeps what was; rerun without "
                               "fast-graphs)")
     _add_model_args(b, tiny_length=BENCH_TINY_LENGTH)
+    b.add_argument("--data", default=None,
+                   help="random | builtin | beavertails | PATH (.json/.jsonl): the rows the steps take, streamed as "
+                        "align streams them (default: builtin for tiny; random for any other model: right-padded "
+                        "random tokens, rows 60-100%% real, 80%% of each batch)")
+    b.add_argument("--harmful-data", default=None, help="the harmful set in place of --data's own, as align's")
     b.add_argument("--impls", default="reference,fast,sft,fast-sft",
                    help="comma list of reference, fast, fast-merged, fast-unmerged, fast-graphs (CUDA), "
                         "fast-padded (packing off), fast-unfused (fused ops off), sft (the reference engine's "

@@ -112,6 +112,9 @@ def test_bench_json_smoke(capsys, tmp_path, monkeypatch):
     (["--model", "/nonexistent/booster-model", "--steps", "1", "--warmup", "0"], "no such directory"),
     (["--impls", "fast-graphs"], "CUDA graphs need a CUDA device; nothing would be measured"),
     (["--model", "llama-1b-shape", "--max-length", "1"], "random rows need at least 8 tokens"),  # (a traceback)
+    (["--model", "llama-1b-shape", "--harmful-data", "h.jsonl"], "--harmful-data h.jsonl needs a --data set"),
+    (["--data", "random", "--harmful-data", "builtin"], "--harmful-data builtin needs a --data set"),
+    (["--model", "llama-7b-shape", "--data", "nosuch.jsonl"], "nosuch.jsonl: no such file"),  # before the model
     (["--impls", "reference", "--merge-passes", "on"],  # (was ignored)
      "--merge-passes on: no entry of --impls follows it (reference runs the original trainer's step)"),
     (["--impls", "fast-sft,fast-merged", "--merge-passes", "on"],
@@ -630,6 +633,18 @@ def test_make_table_names_settings_and_partial_runs(tmp_path):
     label = next(line.split(" | ")[1] for line in mt.markdown_table([("b.json", other)], {}).splitlines()
                  if "| reference" in line)
     assert label.endswith("partial run, Triton kernels off: RuntimeError: Failed to compile the launcher)"), label
+    # the rows are named where they are not the model's default (tiny: builtin; any other model: random rows)
+    from booster_fast.bench_data import RANDOM_ROWS
+
+    for model, data, named in (("tiny", "builtin", None), ("tiny", RANDOM_ROWS, "random rows"),
+                               ("llama-7b-shape", RANDOM_ROWS, None), ("llama-7b-shape", "builtin", "data builtin"),
+                               ("llama-7b-shape", "/data/my pairs.jsonl (harmful: /data/h.jsonl)",
+                                "data my pairs.jsonl, harmful h.jsonl")):
+        doc = json.loads(json.dumps(base))
+        doc["config"].update(model=model, data=data)
+        label = next(line.split(" | ")[1] for line in mt.markdown_table([("c.json", doc)], {}).splitlines()
+                     if "| reference" in line)
+        assert label == f"{model} (8+8 × 64{', ' + named if named else ''})", label
 
 
 def _suite_shim(tmp_path, bench_body: str, **env):
@@ -1033,6 +1048,44 @@ def test_make_batches_count_the_real_tokens_not_the_pads():
     assert len(out) == 1 + 2 + 2  # warm-up, timed, the memory and op-count passes
     for a, h, na, nh in out:
         assert (na, nh) == (160, 120) == (int(a["attention_mask"].sum()), int(h["attention_mask"].sum()))
+
+
+def test_make_batches_stream_a_data_set_for_any_model(tmp_path):
+    """--data: any model's batches are the data set's rows, as align streams them (their own lengths), the harmful
+    ones from --harmful-data where given; without it, tiny takes the built-in set and any other model random rows.
+    The document's config.data names what the rows were."""
+    from booster_fast import load_model
+    from booster_fast.align import build_streams
+    from booster_fast.bench_data import RANDOM_ROWS, data_description, load_rows, make_batches
+
+    _, tok = load_model("tiny")
+    rows = [{"prompt": f"Question {i}: {'why ' * (3 + 7 * i)}?", "refusal": "No." + " really" * i,
+             "response": "Sure" + ", then" * (2 * i)} for i in range(6)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = SimpleNamespace(model="llama-7b-shape", data=str(path), harmful_data=None, warmup=1, steps=1, seed=5,
+                           batch_size=3, harmful_batch_size=2, max_length=256)
+    out = make_batches(args, tok, None, load_rows(args))
+    stream_args = SimpleNamespace(**{**vars(args), "align_samples": None, "harmful_samples": None})
+    sa, sh, _ = build_streams(stream_args, tok, 0, 1)  # align's own streams of the file, same seed
+    assert len(out) == 1 + 1 + 2
+    for a, h, na, nh in out:
+        want_a, want_h = next(sa), next(sh)
+        assert torch.equal(a["input_ids"], want_a["input_ids"]) and torch.equal(h["labels"], want_h["labels"])
+        assert (na, nh) == (int(a["attention_mask"].sum()), int(h["attention_mask"].sum()))
+    lengths = {int(n) for a, *_ in out for n in a["attention_mask"].sum(1)}
+    assert len(lengths) > 1 and max(lengths) < 256  # the rows' own lengths, not 80 % random ones
+    assert data_description(args) == str(path)
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"instruction": f"Task {i}", "input": "", "output": "Sure" * (i + 1)}) + "\n"
+                               for i in range(4)))
+    harmful_args = SimpleNamespace(**{**vars(args), "data": "builtin", "harmful_data": str(harmful)})
+    h = make_batches(harmful_args, tok, None)[0][1]
+    texts = tok.batch_decode(h["input_ids"], skip_special_tokens=True)
+    assert all("Sure" in t and "Task" in t for t in texts), texts  # the file's rows, as the harmful batches
+    assert data_description(harmful_args) == f"builtin (harmful: {harmful})"
+    assert data_description(SimpleNamespace(model="llama-7b-shape")) == RANDOM_ROWS
+    assert data_description(SimpleNamespace(model="tiny")) == "builtin"
 
 
 def test_run_bench_reports_the_median_and_inclusive_percentiles(monkeypatch, capsys):
