@@ -262,6 +262,9 @@ class BoosterTrainer(Trainer):
             (a.bf16_full_eval or a.fp16_full_eval, "bf16_full_eval / fp16_full_eval (they cast the LoRA weights, "
              "which the engine keeps in fp32; bf16=True evaluates under autocast)"),
             (a.auto_find_batch_size, "auto_find_batch_size (the harmful batches would keep their size)"),
+            (getattr(a, "use_liger_kernel", False), "use_liger_kernel (it swaps the model's modules and loss for "
+             "Liger's kernels: the engine computes its own loss, the reference runs the model's own modules, and "
+             "the fast engine fuses them itself)"),
             (bool(getattr(a, "optim_args", None) or getattr(a, "optim_target_modules", None)),
              "optim_args / optim_target_modules (the engine's AdamW takes the learning rate, betas, epsilon and "
              "weight decay arguments)"),

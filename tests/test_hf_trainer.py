@@ -234,7 +234,8 @@ def test_a_full_precision_cast_for_evaluation_is_refused(tmp_path, data):
 
 
 @pytest.mark.parametrize("kw, why", [({"auto_find_batch_size": True}, "auto_find_batch_size"),
-                                     ({"optim_args": "amsgrad=True"}, "optim_args / optim_target_modules")])
+                                     ({"optim_args": "amsgrad=True"}, "optim_args / optim_target_modules"),
+                                     ({"use_liger_kernel": True}, "use_liger_kernel")])
 def test_arguments_the_engine_would_ignore_are_refused(tmp_path, data, kw, why):
     with pytest.raises(ValueError, match=f"does not support {why}"):
         make_trainer(tmp_path, data, **kw)
