@@ -391,7 +391,7 @@ def test_gpu_suite_parses_and_the_readme_names_its_parts():
         assert proc.returncode == 0, (name, proc.stderr)
     text = script.read_text()
     parts = re.findall(r"^(?:NEED_PERCENT=\d+ )?(?:bench_)?part (\w+) \d+ ", text, flags=re.M)
-    assert len(parts) == 11 and len(set(parts)) == 11, parts
+    assert len(parts) == 12 and len(set(parts)) == 12, parts
     opt_in = re.search(r'^OPT_IN=" (.*) "', text, flags=re.M).group(1).split()
     assert opt_in == ["bench_70b_nf4_ckpt"]
     readme_row = next(line for line in (ROOT / "README.md").read_text().splitlines() if "gpu_suite.sh [PART" in line)
@@ -729,7 +729,7 @@ def test_every_command_of_the_gpu_suite_parses(tmp_path, monkeypatch):
             kinds.append("pytest")
             files = [a for a in argv if a.startswith("tests/")]
             assert files and all((ROOT / f).is_file() for f in files), line
-    assert kinds.count("bench") == 6 and kinds.count("checks") == 4 and kinds.count("pytest") == 1, kinds
+    assert kinds.count("bench") == 7 and kinds.count("checks") == 4 and kinds.count("pytest") == 1, kinds
     assert [cmd for cmd, _ in seen] == ["cmd_bandwidth", "cmd_equivalence", "cmd_profile", "cmd_sweep"]
 
 
