@@ -242,7 +242,7 @@ part profile_7b 65 python3 benchmarks/gpu_checks.py profile --model llama-7b-sha
 part kernel_sweep 40 python3 benchmarks/gpu_checks.py sweep --out "$RES"
 # the 1B shape on the built-in data set's rows (varied lengths, ~a third of 256 tokens) instead of the random rows
 # (80 % real): what packing saves on rows of varied lengths, when time is left
-bench_part bench_1b_bf16_data 40 --model llama-1b-shape --quant none --data builtin \
+bench_part bench_1b_bf16_data 50 --model llama-1b-shape --quant none --data builtin \
   --impls reference,fast,fast-graphs,fast-padded --steps 8 --warmup 2 --output "$RES/gpu_llama-1b-shape_bf16_builtin.json"
 # opt-in: Llama-2-70B's shape in NF4 with checkpointing on this one GPU, the entries sharing one 34 GB packed base
 bench_part bench_70b_nf4_ckpt 420 --model llama-70b-shape --quant nf4 --impls reference,fast,fast-graphs \
