@@ -403,8 +403,9 @@ def run_bench(args) -> int:
     rows = load_rows(args)  # bad data fails here, before a model is loaded
     results: dict[str, dict] = {}
     impls, batches, n_params, n_lora = build_all(names, args, device, results, rows)
-    log.info("bench: %s on %s, %s: %d warm-up and %d timed steps each, %d+%d rows x %d tokens", args.model, device,
-             ", ".join(impls), args.warmup, args.steps, args.batch_size, args.harmful_batch_size, args.max_length)
+    log.info("bench: %s on %s, %s: %d warm-up and %d timed steps each, %d+%d rows x %d tokens (%s rows)", args.model,
+             device, ", ".join(impls), args.warmup, args.steps, args.batch_size, args.harmful_batch_size,
+             args.max_length, data_source(args))
     modes = sft_modes(impls)
     rate, peak = None, (None, None)  # the GPU's matmul rate, measured after the timing
 

@@ -937,8 +937,8 @@ def test_bench_without_json_prints_its_table_on_stdout_after_a_start_line(capsys
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("impl") and "ms/step" in line for line in out), out
     assert any(line.startswith("fast ") for line in out) and not any(line.startswith("{") for line in out), out
-    assert any(r.getMessage().startswith("bench: tiny on cpu, fast: 0 warm-up and 1 timed steps each")
-               for r in caplog.records), caplog.text
+    assert any(r.getMessage() == "bench: tiny on cpu, fast: 0 warm-up and 1 timed steps each, 2+2 rows x 64 tokens "
+               "(builtin rows)" for r in caplog.records), caplog.text
 
 
 def test_bucket_sizes_script_measures_filler_and_graph_keys(capsys):
