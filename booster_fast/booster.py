@@ -34,6 +34,17 @@ def warn_about_what_the_engines_leave_out(model) -> None:
                     "against the reference never ran; load it with use_kernels=False, as load_model does")
 
 
+def engine_class(cfg: BoosterConfig):
+    """The engine class for cfg.impl: the reference's op-for-op step or the fast one (imported on demand)."""
+    if cfg.impl == "reference":
+        from .reference import ReferenceBooster
+
+        return ReferenceBooster
+    from .fast import FastBooster
+
+    return FastBooster
+
+
 class Booster:
     """Runs Booster (or SFT) updates of a peft LoRA model with one optimizer over its trainable weights; the engine
     (cfg.impl) is the reference's op-for-op step or the fast one."""
@@ -42,12 +53,8 @@ class Booster:
         self.cfg = cfg = BoosterConfig() if cfg is None else cfg
         if not isinstance(cfg, BoosterConfig):
             raise ValueError(f"cfg must be a BoosterConfig, got {type(cfg).__name__} (BoosterConfig(**that) makes one)")
-        if cfg.impl == "reference":
-            from .reference import ReferenceBooster as Engine
-        else:
-            from .fast import FastBooster as Engine
         self.model = model
-        self.engine = Engine(model, cfg)
+        self.engine = engine_class(cfg)(model, cfg)
         warn_about_what_the_engines_leave_out(model)
         self.vocab = _vocab(model)  # for to_device's token-id check (a read of the CPU batch; none in a step)
 

@@ -201,13 +201,9 @@ def _gradient_only(engine_cls):
 
 def build_engine(model, cfg: BoosterConfig):
     """The same engine `Booster` builds for `cfg.impl`, without its clip-and-update (see `_gradient_only`)."""
-    if cfg.impl == "reference":
-        from .reference import ReferenceBooster as Engine
-    else:
-        from .fast import FastBooster as Engine
-    from .booster import warn_about_what_the_engines_leave_out
+    from .booster import engine_class, warn_about_what_the_engines_leave_out
 
-    engine = _gradient_only(Engine)(model, cfg)
+    engine = _gradient_only(engine_class(cfg))(model, cfg)
     warn_about_what_the_engines_leave_out(model)
     return engine
 
