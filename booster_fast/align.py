@@ -300,7 +300,7 @@ def _start_line(args, cfg, booster, steps, world, device, start, last_ckpt) -> s
 
 def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, stop, rank, world, device,
            notes=()) -> int:
-    from .progress import progress_bar
+    from .progress import plain_line, progress_bar
 
     from .checkpoint import METRICS as METRICS_FILE
     from .atomic import fsync_file
@@ -375,8 +375,7 @@ def _train(args, cfg, run, model, tok, booster, streams, steps, max_skipped, sto
         bar.set_postfix(post, refresh=False)  # (a dict keeps its order; the update draws it)
         bar.update(len(values))
         if bar.disable and rank == 0:  # stderr kept in a file: a plain line per interval instead of the bar
-            log.info("%s: step %d/%d, %s, %.2f steps/s", args.method, step, steps,
-                     ", ".join(f"{k} {v}" for k, v in post.items()), 1 / dt)
+            log.info(plain_line(args.method, step, steps, post, dt))
         pending, t_last = [], now
         why = max_skipped is not None and skips.too_many(steps, max_skipped)
         if why:

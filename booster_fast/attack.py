@@ -356,7 +356,7 @@ def run_attack(args) -> int:
 
 def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max_length, device) -> int:
     import torch
-    from .progress import progress_bar
+    from .progress import plain_line, progress_bar
 
     from . import Booster, BoosterConfig
     from .adapters import load_adapter
@@ -488,8 +488,8 @@ def _attack(args, run_cfg, base, base_from, seed, harmful_src, harmful_file, max
                         bar.set_postfix(post, refresh=False)  # (a dict keeps its order; the update draws it)
                         bar.update(len(pending))
                         if bar.disable:  # stderr kept in a file: a plain line per interval instead of the bar
-                            log.info("attack: step %d/%d, %s", step, steps,
-                                     ", ".join(f"{k} {v}" for k, v in post.items()))
+                            per_step = (time.perf_counter() - t_last) / len(pending)  # (the held-out loss too)
+                            log.info(plain_line("attack", step, steps, post, per_step))
                         pending, t_last = [], time.perf_counter()
         with writes(f"the attacked adapter to {out}"):  # a full disk after the whole attack: one line
             save_adapter(model, tmp, tok)

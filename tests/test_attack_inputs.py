@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import os
 import signal
 import subprocess
@@ -109,6 +110,7 @@ def test_the_refusal_probe_draws_no_bar_inside_the_attacks(aligned, tmp_path, ca
     lines = attack(tmp_path / "plain")
     assert [line.split(",")[0] for line in lines] == ["attack: step 1/2", "attack: step 2/2"], lines
     assert all(", loss " in line and ", held-out harmful " in line for line in lines), lines
+    assert re.search(r" steps/s, 0:00:\d\d left$", lines[0]) and lines[1].endswith(" steps/s"), lines
     capsys.readouterr()
     monkeypatch.setattr("booster_fast.progress.shown", lambda: True)
     assert attack(tmp_path / "out") == []  # the bar says it

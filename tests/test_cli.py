@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -338,7 +339,9 @@ def test_progress_is_plain_lines_where_stderr_is_kept_and_a_bar_on_a_terminal(tm
     assert "\r" not in proc.stderr, proc.stderr
     steps = [line for line in proc.stderr.splitlines() if line.startswith("booster: step ")]
     assert [line.split(",")[0] for line in steps] == ["booster: step 2/4", "booster: step 4/4"], proc.stderr
-    assert all(" loss " in line and " harmful " in line and line.endswith(" steps/s") for line in steps), steps
+    assert all(" loss " in line and " harmful " in line for line in steps), steps
+    # the rate of each interval, and before the last step the time left at that rate
+    assert re.search(r", \d+\.\d\d steps/s, 0:00:\d\d left$", steps[0]) and steps[1].endswith(" steps/s"), steps
 
     class Terminal:
         def isatty(self):
