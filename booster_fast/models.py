@@ -68,8 +68,9 @@ def load_model(name: str = "tiny", quant: str = "none", dtype: torch.dtype | Non
     if name in PRESETS:
         config_overrides = _checked_overrides(name, config_overrides)
         dtype = dtype or (torch.float32 if name == "tiny" else torch.bfloat16)
-        if device.type == "cuda":  # one line now rather than an out-of-memory error halfway through the build
-            check_fits(name, quant, dtype, cuda_free_bytes(device), device, **config_overrides)
+        free = free_bytes(device)  # one line now rather than running out of memory halfway through the build
+        if free is not None:
+            check_fits(name, quant, dtype, free, device, **config_overrides)
         # the shape presets are quantised layer by layer as they are built: a 7B model never exists in bf16
         layer_by_layer = quant == "nf4" and name != "tiny"
         model, tok = _build_preset(name, dtype, seed, device, config_overrides, quantize_layers=layer_by_layer)
@@ -189,6 +190,27 @@ def cuda_free_bytes(device) -> int:
     caching allocator holds unused (freed tensors stay cached, and mem_get_info counts them as taken)."""
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return torch.cuda.mem_get_info(device)[0] + cached
+
+
+def host_available_bytes() -> int | None:
+    """The memory a new allocation can still take on the host, as the kernel estimates it (MemAvailable in
+    /proc/meminfo: free memory plus the caches it can drop), or None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # (in kB)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """What the weights may take on `device` (for check_fits): CUDA's free memory, the host's available memory
+    for the CPU; None where it cannot be told."""
+    if device.type == "cuda":
+        return cuda_free_bytes(device)
+    return host_available_bytes() if device.type == "cpu" else None
 
 
 def check_fits(name: str, quant: str, dtype: torch.dtype, free_bytes: int, device="cuda", counts=None,
@@ -370,10 +392,11 @@ def _load_pretrained(name, quant, dtype, device, trust_remote_code=False):
 
     path = checked_path(name)
     local = os.path.isdir(path)
-    if device.type == "cuda":  # one line now rather than an out-of-memory error minutes into the load
+    free = free_bytes(device)  # one line now rather than running out of memory minutes into the load
+    if free is not None:
         counts = pretrained_weight_counts(path, trust_remote_code)
         if counts is not None:
-            check_fits(name, quant, dtype, cuda_free_bytes(device), device, counts=counts)
+            check_fits(name, quant, dtype, free, device, counts=counts)
     # the weights go straight to the device as they load (a 70B bf16 checkpoint never sits in host memory whole);
     # from the hub only the safetensors files (no pickled .bin), a local directory's .bin is the user's own
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device}, **NO_HUB_KERNELS,

@@ -338,6 +338,34 @@ def test_free_cuda_memory_counts_the_allocators_cache(monkeypatch):
     assert models.cuda_free_bytes("cuda:0") == 46 * gib
 
 
+def test_a_preset_too_big_for_the_hosts_memory_is_refused_before_it_is_built(monkeypatch):
+    """On the CPU the fit check weighs the weights against the host's available memory (MemAvailable): a 70B
+    shape on a small machine is one line at once, not minutes of building ending in the OOM killer."""
+    from booster_fast import models
+
+    available = models.host_available_bytes()
+    assert available is None or available > 2**20  # Linux says; elsewhere the check is skipped
+    gib = 2**30
+
+    def built(*a, **k):
+        raise AssertionError("built after the fit check")
+
+    monkeypatch.setattr(models, "_build_preset", built)
+    monkeypatch.setattr(models, "host_available_bytes", lambda: 5 * gib)
+    with pytest.raises(ModelError, match=r"^llama-7b-shape needs ~13 GiB for its bfloat16 weights alone and cpu "
+                                         r"has 5.0 GiB free; with --quant nf4 they take ~3.\d GiB$"):
+        load_model("llama-7b-shape", device="cpu")
+    monkeypatch.setattr(models, "host_available_bytes", lambda: 3 * gib)
+    with pytest.raises(ModelError, match="NF4 weights alone"):
+        load_model("llama-7b-shape", quant="nf4", device="cpu")  # ~3.6 GiB in NF4
+    monkeypatch.setattr(models, "host_available_bytes", lambda: 20 * gib)  # fits: built
+    with pytest.raises(AssertionError, match="built after"):
+        load_model("llama-7b-shape", device="cpu")
+    monkeypatch.setattr(models, "host_available_bytes", lambda: None)  # unknown: no check, the build goes ahead
+    with pytest.raises(AssertionError, match="built after"):
+        load_model("llama-7b-shape", device="cpu")
+
+
 def test_shape_preset_nf4_is_built_layer_by_layer():
     """The shape presets with quant="nf4" are quantised layer by layer while they are built (a 7B model never
     exists in bf16): every decoder linear is NF4, the layers' weights follow the model's own init (std

@@ -283,7 +283,7 @@ def test_running_out_of_gpu_memory_is_one_line(capsys):
     assert "--gradient-checkpointing" in err[0] and "--quant nf4" in err[0]
 
 
-def test_a_pretrained_model_too_big_for_the_gpu_is_refused_before_it_loads(model_dir, monkeypatch):
+def test_a_pretrained_model_too_big_for_the_device_is_refused_before_it_loads(model_dir, monkeypatch):
     """The fit check of the presets applies to pretrained models too, from their config alone (the model built on
     the meta device): one line before any weight is read, naming the 4-bit way out. Its count is exact."""
     import booster_fast.models as models
@@ -304,6 +304,9 @@ def test_a_pretrained_model_too_big_for_the_gpu_is_refused_before_it_loads(model
     with pytest.raises(ModelError, match=r"needs ~0.0 GiB for its bfloat16 weights alone and cuda has 0.0 GiB "
                                          r"free; with --quant nf4"):
         load_model(str(model_dir), device="cuda")
+    monkeypatch.setattr(models, "host_available_bytes", lambda: models.weight_bytes(*counts) // 2)
+    with pytest.raises(ModelError, match=r"needs ~0.0 GiB for its bfloat16 weights alone and cpu has 0.0 GiB "):
+        load_model(str(model_dir), device="cpu")  # on the CPU against the host's available memory
 
 
 def test_rows_beyond_a_rotary_models_trained_positions_get_one_warning(tmp_path, caplog, capsys):
