@@ -182,7 +182,8 @@ def preflight_models(p: dict):
 
     from .judges import BEAVER_DAM
     from .lora import check_lora_targets
-    from .models import PRESETS as MODEL_PRESETS, ModelError, from_hub, meta_model
+    from .model_size import meta_model
+    from .models import PRESETS as MODEL_PRESETS, ModelError, from_hub
 
     needed = [p["model"]] if p["model"] not in MODEL_PRESETS else []
     needed += [BEAVER_DAM] if p["judge"] == "beaver-dam" else []

@@ -1,7 +1,7 @@
 """Device memory of one Booster step, estimated from the model's shape before any of it is allocated.
 
 A step's peak is four parts, and a fifth with CUDA graphs and packed batches:
-- the weights (exact, from the parameter counts: models.weight_bytes);
+- the weights (exact, from the parameter counts: model_size.weight_bytes);
 - the training state: the LoRA weights in fp32, AdamW's two moments and each engine's own copies, 12-24 bytes
   per LoRA parameter (STATE_BYTES);
 - the activations the largest pass saves for its backward. The fast engine's merged pass holds them for BOTH
@@ -284,7 +284,7 @@ def log_fit(booster, batch_size: int, harmful_batch_size: int, max_length: int, 
     """Before a run's first step on CUDA: one line with the step's estimated peak against what the device can
     hold (what this process has allocated plus what is free), and a warning naming a way to need less when
     the estimate exceeds it (a warning: it is an estimate, the run goes on; so is a model it cannot estimate)."""
-    from .models import cuda_free_bytes
+    from .model_size import cuda_free_bytes
     from .nf4 import is_quantized
 
     sizes = (batch_size, harmful_batch_size, max_length, method)
@@ -319,7 +319,8 @@ def for_args(args) -> str:
     (bytes)."""
     from .attention import packed_kv_grouped
     from .fast import default_fused_ops, default_merge
-    from .models import DTYPES, cuda_free_bytes, weight_bytes
+    from .model_size import cuda_free_bytes, weight_bytes
+    from .models import DTYPES
 
     shape, counts, dtype = _model_of(args)
     device = _device_of(args)
@@ -379,7 +380,8 @@ def _model_of(args) -> tuple[Shape, tuple[int, int], torch.dtype]:
     pretrained model's built on the meta device from its config (which also checks --targets against its linear
     layers). ModelError, one line, for what has no estimate."""
     from .lora import check_lora_targets
-    from .models import DTYPES, PRESETS, ModelError, checked_path, meta_model, preset_weight_counts, weight_counts
+    from .model_size import meta_model, preset_weight_counts, weight_counts
+    from .models import DTYPES, PRESETS, ModelError, checked_path
 
     name, dtype = args.model, DTYPES[args.dtype] if args.dtype else None
     if name in PRESETS:

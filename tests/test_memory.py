@@ -25,7 +25,8 @@ from booster_fast.kernels import launches
 from booster_fast.kernels.model_kernels import available as kernels_available
 from booster_fast.compute import enable_gradient_checkpointing
 from booster_fast.lora import add_lora
-from booster_fast.models import PRESETS, load_model, preset_weight_counts, weight_bytes
+from booster_fast.model_size import preset_weight_counts, weight_bytes
+from booster_fast.models import PRESETS, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -223,7 +224,7 @@ def test_memory_command_prints_the_estimate_and_its_alternatives(capsys):
     assert main(["memory", "--model", "llama-7b-shape", "--method", "sft"]) == 0  # one pass: nothing merged
     assert capsys.readouterr().out.startswith("llama-7b-shape on cuda: one SFT step, fast engine (fused ops), 10 rows")
     shape = memory.Shape.of(PRESETS["llama-7b-shape"])
-    from booster_fast.models import preset_weight_bytes
+    from booster_fast.model_size import preset_weight_bytes
 
     want = memory.estimate(shape, weights=preset_weight_bytes("llama-7b-shape", "nf4"), rows=10, harmful_rows=10,
                            max_length=256, checkpointing=True, graph_warmup=True)  # CUDA graphs, packed: the default
@@ -323,7 +324,7 @@ def test_log_fit_warns_and_names_checkpointing(monkeypatch, caplog):
     ckpt = memory.of_booster(booster, 8, 8, 128, checkpointing=True)
     holds = (full.total + ckpt.total) // 2
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
-    monkeypatch.setattr("booster_fast.models.cuda_free_bytes", lambda device: holds)
+    monkeypatch.setattr("booster_fast.model_size.cuda_free_bytes", lambda device: holds)
     caplog.clear()  # (the engine's own lines, where an earlier test left the logger at INFO)
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         assert memory.log_fit(booster, 8, 8, 128, "booster", "cuda") == full
@@ -331,7 +332,7 @@ def test_log_fit_warns_and_names_checkpointing(monkeypatch, caplog):
     assert lines[0].startswith(f"memory: a step is estimated at {full.describe()}; cuda can hold")
     assert lines[1].endswith(f"--gradient-checkpointing brings it to ~{memory.size(ckpt.total)}")
     caplog.clear()
-    monkeypatch.setattr("booster_fast.models.cuda_free_bytes", lambda device: full.total)
+    monkeypatch.setattr("booster_fast.model_size.cuda_free_bytes", lambda device: full.total)
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         memory.log_fit(booster, 8, 8, 128, "booster", "cuda")
     assert [r.levelname for r in caplog.records] == ["INFO"]  # it fits: no warning
@@ -346,7 +347,7 @@ def test_log_fit_warns_and_names_checkpointing(monkeypatch, caplog):
     monkeypatch.setattr("booster_fast.graphs.POOL_WARMUP", True)  # the forward in the pool: the backward beside it
     assert memory.of_booster(booster, 8, 8, 128).warmup == warm.transient
     monkeypatch.setattr("booster_fast.graphs.POOL_WARMUP", False)
-    monkeypatch.setattr("booster_fast.models.cuda_free_bytes", lambda device: full.total)
+    monkeypatch.setattr("booster_fast.model_size.cuda_free_bytes", lambda device: full.total)
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         memory.log_fit(booster, 8, 8, 128, "booster", "cuda")
     warning = caplog.records[-1].getMessage()

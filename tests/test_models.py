@@ -285,7 +285,7 @@ def test_nf4_base_booster_steps():
 def test_shape_presets_have_the_published_sizes(name, published):
     """Each shape preset has exactly the parameter count of the model it copies (TinyLlama-1.1B, Llama-2-7B/13B/
     70B; built on the meta device, nothing allocated), and preset_weight_bytes says its bf16 size exactly."""
-    from booster_fast.models import preset_weight_bytes
+    from booster_fast.model_size import preset_weight_bytes
 
     model, _ = load_model(name, device="meta")
     params = list(model.parameters())
@@ -299,7 +299,7 @@ def test_nf4_size_estimate_and_the_fit_check():
     statistics, bf16 rest) within 0.5 %; check_fits refuses, in one line naming the 4-bit way out, a preset
     whose weights exceed the free memory, and lets one through that fits."""
     from booster_fast.nf4 import quant_state_tensors
-    from booster_fast.models import check_fits, preset_weight_bytes
+    from booster_fast.model_size import check_fits, preset_weight_bytes
 
     small = dict(num_hidden_layers=2, hidden_size=384, intermediate_size=1000, num_attention_heads=6,
                  num_key_value_heads=2)
@@ -329,21 +329,21 @@ def test_nf4_size_estimate_and_the_fit_check():
 def test_free_cuda_memory_counts_the_allocators_cache(monkeypatch):
     """The fit check's free memory: the driver's free bytes plus what torch's allocator caches unused (the bench
     frees one entry's weights into that cache before it builds the next)."""
-    from booster_fast import models
+    from booster_fast import model_size
 
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (12 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 26 * gib)
-    assert models.cuda_free_bytes("cuda:0") == 46 * gib
+    assert model_size.cuda_free_bytes("cuda:0") == 46 * gib
 
 
 def test_a_preset_too_big_for_the_hosts_memory_is_refused_before_it_is_built(monkeypatch):
     """On the CPU the fit check weighs the weights against the host's available memory (MemAvailable): a 70B
     shape on a small machine is one line at once, not minutes of building ending in the OOM killer."""
-    from booster_fast import models
+    from booster_fast import model_size, models
 
-    available = models.host_available_bytes()
+    available = model_size.host_available_bytes()
     assert available is None or available > 2**20  # Linux says; elsewhere the check is skipped
     gib = 2**30
 
@@ -351,17 +351,17 @@ def test_a_preset_too_big_for_the_hosts_memory_is_refused_before_it_is_built(mon
         raise AssertionError("built after the fit check")
 
     monkeypatch.setattr(models, "_build_preset", built)
-    monkeypatch.setattr(models, "host_available_bytes", lambda: 5 * gib)
+    monkeypatch.setattr(model_size, "host_available_bytes", lambda: 5 * gib)
     with pytest.raises(ModelError, match=r"^llama-7b-shape needs ~13 GiB for its bfloat16 weights alone and cpu "
                                          r"has 5.0 GiB free; with --quant nf4 they take ~3.\d GiB$"):
         load_model("llama-7b-shape", device="cpu")
-    monkeypatch.setattr(models, "host_available_bytes", lambda: 3 * gib)
+    monkeypatch.setattr(model_size, "host_available_bytes", lambda: 3 * gib)
     with pytest.raises(ModelError, match="NF4 weights alone"):
         load_model("llama-7b-shape", quant="nf4", device="cpu")  # ~3.6 GiB in NF4
-    monkeypatch.setattr(models, "host_available_bytes", lambda: 20 * gib)  # fits: built
+    monkeypatch.setattr(model_size, "host_available_bytes", lambda: 20 * gib)  # fits: built
     with pytest.raises(AssertionError, match="built after"):
         load_model("llama-7b-shape", device="cpu")
-    monkeypatch.setattr(models, "host_available_bytes", lambda: None)  # unknown: no check, the build goes ahead
+    monkeypatch.setattr(model_size, "host_available_bytes", lambda: None)  # unknown: no check, the build goes ahead
     with pytest.raises(AssertionError, match="built after"):
         load_model("llama-7b-shape", device="cpu")
 

@@ -286,25 +286,25 @@ def test_running_out_of_gpu_memory_is_one_line(capsys):
 def test_a_pretrained_model_too_big_for_the_device_is_refused_before_it_loads(model_dir, monkeypatch):
     """The fit check of the presets applies to pretrained models too, from their config alone (the model built on
     the meta device): one line before any weight is read, naming the 4-bit way out. Its count is exact."""
-    import booster_fast.models as models
+    from booster_fast import model_size
 
-    counts = models.pretrained_weight_counts(str(model_dir))
+    counts = model_size.pretrained_weight_counts(str(model_dir))
     loaded, _ = load_model(str(model_dir), device="cpu")
-    assert models.weight_bytes(*counts) == sum(p.numel() * p.element_size() for p in loaded.parameters())
-    assert models.pretrained_weight_counts(str(model_dir / "missing")) is None  # the load says why, not the check
+    assert model_size.weight_bytes(*counts) == sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert model_size.pretrained_weight_counts(str(model_dir / "missing")) is None  # the load says why, not the check
     from transformers import AutoConfig
 
     quantised = AutoConfig.from_pretrained(str(model_dir))
     quantised.quantization_config = {"quant_method": "gptq", "bits": 4}
     monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **k: quantised)
-    assert models.pretrained_weight_counts(str(model_dir)) is None  # a quantised checkpoint: no false refusal
+    assert model_size.pretrained_weight_counts(str(model_dir)) is None  # a quantised checkpoint: no false refusal
     monkeypatch.undo()
 
-    monkeypatch.setattr(models, "cuda_free_bytes", lambda device: models.weight_bytes(*counts) // 2)
+    monkeypatch.setattr(model_size, "cuda_free_bytes", lambda device: model_size.weight_bytes(*counts) // 2)
     with pytest.raises(ModelError, match=r"needs ~0.0 GiB for its bfloat16 weights alone and cuda has 0.0 GiB "
                                          r"free; with --quant nf4"):
         load_model(str(model_dir), device="cuda")
-    monkeypatch.setattr(models, "host_available_bytes", lambda: models.weight_bytes(*counts) // 2)
+    monkeypatch.setattr(model_size, "host_available_bytes", lambda: model_size.weight_bytes(*counts) // 2)
     with pytest.raises(ModelError, match=r"needs ~0.0 GiB for its bfloat16 weights alone and cpu has 0.0 GiB "):
         load_model(str(model_dir), device="cpu")  # on the CPU against the host's available memory
 
