@@ -242,6 +242,15 @@ def warm_graphs(name: str, booster, fn, pairs, tries: int = 4) -> str | None:
     return GRAPHS_NOT_CAPTURED if name == "fast-graphs" and not graphs_captured(booster.engine) else None
 
 
+def phase(what: str) -> None:
+    """One log line on the bench's progress where no bar is drawn (stderr kept in a file, as the GPU suite keeps
+    each part's): a part stopped by its time limit then shows where it was."""
+    from .progress import shown
+
+    if not shown():
+        log.info("bench: %s", what)
+
+
 def step_fn(name: str, booster):
     """fn(align_batch, harmful_batch) running one update of this entry."""
     if name in SFT:
@@ -295,16 +304,19 @@ def _failed(results, name, stage, e):
     log.error("bench: %s failed while %s", name, results[name]["failed"])
 
 
-def build_all(names, args, device, results, rows=None):
+def build_all(names, args, device, results, rows=None, announce=lambda: None):
     """Build every entry from identical initial weights; returns (impls, batches, matmul params, LoRA params).
-    `rows`: the data set's rows (bench_data.load_rows), if already parsed."""
+    `rows`: the data set's rows (bench_data.load_rows), if already parsed. `announce` is called once the first
+    entry is built and checked, before the others: bad input has failed by then, its error the only line."""
     impls, first = {}, None  # name -> (booster, step function, its batches)
     for name in names:
         if name == "fast-graphs" and device.type != "cuda":
             results[name] = {"skipped": "CUDA graphs need a CUDA device"}
             continue
         try:
+            t0 = time.perf_counter()
             booster, tok, lora0 = build_impl(name, args, device)
+            took = time.perf_counter() - t0
             if first is None and any(impl_config(n, args).impl == "fast" for n in names):
                 # the fast entries' check_length, once, at the first entry (all share the model): bad input ends
                 # the bench before any entry is timed, whichever comes first
@@ -322,11 +334,13 @@ def build_all(names, args, device, results, rows=None):
                 _failed(results, name, "building it", e)
             continue
         if first is None:
+            announce()
             first, first_name, batches = lora0, name, make_batches(args, tok, booster.model, rows)
             sizes = matmul_params(booster.model), sum(v.numel() for v in lora0.values())
             base = booster.model
         else:
             share_frozen_weights(base, booster.model)
+        phase(f"built {name} in {took:.1f} s")
         assert first.keys() == lora0.keys() and all(torch.equal(first[k], lora0[k]) for k in first), \
             f"{name}: initial LoRA weights differ from {first_name}'s"
         impls[name] = (booster, step_fn(name, booster), entry_batches(booster, batches, device))
@@ -348,17 +362,21 @@ def time_interleaved(impls, batches, args, device, results):
     def drop(name):  # the entry leaves the timing; the caller records why
         del impls[name], times[name], tps[name]
 
-    bar = progress_bar((args.warmup + args.steps) * len(impls), "bench")
+    bar, started = progress_bar((args.warmup + args.steps) * len(impls), "bench"), time.perf_counter()
     for i in range(args.warmup + args.steps):
         # graphs capture lazily: get that done untimed, before the warm-up rounds (a capture empties torch's
         # allocator cache, which the eager entries then refill during the warm-up, not in a timed step)
         for name in list(impls) if i == 0 else ():
             booster, fn, mine = impls[name]
+            t0 = time.perf_counter()
             try:
                 why = warm_graphs(name, booster, fn, mine[args.warmup:])  # the timed steps and the two after
             except CaptureInvalidated as e:
                 _failed(results, name, "capturing its step", e)
                 raise
+            if getattr(booster.engine, "graphs", None) is not None:
+                phase(f"{name}: CUDA graphs warmed up and captured in {time.perf_counter() - t0:.1f} s"
+                      + (f" ({why})" if why else ""))
             if why:
                 drop(name)
                 results[name] = {"skipped": why}
@@ -388,6 +406,10 @@ def time_interleaved(impls, batches, args, device, results):
                 times[name].append(dt)
                 tps[name].append((na if name in SFT else na + nh) / dt)
             bar.update(1)
+        if i + 1 in (args.warmup, args.warmup + args.steps):
+            kind, n = ("warm-up", args.warmup) if i + 1 == args.warmup else ("timed", args.steps)
+            phase(f"{n} {kind} round{'s' * (n != 1)} of {len(impls)} entries done, "
+                  f"{time.perf_counter() - started:.1f} s in all")
     bar.close()
     return times, tps, first
 
@@ -402,10 +424,14 @@ def run_bench(args) -> int:
         raise UsageError("--impls fast-graphs: CUDA graphs need a CUDA device; nothing would be measured here")
     rows = load_rows(args)  # bad data fails here, before a model is loaded
     results: dict[str, dict] = {}
-    impls, batches, n_params, n_lora = build_all(names, args, device, results, rows)
-    log.info("bench: %s on %s, %s: %d warm-up and %d timed steps each, %d+%d rows x %d tokens (%s rows)", args.model,
-             device, ", ".join(impls), args.warmup, args.steps, args.batch_size, args.harmful_batch_size,
-             args.max_length, data_source(args))
+    runnable = [n for n in names if n != "fast-graphs" or device.type == "cuda"]  # (build_all records the skip)
+
+    def announce():  # what is timed, once the first entry is built (the others' builds and failures follow it)
+        log.info("bench: %s on %s, %s: %d warm-up and %d timed steps each, %d+%d rows x %d tokens (%s rows)",
+                 args.model, device, ", ".join(runnable), args.warmup, args.steps, args.batch_size,
+                 args.harmful_batch_size, args.max_length, data_source(args))
+
+    impls, batches, n_params, n_lora = build_all(names, args, device, results, rows, announce)
     modes = sft_modes(impls)
     rate, peak = None, (None, None)  # the GPU's matmul rate, measured after the timing
 
@@ -440,6 +466,7 @@ def run_bench(args) -> int:
             if name in impls:
                 results[name].update(check)
         publish()
+        phase("next: each entry's peak memory and op count, one step each")
         raw = batches[args.warmup:args.warmup + args.steps]  # the timed batches as collated: mfu's numerator
         for name, (booster, fn, mine) in impls.items():
             timed = mine[args.warmup:args.warmup + args.steps]

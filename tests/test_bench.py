@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -930,7 +931,7 @@ def test_a_capture_invalidated_while_warming_graphs_is_recorded_on_that_entry(mo
 
 def test_bench_without_json_prints_its_table_on_stdout_after_a_start_line(capsys, caplog):
     """Without --json the console table is the result, on stdout; a start line says what is timed before the
-    models load."""
+    timing starts."""
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         assert main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size",
                      "2", "--max-length", "64", "--lora-r", "4", "--impls", "fast"]) == 0
@@ -939,6 +940,42 @@ def test_bench_without_json_prints_its_table_on_stdout_after_a_start_line(capsys
     assert any(line.startswith("fast ") for line in out) and not any(line.startswith("{") for line in out), out
     assert any(r.getMessage() == "bench: tiny on cpu, fast: 0 warm-up and 1 timed steps each, 2+2 rows x 64 tokens "
                "(builtin rows)" for r in caplog.records), caplog.text
+
+
+def test_bench_logs_its_phases_where_no_bar_is_drawn(capsys, caplog, monkeypatch):
+    """With stderr kept in a file (the GPU suite's part logs) the bench says where it is: the start line once the
+    first entry is built (before the others: a later entry that fails to build is said after it), then each build, the end of the warm-up and of the timing, and the measuring passes, so that
+    a part cut short by its time limit shows its phase. Where a bar is drawn, none of those lines."""
+    argv = ["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+            "--max-length", "64", "--lora-r", "4", "--impls", "reference,fast"]
+    import booster_fast.bench as bench
+
+    built = []
+    real_build = bench.build_impl
+
+    def build_impl(name, *a):
+        built.append((name, len(caplog.records)))
+        return real_build(name, *a)
+
+    monkeypatch.setattr(bench, "build_impl", build_impl)
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert main(argv) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bench: ")]
+    assert lines[0].startswith("bench: tiny on cpu, reference, fast: 1 warm-up and 2 timed steps"), lines
+    start = next(i for i, r in enumerate(caplog.records) if r.getMessage() == lines[0])
+    # once the first entry is built (bad input has failed by then, alone), before the others
+    assert built[0][1] <= start < built[1][1], (built, start)
+    assert [re.sub(r"[\d.]+ s\b", "T s", line) for line in lines[1:]] == [
+        "bench: built reference in T s", "bench: built fast in T s",
+        "bench: 1 warm-up round of 2 entries done, T s in all", "bench: 2 timed rounds of 2 entries done, T s in all",
+        "bench: next: each entry's peak memory and op count, one step each"], lines
+    caplog.clear()
+    monkeypatch.setattr("booster_fast.progress.shown", lambda: True)
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert main(argv) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bench: ")]
+    assert len(lines) == 1 and lines[0].startswith("bench: tiny on cpu"), lines  # the bar says the rest
+    capsys.readouterr()
 
 
 def test_bucket_sizes_script_measures_filler_and_graph_keys(capsys):
