@@ -152,9 +152,9 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
              desc: str | None = "generate") -> list[str]:
     """Greedy answers to Alpaca prompts (instruction, input), batched with left padding; in input order. A
     progress bar named `desc` (None: none, for a call inside another bar, whose lines it would break where
-    stderr is no terminal)."""
+    stderr is no terminal); where stderr is no terminal, a plain line per tenth of the prompts instead."""
     import torch
-    from .progress import progress_bar
+    from .progress import plain_line, progress_bar
     from transformers import GenerationConfig
 
     from .compute import Autocast
@@ -171,6 +171,7 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
     was_training = model.training
     model.eval()
     bar = progress_bar(len(ids), desc, leave=False, enabled=desc is not None)
+    plain, every, started = desc is not None and bar.disable, max(1, len(ids) // 10), time.perf_counter()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(ids[i]) for i in chunk)
@@ -182,6 +183,9 @@ def generate(model, tok, examples: list[tuple[str, str]], max_new_tokens: int, b
             # up to a second "### Response:", as the original cuts the decoded text (split(...)[1])
             answers[i] = text.split(RESPONSE_MARK)[0].strip()
         bar.update(len(chunk))
+        done = start + len(chunk)
+        if plain and (done // every > start // every or done == len(ids)):  # (the longest prompts go first)
+            log.info(plain_line(desc, done, len(ids), {}, (time.perf_counter() - started) / done, unit="prompt"))
     bar.close()
     model.train(was_training)
     return answers

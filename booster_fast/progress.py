@@ -25,12 +25,14 @@ def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = Tru
                 dynamic_ncols=True, file=sys.stderr)
 
 
-def plain_line(desc: str, step: int, total: int, fields: dict, seconds_per_step: float | None = None) -> str:
-    """The plain line that stands for a disabled bar at each interval: the step, the bar's fields in its order,
-    and, given the interval's seconds per step, the rate and the time left at that rate (before the last step)."""
-    parts = [f"{desc}: step {step}/{total}", *(f"{k} {v}" for k, v in fields.items())]
+def plain_line(desc: str, step: int, total: int, fields: dict, seconds_per_step: float | None = None,
+               unit: str = "step") -> str:
+    """The plain line that stands for a disabled bar at each interval: the step (or other `unit`), the bar's
+    fields in its order, and, given the seconds per step, the rate and the time left at that rate (before the
+    last step)."""
+    parts = [f"{desc}: {unit} {step}/{total}", *(f"{k} {v}" for k, v in fields.items())]
     if seconds_per_step:
-        parts.append(f"{1 / seconds_per_step:.2f} steps/s")
+        parts.append(f"{1 / seconds_per_step:.2f} {unit}s/s")
         if step < total:
             left = round((total - step) * seconds_per_step)
             parts.append(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")

@@ -147,6 +147,30 @@ def test_generate_returns_only_the_new_tokens_in_input_order(monkeypatch):
     assert len(set(lengths)) == 3 and got == [words[n] for n in lengths]
 
 
+def test_generate_logs_a_plain_line_per_tenth_of_the_prompts_where_no_bar_is_drawn(monkeypatch, caplog):
+    """A long eval (1000 prompts of up to 512 new tokens) must say how far it is where stderr is kept in a file:
+    one line per tenth of the prompts and one at the end, with the rate and the time left; none under a bar."""
+    import logging
+    import re
+
+    model, tok = bf.load_model("tiny", dtype=torch.float32, seed=0, device="cpu")
+    monkeypatch.setattr(model, "generate", lambda input_ids, attention_mask, generation_config: input_ids)
+    prompts = [(f"Question {i}: " + "why " * (i % 7), "") for i in range(25)]  # a tenth: 2 prompts
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        assert len(generate(model, tok, prompts, 4, 3, "cpu", desc="harmful prompts")) == 25
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("harmful prompts: ")]
+    assert [int(re.match(r"harmful prompts: prompt (\d+)/25, ", line)[1]) for line in lines] == [
+        3, 6, 9, 12, 15, 18, 21, 24, 25], lines  # batches of 3: each crosses a tenth
+    assert all(re.search(r", [\d.]+ prompts/s, \d+:\d\d:\d\d left$", line) for line in lines[:-1]), lines
+    assert lines[-1].endswith(" prompts/s"), lines
+    caplog.clear()
+    monkeypatch.setattr("booster_fast.progress.shown", lambda: True)
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        generate(model, tok, prompts, 4, 3, "cpu", desc="harmful prompts")
+        generate(model, tok, prompts, 4, 3, "cpu", desc=None)  # inside another bar: neither bar nor lines
+    assert not [r for r in caplog.records if "prompt" in r.getMessage()], caplog.text
+
+
 def test_an_answer_ends_where_the_model_starts_another_response(monkeypatch):
     """The original cuts the decoded text at the next "### Response:" (split(...)[1]): what a model writes after
     starting another turn is not its answer, to the judge or to the task's exact match."""
