@@ -111,6 +111,7 @@ class BoosterTrainingArguments(TrainingArguments):
         super().__post_init__()
         booster_config(self)  # λ, α, ρ, learning_rate, ... refused here, not at train()
         _check_optim(self)
+        _check_liger(self)
         n = self.harmful_batch_size
         if n is not None and (not is_integer(n) or n < 1):
             raise ValueError(f"harmful_batch_size must be an integer >= 1, got {n!r}")
@@ -167,6 +168,15 @@ def _check_optim(args):
                          f"adam_beta1/adam_beta2/adam_epsilon/weight_decay")
 
 
+def _check_liger(args):
+    """Refuse use_liger_kernel, before the Trainer's own __init__ applies Liger to the model (or, without the
+    package, fails to import it) on some transformers versions."""
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError("BoosterTrainer does not support use_liger_kernel (it swaps the model's modules and loss "
+                         "for Liger's kernels: the engine computes its own loss, the reference runs the model's own "
+                         "modules, and the fast engine fuses them itself)")
+
+
 def _labels_none(dataset) -> bool:
     """True where every row of a list or datasets.Dataset has only -100 labels (a read of its labels; other
     datasets are not read here)."""
@@ -216,6 +226,7 @@ class BoosterTrainer(Trainer):
             if kwargs.get("processing_class") is not None:
                 raise ValueError("pass the tokenizer once: tokenizer= or processing_class=, not both")
             kwargs["tokenizer" if _TRAINER_TAKES_TOKENIZER else "processing_class"] = tokenizer
+        _check_liger(kwargs.get("args", args[1] if len(args) > 1 else None))  # (the original's plain arguments)
         super().__init__(*args, **kwargs)
         if not all(hasattr(self.args, k) for k in ("lamb", "alpha")):  # the original's own arguments class has both
             raise TypeError(f"BoosterTrainer needs BoosterTrainingArguments (or arguments with `lamb` and `alpha`, "
@@ -258,9 +269,6 @@ class BoosterTrainer(Trainer):
             (a.bf16_full_eval or a.fp16_full_eval, "bf16_full_eval / fp16_full_eval (they cast the LoRA weights, "
              "which the engine keeps in fp32; bf16=True evaluates under autocast)"),
             (a.auto_find_batch_size, "auto_find_batch_size (the harmful batches would keep their size)"),
-            (getattr(a, "use_liger_kernel", False), "use_liger_kernel (it swaps the model's modules and loss for "
-             "Liger's kernels: the engine computes its own loss, the reference runs the model's own modules, and "
-             "the fast engine fuses them itself)"),
             (bool(getattr(a, "optim_args", None) or getattr(a, "optim_target_modules", None)),
              "optim_args / optim_target_modules (the engine's AdamW takes the learning rate, betas, epsilon and "
              "weight decay arguments)"),

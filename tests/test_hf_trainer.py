@@ -241,6 +241,21 @@ def test_arguments_the_engine_would_ignore_are_refused(tmp_path, data, kw, why):
         make_trainer(tmp_path, data, **kw)
 
 
+def test_liger_is_refused_before_the_trainers_own_init(tmp_path, data, monkeypatch):
+    """use_liger_kernel on arguments that did not check it themselves (the original's plain TrainingArguments) is
+    refused before transformers' Trainer.__init__ runs, which on some versions applies Liger to the model there (or,
+    without the package, fails with an ImportError)."""
+    from transformers import Trainer
+
+    args = trainer_args(tmp_path)
+    args.use_liger_kernel = True  # set after the arguments' own checks, as a plain TrainingArguments carries it
+    ran = []
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: ran.append(True))
+    with pytest.raises(ValueError, match="does not support use_liger_kernel"):
+        bf.BoosterTrainer(model=make_model()[0], args=args, train_dataset=data[0])
+    assert not ran
+
+
 def test_the_reference_engine_refuses_several_processes(tmp_path, data, monkeypatch):
     """The reference engine all-reduces nothing (the original relies on DDP's wrapper, which the engine's passes
     bypass): with several processes each would train on its own shard. Refused, in the Trainer and in Booster."""
