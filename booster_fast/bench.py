@@ -304,13 +304,15 @@ def _failed(results, name, stage, e):
     log.error("bench: %s failed while %s", name, results[name]["failed"])
 
 
-def build_all(names, args, device, results, rows=None, announce=lambda: None):
+def build_all(names, args, device, results, rows=None, announce=lambda entries: None):
     """Build every entry from identical initial weights; returns (impls, batches, matmul params, LoRA params).
-    `rows`: the data set's rows (bench_data.load_rows), if already parsed. `announce` is called once the first
-    entry is built and checked, before the others: bad input has failed by then, its error the only line."""
+    `rows`: the data set's rows (bench_data.load_rows), if already parsed. `announce(names)`, with the entries
+    it will build, is called once the first is built and checked, before the others: bad input has failed by
+    then, its error the only line."""
     impls, first = {}, None  # name -> (booster, step function, its batches)
+    to_build = [n for n in names if n != "fast-graphs" or device.type == "cuda"]
     for name in names:
-        if name == "fast-graphs" and device.type != "cuda":
+        if name not in to_build:
             results[name] = {"skipped": "CUDA graphs need a CUDA device"}
             continue
         try:
@@ -334,7 +336,7 @@ def build_all(names, args, device, results, rows=None, announce=lambda: None):
                 _failed(results, name, "building it", e)
             continue
         if first is None:
-            announce()
+            announce(to_build)
             first, first_name, batches = lora0, name, make_batches(args, tok, booster.model, rows)
             sizes = matmul_params(booster.model), sum(v.numel() for v in lora0.values())
             base = booster.model
@@ -424,11 +426,10 @@ def run_bench(args) -> int:
         raise UsageError("--impls fast-graphs: CUDA graphs need a CUDA device; nothing would be measured here")
     rows = load_rows(args)  # bad data fails here, before a model is loaded
     results: dict[str, dict] = {}
-    runnable = [n for n in names if n != "fast-graphs" or device.type == "cuda"]  # (build_all records the skip)
 
-    def announce():  # what is timed, once the first entry is built (the others' builds and failures follow it)
+    def announce(entries):  # what is timed, once the first entry is built (the others' builds and failures follow it)
         log.info("bench: %s on %s, %s: %d warm-up and %d timed steps each, %d+%d rows x %d tokens (%s rows)",
-                 args.model, device, ", ".join(runnable), args.warmup, args.steps, args.batch_size,
+                 args.model, device, ", ".join(entries), args.warmup, args.steps, args.batch_size,
                  args.harmful_batch_size, args.max_length, data_source(args))
 
     impls, batches, n_params, n_lora = build_all(names, args, device, results, rows, announce)
