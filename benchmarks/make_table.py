@@ -111,6 +111,12 @@ def settings(c: dict) -> list[str]:
     return named
 
 
+def not_flash_alone(m: dict, c: dict) -> bool:
+    """Whether a GPU run's packed batches ran another kernel than flash's variable-length one (the segment grid,
+    slower: config.packed_attention says why). On the CPU the grid is the only packed attention."""
+    return bool(m.get("gpu")) and any(k != "flash varlen" for k in c.get("packed_attention") or ())
+
+
 def sft_ratio(impl: str, r: dict) -> str:
     """A Booster entry's step time over the SFT step's, naming the SFT entry when it ran on the other engine (files
     from before fast-sft existed: all against the reference engine's sft)."""
@@ -124,7 +130,8 @@ def rows(docs: list[tuple[str, dict]]) -> list[list[str]]:
     for name, doc in docs:
         m, c = doc["machine"], doc["config"]
         extras = settings(c) + (["partial run"] if doc.get("complete") is False else []) \
-            + ([f"Triton kernels off: {m['triton_unusable'][:80]}"] if m.get("triton_unusable") else [])
+            + ([f"Triton kernels off: {m['triton_unusable'][:80]}"] if m.get("triton_unusable") else []) \
+            + ([f"packed attention: {'; '.join(c['packed_attention'])[:100]}"] if not_flash_alone(m, c) else [])
         if doc.get("complete") is False:
             print(f"make_table: {name} is a partial run (stopped before its last measurement)", file=sys.stderr)
         model = f"{c.get('model')} ({c.get('batch_size')}+{c.get('harmful_batch_size')} × {c.get('max_length')}" \

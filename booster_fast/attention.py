@@ -22,6 +22,7 @@ gathered back: exact, device-side, but it computes the grid's empty slots too.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -38,6 +39,9 @@ CAUSAL_SDPA = "booster_causal_sdpa"
 VARLEN = "booster_varlen"
 _registered = False
 _calls = {CAUSAL_SDPA: 0, VARLEN: 0}  # calls of our registered functions: probe_attention counts them
+# packed attention's calls in this process by the kernel that ran: "flash varlen", or "segment grid (why not
+# flash)". Python calls only: a CUDA graph's replay reruns what its capture counted once. The bench reports them
+packed_kernel_calls: collections.Counter = collections.Counter()
 _logged: set[str] = set()
 _flash_failed: str | None = None  # why flash's kernel failed at run time, once: the grid path from then on
 # Grouped-query k/v where varlen_attn takes no enable_gqa (torch 2.11): the flash kernel behind it divides the query
@@ -218,6 +222,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
         raise ValueError(f"packed attention takes one row of packed tokens, got {query.shape[0]} rows")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [P, H, D]
     out, why = _flash(q, k, v, cu, max_seqlen, scaling, dropout)
+    packed_kernel_calls["flash varlen" if out is not None else f"segment grid ({why})"] += 1
     if out is None:
         if _on_cuda(q):
             _log_once("packed attention: no flash variable-length kernel (%s); segment grid + SDPA instead", why)

@@ -25,7 +25,8 @@ Each entry gets the batches in the form its engine runs: fast entries as `Booste
 (without the attention mask, or packed without pads when the engine packs: packing.py), the reference and sft
 with the mask and padded to the longest row, as the original trainer's collator makes them. fast-padded pins
 packing off, to show what packing buys, and fast-unfused the fused RMSNorm/SwiGLU/RoPE kernels (fused_ops.py),
-to show what they buy.
+to show what they buy. config.packed_attention names the kernels packed batches ran (flash's variable-length
+kernel, or the segment grid and why not flash: the first flash failure in a process turns it off for the rest).
 
 Tokens. tokens_per_s counts the real (non-pad) tokens of the batches a step consumes: alignment + harmful rows
 for a Booster step (the harmful batch counted once, although the step runs it twice), the alignment rows for
@@ -73,6 +74,7 @@ import time
 
 import torch
 
+from . import attention
 from .batches import tokens
 from .errors import described, reason
 from .bench_measure import (FIRST_STEP_RTOL, SFT, first_step_agreement, graph_pool_bytes, graphs_captured,
@@ -426,6 +428,7 @@ def run_bench(args) -> int:
         raise UsageError("--impls fast-graphs: CUDA graphs need a CUDA device; nothing would be measured here")
     rows = load_rows(args)  # bad data fails here, before a model is loaded
     results: dict[str, dict] = {}
+    kernels_before = attention.packed_kernel_calls.copy()  # what packed attention runs, counted from here
 
     def announce(entries):  # what is timed, once the first entry is built (the others' builds and failures follow it)
         log.info("bench: %s on %s, %s: %d warm-up and %d timed steps each, %d+%d rows x %d tokens (%s rows)",
@@ -446,8 +449,10 @@ def run_bench(args) -> int:
                 r["sft_baseline"] = base
         speedup = {n: round(ref / r["step_ms"], 3) if ref and "step_ms" in r and n not in SFT else None
                    for n, r in results.items()}  # of Booster steps: an SFT step is another update
+        ran = attention.packed_kernel_calls - kernels_before
         doc = {"machine": machine_info(device),
-               "config": run_config(args, names, device, n_params, n_lora, rate, peak),
+               "config": run_config(args, names, device, n_params, n_lora, rate, peak) | {
+                   "packed_attention": sorted(ran) or None},  # every kernel packed batches ran, or None
                "results": results, "speedup": speedup, "complete": complete}
         if getattr(args, "output", None):
             write_json_atomic(args.output, doc)  # a full disk: one line, exit 1

@@ -146,20 +146,18 @@ class StepGraphs:
         the step and every constant the capture bakes in; it is part of the graph key with the batch shapes.
         An argument may be a list of micro-batches (packed ones under gradient accumulation): the graph's
         static inputs are then one set per micro-batch."""
-        if self.disabled is not None:
-            return fn(*batches)
         groups = tuple(len(b) if isinstance(b, (list, tuple)) else None for b in batches)
         if any(n is not None for n in groups):
             step, fn = fn, lambda *flat: step(*_regroup(groups, flat))
             batches = tuple(m for b in batches for m in (b if isinstance(b, (list, tuple)) else (b,)))
         stripped = batches if self.keep_masks else tuple(without_mask(b) for b in batches)
         key = (kind, groups) + tuple(batch_signature(b) for b in stripped)
-        entry = self._graphs.get(key)
+        entry = self._graphs.get(key)  # (none once graphs are off for the run)
         if not self.keep_masks:
             for b in batches:
-                check_right_padded(b, sync_ok=entry is None)  # a sync: warm-up, capture and eager keys only
+                check_right_padded(b, sync_ok=entry is None)  # a sync: warm-up, capture and eager steps only
         batches = stripped
-        if key in self.eager_keys:
+        if self.disabled is not None or key in self.eager_keys:  # eager, and mask-free like every fast step
             return fn(*batches)
         if entry is None:
             seen = self._seen.pop(key, 0)

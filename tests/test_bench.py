@@ -54,6 +54,8 @@ def test_bench_json_smoke(capsys, tmp_path, monkeypatch):
     assert doc["config"]["steps"] == 2 and doc["config"]["impls"] == ["reference", "fast", "sft", "fast-graphs",
                                                                       "fast-padded", "fast-sft"]
     assert "tokens_per_s_counts" in doc["config"]
+    # fast and fast-padded's batches pack where that shrinks them: on the CPU the segment grid runs them
+    assert doc["config"]["packed_attention"] == ["segment grid (not a CUDA tensor)"], doc["config"]
 
     res = doc["results"]
     assert set(res) == {"reference", "fast", "sft", "fast-graphs", "fast-padded", "fast-sft"}
@@ -634,6 +636,15 @@ def test_make_table_names_settings_and_partial_runs(tmp_path):
     label = next(line.split(" | ")[1] for line in mt.markdown_table([("b.json", other)], {}).splitlines()
                  if "| reference" in line)
     assert label.endswith("partial run, Triton kernels off: RuntimeError: Failed to compile the launcher)"), label
+    # a GPU run whose packed batches did not all run flash's kernel says so; flash alone, or the CPU, does not
+    for gpu, kernels, noted in ((None, ["segment grid (not a CUDA tensor)"], False), ("H200", ["flash varlen"], False),
+                                ("H200", None, False), ("H200", ["flash varlen", "segment grid (flash varlen failed: "
+                                                                 "RuntimeError: no kernel image)"], True)):
+        doc = json.loads(json.dumps(base))
+        doc["machine"]["gpu"], doc["config"]["packed_attention"] = gpu, kernels
+        label = next(line.split(" | ")[1] for line in mt.markdown_table([("d.json", doc)], {}).splitlines()
+                     if "| reference" in line)
+        assert ("packed attention: flash varlen; segment grid (flash varlen failed" in label) == noted, label
     # the rows are named where they are not the model's default (tiny: builtin; any other model: random rows)
     from booster_fast.bench_data import RANDOM_ROWS
 

@@ -433,9 +433,10 @@ def test_a_model_that_needs_its_masks_keeps_them_under_graphs(monkeypatch, caplo
 
 def test_step_graphs_fall_back_when_the_capture_fails(monkeypatch, caplog):
     """A step that fails inside the capture ('auto'): one log line with its error, then this step and every
-    later one run eagerly and see their own batches."""
+    later one run eagerly and see their own batches, without the mask as before the failure."""
     _fake_cuda(monkeypatch, capture_error=ValueError("the real reason"))
-    step, batch = _sum_step([]), _batch_maker()
+    seen_masks = []
+    step, batch = _sum_step(seen_masks), _batch_maker()
     g = StepGraphs("auto")
     with caplog.at_level(logging.WARNING, logger="booster_fast"):
         for _ in range(WARMUP + 3):
@@ -444,6 +445,7 @@ def test_step_graphs_fall_back_when_the_capture_fails(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if "CUDA graphs off" in r.getMessage()]
     assert len(lines) == 1 and "the real reason" in lines[0], lines
     assert g.disabled and not g._graphs
+    assert len(seen_masks) == WARMUP + 3 and not any(seen_masks), seen_masks  # (the failed capture's call raised)
 
 
 @pytest.mark.parametrize("mode", ["auto", "on"])
