@@ -755,8 +755,12 @@ def test_gpu_suite_keeps_its_deadline_for_named_parts(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert "== bench_1b_bf16: skipped, " in (out / "gpu_suite.log").read_text()
+    log = (out / "gpu_suite.log").read_text()
+    assert "== bench_1b_bf16: skipped, " in log
     assert not [c for c in calls.read_text().splitlines() if "booster_fast bench" in c]
+    # the last line names what the deadline left out, as the command that runs it
+    assert log.splitlines()[-1] == ("skipped for time: bench_1b_bf16; they run by name with a deadline of their "
+                                    "own: bash benchmarks/gpu_suite.sh bench_1b_bf16"), log
 
 
 def test_gpu_suite_packs_what_a_running_part_wrote(tmp_path):
