@@ -136,6 +136,19 @@ def test_the_readme_demo_that_learns_does(tmp_path):
     assert abs(sum(paper[-5:]) - sum(paper[:5])) / 5 < 0.2, paper
 
 
+def test_the_readme_layout_names_every_module():
+    """The README's annotated file tree lists every module of the package and of benchmarks/ (a module added
+    without its line there was the usual way for the layout to fall behind)."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    files = [p for p in (*(root / "booster_fast").glob("*.py"), *(root / "benchmarks").glob("*.py"),
+                         *(root / "benchmarks").glob("*.sh")) if not p.name.startswith("__")]
+    assert len(files) > 40
+    missing = [p.name for p in files if not re.search(rf"(?<![\w.]){re.escape(p.name)}(?![\w.])", layout)]
+    assert not missing, f"not in the README's layout: {missing}"
+
+
 def test_sft_method(tmp_path):
     out = tmp_path / "sft"
     assert align(out, "--method", "sft", steps=1) == 0
