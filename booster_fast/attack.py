@@ -187,33 +187,6 @@ def poison_mix(benign: list, harmful: list, samples: int, ratio: float, seed: in
     return rows, n_harm
 
 
-class flush_denormals:
-    """Flush float32 denormals to zero on the CPU while a stage runs (restored to PyTorch's default, off, after).
-
-    Measured here: once alignment has sharpened the attention, the tiny model's fine-tuning steps ran 6-10x slower
-    (4.6 s instead of 0.4-0.7 s per step on 2 cores) from denormal arithmetic inside the passes; flushing them
-    changes no result above 1e-38 and restores the speed. No effect on CUDA."""
-
-    def __init__(self, device):
-        import torch
-
-        self.on = torch.device(device).type == "cpu"
-
-    def __enter__(self):
-        import torch
-
-        if self.on:
-            torch.set_flush_denormal(True)
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.on:
-            torch.set_flush_denormal(False)
-        return False
-
-
 def heldout_loss(model, batches: list[dict], device):
     """Token-mean loss over all held-out rows (one device scalar; summed per batch, divided once)."""
     import torch
@@ -334,6 +307,7 @@ def keep_merged(adapter: str, base: dict, out: Path) -> dict:
 
 def run_attack(args) -> int:
     from .cli import UsageError
+    from .compute import flush_denormals
     from .run_args import check_output, resolve_device
 
     check_attack_args(args)

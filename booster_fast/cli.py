@@ -464,7 +464,7 @@ def _on_cpu(args) -> bool:
 
 def _align(args) -> int:
     from .align import run_align
-    from .attack import flush_denormals
+    from .compute import flush_denormals
 
     with flush_denormals("cpu" if _on_cpu(args) else "cuda"):  # long CPU runs otherwise slow down 6-10x
         return run_align(args)
@@ -483,7 +483,7 @@ def _memory(args) -> int:
 
 
 def _bench(args) -> int:
-    from .attack import flush_denormals
+    from .compute import flush_denormals
     from .bench import run_bench
 
     with flush_denormals("cpu" if _on_cpu(args) else "cuda"):  # as align runs: the bench times align's step

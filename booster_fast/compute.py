@@ -81,3 +81,24 @@ def checkpoint_reads_rng(model: nn.Module) -> bool:
         if getattr(m, "gradient_checkpointing", False) and func is not None:
             return bool(getattr(func, "keywords", {}).get("preserve_rng_state", True))
     return False
+
+
+class flush_denormals:
+    """Flush float32 denormals to zero on the CPU while a stage runs (restored to PyTorch's default, off, after).
+
+    Measured here: once alignment has sharpened the attention, the tiny model's fine-tuning steps ran 6-10x slower
+    (4.6 s instead of 0.4-0.7 s per step on 2 cores) from denormal arithmetic inside the passes; flushing them
+    changes no result above 1e-38 and restores the speed. No effect on CUDA."""
+
+    def __init__(self, device):
+        self.on = torch.device(device).type == "cpu"
+
+    def __enter__(self):
+        if self.on:
+            torch.set_flush_denormal(True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.set_flush_denormal(False)
+        return False

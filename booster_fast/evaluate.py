@@ -429,7 +429,7 @@ def evaluate_run(args) -> dict:
 
 def run_eval(args) -> dict:
     from .run_args import resolve_device
-    from .attack import flush_denormals
+    from .compute import flush_denormals
     from .atomic import write_json_atomic
 
     with flush_denormals(resolve_device(args.device)):

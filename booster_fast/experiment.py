@@ -330,7 +330,7 @@ def _stats(xs: list[float]) -> dict:
 
 def run_experiment(args) -> int:
     from .run_args import resolve_device
-    from .attack import flush_denormals
+    from .compute import flush_denormals
     from .cli import UsageError
 
     if args.preset not in PRESETS:
