@@ -72,7 +72,8 @@ def plot_defense(result: dict, path: Path):
     bx.set_ylim(0, 125)
     bx.set_title(f"After the attack (judge: {result['judge']['name']})", fontsize=10)
     bx.legend(fontsize=7, loc="upper center", ncol=2)
-    where = result["machine"].get("gpu") or f"{result['machine']['cpu_count']} CPU cores"
+    machine = result["machine"]  # (results written before the bench's machine record was used: cpu_count)
+    where = machine.get("gpu") or f"{machine.get('cores', machine.get('cpu_count'))} CPU cores"
     chosen = "" if methods == DEFAULT_METHODS.split(",") else f" --methods {','.join(methods)}"
     tweaks = " ".join(f"--set {k}={json.dumps(v)}" for k, v in result.get("overrides", {}).items())
     fig.suptitle(f"booster-fast experiment defense --preset {result['preset']} --seeds {len(seeds)}{chosen}  ({where})"

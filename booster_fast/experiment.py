@@ -57,7 +57,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -307,23 +306,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def machine_info(device) -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def _stats(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
@@ -403,6 +385,8 @@ def check_settings(p: dict, methods=METHODS):
 
 def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None) -> int:
     from .atomic import write_json_atomic
+    from .bench_report import machine_info
+    from .run_args import resolve_device
 
     t_all = time.perf_counter()
     per_seed = []
@@ -460,7 +444,7 @@ def _experiment(args, p, seeds, methods, work, out_json, out_png, overrides=None
         "experiment": "defense", "preset": args.preset, "overrides": overrides or {}, "settings": p, "seeds": seeds,
         "methods": methods,
         "align_flags": {m: method_flags(p, m) for m in methods},
-        "judge": judge, "machine": machine_info(args.device), "per_seed": per_seed, "summary": summary,
+        "judge": judge, "machine": machine_info(resolve_device(args.device)), "per_seed": per_seed, "summary": summary,
         "total_seconds": round(time.perf_counter() - t_all, 1),
         "plot": str(out_png) if out_png else None,
     }

@@ -540,13 +540,16 @@ def test_the_defense_figure_is_drawn_from_a_result(kw, tmp_path, monkeypatch):
     seeds = [0, 1, 2]  # three seeds, two eval steps
     result = {"per_seed": [{"sft": method(1.0 + s, "sft", s), "booster": method(2.0, "booster", s)} for s in seeds],
               "methods": ["sft", "booster"], "seeds": seeds, "judge": {"name": "keyword"}, "preset": "tiny",
-              "machine": {"gpu": None, "cpu_count": 2}, "overrides": {"attack.lr": 1e-4},
+              # (results from before the bench's machine record was used name the cores cpu_count)
+              "machine": {"gpu": None, "cores" if kw != "none" else "cpu_count": 2}, "overrides": {"attack.lr": 1e-4},
               "settings": {"attack": {"refusal_prompts": 8}}}
     out = tmp_path / "defense.png"
     plot_defense(result, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["defense.png"]  # written atomically
     axes = figs[0].axes
+    title = figs[0]._suptitle.get_text()
+    assert title.startswith("booster-fast experiment defense --preset tiny --seeds 3  (2 CPU cores)"), title
     assert len(axes) == (3 if kw == "all" else 2)
     mean = [line for line in axes[0].get_lines() if line.get_linewidth() == 2.2][0]  # the sft mean: seeds 1, 2, 3
     assert list(mean.get_xdata()) == [0, 2] and list(mean.get_ydata()) == [2.0, 2.5]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -309,7 +310,8 @@ def test_experiment_defense_micro_preset(tmp_path, monkeypatch, capsys):
     assert vaccine["perturb_aware"] and vaccine["rho"] == micro["vaccine_rho"] and vaccine["method"] == "booster"
     assert not json.loads((runs / "align-booster" / "run_config.json").read_text())["perturb_aware"]
     assert res["seeds"] == [43] and res["settings"] == micro and res["judge"]["name"] == "refusal"
-    assert {"platform", "torch", "cpu_count"} <= set(res["machine"])
+    assert {"cpu", "cores", "torch", "transformers", "git_commit", "date"} <= set(res["machine"])  # as bench's
+    assert res["machine"]["gpu"] is None and res["machine"]["cores"] == os.cpu_count()
     row = res["per_seed"][0]
     assert {m: (row[m]["attack"]["lora"], row[m]["attack"]["rows"]) for m in row if m != "seed"} == {
         "sft": ("new", "first"), "booster": ("continue", "first"), "booster-vaccine": ("continue", "first")}
