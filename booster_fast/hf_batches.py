@@ -1,12 +1,13 @@
 """How BoosterTrainer's batches reach the engine: the keys it feeds the model (a batch it would train wrongly is
 refused), an update's micro-batches packed or stripped of their masks where that is exact, the harmful loader's
-own shuffle, and a collator that pads rows to one fixed length."""
+own shuffle, a collator that pads rows to one fixed length, and the check for a data set without any label."""
 from __future__ import annotations
 
 import torch
 
 from .batches import check_batch, labelled_pads, left_padded, to_device, without_mask
 from .config import is_integer
+from .losses import IGNORE_INDEX
 
 MODEL_KEYS = ("input_ids", "labels", "attention_mask")
 # keys a collator may add that the model's forward would use: the engine feeds the model its own keys only, so a
@@ -111,3 +112,18 @@ class FixedLengthCollator:
                                  f"got {str(value)[:60]}")
             out[key] = ids
         return out
+
+
+def labels_all_ignored(dataset) -> bool:
+    """True where every row of a list or datasets.Dataset has only -100 labels (a read of its labels; other
+    datasets are not read here)."""
+    if isinstance(dataset, list):
+        labels = [row.get("labels") if hasattr(row, "get") else None for row in dataset]
+    elif "labels" in (getattr(dataset, "column_names", None) or ()):
+        labels = dataset["labels"]
+    else:
+        return False
+    if not labels or any(x is None for x in labels):
+        return False  # (a row without labels is model_batch's error, with its own message)
+    flat = (x for row in labels for x in (row.tolist() if hasattr(row, "tolist") else row))
+    return all(x == IGNORE_INDEX for x in flat)

@@ -74,8 +74,7 @@ from .atomic import write_text_atomic
 from .config import BoosterConfig, is_integer, is_number
 from .errors import reason
 from .hf_batches import FixedLengthCollator  # noqa: F401 - importable from here, as it always was
-from .hf_batches import EpochShuffle, model_batch, packed_if_exact, without_masks_if_right_padded
-from .losses import IGNORE_INDEX
+from .hf_batches import EpochShuffle, labels_all_ignored, model_batch, packed_if_exact, without_masks_if_right_padded
 
 logger = logging.getLogger("booster_fast")
 HARMFUL_STATE = "booster_harmful_stream.json"
@@ -177,21 +176,6 @@ def _check_liger(args):
                          "modules, and the fast engine fuses them itself)")
 
 
-def _labels_none(dataset) -> bool:
-    """True where every row of a list or datasets.Dataset has only -100 labels (a read of its labels; other
-    datasets are not read here)."""
-    if isinstance(dataset, list):
-        labels = [row.get("labels") if hasattr(row, "get") else None for row in dataset]
-    elif "labels" in (getattr(dataset, "column_names", None) or ()):
-        labels = dataset["labels"]
-    else:
-        return False
-    if not labels or any(x is None for x in labels):
-        return False  # (a row without labels is model_batch's error, with its own message)
-    flat = (x for row in labels for x in (row.tolist() if hasattr(row, "tolist") else row))
-    return all(x == IGNORE_INDEX for x in flat)
-
-
 def _gradient_only(engine_cls):
     """The engine with its clip-and-update removed: a step leaves the combined gradient in `.grad` (for the fast
     engine: in the flat buffer G_f, which the parameters' and W's `.grad` are views of) for the Trainer to clip
@@ -286,7 +270,7 @@ class BoosterTrainer(Trainer):
         if isinstance(harmful_dataset, Mapping):  # columns (a tokenizer's output), or a DatasetDict of splits
             raise ValueError(f"BoosterTrainer: the harmful dataset is a mapping ({', '.join(map(str, harmful_dataset))}"
                              "); pass a list of rows or a datasets.Dataset (one split)")
-        if _labels_none(harmful_dataset):
+        if labels_all_ignored(harmful_dataset):
             raise ValueError("BoosterTrainer: no harmful row has a label other than -100, so the harmful loss and "
                              "its gradient are 0 and Booster's term does nothing; label the harmful answers' tokens")
         rows = len(harmful_dataset) if hasattr(harmful_dataset, "__len__") else None
