@@ -74,11 +74,19 @@ def check_documents(results_dir) -> dict[str, list[tuple[str, dict]]]:
     return found
 
 
+def cpu_label(model: str) -> str:
+    """A CPU's model name as the table shows it, without trademark signs and a closing "Processor"
+    ("Intel(R) Xeon(R) Processor" -> "Intel Xeon")."""
+    short = re.sub(r"\((R|TM|tm)\)", "", model)
+    short = re.sub(r"\s+Processor\s*$", "", " ".join(short.split()))
+    return short or model
+
+
 def hardware(machine: dict) -> str:
     """The GPU when there is one, else the CPU with its core count."""
     if machine.get("gpu"):
         return machine["gpu"]
-    return f"{machine.get('cpu') or 'unknown CPU'} ({machine.get('cores') or '?'} cores)"
+    return f"{cpu_label(machine.get('cpu') or '') or 'unknown CPU'} ({machine.get('cores') or '?'} cores)"
 
 
 def _num(v, spec: str, suffix: str = "", none: str = "—") -> str:

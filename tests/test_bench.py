@@ -207,6 +207,19 @@ def test_make_table_rewrites_only_the_marked_block(tmp_path, capsys):
     assert "| Test CPU (4 cores) |" in captured.out and "README untouched" in captured.err
 
 
+@pytest.mark.parametrize("model, label", [
+    ("Intel(R) Xeon(R) Processor", "Intel Xeon"),
+    ("AMD EPYC 7763 64-Core Processor", "AMD EPYC 7763 64-Core"),
+    ("Intel(R) Core(TM) i7-9700K CPU @ 3.60GHz", "Intel Core i7-9700K CPU @ 3.60GHz"),  # (not at the end: kept)
+    ("AMD EPYC", "AMD EPYC"),
+    ("", "unknown CPU"),
+])
+def test_the_table_names_a_cpu_without_trademark_signs(model, label):
+    mt = _make_table_module()
+    assert mt.hardware({"cpu": model, "cores": 2, "gpu": None}) == f"{label} (2 cores)"
+    assert mt.hardware({"cpu": model, "cores": 2, "gpu": "NVIDIA H200"}) == "NVIDIA H200"
+
+
 def test_warm_graphs_captures_every_shape_untimed_and_reports_failures():
     from types import SimpleNamespace
 
