@@ -44,8 +44,9 @@ Agreement. Every entry starts from the same weights and gets the same rows, so i
 harmful gradient norm: `first_step`) must match its baseline's (the reference's; sft's for fast-sft) up to
 rounding. `first_step_rel_diff` is the largest relative difference; beyond FIRST_STEP_RTOL the entry is flagged
 (`first_step_agrees` false, in the tables too) and the bench exits 1: a gross-error check on the machine where
-the speed is measured, not the tests' equivalence. Entries that step before the timing to capture their graphs
-have no first step from the initial weights (benchmarks/gpu_checks.py's equivalence part checks them).
+the speed is measured, not the tests' equivalence. Entries that capture CUDA graphs take untimed steps to capture
+them and are then rewound (their weights restored and their optimizer state zeroed, in place), so their first
+step, a graph replay, is checked the same way.
 
 ops_per_step: aten ops dispatched by one more step (booster_fast.opcount); launches_per_step: those of them
 that launch a kernel on a GPU (views, other metadata ops and bare allocations left out), plus the package's
@@ -78,7 +79,7 @@ from .batches import tokens
 from .errors import described, reason
 from .bench_measure import (FIRST_STEP_RTOL, SFT, first_step_agreement, graph_pool_bytes, graphs_captured,
                             held_bytes, matmul_params, matmul_tflops, method_flops, micro, model_flops, pass_batches,
-                            peak_tflops, sync, transient_bytes)
+                            peak_tflops, rewind, sync, trainable_snapshot, transient_bytes)
 from .atomic import check_writable_file, write_json_atomic
 from .bench_entries import check_knobs_followed, impl_config, parse_impls, sft_baselines, sft_modes
 from .bench_data import MIN_RANDOM_LENGTH, RANDOM, data_source, entry_batches, load_rows, make_batches
@@ -292,15 +293,14 @@ def build_all(names, args, device, results, rows=None, announce=lambda entries: 
 
 
 def time_interleaved(impls, batches, args, device, results):
-    """Per entry: the timed step times (s), tokens/s, and the outputs of its first step where that step started
-    from the initial weights (not for entries that stepped before, to capture their graphs). One step of each per
-    round, the first one rotating."""
+    """Per entry: the timed step times (s), tokens/s, and the outputs of its first step, which starts from the
+    initial weights (an entry that stepped to capture its graphs is rewound first). One step of each per round,
+    the first one rotating."""
     from .progress import progress_bar
 
     times, tps, first = {n: [] for n in impls}, {n: [] for n in impls}, {}
     if not impls:  # every entry was skipped (fast-graphs alone, where CUDA graphs cannot be captured)
         return times, tps, first
-    fresh = {n for n, (booster, _, _) in impls.items() if getattr(booster.engine, "graphs", None) is None}
 
     def drop(name):  # the entry leaves the timing; the caller records why
         del impls[name], times[name], tps[name]
@@ -312,12 +312,16 @@ def time_interleaved(impls, batches, args, device, results):
         for name in list(impls) if i == 0 else ():
             booster, fn, mine = impls[name]
             t0 = time.perf_counter()
-            try:
-                why = warm_graphs(name, booster, fn, mine[args.warmup:])  # the timed steps and the two after
+            graphs = getattr(booster.engine, "graphs", None) is not None
+            start = trainable_snapshot(booster) if graphs else None
+            try:  # the first round's shapes, the timed rounds' and the two after
+                why = warm_graphs(name, booster, fn, mine[:1] + mine[args.warmup:])
             except CaptureInvalidated as e:
                 _failed(results, name, "capturing its step", e)
                 raise
-            if getattr(booster.engine, "graphs", None) is not None:
+            if graphs:
+                rewind(booster, start)  # its first timed step then starts where the other entries' do
+                start = None  # (the copy's memory back before the timing)
                 phase(f"{name}: CUDA graphs warmed up and captured in {time.perf_counter() - t0:.1f} s"
                       + (f" ({why})" if why else ""))
             if why:
@@ -342,7 +346,7 @@ def time_interleaved(impls, batches, args, device, results):
                 continue
             sync(device)
             dt = time.perf_counter() - t0
-            if i == 0 and name in fresh:
+            if i == 0:
                 # device tensors, read after the timing (cloned: an engine may reuse an output's buffer)
                 first[name] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.items()}
             if i >= args.warmup:

@@ -1,6 +1,7 @@
 """The bench's measurements: memory an implementation holds and needs (peak_mem_mb), the FLOPs of a step with
 the matmul rate they are divided by (mfu: the FLOPs the method needs; hfu: those the entry computes), and how far
-an entry's first step lies from its baseline's (first_step_agreement).
+an entry's first step lies from its baseline's (first_step_agreement; `rewind` puts an entry that stepped to
+capture its CUDA graphs back at the start first).
 
 Peak memory (peak_mem_mb) estimates what one implementation would need alone in a process: the bytes it holds
 between steps (model, LoRA weights, gradient buffers, optimizer state; counted tensor by tensor, storages
@@ -177,6 +178,27 @@ def graphs_captured(engine) -> bool:
     """True once a fast engine replays a captured CUDA graph (booster_fast.graphs.StepGraphs holds one)."""
     g = getattr(engine, "graphs", None)
     return g is not None and getattr(g, "disabled", None) is None and bool(getattr(g, "_graphs", None))
+
+
+def trainable_snapshot(booster) -> list[torch.Tensor]:
+    """Clones of what the optimizer trains (the fast engine's flat buffer W; the reference's LoRA tensors), taken
+    before an entry's first step, for `rewind`."""
+    return [p.detach().clone() for group in booster.optimizer.param_groups for p in group["params"]]
+
+
+def rewind(booster, snapshot: list[torch.Tensor]) -> None:
+    """Put an entry back where it started: the trained tensors as `snapshot` holds them, and the optimizer's state
+    as torch's AdamW makes it at its first step (moments and step count all zero; in fp32, exact). In place, so that
+    the CUDA graphs captured on these tensors replay from there: the bench rewinds a graph-using entry after the
+    untimed steps that captured its graphs, so that its first timed step is checked like any other."""
+    params = [p for group in booster.optimizer.param_groups for p in group["params"]]
+    for p, p0 in zip(params, snapshot, strict=True):
+        with torch.no_grad():
+            p.copy_(p0)
+        for v in booster.optimizer.state.get(p, {}).values():
+            if not torch.is_tensor(v):
+                raise TypeError(f"cannot rewind an optimizer state entry of type {type(v).__name__}")
+            v.zero_()
 
 
 def graph_pool_bytes(engine) -> int:

@@ -1103,6 +1103,81 @@ def test_time_interleaved_rotates_times_after_the_warmup_and_counts_real_tokens(
     assert calls == [(n, i) for i in range(5) for n in names[i % 3:] + names[:i % 3]]
 
 
+@pytest.mark.parametrize("rewound", [True, False])
+def test_an_entry_that_stepped_to_capture_its_graphs_is_rewound_and_checked(monkeypatch, rewound):
+    """An entry with CUDA graphs takes untimed steps to capture them (StepGraphs with CPU stand-ins for its two
+    CUDA-only methods: a capture runs the step once more, a replay recomputes it on the static inputs). The bench
+    then rewinds it to the initial weights and a fresh AdamW state, so that its first timed step, a replay, matches
+    the reference's as an eager entry's does. Without the rewind (the second case) it does not: the check would
+    compare a model that has moved."""
+    import booster_fast.bench as bench
+    from booster_fast import Booster, BoosterConfig, add_lora, load_model
+    from booster_fast.bench_measure import first_step_agreement
+    from booster_fast.graphs import WARMUP, StepGraphs
+    from test_graphs import _fake_cuda
+
+    def entry(impl):
+        model, _ = load_model("tiny", dtype=torch.float32, seed=0, device="cpu", num_hidden_layers=2)
+        torch.manual_seed(0)
+        model = add_lora(model, r=4, alpha=8, targets="all-linear")
+        return Booster(model, BoosterConfig(impl=impl, lr=3e-3, graphs="off"))
+
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(rows, length):
+        ids = torch.randint(3, 500, (rows, length), generator=gen)
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+    raw = [(batch(3, 17), batch(2, 17)) for _ in range(4)]
+    ref, fast = entry("reference"), entry("fast")
+    pairs = {b: [tuple(b.to_device(x, "cpu") for x in pair) for pair in raw] for b in (ref, fast)}
+    events = _fake_cuda(monkeypatch)
+    fast.engine.graphs = StepGraphs("on")
+    if not rewound:
+        monkeypatch.setattr(bench, "rewind", lambda booster, snapshot: None)
+    impls = {"reference": (ref, ref.step, pairs[ref]), "fast-graphs": (fast, fast.step, pairs[fast])}
+    _, _, first = bench.time_interleaved(impls, [(None, None, 51, 34)] * 4, SimpleNamespace(warmup=1, steps=1),
+                                         torch.device("cpu"), {})
+    assert events == ["eager"] * (WARMUP - 1) + ["watched", "capture"], "one shape: warmed up and captured once"
+    assert fast.engine.graphs.replays == 1 + 2, "the capturing call's replay, then one replay per round"
+    check = first_step_agreement(first)["fast-graphs"]
+    if rewound:
+        assert check["first_step_rel_diff"] < 1e-5 and check["first_step_agrees"], check
+    else:
+        assert check["first_step_rel_diff"] > 1e-4, check
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_a_rewound_entry_trains_as_a_fresh_one(impl):
+    """rewind: weights back and AdamW's state as a fresh AdamW starts it, so that two steps after the rewind land
+    where two steps of a fresh entry land (the moments matter from the second step on: without zeroing them the
+    weights differ)."""
+    from booster_fast import Booster, BoosterConfig, add_lora, load_model
+    from booster_fast.bench_measure import rewind, trainable_snapshot
+
+    def entry():
+        model, _ = load_model("tiny", dtype=torch.float32, seed=0, device="cpu", num_hidden_layers=2)
+        torch.manual_seed(0)
+        b = Booster(add_lora(model, r=4, alpha=8, targets="all-linear"), BoosterConfig(impl=impl, lr=3e-3))
+        return b, [p for g in b.optimizer.param_groups for p in g["params"]]
+
+    gen = torch.Generator().manual_seed(2)
+    ids = [torch.randint(3, 500, (2, 13), generator=gen) for _ in range(4)]
+    pairs = [tuple({"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)} for x in ids[i:i + 2])
+             for i in (0, 2)]
+    (used, params), (fresh, fresh_params) = entry(), entry()
+    start = trainable_snapshot(used)
+    for a, h in pairs + pairs:  # four steps: moments and step count well away from zero
+        used.step(used.to_device(a, "cpu"), used.to_device(h, "cpu"))
+    rewind(used, start)
+    assert all(torch.equal(p, p0) for p, p0 in zip(params, start))
+    for booster in (used, fresh):
+        for a, h in pairs:
+            booster.step(booster.to_device(a, "cpu"), booster.to_device(h, "cpu"))
+    for p, q in zip(params, fresh_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_make_batches_count_the_real_tokens_not_the_pads():
     """tokens_per_s's numerator: the real tokens of each random batch (80 % of rows x length), not its pads."""
     from booster_fast.bench_data import make_batches
