@@ -705,6 +705,22 @@ def test_graph_replays_equal_eager_steps(quant):
 
 
 @pytest.mark.gpu
+def test_the_bench_rewinds_fast_graphs_and_checks_its_first_replay(tmp_path):
+    """On CUDA the bench's fast-graphs entry captures its step in untimed steps, is rewound in place (the captured
+    graphs read the restored weights and the zeroed AdamW state) and its first replay must match the reference's
+    first step."""
+    import json
+
+    from booster_fast.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "tiny", "--device", "cuda", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+               "--harmful-batch-size", "3", "--impls", "reference,fast-graphs", "--output", str(out)])
+    res = json.loads(out.read_text())["results"]["fast-graphs"]
+    assert rc == 0 and res["cuda_graphs"] and res["first_step_agrees"], res
+
+
+@pytest.mark.gpu
 def test_graph_replays_follow_a_learning_rate_schedule():
     """A scheduler changes the device-tensor learning rate between replays: one graph is captured and replayed,
     and the weights follow the eager steps of the same schedule."""
