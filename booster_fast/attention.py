@@ -297,12 +297,7 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
         err = errors[name] = float((got - want).norm() / want.norm().clamp_min(1e-30))
         return None if err <= tolerance else f"the {name} logits differ from the padded ones by {err:.2g} relative"
 
-    # eval mode (no dropout), except bitsandbytes' 4-bit layers: on the CPU an eval-mode forward without grad
-    # repacks their weights for inference in place, after which training computes zero gradients
-    modes = {m: m.training for m in model.modules()}
-    for m in modes:
-        m.training = type(m).__name__ == "Linear4bit" and m.training
-    try:
+    with probing(model):
         with autocast():
             want = model(input_ids=ids.to(device), attention_mask=real.long().to(device), use_cache=False).logits
             want = want[real.to(device)].float()
@@ -323,14 +318,26 @@ def probe_attention(model, autocast=contextlib.nullcontext) -> tuple[str | None,
         why_mask = check("mask-free", unmasked, CAUSAL_SDPA)
         why_pack = (supports_packing(model) or (why_mask and f"it needs its attention masks ({why_mask})")
                     or check("packed", packed, VARLEN))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     if low_precision and any(errors.values()):  # the margin in bf16, where the forms do not agree bit for bit
         # (a GPU's kernels round apart)
         log.info("attention probe: the %s logits differ from the padded ones by %s relative (tolerance %.0e)",
                  " and ".join(errors), " and ".join(f"{e:.1e}" for e in errors.values()), tolerance)
     return why_pack, why_mask
+
+
+@contextlib.contextmanager
+def probing(model):
+    """Inside: the model in eval mode (no dropout) for a probe's forwards, except bitsandbytes' 4-bit layers: on the
+    CPU an eval-mode forward without grad repacks their weights for inference in place, after which training
+    computes zero gradients. Each module's mode is restored on the way out."""
+    modes = {m: m.training for m in model.modules()}
+    for m in modes:
+        m.training = type(m).__name__ == "Linear4bit" and m.training
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 @contextlib.contextmanager

@@ -37,7 +37,8 @@ from .config import BoosterConfig
 from .flat import ALL_TOKENS, FlatLoRA, MixedPositions
 from .kernels import normalize_perturb_, restore_combine_, sumsq, triton_unusable
 from .kernels.model_kernels import available
-from .losses import attention_for, label_count, logits_of, loss_sum, targets_of, token_losses
+from .head_loss import head_losses, probe_head
+from .losses import attention_for, label_count, logits_of, targets_of, token_losses
 from .compute import Autocast, checkpoint_reads_rng
 from .lora import trainable_parameters
 from .models import check_rope_length, length_dependent_rope
@@ -120,6 +121,10 @@ class FastBooster:
         self.window = sliding_window(model)  # batches with longer sequences go padded (Booster.to_device)
         self.rope = length_dependent_rope(model)  # batches longer than its L are refused (check_length)
         self.fused = self._fused_ops_for(cfg.fused_ops)
+        why_head = probe_head(model, self.autocast)  # the LM head in chunks (head_loss.py), or the model's own
+        self.chunked_head = why_head is None
+        if why_head is not None:
+            log.info("LM head: the model's own, over all positions at once (%s)", why_head)
         self.distributed = dist.is_available() and dist.is_initialized()
         cuda = self.device.type == "cuda"
         # one parameter for the optimizer: the flat buffer W (a leaf sharing W's storage), grad = G_f
@@ -234,9 +239,15 @@ class FastBooster:
         with self.flat.route(harmful_tokens), model_pass(), attention_for(self.model, batch), \
                 around or contextlib.nullcontext():
             with self.autocast():
-                loss = loss_sum(self.model, batch) / denom
+                loss = self._token_losses(batch).sum() / denom
             loss.backward()
             return loss.detach()
+
+    def _token_losses(self, batch) -> torch.Tensor:
+        """Per-position cross entropy of one batch (losses.token_losses), the LM head in chunks where it can be."""
+        if self.chunked_head:
+            return head_losses(self.model, batch)
+        return token_losses(logits_of(self.model, batch), batch)
 
     def _merged_backward(self, h, f, n_h, n_f, record: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """ONE forward/backward of [h ; f]: the LoRA grads of h's positions land in G_h, of f's in G_f. `record`:
@@ -264,7 +275,7 @@ class FastBooster:
             both = concat(h, f)
             with attention_for(self.model, both):
                 with self.autocast():
-                    per_position = token_losses(logits_of(self.model, both), both).flatten()
+                    per_position = self._token_losses(both).flatten()
                     k = targets_of(h).numel()  # h's positions come first
                     loss_h, loss_f = per_position[:k].sum() / n_h, per_position[k:].sum() / n_f
                 (loss_h + loss_f).backward()

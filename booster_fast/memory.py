@@ -168,16 +168,23 @@ def layer_bytes_fixed(shape: Shape, a: int, targets: tuple[str, ...], r: int) ->
 
 def pass_bytes(shape: Shape, tokens: int, positions: int, a: int, targets: tuple[str, ...], r: int,
                fused: bool, checkpointing: bool, lora_dropout: float = 0.0, grouped_kv: bool = True,
-               input_copies: bool = False, recorded_tokens: int = 0, res: int | None = None) -> tuple[int, int]:
+               input_copies: bool = False, recorded_tokens: int = 0, res: int | None = None,
+               chunked_head: bool = False) -> tuple[int, int]:
     """(saved, transient) bytes of one forward/backward over `tokens` tokens whose LM head sees `positions`
     positions. `recorded_tokens`: alignment tokens whose attention-output gradients perturb_aware keeps; `res`:
-    the residual stream's element size (layer_bytes_per_token)."""
+    the residual stream's element size (layer_bytes_per_token); `chunked_head`: the LM head and cross entropy
+    in chunks (head_loss.py: a chunk's logits at a time, each position's fp32 input gradient kept)."""
+    from .head_loss import CHUNK_LOGITS, chunk_bytes_per_logit
+
     res = a if res is None else res
     per_layer = layer_bytes_per_token(shape, a, targets, r, fused, lora_dropout, grouped_kv, input_copies,
                                       res) * tokens
     fixed = layer_bytes_fixed(shape, a, targets, r) * shape.layers
     head_in = ((res if fused else 4) * shape.hidden + 4) * tokens  # the final norm's input
     logits = HEAD_BYTES_PER_LOGIT * shape.vocab * positions
+    if chunked_head:
+        logits = chunk_bytes_per_logit(a) * shape.vocab * min(positions, max(1, CHUNK_LOGITS // shape.vocab))
+        head_in += 4 * shape.hidden * positions
     recorded = a * shape.hidden * shape.layers * recorded_tokens
     working = 3 * res * shape.intermediate * tokens  # a layer's MLP backward: gradients of act(gate)·up, gate, up
     if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
@@ -192,7 +199,7 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
              lora_dropout: float = 0.0, impl: str = "fast", method: str = "booster", merged: bool = True,
              fused: bool = True, checkpointing: bool = False, perturb_aware: bool = False,
              grouped_kv: bool | None = None, quant: str = "none", micro_batches: int = 1,
-             cuda: bool = True, graph_warmup: bool = False) -> StepMemory | None:
+             cuda: bool = True, graph_warmup: bool = False, chunked_head: bool = True) -> StepMemory | None:
     """The peak of one step (StepMemory), or None when the targets are not all Llama linears.
 
     rows / harmful_rows: alignment / harmful rows per micro-batch, `micro_batches` of them per update (Vaccine
@@ -201,7 +208,8 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
     merged: the fast engine runs both batches as one pass; grouped_kv (default: for the fast engine, which gives
     the attention no mask) see layer_bytes_per_token; quant "nf4" and cuda: peft's 4-bit LoRA layer casts no
     input under CUDA's autocast (it does under the CPU's); graph_warmup: CUDA graphs over packed batches (the
-    fast engine), whose new lengths warm up beside the captured graphs' pool."""
+    fast engine), whose new lengths warm up beside the captured graphs' pool; chunked_head: the fast engine runs
+    the LM head in chunks (head_loss.py; False where its probe found the model's head to be another)."""
     names = lora_targets(targets)
     if names is None:
         return None
@@ -214,7 +222,8 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
     # adapters' dtype (autocast casts an activation anew for each use)
     copies = res > a or (impl == "reference" and a == 2 and not (quant == "nf4" and cuda))
     one = dict(a=a, res=res, targets=names, r=r, fused=fused, checkpointing=checkpointing,
-               lora_dropout=lora_dropout, grouped_kv=grouped_kv, input_copies=copies)
+               lora_dropout=lora_dropout, grouped_kv=grouped_kv, input_copies=copies,
+               chunked_head=chunked_head and impl == "fast")
     record = max_length * rows * micro_batches if perturb_aware and method == "booster" else 0
     if method == "sft":
         batches = [rows]
@@ -275,7 +284,8 @@ def of_booster(booster, batch_size: int, harmful_batch_size: int, max_length: in
                     perturb_aware=cfg.perturb_aware, micro_batches=micro,
                     quant="nf4" if is_quantized(model) else "none", cuda=engine.device.type == "cuda",
                     grouped_kv=cfg.impl == "fast" and (not pack or packed_kv_grouped(engine.device)),
-                    graph_warmup=pack and getattr(engine, "graphs", None) is not None)
+                    graph_warmup=pack and getattr(engine, "graphs", None) is not None,
+                    chunked_head=getattr(engine, "chunked_head", False))
     return estimate(shape, weights=frozen_bytes(model), **{**settings, **overrides})
 
 

@@ -173,9 +173,16 @@ def test_seven_b_layer_by_hand():
     # unmerged, one batch per pass: half the activations (but for the adapters' bf16 weights, kept per pass)
     unmerged = memory.estimate(shape, weights=0, rows=10, harmful_rows=10, max_length=256, merged=False)
     assert unmerged.activations == pytest.approx(full.activations / 2, rel=5e-3)
-    # the transient peak here is the logits' (12 bytes per logit: bf16 logits, their fp32 copy and its gradient),
-    # on the positions that predict a token: 255 of a row's 256
-    assert full.transient == memory.HEAD_BYTES_PER_LOGIT * 32000 * 20 * 255 and memory.HEAD_BYTES_PER_LOGIT == 12
+    # the fast engine's LM head runs in chunks of 2^25 logits (1,048 positions here) at 6 bytes a bf16 logit, so the
+    # transient peak is a layer's MLP backward (3 bf16 tensors of the MLP's width per token) ...
+    from booster_fast.head_loss import CHUNK_LOGITS
+    assert CHUNK_LOGITS // 32000 == 1048 and 6 * 32000 * 1048 < 3 * 2 * i * 20 * 256 == full.transient
+    # ... where the model's own head would hold 12 bytes per logit (bf16 logits, their fp32 copy and its gradient)
+    # on every position that predicts a token: 255 of a row's 256
+    own = memory.estimate(shape, weights=0, rows=10, harmful_rows=10, max_length=256, chunked_head=False)
+    assert own.transient == memory.HEAD_BYTES_PER_LOGIT * 32000 * 20 * 255 and memory.HEAD_BYTES_PER_LOGIT == 12
+    # the chunked head keeps each position's fp32 input gradient instead: 4 h bytes a position
+    assert full.activations - own.activations == 4 * h * 20 * 255
 
 
 def test_a_grouped_query_layer_by_hand():

@@ -1,0 +1,153 @@
+"""The LM head and the cross entropy of the fast engine, in chunks of positions: the full logits never exist.
+
+A causal LM's loss needs, per labelled position, the log-sum-exp of its logits and the logit of its target; its
+backward needs (softmax − one-hot)·W_head. The model's own head computes the logits of every position at once and
+the cross entropy keeps an fp32 log-softmax of them for the backward: ~12 bytes per position and vocabulary entry
+at the peak (memory.HEAD_BYTES_PER_LOGIT), 1.8 GiB for a merged 7B pass of 20 x 256 tokens over Llama-2's 32,000
+entries, 15 GiB over Gemma-2's 256,000. Here the positions go through the head CHUNK_LOGITS logits at a time,
+and each chunk's gradient with respect to the head's input is taken at once, in the forward: since the head is
+frozen (LoRA does not train it), that gradient is all its backward needs. What is kept for the backward is one
+fp32 row of the hidden size per position; the backward scales each row by its position's incoming gradient (the
+token mean's 1/count, different for the harmful and alignment rows of a merged pass). The FLOPs are those of the
+model's head and its backward; only the memory changes.
+
+`head_losses` runs the model's forward with its head swapped for one that keeps its input and returns no logits
+(the forward's own steps around the head, such as packing's choice of positions, still run), then this module's
+head. It reproduces a plain `nn.Linear` head with, where the config has it, Gemma's final logit softcapping;
+`probe_head` checks that on the model when the engine is built, and a model whose head is anything else (a LoRA
+target, a quantised layer, logits scaled by its own code) keeps its own head and the full logits.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .attention import probing
+from .errors import described
+from .losses import IGNORE_INDEX, logits_of, targets_of, token_losses
+
+# logits per chunk: 2^25, 1,048 positions of Llama-2's vocabulary, 131 of Gemma-2's. A chunk's peak is the fp32
+# logits (4 bytes each) and, from bf16 logits, one bf16 copy beside them (the logits, then the gradient cast for
+# the head's matmul): ~200 MB for bf16 logits, where the model's head holds ~12 bytes a logit for every position.
+# A softcapped head keeps one fp32 copy more (the slope).
+CHUNK_LOGITS = 2 ** 25
+
+
+def chunk_bytes_per_logit(logit_bytes: int) -> int:
+    """A chunk's peak per logit (measured on the CPU: 6.2 for bf16 logits, 4.3 for fp32, 156 x 2485 logits)."""
+    return 4 + (logit_bytes if logit_bytes < 4 else 0)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Per-position cross entropy of `x @ weight.T (+ bias)`, softcapped where `softcap` is set; zero where the target
+    is IGNORE_INDEX. x: [P, H] (requires grad), weight: [V, H] (frozen), targets: [P]. Returns fp32 losses [P]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, softcap, chunk):
+        losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        # d loss_i / d x_i, kept for the backward: in fp32 (fp64 for an fp64 model)
+        grad_x = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        for start in range(0, x.shape[0], chunk):
+            xs, ts = x[start:start + chunk], targets[start:start + chunk]
+            z = F.linear(xs, weight, bias)  # the logits as the head computes them (bf16 under autocast)
+            dtype = z.dtype
+            z = z.to(grad_x.dtype)  # fp32 (bf16: a copy, and the bf16 logits go); fp64 for an fp64 model
+            slope = None
+            if softcap:  # softcap·tanh(z/softcap), whose slope 1 − tanh² the gradient needs
+                t = z.div_(softcap).tanh_()
+                slope = 1 - t.square()
+                z = t.mul_(softcap)
+            valid = ts != IGNORE_INDEX
+            picked = ts.clamp(min=0).unsqueeze(1)
+            target_logit = z.gather(1, picked).squeeze(1)
+            # log-sum-exp by hand, in z's own memory (torch.logsumexp takes a temporary of z's size on some
+            # devices): z becomes exp(z − max), then the softmax
+            top = z.amax(dim=1, keepdim=True)
+            total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
+            lse = (top + total.log()).squeeze(1)
+            losses[start:start + chunk] = torch.where(valid, lse - target_logit, 0.0)
+            # the cross entropy's gradient: softmax − one-hot, zero for an ignored position
+            g = z.div_(total)
+            g.scatter_add_(1, picked, -valid.unsqueeze(1).to(g.dtype))
+            g.mul_(valid.unsqueeze(1))
+            if slope is not None:
+                g.mul_(slope)
+            # through the head, in its logits' dtype, as the head's own backward would run it
+            grad_x[start:start + chunk] = g.to(dtype) @ weight.to(dtype)
+        ctx.save_for_backward(grad_x)
+        ctx.x_dtype = x.dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_x,) = ctx.saved_tensors
+        return (grad_losses.float().unsqueeze(1) * grad_x).to(ctx.x_dtype), None, None, None, None, None
+
+
+@contextlib.contextmanager
+def _head_inputs(head, kept: list):
+    """Inside: `head` appends its input to `kept` and returns no logits (a [..., 0] tensor), so the model's
+    forward runs everything but the head's matmul. The head's pre-hooks still run (losses.kept_positions)."""
+    had_own = "forward" in head.__dict__
+    own = head.__dict__.get("forward")
+
+    def keep(x):
+        kept.append(x)
+        return x.new_empty(*x.shape[:-1], 0)
+
+    head.forward = keep
+    try:
+        yield
+    finally:
+        if had_own:
+            head.forward = own
+        else:
+            del head.forward
+
+
+def softcap_of(model) -> float | None:
+    """Gemma 2/3's final logit softcapping from the config (None where there is none)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)()
+    return getattr(text, "final_logit_softcapping", None) or None
+
+
+def head_losses(model, batch: dict) -> torch.Tensor:
+    """What `token_losses(logits_of(model, batch), batch)` gives — per-position cross entropy, [B, T-1] for a
+    padded batch, [1, K] for a packed one — with the LM head run in chunks (the module docstring)."""
+    head, kept = model.get_output_embeddings(), []
+    with _head_inputs(head, kept):
+        logits_of(model, batch)
+    (x,) = kept
+    targets = targets_of(batch)
+    x = x[:, :targets.shape[1]].reshape(-1, x.shape[-1])
+    chunk = max(1, CHUNK_LOGITS // head.out_features)
+    losses = _ChunkedHeadLoss.apply(x, head.weight, head.bias, targets.reshape(-1), softcap_of(model), chunk)
+    return losses.view_as(targets)
+
+
+def probe_head(model, autocast=contextlib.nullcontext) -> str | None:
+    """Why the chunked head cannot stand in for `model`'s own, or None when it can: the head must be a plain,
+    frozen nn.Linear, and the chunked losses of two random rows must match those of the model's logits (within
+    the compute dtype's rounding). Run once when the fast engine is built; a failure is a reason, never an
+    exception."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain Linear layer"
+    if any(p.requires_grad for p in head.parameters()):
+        return "its LM head is trained"
+    device = head.weight.device
+    g = torch.Generator().manual_seed(0)
+    vocab = head.out_features
+    ids = torch.randint(min(3, vocab - 1), vocab, (2, 6), generator=g).to(device)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    try:
+        with torch.no_grad(), probing(model), autocast():
+            want = token_losses(logits_of(model, batch), batch)
+            got = head_losses(model, batch)
+    except Exception as e:  # noqa: BLE001 - any model code that cannot take it: the reason, logged by the caller
+        return f"its forward without the head's logits failed ({described(e)})"
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    return None if err <= 1e-3 else f"the chunked losses differ from the model's own by {err:.2g} relative"

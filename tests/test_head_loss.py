@@ -1,0 +1,120 @@
+"""head_loss.py: the fast engine's LM head and cross entropy in chunks, against the model's own head.
+
+The chunked function against a float64 derivation (autograd through F.linear, softcapping and F.cross_entropy)
+on irregular sizes, ignored positions and chunks that do not divide the positions; `head_losses` against
+`token_losses(logits_of(...))` on the tiny model, padded and packed, losses and LoRA gradients; and the probe
+that keeps a model's own head where the chunked one would not be its maths.
+"""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import booster_fast as bf
+from booster_fast import head_loss
+from booster_fast.head_loss import _ChunkedHeadLoss, head_losses, probe_head
+from booster_fast.losses import IGNORE_INDEX, logits_of, token_losses
+from booster_fast.packing import pack
+
+from test_fast import SEED, builtin_batches, randomize_lora_b_
+
+P, H, V = 37, 29, 53  # positions, hidden size, vocabulary: irregular, none divides another
+
+
+def _inputs(dtype, gen, bias=True):
+    x = torch.randn(P, H, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+    w = (torch.randn(V, H, generator=gen, dtype=torch.float64) / H ** 0.5).to(dtype)
+    b = torch.randn(V, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    t = torch.randint(0, V, (P,), generator=gen)
+    t[torch.rand(P, generator=gen) < 0.3] = IGNORE_INDEX
+    return x, w, b, t
+
+
+def _derived(x, w, b, t, softcap):
+    """Per-position losses and d(sum_i c_i loss_i)/dx by autograd in float64."""
+    x64 = x.detach().double().requires_grad_(True)
+    z = F.linear(x64, w.double(), None if b is None else b.double())
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return x64, F.cross_entropy(z, t, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("chunk", [1, 8, P, 1000])
+def test_chunked_losses_and_gradient_match_a_float64_derivation(chunk, softcap):
+    gen = torch.Generator().manual_seed(SEED + chunk)
+    x, w, b, t = _inputs(torch.float64, gen)
+    # a different upstream gradient per position, exact in fp32 (the losses' dtype, so the gradient's too)
+    weights = torch.rand(P, generator=gen).double()
+    got = _ChunkedHeadLoss.apply(x, w, b, t, softcap, chunk)
+    (got.double() * weights).sum().backward()
+    x64, want = _derived(x, w, b, t, softcap)
+    (want * weights).sum().backward()
+    assert got.dtype == torch.float32 and got.shape == (P,)
+    assert (got[t == IGNORE_INDEX] == 0).all() and (got[t != IGNORE_INDEX] > 0).all()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x64.grad, rtol=1e-10, atol=1e-12)
+    assert (x.grad[t == IGNORE_INDEX] == 0).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_chunked_head_in_low_precision_is_the_heads_rounding(dtype, tol):
+    """fp32 and bf16 inputs (the logits in the input's dtype, the cross entropy in fp32, as the model's head and
+    token_losses run them) against the float64 derivation."""
+    gen = torch.Generator().manual_seed(SEED)
+    x, w, b, t = _inputs(dtype, gen, bias=False)
+    got = _ChunkedHeadLoss.apply(x, w, b, t, None, 5)
+    got.sum().backward()
+    x64, want = _derived(x, w, b, t, None)
+    want.sum().backward()
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=tol)
+    err = (x.grad.double() - x64.grad).norm() / x64.grad.norm()
+    assert err < tol, f"{dtype}: input gradient {err:.3g} from the float64 derivation"
+
+
+def _tiny_with_lora(targets="all-linear"):
+    model, tok = bf.load_model("tiny", seed=SEED, device="cpu", num_hidden_layers=2)
+    torch.manual_seed(SEED)
+    return randomize_lora_b_(bf.add_lora(model, r=4, alpha=8, targets=targets), SEED + 1), tok
+
+
+def _losses_and_grads(model, batch, losses_of):
+    model.zero_grad(set_to_none=True)
+    losses = losses_of(model, batch)
+    weights = torch.linspace(0.5, 1.5, losses.numel()).view_as(losses)  # per-position upstream gradients
+    (losses * weights).sum().backward()
+    return losses.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("form", ["padded", "packed"])
+@pytest.mark.parametrize("chunk_logits", [head_loss.CHUNK_LOGITS, 2485 * 7])  # one chunk; several, uneven
+def test_head_losses_are_the_models_own(monkeypatch, form, chunk_logits):
+    monkeypatch.setattr(head_loss, "CHUNK_LOGITS", chunk_logits)
+    model, tok = _tiny_with_lora()
+    ((align, _),) = builtin_batches(tok, 1, batch_size=5, max_length=96)
+    batch = {k: v for k, v in align.items() if k != "attention_mask"}  # right-padded: exact without it
+    if form == "packed":
+        batch = pack(align)
+    own, own_grads = _losses_and_grads(model, batch, lambda m, b: token_losses(logits_of(m, b), b))
+    got, grads = _losses_and_grads(model, batch, head_losses)
+    assert got.shape == own.shape and (own > 0).any()
+    torch.testing.assert_close(got, own, rtol=1e-5, atol=1e-5)
+    for g, g0 in zip(grads, own_grads, strict=True):
+        assert (g - g0).norm() <= 1e-5 * g0.norm(), f"{form}: a LoRA gradient {(g - g0).norm() / g0.norm():.3g} off"
+
+
+def test_the_probe_keeps_the_models_own_head_where_it_must(caplog):
+    model, _ = _tiny_with_lora()
+    assert probe_head(model) is None
+    lora_head, _ = _tiny_with_lora(("q_proj", "lm_head"))
+    assert "not a plain Linear layer" in probe_head(lora_head)
+    # a softcapping the config names but the model's code does not apply: the chunked losses would differ
+    model.config.final_logit_softcapping = 1.0
+    assert "the chunked losses differ from the model's own" in probe_head(model)
+    with caplog.at_level(logging.INFO, logger="booster_fast"):
+        booster = bf.Booster(lora_head, bf.BoosterConfig(impl="fast"))
+    assert not booster.engine.chunked_head
+    assert any(r.getMessage().startswith("LM head: the model's own, over all positions at once (its LM head is a")
+               for r in caplog.records)
