@@ -64,8 +64,8 @@ def model_pass():
 
 def default_merge(device: torch.device) -> bool:
     """Default per device. CPU, measured (benchmarks/results/cpu_tiny.json): a 2B-row pass costs as much as two
-    B-row passes (merged 1.02x the reference there, unmerged 1.01x; 0.97-1.03x both over runs), while it holds
-    both batches' activations at once (peak 89 MB against 52): off. CUDA: merging halves pass 1's launches and
+    B-row passes (merged and unmerged both 1.11x the reference there; level with each other over runs), while it
+    holds both batches' activations at once (peak 73 MB against 44): off. CUDA: merging halves pass 1's launches and
     weight reads (dequantisation under NF4); on by design until the GPU suite measures it."""
     return torch.device(device).type == "cuda"
 
@@ -80,8 +80,8 @@ def default_fused_ops(device: torch.device) -> bool:
 def default_packing(device: torch.device) -> bool:
     """Default per device: on for both (to_device packs only the batches it shrinks). Packing removes the pad
     positions from every matmul. CPU, measured (benchmarks/results/cpu_tiny_len256.json: the built-in data at
-    max_length 256, the reference padded to each batch's longest row as the original is): 1.12x the reference
-    (1.11-1.16x over runs). CUDA: the attention runs flash's variable-length kernel, which computes nothing
+    max_length 256, the reference padded to each batch's longest row as the original is): 1.19x the reference,
+    against 1.15x for the same engine padded in the same run. CUDA: the attention runs flash's variable-length kernel, which computes nothing
     twice; on by design until the GPU suite has measured it."""
     return True
 
