@@ -130,23 +130,27 @@ def head_losses(model, batch: dict) -> torch.Tensor:
 
 def probe_head(model, autocast=contextlib.nullcontext) -> str | None:
     """Why the chunked head cannot stand in for `model`'s own, or None when it can: the head must be a plain,
-    frozen nn.Linear, and the chunked losses of two random rows must match those of the model's logits (within
-    the compute dtype's rounding). Run once when the fast engine is built; a failure is a reason, never an
-    exception."""
+    frozen nn.Linear, and the chunked losses of two random rows must match those of the model's logits. The
+    head's input is scaled for the check so that the logits spread as a trained model's do (std 8): a random
+    model's logits are small, and a softcapping or scaling the chunked head lacks would hardly show on them. Run
+    once when the engine is built (a few host reads); a failure is a reason, never an exception."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear:
         return f"its LM head is a {type(head).__name__}, not a plain Linear layer"
     if any(p.requires_grad for p in head.parameters()):
         return "its LM head is trained"
-    device = head.weight.device
     g = torch.Generator().manual_seed(0)
-    vocab = head.out_features
-    ids = torch.randint(min(3, vocab - 1), vocab, (2, 6), generator=g).to(device)
-    batch = {"input_ids": ids, "labels": ids.clone()}
+    ids = torch.randint(min(3, head.out_features - 1), head.out_features, (2, 6), generator=g)
+    batch = {"input_ids": ids.to(head.weight.device), "labels": ids.to(head.weight.device)}
     try:
         with torch.no_grad(), probing(model), autocast():
-            want = token_losses(logits_of(model, batch), batch)
-            got = head_losses(model, batch)
+            scale = 8 / max(float(logits_of(model, batch).float().std()), 1e-6)
+            handle = head.register_forward_pre_hook(lambda module, args: (args[0] * scale, *args[1:]))
+            try:
+                want = token_losses(logits_of(model, batch), batch)
+                got = head_losses(model, batch)
+            finally:
+                handle.remove()
     except Exception as e:  # noqa: BLE001 - any model code that cannot take it: the reason, logged by the caller
         return f"its forward without the head's logits failed ({described(e)})"
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))

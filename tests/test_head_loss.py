@@ -118,3 +118,27 @@ def test_the_probe_keeps_the_models_own_head_where_it_must(caplog):
     assert not booster.engine.chunked_head
     assert any(r.getMessage().startswith("LM head: the model's own, over all positions at once (its LM head is a")
                for r in caplog.records)
+
+
+def test_gemma2s_final_softcapping_runs_chunked(monkeypatch):
+    """Gemma 2 softcaps its logits (config.final_logit_softcapping; 1.0 here, so that it bends the tiny model's
+    small logits): the probe accepts the chunked head, which softcaps too, and its losses and LoRA gradients are
+    the model's own."""
+    from test_fused_ops import _gemma
+
+    model = _gemma("gemma2", 300)
+    model.config.final_logit_softcapping = 1.0
+    assert head_loss.softcap_of(model) == 1.0 and probe_head(model) is None
+    ids = torch.randint(4, 300, (3, 21), generator=torch.Generator().manual_seed(SEED))
+    labels = ids.clone()
+    labels[:, :6] = IGNORE_INDEX
+    batch = {"input_ids": ids, "labels": labels}
+    own, own_grads = _losses_and_grads(model, batch, lambda m, b: token_losses(logits_of(m, b), b))
+    got, grads = _losses_and_grads(model, batch, head_losses)
+    torch.testing.assert_close(got, own, rtol=1e-5, atol=1e-5)
+    for g, g0 in zip(grads, own_grads, strict=True):
+        assert (g - g0).norm() <= 1e-5 * g0.norm()
+    # without the softcapping the chunked losses would be another function, which the probe refuses
+    monkeypatch.setattr(head_loss, "softcap_of", lambda model: None)
+    assert (head_losses(model, batch) - own).abs().max() > 1e-2
+    assert "the chunked losses differ from the model's own" in probe_head(model)
