@@ -28,16 +28,16 @@ def leftovers(d: Path) -> list[str]:
 
 
 def nan_loss_on(monkeypatch, calls):
-    """Make the fast engine's training loss NaN on the given 1-based calls of loss_sum (None: on every call); the
-    held-out loss (attack.heldout_loss) is computed apart and stays finite."""
-    real, n = fast.loss_sum, [0]
+    """Make the fast engine's training loss NaN on the given 1-based calls of its per-position losses (None: on
+    every call); the held-out loss (attack.heldout_loss) is computed apart and stays finite."""
+    real, n = fast.FastBooster._token_losses, [0]
 
-    def loss_sum(model, batch):
+    def token_losses(self, batch):
         n[0] += 1
-        out = real(model, batch)
+        out = real(self, batch)
         return out * float("nan") if calls is None or n[0] in calls else out
 
-    monkeypatch.setattr(fast, "loss_sum", loss_sum)
+    monkeypatch.setattr(fast.FastBooster, "_token_losses", token_losses)
 
 
 def test_an_attack_whose_updates_are_all_skipped_stops_with_exit_3(aligned, tmp_path, monkeypatch, capsys):
@@ -57,7 +57,7 @@ def test_an_attack_whose_updates_are_all_skipped_stops_with_exit_3(aligned, tmp_
 def test_skipped_updates_are_counted_in_the_metrics(aligned, tmp_path, monkeypatch, caplog):
     """Some updates skipped (under --max-skipped): the run completes, each metrics line counts its interval's
     skipped updates, the training loss averages the others only, and a warning says how many."""
-    nan_loss_on(monkeypatch, {2, 3})  # the 2nd and 3rd updates (one loss_sum call per SFT update)
+    nan_loss_on(monkeypatch, {2, 3})  # the 2nd and 3rd updates (one call per SFT update)
     out = tmp_path / "some"
     assert main(["attack", "--adapter", str(aligned), "--output", str(out), "--steps", "4", "--eval-every", "2",
                  *SMALL]) == 0
