@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import probing
+from .compute import compute_dtype
 from .errors import described
 from .losses import IGNORE_INDEX, logits_of, targets_of, token_losses
 
@@ -154,4 +155,7 @@ def probe_head(model, autocast=contextlib.nullcontext) -> str | None:
     except Exception as e:  # noqa: BLE001 - any model code that cannot take it: the reason, logged by the caller
         return f"its forward without the head's logits failed ({described(e)})"
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
-    return None if err <= 1e-3 else f"the chunked losses differ from the model's own by {err:.2g} relative"
+    # in bf16 a model may softcap its bf16 logits where the chunked head softcaps their fp32 copy: measured 2.3e-3
+    # on a small Gemma 2; a softcap left out gives 0.29 there
+    tolerance = 1e-3 if compute_dtype(model) == torch.float32 else 2e-2
+    return None if err <= tolerance else f"the chunked losses differ from the model's own by {err:.2g} relative"
