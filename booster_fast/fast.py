@@ -21,6 +21,8 @@ perturbation of W: three passes where the original runs four.
 
 The passes take padded batches (without their masks) or packed ones (packing.py: no pad positions, the LM head
 on the labelled positions only), whichever `Booster.to_device` hands over; the step is the same code for both.
+The LM head and the cross entropy run in chunks (head_loss.py: the logits of a whole pass never exist) unless the
+probe run at build time finds the model's head to be another function.
 """
 from __future__ import annotations
 
@@ -81,8 +83,8 @@ def default_packing(device: torch.device) -> bool:
     """Default per device: on for both (to_device packs only the batches it shrinks). Packing removes the pad
     positions from every matmul. CPU, measured (benchmarks/results/cpu_tiny_len256.json: the built-in data at
     max_length 256, the reference padded to each batch's longest row as the original is): 1.19x the reference,
-    against 1.15x for the same engine padded in the same run. CUDA: the attention runs flash's variable-length kernel, which computes nothing
-    twice; on by design until the GPU suite has measured it."""
+    against 1.15x for the same engine padded in the same run. CUDA: the attention runs flash's variable-length
+    kernel, which computes nothing twice; on by design until the GPU suite has measured it."""
     return True
 
 
