@@ -136,10 +136,12 @@ def probe_head(model, autocast=contextlib.nullcontext) -> str | None:
     model's logits are small, and a softcapping or scaling the chunked head lacks would hardly show on them. Run
     once when the engine is built (a few host reads); a failure is a reason, never an exception."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module) and (hasattr(head, "lora_A") or any(p.requires_grad for p in
+                                                                               head.parameters())):
+        return "its LM head is a LoRA target: it trains"
     if type(head) is not torch.nn.Linear:
-        return f"its LM head is a {type(head).__name__}, not a plain Linear layer"
-    if any(p.requires_grad for p in head.parameters()):
-        return "its LM head is trained"
+        kind = type(head)
+        return f"its LM head is a {kind.__module__}.{kind.__qualname__}, not a plain torch.nn.Linear"
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(min(3, head.out_features - 1), head.out_features, (2, 6), generator=g)
     batch = {"input_ids": ids.to(head.weight.device), "labels": ids.to(head.weight.device)}

@@ -109,15 +109,19 @@ def test_the_probe_keeps_the_models_own_head_where_it_must(caplog):
     model, _ = _tiny_with_lora()
     assert probe_head(model) is None
     lora_head, _ = _tiny_with_lora(("q_proj", "lm_head"))
-    assert "not a plain Linear layer" in probe_head(lora_head)
+    assert probe_head(lora_head) == "its LM head is a LoRA target: it trains"
+    other, _ = _tiny_with_lora()
+    head = other.get_output_embeddings()
+    head.__class__ = type("ScaledHead", (torch.nn.Linear,), {})  # a head class of a model's own
+    assert probe_head(other).endswith("ScaledHead, not a plain torch.nn.Linear")
     # a softcapping the config names but the model's code does not apply: the chunked losses would differ
     model.config.final_logit_softcapping = 1.0
     assert "the chunked losses differ from the model's own" in probe_head(model)
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         booster = bf.Booster(lora_head, bf.BoosterConfig(impl="fast"))
     assert not booster.engine.chunked_head
-    assert any(r.getMessage().startswith("LM head: the model's own, over all positions at once (its LM head is a")
-               for r in caplog.records)
+    assert "LM head: the model's own, over all positions at once (its LM head is a LoRA target: it trains)" in \
+        [r.getMessage() for r in caplog.records]
 
 
 def test_gemma2s_final_softcapping_runs_chunked(monkeypatch):
