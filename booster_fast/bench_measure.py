@@ -180,10 +180,14 @@ def graphs_captured(engine) -> bool:
     return g is not None and getattr(g, "disabled", None) is None and bool(getattr(g, "_graphs", None))
 
 
+def _optimized(booster) -> list[torch.Tensor]:
+    """What the optimizer trains: the fast engine's flat buffer W, the reference's LoRA tensors."""
+    return [p for group in booster.optimizer.param_groups for p in group["params"]]
+
+
 def trainable_snapshot(booster) -> list[torch.Tensor]:
-    """Clones of what the optimizer trains (the fast engine's flat buffer W; the reference's LoRA tensors), taken
-    before an entry's first step, for `rewind`."""
-    return [p.detach().clone() for group in booster.optimizer.param_groups for p in group["params"]]
+    """Clones of what the optimizer trains, taken before an entry's first step, for `rewind`."""
+    return [p.detach().clone() for p in _optimized(booster)]
 
 
 def rewind(booster, snapshot: list[torch.Tensor]) -> None:
@@ -191,8 +195,7 @@ def rewind(booster, snapshot: list[torch.Tensor]) -> None:
     as torch's AdamW makes it at its first step (moments and step count all zero; in fp32, exact). In place, so that
     the CUDA graphs captured on these tensors replay from there: the bench rewinds a graph-using entry after the
     untimed steps that captured its graphs, so that its first timed step is checked like any other."""
-    params = [p for group in booster.optimizer.param_groups for p in group["params"]]
-    for p, p0 in zip(params, snapshot, strict=True):
+    for p, p0 in zip(_optimized(booster), snapshot, strict=True):
         with torch.no_grad():
             p.copy_(p0)
         for v in booster.optimizer.state.get(p, {}).values():

@@ -36,6 +36,11 @@ from .losses import IGNORE_INDEX, logits_of, targets_of, token_losses
 CHUNK_LOGITS = 2 ** 25
 
 
+def chunk_positions(vocab: int) -> int:
+    """Positions per chunk for a vocabulary of `vocab` entries (CHUNK_LOGITS logits, at least one position)."""
+    return max(1, CHUNK_LOGITS // vocab)
+
+
 def chunk_bytes_per_logit(logit_bytes: int) -> int:
     """A chunk's peak per logit (measured on the CPU: 6.2 for bf16 logits, 4.3 for fp32, 156 x 2485 logits)."""
     return 4 + (logit_bytes if logit_bytes < 4 else 0)
@@ -124,8 +129,8 @@ def head_losses(model, batch: dict) -> torch.Tensor:
     (x,) = kept
     targets = targets_of(batch)
     x = x[:, :targets.shape[1]].reshape(-1, x.shape[-1])
-    chunk = max(1, CHUNK_LOGITS // head.out_features)
-    losses = _ChunkedHeadLoss.apply(x, head.weight, head.bias, targets.reshape(-1), softcap_of(model), chunk)
+    losses = _ChunkedHeadLoss.apply(x, head.weight, head.bias, targets.reshape(-1), softcap_of(model),
+                                    chunk_positions(head.out_features))
     return losses.view_as(targets)
 
 

@@ -174,17 +174,18 @@ def pass_bytes(shape: Shape, tokens: int, positions: int, a: int, targets: tuple
     positions. `recorded_tokens`: alignment tokens whose attention-output gradients perturb_aware keeps; `res`:
     the residual stream's element size (layer_bytes_per_token); `chunked_head`: the LM head and cross entropy
     in chunks (head_loss.py: a chunk's logits at a time, each position's fp32 input gradient kept)."""
-    from .head_loss import CHUNK_LOGITS, chunk_bytes_per_logit
+    from .head_loss import chunk_bytes_per_logit, chunk_positions
 
     res = a if res is None else res
     per_layer = layer_bytes_per_token(shape, a, targets, r, fused, lora_dropout, grouped_kv, input_copies,
                                       res) * tokens
     fixed = layer_bytes_fixed(shape, a, targets, r) * shape.layers
     head_in = ((res if fused else 4) * shape.hidden + 4) * tokens  # the final norm's input
-    logits = HEAD_BYTES_PER_LOGIT * shape.vocab * positions
     if chunked_head:
-        logits = chunk_bytes_per_logit(a) * shape.vocab * min(positions, max(1, CHUNK_LOGITS // shape.vocab))
+        logits = chunk_bytes_per_logit(a) * shape.vocab * min(positions, chunk_positions(shape.vocab))
         head_in += 4 * shape.hidden * positions
+    else:
+        logits = HEAD_BYTES_PER_LOGIT * shape.vocab * positions
     recorded = a * shape.hidden * shape.layers * recorded_tokens
     working = 3 * res * shape.intermediate * tokens  # a layer's MLP backward: gradients of act(gate)·up, gate, up
     if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
