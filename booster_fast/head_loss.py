@@ -32,7 +32,7 @@ from .losses import IGNORE_INDEX, logits_of, targets_of, token_losses
 # logits per chunk: 2^25, 1,048 positions of Llama-2's vocabulary, 131 of Gemma-2's. A chunk's peak is the fp32
 # logits (4 bytes each) and, from bf16 logits, one bf16 copy beside them (the logits, then the gradient cast for
 # the head's matmul): ~200 MB for bf16 logits, where the model's head holds ~12 bytes a logit for every position.
-# A softcapped head keeps one fp32 copy more (the slope).
+# A softcapped head keeps a second fp32 copy, the slope, until the gradient has used it.
 CHUNK_LOGITS = 2 ** 25
 
 
@@ -41,9 +41,41 @@ def chunk_positions(vocab: int) -> int:
     return max(1, CHUNK_LOGITS // vocab)
 
 
-def chunk_bytes_per_logit(logit_bytes: int) -> int:
-    """A chunk's peak per logit (measured on the CPU: 6.2 for bf16 logits, 4.3 for fp32, 156 x 2485 logits)."""
-    return 4 + (logit_bytes if logit_bytes < 4 else 0)
+def chunk_bytes_per_logit(logit_bytes: int, softcapped: bool = False) -> int:
+    """A chunk's peak per logit: 6 for bf16 logits, 4 for fp32, 8 for either softcapped (a chunk's tensors are
+    freed before the next chunk's logits exist; test_head_loss measures it)."""
+    return max(4 + (logit_bytes if logit_bytes < 4 else 0), 8 if softcapped else 0)
+
+
+def _chunk(x, weight, bias, targets, softcap, losses, grad_x):
+    """One chunk: its losses and its gradient with respect to `x`, written into `losses` and `grad_x` (the chunk's
+    rows of the outputs). A function of its own, so that its tensors the size of the logits are freed when it
+    returns, before the next chunk's logits exist."""
+    z = F.linear(x, weight, bias)  # the logits as the head computes them (bf16 under autocast)
+    dtype = z.dtype
+    z = z.to(grad_x.dtype)  # fp32 (bf16: a copy, and the bf16 logits go); fp64 for an fp64 model
+    slope = None
+    if softcap:  # softcap·tanh(z/softcap), whose slope 1 − tanh² the gradient needs
+        t = z.div_(softcap).tanh_()
+        slope = t.square().neg_().add_(1)
+        z = t.mul_(softcap)
+    valid = targets != IGNORE_INDEX
+    picked = targets.clamp(min=0).unsqueeze(1)
+    target_logit = z.gather(1, picked).squeeze(1)
+    # log-sum-exp by hand, in z's own memory (torch.logsumexp takes a temporary of z's size on some devices):
+    # z becomes exp(z − max), then the softmax
+    top = z.amax(dim=1, keepdim=True)
+    total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
+    losses.copy_(torch.where(valid, (top + total.log()).squeeze(1) - target_logit, 0.0))
+    # the cross entropy's gradient: softmax − one-hot, zero for an ignored position
+    g = z.div_(total)
+    g.scatter_add_(1, picked, -valid.unsqueeze(1).to(g.dtype))
+    g.mul_(valid.unsqueeze(1))
+    if slope is not None:
+        g.mul_(slope)
+        del slope  # before the cast below: the chunk's peak stays at two fp32 copies of its logits
+    # through the head, in its logits' dtype, as the head's own backward would run it
+    grad_x.copy_(g.to(dtype) @ weight.to(dtype))
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -56,32 +88,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         # d loss_i / d x_i, kept for the backward: in fp32 (fp64 for an fp64 model)
         grad_x = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         for start in range(0, x.shape[0], chunk):
-            xs, ts = x[start:start + chunk], targets[start:start + chunk]
-            z = F.linear(xs, weight, bias)  # the logits as the head computes them (bf16 under autocast)
-            dtype = z.dtype
-            z = z.to(grad_x.dtype)  # fp32 (bf16: a copy, and the bf16 logits go); fp64 for an fp64 model
-            slope = None
-            if softcap:  # softcap·tanh(z/softcap), whose slope 1 − tanh² the gradient needs
-                t = z.div_(softcap).tanh_()
-                slope = 1 - t.square()
-                z = t.mul_(softcap)
-            valid = ts != IGNORE_INDEX
-            picked = ts.clamp(min=0).unsqueeze(1)
-            target_logit = z.gather(1, picked).squeeze(1)
-            # log-sum-exp by hand, in z's own memory (torch.logsumexp takes a temporary of z's size on some
-            # devices): z becomes exp(z − max), then the softmax
-            top = z.amax(dim=1, keepdim=True)
-            total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
-            lse = (top + total.log()).squeeze(1)
-            losses[start:start + chunk] = torch.where(valid, lse - target_logit, 0.0)
-            # the cross entropy's gradient: softmax − one-hot, zero for an ignored position
-            g = z.div_(total)
-            g.scatter_add_(1, picked, -valid.unsqueeze(1).to(g.dtype))
-            g.mul_(valid.unsqueeze(1))
-            if slope is not None:
-                g.mul_(slope)
-            # through the head, in its logits' dtype, as the head's own backward would run it
-            grad_x[start:start + chunk] = g.to(dtype) @ weight.to(dtype)
+            rows = slice(start, start + chunk)
+            _chunk(x[rows], weight, bias, targets[rows], softcap, losses[rows], grad_x[rows])
         ctx.save_for_backward(grad_x)
         ctx.x_dtype = x.dtype
         return losses

@@ -71,6 +71,7 @@ class Shape:
     kv_heads: int
     head_dim: int
     vocab: int
+    softcap: bool = False  # Gemma 2's final logit softcapping (the chunked head keeps one more copy of a chunk)
 
     @classmethod
     def of(cls, config) -> "Shape | None":
@@ -80,7 +81,8 @@ class Shape:
             h, heads = int(get("hidden_size")), int(get("num_attention_heads"))
             return cls(hidden=h, intermediate=int(get("intermediate_size")), layers=int(get("num_hidden_layers")),
                        heads=heads, kv_heads=int(get("num_key_value_heads") or heads),
-                       head_dim=int(get("head_dim") or h // heads), vocab=int(get("vocab_size")))
+                       head_dim=int(get("head_dim") or h // heads), vocab=int(get("vocab_size")),
+                       softcap=bool(get("final_logit_softcapping")))
         except (TypeError, ValueError, ArithmeticError):  # a field missing, not a number, or zero heads
             return None
 
@@ -182,7 +184,7 @@ def pass_bytes(shape: Shape, tokens: int, positions: int, a: int, targets: tuple
     fixed = layer_bytes_fixed(shape, a, targets, r) * shape.layers
     head_in = ((res if fused else 4) * shape.hidden + 4) * tokens  # the final norm's input
     if chunked_head:
-        logits = chunk_bytes_per_logit(a) * shape.vocab * min(positions, chunk_positions(shape.vocab))
+        logits = chunk_bytes_per_logit(a, shape.softcap) * shape.vocab * min(positions, chunk_positions(shape.vocab))
         head_in += 4 * shape.hidden * positions
     else:
         logits = HEAD_BYTES_PER_LOGIT * shape.vocab * positions

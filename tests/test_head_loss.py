@@ -58,6 +58,30 @@ def test_chunked_losses_and_gradient_match_a_float64_derivation(chunk, softcap):
     assert (x.grad[t == IGNORE_INDEX] == 0).all() and x.grad.abs().sum() > 0
 
 
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_chunk_holds_the_bytes_the_memory_estimate_counts(dtype, softcap):
+    """The forward's high-water mark beyond what it keeps (the losses, the fp32 input gradient), per logit of a
+    chunk: chunk_bytes_per_logit, which memory.py's estimate uses. Two chunks, the second shorter: one chunk's
+    logits must be gone before the next chunk's exist (they were not once: 9.5 bytes a bf16 logit, not 6)."""
+    from test_memory import LiveBytes
+
+    positions, hidden, vocab, chunk = 300, 48, 4099, 157
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(positions, hidden, generator=gen).to(dtype).requires_grad_(True)
+    w = (torch.randn(vocab, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    t = torch.randint(0, vocab, (positions,), generator=gen)
+    with LiveBytes() as live:
+        losses = _ChunkedHeadLoss.apply(x, w, None, t, softcap, chunk)
+    assert (losses > 0).all()
+    kept = positions * (hidden + 1) * 4
+    per_logit = (live.peak - kept) / (chunk * vocab)
+    want = head_loss.chunk_bytes_per_logit(dtype.itemsize, softcapped=softcap is not None)
+    assert want == {(2, False): 6, (4, False): 4}.get((dtype.itemsize, softcap is not None), 8)
+    # beyond the logits: a row of the hidden size per position (the gradient before its copy), a few per position
+    assert want <= per_logit < want * 1.02, per_logit
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_chunked_head_in_low_precision_is_the_heads_rounding(dtype, tol):
     """fp32 and bf16 inputs (the logits in the input's dtype, the cross entropy in fp32, as the model's head and

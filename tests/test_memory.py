@@ -197,6 +197,18 @@ def test_a_grouped_query_layer_by_hand():
     assert memory.layer_bytes_per_token(shape, 2, targets, r, fused=True, grouped_kv=False) == fixed + 2 * 4 * h
 
 
+
+def test_a_softcapped_head_costs_its_chunks_a_second_fp32_copy():
+    """Gemma 2's final logit softcapping, read from the config: the chunked head's transient is a chunk at 8
+    bytes a logit, not 6 (head_loss.chunk_bytes_per_logit; test_head_loss measures both)."""
+    fields = dict(PRESETS["llama-7b-shape"], vocab_size=256000)
+    plain, capped = memory.Shape.of(fields), memory.Shape.of(fields | {"final_logit_softcapping": 30.0})
+    assert not plain.softcap and capped.softcap
+    targets, chunk = ("q_proj",), 2 ** 25 // 256000
+    (_, p), (_, c) = (memory.pass_bytes(shape, 2 * 256, 2 * 255, 2, targets, 32, fused=True, checkpointing=True,
+                                        chunked_head=True) for shape in (plain, capped))
+    assert (p, c) == (6 * 256000 * chunk, 8 * 256000 * chunk)
+
 @pytest.mark.parametrize("dtype, quant", [(torch.float32, "none"), (torch.bfloat16, "none"), (None, "nf4")])
 def test_weights_counted_from_the_shape_are_the_loaded_bytes(dtype, quant):
     """The weights term `booster-fast memory` prints (from the preset's shape) against the loaded model's bytes."""
