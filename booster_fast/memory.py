@@ -71,7 +71,7 @@ class Shape:
     kv_heads: int
     head_dim: int
     vocab: int
-    softcap: bool = False  # Gemma 2's final logit softcapping (the chunked head keeps one more copy of a chunk)
+    softcap: bool = False  # Gemma 2's final logit softcapping: one more copy of the logits (or of a chunk's)
 
     @classmethod
     def of(cls, config) -> "Shape | None":
@@ -187,7 +187,8 @@ def pass_bytes(shape: Shape, tokens: int, positions: int, a: int, targets: tuple
         logits = chunk_bytes_per_logit(a, shape.softcap) * shape.vocab * min(positions, chunk_positions(shape.vocab))
         head_in += 4 * shape.hidden * positions
     else:
-        logits = HEAD_BYTES_PER_LOGIT * shape.vocab * positions
+        # a softcapping model's own code keeps the tanh of its logits for the backward too
+        logits = (HEAD_BYTES_PER_LOGIT + (a if shape.softcap else 0)) * shape.vocab * positions
     recorded = a * shape.hidden * shape.layers * recorded_tokens
     working = 3 * res * shape.intermediate * tokens  # a layer's MLP backward: gradients of act(gate)·up, gate, up
     if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time

@@ -209,6 +209,35 @@ def test_a_softcapped_head_costs_its_chunks_a_second_fp32_copy():
                                         chunked_head=True) for shape in (plain, capped))
     assert (p, c) == (6 * 256000 * chunk, 8 * 256000 * chunk)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_softcapping_models_own_head_keeps_one_more_copy_of_its_logits(dtype):
+    """Where the model's own head runs (the reference; a head the chunked one cannot stand in for), Gemma 2's
+    softcapping keeps the tanh of the logits for its backward: one more logit-sized tensor in the model's dtype,
+    measured as the difference of two forward/backward passes, with and without the softcapping."""
+    from test_fused_ops import _gemma
+    from booster_fast.losses import logits_of, token_losses
+
+    vocab, rows, length = 6007, 3, 41
+    ids = torch.randint(4, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    peaks = []
+    for softcap in (None, 30.0):
+        model = _gemma("gemma2", vocab).to(dtype)
+        model.config.final_logit_softcapping = softcap
+        with LiveBytes() as live:
+            token_losses(logits_of(model, batch), batch).sum().backward()
+        peaks.append(live.peak)
+    logits = rows * (length - 1) * vocab
+    assert (peaks[1] - peaks[0]) / logits == pytest.approx(dtype.itemsize, rel=0.1)
+    capped = memory.Shape.of(model.config)
+    plain = memory.Shape.of(model.config.to_dict() | {"final_logit_softcapping": None})
+    assert capped.softcap and not plain.softcap
+    (_, plain), (_, capped) = (memory.pass_bytes(shape, rows * length, rows * (length - 1), dtype.itemsize,
+                                                 ("q_proj",), 8, fused=False, checkpointing=False)
+                               for shape in (plain, capped))
+    assert capped - plain == dtype.itemsize * logits
+
 @pytest.mark.parametrize("dtype, quant", [(torch.float32, "none"), (torch.bfloat16, "none"), (None, "nf4")])
 def test_weights_counted_from_the_shape_are_the_loaded_bytes(dtype, quant):
     """The weights term `booster-fast memory` prints (from the preset's shape) against the loaded model's bytes."""
