@@ -96,6 +96,11 @@ fi
 timeout 60 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || { echo "project install failed: importing it from the checkout" | tee -a "$LOG"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+# the commit every document records (bench_report.machine_info): a tree sent without its .git cannot tell
+BOOSTER_FAST_COMMIT=${BOOSTER_FAST_COMMIT:-$(git rev-parse HEAD 2> /dev/null)}
+export BOOSTER_FAST_COMMIT
+echo "commit: ${BOOSTER_FAST_COMMIT:-unknown (no .git here: run the suite as BOOSTER_FAST_COMMIT=SHA bash ...)}" \
+  | tee -a "$LOG"
 # the stack: every part needs it, so a failure here ends the suite (its time is better spent on a rerun)
 # (bitsandbytes is not part of it: only the NF4 parts need it, and they fail on their own without it)
 if ! stack=$(timeout 90 python3 - 2>&1 <<'PY'

@@ -31,6 +31,10 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout the package runs from; where that is a copy without its .git (a machine the tree was
+    sent to), BOOSTER_FAST_COMMIT names it (gpu_suite.sh passes it on)."""
+    if os.environ.get("BOOSTER_FAST_COMMIT"):
+        return os.environ["BOOSTER_FAST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=os.path.dirname(os.path.abspath(__file__)))

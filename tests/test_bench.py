@@ -395,6 +395,23 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path, capsys):
     assert header.endswith("| MFU | HFU |")
 
 
+def test_documents_name_their_commit_from_git_or_from_the_environment(monkeypatch):
+    """A result names the commit it ran: the checkout's HEAD, or BOOSTER_FAST_COMMIT where the tree was sent
+    without its .git (the GPU machine); gpu_suite.sh passes that on and logs it."""
+    import subprocess
+
+    from booster_fast.bench_report import machine_info
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("BOOSTER_FAST_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # (a source tree without .git names none)
+        assert machine_info(cpu)["git_commit"] == head.stdout.strip()
+    monkeypatch.setenv("BOOSTER_FAST_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    assert machine_info(cpu)["git_commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert "export BOOSTER_FAST_COMMIT" in (ROOT / "benchmarks" / "gpu_suite.sh").read_text()
+
+
 def test_gpu_suite_parses_and_the_readme_names_its_parts():
     """The GPU suite runs only on a lent GPU machine: here, bash must at least parse it, and the part names the
     README lists (for a rerun of single parts) must be exactly the script's."""
