@@ -18,9 +18,9 @@ Presets:
   100 steps, the held-out harmful loss every 10 steps together with the refusal-keyword harmful score of 64
   held-out prompts; judged by the offline refusal-keyword proxy. Booster + Vaccine (`--methods ...,booster-vaccine`)
   runs at ρ 0.5: at the original script's ρ 5 the alignment loss barely moves (7.85 -> 7.35 in 200 steps, against
-  5.5-7.2 for Booster), and the model refuses none of 200 held-out harmful prompts. They are NOT the paper's settings and the
-  tiny model is not Llama-2: 100 attack steps erase the tiny model's refusals but are far too few for it to
-  learn the sentiment task (it answers one label to everything: 50 % accuracy).
+  5.5-7.2 for Booster), and the model refuses none of 200 held-out harmful prompts. They are NOT the paper's
+  settings and the tiny model is not Llama-2: 100 attack steps erase the tiny model's refusals but are far too few
+  for it to learn the sentiment task (it answers one label to everything: 50 % accuracy).
 - `paper-sst2`, `paper-agnews`, `paper-gsm8k`: the paper's setup — Llama-2-7B (bf16), LoRA r 32 / alpha 4 on q,k,v,
   alignment 20 epochs of batch 10 at lr 5e-4 (weight decay 0.1, λ 5, α 0.1, max length 256) on the BeaverTails
   refusal pairs, attack 1000 samples at p = 0.1 (0.05 on GSM8K, as the original's GSM8K scripts), lr 1e-5,
