@@ -243,7 +243,7 @@ part graph_equivalence 70 python3 benchmarks/gpu_checks.py equivalence --out "$R
 # quarter of its limit left)
 NEED_PERCENT=25 part gpu_tests 120 python3 -m pytest -v -rfE -p no:cacheprovider --continue-on-collection-errors -m gpu \
   tests/test_kernels.py tests/test_fast.py tests/test_graphs.py tests/test_packing.py tests/test_fused_ops.py \
-  tests/test_perturb_aware.py tests/test_option_combinations.py
+  tests/test_perturb_aware.py tests/test_option_combinations.py tests/test_head_loss.py
 # (5) where the time goes on llama-7b-shape: reference vs fast+graphs
 part profile_7b 65 python3 benchmarks/gpu_checks.py profile --model llama-7b-shape --out "$RES"
 # the flat-buffer kernels' GB/s over BLOCK x num_warps, the pair they run with first: what confirms or replaces it

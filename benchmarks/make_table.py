@@ -201,6 +201,9 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
         if model:
             timed = [(f"{op} {d}", model[f"{op}_{d}"]) for op in ("rms_norm", "silu_mul", "rope")
                      for d in ("fwd", "bwd") if f"{op}_{d}" in model]
+            if "cross_entropy_fwd" in model:  # the chunked head's: loss and gradient in one kernel
+                ce = model["cross_entropy_fwd"]
+                timed.append((f"cross_entropy + grad ({ce['rows']:,} × {ce['vocab']:,} logits)", ce))
             rows = [[label, _num(r["GBps"], ",.0f"), _num(r["ms"], ".3f"), _num(r["eager_ms"], ".3f"),
                      _num(r["speedup"], ".2f") + "×", _num(r["fraction_of_copy"], ".0%"),
                      _num(r.get("max_rel_err"), ".1e")] for label, r in timed]

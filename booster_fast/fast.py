@@ -123,10 +123,7 @@ class FastBooster:
         self.window = sliding_window(model)  # batches with longer sequences go padded (Booster.to_device)
         self.rope = length_dependent_rope(model)  # batches longer than its L are refused (check_length)
         self.fused = self._fused_ops_for(cfg.fused_ops)
-        why_head = probe_head(model, self.autocast)  # the LM head in chunks (head_loss.py), or the model's own
-        self.chunked_head = why_head is None
-        if why_head is not None:
-            log.info("LM head: the model's own, over all positions at once (%s)", why_head)
+        self.chunked_head, self.fused_head = self._head_for(model)
         self.distributed = dist.is_available() and dist.is_initialized()
         cuda = self.device.type == "cuda"
         # one parameter for the optimizer: the flat buffer W (a leaf sharing W's storage), grad = G_f
@@ -197,6 +194,20 @@ class FastBooster:
         log.info("fused ops: %s", ", ".join(f"{n} {name}" for name, n in counts.items()))
         return True
 
+    def _head_for(self, model) -> tuple[bool, bool]:
+        """(chunked, fused): the LM head in chunks (head_loss.py) where its probe finds the chunked losses the
+        model's own, their cross entropy as one kernel where the fused ops run and the kernel agrees too; one log
+        line for what is left out."""
+        why = probe_head(model, self.autocast, self.fused)
+        if why is None:
+            return True, self.fused
+        if self.fused and probe_head(model, self.autocast) is None:  # the kernel is what disagrees
+            log.warning("LM head: chunked, its cross entropy in torch ops (with the fused kernel %s)",
+                        why.removeprefix("its "))
+            return True, False
+        log.info("LM head: the model's own, over all positions at once (%s)", why)
+        return False, False
+
     def _graphs_for(self, mode: str):
         """A StepGraphs when the step should be captured, else None (with one log line saying why not)."""
         if mode == "off":
@@ -248,7 +259,7 @@ class FastBooster:
     def _token_losses(self, batch) -> torch.Tensor:
         """Per-position cross entropy of one batch (losses.token_losses), the LM head in chunks where it can be."""
         if self.chunked_head:
-            return head_losses(self.model, batch)
+            return head_losses(self.model, batch, self.fused_head)
         return token_losses(logits_of(self.model, batch), batch)
 
     def _merged_backward(self, h, f, n_h, n_f, record: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:

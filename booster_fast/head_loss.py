@@ -9,7 +9,10 @@ and each chunk's gradient with respect to the head's input is taken at once, in 
 frozen (LoRA does not train it), that gradient is all its backward needs. What is kept for the backward is one
 fp32 row of the hidden size per position; the backward scales each row by its position's incoming gradient (the
 token mean's 1/count, different for the harmful and alignment rows of a merged pass). The FLOPs are those of the
-model's head and its backward; only the memory changes.
+model's head and its backward; only the memory changes. Where the engine runs its fused ops, each chunk's cross
+entropy and gradient is one Triton kernel working in the logits' own memory (kernels.model_kernels
+.cross_entropy_grad_: three passes over a chunk and no copy); elsewhere its torch twin below works on an fp32
+copy.
 
 `head_losses` runs the model's forward with its head swapped for one that keeps its input and returns no logits
 (the forward's own steps around the head, such as packing's choice of positions, still run), then this module's
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from .attention import probing
 from .compute import compute_dtype
 from .errors import described
+from .kernels.model_kernels import cross_entropy_grad_
 from .losses import IGNORE_INDEX, logits_of, targets_of, token_losses
 
 # logits per chunk: 2^25, 1,048 positions of Llama-2's vocabulary, 131 of Gemma-2's. A chunk's peak is the fp32
@@ -41,19 +45,19 @@ def chunk_positions(vocab: int) -> int:
     return max(1, CHUNK_LOGITS // vocab)
 
 
-def chunk_bytes_per_logit(logit_bytes: int, softcapped: bool = False) -> int:
-    """A chunk's peak per logit: 6 for bf16 logits, 4 for fp32, 8 for either softcapped (a chunk's tensors are
-    freed before the next chunk's logits exist; test_head_loss measures it)."""
+def chunk_bytes_per_logit(logit_bytes: int, softcapped: bool = False, fused: bool = False) -> int:
+    """A chunk's peak per logit: 6 for bf16 logits, 4 for fp32, 8 for either softcapped; with the fused kernel
+    the logits alone (it works in their place). A chunk's tensors are freed before the next chunk's logits exist;
+    test_head_loss measures it."""
+    if fused:
+        return logit_bytes
     return max(4 + (logit_bytes if logit_bytes < 4 else 0), 8 if softcapped else 0)
 
 
-def _chunk(x, weight, bias, targets, softcap, losses, grad_x):
-    """One chunk: its losses and its gradient with respect to `x`, written into `losses` and `grad_x` (the chunk's
-    rows of the outputs). A function of its own, so that its tensors the size of the logits are freed when it
-    returns, before the next chunk's logits exist."""
-    z = F.linear(x, weight, bias)  # the logits as the head computes them (bf16 under autocast)
-    dtype = z.dtype
-    z = z.to(grad_x.dtype)  # fp32 (bf16: a copy, and the bf16 logits go); fp64 for an fp64 model
+def cross_entropy_grad_torch_(z: torch.Tensor, targets: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """The torch twin of kernels.model_kernels.cross_entropy_grad_, for fp32 (or fp64) logits `z` [P, V]: returns
+    the per-row cross entropy (0 for an ignored target) and overwrites `z` with its gradient. ~10 passes over the
+    logits where the kernel makes three; a softcap's slope is a second copy, freed on return."""
     slope = None
     if softcap:  # softcap·tanh(z/softcap), whose slope 1 − tanh² the gradient needs
         t = z.div_(softcap).tanh_()
@@ -66,30 +70,45 @@ def _chunk(x, weight, bias, targets, softcap, losses, grad_x):
     # z becomes exp(z − max), then the softmax
     top = z.amax(dim=1, keepdim=True)
     total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
-    losses.copy_(torch.where(valid, (top + total.log()).squeeze(1) - target_logit, 0.0))
+    losses = torch.where(valid, (top + total.log()).squeeze(1) - target_logit, 0.0)
     # the cross entropy's gradient: softmax − one-hot, zero for an ignored position
     g = z.div_(total)
     g.scatter_add_(1, picked, -valid.unsqueeze(1).to(g.dtype))
     g.mul_(valid.unsqueeze(1))
     if slope is not None:
         g.mul_(slope)
-        del slope  # before the cast below: the chunk's peak stays at two fp32 copies of its logits
+    return losses
+
+
+def _chunk(x, weight, bias, targets, softcap, losses, grad_x, fused):
+    """One chunk: its losses and its gradient with respect to `x`, written into `losses` and `grad_x` (the chunk's
+    rows of the outputs). A function of its own, so that its tensors the size of the logits are freed when it
+    returns, before the next chunk's logits exist. `fused`: the cross entropy and its gradient as one kernel in
+    the logits' own place (kernels.model_kernels.cross_entropy_grad_), else its torch twin on an fp32 copy."""
+    z = F.linear(x, weight, bias)  # the logits as the head computes them (bf16 under autocast)
+    dtype = z.dtype
+    if fused and dtype != torch.float64:  # (the kernel computes in fp32: an fp64 model keeps the torch ops)
+        losses.copy_(cross_entropy_grad_(z, targets, softcap, IGNORE_INDEX))
+    else:
+        z = z.to(grad_x.dtype)  # fp32 (bf16: a copy, and the bf16 logits go); fp64 for an fp64 model
+        losses.copy_(cross_entropy_grad_torch_(z, targets, softcap))
     # through the head, in its logits' dtype, as the head's own backward would run it
-    grad_x.copy_(g.to(dtype) @ weight.to(dtype))
+    grad_x.copy_(z.to(dtype) @ weight.to(dtype))
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Per-position cross entropy of `x @ weight.T (+ bias)`, softcapped where `softcap` is set; zero where the target
-    is IGNORE_INDEX. x: [P, H] (requires grad), weight: [V, H] (frozen), targets: [P]. Returns fp32 losses [P]."""
+    is IGNORE_INDEX. x: [P, H] (requires grad), weight: [V, H] (frozen), targets: [P]. Returns fp32 losses [P].
+    `fused`: each chunk's cross entropy as one Triton kernel (where the kernels run: CUDA, or Triton's interpreter)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, softcap, chunk):
+    def forward(ctx, x, weight, bias, targets, softcap, chunk, fused=False):
         losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         # d loss_i / d x_i, kept for the backward: in fp32 (fp64 for an fp64 model)
         grad_x = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
-            _chunk(x[rows], weight, bias, targets[rows], softcap, losses[rows], grad_x[rows])
+            _chunk(x[rows], weight, bias, targets[rows], softcap, losses[rows], grad_x[rows], fused)
         ctx.save_for_backward(grad_x)
         ctx.x_dtype = x.dtype
         return losses
@@ -97,7 +116,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):
         (grad_x,) = ctx.saved_tensors
-        return (grad_losses.float().unsqueeze(1) * grad_x).to(ctx.x_dtype), None, None, None, None, None
+        return (grad_losses.float().unsqueeze(1) * grad_x).to(ctx.x_dtype), None, None, None, None, None, None
 
 
 @contextlib.contextmanager
@@ -128,9 +147,10 @@ def softcap_of(model) -> float | None:
     return getattr(text, "final_logit_softcapping", None) or None
 
 
-def head_losses(model, batch: dict) -> torch.Tensor:
+def head_losses(model, batch: dict, fused: bool = False) -> torch.Tensor:
     """What `token_losses(logits_of(model, batch), batch)` gives — per-position cross entropy, [B, T-1] for a
-    padded batch, [1, K] for a packed one — with the LM head run in chunks (the module docstring)."""
+    padded batch, [1, K] for a packed one — with the LM head run in chunks (the module docstring); `fused`: each
+    chunk's cross entropy as one kernel (the engine's fused_ops)."""
     head, kept = model.get_output_embeddings(), []
     with _head_inputs(head, kept):
         logits_of(model, batch)
@@ -138,16 +158,17 @@ def head_losses(model, batch: dict) -> torch.Tensor:
     targets = targets_of(batch)
     x = x[:, :targets.shape[1]].reshape(-1, x.shape[-1])
     losses = _ChunkedHeadLoss.apply(x, head.weight, head.bias, targets.reshape(-1), softcap_of(model),
-                                    chunk_positions(head.out_features))
+                                    chunk_positions(head.out_features), fused)
     return losses.view_as(targets)
 
 
-def probe_head(model, autocast=contextlib.nullcontext) -> str | None:
+def probe_head(model, autocast=contextlib.nullcontext, fused: bool = False) -> str | None:
     """Why the chunked head cannot stand in for `model`'s own, or None when it can: the head must be a plain,
     frozen nn.Linear, and the chunked losses of two random rows must match those of the model's logits. The
     head's input is scaled for the check so that the logits spread as a trained model's do (std 8): a random
     model's logits are small, and a softcapping or scaling the chunked head lacks would hardly show on them. Run
-    once when the engine is built (a few host reads); a failure is a reason, never an exception."""
+    once when the engine is built (a few host reads); a failure is a reason, never an exception. `fused`: check
+    the chunked head with its fused cross entropy, as the engine will run it."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Module) and (hasattr(head, "lora_A") or any(p.requires_grad for p in
                                                                                head.parameters())):
@@ -164,7 +185,7 @@ def probe_head(model, autocast=contextlib.nullcontext) -> str | None:
             handle = head.register_forward_pre_hook(lambda module, args: (args[0] * scale, *args[1:]))
             try:
                 want = token_losses(logits_of(model, batch), batch)
-                got = head_losses(model, batch)
+                got = head_losses(model, batch, fused)
             finally:
                 handle.remove()
     except Exception as e:  # noqa: BLE001 - any model code that cannot take it: the reason, logged by the caller

@@ -171,11 +171,12 @@ def layer_bytes_fixed(shape: Shape, a: int, targets: tuple[str, ...], r: int) ->
 def pass_bytes(shape: Shape, tokens: int, positions: int, a: int, targets: tuple[str, ...], r: int,
                fused: bool, checkpointing: bool, lora_dropout: float = 0.0, grouped_kv: bool = True,
                input_copies: bool = False, recorded_tokens: int = 0, res: int | None = None,
-               chunked_head: bool = False) -> tuple[int, int]:
+               chunked_head: bool = False, fused_head: bool | None = None) -> tuple[int, int]:
     """(saved, transient) bytes of one forward/backward over `tokens` tokens whose LM head sees `positions`
     positions. `recorded_tokens`: alignment tokens whose attention-output gradients perturb_aware keeps; `res`:
     the residual stream's element size (layer_bytes_per_token); `chunked_head`: the LM head and cross entropy
-    in chunks (head_loss.py: a chunk's logits at a time, each position's fp32 input gradient kept)."""
+    in chunks (head_loss.py: a chunk's logits at a time, each position's fp32 input gradient kept), their cross
+    entropy as one kernel where `fused_head` (default: `fused`)."""
     from .head_loss import chunk_bytes_per_logit, chunk_positions
 
     res = a if res is None else res
@@ -184,7 +185,9 @@ def pass_bytes(shape: Shape, tokens: int, positions: int, a: int, targets: tuple
     fixed = layer_bytes_fixed(shape, a, targets, r) * shape.layers
     head_in = ((res if fused else 4) * shape.hidden + 4) * tokens  # the final norm's input
     if chunked_head:
-        logits = chunk_bytes_per_logit(a, shape.softcap) * shape.vocab * min(positions, chunk_positions(shape.vocab))
+        fused_head = fused if fused_head is None else fused_head
+        logits = chunk_bytes_per_logit(a, shape.softcap, fused_head) * shape.vocab * min(positions,
+                                                                                       chunk_positions(shape.vocab))
         head_in += 4 * shape.hidden * positions
     else:
         # a softcapping model's own code keeps the tanh of its logits for the backward too
@@ -203,7 +206,8 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
              lora_dropout: float = 0.0, impl: str = "fast", method: str = "booster", merged: bool = True,
              fused: bool = True, checkpointing: bool = False, perturb_aware: bool = False,
              grouped_kv: bool | None = None, quant: str = "none", micro_batches: int = 1,
-             cuda: bool = True, graph_warmup: bool = False, chunked_head: bool = True) -> StepMemory | None:
+             cuda: bool = True, graph_warmup: bool = False, chunked_head: bool = True,
+             fused_head: bool | None = None) -> StepMemory | None:
     """The peak of one step (StepMemory), or None when the targets are not all Llama linears.
 
     rows / harmful_rows: alignment / harmful rows per micro-batch, `micro_batches` of them per update (Vaccine
@@ -213,7 +217,8 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
     the attention no mask) see layer_bytes_per_token; quant "nf4" and cuda: peft's 4-bit LoRA layer casts no
     input under CUDA's autocast (it does under the CPU's); graph_warmup: CUDA graphs over packed batches (the
     fast engine), whose new lengths warm up beside the captured graphs' pool; chunked_head: the fast engine runs
-    the LM head in chunks (head_loss.py; False where its probe found the model's head to be another)."""
+    the LM head in chunks (head_loss.py; False where its probe found the model's head to be another), with the
+    fused cross entropy where `fused_head` (default: `fused`; False where the engine's probe refused the kernel)."""
     names = lora_targets(targets)
     if names is None:
         return None
@@ -227,7 +232,7 @@ def estimate(shape: Shape, *, weights: int, rows: int, harmful_rows: int, max_le
     copies = res > a or (impl == "reference" and a == 2 and not (quant == "nf4" and cuda))
     one = dict(a=a, res=res, targets=names, r=r, fused=fused, checkpointing=checkpointing,
                lora_dropout=lora_dropout, grouped_kv=grouped_kv, input_copies=copies,
-               chunked_head=chunked_head and impl == "fast")
+               chunked_head=chunked_head and impl == "fast", fused_head=fused_head)
     record = max_length * rows * micro_batches if perturb_aware and method == "booster" else 0
     if method == "sft":
         batches = [rows]
@@ -289,7 +294,8 @@ def of_booster(booster, batch_size: int, harmful_batch_size: int, max_length: in
                     quant="nf4" if is_quantized(model) else "none", cuda=engine.device.type == "cuda",
                     grouped_kv=cfg.impl == "fast" and (not pack or packed_kv_grouped(engine.device)),
                     graph_warmup=pack and getattr(engine, "graphs", None) is not None,
-                    chunked_head=getattr(engine, "chunked_head", False))
+                    chunked_head=getattr(engine, "chunked_head", False),
+                    fused_head=getattr(engine, "fused_head", False))
     return estimate(shape, weights=frozen_bytes(model), **{**settings, **overrides})
 
 

@@ -373,7 +373,9 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path, capsys):
         "fraction_of_copy": {op: bw[f"{op}_GBps"] / bw["copy_GBps"] for op in ops[1:]},
         "model_kernels": {"tokens": 16384, "copy_GBps": 4000.0, **{
             f"{op}_{d}": {"ms": 0.1, "GBps": 3000.0, "eager_ms": 0.5, "speedup": 5.0, "fraction_of_copy": 0.75}
-            for op in ("rms_norm", "silu_mul", "rope") for d in ("fwd", "bwd")}}}))
+            for op in ("rms_norm", "silu_mul", "rope") for d in ("fwd", "bwd")},
+            "cross_entropy_fwd": {"ms": 0.05, "GBps": 3900.0, "eager_ms": 0.6, "speedup": 12.0,
+                                  "fraction_of_copy": 0.975, "max_rel_err": 3.9e-3, "rows": 2048, "vocab": 32000}}}))
     (results / "graph_equivalence.json").write_text(json.dumps({"machine": {}, "results": {
         "tiny": {"steps": 5, "worst_relative_l2": 3e-7, "loss_graph": 1.0, "loss_eager": 1.0, "captured": True,
                  "fallback": None}}}))
@@ -389,6 +391,8 @@ def test_make_table_renders_the_gpu_suite_checks(tmp_path, capsys):
     assert "| sumsq | 1,001 | 500 | 100% | 1.5e-07 |" in table and "| copy | 1,000 | — | — | — |" in table
     assert "Kernels on Test GPU, 67,108,864" in table
     assert "| rope bwd | 3,000 | 0.100 | 0.500 | 5.00× | 75% | — |" in table and "16,384 tokens" in table
+    assert ("| cross_entropy + grad (2,048 × 32,000 logits) | 3,900 | 0.050 | 0.600 | 12.00× | 98% | 3.9e-03 |"
+            in table)
     assert "| tiny | 5 | 3.00e-07 | — | True | — | — | — |" in table  # an older document: fewer fields
     assert "| fast+graphs | 10.0 | 9.0 | 10% | gemm_kernel 5.0 ms |" in table
     header = next(line for line in table.splitlines() if line.startswith("| machine"))

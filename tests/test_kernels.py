@@ -357,7 +357,7 @@ def test_the_byte_counts_are_each_kernels_reads_and_writes():
     from booster_fast.kernels.bandwidth import BYTES_PER_ELEM, MODEL_BYTES_PER_ELEM
 
     assert BYTES_PER_ELEM == {"copy": 8, "sumsq": 4, "normalize_perturb_": 28, "restore_combine_": 20}
-    assert MODEL_BYTES_PER_ELEM == {"rms_norm": (4, 6), "silu_mul": (6, 10), "rope": (4, 4)}
+    assert MODEL_BYTES_PER_ELEM == {"rms_norm": (4, 6), "silu_mul": (6, 10), "rope": (4, 4), "cross_entropy": (6,)}
 
 
 def test_bandwidth_arithmetic():
@@ -469,6 +469,24 @@ def test_measure_model_kernels_on_cuda():
         for d in ("fwd", "bwd"):
             r = res[f"{op}_{d}"]
             assert r["GBps"] > 0 and r["eager_ms"] > 0 and r["max_rel_err"] < 2e-2, (op, d, r)
+    ce = res["cross_entropy_fwd"]  # the chunked head's cross entropy, against its torch ops
+    assert ce["GBps"] > 0 and ce["eager_ms"] > 0 and ce["max_rel_err"] < 1e-2, ce
+
+
+def test_the_cross_entropy_measurement_runs_on_the_cpu(monkeypatch):
+    """measure_model_kernels' cross-entropy row, its timer stood in for (CUDA events need a GPU), under Triton's
+    interpreter: a Python slip shows here, not on the lent GPU; the kernel agrees with its torch twin."""
+    from booster_fast.kernels import bandwidth
+    from booster_fast.kernels.model_kernels import available
+
+    if not available("cpu"):
+        pytest.skip("the Triton kernels run on the CPU only under Triton's interpreter (TRITON_INTERPRET=1)")
+    calls = []
+    monkeypatch.setattr(bandwidth, "_time_ms", lambda fn, iters, warmup: (fn(), calls.append(fn), 2.0)[2])
+    r = bandwidth._measure_cross_entropy(torch.Generator().manual_seed(0), 1000.0, 1, 0, rows=37, vocab=301)
+    assert len(calls) == 2 and r["ms"] == r["eager_ms"] == 2.0 and r["speedup"] == 1.0
+    assert r["GBps"] == pytest.approx(6 * 37 * 301 / 2e-3 / 1e9) and r["fraction_of_copy"] == r["GBps"] / 1000
+    assert 0 <= r["max_rel_err"] < 1e-2, r
 
 
 @pytest.mark.gpu

@@ -8,8 +8,9 @@ multiple of 64) and 16-byte aligned buffers (as torch allocates them), every acc
 128-bit vector load or store. Only the 0-dim scalars (ss in, the norm or a partial sum out) are 32-bit. The
 model kernels (model_kernels.py) are compiled as the 7B shape runs them: bf16 tensors, rows of 4096, the
 rounding to bf16 on (off for Gemma's norm, which rounds once), both gate activations, the rotary kernel in the
-attention's layout (strides multiples of the head size) both ways; their only 32-bit accesses are the norm's one
-rstd per row.
+attention's layout (strides multiples of the head size) both ways, the cross entropy at Llama-2's vocabulary with
+and without softcapping; their only scalar accesses are the norm's one rstd per row and the cross entropy's
+target, target logit and loss per row.
 
 The compiler runs in a child process without TRITON_INTERPRET: Triton reads the variable at import time and
 while compiling, and a process that imported it in interpreter mode cannot compile for real.
@@ -39,6 +40,8 @@ KERNELS = {
     "_gated_bwd_kernel_gelu_tanh": (0, 0),
     "_rope_kernel": (0, 0),
     "_rope_kernel_transposed": (0, 0),
+    "_cross_entropy_grad_kernel": (2, 1),  # a row's target and its logit in, its loss out
+    "_cross_entropy_grad_kernel_softcap": (2, 1),
 }
 
 COMPILE = r"""
@@ -69,6 +72,8 @@ block_t, block_h, block_d, rope_warps = mk._rope_settings(32, 128)  # the 7B sha
 for name, transposed in (("_rope_kernel", False), ("_rope_kernel_transposed", True)):
     launch[name] = (mk, "_rope_kernel", {"TRANSPOSED": transposed, "ROUND": True, "BLOCK_T": block_t,
                                          "BLOCK_H": block_h, "BLOCK_D": block_d}, rope_warps, "*bf16")
+for name, softcap in (("_cross_entropy_grad_kernel", False), ("_cross_entropy_grad_kernel_softcap", True)):
+    launch[name] = (mk, "_cross_entropy_grad_kernel", {"SOFTCAP": softcap, "BLOCK_V": mk.CE_BLOCK}, 16, "*bf16")
 out = {}
 for name in sys.argv[1:]:
     module, kernel, constexprs, num_warps, tensor = launch[name]
@@ -78,14 +83,15 @@ for name in sys.argv[1:]:
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):  # torch allocations: 16-byte aligned (G_f = G[1]: 256-byte, by the padding)
-            kind = "*fp32" if arg == "rstd_ptr" else tensor
+            kind = {"rstd_ptr": "*fp32", "loss_ptr": "*fp32", "t_ptr": "*i64"}.get(arg, tensor)
             signature[arg], attrs[(i,)] = kind, [["tt.divisibility", 16]]
-        elif arg == "n" or arg == "half" or arg.startswith(("sx_", "sy_", "sc_")):
-            # the flat buffers' length (padded to a multiple of 64), a row length, a half head (64) and the
-            # rotary kernel's strides (multiples of the 7B shape's head size, 128): Triton marks them divisible
+        elif arg in ("n", "half", "V") or arg.startswith(("sx_", "sy_", "sc_")):
+            # the flat buffers' length (padded to a multiple of 64), a row length, a half head (64), the rotary
+            # kernel's strides (multiples of the 7B shape's head size, 128) and Llama-2's vocabulary (32,000):
+            # Triton marks them divisible
             signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
         else:
-            signature[arg] = "i32" if arg in ("num_partials", "T", "heads") else "fp32"
+            signature[arg] = "i32" if arg in ("num_partials", "T", "heads", "ignore_index") else "fp32"
     k = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     acc = Counter(f"{op}{vec}" for op, vec in re.findall(r"\b(ld|st)\.global((?:\.v\d)?)\.\w+", k.asm["ptx"]))

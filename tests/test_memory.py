@@ -200,14 +200,20 @@ def test_a_grouped_query_layer_by_hand():
 
 def test_a_softcapped_head_costs_its_chunks_a_second_fp32_copy():
     """Gemma 2's final logit softcapping, read from the config: the chunked head's transient is a chunk at 8
-    bytes a logit, not 6 (head_loss.chunk_bytes_per_logit; test_head_loss measures both)."""
+    bytes a logit, not 6 (head_loss.chunk_bytes_per_logit; test_head_loss measures both). The fused kernel works
+    in the logits' place: 2 bytes a bf16 logit, softcapped or not."""
     fields = dict(PRESETS["llama-7b-shape"], vocab_size=256000)
     plain, capped = memory.Shape.of(fields), memory.Shape.of(fields | {"final_logit_softcapping": 30.0})
     assert not plain.softcap and capped.softcap
     targets, chunk = ("q_proj",), 2 ** 25 // 256000
-    (_, p), (_, c) = (memory.pass_bytes(shape, 2 * 256, 2 * 255, 2, targets, 32, fused=True, checkpointing=True,
-                                        chunked_head=True) for shape in (plain, capped))
-    assert (p, c) == (6 * 256000 * chunk, 8 * 256000 * chunk)
+    for fused, per_logit in ((False, (6, 8)), (True, (2, 2))):
+        (_, p), (_, c) = (memory.pass_bytes(shape, 256, 255, 2, targets, 32, fused=fused, checkpointing=True,
+                                            chunked_head=True) for shape in (plain, capped))
+        assert (p, c) == (per_logit[0] * 256000 * chunk, per_logit[1] * 256000 * chunk), fused
+    # fused model ops with the head's kernel refused by the engine's probe: the torch ops' bytes
+    _, own_ops = memory.pass_bytes(capped, 256, 255, 2, targets, 32, fused=True, checkpointing=True,
+                                   chunked_head=True, fused_head=False)
+    assert own_ops == 8 * 256000 * chunk
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -5,7 +5,8 @@ counts written above the kernels in ``booster_kernels.py`` and ``model_kernels.p
 must move). The unfused torch sequences are timed too and reported as *effective* GB/s over those same bytes,
 so ``fused / torch`` is the speed-up. The copy (``dst.copy_(src)``, 8 B/elem) is the practical ceiling.
 `measure_model_kernels` does the same for the model's fused ops, forward and backward, in bf16 at the 7B
-shape's widths, against transformers' eager formulas.
+shape's widths, against transformers' eager formulas, and for the chunked head's cross entropy on one chunk of
+Llama-2's logits, against its torch ops (head_loss.cross_entropy_grad_torch_).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ MODEL_BYTES_PER_ELEM = {
     "rms_norm": (2 + 2, 2 + 2 + 2),           # read x, write y | read x, dy, write dx
     "silu_mul": (3 * 2, 5 * 2),                # read gate, up, write h | read dh, gate, up, write dgate, dup
     "rope": (2 + 2, 2 + 2),                    # read x, write y | read dy, write dx (cos, sin per token only)
+    "cross_entropy": (2 + 2 + 2,),             # read each logit twice (max and sum, then the gradient), write it
 }
 
 
@@ -199,7 +201,33 @@ def measure_model_kernels(tokens: int = 32768, hidden: int = 4096, intermediate:
                                            "speedup": timed["eager"] / timed["fused"],
                                            "fraction_of_copy": gbps / result["copy_GBps"],
                                            "max_rel_err": errors[direction]}
+    result["cross_entropy_fwd"] = _measure_cross_entropy(g, result["copy_GBps"], iters, warmup)
     return result
+
+
+def _measure_cross_entropy(g: torch.Generator, copy_gbps: float, iters: int, warmup: int, rows: int = 2048,
+                           vocab: int = 32000) -> dict:
+    """The chunked head's cross entropy and gradient on `rows` positions of bf16 logits (2,048 of Llama-2's
+    32,000 entries: 131 MB, one of head_loss's chunks at that vocabulary), the kernel in place against the torch
+    ops on the logits' fp32 copy, as head_loss runs each; `max_rel_err` over the losses and the gradient."""
+    from ..head_loss import cross_entropy_grad_torch_
+    from .model_kernels import cross_entropy_grad_
+
+    dev = g.device
+    logits = (torch.randn(rows, vocab, device=dev, generator=g) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device=dev, generator=g)
+    z = logits.clone()
+    got = cross_entropy_grad_(z, targets)
+    z32 = logits.float()
+    want = cross_entropy_grad_torch_(z32, targets)
+    err = max(_max_rel_diff(got, want), _max_rel_diff(z, z32.to(torch.bfloat16)))
+    del z32
+    # (each call overwrites z with a gradient, which the next one reads as its logits: the same bytes move)
+    ms = _time_ms(lambda: cross_entropy_grad_(z, targets), iters, warmup)
+    eager_ms = _time_ms(lambda: cross_entropy_grad_torch_(logits.float(), targets), iters, warmup)
+    gbps = gb_per_s(MODEL_BYTES_PER_ELEM["cross_entropy"][0] * logits.numel(), ms)
+    return {"ms": ms, "GBps": gbps, "eager_ms": eager_ms, "speedup": eager_ms / ms,
+            "fraction_of_copy": gbps / copy_gbps, "max_rel_err": err, "rows": rows, "vocab": vocab}
 
 
 def model_cases(tokens: int, hidden: int, intermediate: int, heads: int, head_dim: int, g: torch.Generator,

@@ -1,5 +1,5 @@
 """Fused kernels for the model's own element-wise ops: ``rms_norm``, ``silu_mul`` (SwiGLU's gate; ``gelu_tanh_mul``
-for Gemma's GeGLU) and ``rope``.
+for Gemma's GeGLU), ``rope``, and ``cross_entropy_grad_`` for the chunked LM head (head_loss.py).
 
 Outside the matmuls, a Llama decoder layer spends its time in memory-bound element-wise chains that eager
 PyTorch runs one kernel at a time. transformers' RMSNorm upcasts to fp32 and makes six passes (cast, square,
@@ -27,7 +27,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from .booster_kernels import triton_unusable
 from .launches import launch
 
-__all__ = ["rms_norm", "silu_mul", "gelu_tanh_mul", "rope", "available"]
+__all__ = ["rms_norm", "silu_mul", "gelu_tanh_mul", "rope", "cross_entropy_grad_", "available"]
 
 # silu_mul: elements per program. 2048 bf16 = 4 KiB per operand, 8 elements per thread with 8 warps (one
 # 16-byte access each); an [10*256, 11008] gate is ~14k programs, far more than the H200's 132 SMs. Reasoned,
@@ -329,3 +329,81 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the kernel walks both with one set of strides
         cos, sin = cos.contiguous(), sin.contiguous()
     return _Rope.apply(x, cos.detach(), sin.detach())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cross_entropy_grad_: per row of logits z, loss = lse(c(z)) − c(z)[target] and, in z's place, the gradient
+# (softmax(c(z)) − onehot(target)) · c'(z), zero for an ignored row; c = softcap·tanh(·/softcap) or the identity
+# ---------------------------------------------------------------------------------------------------------
+# The chunked head's torch path (head_loss._chunk) makes ~10 passes over a chunk's logits (the fp32 copy, max,
+# exp, sum, division, the mask, the cast back: ~50 B/logit from bf16 logits) and holds an fp32 copy beside them.
+# Here one program per row reads the row twice (an online max and sum of exponentials, then the gradient) and
+# writes it once, in place: 6 B/logit in bf16, and no copy. The same fp32 arithmetic on the same bf16 inputs, the
+# gradient rounded once to z's dtype, as the torch path rounds it for the head's matmul.
+CE_BLOCK = 4096  # logits per block of a row: 8 bf16 values per thread with 16 warps; Llama-2's 32,000 in 8 blocks
+
+
+@triton.jit
+def _softcapped(x, softcap, SOFTCAP: tl.constexpr):
+    """(c(x), c'(x)) in fp32: softcap·tanh(x/softcap) and 1 − tanh², tanh(y) as sign(y)·(1 − e)/(1 + e) with
+    e = exp(−2|y|), which cannot overflow; the identity and 1 without SOFTCAP."""
+    slope = 1.0
+    if SOFTCAP:
+        y = x / softcap
+        e = tl.exp(-2.0 * tl.abs(y))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(y < 0, -t, t)
+        x = softcap * t
+        slope = 1.0 - t * t
+    return x, slope
+
+
+@triton.jit
+def _cross_entropy_grad_kernel(z_ptr, t_ptr, loss_ptr, V, softcap, ignore_index, SOFTCAP: tl.constexpr,
+                               BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * V
+    offs = tl.arange(0, BLOCK_V)
+    # pass 1: the row's max and sum of exponentials, rescaled block by block (every block holds a logit)
+    top = -float("inf")
+    total = 0.0
+    for start in range(0, V, BLOCK_V):
+        mask = start + offs < V
+        x, _ = _softcapped(tl.load(z_row + start + offs, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+        x = tl.where(mask, x, -float("inf"))
+        new_top = tl.maximum(top, tl.max(x, axis=0))
+        total = total * tl.exp(top - new_top) + tl.sum(tl.where(mask, tl.exp(x - new_top), 0.0), axis=0)
+        top = new_top
+    target = tl.load(t_ptr + row)
+    valid = target != ignore_index
+    picked = tl.where(valid, target, 0)
+    z_target, _ = _softcapped(tl.load(z_row + picked).to(tl.float32), softcap, SOFTCAP)
+    # lse − z_target as (max − z_target) + log(sum): exact 0 + log(sum) when the target is the max
+    tl.store(loss_ptr + row, tl.where(valid, (top - z_target) + tl.log(total), 0.0))
+    # pass 2: the gradient, in place; the softmax as exp(x − max)/sum, as the torch path computes it (exp(x − lse)
+    # would carry lse's rounding, ~1e-7 of its size, into every probability)
+    scale = tl.where(valid, 1.0, 0.0) / total
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        x, slope = _softcapped(tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+        g = (tl.exp(x - top) * scale - tl.where((cols == picked) & valid, 1.0, 0.0)) * slope
+        tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_grad_(z: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
+                        ignore_index: int = -100) -> torch.Tensor:
+    """Per row of the logits `z` [P, V] (contiguous, bf16/fp16/fp32), the cross entropy against `targets` [P]
+    (0 where a target is `ignore_index`), returned in fp32; `z` is overwritten with the gradient of the summed
+    losses with respect to it, in its own dtype (zero rows for ignored targets). With `softcap`, the logits are
+    softcap·tanh(z/softcap) first, as Gemma 2's final softcapping, and the gradient is taken through it."""
+    if z.dim() != 2 or not z.is_contiguous() or targets.shape != z.shape[:1] or not z.is_floating_point():
+        raise ValueError(f"cross_entropy_grad_: logits {tuple(z.shape)} {z.dtype} (contiguous: "
+                         f"{z.is_contiguous()}) with targets {tuple(targets.shape)}: needs contiguous float "
+                         f"[P, V] logits and [P] targets")
+    losses = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    if z.numel():
+        launch(_cross_entropy_grad_kernel, (z.shape[0],))(z, targets.contiguous(), losses, z.shape[1],
+                                                         float(softcap or 1.0), ignore_index,
+                                                         SOFTCAP=bool(softcap), BLOCK_V=CE_BLOCK, num_warps=16)
+    return losses
