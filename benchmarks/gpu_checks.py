@@ -62,7 +62,7 @@ def random_batch(rows, length, vocab, gen):
 def cmd_bandwidth(args):
     from booster_fast.kernels import measure_bandwidth
 
-    from booster_fast.kernels import measure_model_kernels
+    from booster_fast.kernels import measure_cross_entropy, measure_model_kernels
 
     res = measure_bandwidth(n=args.numel)
     ratios = {op: res[f"{op}_GBps"] / res["copy_GBps"] for op in ("sumsq", "normalize_perturb_", "restore_combine_")}
@@ -74,6 +74,13 @@ def cmd_bandwidth(args):
         doc["model_kernels_error"] = f"{type(e).__name__}: {e}"
         print(f"model kernels not measured: {doc['model_kernels_error']}", file=sys.stderr)
     write(args.out, "kernel_bandwidth.json", doc)
+    if "model_kernels" in doc:  # the chunked head's cross entropy, last: a part cut short keeps the rest
+        try:
+            doc["model_kernels"]["cross_entropy_fwd"] = measure_cross_entropy(doc["model_kernels"]["copy_GBps"])
+        except Exception as e:
+            doc["model_kernels"]["cross_entropy_error"] = f"{type(e).__name__}: {e}"
+            print(f"cross entropy not measured: {doc['model_kernels']['cross_entropy_error']}", file=sys.stderr)
+        write(args.out, "kernel_bandwidth.json", doc)
 
 
 def cmd_sweep(args):

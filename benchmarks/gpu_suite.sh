@@ -234,7 +234,7 @@ bench_part bench_1b_bf16 65 --model llama-1b-shape --quant none \
 bench_part bench_1b_nf4 40 --model llama-1b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 6 --warmup 2 --output "$RES/gpu_llama-1b-shape_nf4.json"
 # (1) each kernel's GB/s against a d2d copy (the model ops too), each checked against its torch formula
-part kernel_bandwidth 45 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
+part kernel_bandwidth 55 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
 # (2) graph vs eager on tiny and llama-1b-shape: 5 padded steps; packed, a second length warming up after the
 # first capture, beside the graphs' pool and (POOL_WARMUP) inside it
 part graph_equivalence 70 python3 benchmarks/gpu_checks.py equivalence --out "$RES"

@@ -210,7 +210,9 @@ def check_tables(checks: dict[str, list[tuple[str, dict]]]) -> list[str]:
             blocks.append(f"Fused model ops on {gpu}, bf16, {model['tokens']:,} tokens of the 7B shape "
                           f"(bf16 copy: {_num(model['copy_GBps'], ',.0f')} GB/s):\n\n"
                           + "\n".join(_grid(("op", "GB/s", "ms", "eager ms", "speed-up", "of copy",
-                                             "max rel. error vs eager"), rows)))
+                                             "max rel. error vs eager"), rows))
+                          + (f"\n\nThe head's cross entropy: not measured ({model['cross_entropy_error']})."
+                             if model.get("cross_entropy_error") else ""))
         elif doc.get("model_kernels_error"):
             blocks.append(f"Fused model ops: not measured ({doc['model_kernels_error']}).")
     for name, doc in checks.get("kernel_sweep", []):

@@ -1394,6 +1394,41 @@ def test_gpu_checks_bandwidth_fractions_are_each_kernel_over_the_copy(tmp_path, 
     assert "| restore_combine_ | 1,000 | — | 25% (below 70%) | — |" in table
 
 
+def test_gpu_checks_bandwidth_times_the_heads_cross_entropy_last(tmp_path, monkeypatch):
+    """The model kernels are written before the head's cross entropy is timed (a part cut short keeps them); a
+    cross entropy that fails is recorded beside them, and make_table says so under their table."""
+    import booster_fast.kernels as kernels
+
+    checks = _gpu_checks_module()
+    monkeypatch.setattr(kernels, "measure_bandwidth", lambda n: {"n": 8, "copy_GBps": 4000.0, **{
+        f"{op}_GBps": 3000.0 for op in ("sumsq", "normalize_perturb_", "restore_combine_")}})
+    rows = {f"rms_norm_{d}": {"ms": 0.1, "GBps": 3000.0, "eager_ms": 0.5, "speedup": 5.0, "fraction_of_copy": 0.75}
+            for d in ("fwd", "bwd")}
+    monkeypatch.setattr(kernels, "measure_model_kernels", lambda: {"tokens": 16, "copy_GBps": 4000.0, **rows})
+    monkeypatch.setattr(checks, "machine", lambda: {"gpu": "Test GPU"})
+    seen = []
+
+    def cross_entropy(copy_gbps):
+        seen.append(json.loads((tmp_path / "kernel_bandwidth.json").read_text()))  # what a cut-short part keeps
+        return {"ms": 0.05, "GBps": 3600.0, "eager_ms": 0.5, "speedup": 10.0, "fraction_of_copy": 0.9,
+                "max_rel_err": 1e-3, "rows": 2048, "vocab": 32000}
+    monkeypatch.setattr(kernels, "measure_cross_entropy", cross_entropy)
+    checks.cmd_bandwidth(SimpleNamespace(numel=8, out=str(tmp_path)))
+    assert "rms_norm_fwd" in seen[0]["model_kernels"] and "cross_entropy_fwd" not in seen[0]["model_kernels"]
+    doc = json.loads((tmp_path / "kernel_bandwidth.json").read_text())
+    assert doc["model_kernels"]["cross_entropy_fwd"]["GBps"] == 3600.0
+
+    def broken(copy_gbps):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(kernels, "measure_cross_entropy", broken)
+    checks.cmd_bandwidth(SimpleNamespace(numel=8, out=str(tmp_path)))
+    doc = json.loads((tmp_path / "kernel_bandwidth.json").read_text())
+    assert doc["model_kernels"]["cross_entropy_error"] == "RuntimeError: out of memory"
+    table = "\n".join(_make_table_module().check_tables({"kernel_bandwidth": [("kernel_bandwidth.json", doc)]}))
+    assert "| rms_norm bwd | 3,000 |" in table
+    assert "The head's cross entropy: not measured (RuntimeError: out of memory)." in table
+
+
 def test_gpu_checks_sweep_measures_each_pair_once_the_modules_first(tmp_path, monkeypatch, capsys):
     """The sweep part: the kernels' own (BLOCK, num_warps) first, every other pair once, a pair that fails kept as
     a row with its error, the file rewritten after each pair; make_table renders it, marks the default pair and

@@ -462,14 +462,14 @@ def test_kernels_capture_in_cuda_graph():
 @pytest.mark.gpu
 def test_measure_model_kernels_on_cuda():
     """Every fused model op timed both ways and checked against the eager formula (bf16 rounding: ~1e-2)."""
-    from booster_fast.kernels import measure_model_kernels
+    from booster_fast.kernels import measure_cross_entropy, measure_model_kernels
 
     res = measure_model_kernels(tokens=1024, iters=3, warmup=1)
     for op in ("rms_norm", "silu_mul", "rope"):
         for d in ("fwd", "bwd"):
             r = res[f"{op}_{d}"]
             assert r["GBps"] > 0 and r["eager_ms"] > 0 and r["max_rel_err"] < 2e-2, (op, d, r)
-    ce = res["cross_entropy_fwd"]  # the chunked head's cross entropy, against its torch ops
+    ce = measure_cross_entropy(res["copy_GBps"], rows=256, iters=3, warmup=1)  # the head's, against its torch ops
     assert ce["GBps"] > 0 and ce["eager_ms"] > 0 and ce["max_rel_err"] < 1e-2, ce
 
 
@@ -483,7 +483,8 @@ def test_the_cross_entropy_measurement_runs_on_the_cpu(monkeypatch):
         pytest.skip("the Triton kernels run on the CPU only under Triton's interpreter (TRITON_INTERPRET=1)")
     calls = []
     monkeypatch.setattr(bandwidth, "_time_ms", lambda fn, iters, warmup: (fn(), calls.append(fn), 2.0)[2])
-    r = bandwidth._measure_cross_entropy(torch.Generator().manual_seed(0), 1000.0, 1, 0, rows=37, vocab=301)
+    r = bandwidth.measure_cross_entropy(1000.0, iters=1, warmup=0, rows=37, vocab=301,
+                                        g=torch.Generator().manual_seed(0))
     assert len(calls) == 2 and r["ms"] == r["eager_ms"] == 2.0 and r["speedup"] == 1.0
     assert r["GBps"] == pytest.approx(6 * 37 * 301 / 2e-3 / 1e9) and r["fraction_of_copy"] == r["GBps"] / 1000
     assert 0 <= r["max_rel_err"] < 1e-2, r

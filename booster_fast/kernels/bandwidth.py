@@ -6,7 +6,7 @@ must move). The unfused torch sequences are timed too and reported as *effective
 so ``fused / torch`` is the speed-up. The copy (``dst.copy_(src)``, 8 B/elem) is the practical ceiling.
 `measure_model_kernels` does the same for the model's fused ops, forward and backward, in bf16 at the 7B
 shape's widths, against transformers' eager formulas, and for the chunked head's cross entropy on one chunk of
-Llama-2's logits, against its torch ops (head_loss.cross_entropy_grad_torch_).
+Llama-2's logits, against its torch ops (head_loss.cross_entropy_grad_torch_: `measure_cross_entropy`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from . import booster_kernels
 from .booster_kernels import launch_constants, normalize_perturb_, restore_combine_, sumsq
 
 __all__ = ["BYTES_PER_ELEM", "MODEL_BYTES_PER_ELEM", "kernel_errors", "measure_bandwidth", "measure_launch_constants",
-           "measure_model_kernels"]
+           "measure_model_kernels", "measure_cross_entropy"]
 FLAT_OPS = ("sumsq", "normalize_perturb_", "restore_combine_")
 
 # Bytes each op must move per element (reads + writes of 4-byte fp32), as counted above each kernel.
@@ -201,18 +201,20 @@ def measure_model_kernels(tokens: int = 32768, hidden: int = 4096, intermediate:
                                            "speedup": timed["eager"] / timed["fused"],
                                            "fraction_of_copy": gbps / result["copy_GBps"],
                                            "max_rel_err": errors[direction]}
-    result["cross_entropy_fwd"] = _measure_cross_entropy(g, result["copy_GBps"], iters, warmup)
     return result
 
 
-def _measure_cross_entropy(g: torch.Generator, copy_gbps: float, iters: int, warmup: int, rows: int = 2048,
-                           vocab: int = 32000) -> dict:
+def measure_cross_entropy(copy_gbps: float, device: str = "cuda", *, iters: int = 30, warmup: int = 3,
+                          rows: int = 2048, vocab: int = 32000, g: torch.Generator | None = None) -> dict:
     """The chunked head's cross entropy and gradient on `rows` positions of bf16 logits (2,048 of Llama-2's
     32,000 entries: 131 MB, one of head_loss's chunks at that vocabulary), the kernel in place against the torch
-    ops on the logits' fp32 copy, as head_loss runs each; `max_rel_err` over the losses and the gradient."""
+    ops on the logits' fp32 copy, as head_loss runs each; `max_rel_err` over the losses and the gradient, and the
+    kernel's GB/s as a fraction of `copy_gbps` (measure_model_kernels' bf16 copy)."""
     from ..head_loss import cross_entropy_grad_torch_
     from .model_kernels import cross_entropy_grad_
 
+    if g is None:
+        g = torch.Generator(device=_cuda_device(device, "measure_cross_entropy")).manual_seed(0)
     dev = g.device
     logits = (torch.randn(rows, vocab, device=dev, generator=g) * 4).to(torch.bfloat16)
     targets = torch.randint(0, vocab, (rows,), device=dev, generator=g)
