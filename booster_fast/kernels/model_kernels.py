@@ -335,11 +335,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 # cross_entropy_grad_: per row of logits z, loss = lse(c(z)) − c(z)[target] and, in z's place, the gradient
 # (softmax(c(z)) − onehot(target)) · c'(z), zero for an ignored row; c = softcap·tanh(·/softcap) or the identity
 # ---------------------------------------------------------------------------------------------------------
-# The chunked head's torch path (head_loss._chunk) makes ~10 passes over a chunk's logits (the fp32 copy, max,
+# Its torch twin (head_loss.cross_entropy_grad_torch_) makes ~10 passes over a chunk's logits (the fp32 copy, max,
 # exp, sum, division, the mask, the cast back: ~50 B/logit from bf16 logits) and holds an fp32 copy beside them.
 # Here one program per row reads the row twice (an online max and sum of exponentials, then the gradient) and
-# writes it once, in place: 6 B/logit in bf16, and no copy. The same fp32 arithmetic on the same bf16 inputs, the
-# gradient rounded once to z's dtype, as the torch path rounds it for the head's matmul.
+# writes it once, in place: 6 B/logit in bf16, and no copy. fp32 arithmetic on the same inputs, the gradient
+# rounded once to z's dtype, as the torch path rounds it for the head's matmul.
 CE_BLOCK = 4096  # logits per block of a row: 8 bf16 values per thread with 16 warps; Llama-2's 32,000 in 8 blocks
 
 
