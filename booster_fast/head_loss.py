@@ -33,10 +33,11 @@ from .errors import described
 from .kernels.model_kernels import cross_entropy_grad_
 from .losses import IGNORE_INDEX, logits_of, targets_of, token_losses
 
-# logits per chunk: 2^25, 1,048 positions of Llama-2's vocabulary, 131 of Gemma-2's. A chunk's peak is the fp32
-# logits (4 bytes each) and, from bf16 logits, one bf16 copy beside them (the logits, then the gradient cast for
-# the head's matmul): ~200 MB for bf16 logits, where the model's head holds ~12 bytes a logit for every position.
-# A softcapped head keeps a second fp32 copy, the slope, until the gradient has used it.
+# logits per chunk: 2^25, 1,048 positions of Llama-2's vocabulary, 131 of Gemma-2's. With the torch ops a chunk's
+# peak is the fp32 logits (4 bytes each) and, from bf16 logits, one bf16 copy beside them (the logits, then the
+# gradient cast for the head's matmul): ~200 MB for bf16 logits, where the model's head holds ~12 bytes a logit
+# for every position; a softcapped head keeps a second fp32 copy, the slope, until the gradient has used it. The
+# fused kernel works in the logits' own memory: 67 MB (chunk_bytes_per_logit).
 CHUNK_LOGITS = 2 ** 25
 
 
