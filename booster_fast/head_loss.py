@@ -11,8 +11,8 @@ fp32 row of the hidden size per position; the backward scales each row by its po
 token mean's 1/count, different for the harmful and alignment rows of a merged pass). The FLOPs are those of the
 model's head and its backward; only the memory changes. Where the engine runs its fused ops, each chunk's cross
 entropy and gradient is one Triton kernel working in the logits' own memory (kernels.model_kernels
-.cross_entropy_grad_: three passes over a chunk and no copy); elsewhere its torch twin below works on an fp32
-copy.
+.cross_entropy_grad_: three passes over a chunk and no copy); elsewhere its torch twin (cross_entropy_grad_torch_,
+beside it) works on an fp32 copy.
 
 `head_losses` runs the model's forward with its head swapped for one that keeps its input and returns no logits
 (the forward's own steps around the head, such as packing's choice of positions, still run), then this module's
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .attention import probing
 from .compute import compute_dtype
 from .errors import described
-from .kernels.model_kernels import cross_entropy_grad_
+from .kernels.model_kernels import cross_entropy_grad_, cross_entropy_grad_torch_
 from .losses import IGNORE_INDEX, logits_of, targets_of, token_losses
 
 # logits per chunk: 2^25, 1,048 positions of Llama-2's vocabulary, 131 of Gemma-2's. With the torch ops a chunk's
@@ -55,32 +55,6 @@ def chunk_bytes_per_logit(logit_bytes: int, softcapped: bool = False, fused: boo
     return max(4 + (logit_bytes if logit_bytes < 4 else 0), 8 if softcapped else 0)
 
 
-def cross_entropy_grad_torch_(z: torch.Tensor, targets: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
-    """The torch twin of kernels.model_kernels.cross_entropy_grad_, for fp32 (or fp64) logits `z` [P, V]: returns
-    the per-row cross entropy (0 for an ignored target) and overwrites `z` with its gradient. ~10 passes over the
-    logits where the kernel makes three; a softcap's slope is a second copy, freed on return."""
-    slope = None
-    if softcap:  # softcap·tanh(z/softcap), whose slope 1 − tanh² the gradient needs
-        t = z.div_(softcap).tanh_()
-        slope = t.square().neg_().add_(1)
-        z = t.mul_(softcap)
-    valid = targets != IGNORE_INDEX
-    picked = targets.clamp(min=0).unsqueeze(1)
-    target_logit = z.gather(1, picked).squeeze(1)
-    # log-sum-exp by hand, in z's own memory (torch.logsumexp takes a temporary of z's size on some devices):
-    # z becomes exp(z − max), then the softmax
-    top = z.amax(dim=1, keepdim=True)
-    total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
-    losses = torch.where(valid, (top + total.log()).squeeze(1) - target_logit, 0.0)
-    # the cross entropy's gradient: softmax − one-hot, zero for an ignored position
-    g = z.div_(total)
-    g.scatter_add_(1, picked, -valid.unsqueeze(1).to(g.dtype))
-    g.mul_(valid.unsqueeze(1))
-    if slope is not None:
-        g.mul_(slope)
-    return losses
-
-
 def _chunk(x, weight, bias, targets, softcap, losses, grad_x, fused):
     """One chunk: its losses and its gradient with respect to `x`, written into `losses` and `grad_x` (the chunk's
     rows of the outputs). A function of its own, so that its tensors the size of the logits are freed when it
@@ -92,7 +66,7 @@ def _chunk(x, weight, bias, targets, softcap, losses, grad_x, fused):
         losses.copy_(cross_entropy_grad_(z, targets, softcap, IGNORE_INDEX))
     else:
         z = z.to(grad_x.dtype)  # fp32 (bf16: a copy, and the bf16 logits go); fp64 for an fp64 model
-        losses.copy_(cross_entropy_grad_torch_(z, targets, softcap))
+        losses.copy_(cross_entropy_grad_torch_(z, targets, softcap, IGNORE_INDEX))
     # through the head, in its logits' dtype, as the head's own backward would run it
     grad_x.copy_(z.to(dtype) @ weight.to(dtype))
 

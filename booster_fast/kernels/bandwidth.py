@@ -6,7 +6,7 @@ must move). The unfused torch sequences are timed too and reported as *effective
 so ``fused / torch`` is the speed-up. The copy (``dst.copy_(src)``, 8 B/elem) is the practical ceiling.
 `measure_model_kernels` does the same for the model's fused ops, forward and backward, in bf16 at the 7B
 shape's widths, against transformers' eager formulas, and for the chunked head's cross entropy on one chunk of
-Llama-2's logits, against its torch ops (head_loss.cross_entropy_grad_torch_: `measure_cross_entropy`).
+Llama-2's logits, against its torch ops (model_kernels.cross_entropy_grad_torch_: `measure_cross_entropy`).
 """
 from __future__ import annotations
 
@@ -210,8 +210,7 @@ def measure_cross_entropy(copy_gbps: float, device: str = "cuda", *, iters: int 
     32,000 entries: 131 MB, one of head_loss's chunks at that vocabulary), the kernel in place against the torch
     ops on the logits' fp32 copy, as head_loss runs each; `max_rel_err` over the losses and the gradient, and the
     kernel's GB/s as a fraction of `copy_gbps` (measure_model_kernels' bf16 copy)."""
-    from ..head_loss import cross_entropy_grad_torch_
-    from .model_kernels import cross_entropy_grad_
+    from .model_kernels import cross_entropy_grad_, cross_entropy_grad_torch_
 
     if g is None:
         g = torch.Generator(device=_cuda_device(device, "measure_cross_entropy")).manual_seed(0)

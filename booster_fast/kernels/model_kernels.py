@@ -1,5 +1,6 @@
 """Fused kernels for the model's own element-wise ops: ``rms_norm``, ``silu_mul`` (SwiGLU's gate; ``gelu_tanh_mul``
-for Gemma's GeGLU), ``rope``, and ``cross_entropy_grad_`` for the chunked LM head (head_loss.py).
+for Gemma's GeGLU), ``rope``, and ``cross_entropy_grad_`` for the chunked LM head (head_loss.py), with its torch
+twin ``cross_entropy_grad_torch_``.
 
 Outside the matmuls, a Llama decoder layer spends its time in memory-bound element-wise chains that eager
 PyTorch runs one kernel at a time. transformers' RMSNorm upcasts to fp32 and makes six passes (cast, square,
@@ -14,8 +15,9 @@ relative, as eager CUDA's own rsqrt), and in bf16 up to about one rounding. Gemm
 ``(1 + w) * x * rstd``, all in fp32 and rounded once at the end) is the same kernel with another rounding.
 
 Three layers each, as in booster_kernels.py: ``@triton.jit`` kernels -> an ``autograd.Function`` -> the
-function the model calls (fused_ops.py installs it). Triton only: these run where Triton runs (CUDA, or the
-CPU with TRITON_INTERPRET=1 set before import); the model's own forward is the torch path.
+function the model calls (fused_ops.py installs it); the cross entropy's autograd.Function is head_loss's. Triton
+only: these run where Triton runs (CUDA, or the CPU with TRITON_INTERPRET=1 set before import); the model's own
+forward is the torch path, and the cross entropy's is its twin here.
 """
 from __future__ import annotations
 
@@ -335,7 +337,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 # cross_entropy_grad_: per row of logits z, loss = lse(c(z)) − c(z)[target] and, in z's place, the gradient
 # (softmax(c(z)) − onehot(target)) · c'(z), zero for an ignored row; c = softcap·tanh(·/softcap) or the identity
 # ---------------------------------------------------------------------------------------------------------
-# Its torch twin (head_loss.cross_entropy_grad_torch_) makes ~10 passes over a chunk's logits (the fp32 copy, max,
+# Its torch twin (cross_entropy_grad_torch_, below) makes ~10 passes over a chunk's logits (the fp32 copy, max,
 # exp, sum, division, the mask, the cast back: ~50 B/logit from bf16 logits) and holds an fp32 copy beside them.
 # Here one program per row reads the row twice (an online max and sum of exponentials, then the gradient) and
 # writes it once, in place: 6 B/logit in bf16, and no copy. fp32 arithmetic on the same inputs, the gradient
@@ -406,4 +408,32 @@ def cross_entropy_grad_(z: torch.Tensor, targets: torch.Tensor, softcap: float |
         launch(_cross_entropy_grad_kernel, (z.shape[0],))(z, targets.contiguous(), losses, z.shape[1],
                                                          float(softcap or 1.0), ignore_index,
                                                          SOFTCAP=bool(softcap), BLOCK_V=CE_BLOCK, num_warps=16)
+    return losses
+
+
+def cross_entropy_grad_torch_(z: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
+                              ignore_index: int = -100) -> torch.Tensor:
+    """The torch twin of cross_entropy_grad_ (for the CPU and an engine without its fused ops), on fp32 (or fp64)
+    logits `z` [P, V]: returns the per-row cross entropy (0 for an ignored target) and overwrites `z` with its
+    gradient. ~10 passes over the logits where the kernel makes three; a softcap's slope is a second copy, freed
+    on return."""
+    slope = None
+    if softcap:  # softcap·tanh(z/softcap), whose slope 1 − tanh² the gradient needs
+        t = z.div_(softcap).tanh_()
+        slope = t.square().neg_().add_(1)
+        z = t.mul_(softcap)
+    valid = targets != ignore_index
+    picked = targets.clamp(min=0).unsqueeze(1)
+    target_logit = z.gather(1, picked).squeeze(1)
+    # log-sum-exp by hand, in z's own memory (torch.logsumexp takes a temporary of z's size on some devices):
+    # z becomes exp(z − max), then the softmax
+    top = z.amax(dim=1, keepdim=True)
+    total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
+    losses = torch.where(valid, (top + total.log()).squeeze(1) - target_logit, 0.0)
+    # the cross entropy's gradient: softmax − one-hot, zero for an ignored position
+    g = z.div_(total)
+    g.scatter_add_(1, picked, -valid.unsqueeze(1).to(g.dtype))
+    g.mul_(valid.unsqueeze(1))
+    if slope is not None:
+        g.mul_(slope)
     return losses
