@@ -95,7 +95,7 @@ elif ! python3 -c "import bitsandbytes" 2>/dev/null; then
 fi
 timeout 60 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || { echo "project install failed: importing it from the checkout" | tee -a "$LOG"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 # the commit every document records (bench_report.machine_info): a tree sent without its .git cannot tell
 BOOSTER_FAST_COMMIT=${BOOSTER_FAST_COMMIT:-$(git rev-parse HEAD 2> /dev/null)}
 export BOOSTER_FAST_COMMIT
@@ -103,7 +103,8 @@ echo "commit: ${BOOSTER_FAST_COMMIT:-unknown (no .git here: run the suite as BOO
   | tee -a "$LOG"
 # the stack: every part needs it, so a failure here ends the suite (its time is better spent on a rerun)
 # (bitsandbytes is not part of it: only the NF4 parts need it, and they fail on their own without it)
-if ! stack=$(timeout 90 python3 - 2>&1 <<'PY'
+check_stack() {
+  timeout 90 python3 - 2>&1 <<'PY'
 import torch, triton, transformers, accelerate, peft, booster_fast
 try:
     import bitsandbytes
@@ -137,38 +138,56 @@ try:  # a line of information: nothing here stops the suite
 except Exception as e:  # (the project imported from the checkout has no metadata)
     print(f"floors not checked ({type(e).__name__}: {e})")
 PY
-); then
+}
+stack=$(check_stack); stack_rc=$?
+if (( stack_rc != 0 )) && compgen -G "$SITE/peft*" > /dev/null; then  # the carried peft (or accelerate) may not
+  # import beside this machine's transformers: once more with the machine's own
+  tail -n 2 <<< "$stack" | tee -a "$LOG"
+  echo "the stack does not import with the carried peft and accelerate: once more with the machine's own" \
+    | tee -a "$LOG"
+  rm -rf "$SITE"/peft "$SITE"/peft-* "$SITE"/accelerate "$SITE"/accelerate-*
+  stack=$(check_stack); stack_rc=$?
+fi
+if (( stack_rc != 0 )); then
   tail -n 5 <<< "$stack" | tee -a "$LOG"
   echo "the stack does not import (above): stopping" | tee -a "$LOG"; exit 3  # (on_exit packs what there is)
 fi
 tail -n 3 <<< "$stack" | tee -a "$LOG"
 
-# preflight: one Triton kernel launched for real (Triton builds a small C launcher at its first launch: it needs a
-# C compiler and Python's headers). Where it cannot, the fast engine runs its torch paths without fused model ops,
-# and every bench document says so (machine.triton_unusable)
-timeout 120 python3 -c "import torch; from booster_fast.kernels import triton_unusable; \
-print('preflight: Triton', triton_unusable(torch.device('cuda')) or 'launches')" 2>&1 | tail -n 3 | tee -a "$LOG"
-# and one NF4 round trip on the GPU: bitsandbytes may import with its CUDA library missing (it warns, then fails at
-# the first 4-bit call), which this line states before the NF4 parts meet it
-timeout 60 python3 - 2>&1 <<'PY' | tail -n 3 | tee -a "$LOG"
+# preflight, in one process (each import of torch and start of CUDA costs seconds): one NF4 round trip on the GPU
+# (bitsandbytes may import with its CUDA library missing: it warns, then fails at the first 4-bit call, which this
+# line states before the NF4 parts meet it), then one Triton kernel launched for real (Triton builds a small C
+# launcher at its first launch: it needs a C compiler and Python's headers; where it cannot, the fast engine runs
+# its torch paths without fused model ops, and every bench document says so: machine.triton_unusable)
+preflight=$(timeout 150 python3 - 2>&1 <<'PY'
 import torch
 try:
     import bitsandbytes.functional as F
     w = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
     q, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     err = ((F.dequantize_4bit(q, state) - w).float().norm() / w.float().norm()).item()
-    print(f"preflight: bitsandbytes NF4 on the GPU: relative error {err:.3f}" + ("" if err < 0.2 else " (too large)"))
+    print(f"preflight: bitsandbytes NF4 on the GPU: relative error {err:.3f}" + ("" if err < 0.2 else " (too large)"),
+          flush=True)
 except Exception as e:  # noqa: BLE001
-    print(f"preflight: bitsandbytes NF4 on the GPU fails ({type(e).__name__}: {e}); the NF4 parts will fail")
+    print(f"preflight: bitsandbytes NF4 on the GPU fails ({type(e).__name__}: {e}); the NF4 parts will fail",
+          flush=True)
+try:
+    from booster_fast.kernels import triton_unusable
+    print("preflight: Triton", triton_unusable(torch.device("cuda")) or "launches", flush=True)
+except Exception as e:  # noqa: BLE001
+    print(f"preflight: Triton not checked ({type(e).__name__}: {e})", flush=True)
 PY
+); preflight_rc=$?
+grep -E '^(preflight|[A-Za-z_.]*(Error|Exception))' <<< "$preflight" | tee -a "$LOG"  # (and a traceback's last line)
+(( preflight_rc == 0 )) || echo "preflight: exit code $preflight_rc (124: its 150 s limit)" | tee -a "$LOG"
 
 # the whole suite's deadline (seconds from its start): a part gets at most what is left, and none starts with
-# under half its limit (or 20 s) left, a bench part with under 80 % (it writes nothing before its timing ends),
-# so that the results come back before the machine's own limit however the parts run, and no part is started
-# only to be cut off before it writes anything. Named parts get a longer deadline (the 70B part alone has a
-# 420 s limit): give the machine's call a limit at least 30 s above it
+# under half its limit (or 20 s) left, a bench part with under 80 % (stopped during its timing, it writes only the
+# steps it had timed), so that the results come back before the machine's own limit however the parts run, and
+# no part is started only to be cut off before it writes anything. Named parts get a longer deadline (the 70B
+# part alone has a 420 s limit): give the machine's call a limit at least 30 s above it
 if [[ "$ONLY" == "  " ]]; then DEADLINE=${SUITE_DEADLINE:-345}; else DEADLINE=${SUITE_DEADLINE:-540}; fi
-SKIPPED=""  # the parts the deadline left out, for the suite's last line
+SKIPPED="" FAILED=""  # the parts the deadline left out, and those that exited non-zero, for the last lines
 wanted() { [[ ( "$ONLY" == "  " && "$OPT_IN" != *" $1 "* ) || "$ONLY" == *" $1 "* ]]; }
 part() {  # part NAME SECONDS CMD...: run one part with a time limit, log its tail, never abort the suite
   wanted "$1" && run_part "$@"
@@ -190,6 +209,7 @@ run_part() {  # returns the part's exit code (0 when skipped for time)
   CHILD=""
   tail -n 5 "$RES/gpu_logs/$name.out" >> "$LOG"
   echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+  (( rc == 0 )) || FAILED+=" $name(rc=$rc)"
   pack
   return $rc
 }
@@ -199,20 +219,36 @@ bench_part() {  # bench_part NAME SECONDS BENCH-ARGS...: a part running the benc
   # invalidated a graph capture, after which nothing more can be measured in that process: the part then runs
   # once more in a new process without fast-graphs (as NAME_eager, within the suite's deadline), so the
   # reference and fast eager numbers still come back; the first document is kept as *.json.invalidated (out
-  # of make_table's *.json)
+  # of make_table's *.json). The later parts of the same --quant then leave fast-graphs out from the start
+  # (what invalidated one capture would invalidate theirs, and the suite has no time for two runs of each)
   local name=$1 limit=$2; shift 2
   wanted "$name" || return 0
+  local quant args
+  quant=$(sed -n 's/.*--quant \([a-z0-9]*\).*/\1/p' <<< "$*")
+  if [[ "$INVALIDATED " == *" $quant "* ]]; then
+    echo "== $name: without fast-graphs (a capture was invalidated in an earlier $quant part)" | tee -a "$LOG"
+    mapfile -t args < <(without_graphs "$@")
+    NEED_PERCENT=80 run_part "$name" "$limit" $BENCH "${args[@]}"
+    return 0
+  fi
   NEED_PERCENT=80 run_part "$name" "$limit" $BENCH "$@"
   (( $? == 3 )) || return 0
-  local args=() prev="" out=""
-  for a in "$@"; do
-    [[ "$prev" == --impls ]] && a=$(tr , '\n' <<< "$a" | grep -vx fast-graphs | paste -sd, -)
-    [[ "$prev" == --output ]] && out=$a
-    args+=("$a") prev=$a
-  done
+  INVALIDATED+=" $quant"
+  local out
+  out=$(sed -n 's/.*--output \([^ ]*\).*/\1/p' <<< "$*")
   [[ -n "$out" && -f "$out" ]] && mv "$out" "$out.invalidated"
   echo "== $name: a CUDA graph capture was invalidated; once more without fast-graphs" | tee -a "$LOG"
+  mapfile -t args < <(without_graphs "$@")
   NEED_PERCENT=80 run_part "${name}_eager" "$limit" $BENCH "${args[@]}"
+}
+INVALIDATED=""  # the --quant values whose bench parts had a capture invalidated
+without_graphs() {  # the bench arguments with fast-graphs gone from --impls (none has a space in it)
+  local prev=""
+  for a in "$@"; do
+    [[ "$prev" == --impls ]] && a=$(tr , '\n' <<< "$a" | grep -vx fast-graphs | paste -sd, -)
+    printf '%s\n' "$a"
+    prev=$a
+  done
 }
 
 # the parts in the order of what the issue's targets need most, so that a suite cut short by its deadline still
@@ -222,7 +258,7 @@ bench_part() {  # bench_part NAME SECONDS BENCH-ARGS...: a part running the benc
 # row confirms or changes, sft / fast-sft what Booster costs over plain SFT). Fast entries pack
 # their batches and fuse RMSNorm/SwiGLU/RoPE (the defaults). Timed steps are a multiple of the entries, so that
 # every entry goes first equally often in the rotating order
-bench_part bench_7b_bf16 70 --model llama-7b-shape --quant none --impls reference,fast,fast-graphs \
+bench_part bench_7b_bf16 85 --model llama-7b-shape --quant none --impls reference,fast,fast-graphs \
   --steps 6 --warmup 2 --output "$RES/gpu_llama-7b-shape_bf16.json"
 bench_part bench_7b_nf4_ckpt 70 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --gradient-checkpointing --output "$RES/gpu_llama-7b-shape_nf4_ckpt.json"
@@ -256,5 +292,6 @@ bench_part bench_1b_bf16_data 50 --model llama-1b-shape --quant none --data buil
 bench_part bench_70b_nf4_ckpt 420 --model llama-70b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 1 --gradient-checkpointing --output "$RES/gpu_llama-70b-shape_nf4_ckpt.json"
 echo "suite done in ${SECONDS}s" | tee -a "$LOG"
+[[ -z "$FAILED" ]] || echo "exited non-zero:$FAILED (each part's output: gpu_logs/NAME.out)" | tee -a "$LOG"
 [[ -z "$SKIPPED" ]] || echo "skipped for time:$SKIPPED; they run by name with a deadline of their own:" \
   "bash benchmarks/gpu_suite.sh$SKIPPED" | tee -a "$LOG"

@@ -306,59 +306,74 @@ def time_interleaved(impls, batches, args, device, results):
         del impls[name], times[name], tps[name]
 
     bar, started = progress_bar((args.warmup + args.steps) * len(impls), "bench"), time.perf_counter()
-    for i in range(args.warmup + args.steps):
-        # graphs capture lazily: get that done untimed, before the warm-up rounds (a capture empties torch's
-        # allocator cache, which the eager entries then refill during the warm-up, not in a timed step)
-        for name in list(impls) if i == 0 else ():
-            booster, fn, mine = impls[name]
-            t0 = time.perf_counter()
-            graphs = getattr(booster.engine, "graphs", None) is not None
-            start = trainable_snapshot(booster) if graphs else None
-            try:  # the first round's shapes, the timed rounds' and the two after
-                why = warm_graphs(name, booster, fn, mine[:1] + mine[args.warmup:])
-            except CaptureInvalidated as e:
-                _failed(results, name, "capturing its step", e)
-                raise
-            if graphs:
-                rewind(booster, start)  # its first timed step then starts where the other entries' do
-                start = None  # (the copy's memory back before the timing)
-                phase(f"{name}: CUDA graphs warmed up and captured in {time.perf_counter() - t0:.1f} s"
-                      + (f" ({why})" if why else ""))
-            if why:
-                drop(name)
-                results[name] = {"skipped": why}
-        _, _, na, nh = batches[i]
-        order = list(impls)[i % len(impls):] + list(impls)[:i % len(impls)] if impls else []
-        for name in order:
-            sync(device)
-            t0 = time.perf_counter()
-            try:
-                out = impls[name][1](*impls[name][2][i])
-            except Exception as e:  # noqa: BLE001
-                drop(name)
-                if isinstance(e, CaptureInvalidated):  # nothing measured after it in this process can be trusted
-                    _failed(results, name, f"step {i}", e)
+    try:
+        for i in range(args.warmup + args.steps):
+            # graphs capture lazily: get that done untimed, before the warm-up rounds (a capture empties torch's
+            # allocator cache, which the eager entries then refill during the warm-up, not in a timed step)
+            for name in list(impls) if i == 0 else ():
+                booster, fn, mine = impls[name]
+                t0 = time.perf_counter()
+                graphs = getattr(booster.engine, "graphs", None) is not None
+                start = trainable_snapshot(booster) if graphs else None
+                try:  # the first round's shapes, the timed rounds' and the two after
+                    why = warm_graphs(name, booster, fn, mine[:1] + mine[args.warmup:])
+                except CaptureInvalidated as e:
+                    _failed(results, name, "capturing its step", e)
                     raise
-                if name == "fast-graphs":  # graphs='on' raises when capture is impossible: skipped, not failed
-                    results[name] = {"skipped": "not captured: " + reason(e)}
-                else:
-                    _failed(results, name, f"step {i}", e)
-                continue
-            sync(device)
-            dt = time.perf_counter() - t0
-            if i == 0:
-                # device tensors, read after the timing (cloned: an engine may reuse an output's buffer)
-                first[name] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.items()}
-            if i >= args.warmup:
-                times[name].append(dt)
-                tps[name].append((na if name in SFT else na + nh) / dt)
-            bar.update(1)
-        if i + 1 in (args.warmup, args.warmup + args.steps):
-            kind, n = ("warm-up", args.warmup) if i + 1 == args.warmup else ("timed", args.steps)
-            phase(f"{n} {kind} round{'s' * (n != 1)} of {len(impls)} entries done, "
-                  f"{time.perf_counter() - started:.1f} s in all")
-    bar.close()
+                if graphs:
+                    rewind(booster, start)  # its first timed step then starts where the other entries' do
+                    start = None  # (the copy's memory back before the timing)
+                    phase(f"{name}: CUDA graphs warmed up and captured in {time.perf_counter() - t0:.1f} s"
+                          + (f" ({why})" if why else ""))
+                if why:
+                    drop(name)
+                    results[name] = {"skipped": why}
+            _, _, na, nh = batches[i]
+            order = list(impls)[i % len(impls):] + list(impls)[:i % len(impls)] if impls else []
+            for name in order:
+                sync(device)
+                t0 = time.perf_counter()
+                try:
+                    out = impls[name][1](*impls[name][2][i])
+                except Exception as e:  # noqa: BLE001
+                    drop(name)
+                    if isinstance(e, CaptureInvalidated):  # nothing measured after it in this process can be trusted
+                        _failed(results, name, f"step {i}", e)
+                        raise
+                    if name == "fast-graphs":  # graphs='on' raises when capture is impossible: skipped, not failed
+                        results[name] = {"skipped": "not captured: " + reason(e)}
+                    else:
+                        _failed(results, name, f"step {i}", e)
+                    continue
+                sync(device)
+                dt = time.perf_counter() - t0
+                if i == 0:
+                    # device tensors, read after the timing (cloned: an engine may reuse an output's buffer)
+                    first[name] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.items()}
+                if i >= args.warmup:
+                    times[name].append(dt)
+                    tps[name].append((na if name in SFT else na + nh) / dt)
+                bar.update(1)
+            if i + 1 in (args.warmup, args.warmup + args.steps):
+                kind, n = ("warm-up", args.warmup) if i + 1 == args.warmup else ("timed", args.steps)
+                phase(f"{n} {kind} round{'s' * (n != 1)} of {len(impls)} entries done, "
+                      f"{time.perf_counter() - started:.1f} s in all")
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM at a time limit: the caller keeps the steps timed so far
+        e.timed = times, tps
+        raise
+    finally:
+        bar.close()
     return times, tps, first
+
+
+def record_times(results: dict, times: dict, tps: dict) -> None:
+    """Each entry's median step time, its 20th and 80th percentiles and its tokens/s into `results` (an entry
+    stopped before its first timed step gets none; `timed_steps` says over how many steps)."""
+    for name, ts in times.items():
+        if ts:
+            results[name] = {"step_ms": round(statistics.median(ts) * 1e3, 3),
+                             "step_ms_p20": round(_pct(ts, 20) * 1e3, 3), "step_ms_p80": round(_pct(ts, 80) * 1e3, 3),
+                             "tokens_per_s": round(statistics.median(tps[name]), 1), "timed_steps": len(ts)}
 
 
 def run_bench(args) -> int:
@@ -402,15 +417,16 @@ def run_bench(args) -> int:
         return doc
 
     try:
-        times, tps, first = time_interleaved(impls, batches, args, device, results)
+        try:
+            times, tps, first = time_interleaved(impls, batches, args, device, results)
+        except KeyboardInterrupt as e:  # stopped (a time limit's SIGTERM): the steps timed so far, marked incomplete
+            record_times(results, *e.timed)
+            publish()
+            raise
+        record_times(results, times, tps)
         # ---- the times first; then separate passes, one step each for memory and for the op count ----
         rate = matmul_tflops(device) if device.type == "cuda" and impls else None
         peak = peak_tflops(device, rate) if rate else (None, None)
-        for name in impls:
-            ms = statistics.median(times[name]) * 1e3
-            results[name] = {"step_ms": round(ms, 3), "step_ms_p20": round(_pct(times[name], 20) * 1e3, 3),
-                             "step_ms_p80": round(_pct(times[name], 80) * 1e3, 3),
-                             "tokens_per_s": round(statistics.median(tps[name]), 1)}
         for name, check in first_step_agreement(first).items():
             if name in impls:
                 results[name].update(check)

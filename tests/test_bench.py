@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {"step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "ops_per_step",
                "bookkeeping_ops", "host_syncs_per_step", "ratio_to_sft", "sft_baseline", "cuda_graphs", "mfu",
                "hfu", "packed_share", "positions_per_step", "launches_per_step", "graphs_fallback", "est_peak_mb",
-               "first_step", "first_step_rel_diff", "first_step_agrees"}
+               "first_step", "first_step_rel_diff", "first_step_agrees", "timed_steps"}
 BASELINES = ("reference", "sft")  # the entries others' first steps are compared with
 SFT = ("sft", "fast-sft")
 
@@ -693,14 +693,15 @@ def test_make_table_names_settings_and_partial_runs(tmp_path):
         assert label == f"{model} (8+8 × 64{', ' + named if named else ''})", label
 
 
-def _suite_shim(tmp_path, bench_body: str, **env):
+def _suite_shim(tmp_path, bench_body: str, other_body: str = "", **env):
     """A python3 stand-in on PATH for gpu_suite.sh: it records its calls and runs `bench_body` (bash, with $out
-    the --output path) for a bench. Returns (the suite's environment, with `env` added; the calls file; $OUT).
-    The suite's own temporary folder goes under tmp_path."""
+    the --output path) for a bench, `other_body` (bash) for anything else. Returns (the suite's environment, with
+    `env` added; the calls file; $OUT). The suite's own temporary folder goes under tmp_path."""
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "python3").write_text("""#!/usr/bin/env bash
 echo "$*" >> "$SHIM_LOG"
+""" + other_body + """
 [[ "$1 $2 $3" == "-m booster_fast bench" ]] || exit 0
 prev=""; for a in "$@"; do [[ $prev == --output ]] && out=$a; prev=$a; done
 """ + bench_body)
@@ -737,6 +738,54 @@ echo '{"run": 2}' > "$out"
                     "gpu_llama-1b-shape_bf16.json.invalidated": b'{"run": 1}\n'}
     log = (out / "gpu_suite.log").read_text()
     assert "== bench_1b_bf16: rc=3" in log and "== bench_1b_bf16_eager: rc=0" in log
+
+
+def test_after_an_invalidated_capture_the_later_parts_of_that_quant_leave_graphs_out(tmp_path):
+    """A capture invalidated in one NF4 part: that part reruns without fast-graphs, the next NF4 part leaves
+    fast-graphs out from the start (one run, not two), a bf16 part keeps it; the log's last lines name the part
+    that exited non-zero."""
+    import subprocess
+
+    env, calls, out = _suite_shim(tmp_path, """
+if [[ "$*" == *fast-graphs* && "$*" == *nf4* ]]; then echo '{}' > "$out"; exit 3; fi
+echo '{}' > "$out"
+""", SUITE_DEADLINE="100000")
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_7b_nf4_ckpt", "bench_7b_nf4",
+                          "bench_1b_nf4", "bench_1b_bf16"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    benches = [c.split() for c in calls.read_text().splitlines() if c.startswith("-m booster_fast bench")]
+    graphs = [(b[b.index("--output") + 1].rsplit("/", 1)[1], "fast-graphs" in b[b.index("--impls") + 1])
+              for b in benches]
+    assert graphs == [("gpu_llama-7b-shape_nf4_ckpt.json", True), ("gpu_llama-7b-shape_nf4_ckpt.json", False),
+                      ("gpu_llama-7b-shape_nf4.json", False), ("gpu_llama-1b-shape_bf16.json", True),
+                      ("gpu_llama-1b-shape_nf4.json", False)]  # (the suite's order, whatever the names' order)
+    log = (out / "gpu_suite.log").read_text()
+    assert "== bench_7b_nf4: without fast-graphs (a capture was invalidated in an earlier nf4 part)" in log
+    assert log.splitlines()[-1] == ("exited non-zero: bench_7b_nf4_ckpt(rc=3) (each part's output: "
+                                    "gpu_logs/NAME.out)"), log
+
+
+def test_a_stack_that_fails_with_the_carried_peft_is_tried_with_the_machines_own(tmp_path):
+    """The carried peft (a wheel in .whl/) may not import beside the machine's transformers: the stack check runs
+    once more with the carried peft and accelerate removed, and the suite goes on when that imports."""
+    import subprocess
+
+    site = tmp_path / "site"
+    for name in ("peft", "peft-0.21.2.dist-info", "accelerate", "accelerate-1.15.0.dist-info", "bitsandbytes"):
+        (site / name).mkdir(parents=True)
+    env, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\n', other_body="""
+if [[ "$1" == - ]] && grep -q "import torch, triton" && [[ -d "$SUITE_SITE/peft" ]]; then
+  echo "ImportError: cannot import name 'X' from 'transformers'"; exit 1
+fi
+""", SUITE_SITE=str(site), SUITE_DEADLINE="100000")
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    log = (out / "gpu_suite.log").read_text()
+    assert "ImportError: cannot import name 'X'" in log
+    assert "the stack does not import with the carried peft and accelerate: once more with the machine's own" in log
+    assert "stopping" not in log and "== bench_1b_bf16: rc=0" in log, log
+    assert sorted(p.name for p in site.iterdir()) == ["bitsandbytes"]
 
 
 def test_every_command_of_the_gpu_suite_parses(tmp_path, monkeypatch):
@@ -780,9 +829,9 @@ def test_every_command_of_the_gpu_suite_parses(tmp_path, monkeypatch):
 
 
 def test_gpu_suite_keeps_its_deadline_for_named_parts(tmp_path):
-    """Named parts answer to the deadline too, and a bench part needs 80 % of its limit to start (it writes
-    nothing before its timing ends): with 40 s left, the 60 s part is skipped (half its limit would have let it
-    start), not started and cut off."""
+    """Named parts answer to the deadline too, and a bench part needs 80 % of its limit to start (stopped during
+    its timing, it writes only the steps it had timed): with 40 s left, the 60 s part is skipped (half its limit
+    would have let it start), not started and cut off."""
     import subprocess
 
     env, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\n', SUITE_DEADLINE="40")
@@ -1294,6 +1343,44 @@ def test_run_bench_reports_the_median_and_inclusive_percentiles(monkeypatch, cap
     # the SFT step holds fewer activations than the Booster step: the method matters
     assert memory.of_booster(built["sft"], 2, 2, 64, "booster").total > \
         memory.of_booster(built["sft"], 2, 2, 64, "sft").total
+
+
+def test_a_bench_stopped_during_its_timing_writes_the_steps_timed_so_far(tmp_path, capsys, monkeypatch):
+    """SIGTERM (the GPU suite's time limit for a part) in the middle of the timed rounds: the document keeps each
+    entry's steps timed so far, marked incomplete, with how many each had; the exit code is 143, and make_table
+    renders the document as a partial run."""
+    from booster_fast import bench
+    from booster_fast.cli import Terminated
+
+    calls = []
+
+    def sync(device):  # two per step; warm-up round 0 is calls 1-4, timed rounds 1 and 2 are 5-8 and 9-12
+        calls.append(device)
+        if len(calls) == 11:  # before the second entry's step in round 2
+            raise Terminated
+
+    monkeypatch.setattr(bench, "sync", sync)
+    out = tmp_path / "cut.json"
+    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "4", "--warmup", "1", "--batch-size", "2",
+               "--max-length", "64", "--lora-r", "4", "--impls", "reference,fast", "--output", str(out)])
+    assert rc == 143 and "booster-fast: terminated" in capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is False
+    res = doc["results"]
+    # the order rotates: round 1 is fast's then reference's step, round 2 reference's, then the signal
+    assert {n: r["timed_steps"] for n, r in res.items()} == {"reference": 2, "fast": 1}
+    assert all(_is_number(r["step_ms"]) and r["step_ms_p20"] <= r["step_ms"] <= r["step_ms_p80"]
+               for r in res.values())
+    assert "peak_mem_mb" not in res["fast"] and _is_number(doc["speedup"]["fast"])
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "cut.json").write_text(out.read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results:start -->\n<!-- results:end -->\n")
+    _make_table_module().make_table(results, readme)
+    assert "make_table: cut.json is a partial run" in capsys.readouterr().err
+    table = readme.read_text()
+    assert table.count("partial run") == 2 and "| fast |" in table, table
 
 
 def test_first_step_tolerance_is_inclusive_and_relative_to_the_baseline():
