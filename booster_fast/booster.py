@@ -117,7 +117,8 @@ class Booster:
         harmful_grad_norm (0-dim device tensors), loss_perturbed with perturb_aware (the alignment loss under the
         attention-output perturbation) and, from the fast engine, skipped (1.0 when a non-finite update was
         skipped). A batch is a dict of input_ids, labels (-100 where no token is learnt) and attention_mask on the
-        model's device, or what `to_device` makes of one."""
+        model's device, or what `to_device` makes of one (checked on the host). The fast engine leaves masks out:
+        with CUDA graphs, a CUDA mask is checked for right padding only until its shape is captured."""
         check_batch(align_batch, "align_batch", self.engine.device)
         check_batch(harmful_batch, "harmful_batch", self.engine.device)
         return self.engine.step(align_batch, harmful_batch)

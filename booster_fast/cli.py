@@ -256,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(a full disk: one line; earlier checkpoints are kept); 2 bad input (one line on "
                               "stderr, nothing written); 3 more than --max-skipped non-finite updates, or 10 in a "
                               "row (checkpoints are kept); 4 out of GPU memory (one line; checkpoints are kept); "
-                              "130 / 143 stopped by SIGINT / SIGTERM after a checkpoint (the line says how to "
-                              "resume), or as the run ended (the run is complete)")
+                              "5 CUDA rejected a graph capture (one line: rerun with --graphs off); 130 / 143 "
+                              "stopped by SIGINT / SIGTERM after a checkpoint (the line says how to resume), or as "
+                              "the run ended (the run is complete)")
     _add_align_args(a)
 
     b = sub.add_parser("bench", help="time reference vs fast Booster steps side by side in one process",
@@ -299,16 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 EXIT_NONFINITE = 3  # the exit code of a run stopped for its non-finite updates
 OUT_OF_MEMORY = 4  # the exit code of a run that ran out of device memory
+CAPTURE_INVALIDATED = 5  # the exit code of a run whose CUDA graph capture CUDA itself rejected (graphs.py)
 
 
 def run_reporting(fn, *args) -> int:
     """Run fn(*args) and return its exit code; a user error becomes one line on stderr and exit code 2, an output
     that cannot be written partway one line and exit code 1, too many non-finite updates one line and exit code
-    3, running out of device memory one line and exit code 4, Ctrl-C exit code 130, SIGTERM 143 (all after the
-    command's cleanup). Every subcommand runs through here."""
+    3, running out of device memory one line and exit code 4, a CUDA graph capture that CUDA rejected one line and
+    exit code 5, Ctrl-C exit code 130, SIGTERM 143 (all after the command's cleanup). Every subcommand runs through
+    here."""
     import torch
 
     from .data import DataError
+    from .graphs import CaptureInvalidated
     from .models import ModelError
 
     main_thread = threading.current_thread() is threading.main_thread()
@@ -349,6 +353,9 @@ def run_reporting(fn, *args) -> int:
               f"--batch-size or --max-length, --quant nf4 or --gradient-checkpointing (where the command has them) "
               f"need less", file=sys.stderr)
         return OUT_OF_MEMORY
+    except CaptureInvalidated as e:  # fatal even under --graphs auto (graphs.CaptureInvalidated says why)
+        print(f"booster-fast: error: {reason(e)}", file=sys.stderr)
+        return CAPTURE_INVALIDATED
     except Terminated:
         print("booster-fast: terminated", file=sys.stderr)
         return 143

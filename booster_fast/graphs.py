@@ -109,9 +109,10 @@ def batch_signature(batch: dict) -> tuple:
 
 
 class CaptureInvalidated(RuntimeError):
-    """CUDA ended a capture in error. torch's capture_end raises before it hands the graph's memory pool back to
-    the caching allocator, which then still believes a capture is under way: later frees and empty_cache() can
-    fail inside the allocator. So this is fatal, with a clear message, even under graphs='auto'."""
+    """CUDA ended a capture in error. torch's capture_end (up to 2.11, the GPU suite's) raises before it hands the
+    graph's memory pool back to the caching allocator, which then still believes a capture is under way: later
+    frees and empty_cache() can fail inside the allocator (pytorch/pytorch PR 180395 ends the routing first). So
+    this is fatal, with a clear message, even under graphs='auto': one line and exit code 5 from the CLI."""
 
 
 class StepGraphs:

@@ -459,6 +459,27 @@ def test_step_graphs_stop_on_an_invalidated_capture(monkeypatch, mode):
             g.run("step", step, (batch(2, 5),))
 
 
+def test_an_invalidated_capture_ends_align_with_one_line(monkeypatch, tmp_path, capsys):
+    """Under align (graphs auto), an invalidated capture is one line naming the way out and exit code 5, not a
+    traceback; the run, stopped before its first checkpoint, leaves no directory behind."""
+    from booster_fast.cli import CAPTURE_INVALIDATED, main
+
+    def invalidated(self, *batches):
+        raise CaptureInvalidated("CUDA graph capture was invalidated (operation not permitted when stream is "
+                                 "capturing); CUDA memory cannot be trusted after that in this process: rerun with "
+                                 "graphs='off' (--graphs off)")
+
+    monkeypatch.setattr(bf.Booster, "step", invalidated)
+    out = tmp_path / "run"
+    assert main(["align", "--output", str(out), "--steps", "2", "--max-length", "32", "--batch-size", "2"]) \
+        == CAPTURE_INVALIDATED == 5
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err == ["booster-fast: error: CUDA graph capture was invalidated (operation not permitted when stream "
+                   "is capturing); CUDA memory cannot be trusted after that in this process: rerun with "
+                   "graphs='off' (--graphs off)"], err
+    assert not out.exists()
+
+
 class _FakeGraph:
     def __init__(self, end_error):
         self.end_error, self.pool_used = end_error, None
