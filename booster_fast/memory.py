@@ -75,7 +75,12 @@ class Shape:
 
     @classmethod
     def of(cls, config) -> "Shape | None":
-        """The sizes of a transformers config (or a dict of its fields); None when it is not Llama-shaped."""
+        """The sizes of a transformers config (or a dict of its fields); None when it is not Llama-shaped. A
+        composite config (Gemma 3's, with a vision tower) gives its text model's."""
+        if isinstance(config, dict):
+            config = config.get("text_config") or config
+        else:
+            config = getattr(config, "get_text_config", lambda: config)()
         get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
         try:
             h, heads = int(get("hidden_size")), int(get("num_attention_heads"))

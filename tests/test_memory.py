@@ -256,6 +256,19 @@ def test_weights_counted_from_the_shape_are_the_loaded_bytes(dtype, quant):
     assert weight_bytes(*counts, quant, dtype or torch.float32) == pytest.approx(memory.frozen_bytes(model), rel=rel)
 
 
+def test_a_composite_config_gives_its_text_models_shape():
+    """Gemma 3's config holds a vision tower's beside its text model's: the estimate takes the text model's sizes
+    (and its softcapping), from the config or from a dict of it."""
+    from transformers import Gemma3Config
+
+    config = Gemma3Config(text_config={"hidden_size": 320, "intermediate_size": 896, "num_hidden_layers": 3,
+                                       "num_attention_heads": 5, "num_key_value_heads": 1, "head_dim": 64,
+                                       "vocab_size": 1003, "final_logit_softcapping": 30.0})
+    want = memory.Shape(hidden=320, intermediate=896, layers=3, heads=5, kv_heads=1, head_dim=64, vocab=1003,
+                        softcap=True)
+    assert memory.Shape.of(config) == memory.Shape.of(config.to_dict()) == want
+
+
 def test_unknown_shapes_get_no_estimate():
     assert memory.Shape.of({"n_embd": 768, "n_layer": 12}) is None
     assert memory.Shape.of({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
