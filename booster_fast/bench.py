@@ -295,39 +295,40 @@ def build_all(names, args, device, results, rows=None, announce=lambda entries: 
 def time_interleaved(impls, batches, args, device, results):
     """Per entry: the timed step times (s), tokens/s, and the outputs of its first step, which starts from the
     initial weights (an entry that stepped to capture its graphs is rewound first). One step of each per round,
-    the first one rotating."""
+    the first one rotating. Stopped (Ctrl-C, SIGTERM), the exception carries the times so far as `.timed`."""
     from .progress import progress_bar
 
     times, tps, first = {n: [] for n in impls}, {n: [] for n in impls}, {}
-    if not impls:  # every entry was skipped (fast-graphs alone, where CUDA graphs cannot be captured)
-        return times, tps, first
 
     def drop(name):  # the entry leaves the timing; the caller records why
         del impls[name], times[name], tps[name]
 
+    # graphs capture lazily: get that done untimed, before the warm-up rounds (a capture empties torch's allocator
+    # cache, which the eager entries then refill during the warm-up, not in a timed step)
+    for name in list(impls):
+        booster, fn, mine = impls[name]
+        t0 = time.perf_counter()
+        graphs = getattr(booster.engine, "graphs", None) is not None
+        start = trainable_snapshot(booster) if graphs else None
+        try:  # the first round's shapes, the timed rounds' and the two after
+            why = warm_graphs(name, booster, fn, mine[:1] + mine[args.warmup:])
+        except CaptureInvalidated as e:
+            _failed(results, name, "capturing its step", e)
+            raise
+        if graphs:
+            rewind(booster, start)  # its first timed step then starts where the other entries' do
+            start = None  # (the copy's memory back before the timing)
+            phase(f"{name}: CUDA graphs warmed up and captured in {time.perf_counter() - t0:.1f} s"
+                  + (f" ({why})" if why else ""))
+        if why:
+            drop(name)
+            results[name] = {"skipped": why}
+    if not impls:  # every entry was skipped (fast-graphs alone, where CUDA graphs cannot be captured)
+        return times, tps, first
+
     bar, started = progress_bar((args.warmup + args.steps) * len(impls), "bench"), time.perf_counter()
     try:
         for i in range(args.warmup + args.steps):
-            # graphs capture lazily: get that done untimed, before the warm-up rounds (a capture empties torch's
-            # allocator cache, which the eager entries then refill during the warm-up, not in a timed step)
-            for name in list(impls) if i == 0 else ():
-                booster, fn, mine = impls[name]
-                t0 = time.perf_counter()
-                graphs = getattr(booster.engine, "graphs", None) is not None
-                start = trainable_snapshot(booster) if graphs else None
-                try:  # the first round's shapes, the timed rounds' and the two after
-                    why = warm_graphs(name, booster, fn, mine[:1] + mine[args.warmup:])
-                except CaptureInvalidated as e:
-                    _failed(results, name, "capturing its step", e)
-                    raise
-                if graphs:
-                    rewind(booster, start)  # its first timed step then starts where the other entries' do
-                    start = None  # (the copy's memory back before the timing)
-                    phase(f"{name}: CUDA graphs warmed up and captured in {time.perf_counter() - t0:.1f} s"
-                          + (f" ({why})" if why else ""))
-                if why:
-                    drop(name)
-                    results[name] = {"skipped": why}
             _, _, na, nh = batches[i]
             order = list(impls)[i % len(impls):] + list(impls)[:i % len(impls)] if impls else []
             for name in order:
@@ -337,7 +338,7 @@ def time_interleaved(impls, batches, args, device, results):
                     out = impls[name][1](*impls[name][2][i])
                 except Exception as e:  # noqa: BLE001
                     drop(name)
-                    if isinstance(e, CaptureInvalidated):  # nothing measured after it in this process can be trusted
+                    if isinstance(e, CaptureInvalidated):  # nothing measured after it in this process is trusted
                         _failed(results, name, f"step {i}", e)
                         raise
                     if name == "fast-graphs":  # graphs='on' raises when capture is impossible: skipped, not failed
