@@ -251,26 +251,27 @@ without_graphs() {  # the bench arguments with fast-graphs gone from --impls (no
   done
 }
 
-# the parts in the order of what the issue's targets need most, so that a suite cut short by its deadline still
-# has the headline numbers: (3)+(4) the step benchmark with peak memory, reference / fast eager / fast graphs, at
-# 7B in bf16, in NF4 with and without checkpointing, then at 1B (where fast-padded shows what packing buys,
-# fast-unfused what the fused model ops buy, fast-unmerged what the merged pass buys, the CUDA default that this
-# row confirms or changes, sft / fast-sft what Booster costs over plain SFT). Fast entries pack
-# their batches and fuse RMSNorm/SwiGLU/RoPE (the defaults). Timed steps are a multiple of the entries, so that
-# every entry goes first equally often in the rotating order
+# the parts in the order of the issue's targets, so that a suite cut short by its deadline still has them: the
+# step benchmark with peak memory (reference / fast eager / fast graphs) at 7B in bf16 (speed) and in NF4 with
+# checkpointing (memory), then at 1B in bf16 (speed; fast-padded shows what packing buys, fast-unfused what the
+# fused model ops buy, fast-unmerged what the merged pass buys, the CUDA default that this row confirms or
+# changes, sft / fast-sft what Booster costs over plain SFT), then (1) each kernel's GB/s against a d2d copy; the
+# NF4 rows without checkpointing and at 1B after them. Fast entries pack their batches and fuse
+# RMSNorm/SwiGLU/RoPE (the defaults). Timed steps are a multiple of the entries, so that every entry goes first
+# equally often in the rotating order
 bench_part bench_7b_bf16 85 --model llama-7b-shape --quant none --impls reference,fast,fast-graphs \
   --steps 6 --warmup 2 --output "$RES/gpu_llama-7b-shape_bf16.json"
 bench_part bench_7b_nf4_ckpt 70 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
   --steps 3 --warmup 2 --gradient-checkpointing --output "$RES/gpu_llama-7b-shape_nf4_ckpt.json"
-bench_part bench_7b_nf4 50 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
-  --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
 bench_part bench_1b_bf16 65 --model llama-1b-shape --quant none \
   --impls reference,fast,fast-graphs,fast-padded,fast-unfused,fast-unmerged,sft,fast-sft \
   --steps 8 --warmup 3 --output "$RES/gpu_llama-1b-shape_bf16.json"
-bench_part bench_1b_nf4 40 --model llama-1b-shape --quant nf4 --impls reference,fast,fast-graphs \
-  --steps 6 --warmup 2 --output "$RES/gpu_llama-1b-shape_nf4.json"
 # (1) each kernel's GB/s against a d2d copy (the model ops too), each checked against its torch formula
 part kernel_bandwidth 55 python3 benchmarks/gpu_checks.py bandwidth --out "$RES"
+bench_part bench_7b_nf4 50 --model llama-7b-shape --quant nf4 --impls reference,fast,fast-graphs \
+  --steps 3 --warmup 2 --output "$RES/gpu_llama-7b-shape_nf4.json"
+bench_part bench_1b_nf4 40 --model llama-1b-shape --quant nf4 --impls reference,fast,fast-graphs \
+  --steps 6 --warmup 2 --output "$RES/gpu_llama-1b-shape_nf4.json"
 # (2) graph vs eager on tiny and llama-1b-shape: 5 padded steps; packed, a second length warming up after the
 # first capture, beside the graphs' pool and (POOL_WARMUP) inside it
 part graph_equivalence 70 python3 benchmarks/gpu_checks.py equivalence --out "$RES"

@@ -757,7 +757,7 @@ echo '{}' > "$out"
     graphs = [(b[b.index("--output") + 1].rsplit("/", 1)[1], "fast-graphs" in b[b.index("--impls") + 1])
               for b in benches]
     assert graphs == [("gpu_llama-7b-shape_nf4_ckpt.json", True), ("gpu_llama-7b-shape_nf4_ckpt.json", False),
-                      ("gpu_llama-7b-shape_nf4.json", False), ("gpu_llama-1b-shape_bf16.json", True),
+                      ("gpu_llama-1b-shape_bf16.json", True), ("gpu_llama-7b-shape_nf4.json", False),
                       ("gpu_llama-1b-shape_nf4.json", False)]  # (the suite's order, whatever the names' order)
     log = (out / "gpu_suite.log").read_text()
     assert "== bench_7b_nf4: without fast-graphs (a capture was invalidated in an earlier nf4 part)" in log
