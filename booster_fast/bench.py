@@ -421,7 +421,7 @@ def run_bench(args) -> int:
         try:
             times, tps, first = time_interleaved(impls, batches, args, device, results)
         except KeyboardInterrupt as e:  # stopped (a time limit's SIGTERM): the steps timed so far, marked incomplete
-            record_times(results, *e.timed)
+            record_times(results, *getattr(e, "timed", ({}, {})))  # (none when stopped in a graph capture)
             publish()
             raise
         record_times(results, times, tps)

@@ -1383,6 +1383,24 @@ def test_a_bench_stopped_during_its_timing_writes_the_steps_timed_so_far(tmp_pat
     assert table.count("partial run") == 2 and "| fast |" in table, table
 
 
+def test_a_bench_stopped_in_a_graph_capture_writes_an_incomplete_document(tmp_path, capsys, monkeypatch):
+    """SIGTERM while the graphs are captured, before any step is timed: exit 143 and a document marked incomplete,
+    its entries without times."""
+    from booster_fast import bench
+    from booster_fast.cli import Terminated
+
+    def capture(*args):
+        raise Terminated
+
+    monkeypatch.setattr(bench, "warm_graphs", capture)
+    out = tmp_path / "cut.json"
+    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+               "--max-length", "64", "--lora-r", "4", "--impls", "reference,fast", "--output", str(out)])
+    assert rc == 143 and "booster-fast: terminated" in capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is False and doc["results"] == {"reference": {}, "fast": {}}
+
+
 def test_first_step_tolerance_is_inclusive_and_relative_to_the_baseline():
     """Exactly FIRST_STEP_RTOL (5 %) off agrees; 5.26 % off the baseline's value (4.997 % of the entry's own) does
     not; 20 % off does not."""
