@@ -66,7 +66,10 @@ stop_packer() {  # before the last pack; also on any exit of this shell (a signa
 PACKER="" CHILD=""
 on_exit() { stop_packer; pack; [[ -z "$DEST" ]] || rm -f "$DEST"/.pack.*; }  # (a pack the packer left half-done)
 on_signal() {  # on_signal CODE: a signal arrived (during a part, at once; during a setup step, when it ends)
-  [[ -n "$CHILD" ]] && kill -TERM "$CHILD" 2> /dev/null  # `timeout` passes it on to the part
+  if [[ -n "$CHILD" ]]; then
+    kill -TERM "$CHILD" 2> /dev/null  # `timeout` passes it on to the part, which writes what it has measured:
+    for _ in 1 2 3 4 5 6 7 8; do kill -0 "$CHILD" 2> /dev/null || break; sleep 1; done  # up to 8 s for that
+  fi
   echo "== stopped by a signal after ${SECONDS}s" | tee -a "$LOG"; exit "$1"
 }
 trap 'on_signal 143' TERM

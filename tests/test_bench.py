@@ -882,15 +882,19 @@ def test_gpu_suite_packs_what_a_running_part_wrote(tmp_path):
 
 def test_gpu_suite_stops_a_running_part_and_packs_on_sigterm(tmp_path):
     """The machine's limit arrives as SIGTERM while a part runs: the suite stops that part (its process ends, not
-    left running on the GPU), packs what it wrote and exits 143 at once, not after the part's own limit."""
+    left running on the GPU), waits the few seconds the part takes to write what it has (as the bench writes its
+    steps timed so far), packs it and exits 143, not after the part's own limit."""
     import signal
     import subprocess
     import tarfile
     import time
 
     pid_file = tmp_path / "bench.pid"
-    env, calls, out = _suite_shim(tmp_path, 'echo "{}" > "$out"\necho $$ > "$PID_FILE"\nwhile :; do sleep 0.2; done\n',
-                                  PID_FILE=str(pid_file), PACK_EVERY="1000")
+    env, calls, out = _suite_shim(tmp_path, """echo "{}" > "$out"
+trap 'sleep 1; echo "{\\"partial\\": 1}" > "$out"; exit 143' TERM
+echo $$ > "$PID_FILE"
+while :; do sleep 0.2; done
+""", PID_FILE=str(pid_file), PACK_EVERY="1000")
     proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "bench_1b_bf16"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -911,7 +915,7 @@ def test_gpu_suite_stops_a_running_part_and_packs_on_sigterm(tmp_path):
     with pytest.raises(ProcessLookupError):  # the part was stopped with the suite
         os.kill(bench, 0)
     with tarfile.open(out / "gpu_suite.tgz") as tar:
-        assert "./gpu_llama-1b-shape_bf16.json" in tar.getnames()
+        assert tar.extractfile("./gpu_llama-1b-shape_bf16.json").read() == b'{"partial": 1}\n'
     assert "== stopped by a signal after" in (out / "gpu_suite.log").read_text()
 
 
