@@ -373,7 +373,7 @@ def test_checkpointed_recompute_runs_fused(small_batch, monkeypatch):
     too (the step holds active() across the backward), and give the same gradient."""
     grads, calls = {}, {}
     for checkpointing in (False, True):
-        model, _ = bf.load_model("tiny", seed=SEED, device="cpu")
+        model, _ = bf.load_model("tiny", seed=SEED, device="cpu", num_hidden_layers=2)  # (the interpreter: few layers)
         if checkpointing:
             enable_gradient_checkpointing(model)
         torch.manual_seed(SEED)
