@@ -1349,6 +1349,16 @@ def test_run_bench_reports_the_median_and_inclusive_percentiles(monkeypatch, cap
         memory.of_booster(built["sft"], 2, 2, 64, "sft").total
 
 
+def _stopped_bench(tmp_path, capsys, steps: int) -> dict:
+    """Run a two-entry tiny bench that something stops with SIGTERM: exit 143 and its one line; returns the document
+    it wrote to --output."""
+    out = tmp_path / "cut.json"
+    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", str(steps), "--warmup", "1", "--batch-size",
+               "2", "--max-length", "64", "--lora-r", "4", "--impls", "reference,fast", "--output", str(out)])
+    assert rc == 143 and "booster-fast: terminated" in capsys.readouterr().err
+    return json.loads(out.read_text())
+
+
 def test_a_bench_stopped_during_its_timing_writes_the_steps_timed_so_far(tmp_path, capsys, monkeypatch):
     """SIGTERM (the GPU suite's time limit for a part) in the middle of the timed rounds: the document keeps each
     entry's steps timed so far, marked incomplete, with how many each had; the exit code is 143, and make_table
@@ -1364,11 +1374,7 @@ def test_a_bench_stopped_during_its_timing_writes_the_steps_timed_so_far(tmp_pat
             raise Terminated
 
     monkeypatch.setattr(bench, "sync", sync)
-    out = tmp_path / "cut.json"
-    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "4", "--warmup", "1", "--batch-size", "2",
-               "--max-length", "64", "--lora-r", "4", "--impls", "reference,fast", "--output", str(out)])
-    assert rc == 143 and "booster-fast: terminated" in capsys.readouterr().err
-    doc = json.loads(out.read_text())
+    doc = _stopped_bench(tmp_path, capsys, steps=4)
     assert doc["complete"] is False
     res = doc["results"]
     # the order rotates: round 1 is fast's then reference's step, round 2 reference's, then the signal
@@ -1378,7 +1384,7 @@ def test_a_bench_stopped_during_its_timing_writes_the_steps_timed_so_far(tmp_pat
     assert "peak_mem_mb" not in res["fast"] and _is_number(doc["speedup"]["fast"])
     results = tmp_path / "results"
     results.mkdir()
-    (results / "cut.json").write_text(out.read_text())
+    (results / "cut.json").write_text(json.dumps(doc))
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- results:start -->\n<!-- results:end -->\n")
     _make_table_module().make_table(results, readme)
@@ -1397,11 +1403,7 @@ def test_a_bench_stopped_in_a_graph_capture_writes_an_incomplete_document(tmp_pa
         raise Terminated
 
     monkeypatch.setattr(bench, "warm_graphs", capture)
-    out = tmp_path / "cut.json"
-    rc = main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2",
-               "--max-length", "64", "--lora-r", "4", "--impls", "reference,fast", "--output", str(out)])
-    assert rc == 143 and "booster-fast: terminated" in capsys.readouterr().err
-    doc = json.loads(out.read_text())
+    doc = _stopped_bench(tmp_path, capsys, steps=2)
     assert doc["complete"] is False and doc["results"] == {"reference": {}, "fast": {}}
 
 
