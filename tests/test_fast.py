@@ -438,9 +438,10 @@ def step_gradient(booster, *batches, sft: bool = False):
     return seen[0], out
 
 
-def first_update(impl, batch, quant="none", **cfg):
-    """The gradient the optimizer receives on the first step (before clipping)."""
-    model, _ = make_model(quant)
+def first_update(impl, batch, quant="none", layers: int | None = None, **cfg):
+    """The gradient the optimizer receives on the first step (before clipping); `layers`: the tiny model's depth
+    where not its own."""
+    model, _ = make_model(quant, **({} if layers is None else {"num_hidden_layers": layers}))
     return step_gradient(bf.Booster(model, bf.BoosterConfig(impl=impl, **cfg)), *batch)[0]
 
 
