@@ -575,7 +575,7 @@ def test_sample_counts_take_the_first_rows_and_the_default_length_is_saved(tmp_p
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["align_samples"] == 6 and cfg["harmful_samples"] == 4
     out = tmp_path / "default"
-    assert main(["align", "--output", str(out), "--max-length", "64", "--batch-size", "2", "--align-samples", "4",
+    assert main(["align", "--output", str(out), "--max-length", "64", "--batch-size", "1", "--align-samples", "4",
                  "--save-every", "0"]) == 0
     cfg = json.loads((out / "run_config.json").read_text())
     assert (cfg["steps"], cfg["epochs"]) == (20, None)
@@ -585,7 +585,7 @@ def test_sample_counts_take_the_first_rows_and_the_default_length_is_saved(tmp_p
     tok.save_pretrained(tmp_path / "model")
     out = tmp_path / "real"
     assert main(["align", "--model", str(tmp_path / "model"), "--output", str(out), "--max-length", "64",
-                 "--batch-size", "2", "--align-samples", "4", "--save-every", "0", "--log-every", "20"]) == 0
+                 "--batch-size", "1", "--align-samples", "2", "--save-every", "0", "--log-every", "20"]) == 0
     cfg = json.loads((out / "run_config.json").read_text())
     assert (cfg["steps"], cfg["epochs"]) == (None, 20.0)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 40
