@@ -19,7 +19,7 @@ from booster_fast.kernels.reference import gelu_tanh_mul_ref, rms_norm_ref, rope
 from booster_fast.compute import enable_gradient_checkpointing
 from booster_fast.packing import pack
 
-from test_fast import SEED, builtin_batches, first_update, make_model, randomize_lora_b_, relative, step_gradient
+from test_fast import SEED, first_update, make_model, randomize_lora_b_, relative, step_gradient
 from test_kernels import _gen, assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -337,9 +337,19 @@ def test_install_fuses_gemma(monkeypatch, arch, norms_per_layer):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_batch():
-    _, tok = bf.load_model("tiny", device="cpu")
-    (b,) = builtin_batches(tok, 1, batch_size=2, max_length=48)
-    return b
+    """An alignment and a harmful batch of two rows each, random tokens right-padded to 24 (rows of 24, 15, 19 and
+    11 tokens, labels on all but each row's first 6): few tokens, as the interpreter runs a kernel program by
+    program, and unequal lengths, so that packing has padding to remove."""
+    vocab = bf.load_model("tiny", device="cpu")[0].config.vocab_size
+    gen, width, prompt = torch.Generator().manual_seed(SEED), 24, 6
+
+    def batch(lengths):
+        ids = torch.randint(3, vocab, (len(lengths), width), generator=gen)
+        mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+        labels = torch.where(mask.bool() & (torch.arange(width) >= prompt), ids, -100)
+        return {"input_ids": ids * mask, "labels": labels, "attention_mask": mask}
+
+    return batch([24, 15]), batch([19, 11])
 
 
 @pytest.mark.parametrize("merge, packing", [(True, False), (True, True), (False, True)])
@@ -415,7 +425,7 @@ def test_fused_step_on_cuda_matches_unfused(small_batch, graphs):
 def test_fused_step_in_bf16_on_the_cpu(small_batch):
     """The dtype plumbing of the fused ops under bf16 autocast, end to end on the CPU (merged, packed): the same
     losses as the unfused step within bf16's reach, and a combined gradient within a few percent (the
-    interpreter truncates on bf16 casts, a bias the GPU's rounding does not have; measured 2e-2)."""
+    interpreter truncates on bf16 casts, a bias the GPU's rounding does not have; measured 3e-2)."""
     runs = {}
     for fused in (False, True):
         model, _ = bf.load_model("tiny", seed=SEED, device="cpu", dtype=torch.bfloat16, num_hidden_layers=2)
