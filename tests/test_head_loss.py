@@ -179,7 +179,7 @@ def test_a_chunk_holds_the_bytes_the_memory_estimate_counts(monkeypatch, dtype, 
         # compiled kernel keeps none): collected after each launch, as test_memory does
         kernel = head_loss.cross_entropy_grad_
         monkeypatch.setattr(head_loss, "cross_entropy_grad_", lambda *a: (kernel(*a), gc.collect())[0])
-    positions, hidden, vocab, chunk = 300, 48, 4099, 157
+    positions, hidden, vocab, chunk = 150, 48, 4099, 79  # (a program per position under the interpreter)
     gen = torch.Generator().manual_seed(SEED)
     x = torch.randn(positions, hidden, generator=gen).to(dtype).requires_grad_(True)
     w = (torch.randn(vocab, hidden, generator=gen) / hidden ** 0.5).to(dtype)
@@ -278,7 +278,7 @@ def test_the_engine_runs_the_fused_cross_entropy_with_its_fused_ops_and_drops_a_
     model, tok = _tiny_with_lora()
     booster = bf.Booster(model, bf.BoosterConfig(impl="fast", fused_ops=True, merge_passes=True))
     assert booster.engine.chunked_head and booster.engine.fused_head
-    ((align, harmful),) = builtin_batches(tok, 1, batch_size=3, max_length=48)
+    ((align, harmful),) = builtin_batches(tok, 1, batch_size=2, max_length=48)
     a, h = booster.to_device(align, "cpu"), booster.to_device(harmful, "cpu")
     kernels = []
     with launches.observed(kernels.append):
@@ -286,7 +286,7 @@ def test_the_engine_runs_the_fused_cross_entropy_with_its_fused_ops_and_drops_a_
     assert kernels.count("_cross_entropy_grad_kernel") == 2  # the merged pass and the perturbed one: a chunk each
     with monkeypatch.context() as m:  # the estimate is told which head runs
         m.setattr(memory, "estimate", lambda shape, **settings: settings)
-        assert memory.of_booster(booster, 3, 3, 48)["fused_head"] is True
+        assert memory.of_booster(booster, 2, 2, 48)["fused_head"] is True
 
     kernel = head_loss.cross_entropy_grad_
     monkeypatch.setattr(head_loss, "cross_entropy_grad_", lambda *args: kernel(*args) * 1.01)

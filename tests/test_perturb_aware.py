@@ -240,11 +240,12 @@ def test_a_step_that_raised_leaves_nothing_behind(batches, reference):
 @pytest.mark.slow
 def test_nf4_matches_reference(batches):
     """NF4 base weights (bf16 compute), merged: the first combined gradient within the NF4 bound of the plain
-    step's test (test_fast: the fast LoRA path rounds once per layer where peft rounds three times). Two layers:
-    bf16 matmuls are slow on a CPU without bf16 instructions."""
-    ref = first_update("reference", batches[0], quant="nf4", layers=2, perturb_aware=True, rho=RHO)
-    fast = first_update("fast", batches[0], quant="nf4", layers=2, merge_passes=True, perturb_aware=True, rho=RHO)
-    plain = first_update("reference", batches[0], quant="nf4", layers=2)
+    step's test (test_fast: the fast LoRA path rounds once per layer where peft rounds three times). Two layers and
+    four rows a batch: bf16 matmuls are slow on a CPU without bf16 instructions (measured: 7.6e-3)."""
+    batch = tuple({k: v[:4] for k, v in x.items()} for x in batches[0])
+    ref = first_update("reference", batch, quant="nf4", layers=2, perturb_aware=True, rho=RHO)
+    fast = first_update("fast", batch, quant="nf4", layers=2, merge_passes=True, perturb_aware=True, rho=RHO)
+    plain = first_update("reference", batch, quant="nf4", layers=2)
     assert relative(plain, ref) > 0.1
     err = relative(fast[:ref.numel()], ref)
     assert err <= 2e-2, f"nf4: the combined gradient differs from the reference's by {err:.3g}"
