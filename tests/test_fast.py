@@ -40,10 +40,19 @@ def make_model(quant="none", seed=SEED, device="cpu", **overrides):
     return randomize_lora_b_(bf.add_lora(model, r=8, alpha=16), seed + 1).to(device), tok
 
 
+_BUILTIN_ROWS: dict = {}
+
+
 def builtin_batches(tok, n, batch_size=4, max_length=96, seed=SEED):
-    align, harmful = load_safety_data("builtin", "train")
-    sa = BatchStream(encode_all(tok, align, max_length)[0], batch_size, max_length, tok.pad_token_id, seed)
-    sh = BatchStream(encode_all(tok, harmful, max_length)[0], batch_size, max_length, tok.pad_token_id, seed + 1)
+    """n (alignment, harmful) batches drawn from the built-in training set. Its encoded rows (a second's work) are
+    kept per tokenizer (its whole serialised form and special ids) and length, for the many tests that draw from
+    them; the streams only read them."""
+    key = (tok.backend_tokenizer.to_str(), tok.bos_token_id, tok.eos_token_id, max_length)
+    if key not in _BUILTIN_ROWS:
+        _BUILTIN_ROWS[key] = [encode_all(tok, rows, max_length)[0] for rows in load_safety_data("builtin", "train")]
+    align, harmful = _BUILTIN_ROWS[key]
+    sa = BatchStream(align, batch_size, max_length, tok.pad_token_id, seed)
+    sh = BatchStream(harmful, batch_size, max_length, tok.pad_token_id, seed + 1)
     return [(next(sa), next(sh)) for _ in range(n)]
 
 

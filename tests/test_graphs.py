@@ -589,7 +589,7 @@ def test_a_changed_step_knob_gets_a_graph_of_its_own(monkeypatch, knob, value):
     _, tok, booster = tiny_booster("cpu", graphs="off", **extra)
     ref, exact = (bf.Booster(make_model()[0].to(dtype), bf.BoosterConfig(impl="reference", **extra))
                   for dtype in (torch.float32, torch.float64))
-    for i, (a, h) in enumerate(builtin_batches(tok, 3)):
+    for i, (a, h) in enumerate(builtin_batches(tok, 3, batch_size=2, max_length=64)):
         if i == 2:
             for b in (booster, ref, exact):
                 setattr(b.cfg, knob, value)
