@@ -348,9 +348,10 @@ def test_progress_is_plain_lines_where_stderr_is_kept_and_a_bar_on_a_terminal(tm
     one plain line per --log-every interval, in the bar's order; a terminal gets the bar, TQDM_DISABLE none."""
     from booster_fast import progress
 
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     proc = subprocess.run([sys.executable, "-m", "booster_fast", "align", "--output", str(tmp_path / "run"),
                            "--steps", "4", "--log-every", "2", *FAST], capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"})
+                          env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr, proc.stderr
     steps = [line for line in proc.stderr.splitlines() if line.startswith("booster: step ")]
@@ -572,15 +573,11 @@ def test_sample_counts_take_the_first_rows_and_the_default_length_is_saved(tmp_p
     a, h = al.load_data(args)
     full_a, full_h = load_safety_data("builtin", "train")
     assert a == full_a[:7] and h == full_h[:5]
-    out = tmp_path / "run"
-    assert main(["align", "--output", str(out), "--steps", "2", "--max-length", "64", "--batch-size", "2",
-                 "--align-samples", "6", "--harmful-samples", "4"]) == 0
+    out = tmp_path / "default"
+    assert main(["align", "--output", str(out), "--max-length", "64", "--batch-size", "1", "--align-samples", "6",
+                 "--harmful-samples", "4", "--save-every", "0"]) == 0
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["align_samples"] == 6 and cfg["harmful_samples"] == 4
-    out = tmp_path / "default"
-    assert main(["align", "--output", str(out), "--max-length", "64", "--batch-size", "1", "--align-samples", "4",
-                 "--save-every", "0"]) == 0
-    cfg = json.loads((out / "run_config.json").read_text())
     assert (cfg["steps"], cfg["epochs"]) == (20, None)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 20
     model, tok = load_model("tiny", device="cpu")  # a "real" model: a local directory
@@ -915,36 +912,60 @@ def stdout_env(buffered: bool) -> dict:
     return env if buffered else {**env, "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.fixture(scope="module")
+def memory_runs(tmp_path_factory):
+    """MEMORY_7B with stdout buffered and unbuffered, each to a pipe whose reader has gone before the command
+    writes a byte, started closed (`>&-`) and to /dev/full (where there is one): the six processes are started
+    together and waited for, and each one's (exit code, stderr) is returned by (case, buffered)."""
+    logs = tmp_path_factory.mktemp("memory")
+    procs, opened = {}, []
+    try:
+        try:
+            for buffered in (True, False):
+                read, write = os.pipe()
+                os.close(read)  # the reader is gone before the command writes a byte
+                opened.append(write)
+                outs = {"reader-gone": (write, None), "closed": (None, lambda: os.close(1))}
+                if os.path.exists("/dev/full"):
+                    opened.append(os.open("/dev/full", os.O_WRONLY))
+                    outs["full"] = (opened[-1], None)
+                for case, (stdout, preexec) in outs.items():
+                    with open(logs / f"{case}-{buffered}.err", "w") as err:
+                        procs[case, buffered] = subprocess.Popen(MEMORY_7B, stdout=stdout, stderr=err,
+                                                                 preexec_fn=preexec, env=stdout_env(buffered))
+        finally:
+            for fd in opened:
+                os.close(fd)
+        codes = {key: proc.wait(timeout=120) for key, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {key: (code, (logs / f"{key[0]}-{key[1]}.err").read_text()) for key, code in codes.items()}
+
+
 @pytest.mark.parametrize("buffered", [True, False])
-def test_a_reader_that_stops_reading_is_no_traceback(buffered):
+def test_a_reader_that_stops_reading_is_no_traceback(memory_runs, buffered):
     """`booster-fast memory ... | head` where the reader has gone before the output: nothing on stderr, the
     shell's exit code of a process stopped by SIGPIPE (128 + 13), with stdout buffered or not (buffered, the
     interpreter's own flush at exit would hit the pipe again)."""
-    read, write = os.pipe()
-    os.close(read)  # the reader is gone before the command writes a byte
-    try:
-        proc = subprocess.run(MEMORY_7B, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
-                              env=stdout_env(buffered))
-    finally:
-        os.close(write)
-    assert proc.returncode == 128 + signal.SIGPIPE and proc.stderr == "", (proc.returncode, proc.stderr)
+    returncode, stderr = memory_runs["reader-gone", buffered]
+    assert returncode == 128 + signal.SIGPIPE and stderr == "", (returncode, stderr)
 
 
 @pytest.mark.parametrize("buffered", [True, False])
-def test_a_closed_stdout_or_a_full_one_is_no_traceback(tmp_path, buffered):
+def test_a_closed_stdout_or_a_full_one_is_no_traceback(memory_runs, buffered):
     """Started with stdout closed (`>&-`: sys.stdout is None), a command runs as before; a stdout that cannot be
     written (a full disk under `> file`; here /dev/full) is exactly one line and exit 1, with stdout buffered or
     not (buffered, the interpreter's flush at exit failed once more: "Exception ignored", exit 120)."""
-    closed = subprocess.run(MEMORY_7B, stdout=None, stderr=subprocess.PIPE, text=True, timeout=120,
-                            preexec_fn=lambda: os.close(1), env=stdout_env(buffered))
-    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
+    returncode, stderr = memory_runs["closed", buffered]
+    assert returncode == 0 and "Traceback" not in stderr, stderr
     if os.path.exists("/dev/full"):
-        with open("/dev/full", "w") as full:
-            proc = subprocess.run(MEMORY_7B, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
-                                  env=stdout_env(buffered))
-        assert proc.returncode == 1, (proc.returncode, proc.stderr)
-        assert proc.stderr.strip().splitlines() == ["booster-fast: error: cannot write to standard output: No "
-                                                    "space left on device"], proc.stderr
+        returncode, stderr = memory_runs["full", buffered]
+        assert returncode == 1, (returncode, stderr)
+        assert stderr.strip().splitlines() == ["booster-fast: error: cannot write to standard output: No "
+                                               "space left on device"], stderr
 
 
 BROKEN_PIPE_CHILD = """
