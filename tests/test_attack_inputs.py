@@ -22,10 +22,6 @@ from test_cli import read_metrics  # strict JSON
 
 SMALL = ["--samples", "20", "--batch-size", "4", "--eval-rows", "8"]
 
-# one intra-op thread: the tiny model gains nothing from a second one, and two threads on two busy cores can
-# make each step many times slower
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def leftovers(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if ".tmp-" in p.name)

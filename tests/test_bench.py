@@ -21,10 +21,6 @@ RESULT_KEYS = {"step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_me
 BASELINES = ("reference", "sft")  # the entries others' first steps are compared with
 SFT = ("sft", "fast-sft")
 
-# one intra-op thread: the tiny model gains nothing from a second one, and two threads on two busy cores can
-# make each step many times slower
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -29,9 +29,6 @@ E2E = ["--max-length", "96", "--batch-size", "4"]
 FAST = ["--max-length", "64", "--batch-size", "2"]     # the other runs: smaller still (2 CPU cores in CI)
 METRIC_KEYS = {"step", "loss", "harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm", "skipped",
                "step_time_s"}
-# one intra-op thread: the tiny model's steps gain nothing from a second one, and two threads on two busy cores
-# can make each step many times slower
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def align(out, *extra, steps=3, shape=FAST):

@@ -28,10 +28,6 @@ SEED = 7
 MAX_LEN = 64
 LR = 5e-4
 
-# one intra-op thread: the tiny model gains nothing from a second one, and two threads on two busy cores can
-# make each step many times slower
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @dataclasses.dataclass
 class OriginalArguments(TrainingArguments):   # as in the original's train.py: a plain TrainingArguments and its knobs

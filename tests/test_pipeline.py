@@ -19,10 +19,6 @@ from booster_fast.attack import poison_mix
 
 FAST = ["--max-length", "64", "--batch-size", "2"]
 
-# one intra-op thread: the tiny model gains nothing from a second one, and two threads on two busy cores can
-# make each step many times slower
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def aligned(tmp_path_factory):
