@@ -217,7 +217,7 @@ class Interrupts:
 # ------------------------------------------------------------------------------------------------
 def run_align(args) -> int:
     from . import Booster, add_lora, load_model
-    from .compute import enable_gradient_checkpointing
+    from .compute import compute_dtype, enable_gradient_checkpointing, slow_bf16_on
     from .models import check_positions
     from .checkpoint import RunDir
 
@@ -248,6 +248,10 @@ def run_align(args) -> int:
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.targets)
     *pair, truncated = build_streams(args, tok, rank, world, data)
     notes = [(logging.WARNING, beyond)] if beyond else []
+    if compute_dtype(model) == torch.bfloat16 and slow_bf16_on(device):
+        instead = "--dtype fp32" if args.quant == "none" else "--quant none --dtype fp32"
+        notes.append((logging.INFO, f"bf16 base on a CPU without bf16 instructions (AVX512-BF16, AMX): steps run "
+                                    f"many times slower than with {instead}"))
     if any(truncated):
         notes.append((logging.INFO, "truncated to --max-length %d: %d alignment and %d harmful rows"
                       % (args.max_length, *truncated)))

@@ -207,11 +207,15 @@ def test_packing_on_and_off_log_the_same_run(tmp_path, caplog):
         assert got == pytest.approx(want, rel=1e-5), key
 
 
-def test_nf4_on_cpu(tmp_path, caplog):
+def test_nf4_on_cpu(tmp_path, caplog, monkeypatch):
     out = tmp_path / "nf4"
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a CPU without bf16 instructions
+        monkeypatch.setattr(torch.cpu, check, lambda: False, raising=False)
     with caplog.at_level(logging.INFO, logger="booster_fast"):
         assert align(out, "--quant", "nf4", steps=2) == 0
     assert "align: tiny (NF4 base weights) on cpu, booster/fast" in caplog.text  # the start line says so
+    # NF4 computes in bf16 whatever --dtype says: the way to fp32 is without it
+    assert "slower than with --quant none --dtype fp32" in caplog.text
     rows = read_metrics(out)
     assert len(rows) == 2
     assert all(math.isfinite(r[k]) for r in rows for k in METRIC_KEYS)

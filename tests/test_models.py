@@ -584,3 +584,19 @@ def test_a_boolean_config_flag_named_like_dropout_is_no_dropout():
     assert not has_dropout(model)
     model.config.hidden_dropout = 0.1
     assert has_dropout(model)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, slow", [(False, False, True), (True, False, False), (False, True, False),
+                                                    (None, None, True)])
+def test_a_cpu_without_bf16_instructions_is_told_apart(monkeypatch, avx512_bf16, amx, slow):
+    """compute.py slow_bf16_on: a CPU is slow at bf16 unless torch finds AVX512-BF16 or AMX on it (an older torch
+    without the checks counts as slow); a CUDA device never is."""
+    from booster_fast.compute import slow_bf16_on
+
+    for name, value in (("_is_avx512_bf16_supported", avx512_bf16), ("_is_amx_tile_supported", amx)):
+        if value is None:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda value=value: value, raising=False)
+    assert slow_bf16_on(torch.device("cpu")) is slow and slow_bf16_on("cpu") is slow
+    assert slow_bf16_on(torch.device("cuda")) is False
