@@ -349,10 +349,9 @@ def test_progress_is_plain_lines_where_stderr_is_kept_and_a_bar_on_a_terminal(tm
     one plain line per --log-every interval, in the bar's order; a terminal gets the bar, TQDM_DISABLE none."""
     from booster_fast import progress
 
-    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     proc = subprocess.run([sys.executable, "-m", "booster_fast", "align", "--output", str(tmp_path / "run"),
                            "--steps", "4", "--log-every", "2", *FAST], capture_output=True, text=True, timeout=300,
-                          env=env)
+                          env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"})
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr, proc.stderr
     steps = [line for line in proc.stderr.splitlines() if line.startswith("booster: step ")]
@@ -585,7 +584,7 @@ def test_sample_counts_take_the_first_rows_and_the_default_length_is_saved(tmp_p
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     out = tmp_path / "real"
-    # fp32: a pretrained model loads in bf16 by default, which the CPU runs ~7x slower; the length is the same
+    # fp32: a pretrained model loads in bf16, many times slower on a CPU without bf16 instructions; same length
     assert main(["align", "--model", str(tmp_path / "model"), "--dtype", "fp32", "--output", str(out),
                  "--max-length", "64", "--batch-size", "1", "--align-samples", "2", "--save-every", "0",
                  "--log-every", "20"]) == 0

@@ -755,6 +755,9 @@ def test_the_free_space_note_only_where_it_is_known_and_fits(tmp_path, capsys, m
     assert message.split(". ", 1)[1] in line and "stopped short" not in line and "MiB free" not in line, line
 
 
+FSIZE_RUN = ["--steps", "2", "--max-length", "64", "--batch-size", "2", "--save-every", "2"]
+
+
 @pytest.fixture(scope="module")
 def checkpoint_sizes(tmp_path_factory):
     """The sizes of the adapter and the optimizer state in the step-2 checkpoint of FSIZE_RUN."""
@@ -762,9 +765,6 @@ def checkpoint_sizes(tmp_path_factory):
     assert main(["align", "--output", str(sizes), *FSIZE_RUN]) == 0
     ckpt = sizes / "checkpoints" / "step-000002"
     return {f: (ckpt / f).stat().st_size for f in ("adapter_model.safetensors", "optimizer.pt")}
-
-
-FSIZE_RUN = ["--steps", "2", "--max-length", "64", "--batch-size", "2", "--save-every", "2"]
 
 
 @pytest.mark.parametrize("failing", ["adapter_model.safetensors", "optimizer.pt"])
